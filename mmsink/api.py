@@ -1,0 +1,341 @@
+"""The handle that ``wrap`` attaches to one model instance: settings, hooks, the last Stats.
+
+Everything is per instance: hooks on this model's modules, its own text config's attention name, a
+``generate`` bound on the instance. ``unwrap`` removes exactly these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from . import attention
+from .attention import Directive, build_mask
+from .cache import PlanCache
+from .flops import DecoderCost, lm_rows
+from .plan import Prefill, gather_rows
+from .pruners import REGISTRY
+from .stats import Stats
+
+ATTR = "_mmsink"
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+class Decode:
+    """Per-forward state of a cached decode step: masks per segment of the PlanCache."""
+
+    def __init__(self, cache: PlanCache, base: str, n_q: int):
+        self.cache, self.base, self.n_q = cache, base, n_q
+        self.masks: dict = {}
+
+    def mask(self, layer: int, dtype):
+        seg = self.cache.layer_segment[layer]
+        if self.cache.segment_full[seg]:
+            return None
+        if seg not in self.masks:
+            self.masks[seg] = build_mask(self.base, self.cache.segment_valid[seg], self.n_q, dtype)
+        return self.masks[seg]
+
+
+class Handle:
+    def __init__(self, model, family, pruner, settings: dict):
+        self.model = model
+        self.family = family
+        self.pruner = pruner
+        self.settings = settings
+        self.enabled = True
+        self.ctx = None
+        self.prompt_len: int | None = None
+        self.last_stats: Stats | None = None
+        self.hooks: list = []
+        self.base = family.text_config._attn_implementation or "eager"
+        if self.base not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"mmsink: attention implementation {self.base!r} is not supported; "
+                f"use one of {SUPPORTED_ATTENTION}"
+            )
+        self.cost = DecoderCost.of(family.layers, family.text_config)
+        self.num_layers = len(family.layers)
+        if pruner is not None:
+            pruner.check_model(self.num_layers)
+            n = family.tokens_per_image
+            if isinstance(pruner.budget, int) and n and pruner.budget > n:
+                raise ValueError(
+                    f"mmsink: budget {pruner.budget} is larger than the image's {n} visual tokens"
+                )
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self):
+        attention.register()
+        self.family.text_config._attn_implementation = attention.registered_name(self.base)
+        m = self.model
+        self.hooks.append(m.register_forward_pre_hook(self.model_pre, with_kwargs=True))
+        self.hooks.append(m.register_forward_hook(self.model_post, with_kwargs=True))
+        self.hooks.append(self.family.language_model.register_forward_hook(self.lm_post))
+        for i, layer in enumerate(self.family.layers):
+            self.hooks.append(layer.register_forward_pre_hook(self.layer_pre(i), with_kwargs=True))
+            self.hooks.append(layer.register_forward_hook(self.layer_post(i)))
+        handle = self
+
+        def generate(model_self, *args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            prev = handle.prompt_len
+            handle.prompt_len = ids.shape[1] if isinstance(ids, torch.Tensor) else None
+            try:
+                return type(model_self).generate(model_self, *args, **kwargs)
+            finally:
+                handle.prompt_len = prev
+
+        m.generate = types.MethodType(generate, m)
+        object.__setattr__(m, ATTR, self)
+
+    def detach(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        self.family.text_config._attn_implementation = self.base
+        m = self.model
+        if "generate" in m.__dict__:
+            del m.__dict__["generate"]
+        if ATTR in m.__dict__:
+            object.__delattr__(m, ATTR)
+        self.ctx = None
+
+    # ------------------------------------------------------------------ model-level hooks
+    def model_pre(self, module, args, kwargs):
+        self.ctx = None
+        if not self.enabled:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        pkv = kwargs.get("past_key_values")
+        if isinstance(pkv, PlanCache) and pkv.planned and pkv.get_seq_length() > 0:
+            n_q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+            am = kwargs.get("attention_mask")
+            dev = pkv.segment_valid[0].device
+            new = am[:, -n_q:].bool() if am is not None and am.dim() == 2 else None
+            if new is None:
+                new = torch.ones(pkv.segment_valid[0].shape[0], n_q, dtype=torch.bool, device=dev)
+            pkv.append_tokens(new)
+            self.ctx = Decode(pkv, self.base, n_q)
+            return None
+        if pkv is not None and pkv.get_seq_length() > 0:
+            return None  # a cache this wrapper did not plan (e.g. filled under disabled())
+        if ids is None:
+            if self.pruner is not None and self.pruner.name != "none":
+                raise ValueError("mmsink: pass input_ids (not inputs_embeds) so image tokens can be located")
+            return None
+        layout = self.family.layout(ids, kwargs.get("attention_mask"), self.prompt_len)
+        if not bool(layout.is_image.any()) or self.pruner is None:
+            self.last_stats = self.plain_stats(layout, kwargs)
+            return None
+        ctx = Prefill(layout, self.num_layers, self.base)
+        self.pruner.start(ctx)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.family.text_config, "use_cache", True)
+        ctx.cache = None
+        if use_cache:
+            if pkv is not None and type(pkv) not in (DynamicCache, PlanCache):
+                raise ValueError(
+                    f"mmsink: {type(pkv).__name__} is not supported with pruning; "
+                    "use the default dynamic cache"
+                )
+            ctx.cache = pkv if isinstance(pkv, PlanCache) else PlanCache(config=self.family.text_config)
+            kwargs["past_key_values"] = ctx.cache
+        ctx.kwargs = kwargs
+        self.ctx = ctx
+        return args, kwargs
+
+    def model_post(self, module, args, kwargs, output):
+        ctx, self.ctx = self.ctx, None
+        if isinstance(ctx, Decode):
+            ctx.cache.commit(ctx.n_q)
+        if isinstance(ctx, Prefill):
+            if ctx.cache is not None:
+                ctx.cache.set_plan(
+                    ctx.layer_segment,
+                    [s.valid for s in ctx.segments],
+                    [s.full for s in ctx.segments],
+                    ctx.layout.length,
+                )
+            self.last_stats = self.prefill_stats(ctx, kwargs)
+        return None
+
+    def lm_post(self, module, args, output):
+        ctx = self.ctx
+        if not isinstance(ctx, Prefill) or ctx.seg.full:
+            return None
+        out = output.last_hidden_state
+        seg = ctx.seg
+        full = out.new_zeros(ctx.layout.batch, ctx.layout.length, out.shape[-1])
+        b = torch.arange(seg.idx.shape[0], device=out.device)[:, None].expand_as(seg.idx)
+        full[b[seg.valid], seg.idx[seg.valid]] = out[seg.valid]
+        output.last_hidden_state = full
+        return output
+
+    # ------------------------------------------------------------------ layer hooks
+    def layer_pre(self, layer: int):
+        def hook(module, args, kwargs):
+            ctx = self.ctx
+            if ctx is None:
+                return None
+            if isinstance(ctx, Decode):
+                mask = ctx.mask(layer, args[0].dtype if args else kwargs["hidden_states"].dtype)
+                if mask is not None:
+                    kwargs["attention_mask"] = mask
+                    kwargs["position_ids"] = None
+                return args, kwargs
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if layer == 0:
+                new = self.pruner.before_llm(ctx, hidden)
+                hidden = hidden if new is None else new
+            hidden = ctx.advance(layer, hidden)
+            seg = ctx.seg
+            if not seg.full:
+                kwargs["attention_mask"] = seg.mask(self.base, hidden.dtype)
+                kwargs["position_embeddings"] = seg.position_embeddings(kwargs["position_embeddings"])
+                kwargs["position_ids"] = None
+            want = self.pruner.directive(ctx, layer)
+            if want:
+                d = Directive(layer, observe=bool(want.get("observe")), reweight=want.get("reweight"))
+                if d.observe:
+                    d.anchor = ctx.anchor_slot()
+                kwargs["mmsink"] = d
+                ctx.directive = d
+            else:
+                ctx.directive = None
+            ctx.slots.append(seg.n)
+            return (hidden, *args[1:]), kwargs
+
+        return hook
+
+    def layer_post(self, layer: int):
+        def hook(module, args, output):
+            ctx = self.ctx
+            if not isinstance(ctx, Prefill):
+                return None
+            d = ctx.directive
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.pruner.after_layer(ctx, layer, hidden, d.observed if d is not None else {})
+            if d is not None:
+                d.observed.clear()
+            return None
+
+        return hook
+
+    # ------------------------------------------------------------------ stats
+    def vision_flops(self, kwargs) -> int:
+        return self.family.vision_flops(kwargs.get("pixel_values"))
+
+    def plain_stats(self, layout, kwargs) -> Stats:
+        b, length = layout.batch, layout.length
+        rows = lm_rows(kwargs.get("logits_to_keep", 0), length)
+        flops = self.vision_flops(kwargs) + self.cost.prefill(b, [length] * self.num_layers, rows)
+        vis = layout.is_image.sum(1).tolist()
+        idx = [layout.is_image[i].nonzero().squeeze(1).tolist() for i in range(b)]
+        return Stats(
+            self.pruner.name if self.pruner else None,
+            getattr(self.pruner, "budget", None),
+            [vis] * self.num_layers,
+            [idx] * self.num_layers,
+            vis,
+            flops,
+            flops,
+            [length] * self.num_layers,
+        )
+
+    def prefill_stats(self, ctx: Prefill, kwargs) -> Stats:
+        lay = ctx.layout
+        b, length = lay.batch, lay.length
+        rows = lm_rows(kwargs.get("logits_to_keep", 0), length)
+        vision = self.vision_flops(kwargs)
+        flops = vision + self.cost.prefill(b, ctx.slots, rows, ctx.attn_flops) + ctx.extra_flops
+        base = vision + self.cost.prefill(b, [length] * self.num_layers, rows)
+        per_seg_idx = []
+        for s in ctx.segments:
+            vis = gather_rows(lay.is_image, s.idx) & s.valid
+            per_seg_idx.append([s.idx[i][vis[i]].tolist() for i in range(b)])
+        kept_idx = [per_seg_idx[s] for s in ctx.layer_segment]
+        kept = [[len(x) for x in row] for row in kept_idx]
+        extra = {}
+        if isinstance(ctx.run, dict) and "fused_at" in ctx.run:
+            extra["fusion_layer"] = ctx.run["fused_at"].tolist()
+        if isinstance(ctx.run, dict) and "layers" in ctx.run:
+            extra["schedule"] = {"layers": list(ctx.run["layers"]), "ratio": ctx.run["ratio"]}
+        return Stats(
+            self.pruner.name,
+            self.pruner.budget,
+            kept,
+            kept_idx,
+            lay.is_image.sum(1).tolist(),
+            flops,
+            base,
+            list(ctx.slots),
+            extra,
+        )
+
+
+# ---------------------------------------------------------------------- public functions
+
+
+def make_pruner(prune, budget, options):
+    if prune is None:
+        if budget is not None or options:
+            raise ValueError("mmsink: budget and method options need a method (prune=...)")
+        return None
+    if not isinstance(prune, str) or prune not in REGISTRY:
+        raise ValueError(f"mmsink: unknown method {prune!r}; known methods: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[prune](budget=budget, **options)
+
+
+def wrap(model, prune=None, budget=None, var=False, sink_forward=False, **options):
+    """Attach mmsink to ``model`` (in place; returns it). Re-wrapping replaces the settings."""
+    if var or sink_forward:
+        raise NotImplementedError("mmsink: var and sink_forward are not available in this release yet")
+    from .patches import family_for
+
+    pruner = make_pruner(prune, budget, options)
+    if ATTR in getattr(model, "__dict__", {}):
+        unwrap(model)
+    family = family_for(model)
+    handle = Handle(model, family, pruner, {"prune": prune, "budget": budget, **options})
+    handle.attach()
+    return model
+
+
+def get_handle(model) -> Handle:
+    h = getattr(model, "__dict__", {}).get(ATTR)
+    if h is None:
+        raise ValueError("mmsink: this model is not wrapped (call mmsink.wrap first)")
+    return h
+
+
+def unwrap(model):
+    """Remove mmsink from ``model``: hooks, attention name and bound methods; returns the model."""
+    get_handle(model).detach()
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """Run the untouched model (same weights) inside the block."""
+    h = get_handle(model)
+    prev, h.enabled = h.enabled, False
+    name = h.family.text_config._attn_implementation
+    h.family.text_config._attn_implementation = h.base
+    try:
+        yield model
+    finally:
+        h.enabled = prev
+        h.family.text_config._attn_implementation = name
+
+
+def stats(model) -> Stats | None:
+    return get_handle(model).last_stats
+
+
+def methods() -> list[str]:
+    return sorted(REGISTRY)

@@ -1,0 +1,216 @@
+"""Attention seams: one registered attention function per base backend, masks for pruned layers, and
+the grouped log-sum-exp primitive that reweights key groups without an attention matrix.
+
+The registered function (``mmsink_sdpa`` etc.) is a pure function: per-call behaviour arrives through
+the ``mmsink`` keyword that our decoder-layer hook injects; without it the base backend runs untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+BASES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+PREFIX = "mmsink_"
+
+
+def registered_name(base: str) -> str:
+    return PREFIX + base
+
+
+def base_name(name: str) -> str:
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else name
+
+
+def repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if n == 1 else x.repeat_interleave(n, dim=1)
+
+
+def _eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    # transformers keeps eager attention inside each modeling file; this is the same arithmetic.
+    n = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key, n), repeat_kv(value, n)
+    w = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        w = w + attention_mask
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(w, v)
+    return out.transpose(1, 2).contiguous(), w
+
+
+def base_function(base: str) -> Callable:
+    if base == "eager":
+        return _eager
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+@dataclass
+class Directive:
+    """What one layer's attention call must do beyond plain attention (set per call by the layer hook)."""
+
+    layer: int
+    observe: bool = False  # keep references to q (anchor rows), k, v for a pruner
+    anchor: torch.Tensor | None = None  # [B] local index of the anchor query row
+    reweight: Callable | None = None  # fn(q, k, v, key_valid, scaling, base) -> output [B, n, H, hd]
+    key_valid: torch.Tensor | None = None  # [B, kv] which cached/current keys are real tokens
+    observed: dict = field(default_factory=dict)
+
+
+def mmsink_attention(base: str):
+    fn_base = base_function(base)
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        d: Directive | None = kwargs.pop("mmsink", None)
+        if d is None:
+            return fn_base(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        if d.observe:
+            b = torch.arange(query.shape[0], device=query.device)
+            d.observed.update(q=query[b, :, d.anchor], k=key, v=value, scale=scaling)
+        if d.reweight is not None:
+            out = d.reweight(query, key, value, attention_mask, scaling, base)
+            return out, None
+        return fn_base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    return attention
+
+
+def register() -> None:
+    """Register ``mmsink_<base>`` names once. The entries are pure functions: no model sees another's
+    state through them."""
+    for base in BASES:
+        name = registered_name(base)
+        if name in ALL_ATTENTION_FUNCTIONS._global_mapping:
+            continue
+        if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+            continue
+        AttentionInterface.register(name, mmsink_attention(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def allowed_matrix(key_valid: torch.Tensor, n_q: int) -> torch.Tensor:
+    """[B, 1, n_q, kv] bool: causal by slot order (slots are sorted by position, padding on the left),
+    padding keys masked; a padding query row may see itself so that no row is empty (no NaNs)."""
+    kv = key_valid.shape[1]
+    dev = key_valid.device
+    qi = torch.arange(kv - n_q, kv, device=dev)[:, None]
+    kj = torch.arange(kv, device=dev)[None, :]
+    causal = kj <= qi
+    allowed = causal[None] & key_valid[:, None, :]
+    allowed = allowed | (kj == qi)[None]
+    return allowed[:, None]
+
+
+def build_mask(base: str, key_valid: torch.Tensor, n_q: int, dtype: torch.dtype):
+    """The mask a base backend expects for a layer whose keys are ``key_valid`` (left-padded slots)."""
+    if base.startswith("flash"):
+        return key_valid.to(torch.long)
+    allowed = allowed_matrix(key_valid, n_q)
+    if base == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    return allowed
+
+
+def mask_to_bool(base: str, mask, key_valid: torch.Tensor | None, n_q: int, n_kv: int, batch: int, device):
+    """Normalise whatever mask a layer received to [B, 1, n_q, n_kv] bool (None means causal)."""
+    if mask is None:
+        valid = (
+            key_valid if key_valid is not None else torch.ones(batch, n_kv, dtype=torch.bool, device=device)
+        )
+        return allowed_matrix(valid, n_q)
+    if mask.dim() == 2:
+        return allowed_matrix(mask.bool(), n_q)
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+# ----------------------------------------------------------------------------- grouped log-sum-exp
+
+
+def attention_lse(q, k, v, allowed, scale):
+    """Attention output and log-sum-exp per row over the allowed keys, through a fused kernel when there
+    is one. q [B,H,n,d], k/v [B,H,m,d] (heads already repeated), allowed [B,1|H,n,m] bool.
+    Rows with no allowed key give output 0 and LSE -inf."""
+    empty = ~allowed.any(-1)  # [B,1|H,n]
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias.expand(q.shape[0], q.shape[1], -1, -1), scale=scale
+        )[:2]
+    elif q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias.expand(q.shape[0], q.shape[1], -1, -1), True, 0.0, False, scale=scale
+        )[:2]
+        lse = lse[..., : q.shape[2]]
+    else:
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias.float()
+        lse = torch.logsumexp(s, -1)
+        out = torch.matmul(torch.softmax(s, -1).nan_to_num(0.0), v.float()).to(q.dtype)
+    lse = lse.float().masked_fill(empty, float("-inf"))
+    out = out.masked_fill(empty[..., None], 0.0)
+    return out, lse
+
+
+def attention_lse_math(q, k, v, allowed, scale):
+    """The same as :func:`attention_lse` with plain matmuls (what eager mode runs; FLOPs are visible)."""
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = torch.matmul(p.to(v.dtype), v)
+    return out, lse
+
+
+def grouped_attention(q, k, v, allowed, groups, scale, math_only=False):
+    """Per key group g: the partial output O_g (normalised inside the group) and its mass
+    m_g = exp(LSE_g - LSE_all). The full attention output is sum_g m_g O_g; a method that rescales group
+    masses only changes the m_g. ``groups``: list of [B, m_g] index tensors into the key axis, with -1
+    padding. Returns (outs [G][B,H,n,d], masses [G][B,H,n] float32)."""
+    h = q.shape[1]
+    fn = attention_lse_math if math_only else attention_lse
+    outs, lses = [], []
+    for idx in groups:
+        safe = idx.clamp(min=0)
+        gi = safe[:, None, :, None]
+        kg = k.gather(2, gi.expand(-1, k.shape[1], -1, k.shape[3]))
+        vg = v.gather(2, gi.expand(-1, v.shape[1], -1, v.shape[3]))
+        kg, vg = repeat_kv(kg, h // k.shape[1]), repeat_kv(vg, h // v.shape[1])
+        ag = allowed.gather(3, safe[:, None, None, :].expand(-1, allowed.shape[1], allowed.shape[2], -1))
+        ag = ag & (idx >= 0)[:, None, None, :]
+        o, lse = fn(q, kg, vg, ag, scale)
+        outs.append(o)
+        lses.append(lse)
+    total = torch.logsumexp(torch.stack(lses), 0)
+    masses = [torch.exp(lse - total).nan_to_num(0.0) for lse in lses]
+    return outs, masses
+
+
+def group_indices(member: torch.Tensor) -> torch.Tensor:
+    """[B, kv] bool membership -> [B, m] left-aligned key indices with -1 padding (m = max count)."""
+    kv = member.shape[1]
+    m = int(member.sum(1).max().item()) if member.numel() else 0
+    if m == 0:
+        return torch.full((member.shape[0], 1), -1, dtype=torch.long, device=member.device)
+    ar = torch.arange(kv, device=member.device)
+    key = torch.where(member, ar, kv + ar)
+    order = key.argsort(dim=1)[:, :m]
+    ok = member.gather(1, order)
+    return torch.where(ok, order, torch.full_like(order, -1))
+
+
+def flops_grouped(q, k, groups) -> int:
+    b, h, n, d = q.shape
+    return sum(4 * b * h * n * g.shape[1] * d for g in groups)

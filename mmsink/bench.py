@@ -1,0 +1,317 @@
+"""Benchmarks on real-size architectures with random weights (speed does not depend on weight values).
+
+``mmsink bench --shape tiny-cpu``      prefill time ratio vs FLOPs ratio per method and budget
+``mmsink bench --analytic llava-1.5-7b``  prefill FLOPs of the real config for token schedules
+
+Each writes JSON and a Markdown table (``--out DIR``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    # a small LLaVA-shaped model that a 2-core CPU runs in about a second: 576 visual tokens, 12 layers
+    "tiny-cpu": {
+        "vision": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+        "text": dict(
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=12,
+            num_attention_heads=8,
+            vocab_size=32064,
+        ),
+    },
+    # LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B (Llama-2-7B shape)
+    "llava-1.5-7b": {
+        "vision": dict(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16
+        ),
+        "text": dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            vocab_size=32064,
+        ),
+    },
+}
+IMAGE_TOKEN = 32000
+
+
+def build(shape: str, device="cpu", dtype=torch.float32, attn="sdpa"):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    s = SHAPES[shape]
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **s["vision"])
+    text = LlamaConfig(max_position_embeddings=4096, pad_token_id=0, **s["text"])
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=576
+    )
+    cfg._attn_implementation = attn
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(cfg)
+    if device != "meta":
+        model = model.to(dtype)
+        model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def llava_inputs(batch: int, n_sys: int, n_text: int, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sys = torch.randint(3, 30000, (n_sys,), generator=g)
+    txt = torch.randint(3, 30000, (n_text,), generator=g)
+    ids = torch.cat([torch.tensor([1]), sys, torch.full((576,), IMAGE_TOKEN), txt])
+    ids = ids[None].repeat(batch, 1)
+    pix = torch.randn(batch, 3, 336, 336, generator=g)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": pix.to(device, dtype),
+    }
+
+
+# ------------------------------------------------------------------------------ measured (CPU / GPU)
+
+METHOD_GRID = [
+    ("fastv", (192, 128, 64)),
+    ("pdrop", (192, 128, 64)),
+    ("dart", (192, 128, 64)),
+    ("random", (192, 128, 64)),
+    ("pool", (196, 144, 64)),
+    ("visipruner", (192, 128, 64)),
+]
+
+
+def timed(fn, reps: int, sync=None) -> float:
+    fn()
+    out = []
+    for _ in range(reps):
+        if sync:
+            sync()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def measure(shape: str, reps: int, batch: int, device: str, dtype) -> dict:
+    import mmsink
+
+    model = build(shape, device, dtype)
+    inputs = llava_inputs(batch, 35, 29, device, dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+
+    def prefill():
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1, use_cache=True)
+
+    rows = []
+    base_t = timed(prefill, reps, sync)
+    mmsink.wrap(model, prune=None)
+    prefill()
+    base_flops = mmsink.stats(model).prefill_flops
+    rows.append(
+        dict(method="baseline", budget=None, ms=base_t * 1e3, time_ratio=1.0, flops_ratio=1.0, kept=576)
+    )
+    grid = [(m, b) for m, budgets in METHOD_GRID for b in budgets] + [("visipruner", None)]
+    for method, budget in grid:
+        mmsink.wrap(model, prune=method, budget=budget)
+        try:
+            t = timed(prefill, reps, sync)
+        except ValueError as e:  # e.g. a budget this depth cannot schedule
+            rows.append(dict(method=method, budget=budget, error=str(e)))
+            continue
+        st = mmsink.stats(model)
+        rows.append(
+            dict(
+                method=method,
+                budget=budget,
+                ms=t * 1e3,
+                time_ratio=t / base_t,
+                flops_ratio=st.prefill_flops / base_flops,
+                kept=round(st.mean_kept, 1),
+            )
+        )
+    mmsink.unwrap(model)
+    return {"shape": shape, "batch": batch, "device": device, "dtype": str(dtype), "reps": reps, "rows": rows}
+
+
+def md_row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def measured_markdown(res: dict) -> str:
+    lines = [
+        f"Prefill of a {res['shape']} model (random weights), batch {res['batch']}, {res['device']}, "
+        f"{res['dtype']}, median of {res['reps']} runs; ratios against the unpruned model in the same run.",
+        "",
+        "| method | budget | mean visual tokens / layer | prefill ms | time ratio | FLOPs ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        b = "adaptive" if r["method"] == "visipruner" and r["budget"] is None else r["budget"] or "-"
+        if "error" in r:
+            lines.append(f"| {r['method']} | {b} | - | - | - | - ({r['error']}) |")
+            continue
+        lines.append(
+            md_row(
+                r["method"],
+                b,
+                r["kept"],
+                f"{r['ms']:.1f}",
+                f"{r['time_ratio']:.3f}",
+                f"{r['flops_ratio']:.3f}",
+            )
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ analytic
+
+
+def schedules(num_layers: int, n_vis: int = 576):
+    """Visual tokens per layer for each method as our implementation schedules them."""
+    from .pruners.pdrop import schedule as pdrop_schedule
+
+    out = {"baseline": [n_vis] * num_layers}
+    for k in (192, 128, 64):
+        out[f"fastv/dart {k} (K=2)"] = [n_vis] * 2 + [k] * (num_layers - 2)
+        layers, lam = pdrop_schedule(num_layers, k / n_vis)
+        counts, cur = [], n_vis
+        for layer in range(num_layers):
+            if layer in layers:
+                cur = math.ceil(cur * lam)
+            counts.append(cur)
+        out[f"pdrop {k} (layers {list(layers)}, ratio {lam:.2f})"] = counts
+        out[f"random/pool {k} (pre-LLM)"] = [k] * num_layers
+    return out
+
+
+def visipruner_schedule(num_layers: int, fusion: int, kept: int, quiet_after: int = 2, n_vis: int = 576):
+    """Full image up to the fusion layer, ``kept`` critical tokens after it, none once the deep stage has
+    seen ``quiet_after`` quiet layers (the earliest case: the first layers after fusion are quiet)."""
+    drop = fusion + 1 + quiet_after
+    return [n_vis if layer <= fusion else kept if layer < drop else 0 for layer in range(num_layers)]
+
+
+def analytic(shape: str, n_text: int = 64, fusion_layers=(7, 9, 11, 13, 15), kept: int = 10) -> dict:
+    from patches.llava import Family
+
+    from .flops import DecoderCost
+
+    model = build(shape, "meta")
+    fam = Family(model)
+    cost = DecoderCost.of(fam.layers, fam.text_config)
+    nl = len(fam.layers)
+    vision = fam.vision_flops(torch.empty(1, 3, 336, 336, device="meta"))
+    rows = []
+    scheds = schedules(nl)
+    for f in fusion_layers:
+        scheds[f"visipruner adaptive, fusion after layer {f}, {kept} kept"] = visipruner_schedule(nl, f, kept)
+        scheds[f"visipruner fixed 64, fusion after layer {f} (deep off)"] = [
+            576 if layer <= f else 64 for layer in range(nl)
+        ]
+    base_llm = None
+    for name, sched in scheds.items():
+        llm = cost.prefill(1, [n_text + v for v in sched], 1)
+        base_llm = base_llm or llm
+        rows.append(
+            dict(
+                schedule=name,
+                mean_visual=sum(sched) / nl,
+                llm_tflops=llm / 1e12,
+                total_tflops=(llm + vision) / 1e12,
+                llm_saved=1 - llm / base_llm,
+                total_saved=1 - (llm + vision) / (base_llm + vision),
+            )
+        )
+    return {"shape": shape, "text_tokens": n_text, "vision_tflops": vision / 1e12, "rows": rows}
+
+
+def analytic_markdown(res: dict) -> str:
+    lines = [
+        f"Prefill FLOPs of {res['shape']} (batch 1, 576 visual + {res['text_tokens']} text tokens, "
+        f"logits of the last token only). Vision tower + projector: {res['vision_tflops']:.3f} TFLOPs.",
+        "",
+        md_row(
+            "schedule",
+            "mean visual tokens / layer",
+            "LLM TFLOPs",
+            "LLM saved",
+            "whole model TFLOPs",
+            "whole saved",
+        ),
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            md_row(
+                r["schedule"],
+                f"{r['mean_visual']:.1f}",
+                f"{r['llm_tflops']:.3f}",
+                f"{100 * r['llm_saved']:.1f}%",
+                f"{r['total_tflops']:.3f}",
+                f"{100 * r['total_saved']:.1f}%",
+            )
+        )
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    import transformers
+
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    env["machine"] = (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    )
+    env["threads"] = torch.get_num_threads()
+    return env
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="mmsink bench", description=__doc__)
+    ap.add_argument("--shape", default="tiny-cpu", choices=sorted(SHAPES))
+    ap.add_argument("--analytic", action="store_true", help="FLOPs only, no model weights allocated")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=None, help="directory for JSON and Markdown")
+    ap.add_argument("--name", default=None, help="file stem (default: derived from the settings)")
+    a = ap.parse_args(argv)
+    if a.analytic:
+        res = analytic(a.shape)
+        md = analytic_markdown(res)
+        stem = a.name or f"analytic_{a.shape}"
+    else:
+        dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
+        res = measure(a.shape, a.reps, a.batch, a.device, dtype)
+        md = measured_markdown(res)
+        stem = a.name or f"prefill_{a.shape}_{a.device.split(':')[0]}_b{a.batch}"
+    res["environment"] = environment()
+    res["command"] = "mmsink bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+        env = res["environment"]
+        header = f"Command: `{res['command']}`  \nMachine: {env['machine']}, torch {env['torch']}, "
+        header += f"transformers {env['transformers']}\n\n"
+        (out / f"{stem}.md").write_text(header + md + "\n")
+    return res

@@ -1,0 +1,70 @@
+"""Layout: where each sample's image tokens are, built once per prefill by the family adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Layout:
+    is_image: torch.Tensor  # [B, L] bool
+    image_of: torch.Tensor  # [B, L] long: image index inside its sample, -1 for text
+    valid: torch.Tensor  # [B, L] bool: not padding
+    anchor: torch.Tensor  # [B] long: the query row that selection reads (last prompt token)
+    grids: list  # per sample, per image: (rows, cols) of its token grid, or None
+
+    @property
+    def batch(self) -> int:
+        return self.is_image.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.is_image.shape[1]
+
+    @property
+    def max_images(self) -> int:
+        return int(self.image_of.max().item()) + 1 if self.image_of.numel() else 0
+
+    def image_counts(self) -> torch.Tensor:
+        """[B, M] tokens of image m in sample b (0 where the sample has fewer images)."""
+        m = max(self.max_images, 1)
+        onehot = self.image_of[..., None] == torch.arange(m, device=self.image_of.device)
+        return onehot.sum(1)
+
+
+def image_runs(is_image: torch.Tensor, tokens_per_image: int | None) -> torch.Tensor:
+    """Number the images of each sample: a run of image tokens is one image, split further every
+    ``tokens_per_image`` tokens when images sit back to back."""
+    b, l = is_image.shape
+    prev = torch.zeros_like(is_image)
+    prev[:, 1:] = is_image[:, :-1]
+    starts = is_image & ~prev
+    if tokens_per_image:
+        ar = torch.arange(l, device=is_image.device).expand(b, l)
+        run_start = torch.cummax(torch.where(starts, ar, torch.full_like(ar, -1)), dim=1).values
+        starts = is_image & ((ar - run_start) % tokens_per_image == 0)
+    image_of = starts.long().cumsum(1) - 1
+    return torch.where(is_image, image_of, torch.full_like(image_of, -1))
+
+
+def build_layout(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_token_id: int,
+    tokens_per_image: int | None,
+    prompt_len: int | None,
+    grid_of=None,
+) -> Layout:
+    is_image = input_ids == image_token_id
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
+    image_of = image_runs(is_image, tokens_per_image)
+    b, l = input_ids.shape
+    end = min(prompt_len, l) if prompt_len else l
+    ar = torch.arange(l, device=input_ids.device)
+    in_prompt = valid & (ar < end)[None]
+    anchor = torch.where(in_prompt, ar, torch.full_like(ar, -1)[None]).max(1).values.clamp(min=0)
+    counts = (image_of[..., None] == torch.arange(max(int(image_of.max()) + 1, 1), device=ar.device)).sum(1)
+    grids = [[grid_of(int(c)) if grid_of else None for c in row if c > 0] for row in counts.tolist()]
+    return Layout(is_image & valid, image_of, valid, anchor, grids)

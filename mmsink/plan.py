@@ -1,0 +1,124 @@
+"""The token plan: which tokens each decoder layer processes, applied between layers.
+
+A prefill walks the layers with a current *segment*: the original sequence indices of the tokens that
+are alive (per sample, sorted, padding on the left) and which slots are real. A pruner decision after
+layer l (a keep mask over the current slots) starts a new segment at layer l+1: hidden states, rotary
+embeddings and the mask are gathered to the kept slots. Every pruner uses this one mechanism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import build_mask
+from .layout import Layout
+
+
+@dataclass
+class Segment:
+    start: int  # first layer that runs on it
+    idx: torch.Tensor  # [B, n] original sequence index per slot (0 on padding)
+    valid: torch.Tensor  # [B, n] bool
+    full: bool  # the untouched full sequence: transformers' own mask and positions apply
+    gather: torch.Tensor | None = None  # [B, n] slots of the previous segment this one takes
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.idx.shape[1]
+
+    def mask(self, base: str, dtype) -> torch.Tensor:
+        key = ("mask", base, dtype)
+        if key not in self.cache:
+            self.cache[key] = build_mask(base, self.valid, self.n, dtype)
+        return self.cache[key]
+
+    def position_embeddings(self, full_pe):
+        if "pe" not in self.cache:
+            cos, sin = full_pe
+            self.cache["pe"] = (gather_rows(cos, self.idx), gather_rows(sin, self.idx))
+        return self.cache["pe"]
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B|1, L, ...] -> [B, n, ...] rows idx (per sample)."""
+    b = idx.shape[0]
+    if x.shape[0] != b:
+        x = x.expand(b, *x.shape[1:])
+    shape = (b, idx.shape[1]) + (1,) * (x.dim() - 2)
+    return x.gather(1, idx.view(shape).expand(-1, -1, *x.shape[2:]))
+
+
+def repack(seg: Segment, keep: torch.Tensor, start: int) -> Segment:
+    """New segment with the kept slots of ``seg`` (keep [B, n] bool), left-padded and in order."""
+    keep = keep & seg.valid
+    n = seg.n
+    n_new = max(int(keep.sum(1).max().item()), 1)
+    ar = torch.arange(n, device=keep.device)
+    order = torch.where(keep, n + ar, ar).argsort(dim=1)[:, n - n_new :]
+    return Segment(start, seg.idx.gather(1, order), keep.gather(1, order), False, gather=order)
+
+
+class Prefill:
+    """Per-forward state of one prefill (held by the model's handle for the duration of the call)."""
+
+    def __init__(self, layout: Layout, num_layers: int, base: str):
+        self.layout = layout
+        self.num_layers = num_layers
+        self.base = base
+        b, l = layout.is_image.shape
+        idx = torch.arange(l, device=layout.is_image.device).expand(b, l)
+        self.segments = [Segment(0, idx, layout.valid.clone(), True)]
+        self.layer_segment: list[int] = []
+        self.pending: torch.Tensor | None = None  # keep mask decided for the next layer
+        self.embed_override: torch.Tensor | None = None  # [B, L, d] replacement embeddings (pre-LLM)
+        self.extra_flops = 0
+        self.attn_flops: dict[int, int] = {}
+        self.run = None  # the pruner's per-forward state
+        self.slots: list[int] = []  # padded token slots each layer ran on
+        self.directive = None  # the current layer's attention directive
+        self.cache = None  # the PlanCache being filled, if caching
+
+    # ---- views of the current segment
+    @property
+    def seg(self) -> Segment:
+        return self.segments[-1]
+
+    def visual(self, seg: Segment | None = None) -> torch.Tensor:
+        seg = seg or self.seg
+        return gather_rows(self.layout.is_image, seg.idx) & seg.valid
+
+    def image_of(self, seg: Segment | None = None) -> torch.Tensor:
+        seg = seg or self.seg
+        io = gather_rows(self.layout.image_of, seg.idx)
+        return torch.where(seg.valid, io, torch.full_like(io, -1))
+
+    def anchor_slot(self, seg: Segment | None = None) -> torch.Tensor:
+        seg = seg or self.seg
+        hit = (seg.idx == self.layout.anchor[:, None]) & seg.valid
+        return hit.float().argmax(1)
+
+    def keep_text(self, chosen_visual: torch.Tensor) -> torch.Tensor:
+        """Keep mask over current slots: every real text token plus the chosen visual ones."""
+        vis = self.visual()
+        return self.seg.valid & (~vis | chosen_visual)
+
+    def decide(self, keep: torch.Tensor) -> None:
+        self.pending = keep if self.pending is None else (self.pending & keep)
+
+    def advance(self, layer: int, hidden: torch.Tensor):
+        """Called before ``layer``: apply a pending decision. Returns the (possibly gathered) hidden."""
+        if self.pending is not None:
+            new = repack(self.seg, self.pending, layer)
+            self.pending = None
+            hidden = gather_rows(hidden, new.gather)
+            self.segments.append(new)
+        self.layer_segment.append(len(self.segments) - 1)
+        return hidden
+
+    # ---- results
+    def visual_per_layer(self) -> list[torch.Tensor]:
+        counts = [self.visual(s).sum(1) for s in self.segments]
+        return [counts[s] for s in self.layer_segment]

@@ -1,0 +1,139 @@
+"""Pruner protocol, budget handling and the selection helpers every pruner shares."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..plan import Prefill
+
+REGISTRY: dict[str, type[Pruner]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class Pruner:
+    """A pruner decides keep-sets; the Plan applies them. Subclasses set ``name``, an ``Options``
+    dataclass and implement some of the hooks below. Per-forward state lives in ``ctx.run``."""
+
+    name = ""
+    uses_budget = True
+    default_budget: int | float | None = None
+
+    @dataclasses.dataclass
+    class Options:
+        pass
+
+    def __init__(self, budget=None, **options):
+        names = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(
+                f"mmsink: method {self.name!r} does not take option(s) {unknown}; "
+                f"it takes: {sorted(names) or 'none'} (and 'budget')"
+            )
+        if budget is not None and not self.uses_budget:
+            raise ValueError(f"mmsink: method {self.name!r} does not take a budget")
+        self.budget = check_budget(budget if budget is not None else self.default_budget)
+        self.options = self.Options(**options)
+        self.check_options()
+
+    def check_options(self) -> None:
+        pass
+
+    def check_model(self, num_layers: int) -> None:
+        pass
+
+    # ---- hooks (all optional)
+    def start(self, ctx: Prefill) -> None:
+        ctx.run = {}
+
+    def before_llm(self, ctx: Prefill, embeds: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def directive(self, ctx: Prefill, layer: int) -> dict | None:
+        """What layer ``layer``'s attention must provide: {"observe": True} and/or {"reweight": fn}."""
+        return None
+
+    def after_layer(self, ctx: Prefill, layer: int, hidden: torch.Tensor, observed: dict) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"method": self.name, "budget": self.budget, **dataclasses.asdict(self.options)}
+
+
+def check_budget(budget):
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"mmsink: budget must be an int (tokens kept) or a float in (0, 1], got {budget!r}")
+    if isinstance(budget, float):
+        if not (0.0 < budget <= 1.0):
+            raise ValueError(f"mmsink: a fractional budget must lie in (0, 1], got {budget}")
+    elif budget <= 0:
+        raise ValueError(f"mmsink: budget must be > 0, got {budget}")
+    return budget
+
+
+def budget_count(budget, n: torch.Tensor) -> torch.Tensor:
+    """Tokens to keep of an image of ``n`` tokens ([B] long; 0 where there is no image)."""
+    if isinstance(budget, float):
+        k = torch.ceil(n.double() * budget).long()
+    else:
+        too_big = n > 0
+        too_big &= n < budget
+        if bool(too_big.any()):
+            raise ValueError(
+                f"mmsink: budget {budget} is larger than the image's {int(n[too_big].min())} visual tokens"
+            )
+        k = torch.full_like(n, budget)
+    return torch.where(n > 0, k.clamp(min=1), torch.zeros_like(n))
+
+
+def budget_fraction(budget, n_image: int) -> float:
+    if budget is None:
+        return 1.0
+    if isinstance(budget, float):
+        return budget
+    if budget > n_image:
+        raise ValueError(f"mmsink: budget {budget} is larger than the image's {n_image} visual tokens")
+    return budget / n_image
+
+
+def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of) -> torch.Tensor:
+    """Chosen visual slots [B, n]: for each image, the k highest ``scores`` among its current slots.
+    ``k_of(orig_count [B], current_count [B]) -> k [B]``."""
+    img = ctx.image_of()
+    orig = ctx.layout.image_counts()
+    chosen = torch.zeros_like(img, dtype=torch.bool)
+    for m in range(orig.shape[1]):
+        cand = img == m
+        cur = cand.sum(1)
+        k = torch.minimum(k_of(orig[:, m], cur), cur)
+        kmax = int(k.max().item()) if k.numel() else 0
+        if kmax == 0:
+            continue
+        s = scores.float().masked_fill(~cand, float("-inf"))
+        top = s.topk(kmax, dim=1).indices
+        take = torch.arange(kmax, device=s.device)[None] < k[:, None]
+        chosen |= torch.zeros_like(chosen).scatter(1, top, take)
+    return chosen
+
+
+def anchor_probs(ctx: Prefill, observed: dict) -> torch.Tensor:
+    """Post-softmax attention of the anchor query over the current slots [B, H, n] (fp32), from the q row
+    and keys the attention call kept. Only this one row is computed."""
+    q, k = observed["q"], observed["k"]
+    h, hkv = q.shape[1], k.shape[1]
+    kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
+    logits = torch.einsum("bhd,bhnd->bhn", q, kk).float() * observed["scale"]
+    b, _, n, d = kk.shape
+    ctx.extra_flops += 2 * b * h * n * d
+    seg = ctx.seg
+    slot = torch.arange(n, device=q.device)
+    allowed = seg.valid & (slot[None] <= ctx.anchor_slot()[:, None])
+    return torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1)

@@ -1,0 +1,168 @@
+"""VisiPruner (Fan et al., EMNLP 2025): three stages of cross-modal interaction.
+
+shallow (layers < S): the published zeroing of attention weights without renormalisation, computed
+  from per-key-group partial outputs and log-sum-exps: layer 0 gives image queries no image keys and
+  moves text queries' image mass onto each image's first token; layers 1..S-1 drop text->image mass.
+  Same numbers as editing the softmax matrix, at the cost of one fused attention. Prompt rows only
+  (decode steps are not masked in the paper; rows past the prompt are treated the same way).
+middle (layers >= S+1): the last prompt token's attention output o and each image token's contribution
+  c_j = a_j v_j (all heads, before o_proj). The first layer where some cos(o - c_j, o) < layer_threshold
+  is the fusion layer; from the next layer only critical tokens (||c_j|| > tokens_threshold) stay.
+  With a budget (fixed-budget variant) the top-K tokens by ||c_j|| stay instead.
+deep: after pruning, the same test with deep_threshold on the kept tokens; after ``deep_passes`` layers
+  where no token moves the output, the next layer drops every image token.
+Decisions are per sample: samples of a batch may fuse at different layers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..attention import flops_grouped, group_indices, grouped_attention, mask_to_bool, repeat_kv
+from .base import Pruner, anchor_probs, budget_count, register, topk_per_image
+
+
+@register
+class VisiPruner(Pruner):
+    name = "visipruner"
+
+    @dataclasses.dataclass
+    class Options:
+        shallow: bool = True
+        middle: bool = True
+        deep: bool | None = None  # default: on when adaptive, off with a fixed budget
+        shallow_mid_layer: int | None = None  # S; default 6 of 32 layers, scaled to depth
+        layer_threshold: float = 0.995
+        tokens_threshold: float = 0.2
+        deep_threshold: float = 0.999
+        deep_passes: int = 2
+        first_layer_rule: bool = True
+        fallback_layer: int | None = None  # fixed budget: decide here if no fusion was found (default L//2)
+
+    def check_options(self):
+        o = self.options
+        for name in ("layer_threshold", "deep_threshold"):
+            if not -1.0 <= getattr(o, name) <= 1.0:
+                raise ValueError(f"mmsink: visipruner {name} is a cosine, it must lie in [-1, 1]")
+        if o.tokens_threshold < 0:
+            raise ValueError("mmsink: visipruner tokens_threshold must be >= 0")
+        if o.deep_passes < 1:
+            raise ValueError("mmsink: visipruner deep_passes must be >= 1")
+        if o.shallow_mid_layer is not None and o.shallow_mid_layer < 0:
+            raise ValueError("mmsink: visipruner shallow_mid_layer must be >= 0")
+
+    def check_model(self, num_layers):
+        s = self.options.shallow_mid_layer
+        if s is not None and s >= num_layers:
+            raise ValueError(
+                f"mmsink: visipruner shallow_mid_layer={s} exceeds the model's {num_layers} layers"
+            )
+
+    def shallow_layers(self, num_layers: int) -> int:
+        s = self.options.shallow_mid_layer
+        return max(1, round(6 * num_layers / 32)) if s is None else s
+
+    def start(self, ctx):
+        b = ctx.layout.batch
+        dev = ctx.layout.is_image.device
+        deep = self.options.deep if self.options.deep is not None else self.budget is None
+        fallback = self.options.fallback_layer
+        if self.budget is not None and fallback is None:
+            fallback = ctx.num_layers // 2
+        ctx.run = {
+            "S": self.shallow_layers(ctx.num_layers),
+            "deep": deep,
+            "fallback": fallback,
+            "fused_at": torch.full((b,), -1, dtype=torch.long, device=dev),
+            "quiet": torch.zeros(b, dtype=torch.long, device=dev),
+            "done": torch.zeros(b, dtype=torch.bool, device=dev),
+        }
+
+    def directive(self, ctx, layer):
+        run, o = ctx.run, self.options
+        d = {}
+        if o.shallow and layer < run["S"]:
+            d["reweight"] = lambda q, k, v, mask, scale, base: shallow_attention(
+                ctx, layer, q, k, v, mask, scale, base, o.first_layer_rule
+            )
+        active = (run["fused_at"] < 0) | (run["deep"] & ~run["done"])
+        if o.middle and layer >= run["S"] + 1 and bool(active.any()) and bool(ctx.visual().any()):
+            d["observe"] = True
+        return d or None
+
+    def after_layer(self, ctx, layer, hidden, observed):
+        if "q" not in observed:
+            return
+        run, o = ctx.run, self.options
+        cos, cnorm = contribution_test(ctx, observed)
+        vis = ctx.visual()
+        unfused = run["fused_at"] < 0
+        fuse = unfused & (cos < o.layer_threshold).any(1)
+        if run["fallback"] is not None and layer >= run["fallback"]:
+            fuse |= unfused & vis.any(1)
+        keep_vis = vis.clone()
+        if bool(fuse.any()):
+            if self.budget is None:
+                critical = vis & (cnorm > o.tokens_threshold)
+            else:
+                critical = topk_per_image(ctx, cnorm, lambda orig, cur: budget_count(self.budget, orig))
+            keep_vis = torch.where(fuse[:, None], critical, keep_vis)
+            run["fused_at"] = torch.where(fuse, torch.full_like(run["fused_at"], layer), run["fused_at"])
+        deep = run["deep"] & ~unfused & ~run["done"]
+        if bool(deep.any()):
+            moved = (cos < o.deep_threshold).any(1)
+            run["quiet"] += (deep & ~moved).long()
+            drop = deep & (run["quiet"] >= o.deep_passes)
+            keep_vis &= ~drop[:, None]
+            run["done"] |= drop
+        if bool((keep_vis != vis).any()):
+            ctx.decide(ctx.keep_text(keep_vis))
+
+
+def contribution_test(ctx, observed):
+    """cos(o - c_j, o) and ||c_j|| for every current slot (inf / 0 on non-visual slots), from the
+    anchor row only: o = sum_j a_j v_j and c_j = a_j v_j with all heads concatenated."""
+    a = anchor_probs(ctx, observed)  # [B, H, n]
+    v = observed["v"]
+    h = a.shape[1]
+    vv = repeat_kv(v, h // v.shape[1]).float()
+    o = torch.einsum("bhn,bhnd->bhd", a, vv)
+    vo = torch.einsum("bhnd,bhd->bhn", vv, o)
+    b, _, n, d = vv.shape
+    ctx.extra_flops += 4 * b * h * n * d
+    oo = o.pow(2).sum((1, 2))[:, None]
+    co = (a * vo).sum(1)
+    cc = (a.pow(2) * vv.pow(2).sum(-1)).sum(1)
+    diff = (oo - 2 * co + cc).clamp(min=0).sqrt()
+    cos = (oo - co) / (oo.sqrt() * diff).clamp(min=1e-30)
+    vis = ctx.visual()
+    return cos.masked_fill(~vis, float("inf")), cc.sqrt().masked_fill(~vis, 0.0)
+
+
+def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
+    b, h, n, d = q.shape
+    seg = ctx.seg
+    allowed = mask_to_bool(base, mask, seg.valid, n, k.shape[2], b, q.device)
+    vis, img = ctx.visual(), ctx.image_of()
+    groups = [group_indices(seg.valid & ~vis)]
+    groups += [group_indices(img == m) for m in range(ctx.layout.max_images)]
+    outs, masses = grouped_attention(q, k, v, allowed, groups, scale, math_only=base == "eager")
+    ctx.attn_flops[layer] = flops_grouped(q, k, groups)
+    slot = torch.arange(n, device=q.device)
+    prompt = slot[None] <= ctx.anchor_slot()[:, None]
+    img_row = (vis & prompt)[:, None, :, None]
+    txt_row = (~vis & prompt)[:, None, :, None]
+    out = masses[0][..., None] * outs[0].float()
+    vfull = repeat_kv(v, h // v.shape[1])
+    for g, o_g, m_g in zip(groups[1:], outs[1:], masses[1:]):
+        part = m_g[..., None] * o_g.float()
+        if layer == 0 and first_layer_rule:
+            first = g[:, :1].clamp(min=0)
+            v_first = vfull.gather(2, first[:, None, :, None].expand(-1, h, 1, d)).float()
+            part = torch.where(txt_row, m_g[..., None] * v_first, part)
+            part = torch.where(img_row, torch.zeros_like(part), part)
+        else:
+            part = torch.where(txt_row, torch.zeros_like(part), part)
+        out = out + part
+    return out.to(q.dtype).transpose(1, 2).contiguous()

@@ -1,0 +1,20 @@
+"""Model-family adapters: where a family keeps its decoder layers and image tokens. Dispatch on
+``config.model_type``; each adapter is small and holds no copied modeling code."""
+
+from __future__ import annotations
+
+from . import llava
+
+FAMILIES = {t: mod.Family for mod in (llava,) for t in mod.Family.model_types}
+
+
+def family_for(model):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    cls = FAMILIES.get(model_type)
+    if cls is None:
+        supported = sorted({c.class_name for c in FAMILIES.values()})
+        raise ValueError(
+            f"mmsink: unsupported model {type(model).__name__} (model_type={model_type!r}); "
+            f"supported: {', '.join(supported)}"
+        )
+    return cls(model)

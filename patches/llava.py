@@ -1,0 +1,59 @@
+"""LLaVA-1.5 (transformers ``LlavaForConditionalGeneration``)."""
+
+from __future__ import annotations
+
+import math
+
+from mmsink.flops import linear_params
+from mmsink.layout import build_layout
+
+
+class Family:
+    model_types = ("llava",)
+    class_name = "LlavaForConditionalGeneration"
+
+    def __init__(self, model):
+        if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "language_model"):
+            raise ValueError(
+                f"mmsink: wrap the {self.class_name} (with its lm_head), not {type(model).__name__}"
+            )
+        self.model = model
+        self.config = model.config
+        self.text_config = model.config.text_config
+        self.language_model = model.model.language_model
+        self.layers = list(self.language_model.layers)
+
+    @property
+    def tokens_per_image(self) -> int:
+        v = self.config.vision_config
+        n = (v.image_size // v.patch_size) ** 2
+        return n + 1 if self.config.vision_feature_select_strategy == "full" else n
+
+    def grid_of(self, n: int):
+        side = math.isqrt(n)
+        return (side, side) if side * side == n else None
+
+    def layout(self, input_ids, attention_mask, prompt_len):
+        return build_layout(
+            input_ids,
+            attention_mask,
+            self.config.image_token_id,
+            self.tokens_per_image,
+            prompt_len,
+            self.grid_of,
+        )
+
+    def vision_flops(self, pixel_values) -> int:
+        if pixel_values is None:
+            return 0
+        v = self.config.vision_config
+        b = pixel_values.shape[0]
+        p = v.patch_size
+        n_patch = (pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p)
+        n = n_patch + 1  # class token
+        tower = self.model.model.vision_tower
+        conv = 2 * b * n_patch * v.hidden_size * v.num_channels * p * p
+        attn = v.num_hidden_layers * 4 * b * n * n * v.hidden_size
+        n_feat = n if self.config.vision_feature_select_strategy == "full" else n_patch
+        proj = 2 * b * n_feat * linear_params(self.model.model.multi_modal_projector)
+        return conv + 2 * b * n * linear_params(tower) + attn + proj

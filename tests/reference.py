@@ -1,0 +1,224 @@
+"""A plain eager reference of pruned LLaVA prefill, written from the method specs (batch 1).
+
+Every layer is computed by hand on an explicit list of kept sequence positions: projections, rotary
+embedding at the ORIGINAL positions, the full post-softmax attention matrix, the published edits, the
+MLP. Selection rules read that matrix directly. Nothing here shares code with mmsink.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def embed(model, ids, pixel_values):
+    lm = model.model
+    x = lm.get_input_embeddings()(ids)
+    if pixel_values is not None:
+        feats = lm.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        feats = torch.cat(list(feats), 0)
+        img = ids == model.config.image_token_id
+        x = x.clone()
+        x[img] = feats.to(x.dtype)
+    return x
+
+
+def layer_forward(model, layer, h, pos, edit=None):
+    """h [n, d] hidden of kept tokens (sorted by position), pos [n] original positions."""
+    attn = layer.self_attn
+    n = h.shape[0]
+    nh = model.config.text_config.num_attention_heads
+    hd = attn.head_dim
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(n, -1, hd).transpose(0, 1)
+    k = attn.k_proj(x).view(n, -1, hd).transpose(0, 1)
+    v = attn.v_proj(x).view(n, -1, hd).transpose(0, 1)
+    cos, sin = model.model.language_model.rotary_emb(h[None], pos[None])
+    cos, sin = cos[0], sin[0]
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    k_heads = k
+    rep = nh // k.shape[0]
+    k = k.repeat_interleave(rep, 0)
+    v = v.repeat_interleave(rep, 0)
+    s = (q @ k.transpose(1, 2)) / math.sqrt(hd)
+    causal = pos[None, :] <= pos[:, None]
+    s = s.masked_fill(~causal, float("-inf"))
+    p = torch.softmax(s.float(), -1)
+    if edit is not None:
+        p = edit(p)
+    o = p.to(v.dtype) @ v  # [H, n, hd]
+    out = attn.o_proj(o.transpose(0, 1).reshape(n, -1))
+    h = h + out
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, {"p": p, "v": v, "k": k_heads, "o": o}
+
+
+def run(model, ids, pixel_values, method=None, **opt):
+    """Returns (last-token logits, kept positions per layer). ids: [L] one sample, no padding."""
+    ids = ids.clone()
+    L = ids.shape[0]
+    img_id = model.config.image_token_id
+    is_img = ids == img_id
+    x = embed(model, ids[None], pixel_values)[0]
+    keep = torch.arange(L)
+    layers = model.model.language_model.layers
+    nl = len(layers)
+    state = {"fused": -1, "quiet": 0, "done": False}
+    if method in ("random", "pool"):
+        x, keep = pre_llm(method, x, is_img, **opt)
+    kept_per_layer = []
+    h = x[keep]
+    for l, layer in enumerate(layers):
+        kept_per_layer.append(keep[is_img[keep]].tolist())
+        edit = shallow_edit(l, keep, is_img, L, opt) if method == "visipruner" else None
+        h, a = layer_forward(model, layer, h, keep, edit)
+        new = decide(method, l, nl, keep, is_img, h, a, state, opt)
+        if new is not None:
+            sel = torch.isin(keep, new)
+            h, keep = h[sel], keep[sel]
+    h = model.model.language_model.norm(h)
+    return model.lm_head(h[-1]), kept_per_layer
+
+
+def pre_llm(method, x, is_img, budget, seed=0, **_):
+    where = is_img.nonzero().squeeze(1)
+    n = where.numel()
+    k = budget if isinstance(budget, int) else math.ceil(budget * n)
+    text = (~is_img).nonzero().squeeze(1)
+    if method == "random":
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+        chosen = where[pick]
+    else:
+        side = int(math.isqrt(n))
+        g = max(1, round(math.sqrt(k)))
+        grid = x[where].T.reshape(1, -1, side, side)
+        pooled = F.adaptive_avg_pool2d(grid, (g, g))[0].flatten(1).T
+        centre = [int((i + 0.5) * side / g) for i in range(g)]
+        chosen = torch.tensor([where[r * side + c] for r in centre for c in centre])
+        x = x.clone()
+        x[chosen] = pooled
+    keep = torch.cat([text, chosen]).sort().values
+    return x, keep
+
+
+def last_row_scores(a, keep, is_img):
+    row = a["p"][:, -1, :].mean(0)  # last token = anchor, mean over heads
+    return row, is_img[keep]
+
+
+def topk_positions(scores, keep, cand, k):
+    s = scores.masked_fill(~cand, float("-inf"))
+    k = min(k, int(cand.sum()))
+    return keep[s.topk(k).indices]
+
+
+def decide(method, l, nl, keep, is_img, h, a, state, opt):
+    text = keep[~is_img[keep]]
+    if method in ("fastv", "pdrop"):
+        if method == "fastv":
+            if l != opt.get("k", 2) - 1:
+                return None
+            n_img = int(is_img.sum())
+            b = opt["budget"]
+            k = b if isinstance(b, int) else math.ceil(b * n_img)
+        else:
+            if l + 1 not in opt["layers"]:
+                return None
+            k = math.ceil(int(is_img[keep].sum()) * opt["ratio"])
+        row, cand = last_row_scores(a, keep, is_img)
+        return torch.cat([text, topk_positions(row, keep, cand, k)])
+    if method == "dart":
+        if l != opt.get("k", 2) - 1:
+            return None
+        cand = is_img[keep]
+        knorm = a["k"].float().pow(2).sum((0, 2))
+        piv = topk_positions(knorm, keep, cand, min(opt["pivots"], opt["budget"]))
+        hn = F.normalize(h.float(), dim=-1)
+        pmask = torch.isin(keep, piv)
+        sim = (hn @ hn[pmask].T).max(1).values
+        rest = topk_positions(-sim, keep, cand & ~pmask, opt["budget"] - piv.numel())
+        return torch.cat([text, piv, rest])
+    if method == "visipruner":
+        return visipruner_decide(l, nl, keep, is_img, a, state, opt)
+    return None
+
+
+def contributions(a, anchor=-1):
+    p, v = a["p"], a["v"]  # [H, n, n], [H, n, hd]
+    w = p[:, anchor, :]  # [H, n]
+    c = (w[..., None] * v.float()).permute(1, 0, 2).reshape(w.shape[1], -1)  # [n, H*hd]
+    o = c.sum(0)
+    cos = F.cosine_similarity(o[None] - c, o[None].expand_as(c), dim=-1)
+    return cos, c.norm(dim=-1)
+
+
+def visipruner_decide(l, nl, keep, is_img, a, state, opt):
+    S = opt.get("S", max(1, round(6 * nl / 32)))
+    if l < S + 1:
+        return None
+    cand = is_img[keep]
+    if not bool(cand.any()):
+        return None
+    text = keep[~cand]
+    cos, cn = contributions(a)
+    budget = opt.get("budget")
+    fallback = opt.get("fallback", nl // 2 if budget is not None else None)
+    if state["fused"] < 0:
+        fuse = bool((cos[cand] < opt.get("layer_threshold", 0.995)).any())
+        if fallback is not None and l >= fallback:
+            fuse = True
+        if not fuse:
+            return None
+        state["fused"] = l
+        if budget is None:
+            chosen = keep[cand & (cn > opt.get("tokens_threshold", 0.2))]
+        else:
+            chosen = topk_positions(cn, keep, cand, budget)
+        return torch.cat([text, chosen])
+    deep = opt.get("deep", budget is None)
+    if deep and not state["done"]:
+        if not bool((cos[cand] < opt.get("deep_threshold", 0.999)).any()):
+            state["quiet"] += 1
+        if state["quiet"] >= opt.get("deep_passes", 2):
+            state["done"] = True
+            return text
+    return None
+
+
+def shallow_edit(l, keep, is_img, L, opt):
+    S = opt.get("S", None)
+    nl = opt["num_layers"]
+    S = max(1, round(6 * nl / 32)) if S is None else S
+    if l >= S:
+        return None
+    img_k = is_img[keep]
+    rows_img = img_k.clone()
+    rows_txt = ~img_k
+
+    def edit(p):
+        p = p.clone()
+        if l == 0:
+            first = int(img_k.nonzero()[0])
+            mass = p[:, rows_txt][:, :, img_k].sum(-1)  # [H, n_txt]
+            sub = p[:, rows_img]
+            sub[:, :, img_k] = 0
+            p[:, rows_img] = sub
+            sub = p[:, rows_txt]
+            sub[:, :, img_k] = 0
+            sub[:, :, first] = mass
+            p[:, rows_txt] = sub
+        else:
+            sub = p[:, rows_txt]
+            sub[:, :, img_k] = 0
+            p[:, rows_txt] = sub
+        return p
+
+    return edit

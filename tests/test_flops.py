@@ -1,0 +1,47 @@
+"""stats.prefill_flops agrees with torch.utils.flop_counter on the same forward (eager attention, so
+that the counter sees the attention matmuls), pruned and unpruned: pruning really removes work."""
+
+import pytest
+import torch
+from tiny import batch, prompt, tiny_llava
+from torch.utils.flop_counter import FlopCounterMode
+
+import mmsink
+
+CASES = [
+    (None, {}),
+    ("none", {}),
+    ("fastv", {"budget": 6}),
+    ("pdrop", {"budget": 0.3}),
+    ("dart", {"budget": 8}),
+    ("random", {"budget": 9}),
+    ("pool", {"budget": 4}),
+    ("visipruner", {"budget": 5}),
+    ("visipruner", {"layer_threshold": 0.9999, "tokens_threshold": 0.05, "deep_threshold": 0.99999}),
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(layers=8, attn="eager")
+
+
+@pytest.mark.parametrize("method,opts", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("logits_to_keep", [0, 1])
+def test_prefill_flops_match_flop_counter(model, method, opts, logits_to_keep):
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2, images=2)], seed=3)
+    mmsink.wrap(model, prune=method, **opts)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(**inputs, logits_to_keep=logits_to_keep)
+        st = mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
+    counted = fc.get_total_flops()
+    assert abs(st.prefill_flops - counted) <= 0.02 * counted, (st.prefill_flops, counted)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc0:
+        model(**inputs, logits_to_keep=logits_to_keep)
+    base = fc0.get_total_flops()
+    assert abs(st.baseline_prefill_flops - base) <= 0.02 * base
+    if method not in (None, "none"):
+        assert st.prefill_flops < 0.95 * st.baseline_prefill_flops

@@ -1,0 +1,98 @@
+"""wrap / disabled / unwrap leave the model's behaviour exactly as it was."""
+
+import pytest
+import torch
+from tiny import batch, prompt, tiny_llava
+
+import mmsink
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(4, 9, seed=3)], seed=4)
+
+
+def hook_counts(model):
+    return [(len(mod._forward_hooks), len(mod._forward_pre_hooks)) for mod in model.modules()]
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_no_method_is_bitwise_identical(inputs, attn):
+    m = tiny_llava(attn=attn)
+    ref = logits(m, inputs)
+    mmsink.wrap(m, prune=None)
+    assert torch.equal(logits(m, inputs), ref)
+    with torch.no_grad():
+        g_ref = m.generate(**inputs, max_new_tokens=4, do_sample=False)
+    mmsink.unwrap(m)
+    with torch.no_grad():
+        assert torch.equal(m.generate(**inputs, max_new_tokens=4, do_sample=False), g_ref)
+
+
+def test_disabled_and_unwrap_restore_exactly(inputs):
+    m = tiny_llava()
+    ref = logits(m, inputs)
+    before = hook_counts(m)
+    mmsink.wrap(m, prune="fastv", budget=6)
+    pruned = logits(m, inputs)
+    assert not torch.allclose(pruned[:, -1], ref[:, -1])  # pruning changed something
+    with mmsink.disabled(m):
+        assert torch.equal(logits(m, inputs), ref)
+    assert torch.equal(logits(m, inputs), pruned)  # back on after the block
+    mmsink.unwrap(m)
+    assert torch.equal(logits(m, inputs), ref)
+    assert "_mmsink" not in m.__dict__ and "generate" not in m.__dict__
+    assert m.config.text_config._attn_implementation == "sdpa"
+    assert hook_counts(m) == before
+    with pytest.raises(ValueError, match="not wrapped"):
+        mmsink.stats(m)
+
+
+def test_rewrap_replaces_settings(inputs):
+    m = tiny_llava()
+    mmsink.wrap(m, prune="fastv", budget=6)
+    logits(m, inputs)
+    assert mmsink.stats(m).kept_tokens[-1] == [6, 6, 6]
+    mmsink.wrap(m, prune="fastv", budget=12)
+    logits(m, inputs)
+    assert mmsink.stats(m).kept_tokens[-1] == [12, 12, 12]
+    n_hooks = sum(len(mod._forward_pre_hooks) for mod in m.modules())
+    mmsink.unwrap(m)
+    bare = sum(len(mod._forward_pre_hooks) for mod in m.modules())
+    assert n_hooks - bare == 1 + len(m.model.language_model.layers)  # one set, not two
+
+
+def test_keep_everything_plan_matches_baseline(inputs):
+    """fastv with budget = all tokens re-packs and builds its own masks, and must change nothing."""
+    for attn in ("sdpa", "eager"):
+        m = tiny_llava(attn=attn)
+        ref = logits(m, inputs)
+        mmsink.wrap(m, prune="fastv", budget=1.0)
+        out = logits(m, inputs)
+        assert mmsink.stats(m).tokens_per_layer[2] == ref.shape[1]
+        valid = inputs["attention_mask"].bool()
+        torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_text_only_prompt_passes_through(inputs):
+    m = tiny_llava()
+    text = {"input_ids": torch.randint(3, 90, (2, 11)), "attention_mask": torch.ones(2, 11, dtype=torch.long)}
+    ref = logits(m, text)
+    mmsink.wrap(m, prune="visipruner", budget=4)
+    assert torch.equal(logits(m, text), ref)
+    assert mmsink.stats(m).kept_tokens[0] == [0, 0]
+
+
+def test_two_models_side_by_side(inputs):
+    a, b = tiny_llava(seed=0), tiny_llava(seed=0)
+    ref = logits(b, inputs)
+    mmsink.wrap(a, prune="pdrop")
+    pa = logits(a, inputs)
+    assert torch.equal(logits(b, inputs), ref)  # the unwrapped twin is untouched
+    assert not torch.allclose(pa[:, -1], ref[:, -1])
+    assert b.config.text_config._attn_implementation == "sdpa"

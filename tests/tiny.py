@@ -1,0 +1,80 @@
+"""Tiny LLaVA models built from configs (random weights) and prompts with image tokens."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN = 100
+PAD = 0
+SIDE = 6  # 6x6 = 36 tokens per image
+
+
+def tiny_llava(layers: int = 8, attn: str = "sdpa", seed: int = 0, kv_heads: int = 2):
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=14 * SIDE,
+        patch_size=14,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=128,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=SIDE * SIDE,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    # sharper attention than the default init, so that selections are not ties
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def prompt(n_sys: int, n_text: int, images: int = 1, seed: int = 0, gap: int = 2) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    ids = [1] + torch.randint(3, 90, (n_sys,), generator=g).tolist()
+    for i in range(images):
+        if i:
+            ids += torch.randint(3, 90, (gap,), generator=g).tolist()
+        ids += [IMAGE_TOKEN] * (SIDE * SIDE)
+    return ids + torch.randint(3, 90, (n_text,), generator=g).tolist()
+
+
+def batch(prompts: list[list[int]], seed: int = 0):
+    """Left-padded batch with pixel values for every image."""
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), PAD)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p) :] = torch.tensor(p)
+        mask[i, length - len(p) :] = 1
+    n_img = sum(p.count(IMAGE_TOKEN) for p in prompts) // (SIDE * SIDE)
+    g = torch.Generator().manual_seed(seed)
+    pix = torch.randn(n_img, 3, 14 * SIDE, 14 * SIDE, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
+
+
+def pixels_of(inputs, prompts, i):
+    """Pixel values of sample i alone."""
+    per = [p.count(IMAGE_TOKEN) // (SIDE * SIDE) for p in prompts]
+    start = sum(per[:i])
+    return inputs["pixel_values"][start : start + per[i]]
