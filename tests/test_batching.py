@@ -7,7 +7,7 @@ from tiny import batch, pixels_of, prompt, tiny_llava
 
 import mmsink
 
-PROMPTS = [prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(4, 9, seed=3, images=2)]
+PROMPTS = [prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(4, 9, seed=3, images=2), prompt(3, 6, seed=4, images=0)]
 METHODS = [
     ("none", {}),
     ("fastv", {"budget": 6}),
@@ -38,7 +38,7 @@ def single(inputs, i):
     return {
         "input_ids": torch.tensor([p]),
         "attention_mask": torch.ones(1, len(p), dtype=torch.long),
-        "pixel_values": pixels_of(inputs, PROMPTS, i),
+        "pixel_values": pixels_of(inputs, PROMPTS, i) if 100 in p else None,
     }
 
 
@@ -67,7 +67,7 @@ def test_kept_counts_differ_across_samples(model, inputs):
         model(**inputs)
     last = mmsink.stats(model).kept_tokens[-1]
     mmsink.unwrap(model)
-    assert last == [15, 15, 30]
+    assert last == [15, 15, 30, 0]
 
 
 def generate(model, inputs, **kw):
