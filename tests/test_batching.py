@@ -7,7 +7,12 @@ from tiny import batch, pixels_of, prompt, tiny_llava
 
 import mmsink
 
-PROMPTS = [prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(4, 9, seed=3, images=2), prompt(3, 6, seed=4, images=0)]
+PROMPTS = [
+    prompt(5, 7, seed=1),
+    prompt(2, 4, seed=2),
+    prompt(4, 9, seed=3, images=2),
+    prompt(3, 6, seed=4, images=0),
+]
 METHODS = [
     ("none", {}),
     ("fastv", {"budget": 6}),
