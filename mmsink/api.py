@@ -295,7 +295,7 @@ def wrap(model, prune=None, budget=None, var=False, sink_forward=False, **option
     """Attach mmsink to ``model`` (in place; returns it). Re-wrapping replaces the settings."""
     if var or sink_forward:
         raise NotImplementedError("mmsink: var and sink_forward are not available in this release yet")
-    from .patches import family_for
+    family_for = load_patches().family_for
 
     pruner = make_pruner(prune, budget, options)
     if ATTR in getattr(model, "__dict__", {}):
@@ -304,6 +304,26 @@ def wrap(model, prune=None, budget=None, var=False, sink_forward=False, **option
     handle = Handle(model, family, pruner, {"prune": prune, "budget": budget, **options})
     handle.attach()
     return model
+
+
+def load_patches():
+    """``mmsink.patches`` as installed; from a source checkout, the top-level ``patches/`` folder."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    try:
+        return importlib.import_module("mmsink.patches")
+    except ModuleNotFoundError:
+        src = Path(__file__).resolve().parent.parent / "patches"
+        spec = importlib.util.spec_from_file_location(
+            "mmsink.patches", src / "__init__.py", submodule_search_locations=[str(src)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["mmsink.patches"] = module
+        spec.loader.exec_module(module)
+        return module
 
 
 def get_handle(model) -> Handle:

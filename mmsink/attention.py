@@ -145,7 +145,10 @@ def attention_lse(q, k, v, allowed, scale):
     is one. q [B,H,n,d], k/v [B,H,m,d] (heads already repeated), allowed [B,1|H,n,m] bool.
     Rows with no allowed key give output 0 and LSE -inf."""
     empty = ~allowed.any(-1)  # [B,1|H,n]
-    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    # the fused CUDA kernel wants the bias rows 8-aligned in memory: allocate padded, then slice
+    m = allowed.shape[-1]
+    storage = torch.zeros(*allowed.shape[:-1], -(-m // 8) * 8, dtype=q.dtype, device=q.device)
+    bias = storage[..., :m].masked_fill_(~allowed, float("-inf"))
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias.expand(q.shape[0], q.shape[1], -1, -1), scale=scale

@@ -206,9 +206,10 @@ def visipruner_schedule(num_layers: int, fusion: int, kept: int, quiet_after: in
 
 
 def analytic(shape: str, n_text: int = 64, fusion_layers=(7, 9, 11, 13, 15), kept: int = 10) -> dict:
-    from patches.llava import Family
-
+    from .api import load_patches
     from .flops import DecoderCost
+
+    Family = load_patches().llava.Family
 
     model = build(shape, "meta")
     fam = Family(model)
