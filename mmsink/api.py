@@ -32,12 +32,13 @@ class Decode:
         self.masks: dict = {}
 
     def mask(self, layer: int, dtype):
+        """(replace?, mask) for a layer: full segments keep transformers' own mask."""
         seg = self.cache.layer_segment[layer]
         if self.cache.segment_full[seg]:
-            return None
+            return False, None
         if seg not in self.masks:
             self.masks[seg] = build_mask(self.base, self.cache.segment_valid[seg], self.n_q, dtype)
-        return self.masks[seg]
+        return True, self.masks[seg]
 
 
 class Handle:
@@ -183,8 +184,8 @@ class Handle:
             if ctx is None:
                 return None
             if isinstance(ctx, Decode):
-                mask = ctx.mask(layer, args[0].dtype if args else kwargs["hidden_states"].dtype)
-                if mask is not None:
+                replace, mask = ctx.mask(layer, args[0].dtype if args else kwargs["hidden_states"].dtype)
+                if replace:
                     kwargs["attention_mask"] = mask
                     kwargs["position_ids"] = None
                 return args, kwargs

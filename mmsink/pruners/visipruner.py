@@ -18,8 +18,16 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
-from ..attention import flops_grouped, group_indices, grouped_attention, mask_to_bool, repeat_kv
+from ..attention import (
+    attention_lse_math,
+    flops_grouped,
+    group_indices,
+    grouped_attention,
+    mask_to_bool,
+    repeat_kv,
+)
 from .base import Pruner, anchor_probs, budget_count, register, topk_per_image
 
 
@@ -77,6 +85,7 @@ class VisiPruner(Pruner):
             "fused_at": torch.full((b,), -1, dtype=torch.long, device=dev),
             "quiet": torch.zeros(b, dtype=torch.long, device=dev),
             "done": torch.zeros(b, dtype=torch.bool, device=dev),
+            "observing": True,
         }
 
     def directive(self, ctx, layer):
@@ -86,12 +95,12 @@ class VisiPruner(Pruner):
             d["reweight"] = lambda q, k, v, mask, scale, base: shallow_attention(
                 ctx, layer, q, k, v, mask, scale, base, o.first_layer_rule
             )
-        active = (run["fused_at"] < 0) | (run["deep"] & ~run["done"])
-        if o.middle and layer >= run["S"] + 1 and bool(active.any()) and bool(ctx.visual().any()):
+        if o.middle and layer >= run["S"] + 1 and run["observing"]:
             d["observe"] = True
         return d or None
 
     def after_layer(self, ctx, layer, hidden, observed):
+        # Decisions stay on the device; two host syncs per observed layer at most.
         if "q" not in observed:
             return
         run, o = ctx.run, self.options
@@ -101,22 +110,25 @@ class VisiPruner(Pruner):
         fuse = unfused & (cos < o.layer_threshold).any(1)
         if run["fallback"] is not None and layer >= run["fallback"]:
             fuse |= unfused & vis.any(1)
-        keep_vis = vis.clone()
+        keep_vis = vis
         if bool(fuse.any()):
             if self.budget is None:
                 critical = vis & (cnorm > o.tokens_threshold)
             else:
                 critical = topk_per_image(ctx, cnorm, lambda orig, cur: budget_count(self.budget, orig))
-            keep_vis = torch.where(fuse[:, None], critical, keep_vis)
+            keep_vis = torch.where(fuse[:, None], critical, vis)
             run["fused_at"] = torch.where(fuse, torch.full_like(run["fused_at"], layer), run["fused_at"])
-        deep = run["deep"] & ~unfused & ~run["done"]
-        if bool(deep.any()):
+        if run["deep"]:
+            deep = ~unfused & ~run["done"]
             moved = (cos < o.deep_threshold).any(1)
             run["quiet"] += (deep & ~moved).long()
             drop = deep & (run["quiet"] >= o.deep_passes)
-            keep_vis &= ~drop[:, None]
+            keep_vis = keep_vis & ~drop[:, None]
             run["done"] |= drop
-        if bool((keep_vis != vis).any()):
+        waiting = (run["fused_at"] < 0) | (run["deep"] & ~run["done"])
+        changed, active = torch.stack([(keep_vis != vis).any(), (waiting & vis.any(1)).any()]).tolist()
+        run["observing"] = active
+        if changed:
             ctx.decide(ctx.keep_text(keep_vis))
 
 
@@ -141,28 +153,46 @@ def contribution_test(ctx, observed):
 
 
 def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
+    """Plain attention for every row, then the rows the published edit changes (prompt text rows after
+    an image; at layer 0 also image rows) recomputed from per-group partial outputs and masses."""
     b, h, n, d = q.shape
     seg = ctx.seg
-    allowed = mask_to_bool(base, mask, seg.valid, n, k.shape[2], b, q.device)
+    kv = k.shape[2]
+    allowed = mask_to_bool(base, mask, seg.valid, n, kv, b, q.device)
     vis, img = ctx.visual(), ctx.image_of()
+    slot = torch.arange(n, device=q.device)
+    prompt = (slot[None] <= ctx.anchor_slot()[:, None]) & seg.valid
+    txt = prompt & ~vis & (vis.cumsum(1) > 0)
+    rows = txt | (vis & prompt) if layer == 0 and first_layer_rule else txt
+    kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
+    if base == "eager":
+        out = attention_lse_math(q, kk, vv, allowed, scale)[0]
+    elif mask is None:
+        out = F.scaled_dot_product_attention(q, kk, vv, is_causal=n > 1, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
+    ri = group_indices(rows)  # [B, R] changed rows, -1 padding
     groups = [group_indices(seg.valid & ~vis)]
     groups += [group_indices(img == m) for m in range(ctx.layout.max_images)]
-    outs, masses = grouped_attention(q, k, v, allowed, groups, scale, math_only=base == "eager")
-    ctx.attn_flops[layer] = flops_grouped(q, k, groups)
-    slot = torch.arange(n, device=q.device)
-    prompt = slot[None] <= ctx.anchor_slot()[:, None]
-    img_row = (vis & prompt)[:, None, :, None]
-    txt_row = (~vis & prompt)[:, None, :, None]
-    out = masses[0][..., None] * outs[0].float()
-    vfull = repeat_kv(v, h // v.shape[1])
+    safe = ri.clamp(min=0)
+    q_r = q.gather(2, safe[:, None, :, None].expand(-1, h, -1, d))
+    allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
+    outs, masses = grouped_attention(q_r, k, v, allowed_r, groups, scale, math_only=base == "eager")
+    ctx.attn_flops[layer] = 4 * b * h * n * kv * d + flops_grouped(q_r, k, groups)
+    img_row = (vis.gather(1, safe) & (ri >= 0))[:, None, :, None]
+    txt_row = (~vis.gather(1, safe) & (ri >= 0))[:, None, :, None]
+    new = masses[0][..., None] * outs[0].float()
     for g, o_g, m_g in zip(groups[1:], outs[1:], masses[1:]):
         part = m_g[..., None] * o_g.float()
         if layer == 0 and first_layer_rule:
             first = g[:, :1].clamp(min=0)
-            v_first = vfull.gather(2, first[:, None, :, None].expand(-1, h, 1, d)).float()
+            v_first = vv.gather(2, first[:, None, :, None].expand(-1, h, 1, d)).float()
             part = torch.where(txt_row, m_g[..., None] * v_first, part)
             part = torch.where(img_row, torch.zeros_like(part), part)
         else:
             part = torch.where(txt_row, torch.zeros_like(part), part)
-        out = out + part
-    return out.to(q.dtype).transpose(1, 2).contiguous()
+        new = new + part
+    idx = safe[:, None, :, None].expand(-1, h, -1, d)
+    new = torch.where((ri >= 0)[:, None, :, None], new.to(out.dtype), out.gather(2, idx))
+    out = out.scatter(2, idx, new)
+    return out.transpose(1, 2).contiguous()
