@@ -231,12 +231,27 @@ class Handle:
     def vision_flops(self, kwargs) -> int:
         return self.family.vision_flops(kwargs.get("pixel_values"))
 
+    def sample_flops(self, lay, kwargs, tokens, rows, extra):
+        """What each sample would execute alone (no padding): its own tokens per layer, its images."""
+        images = (lay.image_counts() > 0).sum(1).tolist()
+        vision = self.vision_flops(kwargs) / max(sum(images), 1)
+        real = lay.valid.sum(1).tolist()
+        out, base = [], []
+        for i, per_layer in enumerate(tokens):
+            r = min(rows, real[i])
+            v = vision * images[i]
+            out.append(int(v + self.cost.prefill(1, per_layer, r) + extra))
+            base.append(int(v + self.cost.prefill(1, [real[i]] * self.num_layers, r)))
+        return out, base
+
     def plain_stats(self, layout, kwargs) -> Stats:
         b, length = layout.batch, layout.length
         rows = lm_rows(kwargs.get("logits_to_keep", 0), length)
         flops = self.vision_flops(kwargs) + self.cost.prefill(b, [length] * self.num_layers, rows)
         vis = layout.is_image.sum(1).tolist()
         idx = [layout.is_image[i].nonzero().squeeze(1).tolist() for i in range(b)]
+        real = layout.valid.sum(1).tolist()
+        sample, _ = self.sample_flops(layout, kwargs, [[n] * self.num_layers for n in real], rows, 0)
         return Stats(
             self.pruner.name if self.pruner else None,
             getattr(self.pruner, "budget", None),
@@ -246,6 +261,7 @@ class Handle:
             flops,
             flops,
             [length] * self.num_layers,
+            {"sample_prefill_flops": sample, "sample_baseline_prefill_flops": sample},
         )
 
     def prefill_stats(self, ctx: Prefill, kwargs) -> Stats:
@@ -261,7 +277,10 @@ class Handle:
             per_seg_idx.append([s.idx[i][vis[i]].tolist() for i in range(b)])
         kept_idx = [per_seg_idx[s] for s in ctx.layer_segment]
         kept = [[len(x) for x in row] for row in kept_idx]
-        extra = {}
+        valid_counts = [s.valid.sum(1).tolist() for s in ctx.segments]
+        per_sample = [[valid_counts[s][i] for s in ctx.layer_segment] for i in range(b)]
+        sample, sample_base = self.sample_flops(lay, kwargs, per_sample, rows, ctx.extra_flops / b)
+        extra = {"sample_prefill_flops": sample, "sample_baseline_prefill_flops": sample_base}
         if isinstance(ctx.run, dict) and "fused_at" in ctx.run:
             extra["fusion_layer"] = ctx.run["fused_at"].tolist()
         if isinstance(ctx.run, dict) and "layers" in ctx.run:

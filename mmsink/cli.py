@@ -1,4 +1,4 @@
-"""``mmsink <command>``: bench (more commands arrive with their issues)."""
+"""``mmsink <command>``: each command is a module with a ``main(argv)``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import sys
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"bench": "mmsink.bench"}
+    commands = {
+        "bench": "mmsink.bench",
+        "eval": "evals.eval",
+        "sweep": "evals.sweep",
+        "convert-llava": "mmsink.convert_llava",
+    }
     if not argv or argv[0] not in commands:
         print(f"usage: mmsink {{{','.join(commands)}}} [options]   (mmsink COMMAND --help for each)")
         return 2

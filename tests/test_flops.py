@@ -45,3 +45,29 @@ def test_prefill_flops_match_flop_counter(model, method, opts, logits_to_keep):
     assert abs(st.baseline_prefill_flops - base) <= 0.02 * base
     if method not in (None, "none"):
         assert st.prefill_flops < 0.95 * st.baseline_prefill_flops
+
+
+@pytest.mark.parametrize("method,opts", [(None, {}), ("fastv", {"budget": 6}), ("pool", {"budget": 4})])
+def test_sample_flops_match_single_runs(model, method, opts):
+    """extra['sample_prefill_flops'] of a padded batch = what each sample executes alone."""
+    prompts = [prompt(5, 7, seed=1), prompt(2, 4, seed=2, images=2)]
+    inputs = batch(prompts, seed=3)
+    mmsink.wrap(model, prune=method, **opts)
+    try:
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+            per = mmsink.stats(model).extra["sample_prefill_flops"]
+            start = 0
+            for i, p in enumerate(prompts):
+                n_img = p.count(100) // 36
+                one = {
+                    "input_ids": torch.tensor([p]),
+                    "attention_mask": torch.ones(1, len(p), dtype=torch.long),
+                    "pixel_values": inputs["pixel_values"][start : start + n_img],
+                }
+                start += n_img
+                with FlopCounterMode(display=False) as fc:
+                    model(**one, logits_to_keep=1)
+                assert abs(per[i] - fc.get_total_flops()) <= 0.02 * fc.get_total_flops()
+    finally:
+        mmsink.unwrap(model)
