@@ -19,6 +19,7 @@ from .flops import DecoderCost, lm_rows
 from .plan import Prefill, gather_rows
 from .pruners import REGISTRY
 from .stats import Stats
+from .var import VARConfig, key_codes, make_config, redistribute_rows, var_attention
 
 ATTR = "_mmsink"
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -42,10 +43,13 @@ class Decode:
 
 
 class Handle:
-    def __init__(self, model, family, pruner, settings: dict):
+    def __init__(self, model, family, pruner, settings: dict, var: VARConfig | None = None):
         self.model = model
         self.family = family
         self.pruner = pruner
+        self.var = var
+        # VAR without a pruner still needs the plan machinery: a pruner that keeps everything
+        self.planner = pruner if pruner is not None else REGISTRY["none"]()
         self.settings = settings
         self.enabled = True
         self.ctx = None
@@ -60,6 +64,8 @@ class Handle:
             )
         self.cost = DecoderCost.of(family.layers, family.text_config)
         self.num_layers = len(family.layers)
+        if var is not None:
+            var.check_model(self.num_layers, family.text_config.hidden_size)
         if pruner is not None:
             pruner.check_model(self.num_layers)
             n = family.tokens_per_image
@@ -125,15 +131,16 @@ class Handle:
         if pkv is not None and pkv.get_seq_length() > 0:
             return None  # a cache this wrapper did not plan (e.g. filled under disabled())
         if ids is None:
-            if self.pruner is not None and self.pruner.name != "none":
+            if (self.pruner is not None and self.pruner.name != "none") or self.var is not None:
                 raise ValueError("mmsink: pass input_ids (not inputs_embeds) so image tokens can be located")
             return None
         layout = self.family.layout(ids, kwargs.get("attention_mask"), self.prompt_len)
-        if not bool(layout.is_image.any()) or self.pruner is None:
+        if not bool(layout.is_image.any()) or (self.pruner is None and self.var is None):
             self.last_stats = self.plain_stats(layout, kwargs)
-            return None
+            return None  # no image (or nothing to do): the model runs untouched
         ctx = Prefill(layout, self.num_layers, self.base)
-        self.pruner.start(ctx)
+        ctx.var_codes = {}
+        self.planner.start(ctx)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.family.text_config, "use_cache", True)
@@ -161,6 +168,7 @@ class Handle:
                     [s.valid for s in ctx.segments],
                     [s.full for s in ctx.segments],
                     ctx.layout.length,
+                    ctx.var_codes,
                 )
             self.last_stats = self.prefill_stats(ctx, kwargs)
         return None
@@ -188,10 +196,12 @@ class Handle:
                 if replace:
                     kwargs["attention_mask"] = mask
                     kwargs["position_ids"] = None
+                if self.var is not None and layer in ctx.cache.layer_codes:
+                    kwargs["mmsink"] = Directive(layer, reweight=self.var_decode(ctx, layer))
                 return args, kwargs
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if layer == 0:
-                new = self.pruner.before_llm(ctx, hidden)
+                new = self.planner.before_llm(ctx, hidden)
                 hidden = hidden if new is None else new
             hidden = ctx.advance(layer, hidden)
             seg = ctx.seg
@@ -199,11 +209,15 @@ class Handle:
                 kwargs["attention_mask"] = seg.mask(self.base, hidden.dtype)
                 kwargs["position_embeddings"] = seg.position_embeddings(kwargs["position_embeddings"])
                 kwargs["position_ids"] = None
-            want = self.pruner.directive(ctx, layer)
+            want = dict(self.planner.directive(ctx, layer) or {})
+            if self.var is not None and self.var.active(layer, self.num_layers) and "reweight" not in want:
+                want["reweight"] = self.var_prefill(ctx, layer, hidden)
             if want:
                 d = Directive(layer, observe=bool(want.get("observe")), reweight=want.get("reweight"))
                 if d.observe:
                     d.anchor = ctx.anchor_slot()
+                    if layer in ctx.var_codes:
+                        d.observed["edit_probs"] = self.var_anchor_edit(ctx, layer, d.anchor)
                 kwargs["mmsink"] = d
                 ctx.directive = d
             else:
@@ -220,12 +234,47 @@ class Handle:
                 return None
             d = ctx.directive
             hidden = output[0] if isinstance(output, tuple) else output
-            self.pruner.after_layer(ctx, layer, hidden, d.observed if d is not None else {})
+            self.planner.after_layer(ctx, layer, hidden, d.observed if d is not None else {})
             if d is not None:
                 d.observed.clear()
             return None
 
         return hook
+
+    # ------------------------------------------------------------------ VAR
+    def var_prefill(self, ctx: Prefill, layer: int, hidden):
+        seg = ctx.seg
+        vis = ctx.visual()
+        prompt = (torch.arange(seg.n, device=vis.device)[None] <= ctx.anchor_slot()[:, None]) & seg.valid
+        codes = key_codes(hidden, vis, prompt, self.var)
+        ctx.var_codes[layer] = codes
+        rows = seg.valid & ~vis & (vis.cumsum(1) > 0)  # instruction, answer and later tokens
+
+        def reweight(q, k, v, mask, scale, base):
+            out, flops = var_attention(q, k, v, mask, seg.valid, scale, base, codes, rows, self.var)
+            ctx.attn_flops[layer] = flops
+            return out
+
+        return reweight
+
+    def var_anchor_edit(self, ctx: Prefill, layer: int, anchor):
+        codes = ctx.var_codes[layer]
+        vis = ctx.visual()
+        after_image = vis.cumsum(1).gather(1, anchor[:, None])[:, 0] > 0
+        return lambda probs: redistribute_rows(
+            probs, codes, after_image & ~vis.gather(1, anchor[:, None])[:, 0], self.var
+        )
+
+    def var_decode(self, ctx: Decode, layer: int):
+        cache = ctx.cache
+        codes = cache.layer_codes[layer]
+        valid = cache.segment_valid[cache.layer_segment[layer]]
+
+        def reweight(q, k, v, mask, scale, base):
+            rows = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+            return var_attention(q, k, v, mask, valid, scale, base, codes, rows, self.var)[0]
+
+        return reweight
 
     # ------------------------------------------------------------------ stats
     def vision_flops(self, kwargs) -> int:
@@ -283,11 +332,16 @@ class Handle:
         extra = {"sample_prefill_flops": sample, "sample_baseline_prefill_flops": sample_base}
         if isinstance(ctx.run, dict) and "fused_at" in ctx.run:
             extra["fusion_layer"] = ctx.run["fused_at"].tolist()
+        if ctx.var_codes:
+            extra["var_sinks"] = {
+                layer: {"visual": (c == 2).sum(1).tolist(), "text": (c == 1).sum(1).tolist()}
+                for layer, c in ctx.var_codes.items()
+            }
         if isinstance(ctx.run, dict) and "layers" in ctx.run:
             extra["schedule"] = {"layers": list(ctx.run["layers"]), "ratio": ctx.run["ratio"]}
         return Stats(
-            self.pruner.name,
-            self.pruner.budget,
+            self.pruner.name if self.pruner else None,
+            self.pruner.budget if self.pruner else None,
             kept,
             kept_idx,
             lay.is_image.sum(1).tolist(),
@@ -313,15 +367,18 @@ def make_pruner(prune, budget, options):
 
 def wrap(model, prune=None, budget=None, var=False, sink_forward=False, **options):
     """Attach mmsink to ``model`` (in place; returns it). Re-wrapping replaces the settings."""
-    if var or sink_forward:
-        raise NotImplementedError("mmsink: var and sink_forward are not available in this release yet")
+    if sink_forward:
+        raise NotImplementedError("mmsink: sink_forward is not available in this release yet")
+    var_cfg = make_config(var)
     family_for = load_patches().family_for
 
     pruner = make_pruner(prune, budget, options)
     if ATTR in getattr(model, "__dict__", {}):
         unwrap(model)
     family = family_for(model)
-    handle = Handle(model, family, pruner, {"prune": prune, "budget": budget, **options})
+    handle = Handle(
+        model, family, pruner, {"prune": prune, "budget": budget, "var": var_cfg, **options}, var_cfg
+    )
     handle.attach()
     return model
 

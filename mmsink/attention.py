@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -217,3 +218,34 @@ def group_indices(member: torch.Tensor) -> torch.Tensor:
 def flops_grouped(q, k, groups) -> int:
     b, h, n, d = q.shape
     return sum(4 * b * h * n * g.shape[1] * d for g in groups)
+
+
+def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mix):
+    """Attention where some query rows get their key-group masses edited.
+
+    Every row first gets plain attention (the fast kernel; ``mask`` as the layer received it). Rows where
+    ``rows`` [B, n] is True are then recomputed from per-group partial outputs O_g and masses m_g:
+    ``mix(outs, masses, row_index, v_heads)`` returns their new outputs [B, H, R, d] (float32), where the
+    unedited answer would be sum_g m_g O_g. No attention matrix is formed for the other rows.
+    Returns (output [B, n, H, d], FLOPs executed)."""
+    b, h, n, d = q.shape
+    kv = k.shape[2]
+    allowed = mask_to_bool(base, mask, key_valid, n, kv, b, q.device)
+    kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
+    if base == "eager":
+        out = attention_lse_math(q, kk, vv, allowed, scale)[0]
+    elif mask is None:
+        out = F.scaled_dot_product_attention(q, kk, vv, is_causal=n > 1, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
+    ri = group_indices(rows)  # [B, R] edited rows, -1 padding
+    safe = ri.clamp(min=0)
+    q_r = q.gather(2, safe[:, None, :, None].expand(-1, h, -1, d))
+    allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
+    outs, masses = grouped_attention(q_r, k, v, allowed_r, groups, scale, math_only=base == "eager")
+    new = mix(outs, masses, ri, vv)
+    idx = safe[:, None, :, None].expand(-1, h, -1, d)
+    new = torch.where((ri >= 0)[:, None, :, None], new.to(out.dtype), out.gather(2, idx))
+    out = out.scatter(2, idx, new)
+    flops = 4 * b * h * n * kv * d + flops_grouped(q_r, k, groups)
+    return out.transpose(1, 2).contiguous(), flops

@@ -19,9 +19,11 @@ class PlanCache(DynamicCache):
         self.layer_segment: list[int] = []  # layer -> segment id
         self.segment_valid: list[torch.Tensor] = []  # segment -> [B, slots] bool
         self.segment_full: list[bool] = []  # segment holds every token (transformers' own mask applies)
+        self.layer_codes: dict[int, torch.Tensor] = {}  # layer -> [B, slots] VAR key groups
 
     # ---- filled at the end of a prefill
-    def set_plan(self, layer_segment, segment_valid, segment_full, logical_length):
+    def set_plan(self, layer_segment, segment_valid, segment_full, logical_length, layer_codes=None):
+        self.layer_codes = dict(layer_codes or {})
         self.layer_segment = list(layer_segment)
         self.segment_valid = list(segment_valid)
         self.segment_full = list(segment_full)
@@ -35,6 +37,8 @@ class PlanCache(DynamicCache):
         """Record the validity of a decode step's ``q`` new tokens for every segment (before the layers
         run, so masks cover them); the logical length grows once the step is done (``commit``)."""
         self.segment_valid = [torch.cat([v, new_valid.to(v.device)], 1) for v in self.segment_valid]
+        for layer, c in self.layer_codes.items():  # generated tokens are never sinks
+            self.layer_codes[layer] = torch.cat([c, c.new_zeros(c.shape[0], new_valid.shape[1])], 1)
 
     def commit(self, n_new: int) -> None:
         self.logical_length += n_new
@@ -53,14 +57,17 @@ class PlanCache(DynamicCache):
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
         self.segment_valid = [v.index_select(0, beam_idx.to(v.device)) for v in self.segment_valid]
+        self.layer_codes = {k: c.index_select(0, beam_idx.to(c.device)) for k, c in self.layer_codes.items()}
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
         self.segment_valid = [v.repeat_interleave(repeats, 0) for v in self.segment_valid]
+        self.layer_codes = {k: c.repeat_interleave(repeats, 0) for k, c in self.layer_codes.items()}
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
         self.segment_valid = [v[indices] for v in self.segment_valid]
+        self.layer_codes = {k: c[indices] for k, c in self.layer_codes.items()}
 
     def crop(self, max_length: int):
         raise NotImplementedError("mmsink: cropping a pruned cache is not supported (assisted decoding)")

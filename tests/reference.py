@@ -61,8 +61,10 @@ def layer_forward(model, layer, h, pos, edit=None):
     return h, {"p": p, "v": v, "k": k_heads, "o": o}
 
 
-def run(model, ids, pixel_values, method=None, **opt):
-    """Returns (last-token logits, kept positions per layer). ids: [L] one sample, no padding."""
+def run(model, ids, pixel_values, method=None, var=None, prompt_len=None, **opt):
+    """Returns (last-token logits, kept positions per layer). ids: [L] one sample, no padding.
+    ``var``: dict(sink_dims, tau, rho, p, layers) applies VAR; tokens from ``prompt_len`` on are treated
+    as generated (never sinks)."""
     ids = ids.clone()
     L = ids.shape[0]
     img_id = model.config.image_token_id
@@ -79,8 +81,11 @@ def run(model, ids, pixel_values, method=None, **opt):
     for l, layer in enumerate(layers):
         kept_per_layer.append(keep[is_img[keep]].tolist())
         edit = shallow_edit(l, keep, is_img, L, opt) if method == "visipruner" else None
+        if var is not None and edit is None and l in var["layers"]:
+            edit = var_edit(h, keep, is_img, prompt_len or L, var)
         h, a = layer_forward(model, layer, h, keep, edit)
-        new = decide(method, l, nl, keep, is_img, h, a, state, opt)
+        anchor = int((keep == (prompt_len or L) - 1).nonzero()[0, 0])  # the prompt's last token
+        new = decide(method, l, nl, keep, is_img, h, a, state, dict(opt, anchor=anchor))
         if new is not None:
             sel = torch.isin(keep, new)
             h, keep = h[sel], keep[sel]
@@ -109,8 +114,8 @@ def pre_llm(method, x, is_img, budget, seed=0, **_):
     return x, keep
 
 
-def last_row_scores(a, keep, is_img):
-    row = a["p"][:, -1, :].mean(0)  # last token = anchor, mean over heads
+def last_row_scores(a, keep, is_img, anchor=-1):
+    row = a["p"][:, anchor, :].mean(0)  # the prompt's last token, mean over heads
     return row, is_img[keep]
 
 
@@ -133,7 +138,7 @@ def decide(method, l, nl, keep, is_img, h, a, state, opt):
             if l + 1 not in opt["layers"]:
                 return None
             k = math.ceil(int(is_img[keep].sum()) * opt["ratio"])
-        row, cand = last_row_scores(a, keep, is_img)
+        row, cand = last_row_scores(a, keep, is_img, opt.get("anchor", -1))
         return torch.cat([text, topk_positions(row, keep, cand, k)])
     if method == "dart":
         if l != opt.get("k", 2) - 1:
@@ -168,7 +173,7 @@ def visipruner_decide(l, nl, keep, is_img, a, state, opt):
     if not bool(cand.any()):
         return None
     text = keep[~cand]
-    cos, cn = contributions(a)
+    cos, cn = contributions(a, opt.get("anchor", -1))
     budget = opt.get("budget")
     fallback = opt.get("fallback", nl // 2 if budget is not None else None)
     if state["fused"] < 0:
@@ -219,6 +224,36 @@ def shallow_edit(l, keep, is_img, L, opt):
             sub = p[:, rows_txt]
             sub[:, :, img_k] = 0
             p[:, rows_txt] = sub
+        return p
+
+    return edit
+
+
+def var_edit(h, keep, is_img, prompt_len, cfg):
+    """VAR as the paper states it, on the full post-softmax matrix of one layer."""
+    x = h.float()
+    rms = x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    phi = (x[:, list(cfg["sink_dims"])].abs() / rms).amax(-1)
+    sink = (phi > cfg["tau"]) & (keep < prompt_len)
+    img_k = is_img[keep]
+    vis_non = img_k & ~sink
+    rows = (~img_k & (img_k.cumsum(0) > 0)).nonzero().squeeze(1).tolist()
+    rho, p_, mass = cfg["rho"], cfg["p"], cfg.get("image_mass", 0.2)
+
+    def edit(p):
+        if not bool((img_k & sink).any()):
+            return p
+        p = p.clone()
+        for i in rows:
+            a = p[:, i, :]
+            img = a[:, img_k].sum(-1)
+            non = a[:, vis_non].sum(-1)
+            chosen = (img >= mass) & (non >= rho * img) & (non > 0)
+            omega = p_ * a[:, sink].sum(-1)
+            new = a.clone()
+            new[:, sink] = a[:, sink] * (1 - p_)
+            new[:, vis_non] = a[:, vis_non] + omega[:, None] * a[:, vis_non] / non.clamp(min=1e-30)[:, None]
+            p[:, i, :] = torch.where(chosen[:, None], new, a)
         return p
 
     return edit

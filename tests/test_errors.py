@@ -93,5 +93,5 @@ def test_inputs_embeds_without_ids(model):
 
 
 def test_not_yet_available(model):
-    with pytest.raises(NotImplementedError, match="var"):
-        mmsink.wrap(model, prune="fastv", var=True)
+    with pytest.raises(NotImplementedError, match="sink_forward"):
+        mmsink.wrap(model, prune="fastv", sink_forward=True)

@@ -136,4 +136,6 @@ def anchor_probs(ctx: Prefill, observed: dict) -> torch.Tensor:
     seg = ctx.seg
     slot = torch.arange(n, device=q.device)
     allowed = seg.valid & (slot[None] <= ctx.anchor_slot()[:, None])
-    return torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1)
+    probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1)
+    edit = observed.get("edit_probs")  # e.g. VAR at this layer: rank by the attention actually used
+    return edit(probs) if edit is not None else probs

@@ -18,16 +18,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
-from ..attention import (
-    attention_lse_math,
-    flops_grouped,
-    group_indices,
-    grouped_attention,
-    mask_to_bool,
-    repeat_kv,
-)
+from ..attention import group_indices, repeat_kv, reweighted_attention
 from .base import Pruner, anchor_probs, budget_count, register, topk_per_image
 
 
@@ -153,46 +145,36 @@ def contribution_test(ctx, observed):
 
 
 def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
-    """Plain attention for every row, then the rows the published edit changes (prompt text rows after
-    an image; at layer 0 also image rows) recomputed from per-group partial outputs and masses."""
-    b, h, n, d = q.shape
+    """The published edit on the rows it changes (prompt text rows after an image; at layer 0 also image
+    rows): no renormalisation, so image groups simply lose (or move) their mass."""
     seg = ctx.seg
-    kv = k.shape[2]
-    allowed = mask_to_bool(base, mask, seg.valid, n, kv, b, q.device)
+    n = q.shape[2]
     vis, img = ctx.visual(), ctx.image_of()
     slot = torch.arange(n, device=q.device)
     prompt = (slot[None] <= ctx.anchor_slot()[:, None]) & seg.valid
     txt = prompt & ~vis & (vis.cumsum(1) > 0)
-    rows = txt | (vis & prompt) if layer == 0 and first_layer_rule else txt
-    kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
-    if base == "eager":
-        out = attention_lse_math(q, kk, vv, allowed, scale)[0]
-    elif mask is None:
-        out = F.scaled_dot_product_attention(q, kk, vv, is_causal=n > 1, scale=scale)
-    else:
-        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
-    ri = group_indices(rows)  # [B, R] changed rows, -1 padding
+    rule0 = layer == 0 and first_layer_rule
+    rows = txt | (vis & prompt) if rule0 else txt
     groups = [group_indices(seg.valid & ~vis)]
     groups += [group_indices(img == m) for m in range(ctx.layout.max_images)]
-    safe = ri.clamp(min=0)
-    q_r = q.gather(2, safe[:, None, :, None].expand(-1, h, -1, d))
-    allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
-    outs, masses = grouped_attention(q_r, k, v, allowed_r, groups, scale, math_only=base == "eager")
-    ctx.attn_flops[layer] = 4 * b * h * n * kv * d + flops_grouped(q_r, k, groups)
-    img_row = (vis.gather(1, safe) & (ri >= 0))[:, None, :, None]
-    txt_row = (~vis.gather(1, safe) & (ri >= 0))[:, None, :, None]
-    new = masses[0][..., None] * outs[0].float()
-    for g, o_g, m_g in zip(groups[1:], outs[1:], masses[1:]):
-        part = m_g[..., None] * o_g.float()
-        if layer == 0 and first_layer_rule:
-            first = g[:, :1].clamp(min=0)
-            v_first = vv.gather(2, first[:, None, :, None].expand(-1, h, 1, d)).float()
-            part = torch.where(txt_row, m_g[..., None] * v_first, part)
-            part = torch.where(img_row, torch.zeros_like(part), part)
-        else:
-            part = torch.where(txt_row, torch.zeros_like(part), part)
-        new = new + part
-    idx = safe[:, None, :, None].expand(-1, h, -1, d)
-    new = torch.where((ri >= 0)[:, None, :, None], new.to(out.dtype), out.gather(2, idx))
-    out = out.scatter(2, idx, new)
-    return out.transpose(1, 2).contiguous()
+
+    def mix(outs, masses, ri, vv):
+        h, d = vv.shape[1], vv.shape[3]
+        is_img = vis.gather(1, ri.clamp(min=0)) & (ri >= 0)
+        img_row, txt_row = is_img[:, None, :, None], (~is_img & (ri >= 0))[:, None, :, None]
+        new = masses[0][..., None] * outs[0].float()
+        for g, o_g, m_g in zip(groups[1:], outs[1:], masses[1:]):
+            part = m_g[..., None] * o_g.float()
+            if rule0:
+                first = g[:, :1].clamp(min=0)
+                v_first = vv.gather(2, first[:, None, :, None].expand(-1, h, 1, d)).float()
+                part = torch.where(txt_row, m_g[..., None] * v_first, part)
+                part = torch.where(img_row, torch.zeros_like(part), part)
+            else:
+                part = torch.where(txt_row, torch.zeros_like(part), part)
+            new = new + part
+        return new
+
+    out, flops = reweighted_attention(q, k, v, mask, seg.valid, scale, base, rows, groups, mix)
+    ctx.attn_flops[layer] = flops
+    return out

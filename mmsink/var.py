@@ -1,0 +1,119 @@
+"""VAR — Visual Attention Redistribution (Kang et al., ICLR 2025), on the grouped log-sum-exp primitive.
+
+Per layer (default 2..L-2), keys fall in four groups: text sinks, visual sinks, visual non-sinks, other.
+A token is a sink when phi(x) = max_{d in sink dims} |x_d / RMS(x)| > tau on the hidden state entering
+the layer (prompt tokens only; generated tokens never are). For each (sample, head, query row) after the
+image, in prefill and in every decode step, the head is image-centric when its image mass >= 0.2 and its
+visual non-sink share >= rho (the paper's test; the official code inverts it) and the sample has a visual
+sink in this layer. Then sinks keep (1 - p) of their weight and the freed mass goes to the visual
+non-sink tokens in proportion to their weight (the paper's p; the official code keeps p instead).
+Only group masses change, so the result comes from per-group partial outputs: no attention matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .attention import group_indices, reweighted_attention
+
+OTHER, TEXT_SINK, VISUAL_SINK, VISUAL = 0, 1, 2, 3
+CODES = (TEXT_SINK, VISUAL_SINK, VISUAL, OTHER)
+
+
+@dataclasses.dataclass
+class VARConfig:
+    sink_dims: tuple | None = None  # massive-activation channels; required (see mmsink calibrate)
+    tau: float = 20.0
+    rho: float = 0.5
+    p: float = 0.6
+    image_mass: float = 0.2
+    layers: tuple | None = None  # default: 2 .. L-2
+
+    def __post_init__(self):
+        if not self.tau > 0:
+            raise ValueError(f"mmsink: VAR tau must be > 0, got {self.tau}")
+        for name in ("rho", "p", "image_mass"):
+            x = getattr(self, name)
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"mmsink: VAR {name} must lie in [0, 1], got {x}")
+        if self.sink_dims is not None:
+            self.sink_dims = tuple(int(d) for d in self.sink_dims)
+            if not self.sink_dims or min(self.sink_dims) < 0:
+                raise ValueError("mmsink: VAR sink_dims must be a non-empty list of channel indices")
+
+    def check_model(self, num_layers: int, hidden: int) -> None:
+        if self.sink_dims is None:
+            raise ValueError(
+                "mmsink: VAR needs sink_dims (the model's massive-activation channels, e.g. (1415, 2533) for "
+                "LLaVA-1.5-7B); give them or find them with `mmsink calibrate`"
+            )
+        if max(self.sink_dims) >= hidden:
+            raise ValueError(f"mmsink: VAR sink_dims {self.sink_dims} exceed the hidden size {hidden}")
+        if self.layers is not None and (min(self.layers) < 0 or max(self.layers) >= num_layers):
+            raise ValueError(f"mmsink: VAR layers {self.layers} outside the model's {num_layers} layers")
+
+    def active(self, layer: int, num_layers: int) -> bool:
+        if self.layers is not None:
+            return layer in self.layers
+        return 2 <= layer <= num_layers - 2
+
+
+def make_config(var) -> VARConfig | None:
+    if var is None or var is False:
+        return None
+    if var is True:
+        return VARConfig()
+    if isinstance(var, VARConfig):
+        return var
+    if isinstance(var, dict):
+        return VARConfig(**var)
+    raise ValueError(f"mmsink: var must be True, a dict or a VARConfig, got {type(var).__name__}")
+
+
+def sink_scores(hidden: torch.Tensor, dims) -> torch.Tensor:
+    """phi per token [B, n]: max over sink dims of |x_d| / RMS(x), fp32, no learned weight."""
+    x = hidden.float()
+    rms = x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    return (x[..., list(dims)].abs() / rms).amax(-1)
+
+
+def key_codes(hidden, visual, prompt, cfg: VARConfig) -> torch.Tensor:
+    """[B, n] group code of each slot of the layer's input."""
+    sink = (sink_scores(hidden, cfg.sink_dims) > cfg.tau) & prompt
+    codes = torch.where(sink, torch.full_like(visual, TEXT_SINK, dtype=torch.long), OTHER)
+    codes = torch.where(visual, torch.where(sink, VISUAL_SINK, VISUAL), codes)
+    return codes
+
+
+def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig):
+    """Attention with VAR applied to ``rows`` ([B, n] bool); ``codes`` [B, kv] group of each key."""
+    valid = key_valid if key_valid is not None else torch.ones_like(codes, dtype=torch.bool)
+    groups = [group_indices((codes == c) & valid) for c in CODES]
+    has_visual_sink = ((codes == VISUAL_SINK) & valid).any(1)[:, None, None]
+
+    def mix(outs, masses, ri, vv):
+        m_ts, m_vs, m_v, m_o = masses
+        o_ts, o_vs, o_v, o_o = (o.float() for o in outs)
+        img = m_vs + m_v
+        chosen = (img >= cfg.image_mass) & (m_v >= cfg.rho * img) & (m_v > 0) & has_visual_sink
+        p = torch.where(chosen, cfg.p, 0.0)
+        freed = p * (m_ts + m_vs)
+        new = (1 - p)[..., None] * (m_ts[..., None] * o_ts + m_vs[..., None] * o_vs)
+        return new + (m_v + freed)[..., None] * o_v + m_o[..., None] * o_o
+
+    return reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mix)
+
+
+def redistribute_rows(probs, codes, rows, cfg: VARConfig):
+    """VAR on explicit attention rows: probs [B, H, n] (one query row per sample), codes [B, n],
+    rows [B] whether that row is one VAR edits. Used where a pruner reads the attention it ranks by."""
+    ts, vs, vn = (codes == TEXT_SINK)[:, None], (codes == VISUAL_SINK)[:, None], (codes == VISUAL)[:, None]
+    m_sink = (probs * (ts | vs)).sum(-1)
+    m_vs, m_v = (probs * vs).sum(-1), (probs * vn).sum(-1)
+    img = m_vs + m_v
+    chosen = (img >= cfg.image_mass) & (m_v >= cfg.rho * img) & (m_v > 0) & vs.any(-1) & rows[:, None]
+    p = torch.where(chosen, cfg.p, 0.0)[..., None]
+    grow = 1 + (p[..., 0] * m_sink / m_v.clamp(min=1e-30))[..., None]
+    return torch.where(ts | vs, probs * (1 - p), torch.where(vn, probs * grow, probs))
