@@ -12,7 +12,7 @@ import types
 import torch
 from transformers.cache_utils import DynamicCache
 
-from . import attention
+from . import attention, vitsink
 from .attention import Directive, build_mask
 from .cache import PlanCache
 from .flops import DecoderCost, lm_rows
@@ -43,11 +43,15 @@ class Decode:
 
 
 class Handle:
-    def __init__(self, model, family, pruner, settings: dict, var: VARConfig | None = None):
+    def __init__(self, model, family, pruner, settings: dict, var: VARConfig | None = None, sinks=None):
         self.model = model
         self.family = family
         self.pruner = pruner
         self.var = var
+        self.sinks = sinks
+        self.sink_threshold = None
+        if sinks is not None:
+            self.sink_threshold = sinks.threshold or vitsink.known_threshold(family.config.vision_config)
         # VAR without a pruner still needs the plan machinery: a pruner that keeps everything
         self.planner = pruner if pruner is not None else REGISTRY["none"]()
         self.settings = settings
@@ -82,6 +86,8 @@ class Handle:
         self.hooks.append(m.register_forward_pre_hook(self.model_pre, with_kwargs=True))
         self.hooks.append(m.register_forward_hook(self.model_post, with_kwargs=True))
         self.hooks.append(self.family.language_model.register_forward_hook(self.lm_post))
+        if self.sinks is not None:
+            self.hooks.append(self.family.projector.register_forward_pre_hook(self.projector_pre))
         for i, layer in enumerate(self.family.layers):
             self.hooks.append(layer.register_forward_pre_hook(self.layer_pre(i), with_kwargs=True))
             self.hooks.append(layer.register_forward_hook(self.layer_post(i)))
@@ -135,11 +141,14 @@ class Handle:
                 raise ValueError("mmsink: pass input_ids (not inputs_embeds) so image tokens can be located")
             return None
         layout = self.family.layout(ids, kwargs.get("attention_mask"), self.prompt_len)
-        if not bool(layout.is_image.any()) or (self.pruner is None and self.var is None):
+        if not bool(layout.is_image.any()) or (
+            self.pruner is None and self.var is None and self.sinks is None
+        ):
             self.last_stats = self.plain_stats(layout, kwargs)
             return None  # no image (or nothing to do): the model runs untouched
         ctx = Prefill(layout, self.num_layers, self.base)
         ctx.var_codes = {}
+        ctx.vit = None
         self.planner.start(ctx)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -201,6 +210,8 @@ class Handle:
                 return args, kwargs
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if layer == 0:
+                if ctx.vit is not None:
+                    hidden = self.place_sinks(ctx, hidden)
                 new = self.planner.before_llm(ctx, hidden)
                 hidden = hidden if new is None else new
             hidden = ctx.advance(layer, hidden)
@@ -240,6 +251,38 @@ class Handle:
             return None
 
         return hook
+
+    # ------------------------------------------------------------------ ViT sinks
+    def projector_pre(self, module, args):
+        if isinstance(self.ctx, Prefill):
+            self.ctx.vit = vitsink.detect(args[0], self.sinks, self.sink_threshold)
+        return None
+
+    def place_sinks(self, ctx: Prefill, hidden):
+        """Protect the detected sinks; with to_front, move them to the front of their image's span."""
+        sink, norms = ctx.vit
+        lay = ctx.layout
+        flat = lay.is_image.nonzero()  # (sample, position) of every image token, in feature order
+        if flat.shape[0] != sink.numel():
+            raise ValueError("mmsink: image features and image tokens do not line up for sink detection")
+        per_image = sink.shape[1]
+        sink, norms = sink.flatten(), norms.flatten()
+        patch = torch.arange(sink.numel(), device=sink.device) % per_image
+        if self.sinks.to_front:
+            order = vitsink.to_front_order(ctx.vit[0])
+            order = (order + torch.arange(order.shape[0], device=order.device)[:, None] * per_image).flatten()
+            hidden = hidden.clone()
+            hidden[flat[:, 0], flat[:, 1]] = hidden[flat[:, 0], flat[:, 1]][order]
+            sink, norms, patch = sink[order], norms[order], patch[order]
+        ctx.protected = torch.zeros_like(lay.is_image)
+        ctx.protected[flat[:, 0], flat[:, 1]] = sink
+        ctx.vit_sinks = [[] for _ in range(lay.batch)]
+        for i in sink.nonzero().squeeze(1).tolist():
+            b, pos = flat[i].tolist()
+            ctx.vit_sinks[b].append(
+                {"position": pos, "patch": int(patch[i]), "norm": round(float(norms[i]), 3)}
+            )
+        return hidden
 
     # ------------------------------------------------------------------ VAR
     def var_prefill(self, ctx: Prefill, layer: int, hidden):
@@ -332,6 +375,8 @@ class Handle:
         extra = {"sample_prefill_flops": sample, "sample_baseline_prefill_flops": sample_base}
         if isinstance(ctx.run, dict) and "fused_at" in ctx.run:
             extra["fusion_layer"] = ctx.run["fused_at"].tolist()
+        if ctx.vit is not None:
+            extra["vit_sinks"] = getattr(ctx, "vit_sinks", [[] for _ in range(b)])
         if ctx.var_codes:
             extra["var_sinks"] = {
                 layer: {"visual": (c == 2).sum(1).tolist(), "text": (c == 1).sum(1).tolist()}
@@ -367,18 +412,16 @@ def make_pruner(prune, budget, options):
 
 def wrap(model, prune=None, budget=None, var=False, sink_forward=False, **options):
     """Attach mmsink to ``model`` (in place; returns it). Re-wrapping replaces the settings."""
-    if sink_forward:
-        raise NotImplementedError("mmsink: sink_forward is not available in this release yet")
     var_cfg = make_config(var)
+    sink_cfg = vitsink.make_config(sink_forward)
     family_for = load_patches().family_for
 
     pruner = make_pruner(prune, budget, options)
     if ATTR in getattr(model, "__dict__", {}):
         unwrap(model)
     family = family_for(model)
-    handle = Handle(
-        model, family, pruner, {"prune": prune, "budget": budget, "var": var_cfg, **options}, var_cfg
-    )
+    settings = {"prune": prune, "budget": budget, "var": var_cfg, "sink_forward": sink_cfg, **options}
+    handle = Handle(model, family, pruner, settings, var_cfg, sink_cfg)
     handle.attach()
     return model
 

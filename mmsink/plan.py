@@ -80,6 +80,7 @@ class Prefill:
         self.slots: list[int] = []  # padded token slots each layer ran on
         self.directive = None  # the current layer's attention directive
         self.cache = None  # the PlanCache being filled, if caching
+        self.protected: torch.Tensor | None = None  # [B, L] tokens no pruner may drop (ViT sinks)
 
     # ---- views of the current segment
     @property
@@ -106,6 +107,8 @@ class Prefill:
         return self.seg.valid & (~vis | chosen_visual)
 
     def decide(self, keep: torch.Tensor) -> None:
+        if self.protected is not None:
+            keep = keep | (gather_rows(self.protected, self.seg.idx) & self.seg.valid)
         self.pending = keep if self.pending is None else (self.pending & keep)
 
     def advance(self, layer: int, hidden: torch.Tensor):

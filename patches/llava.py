@@ -24,6 +24,11 @@ class Family:
         self.layers = list(self.language_model.layers)
 
     @property
+    def projector(self):
+        """The module that receives the vision features (hooked for ViT-sink detection)."""
+        return self.model.model.multi_modal_projector
+
+    @property
     def tokens_per_image(self) -> int:
         v = self.config.vision_config
         n = (v.image_size // v.patch_size) ** 2

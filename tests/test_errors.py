@@ -92,6 +92,7 @@ def test_inputs_embeds_without_ids(model):
         mmsink.unwrap(model)
 
 
-def test_not_yet_available(model):
-    with pytest.raises(NotImplementedError, match="sink_forward"):
-        mmsink.wrap(model, prune="fastv", sink_forward=True)
+def test_settings_errors_leave_no_wrapper(model):
+    with pytest.raises(ValueError, match="sink_forward"):
+        mmsink.wrap(model, prune="fastv", sink_forward={"factor": 0})
+    assert "_mmsink" not in model.__dict__

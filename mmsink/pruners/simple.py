@@ -87,6 +87,9 @@ class PoolPruner(Pruner):
                 r = ((torch.arange(gr) + 0.5) * rows / gr).long().clamp(max=rows - 1)
                 c = ((torch.arange(gc) + 0.5) * cols / gc).long().clamp(max=cols - 1)
                 centre = where[(r[:, None] * cols + c[None]).flatten().to(where.device)]
+                if ctx.protected is not None:  # a protected token keeps its own embedding
+                    free = ~ctx.protected[b, centre]
+                    centre, pooled = centre[free], pooled[free]
                 out[b, centre] = pooled
                 chosen[b, centre] = True
         ctx.decide(ctx.keep_text(chosen))

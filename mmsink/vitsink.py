@@ -1,0 +1,80 @@
+"""ViT-sink forwarding ("To Sink or Not to Sink", Luo et al., ICLR 2026).
+
+High-norm tokens of the vision features handed to the projector carry global image information. We
+detect them per image (an absolute norm threshold where one is known, else norm > factor x the image's
+median norm), protect them from every pruner at every stage (they are kept in addition to the budget),
+and optionally move them to the front of their image's token span: sinks take the first positions of
+the span, the other tokens keep their order in the positions after them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+# Vision towers whose sink norms were measured in the paper: CLIP ViT-L/14-336 (LLaVA-1.5): ordinary
+# tokens < 60, sinks > 100.
+KNOWN_THRESHOLDS = {("clip_vision_model", 1024, 24, 336, 14): 100.0}
+
+
+@dataclasses.dataclass
+class SinkForwardConfig:
+    threshold: float | None = None  # absolute norm; None: the known value for this tower, else adaptive
+    factor: float = 3.0  # adaptive rule: norm > factor x median norm of the image
+    max_sinks: int = 16  # per image, the highest norms first
+    to_front: bool = False
+
+    def __post_init__(self):
+        if self.threshold is not None and self.threshold <= 0:
+            raise ValueError("mmsink: sink_forward threshold must be > 0")
+        if self.factor <= 1:
+            raise ValueError("mmsink: sink_forward factor must be > 1 (a multiple of the median norm)")
+        if self.max_sinks < 1:
+            raise ValueError("mmsink: sink_forward max_sinks must be >= 1")
+
+
+def make_config(value) -> SinkForwardConfig | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return SinkForwardConfig()
+    if isinstance(value, SinkForwardConfig):
+        return value
+    if isinstance(value, dict):
+        return SinkForwardConfig(**value)
+    raise ValueError(
+        f"mmsink: sink_forward must be True, a dict or a SinkForwardConfig, not {type(value).__name__}"
+    )
+
+
+def known_threshold(vision_config) -> float | None:
+    key = (
+        getattr(vision_config, "model_type", None),
+        getattr(vision_config, "hidden_size", None),
+        getattr(vision_config, "num_hidden_layers", None),
+        getattr(vision_config, "image_size", None),
+        getattr(vision_config, "patch_size", None),
+    )
+    return KNOWN_THRESHOLDS.get(key)
+
+
+def detect(features: torch.Tensor, cfg: SinkForwardConfig, threshold: float | None):
+    """features [images, tokens, dim] -> (sink mask [images, tokens], norms [images, tokens])."""
+    norms = features.float().norm(dim=-1)
+    if threshold is not None:
+        sink = norms > threshold
+    else:
+        sink = norms > cfg.factor * norms.median(dim=-1, keepdim=True).values
+    # keep at most max_sinks per image, highest norm first
+    k = min(cfg.max_sinks, norms.shape[1])
+    top = norms.masked_fill(~sink, float("-inf")).topk(k, dim=1).indices
+    capped = torch.zeros_like(sink).scatter(1, top, True) & sink
+    return capped, norms
+
+
+def to_front_order(sink: torch.Tensor) -> torch.Tensor:
+    """[images, tokens] permutation putting each image's sinks first (both groups keep their order)."""
+    n = sink.shape[1]
+    ar = torch.arange(n, device=sink.device)
+    return torch.where(sink, ar, n + ar).argsort(dim=1)
