@@ -86,8 +86,13 @@ class Handle:
         self.hooks.append(m.register_forward_pre_hook(self.model_pre, with_kwargs=True))
         self.hooks.append(m.register_forward_hook(self.model_post, with_kwargs=True))
         self.hooks.append(self.family.language_model.register_forward_hook(self.lm_post))
-        if self.sinks is not None:
+        if self.sinks is not None or getattr(self.planner, "uses_vision", False):
             self.hooks.append(self.family.projector.register_forward_pre_hook(self.projector_pre))
+        if getattr(self.planner, "uses_vision", False):
+            attn = self.family.vision_attention()
+            self.vision_attn = attn
+            for proj, fn in ((attn.q_proj, self.planner.observe_q), (attn.k_proj, self.planner.observe_k)):
+                self.hooks.append(proj.register_forward_hook(self.vision_observer(fn)))
         for i, layer in enumerate(self.family.layers):
             self.hooks.append(layer.register_forward_pre_hook(self.layer_pre(i), with_kwargs=True))
             self.hooks.append(layer.register_forward_hook(self.layer_post(i)))
@@ -253,9 +258,24 @@ class Handle:
         return hook
 
     # ------------------------------------------------------------------ ViT sinks
+    def vision_observer(self, fn):
+        def hook(module, args, output):
+            if isinstance(self.ctx, Prefill):
+                fn(self.ctx, output)
+
+        return hook
+
     def projector_pre(self, module, args):
-        if isinstance(self.ctx, Prefill):
-            self.ctx.vit = vitsink.detect(args[0], self.sinks, self.sink_threshold)
+        ctx = self.ctx
+        if not isinstance(ctx, Prefill):
+            return None
+        features = args[0]
+        if self.sinks is not None:
+            ctx.vit = vitsink.detect(features, self.sinks, self.sink_threshold)
+        if getattr(self.planner, "uses_vision", False):
+            a = self.vision_attn
+            features = self.planner.edit_features(ctx, features, a.num_heads, a.scale)
+            return (features, *args[1:])
         return None
 
     def place_sinks(self, ctx: Prefill, hidden):

@@ -28,6 +28,14 @@ class Family:
         """The module that receives the vision features (hooked for ViT-sink detection)."""
         return self.model.model.multi_modal_projector
 
+    def vision_attention(self):
+        """The attention module of the vision layer whose output feeds the projector."""
+        layer = self.config.vision_feature_layer
+        layer = layer if isinstance(layer, int) else layer[-1]
+        tower = self.model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        return layers[layer % (len(layers) + 1) - 1].self_attn
+
     @property
     def tokens_per_image(self) -> int:
         v = self.config.vision_config

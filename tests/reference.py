@@ -76,6 +76,8 @@ def run(model, ids, pixel_values, method=None, var=None, prompt_len=None, **opt)
     state = {"fused": -1, "quiet": 0, "done": False}
     if method in ("random", "pool"):
         x, keep = pre_llm(method, x, is_img, **opt)
+    if method == "visionzip":
+        x, keep = visionzip_embed(model, ids, pixel_values, opt["budget"])
     kept_per_layer = []
     h = x[keep]
     for l, layer in enumerate(layers):
@@ -257,3 +259,46 @@ def var_edit(h, keep, is_img, prompt_len, cfg):
         return p
 
     return edit
+
+
+def visionzip_embed(model, ids, pixel_values, budget):
+    """VisionZip as the paper describes it, from the tower's own attention weights (eager, materialised)."""
+    lm = model.model
+    tower = lm.vision_tower
+    out = tower(pixel_values, output_hidden_states=True)
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    layer = len(layers) - 2  # the layer whose output is hidden_states[-2]
+    blk = layers[layer]
+    x_in = blk.layer_norm1(out.hidden_states[layer])
+    keys = blk.self_attn.k_proj(x_in)
+    heads = blk.self_attn.num_heads
+    qh = blk.self_attn.q_proj(x_in).view(*x_in.shape[:2], heads, -1).transpose(1, 2)
+    kh = keys.view(*x_in.shape[:2], heads, -1).transpose(1, 2)
+    attn = torch.softmax(qh @ kh.transpose(-1, -2) * blk.self_attn.scale, -1)  # [I, H, 1+P, 1+P]
+    score = attn[:, :, 0, 1:].mean(1)
+    metric = F.normalize(keys.view(*keys.shape[:2], heads, -1).mean(2)[:, 1:], dim=-1)
+    feats = out.hidden_states[-2][:, 1:]
+    p = feats.shape[1]
+    total = budget if isinstance(budget, int) else math.ceil(budget * p)
+    contextual = min(round(total * 10 / 64), total - 1)
+    dominant = total - contextual
+    new_feats, keeps = feats.clone(), []
+    for i in range(feats.shape[0]):
+        dom = score[i].topk(dominant).indices
+        rest = [j for j in range(p) if j not in set(dom.tolist())]
+        step = max(1, len(rest) // contextual)
+        targets = rest[::step][:contextual]
+        others = [j for j in rest if j not in set(targets)]
+        sim = metric[i, others] @ metric[i, targets].T
+        assign = sim.argmax(1).tolist()
+        for t_i, t in enumerate(targets):
+            group = [t] + [o for o, a in zip(others, assign) if a == t_i]
+            new_feats[i, t] = feats[i, group].mean(0)
+        keeps.append(sorted(dom.tolist() + targets))
+    proj = lm.multi_modal_projector(new_feats)
+    x = lm.get_input_embeddings()(ids[None])[0].clone()
+    where = (ids == model.config.image_token_id).nonzero().squeeze(1)
+    x[where] = proj.reshape(-1, proj.shape[-1])
+    chosen = torch.cat([where[i * p + torch.tensor(k)] for i, k in enumerate(keeps)])
+    text = (ids != model.config.image_token_id).nonzero().squeeze(1)
+    return x, torch.cat([text, chosen]).sort().values

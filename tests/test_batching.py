@@ -22,6 +22,7 @@ METHODS = [
     ("dart", {"budget": 8, "pivots": 3}),
     ("random", {"budget": 0.4}),
     ("pool", {"budget": 9}),
+    ("visionzip", {"budget": 10}),
     ("visipruner", {"budget": 5}),
     ("visipruner", {"layer_threshold": 0.9999, "tokens_threshold": 0.05, "deep_threshold": 0.99999}),
 ]

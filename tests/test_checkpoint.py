@@ -23,7 +23,9 @@ def test_from_pretrained_local_path(tmp_path):
     assert mmsink.stats(model).kept_tokens[-1] == [4, 4]
 
 
-@pytest.mark.parametrize("method", ["none", "fastv", "pdrop", "dart", "random", "pool", "visipruner"])
+@pytest.mark.parametrize(
+    "method", ["none", "fastv", "pdrop", "dart", "random", "pool", "visionzip", "visipruner"]
+)
 def test_bf16(method):
     """bf16 against fp32 of the same weights, both wrapped the same way (every token kept, so visipruner's
     shallow-stage reweighting is the only change from the bare model)."""

@@ -14,7 +14,16 @@ def model():
 
 
 def test_methods_listed():
-    assert set(mmsink.methods()) >= {"none", "fastv", "pdrop", "dart", "random", "pool", "visipruner"}
+    assert set(mmsink.methods()) >= {
+        "none",
+        "fastv",
+        "pdrop",
+        "dart",
+        "random",
+        "pool",
+        "visionzip",
+        "visipruner",
+    }
 
 
 def test_unknown_method_lists_known(model):

@@ -16,6 +16,7 @@ CASES = [
     ("dart", {"budget": 8}),
     ("random", {"budget": 9}),
     ("pool", {"budget": 4}),
+    ("visionzip", {"budget": 8}),
     ("visipruner", {"budget": 5}),
     ("visipruner", {"layer_threshold": 0.9999, "tokens_threshold": 0.05, "deep_threshold": 0.99999}),
 ]

@@ -15,6 +15,8 @@ CASES = [
     ("dart", {"budget": 10, "pivots": 4}, {"budget": 10, "pivots": 4, "k": 2}),
     ("random", {"budget": 7, "seed": 3}, {"budget": 7, "seed": 3}),
     ("pool", {"budget": 9}, {"budget": 9}),
+    ("visionzip", {"budget": 13}, {"budget": 13}),
+    ("visionzip", {"budget": 0.25}, {"budget": 0.25}),
     ("visipruner", {"budget": 6}, {"budget": 6}),
     (
         "visipruner",
@@ -52,7 +54,7 @@ def test_visipruner_adaptive_really_prunes(model):
     """The adaptive case above must exercise fusion and the deep stage, not a no-op."""
     p = prompt(5, 9, seed=1)
     inputs = batch([p], seed=1)
-    opts = CASES[7][1]
+    opts = CASES[9][1]
     mmsink.wrap(model, prune="visipruner", **opts)
     with torch.no_grad():
         model(**inputs)

@@ -51,6 +51,7 @@ def test_sinks_survive_every_pruner(model):
         ("dart", {"budget": 4}),
         ("random", {"budget": 2}),
         ("pool", {"budget": 4}),
+        ("visionzip", {"budget": 4}),
         ("visipruner", {"budget": 2}),
     ]:
         mmsink.wrap(model, prune=method, sink_forward=SINKS, **opts)
@@ -71,6 +72,7 @@ def test_to_front_moves_sinks_first(model):
     first = p.index(100)
     layer0 = model.model.language_model.layers[0]
     seen = []
+
     def grab(m, a, k):
         seen.append(a[0].clone())
 
