@@ -430,8 +430,20 @@ def make_pruner(prune, budget, options):
     return REGISTRY[prune](budget=budget, **options)
 
 
-def wrap(model, prune=None, budget=None, var=False, sink_forward=False, **options):
-    """Attach mmsink to ``model`` (in place; returns it). Re-wrapping replaces the settings."""
+def wrap(model, prune=None, budget=None, var=False, sink_forward=False, config=None, **options):
+    """Attach mmsink to ``model`` (in place; returns it). Re-wrapping replaces the settings.
+    ``config``: a file written by ``mmsink calibrate``; it supplies VAR's sink dimensions, the ViT-sink
+    threshold and VisiPruner's fallback layer where the call does not give them."""
+    if config is not None:
+        from .calibrate import load_config
+
+        cal = load_config(config)
+        if var is True or (isinstance(var, dict) and "sink_dims" not in var):
+            var = {**(var if isinstance(var, dict) else {}), "sink_dims": cal["sink_dims"]}
+        if sink_forward is True and cal.get("vit_sink_threshold"):
+            sink_forward = {"threshold": cal["vit_sink_threshold"]}
+        if prune == "visipruner" and budget is not None and cal.get("fusion_layer") is not None:
+            options.setdefault("fallback_layer", cal["fusion_layer"])
     var_cfg = make_config(var)
     sink_cfg = vitsink.make_config(sink_forward)
     family_for = load_patches().family_for

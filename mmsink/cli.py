@@ -12,6 +12,8 @@ def main(argv=None):
         "eval": "evals.eval",
         "sweep": "evals.sweep",
         "convert-llava": "mmsink.convert_llava",
+        "calibrate": "mmsink.calibrate",
+        "inspect": "mmsink.inspector",
     }
     if not argv or argv[0] not in commands:
         print(f"usage: mmsink {{{','.join(commands)}}} [options]   (mmsink COMMAND --help for each)")

@@ -1,0 +1,137 @@
+"""``mmsink calibrate``: find a model's sink dimensions, typical fusion layer and ViT-sink threshold from a
+few sample inputs, and write a config file that ``mmsink.wrap(model, config=path)`` reads, so that a new
+model needs no hand-tuned constants.
+
+    mmsink calibrate --model PATH --data questions.jsonl --images DIR --limit 16 --out calib.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .diagnose import collect, massive_dims, top_outlier_dims
+
+
+def load(path, device="cpu", dtype="float32"):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def prompt_for(processor, question: str) -> str:
+    if getattr(processor, "chat_template", None):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(msgs, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def encode(processor, image, question, device):
+    enc = processor(images=[image], text=[prompt_for(processor, question)], return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def read_samples(data, images, limit):
+    from PIL import Image
+
+    out = []
+    with open(data, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                out.append((Image.open(Path(images) / rec["image"]).convert("RGB"), rec["text"]))
+            if len(out) >= limit:
+                break
+    if not out:
+        raise ValueError(f"mmsink calibrate: no samples in {data}")
+    return out
+
+
+def vit_threshold(norms: torch.Tensor, ratio: float = 1.5):
+    """Midpoint of the largest gap among the top 10% of token norms, when the gap separates clearly
+    (upper / lower > ratio); None means no clear sinks (use the adaptive rule)."""
+    x = norms.flatten().float().sort().values
+    top = x[int(0.9 * len(x)) :]
+    if len(top) < 2:
+        return None
+    gaps = top[1:] / top[:-1].clamp(min=1e-6)
+    i = int(gaps.argmax())
+    return float((top[i] + top[i + 1]) / 2) if float(gaps[i]) > ratio else None
+
+
+def calibrate(model, processor, samples, device="cpu") -> dict:
+    import mmsink
+
+    from .api import load_patches
+
+    family = load_patches().family_for(model)
+    dims, hidden_all, norms = Counter(), [], []
+    for image, question in samples:
+        data = collect(model, encode(processor, image, question, device), family)
+        for hits in massive_dims(data["hidden"]).values():
+            dims.update(d for _, d, _ in hits)
+        hidden_all += data["hidden"]
+        if data["vit_norms"] is not None:
+            norms.append(data["vit_norms"].flatten())
+    n_layers = len(family.layers)
+    if dims:
+        sink_dims, rule = (
+            [d for d, _ in dims.most_common(4)],
+            "massive activations (|h| > 100, > 1000x median)",
+        )
+    else:
+        sink_dims, rule = (
+            top_outlier_dims(hidden_all, k=2),
+            "most frequent outlier channel (no massive activation)",
+        )
+    fusion = []
+    mmsink.wrap(model, prune="visipruner")
+    try:
+        for image, question in samples:
+            with torch.no_grad():
+                model(**encode(processor, image, question, device))
+            fusion += [f for f in mmsink.stats(model).extra.get("fusion_layer", []) if f >= 0]
+    finally:
+        mmsink.unwrap(model)
+    fusion_layer = int(sorted(fusion)[len(fusion) // 2]) if fusion else None
+    return {
+        "model_type": model.config.model_type,
+        "num_layers": n_layers,
+        "samples": len(samples),
+        "sink_dims": sink_dims,
+        "sink_dims_rule": rule,
+        "fusion_layer": fusion_layer,
+        "fusion_layers_seen": fusion,
+        "vit_sink_threshold": vit_threshold(torch.cat(norms)) if norms else None,
+    }
+
+
+def load_config(path) -> dict:
+    cfg = json.loads(Path(path).read_text())
+    if not isinstance(cfg, dict) or "sink_dims" not in cfg:
+        raise ValueError(f"mmsink: {path} is not a calibration file written by `mmsink calibrate`")
+    return cfg
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="mmsink calibrate", description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="questions JSONL (LLaVA format: image, text)")
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    model, processor = load(a.model, a.device, a.dtype)
+    result = calibrate(model, processor, read_samples(a.data, a.images, a.limit), a.device)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,103 @@
+"""``mmsink inspect``: per-layer sink diagnostics for one image and question, as JSON and PNG plots.
+
+    mmsink inspect --model PATH --image IMG --question Q [--sink-dims 1415,2533] --out DIR
+
+Per layer: massive activations (which dims, which tokens), VAR sink tokens, per-head sink rate (mass on
+the first token > 0.3), image-centric heads at the last prompt token, text->image attention mass,
+VisiPruner's contribution test (the three-stage curve), and the ViT token norms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .calibrate import encode, load
+from .diagnose import collect, contribution_curve, layer_report, massive_dims, top_outlier_dims
+
+
+@torch.no_grad()
+def inspect_model(model, processor, image, question, sink_dims=None, device="cpu", tau=20.0) -> dict:
+    from .api import load_patches
+
+    family = load_patches().family_for(model)
+    inputs = encode(processor, image, question, device)
+    data = collect(model, inputs, family)
+    is_image = inputs["input_ids"][0] == model.config.image_token_id
+    anchor = is_image.shape[0] - 1
+    massive = massive_dims(data["hidden"])
+    found = sorted({d for hits in massive.values() for _, d, _ in hits})
+    dims = list(sink_dims) if sink_dims else (found or top_outlier_dims(data["hidden"], k=2))
+    norms = data["vit_norms"]
+    return {
+        "question": question,
+        "tokens": int(is_image.shape[0]),
+        "image_tokens": int(is_image.sum()),
+        "massive_activations": {str(k): v for k, v in massive.items()},
+        "sink_dims": dims,
+        "layers": layer_report(data, is_image, anchor, dims, tau=tau),
+        "contribution": contribution_curve(model, data, family, is_image, anchor),
+        "vit_norms": None
+        if norms is None
+        else {
+            "median": float(norms.median()),
+            "max": float(norms.max()),
+            "top": sorted(norms.flatten().tolist(), reverse=True)[:10],
+        },
+        "_vit_norms_all": None if norms is None else norms.flatten().tolist(),
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [r["layer"] for r in report["layers"]]
+    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+    ax[0, 0].plot(layers, [r.get("text_to_image_mass", 0) for r in report["layers"]], marker="o")
+    ax[0, 0].set_title("text -> image attention mass")
+    ax[0, 1].plot(layers, [c["min_cos"] for c in report["contribution"]], marker="o")
+    ax[0, 1].set_title("min cos(o - c_j, o) at the last token (VisiPruner)")
+    ax[1, 0].plot(layers, [r["sink_rate"] for r in report["layers"]], marker="o")
+    ax[1, 0].set_title("heads with > 0.3 mass on token 0")
+    if report["_vit_norms_all"]:
+        ax[1, 1].hist(report["_vit_norms_all"], bins=50)
+    ax[1, 1].set_title("ViT token norms (projector input)")
+    for a in ax.flat:
+        a.set_xlabel("layer")
+    ax[1, 1].set_xlabel("norm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="mmsink inspect", description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--question", required=True)
+    ap.add_argument("--sink-dims", default=None, help="comma-separated channels (default: found)")
+    ap.add_argument("--tau", type=float, default=20.0, help="VAR sink threshold on |x_d| / RMS(x)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default="inspect")
+    a = ap.parse_args(argv)
+    from PIL import Image
+
+    model, processor = load(a.model, a.device, a.dtype)
+    dims = [int(d) for d in a.sink_dims.split(",")] if a.sink_dims else None
+    report = inspect_model(
+        model, processor, Image.open(a.image).convert("RGB"), a.question, dims, a.device, a.tau
+    )
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(report, out / "inspect.png")
+    report.pop("_vit_norms_all")
+    (out / "inspect.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'inspect.json'} and {out / 'inspect.png'}")
+    return report
