@@ -341,17 +341,18 @@ class Handle:
 
     # ------------------------------------------------------------------ stats
     def vision_flops(self, kwargs) -> int:
-        return self.family.vision_flops(kwargs.get("pixel_values"))
+        return self.family.vision_flops(kwargs.get("pixel_values"), kwargs)
 
     def sample_flops(self, lay, kwargs, tokens, rows, extra):
         """What each sample would execute alone (no padding): its own tokens per layer, its images."""
         images = (lay.image_counts() > 0).sum(1).tolist()
-        vision = self.vision_flops(kwargs) / max(sum(images), 1)
+        per_image = self.family.image_vision_flops(kwargs.get("pixel_values"), kwargs)
         real = lay.valid.sum(1).tolist()
         out, base = [], []
         for i, per_layer in enumerate(tokens):
             r = min(rows, real[i])
-            v = vision * images[i]
+            first = sum(images[:i])
+            v = sum(per_image[first : first + images[i]])
             out.append(int(v + self.cost.prefill(1, per_layer, r) + extra))
             base.append(int(v + self.cost.prefill(1, [real[i]] * self.num_layers, r)))
         return out, base
@@ -452,6 +453,7 @@ def wrap(model, prune=None, budget=None, var=False, sink_forward=False, config=N
     if ATTR in getattr(model, "__dict__", {}):
         unwrap(model)
     family = family_for(model)
+    family.check(prune, sink_cfg is not None)
     settings = {"prune": prune, "budget": budget, "var": var_cfg, "sink_forward": sink_cfg, **options}
     handle = Handle(model, family, pruner, settings, var_cfg, sink_cfg)
     handle.attach()

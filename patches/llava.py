@@ -11,6 +11,7 @@ from mmsink.layout import build_layout
 class Family:
     model_types = ("llava",)
     class_name = "LlavaForConditionalGeneration"
+    unsupported: dict = {}  # method or feature -> why this family cannot run it
 
     def __init__(self, model):
         if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "language_model"):
@@ -56,7 +57,21 @@ class Family:
             self.grid_of,
         )
 
-    def vision_flops(self, pixel_values) -> int:
+    def check(self, method: str | None, sink_forward: bool) -> None:
+        for name in (method, "sink_forward" if sink_forward else None):
+            if name in self.unsupported:
+                raise ValueError(
+                    f"mmsink: {name} is not supported on {self.class_name}: {self.unsupported[name]}"
+                )
+
+    def image_vision_flops(self, pixel_values, kwargs=None) -> list[float]:
+        """Vision tower + projector FLOPs of each image, in input order."""
+        if pixel_values is None:
+            return []
+        n = pixel_values.shape[0]
+        return [self.vision_flops(pixel_values, kwargs) / n] * n
+
+    def vision_flops(self, pixel_values, kwargs=None) -> int:
         if pixel_values is None:
             return 0
         v = self.config.vision_config

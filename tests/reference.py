@@ -18,11 +18,12 @@ def rotate_half(x):
     return torch.cat((-b, a), dim=-1)
 
 
-def embed(model, ids, pixel_values):
+def embed(model, ids, pixel_values, image_sizes=None):
     lm = model.model
     x = lm.get_input_embeddings()(ids)
     if pixel_values is not None:
-        feats = lm.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        extra = {} if image_sizes is None else {"image_sizes": image_sizes}
+        feats = lm.get_image_features(pixel_values=pixel_values, return_dict=True, **extra).pooler_output
         feats = torch.cat(list(feats), 0)
         img = ids == model.config.image_token_id
         x = x.clone()
@@ -61,7 +62,7 @@ def layer_forward(model, layer, h, pos, edit=None):
     return h, {"p": p, "v": v, "k": k_heads, "o": o}
 
 
-def run(model, ids, pixel_values, method=None, var=None, prompt_len=None, **opt):
+def run(model, ids, pixel_values, method=None, var=None, prompt_len=None, image_sizes=None, **opt):
     """Returns (last-token logits, kept positions per layer). ids: [L] one sample, no padding.
     ``var``: dict(sink_dims, tau, rho, p, layers) applies VAR; tokens from ``prompt_len`` on are treated
     as generated (never sinks)."""
@@ -69,7 +70,7 @@ def run(model, ids, pixel_values, method=None, var=None, prompt_len=None, **opt)
     L = ids.shape[0]
     img_id = model.config.image_token_id
     is_img = ids == img_id
-    x = embed(model, ids[None], pixel_values)[0]
+    x = embed(model, ids[None], pixel_values, image_sizes)[0]
     keep = torch.arange(L)
     layers = model.model.language_model.layers
     nl = len(layers)

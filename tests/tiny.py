@@ -78,3 +78,78 @@ def pixels_of(inputs, prompts, i):
     per = [p.count(IMAGE_TOKEN) // (SIDE * SIDE) for p in prompts]
     start = sum(per[:i])
     return inputs["pixel_values"][start : start + per[i]]
+
+
+def tiny_llava_next(layers: int = 8, attn: str = "sdpa", seed: int = 0):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+    )
+    cfg = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def next_batch(model, specs, seed=0):
+    """specs: per sample (n_sys, n_text, [image (h, w), ...]). Left-padded LLaVA-NeXT inputs whose image
+    token counts come from the model's own packing of each image."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [s for _, _, imgs in specs for s in imgs]
+    pix = torch.randn(len(sizes), 5, 3, 28, 28, generator=g)
+    image_sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pix, image_sizes=image_sizes, return_dict=True)
+    counts = [f.shape[0] for f in feats.pooler_output]
+    prompts, k = [], 0
+    for n_sys, n_text, imgs in specs:
+        ids = [1] + torch.randint(3, 90, (n_sys,), generator=g).tolist()
+        for _ in imgs:
+            ids += [IMAGE_TOKEN] * counts[k] + torch.randint(3, 90, (2,), generator=g).tolist()
+            k += 1
+        prompts.append(ids + torch.randint(3, 90, (n_text,), generator=g).tolist())
+    out = batch(prompts)
+    out["pixel_values"], out["image_sizes"] = pix, image_sizes
+    return out, prompts
+
+
+def next_single(inputs, specs, i):
+    """Sample i of a next_batch, alone and unpadded."""
+    mask = inputs["attention_mask"][i].bool()
+    start = sum(len(s[2]) for s in specs[:i])
+    end = start + len(specs[i][2])
+    return {
+        "input_ids": inputs["input_ids"][i][mask][None],
+        "attention_mask": torch.ones(1, int(mask.sum()), dtype=torch.long),
+        "pixel_values": inputs["pixel_values"][start:end] if end > start else None,
+        "image_sizes": inputs["image_sizes"][start:end] if end > start else None,
+    }
