@@ -57,6 +57,8 @@ class Handle:
         self.settings = settings
         self.enabled = True
         self.ctx = None
+        self.measuring = False  # a prefill is running: families count vision work
+        self.last_layout = None
         self.prompt_len: int | None = None
         self.last_stats: Stats | None = None
         self.hooks: list = []
@@ -86,6 +88,7 @@ class Handle:
         self.hooks.append(m.register_forward_pre_hook(self.model_pre, with_kwargs=True))
         self.hooks.append(m.register_forward_hook(self.model_post, with_kwargs=True))
         self.hooks.append(self.family.language_model.register_forward_hook(self.lm_post))
+        self.hooks += self.family.install(self)
         if self.sinks is not None or getattr(self.planner, "uses_vision", False):
             self.hooks.append(self.family.projector.register_forward_pre_hook(self.projector_pre))
         if getattr(self.planner, "uses_vision", False):
@@ -145,7 +148,10 @@ class Handle:
             if (self.pruner is not None and self.pruner.name != "none") or self.var is not None:
                 raise ValueError("mmsink: pass input_ids (not inputs_embeds) so image tokens can be located")
             return None
-        layout = self.family.layout(ids, kwargs.get("attention_mask"), self.prompt_len)
+        self.measuring = True
+        self.family.reset_measure()
+        layout = self.family.layout(ids, kwargs.get("attention_mask"), self.prompt_len, kwargs)
+        self.last_layout = layout
         if not bool(layout.is_image.any()) or (
             self.pruner is None and self.var is None and self.sinks is None
         ):
@@ -173,6 +179,9 @@ class Handle:
 
     def model_post(self, module, args, kwargs, output):
         ctx, self.ctx = self.ctx, None
+        if self.measuring and ctx is None and kwargs.get("pixel_values") is not None:
+            self.last_stats = self.plain_stats(self.last_layout, kwargs)  # vision work is known only now
+        self.measuring = False
         if isinstance(ctx, Decode):
             ctx.cache.commit(ctx.n_q)
         if isinstance(ctx, Prefill):

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from . import llava, llava_next
+from . import llava, llava_next, qwen2_vl
 
-FAMILIES = {t: mod.Family for mod in (llava, llava_next) for t in mod.Family.model_types}
+FAMILIES = {t: mod.Family for mod in (llava, llava_next, qwen2_vl) for t in mod.Family.model_types}
 
 
 def family_for(model):

@@ -47,7 +47,7 @@ class Family:
         side = math.isqrt(n)
         return (side, side) if side * side == n else None
 
-    def layout(self, input_ids, attention_mask, prompt_len):
+    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None):
         return build_layout(
             input_ids,
             attention_mask,
@@ -56,6 +56,13 @@ class Family:
             prompt_len,
             self.grid_of,
         )
+
+    def install(self, handle) -> list:
+        """Extra hooks a family needs (none for LLaVA); returns their handles."""
+        return []
+
+    def reset_measure(self):
+        pass
 
     def check(self, method: str | None, sink_forward: bool) -> None:
         for name in (method, "sink_forward" if sink_forward else None):

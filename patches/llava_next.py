@@ -31,7 +31,7 @@ class Family(LlavaFamily):
     def grid_of(self, n: int):
         return None
 
-    def layout(self, input_ids, attention_mask, prompt_len):
+    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None):
         return build_layout(input_ids, attention_mask, self.config.image_token_id, None, prompt_len, None)
 
     def tiles(self, pixel_values, kwargs) -> list[int]:

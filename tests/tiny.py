@@ -153,3 +153,111 @@ def next_single(inputs, specs, i):
         "pixel_values": inputs["pixel_values"][start:end] if end > start else None,
         "image_sizes": inputs["image_sizes"][start:end] if end > start else None,
     }
+
+
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
+
+
+def tiny_qwen(kind: str = "qwen2_vl", layers: int = 8, attn: str = "sdpa", seed: int = 0):
+    """Tiny Qwen2-VL (or Qwen2.5-VL) with M-RoPE (head dim 16, sections 2/3/3)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        pad_token_id=PAD,
+    )
+    common = dict(
+        text_config=text,
+        image_token_id=QWEN_IMAGE,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END,
+    )
+    if kind == "qwen2_vl":
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        cfg, cls = Qwen2VLConfig(vision_config=vision, **common), Qwen2VLForConditionalGeneration
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        vision = dict(
+            depth=4,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1, 3],
+        )
+        cfg, cls = Qwen2_5_VLConfig(vision_config=vision, **common), Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def qwen_batch(specs, seed=0):
+    """specs: per sample (n_sys, n_text, [(h, w) patch grid of each image]). Left-padded inputs with
+    vision start/end tokens, pixel patches, image_grid_thw and mm_token_type_ids."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, grids = [], []
+    for n_sys, n_text, imgs in specs:
+        ids = [1] + torch.randint(3, 90, (n_sys,), generator=g).tolist()
+        for h, w in imgs:
+            ids += [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
+            grids.append([1, h, w])
+        prompts.append(ids + torch.randint(3, 90, (n_text,), generator=g).tolist())
+    out = batch_ids(prompts)
+    n_patch = sum(h * w for _, h, w in grids)
+    out["pixel_values"] = torch.randn(n_patch, 3 * 2 * 14 * 14, generator=g) if grids else None
+    out["image_grid_thw"] = torch.tensor(grids) if grids else None
+    out["mm_token_type_ids"] = (out["input_ids"] == QWEN_IMAGE).long()
+    return out, prompts
+
+
+def batch_ids(prompts):
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), PAD)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p) :] = torch.tensor(p)
+        mask[i, length - len(p) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def qwen_single(inputs, specs, i):
+    mask = inputs["attention_mask"][i].bool()
+    ids = inputs["input_ids"][i][mask][None]
+    grids = inputs["image_grid_thw"]
+    start = sum(len(s[2]) for s in specs[:i])
+    end = start + len(specs[i][2])
+    patches = (grids[:, 1] * grids[:, 2]).tolist() if grids is not None else []
+    p0, p1 = sum(patches[:start]), sum(patches[:end])
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": inputs["pixel_values"][p0:p1] if end > start else None,
+        "image_grid_thw": grids[start:end] if end > start else None,
+        "mm_token_type_ids": (ids == QWEN_IMAGE).long(),
+    }

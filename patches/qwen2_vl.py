@@ -1,0 +1,90 @@
+"""Qwen2-VL and Qwen2.5-VL (transformers ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration``): dynamic resolution and M-RoPE.
+
+The image's token count comes from ``image_grid_thw`` (t * h * w / merge^2). M-RoPE needs nothing
+special from the plan: the text model turns the 3-D (t, h, w) position ids into one cos/sin row per
+token before the decoder layers, and the plan gathers those rows, so kept tokens keep their 3-D
+positions; decode steps take their positions from the attention mask and the model's ``rope_deltas``.
+Vision FLOPs: the tower's linears run once per patch; its attention (full per image in Qwen2-VL,
+windowed in most Qwen2.5-VL layers) is counted from the sequence lengths each attention call gets.
+"""
+
+from __future__ import annotations
+
+from mmsink.flops import linear_params
+from mmsink.layout import build_layout
+
+from .llava import Family as LlavaFamily
+
+NO_CLS = "its vision tower has no class token and merges 2x2 patches before the LLM (not supported yet)"
+
+
+class Family(LlavaFamily):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    class_name = "Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration"
+    unsupported = {"visionzip": NO_CLS, "sink_forward": NO_CLS}
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.visual = model.model.visual
+        self.merge = self.config.vision_config.spatial_merge_size
+        self.attn_sq = 0  # sum over vision attention calls of heads*dim*len^2 (reset every prefill)
+
+    @property
+    def projector(self):
+        return self.visual.merger
+
+    @property
+    def tokens_per_image(self):
+        return None
+
+    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None):
+        lay = build_layout(input_ids, attention_mask, self.config.image_token_id, None, prompt_len, None)
+        thw = (kwargs or {}).get("image_grid_thw")
+        if thw is not None:
+            grids = [(int(h) // self.merge, int(w) // self.merge) if int(t) == 1 else None for t, h, w in thw]
+            counts = (lay.image_counts() > 0).sum(1).tolist()
+            it = iter(grids)
+            lay.grids = [[next(it) for _ in range(c)] for c in counts]
+        return lay
+
+    # ---- vision FLOPs
+    def install(self, handle) -> list:
+        def hook(module, args, kwargs):
+            cu = kwargs.get("cu_seqlens")
+            if cu is not None and handle.measuring:
+                lens = (cu[1:] - cu[:-1]).double()
+                width = module.proj.in_features
+                self.attn_sq += int(4 * width * float((lens * lens).sum()))
+
+        return [
+            m.register_forward_pre_hook(hook, with_kwargs=True)
+            for m in self.visual.modules()
+            if type(m).__name__.endswith("VisionAttention")
+        ]
+
+    def reset_measure(self):
+        self.attn_sq = 0
+
+    def patch_flops(self, patches: int, in_dim: int) -> int:
+        embed = self.visual.patch_embed.proj
+        conv = 2 * patches * in_dim * embed.out_channels
+        blocks = 2 * patches * sum(linear_params(b) for b in self.visual.blocks)
+        merger = 2 * (patches // self.merge**2) * linear_params(self.visual.merger)
+        return conv + blocks + merger
+
+    def vision_flops(self, pixel_values, kwargs=None) -> int:
+        if pixel_values is None:
+            return 0
+        return self.patch_flops(pixel_values.shape[0], pixel_values.shape[1]) + self.attn_sq
+
+    def image_vision_flops(self, pixel_values, kwargs=None) -> list[float]:
+        thw = (kwargs or {}).get("image_grid_thw")
+        if pixel_values is None or thw is None:
+            return []
+        patches = [int(t * h * w) for t, h, w in thw.tolist()]
+        total_sq = sum(p * p for p in patches)
+        return [
+            self.patch_flops(p, pixel_values.shape[1]) + self.attn_sq * (p * p) / max(total_sq, 1)
+            for p in patches
+        ]
