@@ -158,6 +158,7 @@ class Handle:
             self.last_stats = self.plain_stats(layout, kwargs)
             return None  # no image (or nothing to do): the model runs untouched
         ctx = Prefill(layout, self.num_layers, self.base)
+        ctx.budget_per = self.planner.budget_per
         ctx.var_codes = {}
         ctx.vit = None
         self.planner.start(ctx)

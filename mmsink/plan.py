@@ -81,6 +81,7 @@ class Prefill:
         self.directive = None  # the current layer's attention directive
         self.cache = None  # the PlanCache being filled, if caching
         self.protected: torch.Tensor | None = None  # [B, L] tokens no pruner may drop (ViT sinks)
+        self.budget_per = "image"  # or "prompt": one budget shared by a prompt's images
 
     # ---- views of the current segment
     @property

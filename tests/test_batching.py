@@ -170,3 +170,25 @@ def test_prefill_positions_follow_original(model, inputs):
         pos = [j for j in real if j not in dropped]
         assert len(dropped) == 30 * PROMPTS[i].count(100) // 36
         torch.testing.assert_close(pruned[i, -len(pos) :], full[i, pos])
+
+
+@pytest.mark.parametrize("method", ["fastv", "random", "dart"])
+def test_budget_per_prompt(model, inputs, method):
+    """budget_per='prompt': a prompt's images share one budget (sample 2 has two images)."""
+    mmsink.wrap(model, prune=method, budget=10, budget_per="prompt")
+    with torch.no_grad():
+        model(**inputs)
+        per_prompt = mmsink.stats(model).kept_tokens[-1]
+        mmsink.wrap(model, prune=method, budget=10)
+        model(**inputs)
+        per_image = mmsink.stats(model).kept_tokens[-1]
+    mmsink.unwrap(model)
+    assert per_prompt == [10, 10, 10, 0]
+    assert per_image == [10, 10, 20, 0]
+
+
+def test_budget_per_errors(model):
+    with pytest.raises(ValueError, match="budget_per must be"):
+        mmsink.wrap(model, prune="fastv", budget_per="batch")
+    with pytest.raises(ValueError, match="budgets each image on its own"):
+        mmsink.wrap(model, prune="pool", budget_per="prompt")

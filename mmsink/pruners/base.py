@@ -28,7 +28,16 @@ class Pruner:
     class Options:
         pass
 
-    def __init__(self, budget=None, **options):
+    per_prompt_ok = True  # whether the budget may apply to all images of a prompt together
+
+    def __init__(self, budget=None, budget_per="image", **options):
+        if budget_per not in ("image", "prompt"):
+            raise ValueError(f"mmsink: budget_per must be 'image' or 'prompt', got {budget_per!r}")
+        if budget_per == "prompt" and not self.per_prompt_ok:
+            raise ValueError(
+                f"mmsink: method {self.name!r} budgets each image on its own (budget_per='image')"
+            )
+        self.budget_per = budget_per
         names = {f.name for f in dataclasses.fields(self.Options)}
         unknown = sorted(set(options) - names)
         if unknown:
@@ -63,7 +72,12 @@ class Pruner:
         pass
 
     def describe(self) -> dict:
-        return {"method": self.name, "budget": self.budget, **dataclasses.asdict(self.options)}
+        return {
+            "method": self.name,
+            "budget": self.budget,
+            "budget_per": self.budget_per,
+            **dataclasses.asdict(self.options),
+        }
 
 
 def check_budget(budget):
@@ -109,6 +123,9 @@ def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of) -> torch.Tensor:
     ``k_of(orig_count [B], current_count [B]) -> k [B]``."""
     img = ctx.image_of()
     orig = ctx.layout.image_counts()
+    if ctx.budget_per == "prompt":  # all images of a prompt compete for one budget
+        img = torch.where(img >= 0, torch.zeros_like(img), img)
+        orig = orig.sum(1, keepdim=True)
     chosen = torch.zeros_like(img, dtype=torch.bool)
     for m in range(orig.shape[1]):
         cand = img == m

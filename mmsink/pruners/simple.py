@@ -35,6 +35,10 @@ class RandomPruner(Pruner):
         lay = ctx.layout
         chosen = torch.zeros_like(lay.is_image)
         counts = lay.image_counts()
+        image_of = lay.image_of
+        if self.budget_per == "prompt":
+            counts = counts.sum(1, keepdim=True)
+            image_of = torch.where(image_of >= 0, torch.zeros_like(image_of), image_of)
         for b in range(lay.batch):
             for m in range(counts.shape[1]):
                 n = int(counts[b, m])
@@ -43,7 +47,7 @@ class RandomPruner(Pruner):
                 k = int(budget_count(self.budget, torch.tensor([n]))[0])
                 g = torch.Generator().manual_seed(self.options.seed)
                 pick = torch.randperm(n, generator=g)[:k].to(embeds.device)
-                where = (lay.image_of[b] == m).nonzero().squeeze(1)
+                where = (image_of[b] == m).nonzero().squeeze(1)
                 chosen[b, where[pick]] = True
         ctx.decide(ctx.keep_text(chosen))
         return None
@@ -64,6 +68,7 @@ class PoolPruner(Pruner):
 
     name = "pool"
     default_budget = 0.25
+    per_prompt_ok = False
 
     def before_llm(self, ctx: Prefill, embeds):
         lay = ctx.layout

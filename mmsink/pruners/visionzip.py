@@ -19,6 +19,7 @@ class VisionZip(Pruner):
     name = "visionzip"
     default_budget = 64 / 576
     uses_vision = True
+    per_prompt_ok = False
 
     def start(self, ctx):
         ctx.run = {}
