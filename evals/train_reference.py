@@ -187,6 +187,12 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=1e9, help="stop training early past this")
+    ap.add_argument(
+        "--state",
+        default=None,
+        help="folder for a resumable training state: a run that finds one there continues from it "
+        "(chain several runs on one machine; each saves its state when it stops)",
+    )
     a = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(a.seed)
@@ -215,8 +221,10 @@ def main(argv=None):
         flush=True,
     )
     curve, val_curve = [], []
+    state_file = Path(a.state) / "state.pt" if a.state else None
+    resumed = state_file is not None and state_file.exists()
     t_vis = time.time()
-    if a.vision_steps:
+    if a.vision_steps and not resumed:
         vlabels = patch_labels(train.scenes, grid)
         pretrain_vision(model, train_img, vlabels, a.vision_steps, a.vision_batch, a.lr * 2, device, curve)
     vision_seconds = time.time() - t_vis
@@ -236,10 +244,18 @@ def main(argv=None):
         return a.lr * 0.5 * (1 + math.cos(math.pi * (step - a.warmup) / max(1, a.steps - a.warmup)))
 
     rng = np.random.default_rng(a.seed)
+    start = 0
+    if resumed:
+        st = torch.load(state_file, map_location=device, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        rng.bit_generator.state = st["rng"]
+        start, curve, val_curve = st["step"], st["curve"], st["val_curve"]
+        print(f"resumed at step {start}", flush=True)
     img_index = torch.tensor(train_of)
     t_train = time.time()
-    step = 0
-    for step in range(a.steps):
+    step = start - 1
+    for step in range(start, a.steps):
         model.train()
         rows = torch.from_numpy(rng.integers(0, n_train, a.batch))
         r = rows.to(device)
@@ -273,6 +289,19 @@ def main(argv=None):
         if (time.time() - t_train) / 60 > a.max_minutes:
             print(f"stopping at step {step + 1}: time limit", flush=True)
             break
+    if state_file is not None:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "rng": rng.bit_generator.state,
+                "step": step + 1,
+                "curve": curve,
+                "val_curve": val_curve,
+            },
+            state_file,
+        )
     model.eval()
     test_acc = accuracy(answer(model, processor, test_img, test.questions, test_of, device), test.answers)
     noise_acc = accuracy(
