@@ -14,6 +14,7 @@ def main(argv=None):
         "convert-llava": "mmsink.convert_llava",
         "calibrate": "mmsink.calibrate",
         "inspect": "mmsink.inspector",
+        "demo": "demo.app",
     }
     if not argv or argv[0] not in commands:
         print(f"usage: mmsink {{{','.join(commands)}}} [options]   (mmsink COMMAND --help for each)")
