@@ -180,12 +180,12 @@ def measured_markdown(res: dict) -> str:
 # ------------------------------------------------------------------------------ analytic
 
 
-def schedules(num_layers: int, n_vis: int = 576):
+def schedules(num_layers: int, n_vis: int = 576, budgets=(192, 128, 64)):
     """Visual tokens per layer for each method as our implementation schedules them."""
     from .pruners.pdrop import schedule as pdrop_schedule
 
     out = {"baseline": [n_vis] * num_layers}
-    for k in (192, 128, 64):
+    for k in budgets:
         out[f"fastv/dart {k} (K=2)"] = [n_vis] * 2 + [k] * (num_layers - 2)
         layers, lam = pdrop_schedule(num_layers, k / n_vis)
         counts, cur = [], n_vis
@@ -205,23 +205,96 @@ def visipruner_schedule(num_layers: int, fusion: int, kept: int, quiet_after: in
     return [n_vis if layer <= fusion else kept if layer < drop else 0 for layer in range(num_layers)]
 
 
-def analytic(shape: str, n_text: int = 64, fusion_layers=(7, 9, 11, 13, 15), kept: int = 10) -> dict:
+ANALYTIC = {
+    # shape: (visual tokens of one image, budgets, fraction note)
+    "llava-1.5-7b": (576, (192, 128, 64)),
+    "llava-next-7b": (2880, (640, 320, 160)),  # 5 tiles of 336 px (672x672 image); DART/VisionZip budgets
+    "qwen2-vl-7b": (2500, (833, 556, 278)),  # a 1400x1400 image: 100x100 patches, 2x2 merged; 33/22/11 %
+}
+
+
+def build_meta(shape: str):
+    """The real architecture on the meta device (no memory), with its family adapter."""
     from .api import load_patches
+
+    fam = load_patches()
+    if shape == "llava-1.5-7b":
+        return fam.llava.Family(build(shape, "meta"))
+    if shape == "llava-next-7b":
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaNextConfig,
+            LlavaNextForConditionalGeneration,
+        )
+
+        s = SHAPES["llava-1.5-7b"]
+        cfg = LlavaNextConfig(
+            vision_config=CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **s["vision"]),
+            text_config=LlamaConfig(max_position_embeddings=4096, **s["text"]),
+            image_token_index=IMAGE_TOKEN,
+        )
+        with torch.device("meta"):
+            return fam.llava_next.Family(LlavaNextForConditionalGeneration(cfg))
+    if shape == "qwen2-vl-7b":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        text = dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+        )
+        vision = dict(
+            depth=32,
+            embed_dim=1280,
+            hidden_size=3584,
+            num_heads=16,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        with torch.device("meta"):
+            return fam.qwen2_vl.Family(
+                Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision))
+            )
+    raise ValueError(f"no analytic shape {shape!r}; known: {sorted(ANALYTIC)}")
+
+
+def analytic_vision(fam, shape: str, n_vis: int) -> float:
+    if shape == "llava-1.5-7b":
+        return fam.vision_flops(torch.empty(1, 3, 336, 336, device="meta"))
+    if shape == "llava-next-7b":
+        return fam.tile_flops(5)
+    patches = n_vis * fam.merge**2  # qwen: one image, full attention in every block
+    width = fam.visual.blocks[0].attn.proj.in_features
+    fam.attn_sq = 4 * width * patches * patches * len(fam.visual.blocks)
+    return fam.patch_flops(patches, 3 * 2 * 14 * 14) + fam.attn_sq
+
+
+def analytic(shape: str, n_text: int = 64, fusion_layers=(7, 9, 11, 13, 15), kept: int = 10) -> dict:
     from .flops import DecoderCost
 
-    Family = load_patches().llava.Family
-
-    model = build(shape, "meta")
-    fam = Family(model)
+    fam = build_meta(shape)
+    n_vis, budgets = ANALYTIC[shape]
     cost = DecoderCost.of(fam.layers, fam.text_config)
     nl = len(fam.layers)
-    vision = fam.vision_flops(torch.empty(1, 3, 336, 336, device="meta"))
+    vision = analytic_vision(fam, shape, n_vis)
     rows = []
-    scheds = schedules(nl)
+    scheds = schedules(nl, n_vis, budgets)
     for f in fusion_layers:
-        scheds[f"visipruner adaptive, fusion after layer {f}, {kept} kept"] = visipruner_schedule(nl, f, kept)
-        scheds[f"visipruner fixed 64, fusion after layer {f} (deep off)"] = [
-            576 if layer <= f else 64 for layer in range(nl)
+        if f >= nl:
+            continue
+        scheds[f"visipruner adaptive, fusion after layer {f}, {kept} kept"] = visipruner_schedule(
+            nl, f, kept, n_vis=n_vis
+        )
+        low = budgets[-1]
+        scheds[f"visipruner fixed {low}, fusion after layer {f} (deep off)"] = [
+            n_vis if layer <= f else low for layer in range(nl)
         ]
     base_llm = None
     for name, sched in scheds.items():
@@ -237,12 +310,19 @@ def analytic(shape: str, n_text: int = 64, fusion_layers=(7, 9, 11, 13, 15), kep
                 total_saved=1 - (llm + vision) / (base_llm + vision),
             )
         )
-    return {"shape": shape, "text_tokens": n_text, "vision_tflops": vision / 1e12, "rows": rows}
+    return {
+        "shape": shape,
+        "visual_tokens": n_vis,
+        "text_tokens": n_text,
+        "vision_tflops": vision / 1e12,
+        "rows": rows,
+    }
 
 
 def analytic_markdown(res: dict) -> str:
     lines = [
-        f"Prefill FLOPs of {res['shape']} (batch 1, 576 visual + {res['text_tokens']} text tokens, "
+        f"Prefill FLOPs of {res['shape']} (batch 1, {res['visual_tokens']} visual + "
+        f"{res['text_tokens']} text tokens, "
         f"logits of the last token only). Vision tower + projector: {res['vision_tflops']:.3f} TFLOPs.",
         "",
         md_row(
@@ -286,7 +366,7 @@ def environment() -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="mmsink bench", description=__doc__)
-    ap.add_argument("--shape", default="tiny-cpu", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="tiny-cpu", choices=sorted(set(SHAPES) | set(ANALYTIC)))
     ap.add_argument("--analytic", action="store_true", help="FLOPs only, no model weights allocated")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
