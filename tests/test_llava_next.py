@@ -114,3 +114,23 @@ def test_flops_match_counter(method, opts):
 def test_refused_methods_say_why(model, method, kw):
     with pytest.raises(ValueError, match="not supported on LlavaNextForConditionalGeneration"):
         mmsink.wrap(model, prune=method, **kw)
+
+
+def test_var_and_pruning(model, data):
+    inputs, _ = data
+    var = {"sink_dims": (3, 17, 40, 51), "tau": 2.4}
+    with torch.no_grad():
+        mmsink.wrap(model, prune="fastv", budget=6)
+        plain = model(**inputs).logits[:, -1]
+        mmsink.wrap(model, prune="fastv", budget=6, var=var)
+        try:
+            out = model(**inputs).logits[:, -1]
+            for i in range(len(SPECS)):
+                one = model(**next_single(inputs, SPECS, i)).logits[0, -1]
+                torch.testing.assert_close(out[i], one, atol=1e-4, rtol=1e-4)
+            a = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+            b = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
+        finally:
+            mmsink.unwrap(model)
+    assert torch.equal(a, b)
+    assert (out[:2] - plain[:2]).abs().max() > 1e-4
