@@ -10,17 +10,20 @@ PAD = 0
 SIDE = 6  # 6x6 = 36 tokens per image
 
 
-def tiny_llava(layers: int = 8, attn: str = "sdpa", seed: int = 0, kv_heads: int = 2):
-    vision = CLIPVisionConfig(
+def clip(image_size: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        image_size=14 * SIDE,
+        image_size=image_size,
         patch_size=14,
         projection_dim=32,
     )
-    text = LlamaConfig(
+
+
+def llama(layers: int, kv_heads: int = 2, **extra) -> dict:
+    return dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
@@ -29,24 +32,31 @@ def tiny_llava(layers: int = 8, attn: str = "sdpa", seed: int = 0, kv_heads: int
         vocab_size=128,
         max_position_embeddings=512,
         pad_token_id=PAD,
+        **extra,
     )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=IMAGE_TOKEN,
-        image_seq_length=SIDE * SIDE,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg)
-    # sharper attention than the default init, so that selections are not ties
+
+
+def finish(model, attn: str):
+    """Sharper attention than the default init (so selections are not ties), then the backend."""
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
             layer.self_attn.k_proj.weight.mul_(4.0)
     model.set_attn_implementation(attn)
     return model.eval()
+
+
+def tiny_llava(layers: int = 8, attn: str = "sdpa", seed: int = 0, kv_heads: int = 2):
+    cfg = LlavaConfig(
+        vision_config=clip(14 * SIDE),
+        text_config=LlamaConfig(**llama(layers, kv_heads)),
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=SIDE * SIDE,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    return finish(LlavaForConditionalGeneration(cfg), attn)
 
 
 def prompt(n_sys: int, n_text: int, images: int = 1, seed: int = 0, gap: int = 2) -> list[int]:
@@ -83,41 +93,16 @@ def pixels_of(inputs, prompts, i):
 def tiny_llava_next(layers: int = 8, attn: str = "sdpa", seed: int = 0):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=28,
-        patch_size=14,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=512,
-        pad_token_id=PAD,
-    )
     cfg = LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=clip(28),
+        text_config=LlamaConfig(**llama(layers)),
         image_token_index=IMAGE_TOKEN,
         image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg)
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    model.set_attn_implementation(attn)
-    return model.eval()
+    return finish(LlavaNextForConditionalGeneration(cfg), attn)
 
 
 def next_batch(model, specs, seed=0):
@@ -162,19 +147,9 @@ def tiny_qwen(kind: str = "qwen2_vl", layers: int = 8, attn: str = "sdpa", seed:
     """Tiny Qwen2-VL (or Qwen2.5-VL) with M-RoPE (head dim 16, sections 2/3/3)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-        pad_token_id=PAD,
-    )
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     common = dict(
-        text_config=text,
+        text_config=llama(layers, rope_parameters=rope),
         image_token_id=QWEN_IMAGE,
         video_token_id=QWEN_VIDEO,
         vision_start_token_id=QWEN_START,
@@ -208,13 +183,7 @@ def tiny_qwen(kind: str = "qwen2_vl", layers: int = 8, attn: str = "sdpa", seed:
         )
         cfg, cls = Qwen2_5_VLConfig(vision_config=vision, **common), Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
-    model = cls(cfg)
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    model.set_attn_implementation(attn)
-    return model.eval()
+    return finish(cls(cfg), attn)
 
 
 def qwen_batch(specs, seed=0):
