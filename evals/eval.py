@@ -1,0 +1,375 @@
+"""``mmsink eval``: answer a VQA question set with a (pruned) model, write LLaVA's answers JSONL.
+
+    mmsink eval --model PATH --bench synthvqa --prune fastv --budget 64 --batch-size 8 --out answers.jsonl
+
+Answers are appended and flushed per batch, and question_ids already in ``--out`` are skipped, so an
+interrupted run is continued by running the same command again. Records that cannot be used (malformed
+line, empty question, missing or unreadable image, unknown category) are reported by question_id or
+line on stderr, listed again at the end and in ``<out>.errors.json``; the rest is answered.
+
+Exit code: 0 when ``--out`` holds an answer for at least one selected question (single bad records do
+not fail the run), 1 when none could be answered or the model/method could not be set up, 2 for bad
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import vqa
+
+
+class EvalError(Exception):
+    """A run that cannot go on: settings mmsink refuses, an answers file of other settings."""
+
+
+@dataclass
+class Settings:
+    method: str | None = None
+    budget: int | float | None = None
+    options: dict = field(default_factory=dict)
+    var: bool | dict = False
+    sink_forward: bool | dict = False
+    config: str | None = None  # a calibration file for wrap(config=...)
+
+    def meta(self) -> dict:
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "options": self.options,
+            "var": self.var,
+            "sink_forward": self.sink_forward,
+        }
+
+    def label(self) -> str:
+        text = self.method or "full"
+        if self.budget is not None:
+            text += f" budget {self.budget}"
+        text += " +var" * bool(self.var) + " +sink_forward" * bool(self.sink_forward)
+        return text + "".join(f" {k}={v}" for k, v in self.options.items())
+
+    def apply(self, model):
+        import mmsink
+
+        try:
+            mmsink.wrap(
+                model,
+                prune=self.method,
+                budget=self.budget,
+                var=self.var,
+                sink_forward=self.sink_forward,
+                config=self.config,
+                **self.options,
+            )
+        except (ValueError, NotImplementedError, TypeError) as e:
+            raise EvalError(f"cannot apply {self.label()}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_model(path, device="cpu", dtype="float32"):
+    """Model and processor from a local folder (offline); left padding for batched generation."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise EvalError(f"no model at {path}: --model takes a local transformers checkpoint folder")
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=getattr(torch, dtype), local_files_only=True
+    )
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def prompt_for(processor, question: str) -> str:
+    if getattr(processor, "chat_template", None):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(msgs, add_generation_prompt=True)
+    from .reference_model import prompt_text
+
+    return prompt_text(question)
+
+
+def open_image(path: Path):
+    """(RGB image, None) or (None, why not)."""
+    from PIL import Image
+
+    if not path.is_file():
+        return None, f"image file not found: {path}"
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB"), None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"unreadable image {path}: {e}"
+
+
+def answer_batch(model, processor, questions, images, max_new_tokens):
+    """Greedy answers and this batch's per-sample prefill facts (kept tokens, FLOPs)."""
+    import torch
+
+    import mmsink
+
+    texts = [prompt_for(processor, q["text"]) for q in questions]
+    enc = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
+    if "pixel_values" in enc:
+        enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+    new = out[:, enc["input_ids"].shape[1] :]
+    answers = [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    s = mmsink.stats(model)  # after generate: the prefill of this batch (the first forward)
+    facts = []
+    for i in range(len(questions)):
+        per_layer = [layer[i] for layer in s.kept_tokens]
+        facts.append(
+            {
+                "kept_tokens": round(sum(per_layer) / len(per_layer), 3),
+                "prefill_flops": int(s.extra["sample_prefill_flops"][i]),
+                "baseline_prefill_flops": int(s.extra["sample_baseline_prefill_flops"][i]),
+            }
+        )
+    return answers, facts
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def answer_id(model_id, qid, meta, text) -> str:
+    # deterministic, so that the same run gives byte-identical files
+    return hashlib.sha1(json.dumps([model_id, qid, meta, text]).encode()).hexdigest()[:16]
+
+
+def run_eval(
+    model,
+    processor,
+    bench: vqa.Bench,
+    settings: Settings,
+    out,
+    batch_size=8,
+    max_new_tokens=8,
+    model_id="model",
+    seed=0,
+    progress=True,
+) -> dict:
+    """Answer the questions of ``bench`` not yet in ``out``; return (and print) the run's summary."""
+    import torch
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = vqa.read_answers(out)
+    try:
+        vqa.check_settings(done, model_id, settings.meta(), out)
+        vqa.check_questions_match(done, bench, out)
+    except ValueError as e:
+        raise EvalError(str(e)) from e
+    settings.apply(model)
+    torch.manual_seed(seed)
+    for p in bench.problems:
+        print(vqa.describe(p), file=sys.stderr)
+    answered = {str(r["question_id"]) for r in done}
+    pending = [q for q in bench.questions if q["qid"] not in answered]
+    job = (model, processor, bench, settings, model_id, max_new_tokens)
+    problems = bench.problems + append_answers(job, pending, out, batch_size, progress)
+
+    Path(f"{out}.errors.json").write_text(json.dumps(problems, indent=1) + "\n", encoding="utf-8")
+    wanted = {q["qid"] for q in bench.questions}
+    records = [r for r in vqa.read_answers(out) if str(r["question_id"]) in wanted]
+    summary = {
+        "model_id": model_id,
+        **settings.meta(),
+        "bench": bench.name,
+        "questions": len(bench.questions) + len(bench.problems),
+        "answered": len(records),
+        "problems": len(problems),
+        **vqa.summarize(records),
+    }
+    scores = vqa.score(bench, records)
+    if scores is not None:
+        summary.update(scores)
+        Path(f"{out}.score.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    report(summary, problems, settings.label())
+    return summary
+
+
+def append_answers(job, pending, out: Path, batch_size, progress) -> list[dict]:
+    """Answer ``pending`` batch by batch, appending to ``out``; return the records that had to be skipped."""
+    from tqdm import tqdm
+
+    model, processor, bench, settings, model_id, max_new_tokens = job
+    meta = settings.meta()
+    problems = []
+    bar = tqdm(total=len(pending), desc=settings.label(), unit="q", file=sys.stderr, disable=not progress)
+    with open(out, "a", encoding="utf-8") as f, bar:
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            batch, images = [], []
+            for q in chunk:
+                img, error = open_image(bench.images / q["image"])
+                if error:
+                    problems.append(vqa.problem("image", error, q["question_id"], q["line"]))
+                    tqdm.write(vqa.describe(problems[-1]), file=sys.stderr)
+                else:
+                    batch.append(q)
+                    images.append(img)
+            if batch:
+                try:
+                    answers, facts = answer_batch(model, processor, batch, images, max_new_tokens)
+                except ValueError as e:  # mmsink refuses these settings for these inputs
+                    first = batch[0]["question_id"]
+                    raise EvalError(
+                        f"{settings.label()} failed on the batch from question_id {first}: {e}"
+                    ) from e
+                for q, text, fact in zip(batch, answers, facts):
+                    rec = {
+                        "question_id": q["question_id"],
+                        "prompt": q["text"],
+                        "text": text,
+                        "answer_id": answer_id(model_id, q["qid"], meta, text),
+                        "model_id": model_id,
+                        "metadata": {**meta, **fact},
+                    }
+                    f.write(json.dumps(rec) + "\n")
+                f.flush()  # a killed run loses at most the batch in flight
+            bar.update(len(chunk))
+    return problems
+
+
+def report(summary: dict, problems: list[dict], label: str) -> None:
+    if problems:
+        print(f"{len(problems)} problem(s), not answered:", file=sys.stderr)
+        for p in problems:
+            print("  " + vqa.describe(p), file=sys.stderr)
+    line = f"{label}: {summary['answered']} of {summary['questions']} questions answered"
+    if "accuracy" in summary:
+        line += f"; accuracy {summary['accuracy']:.4f} ({summary['missing']} missing, scored wrong)"
+    print(line)
+    for cat, acc in summary.get("per_category", {}).items():
+        print(f"  {cat:<10} {acc:.4f}")
+    if summary["mean_kept_tokens"] is not None:
+        print(
+            f"  mean kept visual tokens {summary['mean_kept_tokens']:.2f}, "
+            f"mean prefill FLOPs ratio {summary['mean_flops_ratio']:.4f}"
+        )
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Arguments shared with ``mmsink sweep``."""
+    p.add_argument("--model", required=True, help="local transformers checkpoint folder")
+    p.add_argument("--bench", default="synthvqa", help="'synthvqa' or a LLaVA questions.jsonl")
+    p.add_argument("--images", help="image folder of a questions file")
+    p.add_argument("--answers", help="answer key JSONL (question_id, answer[, category]) for scoring")
+    p.add_argument("--scenes", type=int, default=vqa.SCENES, help="synthvqa test scenes (3 questions each)")
+    p.add_argument("--cache", help="synthvqa cache root (default ~/.cache/mmsink)")
+    p.add_argument(
+        "--opt",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method options, e.g. k=3 (values as JSON); METHOD.KEY=VALUE sets one method's only",
+    )
+    p.add_argument(
+        "--var",
+        nargs="?",
+        const=True,
+        default=False,
+        type=vqa.parse_value,
+        help="VAR attention redistribution; optional JSON settings, e.g. '{\"sink_dims\": [1415, 2533]}'",
+    )
+    p.add_argument(
+        "--sink-forward",
+        nargs="?",
+        const=True,
+        default=False,
+        type=vqa.parse_value,
+        help="ViT-sink forwarding; optional JSON settings, e.g. '{\"threshold\": 100}'",
+    )
+    p.add_argument("--config", help="calibration file (mmsink calibrate) for wrap(config=...)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="only the first K lines of the question set")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="synthvqa seed and torch seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def setup(args, command: str):
+    """Bench, model and processor from parsed arguments; exits with a message when they fail."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        bench = vqa.load_bench(
+            args.bench, args.images, args.answers, args.seed, args.scenes, args.cache, args.limit
+        )
+        model, processor = load_model(args.model, device, args.dtype)
+    except (ValueError, OSError, EvalError) as e:
+        print(f"mmsink {command}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return bench, model, processor, Path(args.model).resolve().name
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mmsink eval", description=__doc__.split("\n")[0])
+    add_common(p)
+    p.add_argument("--prune", default=None, help="method (mmsink.methods()); 'none' or omitted: no method")
+    p.add_argument("--budget", default=None, help="visual tokens (64) or a fraction (0.25)")
+    p.add_argument("--out", required=True, help="answers JSONL (appended to, resumable)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    method = None if args.prune in (None, "", "none", "full") else args.prune
+    try:
+        settings = Settings(
+            method,
+            vqa.parse_budget(args.budget),
+            vqa.parse_opts(args.opt, method),
+            args.var,
+            args.sink_forward,
+            args.config,
+        )
+    except ValueError as e:
+        p.error(str(e))
+    bench, model, processor, model_id = setup(args, "eval")
+    try:
+        summary = run_eval(
+            model,
+            processor,
+            bench,
+            settings,
+            args.out,
+            args.batch_size,
+            args.max_new_tokens,
+            model_id,
+            args.seed,
+            not args.no_progress,
+        )
+    except EvalError as e:
+        print(f"mmsink eval: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if summary["answered"] == 0:
+        print("mmsink eval: no question could be answered", file=sys.stderr)
+        raise SystemExit(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
