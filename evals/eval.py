@@ -7,6 +7,9 @@ interrupted run is continued by running the same command again. Records that can
 line, empty question, missing or unreadable image, unknown category) are reported by question_id or
 line on stderr, listed again at the end and in ``<out>.errors.json``; the rest is answered.
 
+Data parallel: ``--num-processes N``, ``torchrun --nproc-per-node N -m mmsink eval ...`` or
+``accelerate launch --num_processes N -m mmsink eval ...`` (see evals/parallel.py).
+
 Exit code: 0 when ``--out`` holds an answer for at least one selected question (single bad records do
 not fail the run), 1 when none could be answered or the model/method could not be set up, 2 for bad
 arguments.
@@ -21,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import vqa
+from . import parallel, vqa
 
 
 class EvalError(Exception):
@@ -165,44 +168,63 @@ def run_eval(
     seed=0,
     progress=True,
 ) -> dict:
-    """Answer the questions of ``bench`` not yet in ``out``; return (and print) the run's summary."""
+    """Answer the questions of ``bench`` not yet in ``out``; return (and print) the run's summary.
+    In a parallel run (evals/parallel.py) every rank answers its share and rank 0 merges and scores."""
     import torch
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = vqa.read_answers(out)
-    try:
-        vqa.check_settings(done, model_id, settings.meta(), out)
-        vqa.check_questions_match(done, bench, out)
-    except ValueError as e:
-        raise EvalError(str(e)) from e
-    settings.apply(model)
-    torch.manual_seed(seed)
-    for p in bench.problems:
-        print(vqa.describe(p), file=sys.stderr)
-    answered = {str(r["question_id"]) for r in done}
-    pending = [q for q in bench.questions if q["qid"] not in answered]
-    job = (model, processor, bench, settings, model_id, max_new_tokens)
-    problems = bench.problems + append_answers(job, pending, out, batch_size, progress)
+    order = [q["qid"] for q in bench.questions]
 
-    Path(f"{out}.errors.json").write_text(json.dumps(problems, indent=1) + "\n", encoding="utf-8")
-    wanted = {q["qid"] for q in bench.questions}
-    records = [r for r in vqa.read_answers(out) if str(r["question_id"]) in wanted]
-    summary = {
-        "model_id": model_id,
-        **settings.meta(),
-        "bench": bench.name,
-        "questions": len(bench.questions) + len(bench.problems),
-        "answered": len(records),
-        "problems": len(problems),
-        **vqa.summarize(records),
-    }
-    scores = vqa.score(bench, records)
-    if scores is not None:
-        summary.update(scores)
-        Path(f"{out}.score.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    report(summary, problems, settings.label())
-    return summary
+    def resume():  # rank 0 alone reads (and repairs) the files before any rank appends
+        done = vqa.read_answers(out) + [r for p in parallel.parts(out) for r in vqa.read_answers(p)]
+        try:
+            vqa.check_settings(done, model_id, settings.meta(), out)
+            vqa.check_questions_match(done, bench, out)
+        except ValueError as e:
+            raise EvalError(str(e)) from e
+        answered = {str(r["question_id"]) for r in done}
+        return [qid for qid in order if qid not in answered]
+
+    pending_ids = set(parallel.from_main(resume))
+    parallel.together(lambda: settings.apply(model))
+    torch.manual_seed(seed)
+    if parallel.is_main():
+        for p in bench.problems:
+            print(vqa.describe(p), file=sys.stderr)
+    pending = [q for q in bench.questions if q["qid"] in pending_ids]
+    rank, ranks = parallel.rank(), parallel.size()
+    mine = parallel.shard(pending, batch_size, rank, ranks)
+    target = parallel.part_path(out, rank) if ranks > 1 else out
+    job = (model, processor, bench, settings, model_id, max_new_tokens)
+    shown = progress and rank == 0
+    found = parallel.together(lambda: append_answers(job, mine, target, batch_size, shown))
+    place = {qid: i for i, qid in enumerate(order)}
+    skipped = sorted((p for ps in found for p in ps), key=lambda p: place.get(str(p["question_id"]), 0))
+    problems = bench.problems + skipped
+
+    def finish():
+        parallel.merge(out, order)  # the parts of a parallel run (also leftovers of a killed one)
+        Path(f"{out}.errors.json").write_text(json.dumps(problems, indent=1) + "\n", encoding="utf-8")
+        wanted = set(order)
+        records = [r for r in vqa.read_answers(out) if str(r["question_id"]) in wanted]
+        summary = {
+            "model_id": model_id,
+            **settings.meta(),
+            "bench": bench.name,
+            "questions": len(bench.questions) + len(bench.problems),
+            "answered": len(records),
+            "problems": len(problems),
+            **vqa.summarize(records),
+        }
+        scores = vqa.score(bench, records)
+        if scores is not None:
+            summary.update(scores)
+            Path(f"{out}.score.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        report(summary, problems, settings.label())
+        return summary
+
+    return parallel.from_main(finish)
 
 
 def append_answers(job, pending, out: Path, batch_size, progress) -> list[dict]:
@@ -309,20 +331,26 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="synthvqa seed and torch seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="answer in N local processes (data parallel; torchrun / accelerate launch set it themselves)",
+    )
 
 
 def setup(args, command: str):
     """Bench, model and processor from parsed arguments; exits with a message when they fail."""
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = parallel.start(args.device)  # joins the process group of a parallel run
     try:
-        bench = vqa.load_bench(
-            args.bench, args.images, args.answers, args.seed, args.scenes, args.cache, args.limit
-        )
+        with parallel.main_first():  # rank 0 generates a missing synthvqa split, the others wait
+            bench = vqa.load_bench(
+                args.bench, args.images, args.answers, args.seed, args.scenes, args.cache, args.limit
+            )
         model, processor = load_model(args.model, device, args.dtype)
     except (ValueError, OSError, EvalError) as e:
-        print(f"mmsink {command}: error: {e}", file=sys.stderr)
+        if parallel.is_main():
+            print(f"mmsink {command}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     return bench, model, processor, Path(args.model).resolve().name
 
@@ -334,8 +362,8 @@ def main(argv=None):
     p.add_argument("--budget", default=None, help="visual tokens (64) or a fraction (0.25)")
     p.add_argument("--out", required=True, help="answers JSONL (appended to, resumable)")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
+    if args.batch_size < 1 or args.num_processes < 1:
+        p.error("--batch-size and --num-processes must be >= 1")
     method = None if args.prune in (None, "", "none", "full") else args.prune
     try:
         settings = Settings(
@@ -348,6 +376,11 @@ def main(argv=None):
         )
     except ValueError as e:
         p.error(str(e))
+    if args.num_processes > 1 and not parallel.launched():
+        code = parallel.spawn("evals.eval", argv, args.num_processes)
+        if code:
+            raise SystemExit(code)
+        return 0
     bench, model, processor, model_id = setup(args, "eval")
     try:
         summary = run_eval(
@@ -363,10 +396,12 @@ def main(argv=None):
             not args.no_progress,
         )
     except EvalError as e:
-        print(f"mmsink eval: error: {e}", file=sys.stderr)
+        if parallel.is_main():
+            print(f"mmsink eval: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     if summary["answered"] == 0:
-        print("mmsink eval: no question could be answered", file=sys.stderr)
+        if parallel.is_main():
+            print("mmsink eval: no question could be answered", file=sys.stderr)
         raise SystemExit(1)
     return 0
 

@@ -8,7 +8,8 @@ FLOPs, not only at matched budgets.
 Writes ``DIR/<run>.jsonl`` (answers, with ``.score.json`` / ``.errors.json``), ``DIR/sweep.json``,
 ``DIR/sweep.md`` and ``DIR/sweep.png``. Re-running continues an interrupted sweep: runs whose score file
 matches the settings and question set are skipped, a run cut short resumes from its answers file.
-Methods that take no budget (``none``) run once. Exit code as ``mmsink eval``; a run whose method cannot
+Methods that take no budget (``none``) run once. ``--num-processes N`` / torchrun / accelerate launch run
+each eval data parallel (evals/parallel.py). Exit code as ``mmsink eval``; a run whose method cannot
 be applied is reported in the table and the others go on.
 """
 
@@ -19,9 +20,10 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from . import vqa
+from . import parallel, vqa
 from .eval import EvalError, Settings, add_common, run_eval, setup
 
 DEFAULT_METHODS = "fastv,pdrop,dart,random,pool,visipruner"
@@ -185,8 +187,8 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="also run the unpruned model")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
+    if args.batch_size < 1 or args.num_processes < 1:
+        p.error("--batch-size and --num-processes must be >= 1")
     try:
         runs = plan_runs(
             split_list(args.methods),
@@ -203,9 +205,16 @@ def main(argv=None):
         p.error("nothing to run: give --methods (with --budgets), --adaptive or --full")
     for r in runs:
         r.settings.config = args.config
+    if args.num_processes > 1 and not parallel.launched():
+        code = parallel.spawn("evals.sweep", argv, args.num_processes)
+        if code:
+            raise SystemExit(code)
+        return 0
+    lead = parallel.is_main()  # rank 0 alone prints and writes the sweep's files
     bench, model, processor, model_id = setup(args, "sweep")
     if bench.key is None:
-        print("mmsink sweep: error: a sweep needs an answer key (synthvqa or --answers)", file=sys.stderr)
+        if lead:
+            print("mmsink sweep: error: a sweep needs an answer key (synthvqa or --answers)", file=sys.stderr)
         raise SystemExit(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,11 +222,14 @@ def main(argv=None):
     rows = []
     for i, run in enumerate(runs, 1):
         answers = out / f"{run.name}.jsonl"
-        summary = finished(Path(f"{answers}.score.json"), run.settings, model_id, bench)
+        score = Path(f"{answers}.score.json")
+        summary = parallel.from_main(partial(finished, score, run.settings, model_id, bench))
         if summary is not None:
-            print(f"[{i}/{len(runs)}] {run.name}: done before, skipped", file=sys.stderr)
+            if lead:
+                print(f"[{i}/{len(runs)}] {run.name}: done before, skipped", file=sys.stderr)
         else:
-            print(f"[{i}/{len(runs)}] {run.name}", file=sys.stderr)
+            if lead:
+                print(f"[{i}/{len(runs)}] {run.name}", file=sys.stderr)
             try:
                 summary = run_eval(
                     model,
@@ -232,7 +244,8 @@ def main(argv=None):
                     not args.no_progress,
                 )
             except EvalError as e:
-                print(f"mmsink sweep: {run.name}: {e}", file=sys.stderr)
+                if lead:
+                    print(f"mmsink sweep: {run.name}: {e}", file=sys.stderr)
                 rows.append({"run": run.name, "method": run.settings.method, "error": str(e)})
                 continue
         rows.append(row(run, summary))
@@ -242,12 +255,14 @@ def main(argv=None):
         "bench": bench.name,
         "questions": len(bench.questions) + len(bench.problems),
     }
-    (out / "sweep.json").write_text(json.dumps({**head, "runs": rows}, indent=1) + "\n", encoding="utf-8")
-    write_markdown(out / "sweep.md", rows, head)
-    write_plot(out / "sweep.png", rows, head)
-    print((out / "sweep.md").read_text(encoding="utf-8"))
+    if lead:
+        (out / "sweep.json").write_text(json.dumps({**head, "runs": rows}, indent=1) + "\n", encoding="utf-8")
+        write_markdown(out / "sweep.md", rows, head)
+        write_plot(out / "sweep.png", rows, head)
+        print((out / "sweep.md").read_text(encoding="utf-8"))
     if not any(r.get("answered") for r in rows):
-        print("mmsink sweep: no question could be answered", file=sys.stderr)
+        if lead:
+            print("mmsink sweep: no question could be answered", file=sys.stderr)
         raise SystemExit(1)
     return 0
 
