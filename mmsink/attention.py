@@ -23,10 +23,6 @@ def registered_name(base: str) -> str:
     return PREFIX + base
 
 
-def base_name(name: str) -> str:
-    return name[len(PREFIX) :] if name.startswith(PREFIX) else name
-
-
 def repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
@@ -57,7 +53,6 @@ class Directive:
     observe: bool = False  # keep references to q (anchor rows), k, v for a pruner
     anchor: torch.Tensor | None = None  # [B] local index of the anchor query row
     reweight: Callable | None = None  # fn(q, k, v, key_valid, scaling, base) -> output [B, n, H, hd]
-    key_valid: torch.Tensor | None = None  # [B, kv] which cached/current keys are real tokens
     observed: dict = field(default_factory=dict)
 
 

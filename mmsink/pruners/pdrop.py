@@ -8,7 +8,6 @@ a small ratio cannot reach the budget, the stages move earlier (layers scaled by
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -103,12 +102,3 @@ class PDrop(Pruner):
             return torch.where(cur > 0, torch.ceil(cur.double() * lam).long().clamp(min=1), cur)
 
         ctx.decide(ctx.keep_text(topk_per_image(ctx, score, k_of)))
-
-
-def average_kept(num_layers, layers, ratio, n):
-    edges = (0, *layers, num_layers)
-    kept, total = n, 0
-    for i in range(4):
-        total += (edges[i + 1] - edges[i]) * kept
-        kept = math.ceil(kept * ratio)
-    return total / num_layers
