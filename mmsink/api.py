@@ -281,7 +281,7 @@ class Handle:
             return None
         features = args[0]
         if self.sinks is not None:
-            ctx.vit = vitsink.detect(features, self.sinks, self.sink_threshold)
+            ctx.vit = self.family.vit_norms(features, ctx.kwargs)
         if getattr(self.planner, "uses_vision", False):
             a = self.vision_attn
             features = self.planner.edit_features(ctx, features, a.num_heads, a.scale)
@@ -289,23 +289,28 @@ class Handle:
         return None
 
     def place_sinks(self, ctx: Prefill, hidden):
-        """Protect the detected sinks; with to_front, move them to the front of their image's span."""
-        sink, norms = ctx.vit
+        """Detect sinks per image; protect them; with to_front, move them to the front of their span."""
+        norms_per_image = ctx.vit
         lay = ctx.layout
         flat = lay.is_image.nonzero()  # (sample, position) of every image token, in feature order
-        if flat.shape[0] != sink.numel():
+        if flat.shape[0] != sum(n.numel() for n in norms_per_image):
             raise ValueError("mmsink: image features and image tokens do not line up for sink detection")
-        per_image = sink.shape[1]
-        sink, norms = sink.flatten(), norms.flatten()
-        patch = torch.arange(sink.numel(), device=sink.device) % per_image
+        sinks = [vitsink.detect(n, self.sinks, self.sink_threshold) for n in norms_per_image]
+        orders, start = [], 0
+        for s in sinks:
+            order = (
+                vitsink.to_front_order(s) if self.sinks.to_front else torch.arange(s.numel(), device=s.device)
+            )
+            orders.append(order + start)
+            start += s.numel()
+        order = torch.cat(orders)
+        sink, norms = torch.cat(sinks)[order], torch.cat(norms_per_image)[order]
+        patch = torch.cat([torch.arange(s.numel(), device=s.device) for s in sinks])[order]
         if self.sinks.to_front:
-            order = vitsink.to_front_order(ctx.vit[0])
-            order = (order + torch.arange(order.shape[0], device=order.device)[:, None] * per_image).flatten()
             hidden = hidden.clone()
-            hidden[flat[:, 0], flat[:, 1]] = hidden[flat[:, 0], flat[:, 1]][order]
-            sink, norms, patch = sink[order], norms[order], patch[order]
+            hidden[flat[:, 0], flat[:, 1]] = hidden[flat[:, 0], flat[:, 1]][order.to(hidden.device)]
         ctx.protected = torch.zeros_like(lay.is_image)
-        ctx.protected[flat[:, 0], flat[:, 1]] = sink
+        ctx.protected[flat[:, 0], flat[:, 1]] = sink.to(lay.is_image.device)
         ctx.vit_sinks = [[] for _ in range(lay.batch)]
         for i in sink.nonzero().squeeze(1).tolist():
             b, pos = flat[i].tolist()

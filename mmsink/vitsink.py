@@ -59,22 +59,19 @@ def known_threshold(vision_config) -> float | None:
     return KNOWN_THRESHOLDS.get(key)
 
 
-def detect(features: torch.Tensor, cfg: SinkForwardConfig, threshold: float | None):
-    """features [images, tokens, dim] -> (sink mask [images, tokens], norms [images, tokens])."""
-    norms = features.float().norm(dim=-1)
+def detect(norms: torch.Tensor, cfg: SinkForwardConfig, threshold: float | None) -> torch.Tensor:
+    """norms [tokens] of one image's visual tokens -> sink mask [tokens]."""
     if threshold is not None:
         sink = norms > threshold
     else:
-        sink = norms > cfg.factor * norms.median(dim=-1, keepdim=True).values
-    # keep at most max_sinks per image, highest norm first
-    k = min(cfg.max_sinks, norms.shape[1])
-    top = norms.masked_fill(~sink, float("-inf")).topk(k, dim=1).indices
-    capped = torch.zeros_like(sink).scatter(1, top, True) & sink
-    return capped, norms
+        sink = norms > cfg.factor * norms.median()
+    k = min(cfg.max_sinks, norms.shape[0])  # at most max_sinks, highest norm first
+    top = norms.masked_fill(~sink, float("-inf")).topk(k).indices
+    return torch.zeros_like(sink).scatter(0, top, True) & sink
 
 
 def to_front_order(sink: torch.Tensor) -> torch.Tensor:
-    """[images, tokens] permutation putting each image's sinks first (both groups keep their order)."""
-    n = sink.shape[1]
+    """[..., tokens] permutation putting sinks first (both groups keep their order)."""
+    n = sink.shape[-1]
     ar = torch.arange(n, device=sink.device)
-    return torch.where(sink, ar, n + ar).argsort(dim=1)
+    return torch.where(sink, ar, n + ar).argsort(dim=-1)

@@ -57,6 +57,10 @@ class Family:
             self.grid_of,
         )
 
+    def vit_norms(self, features, kwargs) -> list:
+        """Norm of each visual token's vision feature (the projector input), one vector per image."""
+        return list(features.float().norm(dim=-1))
+
     def install(self, handle) -> list:
         """Extra hooks a family needs (none for LLaVA); returns their handles."""
         return []

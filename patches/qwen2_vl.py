@@ -11,18 +11,20 @@ windowed in most Qwen2.5-VL layers) is counted from the sequence lengths each at
 
 from __future__ import annotations
 
+import torch
+
 from mmsink.flops import linear_params
 from mmsink.layout import build_layout
 
 from .llava import Family as LlavaFamily
 
-NO_CLS = "its vision tower has no class token and merges 2x2 patches before the LLM (not supported yet)"
+NO_CLS = "its vision tower has no class token to rank patches by"
 
 
 class Family(LlavaFamily):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     class_name = "Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration"
-    unsupported = {"visionzip": NO_CLS, "sink_forward": NO_CLS}
+    unsupported = {"visionzip": NO_CLS}
 
     def __init__(self, model):
         super().__init__(model)
@@ -37,6 +39,26 @@ class Family(LlavaFamily):
     @property
     def tokens_per_image(self):
         return None
+
+    def vit_norms(self, features, kwargs) -> list:
+        """The merger reads patches in groups of merge^2 (one group per visual token); a token's norm is
+        the largest of its patches'. Qwen2.5-VL orders the groups by attention window; undo that."""
+        unit = self.merge**2
+        norms = features.float().norm(dim=-1).view(-1, unit).amax(1)
+        thw = kwargs.get("image_grid_thw")
+        if hasattr(self.visual, "window_size"):
+            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(
+                thw,
+                spatial_merge_size=self.merge,
+                window_size=self.visual.window_size,
+                patch_size=self.visual.patch_size,
+                kwargs={},
+            )
+            norms = norms[torch.argsort(window_index.to(norms.device))]
+        counts = [int(t * h * w) // unit for t, h, w in thw.tolist()]
+        return list(norms.split(counts))
 
     def layout(self, input_ids, attention_mask, prompt_len, kwargs=None):
         lay = build_layout(input_ids, attention_mask, self.config.image_token_id, None, prompt_len, None)
