@@ -155,7 +155,6 @@ class Handle:
         if not bool(layout.is_image.any()) or (
             self.pruner is None and self.var is None and self.sinks is None
         ):
-            self.last_stats = self.plain_stats(layout, kwargs)
             return None  # no image (or nothing to do): the model runs untouched
         ctx = Prefill(layout, self.num_layers, self.base)
         ctx.budget_per = self.planner.budget_per
@@ -180,8 +179,8 @@ class Handle:
 
     def model_post(self, module, args, kwargs, output):
         ctx, self.ctx = self.ctx, None
-        if self.measuring and ctx is None and kwargs.get("pixel_values") is not None:
-            self.last_stats = self.plain_stats(self.last_layout, kwargs)  # vision work is known only now
+        if self.measuring and ctx is None:  # an untouched prefill; vision work is known only now
+            self.last_stats = self.plain_stats(self.last_layout, kwargs)
         self.measuring = False
         if isinstance(ctx, Decode):
             ctx.cache.commit(ctx.n_q)
