@@ -16,7 +16,7 @@ from . import attention, vitsink
 from .attention import Directive, build_mask
 from .cache import PlanCache
 from .flops import DecoderCost, lm_rows
-from .plan import Prefill, gather_rows
+from .plan import Prefill, gather_rows, layer_device
 from .pruners import REGISTRY
 from .stats import Stats
 from .var import VARConfig, key_codes, make_config, redistribute_rows, var_attention
@@ -185,6 +185,7 @@ class Handle:
         if isinstance(ctx, Decode):
             ctx.cache.commit(ctx.n_q)
         if isinstance(ctx, Prefill):
+            ctx.to(ctx.home)  # back where the call started when layers were on several devices
             if ctx.cache is not None:
                 ctx.cache.set_plan(
                     ctx.layer_segment,
@@ -203,8 +204,9 @@ class Handle:
         out = output.last_hidden_state
         seg = ctx.seg
         full = out.new_zeros(ctx.layout.batch, ctx.layout.length, out.shape[-1])
-        b = torch.arange(seg.idx.shape[0], device=out.device)[:, None].expand_as(seg.idx)
-        full[b[seg.valid], seg.idx[seg.valid]] = out[seg.valid]
+        idx, valid = seg.idx.to(out.device), seg.valid.to(out.device)
+        b = torch.arange(idx.shape[0], device=out.device)[:, None].expand_as(idx)
+        full[b[valid], idx[valid]] = out[valid]
         output.last_hidden_state = full
         return output
 
@@ -214,15 +216,21 @@ class Handle:
             ctx = self.ctx
             if ctx is None:
                 return None
+            dev = layer_device(module)
             if isinstance(ctx, Decode):
                 replace, mask = ctx.mask(layer, args[0].dtype if args else kwargs["hidden_states"].dtype)
                 if replace:
-                    kwargs["attention_mask"] = mask
+                    kwargs["attention_mask"] = mask if mask is None or dev is None else mask.to(dev)
                     kwargs["position_ids"] = None
                 if self.var is not None and layer in ctx.cache.layer_codes:
                     kwargs["mmsink"] = Directive(layer, reweight=self.var_decode(ctx, layer))
                 return args, kwargs
             hidden = args[0] if args else kwargs.pop("hidden_states")
+            if dev is not None and hidden.device != dev:  # layers spread over devices
+                hidden = hidden.to(dev)
+                ctx.to(dev)
+                cos, sin = kwargs["position_embeddings"]
+                kwargs["position_embeddings"] = (cos.to(dev), sin.to(dev))
             if layer == 0:
                 if ctx.vit is not None:
                     hidden = self.place_sinks(ctx, hidden)
@@ -349,7 +357,8 @@ class Handle:
 
         def reweight(q, k, v, mask, scale, base):
             rows = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
-            return var_attention(q, k, v, mask, valid, scale, base, codes, rows, self.var)[0]
+            c, ok = codes.to(q.device), valid.to(q.device)
+            return var_attention(q, k, v, mask, ok, scale, base, c, rows, self.var)[0]
 
         return reweight
 

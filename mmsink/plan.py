@@ -69,7 +69,8 @@ class Prefill:
         self.num_layers = num_layers
         self.base = base
         b, l = layout.is_image.shape
-        idx = torch.arange(l, device=layout.is_image.device).expand(b, l)
+        self.home = layout.is_image.device  # where the call started (layers may sit on other devices)
+        idx = torch.arange(l, device=self.home).expand(b, l)
         self.segments = [Segment(0, idx, layout.valid.clone(), True)]
         self.layer_segment: list[int] = []
         self.pending: torch.Tensor | None = None  # keep mask decided for the next layer
@@ -122,7 +123,40 @@ class Prefill:
         self.layer_segment.append(len(self.segments) - 1)
         return hidden
 
+    # ---- layers on several devices (device_map="auto")
+    def to(self, device) -> None:
+        """Move every tensor of this plan to ``device`` in place (not the cache or the call's kwargs): the
+        plan follows the hidden states from one device's layers to the next."""
+        _move(self, torch.device(device), set(), skip=("cache", "kwargs"))
+
     # ---- results
     def visual_per_layer(self) -> list[torch.Tensor]:
         counts = [self.visual(s).sum(1) for s in self.segments]
         return [counts[s] for s in self.layer_segment]
+
+
+def _move(x, device, seen, skip=()):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, list):
+        x[:] = [_move(v, device, seen) for v in x]
+    elif isinstance(x, tuple):
+        return tuple(_move(v, device, seen) for v in x)
+    elif isinstance(x, dict):
+        for k in list(x):
+            x[k] = _move(x[k], device, seen)
+    elif type(x).__module__.startswith("mmsink") and hasattr(x, "__dict__") and id(x) not in seen:
+        seen.add(id(x))  # objects shared between fields (segments) are moved once, in place
+        for k, v in vars(x).items():
+            if k not in skip:
+                object.__setattr__(x, k, _move(v, device, seen))
+    return x
+
+
+def layer_device(module) -> torch.device | None:
+    """Where a decoder layer computes: accelerate's execution device when dispatched, else its weights'."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if dev is None:
+        p = next(module.parameters(), None)
+        return None if p is None else p.device
+    return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
