@@ -26,6 +26,7 @@ import mmsink
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE / "samples"
 DEFAULT_MODEL = HERE.parent / "models" / "synthllava"
+SHORT = "\nAnswer the question using a single word or phrase."
 
 
 class Runner:
@@ -63,11 +64,13 @@ class Runner:
         )
         return text.strip(), seconds
 
-    def answer(self, image, question, method, budget, var, sink_forward, max_new_tokens=16):
+    def answer(self, image, question, method, budget, var, sink_forward, max_new_tokens=16, short=True):
         if image is None:
             raise ValueError("Choose or upload an image first.")
         if not question or not question.strip():
             raise ValueError("Type a question.")
+        if short and SHORT.strip() not in question:  # LLaVA's short-answer prompt (its VQA evals use it)
+            question = question.rstrip() + SHORT
         image = image.convert("RGB")
         prune = None if method in (None, "", "none (baseline only)") else method
         budget = None if budget in (None, 0, "") else budget
@@ -161,14 +164,14 @@ def samples() -> list:
 def build(runner: Runner):
     import gradio as gr
 
-    def run(image, question, method, budget, var_dims, sink_forward):
+    def run(image, question, method, budget, var_dims, sink_forward, short):
         try:
             var = (
                 {"sink_dims": [int(d) for d in var_dims.split(",")]}
                 if var_dims and var_dims.strip()
                 else False
             )
-            r = runner.answer(image, question, method, budget, var, bool(sink_forward))
+            r = runner.answer(image, question, method, budget, var, bool(sink_forward), short=bool(short))
         except Exception as e:  # shown in the page; the app keeps running
             return "", "", "", "", None, None, f"Error: {e}"
         st = r["stats"]
@@ -203,6 +206,9 @@ def build(runner: Runner):
                     value="", label="VAR sink dimensions (comma-separated; empty = off)", elem_id="var"
                 )
                 sink = gr.Checkbox(value=False, label="ViT-sink forwarding", elem_id="sink")
+                short = gr.Checkbox(
+                    value=True, label=f"short answer (appends '{SHORT.strip()}')", elem_id="short"
+                )
                 go = gr.Button("Run", variant="primary", elem_id="run")
                 if samples():
                     gr.Examples(samples(), inputs=[image, question], label="samples")
@@ -221,7 +227,7 @@ def build(runner: Runner):
                 over = gr.Image(label="kept tokens (dimmed: dropped; red: ViT sinks)", elem_id="overlay")
         go.click(
             run,
-            [image, question, method, budget, var, sink],
+            [image, question, method, budget, var, sink, short],
             [base_answer, base_info, answer, info, plot, over, error],
         )
     return app.queue(default_concurrency_limit=1)

@@ -229,8 +229,6 @@ class Handle:
             if dev is not None and hidden.device != dev:  # layers spread over devices
                 hidden = hidden.to(dev)
                 ctx.to(dev)
-                cos, sin = kwargs["position_embeddings"]
-                kwargs["position_embeddings"] = (cos.to(dev), sin.to(dev))
             if layer == 0:
                 if ctx.vit is not None:
                     hidden = self.place_sinks(ctx, hidden)

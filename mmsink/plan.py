@@ -37,7 +37,7 @@ class Segment:
 
     def position_embeddings(self, full_pe):
         if "pe" not in self.cache:
-            cos, sin = full_pe
+            cos, sin = (t.to(self.idx.device) for t in full_pe)  # rotary tables live with the embeddings
             self.cache["pe"] = (gather_rows(cos, self.idx), gather_rows(sin, self.idx))
         return self.cache["pe"]
 
