@@ -105,46 +105,89 @@ def timed(fn, reps: int, sync=None) -> float:
     return statistics.median(out)
 
 
-def measure(shape: str, reps: int, batch: int, device: str, dtype) -> dict:
+def kv_bytes(cache) -> int:
+    """Bytes of the keys and values a cache holds (every layer)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def measure(
+    shape: str, reps: int, batch: int, device: str, dtype, grid=None, decode_tokens: int = 16
+) -> dict:
+    """Per method: prefill time, the ideal row (the same plan replayed with no selection work), time to
+    first token, decode time per token, KV-cache bytes, peak memory of the prefill, FLOPs."""
     import mmsink
 
     model = build(shape, device, dtype)
     inputs = llava_inputs(batch, 35, 29, device, dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else None
 
     def prefill():
         with torch.no_grad():
-            model(**inputs, logits_to_keep=1, use_cache=True)
+            return model(**inputs, logits_to_keep=1, use_cache=True)
 
-    rows = []
-    base_t = timed(prefill, reps, sync)
+    def generate(n):
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def profile() -> dict:
+        """Timings and memory of whatever the model is now (wrapped or not)."""
+        ms = timed(prefill, reps, sync) * 1e3
+        if cuda:
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
+        out = prefill()
+        peak = torch.cuda.max_memory_allocated() - held if cuda else None
+        kv = kv_bytes(out.past_key_values)
+        del out
+        n = max(1, reps // 2)
+        ttft = timed(lambda: generate(1), n, sync) * 1e3
+        decode = (timed(lambda: generate(1 + decode_tokens), n, sync) * 1e3 - ttft) / decode_tokens
+        return dict(ms=ms, ttft_ms=ttft, decode_ms=decode, kv_bytes=kv, peak_bytes=peak)
+
+    base = profile()
     mmsink.wrap(model, prune=None)
     prefill()
     base_flops = mmsink.stats(model).prefill_flops
-    rows.append(
-        dict(method="baseline", budget=None, ms=base_t * 1e3, time_ratio=1.0, flops_ratio=1.0, kept=576)
-    )
-    grid = [(m, b) for m, budgets in METHOD_GRID for b in budgets] + [("visipruner", None)]
+    rows = [dict(method="baseline", budget=None, kept=576, flops_ratio=1.0, **base)]
+    grid = grid or [(m, b) for m, budgets in METHOD_GRID for b in budgets] + [("visipruner", None)]
     for method, budget in grid:
         mmsink.wrap(model, prune=method, budget=budget)
         try:
-            t = timed(prefill, reps, sync)
+            r = profile()
         except ValueError as e:  # e.g. a budget this depth cannot schedule
             rows.append(dict(method=method, budget=budget, error=str(e)))
             continue
         st = mmsink.stats(model)
-        rows.append(
-            dict(
-                method=method,
-                budget=budget,
-                ms=t * 1e3,
-                time_ratio=t / base_t,
-                flops_ratio=st.prefill_flops / base_flops,
-                kept=round(st.mean_kept, 1),
-            )
-        )
+        r.update(method=method, budget=budget, kept=round(st.mean_kept, 1))
+        r["flops_ratio"] = st.prefill_flops / base_flops
+        mmsink.wrap(model, prune="replay", plan=st.kept_indices)  # the ideal row: same plan, no choosing
+        r["ideal_ms"] = timed(prefill, reps, sync) * 1e3
+        rows.append(r)
     mmsink.unwrap(model)
-    return {"shape": shape, "batch": batch, "device": device, "dtype": str(dtype), "reps": reps, "rows": rows}
+    for r in rows:
+        if "ms" in r:
+            r["time_ratio"] = r["ms"] / base["ms"]
+            r["kv_ratio"] = r["kv_bytes"] / base["kv_bytes"]
+        if "ideal_ms" in r:
+            r["ideal_ratio"] = r["ideal_ms"] / base["ms"]
+            r["of_ideal"] = r["ideal_ms"] / r["ms"]  # achieved speedup / the ideal row's speedup
+            r["selection_overhead"] = (r["ms"] - r["ideal_ms"]) / r["ms"]
+    return {
+        "shape": shape,
+        "batch": batch,
+        "device": device,
+        "dtype": str(dtype),
+        "reps": reps,
+        "decode_tokens": decode_tokens,
+        "rows": rows,
+    }
 
 
 def md_row(*cells) -> str:
@@ -153,17 +196,24 @@ def md_row(*cells) -> str:
 
 def measured_markdown(res: dict) -> str:
     lines = [
-        f"Prefill of a {res['shape']} model (random weights), batch {res['batch']}, {res['device']}, "
-        f"{res['dtype']}, median of {res['reps']} runs; ratios against the unpruned model in the same run.",
+        f"{res['shape']} model (random weights), batch {res['batch']}, {res['device']}, {res['dtype']}, "
+        f"median of {res['reps']} runs; ratios against the unpruned model in the same run. ideal: the same "
+        "per-layer plan replayed with no selection work (`prune='replay'`); of ideal: ideal time / time "
+        "(1.0 = the method gets all of its plan's speedup); selection overhead: (time - ideal) / time. "
+        f"decode: ms per token over {res['decode_tokens']} tokens; TTFT: `generate` of one token; "
+        "peak: allocator peak of one prefill above the weights.",
         "",
-        "| method | budget | mean visual tokens / layer | prefill ms | time ratio | FLOPs ratio |",
-        "|---|---|---|---|---|---|",
+        "| method | budget | visual tokens / layer | prefill ms | time ratio | ideal ratio | of ideal | "
+        "selection overhead | TTFT ms | decode ms/token | KV MB (ratio) | peak MB | FLOPs ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    mb = 2**20
     for r in res["rows"]:
         b = "adaptive" if r["method"] == "visipruner" and r["budget"] is None else r["budget"] or "-"
         if "error" in r:
-            lines.append(f"| {r['method']} | {b} | - | - | - | - ({r['error']}) |")
+            lines.append(f"| {r['method']} | {b} | " + " | ".join(["-"] * 10) + f" | - ({r['error']}) |")
             continue
+        ideal = "ideal_ms" in r
         lines.append(
             md_row(
                 r["method"],
@@ -171,6 +221,13 @@ def measured_markdown(res: dict) -> str:
                 r["kept"],
                 f"{r['ms']:.1f}",
                 f"{r['time_ratio']:.3f}",
+                f"{r['ideal_ratio']:.3f}" if ideal else "-",
+                f"{r['of_ideal']:.2f}" if ideal else "-",
+                f"{100 * r['selection_overhead']:.1f} %" if ideal else "-",
+                f"{r['ttft_ms']:.1f}",
+                f"{r['decode_ms']:.1f}",
+                f"{r['kv_bytes'] / mb:.1f} ({r['kv_ratio']:.3f})",
+                f"{r['peak_bytes'] / mb:.0f}" if r["peak_bytes"] is not None else "-",
                 f"{r['flops_ratio']:.3f}",
             )
         )
@@ -372,6 +429,11 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--methods", default=None, help="comma-separated methods (default: all of the grid)")
+    ap.add_argument(
+        "--budgets", default=None, help="comma-separated token budgets; 'adaptive' for visipruner's"
+    )
+    ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--out", default=None, help="directory for JSON and Markdown")
     ap.add_argument("--name", default=None, help="file stem (default: derived from the settings)")
     a = ap.parse_args(argv)
@@ -381,7 +443,12 @@ def main(argv=None):
         stem = a.name or f"analytic_{a.shape}"
     else:
         dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
-        res = measure(a.shape, a.reps, a.batch, a.device, dtype)
+        grid = None
+        if a.methods or a.budgets:
+            methods = (a.methods or ",".join(m for m, _ in METHOD_GRID)).split(",")
+            budgets = [None if b == "adaptive" else int(b) for b in (a.budgets or "192,128,64").split(",")]
+            grid = [(m, b) for m in methods for b in budgets if b is not None or m == "visipruner"]
+        res = measure(a.shape, a.reps, a.batch, a.device, dtype, grid, a.decode_tokens)
         md = measured_markdown(res)
         stem = a.name or f"prefill_{a.shape}_{a.device.split(':')[0]}_b{a.batch}"
     res["environment"] = environment()

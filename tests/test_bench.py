@@ -1,0 +1,28 @@
+"""`mmsink bench` measured rows: the KV-cache bytes follow the plan exactly, the ideal row replays the
+method's own plan, and ratios are computed against the baseline of the same run."""
+
+from mmsink import bench
+
+
+def test_measured_rows_follow_the_plan():
+    res = bench.measure(
+        "tiny-cpu",
+        reps=1,
+        batch=1,
+        device="cpu",
+        dtype=bench.torch.float32,
+        grid=[("fastv", 64)],
+        decode_tokens=1,
+    )
+    base, fastv = res["rows"]
+    assert base["method"] == "baseline" and fastv["method"] == "fastv"
+    layers, total, text = 12, 1 + 35 + 576 + 29, 1 + 35 + 29
+    # FastV keeps everything in layers 0-1 (K=2) and text + 64 visual tokens after: KV bytes in proportion
+    expected = (2 * total + (layers - 2) * (text + 64)) / (layers * total)
+    assert abs(fastv["kv_ratio"] - expected) < 1e-9
+    assert fastv["kept"] == round((2 * 576 + 10 * 64) / 12, 1)
+    assert abs(fastv["time_ratio"] - fastv["ms"] / base["ms"]) < 1e-12
+    assert 0 < fastv["ideal_ms"] and abs(fastv["of_ideal"] - fastv["ideal_ms"] / fastv["ms"]) < 1e-12
+    assert fastv["flops_ratio"] < 0.5 and fastv["decode_ms"] > 0 and fastv["ttft_ms"] > 0
+    md = bench.measured_markdown(res)
+    assert "| fastv | 64 |" in md and "ideal ratio" in md
