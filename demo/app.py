@@ -192,7 +192,7 @@ def build(runner: Runner):
                 image = gr.Image(type="pil", label="image", elem_id="image")
                 question = gr.Textbox(label="question", elem_id="question")
                 method = gr.Dropdown(
-                    ["none (baseline only)", *mmsink.methods()],
+                    ["none (baseline only)", *(m for m in mmsink.methods() if m != "replay")],  # needs a plan
                     value="visipruner",
                     label="method",
                     elem_id="method",
