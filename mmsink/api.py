@@ -471,12 +471,18 @@ def wrap(model, prune=None, budget=None, var=False, sink_forward=False, config=N
     family_for = load_patches().family_for
 
     pruner = make_pruner(prune, budget, options)
-    if ATTR in getattr(model, "__dict__", {}):
-        unwrap(model)
     family = family_for(model)
     family.check(prune, sink_cfg is not None)
+    old = getattr(model, "__dict__", {}).get(ATTR)
+    if old is not None:
+        old.detach()
     settings = {"prune": prune, "budget": budget, "var": var_cfg, "sink_forward": sink_cfg, **options}
-    handle = Handle(model, family, pruner, settings, var_cfg, sink_cfg)
+    try:
+        handle = Handle(model, family, pruner, settings, var_cfg, sink_cfg)
+    except Exception:
+        if old is not None:  # refused settings leave the previous wrap in place
+            old.attach()
+        raise
     handle.attach()
     return model
 

@@ -44,6 +44,16 @@ SHAPES = {
         ),
     },
 }
+# LLaVA-NeXT-7B: the 1.5-7B towers with anyres tiling; a 672x672 image = base + 4 tiles of 336 px
+SHAPES["llava-next-7b"] = dict(SHAPES["llava-1.5-7b"], family="llava_next")
+SHAPES["tiny-next-cpu"] = {  # for tests: NeXT's input path at a size a CPU test affords
+    "family": "llava_next",
+    "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+    "text": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, vocab_size=32064
+    ),
+}
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 IMAGE_TOKEN = 32000
 
 
@@ -52,17 +62,47 @@ def build(shape: str, device="cpu", dtype=torch.float32, attn="sdpa"):
 
     s = SHAPES[shape]
     vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **s["vision"])
-    text = LlamaConfig(max_position_embeddings=4096, pad_token_id=0, **s["text"])
-    cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=576
-    )
+    text = LlamaConfig(max_position_embeddings=8192, pad_token_id=0, **s["text"])
+    if s.get("family") == "llava_next":
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        cfg = LlavaNextConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=IMAGE_TOKEN,
+            image_grid_pinpoints=PINPOINTS,
+        )
+        cls = LlavaNextForConditionalGeneration
+    else:
+        cfg = LlavaConfig(
+            vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=576
+        )
+        cls = LlavaForConditionalGeneration
     cfg._attn_implementation = attn
     with torch.device(device):
-        model = LlavaForConditionalGeneration(cfg)
+        model = cls(cfg)
     if device != "meta":
         model = model.to(dtype)
         model.set_attn_implementation(attn)
     return model.eval()
+
+
+def bench_inputs(model, batch: int, n_sys: int, n_text: int, device="cpu", dtype=torch.float32, seed=0):
+    """(inputs, visual tokens per prompt) for either family: LLaVA-1.5 (576 tokens) or LLaVA-NeXT (one
+    672x672 image: its token count comes from the model's own anyres packing)."""
+    if model.config.model_type != "llava_next":
+        return llava_inputs(batch, n_sys, n_text, device, dtype, seed), 576
+    g = torch.Generator().manual_seed(seed)
+    pix = torch.randn(batch, 5, 3, 336, 336, generator=g).to(device, dtype)
+    sizes = torch.tensor([[672, 672]] * batch, device=device)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pix[:1], image_sizes=sizes[:1], return_dict=True)
+    n_vis = feats.pooler_output[0].shape[0]
+    sys = torch.randint(3, 30000, (n_sys,), generator=g)
+    txt = torch.randint(3, 30000, (n_text,), generator=g)
+    ids = torch.cat([torch.tensor([1]), sys, torch.full((n_vis,), IMAGE_TOKEN), txt])[None].repeat(batch, 1)
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    return dict(inputs, pixel_values=pix, image_sizes=sizes), n_vis
 
 
 def llava_inputs(batch: int, n_sys: int, n_text: int, device="cpu", dtype=torch.float32, seed=0):
@@ -123,7 +163,7 @@ def measure(
     import mmsink
 
     model = build(shape, device, dtype)
-    inputs = llava_inputs(batch, 35, 29, device, dtype)
+    inputs, n_vis = bench_inputs(model, batch, 35, 29, device, dtype)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else None
 
@@ -155,11 +195,11 @@ def measure(
     mmsink.wrap(model, prune=None)
     prefill()
     base_flops = mmsink.stats(model).prefill_flops
-    rows = [dict(method="baseline", budget=None, kept=576, flops_ratio=1.0, **base)]
+    rows = [dict(method="baseline", budget=None, kept=n_vis, flops_ratio=1.0, **base)]
     grid = grid or [(m, b) for m, budgets in METHOD_GRID for b in budgets] + [("visipruner", None)]
     for method, budget in grid:
-        mmsink.wrap(model, prune=method, budget=budget)
         try:
+            mmsink.wrap(model, prune=method, budget=budget)  # a family may refuse a method
             r = profile()
         except ValueError as e:  # e.g. a budget this depth cannot schedule
             rows.append(dict(method=method, budget=budget, error=str(e)))
@@ -181,6 +221,7 @@ def measure(
             r["selection_overhead"] = (r["ms"] - r["ideal_ms"]) / r["ms"]
     return {
         "shape": shape,
+        "visual_tokens": n_vis,
         "batch": batch,
         "device": device,
         "dtype": str(dtype),
@@ -285,7 +326,7 @@ def build_meta(shape: str):
             LlavaNextForConditionalGeneration,
         )
 
-        s = SHAPES["llava-1.5-7b"]
+        s = SHAPES["llava-1.5-7b"]  # NeXT-7B has the same towers
         cfg = LlavaNextConfig(
             vision_config=CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **s["vision"]),
             text_config=LlamaConfig(max_position_embeddings=4096, **s["text"]),

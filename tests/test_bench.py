@@ -26,3 +26,22 @@ def test_measured_rows_follow_the_plan():
     assert fastv["flops_ratio"] < 0.5 and fastv["decode_ms"] > 0 and fastv["ttft_ms"] > 0
     md = bench.measured_markdown(res)
     assert "| fastv | 64 |" in md and "ideal ratio" in md
+
+
+def test_llava_next_shape_counts_its_tiles():
+    """The NeXT bench feeds one 672x672 image: base + 4 tiles of 24x24 plus a newline per row of the
+    unpadded 48x48 grid = 576 + 2304 + 48 tokens, as the model itself packs them."""
+    res = bench.measure(
+        "tiny-next-cpu",
+        reps=1,
+        batch=1,
+        device="cpu",
+        dtype=bench.torch.float32,
+        grid=[("fastv", 320), ("pool", 320)],
+        decode_tokens=1,
+    )
+    assert res["visual_tokens"] == 576 + 2304 + 48
+    base, fastv, pool = res["rows"]
+    total, text = 1 + 35 + 2928 + 29, 1 + 35 + 29
+    assert abs(fastv["kv_ratio"] - (2 * total + 4 * (text + 320)) / (6 * total)) < 1e-9
+    assert "not supported" in pool["error"]  # refused by the family, the run goes on

@@ -67,6 +67,19 @@ def test_rewrap_replaces_settings(inputs):
     assert n_hooks - bare == 1 + len(m.model.language_model.layers)  # one set, not two
 
 
+def test_refused_rewrap_keeps_the_previous_wrap(inputs):
+    m = tiny_llava()
+    mmsink.wrap(m, prune="fastv", budget=6)
+    n_hooks = sum(len(mod._forward_pre_hooks) for mod in m.modules())
+    with pytest.raises(ValueError, match="larger than"):
+        mmsink.wrap(m, prune="fastv", budget=1000)  # refused by the handle, after the old one came off
+    with pytest.raises(ValueError, match="sink_dims"):
+        mmsink.wrap(m, prune="fastv", budget=6, var=True)
+    assert sum(len(mod._forward_pre_hooks) for mod in m.modules()) == n_hooks
+    logits(m, inputs)
+    assert mmsink.stats(m).kept_tokens[-1] == [6, 6, 6]
+
+
 def test_keep_everything_plan_matches_baseline(inputs):
     """fastv with budget = all tokens re-packs and builds its own masks, and must change nothing."""
     for attn in ("sdpa", "eager"):
