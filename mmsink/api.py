@@ -212,11 +212,13 @@ class Handle:
 
     # ------------------------------------------------------------------ layer hooks
     def layer_pre(self, layer: int):
+        weight = next(self.family.layers[layer].parameters(), None)
+
         def hook(module, args, kwargs):
             ctx = self.ctx
             if ctx is None:
                 return None
-            dev = layer_device(module)
+            dev = layer_device(module, weight)
             if isinstance(ctx, Decode):
                 replace, mask = ctx.mask(layer, args[0].dtype if args else kwargs["hidden_states"].dtype)
                 if replace:

@@ -70,6 +70,7 @@ class Prefill:
         self.base = base
         b, l = layout.is_image.shape
         self.home = layout.is_image.device  # where the call started (layers may sit on other devices)
+        self.device = self.home  # where the plan's tensors are now
         idx = torch.arange(l, device=self.home).expand(b, l)
         self.segments = [Segment(0, idx, layout.valid.clone(), True)]
         self.layer_segment: list[int] = []
@@ -127,7 +128,10 @@ class Prefill:
     def to(self, device) -> None:
         """Move every tensor of this plan to ``device`` in place (not the cache or the call's kwargs): the
         plan follows the hidden states from one device's layers to the next."""
-        _move(self, torch.device(device), set(), skip=("cache", "kwargs"))
+        device = torch.device(device)
+        if device != self.device:
+            _move(self, device, set(), skip=("cache", "kwargs", "home", "device"))
+            self.device = device
 
     # ---- results
     def visual_per_layer(self) -> list[torch.Tensor]:
@@ -153,10 +157,11 @@ def _move(x, device, seen, skip=()):
     return x
 
 
-def layer_device(module) -> torch.device | None:
-    """Where a decoder layer computes: accelerate's execution device when dispatched, else its weights'."""
+def layer_device(module, weight=None) -> torch.device | None:
+    """Where a decoder layer computes: accelerate's execution device when dispatched, else its weights'
+    (``weight``: one of its parameters, looked up once; ``module.to`` moves it in place)."""
     dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
     if dev is None:
-        p = next(module.parameters(), None)
+        p = weight if weight is not None else next(module.parameters(), None)
         return None if p is None else p.device
     return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
