@@ -92,10 +92,7 @@ class Handle:
         if self.sinks is not None or getattr(self.planner, "uses_vision", False):
             self.hooks.append(self.family.projector.register_forward_pre_hook(self.projector_pre))
         if getattr(self.planner, "uses_vision", False):
-            attn = self.family.vision_attention()
-            self.vision_attn = attn
-            for proj, fn in ((attn.q_proj, self.planner.observe_q), (attn.k_proj, self.planner.observe_k)):
-                self.hooks.append(proj.register_forward_hook(self.vision_observer(fn)))
+            self.hooks += self.family.install_vision_scoring(self)
         for i, layer in enumerate(self.family.layers):
             self.hooks.append(layer.register_forward_pre_hook(self.layer_pre(i), with_kwargs=True))
             self.hooks.append(layer.register_forward_hook(self.layer_post(i)))
@@ -290,8 +287,7 @@ class Handle:
         if self.sinks is not None:
             ctx.vit = self.family.vit_norms(features, ctx.kwargs)
         if getattr(self.planner, "uses_vision", False):
-            a = self.vision_attn
-            features = self.planner.edit_features(ctx, features, a.num_heads, a.scale)
+            features = self.family.zip_features(self.planner, ctx, features)
             return (features, *args[1:])
         return None
 

@@ -37,6 +37,20 @@ class Family:
         layers = getattr(tower, "vision_model", tower).encoder.layers
         return layers[layer % (len(layers) + 1) - 1].self_attn
 
+    def install_vision_scoring(self, handle) -> list:
+        """Hooks feeding a vision-stage pruner (VisionZip) the feature layer's queries and keys."""
+        attn = self.vision_attention()
+        pruner = handle.planner
+        return [
+            proj.register_forward_hook(handle.vision_observer(fn))
+            for proj, fn in ((attn.q_proj, pruner.observe_q), (attn.k_proj, pruner.observe_k))
+        ]
+
+    def zip_features(self, pruner, ctx, features):
+        """Projector input -> VisionZip-merged projector input (records the keep sets in ``ctx.run``)."""
+        attn = self.vision_attention()
+        return pruner.edit_features(ctx, features, attn.num_heads, attn.scale)
+
     @property
     def tokens_per_image(self) -> int:
         v = self.config.vision_config

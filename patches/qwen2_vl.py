@@ -18,13 +18,13 @@ from mmsink.layout import build_layout
 
 from .llava import Family as LlavaFamily
 
-NO_CLS = "its vision tower has no class token to rank patches by"
+CHUNK = 1024  # query rows per step when scoring VisionZip's received attention
 
 
 class Family(LlavaFamily):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     class_name = "Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration"
-    unsupported = {"visionzip": NO_CLS}
+    unsupported: dict = {}
 
     def __init__(self, model):
         super().__init__(model)
@@ -46,19 +46,92 @@ class Family(LlavaFamily):
         unit = self.merge**2
         norms = features.float().norm(dim=-1).view(-1, unit).amax(1)
         thw = kwargs.get("image_grid_thw")
-        if hasattr(self.visual, "window_size"):
-            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
-
-            window_index, _ = get_vision_window_index(
-                thw,
-                spatial_merge_size=self.merge,
-                window_size=self.visual.window_size,
-                patch_size=self.visual.patch_size,
-                kwargs={},
-            )
-            norms = norms[torch.argsort(window_index.to(norms.device))]
+        order = self.raster_order(thw, norms.device)
+        if order is not None:
+            norms = norms[order]
         counts = [int(t * h * w) // unit for t, h, w in thw.tolist()]
         return list(norms.split(counts))
+
+    def raster_order(self, thw, device):
+        """Qwen2.5-VL's merger reads tokens in attention-window order: for each token in raster order,
+        its row in the merger's order (None for Qwen2-VL, which keeps raster order)."""
+        if not hasattr(self.visual, "window_size"):
+            return None
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            thw,
+            spatial_merge_size=self.merge,
+            window_size=self.visual.window_size,
+            patch_size=self.visual.patch_size,
+            kwargs={},
+        )
+        return torch.argsort(window_index.to(device))
+
+    # ---- VisionZip: no [CLS], so tokens are ranked by the attention they receive in the last block
+    def install_vision_scoring(self, handle) -> list:
+        from mmsink.plan import Prefill
+
+        attn = self.visual.blocks[-1].attn
+
+        def inputs(module, args, kwargs):
+            if isinstance(handle.ctx, Prefill):
+                handle.ctx.run["cu"] = kwargs["cu_seqlens"]
+                handle.ctx.run["pe"] = kwargs["position_embeddings"]
+
+        def qkv(module, args, output):
+            if isinstance(handle.ctx, Prefill):
+                handle.ctx.run["qkv"] = output
+
+        return [
+            attn.register_forward_pre_hook(inputs, with_kwargs=True),
+            attn.qkv.register_forward_hook(qkv),
+        ]
+
+    def zip_features(self, pruner, ctx, features):
+        """Merger input [patches, D] -> VisionZip-merged merger input. Scores: the attention each patch
+        receives in the last block (its own attention segments, rotary applied as the block does), mean
+        over heads and queries, then per token (mean over its merge^2 patches); similarity: raw keys."""
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        run = ctx.run
+        qkv, cu, (cos, sin) = run.pop("qkv"), run.pop("cu"), run.pop("pe")
+        attn = self.visual.blocks[-1].attn
+        n, heads = qkv.shape[0], attn.num_heads
+        q, k, _ = qkv.view(n, 3, heads, -1).unbind(1)
+        metric = k.float().mean(1)  # [patches, head_dim]
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        received = torch.zeros(n, device=qkv.device)
+        hd = q.shape[-1]
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            kk = k[s:e].transpose(0, 1).float()  # [H, P, hd]
+            acc = torch.zeros(heads, e - s, device=qkv.device)
+            for c in range(s, e, CHUNK):
+                qq = q[c : min(c + CHUNK, e)].transpose(0, 1).float()
+                acc += torch.softmax(qq @ kk.transpose(1, 2) * attn.scaling, -1).sum(1)
+            received[s:e] = acc.mean(0) / (e - s)
+            ctx.extra_flops += 2 * heads * (e - s) ** 2 * hd
+        unit = self.merge**2
+        score = received.view(-1, unit).mean(1)
+        metric = metric.view(-1, unit, metric.shape[-1]).mean(1)
+        groups = features.reshape(-1, unit * features.shape[-1])
+        thw = ctx.kwargs.get("image_grid_thw")
+        order = self.raster_order(thw, features.device)
+        if order is not None:
+            score, metric, groups = score[order], metric[order], groups[order]
+        counts = [int(t * h * w) // unit for t, h, w in thw.tolist()]
+        outs, keeps = [], []
+        for sc, me, g in zip(score.split(counts), metric.split(counts), groups.split(counts)):
+            o, kp = pruner.zip(ctx, g[None], sc[None], me[None])
+            outs.append(o[0])
+            keeps.append(kp[0])
+        out = torch.cat(outs)
+        run["keep"] = torch.cat(keeps)
+        if order is not None:
+            back = torch.empty_like(out)
+            back[order] = out
+            out = back
+        return out.view_as(features)
 
     def layout(self, input_ids, attention_mask, prompt_len, kwargs=None):
         lay = build_layout(input_ids, attention_mask, self.config.image_token_id, None, prompt_len, None)

@@ -16,6 +16,7 @@ METHODS = [
     ("random", {"budget": 0.5}),
     ("pool", {"budget": 4}),
     ("visipruner", {"budget": 4}),
+    ("visionzip", {"budget": 0.5}),
 ]
 IDS = [m for m, _ in METHODS]
 
@@ -121,9 +122,72 @@ def test_budget_larger_than_a_small_image(model, data):
         mmsink.unwrap(model)
 
 
-def test_refused_method_says_why(model):
-    with pytest.raises(ValueError, match="not supported on Qwen2VL"):
-        mmsink.wrap(model, prune="visionzip")
+def test_visionzip_keeps_the_most_attended_tokens(model, data, monkeypatch):
+    """VisionZip without [CLS]: each image keeps its top tokens by the attention they receive in the last
+    vision block (full softmax matrices here, from the block's own inputs in an unwrapped run; the library
+    works in query chunks, made small to exercise them), plus the contextual targets, budget per image.
+    Qwen2.5's window order is undone independently by matching merger rows to the tower's raster output."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    import patches.qwen2_vl as family
+
+    monkeypatch.setattr(family, "CHUNK", 5)
+    inputs, _ = data
+    attn = model.model.visual.blocks[-1].attn
+    seen, merger_in, vis_out = [], [], []
+    hooks = [
+        attn.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True),
+        model.model.visual.merger.register_forward_pre_hook(lambda m, a: merger_in.append(a[0])),
+        model.model.visual.register_forward_hook(lambda m, a, o: vis_out.append(o) and None),
+    ]
+    try:
+        with torch.no_grad():
+            model(**inputs)  # the untouched model: what the tower computes, and its token order
+    finally:
+        for h in hooks:
+            h.remove()
+    mmsink.wrap(model, prune="visionzip", budget=0.5)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
+    ((args, kw),) = seen
+    x = args[0] if args else kw["hidden_states"]
+    n = x.shape[0]
+    with torch.no_grad():
+        q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, *kw["position_embeddings"])
+        cu = kw["cu_seqlens"].tolist()
+        received = torch.cat(
+            [
+                torch.softmax(q[s:e].transpose(0, 1) @ k[s:e].permute(1, 2, 0) * attn.scaling, -1)
+                .mean(0)  # heads
+                .mean(0)  # queries
+                for s, e in zip(cu[:-1], cu[1:])
+            ]
+        )
+        score = received.view(-1, 4).mean(1)  # per merged token, in the merger's order
+        if hasattr(model.model.visual, "window_size"):
+            merged = model.model.visual.merger(merger_in[0])
+            raster = torch.cat(list(vis_out[0].pooler_output))
+            score = score[torch.cdist(raster.float(), merged.float()).argmin(1)]
+    start = 0  # token index over all images, in batch order
+    for sample, (_, _, images) in enumerate(SPECS):
+        kept = set(st.kept_indices[0][sample])
+        positions = (inputs["input_ids"][sample] == QWEN_IMAGE).nonzero().squeeze(1).tolist()
+        off = 0
+        for h, w in images:
+            t = h * w // 4
+            pos = positions[off : off + t]
+            total = -(-t // 2)  # ceil(t * 0.5)
+            contextual = min(round(total * 10 / 64), total - 1)
+            top = score[start : start + t].topk(total - contextual).indices.tolist()
+            assert {pos[i] for i in top} <= kept  # the dominant tokens
+            assert len(kept & set(pos)) == total  # dominant + contextual targets
+            off += t
+            start += t
 
 
 def test_vit_sinks(model, data):

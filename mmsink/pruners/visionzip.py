@@ -1,11 +1,15 @@
 """VisionZip (Yang et al., CVPR 2025): inside the vision tower, question-independent.
 
-Dominant tokens: the patch tokens the [CLS] query attends to most (mean over heads) in the vision layer
-whose output feeds the projector. Contextual tokens: the remaining tokens are grouped around evenly
-spaced targets by key similarity and averaged (in the feature space the projector reads). Budget split
-as the paper (54+10 of 64, 108+20 of 128, 162+30 of 192): contextual = round(budget * 10 / 64).
-Dominant tokens keep their positions; a merged token sits at its target's position.
-The CLS row and keys come from the projections the tower computes anyway (no attention matrix)."""
+Dominant tokens: the tokens the vision layer feeding the projector attends to most. With a [CLS] token
+(LLaVA) that is the [CLS] query's attention, mean over heads. Without one (Qwen2-VL / Qwen2.5-VL) it is
+the attention each token receives, mean over heads and over the queries of its image (the paper's rule
+for towers without [CLS]), taken per merged token (mean over its patches). Contextual tokens: the
+remaining tokens are grouped around evenly spaced targets by key similarity and averaged (in the feature
+space the projector reads). Budget split as the paper (54+10 of 64, 108+20 of 128, 162+30 of 192):
+contextual = round(budget * 10 / 64). Dominant tokens keep their positions; a merged token sits at its
+target's position. Scores come from the projections the tower computes anyway (no attention matrix is
+kept; the [CLS] row or chunks of query rows are recomputed and counted in the FLOPs).
+"""
 
 from __future__ import annotations
 
@@ -24,15 +28,22 @@ class VisionZip(Pruner):
     def start(self, ctx):
         ctx.run = {}
 
-    # called by the handle's hooks on the feature layer's q/k projections and on the projector input
+    # called by the family's hooks on the feature layer's q/k projections and on the projector input
     def observe_q(self, ctx, q):
         ctx.run["q"] = q
 
     def observe_k(self, ctx, k):
         ctx.run["k"] = k
 
+    def split(self, p: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens kept of an image of ``p`` tokens."""
+        total = int(budget_count(self.budget, torch.tensor([p]))[0])
+        contextual = min(round(total * 10 / 64), max(total - 1, 0))
+        return total - contextual, contextual
+
     def edit_features(self, ctx, features, heads: int, scale: float):
-        """features [I, 1+P or P, D] projector input -> merged features; records each image's keep set."""
+        """LLaVA: features [I, 1+P or P, D] projector input -> merged features; records each image's keep
+        set. Dominant scores: the [CLS] query's attention at the feature layer."""
         q, k = ctx.run.pop("q"), ctx.run.pop("k")  # [I, 1+P, H*hd]
         n_img, n_tok, _ = k.shape
         hd = k.shape[-1] // heads
@@ -42,13 +53,17 @@ class VisionZip(Pruner):
         ctx.extra_flops += 2 * n_img * heads * n_tok * hd
         offset = n_tok - features.shape[1]  # 1 when the class token was dropped ("default")
         score = cls_attn[:, offset:]
-        metric = torch.nn.functional.normalize(
-            kh[:, offset:].float().mean(2), dim=-1
-        )  # keys, mean over heads
-        p = score.shape[1]
-        total = int(budget_count(self.budget, torch.tensor([p]))[0])
-        contextual = min(round(total * 10 / 64), max(total - 1, 0))
-        dominant = total - contextual
+        metric = kh[:, offset:].float().mean(2)  # keys, mean over heads
+        out, keep = self.zip(ctx, features, score, metric)
+        ctx.run["keep"] = keep
+        return out
+
+    def zip(self, ctx, features, score, metric):
+        """features [I, P, F], score [I, P], metric [I, P, d] (images of one size) -> (merged features,
+        keep [I, P]): the top dominant tokens by score, then the rest merged around evenly spaced targets."""
+        metric = torch.nn.functional.normalize(metric, dim=-1)
+        n_img, p = score.shape
+        dominant, contextual = self.split(p)
         out = features.clone()
         keep = torch.zeros(n_img, p, dtype=torch.bool, device=features.device)
         dom = score.topk(dominant, dim=1).indices
@@ -75,11 +90,10 @@ class VisionZip(Pruner):
             merged = (sums / counts[..., None]).to(features.dtype)
             out.scatter_(1, targets[..., None].expand(-1, -1, f.shape[-1]), merged)
             keep.scatter_(1, targets, True)
-        ctx.run["keep"] = keep
-        return out
+        return out, keep
 
     def before_llm(self, ctx, embeds):
-        keep = ctx.run.get("keep")
+        keep = ctx.run.get("keep")  # every image's keep set, in the order of the sequence's image tokens
         if keep is None:
             return None
         chosen = torch.zeros_like(ctx.layout.is_image)
