@@ -5,11 +5,13 @@ out = model.generate(**inputs)
 mmsink.stats(model)       # what the last prefill did
 with mmsink.disabled(model): ...
 mmsink.unwrap(model)
+mmsink.generate_fast(model, max_new_tokens=64, **inputs)   # greedy, static caches (CUDA graph on GPU)
 """
 
 from .api import disabled, stats, unwrap, wrap
 from .api import methods as methods
+from .fast import generate_fast
 from .stats import Stats
 
-__all__ = ["wrap", "unwrap", "disabled", "stats", "methods", "Stats"]
+__all__ = ["wrap", "unwrap", "disabled", "stats", "methods", "generate_fast", "Stats"]
 __version__ = "0.1.0"

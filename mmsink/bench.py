@@ -156,13 +156,21 @@ def kv_bytes(cache) -> int:
 
 
 def measure(
-    shape: str, reps: int, batch: int, device: str, dtype, grid=None, decode_tokens: int = 16
+    shape: str,
+    reps: int,
+    batch: int,
+    device: str,
+    dtype,
+    grid=None,
+    decode_tokens: int = 16,
+    e2e_tokens: int = 0,
 ) -> dict:
     """Per method: prefill time, the ideal row (the same plan replayed with no selection work), time to
     first token, decode time per token, KV-cache bytes, peak memory of the prefill, FLOPs."""
     import mmsink
 
     model = build(shape, device, dtype)
+    model.generation_config.eos_token_id = None  # random weights: time fixed lengths
     inputs, n_vis = bench_inputs(model, batch, 35, 29, device, dtype)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else None
@@ -189,7 +197,12 @@ def measure(
         n = max(1, reps // 2)
         ttft = timed(lambda: generate(1), n, sync) * 1e3
         decode = (timed(lambda: generate(1 + decode_tokens), n, sync) * 1e3 - ttft) / decode_tokens
-        return dict(ms=ms, ttft_ms=ttft, decode_ms=decode, kv_bytes=kv, peak_bytes=peak)
+        r = dict(ms=ms, ttft_ms=ttft, decode_ms=decode, kv_bytes=kv, peak_bytes=peak)
+        if e2e_tokens:  # prefill + e2e_tokens new tokens: transformers' generate vs generate_fast
+            r["e2e_ms"] = timed(lambda: generate(e2e_tokens), n, sync) * 1e3
+            fast = lambda: mmsink.generate_fast(model, max_new_tokens=e2e_tokens, **inputs)  # noqa: E731
+            r["fast_ms"] = timed(fast, n, sync) * 1e3
+        return r
 
     base = profile()
     mmsink.wrap(model, prune=None)
@@ -227,6 +240,7 @@ def measure(
         "dtype": str(dtype),
         "reps": reps,
         "decode_tokens": decode_tokens,
+        "e2e_tokens": e2e_tokens,
         "rows": rows,
     }
 
@@ -272,6 +286,32 @@ def measured_markdown(res: dict) -> str:
                 f"{r['flops_ratio']:.3f}",
             )
         )
+    if res.get("e2e_tokens"):
+        n = res["e2e_tokens"]
+        lines += [
+            "",
+            f"Prefill + {n} new tokens (greedy), ms: transformers' `generate` (dynamic cache) against "
+            "`mmsink.generate_fast` (static per-layer caches; the decode step as one CUDA graph on GPU).",
+            "",
+            "| method | budget | generate ms | generate_fast ms | fast / generate | fast / baseline "
+            "generate |",
+            "|---|---|---|---|---|---|",
+        ]
+        base = res["rows"][0]
+        for r in res["rows"]:
+            if "e2e_ms" not in r:
+                continue
+            b = "adaptive" if r["method"] == "visipruner" and r["budget"] is None else r["budget"] or "-"
+            lines.append(
+                md_row(
+                    r["method"],
+                    b,
+                    f"{r['e2e_ms']:.1f}",
+                    f"{r['fast_ms']:.1f}",
+                    f"{r['fast_ms'] / r['e2e_ms']:.3f}",
+                    f"{r['fast_ms'] / base['e2e_ms']:.3f}",
+                )
+            )
     return "\n".join(lines)
 
 
@@ -475,6 +515,9 @@ def main(argv=None):
         "--budgets", default=None, help="comma-separated token budgets; 'adaptive' for visipruner's"
     )
     ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument(
+        "--e2e-tokens", type=int, default=0, help="also time prefill + N tokens: generate vs generate_fast"
+    )
     ap.add_argument("--out", default=None, help="directory for JSON and Markdown")
     ap.add_argument("--name", default=None, help="file stem (default: derived from the settings)")
     a = ap.parse_args(argv)
@@ -489,7 +532,7 @@ def main(argv=None):
             methods = (a.methods or ",".join(m for m, _ in METHOD_GRID)).split(",")
             budgets = [None if b == "adaptive" else int(b) for b in (a.budgets or "192,128,64").split(",")]
             grid = [(m, b) for m in methods for b in budgets if b is not None or m == "visipruner"]
-        res = measure(a.shape, a.reps, a.batch, a.device, dtype, grid, a.decode_tokens)
+        res = measure(a.shape, a.reps, a.batch, a.device, dtype, grid, a.decode_tokens, a.e2e_tokens)
         md = measured_markdown(res)
         stem = a.name or f"prefill_{a.shape}_{a.device.split(':')[0]}_b{a.batch}"
     res["environment"] = environment()

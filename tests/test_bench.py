@@ -13,6 +13,7 @@ def test_measured_rows_follow_the_plan():
         dtype=bench.torch.float32,
         grid=[("fastv", 64)],
         decode_tokens=1,
+        e2e_tokens=2,
     )
     base, fastv = res["rows"]
     assert base["method"] == "baseline" and fastv["method"] == "fastv"
@@ -24,8 +25,9 @@ def test_measured_rows_follow_the_plan():
     assert abs(fastv["time_ratio"] - fastv["ms"] / base["ms"]) < 1e-12
     assert 0 < fastv["ideal_ms"] and abs(fastv["of_ideal"] - fastv["ideal_ms"] / fastv["ms"]) < 1e-12
     assert fastv["flops_ratio"] < 0.5 and fastv["decode_ms"] > 0 and fastv["ttft_ms"] > 0
+    assert fastv["e2e_ms"] > 0 and fastv["fast_ms"] > 0
     md = bench.measured_markdown(res)
-    assert "| fastv | 64 |" in md and "ideal ratio" in md
+    assert "| fastv | 64 |" in md and "ideal ratio" in md and "generate_fast ms" in md
 
 
 def test_llava_next_shape_counts_its_tiles():

@@ -37,3 +37,17 @@ def test_cuda_generate_cached_equals_uncached(method, opts):
         a = model.generate(**inputs, max_new_tokens=6, do_sample=False)
         b = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "method,opts", [(None, {}), ("fastv", {"budget": 6}), ("pdrop", {}), ("visipruner", {})]
+)
+def test_cuda_graph_decode_equals_generate(method, opts):
+    """generate_fast with the decode step captured as a CUDA graph gives greedy generate's tokens."""
+    model = tiny_llava().cuda()
+    inputs = {k: v.cuda() for k, v in batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)]).items()}
+    mmsink.wrap(model, prune=method, **opts)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert torch.equal(mmsink.generate_fast(model, max_new_tokens=12, graphs=True, **inputs), ref)
+    assert torch.equal(mmsink.generate_fast(model, max_new_tokens=12, graphs=False, **inputs), ref)
