@@ -24,12 +24,17 @@ class Segment:
     full: bool  # the untouched full sequence: transformers' own mask and positions apply
     gather: torch.Tensor | None = None  # [B, n] slots of the previous segment this one takes
     cache: dict = field(default_factory=dict)
+    dense: bool = False  # every slot is a real token (no padding): plain causal attention is exact
 
     @property
     def n(self) -> int:
         return self.idx.shape[1]
 
-    def mask(self, base: str, dtype) -> torch.Tensor:
+    def mask(self, base: str, dtype) -> torch.Tensor | None:
+        """The attention mask of this segment's layers. None when dense and the backend is causal by
+        itself (SDPA's is_causal, flash): an explicit mask would keep SDPA off its flash kernel."""
+        if self.dense and base != "eager":
+            return None
         key = ("mask", base, dtype)
         if key not in self.cache:
             self.cache[key] = build_mask(base, self.valid, self.n, dtype)
@@ -55,10 +60,12 @@ def repack(seg: Segment, keep: torch.Tensor, start: int) -> Segment:
     """New segment with the kept slots of ``seg`` (keep [B, n] bool), left-padded and in order."""
     keep = keep & seg.valid
     n = seg.n
-    n_new = max(int(keep.sum(1).max().item()), 1)
+    lo, hi = (int(c) for c in torch.aminmax(keep.sum(1)))  # one sync: the new width and whether it is dense
+    n_new = max(hi, 1)
     ar = torch.arange(n, device=keep.device)
     order = torch.where(keep, n + ar, ar).argsort(dim=1)[:, n - n_new :]
-    return Segment(start, seg.idx.gather(1, order), keep.gather(1, order), False, gather=order)
+    dense = lo == hi == n_new
+    return Segment(start, seg.idx.gather(1, order), keep.gather(1, order), False, gather=order, dense=dense)
 
 
 class Prefill:

@@ -109,3 +109,25 @@ def test_two_models_side_by_side(inputs):
     assert torch.equal(logits(b, inputs), ref)  # the unwrapped twin is untouched
     assert not torch.allclose(pa[:, -1], ref[:, -1])
     assert b.config.text_config._attn_implementation == "sdpa"
+
+
+def test_dense_segments_pass_no_mask():
+    """A pruned segment without padding leaves the mask to the kernel's causal path (SDPA stays on its
+    flash kernel); with left padding it passes an explicit mask. Outputs agree either way."""
+    from tiny import batch, prompt
+
+    m = tiny_llava()
+    seen = []
+    one = batch([prompt(5, 7, seed=1)])
+    two = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+    mmsink.wrap(m, prune="fastv", budget=6)
+    # registered after wrap, so it runs after the handle's hook and sees what the layer gets
+    hook = m.model.language_model.layers[5].register_forward_pre_hook(
+        lambda mod, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True
+    )
+    with torch.no_grad():
+        a = m(**one).logits[0, -1]
+        b = m(**two).logits[0, -1]
+    hook.remove()
+    assert seen[0] is None and seen[1] is not None
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
