@@ -139,6 +139,7 @@ def generate_fast(model, max_new_tokens: int = 32, graphs: bool | None = None, *
         handle = None
     if handle is not None and handle.var is not None and handle.enabled:
         raise ValueError("mmsink: generate_fast does not run VAR's decode-time redistribution; use generate")
+    prev = handle.prompt_len if handle is not None else None
     if handle is not None:
         handle.prompt_len = ids.shape[1]  # selection anchored to the prompt's last token, as generate does
     try:
@@ -149,7 +150,7 @@ def generate_fast(model, max_new_tokens: int = 32, graphs: bool | None = None, *
         out = model(**call, use_cache=True, logits_to_keep=1)
     finally:
         if handle is not None:
-            handle.prompt_len = None
+            handle.prompt_len = prev
     gen = model.generation_config
     eos = gen.eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=ids.device)
