@@ -131,3 +131,38 @@ def test_dense_segments_pass_no_mask():
     hook.remove()
     assert seen[0] is None and seen[1] is not None
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_plan_moves_whole_to_another_device():
+    """What the multi-GPU path relies on (tests/test_multigpu.py runs it on two GPUs): ``Prefill.to``
+    reaches every tensor of a plan, segments stay shared objects, and the cache is left alone."""
+    from tiny import batch, prompt
+
+    from mmsink.plan import Prefill
+
+    m = tiny_llava()
+    mmsink.wrap(m, prune="visipruner", budget=5, sink_forward={"factor": 1.01, "max_sinks": 2})
+    handle = mmsink.api.get_handle(m)
+    grabbed = []
+    hook = m.model.language_model.layers[6].register_forward_hook(lambda mod, a, o: grabbed.append(handle.ctx))
+    with torch.no_grad():
+        m(**batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)]))
+    hook.remove()
+    ctx = grabbed[0]
+    assert isinstance(ctx, Prefill) and len(ctx.segments) > 1
+    cache, seg = ctx.cache, ctx.segments[-1]
+    ctx.to("meta")
+    seen, stack = set(), [(k, v) for k, v in vars(ctx).items() if k not in ("cache", "kwargs")]
+    while stack:
+        name, x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            assert x.device.type == "meta", name
+        elif isinstance(x, (list, tuple)):
+            stack += [(name, v) for v in x]
+        elif isinstance(x, dict):
+            stack += [(f"{name}.{k}", v) for k, v in x.items()]
+        elif type(x).__module__.startswith("mmsink") and id(x) not in seen:
+            seen.add(id(x))
+            stack += [(f"{name}.{k}", v) for k, v in vars(x).items()]
+    assert ctx.seg is seg and ctx.cache is cache
+    assert all(layer.keys.device.type == "cpu" for layer in cache.layers)
