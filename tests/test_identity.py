@@ -144,7 +144,9 @@ def test_plan_moves_whole_to_another_device():
     mmsink.wrap(m, prune="visipruner", budget=5, sink_forward={"factor": 1.01, "max_sinks": 2})
     handle = mmsink.api.get_handle(m)
     grabbed = []
-    hook = m.model.language_model.layers[6].register_forward_hook(lambda mod, a, o: grabbed.append(handle.ctx))
+    hook = m.model.language_model.layers[6].register_forward_hook(
+        lambda mod, a, o: grabbed.append(handle.ctx)
+    )
     with torch.no_grad():
         m(**batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)]))
     hook.remove()
