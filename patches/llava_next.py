@@ -3,8 +3,9 @@ unpadded, with an ``image_newline`` token after each row), so an image's token c
 
 Every visual token (newline tokens included) carries the image token id, so the Layout is the same as
 LLaVA's; an image is a contiguous run of image tokens (images back to back with no text between them
-count as one image for per-image budgets). Methods that need one token grid per image or a one-to-one
-map from vision-tower tokens to sequence tokens (pool, visionzip, sink_forward) are refused at wrap time.
+count as one image for per-image budgets). Methods that work on vision-tower tokens (VisionZip, ViT-sink
+forwarding) map them to sequence tokens by running the model's own packing (unpadding, newline tokens)
+on token indices instead of features. pool needs one grid per image and is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +23,57 @@ NO_GRID = "its visual tokens are several unpadded tile grids with newline tokens
 class Family(LlavaFamily):
     model_types = ("llava_next",)
     class_name = "LlavaNextForConditionalGeneration"
-    unsupported = {"pool": NO_GRID, "visionzip": NO_GRID, "sink_forward": NO_GRID}
+    unsupported = {"pool": NO_GRID}
+
+    def token_map(self, features, kwargs):
+        """(source, lengths): for every visual token of the sequence, in order, its row in the flattened
+        projector input [tiles * tokens] (-1 for newline tokens), and each image's token count. Built by
+        the model's own ``pack_image_features`` applied to the row indices."""
+        import torch
+
+        tiles, per, _ = features.shape
+        rows = torch.arange(tiles * per, device=features.device, dtype=torch.float32).view(tiles, per, 1)
+        pix = kwargs.get("pixel_values")
+        counts = self.tiles(pix, kwargs)
+        packed, lens = self.model.model.pack_image_features(
+            list(rows.split(counts)),
+            kwargs.get("image_sizes"),
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            image_newline=torch.full((1,), -1.0, device=features.device),
+        )
+        return torch.cat(packed).view(-1).round().long(), [int(n) for n in lens]
+
+    def vit_norms(self, features, kwargs) -> list:
+        """Per image, the norm of each visual token's tower feature in sequence order (newlines: 0)."""
+        src, lens = self.token_map(features, kwargs)
+        norms = features.float().norm(dim=-1).view(-1)
+        seq = torch_where_src(src, norms)
+        return list(seq.split(lens))
+
+    def zip_features(self, pruner, ctx, features):
+        """VisionZip per tile ([CLS] attention in each tile, the image's budget shared evenly by its tiles,
+        as the paper runs LLaVA-NeXT); kept tokens mapped to sequence order, newline tokens dropped."""
+        import torch
+
+        attn = self.vision_attention()
+        counts = self.tiles(ctx.kwargs.get("pixel_values"), ctx.kwargs)
+        per_tile = [n for n in counts for _ in range(n)]  # each tile: how many tiles its image has
+        src, _ = self.token_map(features, ctx.kwargs)
+        present = torch.zeros(features.shape[0] * features.shape[1], dtype=torch.bool, device=features.device)
+        present[src[src >= 0]] = True  # unpadding drops some crop tokens: they do not compete
+        out = pruner.edit_features(
+            ctx,
+            features,
+            attn.num_heads,
+            attn.scale,
+            tiles_per_image=per_tile,
+            present=present.view(features.shape[:2]),
+        )
+        keep = ctx.run["keep"].reshape(-1)
+        ctx.run["keep"] = torch.where(
+            src >= 0, keep[src.clamp(min=0)], torch.zeros_like(src, dtype=torch.bool)
+        )
+        return out
 
     @property
     def tokens_per_image(self):
@@ -69,3 +120,12 @@ class Family(LlavaFamily):
         n_feat = n if self.config.vision_feature_select_strategy == "full" else n_patch
         proj = 2 * tiles * n_feat * linear_params(self.model.model.multi_modal_projector)
         return conv + 2 * tiles * n * linear_params(tower) + attn + proj
+
+
+def torch_where_src(src, values):
+    """values[src] where src >= 0, else 0."""
+    import torch
+
+    return torch.where(
+        src >= 0, values[src.clamp(min=0)], torch.zeros((), dtype=values.dtype, device=values.device)
+    )

@@ -27,8 +27,18 @@ FAMILIES = {
         batch=lambda m: next_batch(m, NEXT_SPECS, seed=1)[0],
         single=lambda inputs, i: next_single(inputs, NEXT_SPECS, i),
         samples=len(NEXT_SPECS),
-        methods=COMMON + [("fastv", {"budget": 0.3, "k": 3})],
-        flops=[(None, {}), ("fastv", {"budget": 6}), ("visipruner", {"budget": 4})],
+        methods=COMMON
+        + [
+            ("fastv", {"budget": 0.3, "k": 3}),
+            ("visionzip", {"budget": 0.5}),
+            ("fastv", {"budget": 4, "sink_forward": {"factor": 1.01, "max_sinks": 2}}),
+        ],
+        flops=[
+            (None, {}),
+            ("fastv", {"budget": 6}),
+            ("visipruner", {"budget": 4}),
+            ("visionzip", {"budget": 0.5}),
+        ],
     ),
     **{
         kind: dict(

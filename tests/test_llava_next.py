@@ -61,10 +61,102 @@ def test_matches_reference(model, data):
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method,kw", [("pool", {}), ("visionzip", {}), ("fastv", {"sink_forward": True})])
-def test_refused_methods_say_why(model, method, kw):
+def test_refused_method_says_why(model):
     with pytest.raises(ValueError, match="not supported on LlavaNextForConditionalGeneration"):
-        mmsink.wrap(model, prune=method, **kw)
+        mmsink.wrap(model, prune="pool")
+
+
+def where_tokens_land(model, inputs, tile, token, scale=40.0):
+    """Index among the batch's visual tokens (sequence order) of the projector-input row (tile, token),
+    found independently of mmsink's map: scale that row and see which packed image feature changes."""
+
+    def bump(module, args):
+        x = args[0].clone()
+        x[tile, token] *= scale
+        return (x, *args[1:])
+
+    feats = []
+    for hook in (None, bump):
+        h = model.model.multi_modal_projector.register_forward_pre_hook(hook) if hook else None
+        try:
+            with torch.no_grad():
+                out = model.model.get_image_features(
+                    pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+                )
+        finally:
+            if h:
+                h.remove()
+        feats.append(torch.cat(list(out.pooler_output)))
+    changed = ((feats[0] - feats[1]).abs().amax(-1) > 0).nonzero().squeeze(1).tolist()
+    assert len(changed) <= 1
+    return changed[0] if changed else None  # None: unpadding dropped the token
+
+
+def test_vit_sink_lands_where_the_model_puts_its_token(model, data):
+    """A high-norm tower token of a crop tile is flagged and protected at its own sequence position."""
+    inputs, _ = data
+    tile, token = 2, 3  # a crop tile of sample 1's first image (tile 1 is its base image)
+    sample, pos = (
+        (inputs["input_ids"] == 100).nonzero()[where_tokens_land(model, inputs, tile, token)].tolist()
+    )
+
+    def bump(module, args):
+        x = args[0].clone()
+        x[tile, token] *= 40.0
+        return (x, *args[1:])
+
+    h = model.model.multi_modal_projector.register_forward_pre_hook(bump)  # runs before mmsink's hook
+    mmsink.wrap(model, prune="fastv", budget=3, sink_forward={"factor": 3.0, "max_sinks": 1})
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
+        h.remove()
+    assert [s["position"] for s in st.extra["vit_sinks"][sample]] == [pos]
+    assert all(pos in layer[sample] for layer in st.kept_indices)  # protected at every layer
+
+
+def test_visionzip_keeps_each_tiles_top_cls_tokens(model, data):
+    """VisionZip per tile: each tile's top tokens by [CLS] attention (the tower's eager weights) are kept
+    at the sequence positions the model's own packing gives them; newline tokens are dropped."""
+    inputs, _ = data
+    tower = model.model.vision_tower
+    counts = mmsink.api.load_patches().family_for(model).tiles(inputs["pixel_values"], inputs)
+    pix = torch.cat([p[:n] for p, n in zip(inputs["pixel_values"], counts)])
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = tower(pix, output_attentions=True).attentions[model.config.vision_feature_layer]
+    finally:
+        tower.set_attn_implementation("sdpa")
+    cls = att[:, :, 0, 1:].mean(1)  # [tiles, tokens per tile]
+    mmsink.wrap(model, prune="visionzip", budget=0.5)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
+    flat = (inputs["input_ids"] == 100).nonzero()
+    tiles, per = cls.shape
+    landed = {(t, k): where_tokens_land(model, inputs, t, k) for t in range(tiles) for k in range(per)}
+    expected = 0
+    for tile in range(tiles):
+        here = [k for k in range(per) if landed[tile, k] is not None]  # unpadding drops some crop tokens
+        total = -(-len(here) // 2)
+        dominant = total - min(round(total * 10 / 64), total - 1)
+        expected += total
+        for i in cls[tile, here].topk(dominant).indices.tolist():
+            sample, pos = flat[landed[tile, here[i]]].tolist()
+            assert pos in st.kept_indices[0][sample]
+    newlines = set(range(len(flat))) - set(landed.values())
+    assert newlines  # the tiny model's crops do produce newline tokens
+    for j in newlines:
+        sample, pos = flat[j].tolist()
+        assert pos not in st.kept_indices[0][sample]
+    assert sum(len(st.kept_indices[0][b]) for b in range(len(SPECS))) == expected  # each tile its share
 
 
 def test_var_and_pruning(model, data):

@@ -35,13 +35,21 @@ class VisionZip(Pruner):
     def observe_k(self, ctx, k):
         ctx.run["k"] = k
 
-    def split(self, p: int) -> tuple[int, int]:
-        """(dominant, contextual) tokens kept of an image of ``p`` tokens."""
-        total = int(budget_count(self.budget, torch.tensor([p]))[0])
+    def split(self, p: int, parts: int = 1) -> tuple[int, int]:
+        """(dominant, contextual) tokens kept of ``p`` tokens; ``parts``: an image's budget is shared evenly
+        by that many tiles of ``p`` tokens each (LLaVA-NeXT)."""
+        if isinstance(self.budget, int) and parts > 1:
+            total = max(1, round(self.budget / parts))
+            if total > p:
+                raise ValueError(f"mmsink: budget {self.budget} is larger than {parts} tiles of {p} tokens")
+        else:
+            total = int(budget_count(self.budget, torch.tensor([p]))[0])
         contextual = min(round(total * 10 / 64), max(total - 1, 0))
         return total - contextual, contextual
 
-    def edit_features(self, ctx, features, heads: int, scale: float):
+    def edit_features(self, ctx, features, heads: int, scale: float, tiles_per_image=None, present=None):
+        """``tiles_per_image`` [I]: how many tiles share each row's image budget (LLaVA-NeXT); ``present``
+        [I, P] bool: tokens that reach the sequence (NeXT's unpadding drops some); only they compete."""
         """LLaVA: features [I, 1+P or P, D] projector input -> merged features; records each image's keep
         set. Dominant scores: the [CLS] query's attention at the feature layer."""
         q, k = ctx.run.pop("q"), ctx.run.pop("k")  # [I, 1+P, H*hd]
@@ -54,16 +62,25 @@ class VisionZip(Pruner):
         offset = n_tok - features.shape[1]  # 1 when the class token was dropped ("default")
         score = cls_attn[:, offset:]
         metric = kh[:, offset:].float().mean(2)  # keys, mean over heads
-        out, keep = self.zip(ctx, features, score, metric)
+        if present is None:
+            parts = tiles_per_image[0] if tiles_per_image else 1
+            out, keep = self.zip(ctx, features, score, metric, parts)
+        else:  # tile by tile, on the tokens that exist in the sequence
+            out, keep = features.clone(), torch.zeros_like(present)
+            for i, n in enumerate(tiles_per_image):
+                rows = present[i].nonzero().squeeze(1)
+                o, k = self.zip(ctx, features[i, rows][None], score[i, rows][None], metric[i, rows][None], n)
+                out[i, rows] = o[0]
+                keep[i, rows] = k[0]
         ctx.run["keep"] = keep
         return out
 
-    def zip(self, ctx, features, score, metric):
+    def zip(self, ctx, features, score, metric, parts: int = 1):
         """features [I, P, F], score [I, P], metric [I, P, d] (images of one size) -> (merged features,
         keep [I, P]): the top dominant tokens by score, then the rest merged around evenly spaced targets."""
         metric = torch.nn.functional.normalize(metric, dim=-1)
         n_img, p = score.shape
-        dominant, contextual = self.split(p)
+        dominant, contextual = self.split(p, parts)
         out = features.clone()
         keep = torch.zeros(n_img, p, dtype=torch.bool, device=features.device)
         dom = score.topk(dominant, dim=1).indices
