@@ -1,4 +1,4 @@
-"""Fast greedy decoding after a (pruned) prefill, for LLaVA-1.5 / LLaVA-NeXT (Llama-style decoders).
+"""Fast greedy decoding after a (pruned) prefill: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL.
 
     out = mmsink.generate_fast(model, max_new_tokens=64, **inputs)   # same tokens as greedy generate()
 
@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("llava", "llava_next")
+SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+MROPE = ("qwen2_vl", "qwen2_5_vl")  # 3-D positions; decoding continues from the prefill's rope_deltas
 
 
 class FastDecoder:
@@ -43,8 +44,10 @@ class FastDecoder:
         )
         self.head = model.lm_head
         cfg = family.text_config
-        if getattr(cfg, "sliding_window", None):
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             raise ValueError("mmsink: generate_fast does not implement sliding-window attention")
+        self.mrope = model.config.model_type in MROPE
+        self.delta = model.model.rope_deltas if self.mrope else None  # [B, 1], set by the prefill
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         planned = isinstance(cache, PlanCache) and cache.planned
         b = attention_mask.shape[0]
@@ -72,6 +75,8 @@ class FastDecoder:
         """Logits of the next token after ``tok`` [B], the ``t``-th new token (0-d long tensor)."""
         h = self.embed(tok[:, None])
         pos = (self.pos0 + t)[:, None]
+        if self.mrope:  # the same position on the t, h and w axes, shifted by the image's rope delta
+            pos = (pos + self.delta.to(pos.device)).expand(3, -1, -1)
         cos, sin = self.rotary(h, pos)
         b = h.shape[0]
         for layer, kb, vb, ok, start in zip(self.layers, self.k, self.v, self.valid, self.start):
@@ -146,7 +151,8 @@ def generate_fast(model, max_new_tokens: int = 32, graphs: bool | None = None, *
         # positions as generate makes them for left-padded prompts (the decode step continues from these)
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         call = {**inputs, "attention_mask": mask}
-        call.setdefault("position_ids", pos)
+        if model.config.model_type not in MROPE:  # Qwen computes its 3-D positions (and rope deltas) itself
+            call.setdefault("position_ids", pos)
         out = model(**call, use_cache=True, logits_to_keep=1)
     finally:
         if handle is not None:

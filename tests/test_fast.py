@@ -74,7 +74,18 @@ def test_refusals(llava):
             mmsink.generate_fast(llava, max_new_tokens=4, **inputs)
     finally:
         mmsink.unwrap(llava)
-    qwen = tiny_qwen()
-    q_inputs, _ = qwen_batch([(3, 4, [(8, 8)])])
-    with pytest.raises(ValueError, match="generate_fast supports"):
-        mmsink.generate_fast(qwen, max_new_tokens=4, **q_inputs)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize(
+    "method,opts", [(None, {}), ("fastv", {"budget": 4}), ("visionzip", {"budget": 0.5})]
+)
+def test_qwen_mrope(kind, method, opts):
+    """3-D positions: the decode step continues from the prefill's rope deltas (images of different
+    sizes and a text-only sample in one left-padded batch)."""
+    model = tiny_qwen(kind)
+    inputs, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)]), (3, 5, [])], seed=1)
+    mmsink.wrap(model, prune=method, **opts)
+    ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    out = mmsink.generate_fast(model, max_new_tokens=8, **inputs)
+    assert torch.equal(out, ref)
