@@ -115,7 +115,7 @@ def open_image(path: Path):
         return None, f"unreadable image {path}: {e}"
 
 
-def answer_batch(model, processor, questions, images, max_new_tokens):
+def answer_batch(model, processor, questions, images, max_new_tokens, fast=False):
     """Greedy answers and this batch's per-sample prefill facts (kept tokens, FLOPs)."""
     import torch
 
@@ -126,12 +126,15 @@ def answer_batch(model, processor, questions, images, max_new_tokens):
     if "pixel_values" in enc:
         enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     with torch.inference_mode():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=processor.tokenizer.pad_token_id,
-        )
+        if fast:  # the same greedy tokens; static caches (and a CUDA graph on GPU)
+            out = mmsink.generate_fast(model, max_new_tokens=max_new_tokens, **enc)
+        else:
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
     new = out[:, enc["input_ids"].shape[1] :]
     answers = [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
     s = mmsink.stats(model)  # after generate: the prefill of this batch (the first forward)
@@ -167,6 +170,7 @@ def run_eval(
     model_id="model",
     seed=0,
     progress=True,
+    fast=False,
 ) -> dict:
     """Answer the questions of ``bench`` not yet in ``out``; return (and print) the run's summary.
     In a parallel run (evals/parallel.py) every rank answers its share and rank 0 merges and scores."""
@@ -196,7 +200,7 @@ def run_eval(
     rank, ranks = parallel.rank(), parallel.size()
     mine = parallel.shard(pending, batch_size, rank, ranks)
     target = parallel.part_path(out, rank) if ranks > 1 else out
-    job = (model, processor, bench, settings, model_id, max_new_tokens)
+    job = (model, processor, bench, settings, model_id, max_new_tokens, fast)
     shown = progress and rank == 0
     found = parallel.together(lambda: append_answers(job, mine, target, batch_size, shown))
     place = {qid: i for i, qid in enumerate(order)}
@@ -231,7 +235,7 @@ def append_answers(job, pending, out: Path, batch_size, progress) -> list[dict]:
     """Answer ``pending`` batch by batch, appending to ``out``; return the records that had to be skipped."""
     from tqdm import tqdm
 
-    model, processor, bench, settings, model_id, max_new_tokens = job
+    model, processor, bench, settings, model_id, max_new_tokens, fast = job
     meta = settings.meta()
     problems = []
     bar = tqdm(total=len(pending), desc=settings.label(), unit="q", file=sys.stderr, disable=not progress)
@@ -249,7 +253,7 @@ def append_answers(job, pending, out: Path, batch_size, progress) -> list[dict]:
                     images.append(img)
             if batch:
                 try:
-                    answers, facts = answer_batch(model, processor, batch, images, max_new_tokens)
+                    answers, facts = answer_batch(model, processor, batch, images, max_new_tokens, fast)
                 except ValueError as e:  # mmsink refuses these settings for these inputs
                     first = batch[0]["question_id"]
                     raise EvalError(
@@ -329,6 +333,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="decode with mmsink.generate_fast (the same greedy answers; CUDA graphs on GPU; not with --var)",
+    )
     p.add_argument("--seed", type=int, default=0, help="synthvqa seed and torch seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -394,6 +403,7 @@ def main(argv=None):
             model_id,
             args.seed,
             not args.no_progress,
+            args.fast,
         )
     except EvalError as e:
         if parallel.is_main():

@@ -242,6 +242,7 @@ def main(argv=None):
                     model_id,
                     args.seed,
                     not args.no_progress,
+                    args.fast,
                 )
             except EvalError as e:
                 if lead:

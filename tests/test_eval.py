@@ -267,3 +267,12 @@ def test_var_settings_pass_through(model_dir, cache, tmp_path):
         2,
     )
     assert [r["metadata"]["var"] for r in lines(out)] == [{"sink_dims": [1, 5]}] * 2
+
+
+def test_fast_decoding_writes_the_same_answers(model_dir, cache, tmp_path):
+    """--fast (mmsink.generate_fast) gives byte-identical answers files to generate, pruned or not."""
+    for extra in ([], ["--prune", "fastv", "--budget", "16"]):
+        a, b = tmp_path / f"a{len(extra)}.jsonl", tmp_path / f"b{len(extra)}.jsonl"
+        assert run(model_dir, cache, a, "--batch-size", 3, *extra) == 0
+        assert run(model_dir, cache, b, "--batch-size", 3, "--fast", *extra) == 0
+        assert a.read_text() == b.read_text()
