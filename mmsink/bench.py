@@ -54,6 +54,37 @@ SHAPES["tiny-next-cpu"] = {  # for tests: NeXT's input path at a size a CPU test
     ),
 }
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# Qwen2-VL-7B with one 1400x1400 image: 100x100 patches, 2x2 merged = 2500 visual tokens
+SHAPES["qwen2-vl-7b"] = {
+    "family": "qwen2_vl",
+    "grid": (100, 100),
+    "ids": (151655, 151656, 151652, 151653),  # image, video, vision start, vision end
+    "vision": dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4),
+    "text": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+    ),
+}
+SHAPES["tiny-qwen-cpu"] = {  # for tests: Qwen's input path at a size a CPU test affords (196 tokens)
+    "family": "qwen2_vl",
+    "grid": (28, 28),
+    "ids": (32000, 32001, 32002, 32003),
+    "vision": dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2),
+    "text": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32064,
+        rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e4},
+    ),
+}
 IMAGE_TOKEN = 32000
 
 
@@ -61,6 +92,26 @@ def build(shape: str, device="cpu", dtype=torch.float32, attn="sdpa"):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     s = SHAPES[shape]
+    if s.get("family") == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        image, video, start, end = s["ids"]
+        vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **s["vision"])
+        cfg = Qwen2VLConfig(
+            text_config=dict(max_position_embeddings=32768, **s["text"]),
+            vision_config=vision,
+            image_token_id=image,
+            video_token_id=video,
+            vision_start_token_id=start,
+            vision_end_token_id=end,
+        )
+        cfg._attn_implementation = attn
+        with torch.device(device):
+            model = Qwen2VLForConditionalGeneration(cfg)
+        if device != "meta":
+            model = model.to(dtype)
+            model.set_attn_implementation(attn)
+        return model.eval()
     vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **s["vision"])
     text = LlamaConfig(max_position_embeddings=8192, pad_token_id=0, **s["text"])
     if s.get("family") == "llava_next":
@@ -87,9 +138,13 @@ def build(shape: str, device="cpu", dtype=torch.float32, attn="sdpa"):
     return model.eval()
 
 
-def bench_inputs(model, batch: int, n_sys: int, n_text: int, device="cpu", dtype=torch.float32, seed=0):
-    """(inputs, visual tokens per prompt) for either family: LLaVA-1.5 (576 tokens) or LLaVA-NeXT (one
-    672x672 image: its token count comes from the model's own anyres packing)."""
+def bench_inputs(
+    model, batch: int, n_sys: int, n_text: int, device="cpu", dtype=torch.float32, seed=0, grid=None
+):
+    """(inputs, visual tokens per prompt): LLaVA-1.5 (576 tokens), LLaVA-NeXT (one 672x672 image: its
+    token count comes from the model's own anyres packing) or Qwen2-VL (one image of patch ``grid``)."""
+    if model.config.model_type == "qwen2_vl":
+        return qwen_inputs(model, grid, batch, n_sys, n_text, device, dtype, seed)
     if model.config.model_type != "llava_next":
         return llava_inputs(batch, n_sys, n_text, device, dtype, seed), 576
     g = torch.Generator().manual_seed(seed)
@@ -103,6 +158,34 @@ def bench_inputs(model, batch: int, n_sys: int, n_text: int, device="cpu", dtype
     ids = torch.cat([torch.tensor([1]), sys, torch.full((n_vis,), IMAGE_TOKEN), txt])[None].repeat(batch, 1)
     inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
     return dict(inputs, pixel_values=pix, image_sizes=sizes), n_vis
+
+
+def qwen_inputs(model, grid, batch: int, n_sys: int, n_text: int, device="cpu", dtype=torch.float32, seed=0):
+    """One image per prompt whose patch grid is the shape's ``grid`` (2x2 patches merge into a token)."""
+    h, w = grid
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    n_vis = h * w // 4
+    sys = torch.randint(3, 30000, (n_sys,), generator=g)
+    txt = torch.randint(3, 30000, (n_text,), generator=g)
+    ids = torch.cat(
+        [
+            torch.tensor([1]),
+            sys,
+            torch.tensor([cfg.vision_start_token_id]),
+            torch.full((n_vis,), cfg.image_token_id),
+            torch.tensor([cfg.vision_end_token_id]),
+            txt,
+        ]
+    )[None].repeat(batch, 1)
+    pix = torch.randn(batch * h * w, 3 * 2 * 14 * 14, generator=g)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": pix.to(device, dtype),
+        "image_grid_thw": torch.tensor([[1, h, w]] * batch, device=device),
+        "mm_token_type_ids": (ids == cfg.image_token_id).long().to(device),
+    }, n_vis
 
 
 def llava_inputs(batch: int, n_sys: int, n_text: int, device="cpu", dtype=torch.float32, seed=0):
@@ -171,7 +254,7 @@ def measure(
 
     model = build(shape, device, dtype)
     model.generation_config.eos_token_id = None  # random weights: time fixed lengths
-    inputs, n_vis = bench_inputs(model, batch, 35, 29, device, dtype)
+    inputs, n_vis = bench_inputs(model, batch, 35, 29, device, dtype, grid=SHAPES[shape].get("grid"))
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else None
 
@@ -375,31 +458,7 @@ def build_meta(shape: str):
         with torch.device("meta"):
             return fam.llava_next.Family(LlavaNextForConditionalGeneration(cfg))
     if shape == "qwen2-vl-7b":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-        text = dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
-        )
-        vision = dict(
-            depth=32,
-            embed_dim=1280,
-            hidden_size=3584,
-            num_heads=16,
-            mlp_ratio=4,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        )
-        with torch.device("meta"):
-            return fam.qwen2_vl.Family(
-                Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision))
-            )
+        return fam.qwen2_vl.Family(build(shape, "meta"))
     raise ValueError(f"no analytic shape {shape!r}; known: {sorted(ANALYTIC)}")
 
 

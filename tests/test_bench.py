@@ -47,3 +47,21 @@ def test_llava_next_shape_counts_its_tiles():
     total, text = 1 + 35 + 2928 + 29, 1 + 35 + 29
     assert abs(fastv["kv_ratio"] - (2 * total + 4 * (text + 320)) / (6 * total)) < 1e-9
     assert "not supported" in pool["error"]  # refused by the family, the run goes on
+
+
+def test_qwen_shape_one_large_image():
+    """The Qwen2-VL bench feeds one image of the shape's patch grid (2x2 patches per token) with vision
+    start/end tokens and M-RoPE inputs; the plan's KV bytes follow the kept tokens."""
+    res = bench.measure(
+        "tiny-qwen-cpu",
+        reps=1,
+        batch=1,
+        device="cpu",
+        dtype=bench.torch.float32,
+        grid=[("fastv", 64)],
+        decode_tokens=1,
+    )
+    assert res["visual_tokens"] == 28 * 28 // 4
+    base, fastv = res["rows"]
+    total, text = 1 + 35 + 2 + 196 + 29, 1 + 35 + 2 + 29
+    assert abs(fastv["kv_ratio"] - (2 * total + 4 * (text + 64)) / (6 * total)) < 1e-9
