@@ -7,6 +7,7 @@ Everything is per instance: hooks on this model's modules, its own text config's
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 
 import torch
@@ -60,7 +61,7 @@ class Handle:
         self.measuring = False  # a prefill is running: families count vision work
         self.last_layout = None
         self.prompt_len: int | None = None
-        self.last_stats: Stats | None = None
+        self.last_stats = None  # Stats, or a function building them (see ``deferred``)
         self.hooks: list = []
         self.base = family.text_config._attn_implementation or "eager"
         if self.base not in SUPPORTED_ATTENTION:
@@ -177,7 +178,7 @@ class Handle:
     def model_post(self, module, args, kwargs, output):
         ctx, self.ctx = self.ctx, None
         if self.measuring and ctx is None:  # an untouched prefill; vision work is known only now
-            self.last_stats = self.plain_stats(self.last_layout, kwargs)
+            self.last_stats = self.deferred(self.plain_stats, self.last_layout, kwargs)
         self.measuring = False
         if isinstance(ctx, Decode):
             ctx.cache.commit(ctx.n_q)
@@ -191,7 +192,7 @@ class Handle:
                     ctx.layout.length,
                     ctx.var_codes,
                 )
-            self.last_stats = self.prefill_stats(ctx, kwargs)
+            self.last_stats = self.deferred(self.prefill_stats, ctx, kwargs)
         return None
 
     def lm_post(self, module, args, output):
@@ -359,13 +360,18 @@ class Handle:
         return reweight
 
     # ------------------------------------------------------------------ stats
-    def vision_flops(self, kwargs) -> int:
-        return self.family.vision_flops(kwargs.get("pixel_values"), kwargs)
+    def deferred(self, build, subject, kwargs):
+        """Stats are built when ``stats(model)`` asks (their host work and device reads stay off the
+        forward path); the family's vision counters, which the next forward resets, are read now."""
+        pix = kwargs.get("pixel_values")
+        vision = (self.family.vision_flops(pix, kwargs), self.family.image_vision_flops(pix, kwargs))
+        if isinstance(subject, Prefill):  # keep no inputs, activations or KV cache alive for it
+            subject.kwargs = subject.cache = subject.directive = None
+        return functools.partial(build, subject, {"logits_to_keep": kwargs.get("logits_to_keep", 0)}, vision)
 
-    def sample_flops(self, lay, kwargs, tokens, rows, extra):
+    def sample_flops(self, lay, per_image, tokens, rows, extra):
         """What each sample would execute alone (no padding): its own tokens per layer, its images."""
         images = (lay.image_counts() > 0).sum(1).tolist()
-        per_image = self.family.image_vision_flops(kwargs.get("pixel_values"), kwargs)
         real = lay.valid.sum(1).tolist()
         out, base = [], []
         for i, per_layer in enumerate(tokens):
@@ -376,14 +382,14 @@ class Handle:
             base.append(int(v + self.cost.prefill(1, [real[i]] * self.num_layers, r)))
         return out, base
 
-    def plain_stats(self, layout, kwargs) -> Stats:
+    def plain_stats(self, layout, kwargs, vision) -> Stats:
         b, length = layout.batch, layout.length
         rows = lm_rows(kwargs.get("logits_to_keep", 0), length)
-        flops = self.vision_flops(kwargs) + self.cost.prefill(b, [length] * self.num_layers, rows)
+        flops = vision[0] + self.cost.prefill(b, [length] * self.num_layers, rows)
         vis = layout.is_image.sum(1).tolist()
         idx = [layout.is_image[i].nonzero().squeeze(1).tolist() for i in range(b)]
         real = layout.valid.sum(1).tolist()
-        sample, _ = self.sample_flops(layout, kwargs, [[n] * self.num_layers for n in real], rows, 0)
+        sample, _ = self.sample_flops(layout, vision[1], [[n] * self.num_layers for n in real], rows, 0)
         return Stats(
             self.pruner.name if self.pruner else None,
             getattr(self.pruner, "budget", None),
@@ -396,13 +402,12 @@ class Handle:
             {"sample_prefill_flops": sample, "sample_baseline_prefill_flops": sample},
         )
 
-    def prefill_stats(self, ctx: Prefill, kwargs) -> Stats:
+    def prefill_stats(self, ctx: Prefill, kwargs, vision) -> Stats:
         lay = ctx.layout
         b, length = lay.batch, lay.length
         rows = lm_rows(kwargs.get("logits_to_keep", 0), length)
-        vision = self.vision_flops(kwargs)
-        flops = vision + self.cost.prefill(b, ctx.slots, rows, ctx.attn_flops) + ctx.extra_flops
-        base = vision + self.cost.prefill(b, [length] * self.num_layers, rows)
+        flops = vision[0] + self.cost.prefill(b, ctx.slots, rows, ctx.attn_flops) + ctx.extra_flops
+        base = vision[0] + self.cost.prefill(b, [length] * self.num_layers, rows)
         per_seg_idx = []
         for s in ctx.segments:
             vis = gather_rows(lay.is_image, s.idx) & s.valid
@@ -411,7 +416,7 @@ class Handle:
         kept = [[len(x) for x in row] for row in kept_idx]
         valid_counts = [s.valid.sum(1).tolist() for s in ctx.segments]
         per_sample = [[valid_counts[s][i] for s in ctx.layer_segment] for i in range(b)]
-        sample, sample_base = self.sample_flops(lay, kwargs, per_sample, rows, ctx.extra_flops / b)
+        sample, sample_base = self.sample_flops(lay, vision[1], per_sample, rows, ctx.extra_flops / b)
         extra = {"sample_prefill_flops": sample, "sample_baseline_prefill_flops": sample_base}
         if isinstance(ctx.run, dict) and "fused_at" in ctx.run:
             extra["fusion_layer"] = ctx.run["fused_at"].tolist()
@@ -533,7 +538,11 @@ def disabled(model):
 
 
 def stats(model) -> Stats | None:
-    return get_handle(model).last_stats
+    """What the last prefill did (built on first request after it)."""
+    h = get_handle(model)
+    if callable(h.last_stats):
+        h.last_stats = h.last_stats()
+    return h.last_stats
 
 
 def methods() -> list[str]:

@@ -145,14 +145,15 @@ def test_plan_moves_whole_to_another_device():
     handle = mmsink.api.get_handle(m)
     grabbed = []
     hook = m.model.language_model.layers[6].register_forward_hook(
-        lambda mod, a, o: grabbed.append(handle.ctx)
+        lambda mod, a, o: grabbed.append((handle.ctx, handle.ctx.cache))
     )
     with torch.no_grad():
         m(**batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)]))
     hook.remove()
-    ctx = grabbed[0]
+    ctx, cache = grabbed[0]
     assert isinstance(ctx, Prefill) and len(ctx.segments) > 1
-    cache, seg = ctx.cache, ctx.segments[-1]
+    ctx.cache = cache  # dropped once the forward ended; put back to check that it is left alone
+    seg = ctx.segments[-1]
     ctx.to("meta")
     seen, stack = set(), [(k, v) for k, v in vars(ctx).items() if k not in ("cache", "kwargs")]
     while stack:
@@ -168,3 +169,21 @@ def test_plan_moves_whole_to_another_device():
             stack += [(f"{name}.{k}", v) for k, v in vars(x).items()]
     assert ctx.seg is seg and ctx.cache is cache
     assert all(layer.keys.device.type == "cpu" for layer in cache.layers)
+
+
+def test_stats_are_built_on_request_and_hold_no_cache(inputs):
+    """Stats are built when asked for, yet describe the last prefill, and keep neither its KV cache nor
+    its inputs alive in the meantime."""
+    import gc
+    import weakref
+
+    m = tiny_llava()
+    mmsink.wrap(m, prune="fastv", budget=6)
+    with torch.no_grad():
+        out = m(**inputs, use_cache=True)
+    cache = weakref.ref(out.past_key_values)
+    del out
+    gc.collect()
+    assert cache() is None
+    assert mmsink.stats(m).kept_tokens[-1] == [6, 6, 6]
+    assert mmsink.stats(m) is mmsink.stats(m)  # built once
