@@ -150,7 +150,7 @@ class Family(LlavaFamily):
             if cu is not None and handle.measuring:
                 lens = (cu[1:] - cu[:-1]).double()
                 width = module.proj.in_features
-                self.attn_sq += int(4 * width * float((lens * lens).sum()))
+                self.attn_sq = self.attn_sq + 4 * width * (lens * lens).sum()  # on device: read once, later
 
         return [
             m.register_forward_pre_hook(hook, with_kwargs=True)
@@ -171,7 +171,7 @@ class Family(LlavaFamily):
     def vision_flops(self, pixel_values, kwargs=None) -> int:
         if pixel_values is None:
             return 0
-        return self.patch_flops(pixel_values.shape[0], pixel_values.shape[1]) + self.attn_sq
+        return self.patch_flops(pixel_values.shape[0], pixel_values.shape[1]) + int(self.attn_sq)
 
     def image_vision_flops(self, pixel_values, kwargs=None) -> list[float]:
         thw = (kwargs or {}).get("image_grid_thw")
@@ -180,6 +180,6 @@ class Family(LlavaFamily):
         patches = [int(t * h * w) for t, h, w in thw.tolist()]
         total_sq = sum(p * p for p in patches)
         return [
-            self.patch_flops(p, pixel_values.shape[1]) + self.attn_sq * (p * p) / max(total_sq, 1)
+            self.patch_flops(p, pixel_values.shape[1]) + int(self.attn_sq) * (p * p) / max(total_sq, 1)
             for p in patches
         ]
