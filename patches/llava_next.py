@@ -10,6 +10,7 @@ on token indices instead of features. pool needs one grid per image and is refus
 
 from __future__ import annotations
 
+import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from mmsink.flops import linear_params
@@ -29,8 +30,6 @@ class Family(LlavaFamily):
         """(source, lengths): for every visual token of the sequence, in order, its row in the flattened
         projector input [tiles * tokens] (-1 for newline tokens), and each image's token count. Built by
         the model's own ``pack_image_features`` applied to the row indices."""
-        import torch
-
         tiles, per, _ = features.shape
         rows = torch.arange(tiles * per, device=features.device, dtype=torch.float32).view(tiles, per, 1)
         pix = kwargs.get("pixel_values")
@@ -47,14 +46,11 @@ class Family(LlavaFamily):
         """Per image, the norm of each visual token's tower feature in sequence order (newlines: 0)."""
         src, lens = self.token_map(features, kwargs)
         norms = features.float().norm(dim=-1).view(-1)
-        seq = torch_where_src(src, norms)
-        return list(seq.split(lens))
+        return list(gather_or(norms, src, 0.0).split(lens))
 
     def zip_features(self, pruner, ctx, features):
         """VisionZip per tile ([CLS] attention in each tile, the image's budget shared evenly by its tiles,
         as the paper runs LLaVA-NeXT); kept tokens mapped to sequence order, newline tokens dropped."""
-        import torch
-
         attn = self.vision_attention()
         counts = self.tiles(ctx.kwargs.get("pixel_values"), ctx.kwargs)
         per_tile = [n for n in counts for _ in range(n)]  # each tile: how many tiles its image has
@@ -69,10 +65,7 @@ class Family(LlavaFamily):
             tiles_per_image=per_tile,
             present=present.view(features.shape[:2]),
         )
-        keep = ctx.run["keep"].reshape(-1)
-        ctx.run["keep"] = torch.where(
-            src >= 0, keep[src.clamp(min=0)], torch.zeros_like(src, dtype=torch.bool)
-        )
+        ctx.run["keep"] = gather_or(ctx.run["keep"].reshape(-1), src, False)
         return out
 
     @property
@@ -122,10 +115,6 @@ class Family(LlavaFamily):
         return conv + 2 * tiles * n * linear_params(tower) + attn + proj
 
 
-def torch_where_src(src, values):
-    """values[src] where src >= 0, else 0."""
-    import torch
-
-    return torch.where(
-        src >= 0, values[src.clamp(min=0)], torch.zeros((), dtype=values.dtype, device=values.device)
-    )
+def gather_or(values: torch.Tensor, src: torch.Tensor, fill) -> torch.Tensor:
+    """values[src], with ``fill`` where src is -1 (newline tokens)."""
+    return torch.where(src >= 0, values[src.clamp(min=0)], torch.full((), fill, dtype=values.dtype))
