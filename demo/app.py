@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -231,6 +232,25 @@ def build(runner: Runner):
             [base_answer, base_info, answer, info, plot, over, error],
         )
     return app.queue(default_concurrency_limit=1)
+
+
+def serve_in_background(runner: Runner, host: str = "127.0.0.1", wait_s: float = 20.0):
+    """Start the app on a free local port in a daemon thread; (app, port) once it accepts connections
+    or ``wait_s`` has passed. Used by the browser test and the README screenshot."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    app = build(runner)
+    threading.Thread(
+        target=lambda: app.launch(server_name=host, server_port=port, prevent_thread_lock=True), daemon=True
+    ).start()
+    for _ in range(int(wait_s / 0.1)):
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return app, port
 
 
 def main(argv=None):

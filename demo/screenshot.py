@@ -8,11 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
-import threading
 import time
 
-from demo.app import DEFAULT_MODEL, SAMPLES, Runner, build
+from demo.app import DEFAULT_MODEL, SAMPLES, Runner, serve_in_background
 
 
 def main(argv=None):
@@ -24,20 +22,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = build(Runner(a.model))
-    threading.Thread(
-        target=lambda: app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True),
-        daemon=True,
-    ).start()
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    app, port = serve_in_background(Runner(a.model))
     question = json.loads((SAMPLES / "samples.json").read_text())[a.sample]["question"]
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     try:

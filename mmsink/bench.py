@@ -442,21 +442,7 @@ def build_meta(shape: str):
     if shape == "llava-1.5-7b":
         return fam.llava.Family(build(shape, "meta"))
     if shape == "llava-next-7b":
-        from transformers import (
-            CLIPVisionConfig,
-            LlamaConfig,
-            LlavaNextConfig,
-            LlavaNextForConditionalGeneration,
-        )
-
-        s = SHAPES["llava-1.5-7b"]  # NeXT-7B has the same towers
-        cfg = LlavaNextConfig(
-            vision_config=CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **s["vision"]),
-            text_config=LlamaConfig(max_position_embeddings=4096, **s["text"]),
-            image_token_index=IMAGE_TOKEN,
-        )
-        with torch.device("meta"):
-            return fam.llava_next.Family(LlavaNextForConditionalGeneration(cfg))
+        return fam.llava_next.Family(build(shape, "meta"))
     if shape == "qwen2-vl-7b":
         return fam.qwen2_vl.Family(build(shape, "meta"))
     raise ValueError(f"no analytic shape {shape!r}; known: {sorted(ANALYTIC)}")

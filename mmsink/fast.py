@@ -28,12 +28,7 @@ class FastDecoder:
         from .api import load_patches
         from .cache import PlanCache
 
-        if model.config.model_type not in SUPPORTED:
-            raise ValueError(
-                f"mmsink: generate_fast supports {SUPPORTED}, not {model.config.model_type!r}; "
-                "use model.generate"
-            )
-        family = load_patches().family_for(model)
+        family = load_patches().family_for(model)  # generate_fast checked the model type
         lm = family.language_model
         self.rope = apply_rotary_pos_emb
         self.layers, self.embed, self.norm, self.rotary = (

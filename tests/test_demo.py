@@ -5,9 +5,6 @@ browser (settings per request, errors as messages)."""
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -57,12 +54,6 @@ def test_runner_settings_are_per_request(runner):
         runner.answer(img, "q", "fastv", -3, False, False)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def shipped_runner():
     from demo.app import DEFAULT_MODEL, Runner
@@ -79,20 +70,9 @@ def test_page_in_chromium(shipped_runner, tmp_path):
         pytest.skip("Debian's chromium package is not installed")
     pytest.importorskip("gradio")
     sync_api = pytest.importorskip("playwright.sync_api")
-    from demo.app import build
+    from demo.app import serve_in_background
 
-    port = free_port()
-    app = build(shipped_runner)
-    threading.Thread(
-        target=lambda: app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True),
-        daemon=True,
-    ).start()
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    app, port = serve_in_background(shipped_runner, wait_s=10.0)
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

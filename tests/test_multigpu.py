@@ -11,10 +11,8 @@ import pytest
 import torch
 from test_var import VAR
 from test_vitsink import SINKS
-from tiny import batch, prompt, tiny_llava
+from tiny import batch, generate_each, prompt, split_map, tiny_llava
 from transformers import LlavaForConditionalGeneration
-
-import mmsink
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,20 +20,12 @@ pytestmark = [
 ]
 
 
-def split_map(layers: int, first: int) -> dict:
-    """Vision, embeddings and the first ``first`` decoder layers on GPU 0, the rest on GPU 1."""
-    dm = {"model.vision_tower": 0, "model.multi_modal_projector": 0, "model.language_model.embed_tokens": 0}
-    dm.update({"model.language_model.rotary_emb": 0, "model.language_model.norm": 1, "lm_head": 1})
-    dm.update({f"model.language_model.layers.{i}": int(i >= first) for i in range(layers)})
-    return dm
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     tiny_llava(layers=8).save_pretrained(path)
     one = LlavaForConditionalGeneration.from_pretrained(path, device_map={"": 0}).eval()
-    split = LlavaForConditionalGeneration.from_pretrained(path, device_map=split_map(8, 3)).eval()
+    split = LlavaForConditionalGeneration.from_pretrained(path, device_map=split_map(8, 3, 0, 1)).eval()
     for m in (one, split):
         m.set_attn_implementation("sdpa")
     assert split.model.language_model.layers[7].self_attn.q_proj.weight.device.index == 1
@@ -55,37 +45,18 @@ CASES = [
 
 @pytest.mark.parametrize("method,opts", CASES)
 def test_split_model_matches_one_gpu(pair, method, opts):
-    one, split = pair
     inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
-    out = []
-    for m in (one, split):
-        mmsink.wrap(m, prune=method, **opts)
-        try:
-            x = {k: v.to("cuda:0") for k, v in inputs.items()}
-            with torch.no_grad():
-                tokens = m.generate(**x, max_new_tokens=8, do_sample=False)
-            st = mmsink.stats(m)
-            out.append((tokens.cpu(), st.kept_tokens, st.prefill_flops))
-        finally:
-            mmsink.unwrap(m)
-    (a, ka, fa), (b, kb, fb) = out
+    (a, sa), (b, sb) = generate_each(pair, inputs, method, opts, "cuda:0", max_new_tokens=8)
     assert torch.equal(a, b)
-    assert ka == kb and fa == fb
+    assert sa.kept_tokens == sb.kept_tokens and sa.prefill_flops == sb.prefill_flops
 
 
 def test_split_model_beam_search(pair):
-    one, split = pair
     inputs = batch([prompt(5, 7, seed=3), prompt(2, 4, seed=4)])
-    out = []
-    for m in (one, split):
-        mmsink.wrap(m, prune="fastv", budget=6)
-        try:
-            x = {k: v.to("cuda:0") for k, v in inputs.items()}
-            with torch.no_grad():
-                out.append(m.generate(**x, max_new_tokens=6, num_beams=3, do_sample=False).cpu())
-        finally:
-            mmsink.unwrap(m)
-    assert torch.equal(out[0], out[1])
+    (a, _), (b, _) = generate_each(
+        pair, inputs, "fastv", {"budget": 6}, "cuda:0", max_new_tokens=6, num_beams=3
+    )
+    assert torch.equal(a, b)
 
 
 def test_two_gpu_processes_write_the_single_process_file(tmp_path):

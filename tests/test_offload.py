@@ -5,10 +5,8 @@ plain model does: same greedy tokens, same kept tokens. The cross-GPU version is
 import pytest
 import torch
 from test_var import VAR
-from tiny import batch, prompt, tiny_llava
+from tiny import batch, generate_each, prompt, split_map, tiny_llava
 from transformers import LlavaForConditionalGeneration
-
-import mmsink
 
 
 @pytest.fixture(scope="module")
@@ -16,11 +14,10 @@ def pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     plain = tiny_llava()
     plain.save_pretrained(path)
-    dm = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "lm_head": "cpu"}
-    dm.update({f"model.language_model.{n}": "cpu" for n in ("embed_tokens", "rotary_emb", "norm")})
-    dm.update({f"model.language_model.layers.{i}": "cpu" if i < 3 else "disk" for i in range(8)})
     offloaded = LlavaForConditionalGeneration.from_pretrained(
-        path, device_map=dm, offload_folder=str(tmp_path_factory.mktemp("offload"))
+        path,
+        device_map=split_map(8, 3, "cpu", "disk", last="cpu"),
+        offload_folder=str(tmp_path_factory.mktemp("offload")),
     ).eval()
     offloaded.set_attn_implementation("sdpa")
     layer = offloaded.model.language_model.layers[5]
@@ -40,13 +37,5 @@ def pair(tmp_path_factory):
 )
 def test_offloaded_model_runs_the_same_plan(pair, method, opts):
     inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
-    out = []
-    for model in pair:
-        mmsink.wrap(model, prune=method, **opts)
-        try:
-            with torch.no_grad():
-                tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-            out.append((tokens, mmsink.stats(model).kept_indices))
-        finally:
-            mmsink.unwrap(model)
-    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1]
+    (a, sa), (b, sb) = generate_each(pair, inputs, method, opts, max_new_tokens=6)
+    assert torch.equal(a, b) and sa.kept_indices == sb.kept_indices

@@ -230,3 +230,31 @@ def qwen_single(inputs, specs, i):
         "image_grid_thw": grids[start:end] if end > start else None,
         "mm_token_type_ids": (ids == QWEN_IMAGE).long(),
     }
+
+
+def split_map(layers: int, first: int, head, tail, last=None) -> dict:
+    """A LLaVA ``device_map``: vision, projector, embeddings and decoder layers below ``first`` on
+    ``head``, the other layers on ``tail``, final norm and lm_head on ``last`` (default ``tail``)."""
+    last = tail if last is None else last
+    lm = "model.language_model"
+    dm = {"model.vision_tower": head, "model.multi_modal_projector": head, f"{lm}.embed_tokens": head}
+    dm.update({f"{lm}.rotary_emb": head, f"{lm}.norm": last, "lm_head": last})
+    dm.update({f"{lm}.layers.{i}": head if i < first else tail for i in range(layers)})
+    return dm
+
+
+def generate_each(models, inputs, method, opts, device=None, **gen):
+    """For each model, wrapped with ``method``: (greedy tokens on CPU, its prefill stats)."""
+    import mmsink
+
+    out = []
+    for m in models:
+        mmsink.wrap(m, prune=method, **opts)
+        try:
+            x = {k: v.to(device) for k, v in inputs.items()} if device else inputs
+            with torch.no_grad():
+                tokens = m.generate(**x, do_sample=False, **gen)
+            out.append((tokens.cpu(), mmsink.stats(m)))
+        finally:
+            mmsink.unwrap(m)
+    return out

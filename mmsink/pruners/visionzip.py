@@ -63,8 +63,7 @@ class VisionZip(Pruner):
         score = cls_attn[:, offset:]
         metric = kh[:, offset:].float().mean(2)  # keys, mean over heads
         if present is None:
-            parts = tiles_per_image[0] if tiles_per_image else 1
-            out, keep = self.zip(ctx, features, score, metric, parts)
+            out, keep = self.zip(ctx, features, score, metric)
         else:  # tile by tile, on the tokens that exist in the sequence
             out, keep = features.clone(), torch.zeros_like(present)
             for i, n in enumerate(tiles_per_image):
