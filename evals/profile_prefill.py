@@ -56,17 +56,46 @@ def profile(fn) -> dict:
     )
 
 
+def decode_breakdown(model, inputs) -> dict:
+    """generate_fast's per-token cost (slope over lengths; decoders reused, so capture and compile are
+    paid by the warm-up call) and one replayed decode step alone, with and without torch.compile."""
+    import mmsink
+
+    sync = torch.cuda.synchronize
+    r = {"config": "generate_fast"}
+    for comp in (False, True):
+        tag = "compiled" if comp else "eager"
+        for n in (1, 17, 65):
+            run = lambda n=n, c=comp: mmsink.generate_fast(model, max_new_tokens=n, compile=c, **inputs)  # noqa: E731
+            r[f"{tag}_{n}_ms"] = timed(run, 3, sync) * 1e3
+        dec = next(reversed(model.__dict__["_mmsink_decoders"].values()))  # the one the 65-token run used
+
+        def replay(dec=dec):
+            dec.t.zero_()
+            dec.graph.replay()
+
+        r[f"{tag}_replay_ms"] = timed(replay, 20, sync) * 1e3
+        r[f"{tag}_per_token_ms"] = per = (r[f"{tag}_65_ms"] - r[f"{tag}_17_ms"]) / 48
+        print(
+            f"generate_fast {tag}: {per:.2f} ms/token (slope 17->65), replay {r[tag + '_replay_ms']:.2f} ms,"
+            f" prefill+64 {r[tag + '_65_ms']:.1f} ms, prefill+1 {r[tag + '_1_ms']:.1f} ms"
+        )
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES))
     ap.add_argument("--methods", default="none,fastv:64,pdrop:64,dart:64")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--decode", action="store_true", help="also break down generate_fast's time")
     a = ap.parse_args()
     import mmsink
 
     dev, dt = "cuda", torch.bfloat16
     model = build(a.shape, dev, dt)
+    model.generation_config.eos_token_id = None  # random weights: fixed lengths
     inputs, _ = bench_inputs(model, a.batch, 35, 29, dev, dt, grid=SHAPES[a.shape].get("grid"))
 
     def prefill():
@@ -74,9 +103,10 @@ def main():
             return model(**inputs, logits_to_keep=1, use_cache=True)
 
     rows = []
-    for spec in ["plain"] + a.methods.split(","):
+    for spec in ["plain"] + a.methods.split(",") + ["plain"]:
         if spec == "plain":
-            mmsink.unwrap(model)
+            if getattr(model, "_mmsink", None) is not None:
+                mmsink.unwrap(model)
         else:
             m, _, b = spec.partition(":")
             mmsink.wrap(model, prune=None if m == "none" else m, budget=int(b) if b else None)
@@ -92,7 +122,8 @@ def main():
             print(f"    sync x{n}: {site}")
         for k, n, t in p["top_host"][:6]:
             print(f"    host {t:7.2f} ms  x{n:4d}  {k}")
-    mmsink.unwrap(model)
+    if a.decode:
+        rows.append(decode_breakdown(model, inputs))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, f"profile_{a.shape}_b{a.batch}.json"), "w") as f:

@@ -518,8 +518,12 @@ def get_handle(model) -> Handle:
 
 
 def unwrap(model):
-    """Remove mmsink from ``model``: hooks, attention name and bound methods; returns the model."""
+    """Remove mmsink from ``model``: hooks, attention name and bound methods, and the decoders that
+    ``generate_fast`` kept on it; returns the model."""
+    from .fast import clear
+
     get_handle(model).detach()
+    clear(model)
     return model
 
 

@@ -5,28 +5,67 @@
 The prefill runs through the wrapped model as usual (so every pruner's plan applies); then each layer's
 keys and values move into a static buffer sized to the tokens that layer kept plus the new tokens, and
 one fixed-shape decode step runs per token: the model's own modules (norms, projections, MLP, rotary
-table, lm_head) with SDPA over the static buffer and a validity mask. Fixed shapes make the step
-capturable as one CUDA graph (``graphs=True`` on CUDA), which removes the per-token launch overhead that
-dominates batch-1 decoding. gpt-fast's idea, on a pruned cache: layers that dropped tokens hold fewer keys.
+table, lm_head) with SDPA over the static buffer and a validity mask. The step also picks the token
+(argmax, end-of-sequence bookkeeping) and advances its own counter, so with ``graphs=True`` (default on
+CUDA) a whole token is one CUDA-graph replay and no host work. gpt-fast's idea, on a pruned cache: layers
+that dropped tokens hold fewer keys.
+
+Decoders are kept on the model (a few, by shape; buffer lengths rounded up so prompts of similar length
+share one), so the graph is captured once, not per call. ``compile=True`` (default on CUDA when Triton is
+installed) runs one decoder layer's step through ``torch.compile``, shared by all layers, which fuses the
+small element-wise kernels that otherwise dominate a batch-1 step.
 """
 
 from __future__ import annotations
+
+import collections
 
 import torch
 import torch.nn.functional as F
 
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 MROPE = ("qwen2_vl", "qwen2_5_vl")  # 3-D positions; decoding continues from the prefill's rope_deltas
+ROUND = 128  # buffer lengths rounded up to this, so similar prompts reuse one captured decoder
+KEEP = 4  # decoders kept per model (each holds its KV buffers and graph)
+STORE = "_mmsink_decoders"  # attribute on the model instance; ``mmsink.unwrap`` removes it
+
+
+def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, rope):
+    """One decoder layer for one new token: write its key / value at ``slot``, attend over the buffer."""
+    attn = layer.self_attn
+    b = h.shape[0]
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, 1, heads, -1).transpose(1, 2)
+    k = attn.k_proj(x).view(b, 1, kv_heads, -1).transpose(1, 2)
+    v = attn.v_proj(x).view(b, 1, kv_heads, -1).transpose(1, 2)
+    q, k = rope(q, k, cos, sin)
+    kb.index_copy_(2, slot, k)
+    vb.index_copy_(2, slot, v)
+    ok.index_fill_(1, slot, True)
+    o = F.scaled_dot_product_attention(
+        q, kb, vb, attn_mask=ok[:, None, None, :], scale=attn.scaling, enable_gqa=heads != kv_heads
+    )
+    h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def can_compile(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class FastDecoder:
-    """Static per-layer KV buffers filled from a prefill cache, and the one-token decode step."""
+    """Static per-layer KV buffers, the token state, and the one-token decode step."""
 
-    def __init__(self, model, cache, attention_mask, max_new_tokens: int):
+    def __init__(self, model, caps: list[int], batch: int, max_new: int, eos: tuple, compile: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from .api import load_patches
-        from .cache import PlanCache
 
         family = load_patches().family_for(model)  # generate_fast checked the model type
         lm = family.language_model
@@ -42,94 +81,150 @@ class FastDecoder:
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             raise ValueError("mmsink: generate_fast does not implement sliding-window attention")
         self.mrope = model.config.model_type in MROPE
-        self.delta = model.model.rope_deltas if self.mrope else None  # [B, 1], set by the prefill
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        d = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // self.heads
+        dtype = self.head.weight.dtype
+        self.k, self.v, self.valid, self.start = [], [], [], []
+        for layer, cap in zip(self.layers, caps):
+            dev = layer.self_attn.q_proj.weight.device
+            self.k.append(torch.zeros(batch, self.kv_heads, cap, d, dtype=dtype, device=dev))
+            self.v.append(torch.zeros(batch, self.kv_heads, cap, d, dtype=dtype, device=dev))
+            self.valid.append(torch.zeros(batch, cap, dtype=torch.bool, device=dev))
+            self.start.append(torch.zeros((), dtype=torch.long, device=dev))
+        dev = self.embed.weight.device
+        self.caps, self.max_new = list(caps), max_new
+        self.pos0 = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.delta = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.tok = torch.zeros(batch, dtype=torch.long, device=dev)  # the token fed to the next step
+        self.t = torch.zeros((), dtype=torch.long, device=dev)  # how many steps ran
+        self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.out = torch.zeros(batch, max_new, dtype=torch.long, device=dev)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=dev).reshape(-1)  # part of the decoder's key
+        self.pad = torch.zeros((), dtype=torch.long, device=dev)
+        self.layer_fn = torch.compile(layer_step, dynamic=True) if compile else layer_step
+        self.graph = None
+
+    def fill(self, cache, attention_mask, tok, delta, pad) -> None:
+        """Load one prefill: its per-layer keys / values and masks, positions, first token, stop ids."""
+        from .cache import PlanCache
+
         planned = isinstance(cache, PlanCache) and cache.planned
         b = attention_mask.shape[0]
-        self.k, self.v, self.valid, self.start = [], [], [], []
         for i, layer in enumerate(cache.layers):
             k, v = layer.keys, layer.values  # [B, kv_heads, n, head_dim]
             n = k.shape[2]
             valid = cache.segment_valid[cache.layer_segment[i]] if planned else attention_mask.bool()
             if valid.shape != (b, n):
                 raise ValueError(f"mmsink: cache layer {i} holds {n} slots, its mask {tuple(valid.shape)}")
-            cap = n + max_new_tokens
-            kb = k.new_zeros(b, k.shape[1], cap, k.shape[3])
-            vb = v.new_zeros(b, v.shape[1], cap, v.shape[3])
-            kb[:, :, :n], vb[:, :, :n] = k, v
-            ok = torch.zeros(b, cap, dtype=torch.bool, device=k.device)
-            ok[:, :n] = valid.to(k.device)
-            self.k.append(kb)
-            self.v.append(vb)
-            self.valid.append(ok)
-            self.start.append(torch.tensor(n, device=k.device))
-        self.pos0 = attention_mask.long().sum(1)  # the first new token's position (HF: mask cumsum)
-        self.graph = None
+            self.k[i][:, :, :n] = k
+            self.v[i][:, :, :n] = v
+            self.valid[i].zero_()
+            self.valid[i][:, :n] = valid.to(self.valid[i].device)
+            self.start[i].fill_(n)
+        self.pos0.copy_(attention_mask.long().sum(1))  # the first new token's position (HF: mask cumsum)
+        if delta is not None:
+            self.delta.copy_(delta)
+        self.tok.copy_(tok)
+        self.t.zero_()
+        self.pad.fill_(pad)
+        self.done.copy_((tok[:, None] == self.eos[None]).any(1))
 
-    def step(self, tok: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Logits of the next token after ``tok`` [B], the ``t``-th new token (0-d long tensor)."""
-        h = self.embed(tok[:, None])
-        pos = (self.pos0 + t)[:, None]
+    def step(self) -> None:
+        """Feed ``tok`` (the ``t``-th new token), pick the next one, record it, advance ``t``."""
+        h = self.embed(self.tok[:, None])
+        pos = (self.pos0 + self.t)[:, None]
         if self.mrope:  # the same position on the t, h and w axes, shifted by the image's rope delta
-            pos = (pos + self.delta.to(pos.device)).expand(3, -1, -1)
+            pos = (pos + self.delta).expand(3, -1, -1)
         cos, sin = self.rotary(h, pos)
-        b = h.shape[0]
         for layer, kb, vb, ok, start in zip(self.layers, self.k, self.v, self.valid, self.start):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(b, 1, self.heads, -1).transpose(1, 2)
-            k = attn.k_proj(x).view(b, 1, self.kv_heads, -1).transpose(1, 2)
-            v = attn.v_proj(x).view(b, 1, self.kv_heads, -1).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
-            slot = (start + t).view(1)
-            kb.index_copy_(2, slot, k)
-            vb.index_copy_(2, slot, v)
-            ok.index_fill_(1, slot, True)
-            o = F.scaled_dot_product_attention(
-                q,
+            dev = kb.device  # layers may sit on different GPUs (device_map)
+            h = self.layer_fn(
+                layer,
+                h.to(dev),
+                cos.to(dev),
+                sin.to(dev),
                 kb,
                 vb,
-                attn_mask=ok[:, None, None, :],
-                scale=attn.scaling,
-                enable_gqa=self.heads != self.kv_heads,
+                ok,
+                (start + self.t.to(dev)).view(1),
+                self.heads,
+                self.kv_heads,
+                self.rope,
             )
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.head(self.norm(h))[:, -1]
+        h = h.to(self.norm.weight.device)
+        logits = self.head(self.norm(h))[:, -1]
+        nxt = logits.argmax(-1).to(self.tok.device)
+        nxt = torch.where(self.done, self.pad, nxt)
+        self.out.index_copy_(1, self.t.view(1), nxt[:, None])
+        self.done |= (nxt[:, None] == self.eos[None]).any(1)
+        self.tok.copy_(nxt)
+        self.t += 1
 
-    def capture(self, tok: torch.Tensor) -> None:
-        """Record ``step`` as one CUDA graph (static input buffers; replayed per token)."""
-        self.tok_in, self.t_in = tok.clone(), torch.zeros((), dtype=torch.long, device=tok.device)
+    def capture(self) -> None:
+        """Record ``step`` as one CUDA graph. The warm-up step's writes are undone by the caller's
+        ``fill`` (it resets the counter, the masks and the token)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up writes slot 0, which the first real step overwrites
-            for _ in range(2):
-                self.step(self.tok_in, self.t_in)
+        with torch.cuda.stream(side):
+            self.step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits_out = self.step(self.tok_in, self.t_in)
+            self.step()
 
-    def next_logits(self, tok: torch.Tensor, t: int) -> torch.Tensor:
-        if self.graph is None:
-            return self.step(tok, torch.tensor(t, device=tok.device))
-        self.tok_in.copy_(tok)
-        self.t_in.fill_(t)
-        self.graph.replay()
-        return self.logits_out
+    def run(self, steps: int) -> int:
+        """Up to ``steps`` tokens; stops early (checked every 8 tokens) when every sample has ended."""
+        for t in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+            if (t + 1) % 8 == 0 and bool(self.done.all()):
+                return t + 1
+        return steps
+
+
+def decoder_for(
+    model, cache, batch: int, max_new: int, eos: tuple, graphs: bool, compile: bool
+) -> FastDecoder:
+    """A decoder whose buffers fit this prefill: reused when one of the same shape is kept on the model."""
+    need = [layer.keys.shape[2] + max_new for layer in cache.layers]
+    caps = [-(-n // ROUND) * ROUND for n in need]
+    new = -(-max_new // ROUND) * ROUND
+    params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)  # weights swapped: new graph
+    key = (batch, tuple(caps), new, eos, graphs, compile, params)
+    store = model.__dict__.setdefault(STORE, collections.OrderedDict())
+    if key in store:
+        store.move_to_end(key)
+        return store[key]
+    while len(store) >= KEEP:
+        store.popitem(last=False)
+    dec = FastDecoder(model, caps, batch, new, eos, compile)
+    store[key] = dec
+    return dec
+
+
+def clear(model) -> None:
+    """Drop the decoders (KV buffers, graphs) kept on ``model``."""
+    model.__dict__.pop(STORE, None)
 
 
 @torch.no_grad()
-def generate_fast(model, max_new_tokens: int = 32, graphs: bool | None = None, **inputs) -> torch.Tensor:
+def generate_fast(
+    model, max_new_tokens: int = 32, graphs: bool | None = None, compile: bool | None = None, **inputs
+) -> torch.Tensor:
     """Greedy decoding, the same tokens as ``model.generate(**inputs, do_sample=False)``: prompt ids
     followed by the new tokens, padded with the pad id after a sample's end-of-sequence token.
-    ``graphs``: capture the decode step as a CUDA graph (default: on for CUDA models)."""
+    ``graphs``: one CUDA graph per token (default: on for CUDA models). ``compile``: ``torch.compile`` the
+    layer step (default: on CUDA when Triton is installed; the first call compiles, seconds)."""
     from .api import get_handle
 
     if model.config.model_type not in SUPPORTED:
         raise ValueError(
             f"mmsink: generate_fast supports {SUPPORTED}, not {model.config.model_type!r}; use model.generate"
         )
+    if max_new_tokens < 1:
+        raise ValueError(f"mmsink: max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
@@ -155,22 +250,26 @@ def generate_fast(model, max_new_tokens: int = 32, graphs: bool | None = None, *
     gen = model.generation_config
     eos = gen.eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=ids.device)
-    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0].item() if eos.numel() else 0)
+    pad = gen.pad_token_id if gen.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     tok = out.logits[:, -1].argmax(-1)
-    new = [tok]
-    done = torch.isin(tok, eos)
-    if max_new_tokens > 1 and not bool(done.all()):
-        dec = FastDecoder(model, out.past_key_values, mask, max_new_tokens - 1)
-        if graphs if graphs is not None else ids.is_cuda:
-            dec.capture(tok)
-        for t in range(max_new_tokens - 1):
-            tok = dec.next_logits(tok, t).argmax(-1)
-            tok = torch.where(done, torch.full_like(tok, pad), tok)
-            new.append(tok)
-            done = done | torch.isin(tok, eos)
-            if (t + 1) % 8 == 0 and bool(done.all()):  # a sync every 8 tokens, not every token
-                break
-    out_ids = torch.cat([ids, torch.stack(new, 1)], 1)
+    new = tok[:, None]
+    if max_new_tokens > 1 and not bool(torch.isin(tok, eos).all()):
+        one_gpu = ids.is_cuda and len({p.device for p in model.parameters()}) == 1  # graphs: one device
+        graphs = one_gpu if graphs is None else graphs
+        compile = can_compile(ids.device) if compile is None else compile
+        stops = tuple(eos.tolist())
+        dec = decoder_for(
+            model, out.past_key_values, ids.shape[0], max_new_tokens - 1, stops, graphs, compile
+        )
+        delta = model.model.rope_deltas if dec.mrope else None  # [B, 1], set by the prefill
+        if graphs and dec.graph is None:
+            dec.fill(out.past_key_values, mask, tok, delta, pad)
+            dec.capture()
+        dec.fill(out.past_key_values, mask, tok, delta, pad)
+        del out
+        steps = dec.run(max_new_tokens - 1)
+        new = torch.cat([new, dec.out[:, :steps].to(ids.device)], 1)
+    out_ids = torch.cat([ids, new], 1)
     # like generate: stop at the step where every sample has finished
     fin = torch.isin(out_ids[:, ids.shape[1] :], eos)
     if eos.numel() and bool(fin.any(1).all()):

@@ -2,12 +2,15 @@
 greedy ``generate`` for every pruner's plan, left-padded batches, the bare model and LLaVA-NeXT; what it
 does not implement is refused."""
 
+import shutil
+
 import pytest
 import torch
 from test_var import VAR
 from tiny import batch, next_batch, prompt, qwen_batch, tiny_llava, tiny_llava_next, tiny_qwen
 
 import mmsink
+from mmsink import fast as fastmod
 
 CASES = [
     (None, {}),
@@ -89,3 +92,49 @@ def test_qwen_mrope(kind, method, opts):
     ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     out = mmsink.generate_fast(model, max_new_tokens=8, **inputs)
     assert torch.equal(out, ref)
+
+
+def test_decoder_reused_across_calls(llava):
+    """The second prompt of a similar length reuses the first call's buffers (and, on GPU, its graph):
+    every piece of per-call state is reset, so it still gives generate's tokens; a new stop id or a
+    longer prompt gets its own decoder; unwrap drops them."""
+    mmsink.wrap(llava, prune="fastv", budget=6)
+    try:
+        for seed in (1, 3, 5):
+            inputs = batch([prompt(5, 7, seed=seed), prompt(2, 4 + seed % 2, seed=seed + 1)])
+            ref = llava.generate(**inputs, max_new_tokens=10, do_sample=False)
+            assert torch.equal(mmsink.generate_fast(llava, max_new_tokens=10, **inputs), ref)
+        assert len(llava._mmsink_decoders) == 1
+        first = ref[0, inputs["input_ids"].shape[1] + 3].item()
+        llava.generation_config.eos_token_id = first  # a stop id mid-way: a second decoder
+        try:
+            ref = llava.generate(**inputs, max_new_tokens=10, do_sample=False)
+            assert torch.equal(mmsink.generate_fast(llava, max_new_tokens=10, **inputs), ref)
+        finally:
+            llava.generation_config.eos_token_id = None
+        assert len(llava._mmsink_decoders) == 2
+        long = batch([prompt(5, 7 + fastmod.ROUND, seed=9)])
+        ref = llava.generate(**long, max_new_tokens=6, do_sample=False)
+        assert torch.equal(mmsink.generate_fast(llava, max_new_tokens=6, **long), ref)
+        assert len(llava._mmsink_decoders) == 3
+    finally:
+        mmsink.unwrap(llava)
+    assert not hasattr(llava, "_mmsink_decoders")
+
+
+NO_CXX = shutil.which("c++") is None and shutil.which("g++") is None
+
+
+@pytest.mark.skipif(NO_CXX, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_layer_step(llava):
+    """``compile=True``: the layer step through torch.compile (dynamic shapes: one compiled step for
+    layers of different cache lengths) gives generate's tokens, also for a second prompt."""
+    mmsink.wrap(llava, prune="pdrop")
+    try:
+        for seed in (1, 2):
+            inputs = batch([prompt(5, 7, seed=seed), prompt(2, 4, seed=seed + 2)])
+            ref = llava.generate(**inputs, max_new_tokens=8, do_sample=False)
+            out = mmsink.generate_fast(llava, max_new_tokens=8, compile=True, **inputs)
+            assert torch.equal(out, ref)
+    finally:
+        mmsink.unwrap(llava)
