@@ -45,7 +45,8 @@ def profile(fn) -> dict:
         fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in events)
+    # kernels only (operator rows also carry their kernels' device time: summing both counts twice)
+    kernel_us = sum(e.self_device_time_total for e in events if str(e.device_type).endswith("CUDA"))
     launch_ops = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")
     launches = sum(e.count for e in events if e.key in launch_ops)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]

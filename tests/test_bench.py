@@ -22,7 +22,9 @@ def test_measured_rows_follow_the_plan():
     expected = (2 * total + (layers - 2) * (text + 64)) / (layers * total)
     assert abs(fastv["kv_ratio"] - expected) < 1e-9
     assert fastv["kept"] == round((2 * 576 + 10 * 64) / 12, 1)
-    assert abs(fastv["time_ratio"] - fastv["ms"] / base["ms"]) < 1e-12
+    # ratios against the baseline timed alternately with this method (its own series, not the first row)
+    assert fastv["base_ms"] > 0 and abs(fastv["time_ratio"] - fastv["ms"] / fastv["base_ms"]) < 1e-12
+    assert abs(fastv["ideal_ratio"] - fastv["ideal_ms"] / fastv["base_ms"]) < 1e-12
     assert 0 < fastv["ideal_ms"] and abs(fastv["of_ideal"] - fastv["ideal_ms"] / fastv["ms"]) < 1e-12
     assert fastv["flops_ratio"] < 0.5 and fastv["decode_ms"] > 0 and fastv["ttft_ms"] > 0
     assert fastv["e2e_ms"] > 0 and fastv["fast_ms"] > 0
@@ -65,3 +67,19 @@ def test_qwen_shape_one_large_image():
     base, fastv = res["rows"]
     total, text = 1 + 35 + 2 + 196 + 29, 1 + 35 + 2 + 29
     assert abs(fastv["kv_ratio"] - (2 * total + 4 * (text + 64)) / (6 * total)) < 1e-9
+
+
+def test_alternated_takes_the_states_in_turn():
+    """Each rep enters every state in order and times one call per state (after an untimed call), so
+    the medians belong to their own states; the warm-up round is not counted."""
+    log, now = [], {"state": None}
+    states = {name: (lambda n=name: log.append(("enter", n)) or now.update(state=n)) for name in "abc"}
+    calls = []
+
+    def fn():
+        calls.append(now["state"])
+
+    res = bench.alternated(fn, states, reps=3)
+    assert set(res) == {"a", "b", "c"}
+    assert [e[1] for e in log] == list("abc") * 4
+    assert calls == [s for s in "abc" for _ in range(2)] * 4
