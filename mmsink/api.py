@@ -150,9 +150,7 @@ class Handle:
         self.family.reset_measure()
         layout = self.family.layout(ids, kwargs.get("attention_mask"), self.prompt_len, kwargs)
         self.last_layout = layout
-        if not bool(layout.is_image.any()) or (
-            self.pruner is None and self.var is None and self.sinks is None
-        ):
+        if not any(layout.sizes) or (self.pruner is None and self.var is None and self.sinks is None):
             return None  # no image (or nothing to do): the model runs untouched
         ctx = Prefill(layout, self.num_layers, self.base)
         ctx.budget_per = self.planner.budget_per
@@ -201,11 +199,13 @@ class Handle:
             return None
         out = output.last_hidden_state
         seg = ctx.seg
-        full = out.new_zeros(ctx.layout.batch, ctx.layout.length, out.shape[-1])
-        idx, valid = seg.idx.to(out.device), seg.valid.to(out.device)
-        b = torch.arange(idx.shape[0], device=out.device)[:, None].expand_as(idx)
-        full[b[valid], idx[valid]] = out[valid]
-        output.last_hidden_state = full
+        length = ctx.layout.length
+        # back to full length by a scatter of fixed shape (no boolean indexing: no device sync); padding
+        # slots write to one extra column that is cut off
+        full = out.new_zeros(ctx.layout.batch, length + 1, out.shape[-1])
+        idx = torch.where(seg.valid, seg.idx, length).to(out.device)
+        full.scatter_(1, idx[..., None].expand(-1, -1, out.shape[-1]), out)
+        output.last_hidden_state = full[:, :length]
         return output
 
     # ------------------------------------------------------------------ layer hooks

@@ -14,6 +14,8 @@ class Layout:
     valid: torch.Tensor  # [B, L] bool: not padding
     anchor: torch.Tensor  # [B] long: the query row that selection reads (last prompt token)
     grids: list  # per sample, per image: (rows, cols) of its token grid, or None
+    sizes: list | None = None  # per sample, per image: its token count (host ints, read once per call)
+    counts: torch.Tensor | None = None  # [B, M] the same on the device
 
     @property
     def batch(self) -> int:
@@ -25,10 +27,14 @@ class Layout:
 
     @property
     def max_images(self) -> int:
+        if self.sizes is not None:  # known on the host: no device sync in the middle of a prefill
+            return max((len(s) for s in self.sizes), default=0)
         return int(self.image_of.max().item()) + 1 if self.image_of.numel() else 0
 
     def image_counts(self) -> torch.Tensor:
         """[B, M] tokens of image m in sample b (0 where the sample has fewer images)."""
+        if self.counts is not None and self.counts.device == self.image_of.device:
+            return self.counts
         m = max(self.max_images, 1)
         onehot = self.image_of[..., None] == torch.arange(m, device=self.image_of.device)
         return onehot.sum(1)
@@ -66,5 +72,6 @@ def build_layout(
     in_prompt = valid & (ar < end)[None]
     anchor = torch.where(in_prompt, ar, torch.full_like(ar, -1)[None]).max(1).values.clamp(min=0)
     counts = (image_of[..., None] == torch.arange(max(int(image_of.max()) + 1, 1), device=ar.device)).sum(1)
-    grids = [[grid_of(int(c)) if grid_of else None for c in row if c > 0] for row in counts.tolist()]
-    return Layout(is_image & valid, image_of, valid, anchor, grids)
+    sizes = [[int(c) for c in row if c > 0] for row in counts.tolist()]  # the prefill's one early read
+    grids = [[grid_of(c) if grid_of else None for c in row] for row in sizes]
+    return Layout(is_image & valid, image_of, valid, anchor, grids, sizes, counts)

@@ -93,17 +93,21 @@ def check_budget(budget):
     return budget
 
 
+def check_size(budget, sizes) -> None:
+    """Refuse an int budget larger than an image (``sizes``: token counts, host ints)."""
+    small = [n for n in sizes if 0 < n < budget] if isinstance(budget, int) else []
+    if small:
+        raise ValueError(f"mmsink: budget {budget} is larger than the image's {min(small)} visual tokens")
+
+
 def budget_count(budget, n: torch.Tensor) -> torch.Tensor:
-    """Tokens to keep of an image of ``n`` tokens ([B] long; 0 where there is no image)."""
+    """Tokens to keep of an image of ``n`` tokens ([B] long; 0 where there is no image). On the device
+    the size check is the caller's (``topk_per_image`` makes it from the layout's host sizes)."""
     if isinstance(budget, float):
         k = torch.ceil(n.double() * budget).long()
     else:
-        too_big = n > 0
-        too_big &= n < budget
-        if bool(too_big.any()):
-            raise ValueError(
-                f"mmsink: budget {budget} is larger than the image's {int(n[too_big].min())} visual tokens"
-            )
+        if n.device.type == "cpu":
+            check_size(budget, n.tolist())
         k = torch.full_like(n, budget)
     return torch.where(n > 0, k.clamp(min=1), torch.zeros_like(n))
 
@@ -118,26 +122,27 @@ def budget_fraction(budget, n_image: int) -> float:
     return budget / n_image
 
 
-def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of) -> torch.Tensor:
+def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of, budget=None) -> torch.Tensor:
     """Chosen visual slots [B, n]: for each image, the k highest ``scores`` among its current slots.
-    ``k_of(orig_count [B], current_count [B]) -> k [B]``."""
+    ``k_of(orig_count [B], current_count [B]) -> k [B]``; ``budget``: an int budget to check against the
+    image sizes. No device sync: a full sort per image instead of a top-k whose width is read back."""
     img = ctx.image_of()
     orig = ctx.layout.image_counts()
+    sizes = ctx.layout.sizes
     if ctx.budget_per == "prompt":  # all images of a prompt compete for one budget
         img = torch.where(img >= 0, torch.zeros_like(img), img)
         orig = orig.sum(1, keepdim=True)
+        sizes = [[sum(s)] for s in sizes]
+    check_size(budget, [n for s in sizes for n in s])
     chosen = torch.zeros_like(img, dtype=torch.bool)
+    ranks = torch.arange(img.shape[1], device=img.device)[None]
     for m in range(orig.shape[1]):
         cand = img == m
         cur = cand.sum(1)
         k = torch.minimum(k_of(orig[:, m], cur), cur)
-        kmax = int(k.max().item()) if k.numel() else 0
-        if kmax == 0:
-            continue
         s = scores.float().masked_fill(~cand, float("-inf"))
-        top = s.topk(kmax, dim=1).indices
-        take = torch.arange(kmax, device=s.device)[None] < k[:, None]
-        chosen |= torch.zeros_like(chosen).scatter(1, top, take)
+        order = s.argsort(dim=1, descending=True, stable=True)  # ties: lower slot first, as topk does here
+        chosen |= torch.zeros_like(chosen).scatter(1, order, ranks < k[:, None])
     return chosen
 
 

@@ -43,7 +43,7 @@ class DART(Pruner):
         def pivots_of(orig, cur):
             return torch.minimum(budget_count(budget, orig), torch.full_like(orig, n_piv))
 
-        piv = topk_per_image(ctx, knorm, pivots_of)  # [B, n]
+        piv = topk_per_image(ctx, knorm, pivots_of, budget)  # [B, n]
         h = torch.nn.functional.normalize(hidden.float(), dim=-1)
         p_idx = piv.float().argsort(dim=1, descending=True, stable=True)[:, : max(int(piv.sum(1).max()), 1)]
         hp = h.gather(1, p_idx[..., None].expand(-1, -1, h.shape[-1]))
@@ -53,4 +53,5 @@ class DART(Pruner):
         same = img[:, :, None] == ctx.image_of().gather(1, p_idx)[:, None, :]
         sim = sim.masked_fill(~(same & pimg[:, None, :]), float("-inf")).amax(-1)
         score = torch.where(piv, torch.full_like(sim, float("inf")), -sim)
-        ctx.decide(ctx.keep_text(topk_per_image(ctx, score, lambda orig, cur: budget_count(budget, orig))))
+        chosen = topk_per_image(ctx, score, lambda orig, cur: budget_count(budget, orig), budget)
+        ctx.decide(ctx.keep_text(chosen))

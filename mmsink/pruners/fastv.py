@@ -32,5 +32,5 @@ class FastV(Pruner):
         if layer != self.options.k - 1:
             return
         score = anchor_probs(ctx, observed).mean(1)
-        chosen = topk_per_image(ctx, score, lambda orig, cur: budget_count(self.budget, orig))
+        chosen = topk_per_image(ctx, score, lambda orig, cur: budget_count(self.budget, orig), self.budget)
         ctx.decide(ctx.keep_text(chosen))

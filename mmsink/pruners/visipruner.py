@@ -92,7 +92,7 @@ class VisiPruner(Pruner):
         return d or None
 
     def after_layer(self, ctx, layer, hidden, observed):
-        # Decisions stay on the device; two host syncs per observed layer at most.
+        # Decisions stay on the device; one host sync per observed layer.
         if "q" not in observed:
             return
         run, o = ctx.run, self.options
@@ -102,14 +102,14 @@ class VisiPruner(Pruner):
         fuse = unfused & (cos < o.layer_threshold).any(1)
         if run["fallback"] is not None and layer >= run["fallback"]:
             fuse |= unfused & vis.any(1)
-        keep_vis = vis
-        if bool(fuse.any()):
-            if self.budget is None:
-                critical = vis & (cnorm > o.tokens_threshold)
-            else:
-                critical = topk_per_image(ctx, cnorm, lambda orig, cur: budget_count(self.budget, orig))
-            keep_vis = torch.where(fuse[:, None], critical, vis)
-            run["fused_at"] = torch.where(fuse, torch.full_like(run["fused_at"], layer), run["fused_at"])
+        # critical tokens are computed whether or not a sample fuses here: finding out would cost a sync
+        if self.budget is None:
+            critical = vis & (cnorm > o.tokens_threshold)
+        else:
+            k_of = lambda orig, cur: budget_count(self.budget, orig)  # noqa: E731
+            critical = topk_per_image(ctx, cnorm, k_of, self.budget)
+        keep_vis = torch.where(fuse[:, None], critical, vis)
+        run["fused_at"] = torch.where(fuse, torch.full_like(run["fused_at"], layer), run["fused_at"])
         if run["deep"]:
             deep = ~unfused & ~run["done"]
             moved = (cos < o.deep_threshold).any(1)
