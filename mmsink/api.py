@@ -13,7 +13,7 @@ import types
 import torch
 from transformers.cache_utils import DynamicCache
 
-from . import attention, vitsink
+from . import attention, varlen, vitsink
 from .attention import Directive, build_mask
 from .cache import PlanCache
 from .flops import DecoderCost, lm_rows
@@ -64,6 +64,10 @@ class Handle:
         self.last_stats = None  # Stats, or a function building them (see ``deferred``)
         self.hooks: list = []
         self.base = family.text_config._attn_implementation or "eager"
+        # padded prefill segments on a ragged FlashAttention kernel (SDPA base; used where tensors allow)
+        self.varlen = (
+            settings.get("varlen") is not False and self.base == "sdpa" and varlen.kernel() is not None
+        )
         if self.base not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"mmsink: attention implementation {self.base!r} is not supported; "
@@ -243,8 +247,13 @@ class Handle:
             want = dict(self.planner.directive(ctx, layer) or {})
             if self.var is not None and self.var.active(layer, self.num_layers) and "reweight" not in want:
                 want["reweight"] = self.var_prefill(ctx, layer, hidden)
+            if self.varlen and not seg.dense and hidden.is_cuda:  # padding: a ragged kernel, no mask
+                if "varlen" not in seg.cache:
+                    seg.cache["varlen"] = varlen.pack(seg.valid)
+                want["varlen"] = seg.cache["varlen"]
             if want:
                 d = Directive(layer, observe=bool(want.get("observe")), reweight=want.get("reweight"))
+                d.varlen = want.get("varlen")
                 if d.observe:
                     d.anchor = ctx.anchor_slot()
                     if layer in ctx.var_codes:
@@ -455,10 +464,16 @@ def make_pruner(prune, budget, options):
     return REGISTRY[prune](budget=budget, **options)
 
 
-def wrap(model, prune=None, budget=None, var=False, sink_forward=False, config=None, **options):
+def wrap(model, prune=None, budget=None, var=False, sink_forward=False, config=None, varlen=None, **options):
     """Attach mmsink to ``model`` (in place; returns it). Re-wrapping replaces the settings.
     ``config``: a file written by ``mmsink calibrate``; it supplies VAR's sink dimensions, the ViT-sink
-    threshold and VisiPruner's fallback layer where the call does not give them."""
+    threshold and VisiPruner's fallback layer where the call does not give them.
+    ``varlen``: padded prefill segments through a variable-length FlashAttention kernel (default: where
+    available, i.e. CUDA, fp16 / bf16, SDPA models; ``True`` requires a kernel, ``False`` turns it off)."""
+    if varlen not in (None, True, False):
+        raise ValueError(f"mmsink: varlen must be None, True or False, got {varlen!r}")
+    if varlen is True and attention.varlen.kernel() is None:
+        raise ValueError("mmsink: varlen=True needs torch.nn.attention.varlen or the flash_attn package")
     if config is not None:
         from .calibrate import load_config
 
@@ -480,6 +495,8 @@ def wrap(model, prune=None, budget=None, var=False, sink_forward=False, config=N
     if old is not None:
         old.detach()
     settings = {"prune": prune, "budget": budget, "var": var_cfg, "sink_forward": sink_cfg, **options}
+    if varlen is not None:
+        settings["varlen"] = varlen
     try:
         handle = Handle(model, family, pruner, settings, var_cfg, sink_cfg)
     except Exception:

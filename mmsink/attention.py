@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from . import varlen
+
 BASES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 PREFIX = "mmsink_"
 
@@ -53,6 +55,7 @@ class Directive:
     observe: bool = False  # keep references to q (anchor rows), k, v for a pruner
     anchor: torch.Tensor | None = None  # [B] local index of the anchor query row
     reweight: Callable | None = None  # fn(q, k, v, key_valid, scaling, base) -> output [B, n, H, hd]
+    varlen: dict | None = None  # packed layout of a padded segment (mmsink.varlen.pack)
     observed: dict = field(default_factory=dict)
 
 
@@ -73,6 +76,8 @@ def mmsink_attention(base: str):
         if d.reweight is not None:
             out = d.reweight(query, key, value, attention_mask, scaling, base)
             return out, None
+        if d.varlen is not None and query.shape[2] == key.shape[2] and varlen.usable(query, scaling):
+            return varlen.attention(query, key, value, d.varlen, scaling), None
         return fn_base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     return attention

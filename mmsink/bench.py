@@ -266,14 +266,24 @@ def measure(
     grid=None,
     decode_tokens: int = 16,
     e2e_tokens: int = 0,
+    ragged: bool = False,
+    varlen: bool | None = None,
 ) -> dict:
     """Per method: prefill time, the ideal row (the same plan replayed with no selection work), time to
-    first token, decode time per token, KV-cache bytes, peak memory of the prefill, FLOPs."""
+    first token, decode time per token, KV-cache bytes, peak memory of the prefill, FLOPs.
+    ``ragged``: left-pad sample i by 2 * i tokens (prompts of different lengths); ``varlen``: passed to
+    ``mmsink.wrap`` (the ragged kernel for padded segments)."""
     import mmsink
 
     model = build(shape, device, dtype)
     model.generation_config.eos_token_id = None  # random weights: time fixed lengths
     inputs, n_vis = bench_inputs(model, batch, 35, 29, device, dtype, grid=SHAPES[shape].get("grid"))
+    if ragged:
+        for i in range(batch):  # the first 2 * i tokens become padding (system text; the image stays whole)
+            p = min(2 * i, 34)
+            inputs["attention_mask"][i, :p] = 0
+            inputs["input_ids"][i, :p] = 0
+            inputs["input_ids"][i, p] = 1  # the sample's BOS after its padding
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else None
 
@@ -307,14 +317,14 @@ def measure(
         return r
 
     base = profile()
-    mmsink.wrap(model, prune=None)
+    mmsink.wrap(model, prune=None, varlen=varlen)
     prefill()
     base_flops = mmsink.stats(model).prefill_flops
     rows = [dict(method="baseline", budget=None, kept=n_vis, flops_ratio=1.0, **base)]
     grid = grid or [(m, b) for m, budgets in METHOD_GRID for b in budgets] + [("visipruner", None)]
     for method, budget in grid:
         try:
-            mmsink.wrap(model, prune=method, budget=budget)  # a family may refuse a method
+            mmsink.wrap(model, prune=method, budget=budget, varlen=varlen)  # a family may refuse a method
             r = profile()
         except ValueError as e:  # e.g. a budget this depth cannot schedule
             rows.append(dict(method=method, budget=budget, error=str(e)))
@@ -325,8 +335,8 @@ def measure(
         # the three prefills again, alternating rep by rep, so that host drift cancels out of the ratios
         states = {
             "base": lambda: mmsink.unwrap(model),
-            "method": lambda m=method, b=budget: mmsink.wrap(model, prune=m, budget=b),
-            "ideal": lambda p=st.kept_indices: mmsink.wrap(model, prune="replay", plan=p),  # no choosing
+            "method": lambda m=method, b=budget: mmsink.wrap(model, prune=m, budget=b, varlen=varlen),
+            "ideal": lambda p=st.kept_indices: mmsink.wrap(model, prune="replay", plan=p, varlen=varlen),
         }
         t = alternated(prefill, states, reps, sync)
         r["ms"], r["ideal_ms"], r["base_ms"] = t["method"] * 1e3, t["ideal"] * 1e3, t["base"] * 1e3
@@ -351,6 +361,8 @@ def measure(
         "reps": reps,
         "decode_tokens": decode_tokens,
         "e2e_tokens": e2e_tokens,
+        "ragged": ragged,
+        "varlen": varlen,
         "rows": rows,
     }
 
@@ -367,7 +379,13 @@ def measured_markdown(res: dict) -> str:
         "per-layer plan replayed with no selection work (`prune='replay'`); of ideal: ideal time / time "
         "(1.0 = the method gets all of its plan's speedup); selection overhead: (time - ideal) / time. "
         f"decode: ms per token over {res['decode_tokens']} tokens; TTFT: `generate` of one token; "
-        "peak: allocator peak of one prefill above the weights.",
+        "peak: allocator peak of one prefill above the weights."
+        + (
+            f" Ragged prompts: sample i left-padded by 2 * i tokens; varlen kernel "
+            f"{'off' if res.get('varlen') is False else 'where available'}."
+            if res.get("ragged")
+            else ""
+        ),
         "",
         "| method | budget | visual tokens / layer | prefill ms | time ratio | ideal ratio | of ideal | "
         "selection overhead | TTFT ms | decode ms/token | KV MB (ratio) | peak MB | FLOPs ratio |",
@@ -591,6 +609,8 @@ def main(argv=None):
     ap.add_argument(
         "--e2e-tokens", type=int, default=0, help="also time prefill + N tokens: generate vs generate_fast"
     )
+    ap.add_argument("--ragged", action="store_true", help="left-pad sample i by 2 * i tokens")
+    ap.add_argument("--varlen", choices=["auto", "off"], default="auto", help="ragged kernel for padding")
     ap.add_argument("--out", default=None, help="directory for JSON and Markdown")
     ap.add_argument("--name", default=None, help="file stem (default: derived from the settings)")
     a = ap.parse_args(argv)
@@ -605,7 +625,18 @@ def main(argv=None):
             methods = (a.methods or ",".join(m for m, _ in METHOD_GRID)).split(",")
             budgets = [None if b == "adaptive" else int(b) for b in (a.budgets or "192,128,64").split(",")]
             grid = [(m, b) for m in methods for b in budgets if b is not None or m == "visipruner"]
-        res = measure(a.shape, a.reps, a.batch, a.device, dtype, grid, a.decode_tokens, a.e2e_tokens)
+        res = measure(
+            a.shape,
+            a.reps,
+            a.batch,
+            a.device,
+            dtype,
+            grid,
+            a.decode_tokens,
+            a.e2e_tokens,
+            ragged=a.ragged,
+            varlen=False if a.varlen == "off" else None,
+        )
         md = measured_markdown(res)
         stem = a.name or f"prefill_{a.shape}_{a.device.split(':')[0]}_b{a.batch}"
     res["environment"] = environment()

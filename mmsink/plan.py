@@ -79,7 +79,8 @@ class Prefill:
         self.home = layout.is_image.device  # where the call started (layers may sit on other devices)
         self.device = self.home  # where the plan's tensors are now
         idx = torch.arange(l, device=self.home).expand(b, l)
-        self.segments = [Segment(0, idx, layout.valid.clone(), True)]
+        dense = bool(layout.valid.all())  # a device read, at the start of the call where it costs least
+        self.segments = [Segment(0, idx, layout.valid.clone(), True, dense=dense)]
         self.layer_segment: list[int] = []
         self.pending: torch.Tensor | None = None  # keep mask decided for the next layer
         self.embed_override: torch.Tensor | None = None  # [B, L, d] replacement embeddings (pre-LLM)

@@ -83,3 +83,22 @@ def test_alternated_takes_the_states_in_turn():
     assert set(res) == {"a", "b", "c"}
     assert [e[1] for e in log] == list("abc") * 4
     assert calls == [s for s in "abc" for _ in range(2)] * 4
+
+
+def test_ragged_prompts_count_real_tokens_only():
+    """``ragged``: samples left-padded by 2 * i tokens; the plan counts the same visual tokens per layer
+    (padding is not a token) and the ratios still come from alternated timing."""
+    res = bench.measure(
+        "tiny-cpu",
+        reps=1,
+        batch=3,
+        device="cpu",
+        dtype=bench.torch.float32,
+        grid=[("fastv", 64)],
+        decode_tokens=1,
+        ragged=True,
+    )
+    base, fastv = res["rows"]
+    assert res["ragged"] and fastv["kept"] == round((2 * 576 + 10 * 64) / 12, 1)
+    assert abs(fastv["time_ratio"] - fastv["ms"] / fastv["base_ms"]) < 1e-12
+    assert "Ragged prompts" in bench.measured_markdown(res)

@@ -51,3 +51,31 @@ def test_cuda_graph_decode_equals_generate(method, opts):
         ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert torch.equal(mmsink.generate_fast(model, max_new_tokens=12, graphs=True, **inputs), ref)
     assert torch.equal(mmsink.generate_fast(model, max_new_tokens=12, graphs=False, **inputs), ref)
+
+
+@pytest.mark.parametrize("method,opts", [("none", {}), ("fastv", {"budget": 6}), ("pdrop", {})])
+def test_varlen_padded_segments_bf16(method, opts):
+    """Left-padded prompts in bf16: with the ragged kernel every decoder layer runs one variable-length
+    flash call instead of masked SDPA, and the logits and the plan match the masked path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmsink import varlen
+
+    if varlen.kernel() is None:
+        pytest.skip("no varlen kernel in this torch")
+    model = tiny_llava().cuda().to(torch.bfloat16)
+    prompts = [prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(3, 1, seed=3)]
+    inputs = {k: v.cuda() for k, v in batch(prompts).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    res = {}
+    for on in (False, True):
+        mmsink.wrap(model, prune=method, varlen=on, **opts)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_flash_attention_forward")
+        res[on] = (logits, calls, mmsink.stats(model).kept_tokens)
+    mmsink.unwrap(model)
+    layers = model.config.text_config.num_hidden_layers
+    assert res[True][1] - res[False][1] == layers
+    assert res[True][2] == res[False][2]
+    torch.testing.assert_close(res[True][0], res[False][0], atol=5e-2, rtol=5e-2)

@@ -1,0 +1,77 @@
+"""Ragged attention for padded segments: the valid tokens of every sample packed into one sequence and
+run through a variable-length FlashAttention kernel (``torch.nn.attention.varlen``, or the ``flash_attn``
+package when installed) instead of SDPA with a padding mask, which keeps SDPA off its flash kernel.
+
+Used for prefill layers whose segment has padding (left-padded prompts, or samples that kept different
+numbers of tokens); CUDA only, fp16 / bf16; ``mmsink.wrap(..., varlen=False)`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+
+@functools.cache
+def kernel():
+    """(function, flavour) of the varlen kernel this install has, or None."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # the package, when installed
+
+        return flash_attn_varlen_func, "flash_attn"
+    except ImportError:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, ("torch_window" if "window_size" in params else "torch_causal")
+
+
+def usable(q: torch.Tensor, scale: float) -> bool:
+    """This call can run varlen: CUDA, half precision, a kernel, and a scale the kernel accepts."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or kernel() is None:
+        return False
+    return kernel()[1] != "torch_causal" or abs(scale - q.shape[-1] ** -0.5) < 1e-12
+
+
+def pack(valid: torch.Tensor) -> dict:
+    """Where the valid slots of ``valid`` [B, n] sit in the flattened [B * n] layout, and the cumulative
+    lengths. One device read (the total), once per segment."""
+    b, n = valid.shape
+    flat = valid.reshape(-1).nonzero().squeeze(1)
+    lens = valid.sum(1, dtype=torch.int32)
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=valid.device)
+    cu[1:] = lens.cumsum(0)
+    return {"flat": flat, "cu": cu, "max": n}
+
+
+def attention(q, k, v, meta: dict, scale: float) -> torch.Tensor:
+    """q [B, H, n, D], k / v [B, Hkv, n, D] (slots in position order, padding on the left) -> output
+    [B, n, H, D] (zeros on padding rows), causal within each sample's valid tokens."""
+    fn, flavour = kernel()
+    b, h, n, d = q.shape
+    hkv = k.shape[1]
+    flat, cu, m = meta["flat"], meta["cu"], meta["max"]
+    qp = q.transpose(1, 2).reshape(b * n, h, d).index_select(0, flat)
+    kp = k.transpose(1, 2).reshape(b * n, hkv, d).index_select(0, flat)
+    vp = v.transpose(1, 2).reshape(b * n, hkv, d).index_select(0, flat)
+    if flavour == "flash_attn":  # grouped heads natively
+        out = fn(qp, kp, vp, cu, cu, m, m, softmax_scale=scale, causal=True)
+    else:
+        extra = {}
+        if hkv != h:
+            if "enable_gqa" in inspect.signature(fn).parameters:
+                extra["enable_gqa"] = True
+            else:
+                kp, vp = kp.repeat_interleave(h // hkv, 1), vp.repeat_interleave(h // hkv, 1)
+        if flavour == "torch_window":
+            out = fn(qp, kp, vp, cu, cu, m, m, scale=scale, window_size=(-1, 0), **extra)
+        else:  # the first torch releases: a causal flag and the default scale (``usable`` checked it)
+            out = fn(qp, kp, vp, cu, cu, m, m, is_causal=True, **extra)
+    full = q.new_zeros(b * n, h, d)
+    full.index_copy_(0, flat, out)
+    return full.view(b, n, h, d)
