@@ -624,7 +624,10 @@ def main(argv=None):
         if a.methods or a.budgets:
             methods = (a.methods or ",".join(m for m, _ in METHOD_GRID)).split(",")
             budgets = [None if b == "adaptive" else int(b) for b in (a.budgets or "192,128,64").split(",")]
-            grid = [(m, b) for m in methods for b in budgets if b is not None or m == "visipruner"]
+            grid = [("none", None)] if "none" in methods else []  # keeps every token: no budget
+            grid += [
+                (m, b) for m in methods if m != "none" for b in budgets if b is not None or m == "visipruner"
+            ]
         res = measure(
             a.shape,
             a.reps,
