@@ -23,6 +23,18 @@ from .stats import Stats
 from .var import VARConfig, key_codes, make_config, redistribute_rows, var_attention
 
 ATTR = "_mmsink"
+
+
+class Handoff(Exception):
+    """Raised by the layer hook where a prefill's plan is final, when ``generate_fast`` asked for it:
+    it carries the hidden states and the layer's call arguments so that the remaining layers can run
+    as one captured graph. Never escapes ``generate_fast``."""
+
+    def __init__(self, ctx, layer: int, hidden, kwargs):
+        super().__init__("mmsink: prefill handoff")
+        self.ctx, self.layer, self.hidden, self.kwargs = ctx, layer, hidden, kwargs
+
+
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
@@ -63,6 +75,7 @@ class Handle:
         self.prompt_len: int | None = None
         self.last_stats = None  # Stats, or a function building them (see ``deferred``)
         self.hooks: list = []
+        self.handoff = False  # set by generate_fast: stop the prefill where the plan is final
         self.base = family.text_config._attn_implementation or "eager"
         # padded prefill segments on a ragged FlashAttention kernel (SDPA base; used where tensors allow)
         self.varlen = (
@@ -161,6 +174,9 @@ class Handle:
         ctx.var_codes = {}
         ctx.vit = None
         self.planner.start(ctx)
+        ctx.final_layer = None
+        if self.handoff and self.var is None:
+            ctx.final_layer = self.planner.final_layer(ctx)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.family.text_config, "use_cache", True)
@@ -196,6 +212,17 @@ class Handle:
                 )
             self.last_stats = self.deferred(self.prefill_stats, ctx, kwargs)
         return None
+
+    def finish_handoff(self, h: Handoff, kwargs) -> None:
+        """The bookkeeping of a prefill whose layers from ``h.layer`` on ran outside the model (in
+        ``generate_fast``): they all ran on the final segment."""
+        ctx = h.ctx
+        for _ in range(h.layer + 1, self.num_layers):
+            ctx.layer_segment.append(len(ctx.segments) - 1)
+            ctx.slots.append(ctx.seg.n)
+        self.ctx, self.measuring = None, False
+        ctx.to(ctx.home)
+        self.last_stats = self.deferred(self.prefill_stats, ctx, kwargs)
 
     def lm_post(self, module, args, output):
         ctx = self.ctx
@@ -263,6 +290,8 @@ class Handle:
             else:
                 ctx.directive = None
             ctx.slots.append(seg.n)
+            if ctx.final_layer == layer and ctx.directive is None and not args[1:]:
+                raise Handoff(ctx, layer, hidden, kwargs)
             return (hidden, *args[1:]), kwargs
 
         return hook

@@ -59,6 +59,38 @@ def can_compile(device: torch.device) -> bool:
     return True
 
 
+class StaticKV:
+    """The cache the tail layers see: their keys and values go straight into the decoder's buffers."""
+
+    def __init__(self, dec, n: int):
+        self.dec, self.n = dec, n
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        self.dec.k[layer_idx][:, :, : self.n].copy_(key)
+        self.dec.v[layer_idx][:, :, : self.n].copy_(value)
+        return key, value
+
+
+def _static(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    return tuple(_static(v) for v in x) if isinstance(x, tuple) else x
+
+
+def _load(dst, src) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, tuple):
+        for d, s_ in zip(dst, src):
+            _load(d, s_)
+
+
+def _shape(x):
+    if isinstance(x, torch.Tensor):
+        return ("t", tuple(x.shape), x.dtype, str(x.device))
+    return tuple(_shape(v) for v in x) if isinstance(x, tuple) else repr(x)
+
+
 class FastDecoder:
     """Static per-layer KV buffers, the token state, and the one-token decode step."""
 
@@ -103,17 +135,30 @@ class FastDecoder:
         self.pad = torch.zeros((), dtype=torch.long, device=dev)
         self.layer_fn = torch.compile(layer_step, dynamic=True) if compile else layer_step
         self.graph = None
+        self.tails: dict = {}  # captured prefill tails by (first layer, shapes of the call)
 
-    def fill(self, cache, attention_mask, tok, delta, pad) -> None:
-        """Load one prefill: its per-layer keys / values and masks, positions, first token, stop ids."""
+    def fill(self, cache, attention_mask, tok, delta, pad, tail=None) -> None:
+        """Load one prefill: its per-layer keys / values and masks, positions, first token, stop ids.
+        ``tail``: (first layer, valid [B, n]) when layers from there on wrote their keys and values
+        here themselves (``run_tail``)."""
         from .cache import PlanCache
 
         planned = isinstance(cache, PlanCache) and cache.planned
         b = attention_mask.shape[0]
-        for i, layer in enumerate(cache.layers):
+        first = tail[0] if tail is not None else len(self.layers)
+        if tail is not None:
+            valid = tail[1]
+            for i in range(first, len(self.layers)):
+                self.valid[i].zero_()
+                self.valid[i][:, : valid.shape[1]] = valid.to(self.valid[i].device)
+                self.start[i].fill_(valid.shape[1])
+        for i, layer in enumerate(cache.layers[:first]):
             k, v = layer.keys, layer.values  # [B, kv_heads, n, head_dim]
             n = k.shape[2]
-            valid = cache.segment_valid[cache.layer_segment[i]] if planned else attention_mask.bool()
+            if tail is not None:
+                valid = tail[2][i]
+            else:
+                valid = cache.segment_valid[cache.layer_segment[i]] if planned else attention_mask.bool()
             if valid.shape != (b, n):
                 raise ValueError(f"mmsink: cache layer {i} holds {n} slots, its mask {tuple(valid.shape)}")
             self.k[i][:, :, :n] = k
@@ -160,6 +205,42 @@ class FastDecoder:
         self.tok.copy_(nxt)
         self.t += 1
 
+    def tail(self, first: int, hidden, kwargs) -> torch.Tensor:
+        """Layers ``first``.. of a prefill whose plan is final (the model's own layer forwards, its hooks
+        not needed any more), keys and values into the buffers; returns the next token [B]."""
+        kw = {**kwargs, "past_key_values": StaticKV(self, hidden.shape[1]), "use_cache": True}
+        h = hidden
+        for layer in self.layers[first:]:
+            h = layer.forward(h, **kw)
+            h = h[0] if isinstance(h, tuple) else h
+        logits = self.head(self.norm(h[:, -1:]))[:, -1]  # slots in order: the last is the prompt's end
+        return logits.argmax(-1)
+
+    def run_tail(self, first: int, hidden, kwargs, graphs: bool) -> torch.Tensor:
+        """``tail``, as one CUDA graph per (first layer, shapes) when ``graphs``: a batch-1 prefill is
+        bound by launching kernels, and after the plan's last decision nothing needs the host."""
+        kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        if not graphs:
+            return self.tail(first, hidden, kwargs)
+        key = (first, _shape(hidden), tuple(sorted((k, _shape(v)) for k, v in kwargs.items())))
+        if key not in self.tails:
+            h_in, kw_in = hidden.clone(), {k: _static(v) for k, v in kwargs.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.tail(first, h_in, kw_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.tail(first, h_in, kw_in)
+            self.tails[key] = (graph, h_in, kw_in, out)
+        graph, h_in, kw_in, out = self.tails[key]
+        h_in.copy_(hidden)
+        for k, v in kwargs.items():
+            _load(kw_in[k], v)
+        graph.replay()
+        return out.clone()
+
     def capture(self) -> None:
         """Record ``step`` as one CUDA graph. The warm-up step's writes are undone by the caller's
         ``fill`` (it resets the counter, the masks and the token)."""
@@ -185,10 +266,11 @@ class FastDecoder:
 
 
 def decoder_for(
-    model, cache, batch: int, max_new: int, eos: tuple, graphs: bool, compile: bool
+    model, lengths: list[int], batch: int, max_new: int, eos: tuple, graphs: bool, compile: bool
 ) -> FastDecoder:
-    """A decoder whose buffers fit this prefill: reused when one of the same shape is kept on the model."""
-    need = [layer.keys.shape[2] + max_new for layer in cache.layers]
+    """A decoder whose buffers fit a prefill of ``lengths`` slots per layer: reused when one of the same
+    shape is kept on the model."""
+    need = [n + max_new for n in lengths]
     caps = [-(-n // ROUND) * ROUND for n in need]
     new = -(-max_new // ROUND) * ROUND
     params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)  # weights swapped: new graph
@@ -217,7 +299,7 @@ def generate_fast(
     followed by the new tokens, padded with the pad id after a sample's end-of-sequence token.
     ``graphs``: one CUDA graph per token (default: on for CUDA models). ``compile``: ``torch.compile`` the
     layer step (default: on CUDA when Triton is installed; the first call compiles, seconds)."""
-    from .api import get_handle
+    from .api import Handoff, get_handle
 
     if model.config.model_type not in SUPPORTED:
         raise ValueError(
@@ -235,8 +317,14 @@ def generate_fast(
     if handle is not None and handle.var is not None and handle.enabled:
         raise ValueError("mmsink: generate_fast does not run VAR's decode-time redistribution; use generate")
     prev = handle.prompt_len if handle is not None else None
+    one_gpu = ids.is_cuda and len({p.device for p in model.parameters()}) == 1  # graphs: one device
+    graphs = one_gpu if graphs is None else graphs
+    compile = can_compile(ids.device) if compile is None else compile
+    dispatched = any(hasattr(layer, "_hf_hook") for layer in model.modules())  # accelerate moves tensors
     if handle is not None:
         handle.prompt_len = ids.shape[1]  # selection anchored to the prompt's last token, as generate does
+        handle.handoff = not dispatched  # the layers after the plan's last decision run here
+    handed = None
     try:
         # positions as generate makes them for left-padded prompts (the decode step continues from these)
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
@@ -244,29 +332,43 @@ def generate_fast(
         if model.config.model_type not in MROPE:  # Qwen computes its 3-D positions (and rope deltas) itself
             call.setdefault("position_ids", pos)
         out = model(**call, use_cache=True, logits_to_keep=1)
+    except Handoff as h:
+        handed = h
     finally:
         if handle is not None:
             handle.prompt_len = prev
+            handle.handoff = False
     gen = model.generation_config
     eos = gen.eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=ids.device)
     pad = gen.pad_token_id if gen.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
-    tok = out.logits[:, -1].argmax(-1)
+    b, stops = ids.shape[0], tuple(eos.tolist())
+    dec = None
+    if handed is not None:  # the prefill stopped where its plan became final: the rest runs here
+        ctx, first = handed.ctx, handed.layer
+        heads = [ctx.segments[ctx.layer_segment[i]].valid for i in range(first)]
+        n = handed.hidden.shape[1]
+        lengths = [v.shape[1] for v in heads] + [n] * (ctx.num_layers - first)
+        dec = decoder_for(model, lengths, b, max(max_new_tokens - 1, 1), stops, graphs, compile)
+        tok = dec.run_tail(first, handed.hidden, handed.kwargs, graphs).to(ids.device)
+        cache, tail = ctx.cache, (first, ctx.seg.valid, heads)
+        handle.finish_handoff(handed, {**call, "logits_to_keep": 1})
+        del handed
+    else:
+        cache, tail = out.past_key_values, None
+        tok = out.logits[:, -1].argmax(-1)
+        del out
     new = tok[:, None]
     if max_new_tokens > 1 and not bool(torch.isin(tok, eos).all()):
-        one_gpu = ids.is_cuda and len({p.device for p in model.parameters()}) == 1  # graphs: one device
-        graphs = one_gpu if graphs is None else graphs
-        compile = can_compile(ids.device) if compile is None else compile
-        stops = tuple(eos.tolist())
-        dec = decoder_for(
-            model, out.past_key_values, ids.shape[0], max_new_tokens - 1, stops, graphs, compile
-        )
+        if dec is None:
+            lengths = [layer.keys.shape[2] for layer in cache.layers]
+            dec = decoder_for(model, lengths, b, max_new_tokens - 1, stops, graphs, compile)
         delta = model.model.rope_deltas if dec.mrope else None  # [B, 1], set by the prefill
         if graphs and dec.graph is None:
-            dec.fill(out.past_key_values, mask, tok, delta, pad)
+            dec.fill(cache, mask, tok, delta, pad, tail)
             dec.capture()
-        dec.fill(out.past_key_values, mask, tok, delta, pad)
-        del out
+        dec.fill(cache, mask, tok, delta, pad, tail)
+        del cache
         steps = dec.run(max_new_tokens - 1)
         new = torch.cat([new, dec.out[:, :steps].to(ids.device)], 1)
     out_ids = torch.cat([ids, new], 1)

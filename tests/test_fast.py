@@ -138,3 +138,34 @@ def test_compiled_layer_step(llava):
             assert torch.equal(out, ref)
     finally:
         mmsink.unwrap(llava)
+
+
+@pytest.mark.parametrize(
+    "method,opts,hands_off",
+    [
+        ("fastv", {"budget": 6}, True),
+        ("pdrop", {}, True),
+        ("random", {"budget": 9}, True),
+        ("none", {}, True),
+        ("visipruner", {}, False),
+    ],
+)
+def test_prefill_hands_off_where_the_plan_is_final(llava, monkeypatch, method, opts, hands_off):
+    """Pruners whose last decision layer is known stop the model's forward there and run the remaining
+    layers in generate_fast (one graph on GPU); adaptive VisiPruner runs the model's forward to the end.
+    Either way the stats are the ones generate's prefill gives."""
+    calls = []
+    real = fastmod.FastDecoder.tail
+    monkeypatch.setattr(fastmod.FastDecoder, "tail", lambda self, *a: calls.append(a[0]) or real(self, *a))
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+    mmsink.wrap(llava, prune=method, **opts)
+    try:
+        ref = llava.generate(**inputs, max_new_tokens=5, do_sample=False)
+        want = mmsink.stats(llava)
+        out = mmsink.generate_fast(llava, max_new_tokens=5, **inputs)
+        got = mmsink.stats(llava)
+    finally:
+        mmsink.unwrap(llava)
+    assert torch.equal(out, ref)
+    assert bool(calls) == hands_off
+    assert got.kept_indices == want.kept_indices and got.prefill_flops == want.prefill_flops

@@ -61,6 +61,11 @@ class Pruner:
     def start(self, ctx: Prefill) -> None:
         ctx.run = {}
 
+    def final_layer(self, ctx: Prefill) -> int | None:
+        """The first layer from which the plan can no longer change (None: not known in advance). Layers
+        from there on run on one segment, which ``generate_fast`` captures as one graph."""
+        return None
+
     def before_llm(self, ctx: Prefill, embeds: torch.Tensor) -> torch.Tensor | None:
         return None
 

@@ -16,6 +16,9 @@ class DART(Pruner):
     name = "dart"
     default_budget = 128 / 576
 
+    def final_layer(self, ctx):
+        return self.options.k  # the one decision is applied here
+
     @dataclasses.dataclass
     class Options:
         k: int = 2

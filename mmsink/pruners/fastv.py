@@ -13,6 +13,9 @@ class FastV(Pruner):
     name = "fastv"
     default_budget = 0.5
 
+    def final_layer(self, ctx):
+        return self.options.k  # the one decision is applied here
+
     @dataclasses.dataclass
     class Options:
         k: int = 2

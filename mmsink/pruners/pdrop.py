@@ -63,6 +63,9 @@ def schedule(num_layers: int, fraction: float | None, layers=None, ratio=0.5):
 class PDrop(Pruner):
     name = "pdrop"
 
+    def final_layer(self, ctx):
+        return max(ctx.run["layers"], default=0)  # the last stage
+
     @dataclasses.dataclass
     class Options:
         layers: tuple | None = None

@@ -21,6 +21,9 @@ class ReplayPruner(Pruner):
     uses_budget = False
     per_prompt_ok = True
 
+    def final_layer(self, ctx):
+        return max(self._layer_masks(ctx), default=0)  # the last layer where the plan changes
+
     @dataclasses.dataclass
     class Options:
         plan: list | None = None  # [layer][sample] kept visual sequence indices (stats.kept_indices)

@@ -18,6 +18,9 @@ class NoPruner(Pruner):
     name = "none"
     uses_budget = False
 
+    def final_layer(self, ctx):
+        return 0  # decided before the first layer
+
 
 @register
 class RandomPruner(Pruner):
@@ -26,6 +29,9 @@ class RandomPruner(Pruner):
 
     name = "random"
     default_budget = 0.5
+
+    def final_layer(self, ctx):
+        return 0  # decided before the first layer
 
     @dataclasses.dataclass
     class Options:
@@ -69,6 +75,9 @@ class PoolPruner(Pruner):
     name = "pool"
     default_budget = 0.25
     per_prompt_ok = False
+
+    def final_layer(self, ctx):
+        return 0  # decided before the first layer
 
     def before_llm(self, ctx: Prefill, embeds):
         lay = ctx.layout

@@ -25,6 +25,9 @@ class VisionZip(Pruner):
     uses_vision = True
     per_prompt_ok = False
 
+    def final_layer(self, ctx):
+        return 0  # decided before the first layer
+
     def start(self, ctx):
         ctx.run = {}
 
