@@ -317,13 +317,19 @@ def generate_fast(
     if handle is not None and handle.var is not None and handle.enabled:
         raise ValueError("mmsink: generate_fast does not run VAR's decode-time redistribution; use generate")
     prev = handle.prompt_len if handle is not None else None
-    one_gpu = ids.is_cuda and len({p.device for p in model.parameters()}) == 1  # graphs: one device
-    graphs = one_gpu if graphs is None else graphs
+    devices = {p.device for p in model.parameters()}
+    if any(d.type == "meta" for d in devices):
+        raise ValueError(
+            "mmsink: generate_fast needs every weight in memory (this model offloads layers through "
+            "accelerate's device_map); use model.generate"
+        )
+    one_device = len(devices) == 1
+    graphs = (one_device and ids.is_cuda) if graphs is None else graphs
     compile = can_compile(ids.device) if compile is None else compile
-    dispatched = any(hasattr(layer, "_hf_hook") for layer in model.modules())  # accelerate moves tensors
+    dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())  # accelerate moves tensors itself
     if handle is not None:
         handle.prompt_len = ids.shape[1]  # selection anchored to the prompt's last token, as generate does
-        handle.handoff = not dispatched  # the layers after the plan's last decision run here
+        handle.handoff = one_device and not dispatched  # the layers after the plan's last decision run here
     handed = None
     try:
         # positions as generate makes them for left-padded prompts (the decode step continues from these)

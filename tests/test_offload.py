@@ -39,3 +39,13 @@ def test_offloaded_model_runs_the_same_plan(pair, method, opts):
     inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
     (a, sa), (b, sb) = generate_each(pair, inputs, method, opts, max_new_tokens=6)
     assert torch.equal(a, b) and sa.kept_indices == sb.kept_indices
+
+
+def test_generate_fast_refuses_offloaded_weights(pair):
+    """generate_fast calls the layers' modules itself, so weights that accelerate keeps on disk cannot
+    work: a clear refusal, not a meta-tensor error from inside the decode step."""
+    import mmsink
+
+    inputs = batch([prompt(5, 7, seed=1)])
+    with pytest.raises(ValueError, match="offloads layers"):
+        mmsink.generate_fast(pair[1], max_new_tokens=3, **inputs)
