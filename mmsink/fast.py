@@ -2,8 +2,12 @@
 
     out = mmsink.generate_fast(model, max_new_tokens=64, **inputs)   # same tokens as greedy generate()
 
-The prefill runs through the wrapped model as usual (so every pruner's plan applies); then each layer's
-keys and values move into a static buffer sized to the tokens that layer kept plus the new tokens, and
+The prefill runs through the wrapped model as usual (so every pruner's plan applies) up to the layer
+where the plan is final (``Pruner.final_layer``): there the layer hook raises ``Handoff`` and the
+remaining layers run here, writing straight into the decode buffers, as one CUDA graph per shape on GPU
+(a batch-1 prefill is bound by kernel launches, and after the last decision nothing needs the host).
+Pruners that decide layer by layer (adaptive VisiPruner) run the model's forward to the end and their
+caches are copied in. Each layer's buffer is sized to the tokens that layer kept plus the new tokens, and
 one fixed-shape decode step runs per token: the model's own modules (norms, projections, MLP, rotary
 table, lm_head) with SDPA over the static buffer and a validity mask. The step also picks the token
 (argmax, end-of-sequence bookkeeping) and advances its own counter, so with ``graphs=True`` (default on
