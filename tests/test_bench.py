@@ -28,6 +28,7 @@ def test_measured_rows_follow_the_plan():
     assert 0 < fastv["ideal_ms"] and abs(fastv["of_ideal"] - fastv["ideal_ms"] / fastv["ms"]) < 1e-12
     assert fastv["flops_ratio"] < 0.5 and fastv["decode_ms"] > 0 and fastv["ttft_ms"] > 0
     assert fastv["e2e_ms"] > 0 and fastv["fast_ms"] > 0 and fastv["fast_ttft_ms"] > 0
+    assert base["fast_ttft_graphed_ms"] > 0 and "graphed unpruned" in bench.measured_markdown(res)
     md = bench.measured_markdown(res)
     assert "| fastv | 64 |" in md and "ideal ratio" in md and "generate_fast ms" in md
 
