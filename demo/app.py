@@ -33,7 +33,7 @@ SHORT = "\nAnswer the question using a single word or phrase."
 class Runner:
     """Holds the model and processor; ``answer`` runs one request with its own settings."""
 
-    def __init__(self, model_path, device="cpu", dtype="float32"):
+    def __init__(self, model_path, device="cpu", dtype="float32", fast=True):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         path = Path(model_path)
@@ -47,6 +47,9 @@ class Runner:
         self.processor.tokenizer.padding_side = "left"
         self.device = device
         self.lock = threading.Lock()
+        # greedy decoding through mmsink.generate_fast (the same tokens as generate; static caches, CUDA
+        # graphs on GPU) for both columns; VAR requests use generate (its decode-time edit lives there)
+        self.fast = fast and self.model.config.model_type in mmsink.fast.SUPPORTED
         mmsink.wrap(self.model, prune=None)
 
     def encode(self, image: Image.Image, question: str):
@@ -55,10 +58,15 @@ class Runner:
         enc = self.processor(images=[image], text=[text], return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def generate(self, inputs, max_new_tokens):
+    def generate(self, inputs, max_new_tokens, fast=False):
         t = time.perf_counter()
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            if fast:
+                out = mmsink.generate_fast(self.model, max_new_tokens=max_new_tokens, **inputs)
+            else:
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        if self.device != "cpu" and torch.cuda.is_available():
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t
         text = self.processor.tokenizer.decode(
             out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
@@ -81,11 +89,12 @@ class Runner:
             budget = int(budget)
         with self.lock:
             inputs = self.encode(image, question)
+            fast = self.fast and not var
             with mmsink.disabled(self.model):
-                base_text, base_s = self.generate(inputs, max_new_tokens)
+                base_text, base_s = self.generate(inputs, max_new_tokens, fast)
             mmsink.wrap(self.model, prune=prune, budget=budget, var=var, sink_forward=sink_forward)
             try:
-                text, seconds = self.generate(inputs, max_new_tokens)
+                text, seconds = self.generate(inputs, max_new_tokens, fast)
                 st = mmsink.stats(self.model)
             finally:
                 mmsink.wrap(self.model, prune=None)
@@ -260,8 +269,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--no-fast", action="store_true", help="decode with model.generate, not generate_fast")
     a = ap.parse_args(argv)
-    app = build(Runner(a.model, a.device, a.dtype))
+    app = build(Runner(a.model, a.device, a.dtype, fast=not a.no_fast))
     app.launch(server_name=a.host, server_port=a.port)
 
 

@@ -54,6 +54,26 @@ def test_runner_settings_are_per_request(runner):
         runner.answer(img, "q", "fastv", -3, False, False)
 
 
+def test_fast_decoding_gives_generates_answers(runner, model_dir):
+    """The demo decodes with generate_fast by default; the answers are generate's (and VAR requests,
+    which generate_fast refuses, still run)."""
+    from demo.app import Runner, samples
+
+    slow = Runner(model_dir, fast=False)
+    assert runner.fast and not slow.fast
+    img = Image.open(samples()[1][0])
+    for method, budget, var in [
+        ("none (baseline only)", None, False),
+        ("fastv", 8, False),
+        ("pdrop", None, False),
+        ("fastv", 8, {"sink_dims": (3, 17), "tau": 2.4}),
+    ]:
+        a = runner.answer(img, "What shape is it?", method, budget, var, False)
+        b = slow.answer(img, "What shape is it?", method, budget, var, False)
+        assert (a["baseline"], a["answer"]) == (b["baseline"], b["answer"])
+        assert a["stats"].kept_tokens == b["stats"].kept_tokens
+
+
 @pytest.fixture(scope="module")
 def shipped_runner():
     from demo.app import DEFAULT_MODEL, Runner
