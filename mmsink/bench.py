@@ -268,11 +268,14 @@ def measure(
     e2e_tokens: int = 0,
     ragged: bool = False,
     varlen: bool | None = None,
+    var_tau: float | None = None,
 ) -> dict:
     """Per method: prefill time, the ideal row (the same plan replayed with no selection work), time to
     first token, decode time per token, KV-cache bytes, peak memory of the prefill, FLOPs.
     ``ragged``: left-pad sample i by 2 * i tokens (prompts of different lengths); ``varlen``: passed to
-    ``mmsink.wrap`` (the ragged kernel for padded segments)."""
+    ``mmsink.wrap`` (the ragged kernel for padded segments); ``var_tau``: add a VAR row (sink channels
+    1415 / 2533, this threshold: random weights have no real sinks, so a low tau makes some tokens
+    qualify and VAR's attention edit run), timed alternately with the model without it."""
     import mmsink
 
     model = build(shape, device, dtype)
@@ -295,7 +298,7 @@ def measure(
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    def profile() -> dict:
+    def profile(e2e: bool = True) -> dict:
         """Timings and memory of whatever the model is now (wrapped or not)."""
         ms = timed(prefill, reps, sync) * 1e3
         if cuda:
@@ -310,7 +313,7 @@ def measure(
         ttft = timed(lambda: generate(1), n, sync) * 1e3
         decode = (timed(lambda: generate(1 + decode_tokens), n, sync) * 1e3 - ttft) / decode_tokens
         r = dict(ms=ms, ttft_ms=ttft, decode_ms=decode, kv_bytes=kv, peak_bytes=peak)
-        if e2e_tokens:  # prefill + e2e_tokens new tokens: transformers' generate vs generate_fast
+        if e2e_tokens and e2e:  # prefill + e2e_tokens new tokens: transformers' generate vs generate_fast
             r["e2e_ms"] = timed(lambda: generate(e2e_tokens), n, sync) * 1e3
             fast = lambda: mmsink.generate_fast(model, max_new_tokens=e2e_tokens, **inputs)  # noqa: E731
             r["fast_ms"] = timed(fast, n, sync) * 1e3
@@ -346,6 +349,23 @@ def measure(
         }
         t = alternated(prefill, states, reps, sync)
         r["ms"], r["ideal_ms"], r["base_ms"] = t["method"] * 1e3, t["ideal"] * 1e3, t["base"] * 1e3
+        rows.append(r)
+    if var_tau:  # VAR's cost: its grouped attention in layers 2 .. L-2, against the same model without it
+        hidden = model.config.get_text_config().hidden_size
+        cfg = {"sink_dims": tuple(d % hidden for d in (1415, 2533)), "tau": var_tau}
+        mmsink.wrap(model, prune=None, var=cfg, varlen=varlen)
+        r = profile(e2e=False)  # generate_fast does not run VAR
+        st = mmsink.stats(model)
+        sinks = st.extra.get("var_sinks", {})
+        r.update(method="var", budget=None, kept=round(st.mean_kept, 1), var=cfg)
+        r["flops_ratio"] = st.prefill_flops / base_flops
+        r["var_sink_tokens"] = {k: v["visual"] for k, v in sinks.items()}
+        states = {
+            "base": lambda: mmsink.unwrap(model),
+            "method": lambda: mmsink.wrap(model, prune=None, var=cfg, varlen=varlen),
+        }
+        t = alternated(prefill, states, reps, sync)
+        r["ms"], r["base_ms"] = t["method"] * 1e3, t["base"] * 1e3
         rows.append(r)
     if getattr(model, "_mmsink", None) is not None:
         mmsink.unwrap(model)
@@ -627,6 +647,7 @@ def main(argv=None):
     )
     ap.add_argument("--ragged", action="store_true", help="left-pad sample i by 2 * i tokens")
     ap.add_argument("--varlen", choices=["auto", "off"], default="auto", help="ragged kernel for padding")
+    ap.add_argument("--var-tau", type=float, default=None, help="add a VAR row with this threshold")
     ap.add_argument("--out", default=None, help="directory for JSON and Markdown")
     ap.add_argument("--name", default=None, help="file stem (default: derived from the settings)")
     a = ap.parse_args(argv)
@@ -655,6 +676,7 @@ def main(argv=None):
             a.e2e_tokens,
             ragged=a.ragged,
             varlen=False if a.varlen == "off" else None,
+            var_tau=a.var_tau,
         )
         md = measured_markdown(res)
         stem = a.name or f"prefill_{a.shape}_{a.device.split(':')[0]}_b{a.batch}"

@@ -14,8 +14,13 @@ def test_measured_rows_follow_the_plan():
         grid=[("fastv", 64)],
         decode_tokens=1,
         e2e_tokens=2,
+        var_tau=3.0,
     )
-    base, fastv = res["rows"]
+    base, fastv, var = res["rows"]
+    # the VAR row: every token kept, timed against the model without VAR, its sinks recorded per layer
+    assert var["method"] == "var" and var["kept"] == 576 and "ideal_ms" not in var
+    assert abs(var["time_ratio"] - var["ms"] / var["base_ms"]) < 1e-12 and var["flops_ratio"] >= 1.0
+    assert set(var["var_sink_tokens"]) == set(range(2, 11))  # VAR's default layers 2 .. L-2
     assert base["method"] == "baseline" and fastv["method"] == "fastv"
     layers, total, text = 12, 1 + 35 + 576 + 29, 1 + 35 + 29
     # FastV keeps everything in layers 0-1 (K=2) and text + 64 visual tokens after: KV bytes in proportion
