@@ -16,3 +16,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The eval, sweep and parallel tests share these (one per test module): a tiny random LLaVA with the
+# reference tokenizer, and a feature cache folder. ``cache`` here replaces pytest's own fixture of that
+# name, which no test uses.
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from test_eval import make_model
+
+    return make_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")

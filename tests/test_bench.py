@@ -4,18 +4,15 @@ method's own plan, and ratios are computed against the baseline of the same run.
 from mmsink import bench
 
 
-def test_measured_rows_follow_the_plan():
-    res = bench.measure(
-        "tiny-cpu",
-        reps=1,
-        batch=1,
-        device="cpu",
-        dtype=bench.torch.float32,
-        grid=[("fastv", 64)],
-        decode_tokens=1,
-        e2e_tokens=2,
-        var_tau=3.0,
+def quick(shape, grid, batch=1, **kw):
+    """One CPU rep of the bench at float32, one decode token: the plumbing, not the timings."""
+    return bench.measure(
+        shape, reps=1, batch=batch, device="cpu", dtype=bench.torch.float32, grid=grid, decode_tokens=1, **kw
     )
+
+
+def test_measured_rows_follow_the_plan():
+    res = quick("tiny-cpu", [("fastv", 64)], e2e_tokens=2, var_tau=3.0)
     base, fastv, var = res["rows"]
     # the VAR row: every token kept, timed against the model without VAR, its sinks recorded per layer
     assert var["method"] == "var" and var["kept"] == 576 and "ideal_ms" not in var
@@ -41,15 +38,7 @@ def test_measured_rows_follow_the_plan():
 def test_llava_next_shape_counts_its_tiles():
     """The NeXT bench feeds one 672x672 image: base + 4 tiles of 24x24 plus a newline per row of the
     unpadded 48x48 grid = 576 + 2304 + 48 tokens, as the model itself packs them."""
-    res = bench.measure(
-        "tiny-next-cpu",
-        reps=1,
-        batch=1,
-        device="cpu",
-        dtype=bench.torch.float32,
-        grid=[("fastv", 320), ("pool", 320)],
-        decode_tokens=1,
-    )
+    res = quick("tiny-next-cpu", [("fastv", 320), ("pool", 320)])
     assert res["visual_tokens"] == 576 + 2304 + 48
     base, fastv, pool = res["rows"]
     total, text = 1 + 35 + 2928 + 29, 1 + 35 + 29
@@ -60,15 +49,7 @@ def test_llava_next_shape_counts_its_tiles():
 def test_qwen_shape_one_large_image():
     """The Qwen2-VL bench feeds one image of the shape's patch grid (2x2 patches per token) with vision
     start/end tokens and M-RoPE inputs; the plan's KV bytes follow the kept tokens."""
-    res = bench.measure(
-        "tiny-qwen-cpu",
-        reps=1,
-        batch=1,
-        device="cpu",
-        dtype=bench.torch.float32,
-        grid=[("fastv", 64)],
-        decode_tokens=1,
-    )
+    res = quick("tiny-qwen-cpu", [("fastv", 64)])
     assert res["visual_tokens"] == 28 * 28 // 4
     base, fastv = res["rows"]
     total, text = 1 + 35 + 2 + 196 + 29, 1 + 35 + 2 + 29
@@ -94,16 +75,7 @@ def test_alternated_takes_the_states_in_turn():
 def test_ragged_prompts_count_real_tokens_only():
     """``ragged``: samples left-padded by 2 * i tokens; the plan counts the same visual tokens per layer
     (padding is not a token) and the ratios still come from alternated timing."""
-    res = bench.measure(
-        "tiny-cpu",
-        reps=1,
-        batch=3,
-        device="cpu",
-        dtype=bench.torch.float32,
-        grid=[("fastv", 64)],
-        decode_tokens=1,
-        ragged=True,
-    )
+    res = quick("tiny-cpu", [("fastv", 64)], batch=3, ragged=True)
     base, fastv = res["rows"]
     assert res["ragged"] and fastv["kept"] == round((2 * 576 + 10 * 64) / 12, 1)
     assert abs(fastv["time_ratio"] - fastv["ms"] / fastv["base_ms"]) < 1e-12

@@ -29,16 +29,6 @@ def make_model(path):
     return path
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def run(model_dir, cache, out, *extra):
     argv = ["--model", str(model_dir), "--bench", "synthvqa", "--scenes", str(SCENES), "--cache", str(cache)]
     argv += ["--max-new-tokens", "4", "--no-progress", "--out", str(out), *map(str, extra)]

@@ -4,7 +4,7 @@ methods, VAR (the shared contract: test_families.py)."""
 import pytest
 import torch
 from reference import run
-from tiny import next_batch, next_single, tiny_llava_next
+from tiny import next_batch, next_single, prefill_stats, tiny_llava_next
 
 import mmsink
 
@@ -106,13 +106,11 @@ def test_vit_sink_lands_where_the_model_puts_its_token(model, data):
         return (x, *args[1:])
 
     h = model.model.multi_modal_projector.register_forward_pre_hook(bump)  # runs before mmsink's hook
-    mmsink.wrap(model, prune="fastv", budget=3, sink_forward={"factor": 3.0, "max_sinks": 1})
     try:
-        with torch.no_grad():
-            model(**inputs)
-        st = mmsink.stats(model)
+        st = prefill_stats(
+            model, inputs, prune="fastv", budget=3, sink_forward={"factor": 3.0, "max_sinks": 1}
+        )
     finally:
-        mmsink.unwrap(model)
         h.remove()
     assert [s["position"] for s in st.extra["vit_sinks"][sample]] == [pos]
     assert all(pos in layer[sample] for layer in st.kept_indices)  # protected at every layer
@@ -132,13 +130,7 @@ def test_visionzip_keeps_each_tiles_top_cls_tokens(model, data):
     finally:
         tower.set_attn_implementation("sdpa")
     cls = att[:, :, 0, 1:].mean(1)  # [tiles, tokens per tile]
-    mmsink.wrap(model, prune="visionzip", budget=0.5)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        st = mmsink.stats(model)
-    finally:
-        mmsink.unwrap(model)
+    st = prefill_stats(model, inputs, prune="visionzip", budget=0.5)
     flat = (inputs["input_ids"] == 100).nonzero()
     tiles, per = cls.shape
     landed = {(t, k): where_tokens_land(model, inputs, t, k) for t in range(tiles) for k in range(per)}

@@ -4,22 +4,12 @@ file as one process, resume from an interrupted run (parts kept, a torn line dro
 import json
 
 import pytest
-from test_eval import lines, make_model
+from test_eval import lines
 
 from evals import eval as ev
 from evals import parallel, sweep
 
 SCENES = 4  # 12 questions
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def run(model_dir, cache, out, *extra):

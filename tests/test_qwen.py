@@ -3,7 +3,7 @@ VisionZip without [CLS], ViT sinks on merged patches (the shared contract: test_
 
 import pytest
 import torch
-from tiny import QWEN_IMAGE, qwen_batch, qwen_single, tiny_qwen
+from tiny import QWEN_IMAGE, prefill_stats, qwen_batch, qwen_single, tiny_qwen
 
 import mmsink
 
@@ -86,13 +86,7 @@ def test_visionzip_keeps_the_most_attended_tokens(model, data, monkeypatch):
     finally:
         for h in hooks:
             h.remove()
-    mmsink.wrap(model, prune="visionzip", budget=0.5)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        st = mmsink.stats(model)
-    finally:
-        mmsink.unwrap(model)
+    st = prefill_stats(model, inputs, prune="visionzip", budget=0.5)
     ((args, kw),) = seen
     x = args[0] if args else kw["hidden_states"]
     n = x.shape[0]

@@ -4,22 +4,11 @@ re-run, an interrupted run resumed, a run whose method fails reported while the 
 import json
 
 import pytest
-from test_eval import make_model
 
 from evals import eval as ev
 from evals import sweep
 
 LIMIT = 6
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def run(model_dir, cache, out, *extra):

@@ -258,3 +258,16 @@ def generate_each(models, inputs, method, opts, device=None, **gen):
         finally:
             mmsink.unwrap(m)
     return out
+
+
+def prefill_stats(model, inputs, **settings):
+    """Stats of one no-grad forward of ``model`` wrapped with ``settings``; unwrapped afterwards."""
+    import mmsink
+
+    mmsink.wrap(model, **settings)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        return mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
