@@ -167,8 +167,7 @@ class Handle:
         self.family.reset_measure()
         layout = self.family.layout(ids, kwargs.get("attention_mask"), self.prompt_len, kwargs)
         self.last_layout = layout
-        images = any(layout.sizes) if layout.sizes is not None else bool(layout.is_image.any())
-        if not images or (self.pruner is None and self.var is None and self.sinks is None):
+        if not any(layout.sizes) or (self.pruner is None and self.var is None and self.sinks is None):
             return None  # no image (or nothing to do): the model runs untouched
         ctx = Prefill(layout, self.num_layers, self.base)
         ctx.budget_per = self.planner.budget_per

@@ -14,8 +14,8 @@ class Layout:
     valid: torch.Tensor  # [B, L] bool: not padding
     anchor: torch.Tensor  # [B] long: the query row that selection reads (last prompt token)
     grids: list  # per sample, per image: (rows, cols) of its token grid, or None
-    sizes: list | None = None  # per sample, per image: its token count (host ints, read once per call)
-    counts: torch.Tensor | None = None  # [B, M] the same on the device
+    sizes: list  # per sample, per image: its token count (host ints, read once per call)
+    counts: torch.Tensor  # [B, M] tokens of image m in sample b (0 where the sample has fewer images)
 
     @property
     def batch(self) -> int:
@@ -27,17 +27,11 @@ class Layout:
 
     @property
     def max_images(self) -> int:
-        if self.sizes is not None:  # known on the host: no device sync in the middle of a prefill
-            return max((len(s) for s in self.sizes), default=0)
-        return int(self.image_of.max().item()) + 1 if self.image_of.numel() else 0
+        return max((len(s) for s in self.sizes), default=0)  # host ints: no device sync mid-prefill
 
     def image_counts(self) -> torch.Tensor:
         """[B, M] tokens of image m in sample b (0 where the sample has fewer images)."""
-        if self.counts is not None and self.counts.device == self.image_of.device:
-            return self.counts
-        m = max(self.max_images, 1)
-        onehot = self.image_of[..., None] == torch.arange(m, device=self.image_of.device)
-        return onehot.sum(1)
+        return self.counts
 
 
 def image_runs(is_image: torch.Tensor, tokens_per_image: int | None) -> torch.Tensor:

@@ -16,11 +16,12 @@ import torch
 
 @functools.cache
 def kernel():
-    """(function, flavour) of the varlen kernel this install has, or None."""
+    """(function, flavour, takes grouped kv heads) of the varlen kernel this install has, or None. The
+    signature is read once here, not per call."""
     try:
         from flash_attn import flash_attn_varlen_func  # the package, when installed
 
-        return flash_attn_varlen_func, "flash_attn"
+        return flash_attn_varlen_func, "flash_attn", True
     except ImportError:
         pass
     try:
@@ -28,7 +29,8 @@ def kernel():
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, ("torch_window" if "window_size" in params else "torch_causal")
+    flavour = "torch_window" if "window_size" in params else "torch_causal"
+    return varlen_attn, flavour, "enable_gqa" in params
 
 
 def usable(q: torch.Tensor, scale: float) -> bool:
@@ -52,7 +54,7 @@ def pack(valid: torch.Tensor) -> dict:
 def attention(q, k, v, meta: dict, scale: float) -> torch.Tensor:
     """q [B, H, n, D], k / v [B, Hkv, n, D] (slots in position order, padding on the left) -> output
     [B, n, H, D] (zeros on padding rows), causal within each sample's valid tokens."""
-    fn, flavour = kernel()
+    fn, flavour, gqa = kernel()
     b, h, n, d = q.shape
     hkv = k.shape[1]
     flat, cu, m = meta["flat"], meta["cu"], meta["max"]
@@ -63,11 +65,10 @@ def attention(q, k, v, meta: dict, scale: float) -> torch.Tensor:
         out = fn(qp, kp, vp, cu, cu, m, m, softmax_scale=scale, causal=True)
     else:
         extra = {}
-        if hkv != h:
-            if "enable_gqa" in inspect.signature(fn).parameters:
-                extra["enable_gqa"] = True
-            else:
-                kp, vp = kp.repeat_interleave(h // hkv, 1), vp.repeat_interleave(h // hkv, 1)
+        if hkv != h and gqa:
+            extra["enable_gqa"] = True
+        elif hkv != h:
+            kp, vp = kp.repeat_interleave(h // hkv, 1), vp.repeat_interleave(h // hkv, 1)
         if flavour == "torch_window":
             out = fn(qp, kp, vp, cu, cu, m, m, scale=scale, window_size=(-1, 0), **extra)
         else:  # the first torch releases: a causal flag and the default scale (``usable`` checked it)

@@ -24,7 +24,7 @@ def per_sample_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size
 
 
 def test_pack_and_attention_match_masked_sdpa(monkeypatch):
-    monkeypatch.setattr(varlen, "kernel", lambda: (per_sample_kernel, "torch_window"))
+    monkeypatch.setattr(varlen, "kernel", lambda: (per_sample_kernel, "torch_window", False))
     g = torch.Generator().manual_seed(0)
     b, h, hkv, n, d = 3, 4, 2, 9, 8
     valid = torch.zeros(b, n, dtype=torch.bool)

@@ -134,8 +134,6 @@ def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of, budget=None) -> tor
     img = ctx.image_of()
     orig = ctx.layout.image_counts()
     sizes = ctx.layout.sizes
-    if sizes is None:  # a layout without host sizes: read them (one sync)
-        sizes = [[int(c) for c in row if c > 0] for row in orig.tolist()]
     if ctx.budget_per == "prompt":  # all images of a prompt compete for one budget
         img = torch.where(img >= 0, torch.zeros_like(img), img)
         orig = orig.sum(1, keepdim=True)

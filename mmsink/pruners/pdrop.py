@@ -87,11 +87,7 @@ class PDrop(Pruner):
         default_layers(num_layers)
 
     def start(self, ctx):
-        n_img = (
-            int(ctx.layout.image_counts().max())
-            if ctx.layout.sizes is None
-            else max((n for row in ctx.layout.sizes for n in row), default=0)
-        )  # host ints when the layout has them: no sync
+        n_img = max((n for row in ctx.layout.sizes for n in row), default=0)  # host ints: no sync
         frac = None if self.budget is None else budget_fraction(self.budget, max(n_img, 1))
         layers, ratio = schedule(ctx.num_layers, frac, self.options.layers, self.options.ratio)
         ctx.run = {"layers": layers, "ratio": ratio}
