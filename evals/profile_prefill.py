@@ -41,20 +41,39 @@ def profile(fn) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with tprofile(activities=acts) as prof:
         fn()
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     events = prof.key_averages()
     # kernels only (operator rows also carry their kernels' device time: summing both counts twice)
     kernel_us = sum(e.self_device_time_total for e in events if str(e.device_type).endswith("CUDA"))
     launch_ops = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")
     launches = sum(e.count for e in events if e.key in launch_ops)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+    # device time by aten operator (its kernels included): where the GPU spends a prefill
+    ops = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.key.startswith("aten::") and e.device_time_total > 0:
+            ops[e.key][0] += e.count
+            ops[e.key][1] += e.self_device_time_total / 1e3
     return dict(
         kernel_ms=kernel_us / 1e3,
         launches=launches,
         top_host=[(e.key, e.count, round(e.self_cpu_time_total / 1e3, 2)) for e in top],
+        device_ops={k: (n, round(t, 3)) for k, (n, t) in ops.items()},
     )
+
+
+def diff_ops(a: dict, b: dict, n: int = 10) -> list:
+    """Operators whose device time differs most between two profiles (a - b): what a method adds."""
+    keys = set(a) | set(b)
+    d = [
+        (k, a.get(k, (0, 0.0))[0] - b.get(k, (0, 0.0))[0], a.get(k, (0, 0.0))[1] - b.get(k, (0, 0.0))[1])
+        for k in keys
+    ]
+    return sorted(d, key=lambda r: -abs(r[2]))[:n]
 
 
 def decode_breakdown(model, inputs) -> dict:
@@ -89,12 +108,17 @@ def main():
     ap.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES))
     ap.add_argument("--methods", default="none,fastv:64,pdrop:64,dart:64")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (no device times)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--decode", action="store_true", help="also break down generate_fast's time")
+    ap.add_argument(
+        "--ideal", action="store_true", help="also profile each method's plan replayed (prune='replay')"
+    )
     a = ap.parse_args()
     import mmsink
 
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = a.device, (torch.bfloat16 if a.device == "cuda" else torch.float32)
+    sync = torch.cuda.synchronize if dev == "cuda" else None
     model = build(a.shape, dev, dt)
     model.generation_config.eos_token_id = None  # random weights: fixed lengths
     inputs, _ = bench_inputs(model, a.batch, 35, 29, dev, dt, grid=SHAPES[a.shape].get("grid"))
@@ -111,8 +135,8 @@ def main():
         else:
             m, _, b = spec.partition(":")
             mmsink.wrap(model, prune=None if m == "none" else m, budget=int(b) if b else None)
-        ms = timed(prefill, 5, torch.cuda.synchronize) * 1e3
-        s = syncs(prefill)
+        ms = timed(prefill, 5, sync) * 1e3
+        s = syncs(prefill) if dev == "cuda" else []
         p = profile(prefill)
         sites = sorted(collections.Counter(s).items())
         row = dict(config=spec, wall_ms=ms, syncs=len(s), sync_sites=sites, **p)
@@ -123,6 +147,24 @@ def main():
             print(f"    sync x{n}: {site}")
         for k, n, t in p["top_host"][:6]:
             print(f"    host {t:7.2f} ms  x{n:4d}  {k}")
+        top = sorted(p["device_ops"].items(), key=lambda r: -r[1][1])[:8]
+        for k, (n, t) in top:
+            print(f"    device {t:7.2f} ms  x{n:4d}  {k}")
+        if a.ideal and spec != "plain":
+            plan = mmsink.stats(model).kept_indices
+            mmsink.unwrap(model)
+            mmsink.wrap(model, prune="replay", plan=plan)
+            ms_i = timed(prefill, 5, sync) * 1e3
+            q = profile(prefill)
+            row["ideal"] = dict(wall_ms=ms_i, kernel_ms=q["kernel_ms"], launches=q["launches"])
+            row["minus_ideal"] = diff_ops(p["device_ops"], q["device_ops"], 14)
+            print(
+                f"  ideal      wall {ms_i:7.1f} ms  kernels {q['kernel_ms']:7.1f} ms  "
+                f"launches {q['launches']:5d}"
+            )
+            for k, n, t in row["minus_ideal"]:
+                print(f"    +device {t:7.2f} ms  {n:+5d} calls  {k}")
+            mmsink.unwrap(model)
     if a.decode:
         rows.append(decode_breakdown(model, inputs))
     if a.out:

@@ -75,6 +75,7 @@ class Handle:
         self.prompt_len: int | None = None
         self.last_stats = None  # Stats, or a function building them (see ``deferred``)
         self.hooks: list = []
+        self.vision_taps: list = []  # (module, hook) pairs inside the vision tower (VisionZip's scores)
         self.handoff = False  # set by generate_fast: stop the prefill where the plan is final
         self.base = family.text_config._attn_implementation or "eager"
         # padded prefill segments on a ragged FlashAttention kernel (SDPA base; used where tensors allow)

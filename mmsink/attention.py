@@ -224,9 +224,10 @@ def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mi
     """Attention where some query rows get their key-group masses edited.
 
     Every row first gets plain attention (the fast kernel; ``mask`` as the layer received it). Rows where
-    ``rows`` [B, n] is True are then recomputed from per-group partial outputs O_g and masses m_g:
-    ``mix(outs, masses, row_index, v_heads)`` returns their new outputs [B, H, R, d] (float32), where the
-    unedited answer would be sum_g m_g O_g. No attention matrix is formed for the other rows.
+    ``rows`` [B, n] is True (or whose indices ``rows`` [B, R] lists, -1 padded) are then recomputed from
+    per-group partial outputs O_g and masses m_g: ``mix(outs, masses, row_index, v_heads)`` returns their
+    new outputs [B, H, R, d] (float32), where the unedited answer would be sum_g m_g O_g. No attention
+    matrix is formed for the other rows.
     Returns (output [B, n, H, d], FLOPs executed)."""
     b, h, n, d = q.shape
     kv = k.shape[2]
@@ -238,7 +239,7 @@ def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mi
         out = F.scaled_dot_product_attention(q, kk, vv, is_causal=n > 1, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
-    ri = group_indices(rows)  # [B, R] edited rows, -1 padding
+    ri = rows if rows.dtype == torch.long else group_indices(rows)  # [B, R] edited rows, -1 padding
     safe = ri.clamp(min=0)
     q_r = q.gather(2, safe[:, None, :, None].expand(-1, h, -1, d))
     allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))

@@ -23,9 +23,12 @@ small element-wise kernels that otherwise dominate a batch-1 step.
 from __future__ import annotations
 
 import collections
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+
+from . import vision_graph
 
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 MROPE = ("qwen2_vl", "qwen2_5_vl")  # 3-D positions; decoding continues from the prefill's rope_deltas
@@ -291,8 +294,9 @@ def decoder_for(
 
 
 def clear(model) -> None:
-    """Drop the decoders (KV buffers, graphs) kept on ``model``."""
+    """Drop the decoders (KV buffers, graphs) and vision-tower graphs kept on ``model``."""
     model.__dict__.pop(STORE, None)
+    vision_graph.clear(model)
 
 
 @torch.no_grad()
@@ -341,7 +345,11 @@ def generate_fast(
         call = {**inputs, "attention_mask": mask}
         if model.config.model_type not in MROPE:  # Qwen computes its 3-D positions (and rope deltas) itself
             call.setdefault("position_ids", pos)
-        out = model(**call, use_cache=True, logits_to_keep=1)
+        vision = graphs and not dispatched and inputs.get("pixel_values") is not None
+        taps = handle.vision_taps if handle is not None and handle.enabled else []
+        tower = vision_graph.patched(model, taps) if vision and vision_graph.usable(model) else nullcontext()
+        with tower:
+            out = model(**call, use_cache=True, logits_to_keep=1)
     except Handoff as h:
         handed = h
     finally:

@@ -41,10 +41,12 @@ class Family:
         """Hooks feeding a vision-stage pruner (VisionZip) the feature layer's queries and keys."""
         attn = self.vision_attention()
         pruner = handle.planner
-        return [
-            proj.register_forward_hook(handle.vision_observer(fn))
+        taps = [
+            (proj, handle.vision_observer(fn))
             for proj, fn in ((attn.q_proj, pruner.observe_q), (attn.k_proj, pruner.observe_k))
         ]
+        handle.vision_taps = taps  # a graphed tower (generate_fast) calls these after each replay
+        return [proj.register_forward_hook(hook) for proj, hook in taps]
 
     def zip_features(self, pruner, ctx, features):
         """Projector input -> VisionZip-merged projector input (records the keep sets in ``ctx.run``)."""

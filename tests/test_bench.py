@@ -33,6 +33,9 @@ def test_measured_rows_follow_the_plan():
     assert base["fast_ttft_graphed_ms"] > 0 and "graphed unpruned" in bench.measured_markdown(res)
     md = bench.measured_markdown(res)
     assert "| fastv | 64 |" in md and "ideal ratio" in md and "generate_fast ms" in md
+    t = fastv["ttft_alt"]  # HF prefill, graphed unpruned and the method, alternated
+    assert set(t) == {"hf_prefill_ms", "graphed_unpruned_ms", "method_ms"} and min(t.values()) > 0
+    assert "speedup vs HF prefill" in md and "ttft_alt" not in base
 
 
 def test_llava_next_shape_counts_its_tiles():

@@ -3,7 +3,7 @@ CUDA giving the same tokens cached and uncached."""
 
 import pytest
 import torch
-from tiny import batch, prompt, tiny_llava
+from tiny import batch, next_batch, prompt, tiny_llava, tiny_llava_next
 
 import mmsink
 from mmsink.attention import attention_lse, attention_lse_math
@@ -51,6 +51,30 @@ def test_cuda_graph_decode_equals_generate(method, opts):
         ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert torch.equal(mmsink.generate_fast(model, max_new_tokens=12, graphs=True, **inputs), ref)
     assert torch.equal(mmsink.generate_fast(model, max_new_tokens=12, graphs=False, **inputs), ref)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize(
+    "method,opts", [(None, {}), ("visionzip", {"budget": 0.5}), ("fastv", {"budget": 6})]
+)
+def test_cuda_graphed_vision_tower_equals_generate(family, method, opts):
+    """generate_fast replays the vision tower as a CUDA graph (captured once, VisionZip's taps fed after
+    each replay): two inputs of one shape each give greedy generate's tokens."""
+    model = (tiny_llava() if family == "llava" else tiny_llava_next()).cuda()
+    if family == "llava":
+        data = [batch([prompt(5, 7, seed=1)], seed=s) for s in (0, 1)]
+    else:
+        data = [next_batch(model.cpu(), [(3, 5, [(40, 56)])], seed=s)[0] for s in (0, 1)]
+        model.cuda()
+    mmsink.wrap(model, prune=method, **opts)
+    for d in data:
+        inputs = {k: v.cuda() for k, v in d.items()}
+        with torch.no_grad():
+            ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert torch.equal(mmsink.generate_fast(model, max_new_tokens=8, **inputs), ref)
+    (tower,) = model.__dict__["_mmsink_vision_graphs"].values()
+    assert tower.captures == 1
+    assert "forward" not in model.model.vision_tower.__dict__
 
 
 @pytest.mark.parametrize("method,opts", [("none", {}), ("fastv", {"budget": 6}), ("pdrop", {})])

@@ -169,3 +169,28 @@ def test_var_and_pruning(model, data):
             mmsink.unwrap(model)
     assert torch.equal(a, b)
     assert (out[:2] - plain[:2]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("budget", [0.5, 24])
+def test_visionzip_rows_at_once_equal_each_row_alone(budget):
+    """The batched merge (rows of different sizes and budgets, absent tokens masked) gives, row by row,
+    what the merge of that row's present tokens alone gives: same keep set, same merged features."""
+    from mmsink.pruners.visionzip import VisionZip
+
+    g = torch.Generator().manual_seed(3)
+    rows, p, f = 5, 40, 8
+    features, score = torch.randn(rows, p, f, generator=g), torch.rand(rows, p, generator=g)
+    metric = torch.randn(rows, p, 6, generator=g)
+    present = torch.rand(rows, p, generator=g) > 0.3
+    present[0] = True
+    parts = [1, 2, 2, 2, 1]
+    pruner = VisionZip(budget=budget)
+    ctx = type("Ctx", (), {"extra_flops": 0})()
+    out, keep = pruner.zip(ctx, features, score, metric, parts, present)
+    assert len({int(keep[i].sum()) for i in range(rows)}) > 1  # rows really differ in budget
+    for i in range(rows):
+        idx = present[i].nonzero().squeeze(1)
+        o, k = pruner.zip(ctx, features[i, idx][None], score[i, idx][None], metric[i, idx][None], [parts[i]])
+        assert torch.equal(keep[i, idx], k[0]) and not keep[i, ~present[i]].any()
+        torch.testing.assert_close(out[i, idx], o[0])
+        assert torch.equal(out[i, ~present[i]], features[i, ~present[i]])

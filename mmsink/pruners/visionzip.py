@@ -51,10 +51,10 @@ class VisionZip(Pruner):
         return total - contextual, contextual
 
     def edit_features(self, ctx, features, heads: int, scale: float, tiles_per_image=None, present=None):
-        """``tiles_per_image`` [I]: how many tiles share each row's image budget (LLaVA-NeXT); ``present``
-        [I, P] bool: tokens that reach the sequence (NeXT's unpadding drops some); only they compete."""
-        """LLaVA: features [I, 1+P or P, D] projector input -> merged features; records each image's keep
-        set. Dominant scores: the [CLS] query's attention at the feature layer."""
+        """Projector input [I, 1+P or P, D] -> merged features; records each row's keep set. Dominant scores:
+        the [CLS] query's attention at the feature layer. ``tiles_per_image`` [I]: how many tiles share each
+        row's image budget (LLaVA-NeXT); ``present`` [I, P] bool: tokens that reach the sequence (NeXT's
+        unpadding drops some); only they compete."""
         q, k = ctx.run.pop("q"), ctx.run.pop("k")  # [I, 1+P, H*hd]
         n_img, n_tok, _ = k.shape
         hd = k.shape[-1] // heads
@@ -65,51 +65,64 @@ class VisionZip(Pruner):
         offset = n_tok - features.shape[1]  # 1 when the class token was dropped ("default")
         score = cls_attn[:, offset:]
         metric = kh[:, offset:].float().mean(2)  # keys, mean over heads
-        if present is None:
-            out, keep = self.zip(ctx, features, score, metric)
-        else:  # tile by tile, on the tokens that exist in the sequence
-            out, keep = features.clone(), torch.zeros_like(present)
-            for i, n in enumerate(tiles_per_image):
-                rows = present[i].nonzero().squeeze(1)
-                o, k = self.zip(ctx, features[i, rows][None], score[i, rows][None], metric[i, rows][None], n)
-                out[i, rows] = o[0]
-                keep[i, rows] = k[0]
+        out, keep = self.zip(ctx, features, score, metric, tiles_per_image, present)
         ctx.run["keep"] = keep
         return out
 
-    def zip(self, ctx, features, score, metric, parts: int = 1):
-        """features [I, P, F], score [I, P], metric [I, P, d] (images of one size) -> (merged features,
-        keep [I, P]): the top dominant tokens by score, then the rest merged around evenly spaced targets."""
-        metric = torch.nn.functional.normalize(metric, dim=-1)
+    def zip(self, ctx, features, score, metric, parts=None, present=None):
+        """features [I, P, F], score [I, P], metric [I, P, d] -> (merged features, keep [I, P]): per row the
+        top dominant tokens by score, then the rest merged around evenly spaced targets. ``present`` [I, P]:
+        only these tokens compete (the others pass through untouched); ``parts`` [I]: how many tiles share
+        each row's image budget. All rows at once (rows may differ in size and budget)."""
         n_img, p = score.shape
-        dominant, contextual = self.split(p, parts)
+        dev = features.device
+        if present is None:
+            sizes = [p] * n_img
+        else:
+            sizes = present.sum(1).tolist()  # one read: budgets depend on each tile's size
+        parts = parts if parts is not None else [1] * n_img
+        splits = [self.split(n, m) for n, m in zip(sizes, parts)]
+        steps = [max(1, (n - d) // c) if c else 1 for n, (d, c) in zip(sizes, splits)]
+
+        def per_row(x):  # a number when every row agrees (no host-to-device copy), else a column [I, 1]
+            return x[0] if len(set(x)) == 1 else torch.tensor(x, device=dev).view(-1, 1)
+
+        dominant, contextual, step = (
+            per_row([d for d, _ in splits]),
+            per_row([c for _, c in splits]),
+            per_row(steps),
+        )
+        dom_max, ctx_max = max(d for d, _ in splits), max(c for _, c in splits)
+        ok = torch.ones(n_img, p, dtype=torch.bool, device=dev) if present is None else present
+        metric = torch.nn.functional.normalize(metric, dim=-1)
+        top = score.masked_fill(~ok, float("-inf")).topk(dom_max, dim=1).indices
+        keep = torch.zeros(n_img, p, dtype=torch.bool, device=dev)
+        keep.scatter_(1, top, (torch.arange(dom_max, device=dev)[None] < dominant).expand(n_img, -1))
         out = features.clone()
-        keep = torch.zeros(n_img, p, dtype=torch.bool, device=features.device)
-        dom = score.topk(dominant, dim=1).indices
-        keep.scatter_(1, dom, True)
-        if contextual:
-            rest = (~keep).float().argsort(dim=1, descending=True, stable=True)[:, : p - dominant]  # in order
-            step = max(1, rest.shape[1] // contextual)
-            is_target = torch.zeros(rest.shape[1], dtype=torch.bool)
-            is_target[torch.arange(rest.shape[1])[::step][:contextual]] = True
-            targets, others = rest[:, is_target.to(rest.device)], rest[:, ~is_target.to(rest.device)]
-            mt = metric.gather(1, targets[..., None].expand(-1, -1, metric.shape[-1]))
-            mo = metric.gather(1, others[..., None].expand(-1, -1, metric.shape[-1]))
-            assign = torch.einsum("iod,itd->iot", mo, mt).argmax(-1)  # [I, others]
-            ctx.extra_flops += 2 * n_img * mo.shape[1] * mt.shape[1] * mt.shape[2]
-            f = features.float()
-            sums = f.gather(1, targets[..., None].expand(-1, -1, f.shape[-1])).clone()
-            counts = torch.ones(n_img, targets.shape[1], device=f.device)
-            sums.scatter_add_(
-                1,
-                assign[..., None].expand(-1, -1, f.shape[-1]),
-                f.gather(1, others[..., None].expand(-1, -1, f.shape[-1])),
-            )
-            counts.scatter_add_(1, assign, torch.ones_like(assign, dtype=counts.dtype))
-            merged = (sums / counts[..., None]).to(features.dtype)
-            out.scatter_(1, targets[..., None].expand(-1, -1, f.shape[-1]), merged)
-            keep.scatter_(1, targets, True)
-        return out, keep
+        if not ctx_max:
+            return out, keep
+        # the rest, in order: every step-th of them is a target (the first ``contextual``), the others merge
+        rest = ok & ~keep
+        rank = rest.long().cumsum(1) - 1
+        target = rest & (rank % step == 0) & (rank // step < contextual)
+        others = rest & ~target
+        slot = torch.where(target, rank // step, ctx_max)  # a target's column; the rest write a spare one
+        cols = torch.full((n_img, ctx_max + 1), p, dtype=torch.long, device=dev)
+        cols.scatter_(1, slot, torch.arange(p, device=dev).expand(n_img, -1))
+        cols = cols[:, :ctx_max]  # target positions [I, C]; p where a row has fewer targets
+        real = cols < p
+        pad = torch.nn.functional.pad
+        mt = pad(metric, (0, 0, 0, 1)).gather(1, cols[..., None].expand(-1, -1, metric.shape[-1]))
+        sim = torch.einsum("ipd,icd->ipc", metric, mt).masked_fill(~real[:, None], float("-inf"))
+        assign = sim.argmax(-1)  # [I, P] the target each token would join
+        ctx.extra_flops += 2 * n_img * p * ctx_max * metric.shape[-1]
+        f = pad(features.float(), (0, 0, 0, 1))
+        sums = f.gather(1, cols[..., None].expand(-1, -1, f.shape[-1]))
+        sums.scatter_add_(1, assign[..., None].expand(-1, -1, f.shape[-1]), f[:, :p] * others[..., None])
+        counts = real.float().scatter_add_(1, assign, others.float())
+        merged = (sums / counts.clamp(min=1)[..., None]).to(features.dtype)
+        out = pad(out, (0, 0, 0, 1)).scatter_(1, cols[..., None].expand(-1, -1, f.shape[-1]), merged)[:, :p]
+        return out, keep | target
 
     def before_llm(self, ctx, embeds):
         keep = ctx.run.get("keep")  # every image's keep set, in the order of the sequence's image tokens

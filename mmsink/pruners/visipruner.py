@@ -148,15 +148,24 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
     """The published edit on the rows it changes (prompt text rows after an image; at layer 0 also image
     rows): no renormalisation, so image groups simply lose (or move) their mass."""
     seg = ctx.seg
-    n = q.shape[2]
-    vis, img = ctx.visual(), ctx.image_of()
-    slot = torch.arange(n, device=q.device)
-    prompt = (slot[None] <= ctx.anchor_slot()[:, None]) & seg.valid
-    txt = prompt & ~vis & (vis.cumsum(1) > 0)
     rule0 = layer == 0 and first_layer_rule
-    rows = txt | (vis & prompt) if rule0 else txt
-    groups = [group_indices(seg.valid & ~vis)]
-    groups += [group_indices(img == m) for m in range(ctx.layout.max_images)]
+    vis = ctx.visual()
+    # the shallow layers share one segment: rows and key groups are indexed once (each index is a read)
+    memo = ctx.run.setdefault("shallow_index", {})
+    if memo.get("seg") is not seg:
+        memo.clear()
+        memo["seg"] = seg
+        slot = torch.arange(q.shape[2], device=q.device)
+        prompt = (slot[None] <= ctx.anchor_slot()[:, None]) & seg.valid
+        memo["txt"] = txt = prompt & ~vis & (vis.cumsum(1) > 0)
+        memo["prompt_vis"] = vis & prompt
+        img = ctx.image_of()
+        memo["groups"] = [group_indices(seg.valid & ~vis)]
+        memo["groups"] += [group_indices(img == m) for m in range(ctx.layout.max_images)]
+    txt, groups = memo["txt"], memo["groups"]
+    if rule0 not in memo:
+        memo[rule0] = group_indices(txt | memo["prompt_vis"] if rule0 else txt)
+    rows = memo[rule0]
 
     def mix(outs, masses, ri, vv):
         h, d = vv.shape[1], vv.shape[3]

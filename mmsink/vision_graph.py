@@ -1,0 +1,145 @@
+"""The vision tower as CUDA graphs (LLaVA-1.5, LLaVA-NeXT), used by ``generate_fast``.
+
+A CLIP / SigLIP tower runs ~24 layers of small kernels on a few hundred tokens per tile: at batch 1 it
+is bound by launching them (several ms of host time for well under a millisecond of kernels on an H200),
+and its shapes depend only on the pixel tensor's shape. So it is captured once per input signature and
+replayed. Only the hidden states the model reads (``vision_feature_layer``) and the last one come back,
+cloned out of the graph's memory. Hooks a pruner placed inside the tower (VisionZip's query / key taps)
+cannot run during a replay: their modules' outputs are captured as extra graph outputs and the hooks are
+called with them after each replay, so the pruner sees what an eager run gives it.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+FAMILIES = ("llava", "llava_next")  # Qwen's tower builds its attention layout on the host
+STORE = "_mmsink_vision_graphs"
+KEEP = 4
+
+
+def _sig(x):
+    if isinstance(x, torch.Tensor):
+        return ("t", tuple(x.shape), x.dtype, str(x.device))
+    return repr(x)
+
+
+def cuda_capture(fn):
+    """Warm ``fn`` up on a side stream, capture it as a CUDA graph: (its outputs, replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return out, graph.replay
+
+
+class GraphedTower:
+    """Replaces the tower's ``forward`` while ``generate_fast`` prefills; one graph per signature."""
+
+    def __init__(self, layers: tuple, taps: list, capture=cuda_capture):
+        self.layers, self.taps, self.capture = layers, taps, capture  # taps: [(module, hook)]
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.forward = None  # the tower's own forward, set per call (``patched``)
+        self.captures = 0
+
+    def _run(self, args, kwargs) -> tuple:
+        """(output type, [last hidden state, pooler output, *picked hidden states, *tap outputs])."""
+        grab = [None] * len(self.taps)
+        handles = [
+            module.register_forward_hook(lambda m, a, o, i=i: grab.__setitem__(i, o))
+            for i, (module, _) in enumerate(self.taps)
+        ]
+        try:
+            out = self.forward(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        hs = out.hidden_states
+        keep = {i % len(hs) for i in self.layers}
+        picked = [h if i in keep else None for i, h in enumerate(hs)]
+        return type(out), [out.last_hidden_state, getattr(out, "pooler_output", None), *picked, *grab]
+
+    def __call__(self, *args, **kwargs):
+        key = (tuple(_sig(a) for a in args), tuple(sorted((k, _sig(v)) for k, v in kwargs.items())))
+        if key not in self.graphs:
+            while len(self.graphs) >= KEEP:
+                self.graphs.popitem(last=False)
+            s_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            s_kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            types = []
+
+            def fn():
+                t, flat = self._run(s_args, s_kw)
+                types[:] = [t]
+                return flat
+
+            flat, replay = self.capture(fn)
+            self.captures += 1
+            self.graphs[key] = (replay, s_args, s_kw, types[0], flat)
+        self.graphs.move_to_end(key)
+        replay, s_args, s_kw, kind, flat = self.graphs[key]
+        for s, a in zip(s_args, args):
+            if isinstance(s, torch.Tensor):
+                s.copy_(a)
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                s_kw[k].copy_(v)
+        replay()
+        flat = [None if t is None else t.clone() for t in flat]
+        n = len(self.taps)
+        hidden, grabbed = flat[2 : len(flat) - n], flat[len(flat) - n :]
+        for (module, hook), o in zip(self.taps, grabbed):
+            hook(module, (), o)
+        out = kind(last_hidden_state=flat[0], hidden_states=tuple(hidden))
+        if flat[1] is not None:
+            out.pooler_output = flat[1]
+        return out
+
+
+def usable(model) -> bool:
+    if model.config.model_type not in FAMILIES:
+        return False
+    w = next(model.model.vision_tower.parameters(), None)
+    return w is not None and w.is_cuda
+
+
+class patched:
+    """``with patched(model, taps):`` the model's vision tower runs as CUDA graphs (kept on the model)."""
+
+    def __init__(self, model, taps: list, capture=cuda_capture):
+        self.model, self.taps, self.capture = model, taps, capture
+
+    def __enter__(self):
+        tower = self.model.model.vision_tower
+        layer = self.model.config.vision_feature_layer
+        layers = (layer,) if isinstance(layer, int) else tuple(layer)
+        store = self.model.__dict__.setdefault(STORE, {})
+        w = next(tower.parameters())
+        key = (tuple(id(m) for m, _ in self.taps), layers, w.data_ptr(), w.dtype)  # weights swapped: new
+        g = store.get(key)
+        if g is None:
+            store.clear()  # other taps (another pruner): the old graphs' hooks are gone
+            g = store[key] = GraphedTower(layers, self.taps, self.capture)
+        g.taps = self.taps  # the hooks are new objects per wrap; the modules are the same
+        self.prev = tower.__dict__.get("forward")
+        g.forward = tower.forward
+        tower.forward = g
+        return g
+
+    def __exit__(self, *exc):
+        tower = self.model.model.vision_tower
+        if self.prev is None:
+            tower.__dict__.pop("forward", None)
+        else:
+            tower.forward = self.prev
+        return False
+
+
+def clear(model) -> None:
+    model.__dict__.pop(STORE, None)
