@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,7 +203,10 @@ def run_eval(
     target = parallel.part_path(out, rank) if ranks > 1 else out
     job = (model, processor, bench, settings, model_id, max_new_tokens, fast)
     shown = progress and rank == 0
+    t0 = time.perf_counter()
     found = parallel.together(lambda: append_answers(job, mine, target, batch_size, shown))
+    if parallel.is_main():  # every rank's answers are in once ``together`` returns (scaling runs read this)
+        print(f"answering: {time.perf_counter() - t0:.2f} s, {ranks} process(es)", file=sys.stderr)
     place = {qid: i for i, qid in enumerate(order)}
     skipped = sorted((p for ps in found for p in ps), key=lambda p: place.get(str(p["question_id"]), 0))
     problems = bench.problems + skipped

@@ -176,7 +176,8 @@ class Handle:
         ctx.vit = None
         self.planner.start(ctx)
         ctx.final_layer = None
-        if self.handoff and self.var is None:
+        ctx.handoff = self.handoff and self.var is None
+        if ctx.handoff:
             ctx.final_layer = self.planner.final_layer(ctx)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -291,8 +292,10 @@ class Handle:
             else:
                 ctx.directive = None
             ctx.slots.append(seg.n)
-            if ctx.final_layer == layer and ctx.directive is None and not args[1:]:
-                raise Handoff(ctx, layer, hidden, kwargs)
+            if ctx.handoff and ctx.directive is None and not args[1:]:
+                known = ctx.final_layer
+                if known == layer or (known is None and self.planner.settled(ctx, layer)):
+                    raise Handoff(ctx, layer, hidden, kwargs)
             return (hidden, *args[1:]), kwargs
 
         return hook

@@ -147,12 +147,13 @@ def test_compiled_layer_step(llava):
         ("pdrop", {}, True),
         ("random", {"budget": 9}, True),
         ("none", {}, True),
-        ("visipruner", {}, False),
+        ("visipruner", {"budget": 5}, True),  # settles once every sample has fused
+        ("visipruner", {"budget": 5, "fallback_layer": 7}, False),  # decides at the last layer
     ],
 )
 def test_prefill_hands_off_where_the_plan_is_final(llava, monkeypatch, method, opts, hands_off):
     """Pruners whose last decision layer is known stop the model's forward there and run the remaining
-    layers in generate_fast (one graph on GPU); adaptive VisiPruner runs the model's forward to the end.
+    layers in generate_fast (one graph on GPU); VisiPruner stops once it has decided for every sample.
     Either way the stats are the ones generate's prefill gives."""
     calls = []
     real = fastmod.FastDecoder.tail
@@ -169,3 +170,5 @@ def test_prefill_hands_off_where_the_plan_is_final(llava, monkeypatch, method, o
     assert torch.equal(out, ref)
     assert bool(calls) == hands_off
     assert got.kept_indices == want.kept_indices and got.prefill_flops == want.prefill_flops
+    if calls:  # the plan no longer changes from the hand-off layer on
+        assert all(k == want.kept_indices[calls[0]] for k in want.kept_indices[calls[0] :])

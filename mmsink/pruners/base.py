@@ -66,6 +66,11 @@ class Pruner:
         from there on run on one segment, which ``generate_fast`` captures as one graph."""
         return None
 
+    def settled(self, ctx: Prefill, layer: int) -> bool:
+        """For pruners whose last decision is not known in advance (``final_layer`` None): True once the
+        plan can no longer change from ``layer`` on (asked before each layer while it is False)."""
+        return False
+
     def before_llm(self, ctx: Prefill, embeds: torch.Tensor) -> torch.Tensor | None:
         return None
 

@@ -80,6 +80,11 @@ class VisiPruner(Pruner):
             "observing": True,
         }
 
+    def settled(self, ctx, layer):
+        # past the shallow stage, every sample decided (fused, and done with the deep test if on)
+        run = ctx.run
+        return layer > run["S"] and not (self.options.middle and run["observing"])
+
     def directive(self, ctx, layer):
         run, o = ctx.run, self.options
         d = {}
