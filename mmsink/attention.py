@@ -178,15 +178,22 @@ def attention_lse_math(q, k, v, allowed, scale):
     return out, lse
 
 
-def grouped_attention(q, k, v, allowed, groups, scale, math_only=False):
+def grouped_attention(q, k, v, allowed, groups, scale, math_only=False, total=None, skip=None):
     """Per key group g: the partial output O_g (normalised inside the group) and its mass
     m_g = exp(LSE_g - LSE_all). The full attention output is sum_g m_g O_g; a method that rescales group
     masses only changes the m_g. ``groups``: list of [B, m_g] index tensors into the key axis, with -1
-    padding. Returns (outs [G][B,H,n,d], masses [G][B,H,n] float32)."""
+    padding. ``total`` [B,H,n]: LSE over all allowed keys when the caller has it (the plain attention's
+    kernel returns it); then group ``skip`` is not attended at all: its output is None and its mass
+    1 - sum of the others (the groups cover every allowed key). Returns (outs [G][B,H,n,d] or None,
+    masses [G][B,H,n] float32)."""
     h = q.shape[1]
     fn = attention_lse_math if math_only else attention_lse
     outs, lses = [], []
-    for idx in groups:
+    for g, idx in enumerate(groups):
+        if total is not None and g == skip:
+            outs.append(None)
+            lses.append(None)
+            continue
         safe = idx.clamp(min=0)
         gi = safe[:, None, :, None]
         kg = k.gather(2, gi.expand(-1, k.shape[1], -1, k.shape[3]))
@@ -197,9 +204,34 @@ def grouped_attention(q, k, v, allowed, groups, scale, math_only=False):
         o, lse = fn(q, kg, vg, ag, scale)
         outs.append(o)
         lses.append(lse)
-    total = torch.logsumexp(torch.stack(lses), 0)
-    masses = [torch.exp(lse - total).nan_to_num(0.0) for lse in lses]
+    if total is None:
+        total = torch.logsumexp(torch.stack(lses), 0)
+    masses = [None if lse is None else torch.exp(lse - total).nan_to_num(0.0) for lse in lses]
+    if None in masses:
+        rest = torch.stack([m for m in masses if m is not None]).sum(0)
+        masses[masses.index(None)] = (1.0 - rest).clamp(min=0.0)
     return outs, masses
+
+
+def attention_with_lse(q, k, v, scale):
+    """Causal attention over all keys (no padding) and its LSE per row, from one fused kernel where torch
+    has one that returns it; None otherwise. q/k/v [B,H,n,d] (heads repeated), n_q == n_kv."""
+    if q.shape[2] != k.shape[2]:
+        return None
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, True, scale=scale
+        )[:2]
+        return out, lse.float()
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, True, False, scale=scale
+            )[:2]
+        except RuntimeError:  # no flash kernel for this GPU / head size
+            return None
+        return out, lse[..., : q.shape[2]].float()
+    return None
 
 
 def group_indices(member: torch.Tensor) -> torch.Tensor:
@@ -220,20 +252,26 @@ def flops_grouped(q, k, groups) -> int:
     return sum(4 * b * h * n * g.shape[1] * d for g in groups)
 
 
-def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mix):
+def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mix, skip=None, dense=False):
     """Attention where some query rows get their key-group masses edited.
 
     Every row first gets plain attention (the fast kernel; ``mask`` as the layer received it). Rows where
     ``rows`` [B, n] is True (or whose indices ``rows`` [B, R] lists, -1 padded) are then recomputed from
     per-group partial outputs O_g and masses m_g: ``mix(outs, masses, row_index, v_heads)`` returns their
     new outputs [B, H, R, d] (float32), where the unedited answer would be sum_g m_g O_g. No attention
-    matrix is formed for the other rows.
+    matrix is formed for the other rows. ``skip``: a group whose output ``mix`` does not read; when the
+    plain attention's kernel also gives each row's LSE (``dense``: causal over every key, no padding), that
+    group is not attended (its mass is what the others leave).
     Returns (output [B, n, H, d], FLOPs executed)."""
     b, h, n, d = q.shape
     kv = k.shape[2]
     allowed = mask_to_bool(base, mask, key_valid, n, kv, b, q.device)
     kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
-    if base == "eager":
+    fused = attention_with_lse(q, kk, vv, scale) if skip is not None and base == "sdpa" and dense else None
+    lse_all = None
+    if fused is not None:
+        out, lse_all = fused
+    elif base == "eager":
         out = attention_lse_math(q, kk, vv, allowed, scale)[0]
     elif mask is None:
         out = F.scaled_dot_product_attention(q, kk, vv, is_causal=n > 1, scale=scale)
@@ -243,10 +281,14 @@ def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mi
     safe = ri.clamp(min=0)
     q_r = q.gather(2, safe[:, None, :, None].expand(-1, h, -1, d))
     allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
-    outs, masses = grouped_attention(q_r, k, v, allowed_r, groups, scale, math_only=base == "eager")
+    total = None if lse_all is None else lse_all.gather(2, safe[:, None, :].expand(-1, h, -1))
+    outs, masses = grouped_attention(
+        q_r, k, v, allowed_r, groups, scale, math_only=base == "eager", total=total, skip=skip
+    )
     new = mix(outs, masses, ri, vv)
     idx = safe[:, None, :, None].expand(-1, h, -1, d)
     new = torch.where((ri >= 0)[:, None, :, None], new.to(out.dtype), out.gather(2, idx))
     out = out.scatter(2, idx, new)
-    flops = 4 * b * h * n * kv * d + flops_grouped(q_r, k, groups)
+    attended = [g for i, g in enumerate(groups) if not (total is not None and i == skip)]
+    flops = 4 * b * h * n * kv * d + flops_grouped(q_r, k, attended)
     return out.transpose(1, 2).contiguous(), flops

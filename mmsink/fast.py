@@ -35,6 +35,7 @@ MROPE = ("qwen2_vl", "qwen2_5_vl")  # 3-D positions; decoding continues from the
 ROUND = 128  # buffer lengths rounded up to this, so similar prompts reuse one captured decoder
 KEEP = 4  # decoders kept per model (each holds its KV buffers and graph)
 STORE = "_mmsink_decoders"  # attribute on the model instance; ``mmsink.unwrap`` removes it
+PLACED = "_mmsink_placement"  # (fingerprint, devices, dispatched): see ``placement``
 
 
 def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, rope):
@@ -293,9 +294,29 @@ def decoder_for(
     return dec
 
 
+def placement(model) -> tuple[set, bool]:
+    """(devices of the weights, whether accelerate dispatched the model: its hooks move tensors). A walk
+    over every parameter and module costs milliseconds of host time per call on a 7B model, so the answer
+    is kept on the model against a fingerprint (device and storage of the first weight of every top-level
+    block and decoder layer), and walked again when that changes."""
+    try:
+        blocks = [*model.model.children(), *model.model.language_model.layers, model.lm_head]
+    except AttributeError:
+        blocks = [model]
+    firsts = [next(b.parameters(), None) for b in blocks]
+    key = tuple((p.device, p.data_ptr()) for p in firsts if p is not None)
+    kept = model.__dict__.get(PLACED)
+    if kept is None or kept[0] != key:
+        devices = {p.device for p in model.parameters()}
+        dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())  # accelerate moves tensors itself
+        kept = model.__dict__[PLACED] = (key, devices, dispatched)
+    return kept[1], kept[2]
+
+
 def clear(model) -> None:
     """Drop the decoders (KV buffers, graphs) and vision-tower graphs kept on ``model``."""
     model.__dict__.pop(STORE, None)
+    model.__dict__.pop(PLACED, None)
     vision_graph.clear(model)
 
 
@@ -325,7 +346,7 @@ def generate_fast(
     if handle is not None and handle.var is not None and handle.enabled:
         raise ValueError("mmsink: generate_fast does not run VAR's decode-time redistribution; use generate")
     prev = handle.prompt_len if handle is not None else None
-    devices = {p.device for p in model.parameters()}
+    devices, dispatched = placement(model)
     if any(d.type == "meta" for d in devices):
         raise ValueError(
             "mmsink: generate_fast needs every weight in memory (this model offloads layers through "
@@ -334,7 +355,6 @@ def generate_fast(
     one_device = len(devices) == 1
     graphs = (one_device and ids.is_cuda) if graphs is None else graphs
     compile = can_compile(ids.device) if compile is None else compile
-    dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())  # accelerate moves tensors itself
     if handle is not None:
         handle.prompt_len = ids.shape[1]  # selection anchored to the prompt's last token, as generate does
         handle.handoff = one_device and not dispatched  # the layers after the plan's last decision run here

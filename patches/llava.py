@@ -24,6 +24,14 @@ class Family:
         self.language_model = model.model.language_model
         self.layers = list(self.language_model.layers)
 
+    def linear(self, module) -> int:
+        """``linear_params(module)``, counted once per wrap: the walk over a tower's modules would
+        otherwise run after every prefill (stats)."""
+        cache = self.__dict__.setdefault("_linear", {})
+        if id(module) not in cache:
+            cache[id(module)] = (module, linear_params(module))  # the module kept: its id stays its own
+        return cache[id(module)][1]
+
     @property
     def projector(self):
         """The module that receives the vision features (hooked for ViT-sink detection)."""
@@ -110,5 +118,5 @@ class Family:
         conv = 2 * b * n_patch * v.hidden_size * v.num_channels * p * p
         attn = v.num_hidden_layers * 4 * b * n * n * v.hidden_size
         n_feat = n if self.config.vision_feature_select_strategy == "full" else n_patch
-        proj = 2 * b * n_feat * linear_params(self.model.model.multi_modal_projector)
-        return conv + 2 * b * n * linear_params(tower) + attn + proj
+        proj = 2 * b * n_feat * self.linear(self.model.model.multi_modal_projector)
+        return conv + 2 * b * n * self.linear(tower) + attn + proj

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from mmsink.flops import linear_params
 from mmsink.layout import build_layout
 
 from .llava import Family as LlavaFamily
@@ -26,21 +25,30 @@ class Family(LlavaFamily):
     class_name = "LlavaNextForConditionalGeneration"
     unsupported = {"pool": NO_GRID}
 
-    def token_map(self, features, kwargs):
+    def token_map(self, features, kwargs, on_host: bool = False):
         """(source, lengths): for every visual token of the sequence, in order, its row in the flattened
         projector input [tiles * tokens] (-1 for newline tokens), and each image's token count. Built by
-        the model's own ``pack_image_features`` applied to the row indices."""
+        the model's own ``pack_image_features`` applied to row indices, on the host (it is a few hundred
+        small ops) and kept per (tile grid, image sizes); ``on_host``: return the host copy."""
         tiles, per, _ = features.shape
-        rows = torch.arange(tiles * per, device=features.device, dtype=torch.float32).view(tiles, per, 1)
-        pix = kwargs.get("pixel_values")
-        counts = self.tiles(pix, kwargs)
-        packed, lens = self.model.model.pack_image_features(
-            list(rows.split(counts)),
-            kwargs.get("image_sizes"),
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-            image_newline=torch.full((1,), -1.0, device=features.device),
-        )
-        return torch.cat(packed).view(-1).round().long(), [int(n) for n in lens]
+        sizes = kwargs.get("image_sizes")
+        sizes = [tuple(s) for s in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
+        key = (tiles, per, tuple(sizes))
+        maps = self.__dict__.setdefault("_token_maps", {})
+        if key not in maps:
+            if len(maps) >= 16:
+                maps.pop(next(iter(maps)))
+            rows = torch.arange(tiles * per, dtype=torch.float32).view(tiles, per, 1)
+            counts = self.tiles(kwargs.get("pixel_values"), {**kwargs, "image_sizes": sizes})
+            packed, lens = self.model.model.pack_image_features(
+                list(rows.split(counts)),
+                torch.tensor(sizes),
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+                image_newline=torch.full((1,), -1.0),
+            )
+            maps[key] = (torch.cat(packed).view(-1).round().long(), [int(n) for n in lens])
+        src, lens = maps[key]
+        return (src if on_host else src.to(features.device, non_blocking=True)), lens
 
     def vit_norms(self, features, kwargs) -> list:
         """Per image, the norm of each visual token's tower feature in sequence order (newlines: 0)."""
@@ -54,17 +62,20 @@ class Family(LlavaFamily):
         attn = self.vision_attention()
         counts = self.tiles(ctx.kwargs.get("pixel_values"), ctx.kwargs)
         per_tile = [n for n in counts for _ in range(n)]  # each tile: how many tiles its image has
-        src, _ = self.token_map(features, ctx.kwargs)
-        present = torch.zeros(features.shape[0] * features.shape[1], dtype=torch.bool, device=features.device)
+        src, _ = self.token_map(features, ctx.kwargs, on_host=True)
+        present = torch.zeros(features.shape[0] * features.shape[1], dtype=torch.bool)
         present[src[src >= 0]] = True  # unpadding drops some crop tokens: they do not compete
+        present = present.view(features.shape[:2])
         out = pruner.edit_features(
             ctx,
             features,
             attn.num_heads,
             attn.scale,
             tiles_per_image=per_tile,
-            present=present.view(features.shape[:2]),
+            present=present.to(features.device, non_blocking=True),
+            present_sizes=present.sum(1).tolist(),  # host arithmetic: no device read
         )
+        src = src.to(features.device, non_blocking=True)
         ctx.run["keep"] = gather_or(ctx.run["keep"].reshape(-1), src, False)
         return out
 
@@ -111,8 +122,8 @@ class Family(LlavaFamily):
         conv = 2 * tiles * n_patch * v.hidden_size * v.num_channels * p * p
         attn = v.num_hidden_layers * 4 * tiles * n * n * v.hidden_size
         n_feat = n if self.config.vision_feature_select_strategy == "full" else n_patch
-        proj = 2 * tiles * n_feat * linear_params(self.model.model.multi_modal_projector)
-        return conv + 2 * tiles * n * linear_params(tower) + attn + proj
+        proj = 2 * tiles * n_feat * self.linear(self.model.model.multi_modal_projector)
+        return conv + 2 * tiles * n * self.linear(tower) + attn + proj
 
 
 def gather_or(values: torch.Tensor, src: torch.Tensor, fill) -> torch.Tensor:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from mmsink.flops import linear_params
 from mmsink.layout import build_layout
 
 from .llava import Family as LlavaFamily
@@ -164,8 +163,8 @@ class Family(LlavaFamily):
     def patch_flops(self, patches: int, in_dim: int) -> int:
         embed = self.visual.patch_embed.proj
         conv = 2 * patches * in_dim * embed.out_channels
-        blocks = 2 * patches * sum(linear_params(b) for b in self.visual.blocks)
-        merger = 2 * (patches // self.merge**2) * linear_params(self.visual.merger)
+        blocks = 2 * patches * self.linear(self.visual.blocks)
+        merger = 2 * (patches // self.merge**2) * self.linear(self.visual.merger)
         return conv + blocks + merger
 
     def vision_flops(self, pixel_values, kwargs=None) -> int:

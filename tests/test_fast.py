@@ -172,3 +172,15 @@ def test_prefill_hands_off_where_the_plan_is_final(llava, monkeypatch, method, o
     assert got.kept_indices == want.kept_indices and got.prefill_flops == want.prefill_flops
     if calls:  # the plan no longer changes from the hand-off layer on
         assert all(k == want.kept_indices[calls[0]] for k in want.kept_indices[calls[0] :])
+
+
+def test_placement_is_walked_again_when_weights_move():
+    """generate_fast keeps the weights' devices on the model (a full walk per call costs ms on a 7B
+    model); moving a layer afterwards (here: to meta, as an offloading dispatch does) is seen next call."""
+    model = tiny_llava(layers=4)
+    inputs = batch([prompt(3, 4, seed=1)])
+    mmsink.generate_fast(model, max_new_tokens=2, **inputs)
+    assert fastmod.placement(model)[0] == {torch.device("cpu")}
+    model.model.language_model.layers[2].to("meta")
+    with pytest.raises(ValueError, match="needs every weight in memory"):
+        mmsink.generate_fast(model, max_new_tokens=2, **inputs)

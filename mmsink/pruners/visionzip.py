@@ -50,11 +50,14 @@ class VisionZip(Pruner):
         contextual = min(round(total * 10 / 64), max(total - 1, 0))
         return total - contextual, contextual
 
-    def edit_features(self, ctx, features, heads: int, scale: float, tiles_per_image=None, present=None):
+    def edit_features(
+        self, ctx, features, heads: int, scale: float, tiles_per_image=None, present=None, present_sizes=None
+    ):
         """Projector input [I, 1+P or P, D] -> merged features; records each row's keep set. Dominant scores:
         the [CLS] query's attention at the feature layer. ``tiles_per_image`` [I]: how many tiles share each
         row's image budget (LLaVA-NeXT); ``present`` [I, P] bool: tokens that reach the sequence (NeXT's
-        unpadding drops some); only they compete."""
+        unpadding drops some); only they compete; ``present_sizes``: their count per row, when the caller
+        knows it on the host."""
         q, k = ctx.run.pop("q"), ctx.run.pop("k")  # [I, 1+P, H*hd]
         n_img, n_tok, _ = k.shape
         hd = k.shape[-1] // heads
@@ -65,20 +68,21 @@ class VisionZip(Pruner):
         offset = n_tok - features.shape[1]  # 1 when the class token was dropped ("default")
         score = cls_attn[:, offset:]
         metric = kh[:, offset:].float().mean(2)  # keys, mean over heads
-        out, keep = self.zip(ctx, features, score, metric, tiles_per_image, present)
+        out, keep = self.zip(ctx, features, score, metric, tiles_per_image, present, present_sizes)
         ctx.run["keep"] = keep
         return out
 
-    def zip(self, ctx, features, score, metric, parts=None, present=None):
+    def zip(self, ctx, features, score, metric, parts=None, present=None, sizes=None):
         """features [I, P, F], score [I, P], metric [I, P, d] -> (merged features, keep [I, P]): per row the
         top dominant tokens by score, then the rest merged around evenly spaced targets. ``present`` [I, P]:
         only these tokens compete (the others pass through untouched); ``parts`` [I]: how many tiles share
-        each row's image budget. All rows at once (rows may differ in size and budget)."""
+        each row's image budget; ``sizes``: present tokens per row (read from ``present`` if not given). All
+        rows at once (rows may differ in size and budget)."""
         n_img, p = score.shape
         dev = features.device
         if present is None:
             sizes = [p] * n_img
-        else:
+        elif sizes is None:
             sizes = present.sum(1).tolist()  # one read: budgets depend on each tile's size
         parts = parts if parts is not None else [1] * n_img
         splits = [self.split(n, m) for n, m in zip(sizes, parts)]

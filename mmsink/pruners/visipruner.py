@@ -173,22 +173,22 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
     rows = memo[rule0]
 
     def mix(outs, masses, ri, vv):
+        # every edited row is a text row after an image or (layer 0) an image row; -1 padding is discarded
         h, d = vv.shape[1], vv.shape[3]
         is_img = vis.gather(1, ri.clamp(min=0)) & (ri >= 0)
-        img_row, txt_row = is_img[:, None, :, None], (~is_img & (ri >= 0))[:, None, :, None]
-        new = masses[0][..., None] * outs[0].float()
-        for g, o_g, m_g in zip(groups[1:], outs[1:], masses[1:]):
-            part = m_g[..., None] * o_g.float()
-            if rule0:
+        txt_row = (~is_img & (ri >= 0))[:, None, :, None]
+        new = masses[0][..., None] * outs[0].float()  # the non-image keys keep their mass
+        if rule0:  # text rows move each image's mass onto its first token; image rows lose it
+            for g, m_g in zip(groups[1:], masses[1:]):
                 first = g[:, :1].clamp(min=0)
                 v_first = vv.gather(2, first[:, None, :, None].expand(-1, h, 1, d)).float()
-                part = torch.where(txt_row, m_g[..., None] * v_first, part)
-                part = torch.where(img_row, torch.zeros_like(part), part)
-            else:
-                part = torch.where(txt_row, torch.zeros_like(part), part)
-            new = new + part
-        return new
+                new = new + torch.where(txt_row, m_g[..., None] * v_first, 0.0)
+        return new  # layers 1..S-1: text rows drop the image mass
 
-    out, flops = reweighted_attention(q, k, v, mask, seg.valid, scale, base, rows, groups, mix)
+    # with one image its group's output is never read: the fused kernel's LSE gives its mass
+    skip = 1 if ctx.layout.max_images == 1 else None
+    out, flops = reweighted_attention(
+        q, k, v, mask, seg.valid, scale, base, rows, groups, mix, skip=skip, dense=seg.dense
+    )
     ctx.attn_flops[layer] = flops
     return out
