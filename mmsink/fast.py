@@ -17,7 +17,9 @@ that dropped tokens hold fewer keys.
 Decoders are kept on the model (a few, by shape; buffer lengths rounded up so prompts of similar length
 share one), so the graph is captured once, not per call. ``compile=True`` (default on CUDA when Triton is
 installed) runs one decoder layer's step through ``torch.compile``, shared by all layers, which fuses the
-small element-wise kernels that otherwise dominate a batch-1 step.
+small element-wise kernels that otherwise dominate a batch-1 step; the prefill tail then runs the same way
+(``layer_prefill``, n tokens). With graphs on, the vision tower (LLaVA, LLaVA-NeXT) is replayed as a CUDA
+graph too (``mmsink.vision_graph``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,28 @@ def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, 
         q, kb, vb, attn_mask=ok[:, None, None, :], scale=attn.scaling, enable_gqa=heads != kv_heads
     )
     h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope):
+    """One decoder layer over a prefill's ``n`` tokens (the tail after the hand-off): keys / values into
+    the buffer's first ``n`` slots, causal attention (``mask`` [B,1,n,n] bool, or None: no padding). The
+    same modules and arithmetic as the model's layer; compiled, its small element-wise kernels fuse."""
+    attn = layer.self_attn
+    b, n, _ = h.shape
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, n, heads, -1).transpose(1, 2)
+    k = attn.k_proj(x).view(b, n, kv_heads, -1).transpose(1, 2)
+    v = attn.v_proj(x).view(b, n, kv_heads, -1).transpose(1, 2)
+    q, k = rope(q, k, cos, sin)
+    kb[:, :, :n].copy_(k)
+    vb[:, :, :n].copy_(v)
+    gqa = heads != kv_heads
+    if mask is None:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=gqa)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
+    h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
@@ -142,6 +166,8 @@ class FastDecoder:
         self.eos = torch.tensor(eos, dtype=torch.long, device=dev).reshape(-1)  # part of the decoder's key
         self.pad = torch.zeros((), dtype=torch.long, device=dev)
         self.layer_fn = torch.compile(layer_step, dynamic=True) if compile else layer_step
+        self.prefill_fn = torch.compile(layer_prefill, dynamic=True) if compile else None
+        self.sdpa = family.text_config._attn_implementation in ("sdpa", "mmsink_sdpa")
         self.graph = None
         self.tails: dict = {}  # captured prefill tails by (first layer, shapes of the call)
 
@@ -216,11 +242,25 @@ class FastDecoder:
     def tail(self, first: int, hidden, kwargs) -> torch.Tensor:
         """Layers ``first``.. of a prefill whose plan is final (the model's own layer forwards, its hooks
         not needed any more), keys and values into the buffers; returns the next token [B]."""
-        kw = {**kwargs, "past_key_values": StaticKV(self, hidden.shape[1]), "use_cache": True}
+        mask, pe = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
+        compiled = (
+            self.prefill_fn is not None
+            and self.sdpa
+            and pe is not None
+            and (
+                mask is None
+                or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4)
+            )
+        )
         h = hidden
-        for layer in self.layers[first:]:
-            h = layer.forward(h, **kw)
-            h = h[0] if isinstance(h, tuple) else h
+        if compiled:  # our fused step (the model's modules); else the model's own layer forwards
+            for layer, kb, vb in zip(self.layers[first:], self.k[first:], self.v[first:]):
+                h = self.prefill_fn(layer, h, *pe, kb, vb, mask, self.heads, self.kv_heads, self.rope)
+        else:
+            kw = {**kwargs, "past_key_values": StaticKV(self, hidden.shape[1]), "use_cache": True}
+            for layer in self.layers[first:]:
+                h = layer.forward(h, **kw)
+                h = h[0] if isinstance(h, tuple) else h
         logits = self.head(self.norm(h[:, -1:]))[:, -1]  # slots in order: the last is the prompt's end
         return logits.argmax(-1)
 

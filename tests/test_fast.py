@@ -3,6 +3,7 @@ greedy ``generate`` for every pruner's plan, left-padded batches, the bare model
 does not implement is refused."""
 
 import shutil
+import types
 
 import pytest
 import torch
@@ -83,14 +84,18 @@ def test_refusals(llava):
 @pytest.mark.parametrize(
     "method,opts", [(None, {}), ("fastv", {"budget": 4}), ("visionzip", {"budget": 0.5})]
 )
-def test_qwen_mrope(kind, method, opts):
+@pytest.mark.parametrize("fused", [False, True])
+def test_qwen_mrope(kind, method, opts, fused, monkeypatch):
     """3-D positions: the decode step continues from the prefill's rope deltas (images of different
-    sizes and a text-only sample in one left-padded batch)."""
+    sizes and a text-only sample in one left-padded batch); ``fused``: the prefill tail through
+    ``layer_prefill`` (compile=True's step, run here without the compiler)."""
+    if fused:
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     model = tiny_qwen(kind)
     inputs, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)]), (3, 5, [])], seed=1)
     mmsink.wrap(model, prune=method, **opts)
     ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    out = mmsink.generate_fast(model, max_new_tokens=8, **inputs)
+    out = mmsink.generate_fast(model, max_new_tokens=8, compile=fused, graphs=False, **inputs)
     assert torch.equal(out, ref)
 
 
@@ -184,3 +189,62 @@ def test_placement_is_walked_again_when_weights_move():
     model.model.language_model.layers[2].to("meta")
     with pytest.raises(ValueError, match="needs every weight in memory"):
         mmsink.generate_fast(model, max_new_tokens=2, **inputs)
+
+
+@pytest.mark.parametrize("method,opts", [("pdrop", {}), ("fastv", {"budget": 6}), ("none", {})])
+@pytest.mark.parametrize("padded", [True, False])
+def test_fused_prefill_tail_step(llava, monkeypatch, method, opts, padded):
+    """With ``compile=True`` the layers after the hand-off run ``layer_prefill`` (the model's modules in one
+    fused step) instead of the model's layer forwards. Run here without the compiler (same arithmetic):
+    generate's tokens, for a padded batch (boolean mask) and a single prompt (plain causal)."""
+    calls = []
+    real = fastmod.layer_prefill
+    monkeypatch.setattr(fastmod, "layer_prefill", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    prompts = [prompt(5, 7, seed=1), prompt(2, 4, seed=2)] if padded else [prompt(5, 7, seed=1)]
+    inputs = batch(prompts)
+    mmsink.wrap(llava, prune=method, **opts)
+    try:
+        ref = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
+        out = mmsink.generate_fast(llava, max_new_tokens=6, compile=True, graphs=False, **inputs)
+    finally:
+        mmsink.unwrap(llava)
+    assert calls  # the fused step ran
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_layer_prefill_equals_the_models_layer(family, padded):
+    """One decoder layer: ``layer_prefill`` gives the model's own layer output and writes the keys and
+    values the model's layer hands its cache (fp32, tight tolerance)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = tiny_llava(layers=2) if family == "llava" else tiny_qwen("qwen2_vl", layers=2)
+    lm = model.model.language_model
+    layer, cfg = lm.layers[1], lm.config
+    b, n = 2, 11
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(b, n, cfg.hidden_size, generator=g)
+    pos = torch.arange(n)[None].expand(b, -1)
+    if family != "llava":
+        pos = pos[None].expand(3, -1, -1) + torch.tensor([0, 1, 2])[:, None, None]
+    cos, sin = lm.rotary_emb(h, pos)
+    mask = None
+    if padded:
+        valid = torch.ones(b, n, dtype=torch.bool)
+        valid[1, :3] = False
+        mask = mmsink.attention.allowed_matrix(valid, n)
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // heads
+    kb, vb = torch.zeros(b, kv, n + 4, d), torch.zeros(b, kv, n + 4, d)
+    got = fastmod.layer_prefill(layer, h, cos, sin, kb, vb, mask, heads, kv, apply_rotary_pos_emb)
+    dec = types.SimpleNamespace(k={1: torch.zeros_like(kb)}, v={1: torch.zeros_like(vb)})
+    with torch.no_grad():
+        want = layer(
+            h, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=fastmod.StaticKV(dec, n)
+        )
+    want = want[0] if isinstance(want, tuple) else want
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kb, dec.k[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(vb, dec.v[1], atol=1e-6, rtol=1e-6)
