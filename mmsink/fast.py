@@ -240,8 +240,10 @@ class FastDecoder:
         self.t += 1
 
     def tail(self, first: int, hidden, kwargs) -> torch.Tensor:
-        """Layers ``first``.. of a prefill whose plan is final (the model's own layer forwards, its hooks
-        not needed any more), keys and values into the buffers; returns the next token [B]."""
+        """Layers ``first``.. of a prefill whose plan is final, keys and values into the buffers; returns
+        the next token [B]. With ``compile`` and SDPA each layer is one ``layer_prefill`` step (the layer's
+        own modules); otherwise the model's own layer forwards run (mmsink's hooks are not needed past
+        the plan's last decision)."""
         mask, pe = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
         compiled = (
             self.prefill_fn is not None
