@@ -4,9 +4,10 @@ A CLIP / SigLIP tower runs ~24 layers of small kernels on a few hundred tokens p
 is bound by launching them (~350 launches and HF's Python per call; replayed, LLaVA-NeXT's 5 tiles took
 5.6 ms on an H200), and its shapes depend only on the pixel tensor's shape. So it is captured once per
 input signature and replayed. Only the hidden states the model reads (``vision_feature_layer``) and the
-last one come back, cloned out of the graph's memory. Hooks a pruner placed inside the tower (VisionZip's query / key taps)
-cannot run during a replay: their modules' outputs are captured as extra graph outputs and the hooks are
-called with them after each replay, so the pruner sees what an eager run gives it.
+last one come back, cloned out of the graph's memory. Hooks a pruner placed inside the tower
+(VisionZip's query / key taps) cannot run during a replay: their modules' outputs are captured as extra
+graph outputs and the hooks are called with them after each replay, so the pruner sees what an eager
+run gives it.
 """
 
 from __future__ import annotations
