@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from . import attention, varlen, vitsink
-from .attention import Directive, build_mask
+from .attention import Directive, build_mask, group_indices
 from .cache import PlanCache
 from .flops import DecoderCost, lm_rows
 from .plan import Prefill, gather_rows, layer_device
@@ -372,7 +372,9 @@ class Handle:
         prompt = (torch.arange(seg.n, device=vis.device)[None] <= ctx.anchor_slot()[:, None]) & seg.valid
         codes = key_codes(hidden, vis, prompt, self.var)
         ctx.var_codes[layer] = codes
-        rows = seg.valid & ~vis & (vis.cumsum(1) > 0)  # instruction, answer and later tokens
+        if "var_rows" not in seg.cache:  # instruction, answer and later tokens; indexed once per segment
+            seg.cache["var_rows"] = group_indices(seg.valid & ~vis & (vis.cumsum(1) > 0))
+        rows = seg.cache["var_rows"]
 
         def reweight(q, k, v, mask, scale, base):
             out, flops = var_attention(q, k, v, mask, seg.valid, scale, base, codes, rows, self.var)
@@ -395,7 +397,7 @@ class Handle:
         valid = cache.segment_valid[cache.layer_segment[layer]]
 
         def reweight(q, k, v, mask, scale, base):
-            rows = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+            rows = torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)  # every new row
             c, ok = codes.to(q.device), valid.to(q.device)
             return var_attention(q, k, v, mask, ok, scale, base, c, rows, self.var)[0]
 

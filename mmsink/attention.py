@@ -188,6 +188,8 @@ def grouped_attention(q, k, v, allowed, groups, scale, math_only=False, total=No
     masses [G][B,H,n] float32)."""
     h = q.shape[1]
     fn = attention_lse_math if math_only else attention_lse
+    if isinstance(groups, torch.Tensor):  # membership [G, B, kv]: every group in one kernel call
+        return grouped_by_membership(q, k, v, allowed, groups, scale, fn)
     outs, lses = [], []
     for g, idx in enumerate(groups):
         if total is not None and g == skip:
@@ -210,6 +212,24 @@ def grouped_attention(q, k, v, allowed, groups, scale, math_only=False, total=No
     if None in masses:
         rest = torch.stack([m for m in masses if m is not None]).sum(0)
         masses[masses.index(None)] = (1.0 - rest).clamp(min=0.0)
+    return outs, masses
+
+
+def grouped_by_membership(q, k, v, allowed, members, scale, fn):
+    """``grouped_attention`` for groups given as membership [G, B, kv]: the query rows are repeated once
+    per group along the query axis, each copy allowed only its group's keys, and one attention call
+    gives every partial output and LSE (no key / value copies, no per-group launches; the rows are few
+    where this is used)."""
+    g_n, n = members.shape[0], q.shape[2]
+    h = q.shape[1]
+    kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
+    qg = q.repeat(1, 1, g_n, 1)  # [B, H, G*n, d], group-major
+    ag = torch.cat([allowed & m[:, None, None, :] for m in members], dim=2)  # [B, 1|H, G*n, kv]
+    o, lse = fn(qg, kk, vv, ag, scale)
+    outs = list(o.split(n, dim=2))
+    lses = torch.stack(lse.split(n, dim=2))  # [G, B, H, n]
+    total = torch.logsumexp(lses, 0)
+    masses = list(torch.exp(lses - total).nan_to_num(0.0))
     return outs, masses
 
 
@@ -249,6 +269,8 @@ def group_indices(member: torch.Tensor) -> torch.Tensor:
 
 def flops_grouped(q, k, groups) -> int:
     b, h, n, d = q.shape
+    if isinstance(groups, torch.Tensor):  # membership: every group attends over all keys
+        return 4 * b * h * n * k.shape[2] * d * groups.shape[0]
     return sum(4 * b * h * n * g.shape[1] * d for g in groups)
 
 
@@ -289,6 +311,8 @@ def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mi
     idx = safe[:, None, :, None].expand(-1, h, -1, d)
     new = torch.where((ri >= 0)[:, None, :, None], new.to(out.dtype), out.gather(2, idx))
     out = out.scatter(2, idx, new)
-    attended = [g for i, g in enumerate(groups) if not (total is not None and i == skip)]
+    attended = groups
+    if not isinstance(groups, torch.Tensor):
+        attended = [g for i, g in enumerate(groups) if not (total is not None and i == skip)]
     flops = 4 * b * h * n * kv * d + flops_grouped(q_r, k, attended)
     return out.transpose(1, 2).contiguous(), flops

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from .attention import group_indices, reweighted_attention
+from .attention import reweighted_attention
 
 OTHER, TEXT_SINK, VISUAL_SINK, VISUAL = 0, 1, 2, 3
 CODES = (TEXT_SINK, VISUAL_SINK, VISUAL, OTHER)
@@ -88,9 +88,12 @@ def key_codes(hidden, visual, prompt, cfg: VARConfig) -> torch.Tensor:
 
 
 def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig):
-    """Attention with VAR applied to ``rows`` ([B, n] bool); ``codes`` [B, kv] group of each key."""
+    """Attention with VAR applied to ``rows`` ([B, n] bool, or [B, R] row indices with -1 padding);
+    ``codes`` [B, kv] group of each key."""
     valid = key_valid if key_valid is not None else torch.ones_like(codes, dtype=torch.bool)
-    groups = [group_indices((codes == c) & valid) for c in CODES]
+    # membership, not index lists: the sink groups change every layer and indexing them costs a device
+    # read each; with VAR's few edited rows, attending every key under a group mask is cheap
+    groups = torch.stack([(codes == c) & valid for c in CODES])
     has_visual_sink = ((codes == VISUAL_SINK) & valid).any(1)[:, None, None]
 
     def mix(outs, masses, ri, vv):

@@ -139,3 +139,23 @@ def test_text_only_passes_through():
         ref = m(**text).logits
         mmsink.wrap(m, var=VAR)
         assert torch.equal(m(**text).logits, ref)
+
+
+def test_device_reads_do_not_grow_with_var_layers(model):
+    """VAR's groups change every layer; they are masks, not index lists, and the edited rows are indexed
+    once per segment, so a prefill reads the device the same number of times with VAR in 2 layers or in
+    6 (each read is a host-device sync on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+
+    def reads(layers):
+        mmsink.wrap(model, var={**VAR, "layers": layers})
+        try:
+            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                model(**inputs)
+        finally:
+            mmsink.unwrap(model)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+
+    assert reads(tuple(range(2, 8))) == reads((2, 3))
