@@ -340,7 +340,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fast",
         action="store_true",
-        help="decode with mmsink.generate_fast (the same greedy answers; CUDA graphs on GPU; not with --var)",
+        help="decode with mmsink.generate_fast (same greedy answers; CUDA graphs on GPU, not yet with VAR)",
     )
     p.add_argument("--seed", type=int, default=0, help="synthvqa seed and torch seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -370,7 +370,7 @@ def measure(
         hidden = model.config.get_text_config().hidden_size
         cfg = {"sink_dims": tuple(d % hidden for d in (1415, 2533)), "tau": var_tau}
         mmsink.wrap(model, prune=None, var=cfg, varlen=varlen)
-        r = profile(e2e=False)  # generate_fast does not run VAR
+        r = profile(e2e=False)  # VAR's prefill cost; its generate_fast decode is not graphed by default yet
         st = mmsink.stats(model)
         sinks = st.extra.get("var_sinks", {})
         r.update(method="var", budget=None, kept=round(st.mean_kept, 1), var=cfg)

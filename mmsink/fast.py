@@ -19,18 +19,20 @@ share one), so the graph is captured once, not per call. ``compile=True`` (defau
 installed) runs one decoder layer's step through ``torch.compile``, shared by all layers, which fuses the
 small element-wise kernels that otherwise dominate a batch-1 step; the prefill tail then runs the same way
 (``layer_prefill``, n tokens). With graphs on, the vision tower (LLaVA, LLaVA-NeXT) is replayed as a CUDA
-graph too (``mmsink.vision_graph``).
+graph too (``mmsink.vision_graph``). VAR layers decode through ``var.decode_attention`` (not compiled).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from . import vision_graph
+from .var import decode_attention
 
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 MROPE = ("qwen2_vl", "qwen2_5_vl")  # 3-D positions; decoding continues from the prefill's rope_deltas
@@ -40,8 +42,9 @@ STORE = "_mmsink_decoders"  # attribute on the model instance; ``mmsink.unwrap``
 PLACED = "_mmsink_placement"  # (fingerprint, devices, dispatched): see ``placement``
 
 
-def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, rope):
-    """One decoder layer for one new token: write its key / value at ``slot``, attend over the buffer."""
+def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, rope, var=None):
+    """One decoder layer for one new token: write its key / value at ``slot``, attend over the buffer.
+    ``var``: (key codes [B, slots], VARConfig) in a layer where VAR redistributes attention."""
     attn = layer.self_attn
     b = h.shape[0]
     x = layer.input_layernorm(h)
@@ -52,9 +55,12 @@ def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, 
     kb.index_copy_(2, slot, k)
     vb.index_copy_(2, slot, v)
     ok.index_fill_(1, slot, True)
-    o = F.scaled_dot_product_attention(
-        q, kb, vb, attn_mask=ok[:, None, None, :], scale=attn.scaling, enable_gqa=heads != kv_heads
-    )
+    if var is not None:
+        o = decode_attention(q, kb, vb, ok, var[0], attn.scaling, var[1])
+    else:
+        o = F.scaled_dot_product_attention(
+            q, kb, vb, attn_mask=ok[:, None, None, :], scale=attn.scaling, enable_gqa=heads != kv_heads
+        )
     h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
@@ -126,7 +132,9 @@ def _shape(x):
 class FastDecoder:
     """Static per-layer KV buffers, the token state, and the one-token decode step."""
 
-    def __init__(self, model, caps: list[int], batch: int, max_new: int, eos: tuple, compile: bool = False):
+    def __init__(
+        self, model, caps: list[int], batch: int, max_new: int, eos: tuple, compile: bool = False, var=None
+    ):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from .api import load_patches
@@ -170,6 +178,9 @@ class FastDecoder:
         self.sdpa = family.text_config._attn_implementation in ("sdpa", "mmsink_sdpa")
         self.graph = None
         self.tails: dict = {}  # captured prefill tails by (first layer, shapes of the call)
+        # VAR: (config, layers); each such layer keeps its keys' group codes (new tokens: "other")
+        self.var_cfg, var_layers = var if var is not None else (None, ())
+        self.codes = {i: torch.zeros_like(self.valid[i], dtype=torch.long) for i in var_layers}
 
     def fill(self, cache, attention_mask, tok, delta, pad, tail=None) -> None:
         """Load one prefill: its per-layer keys / values and masks, positions, first token, stop ids.
@@ -200,6 +211,9 @@ class FastDecoder:
             self.valid[i].zero_()
             self.valid[i][:, :n] = valid.to(self.valid[i].device)
             self.start[i].fill_(n)
+        for i, c in self.codes.items():
+            c.zero_()
+            c[:, : cache.layer_codes[i].shape[1]] = cache.layer_codes[i].to(c.device)
         self.pos0.copy_(attention_mask.long().sum(1))  # the first new token's position (HF: mask cumsum)
         if delta is not None:
             self.delta.copy_(delta)
@@ -215,9 +229,12 @@ class FastDecoder:
         if self.mrope:  # the same position on the t, h and w axes, shifted by the image's rope delta
             pos = (pos + self.delta).expand(3, -1, -1)
         cos, sin = self.rotary(h, pos)
-        for layer, kb, vb, ok, start in zip(self.layers, self.k, self.v, self.valid, self.start):
+        for i, (layer, kb, vb, ok, start) in enumerate(
+            zip(self.layers, self.k, self.v, self.valid, self.start)
+        ):
             dev = kb.device  # layers may sit on different GPUs (device_map)
-            h = self.layer_fn(
+            var = (self.codes[i], self.var_cfg) if i in self.codes else None
+            h = (self.layer_fn if var is None else layer_step)(  # VAR layers: not compiled
                 layer,
                 h.to(dev),
                 cos.to(dev),
@@ -229,6 +246,7 @@ class FastDecoder:
                 self.heads,
                 self.kv_heads,
                 self.rope,
+                var,
             )
         h = h.to(self.norm.weight.device)
         logits = self.head(self.norm(h))[:, -1]
@@ -316,7 +334,7 @@ class FastDecoder:
 
 
 def decoder_for(
-    model, lengths: list[int], batch: int, max_new: int, eos: tuple, graphs: bool, compile: bool
+    model, lengths: list[int], batch: int, max_new: int, eos: tuple, graphs: bool, compile: bool, var=None
 ) -> FastDecoder:
     """A decoder whose buffers fit a prefill of ``lengths`` slots per layer: reused when one of the same
     shape is kept on the model."""
@@ -324,14 +342,15 @@ def decoder_for(
     caps = [-(-n // ROUND) * ROUND for n in need]
     new = -(-max_new // ROUND) * ROUND
     params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)  # weights swapped: new graph
-    key = (batch, tuple(caps), new, eos, graphs, compile, params)
+    var_key = None if var is None else (dataclasses.astuple(var[0]), tuple(var[1]))
+    key = (batch, tuple(caps), new, eos, graphs, compile, params, var_key)
     store = model.__dict__.setdefault(STORE, collections.OrderedDict())
     if key in store:
         store.move_to_end(key)
         return store[key]
     while len(store) >= KEEP:
         store.popitem(last=False)
-    dec = FastDecoder(model, caps, batch, new, eos, compile)
+    dec = FastDecoder(model, caps, batch, new, eos, compile, var)
     store[key] = dec
     return dec
 
@@ -385,8 +404,7 @@ def generate_fast(
         handle = get_handle(model)
     except ValueError:
         handle = None
-    if handle is not None and handle.var is not None and handle.enabled:
-        raise ValueError("mmsink: generate_fast does not run VAR's decode-time redistribution; use generate")
+    var_on = handle is not None and handle.var is not None and handle.enabled
     prev = handle.prompt_len if handle is not None else None
     devices, dispatched = placement(model)
     if any(d.type == "meta" for d in devices):
@@ -395,7 +413,8 @@ def generate_fast(
             "accelerate's device_map); use model.generate"
         )
     one_device = len(devices) == 1
-    graphs = (one_device and ids.is_cuda) if graphs is None else graphs
+    # VAR's decode step is not yet verified inside a CUDA graph on a GPU: eager unless asked for
+    graphs = (one_device and ids.is_cuda and not var_on) if graphs is None else graphs
     compile = can_compile(ids.device) if compile is None else compile
     if handle is not None:
         handle.prompt_len = ids.shape[1]  # selection anchored to the prompt's last token, as generate does
@@ -442,7 +461,8 @@ def generate_fast(
     if max_new_tokens > 1 and not bool(torch.isin(tok, eos).all()):
         if dec is None:
             lengths = [layer.keys.shape[2] for layer in cache.layers]
-            dec = decoder_for(model, lengths, b, max_new_tokens - 1, stops, graphs, compile)
+            var = (handle.var, sorted(getattr(cache, "layer_codes", {}))) if var_on else None
+            dec = decoder_for(model, lengths, b, max_new_tokens - 1, stops, graphs, compile, var)
         delta = model.model.rope_deltas if dec.mrope else None  # [B, 1], set by the prefill
         if graphs and dec.graph is None:
             dec.fill(cache, mask, tok, delta, pad, tail)

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from .attention import reweighted_attention
+from .attention import grouped_attention, reweighted_attention
 
 OTHER, TEXT_SINK, VISUAL_SINK, VISUAL = 0, 1, 2, 3
 CODES = (TEXT_SINK, VISUAL_SINK, VISUAL, OTHER)
@@ -87,16 +87,11 @@ def key_codes(hidden, visual, prompt, cfg: VARConfig) -> torch.Tensor:
     return codes
 
 
-def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig):
-    """Attention with VAR applied to ``rows`` ([B, n] bool, or [B, R] row indices with -1 padding);
-    ``codes`` [B, kv] group of each key."""
-    valid = key_valid if key_valid is not None else torch.ones_like(codes, dtype=torch.bool)
-    # membership, not index lists: the sink groups change every layer and indexing them costs a device
-    # read each; with VAR's few edited rows, attending every key under a group mask is cheap
-    groups = torch.stack([(codes == c) & valid for c in CODES])
-    has_visual_sink = ((codes == VISUAL_SINK) & valid).any(1)[:, None, None]
+def var_mix(cfg: VARConfig, has_visual_sink):
+    """New outputs of the edited rows from the four groups' partial outputs and masses (``CODES`` order):
+    in image-centric heads the sinks keep (1 - p) of their mass, the visual non-sinks get the rest."""
 
-    def mix(outs, masses, ri, vv):
+    def mix(outs, masses, ri=None, vv=None):
         m_ts, m_vs, m_v, m_o = masses
         o_ts, o_vs, o_v, o_o = (o.float() for o in outs)
         img = m_vs + m_v
@@ -106,6 +101,34 @@ def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARCo
         new = (1 - p)[..., None] * (m_ts[..., None] * o_ts + m_vs[..., None] * o_vs)
         return new + (m_v + freed)[..., None] * o_v + m_o[..., None] * o_o
 
+    return mix
+
+
+def groups_of(codes, valid):
+    """[G, B, kv] membership of each key group (``CODES`` order) and [B, 1, 1] whether a sample has a
+    visual sink among its valid keys."""
+    groups = torch.stack([(codes == c) & valid for c in CODES])
+    return groups, groups[CODES.index(VISUAL_SINK)].any(1)[:, None, None]
+
+
+def decode_attention(q, k, v, valid, codes, scale, cfg: VARConfig):
+    """VAR for a decode step whose every query row is edited (``generate_fast``): q [B, H, n, d] (n new
+    tokens, already in the buffer), k / v [B, kv_heads, slots, d], ``valid`` [B, slots] the filled slots,
+    ``codes`` [B, slots]. Returns [B, H, n, d] in q's dtype."""
+    groups, has_vs = groups_of(codes, valid)
+    allowed = valid[:, None, None, :].expand(-1, 1, q.shape[2], -1)
+    outs, masses = grouped_attention(q, k, v, allowed, groups, scale)
+    return var_mix(cfg, has_vs)(outs, masses).to(q.dtype)
+
+
+def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig):
+    """Attention with VAR applied to ``rows`` ([B, n] bool, or [B, R] row indices with -1 padding);
+    ``codes`` [B, kv] group of each key."""
+    valid = key_valid if key_valid is not None else torch.ones_like(codes, dtype=torch.bool)
+    # membership, not index lists: the sink groups change every layer and indexing them costs a device
+    # read each; with VAR's few edited rows, attending every key under a group mask is cheap
+    groups, has_vs = groups_of(codes, valid)
+    mix = var_mix(cfg, has_vs)
     return reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mix)
 
 

@@ -260,8 +260,11 @@ def test_var_settings_pass_through(model_dir, cache, tmp_path):
 
 
 def test_fast_decoding_writes_the_same_answers(model_dir, cache, tmp_path):
-    """--fast (mmsink.generate_fast) gives byte-identical answers files to generate, pruned or not."""
-    for extra in ([], ["--prune", "fastv", "--budget", "16"]):
+    """--fast (mmsink.generate_fast) gives byte-identical answers files to generate, pruned or not, and
+    with VAR on (the plumbing; that the decode step reproduces VAR's edit token for token is
+    test_fast.py's test_var_decode)."""
+    var = ["--var", '{"sink_dims": [3, 17], "tau": 2.4}']
+    for extra in ([], ["--prune", "fastv", "--budget", "16"], ["--prune", "fastv", "--budget", "16", *var]):
         a, b = tmp_path / f"a{len(extra)}.jsonl", tmp_path / f"b{len(extra)}.jsonl"
         assert run(model_dir, cache, a, "--batch-size", 3, *extra) == 0
         assert run(model_dir, cache, b, "--batch-size", 3, "--fast", *extra) == 0

@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_var import VAR
 from tiny import batch, next_batch, prompt, qwen_batch, tiny_llava, tiny_llava_next, tiny_qwen
 
@@ -70,14 +71,26 @@ def test_llava_next():
     assert torch.equal(out, ref)
 
 
-def test_refusals(llava):
-    inputs = batch([prompt(5, 7, seed=1)])
-    mmsink.wrap(llava, prune="fastv", budget=6, var=VAR)
+@pytest.mark.parametrize("method,opts", [(None, {}), ("fastv", {"budget": 6}), ("visipruner", {})])
+def test_var_decode(llava, monkeypatch, method, opts):
+    """VAR in the decode step (its groups from the prefill's key codes, new tokens never sinks): the
+    tokens of generate with VAR, for a left-padded batch. A step that attended plainly instead would not
+    give them (checked where VAR's decode-time edit changes this model's tokens)."""
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+    mmsink.wrap(llava, prune=method, var=VAR, **opts)
     try:
-        with pytest.raises(ValueError, match="VAR"):
-            mmsink.generate_fast(llava, max_new_tokens=4, **inputs)
+        ref = llava.generate(**inputs, max_new_tokens=10, do_sample=False)
+        out = mmsink.generate_fast(llava, max_new_tokens=10, **inputs)
+        if method is None:
+            plain = lambda q, k, v, valid, codes, scale, cfg: F.scaled_dot_product_attention(  # noqa: E731
+                q, k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
+            monkeypatch.setattr(fastmod, "decode_attention", plain)
+            fastmod.clear(llava)
+            assert not torch.equal(mmsink.generate_fast(llava, max_new_tokens=10, **inputs), ref)
     finally:
         mmsink.unwrap(llava)
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
