@@ -103,3 +103,16 @@ def test_varlen_padded_segments_bf16(method, opts):
     assert res[True][1] - res[False][1] == layers
     assert res[True][2] == res[False][2]
     torch.testing.assert_close(res[True][0], res[False][0], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_var_decode_equals_generate(graphs):
+    """VAR's decode step on CUDA (eager, and inside a CUDA graph when asked): generate's tokens."""
+    from test_var import VAR
+
+    model = tiny_llava().cuda()
+    inputs = {k: v.cuda() for k, v in batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)]).items()}
+    mmsink.wrap(model, prune="fastv", budget=6, var=VAR)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert torch.equal(mmsink.generate_fast(model, max_new_tokens=10, graphs=graphs, **inputs), ref)
