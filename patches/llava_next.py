@@ -5,7 +5,8 @@ Every visual token (newline tokens included) carries the image token id, so the 
 LLaVA's; an image is a contiguous run of image tokens (images back to back with no text between them
 count as one image for per-image budgets). Methods that work on vision-tower tokens (VisionZip, ViT-sink
 forwarding) map them to sequence tokens by running the model's own packing (unpadding, newline tokens)
-on token indices instead of features. pool needs one grid per image and is refused.
+on token indices instead of features. pool pools each grid of an image (the base tile, the unpadded
+crops) on its own and drops the newline tokens.
 """
 
 from __future__ import annotations
@@ -17,20 +18,21 @@ from mmsink.layout import build_layout
 
 from .llava import Family as LlavaFamily
 
-NO_GRID = "its visual tokens are several unpadded tile grids with newline tokens, not one grid"
-
 
 class Family(LlavaFamily):
     model_types = ("llava_next",)
     class_name = "LlavaNextForConditionalGeneration"
-    unsupported = {"pool": NO_GRID}
+    unsupported: dict = {}
 
     def token_map(self, features, kwargs, on_host: bool = False):
         """(source, lengths): for every visual token of the sequence, in order, its row in the flattened
         projector input [tiles * tokens] (-1 for newline tokens), and each image's token count. Built by
         the model's own ``pack_image_features`` applied to row indices, on the host (it is a few hundred
         small ops) and kept per (tile grid, image sizes); ``on_host``: return the host copy."""
-        tiles, per, _ = features.shape
+        src, lens = self.host_token_map(features.shape[0], features.shape[1], kwargs)
+        return (src if on_host else src.to(features.device, non_blocking=True)), lens
+
+    def host_token_map(self, tiles: int, per: int, kwargs):
         sizes = kwargs.get("image_sizes")
         sizes = [tuple(s) for s in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
         key = (tiles, per, tuple(sizes))
@@ -47,8 +49,36 @@ class Family(LlavaFamily):
                 image_newline=torch.full((1,), -1.0),
             )
             maps[key] = (torch.cat(packed).view(-1).round().long(), [int(n) for n in lens])
-        src, lens = maps[key]
-        return (src if on_host else src.to(features.device, non_blocking=True)), lens
+        return maps[key]
+
+    def pool_grids(self, kwargs) -> list | None:
+        """Per image (in input order): (its token count, its token grids as (offset, rows, cols, stride)
+        within its run): the base tile's grid, then the unpadded crop grid whose rows end in a newline
+        token (stride cols + 1; newline tokens are in no grid). None when tiles keep their [CLS] token."""
+        if self.config.vision_feature_select_strategy != "default":
+            return None
+        v = self.config.vision_config
+        side = v.image_size // v.patch_size
+        per = side * side
+        src, lens = self.host_token_map(sum(self.tiles(kwargs.get("pixel_values"), kwargs)), per, kwargs)
+        out = []
+        for part in src.split(lens):
+            grids = [(0, side, side, side)]
+            rest = part[per:]
+            lines = int((rest < 0).sum())
+            if lines and rest.numel() > lines:  # crops: `lines` rows of (numel / lines - 1) tokens + newline
+                cols = rest.numel() // lines - 1
+                grids.append((per, lines, cols, cols + 1))
+            out.append((part.numel(), grids))
+        return out
+
+    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None):
+        lay = build_layout(input_ids, attention_mask, self.config.image_token_id, None, prompt_len, None)
+        if kwargs and kwargs.get("pixel_values") is not None and kwargs.get("image_sizes") is not None:
+            images = self.pool_grids(kwargs)
+            if images is not None:
+                lay.grids = runs_of(images, lay.sizes)
+        return lay
 
     def vit_norms(self, features, kwargs) -> list:
         """Per image, the norm of each visual token's tower feature in sequence order (newlines: 0)."""
@@ -85,9 +115,6 @@ class Family(LlavaFamily):
 
     def grid_of(self, n: int):
         return None
-
-    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None):
-        return build_layout(input_ids, attention_mask, self.config.image_token_id, None, prompt_len, None)
 
     def tiles(self, pixel_values, kwargs) -> list[int]:
         sizes = (kwargs or {}).get("image_sizes")
@@ -129,3 +156,22 @@ class Family(LlavaFamily):
 def gather_or(values: torch.Tensor, src: torch.Tensor, fill) -> torch.Tensor:
     """values[src], with ``fill`` where src is -1 (newline tokens)."""
     return torch.where(src >= 0, values[src.clamp(min=0)], torch.full((), fill, dtype=values.dtype))
+
+
+def runs_of(images: list, sizes: list) -> list:
+    """Per sample, per image run of the layout (images back to back form one run), the grids of the
+    images in it with offsets from the run's start. ``images``: per image in input order, (token count,
+    grids) as ``pool_grids`` gives them; ``sizes``: the layout's token count of each run."""
+    it = iter(images)
+    out = []
+    for row in sizes:
+        runs = []
+        for n in row:
+            run, at = [], 0
+            while at < n:
+                count, grids = next(it)
+                run += [(at + o, r, c, st) for o, r, c, st in grids]
+                at += count
+            runs.append(run)
+        out.append(runs)
+    return out

@@ -31,11 +31,13 @@ FAMILIES = {
         + [
             ("fastv", {"budget": 0.3, "k": 3}),
             ("visionzip", {"budget": 0.5}),
+            ("pool", {"budget": 0.25}),
             ("fastv", {"budget": 4, "sink_forward": {"factor": 1.01, "max_sinks": 2}}),
         ],
         flops=[
             (None, {}),
             ("fastv", {"budget": 6}),
+            ("pool", {"budget": 0.25}),
             ("visipruner", {"budget": 4}),
             ("visionzip", {"budget": 0.5}),
         ],

@@ -61,9 +61,65 @@ def test_matches_reference(model, data):
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
 
 
-def test_refused_method_says_why(model):
-    with pytest.raises(ValueError, match="not supported on LlavaNextForConditionalGeneration"):
-        mmsink.wrap(model, prune="pool")
+def test_pool_pools_each_grid_and_drops_newlines(model):
+    """pool on NeXT: the base tile's grid and the unpadded crop grid (found here from the model's own
+    embeddings: rows end at the image_newline vector) are pooled on their own, the budget shared by their
+    cells; pooled tokens sit at their window centres; newline tokens are dropped."""
+    from mmsink.pruners.simple import pool_grid
+
+    inputs, _ = next_batch(model, [(3, 4, [(56, 56)])], seed=2)
+    lm = model.model.language_model
+    seen = {}
+
+    def keep(name, value):
+        seen[name] = value  # returns None: the hook changes nothing
+
+    grab = lm.register_forward_pre_hook(
+        lambda m, a, kw: keep("embeds", kw["inputs_embeds"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        grab.remove()
+    embeds = seen["embeds"][0]
+    run = (inputs["input_ids"][0] == 100).nonzero().squeeze(1)
+    newline = (embeds[run] == model.model.image_newline.to(embeds.dtype)).all(-1)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    base = run[: side * side].view(side, side)
+    crops = run[side * side :].view(int(newline.sum()), -1)[:, :-1]  # rows, each closed by a newline
+    assert newline[side * side :].view(crops.shape[0], -1)[:, -1].all()
+    k = -(-len(run) // 4)  # budget 0.25
+    cells = base.numel() + crops.numel()
+    expected = {}
+    for grid in (base, crops):
+        gr, gc = pool_grid(*grid.shape, max(1, round(k * grid.numel() / cells)))
+        x = embeds[grid].permute(2, 0, 1)[None].float()
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, (gr, gc))[0].flatten(1).T
+        r = ((torch.arange(gr) + 0.5) * grid.shape[0] / gr).long()
+        c = ((torch.arange(gc) + 0.5) * grid.shape[1] / gc).long()
+        for pos, vec in zip(grid[r[:, None], c[None]].flatten().tolist(), pooled):
+            expected[pos] = vec
+    mmsink.wrap(model, prune="pool", budget=0.25)
+    layer0 = lm.layers[0].register_forward_pre_hook(
+        lambda m, a, kw: keep("hidden", a[0] if a else kw["hidden_states"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = mmsink.stats(model)
+    finally:
+        layer0.remove()
+        mmsink.unwrap(model)
+    kept = st.kept_indices[0][0]
+    assert sorted(kept) == sorted(expected)
+    hidden = seen["hidden"][0]
+    assert hidden.shape[0] == inputs["input_ids"].shape[1] - len(run) + len(kept)
+    text_before = int(run[0])  # text tokens before the image keep their slots; pooled tokens follow in order
+    for j, pos in enumerate(sorted(kept)):
+        torch.testing.assert_close(
+            hidden[text_before + j], expected[pos].to(hidden.dtype), atol=1e-5, rtol=1e-5
+        )
 
 
 def where_tokens_land(model, inputs, tile, token, scale=40.0):

@@ -70,7 +70,9 @@ def pool_grid(rows: int, cols: int, k: int) -> tuple[int, int]:
 class PoolPruner(Pruner):
     """Average-pools each image's projected token grid before the LLM. The budget picks the output grid
     (about ``budget`` cells, aspect kept; 0.25 = 2x2 pooling). Each pooled token takes the original
-    position of its window's centre token, so text positions are unchanged."""
+    position of its window's centre token, so text positions are unchanged. An image made of several
+    grids (LLaVA-NeXT: the base tile, the unpadded crops) pools each on its own, the budget shared in
+    proportion to their cells; tokens in no grid (NeXT's newlines) are dropped."""
 
     name = "pool"
     default_budget = 0.25
@@ -89,22 +91,34 @@ class PoolPruner(Pruner):
                 n = int(counts[b, m])
                 if n == 0:
                     continue
-                grid = lay.grids[b][m]
-                if grid is None or grid[0] * grid[1] != n:
+                grids = lay.grids[b][m]
+                if isinstance(grids, tuple):  # one grid covering the image
+                    grids = [(0, grids[0], grids[1], grids[1])] if grids[0] * grids[1] == n else None
+                if not grids:
                     raise ValueError("mmsink: pool needs the image's token grid (rows x cols), unknown here")
-                rows, cols = grid
                 k = int(budget_count(self.budget, torch.tensor([n]))[0])
-                gr, gc = pool_grid(rows, cols, k)
+                cells = sum(r * c for _, r, c, _ in grids)
                 where = (lay.image_of[b] == m).nonzero().squeeze(1)
-                x = embeds[b, where].T.reshape(1, -1, rows, cols).float()
-                pooled = F.adaptive_avg_pool2d(x, (gr, gc))[0].flatten(1).T.to(embeds.dtype)
-                r = ((torch.arange(gr) + 0.5) * rows / gr).long().clamp(max=rows - 1)
-                c = ((torch.arange(gc) + 0.5) * cols / gc).long().clamp(max=cols - 1)
-                centre = where[(r[:, None] * cols + c[None]).flatten().to(where.device)]
-                if ctx.protected is not None:  # a protected token keeps its own embedding
-                    free = ~ctx.protected[b, centre]
-                    centre, pooled = centre[free], pooled[free]
-                out[b, centre] = pooled
-                chosen[b, centre] = True
+                for offset, rows, cols, stride in grids:  # each grid its share of the budget
+                    share = max(1, round(k * rows * cols / cells))
+                    at = offset + (torch.arange(rows)[:, None] * stride + torch.arange(cols)[None])
+                    self.pool(
+                        ctx, b, embeds, out, chosen, where[at.flatten().to(where.device)], rows, cols, share
+                    )
         ctx.decide(ctx.keep_text(chosen))
         return out
+
+    @staticmethod
+    def pool(ctx, b, embeds, out, chosen, where, rows, cols, k):
+        """Pool the grid of tokens ``where`` (row-major, rows x cols) to about k cells, in place."""
+        gr, gc = pool_grid(rows, cols, k)
+        x = embeds[b, where].T.reshape(1, -1, rows, cols).float()
+        pooled = F.adaptive_avg_pool2d(x, (gr, gc))[0].flatten(1).T.to(embeds.dtype)
+        r = ((torch.arange(gr) + 0.5) * rows / gr).long().clamp(max=rows - 1)
+        c = ((torch.arange(gc) + 0.5) * cols / gc).long().clamp(max=cols - 1)
+        centre = where[(r[:, None] * cols + c[None]).flatten().to(where.device)]
+        if ctx.protected is not None:  # a protected token keeps its own embedding
+            free = ~ctx.protected[b, centre]
+            centre, pooled = centre[free], pooled[free]
+        out[b, centre] = pooled
+        chosen[b, centre] = True
