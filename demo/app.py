@@ -89,7 +89,7 @@ class Runner:
             budget = int(budget)
         with self.lock:
             inputs = self.encode(image, question)
-            fast = self.fast and not var
+            fast = self.fast
             with mmsink.disabled(self.model):
                 base_text, base_s = self.generate(inputs, max_new_tokens, fast)
             mmsink.wrap(self.model, prune=prune, budget=budget, var=var, sink_forward=sink_forward)

@@ -55,8 +55,7 @@ def test_runner_settings_are_per_request(runner):
 
 
 def test_fast_decoding_gives_generates_answers(runner, model_dir):
-    """The demo decodes with generate_fast by default; the answers are generate's (and VAR requests,
-    which generate_fast refuses, still run)."""
+    """The demo decodes with generate_fast by default (VAR requests too); the answers are generate's."""
     from demo.app import Runner, samples
 
     slow = Runner(model_dir, fast=False)
