@@ -92,7 +92,7 @@ def decode_breakdown(model, inputs) -> dict:
 
         def replay(dec=dec):
             dec.t.zero_()
-            dec.graph.replay()
+            dec.graph()
 
         r[f"{tag}_replay_ms"] = timed(replay, 20, sync) * 1e3
         r[f"{tag}_per_token_ms"] = per = (r[f"{tag}_65_ms"] - r[f"{tag}_17_ms"]) / 48

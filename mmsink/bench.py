@@ -214,14 +214,16 @@ METHOD_GRID = [
 ]
 
 
-def alternated(fn, states: dict, reps: int, sync=None) -> dict:
+def alternated(fn, states: dict, reps: int, sync=None, warm: int = 1) -> dict:
     """Median time of ``fn`` in each state, the states taken in turn within every rep (one warm-up
-    round): slow drift of a shared machine hits all of them alike."""
+    round): slow drift of a shared machine hits all of them alike. ``warm``: untimed calls after each
+    switch (generate_fast captures a prefill tail the second time its shape comes: 2)."""
     times = {k: [] for k in states}
     for rep in range(reps + 1):
         for name, enter in states.items():
             enter()
-            fn()  # the first call after a switch pays any one-off work; time the second
+            for _ in range(warm):
+                fn()  # the first calls after a switch pay any one-off work; time the next
             if sync:
                 sync()
             t = time.perf_counter()
@@ -316,8 +318,10 @@ def measure(
         if e2e_tokens and e2e:  # prefill + e2e_tokens new tokens: transformers' generate vs generate_fast
             r["e2e_ms"] = timed(lambda: generate(e2e_tokens), n, sync) * 1e3
             fast = lambda: mmsink.generate_fast(model, max_new_tokens=e2e_tokens, **inputs)  # noqa: E731
+            fast()  # (``timed`` warms up once more: the prefill tail's graph is captured at the 2nd call)
             r["fast_ms"] = timed(fast, n, sync) * 1e3
             first = lambda: mmsink.generate_fast(model, max_new_tokens=1, **inputs)  # noqa: E731
+            first()
             r["fast_ttft_ms"] = timed(first, reps, sync) * 1e3  # prefill; layers after the plan: a graph
         return r
 
@@ -332,13 +336,14 @@ def measure(
         }
         now = []
         states = {k: (lambda k=k: (now.__setitem__(slice(None), [k]), plan[k][0]())) for k in plan}
-        t = alternated(lambda: plan[now[0]][1](), states, reps, sync)
+        t = alternated(lambda: plan[now[0]][1](), states, reps, sync, warm=2)
         return {f"{k}_ms": v * 1e3 for k, v in t.items()}
 
     base = profile()
     if e2e_tokens:  # the unpruned model through the same graphed prefill ('none' hands off at layer 0)
         mmsink.wrap(model, prune="none", varlen=varlen)
         first = lambda: mmsink.generate_fast(model, max_new_tokens=1, **inputs)  # noqa: E731
+        first()
         base["fast_ttft_graphed_ms"] = timed(first, reps, sync) * 1e3
     mmsink.wrap(model, prune=None, varlen=varlen)
     prefill()

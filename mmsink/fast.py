@@ -33,11 +33,13 @@ import torch.nn.functional as F
 
 from . import vision_graph
 from .var import decode_attention
+from .vision_graph import cuda_capture as capture_graph
 
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 MROPE = ("qwen2_vl", "qwen2_5_vl")  # 3-D positions; decoding continues from the prefill's rope_deltas
 ROUND = 128  # buffer lengths rounded up to this, so similar prompts reuse one captured decoder
 KEEP = 4  # decoders kept per model (each holds its KV buffers and graph)
+TAILS = 8  # captured prefill tails kept per decoder
 STORE = "_mmsink_decoders"  # attribute on the model instance; ``mmsink.unwrap`` removes it
 PLACED = "_mmsink_placement"  # (fingerprint, devices, dispatched): see ``placement``
 
@@ -176,8 +178,11 @@ class FastDecoder:
         self.layer_fn = torch.compile(layer_step, dynamic=True) if compile else layer_step
         self.prefill_fn = torch.compile(layer_prefill, dynamic=True) if compile else None
         self.sdpa = family.text_config._attn_implementation in ("sdpa", "mmsink_sdpa")
-        self.graph = None
-        self.tails: dict = {}  # captured prefill tails by (first layer, shapes of the call)
+        self.graph = None  # the decode step's replay, once captured
+        self.tails: collections.OrderedDict = (
+            collections.OrderedDict()
+        )  # prefill tails by (first layer, shapes)
+        self.seen: dict = {}  # how often each tail shape came
         # VAR: (config, layers); each such layer keeps its keys' group codes (new tokens: "other")
         self.var_cfg, var_layers = var if var is not None else (None, ())
         self.codes = {i: torch.zeros_like(self.valid[i], dtype=torch.long) for i in var_layers}
@@ -286,46 +291,42 @@ class FastDecoder:
 
     def run_tail(self, first: int, hidden, kwargs, graphs: bool) -> torch.Tensor:
         """``tail``, as one CUDA graph per (first layer, shapes) when ``graphs``: a batch-1 prefill is
-        bound by launching kernels, and after the plan's last decision nothing needs the host."""
+        bound by launching kernels, and after the plan's last decision nothing needs the host. A shape is
+        captured the second time it comes (capturing costs two tails and the graph's memory, which a
+        one-off prompt length would never repay); the last ``TAILS`` graphs are kept."""
         kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
         if not graphs:
             return self.tail(first, hidden, kwargs)
         key = (first, _shape(hidden), tuple(sorted((k, _shape(v)) for k, v in kwargs.items())))
         if key not in self.tails:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] < 2:
+                if len(self.seen) > 4096:  # counts of one-off shapes: bounded
+                    self.seen.clear()
+                return self.tail(first, hidden, kwargs)
             h_in, kw_in = hidden.clone(), {k: _static(v) for k, v in kwargs.items()}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.tail(first, h_in, kw_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.tail(first, h_in, kw_in)
-            self.tails[key] = (graph, h_in, kw_in, out)
-        graph, h_in, kw_in, out = self.tails[key]
+            out, replay = capture_graph(lambda: self.tail(first, h_in, kw_in))
+            self.tails[key] = (replay, h_in, kw_in, out)
+            while len(self.tails) > TAILS:
+                self.tails.popitem(last=False)
+        self.tails.move_to_end(key)
+        replay, h_in, kw_in, out = self.tails[key]
         h_in.copy_(hidden)
         for k, v in kwargs.items():
             _load(kw_in[k], v)
-        graph.replay()
+        replay()
         return out.clone()
 
     def capture(self) -> None:
         """Record ``step`` as one CUDA graph. The warm-up step's writes are undone by the caller's
         ``fill`` (it resets the counter, the masks and the token)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
+        self.graph = capture_graph(self.step)[1]
 
     def run(self, steps: int) -> int:
         """Up to ``steps`` tokens; stops early (checked every 8 tokens) when every sample has ended."""
         for t in range(steps):
             if self.graph is not None:
-                self.graph.replay()
+                self.graph()
             else:
                 self.step()
             if (t + 1) % 8 == 0 and bool(self.done.all()):

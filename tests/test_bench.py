@@ -74,6 +74,9 @@ def test_alternated_takes_the_states_in_turn():
     assert set(res) == {"a", "b", "c"}
     assert [e[1] for e in log] == list("abc") * 4
     assert calls == [s for s in "abc" for _ in range(2)] * 4
+    calls.clear()
+    bench.alternated(fn, states, reps=2, warm=2)  # two untimed calls after each switch, then one timed
+    assert calls == [s for s in "abc" for _ in range(3)] * 3
 
 
 def test_ragged_prompts_count_real_tokens_only():

@@ -261,3 +261,45 @@ def test_layer_prefill_equals_the_models_layer(family, padded):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kb, dec.k[1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(vb, dec.v[1], atol=1e-6, rtol=1e-6)
+
+
+def test_graph_bookkeeping_with_a_replay_stand_in(llava, monkeypatch):
+    """The graphed path on CPU: capture replaced by a stand-in whose replay re-runs the captured function
+    on the captured (static) inputs and copies into the captured outputs, as a CUDA graph replay does.
+    generate's tokens for two prompts of one shape and one of another; a tail shape is captured the
+    second time it comes, then replayed; the decode step is captured once per decoder."""
+    captured = []
+
+    def stand_in(fn):
+        out = fn()
+        captured.append(fn)
+
+        def replay():
+            new = fn()
+            if isinstance(out, torch.Tensor):
+                out.copy_(new)
+
+        return out, replay
+
+    monkeypatch.setattr(fastmod, "capture_graph", stand_in)
+    mmsink.wrap(llava, prune="fastv", budget=6)
+    fastmod.clear(llava)
+    try:
+        runs = [
+            batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)], seed=0),
+            batch([prompt(5, 7, seed=3), prompt(2, 4, seed=4)], seed=1),  # same shapes, other values
+            batch([prompt(5, 7, seed=6), prompt(2, 4, seed=7)], seed=2),
+            batch([prompt(3, 9, seed=5)], seed=3),  # another shape
+        ]
+        counts = []
+        for inputs in runs:
+            ref = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
+            out = mmsink.generate_fast(llava, max_new_tokens=6, graphs=True, compile=False, **inputs)
+            assert torch.equal(out, ref)
+            decs = llava.__dict__[fastmod.STORE].values()
+            counts.append((len(captured), sum(len(d.tails) for d in decs)))
+    finally:
+        mmsink.unwrap(llava)
+    # call 1: decode step captured, tail eager; call 2: tail captured; call 3: replays only;
+    # call 4: a new decoder (other shapes): its decode step captured, its tail eager
+    assert counts == [(1, 0), (2, 1), (2, 1), (3, 1)]
