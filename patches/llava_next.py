@@ -22,7 +22,6 @@ from .llava import Family as LlavaFamily
 class Family(LlavaFamily):
     model_types = ("llava_next",)
     class_name = "LlavaNextForConditionalGeneration"
-    unsupported: dict = {}
 
     def token_map(self, features, kwargs, on_host: bool = False):
         """(source, lengths): for every visual token of the sequence, in order, its row in the flattened

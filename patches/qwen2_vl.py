@@ -23,7 +23,6 @@ CHUNK = 1024  # query rows per step when scoring VisionZip's received attention
 class Family(LlavaFamily):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     class_name = "Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration"
-    unsupported: dict = {}
 
     def __init__(self, model):
         super().__init__(model)

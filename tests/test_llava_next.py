@@ -1,5 +1,5 @@
-"""LLaVA-NeXT specifics: per-image budgets on images of different sizes, the eager reference, refused
-methods, VAR (the shared contract: test_families.py)."""
+"""LLaVA-NeXT specifics: per-image budgets on images of different sizes, the eager reference, pooling
+per grid, VisionZip per tile, VAR (the shared contract: test_families.py)."""
 
 import pytest
 import torch
@@ -250,3 +250,15 @@ def test_visionzip_rows_at_once_equal_each_row_alone(budget):
         assert torch.equal(keep[i, idx], k[0]) and not keep[i, ~present[i]].any()
         torch.testing.assert_close(out[i, idx], o[0])
         assert torch.equal(out[i, ~present[i]], features[i, ~present[i]])
+
+
+def test_grids_of_images_back_to_back_share_one_run():
+    """Images with no text between them are one run of the layout: their grids follow each other,
+    offset by the earlier images' token counts (newlines included)."""
+    from patches.llava_next import runs_of
+
+    a = (14, [(0, 2, 2, 2), (4, 2, 4, 5)])
+    b = (10, [(0, 2, 2, 2), (4, 2, 2, 3)])
+    c = (24, [(0, 2, 2, 2), (4, 4, 4, 5)])
+    grids = runs_of([a, b, c], [[24], [24]])  # sample 0: a and b back to back; sample 1: c
+    assert grids == [[a[1] + [(14, 2, 2, 2), (18, 2, 2, 3)]], [c[1]]]
