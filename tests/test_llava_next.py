@@ -255,8 +255,7 @@ def test_visionzip_rows_at_once_equal_each_row_alone(budget):
 def test_grids_of_images_back_to_back_share_one_run():
     """Images with no text between them are one run of the layout: their grids follow each other,
     offset by the earlier images' token counts (newlines included)."""
-    from patches.llava_next import runs_of
-
+    runs_of = mmsink.api.load_patches().llava_next.runs_of
     a = (14, [(0, 2, 2, 2), (4, 2, 4, 5)])
     b = (10, [(0, 2, 2, 2), (4, 2, 2, 3)])
     c = (24, [(0, 2, 2, 2), (4, 4, 4, 5)])
