@@ -123,10 +123,12 @@ class patched:
         store = self.model.__dict__.setdefault(STORE, {})
         w = next(tower.parameters())
         key = (tuple(id(m) for m, _ in self.taps), layers, w.data_ptr(), w.dtype)  # weights swapped: new
-        g = store.get(key)
+        g = store.pop(key, None)  # re-inserted last: the store keeps the most recent few
         if g is None:
-            store.clear()  # other taps (another pruner): the old graphs' hooks are gone
-            g = store[key] = GraphedTower(layers, self.taps, self.capture)
+            g = GraphedTower(layers, self.taps, self.capture)
+            while len(store) >= 2:  # e.g. the model with and without VisionZip's taps, as the demo runs
+                store.pop(next(iter(store)))
+        store[key] = g
         g.taps = self.taps  # the hooks are new objects per wrap; the modules are the same
         self.prev = tower.__dict__.get("forward")
         g.forward = tower.forward

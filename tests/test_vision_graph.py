@@ -67,3 +67,9 @@ def test_graphed_tower_gives_the_eager_answers(family, method):
     for (lg, kept), (le, ke) in zip(graphed, eager + eager[:1]):
         torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-5)
         assert kept == ke
+    if taps:  # the same model without the taps (as mmsink.disabled runs it) keeps its own graphs
+        with mmsink.disabled(model), vision_graph.patched(model, [], capture=fake_capture([])) as bare:
+            run(model, data[0])
+        with vision_graph.patched(model, taps, capture=fake_capture(taps)) as again:
+            assert again is g and run(model, data[1])[1] == eager[1][1]
+        assert g.captures == 1 and bare.captures == 1
