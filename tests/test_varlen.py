@@ -3,6 +3,7 @@ sample, zeros on padding rows. On CPU the kernel is replaced by a per-sample SDP
 packing and unpacking are checked against masked SDPA over the padded batch; the real kernel runs in
 tests/test_gpu.py."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,3 +41,56 @@ def test_pack_and_attention_match_masked_sdpa(monkeypatch):
     ).transpose(1, 2)
     torch.testing.assert_close(out[valid], ref[valid])
     assert out[~valid].abs().max() == 0
+
+
+def flash_attn_stand_in(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+):
+    """flash-attn 2's documented ``flash_attn_varlen_func`` signature (grouped kv heads native)."""
+    assert causal and dropout_p == 0.0 and k.shape[1] < q.shape[1]  # GQA heads not repeated by the caller
+    return per_sample_kernel(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, (-1, 0)
+    )
+
+
+def first_torch_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, enable_gqa=False):
+    """The first ``torch.nn.attention.varlen.varlen_attn``: a causal flag, the default scale."""
+    assert is_causal
+    return per_sample_kernel(q, k, v, cu_q, cu_k, max_q, max_k, None, (-1, 0))
+
+
+@pytest.mark.parametrize(
+    "stand_in,flavour,gqa,scale",
+    [
+        (flash_attn_stand_in, "flash_attn", True, 0.3),
+        (first_torch_stand_in, "torch_causal", True, 8**-0.5),
+        (first_torch_stand_in, "torch_causal", False, 8**-0.5),
+    ],
+)
+def test_every_kernel_flavour_is_called_as_documented(monkeypatch, stand_in, flavour, gqa, scale):
+    """The flash_attn package's varlen function and the first torch release are called with their own
+    argument conventions (scale keyword or default scale, causal flag, grouped kv heads or repeated)."""
+    monkeypatch.setattr(varlen, "kernel", lambda: (stand_in, flavour, gqa))
+    g = torch.Generator().manual_seed(1)
+    b, h, hkv, n, d = 2, 4, 2, 7, 8
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    valid[0, 2:], valid[1, 5:] = True, True
+    q, k, v = (torch.randn(b, x, n, d, generator=g) for x in (h, hkv, hkv))
+    out = varlen.attention(q, k, v, varlen.pack(valid), scale=scale)
+    ref = F.scaled_dot_product_attention(
+        q,
+        k.repeat_interleave(2, 1),
+        v.repeat_interleave(2, 1),
+        attn_mask=allowed_matrix(valid, n),
+        scale=scale,
+    ).transpose(1, 2)
+    torch.testing.assert_close(out[valid], ref[valid])
