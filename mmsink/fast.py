@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from . import vision_graph
+from .graphs import capture as capture_graph
+from .graphs import load, signature, static
 from .var import decode_attention
-from .vision_graph import cuda_capture as capture_graph
 
 SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 MROPE = ("qwen2_vl", "qwen2_5_vl")  # 3-D positions; decoding continues from the prefill's rope_deltas
@@ -109,26 +110,6 @@ class StaticKV:
         self.dec.k[layer_idx][:, :, : self.n].copy_(key)
         self.dec.v[layer_idx][:, :, : self.n].copy_(value)
         return key, value
-
-
-def _static(x):
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    return tuple(_static(v) for v in x) if isinstance(x, tuple) else x
-
-
-def _load(dst, src) -> None:
-    if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
-    elif isinstance(dst, tuple):
-        for d, s_ in zip(dst, src):
-            _load(d, s_)
-
-
-def _shape(x):
-    if isinstance(x, torch.Tensor):
-        return ("t", tuple(x.shape), x.dtype, str(x.device))
-    return tuple(_shape(v) for v in x) if isinstance(x, tuple) else repr(x)
 
 
 class FastDecoder:
@@ -297,14 +278,14 @@ class FastDecoder:
         kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
         if not graphs:
             return self.tail(first, hidden, kwargs)
-        key = (first, _shape(hidden), tuple(sorted((k, _shape(v)) for k, v in kwargs.items())))
+        key = (first, signature(hidden), tuple(sorted((k, signature(v)) for k, v in kwargs.items())))
         if key not in self.tails:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] < 2:
                 if len(self.seen) > 4096:  # counts of one-off shapes: bounded
                     self.seen.clear()
                 return self.tail(first, hidden, kwargs)
-            h_in, kw_in = hidden.clone(), {k: _static(v) for k, v in kwargs.items()}
+            h_in, kw_in = hidden.clone(), {k: static(v) for k, v in kwargs.items()}
             out, replay = capture_graph(lambda: self.tail(first, h_in, kw_in))
             self.tails[key] = (replay, h_in, kw_in, out)
             while len(self.tails) > TAILS:
@@ -313,7 +294,7 @@ class FastDecoder:
         replay, h_in, kw_in, out = self.tails[key]
         h_in.copy_(hidden)
         for k, v in kwargs.items():
-            _load(kw_in[k], v)
+            load(kw_in[k], v)
         replay()
         return out.clone()
 

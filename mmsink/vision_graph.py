@@ -14,36 +14,18 @@ from __future__ import annotations
 
 import collections
 
-import torch
+from . import graphs
+from .graphs import load, signature, static
 
 FAMILIES = ("llava", "llava_next")  # Qwen's tower builds its attention layout on the host
 STORE = "_mmsink_vision_graphs"
 KEEP = 4
 
 
-def _sig(x):
-    if isinstance(x, torch.Tensor):
-        return ("t", tuple(x.shape), x.dtype, str(x.device))
-    return repr(x)
-
-
-def cuda_capture(fn):
-    """Warm ``fn`` up on a side stream, capture it as a CUDA graph: (its outputs, replay)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return out, graph.replay
-
-
 class GraphedTower:
     """Replaces the tower's ``forward`` while ``generate_fast`` prefills; one graph per signature."""
 
-    def __init__(self, layers: tuple, taps: list, capture=cuda_capture):
+    def __init__(self, layers: tuple, taps: list, capture=graphs.capture):
         self.layers, self.taps, self.capture = layers, taps, capture  # taps: [(module, hook)]
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.forward = None  # the tower's own forward, set per call (``patched``)
@@ -67,12 +49,11 @@ class GraphedTower:
         return type(out), [out.last_hidden_state, getattr(out, "pooler_output", None), *picked, *grab]
 
     def __call__(self, *args, **kwargs):
-        key = (tuple(_sig(a) for a in args), tuple(sorted((k, _sig(v)) for k, v in kwargs.items())))
+        key = (signature(args), tuple(sorted((k, signature(v)) for k, v in kwargs.items())))
         if key not in self.graphs:
             while len(self.graphs) >= KEEP:
                 self.graphs.popitem(last=False)
-            s_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-            s_kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            s_args, s_kw = static(args), {k: static(v) for k, v in kwargs.items()}
             types = []
 
             def fn():
@@ -85,12 +66,9 @@ class GraphedTower:
             self.graphs[key] = (replay, s_args, s_kw, types[0], flat)
         self.graphs.move_to_end(key)
         replay, s_args, s_kw, kind, flat = self.graphs[key]
-        for s, a in zip(s_args, args):
-            if isinstance(s, torch.Tensor):
-                s.copy_(a)
+        load(s_args, args)
         for k, v in kwargs.items():
-            if isinstance(v, torch.Tensor):
-                s_kw[k].copy_(v)
+            load(s_kw[k], v)
         replay()
         flat = [None if t is None else t.clone() for t in flat]
         n = len(self.taps)
@@ -113,7 +91,7 @@ def usable(model) -> bool:
 class patched:
     """``with patched(model, taps):`` the model's vision tower runs as CUDA graphs (kept on the model)."""
 
-    def __init__(self, model, taps: list, capture=cuda_capture):
+    def __init__(self, model, taps: list, capture=graphs.capture):
         self.model, self.taps, self.capture = model, taps, capture
 
     def __enter__(self):
