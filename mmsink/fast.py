@@ -45,33 +45,8 @@ STORE = "_mmsink_decoders"  # attribute on the model instance; ``mmsink.unwrap``
 PLACED = "_mmsink_placement"  # (fingerprint, devices, dispatched): see ``placement``
 
 
-def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, rope, var=None):
-    """One decoder layer for one new token: write its key / value at ``slot``, attend over the buffer.
-    ``var``: (key codes [B, slots], VARConfig) in a layer where VAR redistributes attention."""
-    attn = layer.self_attn
-    b = h.shape[0]
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, 1, heads, -1).transpose(1, 2)
-    k = attn.k_proj(x).view(b, 1, kv_heads, -1).transpose(1, 2)
-    v = attn.v_proj(x).view(b, 1, kv_heads, -1).transpose(1, 2)
-    q, k = rope(q, k, cos, sin)
-    kb.index_copy_(2, slot, k)
-    vb.index_copy_(2, slot, v)
-    ok.index_fill_(1, slot, True)
-    if var is not None:
-        o = decode_attention(q, kb, vb, ok, var[0], attn.scaling, var[1])
-    else:
-        o = F.scaled_dot_product_attention(
-            q, kb, vb, attn_mask=ok[:, None, None, :], scale=attn.scaling, enable_gqa=heads != kv_heads
-        )
-    h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
-def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope):
-    """One decoder layer over a prefill's ``n`` tokens (the tail after the hand-off): keys / values into
-    the buffer's first ``n`` slots, causal attention (``mask`` [B,1,n,n] bool, or None: no padding). The
-    same modules and arithmetic as the model's layer; compiled, its small element-wise kernels fuse."""
+def project(layer, h, cos, sin, heads: int, kv_heads: int, rope):
+    """The layer's queries, keys and values [B, heads, n, d] for hidden states ``h`` [B, n, D], rotated."""
     attn = layer.self_attn
     b, n, _ = h.shape
     x = layer.input_layernorm(h)
@@ -79,15 +54,46 @@ def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, r
     k = attn.k_proj(x).view(b, n, kv_heads, -1).transpose(1, 2)
     v = attn.v_proj(x).view(b, n, kv_heads, -1).transpose(1, 2)
     q, k = rope(q, k, cos, sin)
+    return q, k, v
+
+
+def finish(layer, h, o):
+    """The rest of the layer after attention: output projection, residual, MLP."""
+    h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(*h.shape[:2], -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, rope, var=None):
+    """One decoder layer for one new token: write its key / value at ``slot``, attend over the buffer.
+    ``var``: (key codes [B, slots], VARConfig) in a layer where VAR redistributes attention."""
+    scale = layer.self_attn.scaling
+    q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
+    kb.index_copy_(2, slot, k)
+    vb.index_copy_(2, slot, v)
+    ok.index_fill_(1, slot, True)
+    if var is not None:
+        o = decode_attention(q, kb, vb, ok, var[0], scale, var[1])
+    else:
+        o = F.scaled_dot_product_attention(
+            q, kb, vb, attn_mask=ok[:, None, None, :], scale=scale, enable_gqa=heads != kv_heads
+        )
+    return finish(layer, h, o)
+
+
+def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope):
+    """One decoder layer over a prefill's ``n`` tokens (the tail after the hand-off): keys / values into
+    the buffer's first ``n`` slots, causal attention (``mask`` [B,1,n,n] bool, or None: no padding). The
+    same modules and arithmetic as the model's layer; compiled, its small element-wise kernels fuse."""
+    scale, n = layer.self_attn.scaling, h.shape[1]
+    q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
     kb[:, :, :n].copy_(k)
     vb[:, :, :n].copy_(v)
     gqa = heads != kv_heads
     if mask is None:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
-    h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return finish(layer, h, o)
 
 
 def can_compile(device: torch.device) -> bool:
