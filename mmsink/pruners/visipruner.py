@@ -156,10 +156,8 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
     rule0 = layer == 0 and first_layer_rule
     vis = ctx.visual()
     # the shallow layers share one segment: rows and key groups are indexed once (each index is a read)
-    memo = ctx.run.setdefault("shallow_index", {})
-    if memo.get("seg") is not seg:
-        memo.clear()
-        memo["seg"] = seg
+    memo = seg.cache.setdefault("visipruner_shallow", {})
+    if not memo:
         slot = torch.arange(q.shape[2], device=q.device)
         prompt = (slot[None] <= ctx.anchor_slot()[:, None]) & seg.valid
         memo["txt"] = txt = prompt & ~vis & (vis.cumsum(1) > 0)
