@@ -166,7 +166,8 @@ class Handle:
             return None
         self.measuring = True
         self.family.reset_measure()
-        layout = self.family.layout(ids, kwargs.get("attention_mask"), self.prompt_len, kwargs)
+        grids = getattr(self.planner, "uses_grids", False)
+        layout = self.family.layout(ids, kwargs.get("attention_mask"), self.prompt_len, kwargs, grids)
         self.last_layout = layout
         if not any(layout.sizes) or (self.pruner is None and self.var is None and self.sinks is None):
             return None  # no image (or nothing to do): the model runs untouched

@@ -71,7 +71,8 @@ class Family:
         side = math.isqrt(n)
         return (side, side) if side * side == n else None
 
-    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None):
+    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None, grids: bool = False):
+        """The prefill's Layout; ``grids``: a pruner reads the image grids (here they cost nothing)."""
         return build_layout(
             input_ids,
             attention_mask,

@@ -71,9 +71,10 @@ class Family(LlavaFamily):
             out.append((part.numel(), grids))
         return out
 
-    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None):
+    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None, grids: bool = False):
         lay = build_layout(input_ids, attention_mask, self.config.image_token_id, None, prompt_len, None)
-        if kwargs and kwargs.get("pixel_values") is not None and kwargs.get("image_sizes") is not None:
+        kwargs = kwargs or {}
+        if grids and kwargs.get("pixel_values") is not None and kwargs.get("image_sizes") is not None:
             images = self.pool_grids(kwargs)
             if images is not None:
                 lay.grids = runs_of(images, lay.sizes)

@@ -131,14 +131,13 @@ class Family(LlavaFamily):
             out = back
         return out.view_as(features)
 
-    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None):
+    def layout(self, input_ids, attention_mask, prompt_len, kwargs=None, grids: bool = False):
         lay = build_layout(input_ids, attention_mask, self.config.image_token_id, None, prompt_len, None)
         thw = (kwargs or {}).get("image_grid_thw")
-        if thw is not None:
-            grids = [(int(h) // self.merge, int(w) // self.merge) if int(t) == 1 else None for t, h, w in thw]
-            counts = (lay.image_counts() > 0).sum(1).tolist()
-            it = iter(grids)
-            lay.grids = [[next(it) for _ in range(c)] for c in counts]
+        if grids and thw is not None:  # one read of the image grids, only for a pruner that uses them
+            per = [(h // self.merge, w // self.merge) if t == 1 else None for t, h, w in thw.tolist()]
+            it = iter(per)
+            lay.grids = [[next(it) for _ in row] for row in lay.sizes]
         return lay
 
     # ---- vision FLOPs

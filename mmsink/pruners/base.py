@@ -22,6 +22,7 @@ class Pruner:
 
     name = ""
     uses_budget = True
+    uses_grids = False  # reads ``layout.grids`` (families whose grids cost device reads build them then)
     default_budget: int | float | None = None
 
     @dataclasses.dataclass

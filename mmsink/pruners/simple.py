@@ -76,6 +76,7 @@ class PoolPruner(Pruner):
 
     name = "pool"
     default_budget = 0.25
+    uses_grids = True
     per_prompt_ok = False
 
     def final_layer(self, ctx):
