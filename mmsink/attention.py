@@ -304,8 +304,10 @@ def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mi
     q_r = q.gather(2, safe[:, None, :, None].expand(-1, h, -1, d))
     allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
     total = None if lse_all is None else lse_all.gather(2, safe[:, None, :].expand(-1, h, -1))
+    # membership groups attend every key: hand them the heads repeated above (index groups gather first)
+    gk, gv = (kk, vv) if isinstance(groups, torch.Tensor) else (k, v)
     outs, masses = grouped_attention(
-        q_r, k, v, allowed_r, groups, scale, math_only=base == "eager", total=total, skip=skip
+        q_r, gk, gv, allowed_r, groups, scale, math_only=base == "eager", total=total, skip=skip
     )
     new = mix(outs, masses, ri, vv)
     idx = safe[:, None, :, None].expand(-1, h, -1, d)
