@@ -8,6 +8,7 @@ import sys
 
 
 def load(path):
+    # read only: vqa.read_answers would rewrite a file with a torn last line
     with open(path, encoding="utf-8") as f:
         return {str(r["question_id"]): r for r in (json.loads(line) for line in f if line.strip())}
 
