@@ -526,7 +526,6 @@ def wrap(model, prune=None, budget=None, var=False, sink_forward=False, config=N
 
     pruner = make_pruner(prune, budget, options)
     family = family_for(model)
-    family.check(prune, sink_cfg is not None)
     old = getattr(model, "__dict__", {}).get(ATTR)
     if old is not None:
         old.detach()

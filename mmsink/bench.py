@@ -352,7 +352,7 @@ def measure(
     grid = grid or [(m, b) for m, budgets in METHOD_GRID for b in budgets] + [("visipruner", None)]
     for method, budget in grid:
         try:
-            mmsink.wrap(model, prune=method, budget=budget, varlen=varlen)  # a family may refuse a method
+            mmsink.wrap(model, prune=method, budget=budget, varlen=varlen)  # settings may be refused
             r = profile()
         except ValueError as e:  # e.g. a budget this depth cannot schedule
             rows.append(dict(method=method, budget=budget, error=str(e)))

@@ -11,7 +11,6 @@ from mmsink.layout import build_layout
 class Family:
     model_types = ("llava",)
     class_name = "LlavaForConditionalGeneration"
-    unsupported: dict = {}  # method or feature -> why this family cannot run it
 
     def __init__(self, model):
         if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "language_model"):
@@ -92,13 +91,6 @@ class Family:
 
     def reset_measure(self):
         pass
-
-    def check(self, method: str | None, sink_forward: bool) -> None:
-        for name in (method, "sink_forward" if sink_forward else None):
-            if name in self.unsupported:
-                raise ValueError(
-                    f"mmsink: {name} is not supported on {self.class_name}: {self.unsupported[name]}"
-                )
 
     def image_vision_flops(self, pixel_values, kwargs=None) -> list[float]:
         """Vision tower + projector FLOPs of each image, in input order."""
