@@ -249,6 +249,27 @@ def timed(fn, reps: int, sync=None) -> float:
     return statistics.median(out)
 
 
+def decode_step_ms(model, inputs, k: int, sync=None) -> float:
+    """(ms) per decode step of one ``generate`` run of 1 + k tokens, from the times its logits processor
+    is called (once per step, after that step's forward): always positive, unlike the difference of two
+    separately timed runs, which noise can turn negative at small k."""
+    stamps = []
+
+    def stamp(input_ids, scores):
+        if sync:
+            sync()
+        stamps.append(time.perf_counter())
+        return scores
+
+    with torch.no_grad():
+        model.generate(
+            **inputs, max_new_tokens=1 + k, min_new_tokens=1 + k, do_sample=False, logits_processor=[stamp]
+        )
+    if len(stamps) != 1 + k:
+        raise RuntimeError(f"generate called its logits processor {len(stamps)} times for {1 + k} tokens")
+    return (stamps[-1] - stamps[0]) / k * 1e3
+
+
 def kv_bytes(cache) -> int:
     """Bytes of the keys and values a cache holds (every layer)."""
     total = 0
@@ -313,7 +334,7 @@ def measure(
         del out
         n = max(1, reps // 2)
         ttft = timed(lambda: generate(1), n, sync) * 1e3
-        decode = (timed(lambda: generate(1 + decode_tokens), n, sync) * 1e3 - ttft) / decode_tokens
+        decode = statistics.median(decode_step_ms(model, inputs, decode_tokens, sync) for _ in range(n))
         r = dict(ms=ms, ttft_ms=ttft, decode_ms=decode, kv_bytes=kv, peak_bytes=peak)
         if e2e_tokens and e2e:  # prefill + e2e_tokens new tokens: transformers' generate vs generate_fast
             r["e2e_ms"] = timed(lambda: generate(e2e_tokens), n, sync) * 1e3
