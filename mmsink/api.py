@@ -277,9 +277,11 @@ class Handle:
             want = dict(self.planner.directive(ctx, layer) or {})
             if self.var is not None and self.var.active(layer, self.num_layers) and "reweight" not in want:
                 want["reweight"] = self.var_prefill(ctx, layer, hidden)
-            if self.varlen and not seg.dense and hidden.is_cuda:  # padding: a ragged kernel, no mask
+            if (
+                self.varlen and not seg.dense and varlen.on_device(hidden)
+            ):  # padding: a ragged kernel, no mask
                 if "varlen" not in seg.cache:
-                    seg.cache["varlen"] = varlen.pack(seg.valid)
+                    seg.cache["varlen"] = varlen.pack(seg.valid, seg.total)
                 want["varlen"] = seg.cache["varlen"]
             if want:
                 d = Directive(layer, observe=bool(want.get("observe")), reweight=want.get("reweight"))
@@ -370,8 +372,7 @@ class Handle:
     def var_prefill(self, ctx: Prefill, layer: int, hidden):
         seg = ctx.seg
         vis = ctx.visual()
-        prompt = (torch.arange(seg.n, device=vis.device)[None] <= ctx.anchor_slot()[:, None]) & seg.valid
-        codes = key_codes(hidden, vis, prompt, self.var)
+        codes = key_codes(hidden, vis, ctx.in_prompt(), self.var)
         ctx.var_codes[layer] = codes
         if "var_rows" not in seg.cache:  # instruction, answer and later tokens; indexed once per segment
             seg.cache["var_rows"] = group_indices(seg.valid & ~vis & (vis.cumsum(1) > 0))

@@ -254,10 +254,12 @@ def attention_with_lse(q, k, v, scale):
     return None
 
 
-def group_indices(member: torch.Tensor) -> torch.Tensor:
-    """[B, kv] bool membership -> [B, m] left-aligned key indices with -1 padding (m = max count)."""
+def group_indices(member: torch.Tensor, m: int | None = None) -> torch.Tensor:
+    """[B, kv] bool membership -> [B, m] left-aligned key indices with -1 padding (m = max count; read from
+    the device unless given)."""
     kv = member.shape[1]
-    m = int(member.sum(1).max().item()) if member.numel() else 0
+    if m is None:
+        m = int(member.sum(1).max().item()) if member.numel() else 0
     if m == 0:
         return torch.full((member.shape[0], 1), -1, dtype=torch.long, device=member.device)
     ar = torch.arange(kv, device=member.device)
@@ -265,6 +267,16 @@ def group_indices(member: torch.Tensor) -> torch.Tensor:
     order = key.argsort(dim=1)[:, :m]
     ok = member.gather(1, order)
     return torch.where(ok, order, torch.full_like(order, -1))
+
+
+def group_indices_all(members: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``group_indices`` of several memberships with one device read for all their widths."""
+    if not members:
+        return []
+    widths = torch.stack(
+        [m.sum(1).max() if m.numel() else m.new_zeros((), dtype=torch.long) for m in members]
+    )
+    return [group_indices(m, w) for m, w in zip(members, widths.tolist())]
 
 
 def flops_grouped(q, k, groups) -> int:

@@ -16,6 +16,8 @@ class Layout:
     grids: list  # per sample, per image: (rows, cols) of its token grid, or None
     sizes: list  # per sample, per image: its token count (host ints, read once per call)
     counts: torch.Tensor  # [B, M] tokens of image m in sample b (0 where the sample has fewer images)
+    dense: bool = False  # no padding anywhere (host bool, read with the sizes)
+    total: int | None = None  # real tokens over the batch (host int, read with the sizes)
 
     @property
     def batch(self) -> int:
@@ -49,6 +51,9 @@ def image_runs(is_image: torch.Tensor, tokens_per_image: int | None) -> torch.Te
     return torch.where(is_image, image_of, torch.full_like(image_of, -1))
 
 
+FIRST_GUESS = 8  # images per sample the layout's single read covers
+
+
 def build_layout(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -65,7 +70,18 @@ def build_layout(
     ar = torch.arange(l, device=input_ids.device)
     in_prompt = valid & (ar < end)[None]
     anchor = torch.where(in_prompt, ar, torch.full_like(ar, -1)[None]).max(1).values.clamp(min=0)
-    counts = (image_of[..., None] == torch.arange(max(int(image_of.max()) + 1, 1), device=ar.device)).sum(1)
-    sizes = [[int(c) for c in row if c > 0] for row in counts.tolist()]  # the prefill's one early read
+    # the prefill's one early read: image sizes (up to FIRST_GUESS images a sample), the highest image
+    # index (more images than that: a second read), whether any slot is padding, the real tokens
+    m = min(FIRST_GUESS, l)
+    counts = (image_of[..., None] == torch.arange(m, device=ar.device)).sum(1)
+    head = torch.stack([image_of.max(), valid.all().long(), valid.sum()])
+    *flat, top, dense, total = torch.cat([counts.flatten(), head]).tolist()
+    if top >= m:
+        counts = (image_of[..., None] == torch.arange(top + 1, device=ar.device)).sum(1)
+        flat = counts.flatten().tolist()
+    w = counts.shape[1]
+    rows = [flat[i * w : (i + 1) * w] for i in range(b)]
+    counts = counts[:, : max(top + 1, 1)]  # one column per image index that occurs
+    sizes = [[c for c in row if c > 0] for row in rows]
     grids = [[grid_of(c) if grid_of else None for c in row] for row in sizes]
-    return Layout(is_image & valid, image_of, valid, anchor, grids, sizes, counts)
+    return Layout(is_image & valid, image_of, valid, anchor, grids, sizes, counts, bool(dense), total)

@@ -25,6 +25,7 @@ class Segment:
     gather: torch.Tensor | None = None  # [B, n] slots of the previous segment this one takes
     cache: dict = field(default_factory=dict)
     dense: bool = False  # every slot is a real token (no padding): plain causal attention is exact
+    total: int | None = None  # real tokens over the batch (host int, read with the widths)
 
     @property
     def n(self) -> int:
@@ -56,16 +57,23 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.view(shape).expand(-1, -1, *x.shape[2:]))
 
 
-def repack(seg: Segment, keep: torch.Tensor, start: int) -> Segment:
-    """New segment with the kept slots of ``seg`` (keep [B, n] bool), left-padded and in order."""
+def repack(
+    seg: Segment, keep: torch.Tensor, start: int, counts: tuple[int, int, int] | None = None
+) -> Segment:
+    """New segment with the kept slots of ``seg`` (keep [B, n] bool), left-padded and in order.
+    ``counts``: the fewest and most slots a sample keeps and their total, when the caller read them."""
     keep = keep & seg.valid
     n = seg.n
-    lo, hi = (int(c) for c in torch.aminmax(keep.sum(1)))  # one sync: the new width and whether it is dense
+    if counts is None:  # one read: the new width, whether it is dense, the total
+        c = keep.sum(1)
+        counts = torch.stack([c.min(), c.max(), c.sum()]).tolist()
+    lo, hi, total = counts
     n_new = max(hi, 1)
     ar = torch.arange(n, device=keep.device)
     order = torch.where(keep, n + ar, ar).argsort(dim=1)[:, n - n_new :]
     dense = lo == hi == n_new
-    return Segment(start, seg.idx.gather(1, order), keep.gather(1, order), False, gather=order, dense=dense)
+    valid = keep.gather(1, order)
+    return Segment(start, seg.idx.gather(1, order), valid, False, gather=order, dense=dense, total=total)
 
 
 class Prefill:
@@ -79,10 +87,11 @@ class Prefill:
         self.home = layout.is_image.device  # where the call started (layers may sit on other devices)
         self.device = self.home  # where the plan's tensors are now
         idx = torch.arange(l, device=self.home).expand(b, l)
-        dense = bool(layout.valid.all())  # a device read, at the start of the call where it costs least
-        self.segments = [Segment(0, idx, layout.valid.clone(), True, dense=dense)]
+        self.segments = [Segment(0, idx, layout.valid.clone(), True, dense=layout.dense, total=layout.total)]
         self.layer_segment: list[int] = []
         self.pending: torch.Tensor | None = None  # keep mask decided for the next layer
+        self.to_read: dict = {}  # device scalars a pruner needs on the host before the next layer
+        self.host: dict = {}  # their values, read with the next layer's plan (one read for all)
         self.embed_override: torch.Tensor | None = None  # [B, L, d] replacement embeddings (pre-LLM)
         self.extra_flops = 0
         self.attn_flops: dict[int, int] = {}
@@ -98,19 +107,34 @@ class Prefill:
     def seg(self) -> Segment:
         return self.segments[-1]
 
+    # computed once per segment (its layers and the pruner's calls share them); never edit them in place
     def visual(self, seg: Segment | None = None) -> torch.Tensor:
         seg = seg or self.seg
-        return gather_rows(self.layout.is_image, seg.idx) & seg.valid
+        if "visual" not in seg.cache:
+            seg.cache["visual"] = gather_rows(self.layout.is_image, seg.idx) & seg.valid
+        return seg.cache["visual"]
 
     def image_of(self, seg: Segment | None = None) -> torch.Tensor:
         seg = seg or self.seg
-        io = gather_rows(self.layout.image_of, seg.idx)
-        return torch.where(seg.valid, io, torch.full_like(io, -1))
+        if "image_of" not in seg.cache:
+            io = gather_rows(self.layout.image_of, seg.idx)
+            seg.cache["image_of"] = torch.where(seg.valid, io, torch.full_like(io, -1))
+        return seg.cache["image_of"]
 
     def anchor_slot(self, seg: Segment | None = None) -> torch.Tensor:
         seg = seg or self.seg
-        hit = (seg.idx == self.layout.anchor[:, None]) & seg.valid
-        return hit.float().argmax(1)
+        if "anchor" not in seg.cache:
+            hit = (seg.idx == self.layout.anchor[:, None]) & seg.valid
+            seg.cache["anchor"] = hit.float().argmax(1)
+        return seg.cache["anchor"]
+
+    def in_prompt(self, seg: Segment | None = None) -> torch.Tensor:
+        """[B, n] real slots up to the anchor (the prompt's last token)."""
+        seg = seg or self.seg
+        if "in_prompt" not in seg.cache:
+            slot = torch.arange(seg.n, device=seg.idx.device)
+            seg.cache["in_prompt"] = (slot[None] <= self.anchor_slot(seg)[:, None]) & seg.valid
+        return seg.cache["in_prompt"]
 
     def keep_text(self, chosen_visual: torch.Tensor) -> torch.Tensor:
         """Keep mask over current slots: every real text token plus the chosen visual ones."""
@@ -124,11 +148,23 @@ class Prefill:
 
     def advance(self, layer: int, hidden: torch.Tensor):
         """Called before ``layer``: apply a pending decision. Returns the (possibly gathered) hidden."""
-        if self.pending is not None:
-            new = repack(self.seg, self.pending, layer)
+        names, extra = list(self.to_read), [t.long() for t in self.to_read.values()]
+        self.to_read = {}
+        if self.pending is not None:  # one read: the new widths, whether anything goes, and the extras
+            keep, valid = self.pending & self.seg.valid, self.seg.valid
+            counts = keep.sum(1)
+            same = (keep == valid).all()
+            read = torch.stack([counts.min(), counts.max(), counts.sum(), same.long(), *extra]).tolist()
+            (lo, hi, total, same), vals = read[:4], read[4:]
             self.pending = None
-            hidden = gather_rows(hidden, new.gather)
-            self.segments.append(new)
+            if not same:
+                new = repack(self.seg, keep, layer, (lo, hi, total))
+                hidden = gather_rows(hidden, new.gather)
+                self.segments.append(new)
+        elif extra:
+            vals = torch.stack(extra).tolist()
+        if extra:
+            self.host.update(zip(names, vals))
         self.layer_segment.append(len(self.segments) - 1)
         return hidden
 

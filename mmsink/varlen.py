@@ -1,6 +1,6 @@
 """Ragged attention for padded segments: the valid tokens of every sample packed into one sequence and
-run through a variable-length FlashAttention kernel (``torch.nn.attention.varlen``, or the ``flash_attn``
-package when installed) instead of SDPA with a padding mask, which keeps SDPA off its flash kernel.
+run through a variable-length FlashAttention kernel (``torch.nn.attention.varlen``, or flash-attn-4 /
+flash-attn 2 when installed) instead of SDPA with a padding mask, which keeps SDPA off its flash kernel.
 
 Used for prefill layers whose segment has padding (left-padded prompts, or samples that kept different
 numbers of tokens); CUDA only, fp16 / bf16; ``mmsink.wrap(..., varlen=False)`` turns it off.
@@ -19,7 +19,16 @@ def kernel():
     """(function, flavour, takes grouped kv heads) of the varlen kernel this install has, or None. The
     signature is read once here, not per call."""
     try:
-        from flash_attn import flash_attn_varlen_func  # the package, when installed
+        from transformers.utils import is_flash_attn_4_available
+
+        if is_flash_attn_4_available():  # flash-attn-4 (CuTe DSL; Hopper / Blackwell), when installed
+            from flash_attn.cute import flash_attn_varlen_func
+
+            return flash_attn_varlen_func, "flash_attn_cute", True
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_varlen_func  # flash-attn 2, when installed
 
         return flash_attn_varlen_func, "flash_attn", True
     except ImportError:
@@ -33,6 +42,16 @@ def kernel():
     return varlen_attn, flavour, "enable_gqa" in params
 
 
+def on_device(x: torch.Tensor) -> bool:
+    """The kernels are CUDA ones (a seam the CPU tests replace)."""
+    return x.is_cuda
+
+
+@functools.cache
+def keywords(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def usable(q: torch.Tensor, scale: float) -> bool:
     """This call can run varlen: CUDA, half precision, a kernel, and a scale the kernel accepts."""
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or kernel() is None:
@@ -40,11 +59,14 @@ def usable(q: torch.Tensor, scale: float) -> bool:
     return kernel()[1] != "torch_causal" or abs(scale - q.shape[-1] ** -0.5) < 1e-12
 
 
-def pack(valid: torch.Tensor) -> dict:
+def pack(valid: torch.Tensor, total: int | None = None) -> dict:
     """Where the valid slots of ``valid`` [B, n] sit in the flattened [B * n] layout, and the cumulative
-    lengths. One device read (the total), once per segment."""
+    lengths. ``total``: the number of valid slots when the host knows it (else one device read)."""
     b, n = valid.shape
-    flat = valid.reshape(-1).nonzero().squeeze(1)
+    if total is None:
+        flat = valid.reshape(-1).nonzero().squeeze(1)
+    else:  # a stable sort puts the valid slots first, in order: no read
+        flat = (~valid).reshape(-1).to(torch.uint8).argsort(stable=True)[:total]
     lens = valid.sum(1, dtype=torch.int32)
     cu = torch.zeros(b + 1, dtype=torch.int32, device=valid.device)
     cu[1:] = lens.cumsum(0)
@@ -63,6 +85,11 @@ def attention(q, k, v, meta: dict, scale: float) -> torch.Tensor:
     vp = v.transpose(1, 2).reshape(b * n, hkv, d).index_select(0, flat)
     if flavour == "flash_attn":  # grouped heads natively
         out = fn(qp, kp, vp, cu, cu, m, m, softmax_scale=scale, causal=True)
+    elif flavour == "flash_attn_cute":  # keywords; the max lengths only where this release takes them
+        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, softmax_scale=scale, causal=True)
+        kw.update({k: m for k in ("max_seqlen_q", "max_seqlen_k") if k in keywords(fn)})
+        out = fn(qp, kp, vp, **kw)
+        out = out[0] if isinstance(out, tuple) else out  # (output, LSE)
     else:
         extra = {}
         if hkv != h and gqa:

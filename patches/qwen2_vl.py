@@ -101,7 +101,8 @@ class Family(LlavaFamily):
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         received = torch.zeros(n, device=qkv.device)
         hd = q.shape[-1]
-        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        bounds = cu.tolist()  # one read
+        for s, e in zip(bounds[:-1], bounds[1:]):
             kk = k[s:e].transpose(0, 1).float()  # [H, P, hd]
             acc = torch.zeros(heads, e - s, device=qkv.device)
             for c in range(s, e, CHUNK):

@@ -1,7 +1,6 @@
 """Bad settings get clear errors that say what is allowed."""
 
 import pytest
-import torch
 from tiny import batch, prompt, tiny_llava
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,10 +40,11 @@ def test_budget_larger_than_image(model):
     with pytest.raises(ValueError, match="budget 37 is larger than the image's 36 visual tokens"):
         mmsink.wrap(model, prune="fastv", budget=37)
     # images whose size the config does not fix are checked when they arrive
-    from mmsink.pruners.base import budget_count
+    from mmsink.pruners.base import budget_tokens
 
     with pytest.raises(ValueError, match="budget 20 is larger than the image's 16 visual tokens"):
-        budget_count(20, torch.tensor([36, 16]))
+        budget_tokens(20, 16)
+    assert budget_tokens(20, 36) == 20 and budget_tokens(0.25, 10) == 3 and budget_tokens(0.01, 10) == 1
 
 
 def test_option_a_method_does_not_take(model):

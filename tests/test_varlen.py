@@ -34,6 +34,8 @@ def test_pack_and_attention_match_masked_sdpa(monkeypatch):
     q, k, v = (torch.randn(b, x, n, d, generator=g) for x in (h, hkv, hkv))
     meta = varlen.pack(valid)
     assert meta["cu"].tolist() == [0, 9, 14, 15] and meta["max"] == n
+    known = varlen.pack(valid, total=15)  # the host's count (no read): the same places
+    assert torch.equal(known["flat"], meta["flat"]) and torch.equal(known["cu"], meta["cu"])
     assert meta["flat"].tolist() == [i * n + j for i in range(b) for j in range(n) if valid[i, j]]
     out = varlen.attention(q, k, v, meta, scale=0.3)  # [B, n, H, D]
     ref = F.scaled_dot_product_attention(
@@ -62,6 +64,27 @@ def flash_attn_stand_in(
     )
 
 
+def cute_stand_in(
+    q,
+    k,
+    v,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    seqused_q=None,
+    seqused_k=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(None, None),
+    pack_gqa=None,
+):
+    """flash-attn-4's ``flash_attn.cute.flash_attn_varlen_func`` as transformers calls it: keywords, no
+    max lengths, (output, LSE) back, grouped kv heads native."""
+    assert causal and k.shape[1] < q.shape[1]
+    n = q.shape[0]
+    out = per_sample_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, n, n, softmax_scale, (-1, 0))
+    return out, torch.zeros(q.shape[1], q.shape[0])
+
+
 def first_torch_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, enable_gqa=False):
     """The first ``torch.nn.attention.varlen.varlen_attn``: a causal flag, the default scale."""
     assert is_causal
@@ -72,6 +95,7 @@ def first_torch_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, 
     "stand_in,flavour,gqa,scale",
     [
         (flash_attn_stand_in, "flash_attn", True, 0.3),
+        (cute_stand_in, "flash_attn_cute", True, 0.3),
         (first_torch_stand_in, "torch_causal", True, 8**-0.5),
         (first_torch_stand_in, "torch_causal", False, 8**-0.5),
     ],
@@ -94,3 +118,43 @@ def test_every_kernel_flavour_is_called_as_documented(monkeypatch, stand_in, fla
         scale=scale,
     ).transpose(1, 2)
     torch.testing.assert_close(out[valid], ref[valid])
+
+
+@pytest.mark.parametrize("method,opts", [("none", {}), ("fastv", {"budget": 6}), ("pdrop", {})])
+def test_padded_model_through_the_varlen_path(monkeypatch, method, opts):
+    """A padded batch through the wrapped model with the ragged kernel (CPU stand-in): every decoder layer
+    of a padded segment calls it with that segment's packing (places found from the host's token count,
+    no read), and logits and plan equal the masked path's."""
+    from tiny import batch, prompt, tiny_llava
+
+    import mmsink
+    from mmsink.reads import DeviceReads
+
+    model = tiny_llava(layers=6)
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(3, 1, seed=3)])
+    calls = []
+
+    def kernel_fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        calls.append(int(cu_q[-1]))
+        return per_sample_kernel(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+    res = {}
+    for on in (False, True):
+        with monkeypatch.context() as mp:
+            mp.setattr(varlen, "on_device", lambda x: True)
+            mp.setattr(varlen, "usable", lambda q, scale: True)
+            mp.setattr(varlen, "kernel", lambda: (kernel_fn, "torch_window", False))
+            mmsink.wrap(model, prune=method, varlen=on, **opts)
+            with torch.no_grad(), DeviceReads() as reads:
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+            stats = mmsink.stats(model)
+            assert not [
+                s for s in reads.sites if s.split(":")[0].endswith("mmsink/varlen.py")
+            ]  # packing reads nothing
+            mmsink.unwrap(model)
+        res[on] = (logits, stats.kept_indices, stats.tokens_per_layer)
+    assert len(calls) == 6  # one call per layer, none with varlen off
+    real = inputs["attention_mask"].sum().item()
+    assert calls[0] == real  # the first segment packs every real token
+    torch.testing.assert_close(res[True][0], res[False][0], atol=1e-5, rtol=1e-5)
+    assert res[True][1:] == res[False][1:]

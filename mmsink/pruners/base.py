@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -112,15 +113,21 @@ def check_size(budget, sizes) -> None:
 
 
 def budget_count(budget, n: torch.Tensor) -> torch.Tensor:
-    """Tokens to keep of an image of ``n`` tokens ([B] long; 0 where there is no image). On the device
-    the size check is the caller's (``topk_per_image`` makes it from the layout's host sizes)."""
+    """Tokens to keep of an image of ``n`` tokens ([B] long; 0 where there is no image), on the device and
+    without reading it: the size check is the caller's, from host sizes (``topk_per_image`` makes it)."""
     if isinstance(budget, float):
         k = torch.ceil(n.double() * budget).long()
     else:
-        if n.device.type == "cpu":
-            check_size(budget, n.tolist())
         k = torch.full_like(n, budget)
     return torch.where(n > 0, k.clamp(min=1), torch.zeros_like(n))
+
+
+def budget_tokens(budget, n: int) -> int:
+    """``budget_count`` for one image of ``n`` tokens known on the host, checked against its size."""
+    check_size(budget, [n])
+    if n == 0:
+        return 0
+    return max(1, math.ceil(n * budget)) if isinstance(budget, float) else budget
 
 
 def budget_fraction(budget, n_image: int) -> float:
@@ -166,9 +173,6 @@ def anchor_probs(ctx: Prefill, observed: dict) -> torch.Tensor:
     logits = torch.einsum("bhd,bhnd->bhn", q, kk).float() * observed["scale"]
     b, _, n, d = kk.shape
     ctx.extra_flops += 2 * b * h * n * d
-    seg = ctx.seg
-    slot = torch.arange(n, device=q.device)
-    allowed = seg.valid & (slot[None] <= ctx.anchor_slot()[:, None])
-    probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1)
+    probs = torch.softmax(logits.masked_fill(~ctx.in_prompt()[:, None], float("-inf")), -1)
     edit = observed.get("edit_probs")  # e.g. VAR at this layer: rank by the attention actually used
     return edit(probs) if edit is not None else probs

@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from .base import Pruner, budget_count, register, topk_per_image
+from .base import Pruner, budget_count, budget_tokens, register, topk_per_image
 
 
 @register
@@ -48,7 +48,7 @@ class DART(Pruner):
 
         piv = topk_per_image(ctx, knorm, pivots_of, budget)  # [B, n]
         h = torch.nn.functional.normalize(hidden.float(), dim=-1)
-        p_idx = piv.float().argsort(dim=1, descending=True, stable=True)[:, : max(int(piv.sum(1).max()), 1)]
+        p_idx = piv.float().argsort(dim=1, descending=True, stable=True)[:, : pivot_width(ctx, budget, n_piv)]
         hp = h.gather(1, p_idx[..., None].expand(-1, -1, h.shape[-1]))
         sim = torch.einsum("bnd,bpd->bnp", h, hp)
         ctx.extra_flops += 2 * h.shape[0] * h.shape[1] * hp.shape[1] * h.shape[2]
@@ -58,3 +58,12 @@ class DART(Pruner):
         score = torch.where(piv, torch.full_like(sim, float("inf")), -sim)
         chosen = topk_per_image(ctx, score, lambda orig, cur: budget_count(budget, orig), budget)
         ctx.decide(ctx.keep_text(chosen))
+
+
+def pivot_width(ctx, budget, n_piv: int) -> int:
+    """The most pivots a sample can have, from the layout's host sizes (no read): an image gives
+    min(its budget, n_piv); a width past a sample's real count only adds masked columns."""
+    sizes = ctx.layout.sizes
+    if ctx.budget_per == "prompt":
+        sizes = [[sum(s)] for s in sizes]
+    return max([sum(min(budget_tokens(budget, n), n_piv) for n in s) for s in sizes] + [1])

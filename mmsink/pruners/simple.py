@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import Prefill
-from .base import Pruner, budget_count, register
+from .base import Pruner, budget_tokens, register
 
 
 @register
@@ -50,7 +50,7 @@ class RandomPruner(Pruner):
                 n = int(counts[b, m])
                 if n == 0:
                     continue
-                k = int(budget_count(self.budget, torch.tensor([n]))[0])
+                k = budget_tokens(self.budget, n)
                 g = torch.Generator().manual_seed(self.options.seed)
                 pick = torch.randperm(n, generator=g)[:k].to(embeds.device)
                 where = (image_of[b] == m).nonzero().squeeze(1)
@@ -97,7 +97,7 @@ class PoolPruner(Pruner):
                     grids = [(0, grids[0], grids[1], grids[1])] if grids[0] * grids[1] == n else None
                 if not grids:
                     raise ValueError("mmsink: pool needs the image's token grid (rows x cols), unknown here")
-                k = int(budget_count(self.budget, torch.tensor([n]))[0])
+                k = budget_tokens(self.budget, n)
                 cells = sum(r * c for _, r, c, _ in grids)
                 where = (lay.image_of[b] == m).nonzero().squeeze(1)
                 for offset, rows, cols, stride in grids:  # each grid its share of the budget

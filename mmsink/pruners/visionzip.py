@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Pruner, budget_count, register
+from .base import Pruner, budget_tokens, register
 
 
 @register
@@ -46,7 +46,7 @@ class VisionZip(Pruner):
             if total > p:
                 raise ValueError(f"mmsink: budget {self.budget} is larger than {parts} tiles of {p} tokens")
         else:
-            total = int(budget_count(self.budget, torch.tensor([p]))[0])
+            total = budget_tokens(self.budget, p)
         contextual = min(round(total * 10 / 64), max(total - 1, 0))
         return total - contextual, contextual
 
@@ -132,8 +132,9 @@ class VisionZip(Pruner):
         keep = ctx.run.get("keep")  # every image's keep set, in the order of the sequence's image tokens
         if keep is None:
             return None
-        chosen = torch.zeros_like(ctx.layout.is_image)
-        flat = ctx.layout.is_image.nonzero()
-        chosen[flat[:, 0], flat[:, 1]] = keep.flatten()
+        # the image tokens' places in order, without nonzero's read: a stable sort puts them first
+        is_image = ctx.layout.is_image
+        places = (~is_image).flatten().to(torch.uint8).argsort(stable=True)[: keep.numel()]
+        chosen = torch.zeros_like(is_image).flatten().index_put_((places,), keep.flatten()).view_as(is_image)
         ctx.decide(ctx.keep_text(chosen))
         return None

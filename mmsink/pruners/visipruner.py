@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from ..attention import group_indices, repeat_kv, reweighted_attention
+from ..attention import group_indices_all, repeat_kv, reweighted_attention
 from .base import Pruner, anchor_probs, budget_count, register, topk_per_image
 
 
@@ -77,13 +77,12 @@ class VisiPruner(Pruner):
             "fused_at": torch.full((b,), -1, dtype=torch.long, device=dev),
             "quiet": torch.zeros(b, dtype=torch.long, device=dev),
             "done": torch.zeros(b, dtype=torch.bool, device=dev),
-            "observing": True,
         }
 
     def settled(self, ctx, layer):
         # past the shallow stage, every sample decided (fused, and done with the deep test if on)
         run = ctx.run
-        return layer > run["S"] and not (self.options.middle and run["observing"])
+        return layer > run["S"] and not (self.options.middle and observing(ctx))
 
     def directive(self, ctx, layer):
         run, o = ctx.run, self.options
@@ -92,12 +91,13 @@ class VisiPruner(Pruner):
             d["reweight"] = lambda q, k, v, mask, scale, base: shallow_attention(
                 ctx, layer, q, k, v, mask, scale, base, o.first_layer_rule
             )
-        if o.middle and layer >= run["S"] + 1 and run["observing"]:
+        # the last layer is not watched: no layer is left for its decision
+        if o.middle and run["S"] + 1 <= layer < ctx.num_layers - 1 and observing(ctx):
             d["observe"] = True
         return d or None
 
     def after_layer(self, ctx, layer, hidden, observed):
-        # Decisions stay on the device; one host sync per observed layer.
+        # Decisions stay on the device; the plan reads them once before the next layer.
         if "q" not in observed:
             return
         run, o = ctx.run, self.options
@@ -123,10 +123,14 @@ class VisiPruner(Pruner):
             keep_vis = keep_vis & ~drop[:, None]
             run["done"] |= drop
         waiting = (run["fused_at"] < 0) | (run["deep"] & ~run["done"])
-        changed, active = torch.stack([(keep_vis != vis).any(), (waiting & vis.any(1)).any()]).tolist()
-        run["observing"] = active
-        if changed:
-            ctx.decide(ctx.keep_text(keep_vis))
+        # read with the next layer's plan (one read: whether a token goes, and whether to watch on)
+        ctx.to_read["visipruner_observing"] = (waiting & vis.any(1)).any()
+        ctx.decide(ctx.keep_text(keep_vis))
+
+
+def observing(ctx) -> bool:
+    """Some sample still waits to fuse (or for its deep test), as read before this layer."""
+    return bool(ctx.host.get("visipruner_observing", True))
 
 
 def contribution_test(ctx, observed):
@@ -157,17 +161,14 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
     vis = ctx.visual()
     # the shallow layers share one segment: rows and key groups are indexed once (each index is a read)
     memo = seg.cache.setdefault("visipruner_shallow", {})
-    if not memo:
-        slot = torch.arange(q.shape[2], device=q.device)
-        prompt = (slot[None] <= ctx.anchor_slot()[:, None]) & seg.valid
-        memo["txt"] = txt = prompt & ~vis & (vis.cumsum(1) > 0)
-        memo["prompt_vis"] = vis & prompt
+    if not memo:  # both row sets (layer 0 with the first-layer rule, the others) and the key groups
+        prompt = ctx.in_prompt()
+        txt = prompt & ~vis & (vis.cumsum(1) > 0)
         img = ctx.image_of()
-        memo["groups"] = [group_indices(seg.valid & ~vis)]
-        memo["groups"] += [group_indices(img == m) for m in range(ctx.layout.max_images)]
-    txt, groups = memo["txt"], memo["groups"]
-    if rule0 not in memo:
-        memo[rule0] = group_indices(txt | memo["prompt_vis"] if rule0 else txt)
+        members = [txt, txt | (vis & prompt), seg.valid & ~vis]
+        members += [img == m for m in range(ctx.layout.max_images)]
+        memo[False], memo[True], *memo["groups"] = group_indices_all(members)
+    groups = memo["groups"]
     rows = memo[rule0]
 
     def mix(outs, masses, ri, vv):

@@ -1,0 +1,63 @@
+"""Host reads of device values (each one a sync on a GPU): the counter itself, and how many a wrapped
+prefill makes per method, where each read is accounted for."""
+
+import pytest
+import torch
+from tiny import batch, prompt, tiny_llava
+
+import mmsink
+from mmsink.reads import DeviceReads
+
+
+def test_counter_sees_reads_and_only_reads():
+    t = torch.arange(6)
+    with DeviceReads() as r:
+        t.tolist()
+        t.sum().item()
+        bool(t.any())
+        int(t.max())
+        t.nonzero()
+        t[t > 2]
+        torch.repeat_interleave(t, t)
+        float(t[0])
+    assert r.total == 8 and len(r.sites) == 8  # one site per line
+    with DeviceReads() as r:
+        t[t.argmax()]  # an index tensor: no size from values
+        t.repeat_interleave(t, output_size=15)
+        torch.where(t > 2, t, 0).cumsum(0)
+        t.shape[0] + len(t)
+    assert r.total == 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(layers=8)
+
+
+# (method, options, reads of mmsink's own code in one prefill, what they are)
+EXPECTED = [
+    ("fastv", {"budget": 6}, 2, "layout, FastV's one plan change"),
+    ("pdrop", {}, 4, "layout, one per PDrop stage (3)"),
+    ("dart", {"budget": 6}, 2, "layout, the plan change (pivots' width from the host sizes)"),
+    ("visionzip", {"budget": 6}, 2, "layout, the plan change"),
+    ("visipruner", {"budget": 6}, 4, "layout, shallow groups, observed layers 3 and 4 (the fallback at L/2)"),
+    ("visipruner", {}, 2 + 4, "layout, shallow groups, observed layers 3..6 (adaptive; not the last)"),
+]
+
+
+@pytest.mark.parametrize("method,opts,n,what", EXPECTED)
+def test_reads_per_prefill(model, method, opts, n, what):
+    """A read added to the prefill path fails here: each one must be accounted for (and not made per
+    layer). Padded batch of two; transformers' own reads (mask building) are not counted."""
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+    mmsink.wrap(model, prune=method, **opts)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            with DeviceReads() as r:
+                model(**inputs)
+        layers = mmsink.stats(model).kept_tokens
+    finally:
+        mmsink.unwrap(model)
+    ours = {s: c for s, c in r.sites.items() if "/mmsink/" in s and "/transformers/" not in s}
+    assert sum(ours.values()) == n, (what, ours, layers)
