@@ -53,15 +53,22 @@ def site() -> str:
     return "?" if f is None else f"{f.f_code.co_filename}:{f.f_lineno}"
 
 
-class DeviceReads(TorchFunctionMode):
-    """``with DeviceReads() as r: ...`` then ``r.total`` and ``r.sites`` (a Counter of file:line)."""
+def on_accelerator(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type not in ("cpu", "meta") for a in args)
 
-    def __init__(self):
+
+class DeviceReads(TorchFunctionMode):
+    """``with DeviceReads() as r: ...`` then ``r.total`` and ``r.sites`` (a Counter of file:line).
+    ``device_only``: count reads of accelerator tensors only (host tensors read for free); on a CPU run
+    leave it off, and every read counts (host tensors by design included)."""
+
+    def __init__(self, device_only: bool = False):
         super().__init__()
+        self.device_only = device_only
         self.sites = collections.Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if is_read(func, args, kwargs):
+        if is_read(func, args, kwargs) and (not self.device_only or on_accelerator(args)):
             self.sites[site()] += 1
         return func(*args, **(kwargs or {}))
 

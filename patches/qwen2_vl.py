@@ -20,6 +20,16 @@ from .llava import Family as LlavaFamily
 CHUNK = 1024  # query rows per step when scoring VisionZip's received attention
 
 
+def vision_utils():
+    """transformers' helpers whose results a Qwen vision tower takes precomputed (5.x), or None."""
+    try:
+        from transformers import vision_utils as vu
+    except ImportError:
+        return None
+    names = ("get_vision_cu_seqlens", "get_vision_position_ids", "get_vision_window_index")
+    return vu if all(hasattr(vu, n) for n in names) else None
+
+
 class Family(LlavaFamily):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     class_name = "Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration"
@@ -150,11 +160,51 @@ class Family(LlavaFamily):
                 width = module.proj.in_features
                 self.attn_sq = self.attn_sq + 4 * width * (lens * lens).sum()  # on device: read once, later
 
-        return [
+        def precompute(module, args, kwargs):
+            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            if grid is None or not isinstance(grid, torch.Tensor) or "cu_seqlens" in kwargs:
+                return None
+            kwargs.update(self.vision_inputs(grid, (args[0] if args else kwargs["hidden_states"]).device))
+            return args, kwargs
+
+        hooks = [
             m.register_forward_pre_hook(hook, with_kwargs=True)
             for m in self.visual.modules()
             if type(m).__name__.endswith("VisionAttention")
         ]
+        if vision_utils() is not None:
+            hooks.append(self.visual.register_forward_pre_hook(precompute, with_kwargs=True))
+        return hooks
+
+    def vision_inputs(self, grid: torch.Tensor, device) -> dict:
+        """The tower's data-dependent inputs (sequence bounds, rotary positions, attention windows) from one
+        read of ``grid_thw``, through transformers' own helpers on a host copy, handed to the tower as the
+        precomputed kwargs it takes: otherwise every vision block reads its split sizes from the device
+        (one sync per block). Bounds stay on the host unless a flash kernel wants them on the device."""
+        from transformers.utils.generic import is_flash_attention_requested
+
+        vu, v = vision_utils(), self.visual
+        host = grid.cpu()
+        flash = is_flash_attention_requested(v.config)
+
+        def bounds(cu, name):
+            if not flash:
+                return {name: cu}
+            top = "max_seqlen" if name == "cu_seqlens" else "max_window_seqlen"
+            return {name: cu.to(device), top: int((cu[1:] - cu[:-1]).max())}
+
+        out = {"position_ids": vu.get_vision_position_ids(host, v.spatial_merge_size).to(device)}
+        out |= bounds(vu.get_vision_cu_seqlens(host), "cu_seqlens")
+        if hasattr(v, "window_size"):  # Qwen2.5-VL's windowed blocks
+            index, cu = vu.get_vision_window_index(
+                host,
+                spatial_merge_size=v.spatial_merge_size,
+                window_size=v.window_size,
+                patch_size=v.patch_size,
+            )
+            out["window_index"] = index.to(device)
+            out |= bounds(cu, "cu_window_seqlens")
+        return out
 
     def reset_measure(self):
         self.attn_sq = 0

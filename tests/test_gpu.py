@@ -117,3 +117,30 @@ def test_cuda_var_decode_equals_generate(graphs):
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)
     assert torch.equal(mmsink.generate_fast(model, max_new_tokens=10, graphs=graphs, **inputs), ref)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_cuda_qwen_vision_tower_reads_its_grid_once(kind):
+    """On CUDA the wrapped Qwen model's vision blocks take host-computed bounds: the reads of device values
+    inside transformers' Qwen modeling code fall by at least one per vision block, the logits unchanged."""
+    from tiny import qwen_batch, tiny_qwen
+
+    from mmsink.reads import DeviceReads
+
+    model = tiny_qwen(kind).cuda()
+    data, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)])], seed=1)
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+
+    def run():
+        with torch.no_grad(), DeviceReads(device_only=True) as r:
+            logits = model(**inputs).logits
+        return sum(c for s, c in r.sites.items() if "/models/qwen2" in s), logits
+
+    plain, ref = run()
+    mmsink.wrap(model, prune="none")
+    try:
+        ours, logits = run()
+    finally:
+        mmsink.unwrap(model)
+    assert ours <= plain - len(model.model.visual.blocks)
+    torch.testing.assert_close(logits, ref)

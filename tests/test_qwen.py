@@ -163,3 +163,48 @@ def test_vit_sinks(model, data):
         norms = norms[torch.cdist(raster.float(), merged.float()).argmin(1)]
     first = norms[: 8 * 12 // 4]
     assert sorted(s["patch"] for s in found[0]) == sorted(first.topk(3).indices.tolist())
+
+
+def test_vision_tower_takes_inputs_computed_on_the_host(model, data, monkeypatch):
+    """The wrapped model hands the vision tower its sequence bounds, rotary positions (and Qwen2.5-VL's
+    windows) computed from one host copy of ``image_grid_thw``: every block gets exactly those (so none
+    reads its split sizes from the device), they equal what the tower computes itself, and the image
+    features are unchanged."""
+    inputs, _ = data
+    blocks = model.model.visual.blocks
+    seen = []
+
+    def grab(m, a, k):
+        seen.append((k["cu_seqlens"], k["position_embeddings"][0]))
+
+    def features():
+        hooks = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in blocks]
+        try:
+            with torch.no_grad():
+                return model.model.get_image_features(
+                    inputs["pixel_values"], inputs["image_grid_thw"]
+                ).pooler_output
+        finally:
+            for h in hooks:
+                h.remove()
+
+    plain = features()
+    own = list(seen)
+    seen.clear()
+    mmsink.wrap(model, prune="fastv", budget=6)
+    try:
+        family = mmsink.api.get_handle(model).family
+        made = []
+        real = family.vision_inputs
+        monkeypatch.setattr(family, "vision_inputs", lambda *a: made.append(real(*a)) or made[-1])
+        wrapped = features()
+    finally:
+        mmsink.unwrap(model)
+    assert len(made) == 1 and len(seen) == len(blocks)
+    windowed = "cu_window_seqlens" in made[0]
+    for i, (cu, pe) in enumerate(seen):
+        full = not windowed or i in model.model.visual.fullatt_block_indexes
+        assert cu is made[0]["cu_seqlens" if full else "cu_window_seqlens"]  # ours, not recomputed
+        assert torch.equal(cu, own[i][0]) and torch.equal(pe, own[i][1])
+    for a, b in zip(wrapped, plain):
+        assert torch.equal(a, b)
