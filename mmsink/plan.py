@@ -90,6 +90,7 @@ class Prefill:
         self.segments = [Segment(0, idx, layout.valid.clone(), True, dense=layout.dense, total=layout.total)]
         self.layer_segment: list[int] = []
         self.pending: torch.Tensor | None = None  # keep mask decided for the next layer
+        self.pending_counts: tuple[int, int, int] | None = None  # its counts, when the host knows them
         self.to_read: dict = {}  # device scalars a pruner needs on the host before the next layer
         self.host: dict = {}  # their values, read with the next layer's plan (one read for all)
         self.embed_override: torch.Tensor | None = None  # [B, L, d] replacement embeddings (pre-LLM)
@@ -141,21 +142,32 @@ class Prefill:
         vis = self.visual()
         return self.seg.valid & (~vis | chosen_visual)
 
-    def decide(self, keep: torch.Tensor) -> None:
+    def decide(self, keep: torch.Tensor, counts: tuple[int, int, int] | None = None) -> None:
+        """Keep mask for the next layer. ``counts``: (fewest, most, total) slots kept per sample when the
+        pruner knows them on the host; the plan then needs no read to apply it."""
         if self.protected is not None:
             keep = keep | (gather_rows(self.protected, self.seg.idx) & self.seg.valid)
+            counts = None
+        if self.pending is not None:
+            counts = None
         self.pending = keep if self.pending is None else (self.pending & keep)
+        self.pending_counts = counts
 
     def advance(self, layer: int, hidden: torch.Tensor):
         """Called before ``layer``: apply a pending decision. Returns the (possibly gathered) hidden."""
         names, extra = list(self.to_read), [t.long() for t in self.to_read.values()]
         self.to_read = {}
-        if self.pending is not None:  # one read: the new widths, whether anything goes, and the extras
+        if self.pending is not None:
             keep, valid = self.pending & self.seg.valid, self.seg.valid
-            counts = keep.sum(1)
-            same = (keep == valid).all()
-            read = torch.stack([counts.min(), counts.max(), counts.sum(), same.long(), *extra]).tolist()
-            (lo, hi, total, same), vals = read[:4], read[4:]
+            known = self.pending_counts
+            if known is not None and not extra and self.seg.total is not None:  # no read
+                (lo, hi, total), vals = known, []
+                same = total == self.seg.total
+            else:  # one read: the new widths, whether anything goes, and the extras
+                counts = keep.sum(1)
+                same = (keep == valid).all()
+                read = torch.stack([counts.min(), counts.max(), counts.sum(), same.long(), *extra]).tolist()
+                (lo, hi, total, same), vals = read[:4], read[4:]
             self.pending = None
             if not same:
                 new = repack(self.seg, keep, layer, (lo, hi, total))

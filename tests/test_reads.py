@@ -61,3 +61,40 @@ def test_reads_per_prefill(model, method, opts, n, what):
         mmsink.unwrap(model)
     ours = {s: c for s, c in r.sites.items() if "/mmsink/" in s and "/transformers/" not in s}
     assert sum(ours.values()) == n, (what, ours, layers)
+
+
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("fastv", {"budget": 6}),
+        ("fastv", {"budget": 0.3}),
+        ("fastv", {"budget": 10, "budget_per": "prompt"}),
+        ("dart", {"budget": 5}),
+    ],
+)
+def test_host_counts_of_a_fixed_budget_equal_the_device(model, monkeypatch, method, opts):
+    """Without padding, FastV / DART know on the host how many tokens each sample keeps (text + budget per
+    image), so the plan change reads nothing and the prefill reads the device once (its layout). The
+    counts handed to the plan equal the keep mask's own, for one and two images a prompt, per-image and
+    per-prompt budgets, integer and fractional."""
+    from mmsink import plan
+
+    seen = []
+    real = plan.repack
+
+    def spy(seg, keep, start, counts=None):
+        k = (keep & seg.valid).sum(1)
+        seen.append((counts, (int(k.min()), int(k.max()), int(k.sum()))))
+        return real(seg, keep, start, counts)
+
+    monkeypatch.setattr(plan, "repack", spy)
+    dense = batch([prompt(5, 7, images=2, seed=1), prompt(5, 7 + 2 + 36, images=1, seed=2)])
+    assert bool(dense["attention_mask"].all())
+    mmsink.wrap(model, prune=method, **opts)
+    try:
+        with torch.no_grad(), DeviceReads() as r:
+            model(**dense)
+    finally:
+        mmsink.unwrap(model)
+    assert len(seen) == 1 and seen[0][0] == seen[0][1]
+    assert sum(c for s, c in r.sites.items() if "/mmsink/" in s) == 1  # the layout's

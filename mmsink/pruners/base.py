@@ -164,6 +164,18 @@ def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of, budget=None) -> tor
     return chosen
 
 
+def topk_counts(ctx: Prefill, budget) -> tuple[int, int, int] | None:
+    """(fewest, most, total) slots per sample of ``ctx.keep_text(topk_per_image(..., budget_count(budget,
+    orig)))`` when the host knows them: a batch without padding, still on its full segment, no tokens
+    protected. Then every image keeps its budget and every text token stays; None otherwise."""
+    lay = ctx.layout
+    if budget is None or not lay.dense or len(ctx.segments) > 1 or ctx.protected is not None:
+        return None
+    sizes = lay.sizes if ctx.budget_per != "prompt" else [[sum(s)] if s else [] for s in lay.sizes]
+    per = [lay.length - sum(s) + sum(budget_tokens(budget, n) for n in s) for s in sizes]
+    return min(per), max(per), sum(per)
+
+
 def anchor_probs(ctx: Prefill, observed: dict) -> torch.Tensor:
     """Post-softmax attention of the anchor query over the current slots [B, H, n] (fp32), from the q row
     and keys the attention call kept. Only this one row is computed."""

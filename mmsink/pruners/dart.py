@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from .base import Pruner, budget_count, budget_tokens, register, topk_per_image
+from .base import Pruner, budget_count, budget_tokens, register, topk_counts, topk_per_image
 
 
 @register
@@ -57,7 +57,7 @@ class DART(Pruner):
         sim = sim.masked_fill(~(same & pimg[:, None, :]), float("-inf")).amax(-1)
         score = torch.where(piv, torch.full_like(sim, float("inf")), -sim)
         chosen = topk_per_image(ctx, score, lambda orig, cur: budget_count(budget, orig), budget)
-        ctx.decide(ctx.keep_text(chosen))
+        ctx.decide(ctx.keep_text(chosen), counts=topk_counts(ctx, budget))
 
 
 def pivot_width(ctx, budget, n_piv: int) -> int:
