@@ -17,7 +17,7 @@ class Layout:
     sizes: list  # per sample, per image: its token count (host ints, read once per call)
     counts: torch.Tensor  # [B, M] tokens of image m in sample b (0 where the sample has fewer images)
     dense: bool = False  # no padding anywhere (host bool, read with the sizes)
-    total: int | None = None  # real tokens over the batch (host int, read with the sizes)
+    lengths: list | None = None  # real tokens of each sample (host ints, read with the sizes)
 
     @property
     def batch(self) -> int:
@@ -71,11 +71,11 @@ def build_layout(
     in_prompt = valid & (ar < end)[None]
     anchor = torch.where(in_prompt, ar, torch.full_like(ar, -1)[None]).max(1).values.clamp(min=0)
     # the prefill's one early read: image sizes (up to FIRST_GUESS images a sample), the highest image
-    # index (more images than that: a second read), whether any slot is padding, the real tokens
+    # index (more images than that: a second read) and each sample's real tokens
     m = min(FIRST_GUESS, l)
     counts = (image_of[..., None] == torch.arange(m, device=ar.device)).sum(1)
-    head = torch.stack([image_of.max(), valid.all().long(), valid.sum()])
-    *flat, top, dense, total = torch.cat([counts.flatten(), head]).tolist()
+    read = torch.cat([counts.flatten(), valid.sum(1), image_of.max()[None]]).tolist()
+    flat, lengths, top = read[: b * m], read[b * m : b * m + b], read[-1]
     if top >= m:
         counts = (image_of[..., None] == torch.arange(top + 1, device=ar.device)).sum(1)
         flat = counts.flatten().tolist()
@@ -84,4 +84,5 @@ def build_layout(
     counts = counts[:, : max(top + 1, 1)]  # one column per image index that occurs
     sizes = [[c for c in row if c > 0] for row in rows]
     grids = [[grid_of(c) if grid_of else None for c in row] for row in sizes]
-    return Layout(is_image & valid, image_of, valid, anchor, grids, sizes, counts, bool(dense), total)
+    dense = all(n == l for n in lengths)
+    return Layout(is_image & valid, image_of, valid, anchor, grids, sizes, counts, dense, lengths)

@@ -26,6 +26,7 @@ class Segment:
     cache: dict = field(default_factory=dict)
     dense: bool = False  # every slot is a real token (no padding): plain causal attention is exact
     total: int | None = None  # real tokens over the batch (host int, read with the widths)
+    counts: list | None = None  # per sample (text tokens, [visual tokens of each image]), host-known
 
     @property
     def n(self) -> int:
@@ -57,17 +58,15 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.view(shape).expand(-1, -1, *x.shape[2:]))
 
 
-def repack(
-    seg: Segment, keep: torch.Tensor, start: int, counts: tuple[int, int, int] | None = None
-) -> Segment:
+def repack(seg: Segment, keep: torch.Tensor, start: int, widths: tuple | None = None) -> Segment:
     """New segment with the kept slots of ``seg`` (keep [B, n] bool), left-padded and in order.
-    ``counts``: the fewest and most slots a sample keeps and their total, when the caller read them."""
+    ``widths``: the fewest and most slots a sample keeps and their total, when the caller knows them."""
     keep = keep & seg.valid
     n = seg.n
-    if counts is None:  # one read: the new width, whether it is dense, the total
+    if widths is None:  # one read: the new width, whether it is dense, the total
         c = keep.sum(1)
-        counts = torch.stack([c.min(), c.max(), c.sum()]).tolist()
-    lo, hi, total = counts
+        widths = torch.stack([c.min(), c.max(), c.sum()]).tolist()
+    lo, hi, total = widths
     n_new = max(hi, 1)
     ar = torch.arange(n, device=keep.device)
     order = torch.where(keep, n + ar, ar).argsort(dim=1)[:, n - n_new :]
@@ -87,7 +86,11 @@ class Prefill:
         self.home = layout.is_image.device  # where the call started (layers may sit on other devices)
         self.device = self.home  # where the plan's tensors are now
         idx = torch.arange(l, device=self.home).expand(b, l)
-        self.segments = [Segment(0, idx, layout.valid.clone(), True, dense=layout.dense, total=layout.total)]
+        lengths = layout.lengths
+        host = None if lengths is None else [(n - sum(s), list(s)) for n, s in zip(lengths, layout.sizes)]
+        total = None if lengths is None else sum(lengths)
+        full = Segment(0, idx, layout.valid.clone(), True, dense=layout.dense, total=total, counts=host)
+        self.segments = [full]
         self.layer_segment: list[int] = []
         self.pending: torch.Tensor | None = None  # keep mask decided for the next layer
         self.pending_counts: tuple[int, int, int] | None = None  # its counts, when the host knows them
@@ -142,9 +145,9 @@ class Prefill:
         vis = self.visual()
         return self.seg.valid & (~vis | chosen_visual)
 
-    def decide(self, keep: torch.Tensor, counts: tuple[int, int, int] | None = None) -> None:
-        """Keep mask for the next layer. ``counts``: (fewest, most, total) slots kept per sample when the
-        pruner knows them on the host; the plan then needs no read to apply it."""
+    def decide(self, keep: torch.Tensor, counts: list | None = None) -> None:
+        """Keep mask for the next layer. ``counts``: what each sample keeps, as ``Segment.counts``, when the
+        pruner knows it on the host; the plan then needs no read to apply it."""
         if self.protected is not None:
             keep = keep | (gather_rows(self.protected, self.seg.idx) & self.seg.valid)
             counts = None
@@ -161,7 +164,8 @@ class Prefill:
             keep, valid = self.pending & self.seg.valid, self.seg.valid
             known = self.pending_counts
             if known is not None and not extra and self.seg.total is not None:  # no read
-                (lo, hi, total), vals = known, []
+                per = [t + sum(v) for t, v in known]
+                (lo, hi, total), vals = (min(per), max(per), sum(per)), []
                 same = total == self.seg.total
             else:  # one read: the new widths, whether anything goes, and the extras
                 counts = keep.sum(1)
@@ -171,6 +175,7 @@ class Prefill:
             self.pending = None
             if not same:
                 new = repack(self.seg, keep, layer, (lo, hi, total))
+                new.counts = known
                 hidden = gather_rows(hidden, new.gather)
                 self.segments.append(new)
         elif extra:

@@ -36,9 +36,9 @@ def model():
 
 # (method, options, reads of mmsink's own code in one prefill, what they are)
 EXPECTED = [
-    ("fastv", {"budget": 6}, 2, "layout, FastV's one plan change"),
-    ("pdrop", {}, 4, "layout, one per PDrop stage (3)"),
-    ("dart", {"budget": 6}, 2, "layout, the plan change (pivots' width from the host sizes)"),
+    ("fastv", {"budget": 6}, 1, "layout (the plan change's counts are known on the host)"),
+    ("pdrop", {}, 1, "layout (each stage's counts from the last one's, on the host)"),
+    ("dart", {"budget": 6}, 1, "layout (pivots' width and the kept counts from the host sizes)"),
     ("visionzip", {"budget": 6}, 2, "layout, the plan change"),
     ("visipruner", {"budget": 6}, 4, "layout, shallow groups, observed layers 3 and 4 (the fallback at L/2)"),
     ("visipruner", {}, 2 + 4, "layout, shallow groups, observed layers 3..6 (adaptive; not the last)"),
@@ -70,31 +70,38 @@ def test_reads_per_prefill(model, method, opts, n, what):
         ("fastv", {"budget": 0.3}),
         ("fastv", {"budget": 10, "budget_per": "prompt"}),
         ("dart", {"budget": 5}),
+        ("pdrop", {}),
+        ("pdrop", {"budget": 9}),
     ],
 )
-def test_host_counts_of_a_fixed_budget_equal_the_device(model, monkeypatch, method, opts):
-    """Without padding, FastV / DART know on the host how many tokens each sample keeps (text + budget per
-    image), so the plan change reads nothing and the prefill reads the device once (its layout). The
-    counts handed to the plan equal the keep mask's own, for one and two images a prompt, per-image and
-    per-prompt budgets, integer and fractional."""
+@pytest.mark.parametrize("padded", [False, True])
+def test_host_counts_of_the_plan_equal_the_device(model, monkeypatch, method, opts, padded):
+    """FastV / DART / PDrop know on the host how many tokens each sample keeps (its text tokens plus k of
+    each image's current tokens), so their plan changes read nothing and a prefill reads the device once
+    (its layout). The counts handed to the plan equal the keep mask's own at every change, for one and
+    two images a prompt, per-image and per-prompt budgets, integer and fractional, padded or not."""
     from mmsink import plan
 
     seen = []
     real = plan.repack
 
-    def spy(seg, keep, start, counts=None):
+    def spy(seg, keep, start, widths=None):
         k = (keep & seg.valid).sum(1)
-        seen.append((counts, (int(k.min()), int(k.max()), int(k.sum()))))
-        return real(seg, keep, start, counts)
+        seen.append((widths, (int(k.min()), int(k.max()), int(k.sum()))))
+        return real(seg, keep, start, widths)
 
     monkeypatch.setattr(plan, "repack", spy)
-    dense = batch([prompt(5, 7, images=2, seed=1), prompt(5, 7 + 2 + 36, images=1, seed=2)])
-    assert bool(dense["attention_mask"].all())
+    if padded:
+        data = batch([prompt(5, 7, images=2, seed=1), prompt(2, 4, seed=2), prompt(3, 9, seed=3)])
+        assert not bool(data["attention_mask"].all())
+    else:
+        data = batch([prompt(5, 7, images=2, seed=1), prompt(5, 7 + 2 + 36, images=1, seed=2)])
+        assert bool(data["attention_mask"].all())
     mmsink.wrap(model, prune=method, **opts)
     try:
         with torch.no_grad(), DeviceReads() as r:
-            model(**dense)
+            model(**data)
     finally:
         mmsink.unwrap(model)
-    assert len(seen) == 1 and seen[0][0] == seen[0][1]
+    assert seen and all(w == actual for w, actual in seen)
     assert sum(c for s, c in r.sites.items() if "/mmsink/" in s) == 1  # the layout's

@@ -164,16 +164,19 @@ def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of, budget=None) -> tor
     return chosen
 
 
-def topk_counts(ctx: Prefill, budget) -> tuple[int, int, int] | None:
-    """(fewest, most, total) slots per sample of ``ctx.keep_text(topk_per_image(..., budget_count(budget,
-    orig)))`` when the host knows them: a batch without padding, still on its full segment, no tokens
-    protected. Then every image keeps its budget and every text token stays; None otherwise."""
-    lay = ctx.layout
-    if budget is None or not lay.dense or len(ctx.segments) > 1 or ctx.protected is not None:
+def topk_counts(ctx: Prefill, k_host) -> list | None:
+    """What each sample keeps after ``ctx.keep_text(topk_per_image(ctx, scores, k_of))``, as
+    ``Segment.counts``, when the host can tell: the segment's counts are known and no tokens are
+    protected. ``k_host(orig, cur) -> int`` is ``k_of`` on host ints (capped by ``cur`` here, as there)."""
+    seg = ctx.seg
+    if seg.counts is None or ctx.protected is not None or ctx.pending is not None:
         return None
-    sizes = lay.sizes if ctx.budget_per != "prompt" else [[sum(s)] if s else [] for s in lay.sizes]
-    per = [lay.length - sum(s) + sum(budget_tokens(budget, n) for n in s) for s in sizes]
-    return min(per), max(per), sum(per)
+    out = []
+    for sizes, (text, vis) in zip(ctx.layout.sizes, seg.counts):
+        if ctx.budget_per == "prompt":  # one group per prompt: the images' split is not known after it
+            sizes, vis = ([sum(sizes)], [sum(vis)]) if vis else ([], [])
+        out.append((text, [min(k_host(o, c), c) for o, c in zip(sizes, vis)]))
+    return out
 
 
 def anchor_probs(ctx: Prefill, observed: dict) -> torch.Tensor:

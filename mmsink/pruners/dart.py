@@ -57,7 +57,7 @@ class DART(Pruner):
         sim = sim.masked_fill(~(same & pimg[:, None, :]), float("-inf")).amax(-1)
         score = torch.where(piv, torch.full_like(sim, float("inf")), -sim)
         chosen = topk_per_image(ctx, score, lambda orig, cur: budget_count(budget, orig), budget)
-        ctx.decide(ctx.keep_text(chosen), counts=topk_counts(ctx, budget))
+        ctx.decide(ctx.keep_text(chosen), counts=topk_counts(ctx, lambda o, c: budget_tokens(budget, o)))
 
 
 def pivot_width(ctx, budget, n_piv: int) -> int:

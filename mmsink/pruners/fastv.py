@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import Pruner, anchor_probs, budget_count, register, topk_counts, topk_per_image
+from .base import Pruner, anchor_probs, budget_count, budget_tokens, register, topk_counts, topk_per_image
 
 
 @register
@@ -36,4 +36,4 @@ class FastV(Pruner):
             return
         score = anchor_probs(ctx, observed).mean(1)
         chosen = topk_per_image(ctx, score, lambda orig, cur: budget_count(self.budget, orig), self.budget)
-        ctx.decide(ctx.keep_text(chosen), counts=topk_counts(ctx, self.budget))
+        ctx.decide(ctx.keep_text(chosen), counts=topk_counts(ctx, lambda o, c: budget_tokens(self.budget, o)))

@@ -8,10 +8,11 @@ a small ratio cannot reach the budget, the stages move earlier (layers scaled by
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
-from .base import Pruner, anchor_probs, budget_fraction, register, topk_per_image
+from .base import Pruner, anchor_probs, budget_fraction, register, topk_counts, topk_per_image
 
 SCALES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
 MIN_RATIO = 0.25
@@ -104,4 +105,7 @@ class PDrop(Pruner):
         def k_of(orig, cur):
             return torch.where(cur > 0, torch.ceil(cur.double() * lam).long().clamp(min=1), cur)
 
-        ctx.decide(ctx.keep_text(topk_per_image(ctx, score, k_of)))
+        def k_host(orig: int, cur: int) -> int:  # k_of on host ints (the same float64 arithmetic)
+            return max(1, math.ceil(cur * lam)) if cur > 0 else 0
+
+        ctx.decide(ctx.keep_text(topk_per_image(ctx, score, k_of)), counts=topk_counts(ctx, k_host))
