@@ -18,6 +18,9 @@ class Layout:
     counts: torch.Tensor  # [B, M] tokens of image m in sample b (0 where the sample has fewer images)
     dense: bool = False  # no padding anywhere (host bool, read with the sizes)
     lengths: list | None = None  # real tokens of each sample (host ints, read with the sizes)
+    anchors: list | None = None  # each sample's anchor slot (host ints, read with the sizes)
+    first_image: list | None = None  # each sample's first image slot (its length if none; host ints)
+    prompt_images: list | None = None  # image tokens up to the anchor, per sample (host ints)
 
     @property
     def batch(self) -> int:
@@ -71,11 +74,17 @@ def build_layout(
     in_prompt = valid & (ar < end)[None]
     anchor = torch.where(in_prompt, ar, torch.full_like(ar, -1)[None]).max(1).values.clamp(min=0)
     # the prefill's one early read: image sizes (up to FIRST_GUESS images a sample), the highest image
-    # index (more images than that: a second read) and each sample's real tokens
+    # index (more images than that: a second read), each sample's real tokens, anchor, first image slot
+    # and image tokens in its prompt
     m = min(FIRST_GUESS, l)
     counts = (image_of[..., None] == torch.arange(m, device=ar.device)).sum(1)
-    read = torch.cat([counts.flatten(), valid.sum(1), image_of.max()[None]]).tolist()
-    flat, lengths, top = read[: b * m], read[b * m : b * m + b], read[-1]
+    img = is_image & valid
+    first = torch.where(img, ar, torch.full_like(ar, l)[None]).min(1).values
+    prompt_images = (img & in_prompt & (ar[None] <= anchor[:, None])).sum(1)
+    per_sample = torch.stack([valid.sum(1), anchor, first, prompt_images])  # [4, B]
+    read = torch.cat([counts.flatten(), per_sample.flatten(), image_of.max()[None]]).tolist()
+    flat, top = read[: b * m], read[-1]
+    lengths, anchors, firsts, in_prompt_images = (read[b * m + i * b : b * m + (i + 1) * b] for i in range(4))
     if top >= m:
         counts = (image_of[..., None] == torch.arange(top + 1, device=ar.device)).sum(1)
         flat = counts.flatten().tolist()
@@ -85,4 +94,6 @@ def build_layout(
     sizes = [[c for c in row if c > 0] for row in rows]
     grids = [[grid_of(c) if grid_of else None for c in row] for row in sizes]
     dense = all(n == l for n in lengths)
-    return Layout(is_image & valid, image_of, valid, anchor, grids, sizes, counts, dense, lengths)
+    return Layout(
+        img, image_of, valid, anchor, grids, sizes, counts, dense, lengths, anchors, firsts, in_prompt_images
+    )

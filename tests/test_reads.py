@@ -40,8 +40,8 @@ EXPECTED = [
     ("pdrop", {}, 1, "layout (each stage's counts from the last one's, on the host)"),
     ("dart", {"budget": 6}, 1, "layout (pivots' width and the kept counts from the host sizes)"),
     ("visionzip", {"budget": 6}, 2, "layout, the plan change"),
-    ("visipruner", {"budget": 6}, 4, "layout, shallow groups, observed layers 3 and 4 (the fallback at L/2)"),
-    ("visipruner", {}, 2 + 4, "layout, shallow groups, observed layers 3..6 (adaptive; not the last)"),
+    ("visipruner", {"budget": 6}, 3, "layout, observed layers 3 and 4 (the fallback at L/2)"),
+    ("visipruner", {}, 1 + 4, "layout, observed layers 3..6 (adaptive; not the last)"),
 ]
 
 
@@ -105,3 +105,36 @@ def test_host_counts_of_the_plan_equal_the_device(model, monkeypatch, method, op
         mmsink.unwrap(model)
     assert seen and all(w == actual for w, actual in seen)
     assert sum(c for s, c in r.sites.items() if "/mmsink/" in s) == 1  # the layout's
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("prompt_len", [None, 60])
+def test_visipruner_shallow_widths_from_the_host(model, monkeypatch, padded, prompt_len):
+    """VisiPruner's shallow-stage row sets and key groups are sized from the layout's host facts (no
+    read at layer 0, where the host would wait for the vision tower): each width equals its membership's
+    largest count on the device (a smaller one would drop rows silently); images after the prompt's end
+    (``prompt_len``) and padding included."""
+    from mmsink.pruners import visipruner
+
+    seen = []
+    real = visipruner.group_indices
+
+    def spy(member, m=None):
+        seen.append((m, int(member.sum(1).max())))
+        return real(member, m)
+
+    monkeypatch.setattr(visipruner, "group_indices", spy)
+    prompts = [prompt(5, 7, images=2, seed=1), prompt(2, 4, seed=2)]
+    if not padded:
+        prompts = [prompts[0], prompt(5, 7 + 2 + 36, seed=2)]
+    data = batch(prompts)
+    mmsink.wrap(model, prune="visipruner", budget=6)
+    try:
+        handle = mmsink.api.get_handle(model)
+        handle.prompt_len = prompt_len  # selection anchored before the second image of sample 0
+        with torch.no_grad(), DeviceReads() as r:
+            model(**data)
+    finally:
+        mmsink.unwrap(model)
+    assert len(seen) == 5 and all(m == actual for m, actual in seen), seen
+    assert not [s for s in r.sites if "visipruner.py" in s or "attention.py" in s]

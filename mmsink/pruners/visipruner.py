@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from ..attention import group_indices_all, repeat_kv, reweighted_attention
+from ..attention import group_indices, group_indices_all, repeat_kv, reweighted_attention
 from .base import Pruner, anchor_probs, budget_count, register, topk_per_image
 
 
@@ -153,6 +153,24 @@ def contribution_test(ctx, observed):
     return cos.masked_fill(~vis, float("inf")), cc.sqrt().masked_fill(~vis, 0.0)
 
 
+def shallow_widths(ctx) -> list[int] | None:
+    """The widths of the shallow stage's row sets and key groups (as ``shallow_attention`` builds them)
+    from the layout's host facts, on the full segment (slot = position): text rows after the first image
+    up to the anchor, those plus the prompt's image rows, the non-image keys, each image's keys."""
+    lay = ctx.layout
+    if lay.anchors is None or len(ctx.segments) > 1:
+        return None
+    txt, rule0, keys, images = [], [], [], []
+    for n, a, f, p, sizes in zip(lay.lengths, lay.anchors, lay.first_image, lay.prompt_images, lay.sizes):
+        t = a - f + 1 - p if f <= a else 0
+        txt.append(t)
+        rule0.append(t + p)
+        keys.append(n - sum(sizes))
+        images.append(sizes)
+    per_image = [max((s[m] if m < len(s) else 0 for s in images), default=0) for m in range(lay.max_images)]
+    return [max(txt), max(rule0), max(keys), *per_image]
+
+
 def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
     """The published edit on the rows it changes (prompt text rows after an image; at layer 0 also image
     rows): no renormalisation, so image groups simply lose (or move) their mass."""
@@ -167,7 +185,11 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
         img = ctx.image_of()
         members = [txt, txt | (vis & prompt), seg.valid & ~vis]
         members += [img == m for m in range(ctx.layout.max_images)]
-        memo[False], memo[True], *memo["groups"] = group_indices_all(members)
+        widths = shallow_widths(ctx)
+        if widths is None:
+            memo[False], memo[True], *memo["groups"] = group_indices_all(members)
+        else:  # known on the host: no read, so the host need not wait for the vision tower here
+            memo[False], memo[True], *memo["groups"] = map(group_indices, members, widths)
     groups = memo["groups"]
     rows = memo[rule0]
 
