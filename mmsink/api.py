@@ -375,7 +375,8 @@ class Handle:
         codes = key_codes(hidden, vis, ctx.in_prompt(), self.var)
         ctx.var_codes[layer] = codes
         if "var_rows" not in seg.cache:  # instruction, answer and later tokens; indexed once per segment
-            seg.cache["var_rows"] = group_indices(seg.valid & ~vis & (vis.cumsum(1) > 0))
+            rows = seg.valid & ~vis & (vis.cumsum(1) > 0)
+            seg.cache["var_rows"] = group_indices(rows, ctx.text_after_image_width())
         rows = seg.cache["var_rows"]
 
         def reweight(q, k, v, mask, scale, base):

@@ -140,6 +140,17 @@ class Prefill:
             seg.cache["in_prompt"] = (slot[None] <= self.anchor_slot(seg)[:, None]) & seg.valid
         return seg.cache["in_prompt"]
 
+    def text_after_image_width(self) -> int | None:
+        """The most text slots after a sample's first visual slot in the current segment, from host facts
+        (text tokens are never dropped, so those after the first image are the sample's text minus the
+        text before it); an upper bound if a sample's first image kept nothing. None when unknown."""
+        lay, seg = self.layout, self.seg
+        if seg.counts is None or lay.first_image is None:
+            return None
+        pad = [lay.length - n for n in lay.lengths]
+        per = [t - (f - p) if f < lay.length else 0 for (t, _), f, p in zip(seg.counts, lay.first_image, pad)]
+        return max(per, default=0)
+
     def keep_text(self, chosen_visual: torch.Tensor) -> torch.Tensor:
         """Keep mask over current slots: every real text token plus the chosen visual ones."""
         vis = self.visual()

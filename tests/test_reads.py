@@ -138,3 +138,31 @@ def test_visipruner_shallow_widths_from_the_host(model, monkeypatch, padded, pro
         mmsink.unwrap(model)
     assert len(seen) == 5 and all(m == actual for m, actual in seen), seen
     assert not [s for s in r.sites if "visipruner.py" in s or "attention.py" in s]
+
+
+@pytest.mark.parametrize("method,opts", [(None, {}), ("fastv", {"budget": 6}), ("pdrop", {})])
+def test_var_rows_sized_from_the_host(model, monkeypatch, method, opts):
+    """VAR's edited rows (text after the first image) are indexed per segment with a width from the host
+    (text tokens are never dropped): equal to the membership's largest count on every segment, and a VAR
+    prefill reads the device once (its layout), pruned or not."""
+    from test_var import VAR
+
+    from mmsink import api
+
+    seen = []
+    real = api.group_indices
+
+    def spy(member, m=None):
+        seen.append((m, int(member.sum(1).max())))
+        return real(member, m)
+
+    monkeypatch.setattr(api, "group_indices", spy)
+    data = batch([prompt(5, 7, images=2, seed=1), prompt(2, 4, seed=2)])
+    mmsink.wrap(model, prune=method, var=VAR, **opts)
+    try:
+        with torch.no_grad(), DeviceReads() as r:
+            model(**data)
+    finally:
+        mmsink.unwrap(model)
+    assert seen and all(m == actual for m, actual in seen), seen
+    assert sum(c for s, c in r.sites.items() if "/mmsink/" in s) == 1
