@@ -26,7 +26,7 @@ class Segment:
     cache: dict = field(default_factory=dict)
     dense: bool = False  # every slot is a real token (no padding): plain causal attention is exact
     total: int | None = None  # real tokens over the batch (host int, read with the widths)
-    counts: list | None = None  # per sample (text tokens, [visual tokens of each image]), host-known
+    counts: list | None = None  # per sample (text tokens, [visual tokens per image, or all as one]) if known
 
     @property
     def n(self) -> int:

@@ -166,3 +166,39 @@ def test_var_rows_sized_from_the_host(model, monkeypatch, method, opts):
         mmsink.unwrap(model)
     assert seen and all(m == actual for m, actual in seen), seen
     assert sum(c for s, c in r.sites.items() if "/mmsink/" in s) == 1
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_replayed_plan_reads_no_more_than_the_method(model, monkeypatch, padded):
+    """The ideal row (a recorded plan replayed) hands the plan its counts from the recorded indices too, so
+    it reads the device no more than the method it is the ideal of; the counts equal the keep masks'."""
+    from mmsink import plan
+
+    prompts = [prompt(5, 7, images=2, seed=1), prompt(2, 4, seed=2)]
+    if not padded:
+        prompts = [prompts[0], prompt(5, 7 + 2 + 36, seed=2)]
+    data = batch(prompts)
+    mmsink.wrap(model, prune="pdrop")
+    with torch.no_grad():
+        model(**data)
+    recorded = mmsink.stats(model).kept_indices
+    seen = []
+    real = plan.repack
+
+    def spy(seg, keep, start, widths=None):
+        k = (keep & seg.valid).sum(1)
+        seen.append((widths, (int(k.min()), int(k.max()), int(k.sum()))))
+        return real(seg, keep, start, widths)
+
+    monkeypatch.setattr(plan, "repack", spy)
+    mmsink.wrap(model, prune="replay", plan=recorded)
+    try:
+        with torch.no_grad():
+            model(**data)  # builds the plan's masks (once per input shape)
+            with DeviceReads() as r:
+                model(**data)
+        assert mmsink.stats(model).kept_indices == recorded
+    finally:
+        mmsink.unwrap(model)
+    assert len(seen) == 6 and all(w == actual for w, actual in seen)  # 3 stages, two calls
+    assert sum(c for s, c in r.sites.items() if "/mmsink/" in s) == 1

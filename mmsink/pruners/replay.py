@@ -42,9 +42,11 @@ class ReplayPruner(Pruner):
                 f"mmsink: replay plan has {len(self.options.plan)} layers, the model {num_layers}"
             )
 
-    def _layer_masks(self, ctx: Prefill) -> dict[int, torch.Tensor]:
-        """{layer: [B, L] bool keep mask over original positions} for the layers where the plan changes;
-        built once per input shape and device (the plan is fixed)."""
+    def _layer_masks(self, ctx: Prefill) -> dict[int, tuple]:
+        """{layer: ([B, L] bool keep mask over original positions, visual tokens each sample keeps or
+        None)} for the layers where the plan changes; built once per input shape and device (the plan is
+        fixed). The counts are given when every kept index is an image token of this input and the sets
+        only shrink, so that the plan can apply them without reading the device."""
         lay = ctx.layout
         key = (lay.batch, lay.length, str(lay.is_image.device))
         if key not in self._masks:
@@ -53,24 +55,32 @@ class ReplayPruner(Pruner):
                 raise ValueError(
                     f"mmsink: replay plan is for {len(plan[0])} samples, the batch has {lay.batch}"
                 )
-            masks, prev = {}, None
+            image = lay.is_image.cpu()  # once per shape
+            masks, prev, exact = {}, None, True
             for i, layer in enumerate(plan):
                 sets = [sorted(s) for s in layer]
                 if sets != prev:
                     m = torch.zeros(lay.batch, lay.length, dtype=torch.bool)
                     for b, s in enumerate(sets):
                         m[b, s] = True
-                    m = m.to(lay.is_image.device)
-                    if i > 0 or not torch.equal(m, lay.is_image & lay.valid):  # layer 0 keeping all: no-op
-                        masks[i] = m
+                    exact = exact and not bool((m & ~image).any())
+                    if prev is not None:
+                        exact = exact and all(set(s) <= set(p) for s, p in zip(sets, prev))
+                    counts = [len(s) for s in sets] if exact else None
+                    if i > 0 or not torch.equal(m, image):  # layer 0 keeping all: no-op
+                        masks[i] = (m.to(lay.is_image.device), counts)
                 prev = sets
             self._masks[key] = masks
         return self._masks[key]
 
     def _apply(self, ctx: Prefill, layer: int) -> None:
-        mask = self._layer_masks(ctx).get(layer)
-        if mask is not None:
-            ctx.decide(ctx.keep_text(gather_rows(mask, ctx.seg.idx) & ctx.visual()))
+        mask, counts = self._layer_masks(ctx).get(layer, (None, None))
+        if mask is None:
+            return
+        known = None
+        if counts is not None and ctx.seg.counts is not None:  # every image's tokens as one group
+            known = [(t, [n]) for (t, _), n in zip(ctx.seg.counts, counts)]
+        ctx.decide(ctx.keep_text(gather_rows(mask, ctx.seg.idx) & ctx.visual()), counts=known)
 
     def before_llm(self, ctx: Prefill, embeds):
         self._apply(ctx, 0)
