@@ -1,6 +1,8 @@
 """LLaVA-NeXT specifics: per-image budgets on images of different sizes, the eager reference, pooling
 per grid, VisionZip per tile, VAR (the shared contract: test_families.py)."""
 
+import types
+
 import pytest
 import torch
 from reference import run
@@ -227,7 +229,7 @@ def test_var_and_pruning(model, data):
     assert (out[:2] - plain[:2]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("budget", [0.5, 24])
+@pytest.mark.parametrize("budget", [0.5, 24, 0.9, 30])
 def test_visionzip_rows_at_once_equal_each_row_alone(budget):
     """The batched merge (rows of different sizes and budgets, absent tokens masked) gives, row by row,
     what the merge of that row's present tokens alone gives: same keep set, same merged features."""
@@ -241,9 +243,12 @@ def test_visionzip_rows_at_once_equal_each_row_alone(budget):
     present[0] = True
     parts = [1, 2, 2, 2, 1]
     pruner = VisionZip(budget=budget)
-    ctx = type("Ctx", (), {"extra_flops": 0})()
+    ctx = types.SimpleNamespace(extra_flops=0, run={})
     out, keep = pruner.zip(ctx, features, score, metric, parts, present)
     assert len({int(keep[i].sum()) for i in range(rows)}) > 1  # rows really differ in budget
+    # the host's count of each image's kept tokens (its rows: 1, 2, 2) is the keep mask's
+    groups = [keep[0:1], keep[1:3], keep[3:5]]
+    assert ctx.run.pop("kept_images") == [int(k.sum()) for k in groups]
     for i in range(rows):
         idx = present[i].nonzero().squeeze(1)
         o, k = pruner.zip(ctx, features[i, idx][None], score[i, idx][None], metric[i, idx][None], [parts[i]])

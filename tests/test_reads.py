@@ -39,7 +39,7 @@ EXPECTED = [
     ("fastv", {"budget": 6}, 1, "layout (the plan change's counts are known on the host)"),
     ("pdrop", {}, 1, "layout (each stage's counts from the last one's, on the host)"),
     ("dart", {"budget": 6}, 1, "layout (pivots' width and the kept counts from the host sizes)"),
-    ("visionzip", {"budget": 6}, 2, "layout, the plan change"),
+    ("visionzip", {"budget": 6}, 1, "layout (each image's kept tokens from its budget split, on the host)"),
     ("visipruner", {"budget": 6}, 3, "layout, observed layers 3 and 4 (the fallback at L/2)"),
     ("visipruner", {}, 1 + 4, "layout, observed layers 3..6 (adaptive; not the last)"),
 ]
@@ -72,14 +72,17 @@ def test_reads_per_prefill(model, method, opts, n, what):
         ("dart", {"budget": 5}),
         ("pdrop", {}),
         ("pdrop", {"budget": 9}),
+        ("visionzip", {"budget": 6}),
+        ("visionzip", {"budget": 0.2}),
     ],
 )
 @pytest.mark.parametrize("padded", [False, True])
 def test_host_counts_of_the_plan_equal_the_device(model, monkeypatch, method, opts, padded):
-    """FastV / DART / PDrop know on the host how many tokens each sample keeps (its text tokens plus k of
-    each image's current tokens), so their plan changes read nothing and a prefill reads the device once
-    (its layout). The counts handed to the plan equal the keep mask's own at every change, for one and
-    two images a prompt, per-image and per-prompt budgets, integer and fractional, padded or not."""
+    """FastV / DART / PDrop / VisionZip know on the host how many tokens each sample keeps (its text
+    tokens plus k of each image's current tokens), so their plan changes read nothing and a prefill reads
+    the device once (its layout). The counts handed to the plan equal the keep mask's own at every change,
+    for one and two images a prompt, per-image and per-prompt budgets, integer and fractional, padded or
+    not."""
     from mmsink import plan
 
     seen = []
@@ -202,3 +205,37 @@ def test_replayed_plan_reads_no_more_than_the_method(model, monkeypatch, padded)
         mmsink.unwrap(model)
     assert len(seen) == 6 and all(w == actual for w, actual in seen)  # 3 stages, two calls
     assert sum(c for s, c in r.sites.items() if "/mmsink/" in s) == 1
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize(
+    "method,opts", [("visionzip", {"budget": 0.5}), ("visionzip", {"budget": 3}), ("fastv", {"budget": 0.25})]
+)
+def test_host_counts_on_tiled_and_dynamic_images(monkeypatch, family, method, opts):
+    """The same on LLaVA-NeXT (tiles sharing an image's budget, unpadded crops) and Qwen2-VL / 2.5-VL
+    (images of their own sizes): the counts handed to the plan equal the keep mask's, one read of
+    mmsink's own code in the prefill."""
+    from tiny import next_batch, qwen_batch, tiny_llava_next, tiny_qwen
+
+    from mmsink import plan
+
+    if family == "llava_next":
+        model = tiny_llava_next()
+        data, _ = next_batch(model, [(3, 5, [(40, 56)]), (2, 4, [(56, 40), (28, 28)])], seed=1)
+    else:
+        model = tiny_qwen(family)
+        data, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)])], seed=1)
+    seen = []
+    real = plan.repack
+
+    def spy(seg, keep, start, widths=None):
+        k = (keep & seg.valid).sum(1)
+        seen.append((widths, (int(k.min()), int(k.max()), int(k.sum()))))
+        return real(seg, keep, start, widths)
+
+    monkeypatch.setattr(plan, "repack", spy)
+    mmsink.wrap(model, prune=method, **opts)
+    with torch.no_grad(), DeviceReads() as r:
+        model(**data)
+    assert seen and all(w == actual for w, actual in seen), seen
+    assert sum(c for s, c in r.sites.items() if "/mmsink/" in s) == 1, r.sites

@@ -97,6 +97,7 @@ class VisionZip(Pruner):
             per_row(steps),
         )
         dom_max, ctx_max = max(d for d, _ in splits), max(c for _, c in splits)
+        record_kept(ctx, sizes, splits, steps, parts)
         ok = torch.ones(n_img, p, dtype=torch.bool, device=dev) if present is None else present
         metric = torch.nn.functional.normalize(metric, dim=-1)
         top = score.masked_fill(~ok, float("-inf")).topk(dom_max, dim=1).indices
@@ -132,9 +133,30 @@ class VisionZip(Pruner):
         keep = ctx.run.get("keep")  # every image's keep set, in the order of the sequence's image tokens
         if keep is None:
             return None
+        kept, counts = ctx.run.pop("kept_images", None), None
+        n_images = [len(s) for s in ctx.layout.sizes]
+        if kept is not None and ctx.seg.counts is not None and len(kept) == sum(n_images):
+            it = iter(kept)  # images in sequence order (a layout run of back-to-back images: no match)
+            counts = [(t, [next(it) for _ in range(k)]) for (t, _), k in zip(ctx.seg.counts, n_images)]
         # the image tokens' places in order, without nonzero's read: a stable sort puts them first
         is_image = ctx.layout.is_image
         places = (~is_image).flatten().to(torch.uint8).argsort(stable=True)[: keep.numel()]
         chosen = torch.zeros_like(is_image).flatten().index_put_((places,), keep.flatten()).view_as(is_image)
-        ctx.decide(ctx.keep_text(chosen))
+        ctx.decide(ctx.keep_text(chosen), counts=counts)
         return None
+
+
+def record_kept(ctx, sizes, splits, steps, parts) -> None:
+    """Tokens each image keeps, on the host, appended to ``ctx.run["kept_images"]`` (None once unknown):
+    per row its dominant tokens and its targets (every step-th of the rest, at most ``contextual``), the
+    rows of an image (its tiles) summed. Unknown when a row has fewer tokens than dominant picks."""
+    if "kept_images" in ctx.run and ctx.run["kept_images"] is None:
+        return
+    if any(n < d for n, (d, _) in zip(sizes, splits)):
+        ctx.run["kept_images"] = None
+        return
+    rows = [d + (min(c, -(-(n - d) // st)) if c else 0) for n, (d, c), st in zip(sizes, splits, steps)]
+    out, i = ctx.run.setdefault("kept_images", []), 0
+    while i < len(rows):
+        out.append(sum(rows[i : i + parts[i]]))
+        i += parts[i]
