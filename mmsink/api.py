@@ -146,6 +146,8 @@ class Handle:
         self.ctx = None
         if not self.enabled:
             return None
+        if kwargs.get("pixel_values") is not None:  # a prefill with images (decode steps: untouched)
+            self.family.host_inputs(kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         pkv = kwargs.get("past_key_values")
         if isinstance(pkv, PlanCache) and pkv.planned and pkv.get_seq_length() > 0:

@@ -92,6 +92,9 @@ class Family:
     def reset_measure(self):
         pass
 
+    def host_inputs(self, kwargs: dict) -> None:
+        """Move to the host, in place, the small inputs the model only ever reads there (none here)."""
+
     def image_vision_flops(self, pixel_values, kwargs=None) -> list[float]:
         """Vision tower + projector FLOPs of each image, in input order."""
         if pixel_values is None:

@@ -116,6 +116,14 @@ class Family(LlavaFamily):
     def grid_of(self, n: int):
         return None
 
+    def host_inputs(self, kwargs: dict) -> None:
+        """``image_sizes`` to the host: transformers reads them there element by element (tile counts
+        before the tower; unpadding and grid shapes after it, where each read on a device tensor would
+        make the host wait for the tower), as do this adapter's token maps. One read, at the start."""
+        s = kwargs.get("image_sizes")
+        if isinstance(s, torch.Tensor) and s.device.type != "cpu":
+            kwargs["image_sizes"] = s.cpu()
+
     def tiles(self, pixel_values, kwargs) -> list[int]:
         sizes = (kwargs or {}).get("image_sizes")
         if pixel_values.dim() == 5 and sizes is not None:

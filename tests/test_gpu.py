@@ -144,3 +144,28 @@ def test_cuda_qwen_vision_tower_reads_its_grid_once(kind):
         mmsink.unwrap(model)
     assert ours <= plain - len(model.model.visual.blocks)
     torch.testing.assert_close(logits, ref)
+
+
+def test_cuda_next_image_sizes_read_on_the_host():
+    """On CUDA the wrapped LLaVA-NeXT model hands transformers its ``image_sizes`` on the host (one read at
+    the start): the reads of device values in transformers' NeXT code drop to none, logits unchanged."""
+    from mmsink.reads import DeviceReads
+
+    model = tiny_llava_next().cuda()
+    data, _ = next_batch(model.cpu(), [(3, 5, [(40, 56)]), (2, 4, [(56, 40)])], seed=1)
+    model.cuda()
+    inputs = {k: v.cuda() for k, v in data.items()}
+
+    def run():
+        with torch.no_grad(), DeviceReads(device_only=True) as r:
+            logits = model(**inputs).logits
+        return sum(c for s, c in r.sites.items() if "modeling_llava_next" in s), logits
+
+    plain, ref = run()
+    mmsink.wrap(model, prune="none")
+    try:
+        ours, logits = run()
+    finally:
+        mmsink.unwrap(model)
+    assert plain > 0 and ours == 0
+    torch.testing.assert_close(logits, ref)
