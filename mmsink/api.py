@@ -72,6 +72,7 @@ class Handle:
         self.ctx = None
         self.measuring = False  # a prefill is running: families count vision work
         self.last_layout = None
+        self.layout_ids = None  # the input ids the last layout was built from
         self.prompt_len: int | None = None
         self.last_stats = None  # Stats, or a function building them (see ``deferred``)
         self.hooks: list = []
@@ -170,7 +171,10 @@ class Handle:
         self.family.reset_measure()
         grids = getattr(self.planner, "uses_grids", False)
         layout = self.family.layout(ids, kwargs.get("attention_mask"), self.prompt_len, kwargs, grids)
-        self.last_layout = layout
+        self.last_layout, self.layout_ids = layout, ids
+        if layout.dense and kwargs.get("pixel_values") is not None:
+            # no padding: no mask (transformers would read an all-ones mask on the device to skip it)
+            kwargs["attention_mask"] = None
         if not any(layout.sizes) or (self.pruner is None and self.var is None and self.sinks is None):
             return None  # no image (or nothing to do): the model runs untouched
         ctx = Prefill(layout, self.num_layers, self.base)

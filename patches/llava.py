@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 from mmsink.flops import linear_params
 from mmsink.layout import build_layout
@@ -86,8 +87,9 @@ class Family:
         return list(features.float().norm(dim=-1))
 
     def install(self, handle) -> list:
-        """Extra hooks a family needs (none for LLaVA); returns their handles."""
-        return []
+        """Extra hooks a family needs; returns their handles (``.remove()`` undoes each). LLaVA / NeXT:
+        the image placeholders are checked against the layout's host counts."""
+        return [bind_placeholder_check(self.model.model, handle)]
 
     def reset_measure(self):
         pass
@@ -116,3 +118,36 @@ class Family:
         n_feat = n if self.config.vision_feature_select_strategy == "full" else n_patch
         proj = 2 * b * n_feat * self.linear(self.model.model.multi_modal_projector)
         return conv + 2 * b * n * self.linear(tower) + attn + proj
+
+
+class Unbind:
+    """A hook-like handle whose ``remove()`` drops a method bound on one instance."""
+
+    def __init__(self, obj, name: str):
+        self.obj, self.name = obj, name
+
+    def remove(self) -> None:
+        self.obj.__dict__.pop(self.name, None)
+
+
+def bind_placeholder_check(inner, handle) -> Unbind:
+    """``get_placeholder_mask`` on this one model instance: the same mask, and the same check of image
+    tokens against image features, counted from the prefill layout's host sizes instead of a sum on the
+    device (a read that made the host wait for the vision tower before it could queue the decoder).
+    Falls back to transformers' own when the layout is not of these ids."""
+    original = type(inner).get_placeholder_mask
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        lay = handle.last_layout
+        if input_ids is None or lay is None or handle.layout_ids is not input_ids:
+            return original(self, input_ids, inputs_embeds, image_features)
+        tokens = sum(n for row in lay.sizes for n in row)
+        if tokens * inputs_embeds.shape[-1] != image_features.numel():
+            raise ValueError(
+                f"Image features and image tokens do not match, tokens: {tokens}, "
+                f"features: {image_features.numel() // inputs_embeds.shape[-1]}"
+            )
+        return (input_ids == self.config.image_token_id).unsqueeze(-1).to(inputs_embeds.device)
+
+    inner.get_placeholder_mask = types.MethodType(get_placeholder_mask, inner)
+    return Unbind(inner, "get_placeholder_mask")

@@ -239,3 +239,42 @@ def test_host_counts_on_tiled_and_dynamic_images(monkeypatch, family, method, op
         model(**data)
     assert seen and all(w == actual for w, actual in seen), seen
     assert sum(c for s, c in r.sites.items() if "/mmsink/" in s) == 1, r.sites
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_no_read_in_transformers_code_after_the_tower(monkeypatch, family):
+    """A dense prefill of the wrapped LLaVA / NeXT model makes none of transformers' reads that would
+    wait for the vision tower (the placeholder count is checked against the layout's host sizes; a batch
+    without padding passes no mask): logits bitwise the unwrapped model's, and a placeholder mismatch
+    still fails with transformers' message."""
+    from tiny import next_batch, tiny_llava_next
+
+    if family == "llava":
+        model = tiny_llava(layers=4)
+        data = batch([prompt(5, 7, images=2, seed=1), prompt(5, 7 + 2 + 36, seed=2)])
+    else:
+        model = tiny_llava_next(layers=4)
+        data, _ = next_batch(model, [(3, 5, [(40, 56)])], seed=1)
+    assert bool(data["attention_mask"].all())
+
+    def run():
+        with torch.no_grad(), DeviceReads() as r:
+            logits = model(**data).logits
+        return [s for s in r.sites if "masking_utils" in s or "import_utils" in s], logits
+
+    plain, ref = run()
+    mmsink.wrap(model, prune="fastv", budget=0.5)
+    try:
+        ours, _ = run()
+        mmsink.wrap(model, prune="none")
+        none, logits = run()
+        bad = dict(data, input_ids=data["input_ids"].clone())
+        bad["input_ids"][0, -1] = model.config.image_token_id  # one placeholder too many
+        with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+            with torch.no_grad():
+                model(**bad)
+    finally:
+        mmsink.unwrap(model)
+    assert plain and not ours and not none
+    assert torch.equal(logits, ref)
+    assert "get_placeholder_mask" not in model.model.__dict__
