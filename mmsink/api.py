@@ -283,9 +283,8 @@ class Handle:
             want = dict(self.planner.directive(ctx, layer) or {})
             if self.var is not None and self.var.active(layer, self.num_layers) and "reweight" not in want:
                 want["reweight"] = self.var_prefill(ctx, layer, hidden)
-            if (
-                self.varlen and not seg.dense and varlen.on_device(hidden)
-            ):  # padding: a ragged kernel, no mask
+            # padding: a ragged kernel, no mask
+            if self.varlen and not seg.dense and varlen.on_device(hidden):
                 if "varlen" not in seg.cache:
                     seg.cache["varlen"] = varlen.pack(seg.valid, seg.total)
                 want["varlen"] = seg.cache["varlen"]

@@ -269,16 +269,6 @@ def group_indices(member: torch.Tensor, m: int | None = None) -> torch.Tensor:
     return torch.where(ok, order, torch.full_like(order, -1))
 
 
-def group_indices_all(members: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``group_indices`` of several memberships with one device read for all their widths."""
-    if not members:
-        return []
-    widths = torch.stack(
-        [m.sum(1).max() if m.numel() else m.new_zeros((), dtype=torch.long) for m in members]
-    )
-    return [group_indices(m, w) for m, w in zip(members, widths.tolist())]
-
-
 def flops_grouped(q, k, groups) -> int:
     b, h, n, d = q.shape
     if isinstance(groups, torch.Tensor):  # membership: every group attends over all keys

@@ -16,11 +16,16 @@ class Layout:
     grids: list  # per sample, per image: (rows, cols) of its token grid, or None
     sizes: list  # per sample, per image: its token count (host ints, read once per call)
     counts: torch.Tensor  # [B, M] tokens of image m in sample b (0 where the sample has fewer images)
-    dense: bool = False  # no padding anywhere (host bool, read with the sizes)
-    lengths: list | None = None  # real tokens of each sample (host ints, read with the sizes)
-    anchors: list | None = None  # each sample's anchor slot (host ints, read with the sizes)
-    first_image: list | None = None  # each sample's first image slot (its length if none; host ints)
-    prompt_images: list | None = None  # image tokens up to the anchor, per sample (host ints)
+    # host ints per sample, read with the sizes
+    lengths: list  # real tokens
+    anchors: list  # the anchor slot
+    first_image: list  # the first image slot (the sequence length if none)
+    prompt_images: list  # image tokens up to the anchor
+
+    @property
+    def dense(self) -> bool:
+        """No padding anywhere."""
+        return all(n == self.length for n in self.lengths)
 
     @property
     def batch(self) -> int:
@@ -93,7 +98,6 @@ def build_layout(
     counts = counts[:, : max(top + 1, 1)]  # one column per image index that occurs
     sizes = [[c for c in row if c > 0] for row in rows]
     grids = [[grid_of(c) if grid_of else None for c in row] for row in sizes]
-    dense = all(n == l for n in lengths)
     return Layout(
-        img, image_of, valid, anchor, grids, sizes, counts, dense, lengths, anchors, firsts, in_prompt_images
+        img, image_of, valid, anchor, grids, sizes, counts, lengths, anchors, firsts, in_prompt_images
     )

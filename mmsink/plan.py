@@ -86,14 +86,13 @@ class Prefill:
         self.home = layout.is_image.device  # where the call started (layers may sit on other devices)
         self.device = self.home  # where the plan's tensors are now
         idx = torch.arange(l, device=self.home).expand(b, l)
-        lengths = layout.lengths
-        host = None if lengths is None else [(n - sum(s), list(s)) for n, s in zip(lengths, layout.sizes)]
-        total = None if lengths is None else sum(lengths)
+        host = [(n - sum(s), list(s)) for n, s in zip(layout.lengths, layout.sizes)]
+        total = sum(layout.lengths)
         full = Segment(0, idx, layout.valid.clone(), True, dense=layout.dense, total=total, counts=host)
         self.segments = [full]
         self.layer_segment: list[int] = []
         self.pending: torch.Tensor | None = None  # keep mask decided for the next layer
-        self.pending_counts: tuple[int, int, int] | None = None  # its counts, when the host knows them
+        self.pending_counts: list | None = None  # what it keeps, as Segment.counts, when the host knows
         self.to_read: dict = {}  # device scalars a pruner needs on the host before the next layer
         self.host: dict = {}  # their values, read with the next layer's plan (one read for all)
         self.embed_override: torch.Tensor | None = None  # [B, L, d] replacement embeddings (pre-LLM)
@@ -145,7 +144,7 @@ class Prefill:
         (text tokens are never dropped, so those after the first image are the sample's text minus the
         text before it); an upper bound if a sample's first image kept nothing. None when unknown."""
         lay, seg = self.layout, self.seg
-        if seg.counts is None or lay.first_image is None:
+        if seg.counts is None:
             return None
         pad = [lay.length - n for n in lay.lengths]
         per = [t - (f - p) if f < lay.length else 0 for (t, _), f, p in zip(seg.counts, lay.first_image, pad)]
@@ -174,7 +173,7 @@ class Prefill:
         if self.pending is not None:
             keep, valid = self.pending & self.seg.valid, self.seg.valid
             known = self.pending_counts
-            if known is not None and not extra and self.seg.total is not None:  # no read
+            if known is not None and not extra:  # no read
                 per = [t + sum(v) for t, v in known]
                 (lo, hi, total), vals = (min(per), max(per), sum(per)), []
                 same = total == self.seg.total

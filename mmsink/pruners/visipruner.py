@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from ..attention import group_indices, group_indices_all, repeat_kv, reweighted_attention
+from ..attention import group_indices, repeat_kv, reweighted_attention
 from .base import Pruner, anchor_probs, budget_count, register, topk_per_image
 
 
@@ -158,7 +158,7 @@ def shallow_widths(ctx) -> list[int] | None:
     from the layout's host facts, on the full segment (slot = position): text rows after the first image
     up to the anchor, those plus the prompt's image rows, the non-image keys, each image's keys."""
     lay = ctx.layout
-    if lay.anchors is None or len(ctx.segments) > 1:
+    if len(ctx.segments) > 1:
         return None
     txt, rule0, keys, images = [], [], [], []
     for n, a, f, p, sizes in zip(lay.lengths, lay.anchors, lay.first_image, lay.prompt_images, lay.sizes):
@@ -177,7 +177,8 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
     seg = ctx.seg
     rule0 = layer == 0 and first_layer_rule
     vis = ctx.visual()
-    # the shallow layers share one segment: rows and key groups are indexed once (each index is a read)
+    # the shallow layers share one segment: rows and key groups are indexed once, sized from the host
+    # (no read, so the host need not wait for the vision tower here; a later segment reads each width)
     memo = seg.cache.setdefault("visipruner_shallow", {})
     if not memo:  # both row sets (layer 0 with the first-layer rule, the others) and the key groups
         prompt = ctx.in_prompt()
@@ -185,11 +186,8 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
         img = ctx.image_of()
         members = [txt, txt | (vis & prompt), seg.valid & ~vis]
         members += [img == m for m in range(ctx.layout.max_images)]
-        widths = shallow_widths(ctx)
-        if widths is None:
-            memo[False], memo[True], *memo["groups"] = group_indices_all(members)
-        else:  # known on the host: no read, so the host need not wait for the vision tower here
-            memo[False], memo[True], *memo["groups"] = map(group_indices, members, widths)
+        widths = shallow_widths(ctx) or [None] * len(members)
+        memo[False], memo[True], *memo["groups"] = map(group_indices, members, widths)
     groups = memo["groups"]
     rows = memo[rule0]
 
