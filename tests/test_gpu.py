@@ -119,22 +119,15 @@ def test_cuda_var_decode_equals_generate(graphs):
     assert torch.equal(mmsink.generate_fast(model, max_new_tokens=10, graphs=graphs, **inputs), ref)
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
-def test_cuda_qwen_vision_tower_reads_its_grid_once(kind):
-    """On CUDA the wrapped Qwen model's vision blocks take host-computed bounds: the reads of device values
-    inside transformers' Qwen modeling code fall by at least one per vision block, the logits unchanged."""
-    from tiny import qwen_batch, tiny_qwen
-
+def reads_plain_and_wrapped(model, inputs, where: str) -> tuple:
+    """Reads of device values at sites whose path contains ``where``, in one forward of the bare model and
+    one of the model wrapped without a method; with both logits."""
     from mmsink.reads import DeviceReads
-
-    model = tiny_qwen(kind).cuda()
-    data, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)])], seed=1)
-    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
 
     def run():
         with torch.no_grad(), DeviceReads(device_only=True) as r:
             logits = model(**inputs).logits
-        return sum(c for s, c in r.sites.items() if "/models/qwen2" in s), logits
+        return sum(c for s, c in r.sites.items() if where in s), logits
 
     plain, ref = run()
     mmsink.wrap(model, prune="none")
@@ -142,6 +135,19 @@ def test_cuda_qwen_vision_tower_reads_its_grid_once(kind):
         ours, logits = run()
     finally:
         mmsink.unwrap(model)
+    return plain, ours, ref, logits
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_cuda_qwen_vision_tower_reads_its_grid_once(kind):
+    """On CUDA the wrapped Qwen model's vision blocks take host-computed bounds: the reads of device values
+    inside transformers' Qwen modeling code fall by at least one per vision block, the logits unchanged."""
+    from tiny import qwen_batch, tiny_qwen
+
+    model = tiny_qwen(kind).cuda()
+    data, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)])], seed=1)
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    plain, ours, ref, logits = reads_plain_and_wrapped(model, inputs, "/models/qwen2")
     assert ours <= plain - len(model.model.visual.blocks)
     torch.testing.assert_close(logits, ref)
 
@@ -149,23 +155,10 @@ def test_cuda_qwen_vision_tower_reads_its_grid_once(kind):
 def test_cuda_next_image_sizes_read_on_the_host():
     """On CUDA the wrapped LLaVA-NeXT model hands transformers its ``image_sizes`` on the host (one read at
     the start): the reads of device values in transformers' NeXT code drop to none, logits unchanged."""
-    from mmsink.reads import DeviceReads
-
     model = tiny_llava_next().cuda()
     data, _ = next_batch(model.cpu(), [(3, 5, [(40, 56)]), (2, 4, [(56, 40)])], seed=1)
     model.cuda()
     inputs = {k: v.cuda() for k, v in data.items()}
-
-    def run():
-        with torch.no_grad(), DeviceReads(device_only=True) as r:
-            logits = model(**inputs).logits
-        return sum(c for s, c in r.sites.items() if "modeling_llava_next" in s), logits
-
-    plain, ref = run()
-    mmsink.wrap(model, prune="none")
-    try:
-        ours, logits = run()
-    finally:
-        mmsink.unwrap(model)
+    plain, ours, ref, logits = reads_plain_and_wrapped(model, inputs, "modeling_llava_next")
     assert plain > 0 and ours == 0
     torch.testing.assert_close(logits, ref)

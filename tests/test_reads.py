@@ -29,6 +29,37 @@ def test_counter_sees_reads_and_only_reads():
     assert r.total == 0
 
 
+def spy_repack(monkeypatch) -> list:
+    """Record, at every plan change, the widths handed to ``repack`` (None: it reads them) and the keep
+    mask's own (fewest, most, total) kept slots."""
+    from mmsink import plan
+
+    seen = []
+    real = plan.repack
+
+    def spy(seg, keep, start, widths=None):
+        k = (keep & seg.valid).sum(1)
+        seen.append((widths, (int(k.min()), int(k.max()), int(k.sum()))))
+        return real(seg, keep, start, widths)
+
+    monkeypatch.setattr(plan, "repack", spy)
+    return seen
+
+
+def spy_widths(monkeypatch, module) -> list:
+    """Record every ``group_indices`` call made through ``module``: the width handed in and the
+    membership's largest count."""
+    seen = []
+    real = module.group_indices
+
+    def spy(member, m=None):
+        seen.append((m, int(member.sum(1).max())))
+        return real(member, m)
+
+    monkeypatch.setattr(module, "group_indices", spy)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llava(layers=8)
@@ -83,17 +114,8 @@ def test_host_counts_of_the_plan_equal_the_device(model, monkeypatch, method, op
     the device once (its layout). The counts handed to the plan equal the keep mask's own at every change,
     for one and two images a prompt, per-image and per-prompt budgets, integer and fractional, padded or
     not."""
-    from mmsink import plan
 
-    seen = []
-    real = plan.repack
-
-    def spy(seg, keep, start, widths=None):
-        k = (keep & seg.valid).sum(1)
-        seen.append((widths, (int(k.min()), int(k.max()), int(k.sum()))))
-        return real(seg, keep, start, widths)
-
-    monkeypatch.setattr(plan, "repack", spy)
+    seen = spy_repack(monkeypatch)
     if padded:
         data = batch([prompt(5, 7, images=2, seed=1), prompt(2, 4, seed=2), prompt(3, 9, seed=3)])
         assert not bool(data["attention_mask"].all())
@@ -119,14 +141,7 @@ def test_visipruner_shallow_widths_from_the_host(model, monkeypatch, padded, pro
     (``prompt_len``) and padding included."""
     from mmsink.pruners import visipruner
 
-    seen = []
-    real = visipruner.group_indices
-
-    def spy(member, m=None):
-        seen.append((m, int(member.sum(1).max())))
-        return real(member, m)
-
-    monkeypatch.setattr(visipruner, "group_indices", spy)
+    seen = spy_widths(monkeypatch, visipruner)
     prompts = [prompt(5, 7, images=2, seed=1), prompt(2, 4, seed=2)]
     if not padded:
         prompts = [prompts[0], prompt(5, 7 + 2 + 36, seed=2)]
@@ -152,14 +167,7 @@ def test_var_rows_sized_from_the_host(model, monkeypatch, method, opts):
 
     from mmsink import api
 
-    seen = []
-    real = api.group_indices
-
-    def spy(member, m=None):
-        seen.append((m, int(member.sum(1).max())))
-        return real(member, m)
-
-    monkeypatch.setattr(api, "group_indices", spy)
+    seen = spy_widths(monkeypatch, api)
     data = batch([prompt(5, 7, images=2, seed=1), prompt(2, 4, seed=2)])
     mmsink.wrap(model, prune=method, var=VAR, **opts)
     try:
@@ -175,7 +183,6 @@ def test_var_rows_sized_from_the_host(model, monkeypatch, method, opts):
 def test_replayed_plan_reads_no_more_than_the_method(model, monkeypatch, padded):
     """The ideal row (a recorded plan replayed) hands the plan its counts from the recorded indices too, so
     it reads the device no more than the method it is the ideal of; the counts equal the keep masks'."""
-    from mmsink import plan
 
     prompts = [prompt(5, 7, images=2, seed=1), prompt(2, 4, seed=2)]
     if not padded:
@@ -185,15 +192,7 @@ def test_replayed_plan_reads_no_more_than_the_method(model, monkeypatch, padded)
     with torch.no_grad():
         model(**data)
     recorded = mmsink.stats(model).kept_indices
-    seen = []
-    real = plan.repack
-
-    def spy(seg, keep, start, widths=None):
-        k = (keep & seg.valid).sum(1)
-        seen.append((widths, (int(k.min()), int(k.max()), int(k.sum()))))
-        return real(seg, keep, start, widths)
-
-    monkeypatch.setattr(plan, "repack", spy)
+    seen = spy_repack(monkeypatch)
     mmsink.wrap(model, prune="replay", plan=recorded)
     try:
         with torch.no_grad():
@@ -217,23 +216,13 @@ def test_host_counts_on_tiled_and_dynamic_images(monkeypatch, family, method, op
     mmsink's own code in the prefill."""
     from tiny import next_batch, qwen_batch, tiny_llava_next, tiny_qwen
 
-    from mmsink import plan
-
     if family == "llava_next":
         model = tiny_llava_next()
         data, _ = next_batch(model, [(3, 5, [(40, 56)]), (2, 4, [(56, 40), (28, 28)])], seed=1)
     else:
         model = tiny_qwen(family)
         data, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)])], seed=1)
-    seen = []
-    real = plan.repack
-
-    def spy(seg, keep, start, widths=None):
-        k = (keep & seg.valid).sum(1)
-        seen.append((widths, (int(k.min()), int(k.max()), int(k.sum()))))
-        return real(seg, keep, start, widths)
-
-    monkeypatch.setattr(plan, "repack", spy)
+    seen = spy_repack(monkeypatch)
     mmsink.wrap(model, prune=method, **opts)
     with torch.no_grad(), DeviceReads() as r:
         model(**data)
