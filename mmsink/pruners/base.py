@@ -140,18 +140,22 @@ def budget_fraction(budget, n_image: int) -> float:
     return budget / n_image
 
 
+def budget_sizes(ctx: Prefill) -> list:
+    """Per sample, the token counts the budget applies to: each image's, or the prompt's images together."""
+    sizes = ctx.layout.sizes
+    return sizes if ctx.budget_per != "prompt" else [[sum(s)] for s in sizes]
+
+
 def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of, budget=None) -> torch.Tensor:
     """Chosen visual slots [B, n]: for each image, the k highest ``scores`` among its current slots.
     ``k_of(orig_count [B], current_count [B]) -> k [B]``; ``budget``: an int budget to check against the
     image sizes. No device sync: a full sort per image instead of a top-k whose width is read back."""
     img = ctx.image_of()
     orig = ctx.layout.image_counts()
-    sizes = ctx.layout.sizes
     if ctx.budget_per == "prompt":  # all images of a prompt compete for one budget
         img = torch.where(img >= 0, torch.zeros_like(img), img)
         orig = orig.sum(1, keepdim=True)
-        sizes = [[sum(s)] for s in sizes]
-    check_size(budget, [n for s in sizes for n in s])
+    check_size(budget, [n for s in budget_sizes(ctx) for n in s])
     chosen = torch.zeros_like(img, dtype=torch.bool)
     ranks = torch.arange(img.shape[1], device=img.device)[None]
     for m in range(orig.shape[1]):

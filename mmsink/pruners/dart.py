@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from .base import Pruner, budget_count, budget_tokens, register, topk_counts, topk_per_image
+from .base import Pruner, budget_count, budget_sizes, budget_tokens, register, topk_counts, topk_per_image
 
 
 @register
@@ -63,7 +63,4 @@ class DART(Pruner):
 def pivot_width(ctx, budget, n_piv: int) -> int:
     """The most pivots a sample can have, from the layout's host sizes (no read): an image gives
     min(its budget, n_piv); a width past a sample's real count only adds masked columns."""
-    sizes = ctx.layout.sizes
-    if ctx.budget_per == "prompt":
-        sizes = [[sum(s)] for s in sizes]
-    return max([sum(min(budget_tokens(budget, n), n_piv) for n in s) for s in sizes] + [1])
+    return max([sum(min(budget_tokens(budget, n), n_piv) for n in s) for s in budget_sizes(ctx)] + [1])
