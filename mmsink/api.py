@@ -179,6 +179,7 @@ class Handle:
             return None  # no image (or nothing to do): the model runs untouched
         ctx = Prefill(layout, self.num_layers, self.base)
         ctx.budget_per = self.planner.budget_per
+        ctx.lm = self.family.lm_parts
         ctx.var_codes = {}
         ctx.vit = None
         self.planner.start(ctx)
@@ -270,6 +271,7 @@ class Handle:
                 hidden = hidden.to(dev)
                 ctx.to(dev)
             if layer == 0:
+                ctx.position_embeddings = kwargs["position_embeddings"]
                 if ctx.vit is not None:
                     hidden = self.place_sinks(ctx, hidden)
                 new = self.planner.before_llm(ctx, hidden)

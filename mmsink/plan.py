@@ -8,12 +8,24 @@ embeddings and the mask are gathered to the kept slots. Every pruner uses this o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .attention import build_mask
 from .layout import Layout
+
+
+@dataclass(frozen=True)
+class LMParts:
+    """What a pruner may use of the language model besides the hidden states it is handed: the decoder
+    layers (their norms and projections, e.g. to score with the next layer's own queries), the final norm
+    and the family's rotary function ``rope(q, k, cos, sin) -> (q, k)``."""
+
+    layers: list
+    norm: torch.nn.Module
+    rope: Callable
 
 
 @dataclass
@@ -104,6 +116,12 @@ class Prefill:
         self.cache = None  # the PlanCache being filled, if caching
         self.protected: torch.Tensor | None = None  # [B, L] tokens no pruner may drop (ViT sinks)
         self.budget_per = "image"  # or "prompt": one budget shared by a prompt's images
+        self.lm: LMParts | None = None  # the language model's parts (set by the handle)
+        self.position_embeddings = None  # the full sequence's rotary (cos, sin), set before layer 0
+
+    def current_position_embeddings(self):
+        """The rotary (cos, sin) rows of the current segment's slots."""
+        return self.seg.position_embeddings(self.position_embeddings)
 
     # ---- views of the current segment
     @property

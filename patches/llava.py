@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import sys
 import types
 
 from mmsink.flops import linear_params
 from mmsink.layout import build_layout
+from mmsink.plan import LMParts
 
 
 class Family:
@@ -23,6 +25,12 @@ class Family:
         self.text_config = model.config.text_config
         self.language_model = model.model.language_model
         self.layers = list(self.language_model.layers)
+
+    @property
+    def lm_parts(self) -> LMParts:
+        """Decoder layers, final norm and the text model's own rotary function (from its modeling module)."""
+        rope = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        return LMParts(self.layers, self.language_model.norm, rope)
 
     def linear(self, module) -> int:
         """``linear_params(module)``, counted once per wrap: the walk over a tower's modules would
