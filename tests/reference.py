@@ -88,7 +88,7 @@ def run(model, ids, pixel_values, method=None, var=None, prompt_len=None, image_
             edit = var_edit(h, keep, is_img, prompt_len or L, var)
         h, a = layer_forward(model, layer, h, keep, edit)
         anchor = int((keep == (prompt_len or L) - 1).nonzero()[0, 0])  # the prompt's last token
-        new = decide(method, l, nl, keep, is_img, h, a, state, dict(opt, anchor=anchor))
+        new = decide(method, l, nl, keep, is_img, h, a, state, dict(opt, anchor=anchor, model=model))
         if new is not None:
             sel = torch.isin(keep, new)
             h, keep = h[sel], keep[sel]
@@ -137,26 +137,66 @@ def decide(method, l, nl, keep, is_img, h, a, state, opt):
             n_img = int(is_img.sum())
             b = opt["budget"]
             k = b if isinstance(b, int) else math.ceil(b * n_img)
-        else:
+            row, cand = last_row_scores(a, keep, is_img, opt.get("anchor", -1))
+        else:  # PDrop: the next layer's own norm + q/k + RoPE (original positions); int(N * ratio**stage)
             if l + 1 not in opt["layers"]:
                 return None
-            k = math.ceil(int(is_img[keep].sum()) * opt["ratio"])
-        row, cand = last_row_scores(a, keep, is_img, opt.get("anchor", -1))
+            stage = list(opt["layers"]).index(l + 1) + 1
+            k = int(int(is_img.sum()) * opt["ratio"] ** stage)
+            row = next_layer_row(opt["model"], l + 1, h, keep, opt.get("anchor", -1))
+            cand = is_img[keep]
         return torch.cat([text, topk_positions(row, keep, cand, k)])
     if method == "dart":
         if l != opt.get("k", 2) - 1:
             return None
-        cand = is_img[keep]
-        knorm = a["k"].float().pow(2).sum((0, 2))
-        piv = topk_positions(knorm, keep, cand, min(opt["pivots"], opt["budget"]))
-        hn = F.normalize(h.float(), dim=-1)
-        pmask = torch.isin(keep, piv)
-        sim = (hn @ hn[pmask].T).max(1).values
-        rest = topk_positions(-sim, keep, cand & ~pmask, opt["budget"] - piv.numel())
-        return torch.cat([text, piv, rest])
+        return torch.cat([text, dart_keep(opt["model"], keep, is_img, h, a["k"], opt)])
     if method == "visipruner":
         return visipruner_decide(l, nl, keep, is_img, a, state, opt)
     return None
+
+
+def next_layer_row(model, layer, h, keep, anchor):
+    """PDrop's score: the anchor row's softmax at ``layer`` from its own input_layernorm, q/k and RoPE on
+    the states entering it, mean over heads."""
+    blk = model.model.language_model.layers[layer]
+    attn, hd = blk.self_attn, blk.self_attn.head_dim
+    x = blk.input_layernorm(h)
+    n = x.shape[0]
+    q = attn.q_proj(x).view(n, -1, hd).transpose(0, 1)
+    k = attn.k_proj(x).view(n, -1, hd).transpose(0, 1)
+    cos, sin = model.model.language_model.rotary_emb(h[None], keep[None])
+    q = q * cos[0] + rotate_half(q) * sin[0]
+    k = k * cos[0] + rotate_half(k) * sin[0]
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], 0)
+    s = torch.einsum("hd,hnd->hn", q[:, anchor], k).float() / math.sqrt(hd)
+    s = s.masked_fill(keep[None] > keep[anchor], float("-inf"))
+    return torch.softmax(s, -1).mean(0)
+
+
+def dart_keep(model, keep, is_img, h, k_heads, opt):
+    """DART's kept image positions (one image): pivots by the L1 norm of the post-RoPE keys, cosine on the
+    final norm of the layer's output, each pivot in the order Python's set lists them takes
+    min(B, N - pivots) // (image + text pivots) of the least similar remaining image tokens."""
+    ip, tp = opt.get("image_pivots", 4), opt.get("text_pivots", 4)
+    cand = is_img[keep]
+    n = int(cand.sum())
+    b = opt["budget"] if isinstance(opt["budget"], int) else math.ceil(opt["budget"] * n)
+    per = min(b, n - ip) // (ip + tp)
+    norm1 = k_heads.float().abs().sum((0, 2))
+    state = F.normalize(model.model.language_model.norm(h).float(), dim=-1)
+    first = int(cand.nonzero()[0])
+    after = ~cand & (torch.arange(len(keep)) > first)
+    img_piv = topk_positions(norm1, torch.arange(len(keep)), cand, ip).tolist()
+    txt_piv = topk_positions(norm1, torch.arange(len(keep)), after, tp).tolist()
+    pool = set(cand.nonzero().squeeze(1).tolist()) - set(img_piv)
+    taken = set(img_piv)
+    for p in list(set(img_piv + txt_piv)):  # slots = positions here (batch 1, nothing dropped before)
+        rest = sorted(pool)
+        sim = state[rest] @ state[p]
+        pick = [rest[i] for i in (-sim).topk(per).indices.tolist()]
+        taken |= set(pick)
+        pool -= set(pick)
+    return keep[sorted(taken)]
 
 
 def contributions(a, anchor=-1):
@@ -210,10 +250,20 @@ def shallow_edit(l, keep, is_img, L, opt):
     img_k = is_img[keep]
     rows_img = img_k.clone()
     rows_txt = ~img_k
+    rule0 = opt.get("first_layer_rule", True)
+    rule0 = ("13b" if nl == 40 else "7b") if rule0 is True else rule0
 
     def edit(p):
         p = p.clone()
-        if l == 0:
+        if l == 0 and rule0 == "13b":  # image rows lose the image keys, text rows the first half
+            half = img_k & (img_k.cumsum(0) <= int(img_k.sum()) // 2)
+            sub = p[:, rows_img]
+            sub[:, :, img_k] = 0
+            p[:, rows_img] = sub
+            sub = p[:, rows_txt]
+            sub[:, :, half] = 0
+            p[:, rows_txt] = sub
+        elif l == 0 and rule0 == "7b":
             first = int(img_k.nonzero()[0])
             mass = p[:, rows_txt][:, :, img_k].sum(-1)  # [H, n_txt]
             sub = p[:, rows_img]

@@ -19,7 +19,7 @@ METHODS = [
     ("fastv", {"budget": 0.3, "k": 3}),
     ("pdrop", {}),
     ("pdrop", {"budget": 12}),
-    ("dart", {"budget": 8, "pivots": 3}),
+    ("dart", {"budget": 8, "image_pivots": 3, "text_pivots": 2}),
     ("random", {"budget": 0.4}),
     ("pool", {"budget": 9}),
     ("visionzip", {"budget": 10}),
@@ -183,8 +183,9 @@ def test_budget_per_prompt(model, inputs, method):
         model(**inputs)
         per_image = mmsink.stats(model).kept_tokens[-1]
     mmsink.unwrap(model)
-    assert per_prompt == [10, 10, 10, 0]
-    assert per_image == [10, 10, 20, 0]
+    want = 4 + 8 * (10 // 8) if method == "dart" else 10  # DART: its 4 image pivots + 8 pivots' B // 8 each
+    assert per_prompt == [want, want, want, 0]
+    assert per_image == [want, want, 2 * want, 0]
 
 
 def test_budget_per_errors(model):

@@ -17,7 +17,7 @@ QWEN_SPECS = [(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)]), (3, 5, [])]  # patch 
 COMMON = [
     ("fastv", {"budget": 6}),
     ("pdrop", {}),
-    ("dart", {"budget": 5, "pivots": 2}),
+    ("dart", {"budget": 5, "image_pivots": 2, "text_pivots": 2}),
     ("random", {"budget": 0.5}),
     ("visipruner", {"budget": 4}),
 ]

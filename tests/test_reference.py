@@ -12,7 +12,13 @@ CASES = [
     ("fastv", {"budget": 9}, {"budget": 9, "k": 2}),
     ("fastv", {"budget": 0.25, "k": 3}, {"budget": 0.25, "k": 3}),
     ("pdrop", {"layers": (2, 4, 6), "ratio": 0.5}, {"layers": (2, 4, 6), "ratio": 0.5}),
-    ("dart", {"budget": 10, "pivots": 4}, {"budget": 10, "pivots": 4, "k": 2}),
+    ("pdrop", {"layers": (1, 3, 5), "ratio": 0.6}, {"layers": (1, 3, 5), "ratio": 0.6}),
+    ("dart", {"budget": 16}, {"budget": 16, "k": 2}),
+    (
+        "dart",
+        {"budget": 10, "image_pivots": 2, "text_pivots": 3, "k": 3},
+        {"budget": 10, "image_pivots": 2, "text_pivots": 3, "k": 3},
+    ),
     ("random", {"budget": 7, "seed": 3}, {"budget": 7, "seed": 3}),
     ("pool", {"budget": 9}, {"budget": 9}),
     ("visionzip", {"budget": 13}, {"budget": 13}),
@@ -24,6 +30,11 @@ CASES = [
         {"layer_threshold": 0.9999, "tokens_threshold": 0.05, "deep_threshold": 0.99999},
     ),
     ("visipruner", {"shallow_mid_layer": 2, "budget": 5, "deep": True}, {"S": 2, "budget": 5, "deep": True}),
+    (
+        "visipruner",
+        {"shallow_mid_layer": 2, "budget": 5, "first_layer_rule": "13b"},
+        {"S": 2, "budget": 5, "first_layer_rule": "13b"},
+    ),
 ]
 
 
@@ -54,7 +65,7 @@ def test_visipruner_adaptive_really_prunes(model):
     """The adaptive case above must exercise fusion and the deep stage, not a no-op."""
     p = prompt(5, 9, seed=1)
     inputs = batch([p], seed=1)
-    opts = CASES[9][1]
+    opts = CASES[11][1]
     mmsink.wrap(model, prune="visipruner", **opts)
     with torch.no_grad():
         model(**inputs)

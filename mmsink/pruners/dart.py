@@ -1,6 +1,26 @@
-"""DART: after layer K-1 pick pivot tokens (largest key norm) and keep the tokens least similar to them
-(cosine on the hidden states entering layer K); no attention weights are needed.
-Budget: visual tokens kept per image, pivots included (paper: K=2, 8 pivots, 128 of 576)."""
+"""DART (Wen et al., EMNLP 2025), as its official code selects (ZichenWen1/DART,
+``llava/model/language_model/modeling_llama_self.py``, ``DART.get_retained_image_token``).
+
+Before layer K (after layer K-1): pivots are the ``image_pivots`` (4) image tokens and the
+``text_pivots`` (4) text tokens after the image with the largest L1 norm of layer K-1's post-RoPE keys
+(all heads concatenated); similarity is the cosine between the final RMSNorm (``model.norm``) of layer
+K-1's output states. The pivots are taken in the iteration order of the Python set the official code
+builds from their sequence indices (``set(image_indices + query_indices)``; reproduced exactly on the
+device, see ``set_order``); each in turn takes the ``per_pivot`` remaining image tokens least similar
+to it (the image pivots are never candidates); the text pivots are then dropped. The image keeps its
+image pivots and every token taken.
+
+Budget mapping: the official ``--max_num_trunction B`` (LLaVA-1.5; LLaVA-NeXT: ``retain_token_num_for_
+llava_next``, capped at N - 4) gives per_pivot = ``math.ceil(B // 8)`` = floor(B / 8). mmsink's ``budget``
+is that B, per image: an int is B itself, a float f is B = ceil(f * N). So ``budget=128`` on a 576-token
+image is the paper's "128" setting and keeps the 4 image pivots + 8 * 16 = 132 tokens (``budget=0.222``
+gives B = 128 as well). B is capped at N - image_pivots (the official NeXT cap) so the pools never run dry.
+
+Beyond the official code (it takes one image a prompt, batch size 1): each image of a prompt gets its own
+pivots and pool (``budget_per="prompt"``: the prompt's images are one image), its text pivots are taken
+from the prompt's text after it, and when fewer than ``text_pivots`` text tokens follow it (the official
+code would fail) the rest come from the prompt's other text tokens. Ties are broken towards the lower
+position (the official topk's order on ties is unspecified)."""
 
 from __future__ import annotations
 
@@ -8,13 +28,17 @@ import dataclasses
 
 import torch
 
-from .base import Pruner, budget_count, budget_sizes, budget_tokens, register, topk_counts, topk_per_image
+from .base import Pruner, budget_sizes, budget_tokens, check_size, register
+
+PERTURB_SHIFT = 5  # CPython's set table (Objects/setobject.c)
+LINEAR_PROBES = 9
+SET_MINSIZE = 8
 
 
 @register
 class DART(Pruner):
     name = "dart"
-    default_budget = 128 / 576
+    default_budget = 128 / 576  # B = 128 on a 576-token image
 
     def final_layer(self, ctx):
         return self.options.k  # the one decision is applied here
@@ -22,11 +46,13 @@ class DART(Pruner):
     @dataclasses.dataclass
     class Options:
         k: int = 2
-        pivots: int = 8
+        image_pivots: int = 4
+        text_pivots: int = 4
 
     def check_options(self):
-        if self.options.k < 1 or self.options.pivots < 1:
-            raise ValueError("mmsink: dart needs k >= 1 and pivots >= 1")
+        o = self.options
+        if o.k < 1 or o.image_pivots < 1 or o.text_pivots < 0:
+            raise ValueError("mmsink: dart needs k >= 1, image_pivots >= 1 and text_pivots >= 0")
 
     def check_model(self, num_layers):
         if self.options.k >= num_layers:
@@ -35,32 +61,182 @@ class DART(Pruner):
     def directive(self, ctx, layer):
         return {"observe": True} if layer == self.options.k - 1 else None
 
+    def per_pivot(self, n: int) -> int:
+        """Tokens each pivot takes from an image of ``n`` tokens (host ints)."""
+        o = self.options
+        b = min(budget_tokens(self.budget, n), n - min(o.image_pivots, n))
+        return b // (o.image_pivots + o.text_pivots)
+
+    def kept(self, n: int, text: int) -> int:
+        """Tokens an image of ``n`` tokens keeps, with ``text`` text tokens in the prompt."""
+        o = self.options
+        ip = min(o.image_pivots, n)
+        return ip + (ip + min(o.text_pivots, text)) * self.per_pivot(n)
+
     def after_layer(self, ctx, layer, hidden, observed):
         if layer != self.options.k - 1:
             return
-        k = observed["k"]  # [B, Hkv, n, d]
-        knorm = k.float().pow(2).sum((1, 3))  # [B, n]
-        budget = self.budget
-        n_piv = self.options.pivots
+        o = self.options
+        seg, lay = ctx.seg, ctx.layout
+        check_size(self.budget, [n for s in budget_sizes(ctx) for n in s])
+        knorm = local_keys(ctx, observed["k"]).float().abs().sum((1, 3)).to(ctx.device)  # [B, n] L1
+        state = ctx.lm.norm(hidden.to(ctx.lm.norm.weight.device)).float().to(ctx.device)
+        state = torch.nn.functional.normalize(state, dim=-1)
+        b, n = knorm.shape
+        vis, img, prompt = ctx.visual(), ctx.image_of(), ctx.in_prompt()
+        if ctx.budget_per == "prompt":
+            img = torch.where(img >= 0, torch.zeros_like(img), img)
+        text = prompt & ~vis
+        slot = torch.arange(n, device=knorm.device).expand(b, n)
+        sizes = budget_sizes(ctx)
+        pads = [lay.length - m for m in lay.lengths]
+        n_text = [a - q + 1 - p for a, q, p in zip(lay.anchors, pads, lay.prompt_images)]  # prompt text
+        pos = seg.idx - torch.tensor(pads, device=knorm.device)[:, None]  # the official code's indices
+        n_piv = o.image_pivots + o.text_pivots
+        max_pos = lay.length
+        kept = torch.zeros_like(vis)
+        for m in range(max((len(s) for s in sizes), default=0)):
+            cand = img == m
+            first = torch.where(cand, slot, n).amin(1)  # the image's first slot (n when absent)
+            # pivots: image tokens, then text after the image (other prompt text fills a shortfall)
+            ip = ranked(knorm, cand, o.image_pivots)
+            after = text & (slot > first[:, None])
+            tp = ranked(knorm, text, o.text_pivots, first=after)
+            piv = torch.cat([ip, tp], 1)  # [B, P] slots, -1 where absent
+            ok = piv >= 0
+            order = set_order(pos.gather(1, piv.clamp(min=0)), ok, max_pos)  # [B, P] columns, -1 absent
+            hp = state.gather(1, piv.clamp(min=0)[..., None].expand(-1, -1, state.shape[-1]))
+            sim = torch.einsum("bnd,bpd->bpn", state, hp)  # [B, P, n]
+            ctx.extra_flops += 2 * b * n * piv.shape[1] * state.shape[-1]
+            per = torch.tensor(
+                [self.per_pivot(s[m]) if m < len(s) else 0 for s in sizes], device=knorm.device
+            )
+            pool = cand & ~scatter_mask(piv, n)
+            chosen = cand & scatter_mask(ip, n)
+            for t in range(n_piv):
+                col = order[:, t]
+                s = sim.gather(1, col.clamp(min=0)[:, None, None].expand(-1, 1, n))[:, 0]
+                k = torch.where(col >= 0, per, torch.zeros_like(per))
+                take = lowest(s, pool, k)
+                pool &= ~take
+                chosen |= take
+            kept |= chosen
+        counts = None
+        if seg.counts is not None and ctx.protected is None and ctx.pending is None:
+            counts = []
+            for s, (t, _), nt in zip(lay.sizes, seg.counts, n_text):
+                groups = [sum(s)] if ctx.budget_per == "prompt" and s else list(s)
+                kept_n = [self.kept(g, nt) for g in groups]
+                counts.append((t, kept_n))
+        ctx.decide(ctx.keep_text(kept), counts=counts)
 
-        def pivots_of(orig, cur):
-            return torch.minimum(budget_count(budget, orig), torch.full_like(orig, n_piv))
 
-        piv = topk_per_image(ctx, knorm, pivots_of, budget)  # [B, n]
-        h = torch.nn.functional.normalize(hidden.float(), dim=-1)
-        p_idx = piv.float().argsort(dim=1, descending=True, stable=True)[:, : pivot_width(ctx, budget, n_piv)]
-        hp = h.gather(1, p_idx[..., None].expand(-1, -1, h.shape[-1]))
-        sim = torch.einsum("bnd,bpd->bnp", h, hp)
-        ctx.extra_flops += 2 * h.shape[0] * h.shape[1] * hp.shape[1] * h.shape[2]
-        img, pimg = ctx.image_of(), piv.gather(1, p_idx)
-        same = img[:, :, None] == ctx.image_of().gather(1, p_idx)[:, None, :]
-        sim = sim.masked_fill(~(same & pimg[:, None, :]), float("-inf")).amax(-1)
-        score = torch.where(piv, torch.full_like(sim, float("inf")), -sim)
-        chosen = topk_per_image(ctx, score, lambda orig, cur: budget_count(budget, orig), budget)
-        ctx.decide(ctx.keep_text(chosen), counts=topk_counts(ctx, lambda o, c: budget_tokens(budget, o)))
+def local_keys(ctx, k: torch.Tensor) -> torch.Tensor:
+    """The post-RoPE keys [B, Hkv, n, d] at the sample's own positions (its first token at 0, as the
+    official batch-1 code sees them): a left-padded forward without position ids rotates a sample's keys by
+    its padding too, which changes their L1 norm (RoPE keeps only the L2 norm). Undone by the inverse of the
+    first real token's rotation (the identity when positions already start at 0)."""
+    cos, sin = (t.to(k.device) for t in ctx.current_position_embeddings())  # [B, n, d]
+    first = ctx.seg.valid.long().argmax(1).to(k.device)  # the first real token: text, never dropped
+    idx = first[:, None, None].expand(-1, 1, cos.shape[-1])
+    c0, s0 = cos.gather(1, idx).float(), sin.gather(1, idx).float()
+    norm = c0.pow(2) + s0.pow(2)  # the rotary's attention scaling, squared (1 for plain RoPE)
+    return ctx.lm.rope(k.float(), k.float(), c0 / norm, -s0 / norm)[1]
 
 
-def pivot_width(ctx, budget, n_piv: int) -> int:
-    """The most pivots a sample can have, from the layout's host sizes (no read): an image gives
-    min(its budget, n_piv); a width past a sample's real count only adds masked columns."""
-    return max([sum(min(budget_tokens(budget, n), n_piv) for n in s) for s in budget_sizes(ctx)] + [1])
+def ranked(score: torch.Tensor, cand: torch.Tensor, k: int, first=None) -> torch.Tensor:
+    """[B, k] slots of the k highest ``score`` among ``cand`` (descending; ties: lower slot first), -1
+    where a sample has fewer candidates. ``first`` [B, n] bool: those candidates rank before the others."""
+    s = score.float().masked_fill(~cand, float("-inf"))
+    order = s.argsort(dim=1, descending=True, stable=True)
+    if first is not None:
+        lead = (first & cand).gather(1, order).long()
+        order = order.gather(1, lead.argsort(dim=1, descending=True, stable=True))
+    order = order[:, :k]
+    return torch.where(cand.gather(1, order), order, torch.full_like(order, -1))
+
+
+def scatter_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] bool: True at the slots ``idx`` [B, P] lists (-1 ignored)."""
+    out = torch.zeros(idx.shape[0], n + 1, dtype=torch.bool, device=idx.device)
+    return out.scatter(1, torch.where(idx >= 0, idx, n), True)[:, :n]
+
+
+def lowest(sim: torch.Tensor, pool: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, n] bool: the k[b] slots of ``pool`` with the lowest ``sim`` (ties: lower slot first)."""
+    s = sim.masked_fill(~pool, float("inf"))
+    order = s.argsort(dim=1, stable=True)
+    ranks = torch.arange(sim.shape[1], device=sim.device)[None]
+    take = torch.zeros_like(pool).scatter(1, order, ranks < k[:, None])
+    return take & pool
+
+
+# ---------------------------------------------------------------- CPython's set iteration order, batched
+
+
+def set_order(values: torch.Tensor, valid: torch.Tensor, max_value: int) -> torch.Tensor:
+    """The order in which CPython iterates ``set(v for v, ok in zip(row, valid_row) if ok)`` for each row of
+    ``values`` [G, P] (distinct non-negative ints below ``max_value``; valid entries first in each row
+    when compacted), as column indices [G, P] (-1 past the row's elements). No host read: the set's table
+    (8 slots, grown to 32 at the fifth insertion; linear probes then perturbed jumps) is filled on the
+    device with probe sequences whose length is bounded from ``max_value``. Up to 8 elements."""
+    g, p = values.shape
+    if p > 8:
+        raise ValueError("mmsink: set_order covers up to 8 elements (a set grown once)")
+    dev = values.device
+    col = torch.arange(p, device=dev).expand(g, p)
+    cols = col.masked_fill(~valid, p).sort(dim=1, stable=True).values  # valid columns first, in order
+    good = cols < p
+    cols = cols.clamp(max=p - 1)
+    h = values.gather(1, cols).long()
+    shifts = -(-max(int(max_value).bit_length(), 1) // PERTURB_SHIFT)
+    small = SET_MINSIZE
+    big = 32  # 5 elements * 4 -> the next power of two above 20
+    t8 = torch.full((g, small), -1, dtype=torch.long, device=dev)
+    for j in range(min(p, 5)):
+        insert(t8, probes(h[:, j], small - 1, shifts + small), j, good[:, j])
+    t32 = torch.full((g, big), -1, dtype=torch.long, device=dev)
+    if p >= 5:
+        for s in range(small):  # the resize re-inserts in the old table's slot order
+            e = t8[:, s]
+            he = h.gather(1, e.clamp(min=0)[:, None])[:, 0]
+            insert(t32, probes(he, big - 1, shifts + 8), e, e >= 0)
+        for j in range(5, p):
+            insert(t32, probes(h[:, j], big - 1, shifts + 8), j, good[:, j])
+    grown = good[:, 4] if p >= 5 else torch.zeros(g, dtype=torch.bool, device=dev)
+    out8, out32 = listed(t8, p), listed(t32, p)
+    pos = torch.where(grown[:, None], out32, out8)  # positions into the compacted row
+    return torch.where(pos >= 0, cols.gather(1, pos.clamp(min=0)), pos)
+
+
+def probes(h: torch.Tensor, mask: int, steps: int) -> torch.Tensor:
+    """[G, steps * 10] the slots CPython's set checks, in order, for hashes ``h`` in a table of mask+1
+    slots: from slot i the next LINEAR_PROBES slots too when they fit, then i = 5i + 1 + perturb with
+    perturb shifted right by 5 each time."""
+    ar = torch.arange(LINEAR_PROBES + 1, device=h.device)[None]
+    i, perturb, out = h & mask, h.clone(), []
+    for _ in range(steps):
+        window = i[:, None] + ar
+        out.append(torch.where((i + LINEAR_PROBES <= mask)[:, None], window, i[:, None]))
+        perturb = perturb >> PERTURB_SHIFT
+        i = (i * 5 + 1 + perturb) & mask
+    return torch.cat(out, 1)
+
+
+def insert(table: torch.Tensor, slots: torch.Tensor, element, active: torch.Tensor) -> None:
+    """Put ``element`` (int or [G]) into the first empty slot of each row's probe list, where ``active``."""
+    empty = table.gather(1, slots) < 0
+    at = slots.gather(1, empty.long().argmax(1, keepdim=True))  # [G, 1]
+    e = torch.as_tensor(element, device=table.device).expand(table.shape[0])[:, None]
+    table.scatter_(1, at, torch.where(active[:, None], e, table.gather(1, at)))
+
+
+def listed(table: torch.Tensor, p: int) -> torch.Tensor:
+    """[G, p] the table's elements in slot order, -1 padded."""
+    size = table.shape[1]
+    slot = torch.arange(size, device=table.device).expand_as(table)
+    order = torch.where(table >= 0, slot, size + slot).argsort(dim=1)[:, :p]
+    out = table.gather(1, order)
+    if out.shape[1] < p:
+        out = torch.cat([out, out.new_full((out.shape[0], p - out.shape[1]), -1)], 1)
+    return out

@@ -1,18 +1,36 @@
-"""PyramidDrop: at the ends of stages (default layers L/4, L/2, 3L/4) keep a ratio (0.5) of the remaining
-image tokens, ranked by the attention of the last instruction token at the layer before.
+"""PyramidDrop (Xing et al., CVPR 2025), as its official code selects (Cooperx521/PyramidDrop,
+``llava/model/modeling_llama_pdrop.py``, ``pdrop_rank_drop``).
+
+At the end of each stage (default layers L/4, L/2, 3L/4: the model runs ``layers[0]`` layers on every
+token, then drops) the tokens are ranked by the layer that comes NEXT: its own ``input_layernorm`` and
+q/k projections, with RoPE, applied to the hidden states entering it. One query row, the prompt's last
+token (the official "last instruction token"); causal softmax over the prompt; mean over heads; the
+image's span. Stage s keeps ``int(N * lambda**s)`` of the image's ORIGINAL N tokens (the official
+``image_token_ratio_list``, [1, lambda, lambda**2, lambda**3]).
+
+Knowing differences from the official code: positions. The official code re-indexes position ids to
+0..n-1 after each drop, so a later stage scores (and every later layer runs) with shifted rotary
+positions; mmsink keeps every token's original position (a global choice, see the README), so stages
+after the first rank with the original positions. The first stage is the official selection exactly.
+Several images a prompt (the official code handles one): each image keeps int(N_m * lambda**s) of its
+own N_m (``budget_per="prompt"``: of the prompt's images together). Grouped-query attention (the official
+code is written for Llama-2's full heads): keys are shared by their group's query heads, as the layer
+does. The scoring uses the layer's plain softmax (a VAR edit at that layer is not applied to the ranking).
 
 Budget convention (the FLOPs-matched one of the PDrop paper): the average number of visual tokens per
-layer. The schedule keeps the stage layers (scaled to the model's depth) and solves the ratio; when even
-a small ratio cannot reach the budget, the stages move earlier (layers scaled by 0.75, 0.5, ...)."""
+layer. The schedule keeps the stage layers (scaled to the model's depth) and solves lambda; when even a
+small lambda cannot reach the budget, the stages move earlier (layers scaled by 0.75, 0.5, ...). No budget:
+the official setting, ``layers=(8, 16, 24)`` of 32 (scaled) and ``ratio=0.5`` (lambda). To run exactly an
+official configuration give ``layers`` and ``ratio`` and no budget: ``--layer_list [8,16,24]
+--image_token_ratio_list [0.5,0.25,0.125]`` is ``layers=(8, 16, 24), ratio=0.5``."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
-from .base import Pruner, anchor_probs, budget_fraction, register, topk_counts, topk_per_image
+from .base import Pruner, budget_fraction, register, topk_counts, topk_per_image
 
 SCALES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
 MIN_RATIO = 0.25
@@ -60,12 +78,21 @@ def schedule(num_layers: int, fraction: float | None, layers=None, ratio=0.5):
     return found
 
 
+def stage_keep(n: int, ratio: float, stage: int) -> int:
+    """Tokens an image of ``n`` original tokens keeps after stage ``stage`` (1-based): the official
+    ``int(n * ratio_list[stage])`` with ratio_list[s] = ratio ** s."""
+    return int(n * ratio**stage)
+
+
 @register
 class PDrop(Pruner):
     name = "pdrop"
 
     def final_layer(self, ctx):
         return max(ctx.run["layers"], default=0)  # the last stage
+
+    def report(self, ctx):
+        return {"schedule": {"layers": list(ctx.run["layers"]), "ratio": ctx.run["ratio"]}}
 
     @dataclasses.dataclass
     class Options:
@@ -93,19 +120,45 @@ class PDrop(Pruner):
         layers, ratio = schedule(ctx.num_layers, frac, self.options.layers, self.options.ratio)
         ctx.run = {"layers": layers, "ratio": ratio}
 
-    def directive(self, ctx, layer):
-        return {"observe": True} if layer + 1 in ctx.run["layers"] else None
-
     def after_layer(self, ctx, layer, hidden, observed):
-        if layer + 1 not in ctx.run["layers"]:
+        layers = ctx.run["layers"]
+        if layer + 1 not in layers:
             return
-        score = anchor_probs(ctx, observed).mean(1)
-        lam = ctx.run["ratio"]
+        stage = layers.index(layer + 1) + 1
+        score = next_layer_scores(ctx, layer + 1, hidden)
+        frac = ctx.run["ratio"] ** stage  # the same float64 product on the host and the device
 
         def k_of(orig, cur):
-            return torch.where(cur > 0, torch.ceil(cur.double() * lam).long().clamp(min=1), cur)
+            return torch.floor(orig.double() * frac).long()
 
-        def k_host(orig: int, cur: int) -> int:  # k_of on host ints (the same float64 arithmetic)
-            return max(1, math.ceil(cur * lam)) if cur > 0 else 0
+        def k_host(orig: int, cur: int) -> int:
+            return int(orig * frac)
 
         ctx.decide(ctx.keep_text(topk_per_image(ctx, score, k_of)), counts=topk_counts(ctx, k_host))
+
+
+def next_layer_scores(ctx, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, n] mean over heads of the anchor row's causal softmax at ``layer``, from that layer's own
+    input_layernorm, q/k projections and RoPE applied to ``hidden`` (the states entering it). Only the
+    anchor's query row is projected; every slot's key is (the official code projects every query row)."""
+    block = ctx.lm.layers[layer]
+    attn = block.self_attn
+    w = attn.q_proj.weight
+    x = block.input_layernorm(hidden.to(w.device))
+    b, n, dm = x.shape
+    hd = attn.head_dim
+    anchor = ctx.anchor_slot().to(w.device)
+    xa = x[torch.arange(b, device=w.device), anchor][:, None]  # [B, 1, D]
+    q = attn.q_proj(xa).view(b, 1, -1, hd).transpose(1, 2)  # [B, H, 1, d]
+    k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)  # [B, Hkv, n, d]
+    cos, sin = (t.to(w.device) for t in ctx.current_position_embeddings())
+    idx = anchor[:, None, None].expand(-1, 1, cos.shape[-1])
+    q = ctx.lm.rope(q, q, cos.gather(1, idx), sin.gather(1, idx))[0]
+    k = ctx.lm.rope(k, k, cos, sin)[1]
+    h, hkv = q.shape[1], k.shape[1]
+    kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
+    logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), kk.float()) * attn.scaling
+    ctx.extra_flops += 2 * b * dm * h * hd + 2 * b * n * dm * hkv * hd + 2 * b * h * n * hd
+    prompt = ctx.in_prompt().to(w.device)
+    probs = torch.softmax(logits.masked_fill(~prompt[:, None], float("-inf")), -1)
+    return probs.mean(1).to(ctx.device)
