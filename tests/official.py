@@ -88,14 +88,23 @@ def pdrop_official(model, ids, pixel_values, layer_list, ratio, positions="reind
 
 
 def dart_official(
-    model, ids, pixel_values, max_num_trunction=128, K=2, image_pivots=4, text_pivots=4, next_cap=False
+    model,
+    ids,
+    pixel_values,
+    max_num_trunction=128,
+    K=2,
+    image_pivots=4,
+    text_pivots=4,
+    next_cap=False,
+    reduction_ratio=None,
 ):
     """DART's kept image positions (sorted). Layers 0..K-1 run on every token; before layer K:
     ``last_layer_state`` = model.norm(layer K-1's output); the key states layer K-1 returned (post-RoPE,
     heads repeated as the eager attention returns them) flattened per token; pivots = top
     ``image_pivots`` image tokens and top ``text_pivots`` tokens after the image by L1 norm;
     ``TOKEN_TOPK = math.ceil(max_num_trunction // (image_pivots + text_pivots))`` (LLaVA-NeXT,
-    ``next_cap``: ``int(min(B, N - image_pivots) // ...)``); for each pivot in ``list(set(...))`` order,
+    ``next_cap``: ``int(min(B, N - image_pivots) // ...)``; Qwen2-VL, ``max_num_trunction=None``:
+    ``int(N * (1 - reduction_ratio) / 8)``); for each pivot in ``list(set(...))`` order,
     the TOKEN_TOPK remaining image tokens with the lowest cosine similarity to it; text pivots removed."""
     lm = model.model.language_model
     x = embed(model, ids[None], pixel_values)[0]
@@ -111,6 +120,8 @@ def dart_official(
     if next_cap:
         b = min(max_num_trunction, length - image_pivots)
         token_topk = int(b // (image_pivots + text_pivots))
+    elif max_num_trunction is None:  # the Qwen2-VL code (and LLaVA's without max_num_trunction)
+        token_topk = int(length * (1 - reduction_ratio) / (image_pivots + text_pivots))
     else:
         token_topk = math.ceil(max_num_trunction // (image_pivots + text_pivots))
     k_img = any_states[start : start + length]

@@ -113,19 +113,23 @@ def test_pdrop_positions_differ_from_official_only_after_the_first_stage():
 
 @pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("budget", [8, 16, 0.45])
+@pytest.mark.parametrize("budget", [8, 16, 0.43])
 def test_dart_matches_official(seed, kv, budget):
-    """budget B (an int, or ceil(f * N) for a float f) is the official ``max_num_trunction``: each of the 8
-    pivots takes B // 8 tokens, the image keeps its 4 image pivots plus them."""
+    """An int budget B is the official ``max_num_trunction`` (each of the 8 pivots takes B // 8 tokens), a
+    float f the official ``1 - reduction_ratio`` (int(N * f / 8) each: 0.43 of 36 -> 1, where ceil(N * f)
+    // 8 would give 2); the image keeps its 4 image pivots plus the pivots' takes."""
     model = model_for(seed, kv)
     ps = prompts(seed)
     inputs = batch(ps, seed=seed)
     kept = wrapped_kept(model, inputs, prune="dart", budget=budget)
-    b = budget if isinstance(budget, int) else -(-36 * budget // 1)
+    if isinstance(budget, int):
+        args, per = {"max_num_trunction": budget}, budget // 8
+    else:
+        args, per = {"max_num_trunction": None, "reduction_ratio": 1 - budget}, 1
     for i, (ids, pix) in enumerate(samples(ps, inputs)):
         with torch.no_grad():
-            official = dart_official(model, ids, pix, max_num_trunction=int(b), K=2)
-        assert len(official) == 4 + 8 * (int(b) // 8)
+            official = dart_official(model, ids, pix, K=2, **args)
+        assert len(official) == 4 + 8 * per
         assert kept[2][i] == official
         assert kept[1][i] == list(range(ps[i].index(100), ps[i].index(100) + 36))  # layers < K: all
 

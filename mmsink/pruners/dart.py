@@ -10,11 +10,12 @@ device, see ``set_order``); each in turn takes the ``per_pivot`` remaining image
 to it (the image pivots are never candidates); the text pivots are then dropped. The image keeps its
 image pivots and every token taken.
 
-Budget mapping: the official ``--max_num_trunction B`` (LLaVA-1.5; LLaVA-NeXT: ``retain_token_num_for_
-llava_next``, capped at N - 4) gives per_pivot = ``math.ceil(B // 8)`` = floor(B / 8). mmsink's ``budget``
-is that B, per image: an int is B itself, a float f is B = ceil(f * N). So ``budget=128`` on a 576-token
-image is the paper's "128" setting and keeps the 4 image pivots + 8 * 16 = 132 tokens (``budget=0.222``
-gives B = 128 as well). B is capped at N - image_pivots (the official NeXT cap) so the pools never run dry.
+Budget mapping (per image): an int ``budget`` is the official ``--max_num_trunction B`` (LLaVA-1.5
+scripts: 128; LLaVA-NeXT: ``retain_token_num_for_llava_next``, 320), each pivot taking
+``math.ceil(B // 8)`` = B // 8 tokens; a float f is the official ``1 - reduction_ratio`` (the Qwen2-VL
+code, and LLaVA's when no max_num_trunction is given), each pivot taking int(N * f / 8) = int(N * f) // 8.
+So ``budget=128`` on a 576-token image is the paper's "128" setting: the 4 image pivots + 8 * 16 = 132
+tokens kept. B is capped at N - image_pivots (the official NeXT cap) so the pools never run dry.
 
 Beyond the official code (it takes one image a prompt, batch size 1): each image of a prompt gets its own
 pivots and pool (``budget_per="prompt"``: the prompt's images are one image), its text pivots are taken
@@ -28,7 +29,7 @@ import dataclasses
 
 import torch
 
-from .base import Pruner, budget_sizes, budget_tokens, check_size, register
+from .base import Pruner, budget_sizes, check_size, register
 
 PERTURB_SHIFT = 5  # CPython's set table (Objects/setobject.c)
 LINEAR_PROBES = 9
@@ -62,9 +63,11 @@ class DART(Pruner):
         return {"observe": True} if layer == self.options.k - 1 else None
 
     def per_pivot(self, n: int) -> int:
-        """Tokens each pivot takes from an image of ``n`` tokens (host ints)."""
+        """Tokens each pivot takes from an image of ``n`` tokens (host ints): B // pivots, B the int budget
+        or int(n * f) for a float f (the official int(n * (1 - reduction_ratio) / 8))."""
         o = self.options
-        b = min(budget_tokens(self.budget, n), n - min(o.image_pivots, n))
+        b = self.budget if isinstance(self.budget, int) else int(n * self.budget)
+        b = min(b, n - min(o.image_pivots, n))
         return b // (o.image_pivots + o.text_pivots)
 
     def kept(self, n: int, text: int) -> int:
