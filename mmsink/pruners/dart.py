@@ -179,10 +179,10 @@ def lowest(sim: torch.Tensor, pool: torch.Tensor, k: torch.Tensor) -> torch.Tens
 
 def set_order(values: torch.Tensor, valid: torch.Tensor, max_value: int) -> torch.Tensor:
     """The order in which CPython iterates ``set(v for v, ok in zip(row, valid_row) if ok)`` for each row of
-    ``values`` [G, P] (distinct non-negative ints below ``max_value``; valid entries first in each row
-    when compacted), as column indices [G, P] (-1 past the row's elements). No host read: the set's table
-    (8 slots, grown to 32 at the fifth insertion; linear probes then perturbed jumps) is filled on the
-    device with probe sequences whose length is bounded from ``max_value``. Up to 8 elements."""
+    ``values`` [G, P] (distinct non-negative ints below ``max_value``), as column indices [G, P] (-1 past
+    the row's elements). No host read: the set's table (8 slots, grown to 32 at the fifth insertion, the
+    old table's slots re-inserted in order; linear probes, then perturbed jumps) is filled on the device
+    along probe sequences long enough to always reach a free slot (bounded from ``max_value``). P <= 8."""
     g, p = values.shape
     if p > 8:
         raise ValueError("mmsink: set_order covers up to 8 elements (a set grown once)")
@@ -192,38 +192,38 @@ def set_order(values: torch.Tensor, valid: torch.Tensor, max_value: int) -> torc
     good = cols < p
     cols = cols.clamp(max=p - 1)
     h = values.gather(1, cols).long()
-    shifts = -(-max(int(max_value).bit_length(), 1) // PERTURB_SHIFT)
-    small = SET_MINSIZE
-    big = 32  # 5 elements * 4 -> the next power of two above 20
-    t8 = torch.full((g, small), -1, dtype=torch.long, device=dev)
+    shifts = -(-max(int(max_value).bit_length(), 1) // PERTURB_SHIFT)  # jumps while perturb is non-zero
+    # once perturb is 0 the jumps cycle through every slot: <= 4 taken of 8, <= 7 of 32 (a window of 10
+    # linear probes always has a free slot) bound the probes
+    p8 = probes(h, SET_MINSIZE - 1, shifts + 5)  # [G, P, S]
+    p32 = probes(h, 31, shifts + 8)
+    t8 = torch.full((g, SET_MINSIZE), -1, dtype=torch.long, device=dev)
     for j in range(min(p, 5)):
-        insert(t8, probes(h[:, j], small - 1, shifts + small), j, good[:, j])
-    t32 = torch.full((g, big), -1, dtype=torch.long, device=dev)
+        insert(t8, p8[:, j], j, good[:, j])
+    t32 = torch.full((g, 32), -1, dtype=torch.long, device=dev)  # 5 elements * 4 -> above 20: 32 slots
     if p >= 5:
-        for s in range(small):  # the resize re-inserts in the old table's slot order
+        for s in range(SET_MINSIZE):  # the resize re-inserts in the old table's slot order
             e = t8[:, s]
-            he = h.gather(1, e.clamp(min=0)[:, None])[:, 0]
-            insert(t32, probes(he, big - 1, shifts + 8), e, e >= 0)
+            slots = p32.gather(1, e.clamp(min=0)[:, None, None].expand(-1, 1, p32.shape[2]))[:, 0]
+            insert(t32, slots, e, e >= 0)
         for j in range(5, p):
-            insert(t32, probes(h[:, j], big - 1, shifts + 8), j, good[:, j])
+            insert(t32, p32[:, j], j, good[:, j])
     grown = good[:, 4] if p >= 5 else torch.zeros(g, dtype=torch.bool, device=dev)
-    out8, out32 = listed(t8, p), listed(t32, p)
-    pos = torch.where(grown[:, None], out32, out8)  # positions into the compacted row
+    pos = torch.where(grown[:, None], listed(t32, p), listed(t8, p))  # positions in the compacted row
     return torch.where(pos >= 0, cols.gather(1, pos.clamp(min=0)), pos)
 
 
 def probes(h: torch.Tensor, mask: int, steps: int) -> torch.Tensor:
-    """[G, steps * 10] the slots CPython's set checks, in order, for hashes ``h`` in a table of mask+1
-    slots: from slot i the next LINEAR_PROBES slots too when they fit, then i = 5i + 1 + perturb with
-    perturb shifted right by 5 each time."""
-    ar = torch.arange(LINEAR_PROBES + 1, device=h.device)[None]
-    i, perturb, out = h & mask, h.clone(), []
+    """[..., steps * 10] the slots CPython's set checks, in order, for hashes ``h`` [...] in a table of
+    mask+1 slots: from slot i the next LINEAR_PROBES slots too when they fit, then i = 5i + 1 + perturb
+    with perturb shifted right by 5 each time."""
+    ar = torch.arange(LINEAR_PROBES + 1, device=h.device)
+    i, perturb, out = h & mask, h, []
     for _ in range(steps):
-        window = i[:, None] + ar
-        out.append(torch.where((i + LINEAR_PROBES <= mask)[:, None], window, i[:, None]))
+        out.append(torch.where((i + LINEAR_PROBES <= mask)[..., None], i[..., None] + ar, i[..., None]))
         perturb = perturb >> PERTURB_SHIFT
         i = (i * 5 + 1 + perturb) & mask
-    return torch.cat(out, 1)
+    return torch.cat(out, -1)
 
 
 def insert(table: torch.Tensor, slots: torch.Tensor, element, active: torch.Tensor) -> None:
