@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import mmsink
+from mmsink.tools.loading import encode, load_model
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE / "samples"
@@ -34,29 +35,16 @@ class Runner:
     """Holds the model and processor; ``answer`` runs one request with its own settings."""
 
     def __init__(self, model_path, device="cpu", dtype="float32", fast=True):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        path = Path(model_path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"no model at {path}: pass --model PATH (a local transformers checkpoint folder)"
-            )
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
-        self.model.eval()
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.processor.tokenizer.padding_side = "left"
+        self.model, self.processor = load_model(model_path, device, dtype)
         self.device = device
         self.lock = threading.Lock()
         # greedy decoding through mmsink.generate_fast (the same tokens as generate; static caches, CUDA
         # graphs on GPU) for both columns; VAR requests use generate (its decode-time edit lives there)
-        self.fast = fast and self.model.config.model_type in mmsink.fast.SUPPORTED
+        self.fast = fast  # every supported family decodes through generate_fast
         mmsink.wrap(self.model, prune=None)
 
     def encode(self, image: Image.Image, question: str):
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
-        enc = self.processor(images=[image], text=[text], return_tensors="pt")
-        return {k: v.to(self.device) for k, v in enc.items()}
+        return encode(self.processor, image, question, self.device)
 
     def generate(self, inputs, max_new_tokens, fast=False):
         t = time.perf_counter()

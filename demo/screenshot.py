@@ -1,6 +1,6 @@
 """Screenshot of the running demo for README (headless Debian chromium via Playwright).
 
-python -m demo.screenshot --out docs/demo.png [--sample 0] [--budget 64]
+python -m mmsink.demo.screenshot --out docs/demo.png [--sample 0] [--budget 64]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import shutil
 import time
 
-from demo.app import DEFAULT_MODEL, SAMPLES, Runner, serve_in_background
+from mmsink.demo.app import DEFAULT_MODEL, SAMPLES, Runner, serve_in_background
 
 
 def main(argv=None):

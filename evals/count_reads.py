@@ -14,8 +14,8 @@ import argparse
 import torch
 
 import mmsink
-from mmsink.bench import SHAPES, bench_inputs, build
-from mmsink.reads import DeviceReads
+from mmsink.tools.bench import SHAPES, bench_inputs, build
+from mmsink.tools.reads import DeviceReads
 
 
 def main():

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmsink.tools import loading
+from mmsink.tools.loading import open_image, prompt_for
 from . import parallel, vqa
 
 
@@ -78,42 +80,11 @@ class Settings:
 
 
 def load_model(path, device="cpu", dtype="float32"):
-    """Model and processor from a local folder (offline); left padding for batched generation."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise EvalError(f"no model at {path}: --model takes a local transformers checkpoint folder")
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=getattr(torch, dtype), local_files_only=True
-    )
-    model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
-
-
-def prompt_for(processor, question: str) -> str:
-    if getattr(processor, "chat_template", None):
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(msgs, add_generation_prompt=True)
-    from .reference_model import prompt_text
-
-    return prompt_text(question)
-
-
-def open_image(path: Path):
-    """(RGB image, None) or (None, why not)."""
-    from PIL import Image
-
-    if not path.is_file():
-        return None, f"image file not found: {path}"
+    """Model and processor from a local folder (``mmsink.tools.loading``), errors as EvalError."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB"), None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return None, f"unreadable image {path}: {e}"
+        return loading.load_model(path, device, dtype)
+    except loading.LoadError as e:
+        raise EvalError(str(e)) from None
 
 
 def answer_batch(model, processor, questions, images, max_new_tokens, fast=False):
@@ -390,7 +361,7 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     if args.num_processes > 1 and not parallel.launched():
-        code = parallel.spawn("evals.eval", argv, args.num_processes)
+        code = parallel.spawn("mmsink.evals.eval", argv, args.num_processes)
         if code:
             raise SystemExit(code)
         return 0

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from mmsink.bench import SHAPES, bench_inputs, build, timed
+from mmsink.tools.bench import SHAPES, bench_inputs, build, timed
 
 
 def syncs(fn) -> list[str]:

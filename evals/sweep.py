@@ -206,7 +206,7 @@ def main(argv=None):
     for r in runs:
         r.settings.config = args.config
     if args.num_processes > 1 and not parallel.launched():
-        code = parallel.spawn("evals.sweep", argv, args.num_processes)
+        code = parallel.spawn("mmsink.evals.sweep", argv, args.num_processes)
         if code:
             raise SystemExit(code)
         return 0

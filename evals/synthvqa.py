@@ -8,7 +8,7 @@ alone (the pixel noise has its own stored seed), so ``render_scene`` reproduces 
 Question categories: color, shape, count, existence (POPE-style, with a ``pope``
 sub-type), spatial, digit and holistic. Answers are single lowercase words or digits.
 
-CLI: ``python -m evals.synthvqa --out DIR --train N --val N --test N --seed S``.
+CLI: ``python -m mmsink.evals.synthvqa --out DIR --train N --val N --test N --seed S``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train the reference model on the synthetic VQA benchmark (runs on the GPU machine in minutes).
 
-    python -m evals.train_reference --out models/synthllava --train-scenes 50000 --minutes 7
+    python -m mmsink.evals.train_reference --out models/synthllava --train-scenes 50000 --minutes 7
 
 Two stages, as LLaVA-1.5 is built: the vision tower is pre-trained first (dense per-patch labels stand in
 for CLIP pre-training, which a from-scratch tower lacks), then frozen, and the projector and language
@@ -388,7 +388,7 @@ def main(argv=None):
     model.to(torch.bfloat16).save_pretrained(out, max_shard_size="15MB")
     processor.save_pretrained(out)
     report = {
-        "command": "python -m evals.train_reference "
+        "command": "python -m mmsink.evals.train_reference "
         + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "parameters": sum(p.numel() for p in model.parameters()),
         "init": a.init,

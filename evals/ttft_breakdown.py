@@ -19,8 +19,8 @@ import time
 import torch
 
 import mmsink
-from mmsink import fast as fastmod
-from mmsink.bench import SHAPES, bench_inputs, build, timed
+from mmsink.fast import decode as fastmod
+from mmsink.tools.bench import SHAPES, bench_inputs, build, timed
 
 
 def stamps(model, fn) -> list:

@@ -14,14 +14,24 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from mmsink.layout import build_layout
+from mmsink.core.family import Family as Protocol
+from mmsink.core.family import VisionTokens
+from mmsink.core.layout import build_layout
 
-from .llava import Family as LlavaFamily
+from . import clip
 
 
-class Family(LlavaFamily):
+class Family(Protocol):
     model_types = ("llava_next",)
     class_name = "LlavaNextForConditionalGeneration"
+
+    def __init__(self, model):
+        if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "language_model"):
+            raise ValueError(
+                f"mmsink: wrap the {self.class_name} (with its lm_head), not {type(model).__name__}"
+            )
+        super().__init__(model, model.model.language_model, model.model.multi_modal_projector)
+        self._token_maps: dict = {}
 
     def token_map(self, features, kwargs, on_host: bool = False):
         """(source, lengths): for every visual token of the sequence, in order, its row in the flattened
@@ -35,7 +45,7 @@ class Family(LlavaFamily):
         sizes = kwargs.get("image_sizes")
         sizes = [tuple(s) for s in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
         key = (tiles, per, tuple(sizes))
-        maps = self.__dict__.setdefault("_token_maps", {})
+        maps = self._token_maps
         if key not in maps:
             if len(maps) >= 16:
                 maps.pop(next(iter(maps)))
@@ -86,28 +96,40 @@ class Family(LlavaFamily):
         norms = features.float().norm(dim=-1).view(-1)
         return list(gather_or(norms, src, 0.0).split(lens))
 
-    def zip_features(self, pruner, ctx, features):
-        """VisionZip per tile ([CLS] attention in each tile, the image's budget shared evenly by its tiles,
-        as the paper runs LLaVA-NeXT); kept tokens mapped to sequence order, newline tokens dropped."""
-        attn = self.vision_attention()
-        counts = self.tiles(ctx.kwargs.get("pixel_values"), ctx.kwargs)
+    def vision_taps(self) -> list:
+        return clip.cls_taps(self.model)
+
+    def vision_tokens(self, features, kwargs, taps: dict) -> VisionTokens:
+        """One row per tile ([CLS] attention in each tile; the image's budget shared evenly by its tiles, as
+        the paper runs LLaVA-NeXT); tokens that unpadding drops are not present; kept tokens map to
+        sequence order through the model's own packing, newline tokens dropped."""
+        scores, keys, flops = clip.cls_scores(self.model, taps, features.shape[1])
+        counts = self.tiles(kwargs.get("pixel_values"), kwargs)
         per_tile = [n for n in counts for _ in range(n)]  # each tile: how many tiles its image has
-        src, _ = self.token_map(features, ctx.kwargs, on_host=True)
+        src, _ = self.token_map(features, kwargs, on_host=True)
         present = torch.zeros(features.shape[0] * features.shape[1], dtype=torch.bool)
-        present[src[src >= 0]] = True  # unpadding drops some crop tokens: they do not compete
+        present[src[src >= 0]] = True
         present = present.view(features.shape[:2])
-        out = pruner.edit_features(
-            ctx,
-            features,
-            attn.num_heads,
-            attn.scale,
-            tiles_per_image=per_tile,
-            present=present.to(features.device, non_blocking=True),
-            present_sizes=present.sum(1).tolist(),  # host arithmetic: no device read
-        )
+        sizes = present.sum(1).tolist()  # host arithmetic: no device read
         src = src.to(features.device, non_blocking=True)
-        ctx.run["keep"] = gather_or(ctx.run["keep"].reshape(-1), src, False)
-        return out
+        return VisionTokens(
+            features,
+            scores,
+            keys,
+            sizes,
+            per_tile,
+            present.to(features.device, non_blocking=True),
+            lambda keep: gather_or(keep.reshape(-1), src, False),
+            lambda f: f,
+            flops,
+        )
+
+    def install(self, seam) -> list:
+        """The image placeholders are checked against the layout's host counts."""
+        return [clip.bind_placeholder_check(self.model.model, seam)]
+
+    def graphable_tower(self):
+        return self.model.model.vision_tower, clip.feature_layers(self.model)
 
     @property
     def tokens_per_image(self):
@@ -150,15 +172,7 @@ class Family(LlavaFamily):
 
     def tile_flops(self, tiles: int) -> int:
         v = self.config.vision_config
-        p = v.patch_size
-        n_patch = (v.image_size // p) ** 2
-        n = n_patch + 1
-        tower = self.model.model.vision_tower
-        conv = 2 * tiles * n_patch * v.hidden_size * v.num_channels * p * p
-        attn = v.num_hidden_layers * 4 * tiles * n * n * v.hidden_size
-        n_feat = n if self.config.vision_feature_select_strategy == "full" else n_patch
-        proj = 2 * tiles * n_feat * self.linear(self.model.model.multi_modal_projector)
-        return conv + 2 * tiles * n * self.linear(tower) + attn + proj
+        return clip.tower_flops(self, tiles, (v.image_size // v.patch_size) ** 2)
 
 
 def gather_or(values: torch.Tensor, src: torch.Tensor, fill) -> torch.Tensor:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from mmsink.layout import build_layout
-
-from .llava import Family as LlavaFamily
+from mmsink.core.family import Family as Protocol
+from mmsink.core.family import VisionTokens
+from mmsink.core.layout import build_layout
 
 CHUNK = 1024  # query rows per step when scoring VisionZip's received attention
 
@@ -30,23 +30,23 @@ def vision_utils():
     return vu if all(hasattr(vu, n) for n in names) else None
 
 
-class Family(LlavaFamily):
+class Family(Protocol):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     class_name = "Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration"
+    mrope = True
 
     def __init__(self, model):
-        super().__init__(model)
+        if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "language_model"):
+            raise ValueError(
+                f"mmsink: wrap the {self.class_name} (with its lm_head), not {type(model).__name__}"
+            )
+        super().__init__(model, model.model.language_model, model.model.visual.merger)
         self.visual = model.model.visual
         self.merge = self.config.vision_config.spatial_merge_size
         self.attn_sq = 0  # sum over vision attention calls of heads*dim*len^2 (reset every prefill)
 
-    @property
-    def projector(self):
-        return self.visual.merger
-
-    @property
-    def tokens_per_image(self):
-        return None
+    def rope_deltas(self):
+        return self.model.model.rope_deltas
 
     def vit_norms(self, features, kwargs) -> list:
         """The merger reads patches in groups of merge^2 (one group per visual token); a token's norm is
@@ -76,42 +76,58 @@ class Family(LlavaFamily):
         )
         return torch.argsort(window_index.to(device))
 
-    # ---- VisionZip: no [CLS], so tokens are ranked by the attention they receive in the last block
-    def install_vision_scoring(self, handle) -> list:
-        from mmsink.plan import Prefill
-
+    # ---- vision-stage scores: no [CLS], so tokens are ranked by the attention they receive in the last block
+    def vision_taps(self) -> list:
         attn = self.visual.blocks[-1].attn
+        return [("inputs", attn, "kwargs"), ("qkv", attn.qkv, "output")]
 
-        def inputs(module, args, kwargs):
-            if isinstance(handle.ctx, Prefill):
-                handle.ctx.run["cu"] = kwargs["cu_seqlens"]
-                handle.ctx.run["pe"] = kwargs["position_embeddings"]
+    def vision_tokens(self, features, kwargs, taps: dict) -> VisionTokens:
+        """Merger input [patches, D] as one row per image (raster order, padded to the largest image).
+        Scores: the attention each patch receives in the last block (its own attention segments, rotary
+        applied as the block does), mean over heads and queries, then per token (mean over its merge^2
+        patches); keys: raw keys, mean over heads and over the token's patches."""
+        score, metric, flops = self.received(taps)
+        unit = self.merge**2
+        groups = features.reshape(-1, unit * features.shape[-1])
+        thw = kwargs.get("image_grid_thw")
+        order = self.raster_order(thw, features.device)
+        if order is not None:
+            score, metric, groups = score[order], metric[order], groups[order]
+        counts = [int(t * h * w) // unit for t, h, w in thw.tolist()]
+        pad = torch.nn.utils.rnn.pad_sequence
+        rows = [pad(list(x.split(counts)), batch_first=True) for x in (groups, score, metric)]
+        present = pad(
+            [torch.ones(n, dtype=torch.bool, device=features.device) for n in counts], batch_first=True
+        )
 
-        def qkv(module, args, output):
-            if isinstance(handle.ctx, Prefill):
-                handle.ctx.run["qkv"] = output
+        def put(f):
+            out = torch.cat([r[:n] for r, n in zip(f, counts)])
+            if order is not None:
+                back = torch.empty_like(out)
+                back[order] = out
+                out = back
+            return out.view_as(features)
 
-        return [
-            attn.register_forward_pre_hook(inputs, with_kwargs=True),
-            attn.qkv.register_forward_hook(qkv),
-        ]
+        def to_sequence(keep):
+            return torch.cat([k[:n] for k, n in zip(keep, counts)])
 
-    def zip_features(self, pruner, ctx, features):
-        """Merger input [patches, D] -> VisionZip-merged merger input. Scores: the attention each patch
-        receives in the last block (its own attention segments, rotary applied as the block does), mean
-        over heads and queries, then per token (mean over its merge^2 patches); similarity: raw keys."""
+        return VisionTokens(*rows, counts, [1] * len(counts), present, to_sequence, put, flops)
+
+    def received(self, taps: dict):
+        """(score [tokens], keys [tokens, head_dim], flops): attention received per merged token in the last
+        vision block, in the merger's order."""
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
-        run = ctx.run
-        qkv, cu, (cos, sin) = run.pop("qkv"), run.pop("cu"), run.pop("pe")
+        qkv, inputs = taps["qkv"], taps["inputs"]
+        cu, (cos, sin) = inputs["cu_seqlens"], inputs["position_embeddings"]
         attn = self.visual.blocks[-1].attn
         n, heads = qkv.shape[0], attn.num_heads
         q, k, _ = qkv.view(n, 3, heads, -1).unbind(1)
         metric = k.float().mean(1)  # [patches, head_dim]
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         received = torch.zeros(n, device=qkv.device)
-        hd = q.shape[-1]
-        bounds = cu.tolist()  # one read
+        hd, flops = q.shape[-1], 0
+        bounds = cu.tolist()  # host bounds (precomputed inputs), or one read
         for s, e in zip(bounds[:-1], bounds[1:]):
             kk = k[s:e].transpose(0, 1).float()  # [H, P, hd]
             acc = torch.zeros(heads, e - s, device=qkv.device)
@@ -119,28 +135,10 @@ class Family(LlavaFamily):
                 qq = q[c : min(c + CHUNK, e)].transpose(0, 1).float()
                 acc += torch.softmax(qq @ kk.transpose(1, 2) * attn.scaling, -1).sum(1)
             received[s:e] = acc.mean(0) / (e - s)
-            ctx.extra_flops += 2 * heads * (e - s) ** 2 * hd
+            flops += 2 * heads * (e - s) ** 2 * hd
         unit = self.merge**2
         score = received.view(-1, unit).mean(1)
-        metric = metric.view(-1, unit, metric.shape[-1]).mean(1)
-        groups = features.reshape(-1, unit * features.shape[-1])
-        thw = ctx.kwargs.get("image_grid_thw")
-        order = self.raster_order(thw, features.device)
-        if order is not None:
-            score, metric, groups = score[order], metric[order], groups[order]
-        counts = [int(t * h * w) // unit for t, h, w in thw.tolist()]
-        outs, keeps = [], []
-        for sc, me, g in zip(score.split(counts), metric.split(counts), groups.split(counts)):
-            o, kp = pruner.zip(ctx, g[None], sc[None], me[None])
-            outs.append(o[0])
-            keeps.append(kp[0])
-        out = torch.cat(outs)
-        run["keep"] = torch.cat(keeps)
-        if order is not None:
-            back = torch.empty_like(out)
-            back[order] = out
-            out = back
-        return out.view_as(features)
+        return score, metric.view(-1, unit, metric.shape[-1]).mean(1), flops
 
     def layout(self, input_ids, attention_mask, prompt_len, kwargs=None, grids: bool = False):
         lay = build_layout(input_ids, attention_mask, self.config.image_token_id, None, prompt_len, None)
@@ -152,10 +150,10 @@ class Family(LlavaFamily):
         return lay
 
     # ---- vision FLOPs
-    def install(self, handle) -> list:
+    def install(self, seam) -> list:
         def hook(module, args, kwargs):
             cu = kwargs.get("cu_seqlens")
-            if cu is not None and handle.measuring:
+            if cu is not None and seam.measuring:
                 lens = (cu[1:] - cu[:-1]).double()
                 width = module.proj.in_features
                 self.attn_sq = self.attn_sq + 4 * width * (lens * lens).sum()  # on device: read once, later

@@ -1,7 +1,7 @@
 """`mmsink bench` measured rows: the KV-cache bytes follow the plan exactly, the ideal row replays the
 method's own plan, and ratios are computed against the baseline of the same run."""
 
-from mmsink import bench
+from mmsink.tools import bench
 
 
 def quick(shape, grid, batch=1, **kw):

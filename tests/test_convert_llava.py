@@ -26,8 +26,8 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from mmsink import cli
-from mmsink.convert_llava import VICUNA_SYSTEM, ConvertError, convert, installed, original_prompt_ids
+from mmsink.tools import cli
+from mmsink.tools.convert_llava import VICUNA_SYSTEM, ConvertError, convert, installed, original_prompt_ids
 
 SIDE = 6  # 6x6 patches of 14 pixels: 36 image tokens
 LINES = [

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmsink.evals.reference_model import build_config, build_processor, build_tokenizer
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
-
-from evals.reference_model import build_config, build_processor, build_tokenizer
 
 SAMPLES = Path(__file__).resolve().parent.parent / "demo" / "samples"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from mmsink.evals.reference_model import build_config, build_processor, build_tokenizer
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 import mmsink
-from evals.reference_model import build_config, build_processor, build_tokenizer
-from mmsink.calibrate import calibrate, vit_threshold
-from mmsink.inspector import inspect_model, plot
+from mmsink.tools.calibrate import calibrate, vit_threshold
+from mmsink.tools.inspector import inspect_model, plot
 
 DIM = 7
 
@@ -73,7 +73,7 @@ def test_vit_threshold():
 
 
 def test_command_lines(tiny, tmp_path):
-    from mmsink.cli import main
+    from mmsink.tools.cli import main
 
     model, proc, img = tiny
     model.save_pretrained(tmp_path / "m")

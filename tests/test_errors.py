@@ -26,7 +26,7 @@ def test_methods_listed():
 
 
 def test_unknown_method_lists_known(model):
-    with pytest.raises(ValueError, match="unknown method 'fastvv'.*dart, fastv, none"):
+    with pytest.raises(ValueError, match="unknown method 'fastvv'.*dart, divprune, fastv, none"):
         mmsink.wrap(model, prune="fastvv")
 
 

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from mmsink.evals import eval as ev
+from mmsink.evals import synthvqa
+from mmsink.evals.reference_model import SYSTEM, build_config, build_processor, build_tokenizer
 from transformers import LlavaForConditionalGeneration
-
-from evals import eval as ev
-from evals import synthvqa
-from evals.reference_model import SYSTEM, build_config, build_processor, build_tokenizer
 
 SCENES = 10  # 30 questions
 LAYERS = 4
@@ -46,7 +45,7 @@ def question_ids(cache):
 
 def test_answers_file_fields_and_pruning_facts(model_dir, cache, tmp_path, capsys):
     out = tmp_path / "a.jsonl"
-    from mmsink.cli import main as cli  # through the real command
+    from mmsink.tools.cli import main as cli  # through the real command
 
     assert (
         cli(

@@ -12,7 +12,7 @@ from test_var import VAR
 from tiny import batch, next_batch, prompt, qwen_batch, tiny_llava, tiny_llava_next, tiny_qwen
 
 import mmsink
-from mmsink import fast as fastmod
+from mmsink.fast import decode as fastmod
 
 CASES = [
     (None, {}),
@@ -247,7 +247,7 @@ def test_layer_prefill_equals_the_models_layer(family, padded):
     if padded:
         valid = torch.ones(b, n, dtype=torch.bool)
         valid[1, :3] = False
-        mask = mmsink.attention.allowed_matrix(valid, n)
+        mask = mmsink.core.attention.allowed_matrix(valid, n)
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = cfg.hidden_size // heads
     kb, vb = torch.zeros(b, kv, n + 4, d), torch.zeros(b, kv, n + 4, d)

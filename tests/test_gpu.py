@@ -6,7 +6,7 @@ import torch
 from tiny import batch, next_batch, prompt, tiny_llava, tiny_llava_next
 
 import mmsink
-from mmsink.attention import attention_lse, attention_lse_math
+from mmsink.core.attention import attention_lse, attention_lse_math
 
 pytestmark = pytest.mark.gpu
 
@@ -84,7 +84,7 @@ def test_varlen_padded_segments_bf16(method, opts):
     flash call instead of masked SDPA, and the logits and the plan match the masked path."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mmsink import varlen
+    from mmsink.core import varlen
 
     if varlen.kernel() is None:
         pytest.skip("no varlen kernel in this torch")
@@ -122,7 +122,7 @@ def test_cuda_var_decode_equals_generate(graphs):
 def reads_plain_and_wrapped(model, inputs, where: str) -> tuple:
     """Reads of device values at sites whose path contains ``where``, in one forward of the bare model and
     one of the model wrapped without a method; with both logits."""
-    from mmsink.reads import DeviceReads
+    from mmsink.tools.reads import DeviceReads
 
     def run():
         with torch.no_grad(), DeviceReads(device_only=True) as r:

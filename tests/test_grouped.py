@@ -5,7 +5,7 @@ groups leave. Against the path that attends every group (and, in fp32 on CPU, ag
 import pytest
 import torch
 
-from mmsink import attention as att
+from mmsink.core import attention as att
 
 
 def case(device, dtype, seed=0):

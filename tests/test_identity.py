@@ -138,7 +138,7 @@ def test_plan_moves_whole_to_another_device():
     reaches every tensor of a plan, segments stay shared objects, and the cache is left alone."""
     from tiny import batch, prompt
 
-    from mmsink.plan import Prefill
+    from mmsink.core.plan import Prefill
 
     m = tiny_llava()
     mmsink.wrap(m, prune="visipruner", budget=5, sink_forward={"factor": 1.01, "max_sinks": 2})

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmsink.layout import FIRST_GUESS, build_layout
+from mmsink.core.layout import FIRST_GUESS, build_layout
 
 IMG = 7
 

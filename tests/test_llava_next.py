@@ -179,7 +179,7 @@ def test_visionzip_keeps_each_tiles_top_cls_tokens(model, data):
     at the sequence positions the model's own packing gives them; newline tokens are dropped."""
     inputs, _ = data
     tower = model.model.vision_tower
-    counts = mmsink.api.load_patches().family_for(model).tiles(inputs["pixel_values"], inputs)
+    counts = mmsink.patches.family_for(model).tiles(inputs["pixel_values"], inputs)
     pix = torch.cat([p[:n] for p, n in zip(inputs["pixel_values"], counts)])
     tower.set_attn_implementation("eager")
     try:
@@ -260,7 +260,7 @@ def test_visionzip_rows_at_once_equal_each_row_alone(budget):
 def test_grids_of_images_back_to_back_share_one_run():
     """Images with no text between them are one run of the layout: their grids follow each other,
     offset by the earlier images' token counts (newlines included)."""
-    runs_of = mmsink.api.load_patches().llava_next.runs_of
+    runs_of = mmsink.patches.llava_next.runs_of
     a = (14, [(0, 2, 2, 2), (4, 2, 4, 5)])
     b = (10, [(0, 2, 2, 2), (4, 2, 2, 3)])
     c = (24, [(0, 2, 2, 2), (4, 4, 4, 5)])

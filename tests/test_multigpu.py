@@ -60,9 +60,8 @@ def test_split_model_beam_search(pair):
 
 
 def test_two_gpu_processes_write_the_single_process_file(tmp_path):
+    from mmsink.evals import eval as ev
     from test_eval import make_model
-
-    from evals import eval as ev
 
     model = make_model(tmp_path / "model")
     argv = ["--model", str(model), "--bench", "synthvqa", "--scenes", "6", "--cache", str(tmp_path / "c")]

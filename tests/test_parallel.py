@@ -4,10 +4,9 @@ file as one process, resume from an interrupted run (parts kept, a torn line dro
 import json
 
 import pytest
+from mmsink.evals import eval as ev
+from mmsink.evals import parallel, sweep
 from test_eval import lines
-
-from evals import eval as ev
-from evals import parallel, sweep
 
 SCENES = 4  # 12 questions
 

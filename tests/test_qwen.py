@@ -67,9 +67,8 @@ def test_visionzip_keeps_the_most_attended_tokens(model, data, monkeypatch):
     vision block (full softmax matrices here, from the block's own inputs in an unwrapped run; the library
     works in query chunks, made small to exercise them), plus the contextual targets, budget per image.
     Qwen2.5's window order is undone independently by matching merger rows to the tower's raster output."""
+    import mmsink.patches.qwen2_vl as family
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-
-    import patches.qwen2_vl as family
 
     monkeypatch.setattr(family, "CHUNK", 5)
     inputs, _ = data

@@ -6,12 +6,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from mmsink.evals.eval import load_model, prompt_for
+from mmsink.evals.reference_model import DEFAULT_PATH
+from mmsink.evals.scorers import normalize_answer
+from mmsink.evals.synthvqa import generate, render_scene
 from PIL import Image
-
-from evals.eval import load_model, prompt_for
-from evals.reference_model import DEFAULT_PATH
-from evals.scorers import normalize_answer
-from evals.synthvqa import generate, render_scene
 
 SCENES = 40  # 120 questions, every category
 

@@ -3,8 +3,7 @@
 import json
 
 import pytest
-
-from evals.scorers import (
+from mmsink.evals.scorers import (
     exact_match,
     extract_choice,
     mme_label,

@@ -4,9 +4,8 @@ re-run, an interrupted run resumed, a run whose method fails reported while the 
 import json
 
 import pytest
-
-from evals import eval as ev
-from evals import sweep
+from mmsink.evals import eval as ev
+from mmsink.evals import sweep
 
 LIMIT = 6
 
@@ -26,7 +25,8 @@ def calls(monkeypatch):
     def spy(model, *args, **kwargs):
         import mmsink
 
-        seen.append(mmsink.api.get_handle(model).settings["prune"])
+        pruner = mmsink.api.get_handle(model).pruner
+        seen.append(pruner.name if pruner is not None else None)
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(ev, "answer_batch", spy)

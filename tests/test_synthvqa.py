@@ -7,10 +7,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from mmsink.evals import synthvqa as sv
 from PIL import Image
 from sklearn.datasets import load_digits
-
-from evals import synthvqa as sv
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 

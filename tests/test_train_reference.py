@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import torch
+from mmsink.evals import train_reference as tr
+from mmsink.evals.reference_model import build_config, build_processor, build_tokenizer, prompt_text
 from transformers import LlavaForConditionalGeneration
-
-from evals import train_reference as tr
-from evals.reference_model import build_config, build_processor, build_tokenizer, prompt_text
 
 
 def _setup(n=6):

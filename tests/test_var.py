@@ -7,7 +7,7 @@ from reference import run
 from tiny import batch, prompt, tiny_llava
 
 import mmsink
-from mmsink.var import VARConfig
+from mmsink.sinks.var import VARConfig
 
 # the tiny random model has no massive activations: a low tau over a few channels makes sinks appear
 VAR = {"sink_dims": (3, 17, 40, 51), "tau": 2.4, "rho": 0.5, "p": 0.6}

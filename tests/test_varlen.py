@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmsink import varlen
-from mmsink.attention import allowed_matrix
+from mmsink.core import varlen
+from mmsink.core.attention import allowed_matrix
 
 
 def per_sample_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), **kw):
@@ -128,7 +128,7 @@ def test_padded_model_through_the_varlen_path(monkeypatch, method, opts):
     from tiny import batch, prompt, tiny_llava
 
     import mmsink
-    from mmsink.reads import DeviceReads
+    from mmsink.tools.reads import DeviceReads
 
     model = tiny_llava(layers=6)
     inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(3, 1, seed=3)])

@@ -7,7 +7,7 @@ import torch
 from tiny import batch, next_batch, prompt, tiny_llava, tiny_llava_next
 
 import mmsink
-from mmsink import vision_graph
+from mmsink.fast import vision_graph
 
 
 def fake_capture(taps):

@@ -5,7 +5,7 @@ import torch
 from tiny import batch, pixels_of, prompt, tiny_llava
 
 import mmsink
-from mmsink.vitsink import SinkForwardConfig, detect, to_front_order
+from mmsink.sinks.vitsink import SinkForwardConfig, detect, to_front_order
 
 SINKS = {"factor": 1.01, "max_sinks": 3}  # the tiny ViT has no real sinks: take each image's top-3 norms
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..plan import Prefill
+from ..core.plan import Prefill
 
 REGISTRY: dict[str, type[Pruner]] = {}
 
@@ -63,6 +63,11 @@ class Pruner:
     def start(self, ctx: Prefill) -> None:
         ctx.run = {}
 
+    def install(self, seam, family) -> list:
+        """Hooks of the method's own on the model (e.g. on the family's projector); handles with
+        ``remove()``. Called once per wrap; ``seam.prefill()`` is the running prefill."""
+        return []
+
     def final_layer(self, ctx: Prefill) -> int | None:
         """The first layer from which the plan can no longer change (None: not known in advance). Layers
         from there on run on one segment, which ``generate_fast`` captures as one graph."""
@@ -83,13 +88,61 @@ class Pruner:
     def after_layer(self, ctx: Prefill, layer: int, hidden: torch.Tensor, observed: dict) -> None:
         pass
 
-    def describe(self) -> dict:
-        return {
-            "method": self.name,
-            "budget": self.budget,
-            "budget_per": self.budget_per,
-            **dataclasses.asdict(self.options),
-        }
+    def report(self, ctx: Prefill) -> dict:
+        """What this method adds to ``stats(model).extra`` after a prefill (built when stats are read)."""
+        return {}
+
+
+class VisionPruner(Pruner):
+    """A method that selects (and may merge) tokens in the vision stage, before the projector. The family
+    hands it the tower's tokens (``mmsink.core.family.VisionTokens``: scores, keys, rows and the map to
+    the sequence); the method implements ``select`` only. Adding one touches its own file and the
+    registry, no family."""
+
+    uses_vision = True
+    per_prompt_ok = False  # budgets apply image by image
+
+    def final_layer(self, ctx):
+        return 0  # decided before the first layer
+
+    def select(self, ctx: Prefill, tokens) -> tuple:
+        """(new features [R, P, F], keep [R, P] bool). A method that knows on the host how many tokens each
+        image keeps puts them in ``ctx.run["kept_images"]`` (images in input order): the plan then needs no
+        device read to apply the keep set."""
+        raise NotImplementedError
+
+    def vision(self, ctx: Prefill, tokens):
+        """The projector's new input; the keep set, in sequence order, waits for ``before_llm``."""
+        features, keep = self.select(ctx, tokens)
+        ctx.run["keep"] = tokens.to_sequence(keep)
+        return tokens.put(features)
+
+    def before_llm(self, ctx: Prefill, embeds):
+        keep = ctx.run.pop(
+            "keep", None
+        )  # every image's keep set, in the order of the sequence's image tokens
+        if keep is None:
+            return None
+        kept, counts = ctx.run.pop("kept_images", None), None
+        n_images = [len(s) for s in ctx.layout.sizes]
+        if kept is not None and ctx.seg.counts is not None and len(kept) == sum(n_images):
+            it = iter(kept)  # images in sequence order (a layout run of back-to-back images: no match)
+            counts = [(t, [next(it) for _ in range(k)]) for (t, _), k in zip(ctx.seg.counts, n_images)]
+        # the image tokens' places in order, without nonzero's read: a stable sort puts them first
+        is_image = ctx.layout.is_image
+        places = (~is_image).flatten().to(torch.uint8).argsort(stable=True)[: keep.numel()]
+        chosen = torch.zeros_like(is_image).flatten().index_put_((places,), keep.flatten()).view_as(is_image)
+        ctx.decide(ctx.keep_text(chosen), counts=counts)
+        return None
+
+
+def per_image(rows: list, parts: list) -> list:
+    """Per-row counts summed over the rows of each image (``parts[i]``: rows of row i's image)."""
+    out, i = [], 0
+    while i < len(rows):
+        out.append(sum(rows[i : i + parts[i]]))
+        i += parts[i]
+    return out
 
 
 def check_budget(budget):
@@ -135,8 +188,7 @@ def budget_fraction(budget, n_image: int) -> float:
         return 1.0
     if isinstance(budget, float):
         return budget
-    if budget > n_image:
-        raise ValueError(f"mmsink: budget {budget} is larger than the image's {n_image} visual tokens")
+    check_size(budget, [n_image])
     return budget / n_image
 
 
@@ -151,7 +203,7 @@ def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of, budget=None) -> tor
     ``k_of(orig_count [B], current_count [B]) -> k [B]``; ``budget``: an int budget to check against the
     image sizes. No device sync: a full sort per image instead of a top-k whose width is read back."""
     img = ctx.image_of()
-    orig = ctx.layout.image_counts()
+    orig = ctx.layout.counts
     if ctx.budget_per == "prompt":  # all images of a prompt compete for one budget
         img = torch.where(img >= 0, torch.zeros_like(img), img)
         orig = orig.sum(1, keepdim=True)

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from ..plan import Prefill, gather_rows
+from ..core.plan import Prefill, gather_rows
 from .base import Pruner, register
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..plan import Prefill
+from ..core.plan import Prefill
 from .base import Pruner, budget_tokens, register
 
 
@@ -40,7 +40,7 @@ class RandomPruner(Pruner):
     def before_llm(self, ctx: Prefill, embeds):
         lay = ctx.layout
         chosen = torch.zeros_like(lay.is_image)
-        counts = lay.image_counts()
+        counts = lay.counts
         image_of = lay.image_of
         if self.budget_per == "prompt":
             counts = counts.sum(1, keepdim=True)
@@ -86,7 +86,7 @@ class PoolPruner(Pruner):
         lay = ctx.layout
         out = embeds.clone()
         chosen = torch.zeros_like(lay.is_image)
-        counts = lay.image_counts()
+        counts = lay.counts
         for b in range(lay.batch):
             for m in range(counts.shape[1]):
                 n = int(counts[b, m])

@@ -15,28 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Pruner, budget_tokens, register
+from .base import VisionPruner, budget_tokens, per_image, register
 
 
 @register
-class VisionZip(Pruner):
+class VisionZip(VisionPruner):
     name = "visionzip"
     default_budget = 64 / 576
-    uses_vision = True
-    per_prompt_ok = False
-
-    def final_layer(self, ctx):
-        return 0  # decided before the first layer
-
-    def start(self, ctx):
-        ctx.run = {}
-
-    # called by the family's hooks on the feature layer's q/k projections and on the projector input
-    def observe_q(self, ctx, q):
-        ctx.run["q"] = q
-
-    def observe_k(self, ctx, k):
-        ctx.run["k"] = k
 
     def split(self, p: int, parts: int = 1) -> tuple[int, int]:
         """(dominant, contextual) tokens kept of ``p`` tokens; ``parts``: an image's budget is shared evenly
@@ -50,27 +35,9 @@ class VisionZip(Pruner):
         contextual = min(round(total * 10 / 64), max(total - 1, 0))
         return total - contextual, contextual
 
-    def edit_features(
-        self, ctx, features, heads: int, scale: float, tiles_per_image=None, present=None, present_sizes=None
-    ):
-        """Projector input [I, 1+P or P, D] -> merged features; records each row's keep set. Dominant scores:
-        the [CLS] query's attention at the feature layer. ``tiles_per_image`` [I]: how many tiles share each
-        row's image budget (LLaVA-NeXT); ``present`` [I, P] bool: tokens that reach the sequence (NeXT's
-        unpadding drops some); only they compete; ``present_sizes``: their count per row, when the caller
-        knows it on the host."""
-        q, k = ctx.run.pop("q"), ctx.run.pop("k")  # [I, 1+P, H*hd]
-        n_img, n_tok, _ = k.shape
-        hd = k.shape[-1] // heads
-        qh = q[:, 0].view(n_img, heads, hd)
-        kh = k.view(n_img, n_tok, heads, hd)
-        cls_attn = torch.softmax(torch.einsum("ihd,inhd->ihn", qh.float(), kh.float()) * scale, -1).mean(1)
-        ctx.extra_flops += 2 * n_img * heads * n_tok * hd
-        offset = n_tok - features.shape[1]  # 1 when the class token was dropped ("default")
-        score = cls_attn[:, offset:]
-        metric = kh[:, offset:].float().mean(2)  # keys, mean over heads
-        out, keep = self.zip(ctx, features, score, metric, tiles_per_image, present, present_sizes)
-        ctx.run["keep"] = keep
-        return out
+    def select(self, ctx, tokens):
+        t = tokens
+        return self.zip(ctx, t.features, t.scores, t.keys, t.parts, t.present, t.sizes)
 
     def zip(self, ctx, features, score, metric, parts=None, present=None, sizes=None):
         """features [I, P, F], score [I, P], metric [I, P, d] -> (merged features, keep [I, P]): per row the
@@ -129,22 +96,6 @@ class VisionZip(Pruner):
         out = pad(out, (0, 0, 0, 1)).scatter_(1, cols[..., None].expand(-1, -1, f.shape[-1]), merged)[:, :p]
         return out, keep | target
 
-    def before_llm(self, ctx, embeds):
-        keep = ctx.run.get("keep")  # every image's keep set, in the order of the sequence's image tokens
-        if keep is None:
-            return None
-        kept, counts = ctx.run.pop("kept_images", None), None
-        n_images = [len(s) for s in ctx.layout.sizes]
-        if kept is not None and ctx.seg.counts is not None and len(kept) == sum(n_images):
-            it = iter(kept)  # images in sequence order (a layout run of back-to-back images: no match)
-            counts = [(t, [next(it) for _ in range(k)]) for (t, _), k in zip(ctx.seg.counts, n_images)]
-        # the image tokens' places in order, without nonzero's read: a stable sort puts them first
-        is_image = ctx.layout.is_image
-        places = (~is_image).flatten().to(torch.uint8).argsort(stable=True)[: keep.numel()]
-        chosen = torch.zeros_like(is_image).flatten().index_put_((places,), keep.flatten()).view_as(is_image)
-        ctx.decide(ctx.keep_text(chosen), counts=counts)
-        return None
-
 
 def record_kept(ctx, sizes, splits, steps, parts) -> None:
     """Tokens each image keeps, on the host, appended to ``ctx.run["kept_images"]`` (None once unknown):
@@ -156,7 +107,4 @@ def record_kept(ctx, sizes, splits, steps, parts) -> None:
         ctx.run["kept_images"] = None
         return
     rows = [d + (min(c, -(-(n - d) // st)) if c else 0) for n, (d, c), st in zip(sizes, splits, steps)]
-    out, i = ctx.run.setdefault("kept_images", []), 0
-    while i < len(rows):
-        out.append(sum(rows[i : i + parts[i]]))
-        i += parts[i]
+    ctx.run.setdefault("kept_images", []).extend(per_image(rows, parts))

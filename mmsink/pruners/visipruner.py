@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from ..attention import group_indices, repeat_kv, reweighted_attention
+from ..core.attention import group_indices, repeat_kv, reweighted_attention
 from .base import Pruner, anchor_probs, budget_count, register, topk_per_image
 
 
@@ -62,6 +62,9 @@ class VisiPruner(Pruner):
     def shallow_layers(self, num_layers: int) -> int:
         s = self.options.shallow_mid_layer
         return max(1, round(6 * num_layers / 32)) if s is None else s
+
+    def report(self, ctx):
+        return {"fusion_layer": ctx.run["fused_at"].tolist()}
 
     def start(self, ctx):
         b = ctx.layout.batch

@@ -15,38 +15,19 @@ from pathlib import Path
 import torch
 
 from .diagnose import collect, massive_dims, top_outlier_dims
-
-
-def load(path, device="cpu", dtype="float32"):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
-
-
-def prompt_for(processor, question: str) -> str:
-    if getattr(processor, "chat_template", None):
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(msgs, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
-
-
-def encode(processor, image, question, device):
-    enc = processor(images=[image], text=[prompt_for(processor, question)], return_tensors="pt")
-    return {k: v.to(device) for k, v in enc.items()}
+from .loading import encode, load_model, open_image
 
 
 def read_samples(data, images, limit):
-    from PIL import Image
-
     out = []
     with open(data, encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 rec = json.loads(line)
-                out.append((Image.open(Path(images) / rec["image"]).convert("RGB"), rec["text"]))
+                image, why = open_image(Path(images) / rec["image"])
+                if image is None:
+                    raise ValueError(f"mmsink calibrate: {why}")
+                out.append((image, rec["text"]))
             if len(out) >= limit:
                 break
     if not out:
@@ -69,9 +50,9 @@ def vit_threshold(norms: torch.Tensor, ratio: float = 1.5):
 def calibrate(model, processor, samples, device="cpu") -> dict:
     import mmsink
 
-    from .api import load_patches
+    from ..patches import family_for
 
-    family = load_patches().family_for(model)
+    family = family_for(model)
     dims, hidden_all, norms = Counter(), [], []
     for image, question in samples:
         data = collect(model, encode(processor, image, question, device), family)
@@ -113,13 +94,6 @@ def calibrate(model, processor, samples, device="cpu") -> dict:
     }
 
 
-def load_config(path) -> dict:
-    cfg = json.loads(Path(path).read_text())
-    if not isinstance(cfg, dict) or "sink_dims" not in cfg:
-        raise ValueError(f"mmsink: {path} is not a calibration file written by `mmsink calibrate`")
-    return cfg
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="mmsink calibrate", description=__doc__)
     ap.add_argument("--model", required=True)
@@ -130,7 +104,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    model, processor = load(a.model, a.device, a.dtype)
+    model, processor = load_model(a.model, a.device, a.dtype)
     result = calibrate(model, processor, read_samples(a.data, a.images, a.limit), a.device)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

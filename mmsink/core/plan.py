@@ -87,37 +87,48 @@ def repack(seg: Segment, keep: torch.Tensor, start: int, widths: tuple | None = 
     return Segment(start, seg.idx.gather(1, order), valid, False, gather=order, dense=dense, total=total)
 
 
+@dataclass(eq=False)
 class Prefill:
-    """Per-forward state of one prefill (held by the model's handle for the duration of the call)."""
+    """Per-forward state of one prefill (held by the model's handle for the duration of the call). Every
+    field is declared here; a pruner keeps its own per-forward state in ``run``."""
 
-    def __init__(self, layout: Layout, num_layers: int, base: str):
-        self.layout = layout
-        self.num_layers = num_layers
-        self.base = base
-        b, l = layout.is_image.shape
-        self.home = layout.is_image.device  # where the call started (layers may sit on other devices)
-        self.device = self.home  # where the plan's tensors are now
+    layout: Layout
+    num_layers: int
+    base: str  # the attention backend under mmsink's entry ("sdpa", "eager", "flash_attention_2", ...)
+    budget_per: str = "image"  # or "prompt": one budget shared by a prompt's images
+    lm: LMParts | None = None  # the language model's parts a pruner may use
+    kwargs: dict | None = None  # the model call's arguments (families read pixel values, grids)
+    cache: object | None = None  # the PlanCache being filled, if caching
+    handoff: bool = False  # generate_fast asked to stop the forward where the plan is final
+    final_layer: int | None = None  # that layer when the pruner knows it in advance
+    segments: list = field(init=False)
+    layer_segment: list = field(default_factory=list)  # per layer run so far: its segment
+    slots: list = field(default_factory=list)  # padded token slots each layer ran on
+    pending: torch.Tensor | None = None  # keep mask decided for the next layer
+    pending_counts: list | None = None  # what it keeps, as Segment.counts, when the host knows
+    to_read: dict = field(default_factory=dict)  # device scalars a pruner needs on the host next layer
+    host: dict = field(default_factory=dict)  # their values, read with the next layer's plan
+    extra_flops: float = 0  # selection work outside the layers (scores, merges)
+    attn_flops: dict = field(default_factory=dict)  # layer -> attention FLOPs when not the plain count
+    run: dict | None = None  # the pruner's per-forward state
+    directive: object | None = None  # the current layer's attention directive
+    position_embeddings: tuple | None = None  # the full sequence's rotary (cos, sin), set before layer 0
+    protected: torch.Tensor | None = None  # [B, L] tokens no pruner may drop (ViT sinks)
+    vit: list | None = None  # per image, the norms of its vision features (sink forwarding)
+    vit_sinks: list | None = None  # per sample, the ViT sinks found (position, patch, norm)
+    var_codes: dict = field(default_factory=dict)  # VAR: layer -> key group codes [B, n]
+    taps: dict = field(default_factory=dict)  # what the vision tower's tapped modules gave this prefill
+    home: torch.device = field(init=False)  # where the call started (layers may sit on other devices)
+    device: torch.device = field(init=False)  # where the plan's tensors are now
+
+    def __post_init__(self):
+        lay = self.layout
+        b, l = lay.is_image.shape
+        self.home = self.device = lay.is_image.device
         idx = torch.arange(l, device=self.home).expand(b, l)
-        host = [(n - sum(s), list(s)) for n, s in zip(layout.lengths, layout.sizes)]
-        total = sum(layout.lengths)
-        full = Segment(0, idx, layout.valid.clone(), True, dense=layout.dense, total=total, counts=host)
+        host = [(n - sum(s), list(s)) for n, s in zip(lay.lengths, lay.sizes)]
+        full = Segment(0, idx, lay.valid.clone(), True, dense=lay.dense, total=sum(lay.lengths), counts=host)
         self.segments = [full]
-        self.layer_segment: list[int] = []
-        self.pending: torch.Tensor | None = None  # keep mask decided for the next layer
-        self.pending_counts: list | None = None  # what it keeps, as Segment.counts, when the host knows
-        self.to_read: dict = {}  # device scalars a pruner needs on the host before the next layer
-        self.host: dict = {}  # their values, read with the next layer's plan (one read for all)
-        self.embed_override: torch.Tensor | None = None  # [B, L, d] replacement embeddings (pre-LLM)
-        self.extra_flops = 0
-        self.attn_flops: dict[int, int] = {}
-        self.run = None  # the pruner's per-forward state
-        self.slots: list[int] = []  # padded token slots each layer ran on
-        self.directive = None  # the current layer's attention directive
-        self.cache = None  # the PlanCache being filled, if caching
-        self.protected: torch.Tensor | None = None  # [B, L] tokens no pruner may drop (ViT sinks)
-        self.budget_per = "image"  # or "prompt": one budget shared by a prompt's images
-        self.lm: LMParts | None = None  # the language model's parts (set by the handle)
-        self.position_embeddings = None  # the full sequence's rotary (cos, sin), set before layer 0
 
     def current_position_embeddings(self):
         """The rotary (cos, sin) rows of the current segment's slots."""
@@ -222,10 +233,34 @@ class Prefill:
             _move(self, device, set(), skip=("cache", "kwargs", "home", "device"))
             self.device = device
 
-    # ---- results
-    def visual_per_layer(self) -> list[torch.Tensor]:
-        counts = [self.visual(s).sum(1) for s in self.segments]
-        return [counts[s] for s in self.layer_segment]
+
+class Decode:
+    """Per-forward state of a cached decode step: masks per segment of the PlanCache."""
+
+    def __init__(self, cache, base: str, n_q: int):
+        self.cache, self.base, self.n_q = cache, base, n_q
+        self.masks: dict = {}
+
+    @classmethod
+    def start(cls, cache, base: str, ids, kwargs) -> Decode:
+        """Record the step's new tokens in the cache's segments (their validity from the attention mask)."""
+        n_q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        am = kwargs.get("attention_mask")
+        new = am[:, -n_q:].bool() if am is not None and am.dim() == 2 else None
+        if new is None:
+            dev = cache.segment_valid[0].device
+            new = torch.ones(cache.segment_valid[0].shape[0], n_q, dtype=torch.bool, device=dev)
+        cache.append_tokens(new)
+        return cls(cache, base, n_q)
+
+    def mask(self, layer: int, dtype):
+        """(replace?, mask) for a layer: full segments keep transformers' own mask."""
+        seg = self.cache.layer_segment[layer]
+        if self.cache.segment_full[seg]:
+            return False, None
+        if seg not in self.masks:
+            self.masks[seg] = build_mask(self.base, self.cache.segment_valid[seg], self.n_q, dtype)
+        return True, self.masks[seg]
 
 
 def _move(x, device, seen, skip=()):

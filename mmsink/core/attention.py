@@ -25,6 +25,11 @@ def registered_name(base: str) -> str:
     return PREFIX + base
 
 
+def base_of(name: str | None) -> str | None:
+    """The base backend under a registered name (``mmsink_sdpa`` -> ``sdpa``); other names as they are."""
+    return name[len(PREFIX) :] if name and name.startswith(PREFIX) else name
+
+
 def repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
@@ -88,9 +93,9 @@ def register() -> None:
     state through them."""
     for base in BASES:
         name = registered_name(base)
-        if name in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        if name in ALL_ATTENTION_FUNCTIONS:
             continue
-        if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS:
             continue
         AttentionInterface.register(name, mmsink_attention(base))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])

@@ -39,10 +39,6 @@ class Layout:
     def max_images(self) -> int:
         return max((len(s) for s in self.sizes), default=0)  # host ints: no device sync mid-prefill
 
-    def image_counts(self) -> torch.Tensor:
-        """[B, M] tokens of image m in sample b (0 where the sample has fewer images)."""
-        return self.counts
-
 
 def image_runs(is_image: torch.Tensor, tokens_per_image: int | None) -> torch.Tensor:
     """Number the images of each sample: a run of image tokens is one image, split further every

@@ -8,13 +8,13 @@ import sys
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "bench": "mmsink.bench",
-        "eval": "evals.eval",
-        "sweep": "evals.sweep",
-        "convert-llava": "mmsink.convert_llava",
-        "calibrate": "mmsink.calibrate",
-        "inspect": "mmsink.inspector",
-        "demo": "demo.app",
+        "bench": "mmsink.tools.bench",
+        "eval": "mmsink.evals.eval",
+        "sweep": "mmsink.evals.sweep",
+        "convert-llava": "mmsink.tools.convert_llava",
+        "calibrate": "mmsink.tools.calibrate",
+        "inspect": "mmsink.tools.inspector",
+        "demo": "mmsink.demo.app",
     }
     if not argv or argv[0] not in commands:
         print(f"usage: mmsink {{{','.join(commands)}}} [options]   (mmsink COMMAND --help for each)")

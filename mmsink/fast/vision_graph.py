@@ -1,8 +1,8 @@
 """The vision tower as CUDA graphs (LLaVA-1.5, LLaVA-NeXT), used by ``generate_fast``.
 
 A CLIP / SigLIP tower runs ~24 layers of small kernels on a few hundred tokens per tile: at batch 1 it
-is bound by launching them (~350 launches and HF's Python per call; replayed, LLaVA-NeXT's 5 tiles took
-5.6 ms on an H200), and its shapes depend only on the pixel tensor's shape. So it is captured once per
+is bound by launching them (~350 launches and HF's Python per call), and its shapes depend only on the
+pixel tensor's shape. So it is captured once per
 input signature and replayed. Only the hidden states the model reads (``vision_feature_layer``) and the
 last one come back, cloned out of the graph's memory. Hooks a pruner placed inside the tower
 (VisionZip's query / key taps) cannot run during a replay: their modules' outputs are captured as extra
@@ -17,7 +17,6 @@ import collections
 from . import graphs
 from .graphs import load, signature, static
 
-FAMILIES = ("llava", "llava_next")  # Qwen's tower builds its attention layout on the host
 STORE = "_mmsink_vision_graphs"
 KEEP = 4
 
@@ -81,10 +80,17 @@ class GraphedTower:
         return out
 
 
+def tower_of(model):
+    """(tower, feature layers) when the model's family can replay its tower as a graph, else None (Qwen's
+    tower builds its attention layout on the host)."""
+    from ..patches import family_for
+
+    return family_for(model).graphable_tower()
+
+
 def usable(model) -> bool:
-    if model.config.model_type not in FAMILIES:
-        return False
-    w = next(model.model.vision_tower.parameters(), None)
+    found = tower_of(model)
+    w = next(found[0].parameters(), None) if found is not None else None
     return w is not None and w.is_cuda
 
 
@@ -95,9 +101,8 @@ class patched:
         self.model, self.taps, self.capture = model, taps, capture
 
     def __enter__(self):
-        tower = self.model.model.vision_tower
-        layer = self.model.config.vision_feature_layer
-        layers = (layer,) if isinstance(layer, int) else tuple(layer)
+        self.tower, layers = tower_of(self.model)
+        tower = self.tower
         store = self.model.__dict__.setdefault(STORE, {})
         w = next(tower.parameters())
         key = (tuple(id(m) for m, _ in self.taps), layers, w.data_ptr(), w.dtype)  # weights swapped: new
@@ -114,7 +119,7 @@ class patched:
         return g
 
     def __exit__(self, *exc):
-        tower = self.model.model.vision_tower
+        tower = self.tower
         if self.prev is None:
             tower.__dict__.pop("forward", None)
         else:

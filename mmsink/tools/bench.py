@@ -554,7 +554,7 @@ def measured_markdown(res: dict) -> str:
 
 def schedules(num_layers: int, n_vis: int = 576, budgets=(192, 128, 64)):
     """Visual tokens per layer for each method as our implementation schedules them."""
-    from .pruners.pdrop import schedule as pdrop_schedule
+    from ..pruners.pdrop import schedule as pdrop_schedule
 
     out = {"baseline": [n_vis] * num_layers}
     for k in budgets:
@@ -587,9 +587,8 @@ ANALYTIC = {
 
 def build_meta(shape: str):
     """The real architecture on the meta device (no memory), with its family adapter."""
-    from .api import load_patches
+    from .. import patches as fam
 
-    fam = load_patches()
     if shape == "llava-1.5-7b":
         return fam.llava.Family(build(shape, "meta"))
     if shape == "llava-next-7b":
@@ -611,7 +610,7 @@ def analytic_vision(fam, shape: str, n_vis: int) -> float:
 
 
 def analytic(shape: str, n_text: int = 64, fusion_layers=(7, 9, 11, 13, 15), kept: int = 10) -> dict:
-    from .flops import DecoderCost
+    from ..core.flops import DecoderCost
 
     fam = build_meta(shape)
     n_vis, budgets = ANALYTIC[shape]

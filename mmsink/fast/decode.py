@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from ..core.attention import base_of
+from ..sinks.var import decode_attention
 from . import vision_graph
 from .graphs import capture as capture_graph
 from .graphs import load, signature, static
-from .var import decode_attention
 
-SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-MROPE = ("qwen2_vl", "qwen2_5_vl")  # 3-D positions; decoding continues from the prefill's rope_deltas
 ROUND = 128  # buffer lengths rounded up to this, so similar prompts reuse one captured decoder
 KEEP = 4  # decoders kept per model (each holds its KV buffers and graph)
 TAILS = 8  # captured prefill tails kept per decoder
@@ -122,15 +120,11 @@ class FastDecoder:
     """Static per-layer KV buffers, the token state, and the one-token decode step."""
 
     def __init__(
-        self, model, caps: list[int], batch: int, max_new: int, eos: tuple, compile: bool = False, var=None
+        self, family, caps: list[int], batch: int, max_new: int, eos: tuple, compile: bool = False, var=None
     ):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        from .api import load_patches
-
-        family = load_patches().family_for(model)  # generate_fast checked the model type
+        model = family.model
         lm = family.language_model
-        self.rope = apply_rotary_pos_emb
+        self.rope = family.lm_parts.rope
         self.layers, self.embed, self.norm, self.rotary = (
             family.layers,
             lm.embed_tokens,
@@ -141,7 +135,7 @@ class FastDecoder:
         cfg = family.text_config
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             raise ValueError("mmsink: generate_fast does not implement sliding-window attention")
-        self.mrope = model.config.model_type in MROPE
+        self.mrope = family.mrope
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         d = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // self.heads
         dtype = self.head.weight.dtype
@@ -164,7 +158,7 @@ class FastDecoder:
         self.pad = torch.zeros((), dtype=torch.long, device=dev)
         self.layer_fn = torch.compile(layer_step, dynamic=True) if compile else layer_step
         self.prefill_fn = torch.compile(layer_prefill, dynamic=True) if compile else None
-        self.sdpa = family.text_config._attn_implementation in ("sdpa", "mmsink_sdpa")
+        self.sdpa = base_of(family.text_config._attn_implementation) == "sdpa"
         self.graph = None  # the decode step's replay, once captured
         self.tails: collections.OrderedDict = (
             collections.OrderedDict()
@@ -178,7 +172,7 @@ class FastDecoder:
         """Load one prefill: its per-layer keys / values and masks, positions, first token, stop ids.
         ``tail``: (first layer, valid [B, n]) when layers from there on wrote their keys and values
         here themselves (``run_tail``)."""
-        from .cache import PlanCache
+        from ..core.cache import PlanCache
 
         planned = isinstance(cache, PlanCache) and cache.planned
         b = attention_mask.shape[0]
@@ -322,10 +316,11 @@ class FastDecoder:
 
 
 def decoder_for(
-    model, lengths: list[int], batch: int, max_new: int, eos: tuple, graphs: bool, compile: bool, var=None
+    family, lengths: list[int], batch: int, max_new: int, eos: tuple, graphs: bool, compile: bool, var=None
 ) -> FastDecoder:
     """A decoder whose buffers fit a prefill of ``lengths`` slots per layer: reused when one of the same
     shape is kept on the model."""
+    model = family.model
     need = [n + max_new for n in lengths]
     caps = [-(-n // ROUND) * ROUND for n in need]
     new = -(-max_new // ROUND) * ROUND
@@ -338,7 +333,7 @@ def decoder_for(
         return store[key]
     while len(store) >= KEEP:
         store.popitem(last=False)
-    dec = FastDecoder(model, caps, batch, new, eos, compile, var)
+    dec = FastDecoder(family, caps, batch, new, eos, compile, var)
     store[key] = dec
     return dec
 
@@ -367,102 +362,3 @@ def clear(model) -> None:
     model.__dict__.pop(STORE, None)
     model.__dict__.pop(PLACED, None)
     vision_graph.clear(model)
-
-
-@torch.no_grad()
-def generate_fast(
-    model, max_new_tokens: int = 32, graphs: bool | None = None, compile: bool | None = None, **inputs
-) -> torch.Tensor:
-    """Greedy decoding, the same tokens as ``model.generate(**inputs, do_sample=False)``: prompt ids
-    followed by the new tokens, padded with the pad id after a sample's end-of-sequence token.
-    ``graphs``: one CUDA graph per token (default: on for CUDA models). ``compile``: ``torch.compile`` the
-    layer step (default: on CUDA when Triton is installed; the first call compiles, seconds)."""
-    from .api import Handoff, get_handle
-
-    if model.config.model_type not in SUPPORTED:
-        raise ValueError(
-            f"mmsink: generate_fast supports {SUPPORTED}, not {model.config.model_type!r}; use model.generate"
-        )
-    if max_new_tokens < 1:
-        raise ValueError(f"mmsink: max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
-    try:
-        handle = get_handle(model)
-    except ValueError:
-        handle = None
-    var_on = handle is not None and handle.var is not None and handle.enabled
-    prev = handle.prompt_len if handle is not None else None
-    devices, dispatched = placement(model)
-    if any(d.type == "meta" for d in devices):
-        raise ValueError(
-            "mmsink: generate_fast needs every weight in memory (this model offloads layers through "
-            "accelerate's device_map); use model.generate"
-        )
-    one_device = len(devices) == 1
-    # VAR's decode step is not yet verified inside a CUDA graph on a GPU: eager unless asked for
-    graphs = (one_device and ids.is_cuda and not var_on) if graphs is None else graphs
-    compile = can_compile(ids.device) if compile is None else compile
-    if handle is not None:
-        handle.prompt_len = ids.shape[1]  # selection anchored to the prompt's last token, as generate does
-        handle.handoff = one_device and not dispatched  # the layers after the plan's last decision run here
-    handed = None
-    try:
-        # positions as generate makes them for left-padded prompts (the decode step continues from these)
-        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        call = {**inputs, "attention_mask": mask}
-        if model.config.model_type not in MROPE:  # Qwen computes its 3-D positions (and rope deltas) itself
-            call.setdefault("position_ids", pos)
-        vision = graphs and not dispatched and inputs.get("pixel_values") is not None
-        taps = handle.vision_taps if handle is not None and handle.enabled else []
-        tower = vision_graph.patched(model, taps) if vision and vision_graph.usable(model) else nullcontext()
-        with tower:
-            out = model(**call, use_cache=True, logits_to_keep=1)
-    except Handoff as h:
-        handed = h
-    finally:
-        if handle is not None:
-            handle.prompt_len = prev
-            handle.handoff = False
-    gen = model.generation_config
-    eos = gen.eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=ids.device)
-    pad = gen.pad_token_id if gen.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
-    b, stops = ids.shape[0], tuple(eos.tolist())
-    dec = None
-    if handed is not None:  # the prefill stopped where its plan became final: the rest runs here
-        ctx, first = handed.ctx, handed.layer
-        heads = [ctx.segments[ctx.layer_segment[i]].valid for i in range(first)]
-        n = handed.hidden.shape[1]
-        lengths = [v.shape[1] for v in heads] + [n] * (ctx.num_layers - first)
-        dec = decoder_for(model, lengths, b, max(max_new_tokens - 1, 1), stops, graphs, compile)
-        tok = dec.run_tail(first, handed.hidden, handed.kwargs, graphs).to(ids.device)
-        cache, tail = ctx.cache, (first, ctx.seg.valid, heads)
-        handle.finish_handoff(handed, {**call, "logits_to_keep": 1})
-        del handed
-    else:
-        cache, tail = out.past_key_values, None
-        tok = out.logits[:, -1].argmax(-1)
-        del out
-    new = tok[:, None]
-    if max_new_tokens > 1 and not bool(torch.isin(tok, eos).all()):
-        if dec is None:
-            lengths = [layer.keys.shape[2] for layer in cache.layers]
-            var = (handle.var, sorted(getattr(cache, "layer_codes", {}))) if var_on else None
-            dec = decoder_for(model, lengths, b, max_new_tokens - 1, stops, graphs, compile, var)
-        delta = model.model.rope_deltas if dec.mrope else None  # [B, 1], set by the prefill
-        if graphs and dec.graph is None:
-            dec.fill(cache, mask, tok, delta, pad, tail)
-            dec.capture()
-        dec.fill(cache, mask, tok, delta, pad, tail)
-        del cache
-        steps = dec.run(max_new_tokens - 1)
-        new = torch.cat([new, dec.out[:, :steps].to(ids.device)], 1)
-    out_ids = torch.cat([ids, new], 1)
-    # like generate: stop at the step where every sample has finished
-    fin = torch.isin(out_ids[:, ids.shape[1] :], eos)
-    if eos.numel() and bool(fin.any(1).all()):
-        last = int(fin.float().argmax(1).max())  # the latest first-eos over samples
-        out_ids = out_ids[:, : ids.shape[1] + last + 1]
-    return out_ids

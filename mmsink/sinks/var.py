@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from .attention import grouped_attention, reweighted_attention
+from ..core.attention import group_indices, grouped_attention, reweighted_attention
 
 OTHER, TEXT_SINK, VISUAL_SINK, VISUAL = 0, 1, 2, 3
 CODES = (TEXT_SINK, VISUAL_SINK, VISUAL, OTHER)
@@ -143,3 +143,49 @@ def redistribute_rows(probs, codes, rows, cfg: VARConfig):
     p = torch.where(chosen, cfg.p, 0.0)[..., None]
     grow = 1 + (p[..., 0] * m_sink / m_v.clamp(min=1e-30))[..., None]
     return torch.where(ts | vs, probs * (1 - p), torch.where(vn, probs * grow, probs))
+
+
+# ---- the handle's VAR steps: a prefill layer, the anchor row a pruner ranks by, a decode step
+
+
+def prefill_reweight(ctx, layer: int, hidden, cfg: VARConfig):
+    """The attention edit of a prefill layer: key codes from the hidden state entering it, rows after the
+    image (instruction, answer and later tokens; indexed once per segment)."""
+    seg = ctx.seg
+    vis = ctx.visual()
+    codes = key_codes(hidden, vis, ctx.in_prompt(), cfg)
+    ctx.var_codes[layer] = codes
+    if "var_rows" not in seg.cache:
+        rows = seg.valid & ~vis & (vis.cumsum(1) > 0)
+        seg.cache["var_rows"] = group_indices(rows, ctx.text_after_image_width())
+    rows = seg.cache["var_rows"]
+
+    def reweight(q, k, v, mask, scale, base):
+        out, flops = var_attention(q, k, v, mask, seg.valid, scale, base, codes, rows, cfg)
+        ctx.attn_flops[layer] = flops
+        return out
+
+    return reweight
+
+
+def anchor_edit(ctx, layer: int, anchor, cfg: VARConfig):
+    """The anchor row's probabilities as VAR redistributes them (a pruner ranking at a VAR layer)."""
+    codes = ctx.var_codes[layer]
+    vis = ctx.visual()
+    after_image = vis.cumsum(1).gather(1, anchor[:, None])[:, 0] > 0
+    return lambda probs: redistribute_rows(
+        probs, codes, after_image & ~vis.gather(1, anchor[:, None])[:, 0], cfg
+    )
+
+
+def decode_reweight(cache, layer: int, cfg: VARConfig):
+    """The attention edit of a cached decode step: every new row, keys grouped by the prefill's codes."""
+    codes = cache.layer_codes[layer]
+    valid = cache.segment_valid[cache.layer_segment[layer]]
+
+    def reweight(q, k, v, mask, scale, base):
+        rows = torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)
+        c, ok = codes.to(q.device), valid.to(q.device)
+        return var_attention(q, k, v, mask, ok, scale, base, c, rows, cfg)[0]
+
+    return reweight

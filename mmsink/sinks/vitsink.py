@@ -75,3 +75,31 @@ def to_front_order(sink: torch.Tensor) -> torch.Tensor:
     n = sink.shape[-1]
     ar = torch.arange(n, device=sink.device)
     return torch.where(sink, ar, n + ar).argsort(dim=-1)
+
+
+def place(ctx, hidden, cfg: SinkForwardConfig, threshold: float | None):
+    """Detect sinks per image from ``ctx.vit``; protect them; with to_front, move them to the front of
+    their image's span. Records what was found in ``ctx.vit_sinks``; returns the hidden states."""
+    lay = ctx.layout
+    flat = lay.is_image.nonzero()  # (sample, position) of every image token, in feature order
+    if flat.shape[0] != sum(n.numel() for n in ctx.vit):
+        raise ValueError("mmsink: image features and image tokens do not line up for sink detection")
+    sinks = [detect(n, cfg, threshold) for n in ctx.vit]
+    orders, start = [], 0
+    for s in sinks:
+        order = to_front_order(s) if cfg.to_front else torch.arange(s.numel(), device=s.device)
+        orders.append(order + start)
+        start += s.numel()
+    order = torch.cat(orders)
+    sink, norms = torch.cat(sinks)[order], torch.cat(ctx.vit)[order]
+    patch = torch.cat([torch.arange(s.numel(), device=s.device) for s in sinks])[order]
+    if cfg.to_front:
+        hidden = hidden.clone()
+        hidden[flat[:, 0], flat[:, 1]] = hidden[flat[:, 0], flat[:, 1]][order.to(hidden.device)]
+    ctx.protected = torch.zeros_like(lay.is_image)
+    ctx.protected[flat[:, 0], flat[:, 1]] = sink.to(lay.is_image.device)
+    ctx.vit_sinks = [[] for _ in range(lay.batch)]
+    for i in sink.nonzero().squeeze(1).tolist():
+        b, pos = flat[i].tolist()
+        ctx.vit_sinks[b].append({"position": pos, "patch": int(patch[i]), "norm": round(float(norms[i]), 3)})
+    return hidden

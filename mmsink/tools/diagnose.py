@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .var import sink_scores
+from ..sinks.var import sink_scores
 
 
 def rotate_half(x):

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import encode, load
 from .diagnose import collect, contribution_curve, layer_report, massive_dims, top_outlier_dims
+from .loading import encode, load_model
 
 
 @torch.no_grad()
 def inspect_model(model, processor, image, question, sink_dims=None, device="cpu", tau=20.0) -> dict:
-    from .api import load_patches
+    from ..patches import family_for
 
-    family = load_patches().family_for(model)
+    family = family_for(model)
     inputs = encode(processor, image, question, device)
     data = collect(model, inputs, family)
     is_image = inputs["input_ids"][0] == model.config.image_token_id
@@ -89,7 +89,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from PIL import Image
 
-    model, processor = load(a.model, a.device, a.dtype)
+    model, processor = load_model(a.model, a.device, a.dtype)
     dims = [int(d) for d in a.sink_dims.split(",")] if a.sink_dims else None
     report = inspect_model(
         model, processor, Image.open(a.image).convert("RGB"), a.question, dims, a.device, a.tau

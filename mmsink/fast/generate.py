@@ -1,0 +1,155 @@
+"""``generate_fast``: the (pruned) prefill through the wrapped model, handed off where its plan is final,
+then greedy decoding on static per-layer buffers (``decode.FastDecoder``)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from ..core.hooks import ATTR, Handoff
+from . import vision_graph
+from .decode import can_compile, decoder_for, placement
+
+# generate's options at the values generate_fast implements (greedy); other values are refused by name
+GREEDY = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1}
+CALLBACKS = (
+    "logits_processor",
+    "stopping_criteria",
+    "streamer",
+    "prefix_allowed_tokens_fn",
+    "assistant_model",
+)
+
+
+@dataclass
+class Prefilled:
+    """What the prefill leaves for decoding."""
+
+    tok: torch.Tensor  # [B] the first new token
+    cache: object  # the model's cache (layers before a hand-off, or all of them)
+    tail: tuple | None  # (first layer, its valid slots, earlier layers' valid slots) after a hand-off
+    dec: object | None  # the decoder the hand-off's tail layers already wrote into
+    mask: torch.Tensor  # [B, L] the prompt's attention mask
+
+
+def generation_options(inputs: dict) -> set:
+    """The keys of ``inputs`` that are generate's options rather than model inputs."""
+    return set(inputs) & (set(GenerationConfig().to_dict()) | set(CALLBACKS))
+
+
+def check_inputs(inputs: dict, max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"mmsink: max_new_tokens must be >= 1, got {max_new_tokens}")
+    for name in sorted(generation_options(inputs)):
+        value = inputs[name]
+        if value is None or (name in GREEDY and value == GREEDY[name]):
+            continue
+        raise ValueError(
+            f"mmsink: generate_fast decodes greedily and does not implement {name}={value!r}; "
+            "use model.generate"
+        )
+
+
+def prefill(model, family, handle, inputs: dict, graphs: bool, compile: bool, dispatched: bool, budget: int):
+    """Run the prompt; where the plan becomes final the layer hook hands off and the remaining layers run
+    on the decoder's buffers here (one graph per shape when ``graphs``)."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    # positions as generate makes them for left-padded prompts (the decode step continues from these)
+    options = generation_options(inputs)
+    call = {k: v for k, v in inputs.items() if k not in options} | {"attention_mask": mask}
+    if not family.mrope:  # Qwen computes its 3-D positions (and rope deltas) itself
+        call.setdefault("position_ids", (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1))
+    live = handle is not None and handle.enabled
+    session = handle.session(ids.shape[1], handoff=not dispatched) if handle is not None else nullcontext()
+    tower = nullcontext()
+    if graphs and not dispatched and inputs.get("pixel_values") is not None:
+        taps = handle.vision_taps if live else []
+        if vision_graph.usable(model):
+            tower = vision_graph.patched(model, taps)
+    try:
+        with session, tower:
+            out = model(**call, use_cache=True, logits_to_keep=1)
+    except Handoff as h:
+        ctx, first = h.ctx, h.layer
+        heads = [ctx.segments[ctx.layer_segment[i]].valid for i in range(first)]
+        lengths = [v.shape[1] for v in heads] + [h.hidden.shape[1]] * (ctx.num_layers - first)
+        stops = stop_ids(model)[0]
+        dec = decoder_for(family, lengths, ids.shape[0], max(budget - 1, 1), stops, graphs, compile)
+        tok = dec.run_tail(first, h.hidden, h.kwargs, graphs).to(ids.device)
+        done = Prefilled(tok, ctx.cache, (first, ctx.seg.valid, heads), dec, mask)
+        handle.finish_handoff(h, {**call, "logits_to_keep": 1})  # stats deferred: drops ctx's references
+        return done
+    return Prefilled(out.logits[:, -1].argmax(-1), out.past_key_values, None, None, mask)
+
+
+def stop_ids(model) -> tuple:
+    """(end-of-sequence ids as a tuple, pad id) from the model's generation config."""
+    gen = model.generation_config
+    eos = gen.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
+    return tuple(eos), pad
+
+
+def decode(model, family, handle, p: Prefilled, ids, max_new_tokens: int, graphs: bool, compile: bool):
+    """The new tokens [B, n] after the prompt (greedy, static buffers, one graph replay per token)."""
+    stops, pad = stop_ids(model)
+    eos = torch.tensor(stops, dtype=torch.long, device=ids.device)
+    new = p.tok[:, None]
+    if max_new_tokens == 1 or bool(torch.isin(p.tok, eos).all()):
+        return new
+    dec = p.dec
+    if dec is None:
+        lengths = [layer.keys.shape[2] for layer in p.cache.layers]
+        var_on = handle is not None and handle.var is not None and handle.enabled
+        var = (handle.var, sorted(getattr(p.cache, "layer_codes", {}))) if var_on else None
+        dec = decoder_for(family, lengths, ids.shape[0], max_new_tokens - 1, stops, graphs, compile, var)
+    delta = family.rope_deltas() if dec.mrope else None  # [B, 1], set by the prefill
+    if graphs and dec.graph is None:
+        dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
+        dec.capture()
+    dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
+    steps = dec.run(max_new_tokens - 1)
+    return torch.cat([new, dec.out[:, :steps].to(ids.device)], 1)
+
+
+@torch.no_grad()
+def generate_fast(
+    model, max_new_tokens: int = 32, graphs: bool | None = None, compile: bool | None = None, **inputs
+) -> torch.Tensor:
+    """Greedy decoding, the same tokens as ``model.generate(**inputs, do_sample=False)``: prompt ids
+    followed by the new tokens, padded with the pad id after a sample's end-of-sequence token.
+    ``graphs``: one CUDA graph per token (default: on for CUDA models). ``compile``: ``torch.compile`` the
+    layer step (default: on CUDA when Triton is installed; the first call compiles, seconds)."""
+    from ..patches import family_for
+
+    family = family_for(model)
+    check_inputs(inputs, max_new_tokens)
+    ids = inputs["input_ids"]
+    handle = getattr(model, "__dict__", {}).get(ATTR)
+    var_on = handle is not None and handle.var is not None and handle.enabled
+    devices, dispatched = placement(model)
+    if any(d.type == "meta" for d in devices):
+        raise ValueError(
+            "mmsink: generate_fast needs every weight in memory (this model offloads layers through "
+            "accelerate's device_map); use model.generate"
+        )
+    one_device = len(devices) == 1
+    # VAR's decode step is not yet verified inside a CUDA graph on a GPU: eager unless asked for
+    graphs = (one_device and ids.is_cuda and not var_on) if graphs is None else graphs
+    compile = can_compile(ids.device) if compile is None else compile
+    p = prefill(model, family, handle, inputs, graphs, compile, dispatched or not one_device, max_new_tokens)
+    new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile)
+    out_ids = torch.cat([ids, new], 1)
+    eos = torch.tensor(stop_ids(model)[0], dtype=torch.long, device=ids.device)
+    # like generate: stop at the step where every sample has finished
+    fin = torch.isin(out_ids[:, ids.shape[1] :], eos)
+    if eos.numel() and bool(fin.any(1).all()):
+        last = int(fin.float().argmax(1).max())  # the latest first-eos over samples
+        out_ids = out_ids[:, : ids.shape[1] + last + 1]
+    return out_ids

@@ -1,0 +1,1 @@
+"""Attention-sink methods that act with any pruner: VAR (``var``) and ViT-sink forwarding (``vitsink``)."""

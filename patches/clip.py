@@ -1,0 +1,81 @@
+"""What the two LLaVA families share about a CLIP-style tower with a [CLS] token: the feature layer's
+attention (vision-stage scores), the tower's FLOPs, and the image-placeholder check. Functions, not a base
+class: each family uses them as it needs."""
+
+from __future__ import annotations
+
+import torch
+
+from mmsink.core.bind import Bound
+
+
+def feature_attention(model):
+    """The attention module of the vision layer whose output feeds the projector."""
+    layer = model.config.vision_feature_layer
+    layer = layer if isinstance(layer, int) else layer[-1]
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    return layers[layer % (len(layers) + 1) - 1].self_attn
+
+
+def feature_layers(model) -> tuple:
+    layer = model.config.vision_feature_layer
+    return (layer,) if isinstance(layer, int) else tuple(layer)
+
+
+def cls_taps(model) -> list:
+    attn = feature_attention(model)
+    return [("q", attn.q_proj, "output"), ("k", attn.k_proj, "output")]
+
+
+def cls_scores(model, taps: dict, n_features: int):
+    """(scores [I, P], keys [I, P, d], flops) of the feature layer for the last ``n_features`` tokens of
+    each tile: the [CLS] query's attention (mean over heads; only that row is computed) and the keys
+    (mean over heads)."""
+    attn = feature_attention(model)
+    q, k = taps["q"], taps["k"]  # [I, 1+P, H*hd]
+    n_img, n_tok, _ = k.shape
+    heads = attn.num_heads
+    hd = k.shape[-1] // heads
+    qh = q[:, 0].view(n_img, heads, hd)
+    kh = k.view(n_img, n_tok, heads, hd)
+    cls = torch.softmax(torch.einsum("ihd,inhd->ihn", qh.float(), kh.float()) * attn.scale, -1).mean(1)
+    offset = n_tok - n_features  # 1 when the class token was dropped ("default")
+    return cls[:, offset:], kh[:, offset:].float().mean(2), 2 * n_img * heads * n_tok * hd
+
+
+def tower_flops(family, tiles: int, n_patch: int) -> int:
+    """Tower (patch embedding, linears, attention) and projector FLOPs over ``tiles`` tiles."""
+    model = family.model
+    v = model.config.vision_config
+    p = v.patch_size
+    n = n_patch + 1  # class token
+    conv = 2 * tiles * n_patch * v.hidden_size * v.num_channels * p * p
+    attn = v.num_hidden_layers * 4 * tiles * n * n * v.hidden_size
+    n_feat = n if model.config.vision_feature_select_strategy == "full" else n_patch
+    proj = 2 * tiles * n_feat * family.linear(family.projector)
+    return conv + 2 * tiles * n * family.linear(model.model.vision_tower) + attn + proj
+
+
+def bind_placeholder_check(inner, seam) -> Bound:
+    """``get_placeholder_mask`` on this one model instance: the same mask, and the same check of image
+    tokens against image features, counted from the prefill layout's host sizes instead of a sum on the
+    device (a read that made the host wait for the vision tower before it could queue the decoder).
+    Falls back to the previous method when the layout is not of these ids."""
+
+    def make(previous):
+        def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+            lay = seam.layout_of(input_ids) if input_ids is not None else None
+            if lay is None:
+                return previous(input_ids, inputs_embeds, image_features)
+            tokens = sum(n for row in lay.sizes for n in row)
+            if tokens * inputs_embeds.shape[-1] != image_features.numel():
+                raise ValueError(
+                    f"Image features and image tokens do not match, tokens: {tokens}, "
+                    f"features: {image_features.numel() // inputs_embeds.shape[-1]}"
+                )
+            return (input_ids == self.config.image_token_id).unsqueeze(-1).to(inputs_embeds.device)
+
+        return get_placeholder_mask
+
+    return Bound(inner, "get_placeholder_mask", make)
