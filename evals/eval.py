@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mmsink.tools import loading
 from mmsink.tools.loading import open_image, prompt_for
+
 from . import parallel, vqa
 
 
