@@ -85,17 +85,6 @@ class CDPruner(Pruner):
             return "clip" if self.options.clip is not None and has_clip_tower else "embeds"
         return r
 
-    def describe(self) -> dict:
-        o = self.options
-        clip = o.clip if isinstance(o.clip, (str, type(None))) else type(o.clip).__name__
-        return {
-            "method": self.name,
-            "budget": self.budget,
-            "budget_per": self.budget_per,
-            "relevance": o.relevance,
-            "clip": str(clip) if clip is not None else None,
-        }
-
     def final_layer(self, ctx):
         return 0  # decided before the first layer
 
