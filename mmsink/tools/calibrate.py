@@ -7,31 +7,43 @@ model needs no hand-tuned constants.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from .diagnose import collect, massive_dims, top_outlier_dims
-from .loading import encode, load_model, open_image
+from .loading import DTYPES, LoadError, check_out_file, encode, fail, load_model, open_image, parser
 
 
 def read_samples(data, images, limit):
+    """(image, question) pairs from a LLaVA questions file, read by eval's tolerant reader: bad records
+    are reported by line on stderr and skipped; a missing file or no usable record is a LoadError."""
+    from mmsink.evals import vqa
+
+    data = Path(data)
+    if not data.is_file():
+        raise LoadError(f"--data {data}: no such file (a questions JSONL: question_id, image, text)")
+    try:
+        rows = vqa.read_jsonl(data)
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"--data {data}: unreadable ({e})") from None
+    questions, problems = vqa.check_questions(rows, data.name)
     out = []
-    with open(data, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                image, why = open_image(Path(images) / rec["image"])
-                if image is None:
-                    raise ValueError(f"mmsink calibrate: {why}")
-                out.append((image, rec["text"]))
-            if len(out) >= limit:
-                break
+    for q in questions:
+        if len(out) >= limit:
+            break
+        image, why = open_image(Path(images) / q["image"])
+        if image is None:
+            problems.append(vqa.problem(data.name, why, q["question_id"], q["line"]))
+            continue
+        out.append((image, q["text"]))
+    for p in problems:
+        print("mmsink calibrate: skipped " + vqa.describe(p), file=sys.stderr)
     if not out:
-        raise ValueError(f"mmsink calibrate: no samples in {data}")
+        raise LoadError(f"--data {data}: no usable sample ({len(problems)} bad record(s))")
     return out
 
 
@@ -95,17 +107,24 @@ def calibrate(model, processor, samples, device="cpu") -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="mmsink calibrate", description=__doc__)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True, help="questions JSONL (LLaVA format: image, text)")
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--limit", type=int, default=16)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", required=True)
+    ap = parser("calibrate", __doc__)
+    ap.add_argument("--model", required=True, help="local checkpoint folder (LLaVA, LLaVA-NeXT, Qwen2-VL)")
+    ap.add_argument("--data", required=True, help="questions JSONL (LLaVA format: question_id, image, text)")
+    ap.add_argument("--images", required=True, help="folder the data file's image names are relative to")
+    ap.add_argument("--limit", type=int, default=16, help="use the first N usable samples (default 16)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
+    ap.add_argument("--out", required=True, help="calibration file to write (JSON)")
     a = ap.parse_args(argv)
-    model, processor = load_model(a.model, a.device, a.dtype)
-    result = calibrate(model, processor, read_samples(a.data, a.images, a.limit), a.device)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    if a.limit < 1:
+        ap.error("--limit must be >= 1")
+    try:
+        out = check_out_file(a.out)
+        samples = read_samples(a.data, a.images, a.limit)
+        model, processor = load_model(a.model, a.device, a.dtype)
+        result = calibrate(model, processor, samples, a.device)
+        out.write_text(json.dumps(result, indent=1))
+    except (LoadError, OSError) as e:
+        fail("calibrate", e)
     print(json.dumps(result, indent=1))
     return result

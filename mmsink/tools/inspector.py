@@ -9,14 +9,13 @@ VisiPruner's contribution test (the three-stage curve), and the ViT token norms.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
 from .diagnose import collect, contribution_curve, layer_report, massive_dims, top_outlier_dims
-from .loading import encode, load_model
+from .loading import DTYPES, LoadError, check_out_dir, encode, fail, load_model, open_image, parser
 
 
 @torch.no_grad()
@@ -77,27 +76,32 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="mmsink inspect", description=__doc__)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--image", required=True)
-    ap.add_argument("--question", required=True)
+    ap = parser("inspect", __doc__)
+    ap.add_argument("--model", required=True, help="local checkpoint folder (LLaVA, LLaVA-NeXT, Qwen2-VL)")
+    ap.add_argument("--image", required=True, help="image file")
+    ap.add_argument("--question", required=True, help="question about the image")
     ap.add_argument("--sink-dims", default=None, help="comma-separated channels (default: found)")
     ap.add_argument("--tau", type=float, default=20.0, help="VAR sink threshold on |x_d| / RMS(x)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", default="inspect")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
+    ap.add_argument("--out", default="inspect", help="output folder for inspect.json and inspect.png")
     a = ap.parse_args(argv)
-    from PIL import Image
-
-    model, processor = load_model(a.model, a.device, a.dtype)
-    dims = [int(d) for d in a.sink_dims.split(",")] if a.sink_dims else None
-    report = inspect_model(
-        model, processor, Image.open(a.image).convert("RGB"), a.question, dims, a.device, a.tau
-    )
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot(report, out / "inspect.png")
-    report.pop("_vit_norms_all")
-    (out / "inspect.json").write_text(json.dumps(report, indent=1))
+    try:
+        dims = [int(d) for d in a.sink_dims.split(",")] if a.sink_dims else None
+    except ValueError:
+        ap.error(f"--sink-dims takes comma-separated channel numbers, got {a.sink_dims!r}")
+    try:
+        out = check_out_dir(a.out)
+        image, why = open_image(a.image)
+        if image is None:
+            raise LoadError(why)
+        model, processor = load_model(a.model, a.device, a.dtype)
+        report = inspect_model(model, processor, image, a.question, dims, a.device, a.tau)
+        out.mkdir(parents=True, exist_ok=True)
+        plot(report, out / "inspect.png")
+        report.pop("_vit_norms_all")
+        (out / "inspect.json").write_text(json.dumps(report, indent=1))
+    except (LoadError, OSError) as e:
+        fail("inspect", e)
     print(f"wrote {out / 'inspect.json'} and {out / 'inspect.png'}")
     return report
