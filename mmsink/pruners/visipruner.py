@@ -1,8 +1,14 @@
 """VisiPruner (Fan et al., EMNLP 2025): three stages of cross-modal interaction.
 
 shallow (layers < S): the published zeroing of attention weights without renormalisation, computed
-  from per-key-group partial outputs and log-sum-exps: layer 0 gives image queries no image keys and
-  moves text queries' image mass onto each image's first token; layers 1..S-1 drop text->image mass.
+  from per-key-group partial outputs and log-sum-exps; layers 1..S-1 drop text->image mass. Layer 0
+  follows the official code's rule for the model (EIT-NLP/VisiPruner,
+  ``llava/model/language_model/custom_modeling_llama.py``, ``LlamaAttention.forward``): 7B (32 layers)
+  gives image queries no image keys and moves text queries' image mass onto each image's first token;
+  13B (40 layers) gives image queries no image keys and text queries lose the first half of the
+  visual tokens (int(total / 2), the official ``vis_half_index``), keeping the second half's mass as is.
+  The official code picks the rule from the checkpoint's name; mmsink from the depth (40 layers: 13B,
+  else 7B) unless ``first_layer_rule`` names it ("7b", "13b"; False: no layer-0 rule).
   Same numbers as editing the softmax matrix, at the cost of one fused attention. Prompt rows only
   (decode steps are not masked in the paper; rows past the prompt are treated the same way).
 middle (layers >= S+1): the last prompt token's attention output o and each image token's contribution
@@ -37,7 +43,7 @@ class VisiPruner(Pruner):
         tokens_threshold: float = 0.2
         deep_threshold: float = 0.999
         deep_passes: int = 2
-        first_layer_rule: bool = True
+        first_layer_rule: bool | str = True  # True: by depth (40 layers: "13b", else "7b"); False: none
         fallback_layer: int | None = None  # fixed budget: decide here if no fusion was found (default L//2)
 
     def check_options(self):
@@ -49,6 +55,10 @@ class VisiPruner(Pruner):
             raise ValueError("mmsink: visipruner tokens_threshold must be >= 0")
         if o.deep_passes < 1:
             raise ValueError("mmsink: visipruner deep_passes must be >= 1")
+        if o.first_layer_rule not in (True, False, "7b", "13b"):
+            raise ValueError(
+                "mmsink: visipruner first_layer_rule must be True (by depth), False, '7b' or '13b'"
+            )
         if o.shallow_mid_layer is not None and o.shallow_mid_layer < 0:
             raise ValueError("mmsink: visipruner shallow_mid_layer must be >= 0")
 
@@ -66,6 +76,12 @@ class VisiPruner(Pruner):
     def report(self, ctx):
         return {"fusion_layer": ctx.run["fused_at"].tolist()}
 
+    def layer0_rule(self, num_layers: int) -> str | None:
+        r = self.options.first_layer_rule
+        if r is True:
+            return "13b" if num_layers == 40 else "7b"
+        return r or None
+
     def start(self, ctx):
         b = ctx.layout.batch
         dev = ctx.layout.is_image.device
@@ -75,6 +91,7 @@ class VisiPruner(Pruner):
             fallback = ctx.num_layers // 2
         ctx.run = {
             "S": self.shallow_layers(ctx.num_layers),
+            "rule0": self.layer0_rule(ctx.num_layers),
             "deep": deep,
             "fallback": fallback,
             "fused_at": torch.full((b,), -1, dtype=torch.long, device=dev),
@@ -92,7 +109,7 @@ class VisiPruner(Pruner):
         d = {}
         if o.shallow and layer < run["S"]:
             d["reweight"] = lambda q, k, v, mask, scale, base: shallow_attention(
-                ctx, layer, q, k, v, mask, scale, base, o.first_layer_rule
+                ctx, layer, q, k, v, mask, scale, base, run["rule0"]
             )
         # the last layer is not watched: no layer is left for its decision
         if o.middle and run["S"] + 1 <= layer < ctx.num_layers - 1 and observing(ctx):
@@ -159,7 +176,8 @@ def contribution_test(ctx, observed):
 def shallow_widths(ctx) -> list[int] | None:
     """The widths of the shallow stage's row sets and key groups (as ``shallow_attention`` builds them)
     from the layout's host facts, on the full segment (slot = position): text rows after the first image
-    up to the anchor, those plus the prompt's image rows, the non-image keys, each image's keys."""
+    up to the anchor, those plus the prompt's image rows, the non-image keys, each image's keys, the first
+    and second half of the sample's visual keys (the 13B layer-0 rule)."""
     lay = ctx.layout
     if len(ctx.segments) > 1:
         return None
@@ -171,14 +189,19 @@ def shallow_widths(ctx) -> list[int] | None:
         keys.append(n - sum(sizes))
         images.append(sizes)
     per_image = [max((s[m] if m < len(s) else 0 for s in images), default=0) for m in range(lay.max_images)]
-    return [max(txt), max(rule0), max(keys), *per_image]
+    halves = [
+        max((sum(s) // 2 for s in images), default=0),
+        max((sum(s) - sum(s) // 2 for s in images), default=0),
+    ]
+    return [max(txt), max(rule0), max(keys), *per_image, *halves]
 
 
-def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
+def shallow_attention(ctx, layer, q, k, v, mask, scale, base, rule0):
     """The published edit on the rows it changes (prompt text rows after an image; at layer 0 also image
-    rows): no renormalisation, so image groups simply lose (or move) their mass."""
+    rows): no renormalisation, so key groups simply lose (or move) their mass. ``rule0``: the layer-0
+    rule ("7b", "13b" or None)."""
     seg = ctx.seg
-    rule0 = layer == 0 and first_layer_rule
+    rule = rule0 if layer == 0 else None
     vis = ctx.visual()
     # the shallow layers share one segment: rows and key groups are indexed once, sized from the host
     # (no read, so the host need not wait for the vision tower here; a later segment reads each width)
@@ -187,12 +210,16 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
         prompt = ctx.in_prompt()
         txt = prompt & ~vis & (vis.cumsum(1) > 0)
         img = ctx.image_of()
+        nvis = ctx.layout.counts.sum(1, keepdim=True)  # the sample's visual tokens (device, no read)
+        first_half = vis & (vis.cumsum(1) <= nvis // 2)
         members = [txt, txt | (vis & prompt), seg.valid & ~vis]
         members += [img == m for m in range(ctx.layout.max_images)]
+        members += [first_half, vis & ~first_half]
         widths = shallow_widths(ctx) or [None] * len(members)
-        memo[False], memo[True], *memo["groups"] = map(group_indices, members, widths)
-    groups = memo["groups"]
-    rows = memo[rule0]
+        memo[False], memo[True], *groups = map(group_indices, members, widths)
+        memo["groups"], memo["halves"] = groups[:-2], [groups[0], *groups[-2:]]
+    groups = memo["halves"] if rule == "13b" else memo["groups"]
+    rows = memo[rule is not None]
 
     def mix(outs, masses, ri, vv):
         # every edited row is a text row after an image or (layer 0) an image row; -1 padding is discarded
@@ -200,15 +227,17 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, first_layer_rule):
         is_img = vis.gather(1, ri.clamp(min=0)) & (ri >= 0)
         txt_row = (~is_img & (ri >= 0))[:, None, :, None]
         new = masses[0][..., None] * outs[0].float()  # the non-image keys keep their mass
-        if rule0:  # text rows move each image's mass onto its first token; image rows lose it
+        if rule == "7b":  # text rows move each image's mass onto its first token; image rows lose it
             for g, m_g in zip(groups[1:], masses[1:]):
                 first = g[:, :1].clamp(min=0)
                 v_first = vv.gather(2, first[:, None, :, None].expand(-1, h, 1, d)).float()
                 new = new + torch.where(txt_row, m_g[..., None] * v_first, 0.0)
+        elif rule == "13b":  # text rows keep the second half's mass as is; image rows lose every image key
+            new = new + torch.where(txt_row, masses[2][..., None] * outs[2].float(), 0.0)
         return new  # layers 1..S-1: text rows drop the image mass
 
-    # with one image its group's output is never read: the fused kernel's LSE gives its mass
-    skip = 1 if ctx.layout.max_images == 1 else None
+    # a group whose output is never read: the fused kernel's LSE gives its mass (one image; 13B: 1st half)
+    skip = 1 if ctx.layout.max_images == 1 or rule == "13b" else None
     out, flops = reweighted_attention(
         q, k, v, mask, seg.valid, scale, base, rows, groups, mix, skip=skip, dense=seg.dense
     )
