@@ -11,7 +11,6 @@ concurrent users never see each other's settings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import threading
@@ -23,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import mmsink
-from mmsink.tools.loading import encode, load_model
+from mmsink.tools.loading import DTYPES, LoadError, encode, fail, load_model, parser
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE / "samples"
@@ -251,15 +250,23 @@ def serve_in_background(runner: Runner, host: str = "127.0.0.1", wait_s: float =
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="mmsink demo", description=__doc__)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=7860)
+    ap = parser("demo", __doc__)
+    ap.add_argument(
+        "--model", default=str(DEFAULT_MODEL), help="local checkpoint folder (default: the bundled one)"
+    )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
+    ap.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)"
+    )
+    ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ap.add_argument("--no-fast", action="store_true", help="decode with model.generate, not generate_fast")
     a = ap.parse_args(argv)
-    app = build(Runner(a.model, a.device, a.dtype, fast=not a.no_fast))
+    try:
+        runner = Runner(a.model, a.device, a.dtype, fast=not a.no_fast)
+    except LoadError as e:
+        fail("demo", e)
+    app = build(runner)
     app.launch(server_name=a.host, server_port=a.port)
 
 

@@ -2,10 +2,12 @@
 
     mmsink eval --model PATH --bench synthvqa --prune fastv --budget 64 --batch-size 8 --out answers.jsonl
 
-Answers are appended and flushed per batch, and question_ids already in ``--out`` are skipped, so an
-interrupted run is continued by running the same command again. Records that cannot be used (malformed
-line, empty question, missing or unreadable image, unknown category) are reported by question_id or
-line on stderr, listed again at the end and in ``<out>.errors.json``; the rest is answered.
+Without --out the answers go to eval/<model>-<bench>-<method>[-<budget>].jsonl. Answers are appended and
+flushed per batch, and question_ids already in the answers file are skipped, so an interrupted run
+(Ctrl-C: exit status 130) is continued by running the same command again. Records that cannot be used
+(malformed line, empty question, missing or unreadable image, unknown category) are reported by
+question_id or line on stderr, listed again at the end and in <out>.errors.json (written only when there
+are any); the rest is answered.
 
 Data parallel: ``--num-processes N``, ``torchrun --nproc-per-node N -m mmsink eval ...`` or
 ``accelerate launch --num_processes N -m mmsink eval ...`` (see evals/parallel.py).
@@ -20,13 +22,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmsink.tools import loading
-from mmsink.tools.loading import open_image, prompt_for
+from mmsink.tools.loading import LoadError, check_out_file, fail, open_image, parser, prompt_for
 
 from . import parallel, vqa
 
@@ -185,7 +188,11 @@ def run_eval(
 
     def finish():
         parallel.merge(out, order)  # the parts of a parallel run (also leftovers of a killed one)
-        Path(f"{out}.errors.json").write_text(json.dumps(problems, indent=1) + "\n", encoding="utf-8")
+        errors = Path(f"{out}.errors.json")
+        if problems:
+            errors.write_text(json.dumps(problems, indent=1) + "\n", encoding="utf-8")
+        else:  # none this time: an earlier run's list would be stale
+            errors.unlink(missing_ok=True)
         wanted = set(order)
         records = [r for r in vqa.read_answers(out) if str(r["question_id"]) in wanted]
         summary = {
@@ -304,11 +311,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
         help="ViT-sink forwarding; optional JSON settings, e.g. '{\"threshold\": 100}'",
     )
     p.add_argument("--config", help="calibration file (mmsink calibrate) for wrap(config=...)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="questions per forward (default 8)")
     p.add_argument("--limit", type=int, help="only the first K lines of the question set")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument(
+        "--dtype", default="float32", choices=loading.DTYPES, help="weights' dtype (default float32)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit in tokens (default 8)")
     p.add_argument(
         "--fast",
         action="store_true",
@@ -322,6 +331,23 @@ def add_common(p: argparse.ArgumentParser) -> None:
         default=1,
         help="answer in N local processes (data parallel; torchrun / accelerate launch set it themselves)",
     )
+
+
+def default_out(model, bench, settings: Settings) -> Path:
+    """eval/<model>-<bench>-<method>[-<budget>].jsonl: the same command finds the same file to resume."""
+    name = Path(bench).stem if bench != "synthvqa" else "synthvqa"
+    label = re.sub(r"[^A-Za-z0-9.=+_-]+", "_", settings.label().replace(" budget ", "-"))
+    return Path("eval") / f"{Path(model).resolve().name}-{name}-{label}.jsonl"
+
+
+def interrupted(command: str, out) -> None:
+    """Ctrl-C: one line, and how to continue (answers are flushed per batch); exit status 130."""
+    if parallel.is_main():
+        print(
+            f"\nmmsink {command}: interrupted; answers so far are in {out} (the same command continues)",
+            file=sys.stderr,
+        )
+    raise SystemExit(130)
 
 
 def setup(args, command: str):
@@ -341,11 +367,15 @@ def setup(args, command: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mmsink eval", description=__doc__.split("\n")[0])
+    p = parser("eval", __doc__)
     add_common(p)
     p.add_argument("--prune", default=None, help="method (mmsink.methods()); 'none' or omitted: no method")
     p.add_argument("--budget", default=None, help="visual tokens (64) or a fraction (0.25)")
-    p.add_argument("--out", required=True, help="answers JSONL (appended to, resumable)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="answers JSONL (appended to, resumable; default eval/<model>-<bench>-<method>.jsonl)",
+    )
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_processes < 1:
         p.error("--batch-size and --num-processes must be >= 1")
@@ -361,13 +391,22 @@ def main(argv=None):
         )
     except ValueError as e:
         p.error(str(e))
+    defaulted = args.out is None
+    if defaulted:
+        args.out = str(default_out(args.model, args.bench, settings))
+        if argv is not None:
+            argv = [*argv, "--out", args.out]  # the same file for every process of a parallel run
+    try:
+        check_out_file(args.out)  # before anything loads
+    except LoadError as e:
+        fail("eval", e)
     if args.num_processes > 1 and not parallel.launched():
         code = parallel.spawn("mmsink.evals.eval", argv, args.num_processes)
         if code:
             raise SystemExit(code)
         return 0
-    bench, model, processor, model_id = setup(args, "eval")
     try:
+        bench, model, processor, model_id = setup(args, "eval")
         summary = run_eval(
             model,
             processor,
@@ -385,6 +424,10 @@ def main(argv=None):
         if parallel.is_main():
             print(f"mmsink eval: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        interrupted("eval", args.out)
+    if parallel.is_main() and defaulted:
+        print(f"answers: {args.out}", file=sys.stderr)
     if summary["answered"] == 0:
         if parallel.is_main():
             print("mmsink eval: no question could be answered", file=sys.stderr)

@@ -5,17 +5,16 @@ FLOPs, not only at matched budgets.
     mmsink sweep --model PATH --bench synthvqa --methods fastv,pdrop,dart,random,pool,visipruner \\
         --budgets 0.333,0.222,0.111 --adaptive visipruner --full --batch-size 8 --out DIR
 
-Writes ``DIR/<run>.jsonl`` (answers, with ``.score.json`` / ``.errors.json``), ``DIR/sweep.json``,
-``DIR/sweep.md`` and ``DIR/sweep.png``. Re-running continues an interrupted sweep: runs whose score file
-matches the settings and question set are skipped, a run cut short resumes from its answers file.
-Methods that take no budget (``none``) run once. ``--num-processes N`` / torchrun / accelerate launch run
-each eval data parallel (evals/parallel.py). Exit code as ``mmsink eval``; a run whose method cannot
-be applied is reported in the table and the others go on.
+Writes DIR/<run>.jsonl (answers, with .score.json and, when records were skipped, .errors.json),
+DIR/sweep.json, DIR/sweep.md and DIR/sweep.png (when some run has a score). Re-running continues an
+interrupted sweep: runs whose score file matches the settings and question set are skipped, a run cut
+short resumes from its answers file. Methods that take no budget (none) run once. --num-processes N /
+torchrun / accelerate launch run each eval data parallel (evals/parallel.py). Exit code as mmsink eval;
+a run whose method cannot be applied is reported in the table and the others go on.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,8 +22,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from mmsink.tools.loading import LoadError, check_out_dir, fail, parser
+
 from . import parallel, vqa
-from .eval import EvalError, Settings, add_common, run_eval, setup
+from .eval import EvalError, Settings, add_common, interrupted, run_eval, setup
 
 DEFAULT_METHODS = "fastv,pdrop,dart,random,pool,visipruner"
 DEFAULT_BUDGETS = "0.333,0.222,0.111"  # about 192 / 128 / 64 of LLaVA-1.5's 576 tokens
@@ -120,8 +121,9 @@ def write_markdown(path: Path, rows: list[dict], head: dict) -> None:
         "|---" * (6 + len(cats)) + "|",
     ]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['run']} | error: {r['error']} |" + " |" * (4 + len(cats)))
+        if "error" in r:  # one cell for the message, the rest empty: as many cells as the header
+            why = str(r["error"]).replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {r['run']} | error: {why} |" + " |" * (4 + len(cats)))
             continue
         per = r.get("per_category") or {}
         cells = [
@@ -179,13 +181,13 @@ def write_plot(path: Path, rows: list[dict], head: dict) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mmsink sweep", description=__doc__.split("\n")[0])
+    p = parser("sweep", __doc__)
     add_common(p)
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help="comma-separated budgets (tokens or fractions)")
     p.add_argument("--adaptive", default="", help="comma-separated methods also run without a budget")
     p.add_argument("--full", action="store_true", help="also run the unpruned model")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default="sweep", help="output folder (default ./sweep)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_processes < 1:
         p.error("--batch-size and --num-processes must be >= 1")
@@ -210,13 +212,23 @@ def main(argv=None):
         if code:
             raise SystemExit(code)
         return 0
+    try:
+        out = check_out_dir(args.out)  # before anything loads
+    except LoadError as e:
+        fail("sweep", e)
     lead = parallel.is_main()  # rank 0 alone prints and writes the sweep's files
+    try:
+        return sweep(args, runs, out, lead)
+    except KeyboardInterrupt:
+        interrupted("sweep", out)
+
+
+def sweep(args, runs, out: Path, lead: bool) -> int:
     bench, model, processor, model_id = setup(args, "sweep")
     if bench.key is None:
         if lead:
             print("mmsink sweep: error: a sweep needs an answer key (synthvqa or --answers)", file=sys.stderr)
         raise SystemExit(1)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     rows = []
@@ -259,7 +271,10 @@ def main(argv=None):
     if lead:
         (out / "sweep.json").write_text(json.dumps({**head, "runs": rows}, indent=1) + "\n", encoding="utf-8")
         write_markdown(out / "sweep.md", rows, head)
-        write_plot(out / "sweep.png", rows, head)
+        if any(r.get("mean_flops_ratio") is not None and r.get("accuracy") is not None for r in rows):
+            write_plot(out / "sweep.png", rows, head)
+        else:  # nothing to plot: no empty figure (and no stale one from another sweep)
+            (out / "sweep.png").unlink(missing_ok=True)
         print((out / "sweep.md").read_text(encoding="utf-8"))
     if not any(r.get("answered") for r in rows):
         if lead:

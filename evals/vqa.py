@@ -19,15 +19,20 @@ def parse_budget(text):
     """'64' -> 64 (tokens), '0.25' -> 0.25 (fraction), 'none' / '' / None -> None (method default)."""
     if text is None or str(text).strip().lower() in ("", "none", "adaptive"):
         return None
+    from mmsink.pruners.base import check_budget
+
     text = str(text).strip()
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"budget must be an int (tokens) or a float (fraction), got {text!r}") from None
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"budget {text}: must be an int (tokens) or a float (fraction)") from None
+    try:  # mmsink's own rule, before any model loads
+        return check_budget(value)
+    except ValueError as e:
+        raise ValueError(f"budget {text}: {str(e).removeprefix('mmsink: ')}") from None
 
 
 def parse_value(text: str):

@@ -70,7 +70,7 @@ def test_answers_file_fields_and_pruning_facts(model_dir, cache, tmp_path, capsy
     assert score["answered"] == score["n"] == 30 and score["missing"] == 0
     assert set(score["per_category"]) == set(synthvqa.CATEGORIES)
     assert score["mean_kept_tokens"] == 67 and 0 < score["mean_flops_ratio"] < 1
-    assert json.loads((tmp_path / "a.jsonl.errors.json").read_text()) == []
+    assert not (tmp_path / "a.jsonl.errors.json").exists()  # no problem: no empty list (issue 22)
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "holistic" in printed and "FLOPs ratio" in printed
 

@@ -8,7 +8,6 @@ Each writes JSON and a Markdown table (``--out DIR``) and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -698,18 +697,30 @@ def environment() -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="mmsink bench", description=__doc__)
-    ap.add_argument("--shape", default="tiny-cpu", choices=sorted(set(SHAPES) | set(ANALYTIC)))
+    from .loading import parser
+
+    ap = parser("bench", __doc__)
+    ap.add_argument(
+        "--shape",
+        default="tiny-cpu",
+        choices=sorted(set(SHAPES) | set(ANALYTIC)),
+        metavar="SHAPE",
+        help=f"model shape (default tiny-cpu): {', '.join(sorted(set(SHAPES) | set(ANALYTIC)))}",
+    )
     ap.add_argument("--analytic", action="store_true", help="FLOPs only, no model weights allocated")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda if any)",
+    )
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1, help="samples per prefill (default 1)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per row (default 5; median)")
     ap.add_argument("--methods", default=None, help="comma-separated methods (default: all of the grid)")
     ap.add_argument(
         "--budgets", default=None, help="comma-separated token budgets; 'adaptive' for visipruner's"
     )
-    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--decode-tokens", type=int, default=16, help="tokens in the decode timing (default 16)")
     ap.add_argument(
         "--e2e-tokens", type=int, default=0, help="also time prefill + N tokens: generate vs generate_fast"
     )

@@ -474,7 +474,9 @@ def original_prompt_ids(tokenizer, prompt: str, image_token_id: int, tokens_per_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="mmsink convert-llava", description=__doc__.split("\n\n")[0])
+    from .loading import parser as command_parser
+
+    parser = command_parser("convert-llava", __doc__)
     parser.add_argument("src", help="folder of the original checkpoint (config.json, weights, tokenizer)")
     parser.add_argument("dst", help="output folder, in transformers' LLaVA format")
     parser.add_argument("--vision-tower", help="local CLIPVisionModel or CLIPModel folder (SRC has no tower)")
