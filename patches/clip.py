@@ -23,9 +23,30 @@ def feature_layers(model) -> tuple:
     return (layer,) if isinstance(layer, int) else tuple(layer)
 
 
+def hidden_module(model, index: int):
+    """The module whose output is the tower's ``hidden_states[index]`` (a layer, or the pre-layernorm)."""
+    tower = model.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    layers = vm.encoder.layers
+    i = index % (len(layers) + 1)
+    return layers[i - 1] if i else vm.pre_layrnorm
+
+
 def cls_taps(model) -> list:
+    """The feature layer's query and key projections (scores, keys) and the outputs of the feature
+    layer(s), whose row 0 is the [CLS] token (VisionZip keeps it)."""
     attn = feature_attention(model)
-    return [("q", attn.q_proj, "output"), ("k", attn.k_proj, "output")]
+    hidden = [(f"hidden{j}", hidden_module(model, i), "output") for j, i in enumerate(feature_layers(model))]
+    return [("q", attn.q_proj, "output"), ("k", attn.k_proj, "output"), *hidden]
+
+
+def cls_features(model, taps: dict):
+    """[I, F] the [CLS] token of each tile at the feature layer(s) (concatenated as the model concatenates
+    several feature layers), or None when the projector's rows hold it already ("full" strategy)."""
+    if model.config.vision_feature_select_strategy != "default":
+        return None
+    parts = [taps[f"hidden{j}"][:, 0] for j in range(len(feature_layers(model)))]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
 def cls_scores(model, taps: dict, n_features: int):

@@ -112,6 +112,7 @@ class Family(Protocol):
         present = present.view(features.shape[:2])
         sizes = present.sum(1).tolist()  # host arithmetic: no device read
         src = src.to(features.device, non_blocking=True)
+        cls = clip.cls_features(self.model, taps)  # each tile's own [CLS]
         return VisionTokens(
             features,
             scores,
@@ -122,6 +123,8 @@ class Family(Protocol):
             lambda keep: gather_or(keep.reshape(-1), src, False),
             lambda f: f,
             flops,
+            cls=None if cls is None else cls.to(features.dtype),
+            cls_in_row=self.config.vision_feature_select_strategy == "full",
         )
 
     def install(self, seam) -> list:

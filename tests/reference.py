@@ -313,7 +313,11 @@ def var_edit(h, keep, is_img, prompt_len, cfg):
 
 
 def visionzip_embed(model, ids, pixel_values, budget):
-    """VisionZip as the paper describes it, from the tower's own attention weights (eager, materialised)."""
+    """VisionZip as the official code (dvlab-research/VisionZip) selects and merges, from the tower's own
+    attention weights (eager, materialised): [CLS] + the top ``dominant - 1`` patches by the [CLS] row of the
+    feature layer's attention (summed over heads); every ``max(1, n_rest // contextual)``-th remaining patch
+    is a target, the others join their most key-similar target, a contextual token is ``target +
+    mean(joined)``. mmsink keeps original positions: [CLS] goes to the first patch slot not kept."""
     lm = model.model
     tower = lm.vision_tower
     out = tower(pixel_values, output_hidden_states=True)
@@ -326,26 +330,33 @@ def visionzip_embed(model, ids, pixel_values, budget):
     qh = blk.self_attn.q_proj(x_in).view(*x_in.shape[:2], heads, -1).transpose(1, 2)
     kh = keys.view(*x_in.shape[:2], heads, -1).transpose(1, 2)
     attn = torch.softmax(qh @ kh.transpose(-1, -2) * blk.self_attn.scale, -1)  # [I, H, 1+P, 1+P]
-    score = attn[:, :, 0, 1:].mean(1)
+    score = attn[:, :, 0, 1:].sum(1)
     metric = F.normalize(keys.view(*keys.shape[:2], heads, -1).mean(2)[:, 1:], dim=-1)
     feats = out.hidden_states[-2][:, 1:]
+    cls_feats = out.hidden_states[-2][:, 0]
     p = feats.shape[1]
     total = budget if isinstance(budget, int) else math.ceil(budget * p)
     contextual = min(round(total * 10 / 64), total - 1)
-    dominant = total - contextual
+    dominant = total - contextual  # [CLS] is one of them
     new_feats, keeps = feats.clone(), []
     for i in range(feats.shape[0]):
-        dom = score[i].topk(dominant).indices
+        dom = score[i].topk(dominant - 1).indices if dominant > 1 else torch.zeros(0, dtype=torch.long)
         rest = [j for j in range(p) if j not in set(dom.tolist())]
-        step = max(1, len(rest) // contextual)
-        targets = rest[::step][:contextual]
-        others = [j for j in rest if j not in set(targets)]
-        sim = metric[i, others] @ metric[i, targets].T
-        assign = sim.argmax(1).tolist()
-        for t_i, t in enumerate(targets):
-            group = [t] + [o for o, a in zip(others, assign) if a == t_i]
-            new_feats[i, t] = feats[i, group].mean(0)
-        keeps.append(sorted(dom.tolist() + targets))
+        targets = []
+        if contextual:
+            step = max(1, len(rest) // contextual)
+            targets = rest[::step][:contextual]
+            others = [j for j in rest if j not in set(targets)]
+            sim = metric[i, others] @ metric[i, targets].T
+            assign = sim.argmax(1).tolist()
+            for t_i, t in enumerate(targets):
+                group = [o for o, a in zip(others, assign) if a == t_i]
+                joined = feats[i, group].sum(0) / max(1, len(group))
+                new_feats[i, t] = feats[i, t] + joined
+        kept = set(dom.tolist()) | set(targets)
+        slot = min(j for j in range(p) if j not in kept)  # [CLS]'s slot
+        new_feats[i, slot] = cls_feats[i]
+        keeps.append(sorted(kept | {slot}))
     proj = lm.multi_modal_projector(new_feats)
     x = lm.get_input_embeddings()(ids[None])[0].clone()
     where = (ids == model.config.image_token_id).nonzero().squeeze(1)

@@ -58,7 +58,7 @@ def test_graphed_tower_gives_the_eager_answers(family, method):
     assert not torch.allclose(eager[0][0], eager[1][0])  # the two inputs must tell a stale replay apart
     handle = mmsink.api.get_handle(model) if method is not None else None
     taps = handle.vision_taps if handle is not None else []
-    assert len(taps) == (2 if method == "visionzip" else 0)
+    assert len(taps) == (3 if method == "visionzip" else 0)  # q, k and the feature layer's output ([CLS])
     tower = model.model.vision_tower
     with vision_graph.patched(model, taps, capture=fake_capture(taps)) as g:
         graphed = [run(model, d) for d in data + data[:1]]

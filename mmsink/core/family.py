@@ -30,9 +30,15 @@ class VisionTokens:
     sizes: list  # per row, its real tokens (host ints)
     parts: list  # per row, how many rows share its image's budget (LLaVA-NeXT tiles)
     present: torch.Tensor | None  # [R, P] bool, None when every token of every row is real
-    to_sequence: Callable  # keep [R, P] bool -> keep over the sequence's image tokens, in order
+    to_sequence: Callable  # keep [R, P] bool -> keep over the sequence's image tokens, in order (any dtype:
+    # an index tensor maps too; tokens with no row, e.g. LLaVA-NeXT's newlines, get 0 / False)
     put: Callable  # new features [R, P, F] -> the projector's input, in the model's own layout
     flops: float = 0  # work spent computing the scores (counted in the prefill's FLOPs)
+    cls: torch.Tensor | None = None  # [R, F] each row's [CLS] token at the feature layer, in the features'
+    # space (CLIP towers whose rows drop it, vision_feature_select_strategy "default"); None: no [CLS]
+    # (Qwen) or the rows hold it already
+    cls_in_row: bool = False  # slot 0 of every row is the [CLS] token itself ("full" strategy); its score
+    # is its own attention
 
 
 class Seam:

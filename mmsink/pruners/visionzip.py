@@ -1,14 +1,29 @@
-"""VisionZip (Yang et al., CVPR 2025): inside the vision tower, question-independent.
+"""VisionZip (Yang et al., CVPR 2025): inside the vision tower, question-independent. Follows the official
+code, dvlab-research/VisionZip (``visionzip/clip_encoder.py``: ``CLIPVisionTower_VisionZip.forward``;
+``visionzip/utils.py``: the feature layer's keys, mean over heads; ``visionzip/main.py``: the tower is
+given ``dominant - 1``).
 
-Dominant tokens: the tokens the vision layer feeding the projector attends to most. With a [CLS] token
-(LLaVA) that is the [CLS] query's attention, mean over heads. Without one (Qwen2-VL / Qwen2.5-VL) it is
-the attention each token receives, mean over heads and over the queries of its image (the paper's rule
-for towers without [CLS]), taken per merged token (mean over its patches). Contextual tokens: the
-remaining tokens are grouped around evenly spaced targets by key similarity and averaged (in the feature
-space the projector reads). Budget split as the paper (54+10 of 64, 108+20 of 128, 162+30 of 192):
-contextual = round(budget * 10 / 64). Dominant tokens keep their positions; a merged token sits at its
-target's position. Scores come from the projections the tower computes anyway (no attention matrix is
-kept; the [CLS] row or chunks of query rows are recomputed and counted in the FLOPs).
+Dominant tokens: [CLS] and the ``dominant - 1`` patches the [CLS] query attends to most in the layer whose
+output feeds the projector (its attention row summed over heads in the official code; mmsink's scores are
+the mean over heads, the same order). [CLS] reaches the LLM, as there. Contextual tokens: the remaining
+patches, in order, compared by their keys (mean over heads, normalised); every ``max(1, n_rest //
+contextual)``-th of them is a target (the first ``contextual``), each other one joins its most
+cosine-similar target, and a contextual token is ``target + mean(its assigned tokens)`` (the target alone
+when none joins), in the feature space the projector reads. Budget split as the paper (54+10 of 64,
+108+20 of 128, 162+30 of 192): contextual = round(budget * 10 / 64); the budget counts [CLS].
+
+Where mmsink knowingly differs: kept tokens keep their original positions (the official code puts [CLS]
+first, then the dominant patches, then the contextual tokens, re-indexed); the sequence has one slot per
+patch, so [CLS] takes the slot of its image's (tile's) first patch that is not kept (one always exists:
+the budget counts [CLS]); a merged token sits at its target's slot. LLaVA-NeXT: per tile (each tile its
+own [CLS]), the image's budget shared evenly by its tiles, only the tokens unpadding keeps compete, and
+newline tokens are dropped (the official code gives every tile the full budget, selects on all its
+patches and drops the newlines). Qwen2-VL / Qwen2.5-VL (no [CLS], no official code): dominant tokens are
+the ``dominant`` tokens receiving the most attention in the last vision block (mean over heads and over the
+queries of the image, the paper's rule for towers without [CLS]), per merged token (mean over its
+patches). ViT sinks (``sink_forward``) are kept as themselves: never a target, never merged into one, and
+never the slot [CLS] takes. Scores come from the projections the tower computes anyway (no attention
+matrix is kept; the [CLS] row or chunks of query rows are recomputed and counted in the FLOPs).
 """
 
 from __future__ import annotations
@@ -18,33 +33,114 @@ import torch
 from .base import VisionPruner, budget_tokens, per_image, register
 
 
+class SinkAware(VisionPruner):
+    """A vision-stage pruner that knows, when it selects, which tokens ViT-sink forwarding will protect."""
+
+    seam = None
+
+    def install(self, seam, family) -> list:
+        self.seam = seam
+        return []
+
+    def protected_rows(self, ctx, tokens):
+        return vit_sink_rows(ctx, tokens, self.seam)
+
+
+def vit_sink_rows(ctx, tokens, seam):
+    """[R, P] bool: the tokens ViT-sink forwarding will protect (detected, as it will detect them at the
+    first layer, from the norms of the features the projector receives), None when it is off. Protected
+    tokens are kept as they are: a vision-stage pruner must not change their features."""
+    handle = getattr(seam, "_handle", None)
+    cfg = getattr(handle, "sinks", None)
+    if getattr(ctx, "vit", None) is None or cfg is None:
+        return None
+    from ..sinks import vitsink
+
+    r, p = tokens.scores.shape
+    dev = tokens.scores.device
+    sink = torch.cat([vitsink.detect(n, cfg, handle.sink_threshold) for n in ctx.vit]).to(dev)
+    rows = tokens.to_sequence(torch.arange(1, r * p + 1, device=dev).view(r, p)) - 1  # -1: no row
+    idx = torch.where(sink & (rows >= 0), rows, r * p)
+    return torch.zeros(r * p + 1, dtype=torch.bool, device=dev).scatter_(0, idx, True)[: r * p].view(r, p)
+
+
+def candidates(tokens) -> torch.Tensor:
+    """[R, P] the patches a pruner chooses among: present ones, not a [CLS] held in slot 0."""
+    r, p = tokens.scores.shape
+    ok = torch.ones(r, p, dtype=torch.bool, device=tokens.scores.device)
+    if tokens.present is not None:
+        ok = ok & tokens.present
+    if tokens.cls_in_row:
+        ok[:, 0] = False
+    return ok
+
+
+def row_budget(budget, p: int, parts: int = 1) -> int:
+    """Tokens a row of ``p`` tokens keeps; ``parts``: an int budget is the image's, shared evenly by that
+    many rows (LLaVA-NeXT tiles; each tile at least one); a fraction applies to each row."""
+    if isinstance(budget, int) and parts > 1:
+        total = max(1, round(budget / parts))
+        if total > p:
+            raise ValueError(f"mmsink: budget {budget} is larger than {parts} tiles of {p} tokens")
+        return total
+    return budget_tokens(budget, p)
+
+
+def first_free(free: torch.Tensor):
+    """(slot [R], found [R]): each row's first True of ``free`` (no device read)."""
+    return free.to(torch.uint8).argmax(1), free.any(1)
+
+
 @register
-class VisionZip(VisionPruner):
+class VisionZip(SinkAware):
     name = "visionzip"
     default_budget = 64 / 576
 
     def split(self, p: int, parts: int = 1) -> tuple[int, int]:
         """(dominant, contextual) tokens kept of ``p`` tokens; ``parts``: an image's budget is shared evenly
-        by that many tiles of ``p`` tokens each (LLaVA-NeXT)."""
-        if isinstance(self.budget, int) and parts > 1:
-            total = max(1, round(self.budget / parts))
-            if total > p:
-                raise ValueError(f"mmsink: budget {self.budget} is larger than {parts} tiles of {p} tokens")
-        else:
-            total = budget_tokens(self.budget, p)
+        by that many tiles of ``p`` tokens each (LLaVA-NeXT). With a [CLS] token, dominant counts it."""
+        total = row_budget(self.budget, p, parts)
         contextual = min(round(total * 10 / 64), max(total - 1, 0))
         return total - contextual, contextual
 
     def select(self, ctx, tokens):
         t = tokens
-        return self.zip(ctx, t.features, t.scores, t.keys, t.parts, t.present, t.sizes)
+        present = t.present
+        if t.cls_in_row:
+            present = candidates(t)
+        return self.zip(
+            ctx,
+            t.features,
+            t.scores,
+            t.keys,
+            t.parts,
+            present,
+            t.sizes if not t.cls_in_row else [n - 1 for n in t.sizes],
+            cls=t.cls,
+            protected=self.protected_rows(ctx, t),
+            cls_in_row=t.cls_in_row,
+        )
 
-    def zip(self, ctx, features, score, metric, parts=None, present=None, sizes=None):
+    def zip(
+        self,
+        ctx,
+        features,
+        score,
+        metric,
+        parts=None,
+        present=None,
+        sizes=None,
+        cls=None,
+        protected=None,
+        cls_in_row=False,
+    ):
         """features [I, P, F], score [I, P], metric [I, P, d] -> (merged features, keep [I, P]): per row the
-        top dominant tokens by score, then the rest merged around evenly spaced targets. ``present`` [I, P]:
+        top dominant patches by score, then the rest merged around evenly spaced targets. ``present`` [I, P]:
         only these tokens compete (the others pass through untouched); ``parts`` [I]: how many tiles share
-        each row's image budget; ``sizes``: present tokens per row (read from ``present`` if not given). All
-        rows at once (rows may differ in size and budget)."""
+        each row's image budget; ``sizes``: present tokens per row (read from ``present`` if not given);
+        ``cls`` [I, F]: the rows' [CLS] tokens (one dominant token each, written at the row's first free
+        slot); ``cls_in_row``: slot 0 holds [CLS] (kept; not in ``present``); ``protected`` [I, P]: kept as
+        they are, out of the merge. All rows at once (rows may differ in size and budget)."""
         n_img, p = score.shape
         dev = features.device
         if present is None:
@@ -52,29 +148,48 @@ class VisionZip(VisionPruner):
         elif sizes is None:
             sizes = present.sum(1).tolist()  # one read: budgets depend on each tile's size
         parts = parts if parts is not None else [1] * n_img
-        splits = [self.split(n, m) for n, m in zip(sizes, parts)]
-        steps = [max(1, (n - d) // c) if c else 1 for n, (d, c) in zip(sizes, splits)]
-
-        def per_row(x):  # a number when every row agrees (no host-to-device copy), else a column [I, 1]
-            return x[0] if len(set(x)) == 1 else torch.tensor(x, device=dev).view(-1, 1)
-
-        dominant, contextual, step = (
-            per_row([d for d, _ in splits]),
-            per_row([c for _, c in splits]),
-            per_row(steps),
-        )
-        dom_max, ctx_max = max(d for d, _ in splits), max(c for _, c in splits)
-        record_kept(ctx, sizes, splits, steps, parts)
+        with_cls = cls is not None or cls_in_row
+        # the budget is over the image's tokens in the sequence: its patches (and a [CLS] held in a row)
+        splits = [self.split(n + cls_in_row, m) for n, m in zip(sizes, parts)]
+        # patches picked as dominant: [CLS] is one of the dominant tokens
+        picks = [d - with_cls for d, _ in splits]
+        steps = [max(1, (n - d) // c) if c else 1 for n, d, (_, c) in zip(sizes, picks, splits)]
+        record_kept(ctx, sizes, splits, picks, steps, parts, protected is None)
         ok = torch.ones(n_img, p, dtype=torch.bool, device=dev) if present is None else present
-        metric = torch.nn.functional.normalize(metric, dim=-1)
-        top = score.masked_fill(~ok, float("-inf")).topk(dom_max, dim=1).indices
-        keep = torch.zeros(n_img, p, dtype=torch.bool, device=dev)
-        keep.scatter_(1, top, (torch.arange(dom_max, device=dev)[None] < dominant).expand(n_img, -1))
+        keep = top_rows(score, ok, picks)
         out = features.clone()
-        if not ctx_max:
-            return out, keep
-        # the rest, in order: every step-th of them is a target (the first ``contextual``), the others merge
         rest = ok & ~keep
+        if protected is not None:
+            rest = rest & ~protected
+        ctx_max = max(c for _, c in splits)
+        target = torch.zeros_like(keep)
+        if ctx_max:
+            contextual = per_row([c for _, c in splits], dev)
+            if protected is None:
+                step = per_row(steps, dev)
+            else:  # fewer tokens to merge where some are protected (counted on the device)
+                c_col = torch.as_tensor([max(c, 1) for _, c in splits], device=dev)
+                step = (rest.sum(1) // c_col).clamp(min=1).view(-1, 1)
+            target = self.merge(ctx, out, features, metric, rest, contextual, step, ctx_max)
+        keep = keep | target
+        if cls is not None:  # [CLS] at the first slot no other token holds
+            free = ok & ~keep if protected is None else ok & ~keep & ~protected
+            slot, found = first_free(free)
+            rows = torch.arange(n_img, device=dev)
+            old = out[rows, slot]
+            out[rows, slot] = torch.where(found[:, None], cls.to(out.dtype), old)
+            keep = keep | (torch.zeros_like(keep).scatter_(1, slot[:, None], found[:, None]))
+        if cls_in_row:
+            keep[:, 0] = True
+        return out, keep
+
+    def merge(self, ctx, out, features, metric, rest, contextual, step, ctx_max):
+        """Contextual tokens: of ``rest`` [I, P] in order, every step-th (the first ``contextual``) is a
+        target; each other one joins its most similar target (cosine of keys); the target's features in
+        ``out`` become ``target + mean(joined)``. Returns the targets [I, P]."""
+        n_img, p = rest.shape
+        dev = features.device
+        metric = torch.nn.functional.normalize(metric.float(), dim=-1)
         rank = rest.long().cumsum(1) - 1
         target = rest & (rank % step == 0) & (rank // step < contextual)
         others = rest & ~target
@@ -89,22 +204,45 @@ class VisionZip(VisionPruner):
         assign = sim.argmax(-1)  # [I, P] the target each token would join
         ctx.extra_flops += 2 * n_img * p * ctx_max * metric.shape[-1]
         f = pad(features.float(), (0, 0, 0, 1))
-        sums = f.gather(1, cols[..., None].expand(-1, -1, f.shape[-1]))
-        sums.scatter_add_(1, assign[..., None].expand(-1, -1, f.shape[-1]), f[:, :p] * others[..., None])
-        counts = real.float().scatter_add_(1, assign, others.float())
-        merged = (sums / counts.clamp(min=1)[..., None]).to(features.dtype)
-        out = pad(out, (0, 0, 0, 1)).scatter_(1, cols[..., None].expand(-1, -1, f.shape[-1]), merged)[:, :p]
-        return out, keep | target
+        width = f.shape[-1]
+        joined = torch.zeros(n_img, ctx_max, width, device=dev)
+        joined.scatter_add_(1, assign[..., None].expand(-1, -1, width), f[:, :p] * others[..., None])
+        counts = torch.zeros(n_img, ctx_max, device=dev).scatter_add_(1, assign, others.float())
+        merged = f.gather(1, cols[..., None].expand(-1, -1, width)) + joined / counts.clamp(min=1)[..., None]
+        res = pad(out, (0, 0, 0, 1)).scatter_(1, cols[..., None].expand(-1, -1, width), merged.to(out.dtype))
+        out.copy_(res[:, :p])
+        return target
 
 
-def record_kept(ctx, sizes, splits, steps, parts) -> None:
+def per_row(x: list, dev):
+    """A number when every row agrees (no host-to-device copy), else a column [I, 1]."""
+    return x[0] if len(set(x)) == 1 else torch.tensor(x, device=dev).view(-1, 1)
+
+
+def top_rows(score: torch.Tensor, ok: torch.Tensor, picks: list) -> torch.Tensor:
+    """[I, P] keep: per row its ``picks[i]`` highest scores among ``ok`` (host counts, no read)."""
+    n_img, p = score.shape
+    dev = score.device
+    most = max(picks)
+    keep = torch.zeros(n_img, p, dtype=torch.bool, device=dev)
+    if most <= 0:
+        return keep
+    top = score.float().masked_fill(~ok, float("-inf")).topk(most, dim=1).indices
+    keep.scatter_(1, top, (torch.arange(most, device=dev)[None] < per_row(picks, dev)).expand(n_img, -1))
+    return keep
+
+
+def record_kept(ctx, sizes, splits, picks, steps, parts, known=True) -> None:
     """Tokens each image keeps, on the host, appended to ``ctx.run["kept_images"]`` (None once unknown):
-    per row its dominant tokens and its targets (every step-th of the rest, at most ``contextual``), the
-    rows of an image (its tiles) summed. Unknown when a row has fewer tokens than dominant picks."""
+    per row its dominant tokens ([CLS] included) and its targets (every step-th of the rest, at most
+    ``contextual``), the rows of an image (its tiles) summed. Unknown when a row has fewer tokens than
+    dominant picks, or when tokens are protected (the plan then counts on the device)."""
     if "kept_images" in ctx.run and ctx.run["kept_images"] is None:
         return
-    if any(n < d for n, (d, _) in zip(sizes, splits)):
+    if not known or any(n < d for n, d in zip(sizes, picks)):
         ctx.run["kept_images"] = None
         return
-    rows = [d + (min(c, -(-(n - d) // st)) if c else 0) for n, (d, c), st in zip(sizes, splits, steps)]
+    rows = [
+        d + (min(c, -(-(n - k) // st)) if c else 0) for n, (d, c), k, st in zip(sizes, splits, picks, steps)
+    ]
     ctx.run.setdefault("kept_images", []).extend(per_image(rows, parts))
