@@ -159,3 +159,15 @@ def test_device_reads_do_not_grow_with_var_layers(model):
         return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
 
     assert reads(tuple(range(2, 8))) == reads((2, 3))
+
+
+def test_presets_set_rho_and_explicit_values_win():
+    """The paper's rho per task kind; the general one is the default; an explicit rho wins."""
+    from mmsink.sinks.var import make_config
+
+    assert make_config({"sink_dims": (1,)}).rho == 0.8
+    assert make_config({"sink_dims": (1,), "preset": "hallucination"}).rho == 0.5
+    assert make_config({"sink_dims": (1,), "preset": "vision-centric"}).rho == 0.9
+    assert make_config({"sink_dims": (1,), "preset": "hallucination", "rho": 0.7}).rho == 0.7
+    with pytest.raises(ValueError, match="preset"):
+        make_config({"sink_dims": (1,), "preset": "pope"})

@@ -21,12 +21,17 @@ from ..core.attention import group_indices, grouped_attention, reweighted_attent
 OTHER, TEXT_SINK, VISUAL_SINK, VISUAL = 0, 1, 2, 3
 CODES = (TEXT_SINK, VISUAL_SINK, VISUAL, OTHER)
 
+# The paper's head-selection threshold rho per kind of task (p = 0.6 and tau = 20 throughout): general
+# VQA 0.8, hallucination benchmarks (POPE, CHAIR) 0.5, vision-centric benchmarks 0.9. The official
+# repository's only shipped config (LLaVA-1.5-7B) is the hallucination one (rho 0.5).
+PRESETS = {"general": {"rho": 0.8}, "hallucination": {"rho": 0.5}, "vision-centric": {"rho": 0.9}}
+
 
 @dataclasses.dataclass
 class VARConfig:
     sink_dims: tuple | None = None  # massive-activation channels; required (see mmsink calibrate)
     tau: float = 20.0
-    rho: float = 0.5
+    rho: float = PRESETS["general"]["rho"]
     p: float = 0.6
     image_mass: float = 0.2
     layers: tuple | None = None  # default: 2 .. L-2
@@ -68,7 +73,11 @@ def make_config(var) -> VARConfig | None:
     if isinstance(var, VARConfig):
         return var
     if isinstance(var, dict):
-        return VARConfig(**var)
+        var = dict(var)
+        preset = var.pop("preset", "general")
+        if preset not in PRESETS:
+            raise ValueError(f"mmsink: VAR preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        return VARConfig(**{**PRESETS[preset], **var})
     raise ValueError(f"mmsink: var must be True, a dict or a VARConfig, got {type(var).__name__}")
 
 
