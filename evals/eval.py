@@ -119,7 +119,8 @@ def answer_batch(model, processor, questions, images, max_new_tokens, fast=False
         per_layer = [layer[i] for layer in s.kept_tokens]
         facts.append(
             {
-                "kept_tokens": round(sum(per_layer) / len(per_layer), 3),
+                "kept_tokens": round(sum(per_layer) / len(per_layer), 3),  # mean over the decoder layers
+                "kept_tokens_final": per_layer[-1],  # in the last layer: after the last pruning step
                 "prefill_flops": int(s.extra["sample_prefill_flops"][i]),
                 "baseline_prefill_flops": int(s.extra["sample_baseline_prefill_flops"][i]),
             }
@@ -269,9 +270,11 @@ def report(summary: dict, problems: list[dict], label: str) -> None:
     for cat, acc in summary.get("per_category", {}).items():
         print(f"  {cat:<10} {acc:.4f}")
     if summary["mean_kept_tokens"] is not None:
+        final = summary.get("mean_kept_tokens_final")
         print(
-            f"  mean kept visual tokens {summary['mean_kept_tokens']:.2f}, "
-            f"mean prefill FLOPs ratio {summary['mean_flops_ratio']:.4f}"
+            f"  visual tokens kept: {summary['mean_kept_tokens']:.2f} (mean over layers)"
+            + (f", {final:.2f} after the last pruning step" if final is not None else "")
+            + f"; mean prefill FLOPs ratio {summary['mean_flops_ratio']:.4f}"
         )
 
 

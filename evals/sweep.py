@@ -83,7 +83,8 @@ def finished(path: Path, settings: Settings, model_id: str, bench: vqa.Bench) ->
 
 
 def row(run: Run, summary: dict) -> dict:
-    keep = ("accuracy", "per_category", "mean_kept_tokens", "mean_flops_ratio", "answered", "missing")
+    keep = ("accuracy", "per_category", "mean_kept_tokens", "mean_kept_tokens_final", "mean_flops_ratio")
+    keep += ("answered", "missing")
     return {
         "run": run.name,
         "method": run.settings.method,
@@ -115,15 +116,19 @@ def write_markdown(path: Path, rows: list[dict], head: dict) -> None:
     lines = [
         f"# Sweep: {head['model_id']} on {head['bench']} ({head['questions']} questions)",
         "",
-        "FLOPs ratio: measured prefill FLOPs / the same inputs unpruned, mean over questions.",
+        "FLOPs ratio: measured prefill FLOPs / the same inputs unpruned, mean over questions. Visual tokens:"
+        " kept per decoder layer, averaged over the layers, and kept after the last pruning step (the last"
+        " layer's), each a mean over questions.",
         "",
-        "| run | method | budget | accuracy | " + " | ".join(cats) + " | kept visual tokens | FLOPs ratio |",
-        "|---" * (6 + len(cats)) + "|",
+        "| run | method | budget | accuracy | "
+        + " | ".join(cats)
+        + " | visual tokens (mean over layers) | after last pruning | FLOPs ratio |",
+        "|---" * (7 + len(cats)) + "|",
     ]
     for r in rows:
         if "error" in r:  # one cell for the message, the rest empty: as many cells as the header
             why = str(r["error"]).replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {r['run']} | error: {why} |" + " |" * (4 + len(cats)))
+            lines.append(f"| {r['run']} | error: {why} |" + " |" * (5 + len(cats)))
             continue
         per = r.get("per_category") or {}
         cells = [
@@ -133,6 +138,7 @@ def write_markdown(path: Path, rows: list[dict], head: dict) -> None:
             fmt(r["accuracy"]),
             *[fmt(per.get(c)) for c in cats],
             fmt(r["mean_kept_tokens"], 1),
+            fmt(r.get("mean_kept_tokens_final"), 1),
             fmt(r["mean_flops_ratio"], 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")

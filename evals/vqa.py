@@ -265,10 +265,12 @@ def mean(values):
 
 
 def summarize(records: list[dict]) -> dict:
-    """Mean visual tokens kept per layer and mean prefill FLOPs ratio (pruned / unpruned) per question."""
+    """Visual tokens kept (mean over layers, and in the last layer: after the last pruning step) and the
+    prefill FLOPs ratio (pruned / unpruned), each a mean over questions."""
     meta = [r.get("metadata", {}) for r in records]
     return {
         "mean_kept_tokens": mean(m["kept_tokens"] for m in meta if "kept_tokens" in m),
+        "mean_kept_tokens_final": mean(m["kept_tokens_final"] for m in meta if "kept_tokens_final" in m),
         "mean_flops_ratio": mean(
             m["prefill_flops"] / m["baseline_prefill_flops"] for m in meta if m.get("baseline_prefill_flops")
         ),

@@ -54,16 +54,27 @@ class Meter:
     num_layers: int
 
 
-def sample_flops(meter: Meter, lay, per_image, tokens, rows, extra):
-    """What each sample would execute alone (no padding): its own tokens per layer, its images."""
+def sample_flops(meter: Meter, lay, per_image, tokens, rows, extra=0.0, pre_lm=False):
+    """What each sample would execute alone (no padding): its own tokens per layer, its images, and its
+    share of the batch's selection work ``extra``. Selection runs over padded slots, so an even split
+    (extra / B) would charge a sample for the others' padding. Before the LLM (``pre_lm``) that work is
+    per image: shared by visual tokens. In the LLM it runs over the sequence: a sample gets its own
+    tokens' share of the padded slots (B x length), the padding's share is nobody's. Exact for selection
+    work linear in the tokens it reads (FastV, DART, VisiPruner's tests, vision-stage scores)."""
     images = (lay.counts > 0).sum(1).tolist()
     real = lay.lengths
+    visual = lay.is_image.sum(1).tolist()
+    slots = lay.batch * lay.length
     out, base = [], []
     for i, per_layer in enumerate(tokens):
         r = min(rows, real[i])
         first = sum(images[:i])
         v = sum(per_image[first : first + images[i]])
-        out.append(int(v + meter.cost.prefill(1, per_layer, r) + extra))
+        if pre_lm:
+            share = extra * visual[i] / max(sum(visual), 1)
+        else:
+            share = extra * real[i] / max(slots, 1)
+        out.append(int(v + meter.cost.prefill(1, per_layer, r) + share))
         base.append(int(v + meter.cost.prefill(1, [real[i]] * meter.num_layers, r)))
     return out, base
 
@@ -77,7 +88,7 @@ def plain_stats(meter: Meter, layout, logits_to_keep, vision) -> Stats:
     flops = vision[0] + meter.cost.prefill(b, [length] * n, rows)
     vis = layout.is_image.sum(1).tolist()
     idx = [layout.is_image[i].nonzero().squeeze(1).tolist() for i in range(b)]
-    sample, _ = sample_flops(meter, layout, vision[1], [[r] * n for r in layout.lengths], rows, 0)
+    sample, _ = sample_flops(meter, layout, vision[1], [[r] * n for r in layout.lengths], rows)
     extra = {"sample_prefill_flops": sample, "sample_baseline_prefill_flops": sample}
     return Stats(meter.method, meter.budget, [vis] * n, [idx] * n, vis, flops, flops, [length] * n, extra)
 
@@ -101,7 +112,8 @@ def prefill_stats(meter: Meter, ctx, logits_to_keep, vision, report) -> Stats:
     kept = [[len(x) for x in row] for row in kept_idx]
     valid_counts = [s.valid.sum(1).tolist() for s in ctx.segments]
     per_sample = [[valid_counts[s][i] for s in ctx.layer_segment] for i in range(b)]
-    sample, sample_base = sample_flops(meter, lay, vision[1], per_sample, rows, ctx.extra_flops / b)
+    pre_lm = bool(ctx.layer_segment) and ctx.layer_segment[0] != 0  # layer 0 already ran on a selection
+    sample, sample_base = sample_flops(meter, lay, vision[1], per_sample, rows, ctx.extra_flops, pre_lm)
     extra = {"sample_prefill_flops": sample, "sample_baseline_prefill_flops": sample_base, **report(ctx)}
     if ctx.vit is not None:
         extra["vit_sinks"] = ctx.vit_sinks if ctx.vit_sinks is not None else [[] for _ in range(b)]
