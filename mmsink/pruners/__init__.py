@@ -1,6 +1,6 @@
 """Pruner registry: importing this package registers every built-in method."""
 
-from . import cdpruner, dart, divprune, fastv, pdrop, replay, simple, visionzip, visipruner  # noqa: F401
+from . import cdpruner, dart, divprune, fastv, pdrop, replay, scope, simple, visionzip, visipruner, vispruner  # noqa: F401
 from .base import REGISTRY, Pruner, register
 
 __all__ = ["REGISTRY", "Pruner", "register"]

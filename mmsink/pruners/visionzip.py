@@ -34,7 +34,8 @@ from .base import VisionPruner, budget_tokens, per_image, register
 
 
 class SinkAware(VisionPruner):
-    """A vision-stage pruner that knows, when it selects, which tokens ViT-sink forwarding will protect."""
+    """A vision-stage pruner that knows, when it selects, which tokens ViT-sink forwarding will protect,
+    and whose keep set follows the sinks when ``to_front`` moves them to the front of their image."""
 
     seam = None
 
@@ -42,26 +43,51 @@ class SinkAware(VisionPruner):
         self.seam = seam
         return []
 
+    def sink_config(self):
+        handle = getattr(self.seam, "_handle", None)  # the wrap's ViT-sink settings
+        return getattr(handle, "sinks", None), getattr(handle, "sink_threshold", None)
+
+    def sinks(self, ctx):
+        """Per image (sequence order), the ViT sinks forwarding will find at the first layer (from the norms
+        of the features the projector receives, as it will detect them), or None when it is off."""
+        if "sinks" not in ctx.run:
+            cfg, threshold = self.sink_config()
+            vit = getattr(ctx, "vit", None)
+            if cfg is None or vit is None:
+                ctx.run["sinks"] = None
+            else:
+                from ..sinks import vitsink
+
+                ctx.run["sinks"] = [vitsink.detect(n, cfg, threshold) for n in vit]
+        return ctx.run["sinks"]
+
     def protected_rows(self, ctx, tokens):
-        return vit_sink_rows(ctx, tokens, self.seam)
+        """[R, P] bool: the tokens ViT-sink forwarding will protect, None when it is off. Protected tokens are
+        kept as they are: a vision-stage pruner must not change their features."""
+        sinks = self.sinks(ctx)
+        if sinks is None:
+            return None
+        r, p = tokens.scores.shape
+        dev = tokens.scores.device
+        sink = torch.cat(sinks).to(dev)
+        rows = tokens.to_sequence(torch.arange(1, r * p + 1, device=dev).view(r, p)) - 1  # -1: no row
+        idx = torch.where(sink & (rows >= 0), rows, r * p)
+        return torch.zeros(r * p + 1, dtype=torch.bool, device=dev).scatter_(0, idx, True)[: r * p].view(r, p)
 
+    def vision(self, ctx, tokens):
+        out = super().vision(ctx, tokens)
+        cfg, _ = self.sink_config()
+        sinks = self.sinks(ctx) if cfg is not None and cfg.to_front else None
+        if sinks is not None:  # the first layer moves each image's sinks to its front: the keep set too
+            from ..sinks import vitsink
 
-def vit_sink_rows(ctx, tokens, seam):
-    """[R, P] bool: the tokens ViT-sink forwarding will protect (detected, as it will detect them at the
-    first layer, from the norms of the features the projector receives), None when it is off. Protected
-    tokens are kept as they are: a vision-stage pruner must not change their features."""
-    handle = getattr(seam, "_handle", None)
-    cfg = getattr(handle, "sinks", None)
-    if getattr(ctx, "vit", None) is None or cfg is None:
-        return None
-    from ..sinks import vitsink
-
-    r, p = tokens.scores.shape
-    dev = tokens.scores.device
-    sink = torch.cat([vitsink.detect(n, cfg, handle.sink_threshold) for n in ctx.vit]).to(dev)
-    rows = tokens.to_sequence(torch.arange(1, r * p + 1, device=dev).view(r, p)) - 1  # -1: no row
-    idx = torch.where(sink & (rows >= 0), rows, r * p)
-    return torch.zeros(r * p + 1, dtype=torch.bool, device=dev).scatter_(0, idx, True)[: r * p].view(r, p)
+            keep, start, order = ctx.run["keep"], 0, []
+            for s in sinks:
+                order.append(vitsink.to_front_order(s) + start)
+                start += s.numel()
+            ctx.run["keep"] = keep[torch.cat(order).to(keep.device)]
+        ctx.run.pop("sinks", None)
+        return out
 
 
 def candidates(tokens) -> torch.Tensor:

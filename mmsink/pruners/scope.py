@@ -1,0 +1,78 @@
+"""SCOPE (saliency + coverage, arXiv 2510.24214): inside the vision tower, before the projector,
+question-independent. Follows the official code, kinredon/SCOPE (``scope/clip_encoder.py``:
+``CLIPVisionTower_SCOPE.forward`` and ``SCOPE``).
+
+Per image: S = cosine similarity of the feature layer's patch features (CLIP layer -2, before the
+projector); saliency = the [CLS] row of that layer's attention (summed over heads in the official code;
+mmsink's scores are the mean, a constant factor that changes no choice). Greedy, K steps: with cur_max
+starting at 0, pick the unchosen j maximising gain_j = sum_i max(0, S_ij - cur_max_i) * saliency_j **
+alpha (ties: the first index), then cur_max_i = max(cur_max_i, S_ij). K = ``budget`` tokens per image
+(absolute, as the official ``num_token``; a float is a fraction of the image's tokens). The kept patches
+enter the LLM at their own positions ([CLS] is not kept, as in the official code).
+
+Where mmsink knowingly differs: similarities in float32 (the official code uses the tower's dtype).
+LLaVA-NeXT: per tile, as VisionZip: an int budget is the image's, shared evenly by its tiles (the official
+code divides ``num_token`` by the tiles in the batch, int()), only the tokens unpadding keeps compete, and
+newline tokens are dropped. Qwen2-VL / Qwen2.5-VL (no [CLS], no official code): saliency is the attention
+each token receives in the last vision block (VisionZip's documented substitute) and S compares the
+merger's input rows (a token's 2x2 patches, concatenated). ViT sinks (``sink_forward``) compete as any
+token and are kept in any case. Selection costs one P x P similarity matmul per row (counted in the FLOPs);
+no attention matrix is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .base import per_image, register
+from .visionzip import SinkAware, candidates, row_budget
+
+
+@register
+class Scope(SinkAware):
+    name = "scope"
+    default_budget = 64 / 576
+
+    @dataclasses.dataclass
+    class Options:
+        alpha: float = 1.0  # saliency exponent (the official ALPHA, default 1)
+
+    def check_options(self) -> None:
+        a = self.options.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or a < 0:
+            raise ValueError(f"mmsink: scope's alpha must be a number >= 0, got {a!r}")
+
+    def select(self, ctx, tokens):
+        t = tokens
+        ok = candidates(t)
+        sizes = [n - 1 for n in t.sizes] if t.cls_in_row else t.sizes
+        ks = [min(row_budget(self.budget, n, m), n) for n, m in zip(sizes, t.parts)]
+        ctx.run.setdefault("kept_images", []).extend(per_image(ks, t.parts))
+        keep = greedy(t.features, t.scores, ok, ks, self.options.alpha)
+        r, p, f = t.features.shape
+        ctx.extra_flops += 2 * r * p * p * f
+        return t.features, keep
+
+
+def greedy(features, saliency, ok, ks: list, alpha: float = 1.0) -> torch.Tensor:
+    """keep [R, P]: SCOPE's greedy choice of ``ks[r]`` tokens in each row among ``ok`` (all rows at once)."""
+    r, p, _ = features.shape
+    dev = features.device
+    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    sim = torch.einsum("rif,rjf->rij", x, x)  # [R, P, P], symmetric
+    rows_ok = ok.float()[:, :, None]  # only real tokens are covered
+    weight = saliency.float().clamp(min=0) ** alpha
+    chosen = torch.zeros(r, p, dtype=torch.bool, device=dev)
+    cur = torch.zeros(r, p, device=dev)
+    kcol = torch.tensor(ks, device=dev)
+    rows = torch.arange(r, device=dev)
+    for step in range(max(ks, default=0)):
+        gain = ((sim - cur[:, :, None]).clamp(min=0) * rows_ok).sum(1) * weight
+        gain = gain.masked_fill(chosen | ~ok, float("-inf"))
+        best = gain.argmax(1)
+        active = step < kcol
+        chosen[rows, best] |= active
+        cur = torch.where(active[:, None], torch.maximum(cur, sim[rows, best]), cur)
+    return chosen
