@@ -12,6 +12,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -291,14 +292,34 @@ def measure(
     ragged: bool = False,
     varlen: bool | None = None,
     var_tau: float | None = None,
+    progress=None,
 ) -> dict:
     """Per method: prefill time, the ideal row (the same plan replayed with no selection work), time to
     first token, decode time per token, KV-cache bytes, peak memory of the prefill, FLOPs.
     ``ragged``: left-pad sample i by 2 * i tokens (prompts of different lengths); ``varlen``: passed to
     ``mmsink.wrap`` (the ragged kernel for padded segments); ``var_tau``: add a VAR row (sink channels
     1415 / 2533, this threshold: random weights have no real sinks, so a low tau makes some tokens
-    qualify and VAR's attention edit run), timed alternately with the model without it."""
+    qualify and VAR's attention edit run), timed alternately with the model without it. ``progress``:
+    called with a line of text up front, with an estimate after the baseline row and after every row."""
     import mmsink
+
+    grid = grid or [(m, b) for m, budgets in METHOD_GRID for b in budgets] + [("visipruner", None)]
+    say = progress or (lambda text: None)
+    total = 1 + len(grid) + bool(var_tau)
+    say(
+        f"bench {shape}: {total} rows (baseline, {len(grid)} method settings"
+        + (", VAR" if var_tau else "")
+        + f"), {reps} timed reps each; an estimate follows the baseline row"
+    )
+    clock = [time.perf_counter(), time.perf_counter()]  # start, last row's end
+
+    def done(i: int, name: str, per_row: float | None = None) -> None:
+        now = time.perf_counter()
+        took, elapsed = now - clock[1], now - clock[0]
+        clock[1] = now
+        per_row = per_row or elapsed / i
+        left = per_row * (total - i)
+        say(f"[{i}/{total}] {name}: {took:.1f} s ({elapsed:.0f} s so far, about {left:.0f} s left)")
 
     model = build(shape, device, dtype)
     model.generation_config.eos_token_id = None  # random weights: time fixed lengths
@@ -359,7 +380,9 @@ def measure(
         t = alternated(lambda: plan[now[0]][1](), states, reps, sync, warm=2)
         return {f"{k}_ms": v * 1e3 for k, v in t.items()}
 
+    started = time.perf_counter()
     base = profile()
+    profiled = time.perf_counter() - started
     if e2e_tokens:  # the unpruned model through the same graphed prefill ('none' hands off at layer 0)
         mmsink.wrap(model, prune="none", varlen=varlen)
         first = lambda: mmsink.generate_fast(model, max_new_tokens=1, **inputs)  # noqa: E731
@@ -369,13 +392,18 @@ def measure(
     prefill()
     base_flops = mmsink.stats(model).prefill_flops
     rows = [dict(method="baseline", budget=None, kept=n_vis, flops_ratio=1.0, **base)]
-    grid = grid or [(m, b) for m, budgets in METHOD_GRID for b in budgets] + [("visipruner", None)]
-    for method, budget in grid:
+    # a method's row: a profile like the baseline's, then its prefill, its ideal and the baseline
+    # alternated (the pruned two about half the baseline's time)
+    row_s = profiled + 2 * (reps + 1) * base["ms"] / 1e3
+    done(1, "baseline", row_s)
+    for i, (method, budget) in enumerate(grid, 2):
+        name = f"{method} {'adaptive' if budget is None else budget}"
         try:
             mmsink.wrap(model, prune=method, budget=budget, varlen=varlen)  # settings may be refused
             r = profile()
         except ValueError as e:  # e.g. a budget this depth cannot schedule
             rows.append(dict(method=method, budget=budget, error=str(e)))
+            done(i, f"{name}: refused ({e})")
             continue
         st = mmsink.stats(model)
         r.update(method=method, budget=budget, kept=round(st.mean_kept, 1))
@@ -391,6 +419,7 @@ def measure(
         if e2e_tokens:  # time to first token: HF prefill, graphed unpruned, the method; alternated too
             r["ttft_alt"] = ttft_alternated(method, budget)
         rows.append(r)
+        done(i, name)
     if var_tau:  # VAR's cost: its grouped attention in layers 2 .. L-2, against the same model without it
         hidden = model.config.get_text_config().hidden_size
         cfg = {"sink_dims": tuple(d % hidden for d in (1415, 2533)), "tau": var_tau}
@@ -408,6 +437,7 @@ def measure(
         t = alternated(prefill, states, reps, sync)
         r["ms"], r["base_ms"] = t["method"] * 1e3, t["base"] * 1e3
         rows.append(r)
+        done(total, "var")
     if getattr(model, "_mmsink", None) is not None:
         mmsink.unwrap(model)
     for r in rows:
@@ -756,6 +786,7 @@ def main(argv=None):
             ragged=a.ragged,
             varlen=False if a.varlen == "off" else None,
             var_tau=a.var_tau,
+            progress=lambda text: print(text, file=sys.stderr, flush=True),
         )
         md = measured_markdown(res)
         stem = a.name or f"prefill_{a.shape}_{a.device.split(':')[0]}_b{a.batch}"
