@@ -61,6 +61,7 @@ class Directive:
     anchor: torch.Tensor | None = None  # [B] local index of the anchor query row
     reweight: Callable | None = None  # fn(q, k, v, key_valid, scaling, base) -> output [B, n, H, hd]
     varlen: dict | None = None  # packed layout of a padded segment (mmsink.varlen.pack)
+    rows: torch.Tensor | None = None  # [B, R] more query rows to observe (slots, -1 padding), as q_rows
     observed: dict = field(default_factory=dict)
 
 
@@ -78,6 +79,9 @@ def mmsink_attention(base: str):
         if d.observe:
             b = torch.arange(query.shape[0], device=query.device)
             d.observed.update(q=query[b, :, d.anchor], k=key, v=value, scale=scaling)
+            if d.rows is not None:  # [B, H, R, d]; padding rows read slot 0 (the caller masks them)
+                at = d.rows.clamp(min=0)[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3])
+                d.observed["q_rows"] = query.gather(2, at)
         if d.reweight is not None:
             out = d.reweight(query, key, value, attention_mask, scaling, base)
             return out, None

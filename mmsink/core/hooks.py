@@ -345,6 +345,7 @@ class Handle:
             return None
         d = Directive(layer, observe=bool(want.get("observe")), reweight=want.get("reweight"))
         d.varlen = want.get("varlen")
+        d.rows = want.get("rows")  # query rows beyond the anchor a pruner scores with (observe)
         if d.observe:
             d.anchor = ctx.anchor_slot()
             if layer in ctx.var_codes:

@@ -106,6 +106,7 @@ class Prefill:
     slots: list = field(default_factory=list)  # padded token slots each layer ran on
     pending: torch.Tensor | None = None  # keep mask decided for the next layer
     pending_counts: list | None = None  # what it keeps, as Segment.counts, when the host knows
+    pending_hidden: torch.Tensor | None = None  # [B, n, D] states replacing the layer's output (merges)
     to_read: dict = field(default_factory=dict)  # device scalars a pruner needs on the host next layer
     host: dict = field(default_factory=dict)  # their values, read with the next layer's plan
     extra_flops: float = 0  # selection work outside the layers (scores, merges)
@@ -184,9 +185,13 @@ class Prefill:
         vis = self.visual()
         return self.seg.valid & (~vis | chosen_visual)
 
-    def decide(self, keep: torch.Tensor, counts: list | None = None) -> None:
+    def decide(self, keep: torch.Tensor, counts: list | None = None, hidden: torch.Tensor | None = None):
         """Keep mask for the next layer. ``counts``: what each sample keeps, as ``Segment.counts``, when the
-        pruner knows it on the host; the plan then needs no read to apply it."""
+        pruner knows it on the host; the plan then needs no read to apply it. ``hidden``: [B, n, D] states
+        of the current slots that replace the layer's output before the kept slots are gathered (a pruner
+        that writes new tokens, e.g. merged ones, into slots it keeps; they keep those slots' positions)."""
+        if hidden is not None:
+            self.pending_hidden = hidden
         if self.protected is not None:
             keep = keep | (gather_rows(self.protected, self.seg.idx) & self.seg.valid)
             counts = None
@@ -199,6 +204,8 @@ class Prefill:
         """Called before ``layer``: apply a pending decision. Returns the (possibly gathered) hidden."""
         names, extra = list(self.to_read), [t.long() for t in self.to_read.values()]
         self.to_read = {}
+        if self.pending_hidden is not None:
+            hidden, self.pending_hidden = self.pending_hidden.to(hidden.device, hidden.dtype), None
         if self.pending is not None:
             keep, valid = self.pending & self.seg.valid, self.seg.valid
             known = self.pending_counts

@@ -2,5 +2,6 @@
 
 from . import cdpruner, dart, divprune, fastv, pdrop, replay, scope, simple, visionzip, visipruner, vispruner  # noqa: F401
 from .base import REGISTRY, Pruner, register
+from .sparsevlm import SparseVLM  # noqa: F401
 
 __all__ = ["REGISTRY", "Pruner", "register"]

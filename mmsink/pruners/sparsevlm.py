@@ -1,0 +1,370 @@
+"""SparseVLM (Zhang et al., ICML 2025, arXiv 2410.04417), as its official code selects in the default
+v1.5 logic (Gumpest/SparseVLMs, ``llava/model/language_model/modelling_sparse_llama.py``,
+``LlamaDynamicvitModel.forward``; ``score.py``, ``attn_postprocess_topk`` and the ``sparse_token_list``
+tables; ``utils.py``, ``cluster_and_merge``; ``USE_VERSION`` unset, i.e. not the SparseVLM+ "2_0" mode).
+
+- Text raters, chosen once from the input embeddings: M = softmax over the text tokens after the image
+  of V T^T (V the image's embeddings, T the text's), averaged over the visual rows; the raters are the
+  text tokens whose M is above M's mean.
+- At layers 2, 6 and 15 (of 32; the decision is taken on that layer's attention and applies from the
+  next layer on): that layer's softmax attention (causal, scale 1/sqrt(d)), averaged over heads and over
+  the raters' query rows, ranks the image's current visual tokens; the top min(k_s, v - 1) stay (v: the
+  image's visual tokens now, merged ones included).
+- Recycling: of the pruned tokens (their states from the layer's OUTPUT), the top int(0.3 p) + 1 by the
+  same score (p pruned) are clustered into int(n / 10) + 1 groups by density-peak clustering (DPC-KNN:
+  distances / sqrt(D), density exp(-mean squared distance to the cluster_num nearest, self included),
+  centres = top cluster_num by density x distance to the nearest denser token, each token to its nearest
+  centre) and each group's mean (sum / (count + 1e-6)) is a new visual token.
+- Schedules k_1 / k_2 / k_3 per budget (the budget is the visual tokens averaged over 32 layers; the
+  official ``RETAIN_TOKN``): 192 -> 300 / 200 / 110, 128 -> 303 / 110 / 36, 96 -> 238 / 48 / 26,
+  64 -> 66 / 30 / 17 (of 576 tokens).
+
+What mmsink does beyond the official code (one image, batch 1, LLaVA-1.5, 32 layers):
+- Other budgets and image sizes: a budget is first put in units of a 576-token image (``b * 576 / N`` for
+  an int b and an image of N tokens, ``f * 576`` for a fraction f); the schedule is the official table at
+  its four budgets and linear between them, between 0 and 64 (from 0 / 0 / 0) and between 192 and 576
+  (to 576 / 576 / 576); each k is then scaled back to the image, ``max(1, floor(k * N / 576 + 0.5))``. At
+  576 tokens and 192 / 128 / 96 / 64 this is the official table exactly. ``schedule=(k1, k2, k3)`` (in
+  576-token units) replaces the table.
+- Layers scale with depth: ``floor(l * L / 32 + 0.5)`` (at least 1, increasing; 8 layers -> 1, 2, 4;
+  28 -> 2, 5, 13). The official code keeps 2 / 6 / 15 at every depth (e.g. LLaVA-1.5-13B's 40 layers):
+  pass ``layers=(2, 6, 15)`` for that.
+- Several images a prompt: each image has its own raters (the text after it) and its own schedule and
+  recycling (``budget_per="prompt"``: a prompt's images compete for one schedule and are clustered
+  together). Batches: every sample its own raters (ragged, only their query rows are scored).
+- Positions (mmsink's global choice, as for PDrop): kept tokens keep their original positions (the
+  official code re-indexes to 0..n-1 after each drop) and a merged token takes the slot, and so the
+  position, of its cluster's centre (a pruned token), so it sits among the kept tokens in position
+  order; the official code puts the merged tokens after the kept visual tokens (centre-score order). The
+  first decision is the official selection exactly; later ones rank with the original positions.
+- The official clustering adds uniform noise of 1e-6 to the densities to break ties; mmsink adds none
+  (exact ties go to the lower index), so runs are deterministic (cached == uncached).
+- Scores in float32 (the official code: the model's dtype); a VAR edit at a decision layer is not applied
+  to the ranking; ViT-sink protected tokens are kept in addition and are never merged or overwritten.
+- ``recycle=False`` runs the selection without the merged tokens.
+An image with no text after it has no raters: its tokens all score 0 (the first ones stay).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..core.attention import group_indices
+from ..core.plan import gather_rows
+from .base import Pruner, budget_sizes, check_size, register
+
+OFFICIAL_LAYERS = (2, 6, 15)
+OFFICIAL_DEPTH = 32
+UNIT = 576  # the schedules are for LLaVA-1.5's 576-token image
+SCHEDULES = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
+MERGE_SHARE = 0.3  # the top 30 % (+ 1) of the pruned tokens are recycled
+CLUSTER_EVERY = 10  # into int(n / 10) + 1 groups
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    out: list[int] = []
+    for layer in OFFICIAL_LAYERS:
+        s = max(1, math.floor(layer * num_layers / OFFICIAL_DEPTH + 0.5))
+        out.append(max(s, out[-1] + 1) if out else s)
+    if out[-1] > num_layers - 2:
+        raise ValueError(f"mmsink: sparsevlm needs at least 6 decoder layers, the model has {num_layers}")
+    return tuple(out)
+
+
+def schedule_units(units: float) -> tuple[float, ...]:
+    """k_1, k_2, k_3 of a 576-token image for a budget of ``units`` tokens (of 576): the official table at
+    its budgets, linear between them and towards 0 and 576."""
+    units = round(float(units), 6)
+    points = [(0.0, (0.0, 0.0, 0.0))] + [(float(b), s) for b, s in sorted(SCHEDULES.items())]
+    points.append((float(UNIT), (float(UNIT),) * 3))
+    for (b0, s0), (b1, s1) in zip(points, points[1:]):
+        if b0 <= units <= b1:
+            if units == b1:
+                return tuple(float(x) for x in s1)
+            t = (units - b0) / (b1 - b0)
+            return tuple(a + t * (b - a) for a, b in zip(s0, s1))
+    raise ValueError(f"mmsink: sparsevlm budget of {units:.1f} tokens per 576 is out of range")
+
+
+def stage_tokens(budget, n: int, schedule=None) -> tuple[int, ...]:
+    """Tokens an image (or a prompt's images) of ``n`` visual tokens keeps at each decision."""
+    if n == 0:
+        return (0, 0, 0)
+    if schedule is None:
+        units = budget * UNIT if isinstance(budget, float) else budget * UNIT / n
+        schedule = schedule_units(units)
+    return tuple(max(1, math.floor(s * n / UNIT + 0.5)) for s in schedule)
+
+
+def merged_count(pruned: int) -> int:
+    """Merged tokens made of ``pruned`` pruned tokens (official: int(int(0.3 p) + 1) / 10) + 1)."""
+    if pruned <= 0:
+        return 0
+    return (int(pruned * MERGE_SHARE) + 1) // CLUSTER_EVERY + 1
+
+
+@register
+class SparseVLM(Pruner):
+    name = "sparsevlm"
+    default_budget = 192 / UNIT
+
+    @dataclasses.dataclass
+    class Options:
+        layers: tuple | None = None
+        schedule: tuple | None = None  # k_1, k_2, k_3 in 576-token units (replaces the budget's)
+        recycle: bool = True
+
+    def check_options(self):
+        ls = self.options.layers
+        if ls is not None and (len(ls) != 3 or list(ls) != sorted(set(ls)) or ls[0] < 0):
+            raise ValueError("mmsink: sparsevlm layers must be three increasing layer indices >= 0")
+        sc = self.options.schedule
+        if sc is not None:
+            if len(sc) != 3 or any(not isinstance(x, (int, float)) or x <= 0 for x in sc):
+                raise ValueError("mmsink: sparsevlm schedule must be three positive token counts (of 576)")
+            self.budget = None  # the schedule is the budget
+        if not isinstance(self.options.recycle, bool):
+            raise ValueError("mmsink: sparsevlm recycle must be True or False")
+
+    def layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(self.options.layers) if self.options.layers is not None else default_layers(num_layers)
+
+    def check_model(self, num_layers):
+        if self.options.layers is not None and max(self.options.layers) > num_layers - 2:
+            raise ValueError(
+                f"mmsink: sparsevlm layers {self.options.layers} need a layer after the last one; "
+                f"the model has {num_layers}"
+            )
+        self.layers(num_layers)
+
+    def final_layer(self, ctx):
+        return ctx.run["layers"][-1] + 1  # the last decision applies here
+
+    def report(self, ctx):
+        return {
+            "schedule": {
+                "layers": list(ctx.run["layers"]),
+                "tokens": ctx.run["k_host"],  # per sample, per image (or prompt): k_1, k_2, k_3
+                "recycle": self.options.recycle,
+            }
+        }
+
+    # ---------------------------------------------------------------------------------------- prefill
+    def start(self, ctx):
+        sizes = budget_sizes(ctx)
+        if self.budget is not None and not isinstance(self.budget, float):
+            check_size(self.budget, [n for s in sizes for n in s])
+        k_host = [[stage_tokens(self.budget, n, self.options.schedule) for n in s] for s in sizes]
+        groups = max((len(s) for s in sizes), default=0)
+        table = [[list(k) for k in row] + [[0, 0, 0]] * (groups - len(row)) for row in k_host]
+        ctx.run = {
+            "layers": self.layers(ctx.num_layers),
+            "k_host": k_host,
+            "k": torch.tensor(table, dtype=torch.long, device=ctx.device).view(len(sizes), groups, 3),
+        }
+
+    def before_llm(self, ctx, embeds):
+        """Each image's text raters from the input embeddings (official: ``m_v_t``); one host read (the
+        most raters a sample has) comes with layer 0's plan."""
+        lay, run = ctx.layout, ctx.run
+        b, length, d = embeds.shape
+        m_img = lay.counts.shape[1]
+        ar = torch.arange(length, device=embeds.device)
+        first = torch.tensor(lay.first_image, device=embeds.device)
+        text = ctx.in_prompt() & ~lay.is_image & (ar[None] > first[:, None])
+        width = ctx.text_after_image_width()
+        cols = group_indices(text, None if width is None else max(width, 1))  # [B, W] text slots
+        vis_w = max((sum(s) for s in lay.sizes), default=0)
+        rows = group_indices(lay.is_image & lay.valid, max(vis_w, 1))  # [B, V] visual slots
+        x = embeds.float()
+        xv = gather_rows(x, rows.clamp(min=0))
+        xt = gather_rows(x, cols.clamp(min=0))
+        logits = torch.matmul(xv, xt.transpose(1, 2))  # [B, V, W]
+        ctx.extra_flops += 2 * b * rows.shape[1] * cols.shape[1] * d
+        io = torch.where(rows >= 0, lay.image_of.gather(1, rows.clamp(min=0)), -1)
+        member = torch.zeros(b, m_img, length + 1, dtype=torch.bool, device=embeds.device)
+        for m in range(m_img):
+            last = torch.where(lay.image_of == m, ar[None], -1).max(1).values  # [B] the image's last slot
+            allowed = (cols >= 0) & (cols > last[:, None]) & (last[:, None] >= 0)
+            vis = io == m
+            p = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+            pm = (p * vis[..., None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)  # [B, W]
+            mean = (pm * allowed).sum(1, keepdim=True) / allowed.sum(1, keepdim=True).clamp(min=1)
+            raters = allowed & (pm > mean) & vis.any(1, keepdim=True)
+            at = torch.where(raters, cols, length)
+            member[:, m].scatter_(1, at, raters)
+        run["raters"] = member[..., :length]  # [B, M, L] image m's raters (original indices)
+        ctx.to_read["sparsevlm.raters"] = run["raters"].any(1).sum(1).max()
+        return None
+
+    def directive(self, ctx, layer):
+        if layer not in ctx.run["layers"]:
+            return None
+        seg = ctx.seg
+        width = int(ctx.host.get("sparsevlm.raters", 0))
+        member = gather_rows(ctx.run["raters"].any(1), seg.idx) & seg.valid
+        ctx.run["rows"] = rows = group_indices(member, max(width, 1))  # [B, R] rater slots, -1 padding
+        return {"observe": True, "rows": rows}
+
+    def after_layer(self, ctx, layer, hidden, observed):
+        layers = ctx.run["layers"]
+        if layer not in layers:
+            return
+        stage = layers.index(layer)
+        score = self.scores(ctx, observed)
+        keep, merged = self.select(ctx, stage, score, hidden)
+        ctx.decide(ctx.keep_text(keep), counts=self.counts(ctx, stage), hidden=merged)
+
+    def scores(self, ctx, observed) -> torch.Tensor:
+        """[B, n] each visual slot's attention from its image's raters (mean over heads, then raters)."""
+        seg, run = ctx.seg, ctx.run
+        rows = run.pop("rows")
+        q, k = observed["q_rows"], observed["k"]
+        b, h, r, d = q.shape
+        kk = k.repeat_interleave(h // k.shape[1], dim=1) if h != k.shape[1] else k
+        n = kk.shape[2]
+        logits = torch.einsum("bhrd,bhnd->bhrn", q, kk).float() * observed["scale"]
+        ctx.extra_flops += 2 * b * h * r * n * d
+        slot = torch.arange(n, device=q.device)
+        allowed = (slot[None, None] <= rows[..., None]) & seg.valid[:, None] & (rows >= 0)[..., None]
+        probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+        per_row = probs.mean(1)  # [B, R, n]
+        raters = run["raters"]
+        orig = seg.idx.gather(1, rows.clamp(min=0))
+        w = raters.gather(2, orig[:, None].expand(-1, raters.shape[1], -1)) & (rows >= 0)[:, None]
+        w = w.float() / w.sum(-1, keepdim=True).clamp(min=1)  # [B, M, R]
+        io = ctx.image_of()
+        score = torch.zeros(b, n, device=q.device)
+        for m in range(raters.shape[1]):
+            s_m = (w[:, m, :, None] * per_row).sum(1)
+            score = torch.where(io == m, s_m, score)
+        return score
+
+    def select(self, ctx, stage, score, hidden):
+        """(kept visual slots [B, n], the layer's output with the merged tokens written at their centres'
+        slots, or None)."""
+        seg, run = ctx.seg, ctx.run
+        vis = ctx.visual()
+        grp = ctx.image_of()
+        if ctx.budget_per == "prompt":
+            grp = torch.where(grp >= 0, torch.zeros_like(grp), grp)
+        prot = None
+        if ctx.protected is not None:
+            prot = gather_rows(ctx.protected, seg.idx) & seg.valid
+        b, n = vis.shape
+        ranks = torch.arange(n, device=vis.device)[None].expand(b, n)
+        keep = torch.zeros_like(vis)
+        pools = []
+        for m in range(run["k"].shape[1]):
+            cand = vis & (grp == m)
+            cur = cand.sum(1)
+            k = torch.minimum(run["k"][:, m, stage], cur - 1).clamp(min=0)
+            order = score.masked_fill(~cand, float("-inf")).argsort(dim=1, descending=True, stable=True)
+            kept = cand & torch.zeros_like(cand).scatter(1, order, ranks < k[:, None])
+            if prot is not None:
+                kept |= cand & prot
+            keep |= kept
+            pools.append((cand & ~kept, score))
+        if not self.options.recycle:
+            return keep, None
+        width = self.pool_width(ctx, stage)
+        if width == 0:
+            return keep, None
+        slots, valid, clusters = [], [], []
+        for pruned, s in pools:
+            p = pruned.sum(1)
+            n_sel = torch.where(p > 0, torch.floor(p.double() * MERGE_SHARE).long() + 1, 0)
+            order = s.masked_fill(~pruned, float("-inf")).argsort(dim=1, descending=True, stable=True)
+            order = order[:, :width] if order.shape[1] >= width else order
+            slots.append(order)
+            valid.append(torch.arange(order.shape[1], device=vis.device)[None] < n_sel[:, None])
+            clusters.append(torch.where(n_sel > 0, n_sel // CLUSTER_EVERY + 1, 0))
+        slots, valid = torch.stack(slots, 1), torch.stack(valid, 1)  # [B, G, W]
+        clusters = torch.stack(clusters, 1)  # [B, G]
+        g, w = slots.shape[1], slots.shape[2]
+        dm = hidden.shape[-1]
+        x = gather_rows(hidden, slots.view(b, g * w)).view(b * g, w, dm).float()
+        merged, centre, ok = cluster_and_merge(x, valid.view(b * g, w), clusters.view(b * g))
+        ctx.extra_flops += 2 * b * g * w * w * dm  # the pairwise distances (as a matmul would count them)
+        cw = centre.shape[1]
+        at = slots.view(b * g, w).gather(1, centre)  # [B*G, cw] slots of the centres
+        batch = torch.arange(b, device=vis.device).repeat_interleave(g)[:, None]
+        flat = torch.where(ok, batch * n + at, b * n).view(-1)
+        out = torch.cat([hidden.reshape(b * n, dm), hidden.new_zeros(1, dm)])
+        out = out.index_copy(0, flat, merged.reshape(-1, dm).to(hidden.dtype))[: b * n].view(b, n, dm)
+        host = torch.zeros(b, n + 1, dtype=torch.bool, device=vis.device)
+        host.scatter_(1, torch.where(ok, at, n).view(b, g * cw), True)
+        return keep | host[:, :n], out
+
+    def pool_width(self, ctx, stage) -> int:
+        """The most pruned tokens a group recycles (int(0.3 p) + 1): from the host counts when known, else
+        a bound from the group sizes."""
+        counts = self.host_groups(ctx)
+        if counts is None:
+            most = max((n for s in budget_sizes(ctx) for n in s), default=0)
+            return int(most * MERGE_SHARE) + 1 if most else 0
+        out = 0
+        for row, ks in zip(counts, ctx.run["k_host"]):
+            for cur, k in zip(row, ks):
+                p = cur - min(k[stage], max(cur - 1, 0)) if cur else 0
+                out = max(out, int(p * MERGE_SHARE) + 1 if p > 0 else 0)
+        return out
+
+    def host_groups(self, ctx) -> list | None:
+        """Per sample, each group's current visual tokens (host ints) when the plan knows them."""
+        seg = ctx.seg
+        if seg.counts is None or ctx.protected is not None or ctx.pending is not None:
+            return None
+        if ctx.budget_per == "prompt":
+            return [[sum(vis)] if vis else [] for _, vis in seg.counts]
+        return [list(vis) for _, vis in seg.counts]
+
+    def counts(self, ctx, stage) -> list | None:
+        groups = self.host_groups(ctx)
+        if groups is None:
+            return None
+        out = []
+        for (text, _), row, ks in zip(ctx.seg.counts, groups, ctx.run["k_host"]):
+            new = []
+            for cur, k in zip(row, ks):
+                kept = min(k[stage], max(cur - 1, 0))
+                new.append(kept + (merged_count(cur - kept) if self.options.recycle else 0))
+            out.append((text, new))
+        return out
+
+
+def cluster_and_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor):
+    """Density-peak clustering of each group's tokens (the official ``cluster_and_merge``, batched with
+    padding, without its 1e-6 density noise). x [G, W, D] float32 (tokens in descending score order),
+    valid [G, W], clusters [G] (<= the valid count). Returns (merged [G, C, D], centre [G, C] token index
+    of each cluster's centre, ok [G, C]) with C = W // 10 + 1; cluster c's mean is merged[:, c]."""
+    g, w, d = x.shape
+    cw = w // CLUSTER_EVERY + 1
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / d**0.5
+    near = torch.arange(w, device=x.device)[None] < clusters[:, None]  # the `clusters` nearest
+    nearest = dist.masked_fill(~valid[:, None], float("inf")).sort(-1).values
+    sq = torch.where(near[:, None], nearest.square(), torch.zeros_like(nearest))
+    density = torch.exp(-sq.sum(-1) / clusters.clamp(min=1)[:, None])
+    denser = (density[:, None, :] > density[:, :, None]) & valid[:, None, :]  # [G, i, j]: j denser than i
+    pair = valid[:, :, None] & valid[:, None, :]
+    dist_max = dist.masked_fill(~pair, float("-inf")).flatten(1).max(1).values
+    parent = torch.where(denser, dist, dist_max[:, None, None]).min(-1).values
+    score = (parent * density).masked_fill(~valid, float("-inf"))
+    centre = score.argsort(dim=-1, descending=True, stable=True)[:, :cw]
+    if centre.shape[1] < cw:
+        centre = torch.cat([centre, centre.new_zeros(g, cw - centre.shape[1])], 1)
+    ok = torch.arange(cw, device=x.device)[None] < clusters[:, None]
+    to_centre = dist.gather(1, centre[..., None].expand(-1, -1, w)).masked_fill(~ok[..., None], float("inf"))
+    assign = to_centre.argmin(1)  # [G, W]: the first nearest centre
+    ids = torch.arange(cw, device=x.device)[None].expand(g, cw)
+    assign = torch.cat([assign, assign.new_zeros(g, 1)], 1)
+    assign.scatter_(1, torch.where(ok, centre, w), ids)  # a centre joins its own cluster
+    assign = torch.where(valid, assign[:, :w], cw)  # padding to a spare cluster
+    count = torch.zeros(g, cw + 1, device=x.device).scatter_add_(1, assign, torch.ones_like(x[..., 0]))
+    weight = 1.0 / (count.gather(1, assign) + 1e-6)
+    merged = torch.zeros(g, cw + 1, d, device=x.device, dtype=x.dtype)
+    merged.scatter_add_(1, assign[..., None].expand(-1, -1, d), x * weight[..., None])
+    return merged[:, :cw], centre, ok

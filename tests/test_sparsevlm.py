@@ -1,0 +1,258 @@
+"""SparseVLM keeps (and merges) what its official rule does (``official_sparsevlm.py``, a plain port run
+eagerly on the full sequence of each sample alone), with trained-like weights (q/k scaled, RMSNorm weights
+spread), several seeds, two budgets, full and grouped-query attention; batched (left padding, several
+images a prompt) == per sample; cached == uncached; executed FLOPs == FlopCounterMode; every family;
+ViT-sink tokens kept."""
+
+import pytest
+import torch
+from official_sparsevlm import PRUNING_LOC, SCHEDULES, sparsevlm_official
+from test_families import FAMILIES, built
+from tiny import batch, prompt, tiny_llava
+from torch.utils.flop_counter import FlopCounterMode
+
+import mmsink
+from mmsink.pruners.sparsevlm import default_layers, stage_tokens
+
+SEEDS = [0, 1, 2]
+KV = [4, 2]
+MODELS: dict = {}
+
+
+def model_for(seed, kv):
+    """A tiny 8-layer LLaVA (fp32) whose RMSNorm weights are spread like a trained model's."""
+    if (seed, kv) not in MODELS:
+        m = tiny_llava(layers=8, seed=seed, kv_heads=kv).float()
+        g = torch.Generator().manual_seed(100 + seed)
+        lm = m.model.language_model
+        norms = [lm.norm] + [n for b in lm.layers for n in (b.input_layernorm, b.post_attention_layernorm)]
+        with torch.no_grad():
+            for n in norms:
+                n.weight.copy_(0.3 + 1.4 * torch.rand(n.weight.shape, generator=g))
+        MODELS[(seed, kv)] = m
+    return MODELS[(seed, kv)]
+
+
+def prompts(seed):
+    return [prompt(5, 9, seed=seed), prompt(2, 6, seed=seed + 10), prompt(7, 4, seed=seed + 20)]
+
+
+def run(model, inputs, hook_layer=None, **settings):
+    """(kept_indices [layer][sample] as each sample's own positions, stats, the states entering
+    ``hook_layer`` [B, n, D] as mmsink hands them to that layer)."""
+    seen = []
+    mmsink.wrap(model, **settings)
+    h = None
+    if hook_layer is not None:  # registered after mmsink's own pre-hook: sees the gathered states
+        layer = model.model.language_model.layers[hook_layer]
+        h = layer.register_forward_pre_hook(lambda mod, a, k: seen.append(a[0].clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = mmsink.stats(model)
+    finally:
+        if h is not None:
+            h.remove()
+        mmsink.unwrap(model)
+    pad = (inputs["attention_mask"] == 0).sum(1).tolist()
+    kept = [[[j - pad[i] for j in layer[i]] for i in range(len(pad))] for layer in st.kept_indices]
+    return kept, st, (seen[0] if seen else None)
+
+
+def test_schedules_and_layers_are_the_official_ones():
+    """A 576-token image at the official budgets gets the official lists (int or fraction budgets), a
+    32-layer model the official layers; other budgets interpolate between them."""
+    for b, sched in SCHEDULES.items():
+        assert stage_tokens(b, 576) == sched
+        assert stage_tokens(b / 576, 576) == sched
+        assert stage_tokens(b * 5, 576 * 5) == tuple(5 * s for s in sched)
+    assert default_layers(32) == PRUNING_LOC
+    mid = stage_tokens(160, 576)  # half way between 128 and 192
+    assert mid == tuple(int((a + c) / 2 + 0.5) for a, c in zip(SCHEDULES[128], SCHEDULES[192]))
+
+
+@pytest.mark.parametrize("kv", KV)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("budget", [12, 8])  # 192 and 128 of 576, on a 36-token image
+def test_matches_official(seed, kv, budget):
+    """Decision 1: the official code's kept set and merged-token hosts exactly (re-indexed positions or
+    not). Every decision: the official rule with mmsink's original positions (merged tokens at their
+    centres' positions), left-padded batch against each sample alone."""
+    model = model_for(seed, kv)
+    ps = prompts(seed)
+    inputs = batch(ps, seed=seed)
+    layers = default_layers(8)
+    tokens = stage_tokens(budget, 36)
+    kept, _, _ = run(model, inputs, prune="sparsevlm", budget=budget)
+    for i, p in enumerate(ps):
+        ids, pix = torch.tensor(p), inputs["pixel_values"][i : i + 1]
+        with torch.no_grad():
+            official = sparsevlm_official(model, ids, pix, layers, tokens, positions="reindex")
+            original = sparsevlm_official(model, ids, pix, layers, tokens, positions="original")
+        assert kept[layers[0] + 1][i] == official[0]["kept"] == original[0]["kept"]
+        assert [kept[layer + 1][i] for layer in layers] == [s["kept"] for s in original]
+        assert kept[layers[0]][i] == list(range(p.index(100), p.index(100) + 36))  # before: everything
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_merged_states_are_the_official_clusters(seed):
+    """The states a merged token carries into the next layer are the official cluster means (from the
+    layer's output), at the slots of their centres; recycle=False keeps the official topk alone."""
+    model = model_for(seed, 2)
+    p = prompt(5, 9, seed=seed)
+    inputs = batch([p], seed=seed)
+    layers = default_layers(8)
+    tokens = stage_tokens(12, 36)
+    kept, _, seen = run(model, inputs, hook_layer=layers[0] + 1, prune="sparsevlm", budget=12)
+    with torch.no_grad():
+        official = sparsevlm_official(model, torch.tensor(p), inputs["pixel_values"], layers, tokens)
+        plain = sparsevlm_official(model, torch.tensor(p), inputs["pixel_values"], layers, tokens, False)
+    first = p.index(100)
+    alive = sorted(set(range(len(p))) - set(range(first, first + 36)) | set(kept[layers[0] + 1][0]))
+    merged = official[0]["merged"]
+    assert merged and set(merged) <= set(kept[layers[0] + 1][0])
+    for pos, state in merged.items():
+        torch.testing.assert_close(seen[0, alive.index(pos)], state, atol=1e-5, rtol=1e-5)
+    kept_plain, _, _ = run(model, inputs, prune="sparsevlm", budget=12, recycle=False)
+    assert kept_plain[layers[0] + 1][0] == plain[0]["kept"]
+    assert len(plain[0]["kept"]) == tokens[0] < len(official[0]["kept"])
+
+
+def test_positions_differ_from_official_only_after_the_first_decision():
+    """Pins the one deliberate departure: positions (original ones kept; merged tokens at their centres'
+    slots instead of after the kept tokens with re-indexed positions). Somewhere here the re-indexed
+    rule keeps another set at a later decision; the first decision never differs."""
+    differ = 0
+    layers, tokens = default_layers(8), stage_tokens(8, 36)
+    for seed in SEEDS:
+        model = model_for(seed, 4)
+        for p in prompts(seed):
+            pix = batch([p], seed=seed)["pixel_values"]
+            with torch.no_grad():
+                a = sparsevlm_official(model, torch.tensor(p), pix, layers, tokens, positions="reindex")
+                b = sparsevlm_official(model, torch.tensor(p), pix, layers, tokens, positions="original")
+            assert a[0]["kept"] == b[0]["kept"]
+            differ += [s["kept"] for s in a] != [s["kept"] for s in b]
+    assert differ > 0
+
+
+LLAVA_PROMPTS = [prompt(5, 7, seed=1), prompt(2, 4, seed=2, images=2), prompt(3, 9, seed=3)]
+
+
+@pytest.mark.parametrize(
+    "opts", [{"budget": 12}, {"budget": 0.25, "recycle": False}, {"budget": 20, "budget_per": "prompt"}]
+)
+def test_batched_per_sample_and_cached(opts):
+    model = model_for(0, 2)
+    inputs = batch(LLAVA_PROMPTS, seed=4)
+    mmsink.wrap(model, prune="sparsevlm", **opts)
+    try:
+        with torch.no_grad():
+            out = model(**inputs).logits[:, -1]
+            st = mmsink.stats(model)
+            start = 0
+            for i, p in enumerate(LLAVA_PROMPTS):
+                n_img = p.count(100) // 36
+                one = {
+                    "input_ids": torch.tensor([p]),
+                    "attention_mask": torch.ones(1, len(p), dtype=torch.long),
+                    "pixel_values": inputs["pixel_values"][start : start + n_img],
+                }
+                start += n_img
+                torch.testing.assert_close(out[i], model(**one).logits[0, -1], atol=1e-4, rtol=1e-4)
+                pad = inputs["input_ids"].shape[1] - len(p)
+                alone = mmsink.stats(model).kept_indices
+                assert [[j - pad for j in layer[i]] for layer in st.kept_indices] == [x[0] for x in alone]
+            a = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+            b = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
+    finally:
+        mmsink.unwrap(model)
+    assert torch.equal(a, b)
+    assert max(st.kept_tokens[-1]) < min(st.visual_tokens)
+
+
+def test_flops_match_counter():
+    model = tiny_llava(layers=8, attn="eager")
+    inputs = batch(LLAVA_PROMPTS, seed=4)
+    for opts in ({"budget": 12}, {"budget": 8, "recycle": False}):
+        mmsink.wrap(model, prune="sparsevlm", **opts)
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                model(**inputs)
+            st = mmsink.stats(model)
+        finally:
+            mmsink.unwrap(model)
+        counted = fc.get_total_flops()
+        assert abs(st.prefill_flops - counted) <= 0.02 * counted, (st.prefill_flops, counted)
+        assert st.prefill_flops < 0.8 * st.baseline_prefill_flops
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_families_batched_cached_and_flops(family):
+    fam = FAMILIES[family]
+    model, inputs = built(family)
+    mmsink.wrap(model, prune="sparsevlm", budget=0.3)
+    try:
+        with torch.no_grad():
+            out = model(**inputs).logits[:, -1]
+            st = mmsink.stats(model)
+            for i in range(fam["samples"]):
+                one = model(**fam["single"](inputs, i)).logits[0, -1]
+                torch.testing.assert_close(out[i], one, atol=1e-4, rtol=1e-4)
+            a = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+            b = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
+    finally:
+        mmsink.unwrap(model)
+    assert torch.equal(a, b)
+    assert min(st.kept_tokens[-1][:2]) < max(st.visual_tokens)
+    model, inputs = built(family, "eager")
+    mmsink.wrap(model, prune="sparsevlm", budget=0.3)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(**inputs)
+        st = mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
+    counted = fc.get_total_flops()
+    assert abs(st.prefill_flops - counted) <= 0.02 * counted, (st.prefill_flops, counted)
+
+
+def test_vit_sinks_kept_and_not_merged():
+    """Protected tokens stay at every layer and keep their own states (never a merge host)."""
+    model = tiny_llava(layers=8)
+    p = prompt(5, 7, seed=1)
+    inputs = batch([p], seed=1)
+    sinks = {"factor": 1.01, "max_sinks": 3}
+    layers = default_layers(8)
+    kept, st, seen = run(
+        model, inputs, hook_layer=layers[0] + 1, prune="sparsevlm", budget=4, sink_forward=sinks
+    )
+    expected = sorted(s["position"] for s in st.extra["vit_sinks"][0])
+    assert len(expected) == 3
+    for layer in kept:
+        assert set(expected) <= set(layer[0])
+    plain, _, seen_plain = run(model, inputs, hook_layer=layers[0] + 1, prune="sparsevlm", budget=4)
+    assert not set(expected) <= set(plain[layers[-1] + 1][0])  # they would have gone
+    first = p.index(100)
+    alive = sorted(set(range(len(p))) - set(range(first, first + 36)) | set(kept[layers[0] + 1][0]))
+    model_out = []
+    h = model.model.language_model.layers[layers[0]].register_forward_hook(
+        lambda m, a, o: model_out.append((o[0] if isinstance(o, tuple) else o).clone())
+    )
+    try:
+        run(model, inputs, prune="sparsevlm", budget=4, sink_forward=sinks)
+    finally:
+        h.remove()
+    for pos in expected:  # the layer's own output, not a cluster mean
+        torch.testing.assert_close(seen[0, alive.index(pos)], model_out[0][0, pos])
+
+
+def test_options_checked():
+    with pytest.raises(ValueError, match="layers"):
+        mmsink.wrap(tiny_llava(layers=8), prune="sparsevlm", layers=(3, 2, 5))
+    with pytest.raises(ValueError, match="recycle"):
+        mmsink.wrap(tiny_llava(layers=8), prune="sparsevlm", recycle="yes")
+    with pytest.raises(ValueError, match="layer after"):
+        mmsink.wrap(tiny_llava(layers=8), prune="sparsevlm", layers=(1, 3, 7))
+    with pytest.raises(ValueError, match="at least 6"):
+        mmsink.wrap(tiny_llava(layers=4), prune="sparsevlm")
