@@ -277,6 +277,8 @@ METHODS = [
     ("vispruner_iccv", {"budget": 0.5}),
     ("scope", {"budget": 3}),
     ("vispruner_iccv", {"budget": 3}),
+    ("visionzip", {"budget": 0.5, "sink_forward": {"factor": 1.01, "max_sinks": 2}}),
+    ("scope", {"budget": 3, "sink_forward": {"factor": 1.01, "max_sinks": 2, "to_front": True}}),
 ]
 NEXT_SPECS = [(4, 6, [(28, 56)]), (2, 3, [(56, 56), (28, 28)]), (3, 5, [])]
 QWEN_SPECS = [(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)]), (3, 5, [])]
@@ -326,7 +328,7 @@ def built(family: str, attn: str = "sdpa"):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method,opts", METHODS, ids=[f"{m}-{o['budget']}" for m, o in METHODS])
+@pytest.mark.parametrize("method,opts", METHODS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(METHODS)])
 def test_batched_per_sample_and_cached(family, method, opts):
     model, inputs = built(family)
     single = FAMILIES[family][2]
