@@ -442,3 +442,24 @@ def test_next_tiles_keep_the_official_set(monkeypatch, method, seed):
         else:
             want = vispruner_official(model, tiles, 8)
     assert [keep[t].nonzero().squeeze(1).tolist() for t in range(3)] == want
+
+
+@pytest.mark.parametrize("method", ["visionzip", "scope", "vispruner_iccv"])
+def test_full_strategy_rows_hold_cls(method):
+    """vision_feature_select_strategy "full": each image's 37 tokens start with [CLS]. VisionZip keeps it at
+    its own slot (one of the dominant tokens); SCOPE and VisPruner choose among the patches only (their
+    official code never feeds [CLS]); the budget counts the image's tokens either way."""
+    model = tiny_llava(layers=2)
+    model.config.vision_feature_select_strategy = "full"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[1, 5, 6] + [100] * (P + 1) + [7, 8]])
+    pix = torch.randn(1, 3, 84, 84, generator=g)
+    mmsink.wrap(model, prune=method, budget=8)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pix)
+        kept = mmsink.stats(model).kept_indices[0][0]
+    finally:
+        mmsink.unwrap(model)
+    assert len(kept) == 8
+    assert (3 in kept) == (method == "visionzip")  # position 3: the [CLS] token
