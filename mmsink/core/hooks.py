@@ -269,8 +269,9 @@ class Handle:
         if not isinstance(ctx, Prefill):
             return None
         features = args[0]
-        if self.sinks is not None:
+        if self.sinks is not None:  # detected here, so a vision-stage pruner knows what will be protected
             ctx.vit = self.family.vit_norms(features, ctx.kwargs)
+            ctx.vit_sink_mask = [vitsink.detect(n, self.sinks, self.sink_threshold) for n in ctx.vit]
         if getattr(self.planner, "uses_vision", False):
             tokens = self.family.vision_tokens(features, ctx.kwargs, ctx.taps)
             ctx.taps = {}

@@ -116,6 +116,8 @@ class Prefill:
     position_embeddings: tuple | None = None  # the full sequence's rotary (cos, sin), set before layer 0
     protected: torch.Tensor | None = None  # [B, L] tokens no pruner may drop (ViT sinks)
     vit: list | None = None  # per image, the norms of its vision features (sink forwarding)
+    vit_sink_mask: list | None = None  # per image, which of its tokens are ViT sinks (bool [tokens])
+    vit_order: torch.Tensor | None = None  # to_front: image token i now holds what token vit_order[i] held
     vit_sinks: list | None = None  # per sample, the ViT sinks found (position, patch, norm)
     var_codes: dict = field(default_factory=dict)  # VAR: layer -> key group codes [B, n]
     taps: dict = field(default_factory=dict)  # what the vision tower's tapped modules gave this prefill

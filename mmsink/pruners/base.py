@@ -118,11 +118,11 @@ class VisionPruner(Pruner):
         return tokens.put(features)
 
     def before_llm(self, ctx: Prefill, embeds):
-        keep = ctx.run.pop(
-            "keep", None
-        )  # every image's keep set, in the order of the sequence's image tokens
+        keep = ctx.run.pop("keep", None)  # every image's keep set, in the sequence's order of image tokens
         if keep is None:
             return None
+        if ctx.vit_order is not None:  # ViT sinks were moved to the front of their image: the keep set too
+            keep = keep[ctx.vit_order.to(keep.device)]
         kept, counts = ctx.run.pop("kept_images", None), None
         n_images = [len(s) for s in ctx.layout.sizes]
         if kept is not None and ctx.seg.counts is not None and len(kept) == sum(n_images):

@@ -37,29 +37,10 @@ class SinkAware(VisionPruner):
     """A vision-stage pruner that knows, when it selects, which tokens ViT-sink forwarding will protect,
     and whose keep set follows the sinks when ``to_front`` moves them to the front of their image."""
 
-    seam = None
-
-    def install(self, seam, family) -> list:
-        self.seam = seam
-        return []
-
-    def sink_config(self):
-        handle = getattr(self.seam, "_handle", None)  # the wrap's ViT-sink settings
-        return getattr(handle, "sinks", None), getattr(handle, "sink_threshold", None)
-
     def sinks(self, ctx):
-        """Per image (sequence order), the ViT sinks forwarding will find at the first layer (from the norms
-        of the features the projector receives, as it will detect them), or None when it is off."""
-        if "sinks" not in ctx.run:
-            cfg, threshold = self.sink_config()
-            vit = getattr(ctx, "vit", None)
-            if cfg is None or vit is None:
-                ctx.run["sinks"] = None
-            else:
-                from ..sinks import vitsink
-
-                ctx.run["sinks"] = [vitsink.detect(n, cfg, threshold) for n in vit]
-        return ctx.run["sinks"]
+        """Per image (sequence order), the ViT sinks forwarding protects (detected on the features the
+        projector receives, before this pruner selects), or None when it is off."""
+        return ctx.vit_sink_mask
 
     def protected_rows(self, ctx, tokens):
         """[R, P] bool: the tokens ViT-sink forwarding will protect, None when it is off. Protected tokens are
@@ -73,21 +54,6 @@ class SinkAware(VisionPruner):
         rows = tokens.to_sequence(torch.arange(1, r * p + 1, device=dev).view(r, p)) - 1  # -1: no row
         idx = torch.where(sink & (rows >= 0), rows, r * p)
         return torch.zeros(r * p + 1, dtype=torch.bool, device=dev).scatter_(0, idx, True)[: r * p].view(r, p)
-
-    def vision(self, ctx, tokens):
-        out = super().vision(ctx, tokens)
-        cfg, _ = self.sink_config()
-        sinks = self.sinks(ctx) if cfg is not None and cfg.to_front else None
-        if sinks is not None:  # the first layer moves each image's sinks to its front: the keep set too
-            from ..sinks import vitsink
-
-            keep, start, order = ctx.run["keep"], 0, []
-            for s in sinks:
-                order.append(vitsink.to_front_order(s) + start)
-                start += s.numel()
-            ctx.run["keep"] = keep[torch.cat(order).to(keep.device)]
-        ctx.run.pop("sinks", None)
-        return out
 
 
 def candidates(tokens) -> torch.Tensor:

@@ -84,7 +84,7 @@ def place(ctx, hidden, cfg: SinkForwardConfig, threshold: float | None):
     flat = lay.is_image.nonzero()  # (sample, position) of every image token, in feature order
     if flat.shape[0] != sum(n.numel() for n in ctx.vit):
         raise ValueError("mmsink: image features and image tokens do not line up for sink detection")
-    sinks = [detect(n, cfg, threshold) for n in ctx.vit]
+    sinks = ctx.vit_sink_mask or [detect(n, cfg, threshold) for n in ctx.vit]
     orders, start = [], 0
     for s in sinks:
         order = to_front_order(s) if cfg.to_front else torch.arange(s.numel(), device=s.device)
@@ -94,6 +94,7 @@ def place(ctx, hidden, cfg: SinkForwardConfig, threshold: float | None):
     sink, norms = torch.cat(sinks)[order], torch.cat(ctx.vit)[order]
     patch = torch.cat([torch.arange(s.numel(), device=s.device) for s in sinks])[order]
     if cfg.to_front:
+        ctx.vit_order = order
         hidden = hidden.clone()
         hidden[flat[:, 0], flat[:, 1]] = hidden[flat[:, 0], flat[:, 1]][order.to(hidden.device)]
     ctx.protected = torch.zeros_like(lay.is_image)
