@@ -22,12 +22,72 @@ import torch
 from PIL import Image, ImageDraw
 
 import mmsink
+from mmsink.pruners import REGISTRY
 from mmsink.tools.loading import DTYPES, LoadError, encode, fail, load_model, parser
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE / "samples"
 DEFAULT_MODEL = HERE.parent / "models" / "synthllava"
 SHORT = "\nAnswer the question using a single word or phrase."
+BASELINE_ONLY = "none (baseline only)"
+
+
+class FormError(ValueError):
+    """A setting of the form that cannot run, said in the form's words."""
+
+
+def form_budget(budget):
+    """The budget field (0 = the method's default, below 1 = a fraction, 1 or more = whole tokens)."""
+    if budget in (None, ""):
+        return None
+    value = float(budget)
+    if value == 0:
+        return None
+    if value < 0:
+        raise FormError(
+            f"The budget must be 0 (the method's default), a fraction between 0 and 1, or a "
+            f"whole number of tokens; {value:g} is negative."
+        )
+    if value < 1:
+        return value
+    if value != int(value):
+        raise FormError(
+            f"The budget {value:g} is neither a fraction below 1 nor a whole number of tokens; "
+            f"use e.g. {value / 10:.2f} or {round(value)}."
+        )
+    return int(value)
+
+
+def form_var(text, hidden: int):
+    """The VAR field: comma-separated channel numbers of this model, or empty for off."""
+    if not text or not str(text).strip():
+        return False
+    try:
+        dims = [int(d) for d in str(text).replace(" ", "").split(",") if d]
+    except ValueError:
+        raise FormError(
+            f"VAR sink dimensions are channel numbers separated by commas (e.g. 1415, 2533), "
+            f"not {str(text).strip()!r}."
+        ) from None
+    bad = [d for d in dims if not 0 <= d < hidden]
+    if bad or not dims:
+        raise FormError(
+            f"VAR sink dimensions must lie between 0 and {hidden - 1} (this model's hidden "
+            f"size is {hidden}); {bad[0] if bad else 'none'} given."
+        )
+    return {"sink_dims": dims}
+
+
+def saved_text(st) -> str:
+    """FLOPs saved, or what it cost when the method kept every visual token (adaptive VisiPruner may)."""
+    saved = 100 * (1 - st.prefill_flops / max(st.baseline_prefill_flops, 1))
+    kept_all = st.kept_tokens and all(
+        k == v for layer in st.kept_tokens for k, v in zip(layer, st.visual_tokens)
+    )
+    if kept_all and st.visual_tokens and st.visual_tokens[0] > 0:
+        cost = f"; its selection cost {-saved:.1f}% more FLOPs" if saved < 0 else ""
+        return f"kept all {st.visual_tokens[0]} visual tokens in every layer{cost}"
+    return f"{saved:.1f}% saved"
 
 
 class Runner:
@@ -40,6 +100,7 @@ class Runner:
         # greedy decoding through mmsink.generate_fast (the same tokens as generate; static caches, CUDA
         # graphs on GPU) for both columns; VAR requests use generate (its decode-time edit lives there)
         self.fast = fast  # every supported family decodes through generate_fast
+        self.context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         mmsink.wrap(self.model, prune=None)
 
     def encode(self, image: Image.Image, question: str):
@@ -61,25 +122,40 @@ class Runner:
         return text.strip(), seconds
 
     def answer(self, image, question, method, budget, var, sink_forward, max_new_tokens=16, short=True):
+        if isinstance(image, BadImage):
+            raise FormError(image.message)
         if image is None:
-            raise ValueError("Choose or upload an image first.")
+            raise FormError("Choose or upload an image first.")
         if not question or not question.strip():
-            raise ValueError("Type a question.")
+            raise FormError("Type a question.")
         if short and SHORT.strip() not in question:  # LLaVA's short-answer prompt (its VQA evals use it)
             question = question.rstrip() + SHORT
         image = image.convert("RGB")
-        prune = None if method in (None, "", "none (baseline only)") else method
-        budget = None if budget in (None, 0, "") else budget
-        if budget is not None and float(budget) < 1:
-            budget = float(budget)
-        elif budget is not None:
-            budget = int(budget)
+        prune = None if method in (None, "", BASELINE_ONLY) else method
+        budget = form_budget(budget)
+        if budget is not None and (prune is None or not REGISTRY[prune].uses_budget):
+            which = "The baseline-only setting" if prune is None else f"The method {prune!r}"
+            raise FormError(f"{which} takes no budget: set the budget to 0 or choose a pruning method.")
+        if isinstance(var, str):
+            var = form_var(var, self.model.config.get_text_config().hidden_size)
         with self.lock:
             inputs = self.encode(image, question)
+            n, limit = inputs["input_ids"].shape[1], self.context
+            if limit and n + max_new_tokens > limit:
+                raise FormError(
+                    f"The question is too long for this model: with the image the prompt is {n} tokens "
+                    f"and the model reads at most {limit} (answer included). Shorten the question."
+                )
             fast = self.fast
             with mmsink.disabled(self.model):
                 base_text, base_s = self.generate(inputs, max_new_tokens, fast)
-            mmsink.wrap(self.model, prune=prune, budget=budget, var=var, sink_forward=sink_forward)
+            try:
+                mmsink.wrap(self.model, prune=prune, budget=budget, var=var, sink_forward=sink_forward)
+            except (
+                ValueError
+            ) as e:  # what the form cannot check alone (e.g. a budget above the image's tokens)
+                mmsink.wrap(self.model, prune=None)
+                raise FormError(f"These settings cannot run: {str(e).removeprefix('mmsink: ')}") from None
             try:
                 text, seconds = self.generate(inputs, max_new_tokens, fast)
                 st = mmsink.stats(self.model)
@@ -158,26 +234,51 @@ def samples() -> list:
     return [[str(SAMPLES / s["image"]), s["question"]] for s in json.loads(index.read_text())]
 
 
+class BadImage:
+    """An upload that is not a readable image: its message goes to the page instead of a bare 'Error'."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def image_input(gr, **kw):
+    """gr.Image whose upload of a non-image comes to ``run`` as a BadImage (Gradio's own preprocessing
+    raises, and the page then shows only red 'Error' badges)."""
+
+    class ImageInput(gr.Image):
+        is_template = True  # the page draws it with gr.Image's frontend
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except Exception as e:  # PIL's UnidentifiedImageError, truncated files, ...
+                name = getattr(payload, "orig_name", None) or "the file"
+                return BadImage(
+                    f"{name} is not an image this demo can read ({type(e).__name__}); upload a "
+                    "PNG, JPEG or WebP image."
+                )
+
+    return ImageInput(**kw)
+
+
 def build(runner: Runner):
     import gradio as gr
 
     def run(image, question, method, budget, var_dims, sink_forward, short):
         try:
-            var = (
-                {"sink_dims": [int(d) for d in var_dims.split(",")]}
-                if var_dims and var_dims.strip()
-                else False
+            r = runner.answer(
+                image, question, method, budget, var_dims, bool(sink_forward), short=bool(short)
             )
-            r = runner.answer(image, question, method, budget, var, bool(sink_forward), short=bool(short))
+        except FormError as e:
+            return "", "", "", "", None, None, f"**Cannot run:** {e}"
         except Exception as e:  # shown in the page; the app keeps running
-            return "", "", "", "", None, None, f"Error: {e}"
+            return "", "", "", "", None, None, f"**Error:** {type(e).__name__}: {e}"
         st = r["stats"]
-        saved = 100 * (1 - st.prefill_flops / max(st.baseline_prefill_flops, 1))
         base_info = (
             f"prefill FLOPs: {st.baseline_prefill_flops / 1e9:.3f} G · latency {1e3 * r['baseline_s']:.0f} ms"
         )
         info = (
-            f"prefill FLOPs: {st.prefill_flops / 1e9:.3f} G ({saved:.1f}% saved) · latency "
+            f"prefill FLOPs: {st.prefill_flops / 1e9:.3f} G ({saved_text(st)}) · latency "
             f"{1e3 * r['seconds']:.0f} ms · visual tokens in the last layer: {st.kept_tokens[-1][0]}"
         )
         return r["baseline"], base_info, r["answer"], info, kept_plot(st), overlay(runner, r), ""
@@ -185,11 +286,13 @@ def build(runner: Runner):
     with gr.Blocks(title="mmsink demo") as app:
         gr.Markdown("# mmsink: same answers from fewer visual tokens")
         with gr.Row():
-            with gr.Column():
-                image = gr.Image(type="pil", label="image", elem_id="image")
+            with gr.Column(min_width=280):
+                image = image_input(gr, type="pil", label="image", elem_id="image", height=280)
+                examples = gr.Column()
+            with gr.Column(min_width=280):
                 question = gr.Textbox(label="question", elem_id="question")
                 method = gr.Dropdown(
-                    ["none (baseline only)", *(m for m in mmsink.methods() if m != "replay")],  # needs a plan
+                    [BASELINE_ONLY, *(m for m in mmsink.methods() if m != "replay")],  # replay needs a plan
                     value="visipruner",
                     label="method",
                     elem_id="method",
@@ -207,21 +310,23 @@ def build(runner: Runner):
                     value=True, label=f"short answer (appends '{SHORT.strip()}')", elem_id="short"
                 )
                 go = gr.Button("Run", variant="primary", elem_id="run")
-                if samples():
-                    gr.Examples(samples(), inputs=[image, question], label="samples")
-            with gr.Column():
-                error = gr.Markdown(elem_id="error")
-                with gr.Row():
-                    with gr.Column():
-                        gr.Markdown("### baseline")
-                        base_answer = gr.Textbox(label="answer", elem_id="base_answer")
-                        base_info = gr.Markdown(elem_id="base_info")
-                    with gr.Column():
-                        gr.Markdown("### mmsink")
-                        answer = gr.Textbox(label="answer", elem_id="answer")
-                        info = gr.Markdown(elem_id="info")
-                plot = gr.Plot(label="visual tokens kept per layer", elem_id="plot")
-                over = gr.Image(label="kept tokens (dimmed: dropped; red: ViT sinks)", elem_id="overlay")
+                error = gr.Markdown(elem_id="error")  # where the click was: the form's messages
+        if samples():
+            with examples:  # under the image, so that the answers follow the form closely
+                gr.Examples(samples(), inputs=[image, question], label="samples", examples_per_page=4)
+        # the two answers in two columns at every common width (each column needs only 240 px)
+        with gr.Row(equal_height=False, elem_id="results"):
+            with gr.Column(min_width=240, elem_id="base_col"):
+                gr.Markdown("### baseline")
+                base_answer = gr.Textbox(label="answer", elem_id="base_answer")
+                base_info = gr.Markdown(elem_id="base_info")
+            with gr.Column(min_width=240, elem_id="mmsink_col"):
+                gr.Markdown("### mmsink")
+                answer = gr.Textbox(label="answer", elem_id="answer")
+                info = gr.Markdown(elem_id="info")
+        with gr.Row():
+            plot = gr.Plot(label="visual tokens kept per layer", elem_id="plot")
+            over = gr.Image(label="kept tokens (dimmed: dropped; red: ViT sinks)", elem_id="overlay")
         go.click(
             run,
             [image, question, method, budget, var, sink, short],

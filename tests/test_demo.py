@@ -117,3 +117,88 @@ def test_page_in_chromium(shipped_runner, tmp_path):
             browser.close()
     finally:
         app.close()
+
+
+def test_form_errors_speak_the_forms_language(runner):
+    """Budget 1.5 / -5, VAR dimensions 'abc', a budget with the baseline only, an unreadable upload and a
+    question longer than the model's context: a message about the field, not Python's or the API's."""
+    from demo.app import BadImage, FormError, samples
+
+    img = Image.open(samples()[0][0])
+    cases = [
+        (dict(budget=1.5), "neither a fraction below 1 nor a whole number"),
+        (dict(budget=-5), "is negative"),
+        (dict(var="abc"), "channel numbers separated by commas"),
+        (dict(var="1, 99999"), "must lie between 0 and"),
+        (dict(method="none (baseline only)", budget=8), "baseline-only setting takes no budget"),
+        (dict(method="none", budget=8), "takes no budget"),
+        (dict(image=BadImage("x.png is not an image")), "x.png is not an image"),
+        (dict(question="what " * 1200), "too long for this model"),
+        (dict(budget=9999), "larger than the image"),
+    ]
+    for change, words in cases:
+        args = dict(image=img, question="What color is the circle?", method="fastv", budget=8, var=False)
+        args.update(change)
+        with pytest.raises(FormError, match=words) as e:
+            runner.answer(args["image"], args["question"], args["method"], args["budget"], args["var"], False)
+        assert "int()" not in str(e.value) and "mmsink:" not in str(e.value)
+    assert runner.answer(img, "What color is the circle?", "fastv", "0.25", "", False)["stats"].budget == 0.25
+
+
+def test_kept_everything_says_so():
+    from types import SimpleNamespace
+
+    from demo.app import saved_text
+
+    st = SimpleNamespace(
+        prefill_flops=1003, baseline_prefill_flops=1000, kept_tokens=[[4], [4]], visual_tokens=[4]
+    )
+    assert saved_text(st) == "kept all 4 visual tokens in every layer; its selection cost 0.3% more FLOPs"
+    st = SimpleNamespace(
+        prefill_flops=500, baseline_prefill_flops=1000, kept_tokens=[[4], [2]], visual_tokens=[4]
+    )
+    assert saved_text(st) == "50.0% saved"
+
+
+def test_two_columns_at_1366_and_a_bad_upload_in_chromium(shipped_runner, tmp_path):
+    """At 1366 px (a common laptop width) baseline and mmsink sit side by side; a non-image uploaded as
+    .png shows why it cannot run."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail(
+                "CI must run the browser test: install Debian's chromium (README's test command does)"
+            )
+        pytest.skip("Debian's chromium package is not installed")
+    pytest.importorskip("gradio")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from demo.app import serve_in_background
+
+    app, port = serve_in_background(shipped_runner, wait_s=10.0)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            for width in (1366, 1280, 1440):
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+                a = page.locator("#base_answer").bounding_box()
+                b = page.locator("#answer").bounding_box()
+                assert abs(a["y"] - b["y"]) < 2 and b["x"] >= a["x"] + a["width"], (width, a, b)
+                assert a["width"] > 200 and b["width"] > 200
+                if width == 1366:
+                    fake = tmp_path / "notes.png"
+                    fake.write_text("this is text, not a PNG")
+                    page.locator("#image input[type=file]").set_input_files(str(fake))
+                    page.locator("#question textarea, #question input").first.fill("What color is it?")
+                    page.locator("#run").click()
+                    page.wait_for_function(
+                        "(document.querySelector('#error') || {innerText: ''})"
+                        ".innerText.includes('not an image')",
+                        timeout=60000,
+                    )
+                    assert "notes.png" in page.locator("#error").inner_text()
+                    page.locator("#error").scroll_into_view_if_needed()
+                    page.screenshot(path=str(tmp_path / f"page{width}.png"))
+                page.close()
+            browser.close()
+    finally:
+        app.close()
