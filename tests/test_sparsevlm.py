@@ -6,13 +6,14 @@ ViT-sink tokens kept."""
 
 import pytest
 import torch
-from official_sparsevlm import PRUNING_LOC, SCHEDULES, sparsevlm_official
+from official_sparsevlm import PRUNING_LOC, SCHEDULES, cluster_and_merge_official, sparsevlm_official
 from test_families import FAMILIES, built
+from test_var import VAR
 from tiny import batch, prompt, tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmsink
-from mmsink.pruners.sparsevlm import default_layers, stage_tokens
+from mmsink.pruners.sparsevlm import cluster_and_merge, default_layers, stage_tokens
 
 SEEDS = [0, 1, 2]
 KV = [4, 2]
@@ -67,13 +68,31 @@ def test_schedules_and_layers_are_the_official_ones():
         assert stage_tokens(b / 576, 576) == sched
         assert stage_tokens(b * 5, 576 * 5) == tuple(5 * s for s in sched)
     assert default_layers(32) == PRUNING_LOC
+    assert default_layers(28) == (2, 5, 13) and default_layers(40) == (3, 8, 19)
+    assert default_layers(8) == (1, 2, 4)
     mid = stage_tokens(160, 576)  # half way between 128 and 192
     assert mid == tuple(int((a + c) / 2 + 0.5) for a, c in zip(SCHEDULES[128], SCHEDULES[192]))
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_batched_clustering_is_the_official_one(seed):
+    """Groups of different sizes and cluster counts, padded into one batch: each group's clusters (centres
+    and means) are the official ones on that group alone."""
+    g = torch.Generator().manual_seed(seed)
+    sizes, clusters, width, dim = [25, 40, 13, 1], [3, 5, 2, 1], 40, 16
+    x = torch.randn(len(sizes), width, dim, generator=g) * (1 + torch.rand(len(sizes), width, 1, generator=g))
+    valid = torch.arange(width)[None] < torch.tensor(sizes)[:, None]
+    merged, centre, ok = cluster_and_merge(x, valid, torch.tensor(clusters))
+    for i, (n, c) in enumerate(zip(sizes, clusters)):
+        ref, ref_centres = cluster_and_merge_official(x[i, :n], c)
+        assert ok[i].sum().item() == c
+        assert centre[i, :c].tolist() == ref_centres.tolist()
+        torch.testing.assert_close(merged[i, :c], ref, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("budget", [12, 8])  # 192 and 128 of 576, on a 36-token image
+@pytest.mark.parametrize("budget", [12, 8, 4])  # 192, 128 and 64 of 576 (64: two clusters), 36 tokens
 def test_matches_official(seed, kv, budget):
     """Decision 1: the official code's kept set and merged-token hosts exactly (re-indexed positions or
     not). Every decision: the official rule with mmsink's original positions (merged tokens at their
@@ -94,16 +113,17 @@ def test_matches_official(seed, kv, budget):
         assert kept[layers[0]][i] == list(range(p.index(100), p.index(100) + 36))  # before: everything
 
 
+@pytest.mark.parametrize("budget", [12, 4])
 @pytest.mark.parametrize("seed", SEEDS[:2])
-def test_merged_states_are_the_official_clusters(seed):
+def test_merged_states_are_the_official_clusters(seed, budget):
     """The states a merged token carries into the next layer are the official cluster means (from the
     layer's output), at the slots of their centres; recycle=False keeps the official topk alone."""
     model = model_for(seed, 2)
     p = prompt(5, 9, seed=seed)
     inputs = batch([p], seed=seed)
     layers = default_layers(8)
-    tokens = stage_tokens(12, 36)
-    kept, _, seen = run(model, inputs, hook_layer=layers[0] + 1, prune="sparsevlm", budget=12)
+    tokens = stage_tokens(budget, 36)
+    kept, _, seen = run(model, inputs, hook_layer=layers[0] + 1, prune="sparsevlm", budget=budget)
     with torch.no_grad():
         official = sparsevlm_official(model, torch.tensor(p), inputs["pixel_values"], layers, tokens)
         plain = sparsevlm_official(model, torch.tensor(p), inputs["pixel_values"], layers, tokens, False)
@@ -113,7 +133,8 @@ def test_merged_states_are_the_official_clusters(seed):
     assert merged and set(merged) <= set(kept[layers[0] + 1][0])
     for pos, state in merged.items():
         torch.testing.assert_close(seen[0, alive.index(pos)], state, atol=1e-5, rtol=1e-5)
-    kept_plain, _, _ = run(model, inputs, prune="sparsevlm", budget=12, recycle=False)
+    assert len(merged) == (1 if budget == 12 else 2)
+    kept_plain, _, _ = run(model, inputs, prune="sparsevlm", budget=budget, recycle=False)
     assert kept_plain[layers[0] + 1][0] == plain[0]["kept"]
     assert len(plain[0]["kept"]) == tokens[0] < len(official[0]["kept"])
 
@@ -256,3 +277,73 @@ def test_options_checked():
         mmsink.wrap(tiny_llava(layers=8), prune="sparsevlm", layers=(1, 3, 7))
     with pytest.raises(ValueError, match="at least 6"):
         mmsink.wrap(tiny_llava(layers=4), prune="sparsevlm")
+
+
+def test_generate_fast_same_tokens_and_hand_off(monkeypatch):
+    """generate_fast hands off after the last decision (merged states included) and gives generate's
+    greedy tokens and plan."""
+    from mmsink.fast import decode as fastmod
+
+    calls = []
+    real = fastmod.FastDecoder.tail
+    monkeypatch.setattr(fastmod.FastDecoder, "tail", lambda self, *a: calls.append(a[0]) or real(self, *a))
+    model = model_for(1, 2)
+    inputs = batch(LLAVA_PROMPTS, seed=4)
+    mmsink.wrap(model, prune="sparsevlm", budget=8)
+    try:
+        with torch.no_grad():
+            ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        want = mmsink.stats(model)
+        out = mmsink.generate_fast(model, max_new_tokens=6, **inputs)
+        got = mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
+    assert torch.equal(out, ref)
+    assert calls == [default_layers(8)[-1] + 1]
+    assert got.kept_indices == want.kept_indices
+
+
+def test_only_the_raters_rows_are_scored(monkeypatch):
+    """The decision layers hand over the raters' query rows only (one per rater, none else), and the
+    raters are the official ones (the kept sets above depend on them)."""
+    from mmsink.pruners.sparsevlm import SparseVLM
+
+    widths = []
+    real = SparseVLM.scores
+    monkeypatch.setattr(
+        SparseVLM, "scores", lambda self, ctx, o: widths.append(o["q_rows"].shape[2]) or real(self, ctx, o)
+    )
+    model = model_for(0, 2)
+    ps = prompts(0)
+    inputs = batch(ps, seed=0)
+    run(model, inputs, prune="sparsevlm", budget=12)
+    from reference import embed
+
+    counts = []
+    for i, p in enumerate(ps):
+        x = embed(model, torch.tensor(p)[None], inputs["pixel_values"][i : i + 1])[0]
+        first = p.index(100)
+        m = (x[first : first + 36] @ x[first + 36 :].T).softmax(1).mean(0)
+        counts.append(int((m > m.mean()).sum()))
+    assert widths == [max(counts)] * 3
+    assert max(counts) < max(len(p) - p.index(100) - 36 for p in ps)  # fewer than the text rows
+
+
+def test_with_var():
+    """VAR at the decision layers: SparseVLM ranks by the layer's plain softmax; the pair runs, batched ==
+    per sample."""
+    model = model_for(0, 2)
+    inputs = batch(LLAVA_PROMPTS, seed=4)
+    mmsink.wrap(model, prune="sparsevlm", budget=12, var=VAR)
+    try:
+        with torch.no_grad():
+            out = model(**inputs).logits[:, -1]
+            p = LLAVA_PROMPTS[0]
+            one = {
+                "input_ids": torch.tensor([p]),
+                "attention_mask": torch.ones(1, len(p), dtype=torch.long),
+                "pixel_values": inputs["pixel_values"][:1],
+            }
+            torch.testing.assert_close(out[0], model(**one).logits[0, -1], atol=1e-4, rtol=1e-4)
+    finally:
+        mmsink.unwrap(model)
