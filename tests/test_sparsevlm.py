@@ -347,3 +347,29 @@ def test_with_var():
             torch.testing.assert_close(out[0], model(**one).logits[0, -1], atol=1e-4, rtol=1e-4)
     finally:
         mmsink.unwrap(model)
+
+
+@pytest.mark.parametrize(
+    "opts", [{"budget": 12}, {"budget": 0.2}, {"budget": 20, "budget_per": "prompt"}, {"recycle": False}]
+)
+def test_device_reads_and_host_counts(monkeypatch, opts):
+    """A prefill reads the device twice (the layout's read; the most raters a sample has, with layer 0's
+    plan); each decision's counts (kept + merged) are known on the host and equal the keep mask's."""
+    from test_reads import spy_repack
+
+    from mmsink.tools.reads import DeviceReads
+
+    seen = spy_repack(monkeypatch)
+    model = model_for(0, 2)
+    inputs = batch(LLAVA_PROMPTS, seed=4)
+    mmsink.wrap(model, prune="sparsevlm", **opts)
+    try:
+        with torch.no_grad(), DeviceReads() as r:
+            model(**inputs)
+    finally:
+        mmsink.unwrap(model)
+    ours = {s: c for s, c in r.sites.items() if "/mmsink/" in s and "/transformers/" not in s}
+    assert sum(ours.values()) == 2, ours
+    assert len(seen) == 3
+    for widths, actual in seen:
+        assert widths is not None and tuple(widths) == actual
