@@ -1,7 +1,8 @@
 """SparseVLM (Zhang et al., ICML 2025, arXiv 2410.04417), as its official code selects in the default
-v1.5 logic (Gumpest/SparseVLMs, ``llava/model/language_model/modelling_sparse_llama.py``,
-``LlamaDynamicvitModel.forward``; ``score.py``, ``attn_postprocess_topk`` and the ``sparse_token_list``
-tables; ``utils.py``, ``cluster_and_merge``; ``USE_VERSION`` unset, i.e. not the SparseVLM+ "2_0" mode).
+v1.5 logic (Gumpest/SparseVLMs, main and the v1.5 branch; ``llava/model/language_model/``:
+``modelling_sparse_llama.py``, ``LlamaDynamicvitModel.forward``; ``score.py``, ``attn_postprocess_topk``
+and the ``sparse_token_list`` tables; ``utils.py``, ``cluster_and_merge``; ``USE_VERSION`` unset, i.e. not
+the SparseVLM+ "2_0" mode).
 
 - Text raters, chosen once from the input embeddings: M = softmax over the text tokens after the image
   of V T^T (V the image's embeddings, T the text's), averaged over the visual rows; the raters are the
@@ -37,8 +38,11 @@ What mmsink does beyond the official code (one image, batch 1, LLaVA-1.5, 32 lay
   position, of its cluster's centre (a pruned token), so it sits among the kept tokens in position
   order; the official code puts the merged tokens after the kept visual tokens (centre-score order). The
   first decision is the official selection exactly; later ones rank with the original positions.
-- The official clustering adds uniform noise of 1e-6 to the densities to break ties; mmsink adds none
-  (exact ties go to the lower index), so runs are deterministic (cached == uncached).
+- The official clustering adds uniform noise of 1e-6 to the densities to break ties; mmsink adds none,
+  so runs are deterministic (cached == uncached): exact ties go to the first pooled token (the highest
+  rater score). With one cluster (fewer than 10 pooled tokens) every density is exp(0) = 1, so the
+  official centre is a random pooled token (which only decides where the merged token sits, not its
+  state); mmsink's is the highest-scored one.
 - Scores in float32 (the official code: the model's dtype); a VAR edit at a decision layer is not applied
   to the ranking; ViT-sink protected tokens are kept in addition and are never merged or overwritten.
 - ``recycle=False`` runs the selection without the merged tokens.
