@@ -4,7 +4,8 @@
 
 Per layer: massive activations (which dims, which tokens), VAR sink tokens, per-head sink rate (mass on
 the first token > 0.3), image-centric heads at the last prompt token, text->image attention mass,
-VisiPruner's contribution test (the three-stage curve), and the ViT token norms.
+VisiPruner's contribution test (the three-stage curve), and the ViT token norms; per head, active or
+dormant (``heads.py``), with the image and for the same question without it (heads.png).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .diagnose import collect, contribution_curve, layer_report, massive_dims, top_outlier_dims
+from .heads import heads_section, plot_heads
 from .loading import DTYPES, LoadError, check_out_dir, encode, fail, load_model, open_image, parser
 
 
@@ -47,6 +49,7 @@ def inspect_model(model, processor, image, question, sink_dims=None, device="cpu
             "top": sorted(norms.flatten().tolist(), reverse=True)[:10],
         },
         "_vit_norms_all": None if norms is None else norms.flatten().tolist(),
+        "heads": heads_section(model, processor, question, family, data, device),
     }
 
 
@@ -99,9 +102,10 @@ def main(argv=None):
         report = inspect_model(model, processor, image, a.question, dims, a.device, a.tau)
         out.mkdir(parents=True, exist_ok=True)
         plot(report, out / "inspect.png")
+        plot_heads(report["heads"], out / "heads.png")
         report.pop("_vit_norms_all")
         (out / "inspect.json").write_text(json.dumps(report, indent=1))
     except (LoadError, OSError) as e:
         fail("inspect", e)
-    print(f"wrote {out / 'inspect.json'} and {out / 'inspect.png'}")
+    print(f"wrote {out / 'inspect.json'}, {out / 'inspect.png'} and {out / 'heads.png'}")
     return report
