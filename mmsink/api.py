@@ -9,6 +9,7 @@ from .core.attention import registered_name
 from .core.config import apply_config
 from .core.hooks import ATTR, Handle, get_handle
 from .core.stats import Stats
+from .kv import make_config as make_kv_config
 from .pruners import REGISTRY
 from .sinks import var as var_module
 from .sinks import vitsink
@@ -26,7 +27,10 @@ def make_pruner(prune, budget, options):
     return REGISTRY[prune](budget=budget, **options)
 
 
-def wrap(model, prune=None, budget=None, var=False, sink_forward=False, config=None, varlen=None, **options):
+def wrap(
+    model, prune=None, budget=None, var=False, sink_forward=False, config=None, varlen=None, kv=None,
+    **options,
+):
     """Attach mmsink to ``model`` (in place; returns it). Re-wrapping replaces the settings.
     ``config``: a file written by ``mmsink calibrate``; it supplies VAR's sink dimensions, the ViT-sink
     threshold and VisiPruner's fallback layer where the call does not give them.
@@ -43,12 +47,13 @@ def wrap(model, prune=None, budget=None, var=False, sink_forward=False, config=N
     var_cfg = var_module.make_config(var)
     sink_cfg = vitsink.make_config(sink_forward)
     pruner = make_pruner(prune, budget, options)
+    kv_cfg = make_kv_config(kv)
     family = family_for(model)
     old = getattr(model, "__dict__", {}).get(ATTR)
     if old is not None:
         old.detach()
     try:
-        handle = Handle(model, family, pruner, var_cfg, sink_cfg, varlen)
+        handle = Handle(model, family, pruner, var_cfg, sink_cfg, varlen, kv_cfg)
     except Exception:
         if old is not None:  # refused settings leave the previous wrap in place
             old.attach()

@@ -50,8 +50,9 @@ def get_handle(model) -> Handle:
 
 
 class Handle:
-    def __init__(self, model, family, pruner, var=None, sinks=None, use_varlen: bool | None = None):
+    def __init__(self, model, family, pruner, var=None, sinks=None, use_varlen: bool | None = None, kv=None):
         self.model, self.family, self.pruner, self.var, self.sinks = model, family, pruner, var, sinks
+        self.kv = kv  # mmsink.kv's config: it checks the model and installs its own hooks (after ours)
         self.sink_threshold = None
         if sinks is not None:
             self.sink_threshold = sinks.threshold or vitsink.known_threshold(family.config.vision_config)
@@ -88,6 +89,8 @@ class Handle:
             pruner.check_model(self.num_layers)
             if family.tokens_per_image:
                 check_size(pruner.budget, [family.tokens_per_image])
+        if kv is not None:
+            kv.check(self)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self):
@@ -107,6 +110,8 @@ class Handle:
         for i, layer in enumerate(fam.layers):
             self.hooks.append(layer.register_forward_pre_hook(self.layer_pre(i), with_kwargs=True))
             self.hooks.append(layer.register_forward_hook(self.layer_post(i)))
+        if self.kv is not None:
+            self.hooks += self.kv.install(self)
         self.hooks.append(Bound(m, "generate", self.bound_generate))
         m.__dict__[ATTR] = self
 

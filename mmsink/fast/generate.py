@@ -133,6 +133,11 @@ def generate_fast(
     ids = inputs["input_ids"]
     handle = getattr(model, "__dict__", {}).get(ATTR)
     var_on = handle is not None and handle.var is not None and handle.enabled
+    if handle is not None and handle.enabled and getattr(handle, "kv", None) is not None:
+        raise ValueError(
+            "mmsink: generate_fast does not run the kv= sink + window cache yet (its decode buffers are "
+            "static per layer, the window evicts and re-positions); use model.generate"
+        )
     devices, dispatched = placement(model)
     if any(d.type == "meta" for d in devices):
         raise ValueError(

@@ -1,0 +1,99 @@
+"""``wrap(model, kv={...})``: the settings of the sink + window KV cache, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# rope types whose frequencies do not depend on the sequence length: a rotation by a delta is exact
+FIXED_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class KVConfig:
+    window: int  # the most recent tokens kept per sample (they include the newest ones)
+    sinks: int | str = 4  # the first tokens kept (the paper's sinks), or "auto": ``first`` + detected ones
+    first: int = 4  # with "auto": the first tokens kept besides the detected sinks
+    sink_dims: tuple | None = None  # massive-activation channels ("auto"; from ``mmsink calibrate``)
+    tau: float = 20.0  # a token is a sink when max_d |x_d| / RMS(x) > tau (VAR's detector)
+    sink_layer: int = 2  # the decoder layer whose input state is scored
+    auto: bool = field(init=False, default=False)
+
+    def __post_init__(self):
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"mmsink: kv window must be an int >= 1, got {self.window!r}")
+        self.auto = self.sinks == "auto"
+        if not self.auto:
+            if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+                raise ValueError(f"mmsink: kv sinks must be an int >= 0 or 'auto', got {self.sinks!r}")
+            self.first = self.sinks
+        elif self.sink_dims is None:
+            raise ValueError(
+                "mmsink: kv sinks='auto' needs sink_dims (the model's massive-activation channels, as "
+                "`mmsink calibrate` writes them, e.g. (1415, 2533) for LLaMA-2-7B / LLaVA-1.5-7B)"
+            )
+        if isinstance(self.first, bool) or not isinstance(self.first, int) or self.first < 0:
+            raise ValueError(f"mmsink: kv first must be an int >= 0, got {self.first!r}")
+        if self.sink_dims is not None:
+            try:
+                self.sink_dims = tuple(int(d) for d in self.sink_dims)
+            except (TypeError, ValueError):
+                bad = self.sink_dims
+                raise ValueError(f"mmsink: kv sink_dims must be channel indices, got {bad!r}") from None
+            if not self.sink_dims or min(self.sink_dims) < 0:
+                raise ValueError("mmsink: kv sink_dims must be a non-empty list of channel indices >= 0")
+        if not isinstance(self.tau, (int, float)) or not self.tau > 0:
+            raise ValueError(f"mmsink: kv tau must be > 0, got {self.tau!r}")
+        if isinstance(self.sink_layer, bool) or not isinstance(self.sink_layer, int) or self.sink_layer < 0:
+            raise ValueError(f"mmsink: kv sink_layer must be an int >= 0, got {self.sink_layer!r}")
+
+    def check(self, handle) -> None:
+        """Refuse what this cache cannot do right, in one line each."""
+        fam = handle.family
+        if handle.pruner is not None or handle.var is not None or handle.sinks is not None:
+            raise ValueError(
+                "mmsink: kv= does not combine with prune= / var= / sink_forward= yet: they keep per-layer "
+                "token sets at their original positions (PlanCache), the window re-positions one shared set"
+            )
+        if fam.mrope:
+            raise ValueError(
+                "mmsink: kv= does not support Qwen2-VL / 2.5-VL yet: re-assigning 3-D M-RoPE positions "
+                "(t, h, w) to cache slots would need the model's rope deltas re-derived per eviction"
+            )
+        rope = getattr(fam.language_model, "rotary_emb", None)
+        if rope is None or getattr(rope, "rope_type", "default") not in FIXED_ROPE:
+            raise ValueError(
+                f"mmsink: kv= needs a rotary embedding with fixed frequencies ({', '.join(FIXED_ROPE)})"
+            )
+        text = fam.text_config
+        if any(t != "full_attention" for t in (getattr(text, "layer_types", None) or [])):
+            raise ValueError("mmsink: kv= supports full-attention layers only (this model has sliding ones)")
+        if self.auto:
+            if self.sink_layer >= handle.num_layers:
+                raise ValueError(f"mmsink: kv sink_layer {self.sink_layer} >= the {handle.num_layers} layers")
+            if max(self.sink_dims) >= text.hidden_size:
+                raise ValueError(
+                    f"mmsink: kv sink_dims {self.sink_dims} exceed the hidden size {text.hidden_size}"
+                )
+
+    def install(self, handle) -> list:
+        from .hooks import install
+
+        return install(self, handle)
+
+
+def make_config(kv) -> KVConfig | None:
+    if kv is None or kv is False:
+        return None
+    if isinstance(kv, KVConfig):
+        return kv
+    if not isinstance(kv, dict):
+        raise ValueError(f"mmsink: kv must be a dict such as {{'window': 1024, 'sinks': 4}}, got {kv!r}")
+    if "quant" in kv or "sparse" in kv:
+        raise ValueError("mmsink: kv 'quant' / 'sparse' (KVSink, LFPS) are not implemented yet; use window")
+    known = {"window", "sinks", "first", "sink_dims", "tau", "sink_layer"}
+    unknown = sorted(set(kv) - known)
+    if unknown:
+        raise ValueError(f"mmsink: unknown kv option(s) {unknown}; known: {sorted(known)}")
+    if "window" not in kv:
+        raise ValueError("mmsink: kv needs a window (the number of recent tokens kept)")
+    return KVConfig(**kv)

@@ -1,0 +1,94 @@
+"""The hooks that run the sink + window cache inside ``model.generate`` / ``model(...)``.
+
+Installed by the handle after its own (so they run after its model-level pre-hook) and removed with it.
+Model pre-hook: a fresh forward with an empty cache gets a ``WindowCache``; every forward records its new
+tokens' validity and positions, and once the cache has evicted, positions become cache slots. Layer
+pre-hook: the detector scores the ``sink_layer`` input ("auto"); after an eviction the layer's mask is
+the cache's own (transformers' mask describes the full stream). Model post-hook: evict.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from ..core.attention import build_mask
+from ..sinks.var import sink_scores
+from .window import WindowCache
+
+
+def install(cfg, handle) -> list:
+    fam = handle.family
+    model = handle.model
+    hooks = [
+        model.register_forward_pre_hook(_model_pre(cfg, handle), with_kwargs=True),
+        model.register_forward_hook(_model_post(handle), with_kwargs=True),
+    ]
+    for i, layer in enumerate(fam.layers):
+        hooks.append(layer.register_forward_pre_hook(_layer_pre(cfg, handle, i), with_kwargs=True))
+    return hooks
+
+
+def _model_pre(cfg, handle):
+    rope = handle.family.language_model.rotary_emb
+
+    def hook(module, args, kwargs):
+        if not handle.enabled:
+            return None
+        pkv = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(handle.family.text_config, "use_cache", True)
+        if isinstance(pkv, WindowCache):
+            cache = pkv
+        elif use_cache and (pkv is None or (type(pkv) is DynamicCache and pkv.get_seq_length() == 0)):
+            cache = kwargs["past_key_values"] = WindowCache(cfg, rope.inv_freq)
+        else:
+            return None  # a cache of another kind (or none): untouched
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs["inputs_embeds"]
+        b, q = ref.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            new_valid = mask[:, -q:].bool()
+        else:
+            new_valid = torch.ones(b, q, dtype=torch.bool, device=ref.device)
+        if cache.compacted:
+            pos = kwargs["position_ids"] = cache.next_positions(new_valid).to(ref.device)
+        else:
+            pos = kwargs.get("position_ids")
+            if pos is None:  # what the text model would do
+                pos = torch.arange(cache.seen, cache.seen + q, device=ref.device)
+            pos = pos.expand(b, q)
+        cache.begin(new_valid, pos.to(new_valid.device))
+        return args, kwargs
+
+    return hook
+
+
+def _model_post(handle):
+    def hook(module, args, kwargs, output):
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, WindowCache) and cache.step_q:
+            cache.end(cache.step_q)
+            cache.step_q = 0
+        return None
+
+    return hook
+
+
+def _layer_pre(cfg, handle, layer: int):
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, WindowCache) or not cache.step_q:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if cfg.auto and layer == cfg.sink_layer:
+            cache.flag(sink_scores(hidden, cfg.sink_dims) > cfg.tau)
+        if not cache.compacted:
+            return None
+        mask = cache.mask(build_mask, handle.base, hidden.dtype)
+        kwargs["attention_mask"] = mask.to(hidden.device)
+        return args, kwargs
+
+    return hook
