@@ -153,7 +153,12 @@ def write_plot(path: Path, rows: list[dict], head: dict) -> None:
     ax = fig.add_subplot()
     ok = [r for r in rows if r.get("mean_flops_ratio") is not None and r.get("accuracy") is not None]
     names = list(dict.fromkeys(r["method"] for r in ok if r["method"]))
-    color = {m: f"C{i % 10}" for i, m in enumerate(names)}  # a method keeps its colour across markers
+    # a method keeps its colour and marker; 20 colours and 10 markers tell more methods apart than C0..C9
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"]
+    color = {m: palette(i % 20) for i, m in enumerate(names)}
+    shape = {m: "osD^v<>pPX"[i % 10] for i, m in enumerate(names)}
     lines: dict[str, list] = {}
     for r in ok:
         if r["method"] is None:
@@ -164,7 +169,7 @@ def write_plot(path: Path, rows: list[dict], head: dict) -> None:
                 [r["accuracy"]],
                 marker="D",
                 s=60,
-                c=color[r["method"]],
+                color=color[r["method"]],
                 label=r["run"],
             )
         else:
@@ -172,7 +177,7 @@ def write_plot(path: Path, rows: list[dict], head: dict) -> None:
     for method, pts in lines.items():
         pts.sort(key=lambda r: r["mean_flops_ratio"])
         xs, ys = [r["mean_flops_ratio"] for r in pts], [r["accuracy"] for r in pts]
-        ax.plot(xs, ys, marker="o", color=color[method], label=method)
+        ax.plot(xs, ys, marker=shape[method], color=color[method], label=method)
     ax.set_xlabel("prefill FLOPs ratio (measured, pruned / unpruned)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{head['model_id']} on {head['bench']} ({head['questions']} questions)")
