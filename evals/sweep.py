@@ -27,7 +27,9 @@ from mmsink.tools.loading import LoadError, check_out_dir, fail, parser
 from . import parallel, vqa
 from .eval import EvalError, Settings, add_common, interrupted, run_eval, setup
 
-DEFAULT_METHODS = "fastv,pdrop,dart,random,pool,visipruner"
+DEFAULT_METHODS = (
+    "fastv,pdrop,dart,sparsevlm,visipruner,visionzip,scope,vispruner_iccv,divprune,cdpruner,random,pool"
+)
 DEFAULT_BUDGETS = "0.333,0.222,0.111"  # about 192 / 128 / 64 of LLaVA-1.5's 576 tokens
 
 
