@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from tiny import batch, pixels_of, prompt, tiny_llava, tiny_qwen
+from tiny import IMAGE_TOKEN, SIDE, batch, pixels_of, prompt, tiny_llava, tiny_qwen
 
 import mmsink
 from mmsink.kv import WindowCache
@@ -195,6 +195,36 @@ def test_auto_sinks_keep_a_token_the_detector_flags():
     mmsink.wrap(model, kv={"window": 6, "sinks": 2})
     kept = run(model, inputs, 20, output_scores=False).past_key_values.kept_origins()[0]
     assert col not in kept
+
+
+def two_turns(model, cache=None):
+    """A chat: a first answer, then a new image and question fed with the cache of the first turn."""
+    inputs = batch([prompt(3, 5, seed=1)])
+    first = run(model, inputs, 5, past_key_values=cache)
+    new = torch.tensor([[5, 6] + [IMAGE_TOKEN] * SIDE * SIDE + [7, 8]])
+    ids = torch.cat([first.sequences, new], 1)
+    pix = torch.randn(1, 3, 14 * SIDE, 14 * SIDE, generator=torch.Generator().manual_seed(5))
+    turn = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix)
+    return ids, run(model, turn, 6, past_key_values=first.past_key_values)
+
+
+def test_a_second_turn_continues_the_window(model):
+    _, ref = two_turns(model)
+    mmsink.wrap(model, kv={"window": 10_000})
+    _, out = two_turns(model)
+    assert isinstance(out.past_key_values, WindowCache)
+    assert torch.equal(out.sequences, ref.sequences)
+    mmsink.wrap(model, kv={"window": 30, "sinks": 4})
+    ids, out = two_turns(model)
+    n1, n2 = len(prompt(3, 5, seed=1)), ids.shape[1]
+
+    def groups(_):  # forwards: prompt, 4 decode steps, the second turn's new columns, 5 decode steps
+        yield list(range(n1))
+        yield from ([c] for c in range(n1, n1 + 4))
+        yield list(range(n1 + 4, n2))
+        yield from ([c] for c in range(n2, n2 + 5))
+
+    assert out.past_key_values.kept_origins()[0] == stream_policy(None, groups, 4, 30)
 
 
 @pytest.mark.parametrize(
