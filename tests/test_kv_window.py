@@ -237,7 +237,10 @@ def test_a_second_turn_continues_the_window(model):
         ({"window": 8, "sinks": "auto", "sink_dims": [999]}, "exceed the hidden size"),
         ({"window": 8, "sinks": "auto", "sink_dims": [1], "sink_layer": 9}, "sink_layer"),
         ({"window": 8, "size": 3}, "unknown kv option"),
-        ({"quant": "int4"}, "not implemented yet"),
+        ({"sparse": "lfps"}, "not implemented yet"),
+        ({"quant": "int3"}, "quant must be one of"),
+        ({"quant": "int4", "window": 8}, "do not combine"),
+        ({"quant": "int4", "group_size": 12}, "does not divide"),
         ("big", "must be a dict"),
     ],
 )

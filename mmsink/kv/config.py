@@ -1,4 +1,4 @@
-"""``wrap(model, kv={...})``: the settings of the sink + window KV cache, checked once."""
+"""``wrap(model, kv={...})``: the settings of the sink + window / quantized KV cache, checked once."""
 
 from __future__ import annotations
 
@@ -8,18 +8,27 @@ from dataclasses import dataclass, field
 FIXED_ROPE = ("default", "linear", "llama3", "yarn")
 
 
+BITS = {"int2": 2, "int4": 4, "int8": 8, "int16": 16}
+
+
 @dataclass
 class KVConfig:
-    window: int  # the most recent tokens kept per sample (they include the newest ones)
+    window: int | None = None  # the most recent tokens kept per sample (they include the newest ones)
     sinks: int | str = 4  # the first tokens kept (the paper's sinks), or "auto": ``first`` + detected ones
     first: int = 4  # with "auto": the first tokens kept besides the detected sinks
     sink_dims: tuple | None = None  # massive-activation channels ("auto"; from ``mmsink calibrate``)
     tau: float = 20.0  # a token is a sink when max_d |x_d| / RMS(x) > tau (VAR's detector)
     sink_layer: int = 2  # the decoder layer whose input state is scored
+    quant: str | None = None  # KVSink-style fake quantization: "int2" / "int4" / "int8" / "int16"
+    group_size: int = 32  # tokens per key scale (per channel), channels per value scale (per token)
+    keep_sinks: bool = True  # quant: sinks stay in full precision and out of the scales
     auto: bool = field(init=False, default=False)
+    bits: int = field(init=False, default=16)
 
     def __post_init__(self):
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+        if self.quant is not None:
+            self.check_quant()
+        elif isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"mmsink: kv window must be an int >= 1, got {self.window!r}")
         self.auto = self.sinks == "auto"
         if not self.auto:
@@ -46,6 +55,23 @@ class KVConfig:
         if isinstance(self.sink_layer, bool) or not isinstance(self.sink_layer, int) or self.sink_layer < 0:
             raise ValueError(f"mmsink: kv sink_layer must be an int >= 0, got {self.sink_layer!r}")
 
+    def check_quant(self) -> None:
+        if self.window is not None:
+            raise ValueError("mmsink: kv window and quant do not combine yet (choose one)")
+        if self.quant not in BITS:
+            raise ValueError(f"mmsink: kv quant must be one of {sorted(BITS)}, got {self.quant!r}")
+        self.bits = BITS[self.quant]
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"mmsink: kv group_size must be an int >= 2, got {self.group_size!r}")
+        if not isinstance(self.keep_sinks, bool):
+            raise ValueError(f"mmsink: kv keep_sinks must be True or False, got {self.keep_sinks!r}")
+
+    def new_cache(self, inv_freq):
+        from .quant import QuantCache
+        from .window import WindowCache
+
+        return (QuantCache if self.quant else WindowCache)(self, inv_freq)
+
     def check(self, handle) -> None:
         """Refuse what this cache cannot do right, in one line each."""
         fam = handle.family
@@ -54,6 +80,9 @@ class KVConfig:
                 "mmsink: kv= does not combine with prune= / var= / sink_forward= yet: they keep per-layer "
                 "token sets at their original positions (PlanCache), the window re-positions one shared set"
             )
+        if self.quant is not None:
+            self.check_quant_model(handle)
+            return
         if fam.mrope:
             raise ValueError(
                 "mmsink: kv= does not support Qwen2-VL / 2.5-VL yet: re-assigning 3-D M-RoPE positions "
@@ -67,7 +96,18 @@ class KVConfig:
         text = fam.text_config
         if any(t != "full_attention" for t in (getattr(text, "layer_types", None) or [])):
             raise ValueError("mmsink: kv= supports full-attention layers only (this model has sliding ones)")
+        self.check_auto(handle)
+
+    def check_quant_model(self, handle) -> None:
+        text = handle.family.text_config
+        head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if head % min(self.group_size, head):
+            raise ValueError(f"mmsink: kv group_size {self.group_size} does not divide the head size {head}")
+        self.check_auto(handle)
+
+    def check_auto(self, handle) -> None:
         if self.auto:
+            text = handle.family.text_config
             if self.sink_layer >= handle.num_layers:
                 raise ValueError(f"mmsink: kv sink_layer {self.sink_layer} >= the {handle.num_layers} layers")
             if max(self.sink_dims) >= text.hidden_size:
@@ -88,12 +128,13 @@ def make_config(kv) -> KVConfig | None:
         return kv
     if not isinstance(kv, dict):
         raise ValueError(f"mmsink: kv must be a dict such as {{'window': 1024, 'sinks': 4}}, got {kv!r}")
-    if "quant" in kv or "sparse" in kv:
-        raise ValueError("mmsink: kv 'quant' / 'sparse' (KVSink, LFPS) are not implemented yet; use window")
-    known = {"window", "sinks", "first", "sink_dims", "tau", "sink_layer"}
+    if "sparse" in kv:
+        raise ValueError("mmsink: kv 'sparse' (LFPS) is not implemented yet; use window or quant")
+    known = {"window", "sinks", "first", "sink_dims", "tau", "sink_layer", "quant", "group_size"}
+    known.add("keep_sinks")
     unknown = sorted(set(kv) - known)
     if unknown:
         raise ValueError(f"mmsink: unknown kv option(s) {unknown}; known: {sorted(known)}")
-    if "window" not in kv:
-        raise ValueError("mmsink: kv needs a window (the number of recent tokens kept)")
+    if "window" not in kv and "quant" not in kv:
+        raise ValueError("mmsink: kv needs a window (the number of recent tokens kept) or quant")
     return KVConfig(**kv)

@@ -1,4 +1,4 @@
-"""The hooks that run the sink + window cache inside ``model.generate`` / ``model(...)``.
+"""The hooks that run the sink + window cache (and the quantized one, a subclass) inside ``generate``.
 
 Installed by the handle after its own (so they run after its model-level pre-hook) and removed with it.
 Model pre-hook: a fresh forward with an empty cache gets a ``WindowCache``; every forward records its new
@@ -42,7 +42,7 @@ def _model_pre(cfg, handle):
         if isinstance(pkv, WindowCache):
             cache = pkv
         elif use_cache and (pkv is None or (type(pkv) is DynamicCache and pkv.get_seq_length() == 0)):
-            cache = kwargs["past_key_values"] = WindowCache(cfg, rope.inv_freq)
+            cache = kwargs["past_key_values"] = cfg.new_cache(rope.inv_freq)
         else:
             return None  # a cache of another kind (or none): untouched
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -57,7 +57,7 @@ def _model_pre(cfg, handle):
             pos = kwargs["position_ids"] = cache.next_positions(new_valid).to(ref.device)
         else:
             pos = kwargs.get("position_ids")
-            if pos is None:  # what the text model would do
+            if pos is None or pos.dim() != 2:  # what a 1-D text model would do (3-D M-RoPE: unused)
                 pos = torch.arange(cache.seen, cache.seen + q, device=ref.device)
             pos = pos.expand(b, q)
         cache.begin(new_valid, pos.to(new_valid.device))

@@ -87,8 +87,10 @@ class WindowCache(Cache):
     written at; the detector flagged it. ``seen``: columns seen, what transformers is told as the length.
     """
 
+    layer_class = WindowLayer
+
     def __init__(self, cfg, inv_freq: torch.Tensor):
-        super().__init__(layer_class_to_replicate=WindowLayer)
+        super().__init__(layer_class_to_replicate=self.layer_class)
         self.cfg, self.inv_freq = cfg, inv_freq
         self.valid = self.origin = self.orig_pos = self.sink = None
         self.seen = 0

@@ -1,0 +1,144 @@
+"""KVSink-style fake-quantized KV cache (issue 17): ``wrap(model, kv={"quant": "int4"})``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import batch, pixels_of, prompt, tiny_llava
+from transformers.cache_utils import DynamicCache
+
+import mmsink
+from mmsink.kv.quant import QuantCache
+
+GEN = dict(do_sample=False, return_dict_in_generate=True, output_scores=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(layers=3)
+
+
+@pytest.fixture(autouse=True)
+def unwrapped(model):
+    yield
+    if model.__dict__.get("_mmsink") is not None:
+        mmsink.unwrap(model)
+
+
+def prompts():
+    return [prompt(3, 5, seed=1), prompt(9, 11, seed=2)]
+
+
+def prefill(model, inputs, kv=None):
+    if kv is not None:
+        mmsink.wrap(model, kv=kv)
+    with torch.no_grad():
+        start = None if kv else DynamicCache()
+        cache = model(**inputs, past_key_values=start, use_cache=True).past_key_values
+    if kv is not None:
+        mmsink.unwrap(model)
+    return cache
+
+
+def check_groups(plain, quant, valid, full, group: int, bits: int):
+    """Plain loops: every complete group of non-full slots is min-max quantized within half a step (keys
+    per channel over the group's tokens, values per token over channel groups); the rest is bitwise."""
+    levels = 2**bits - 1
+    for lp, lq in zip(plain.layers, quant.layers, strict=True):
+        for b in range(valid.shape[0]):
+            slots = valid[b].nonzero()[:, 0].tolist()
+            complete = len(slots) // group * group
+            untouched = [s for i, s in enumerate(slots) if i >= complete or full[b, s]]
+            assert torch.equal(lq.keys[b][:, untouched], lp.keys[b][:, untouched])
+            assert torch.equal(lq.values[b][:, untouched], lp.values[b][:, untouched])
+            for g in range(complete // group):
+                members = [s for s in slots[g * group : (g + 1) * group] if not full[b, s]]
+                k = lp.keys[b][:, members]  # [H, n, D]
+                step = (k.amax(1, keepdim=True) - k.amin(1, keepdim=True)) / levels
+                assert ((lq.keys[b][:, members] - k).abs() <= step / 2 + 1e-6).all()
+                v = lp.values[b][:, members]
+                d = v.shape[-1]
+                vg = v.view(*v.shape[:2], d // min(group, d), min(group, d))
+                vstep = ((vg.amax(-1, keepdim=True) - vg.amin(-1, keepdim=True)) / levels).expand_as(vg)
+                err = (lq.values[b][:, members] - v).abs().view_as(vg)
+                assert (err <= vstep / 2 + 1e-6).all()
+                assert not torch.equal(lq.keys[b][:, members], k)  # it did quantize
+
+
+@pytest.mark.parametrize("bits,keep", [("int4", True), ("int2", True), ("int8", False)])
+def test_dequantized_within_the_format_bound_and_sinks_bitwise(model, bits, keep):
+    inputs = batch(prompts())
+    plain = prefill(model, inputs)
+    quant = prefill(model, inputs, {"quant": bits, "group_size": 8, "sinks": 4, "keep_sinks": keep})
+    assert isinstance(quant, QuantCache)
+    valid = quant.valid
+    rank = valid.long().cumsum(1) - 1
+    full = valid & (rank < 4) if keep else torch.zeros_like(valid)
+    check_groups(plain, quant, valid, full, 8, quant.cfg.bits)
+
+
+def test_sixteen_bits_equal_the_plain_cache(model):
+    inputs = batch(prompts())
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=10, **GEN)
+    mmsink.wrap(model, kv={"quant": "int16", "group_size": 4})
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=10, **GEN)
+    assert isinstance(out.past_key_values, QuantCache)
+    assert bool(out.past_key_values.done.any())
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_batched_equals_per_sample(model):
+    ps = prompts()
+    inputs = batch(ps)
+    mmsink.wrap(model, kv={"quant": "int4", "group_size": 8})
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, **GEN)
+        width = inputs["input_ids"].shape[1]
+        for i, p in enumerate(ps):
+            one = batch([p])
+            one["pixel_values"] = pixels_of(inputs, ps, i)
+            alone = model.generate(**one, max_new_tokens=12, **GEN)
+            assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
+            for a, b in zip(out.scores, alone.scores, strict=True):
+                torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
+            qa, qb = out.past_key_values, alone.past_key_values
+            for la, lb in zip(qa.layers, qb.layers, strict=True):
+                torch.testing.assert_close(la.keys[i][:, qa.valid[i]], lb.keys[0][:, qb.valid[0]])
+
+
+def test_auto_sinks_stay_in_full_precision():
+    model = tiny_llava(layers=3)
+    channel, token = 5, 7
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight[token, channel] = 400.0
+    p = prompt(3, 12, seed=4)
+    p[len(p) - 9] = token
+    inputs = batch([p])
+    plain = prefill(model, inputs)
+    kv = {"quant": "int4", "group_size": 8, "sinks": "auto", "first": 1, "sink_dims": [channel], "tau": 5.0}
+    quant = prefill(model, inputs, {**kv, "sink_layer": 1})
+    col = len(p) - 9
+    assert quant.sink[0].nonzero()[:, 0].tolist() == [col]
+    full = quant.valid & ((quant.valid.long().cumsum(1) - 1 < 1) | quant.sink)
+    check_groups(plain, quant, quant.valid, full, 8, 4)
+    for lp, lq in zip(plain.layers, quant.layers, strict=True):
+        assert torch.equal(lq.keys[0][:, col], lp.keys[0][:, col])
+
+
+def test_qwen_m_rope_sixteen_bits_equal_the_plain_cache():
+    from tiny import qwen_batch, tiny_qwen
+
+    model = tiny_qwen(layers=2)
+    inputs, _ = qwen_batch([(3, 5, [(4, 4)]), (6, 9, [(4, 8)])])
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=8, **GEN)
+        mmsink.wrap(model, kv={"quant": "int16", "group_size": 4})
+        out = model.generate(**inputs, max_new_tokens=8, **GEN)
+    assert isinstance(out.past_key_values, QuantCache) and bool(out.past_key_values.done.any())
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
