@@ -23,6 +23,7 @@ import mmsink
 
 METHODS = [
     ("fastv", 0.5),
+    ("pdrop", 0.5),
     ("dart", 0.5),
     ("visipruner", 0.5),
     ("visipruner", None),
@@ -67,9 +68,11 @@ def qwen_case():
 
 # Where a sample's selection work alone is not its token share of the batch's: VisionZip on LLaVA-NeXT and
 # Qwen2-VL scores and merges each image against the batch's largest image; VisiPruner on Qwen2-VL runs its
-# contribution test on every sample until the last one has found its fusion layer. Both would need the
-# pruner to count per sample; here they stay within 0.3 %.
+# contribution test on every sample until the last one has found its fusion layer; PDrop's later stages
+# score over a pruned segment whose padding follows the batch's longest prompt. Each would need the
+# pruner to count per sample; here they stay within 0.5 %.
 APPROX = {("llava_next", "visionzip"), ("qwen2_vl", "visionzip"), ("qwen2_vl", "visipruner")}
+APPROX |= {(family, "pdrop") for family in ("llava", "llava_next", "qwen2_vl")}
 
 CASES = {"llava": llava_case, "llava_next": next_case, "qwen2_vl": qwen_case}
 
@@ -98,7 +101,7 @@ def test_sample_flops_equal_the_sample_alone(family):
             alone, alone_base = sample_flops(model, single(i), method, budget)
             assert batched_base[i] == alone_base[0]
             if (family, method) in APPROX:
-                assert batched[i] == pytest.approx(alone[0], rel=3e-3)
+                assert batched[i] == pytest.approx(alone[0], rel=5e-3)
             elif batched[i] != alone[0]:
                 bad.append((method, budget, i, batched[i] - alone[0], alone[0]))
     assert bad == [], "\n".join(map(str, bad))
