@@ -186,3 +186,27 @@ def test_cuda_without_cuda_is_one_line(folders, data, tmp_path, capsys):
             ]
         )
     assert "no CUDA device" in one_error_line(capsys, "inspect")
+
+
+@pytest.mark.parametrize("family", list(SAVERS))
+def test_eval_on_every_family(folders, data, family, tmp_path):
+    """eval loads every family through the same loader and answers a batch of two (padded) questions."""
+    out = tmp_path / "a.jsonl"
+    argv = ["eval", "--model", str(folders[family]), "--bench", str(data / "q.jsonl"), "--images", str(data)]
+    argv += [
+        "--prune",
+        "fastv",
+        "--budget",
+        "0.5",
+        "--opt",
+        "k=1",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--no-progress",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["question_id"] for r in recs] == [1, 2]
+    assert all(0 < r["metadata"]["kept_tokens_final"] < r["metadata"]["kept_tokens"] for r in recs)
