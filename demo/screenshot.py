@@ -28,7 +28,7 @@ def main(argv=None):
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
             page.get_by_text(question).first.click()
             page.wait_for_function(
