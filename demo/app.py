@@ -243,22 +243,23 @@ class BadImage:
 
 def image_input(gr, **kw):
     """gr.Image whose upload of a non-image comes to ``run`` as a BadImage (Gradio's own preprocessing
-    raises, and the page then shows only red 'Error' badges)."""
+    raises, and the page then shows only red 'Error' badges). The instance's preprocess is wrapped: a
+    subclass would make Gradio write a .pyi stub next to this file."""
+    image = gr.Image(**kw)
+    plain = image.preprocess
 
-    class ImageInput(gr.Image):
-        is_template = True  # the page draws it with gr.Image's frontend
+    def preprocess(payload):
+        try:
+            return plain(payload)
+        except Exception as e:  # PIL's UnidentifiedImageError, truncated files, ...
+            name = getattr(payload, "orig_name", None) or "the file"
+            return BadImage(
+                f"{name} is not an image this demo can read ({type(e).__name__}); upload a PNG, JPEG or "
+                "WebP image."
+            )
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except Exception as e:  # PIL's UnidentifiedImageError, truncated files, ...
-                name = getattr(payload, "orig_name", None) or "the file"
-                return BadImage(
-                    f"{name} is not an image this demo can read ({type(e).__name__}); upload a "
-                    "PNG, JPEG or WebP image."
-                )
-
-    return ImageInput(**kw)
+    image.preprocess = preprocess
+    return image
 
 
 def build(runner: Runner):
