@@ -77,12 +77,13 @@ def built(family: str, attn: str = "sdpa", seed: int = 0):
     return model, make(model)
 
 
-def reference_keep(model, one: dict, layer: int, budget) -> list[int]:
+def reference_keep(model, one: dict, layer: int, budget, sink="first") -> list[int]:
     """The paper's score from the plain model, one unpadded sample: per image (a run of image tokens), the
     ``budget`` tokens of highest 1 - |cos(norm(h_i), norm(h_0))|, norm = layer's input_layernorm."""
     with torch.no_grad():
         hs = model(**one, output_hidden_states=True).hidden_states[layer][0]  # entering ``layer``
         x = model.model.language_model.layers[layer].input_layernorm(hs).float()
+    s0 = 0 if sink == "first" else int(hs.float().norm(dim=-1).argmax())
     ids = one["input_ids"][0].tolist()
     is_img = [t == model.config.image_token_id for t in ids]
     kept, i = [], 0
@@ -97,7 +98,7 @@ def reference_keep(model, one: dict, layer: int, budget) -> list[int]:
         k = budget if isinstance(budget, int) else math.ceil(n * budget)
         scored = []
         for t in range(i, j):
-            s = 1.0 - abs(float(F.cosine_similarity(x[t], x[0], dim=0)))
+            s = 1.0 - abs(float(F.cosine_similarity(x[t], x[s0], dim=0)))
             scored.append((-s, t))
         kept += [t for _, t in sorted(scored)[:k]]
         i = j
@@ -129,6 +130,16 @@ def test_keeps_the_reference_set(family, seed, layer, budget):
         assert got == reference_keep(model, one, layer, budget)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_max_norm_sink_keeps_the_reference_set(family, seed):
+    model, inputs = built(family, seed=seed)
+    for i in range(2):
+        one = FAMILIES[family][2](inputs, i)
+        got = kept_at(model, one, 2, budget=4, sink="max_norm")
+        assert got == reference_keep(model, one, 2, 4, sink="max_norm")
+
+
 def test_the_score_is_not_a_constant_choice():
     """The reference would also accept a rule that ignores the score if scores were flat: they are not,
     and the kept set differs from the first / last tokens of the image."""
@@ -140,7 +151,7 @@ def test_the_score_is_not_a_constant_choice():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("opts", [{"budget": 0.5}, {"budget": 3, "layer": 1}])
+@pytest.mark.parametrize("opts", [{"budget": 0.5}, {"budget": 3, "layer": 1}, {"sink": "max_norm"}])
 def test_batched_per_sample_and_cached(family, opts):
     model, inputs = built(family)
     single = FAMILIES[family][2]

@@ -8,11 +8,12 @@ to do on. Its importance score, at the states entering layer K:
     s_i = 1 - |cos(x_i, x_sink)|,   x = layers[K].input_layernorm(h)  (the state the layer itself reads)
 
 The sink is each sample's first real token (the start / system token that carries the attention sink in
-LLaVA-1.5, LLaVA-NeXT and Qwen2-VL; left padding is skipped). Each image keeps its ``budget`` visual tokens
-of highest score (ties: the earlier token), text tokens are never dropped, and layers K.. run on the kept
-tokens; the one decision is taken after layer K-1, as FastV's.
+LLaVA-1.5, LLaVA-NeXT and Qwen2-VL; left padding is skipped); ``sink="max_norm"`` takes instead the real
+token of largest ||h|| entering layer K (for models whose sink sits on a later token, e.g. a delimiter).
+Each image keeps its ``budget`` visual tokens of highest score (ties: the earlier token), text tokens are
+never dropped, and layers K.. run on the kept tokens; the one decision is taken after layer K-1, as FastV's.
 
-Knowing differences from the paper: the paper selects tokens of any kind in every layer from K on and lets
+Known differences from the paper: the paper selects tokens of any kind in every layer from K on and lets
 the others skip the layer (still visible as keys and values); this is its one-shot form on the visual
 tokens, so that it sits beside the other pruners (same plan, same budgets, same FLOPs accounting).
 Budget: visual tokens kept per image from layer K on (int), or a fraction of each image's tokens (ceil).
@@ -35,12 +36,17 @@ class OrthoRank(Pruner):
     @dataclasses.dataclass
     class Options:
         layer: int = 2  # K: tokens are scored on the states entering layer K and dropped from it on
+        sink: str = "first"  # or "max_norm"
 
     def check_options(self):
         if isinstance(self.options.layer, bool) or not isinstance(self.options.layer, int):
             raise ValueError(f"mmsink: orthorank layer must be an int, got {self.options.layer!r}")
         if self.options.layer < 1:
             raise ValueError("mmsink: orthorank needs layer >= 1 (the sink's state forms in the layers)")
+        if self.options.sink not in ("first", "max_norm"):
+            raise ValueError(
+                f"mmsink: orthorank sink must be 'first' or 'max_norm', got {self.options.sink!r}"
+            )
 
     def check_model(self, num_layers):
         if self.options.layer >= num_layers:
@@ -52,24 +58,28 @@ class OrthoRank(Pruner):
         return self.options.layer
 
     def report(self, ctx):
-        return {"orthorank": {"layer": self.options.layer, "sink": "first token"}}
+        return {"orthorank": {"layer": self.options.layer, "sink": self.options.sink}}
 
     def after_layer(self, ctx, layer, hidden, observed):
         if layer != self.options.layer - 1:
             return
-        score = orthogonality(ctx, self.options.layer, hidden)
+        score = orthogonality(ctx, self.options.layer, hidden, self.options.sink)
         chosen = topk_per_image(ctx, score, lambda orig, cur: budget_count(self.budget, orig), self.budget)
         ctx.decide(ctx.keep_text(chosen), counts=topk_counts(ctx, lambda o, c: budget_tokens(self.budget, o)))
 
 
-def orthogonality(ctx, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+def orthogonality(ctx, layer: int, hidden: torch.Tensor, which: str = "first") -> torch.Tensor:
     """[B, n] 1 - |cos(x_i, x_sink)| on ``layer``'s input norm of ``hidden`` (the current slots); the sink
-    is each sample's first real slot."""
+    is each sample's first real slot, or (``which="max_norm"``) its real slot of largest ||h||."""
     block = ctx.lm.layers[layer]
     w = block.self_attn.q_proj.weight
     x = block.input_layernorm(hidden.to(w.device)).float()
     b, n, d = x.shape
-    sink = ctx.seg.valid.to(w.device).float().argmax(1)  # the first real slot (left padding before it)
+    valid = ctx.seg.valid.to(w.device)
+    if which == "max_norm":
+        sink = hidden.to(w.device).float().norm(dim=-1).masked_fill(~valid, -1.0).argmax(1)
+    else:
+        sink = valid.float().argmax(1)  # the first real slot (left padding before it)
     xs = x[torch.arange(b, device=w.device), sink]  # [B, D]
     dots = torch.einsum("bnd,bd->bn", x, xs)
     ctx.extra_flops += 2 * b * n * d  # the dot products (norms are elementwise work, not counted)
