@@ -48,27 +48,32 @@ class WindowLayer(DynamicLayer):
             self.raw = self.raw[indices, ...]
         super().batch_select_indices(indices)
 
-    def keep(self, idx: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> None:
-        """Keep slots ``idx`` [B, K] and rotate their raw keys by ``delta`` [B, K] positions."""
+    def keep(self, idx: torch.Tensor, turn) -> None:
+        """Keep slots ``idx`` [B, K] and rotate their raw keys by ``turn`` (cos, sin of the deltas)."""
         if not self.is_initialized or self.keys.numel() == 0:
             return
         dev = self.keys.device
         gather = idx.to(dev)[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
         self.raw = self.raw.gather(2, gather)
         self.values = self.values.gather(2, gather)
-        self.keys = rotate(self.raw, delta.to(dev), inv_freq.to(dev))
+        self.keys = rotate(self.raw, *(t.to(dev) for t in turn))
 
 
-def rotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """RoPE by ``delta`` [B, K] positions on keys [B, H, K, D] (half-split layout, as Llama's
-    ``apply_rotary_pos_emb``): R(a) R(b) = R(a + b), so a key rotated at p becomes the key at p + delta.
-    fp32, without the rope's attention scaling (already in the key once)."""
-    angle = delta.float()[..., None] * inv_freq.float()  # [B, K, D/2]
-    emb = torch.cat([angle, angle], -1)[:, None]  # [B, 1, K, D]
+def turn_of(delta: torch.Tensor, inv_freq: torch.Tensor):
+    """(cos, sin) [B, 1, K, D] of a RoPE rotation by ``delta`` [B, K] positions (fp32, without the rope's
+    attention scaling: that is in the key once already)."""
+    angle = delta.float()[..., None] * inv_freq.float().to(delta.device)  # [B, K, D/2]
+    emb = torch.cat([angle, angle], -1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on keys [B, H, K, D] (half-split layout, as Llama's ``apply_rotary_pos_emb``):
+    R(a) R(b) = R(a + b), so a key rotated at p becomes the key at p + delta."""
     k = keys.float()
     half = k.shape[-1] // 2
     rot = torch.cat([-k[..., half:], k[..., :half]], -1)
-    return (k * emb.cos() + rot * emb.sin()).to(keys.dtype)
+    return (k * cos + rot * sin).to(keys.dtype)
 
 
 def policy(valid: torch.Tensor, sink: torch.Tensor, first: int, window: int) -> torch.Tensor:
@@ -146,8 +151,9 @@ class WindowCache(Cache):
         new_pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         orig = self.orig_pos.gather(1, idx)
         delta = torch.where(valid, new_pos - orig, 0)
+        turn = turn_of(delta, self.inv_freq)
         for layer in self.layers:
-            layer.keep(idx, delta, self.inv_freq)
+            layer.keep(idx, turn)
         self.valid, self.origin = valid, torch.where(valid, self.origin.gather(1, idx), -1)
         self.orig_pos, self.sink = orig, self.sink.gather(1, idx) & valid
         self.compacted = True
