@@ -6,7 +6,8 @@ the full cache is the plain model over the whole stream in one pass. Perplexity 
 tokens of the answers (what the model was trained to predict; its chat template's text is not),
 overall and past the model's trained context, and the share of answer tokens predicted right.
 
-    python -m evals.kv_window --model models/synthllava --turns 6 --out evals/results/kv_window
+    python -m mmsink.evals.kv_window --model models/synthllava --turns 6 --questions 3 \
+        --windows 128,256,512 --sinks 0,4 --out evals/results/kv_window
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import mmsink
 
 
 def conversation(processor, turns: int, seed: int, per_image: int):
-    from evals.synthvqa import make_questions, make_scenes, render_scene
+    from .synthvqa import make_questions, make_scenes, render_scene
 
     scenes = make_scenes("test", turns, seed)
     questions, answers = make_questions(scenes, "test", seed, questions_per_scene=per_image)
@@ -169,7 +170,7 @@ def table(meta, rows, argv) -> str:
     lines = [
         "# Sink + window KV cache: perplexity on a long multimodal chat",
         "",
-        f"`python -m evals.kv_window {' '.join(argv or [])}`".replace(" `", "`"),
+        f"`python -m mmsink.evals.kv_window {' '.join(argv or [])}`".replace(" `", "`"),
         "",
         f"{meta['model']}, {meta['images']} images x {meta['questions_per_image']} question/answer turns, "
         f"{meta['stream_tokens']} tokens ({meta['image_tokens']} image tokens), trained context "
