@@ -25,6 +25,7 @@ import dataclasses
 
 import torch
 
+from ..core.plan import layer_device
 from .base import Pruner, budget_count, budget_tokens, register, topk_counts, topk_per_image
 
 
@@ -72,15 +73,15 @@ def orthogonality(ctx, layer: int, hidden: torch.Tensor, which: str = "first") -
     """[B, n] 1 - |cos(x_i, x_sink)| on ``layer``'s input norm of ``hidden`` (the current slots); the sink
     is each sample's first real slot, or (``which="max_norm"``) its real slot of largest ||h||."""
     block = ctx.lm.layers[layer]
-    w = block.self_attn.q_proj.weight
-    x = block.input_layernorm(hidden.to(w.device)).float()
+    dev = layer_device(block)  # where the layer computes (accelerate-offloaded weights sit on meta)
+    x = block.input_layernorm(hidden.to(dev)).float()
     b, n, d = x.shape
-    valid = ctx.seg.valid.to(w.device)
+    valid = ctx.seg.valid.to(dev)
     if which == "max_norm":
-        sink = hidden.to(w.device).float().norm(dim=-1).masked_fill(~valid, -1.0).argmax(1)
+        sink = hidden.to(dev).float().norm(dim=-1).masked_fill(~valid, -1.0).argmax(1)
     else:
         sink = valid.float().argmax(1)  # the first real slot (left padding before it)
-    xs = x[torch.arange(b, device=w.device), sink]  # [B, D]
+    xs = x[torch.arange(b, device=dev), sink]  # [B, D]
     dots = torch.einsum("bnd,bd->bn", x, xs)
     ctx.extra_flops += 2 * b * n * d  # the dot products (norms are elementwise work, not counted)
     cos = dots / (x.norm(dim=-1) * xs.norm(dim=-1, keepdim=True)).clamp_min(1e-12)

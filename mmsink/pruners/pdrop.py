@@ -30,6 +30,7 @@ import dataclasses
 
 import torch
 
+from ..core.plan import layer_device
 from .base import Pruner, budget_fraction, register, topk_counts, topk_per_image
 
 SCALES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
@@ -143,15 +144,15 @@ def next_layer_scores(ctx, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     anchor's query row is projected; every slot's key is (the official code projects every query row)."""
     block = ctx.lm.layers[layer]
     attn = block.self_attn
-    w = attn.q_proj.weight
-    x = block.input_layernorm(hidden.to(w.device))
+    dev = layer_device(block)  # where the layer computes (accelerate-offloaded weights sit on meta)
+    x = block.input_layernorm(hidden.to(dev))
     b, n, dm = x.shape
     hd = attn.head_dim
-    anchor = ctx.anchor_slot().to(w.device)
-    xa = x[torch.arange(b, device=w.device), anchor][:, None]  # [B, 1, D]
+    anchor = ctx.anchor_slot().to(dev)
+    xa = x[torch.arange(b, device=dev), anchor][:, None]  # [B, 1, D]
     q = attn.q_proj(xa).view(b, 1, -1, hd).transpose(1, 2)  # [B, H, 1, d]
     k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)  # [B, Hkv, n, d]
-    cos, sin = (t.to(w.device) for t in ctx.current_position_embeddings())
+    cos, sin = (t.to(dev) for t in ctx.current_position_embeddings())
     idx = anchor[:, None, None].expand(-1, 1, cos.shape[-1])
     q = ctx.lm.rope(q, q, cos.gather(1, idx), sin.gather(1, idx))[0]
     k = ctx.lm.rope(k, k, cos, sin)[1]
@@ -159,6 +160,6 @@ def next_layer_scores(ctx, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
     logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), kk.float()) * attn.scaling
     ctx.extra_flops += 2 * b * dm * h * hd + 2 * b * n * dm * hkv * hd + 2 * b * h * n * hd
-    prompt = ctx.in_prompt().to(w.device)
+    prompt = ctx.in_prompt().to(dev)
     probs = torch.softmax(logits.masked_fill(~prompt[:, None], float("-inf")), -1)
     return probs.mean(1).to(ctx.device)
