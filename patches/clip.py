@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from mmsink.core.bind import Bound
+from mmsink.core.family import VisionTokens
 
 
 def feature_attention(model):
@@ -63,6 +64,26 @@ def cls_scores(model, taps: dict, n_features: int):
     cls = torch.softmax(torch.einsum("ihd,inhd->ihn", qh.float(), kh.float()) * attn.scale, -1).mean(1)
     offset = n_tok - n_features  # 1 when the class token was dropped ("default")
     return cls[:, offset:], kh[:, offset:].float().mean(2), 2 * n_img * heads * n_tok * hd
+
+
+def vision_tokens(model, features, taps: dict, sizes, parts, present, to_sequence) -> VisionTokens:
+    """The rows of a CLIP tower's projector input with the feature layer's [CLS] scores, keys and [CLS]
+    features (the rows' order and map to the sequence are the family's)."""
+    scores, keys, flops = cls_scores(model, taps, features.shape[1])
+    cls = cls_features(model, taps)
+    return VisionTokens(
+        features,
+        scores,
+        keys,
+        sizes,
+        parts,
+        present,
+        to_sequence,
+        lambda f: f,
+        flops,
+        cls=None if cls is None else cls.to(features.dtype),
+        cls_in_row=model.config.vision_feature_select_strategy == "full",
+    )
 
 
 def tower_flops(family, tiles: int, n_patch: int) -> int:

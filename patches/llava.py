@@ -53,21 +53,9 @@ class Family(Protocol):
     def vision_tokens(self, features, kwargs, taps: dict) -> VisionTokens:
         """One row per image, in input order (the sequence's order of images); ``cls``: each image's [CLS]
         token at the feature layer (the projector's rows drop it)."""
-        scores, keys, flops = clip.cls_scores(self.model, taps, features.shape[1])
         n, p = features.shape[:2]
-        cls = clip.cls_features(self.model, taps)
-        return VisionTokens(
-            features,
-            scores,
-            keys,
-            [p] * n,
-            [1] * n,
-            None,
-            lambda keep: keep.reshape(-1),
-            lambda f: f,
-            flops,
-            cls=None if cls is None else cls.to(features.dtype),
-            cls_in_row=self.config.vision_feature_select_strategy == "full",
+        return clip.vision_tokens(
+            self.model, features, taps, [p] * n, [1] * n, None, lambda keep: keep.reshape(-1)
         )
 
     def install(self, seam) -> list:

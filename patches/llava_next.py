@@ -103,7 +103,6 @@ class Family(Protocol):
         """One row per tile ([CLS] attention in each tile; the image's budget shared evenly by its tiles, as
         the paper runs LLaVA-NeXT); tokens that unpadding drops are not present; kept tokens map to
         sequence order through the model's own packing, newline tokens dropped."""
-        scores, keys, flops = clip.cls_scores(self.model, taps, features.shape[1])
         counts = self.tiles(kwargs.get("pixel_values"), kwargs)
         per_tile = [n for n in counts for _ in range(n)]  # each tile: how many tiles its image has
         src, _ = self.token_map(features, kwargs, on_host=True)
@@ -112,19 +111,14 @@ class Family(Protocol):
         present = present.view(features.shape[:2])
         sizes = present.sum(1).tolist()  # host arithmetic: no device read
         src = src.to(features.device, non_blocking=True)
-        cls = clip.cls_features(self.model, taps)  # each tile's own [CLS]
-        return VisionTokens(
+        return clip.vision_tokens(  # each tile has its own [CLS]
+            self.model,
             features,
-            scores,
-            keys,
+            taps,
             sizes,
             per_tile,
             present.to(features.device, non_blocking=True),
             lambda keep: gather_or(keep.reshape(-1), src, False),
-            lambda f: f,
-            flops,
-            cls=None if cls is None else cls.to(features.dtype),
-            cls_in_row=self.config.vision_feature_select_strategy == "full",
         )
 
     def install(self, seam) -> list:

@@ -26,8 +26,8 @@ import dataclasses
 
 import torch
 
-from .base import per_image, register
-from .visionzip import SinkAware, candidates, row_budget
+from .base import register
+from .visionzip import SinkAware, row_choices
 
 
 @register
@@ -46,10 +46,7 @@ class Scope(SinkAware):
 
     def select(self, ctx, tokens):
         t = tokens
-        ok = candidates(t)
-        sizes = [n - 1 for n in t.sizes] if t.cls_in_row else t.sizes
-        ks = [min(row_budget(self.budget, n, m), n) for n, m in zip(sizes, t.parts)]
-        ctx.run.setdefault("kept_images", []).extend(per_image(ks, t.parts))
+        ok, sizes, ks = row_choices(ctx, t, self.budget)
         keep = greedy(t.features, t.scores, ok, ks, self.options.alpha)
         r, p, f = t.features.shape
         ctx.extra_flops += 2 * r * p * p * f

@@ -67,6 +67,15 @@ def candidates(tokens) -> torch.Tensor:
     return ok
 
 
+def row_choices(ctx, tokens, budget) -> tuple:
+    """(candidates [R, P], candidates per row, tokens each row keeps) for a method that keeps a subset of
+    each row's patches; the kept count per image goes to ``ctx.run["kept_images"]`` (host counts)."""
+    sizes = [n - 1 for n in tokens.sizes] if tokens.cls_in_row else list(tokens.sizes)
+    ks = [min(row_budget(budget, n, m), n) for n, m in zip(sizes, tokens.parts)]
+    ctx.run.setdefault("kept_images", []).extend(per_image(ks, tokens.parts))
+    return candidates(tokens), sizes, ks
+
+
 def row_budget(budget, p: int, parts: int = 1) -> int:
     """Tokens a row of ``p`` tokens keeps; ``parts``: an int budget is the image's, shared evenly by that
     many rows (LLaVA-NeXT tiles; each tile at least one); a fraction applies to each row."""

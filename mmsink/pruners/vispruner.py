@@ -31,8 +31,8 @@ import dataclasses
 
 import torch
 
-from .base import per_image, register
-from .visionzip import SinkAware, candidates, row_budget
+from .base import register
+from .visionzip import SinkAware, row_choices
 
 
 @register
@@ -56,10 +56,7 @@ class VisPrunerICCV(SinkAware):
 
     def select(self, ctx, tokens):
         t = tokens
-        ok = candidates(t)
-        sizes = [n - 1 for n in t.sizes] if t.cls_in_row else t.sizes
-        ks = [min(row_budget(self.budget, n, m), n) for n, m in zip(sizes, t.parts)]
-        ctx.run.setdefault("kept_images", []).extend(per_image(ks, t.parts))
+        ok, sizes, ks = row_choices(ctx, t, self.budget)
         keep = torch.zeros_like(ok)
         groups: dict = {}
         for i, key in enumerate(zip(sizes, ks)):  # rows of one size and budget run together
