@@ -14,6 +14,7 @@ from tiny import (
     SIDE,
     batch,
     clip,
+    counted_prefill,
     next_batch,
     next_single,
     pixels_of,
@@ -24,7 +25,6 @@ from tiny import (
     tiny_llava_next,
     tiny_qwen,
 )
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
 import mmsink
@@ -282,14 +282,7 @@ def test_batched_per_sample_and_cached(fam, method, opts):
 @pytest.mark.parametrize("fam,method,opts", CASES)
 def test_flops_match_counter(fam, method, opts):
     model, inputs, _, _, _ = family(fam, "eager")
-    mmsink.wrap(model, prune=method, **opts)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(**inputs)
-        st = mmsink.stats(model)
-    finally:
-        mmsink.unwrap(model)
-    counted = fc.get_total_flops()
+    st, counted = counted_prefill(model, inputs, prune=method, **opts)
     assert abs(st.prefill_flops - counted) <= 0.02 * counted, (st.prefill_flops, counted)
 
 

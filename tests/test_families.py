@@ -7,8 +7,7 @@ from functools import cache
 
 import pytest
 import torch
-from tiny import next_batch, next_single, qwen_batch, qwen_single, tiny_llava_next, tiny_qwen
-from torch.utils.flop_counter import FlopCounterMode
+from tiny import counted_prefill, next_batch, next_single, qwen_batch, qwen_single, tiny_llava_next, tiny_qwen
 
 import mmsink
 
@@ -112,12 +111,5 @@ def test_batched_per_sample_and_cached(family, method, opts):
 @pytest.mark.parametrize("family,method,opts", cases("flops"))
 def test_flops_match_counter(family, method, opts):
     model, inputs = built(family, "eager")
-    mmsink.wrap(model, prune=method, **opts)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(**inputs)
-        st = mmsink.stats(model)
-    finally:
-        mmsink.unwrap(model)
-    counted = fc.get_total_flops()
+    st, counted = counted_prefill(model, inputs, prune=method, **opts)
     assert abs(st.prefill_flops - counted) <= 0.02 * counted, (st.prefill_flops, counted)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tiny import (
     batch,
+    counted_prefill,
     next_batch,
     next_single,
     prompt,
@@ -20,7 +21,6 @@ from tiny import (
     tiny_llava_next,
     tiny_qwen,
 )
-from torch.utils.flop_counter import FlopCounterMode
 
 import mmsink
 
@@ -178,14 +178,7 @@ def test_batched_per_sample_and_cached(family, opts):
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
 def test_flops_match_counter(family):
     model, inputs = built(family, "eager")
-    mmsink.wrap(model, prune="orthorank", budget=0.3)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(**inputs)
-        st = mmsink.stats(model)
-    finally:
-        mmsink.unwrap(model)
-    counted = fc.get_total_flops()
+    st, counted = counted_prefill(model, inputs, prune="orthorank", budget=0.3)
     assert abs(st.prefill_flops - counted) <= 0.02 * counted, (st.prefill_flops, counted)
     assert st.prefill_flops < 0.95 * st.baseline_prefill_flops
 

@@ -9,7 +9,7 @@ import torch
 from official_sparsevlm import PRUNING_LOC, SCHEDULES, cluster_and_merge_official, sparsevlm_official
 from test_families import FAMILIES, built
 from test_var import VAR
-from tiny import batch, prompt, tiny_llava
+from tiny import batch, counted_prefill, prompt, tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmsink
@@ -227,14 +227,7 @@ def test_families_batched_cached_and_flops(family):
     assert torch.equal(a, b)
     assert min(st.kept_tokens[-1][:2]) < max(st.visual_tokens)
     model, inputs = built(family, "eager")
-    mmsink.wrap(model, prune="sparsevlm", budget=0.3)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(**inputs)
-        st = mmsink.stats(model)
-    finally:
-        mmsink.unwrap(model)
-    counted = fc.get_total_flops()
+    st, counted = counted_prefill(model, inputs, prune="sparsevlm", budget=0.3)
     assert abs(st.prefill_flops - counted) <= 0.02 * counted, (st.prefill_flops, counted)
 
 

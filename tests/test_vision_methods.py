@@ -13,6 +13,7 @@ from official import visionzip_official
 from official_vision import scope_official, vispruner_official
 from tiny import (
     batch,
+    counted_prefill,
     next_batch,
     next_single,
     prompt,
@@ -22,7 +23,6 @@ from tiny import (
     tiny_llava_next,
     tiny_qwen,
 )
-from torch.utils.flop_counter import FlopCounterMode
 
 import mmsink
 
@@ -352,14 +352,7 @@ def test_batched_per_sample_and_cached(family, method, opts):
 @pytest.mark.parametrize("method,opts", METHODS[:3], ids=[m for m, _ in METHODS[:3]])
 def test_flops_match_counter(family, method, opts):
     model, inputs = built(family, "eager")
-    mmsink.wrap(model, prune=method, **opts)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(**inputs)
-        st = mmsink.stats(model)
-    finally:
-        mmsink.unwrap(model)
-    counted = fc.get_total_flops()
+    st, counted = counted_prefill(model, inputs, prune=method, **opts)
     assert abs(st.prefill_flops - counted) <= 0.02 * counted, (st.prefill_flops, counted)
 
 

@@ -271,3 +271,20 @@ def prefill_stats(model, inputs, **settings):
         return mmsink.stats(model)
     finally:
         mmsink.unwrap(model)
+
+
+def counted_prefill(model, inputs, **settings):
+    """(the last prefill's Stats under ``wrap(model, **settings)``, the FLOPs ``FlopCounterMode`` counted
+    for that prefill): the check every method's FLOPs accounting must pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import mmsink
+
+    mmsink.wrap(model, **settings)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(**inputs)
+        st = mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
+    return st, fc.get_total_flops()
