@@ -109,7 +109,10 @@ class Prefill:
     pending_hidden: torch.Tensor | None = None  # [B, n, D] states replacing the layer's output (merges)
     to_read: dict = field(default_factory=dict)  # device scalars a pruner needs on the host next layer
     host: dict = field(default_factory=dict)  # their values, read with the next layer's plan
-    extra_flops: float = 0  # selection work outside the layers (scores, merges)
+    extra_flops: float = 0  # selection work outside the layers (scores, merges), the batch's total
+    own_flops: list = field(default_factory=list)  # of it, per sample ([B] host floats or device tensor
+    # parts, summed when stats are asked for): what each sample alone would execute (see add_flops)
+    owned_flops: float = 0  # the part of extra_flops those per-sample parts account for
     attn_flops: dict = field(default_factory=dict)  # layer -> attention FLOPs when not the plain count
     run: dict | None = None  # the pruner's per-forward state
     directive: object | None = None  # the current layer's attention directive
@@ -136,6 +139,21 @@ class Prefill:
     def current_position_embeddings(self):
         """The rotary (cos, sin) rows of the current segment's slots."""
         return self.seg.position_embeddings(self.position_embeddings)
+
+    def add_flops(self, total: float, per_sample=None) -> None:
+        """Selection work: ``total`` as executed over the batch (padding included). ``per_sample``: what each
+        sample would execute alone ([B] host floats, or a [B] device tensor read only when stats are
+        asked for); without it stats share ``total`` out by tokens (exact for work linear in them)."""
+        self.extra_flops += total
+        if per_sample is not None:
+            self.own_flops.append(per_sample)
+            self.owned_flops += total
+
+    def real_tokens(self, seg: Segment | None = None):
+        """Per sample, its real slots in ``seg`` (the current one): host ints from the segment's counts
+        when known, else a [B] device tensor (no read)."""
+        seg = seg or self.seg
+        return seg.valid.sum(1) if seg.counts is None else [t + sum(v) for t, v in seg.counts]
 
     # ---- views of the current segment
     @property

@@ -54,13 +54,14 @@ class Meter:
     num_layers: int
 
 
-def sample_flops(meter: Meter, lay, per_image, tokens, rows, extra=0.0, pre_lm=False):
+def sample_flops(meter: Meter, lay, per_image, tokens, rows, extra=0.0, pre_lm=False, own=None):
     """What each sample would execute alone (no padding): its own tokens per layer, its images, and its
     share of the batch's selection work ``extra``. Selection runs over padded slots, so an even split
     (extra / B) would charge a sample for the others' padding. Before the LLM (``pre_lm``) that work is
     per image: shared by visual tokens. In the LLM it runs over the sequence: a sample gets its own
     tokens' share of the padded slots (B x length), the padding's share is nobody's. Exact for selection
-    work linear in the tokens it reads (FastV, DART, VisiPruner's tests, vision-stage scores)."""
+    work linear in the tokens it reads (FastV, DART, VisiPruner's tests, vision-stage scores). ``own`` [B]:
+    selection work a pruner counted per sample itself (``Prefill.add_flops``), added as it is."""
     images = (lay.counts > 0).sum(1).tolist()
     real = lay.lengths
     visual = lay.is_image.sum(1).tolist()
@@ -74,9 +75,19 @@ def sample_flops(meter: Meter, lay, per_image, tokens, rows, extra=0.0, pre_lm=F
             share = extra * visual[i] / max(sum(visual), 1)
         else:
             share = extra * real[i] / max(slots, 1)
-        out.append(int(v + meter.cost.prefill(1, per_layer, r) + share))
+        mine = own[i] if own is not None else 0.0
+        out.append(int(v + meter.cost.prefill(1, per_layer, r) + share + mine))
         base.append(int(v + meter.cost.prefill(1, [real[i]] * meter.num_layers, r)))
     return out, base
+
+
+def owned(parts: list, b: int) -> list:
+    """Per sample, the selection work pruners counted for it (host lists and device tensors, summed)."""
+    out = [0.0] * b
+    for part in parts:
+        vals = part.tolist() if hasattr(part, "tolist") else part
+        out = [a + float(x) for a, x in zip(out, vals)]
+    return out
 
 
 def plain_stats(meter: Meter, layout, logits_to_keep, vision) -> Stats:
@@ -113,7 +124,9 @@ def prefill_stats(meter: Meter, ctx, logits_to_keep, vision, report) -> Stats:
     valid_counts = [s.valid.sum(1).tolist() for s in ctx.segments]
     per_sample = [[valid_counts[s][i] for s in ctx.layer_segment] for i in range(b)]
     pre_lm = bool(ctx.layer_segment) and ctx.layer_segment[0] != 0  # layer 0 already ran on a selection
-    sample, sample_base = sample_flops(meter, lay, vision[1], per_sample, rows, ctx.extra_flops, pre_lm)
+    shared = ctx.extra_flops - ctx.owned_flops
+    own = owned(ctx.own_flops, b)
+    sample, sample_base = sample_flops(meter, lay, vision[1], per_sample, rows, shared, pre_lm, own)
     extra = {"sample_prefill_flops": sample, "sample_baseline_prefill_flops": sample_base, **report(ctx)}
     if ctx.vit is not None:
         extra["vit_sinks"] = ctx.vit_sinks if ctx.vit_sinks is not None else [[] for _ in range(b)]

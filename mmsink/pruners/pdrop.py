@@ -159,7 +159,11 @@ def next_layer_scores(ctx, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     h, hkv = q.shape[1], k.shape[1]
     kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
     logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), kk.float()) * attn.scaling
-    ctx.extra_flops += 2 * b * dm * h * hd + 2 * b * n * dm * hkv * hd + 2 * b * h * n * hd
+    def cost(rows, slots):  # the anchor's query, every slot's key, the logits
+        return 2 * rows * dm * h * hd + 2 * slots * (dm * hkv * hd + h * hd)
+
+    real = ctx.real_tokens()  # a sample alone runs on its own slots only
+    ctx.add_flops(cost(b, b * n), cost(1, real) if torch.is_tensor(real) else [cost(1, m) for m in real])
     prompt = ctx.in_prompt().to(dev)
     probs = torch.softmax(logits.masked_fill(~prompt[:, None], float("-inf")), -1)
     return probs.mean(1).to(ctx.device)

@@ -97,6 +97,7 @@ class VisiPruner(Pruner):
             "fused_at": torch.full((b,), -1, dtype=torch.long, device=dev),
             "quiet": torch.zeros(b, dtype=torch.long, device=dev),
             "done": torch.zeros(b, dtype=torch.bool, device=dev),
+            "testing": torch.ones(b, dtype=torch.bool, device=dev),  # would run the test alone (see below)
         }
 
     def settled(self, ctx, layer):
@@ -144,7 +145,8 @@ class VisiPruner(Pruner):
             run["done"] |= drop
         waiting = (run["fused_at"] < 0) | (run["deep"] & ~run["done"])
         # read with the next layer's plan (one read: whether a token goes, and whether to watch on)
-        ctx.to_read["visipruner_observing"] = (waiting & vis.any(1)).any()
+        run["testing"] = waiting & vis.any(1)
+        ctx.to_read["visipruner_observing"] = run["testing"].any()
         ctx.decide(ctx.keep_text(keep_vis))
 
 
@@ -155,15 +157,21 @@ def observing(ctx) -> bool:
 
 def contribution_test(ctx, observed):
     """cos(o - c_j, o) and ||c_j|| for every current slot (inf / 0 on non-visual slots), from the
-    anchor row only: o = sum_j a_j v_j and c_j = a_j v_j with all heads concatenated."""
+    anchor row only: o = sum_j a_j v_j and c_j = a_j v_j with all heads concatenated. The batch tests while
+    any sample waits; a sample alone tests only while it waits itself (``run["testing"]``, as read before
+    this layer), on its own slots: its FLOPs are counted so, the batch's as executed."""
+    counted = ctx.extra_flops
     a = anchor_probs(ctx, observed)  # [B, H, n]
+    logits = ctx.extra_flops - counted  # the anchor row (anchor_probs counts it batch-wide: recounted here)
+    ctx.extra_flops = counted
     v = observed["v"]
     h = a.shape[1]
     vv = repeat_kv(v, h // v.shape[1]).float()
     o = torch.einsum("bhn,bhnd->bhd", a, vv)
     vo = torch.einsum("bhnd,bhd->bhn", vv, o)
     b, _, n, d = vv.shape
-    ctx.extra_flops += 4 * b * h * n * d
+    own = 6 * h * d * ctx.seg.valid.sum(1) * ctx.run["testing"]  # [B] on the device: no read
+    ctx.add_flops(logits + 4 * b * h * n * d, own)
     oo = o.pow(2).sum((1, 2))[:, None]
     co = (a * vo).sum(1)
     cc = (a.pow(2) * vv.pow(2).sum(-1)).sum(1)
