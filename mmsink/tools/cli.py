@@ -22,6 +22,7 @@ COMMANDS = {
         "find a model's sink dimensions and fusion layer; write a config",
     ),
     "convert-llava": ("mmsink.tools.convert_llava", "convert an original-LLaVA checkpoint to transformers'"),
+    "export-lmms": ("mmsink.lmms.export", "write synthvqa as an on-disk dataset plus an lmms-eval task"),
 }
 
 
