@@ -44,6 +44,7 @@ class Family(Protocol):
         self.visual = model.model.visual
         self.merge = self.config.vision_config.spatial_merge_size
         self.attn_sq = 0  # sum over vision attention calls of heads*dim*len^2 (reset every prefill)
+        self.seam = None  # set by install: the running prefill, where the scores' work is counted per sample
 
     def rope_deltas(self):
         return self.model.model.rope_deltas
@@ -86,14 +87,16 @@ class Family(Protocol):
         Scores: the attention each patch receives in the last block (its own attention segments, rotary
         applied as the block does), mean over heads and queries, then per token (mean over its merge^2
         patches); keys: raw keys, mean over heads and over the token's patches."""
-        score, metric, flops = self.received(taps)
+        score, metric, work = self.received(taps)
         unit = self.merge**2
         groups = features.reshape(-1, unit * features.shape[-1])
         thw = kwargs.get("image_grid_thw")
+        grid = thw.tolist()
+        flops = self.count_scores(work, grid)
         order = self.raster_order(thw, features.device)
         if order is not None:
             score, metric, groups = score[order], metric[order], groups[order]
-        counts = [int(t * h * w) // unit for t, h, w in thw.tolist()]
+        counts = [int(t * h * w) // unit for t, h, w in grid]
         pad = torch.nn.utils.rnn.pad_sequence
         rows = [pad(list(x.split(counts)), batch_first=True) for x in (groups, score, metric)]
         present = pad(
@@ -113,9 +116,25 @@ class Family(Protocol):
 
         return VisionTokens(*rows, counts, [1] * len(counts), present, to_sequence, put, flops)
 
+    def count_scores(self, work: list, grid: list) -> float:
+        """The scores' FLOPs (``work``: per attention segment, a frame of an image) left for the caller to
+        count: none when they are counted here on the running prefill, per sample (an image's work is
+        quadratic in its size: no share of the batch's total is a sample's own)."""
+        ctx = self.seam.prefill() if self.seam is not None else None
+        if ctx is None:
+            return sum(work)
+        frames = iter(work)
+        per_image = [sum(next(frames) for _ in range(int(t))) for t, _, _ in grid]
+        first, per_sample = 0, []
+        for sizes in ctx.layout.sizes:  # images in sequence order
+            per_sample.append(sum(per_image[first : first + len(sizes)]))
+            first += len(sizes)
+        ctx.add_flops(sum(work), per_sample)
+        return 0
+
     def received(self, taps: dict):
-        """(score [tokens], keys [tokens, head_dim], flops): attention received per merged token in the last
-        vision block, in the merger's order."""
+        """(score [tokens], keys [tokens, head_dim], work): attention received per merged token in the last
+        vision block, in the merger's order; ``work``: its FLOPs per attention segment."""
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         qkv, inputs = taps["qkv"], taps["inputs"]
@@ -126,7 +145,7 @@ class Family(Protocol):
         metric = k.float().mean(1)  # [patches, head_dim]
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         received = torch.zeros(n, device=qkv.device)
-        hd, flops = q.shape[-1], 0
+        hd, work = q.shape[-1], []
         bounds = cu.tolist()  # host bounds (precomputed inputs), or one read
         for s, e in zip(bounds[:-1], bounds[1:]):
             kk = k[s:e].transpose(0, 1).float()  # [H, P, hd]
@@ -135,10 +154,10 @@ class Family(Protocol):
                 qq = q[c : min(c + CHUNK, e)].transpose(0, 1).float()
                 acc += torch.softmax(qq @ kk.transpose(1, 2) * attn.scaling, -1).sum(1)
             received[s:e] = acc.mean(0) / (e - s)
-            flops += 2 * heads * (e - s) ** 2 * hd
+            work.append(2 * heads * (e - s) ** 2 * hd)
         unit = self.merge**2
         score = received.view(-1, unit).mean(1)
-        return score, metric.view(-1, unit, metric.shape[-1]).mean(1), flops
+        return score, metric.view(-1, unit, metric.shape[-1]).mean(1), work
 
     def layout(self, input_ids, attention_mask, prompt_len, kwargs=None, grids: bool = False):
         lay = build_layout(input_ids, attention_mask, self.config.image_token_id, None, prompt_len, None)
@@ -151,6 +170,7 @@ class Family(Protocol):
 
     # ---- vision FLOPs
     def install(self, seam) -> list:
+        self.seam = seam
         def hook(module, args, kwargs):
             cu = kwargs.get("cu_seqlens")
             if cu is not None and seam.measuring:

@@ -56,26 +56,27 @@ class Meter:
 
 def sample_flops(meter: Meter, lay, per_image, tokens, rows, extra=0.0, pre_lm=False, own=None):
     """What each sample would execute alone (no padding): its own tokens per layer, its images, and its
-    share of the batch's selection work ``extra``. Selection runs over padded slots, so an even split
-    (extra / B) would charge a sample for the others' padding. Before the LLM (``pre_lm``) that work is
-    per image: shared by visual tokens. In the LLM it runs over the sequence: a sample gets its own
-    tokens' share of the padded slots (B x length), the padding's share is nobody's. Exact for selection
-    work linear in the tokens it reads (FastV, DART, VisiPruner's tests, vision-stage scores). ``own`` [B]:
-    selection work a pruner counted per sample itself (``Prefill.add_flops``), added as it is."""
+    share of the batch's selection work ``extra`` that no pruner counted per sample. Selection runs over
+    padded slots, so an even split (extra / B) would charge a sample for the others' padding. Before the
+    LLM (``pre_lm``) that work is the vision stage's: shared by the tower's work on each sample's images
+    (exact for work the same on every tile, as CLIP's [CLS] scores). In the LLM it runs over the sequence:
+    a sample gets its own tokens' share of the padded slots (B x length), the padding's share is nobody's
+    (exact for work linear in the tokens it reads: FastV's scores). ``own`` [B]: selection work a
+    pruner counted per sample itself (``Prefill.add_flops``), added as it is. A sample without images
+    gets none: alone, nothing would be selected."""
     images = (lay.counts > 0).sum(1).tolist()
     real = lay.lengths
-    visual = lay.is_image.sum(1).tolist()
+    starts = [sum(images[:i]) for i in range(len(images))]
+    tower = [sum(per_image[s : s + n]) for s, n in zip(starts, images)]  # each sample's images
     slots = lay.batch * lay.length
     out, base = [], []
     for i, per_layer in enumerate(tokens):
         r = min(rows, real[i])
-        first = sum(images[:i])
-        v = sum(per_image[first : first + images[i]])
-        if pre_lm:
-            share = extra * visual[i] / max(sum(visual), 1)
-        else:
-            share = extra * real[i] / max(slots, 1)
-        mine = own[i] if own is not None else 0.0
+        v = tower[i]
+        share = mine = 0.0
+        if images[i]:  # alone, a prompt without images is an untouched prefill: no selection work
+            share = extra * v / max(sum(tower), 1) if pre_lm else extra * real[i] / max(slots, 1)
+            mine = own[i] if own is not None else 0.0
         out.append(int(v + meter.cost.prefill(1, per_layer, r) + share + mine))
         base.append(int(v + meter.cost.prefill(1, [real[i]] * meter.num_layers, r)))
     return out, base

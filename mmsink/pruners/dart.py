@@ -110,7 +110,8 @@ class DART(Pruner):
             order = set_order(pos.gather(1, piv.clamp(min=0)), ok, max_pos)  # [B, P] columns, -1 absent
             hp = state.gather(1, piv.clamp(min=0)[..., None].expand(-1, -1, state.shape[-1]))
             sim = torch.einsum("bnd,bpd->bpn", state, hp)  # [B, P, n]
-            ctx.extra_flops += 2 * b * n * piv.shape[1] * state.shape[-1]
+            d = state.shape[-1]
+            ctx.add_flops(2 * b * n * piv.shape[1] * d, pivot_work(ctx, o, sizes, m, d))
             per = torch.tensor(
                 [self.per_pivot(s[m]) if m < len(s) else 0 for s in sizes], device=knorm.device
             )
@@ -145,6 +146,17 @@ def local_keys(ctx, k: torch.Tensor) -> torch.Tensor:
     c0, s0 = cos.gather(1, idx).float(), sin.gather(1, idx).float()
     norm = c0.pow(2) + s0.pow(2)  # the rotary's attention scaling, squared (1 for plain RoPE)
     return ctx.lm.rope(k.float(), k.float(), c0 / norm, -s0 / norm)[1]
+
+
+def pivot_work(ctx, o, sizes: list, m: int, d: int):
+    """[B] the FLOPs of image ``m``'s similarities as each sample would run them alone: only a sample that
+    has that image, over its own slots and pivots (``ranked`` gives at most a slot per pivot)."""
+    real = ctx.real_tokens()
+    has = [m < len(s) for s in sizes]
+    if torch.is_tensor(real):
+        piv = real.clamp(max=o.image_pivots) + real.clamp(max=o.text_pivots)
+        return 2 * real * piv * d * torch.tensor(has, device=real.device)
+    return [2 * r * (min(o.image_pivots, r) + min(o.text_pivots, r)) * d * h for r, h in zip(real, has)]
 
 
 def ranked(score: torch.Tensor, cand: torch.Tensor, k: int, first=None) -> torch.Tensor:

@@ -109,7 +109,7 @@ class VisionZip(SinkAware):
         present = t.present
         if t.cls_in_row:
             present = candidates(t)
-        return self.zip(
+        out = self.zip(
             ctx,
             t.features,
             t.scores,
@@ -121,6 +121,10 @@ class VisionZip(SinkAware):
             protected=self.protected_rows(ctx, t),
             cls_in_row=t.cls_in_row,
         )
+        contextual = ctx.run.pop("contextual", None)
+        if contextual:
+            count_merge(ctx, t, contextual)
+        return out
 
     def zip(
         self,
@@ -165,6 +169,7 @@ class VisionZip(SinkAware):
         ctx_max = max(c for _, c in splits)
         target = torch.zeros_like(keep)
         if ctx_max:
+            ctx.run["contextual"] = [c for _, c in splits]  # the merge's work is counted by the caller
             contextual = per_row([c for _, c in splits], dev)
             if protected is None:
                 step = per_row(steps, dev)
@@ -203,7 +208,6 @@ class VisionZip(SinkAware):
         mt = pad(metric, (0, 0, 0, 1)).gather(1, cols[..., None].expand(-1, -1, metric.shape[-1]))
         sim = torch.einsum("ipd,icd->ipc", metric, mt).masked_fill(~real[:, None], float("-inf"))
         assign = sim.argmax(-1)  # [I, P] the target each token would join
-        ctx.extra_flops += 2 * n_img * p * ctx_max * metric.shape[-1]
         f = pad(features.float(), (0, 0, 0, 1))
         width = f.shape[-1]
         joined = torch.zeros(n_img, ctx_max, width, device=dev)
@@ -213,6 +217,24 @@ class VisionZip(SinkAware):
         res = pad(out, (0, 0, 0, 1)).scatter_(1, cols[..., None].expand(-1, -1, width), merged.to(out.dtype))
         out.copy_(res[:, :p])
         return target
+
+
+def count_merge(ctx, tokens, contextual: list) -> None:
+    """The merge's FLOPs (every row's tokens against ``max(contextual)`` targets): the batch's as run, and
+    each sample's as it would run alone, its rows only, as wide as its widest row (every family's widest
+    row of a sample is full: a CLIP tile, or Qwen's largest image) against its own most targets."""
+    r, p = tokens.scores.shape
+    d = tokens.keys.shape[-1]
+    sample, first = [], 0
+    for sizes in ctx.layout.sizes:  # rows are the images' tiles, in sequence order
+        rows, images = first, len(sizes)
+        while images:
+            images, rows = images - 1, rows + tokens.parts[rows]
+        own = range(first, rows)
+        width = max((tokens.sizes[i] for i in own), default=0)
+        sample.append(2 * len(own) * width * max((contextual[i] for i in own), default=0) * d)
+        first = rows
+    ctx.add_flops(2 * r * p * max(contextual) * d, sample)
 
 
 def per_row(x: list, dev):
