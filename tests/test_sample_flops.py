@@ -1,6 +1,6 @@
 """A sample's prefill FLOPs do not depend on what it was batched with: padding is nobody's compute, and
-the batch's selection work is charged by the tokens each sample brought (issue 22: the same question
-differed by 1,536 FLOPs between eval batch sizes 8 and 3)."""
+a sample is charged the selection work it would run alone (issue 22: the same question differed by 1,536
+FLOPs between eval batch sizes 8 and 3)."""
 
 import json
 
