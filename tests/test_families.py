@@ -7,7 +7,16 @@ from functools import cache
 
 import pytest
 import torch
-from tiny import counted_prefill, next_batch, next_single, qwen_batch, qwen_single, tiny_llava_next, tiny_qwen
+from tiny import (
+    batched_and_cached,
+    counted_prefill,
+    next_batch,
+    next_single,
+    qwen_batch,
+    qwen_single,
+    tiny_llava_next,
+    tiny_qwen,
+)
 
 import mmsink
 
@@ -92,18 +101,7 @@ def test_keep_everything_matches_baseline(family):
 def test_batched_per_sample_and_cached(family, method, opts):
     model, inputs = built(family)
     fam = FAMILIES[family]
-    mmsink.wrap(model, prune=method, **opts)
-    try:
-        with torch.no_grad():
-            out = model(**inputs).logits[:, -1]
-            st = mmsink.stats(model)
-            for i in range(fam["samples"]):
-                one = model(**fam["single"](inputs, i)).logits[0, -1]
-                torch.testing.assert_close(out[i], one, atol=1e-4, rtol=1e-4)
-            a = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-            b = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
-    finally:
-        mmsink.unwrap(model)
+    st, a, b = batched_and_cached(model, inputs, fam["single"], fam["samples"], 5, prune=method, **opts)
     assert torch.equal(a, b)
     assert min(st.kept_tokens[-1][:2]) < max(st.visual_tokens)  # it did prune
 

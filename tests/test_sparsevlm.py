@@ -9,7 +9,7 @@ import torch
 from official_sparsevlm import PRUNING_LOC, SCHEDULES, cluster_and_merge_official, sparsevlm_official
 from test_families import FAMILIES, built
 from test_var import VAR
-from tiny import batch, counted_prefill, prompt, tiny_llava
+from tiny import batch, batched_and_cached, counted_prefill, prompt, tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmsink
@@ -212,18 +212,8 @@ def test_flops_match_counter():
 def test_families_batched_cached_and_flops(family):
     fam = FAMILIES[family]
     model, inputs = built(family)
-    mmsink.wrap(model, prune="sparsevlm", budget=0.3)
-    try:
-        with torch.no_grad():
-            out = model(**inputs).logits[:, -1]
-            st = mmsink.stats(model)
-            for i in range(fam["samples"]):
-                one = model(**fam["single"](inputs, i)).logits[0, -1]
-                torch.testing.assert_close(out[i], one, atol=1e-4, rtol=1e-4)
-            a = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-            b = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
-    finally:
-        mmsink.unwrap(model)
+    single, n = fam["single"], fam["samples"]
+    st, a, b = batched_and_cached(model, inputs, single, n, 5, prune="sparsevlm", budget=0.3)
     assert torch.equal(a, b)
     assert min(st.kept_tokens[-1][:2]) < max(st.visual_tokens)
     model, inputs = built(family, "eager")

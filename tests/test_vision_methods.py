@@ -13,6 +13,7 @@ from official import visionzip_official
 from official_vision import scope_official, vispruner_official
 from tiny import (
     batch,
+    batched_and_cached,
     counted_prefill,
     next_batch,
     next_single,
@@ -332,18 +333,7 @@ def built(family: str, attn: str = "sdpa"):
 def test_batched_per_sample_and_cached(family, method, opts):
     model, inputs = built(family)
     single = FAMILIES[family][2]
-    mmsink.wrap(model, prune=method, **opts)
-    try:
-        with torch.no_grad():
-            out = model(**inputs).logits[:, -1]
-            st = mmsink.stats(model)
-            for i in range(3):
-                one = model(**single(inputs, i)).logits[0, -1]
-                torch.testing.assert_close(out[i], one, atol=1e-4, rtol=1e-4)
-            a = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            b = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
-    finally:
-        mmsink.unwrap(model)
+    st, a, b = batched_and_cached(model, inputs, single, 3, 4, prune=method, **opts)
     assert torch.equal(a, b)
     assert min(st.kept_tokens[-1][:2]) < max(st.visual_tokens)  # it did prune
 

@@ -288,3 +288,24 @@ def counted_prefill(model, inputs, **settings):
     finally:
         mmsink.unwrap(model)
     return st, fc.get_total_flops()
+
+
+def batched_and_cached(model, inputs, single, samples: int, new_tokens: int, **settings):
+    """Under ``wrap(model, **settings)``: each sample's last logits in the batch equal its run alone
+    (``single(inputs, i)``), checked here; returns the batch's Stats and its greedy tokens with and without
+    the cache (the caller compares them)."""
+    import mmsink
+
+    mmsink.wrap(model, **settings)
+    try:
+        with torch.no_grad():
+            out = model(**inputs).logits[:, -1]
+            st = mmsink.stats(model)
+            for i in range(samples):
+                one = model(**single(inputs, i)).logits[0, -1]
+                torch.testing.assert_close(out[i], one, atol=1e-4, rtol=1e-4)
+            a = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+            b = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, use_cache=False)
+    finally:
+        mmsink.unwrap(model)
+    return st, a, b
