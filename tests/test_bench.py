@@ -87,3 +87,22 @@ def test_ragged_prompts_count_real_tokens_only():
     assert res["ragged"] and fastv["kept"] == round((2 * 576 + 10 * 64) / 12, 1)
     assert abs(fastv["time_ratio"] - fastv["ms"] / fastv["base_ms"]) < 1e-12
     assert "Ragged prompts" in bench.measured_markdown(res)
+
+
+def test_decode_column_is_the_difference_of_two_runs():
+    """decode ms/token = (median time of 1 + k tokens - median time of 1 token) / k, the two runs taken in
+    turn after two untimed calls of each; a fake clock makes the times exact."""
+    calls = []
+    fake = {1: [0.10, 0.30, 0.11], 9: [0.50, 0.90, 0.52]}  # seconds per timed call, by tokens
+
+    def run(n):
+        calls.append(n)
+
+    def clock(fn):
+        fn()
+        n = calls[-1]
+        return fake[n].pop(0)
+
+    ms = bench.decode_step_ms(run, 8, 3, clock)
+    assert calls == [1, 9, 1, 9] + [1, 9] * 3
+    assert abs(ms - (0.52 - 0.11) / 8 * 1e3) < 1e-9
