@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, SIDE, batch, pixels_of, prompt, tiny_llava, tiny_qwen
+from tiny import IMAGE_TOKEN, SIDE, batch, pixels_of, prompt, tiny_llava
 
 import mmsink
 from mmsink.kv import WindowCache
@@ -253,8 +253,6 @@ def test_bad_settings_raise_one_line(model, kv, match):
 def test_refused_combinations(model):
     with pytest.raises(ValueError, match="does not combine with prune"):
         mmsink.wrap(model, prune="fastv", kv={"window": 8})
-    with pytest.raises(ValueError, match="Qwen2-VL"):
-        mmsink.wrap(tiny_qwen(layers=2), kv={"window": 8})
     mmsink.wrap(model, kv={"window": 8})
     with pytest.raises(ValueError, match="generate_fast does not run the kv="):
         mmsink.generate_fast(model, max_new_tokens=2, **batch(two_prompts()))

@@ -83,11 +83,6 @@ class KVConfig:
         if self.quant is not None:
             self.check_quant_model(handle)
             return
-        if fam.mrope:
-            raise ValueError(
-                "mmsink: kv= does not support Qwen2-VL / 2.5-VL yet: re-assigning 3-D M-RoPE positions "
-                "(t, h, w) to cache slots would need the model's rope deltas re-derived per eviction"
-            )
         rope = getattr(fam.language_model, "rotary_emb", None)
         if rope is None or getattr(rope, "rope_type", "default") not in FIXED_ROPE:
             raise ValueError(

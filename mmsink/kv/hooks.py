@@ -26,7 +26,18 @@ def install(cfg, handle) -> list:
     ]
     for i, layer in enumerate(fam.layers):
         hooks.append(layer.register_forward_pre_hook(_layer_pre(cfg, handle, i), with_kwargs=True))
+    if fam.mrope:
+        hooks.append(fam.language_model.register_forward_pre_hook(_record_mrope, with_kwargs=True))
     return hooks
+
+
+def _record_mrope(module, args, kwargs):
+    """The 3-D (t, h, w) positions the text model got for this step's tokens: the keys are written there."""
+    cache = kwargs.get("past_key_values")
+    pos = kwargs.get("position_ids")
+    if isinstance(cache, WindowCache) and cache.step_q and pos is not None and pos.dim() == 3:
+        cache.set_positions(pos[-3:].permute(1, 2, 0))
+    return None
 
 
 def _model_pre(cfg, handle):
@@ -43,6 +54,7 @@ def _model_pre(cfg, handle):
             cache = pkv
         elif use_cache and (pkv is None or (type(pkv) is DynamicCache and pkv.get_seq_length() == 0)):
             cache = kwargs["past_key_values"] = cfg.new_cache(rope.inv_freq)
+            cache.axes = 3 if handle.family.mrope else 1
         else:
             return None  # a cache of another kind (or none): untouched
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -57,7 +69,7 @@ def _model_pre(cfg, handle):
             pos = kwargs["position_ids"] = cache.next_positions(new_valid).to(ref.device)
         else:
             pos = kwargs.get("position_ids")
-            if pos is None or pos.dim() != 2:  # what a 1-D text model would do (3-D M-RoPE: unused)
+            if pos is None or pos.dim() != 2:  # what a 1-D text model would do (M-RoPE: set_positions)
                 pos = torch.arange(cache.seen, cache.seen + q, device=ref.device)
             pos = pos.expand(b, q)
         cache.begin(new_valid, pos.to(new_valid.device))

@@ -6,6 +6,13 @@ evicted. Positions live inside the cache: a kept token's rotary position becomes
 sample's kept tokens (0, 1, ...), and the next token's position is the number of kept tokens, so
 positions stay below first + sinks + window + 1 however long generation runs.
 
+3-D M-RoPE (Qwen2-VL / 2.5-VL; ``compact``): kept tokens form runs of consecutive stream columns; a run
+moves by one shift applied to all three axes (t, h, w), so an image's 2-D layout inside a run is
+unchanged, and each run starts one past the largest position (any axis) of the runs before it (the
+first at 0). The next token sits one past the largest kept position. For 1-D positions this is the
+rank rule above. Because the shift is the same on every axis, the key's rotation by it is the 1-D one
+with the same frequencies.
+
 Keys are re-rotated, not recomputed: each layer also holds its keys as they were written (``raw``, at
 the position ``orig_pos`` they were written at) and an eviction rotates those by ``new - orig`` once, so
 repeated shifts do not pile up rounding (keys cost twice their memory; values are not copied). Slots
@@ -76,6 +83,26 @@ def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return (k * cos + rot * sin).to(keys.dtype)
 
 
+def compact(pos: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """New positions [B, K, A] of kept slots (``pos`` [B, K, A] the positions they hold, ``cols`` their stream
+    columns, left-padded by ``valid``): runs of consecutive columns shift as one, each starting one past
+    the largest position of the runs before it."""
+    b, k, _ = pos.shape
+    ar = torch.arange(k, device=pos.device).expand(b, k)
+    prev_col = torch.cat([cols.new_full((b, 1), -2), cols[:, :-1]], 1)
+    prev_valid = torch.cat([valid.new_zeros(b, 1), valid[:, :-1]], 1)
+    start = valid & (~prev_valid | (cols != prev_col + 1))
+    run = start.long().cumsum(1)  # 1.. per run, 0 on padding
+    first = torch.where(start, ar, -1).cummax(1).values.clamp(min=0)
+    lo = pos.amin(-1).gather(1, first)  # the run's first token's smallest coordinate
+    ext = torch.where(valid, pos.amax(-1) - lo, 0)
+    width = ext.new_zeros(b, k + 1).scatter_reduce(1, run, ext, "amax")  # per run id
+    width[:, 0] = -1
+    begin = (width + 1).cumsum(1) - (width + 1)  # exclusive: one past the runs before
+    new = pos - lo[..., None] + begin.gather(1, run)[..., None]
+    return torch.where(valid[..., None], new, 0)
+
+
 def policy(valid: torch.Tensor, sink: torch.Tensor, first: int, window: int) -> torch.Tensor:
     """[B, T] bool: the slots to keep. Per sample, over its real slots in order (rank r of n): r < first,
     or r >= n - window, or flagged as a sink."""
@@ -87,40 +114,68 @@ def policy(valid: torch.Tensor, sink: torch.Tensor, first: int, window: int) -> 
 class WindowCache(Cache):
     """A cache of ``WindowLayer`` s with the per-sample slot bookkeeping the window needs.
 
-    ``valid`` / ``origin`` / ``orig_pos`` / ``sink`` [B, T]: a slot holds a real token; which column of the
-    stream (the ``generate`` attention mask's column) it came from; the rotary position its raw key was
-    written at; the detector flagged it. ``seen``: columns seen, what transformers is told as the length.
+    ``valid`` / ``origin`` / ``sink`` [B, T]: a slot holds a real token; which column of the stream (the
+    ``generate`` attention mask's column) it came from; the detector flagged it. ``orig_pos`` / ``pos``
+    [B, T, A]: the rotary position its raw key was written at, the one it holds now. ``seen``: columns
+    seen, what transformers is told as the length.
     """
 
     layer_class = WindowLayer
+    fields = ("valid", "origin", "orig_pos", "pos", "sink")
 
     def __init__(self, cfg, inv_freq: torch.Tensor):
         super().__init__(layer_class_to_replicate=self.layer_class)
         self.cfg, self.inv_freq = cfg, inv_freq
-        self.valid = self.origin = self.orig_pos = self.sink = None
+        self.valid = self.origin = self.orig_pos = self.pos = self.sink = None
         self.seen = 0
+        self.axes = 1  # position coordinates per token: 3 for M-RoPE (set by the hooks)
+        self.next_pos = None  # [B, 1] the next token's position once compacted
         self.compacted = False  # an eviction happened: positions and mask are the cache's own
         self.masks: dict = {}  # this step's layer masks by (base, dtype)
         self.step_q = 0
 
+    def map_fields(self, fn) -> None:
+        """Apply ``fn`` to every per-sample bookkeeping tensor (beam search, batch edits)."""
+        if self.valid is not None:
+            for name in self.fields:
+                setattr(self, name, fn(getattr(self, name)))
+
     # ---- per forward, before the layers (see mmsink.kv.hooks)
     def begin(self, new_valid: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record a forward's new tokens: validity [B, q], positions [B, q] or [B, q, A] (M-RoPE)."""
         q = self.step_q = new_valid.shape[1]
         cols = torch.arange(self.seen, self.seen + q, device=new_valid.device).expand_as(new_valid)
-        new = (new_valid, torch.where(new_valid, cols, -1), positions, torch.zeros_like(new_valid))
+        if positions.dim() == 2:
+            positions = positions[..., None].expand(-1, -1, self.axes)
+        new = dict(
+            valid=new_valid,
+            origin=torch.where(new_valid, cols, -1),
+            orig_pos=positions,
+            pos=positions,
+            sink=torch.zeros_like(new_valid),
+        )
         if self.valid is None:
-            self.valid, self.origin, self.orig_pos, self.sink = new
+            for name in self.fields:
+                setattr(self, name, new[name])
         else:
-            old = (self.valid, self.origin, self.orig_pos, self.sink)
-            self.valid, self.origin, self.orig_pos, self.sink = (
-                torch.cat([o, x.to(o.device)], 1) for o, x in zip(old, new, strict=True)
-            )
+            self.map_fields_with(new, lambda o, x: torch.cat([o, x.to(o.device)], 1))
         self.masks = {}
+
+    def map_fields_with(self, new: dict, fn) -> None:
+        for name in self.fields:
+            setattr(self, name, fn(getattr(self, name), new[name]))
 
     def next_positions(self, new_valid: torch.Tensor) -> torch.Tensor:
         """Positions of a step's new tokens once the cache owns them: after the kept ones."""
-        n = self.valid.sum(1, keepdim=True).to(new_valid.device)
+        n = self.next_pos.to(new_valid.device)
         return (n + new_valid.long().cumsum(1) - 1).clamp(min=0)
+
+    def set_positions(self, positions: torch.Tensor) -> None:
+        """The positions [B, q, A] the model really used for this step's tokens (M-RoPE's 3-D ones)."""
+        q = positions.shape[1]
+        new = positions.to(self.orig_pos.device)
+        self.orig_pos = torch.cat([self.orig_pos[:, :-q], new], 1)
+        self.pos = torch.cat([self.pos[:, :-q], new], 1)
 
     def flag(self, is_sink: torch.Tensor) -> None:
         """The detector's verdict on this step's new tokens (real tokens only)."""
@@ -136,26 +191,35 @@ class WindowCache(Cache):
     # ---- after the forward
     def end(self, q: int) -> None:
         self.seen += q
+        if self.compacted:  # the step's tokens took the next positions (an eviction recomputes them)
+            self.next_pos = self.next_pos + self.valid[:, -q:].sum(1, keepdim=True).to(self.next_pos.device)
         self.evict()
 
-    def evict(self) -> None:
+    def kept_slots(self):
+        """(idx [B, K] kept slots in order, left-padded; valid [B, K]), or None when nothing goes."""
         keep = policy(self.valid, self.sink, self.cfg.first, self.cfg.window)
         if bool((keep == self.valid).all()):
-            return
+            return None
         t = keep.shape[1]
         score = torch.where(keep, torch.arange(t, device=keep.device), -1)
         k = int(keep.sum(1).max())
         sel = score.sort(1).values[:, t - k :]  # kept slots in order, left-padded with -1
-        valid = sel >= 0
-        idx = sel.clamp(min=0)
-        new_pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        orig = self.orig_pos.gather(1, idx)
-        delta = torch.where(valid, new_pos - orig, 0)
-        turn = turn_of(delta, self.inv_freq)
+        return sel.clamp(min=0), sel >= 0
+
+    def evict(self) -> None:
+        kept = self.kept_slots()
+        if kept is None:
+            return
+        idx, valid = kept
+        origin = torch.where(valid, self.origin.gather(1, idx), -1)
+        rows = idx[..., None].expand(-1, -1, self.pos.shape[-1])
+        orig, pos = self.orig_pos.gather(1, rows), compact(self.pos.gather(1, rows), origin, valid)
+        turn = turn_of(torch.where(valid, pos[..., 0] - orig[..., 0], 0), self.inv_freq)
         for layer in self.layers:
             layer.keep(idx, turn)
-        self.valid, self.origin = valid, torch.where(valid, self.origin.gather(1, idx), -1)
-        self.orig_pos, self.sink = orig, self.sink.gather(1, idx) & valid
+        self.valid, self.origin, self.orig_pos, self.pos = valid, origin, orig, pos
+        self.sink = self.sink.gather(1, idx) & valid
+        self.next_pos = torch.where(valid[..., None], pos, -1).amax((1, 2))[:, None] + 1
         self.compacted = True
 
     def kept_origins(self) -> list[list[int]]:
@@ -171,25 +235,21 @@ class WindowCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        if self.valid is not None:
-            i = beam_idx.to(self.valid.device)
-            self.valid, self.origin, self.orig_pos, self.sink = (
-                x.index_select(0, i) for x in (self.valid, self.origin, self.orig_pos, self.sink)
-            )
+        self.map_fields(lambda x: x.index_select(0, beam_idx.to(x.device)))
+        if self.next_pos is not None:
+            self.next_pos = self.next_pos.index_select(0, beam_idx.to(self.next_pos.device))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        if self.valid is not None:
-            self.valid, self.origin, self.orig_pos, self.sink = (
-                x.repeat_interleave(repeats, 0) for x in (self.valid, self.origin, self.orig_pos, self.sink)
-            )
+        self.map_fields(lambda x: x.repeat_interleave(repeats, 0))
+        if self.next_pos is not None:
+            self.next_pos = self.next_pos.repeat_interleave(repeats, 0)
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
-        if self.valid is not None:
-            self.valid, self.origin, self.orig_pos, self.sink = (
-                x[indices] for x in (self.valid, self.origin, self.orig_pos, self.sink)
-            )
+        self.map_fields(lambda x: x[indices])
+        if self.next_pos is not None:
+            self.next_pos = self.next_pos[indices]
 
     def crop(self, max_length: int):
         raise NotImplementedError("mmsink: cropping a sink + window cache is not supported (assisted)")
