@@ -11,6 +11,8 @@ from .core.hooks import ATTR, Handle, get_handle
 from .core.stats import Stats
 from .kv import make_config as make_kv_config
 from .pruners import REGISTRY
+from .quant import fake
+from .sinks import regcache as regcache_module
 from .sinks import var as var_module
 from .sinks import vitsink
 
@@ -28,14 +30,26 @@ def make_pruner(prune, budget, options):
 
 
 def wrap(
-    model, prune=None, budget=None, var=False, sink_forward=False, config=None, varlen=None, kv=None,
+    model,
+    prune=None,
+    budget=None,
+    var=False,
+    sink_forward=False,
+    config=None,
+    varlen=None,
+    kv=None,
+    regcache=None,
+    quant_vision=None,
     **options,
 ):
     """Attach mmsink to ``model`` (in place; returns it). Re-wrapping replaces the settings.
     ``config``: a file written by ``mmsink calibrate``; it supplies VAR's sink dimensions, the ViT-sink
     threshold and VisiPruner's fallback layer where the call does not give them.
     ``varlen``: padded prefill segments through a variable-length FlashAttention kernel (default: where
-    available, i.e. CUDA, fp16 / bf16, SDPA models; ``True`` requires a kernel, ``False`` turns it off)."""
+    available, i.e. CUDA, fp16 / bf16, SDPA models; ``True`` requires a kernel, ``False`` turns it off).
+    ``regcache``: a ``mmsink.sinks.regcache.RegCache`` (from ``regcache.curate``): cached registers prefixed
+    to the vision tower's middle-to-late blocks; ``quant_vision``: "w8a8", "w6a6", "w4a8", "w4a4" or a
+    dict (``bits``, ``act``: "per_tensor" / "per_token"): the tower's linears fake-quantized."""
     from .patches import family_for
 
     if varlen not in (None, True, False):
@@ -48,17 +62,27 @@ def wrap(
     sink_cfg = vitsink.make_config(sink_forward)
     pruner = make_pruner(prune, budget, options)
     kv_cfg = make_kv_config(kv)
+    quant_cfg = fake.make_config(quant_vision)
+    if regcache is not None and not isinstance(regcache, regcache_module.RegCache):
+        raise ValueError("mmsink: regcache must be a RegCache from mmsink.sinks.regcache.curate, or None")
     family = family_for(model)
+    tower = regcache_module.parts_of(family) if regcache is not None or quant_cfg is not None else None
     old = getattr(model, "__dict__", {}).get(ATTR)
     if old is not None:
         old.detach()
+    handle = None
     try:
         handle = Handle(model, family, pruner, var_cfg, sink_cfg, varlen, kv_cfg)
+        handle.attach()
+        if tower is not None:
+            on = lambda: handle.enabled  # noqa: E731 - disabled() runs the plain tower too
+            handle.hooks += regcache_module.install(model, tower, regcache, quant_cfg, on)
     except Exception:
+        if handle is not None and handle.hooks:
+            handle.detach()
         if old is not None:  # refused settings leave the previous wrap in place
             old.attach()
         raise
-    handle.attach()
     return model
 
 

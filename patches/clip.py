@@ -121,3 +121,31 @@ def bind_placeholder_check(inner, seam) -> Bound:
         return get_placeholder_mask
 
     return Bound(inner, "get_placeholder_mask", make)
+
+
+def regcache_tower(model):
+    """RegCache's view of a CLIP tower: its encoder layers, their keys and values (layer norm, then the
+    projections), the linears that are quantized, and the feature-layer output the projector reads
+    (LLaVA-NeXT's tiles flattened: each tile is one image to the tower)."""
+    tower = model.model.vision_tower
+    layers = list(getattr(tower, "vision_model", tower).encoder.layers)
+    heads = model.config.vision_config.num_attention_heads
+
+    def kv(i, rows):
+        layer = layers[i]
+        x = layer.layer_norm1(rows)
+        a = layer.self_attn
+        return a.k_proj(x).view(len(rows), heads, -1), a.v_proj(x).view(len(rows), heads, -1)
+
+    def linears(i):
+        a, m = layers[i].self_attn, layers[i].mlp
+        return [a.q_proj, a.k_proj, a.v_proj, a.out_proj, m.fc1, m.fc2]
+
+    def run(batch):
+        pv = batch["pixel_values"]
+        pv = pv.flatten(0, 1) if pv.dim() == 5 else pv
+        hs = tower(pv.to(tower.dtype), output_hidden_states=True).hidden_states
+        return torch.cat([hs[i] for i in feature_layers(model)], -1)
+
+    attns = [layer.self_attn for layer in layers]
+    return dict(tower=tower, blocks=layers, attns=attns, kv=kv, linears=linears, run=run)

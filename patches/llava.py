@@ -65,6 +65,9 @@ class Family(Protocol):
     def graphable_tower(self):
         return self.model.model.vision_tower, clip.feature_layers(self.model)
 
+    def regcache_tower(self):
+        return clip.regcache_tower(self.model)
+
     def image_vision_flops(self, pixel_values, kwargs=None) -> list[float]:
         """Vision tower + projector FLOPs of each image, in input order."""
         if pixel_values is None:

@@ -128,6 +128,9 @@ class Family(Protocol):
     def graphable_tower(self):
         return self.model.model.vision_tower, clip.feature_layers(self.model)
 
+    def regcache_tower(self):
+        return clip.regcache_tower(self.model)
+
     @property
     def tokens_per_image(self):
         return None

@@ -46,6 +46,32 @@ class Family(Protocol):
         self.attn_sq = 0  # sum over vision attention calls of heads*dim*len^2 (reset every prefill)
         self.seam = None  # set by install: the running prefill, where the scores' work is counted per sample
 
+    def regcache_tower(self):
+        """RegCache's view of the tower: blocks, keys and values without rotary (registers have no position),
+        every linear of a block quantized, the image of each packed row from ``grid_thw``."""
+        v = self.visual
+        blocks = list(v.blocks)
+
+        def kv(i, rows):
+            b = blocks[i]
+            qkv = b.attn.qkv(b.norm1(rows)).view(len(rows), 3, b.attn.num_heads, -1)
+            return qkv[:, 1], qkv[:, 2]
+
+        def linears(i):
+            return [m for m in blocks[i].modules() if isinstance(m, torch.nn.Linear)]
+
+        def images(args, kwargs):
+            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            x = args[0] if args else kwargs["hidden_states"]
+            n = grid.prod(-1).to(x.device)
+            return torch.repeat_interleave(torch.arange(len(n), device=x.device), n)
+
+        def run(batch):
+            return v(batch["pixel_values"].to(v.dtype), grid_thw=batch["image_grid_thw"]).last_hidden_state
+
+        attns = [b.attn for b in blocks]
+        return dict(tower=v, blocks=blocks, attns=attns, kv=kv, linears=linears, run=run, images=images)
+
     def rope_deltas(self):
         return self.model.model.rope_deltas
 
@@ -171,6 +197,7 @@ class Family(Protocol):
     # ---- vision FLOPs
     def install(self, seam) -> list:
         self.seam = seam
+
         def hook(module, args, kwargs):
             cu = kwargs.get("cu_seqlens")
             if cu is not None and seam.measuring:

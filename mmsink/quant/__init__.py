@@ -1,0 +1,1 @@
+"""Quantization of the vision tower (fake quantization on CPU; see ``fake``)."""
