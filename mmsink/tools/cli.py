@@ -12,6 +12,10 @@ COMMANDS = {
     ),
     "sweep": ("mmsink.evals.sweep", "eval every method x budget; table and plot of accuracy against FLOPs"),
     "bench": ("mmsink.tools.bench", "time the pruned prefill and decode against the unpruned model"),
+    "serve-bench": (
+        "mmsink.tools.serve_bench",
+        "largest batch that fits and its tokens/s through generate_fast, unpruned and pruned",
+    ),
     "demo": ("mmsink.demo.app", "Gradio page: baseline and mmsink answers side by side"),
     "inspect": (
         "mmsink.tools.inspector",
