@@ -3,8 +3,9 @@ future plan-based ``wrap(model, orthorank={...})`` to be pinned to: in each chos
 is scored 1 - |cos(x_i, x_sink)| on the layer's input norm (sink: the first real token); the top
 ``ceil(ratio * n)`` are updated by the layer, the others leave it exactly as they entered. The layer still
 runs on every token, so the others' keys and values are what the layer computes from their input: the
-paper's semantics without its savings (which need the plan to let a token skip a layer and come back).
-``keep_last``: the prompt's last token is always updated (it predicts the next token; our choice)."""
+paper's semantics without its savings (``wrap(model, prune="orthorank", form="layers")`` has them).
+``keep_last``: the prompt's last token is always updated (it predicts the next token; our choice) and
+takes one of the ``ceil(ratio * n)`` places: the ``ceil(ratio * n) - 1`` best others join it."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ def select(x: torch.Tensor, valid: torch.Tensor, ratio: float, keep_last: bool) 
         sink = real[0]
         scored = sorted((-(1 - abs(float(F.cosine_similarity(x[i, t], x[i, sink], dim=0)))), t) for t in real)
         k = math.ceil(ratio * len(real))
-        for _, t in scored[:k]:
-            out[i, t] = True
         if keep_last:
             out[i, real[-1]] = True
+            scored = [(s, t) for s, t in scored if t != real[-1]]
+            k -= 1
+        for _, t in scored[:k]:
+            out[i, t] = True
     return out
 
 

@@ -4,12 +4,17 @@ A prefill walks the layers with a current *segment*: the original sequence indic
 are alive (per sample, sorted, padding on the left) and which slots are real. A pruner decision after
 layer l (a keep mask over the current slots) starts a new segment at layer l+1: hidden states, rotary
 embeddings and the mask are gathered to the kept slots. Every pruner uses this one mechanism.
+
+A layer may also run on a *selection* of its segment's slots (``Prefill.select``): the others skip it,
+carrying their input state, and are back for the next layer (OrthoRank's per-layer form). The layer's
+keys and values still span the whole segment; that segment, not the selection, is the layer's in the
+cache's plan. The monotone path above never enters this code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -70,6 +75,15 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.view(shape).expand(-1, -1, *x.shape[2:]))
 
 
+@dataclass
+class Carry:
+    """A layer running on a selection of segment ``base``'s slots: the rest skip it (``Prefill.select``)."""
+
+    base: int  # index of the segment whose slots the layer's keys and values span
+    hidden: torch.Tensor  # [B, n, D] the states entering the layer on every slot of that segment
+    rest: Segment  # the slots that skip the layer; ``rest.gather``: their slots in the base segment
+
+
 def repack(seg: Segment, keep: torch.Tensor, start: int, widths: tuple | None = None) -> Segment:
     """New segment with the kept slots of ``seg`` (keep [B, n] bool), left-padded and in order.
     ``widths``: the fewest and most slots a sample keeps and their total, when the caller knows them."""
@@ -107,6 +121,8 @@ class Prefill:
     pending: torch.Tensor | None = None  # keep mask decided for the next layer
     pending_counts: list | None = None  # what it keeps, as Segment.counts, when the host knows
     pending_hidden: torch.Tensor | None = None  # [B, n, D] states replacing the layer's output (merges)
+    pending_rows: tuple | None = None  # (rows [B, n], per-sample counts) the next layer alone updates
+    carry: Carry | None = None  # the running layer's skipped slots, while it runs on a selection
     to_read: dict = field(default_factory=dict)  # device scalars a pruner needs on the host next layer
     host: dict = field(default_factory=dict)  # their values, read with the next layer's plan
     extra_flops: float = 0  # selection work outside the layers (scores, merges), the batch's total
@@ -224,6 +240,8 @@ class Prefill:
         """Called before ``layer``: apply a pending decision. Returns the (possibly gathered) hidden."""
         names, extra = list(self.to_read), [t.long() for t in self.to_read.values()]
         self.to_read = {}
+        if self.carry is not None:
+            hidden = self.rejoin(hidden)
         if self.pending_hidden is not None:
             hidden, self.pending_hidden = self.pending_hidden.to(hidden.device, hidden.dtype), None
         if self.pending is not None:
@@ -248,8 +266,49 @@ class Prefill:
             vals = torch.stack(extra).tolist()
         if extra:
             self.host.update(zip(names, vals))
+        if self.pending_rows is not None:
+            return self.split(layer, hidden)
         self.layer_segment.append(len(self.segments) - 1)
         return hidden
+
+    # ---- layers that update a selection of the tokens (the others skip them and come back)
+    def select(self, rows: torch.Tensor, per_sample: list | None = None) -> None:
+        """Only ``rows`` ([B, n] bool over the current slots) run the next layer; the other real slots skip
+        it with their state unchanged and are back for the layer after. The layer's attention must still
+        give the skipped slots' keys and values (the caller's directive: ``carry`` holds their states).
+        ``per_sample``: each sample's selected real slots, when the host knows them (then no read)."""
+        if self.pending is not None:
+            raise ValueError("mmsink: a layer cannot both drop tokens and run on a selection")
+        self.pending_rows = (rows, per_sample)
+
+    def split(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Start ``layer`` on the selected slots: the segment they form becomes current, the states of
+        every slot wait in ``carry``, and the layer's keys and values span the segment it came from."""
+        (rows, per), self.pending_rows = self.pending_rows, None
+        base = self.seg
+        rows = rows & base.valid
+        real = self.real_tokens(base)
+        known = per is not None and isinstance(real, list)
+        rest = [r - k for r, k in zip(real, per)] if known else None
+        sub = repack(base, rows, layer, (min(per), max(per), sum(per)) if known else None)
+        skip = repack(base, base.valid & ~rows, layer, (min(rest), max(rest), sum(rest)) if known else None)
+        self.carry = Carry(len(self.segments) - 1, hidden, skip)
+        self.layer_segment.append(len(self.segments) - 1)
+        self.segments.append(sub)
+        return gather_rows(hidden, sub.gather)
+
+    def rejoin(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The states of every slot of the segment a layer ran a selection of: its output on the selected
+        slots, the input state elsewhere; that segment is current again. (Before the next layer, or
+        before the final norm when the last layer ran a selection.)"""
+        carry, self.carry, sub = self.carry, None, self.seg
+        h_in = carry.hidden.to(hidden.device, hidden.dtype)
+        n = h_in.shape[1]
+        at = torch.where(sub.valid, sub.gather, n).to(hidden.device)  # padding rows go to a cut column
+        out = torch.cat([h_in, h_in[:, :1]], 1).scatter(1, at[..., None].expand_as(hidden), hidden)
+        base = self.segments[carry.base]
+        self.segments.append(replace(base, start=len(self.layer_segment), gather=None))
+        return out[:, :n]
 
     # ---- layers on several devices (device_map="auto")
     def to(self, device) -> None:
