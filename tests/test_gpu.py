@@ -162,3 +162,54 @@ def test_cuda_next_image_sizes_read_on_the_host():
     plain, ours, ref, logits = reads_plain_and_wrapped(model, inputs, "modeling_llava_next")
     assert plain > 0 and ours == 0
     torch.testing.assert_close(logits, ref)
+
+
+def forced_logits(model, inputs, forced, fast: bool) -> torch.Tensor:
+    """Per-step logits [steps, B, V] (fp32) of greedy decoding under teacher forcing: a hook on lm_head
+    records each step's logits and hands back logits whose argmax is the forced token, so both paths
+    (generate, eager generate_fast with its compiled layer step) are fed the same tokens."""
+    seen = []
+
+    def hook(module, args, out):
+        seen.append(out[:, -1].float().clone())
+        forced_out = torch.full_like(out, -1e4)
+        forced_out[:, -1].scatter_(-1, forced[:, len(seen) - 1 : len(seen)], 0.0)
+        return forced_out
+
+    n = forced.shape[1]
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            if fast:
+                out = mmsink.generate_fast(model, max_new_tokens=n, graphs=False, **inputs)
+            else:
+                out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    finally:
+        handle.remove()
+    assert torch.equal(out[:, -n:], forced) and len(seen) == n
+    return torch.stack(seen)
+
+
+@pytest.mark.parametrize("method,opts", [(None, {}), ("fastv", {"budget": 6})])
+def test_bf16_generate_fast_logits_match_generate_under_teacher_forcing(method, opts):
+    """bf16: generate_fast's and generate's per-step logits for the same forced tokens (24 steps, a
+    left-padded batch of 2). Bound: each differs from the fp32 logits of the same (bf16-rounded) weights
+    by bf16 rounding in a different kernel order, so |fast - generate| <= |fast - fp32| + |generate -
+    fp32|; we require generate_fast's own error to be at most 2x generate's (max over steps and samples)
+    and the two paths to differ by at most 3x generate's error. Greedy tokens can still differ where
+    generate's own top-2 gap is below that error (near-ties)."""
+    model = tiny_llava().cuda().to(torch.bfloat16).float()  # fp32 holding bf16-representable weights
+    inputs = {k: v.cuda() for k, v in batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)]).items()}
+    forced = torch.randint(3, 90, (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    mmsink.wrap(model, prune=method, **opts)
+    ref = forced_logits(model, inputs, forced, fast=False)
+    model.to(torch.bfloat16)
+    mmsink.wrap(model, prune=method, **opts)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    gen = forced_logits(model, inputs, forced, fast=False)
+    fast = forced_logits(model, inputs, forced, fast=True)
+    err_gen = (gen - ref).abs().max().item()
+    err_fast = (fast - ref).abs().max().item()
+    assert 0 < err_gen < 0.05 * ref.abs().max().item()  # bf16 arithmetic, not a broken path
+    assert err_fast <= 2 * err_gen, (err_fast, err_gen)
+    assert (fast - gen).abs().max().item() <= 3 * err_gen
