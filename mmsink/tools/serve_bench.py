@@ -88,8 +88,11 @@ def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
             times[b] = [opts["clock"](lambda: call(b, inputs)) for _ in range(reps)]
             ok = True
         except (torch.OutOfMemoryError, RuntimeError) as e:  # a graph capture can fail as a RuntimeError
-            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+            text = str(e).lower()
+            oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in text
+            if not oom and not ("captur" in text and b > 1):  # an allocation failing mid-capture ends it
                 raise
+            say(f"  batch {b}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             ok = False
         finally:
             inputs = None  # the batch's tensors go before the allocator's cache is emptied
