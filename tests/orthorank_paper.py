@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 
-def select(x: torch.Tensor, valid: torch.Tensor, ratio: float, keep_last: bool) -> torch.Tensor:
-    """[B, n] bool: per sample, the ceil(ratio * real) real tokens least aligned with the first real one."""
+def select(x: torch.Tensor, valid: torch.Tensor, ratio: float, keep_last: bool, norms=None) -> torch.Tensor:
+    """[B, n] bool: per sample, the ceil(ratio * real) real tokens least aligned with the sink: the first
+    real token, or (``norms`` [B, n], the states' norms) the real token of largest norm."""
     b, n, _ = x.shape
     out = torch.zeros(b, n, dtype=torch.bool)
     for i in range(b):
         real = valid[i].nonzero().flatten().tolist()
-        sink = real[0]
+        sink = real[0] if norms is None else max(real, key=lambda t: (float(norms[i, t]), -t))
         scored = sorted((-(1 - abs(float(F.cosine_similarity(x[i, t], x[i, sink], dim=0)))), t) for t in real)
         k = math.ceil(ratio * len(real))
         if keep_last:
@@ -35,9 +36,12 @@ def select(x: torch.Tensor, valid: torch.Tensor, ratio: float, keep_last: bool) 
 
 
 @contextmanager
-def orthorank_layers(model, layers, ratio: float, attention_mask=None, keep_last: bool = True, log=None):
+def orthorank_layers(
+    model, layers, ratio: float, attention_mask=None, keep_last: bool = True, log=None, sink: str = "first"
+):
     """Within the block, layers ``layers`` of ``model``'s language model follow OrthoRank (prefill without
-    cache). ``log``: a dict that receives {layer: (selected [B, n] bool, input [B, n, D])}."""
+    cache). ``log``: a dict that receives {layer: (selected [B, n] bool, input [B, n, D])}. ``sink``:
+    "first" (the first real token) or "max_norm" (the real token of largest ||h|| entering the layer)."""
     blocks = model.model.language_model.layers
     hooks = []
     for li in layers:
@@ -51,7 +55,8 @@ def orthorank_layers(model, layers, ratio: float, attention_mask=None, keep_last
                 else torch.ones(h.shape[:2], dtype=torch.bool)
             )
             x = module.input_layernorm(h).float()
-            module._orthorank = (select(x, valid, ratio, keep_last), h)
+            norms = h.float().norm(dim=-1) if sink == "max_norm" else None
+            module._orthorank = (select(x, valid, ratio, keep_last, norms), h)
 
         def post(module, args, kwargs, output, li=li):
             chosen, h = module.__dict__.pop("_orthorank")

@@ -43,13 +43,14 @@ def test_every_token_selected_is_the_plain_model(family):
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("layer,ratio", [(1, 0.5), (2, 0.3)])
-def test_selected_sets_and_logits_equal_the_reference(family, seed, layer, ratio):
+@pytest.mark.parametrize("layer,ratio,sink", [(1, 0.5, "first"), (2, 0.3, "first"), (1, 0.6, "max_norm")])
+def test_selected_sets_and_logits_equal_the_reference(family, seed, layer, ratio, sink):
     model, inputs = built(family, seed=seed)
     for one in (FAMILIES[family][2](inputs, i) for i in range(2)):
-        out, st = wrapped(model, one, budget=ratio, layer=layer)
+        out, st = wrapped(model, one, budget=ratio, layer=layer, sink=sink)
         log = {}
-        with torch.no_grad(), orthorank_layers(model, range(layer, 4), ratio, one["attention_mask"], log=log):
+        mask = one["attention_mask"]
+        with torch.no_grad(), orthorank_layers(model, range(layer, 4), ratio, mask, log=log, sink=sink):
             ref = model(**one).logits
         got = st.extra["orthorank"]["updated_indices"]
         assert sorted(got) == list(range(layer, 4))
