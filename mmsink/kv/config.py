@@ -66,21 +66,27 @@ class KVConfig:
         if not isinstance(self.keep_sinks, bool):
             raise ValueError(f"mmsink: kv keep_sinks must be True or False, got {self.keep_sinks!r}")
 
-    def new_cache(self, inv_freq):
+    def new_cache(self, inv_freq, planned: bool = False):
+        """The cache of a fresh forward; ``planned``: a pruned prefill (the plan's per-layer segments)."""
+        from .planned import PlanWindowCache
         from .quant import QuantCache
         from .window import WindowCache
 
+        if planned:
+            return PlanWindowCache(self, inv_freq)
         return (QuantCache if self.quant else WindowCache)(self, inv_freq)
 
     def check(self, handle) -> None:
         """Refuse what this cache cannot do right, in one line each."""
         fam = handle.family
-        if handle.pruner is not None or handle.var is not None or handle.sinks is not None:
+        if handle.var is not None:
             raise ValueError(
-                "mmsink: kv= does not combine with prune= / var= / sink_forward= yet: they keep per-layer "
-                "token sets at their original positions (PlanCache), the window re-positions one shared set"
+                "mmsink: kv= does not combine with var= yet (VAR's per-layer key groups are not carried "
+                "through evictions and quantization)"
             )
         if self.quant is not None:
+            if handle.pruner is not None or handle.sinks is not None:
+                raise ValueError("mmsink: kv quant does not combine with prune= / sink_forward= yet")
             self.check_quant_model(handle)
             return
         rope = getattr(fam.language_model, "rotary_emb", None)

@@ -13,6 +13,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from ..core.attention import build_mask
+from ..core.cache import PlanCache
+from ..core.plan import Prefill
 from ..sinks.var import sink_scores
 from .window import WindowCache
 
@@ -50,13 +52,19 @@ def _model_pre(cfg, handle):
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(handle.family.text_config, "use_cache", True)
+        ctx = handle.ctx
         if isinstance(pkv, WindowCache):
             cache = pkv
         elif use_cache and (pkv is None or (type(pkv) is DynamicCache and pkv.get_seq_length() == 0)):
             cache = kwargs["past_key_values"] = cfg.new_cache(rope.inv_freq)
-            cache.axes = 3 if handle.family.mrope else 1
+        elif type(pkv) is PlanCache and isinstance(ctx, Prefill) and ctx.cache is pkv and not pkv.planned:
+            # the handle's pruned prefill just made this cache: the window version takes its place
+            cache = ctx.cache = kwargs["past_key_values"] = cfg.new_cache(rope.inv_freq, planned=True)
+            cache.prefill = ctx
         else:
             return None  # a cache of another kind (or none): untouched
+        if cache.valid is None:
+            cache.axes = 3 if handle.family.mrope else 1
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs["inputs_embeds"]
         b, q = ref.shape[:2]
@@ -96,11 +104,21 @@ def _layer_pre(cfg, handle, layer: int):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if cfg.auto and layer == cfg.sink_layer:
-            cache.flag(sink_scores(hidden, cfg.sink_dims) > cfg.tau)
-        if not cache.compacted:
+            flags = sink_scores(hidden, cfg.sink_dims) > cfg.tau
+            if isinstance(handle.ctx, Prefill) and not handle.ctx.seg.full:  # a pruned segment's slots
+                flags = _to_columns(flags, handle.ctx.seg, cache.step_q)
+            cache.flag(flags)
+        if not cache.compacted or isinstance(cache, PlanCache):  # the handle builds per-segment masks
             return None
         mask = cache.mask(build_mask, handle.base, hidden.dtype)
         kwargs["attention_mask"] = mask.to(hidden.device)
         return args, kwargs
 
     return hook
+
+
+def _to_columns(flags: torch.Tensor, seg, q: int) -> torch.Tensor:
+    """[B, n] flags of a segment's slots -> [B, q] flags of the forward's columns."""
+    out = flags.new_zeros(flags.shape[0], q + 1)
+    idx = torch.where(seg.valid.to(flags.device), seg.idx.to(flags.device), q)
+    return out.scatter(1, idx, flags)[:, :q]

@@ -125,6 +125,9 @@ class WindowCache(Cache):
 
     def __init__(self, cfg, inv_freq: torch.Tensor):
         super().__init__(layer_class_to_replicate=self.layer_class)
+        self.init_window(cfg, inv_freq)
+
+    def init_window(self, cfg, inv_freq: torch.Tensor) -> None:
         self.cfg, self.inv_freq = cfg, inv_freq
         self.valid = self.origin = self.orig_pos = self.pos = self.sink = None
         self.seen = 0
@@ -211,12 +214,19 @@ class WindowCache(Cache):
         if kept is None:
             return
         idx, valid = kept
-        origin = torch.where(valid, self.origin.gather(1, idx), -1)
-        rows = idx[..., None].expand(-1, -1, self.pos.shape[-1])
-        orig, pos = self.orig_pos.gather(1, rows), compact(self.pos.gather(1, rows), origin, valid)
+        origin, orig, pos = self.compacted_stream(idx, valid)
         turn = turn_of(torch.where(valid, pos[..., 0] - orig[..., 0], 0), self.inv_freq)
         for layer in self.layers:
             layer.keep(idx, turn)
+        self.settle(idx, valid, origin, orig, pos)
+
+    def compacted_stream(self, idx, valid):
+        """(origin, raw positions, new positions) of the kept slots ``idx`` / ``valid``."""
+        origin = torch.where(valid, self.origin.gather(1, idx), -1)
+        rows = idx[..., None].expand(-1, -1, self.pos.shape[-1])
+        return origin, self.orig_pos.gather(1, rows), compact(self.pos.gather(1, rows), origin, valid)
+
+    def settle(self, idx, valid, origin, orig, pos) -> None:
         self.valid, self.origin, self.orig_pos, self.pos = valid, origin, orig, pos
         self.sink = self.sink.gather(1, idx) & valid
         self.next_pos = torch.where(valid[..., None], pos, -1).amax((1, 2))[:, None] + 1
