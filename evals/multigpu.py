@@ -166,6 +166,10 @@ def dp(args) -> dict:
     one = eval_run(model, work, "one", 1, args)
     two = eval_run(model, work, "two", 2, args)
     same = (work / "one.jsonl").read_bytes() == (work / "two.jsonl").read_bytes()
+    again = eval_run(model, work, "again", 1, args, limit=10 * args.batch_size)  # run-to-run, one process
+    a, b, c = (answers(work / f"{x}.jsonl") for x in ("one", "two", "again"))
+    differ = [dict(question_id=q, one=a[q], two=b.get(q)) for q in a if a[q] != b.get(q)]
+    again_differ = [q for q in c if c[q] != a.get(q)]
     return dict(
         model="LLaVA-1.5-7B shape (random weights, bf16)" if not args.tiny else "tiny",
         batch_size=args.batch_size,
@@ -174,7 +178,15 @@ def dp(args) -> dict:
         speedup_answering=one["answering_s"] / two["answering_s"],
         speedup_wall=one["wall_s"] / two["wall_s"],
         answers_identical=same,
+        answers_differing=len(differ),
+        differing=differ[:20],
+        one_process_again=dict(questions=len(c), differing_from_first=len(again_differ)),
     )
+
+
+def answers(path: Path) -> dict:
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    return {r["question_id"]: r["text"] for r in recs}
 
 
 # ----------------------------------------------------------------------------- sharded model
@@ -320,7 +332,12 @@ def fast_decode(one, split, inputs, args) -> list:
 
     n = args.decode_tokens
     on = None if args.tiny else True  # CPU: no graphs
-    cases = [("one GPU, graphs", one, on), ("one GPU, no graphs", one, False), ("split", split, None)]
+    cases = [
+        ("one GPU, graphs", one, on),
+        ("one GPU, no graphs", one, False),
+        ("split, no graphs", split, False),
+        ("split, one graph per GPU", split, on),
+    ]
     out = []
     for method, opts in FAST:
         times = {c[0]: {1: [], n + 1: []} for c in cases}

@@ -2,6 +2,7 @@
 greedy ``generate`` for every pruner's plan, left-padded batches, the bare model and LLaVA-NeXT; what it
 does not implement is refused."""
 
+import contextlib
 import shutil
 import types
 
@@ -303,3 +304,72 @@ def test_graph_bookkeeping_with_a_replay_stand_in(llava, monkeypatch):
     # call 1: decode step captured, tail eager; call 2: tail captured; call 3: replays only;
     # call 4: a new decoder (other shapes): its decode step captured, its tail eager
     assert counts == [(1, 0), (2, 1), (2, 1), (3, 1)]
+
+
+@pytest.mark.parametrize("method,opts", [("none", {}), ("fastv", dict(budget=6))])
+def test_decode_step_in_stages_with_a_replay_stand_in(llava, monkeypatch, method, opts):
+    """A model split over GPUs decodes with one graph per device: the step cut into stages whose
+    carried tensors are copied into the next stage's static inputs. On CPU the cut is forced (embedding
+    and two layers | the other layers and the head | bookkeeping) and capture is a stand-in that replays
+    by re-running on the static inputs and copying into the static outputs: generate's tokens."""
+
+    def stand_in(fn):
+        out = fn()
+
+        def replay():
+            new = fn()
+            for o, n in zip(
+                out if isinstance(out, tuple) else (out,), new if isinstance(new, tuple) else (new,)
+            ):
+                o.copy_(n)
+
+        return out, replay
+
+    def three(self):
+        n, cpu = len(self.layers), self.tok.device
+        return [
+            (cpu, [("start",), ("layers", 0, 2)]),
+            (cpu, [("layers", 2, n), ("pick",)]),
+            (cpu, [("book",)]),
+        ]
+
+    monkeypatch.setattr(fastmod, "capture_graph", stand_in)
+    monkeypatch.setattr(fastmod.FastDecoder, "stages", three)
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)], seed=0)
+    mmsink.wrap(llava, prune=method, **opts)
+    fastmod.clear(llava)
+    try:
+        ref = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
+        for _ in range(2):  # captured, then replayed
+            out = mmsink.generate_fast(llava, max_new_tokens=6, graphs=True, compile=False, **inputs)
+            assert torch.equal(out, ref)
+        (dec,) = llava.__dict__[fastmod.STORE].values()
+        assert dec.graph is None and [len(s[1] or ()) for s in dec.staged] == [0, 4, 1]
+    finally:
+        mmsink.unwrap(llava)
+        fastmod.clear(llava)
+
+
+def test_stages_plain_calls_equal_the_step(llava):
+    """The same cut as plain calls (graphs=False): every stage's ops after the one before give the step."""
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)], seed=0)
+    ref = llava.generate(**inputs, max_new_tokens=5, do_sample=False)
+    orig = fastmod.FastDecoder.run
+
+    def run(self, steps):
+        n, cpu = len(self.layers), self.tok.device
+        self.capture_stages(
+            [(cpu, [("start",), ("layers", 0, 1)]), (cpu, [("layers", 1, n), ("pick",), ("book",)])],
+            graphs=False,
+        )
+        return orig(self, steps)
+
+    fastmod.clear(llava)
+    try:
+        fastmod.FastDecoder.run = run
+        out = mmsink.generate_fast(llava, max_new_tokens=5, graphs=False, compile=False, **inputs)
+    finally:
+        fastmod.FastDecoder.run = orig
+        fastmod.clear(llava)
+    assert torch.equal(out, ref)

@@ -82,10 +82,12 @@ def test_two_gpu_processes_write_the_single_process_file(tmp_path):
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("method,opts", [("fastv", dict(budget=6)), ("pdrop", {})])
-def test_split_model_generate_fast(pair, method, opts):
-    """generate_fast on layers split over two GPUs (no graphs, no hand-off: tensors cross devices per
-    layer) gives the one-GPU model's greedy tokens."""
+def test_split_model_generate_fast(pair, method, opts, graphs):
+    """generate_fast on layers split over two GPUs (no hand-off: tensors cross devices per layer; with
+    graphs, one CUDA graph per GPU and the hidden state copied between them) gives the one-GPU model's
+    greedy tokens."""
     import mmsink
 
     inputs = {k: v.to("cuda:0") for k, v in batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)]).items()}
@@ -93,7 +95,7 @@ def test_split_model_generate_fast(pair, method, opts):
     for model in pair:
         mmsink.wrap(model, prune=method, **opts)
         try:
-            outs.append(mmsink.generate_fast(model, max_new_tokens=8, **inputs))
+            outs.append(mmsink.generate_fast(model, max_new_tokens=8, graphs=graphs, **inputs))
         finally:
             mmsink.unwrap(model)
     assert torch.equal(outs[0], outs[1])

@@ -94,6 +94,10 @@ def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, r
     return finish(layer, h, o)
 
 
+def moved(carry, dev):
+    return None if carry is None else tuple(x.to(dev) for x in carry)
+
+
 def can_compile(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
@@ -160,6 +164,7 @@ class FastDecoder:
         self.prefill_fn = torch.compile(layer_prefill, dynamic=True) if compile else None
         self.sdpa = base_of(family.text_config._attn_implementation) == "sdpa"
         self.graph = None  # the decode step's replay, once captured
+        self.staged: list = []  # or, split over devices: (device, inputs, replay, outputs) per stage
         self.tails: collections.OrderedDict = (
             collections.OrderedDict()
         )  # prefill tails by (first layer, shapes)
@@ -210,38 +215,108 @@ class FastDecoder:
 
     def step(self) -> None:
         """Feed ``tok`` (the ``t``-th new token), pick the next one, record it, advance ``t``."""
+        carry = self.layers_op(0, len(self.layers), *self.start_op())
+        self.book_op(*self.pick_op(*carry))
+
+    def start_op(self):
         h = self.embed(self.tok[:, None])
         pos = (self.pos0 + self.t)[:, None]
         if self.mrope:  # the same position on the t, h and w axes, shifted by the image's rope delta
             pos = (pos + self.delta).expand(3, -1, -1)
         cos, sin = self.rotary(h, pos)
-        for i, (layer, kb, vb, ok, start) in enumerate(
-            zip(self.layers, self.k, self.v, self.valid, self.start)
-        ):
+        return h, cos, sin, self.t
+
+    def layers_op(self, lo: int, hi: int, h, cos, sin, t):
+        for i in range(lo, hi):
+            kb = self.k[i]
             dev = kb.device  # layers may sit on different GPUs (device_map)
             var = (self.codes[i], self.var_cfg) if i in self.codes else None
             h = (self.layer_fn if var is None else layer_step)(  # VAR layers: not compiled
-                layer,
+                self.layers[i],
                 h.to(dev),
                 cos.to(dev),
                 sin.to(dev),
                 kb,
-                vb,
-                ok,
-                (start + self.t.to(dev)).view(1),
+                self.v[i],
+                self.valid[i],
+                (self.start[i] + t.to(dev)).view(1),
                 self.heads,
                 self.kv_heads,
                 self.rope,
                 var,
             )
+        return h, cos, sin, t
+
+    def pick_op(self, h, *_):
         h = h.to(self.norm.weight.device)
-        logits = self.head(self.norm(h))[:, -1]
-        nxt = logits.argmax(-1).to(self.tok.device)
-        nxt = torch.where(self.done, self.pad, nxt)
+        return (self.head(self.norm(h))[:, -1].argmax(-1),)
+
+    def book_op(self, nxt):
+        nxt = torch.where(self.done, self.pad, nxt.to(self.tok.device))
         self.out.index_copy_(1, self.t.view(1), nxt[:, None])
         self.done |= (nxt[:, None] == self.eos[None]).any(1)
         self.tok.copy_(nxt)
         self.t += 1
+
+    def stages(self) -> list:
+        """The step as [(device, ops)]: the ops of one device in a row form a stage. One stage when every
+        weight sits on one device; a model split over GPUs gets one per run of layers, plus the head's and
+        the bookkeeping's where those sit elsewhere."""
+        ops = [(self.embed.weight.device, ("start",))]
+        ops += [(kb.device, ("layers", i, i + 1)) for i, kb in enumerate(self.k)]
+        ops += [(self.head.weight.device, ("pick",)), (self.tok.device, ("book",))]
+        out = []
+        for dev, op in ops:
+            if not out or out[-1][0] != dev:
+                out.append((dev, []))
+            last = out[-1][1]
+            if op[0] == "layers" and last and last[-1][0] == "layers":
+                last[-1] = ("layers", last[-1][1], op[2])
+            else:
+                last.append(op)
+        return out
+
+    def run_ops(self, ops, carry):
+        for op in ops:
+            if op[0] == "start":
+                carry = self.start_op()
+            elif op[0] == "layers":
+                carry = self.layers_op(op[1], op[2], *carry)
+            elif op[0] == "pick":
+                carry = self.pick_op(*carry)
+            else:
+                self.book_op(*carry)
+                carry = ()
+        return carry
+
+    def capture_stages(self, stages=None, graphs: bool = True) -> None:
+        """One CUDA graph per stage, on its own device (a graph is captured on one device); between
+        stages the carried tensors (hidden state, rotary table, counter, token) are copied into the next
+        stage's static inputs. ``graphs=False``: the stages as plain calls (the same hand-over)."""
+        self.staged = []
+        carry = None
+        for dev, ops in stages or self.stages():
+            if not graphs:
+                self.staged.append(
+                    (dev, None, lambda c, ops=ops, dev=dev: self.run_ops(ops, moved(c, dev)), None)
+                )
+                continue
+            inp = None if carry is None else tuple(x.detach().to(dev, copy=True) for x in carry)
+            with torch.cuda.device(dev):
+                carry, replay = capture_graph(lambda ops=ops, inp=inp: self.run_ops(ops, inp))
+            self.staged.append((dev, inp, replay, carry))
+
+    def step_stages(self) -> None:
+        prev = None
+        for dev, inp, replay, out in self.staged:
+            if out is None:  # plain calls
+                prev = replay(prev)
+                continue
+            if inp is not None:
+                load(inp, prev)
+            with torch.cuda.device(dev):
+                replay()
+            prev = out
 
     def tail(self, first: int, hidden, kwargs) -> torch.Tensor:
         """Layers ``first``.. of a prefill whose plan is final, keys and values into the buffers; returns
@@ -299,15 +374,20 @@ class FastDecoder:
         return out.clone()
 
     def capture(self) -> None:
-        """Record ``step`` as one CUDA graph. The warm-up step's writes are undone by the caller's
-        ``fill`` (it resets the counter, the masks and the token)."""
-        self.graph = capture_graph(self.step)[1]
+        """Record ``step`` as one CUDA graph (one per device for a model split over GPUs). The warm-up
+        step's writes are undone by the caller's ``fill`` (it resets the counter, the masks, the token)."""
+        if len(self.stages()) > 1:
+            self.capture_stages()
+        else:
+            self.graph = capture_graph(self.step)[1]
 
     def run(self, steps: int) -> int:
         """Up to ``steps`` tokens; stops early (checked every 8 tokens) when every sample has ended."""
         for t in range(steps):
             if self.graph is not None:
                 self.graph()
+            elif self.staged:
+                self.step_stages()
             else:
                 self.step()
             if (t + 1) % 8 == 0 and bool(self.done.all()):

@@ -110,7 +110,7 @@ def decode(model, family, handle, p: Prefilled, ids, max_new_tokens: int, graphs
         var = (handle.var, sorted(getattr(p.cache, "layer_codes", {}))) if var_on else None
         dec = decoder_for(family, lengths, ids.shape[0], max_new_tokens - 1, stops, graphs, compile, var)
     delta = family.rope_deltas() if dec.mrope else None  # [B, 1], set by the prefill
-    if graphs and dec.graph is None:
+    if graphs and dec.graph is None and not dec.staged:
         dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
         dec.capture()
     dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
@@ -145,8 +145,10 @@ def generate_fast(
             "accelerate's device_map); use model.generate"
         )
     one_device = len(devices) == 1
-    # VAR's decode step is not yet verified inside a CUDA graph on a GPU: eager unless asked for
-    graphs = (one_device and ids.is_cuda and not var_on) if graphs is None else graphs
+    # VAR's decode step is not yet verified inside a CUDA graph on a GPU: eager unless asked for. A model
+    # split over GPUs decodes with one graph per GPU (FastDecoder.stages)
+    on_gpus = ids.is_cuda and all(d.type == "cuda" for d in devices)
+    graphs = (on_gpus and not var_on) if graphs is None else graphs
     compile = can_compile(ids.device) if compile is None else compile
     p = prefill(model, family, handle, inputs, graphs, compile, dispatched or not one_device, max_new_tokens)
     new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile)
