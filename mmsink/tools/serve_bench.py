@@ -198,7 +198,11 @@ def main(argv=None):
     ap.add_argument("--shapes", default="tiny-cpu", help="comma-separated bench shapes (LLaVA families)")
     ap.add_argument("--budgets", default="64", help="one token budget per shape, comma-separated")
     ap.add_argument("--methods", default="none,fastv,visionzip", help="comma-separated; 'none' = unpruned")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda if any)",
+    )
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     ap.add_argument("--max-batch", type=int, default=256, help="largest batch tried (default 256)")
