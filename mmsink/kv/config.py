@@ -22,11 +22,17 @@ class KVConfig:
     quant: str | None = None  # KVSink-style fake quantization: "int2" / "int4" / "int8" / "int16"
     group_size: int = 32  # tokens per key scale (per channel), channels per value scale (per token)
     keep_sinks: bool = True  # quant: sinks stay in full precision and out of the scales
+    sparse: str | None = None  # "lfps": sparse decode attention (mmsink.kv.sparse)
+    topk: int = 512  # lfps: keys attended per query head and step
+    dense_steps: int = 2  # lfps: dense decode steps after each prompt / turn (they seed the history)
+    expand: int = 1  # lfps: candidates widened by +-expand slots
     auto: bool = field(init=False, default=False)
     bits: int = field(init=False, default=16)
 
     def __post_init__(self):
-        if self.quant is not None:
+        if self.sparse is not None:
+            self.check_sparse()
+        elif self.quant is not None:
             self.check_quant()
         elif isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"mmsink: kv window must be an int >= 1, got {self.window!r}")
@@ -55,6 +61,16 @@ class KVConfig:
         if isinstance(self.sink_layer, bool) or not isinstance(self.sink_layer, int) or self.sink_layer < 0:
             raise ValueError(f"mmsink: kv sink_layer must be an int >= 0, got {self.sink_layer!r}")
 
+    def check_sparse(self) -> None:
+        if self.sparse != "lfps":
+            raise ValueError(f"mmsink: kv sparse must be 'lfps', got {self.sparse!r}")
+        if self.window is not None or self.quant is not None:
+            raise ValueError("mmsink: kv sparse does not combine with window / quant yet (choose one)")
+        for name, low in (("topk", 1), ("dense_steps", 1), ("expand", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"mmsink: kv {name} must be an int >= {low}, got {v!r}")
+
     def check_quant(self) -> None:
         if self.window is not None:
             raise ValueError("mmsink: kv window and quant do not combine yet (choose one)")
@@ -70,10 +86,13 @@ class KVConfig:
         """The cache of a fresh forward; ``planned``: a pruned prefill (the plan's per-layer segments)."""
         from .planned import PlanWindowCache
         from .quant import QuantCache
+        from .sparse import SparseCache
         from .window import WindowCache
 
         if planned:
             return PlanWindowCache(self, inv_freq)
+        if self.sparse:
+            return SparseCache(self, inv_freq)
         return (QuantCache if self.quant else WindowCache)(self, inv_freq)
 
     def check(self, handle) -> None:
@@ -84,6 +103,11 @@ class KVConfig:
                 "mmsink: kv= does not combine with var= yet (VAR's per-layer key groups are not carried "
                 "through evictions and quantization)"
             )
+        if self.sparse is not None:
+            if handle.pruner is not None or handle.sinks is not None:
+                raise ValueError("mmsink: kv sparse does not combine with prune= / sink_forward= yet")
+            self.check_auto(handle)
+            return
         if self.quant is not None:
             if handle.pruner is not None or handle.sinks is not None:
                 raise ValueError("mmsink: kv quant does not combine with prune= / sink_forward= yet")
@@ -129,13 +153,11 @@ def make_config(kv) -> KVConfig | None:
         return kv
     if not isinstance(kv, dict):
         raise ValueError(f"mmsink: kv must be a dict such as {{'window': 1024, 'sinks': 4}}, got {kv!r}")
-    if "sparse" in kv:
-        raise ValueError("mmsink: kv 'sparse' (LFPS) is not implemented yet; use window or quant")
     known = {"window", "sinks", "first", "sink_dims", "tau", "sink_layer", "quant", "group_size"}
-    known.add("keep_sinks")
+    known |= {"keep_sinks", "sparse", "topk", "dense_steps", "expand"}
     unknown = sorted(set(kv) - known)
     if unknown:
         raise ValueError(f"mmsink: unknown kv option(s) {unknown}; known: {sorted(known)}")
-    if "window" not in kv and "quant" not in kv:
-        raise ValueError("mmsink: kv needs a window (the number of recent tokens kept) or quant")
+    if "window" not in kv and "quant" not in kv and "sparse" not in kv:
+        raise ValueError("mmsink: kv needs a window (the number of recent tokens kept), quant or sparse")
     return KVConfig(**kv)

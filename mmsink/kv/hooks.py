@@ -9,13 +9,16 @@ the cache's own (transformers' mask describes the full stream). Model post-hook:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.cache_utils import DynamicCache
 
-from ..core.attention import build_mask
+from ..core.attention import Directive, build_mask
 from ..core.cache import PlanCache
 from ..core.plan import Prefill
 from ..sinks.var import sink_scores
+from .sparse import SparseCache
 from .window import WindowCache
 
 
@@ -102,6 +105,9 @@ def _layer_pre(cfg, handle, layer: int):
         cache = kwargs.get("past_key_values")
         if not isinstance(cache, WindowCache) or not cache.step_q:
             return None
+        if isinstance(cache, SparseCache) and cache.step_q == 1:  # LFPS: this layer's decode attention
+            kwargs["mmsink"] = Directive(layer, reweight=functools.partial(cache.attend, layer))
+            return args, kwargs
         hidden = args[0] if args else kwargs["hidden_states"]
         if cfg.auto and layer == cfg.sink_layer:
             flags = sink_scores(hidden, cfg.sink_dims) > cfg.tau

@@ -1,0 +1,123 @@
+"""LFPS sparse decoding ("Learn from the Past: Fast Sparse Indexing for LLM Decoding", Yao & Wang 2025):
+``wrap(model, kv={"sparse": "lfps", "topk": 512})``.
+
+At a decode step each query head attends to ``topk`` keys only, chosen among candidates predicted from
+the previous step's choice of the same layer and head: the vertical pattern (the same key slots again),
+the slash pattern (those slots shifted by one, i.e. the same distance from the new query) and
+positional expansion (every candidate widened by +-``expand`` neighbours), plus the newest key. The
+candidates are scored exactly (q . k, nothing else is read) and the top ``topk`` of them are attended
+to (softmax over them). The first ``dense_steps`` decode steps after every multi-token forward attend
+densely and seed the history with the exact top-k. A sample whose cache holds at most ``topk`` real
+keys attends to all of them (the exact top-k is then everything).
+
+Defaults are ours (topk 512, dense_steps 2, expand 1): the paper's full text and code were not
+available to check its values. The candidate-only path (``gather``) scores just the candidates; when
+any sample is short or a step is dense, scores are computed over all keys and masked to the same sets.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .window import WindowCache
+
+
+def candidates(hist: torch.Tensor, t: int, expand: int) -> torch.Tensor:
+    """[B, H, C] candidate key slots (-1: none), each once: ``hist`` [B, H, k] (the previous step's slots,
+    -1 for none) shifted by -expand .. expand + 1 (vertical and slash, widened), plus the newest slot."""
+    b, h, _ = hist.shape
+    offs = torch.arange(-expand, expand + 2, device=hist.device)
+    c = (hist[..., None] + offs).flatten(2)
+    c = torch.where((hist[..., None] >= 0).expand(-1, -1, -1, len(offs)).flatten(2), c, -1)
+    c = torch.cat([c, c.new_full((b, h, 1), t - 1)], 2)
+    c = torch.where((c >= 0) & (c < t), c, t)  # out of range -> sentinel t
+    c = c.sort(2).values
+    dup = torch.cat([torch.zeros_like(c[..., :1], dtype=torch.bool), c[..., 1:] == c[..., :-1]], 2)
+    return torch.where(dup | (c == t), -1, c)
+
+
+def select(q, key, valid, hist, topk: int, expand: int, dense: bool, scaling: float):
+    """One decode step's choice: (scores [B, H, k'] of the chosen keys, -inf where none; slots [B, H, k']).
+    q [B, H, D]; key [B, Hk, T, D]; valid [B, T] real key slots; hist [B, H, k] or None."""
+    b, h, d = q.shape
+    hk, t = key.shape[1], key.shape[2]
+    qg = q.view(b, hk, h // hk, d).float()
+    long = valid.sum(1) > topk  # [B] samples that attend sparsely
+    if dense or hist is None or not bool(long.all()):
+        scores = torch.einsum("bkgd,bktd->bkgt", qg, key.float()).reshape(b, h, t) * scaling
+        allowed = valid[:, None, :].expand(b, h, t)
+        if not dense and hist is not None:
+            c = candidates(hist, t, expand)
+            cand = torch.zeros(b, h, t + 1, dtype=torch.bool, device=q.device)
+            cand = cand.scatter(2, torch.where(c >= 0, c, t), True)[..., :t]
+            allowed = torch.where(long[:, None, None], cand & allowed, allowed)
+        top = scores.masked_fill(~allowed, float("-inf")).topk(min(topk, t), -1)
+        return top.values, top.indices
+    c = candidates(hist, t, expand)  # [B, H, C]
+    n = c.shape[2]
+    at = c.clamp(min=0).view(b, hk, -1)  # per kv head: its query heads' candidates
+    keys = key.gather(2, at[..., None].expand(-1, -1, -1, d)).view(b, hk, h // hk, n, d)
+    scores = torch.einsum("bkgd,bkgnd->bkgn", qg, keys.float()).reshape(b, h, n) * scaling
+    ok = (c >= 0) & valid.gather(1, c.clamp(min=0).view(b, -1)).view(b, h, n)
+    top = scores.masked_fill(~ok, float("-inf")).topk(min(topk, n), -1)
+    return top.values, c.gather(2, top.indices)
+
+
+def attend(scores, slots, value) -> torch.Tensor:
+    """Softmax over the chosen keys' scores and their values: [B, H, D]."""
+    b, h, k = slots.shape
+    hk, d = value.shape[1], value.shape[-1]
+    w = torch.softmax(scores, -1)
+    v = value.gather(2, slots.reshape(b, hk, -1)[..., None].expand(-1, -1, -1, d)).view(b, h, k, d)
+    return torch.einsum("bhk,bhkd->bhd", w, v.float())
+
+
+class SparseCache(WindowCache):
+    """A plain dynamic cache (no eviction) with the window's per-sample validity and, per layer, the
+    previous step's chosen slots [B, H, k]. ``trace``: a list to append (layer, q, keys, slots) to."""
+
+    layer_class = DynamicLayer
+
+    def __init__(self, cfg, inv_freq):
+        super().__init__(cfg, inv_freq)
+        self.hist: dict = {}
+        self.steps = 0  # decode steps since the last multi-token forward
+        self.trace: list | None = None
+
+    def attend(self, layer: int, query, key, value, mask, scaling, base):
+        cfg = self.cfg
+        valid = self.valid.to(query.device)
+        dense = self.steps < cfg.dense_steps
+        k = key.shape[2] if dense else cfg.topk  # a dense step attends to every key
+        scores, slots = select(
+            query[:, :, 0], key, valid, self.hist.get(layer), k, cfg.expand, dense, scaling
+        )
+        top = slice(0, cfg.topk)  # sorted: a dense step's history is the exact top-k
+        self.hist[layer] = torch.where(torch.isfinite(scores[..., top]), slots[..., top], -1)
+        if self.trace is not None:
+            self.trace.append((layer, query[:, :, 0].detach(), key.detach(), self.hist[layer]))
+        out = attend(scores, slots.clamp(min=0), value)
+        return out[:, None].to(query.dtype)  # [B, 1, H, D]
+
+    def evict(self) -> None:
+        if self.step_q == 1:
+            self.steps += 1
+        else:  # a prompt or a new turn: dense again for the first steps
+            self.steps, self.hist = 0, {}
+
+    def end(self, q: int) -> None:
+        self.seen += q
+        self.evict()
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self.hist = {k: h.index_select(0, beam_idx.to(h.device)) for k, h in self.hist.items()}
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self.hist = {k: h.repeat_interleave(repeats, 0) for k, h in self.hist.items()}
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self.hist = {k: h[indices] for k, h in self.hist.items()}

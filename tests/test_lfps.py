@@ -1,0 +1,136 @@
+"""LFPS sparse decoding (issue 17): ``wrap(model, kv={"sparse": "lfps", "topk": k})``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import batch, pixels_of, prompt, qwen_batch, tiny_llava, tiny_qwen
+
+import mmsink
+from mmsink.api import get_handle
+from mmsink.kv.sparse import SparseCache
+
+GEN = dict(do_sample=False, return_dict_in_generate=True, output_scores=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(layers=3)
+
+
+@pytest.fixture(autouse=True)
+def unwrapped(model):
+    yield
+    if model.__dict__.get("_mmsink") is not None:
+        mmsink.unwrap(model)
+
+
+def prompts():
+    return [prompt(3, 5, seed=1), prompt(9, 11, seed=2)]  # 45 and 57 tokens
+
+
+def run(model, inputs, n, cache=None, **gen):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, past_key_values=cache, **{**GEN, **gen})
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_topk_covering_the_context_equals_dense(model, family):
+    if family == "qwen":
+        model = tiny_qwen(layers=2)
+        inputs, _ = qwen_batch([(3, 5, [(4, 4)]), (6, 9, [(4, 8)])])
+    else:
+        inputs = batch(prompts())
+    ref = run(model, inputs, 10)
+    mmsink.wrap(model, kv={"sparse": "lfps", "topk": 1000, "dense_steps": 1})
+    out = run(model, inputs, 10)
+    assert isinstance(out.past_key_values, SparseCache)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    mmsink.unwrap(model)
+
+
+def reference_choice(q, keys, valid, prev, topk, expand, dense, scale):
+    """Plain loops over samples and heads: the rule of mmsink.kv.sparse, from scratch."""
+    b, h, _ = q.shape
+    hk, t = keys.shape[1], keys.shape[2]
+    out = []
+    for i in range(b):
+        real = [j for j in range(t) if valid[i, j]]
+        rows = []
+        for head in range(h):
+            k = keys[i, head // (h // hk)]
+            if dense or prev is None or len(real) <= topk:
+                cand = real
+            else:
+                near = {p + o for p in prev[i][head] for o in range(-expand, expand + 2)} | {t - 1}
+                cand = [j for j in sorted(near) if 0 <= j < t and valid[i, j]]
+            score = {j: float(q[i, head] @ k[j]) * scale for j in cand}
+            rows.append(set(sorted(cand, key=lambda j: -score[j])[:topk]))
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("topk,expand,dense_steps", [(8, 1, 2), (50, 0, 1), (12, 2, 3)])
+def test_chosen_slots_equal_a_plain_reference_of_the_rule(model, topk, expand, dense_steps):
+    """topk 50: sample 0 (45 tokens) attends densely until it holds 51 keys, sample 1 sparsely: both
+    paths of ``select`` run in one batch."""
+    inputs = batch(prompts())
+    mmsink.wrap(model, kv={"sparse": "lfps", "topk": topk, "expand": expand, "dense_steps": dense_steps})
+    cache = SparseCache(get_handle(model).kv, model.model.language_model.rotary_emb.inv_freq)
+    cache.trace = []
+    run(model, inputs, 12, cache=cache)
+    scale = model.config.text_config.head_dim**-0.5
+    prev: dict = {}
+    width = inputs["input_ids"].shape[1]
+    sparse_seen = False
+    for n, (layer, q, keys, slots) in enumerate(cache.trace):
+        step = n // len(model.model.language_model.layers)
+        valid = torch.cat([inputs["attention_mask"].bool(), torch.ones(2, step + 1, dtype=torch.bool)], 1)
+        assert keys.shape[2] == width + step + 1
+        want = reference_choice(q, keys, valid, prev.get(layer), topk, expand, step < dense_steps, scale)
+        got = [[set(s[s >= 0].tolist()) for s in row] for row in slots]
+        assert got == want
+        sparse_seen |= step >= dense_steps and any(len(r) < int(v.sum()) for r, v in zip(want[1], valid))
+        prev[layer] = [[sorted(s) for s in row] for row in want]
+    assert sparse_seen
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_batched_equals_per_sample(model, beams):
+    ps = prompts()
+    inputs = batch(ps)
+    mmsink.wrap(model, kv={"sparse": "lfps", "topk": 10})
+    gen = {} if beams == 1 else {"num_beams": beams, "output_scores": False}
+    out = run(model, inputs, 12, **gen)
+    width = inputs["input_ids"].shape[1]
+    for i, p in enumerate(ps):
+        one = batch([p])
+        one["pixel_values"] = pixels_of(inputs, ps, i)
+        alone = run(model, one, 12, **gen)
+        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
+        if beams == 1:
+            for a, b in zip(out.scores, alone.scores, strict=True):
+                torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_differs_from_dense_when_it_must(model):
+    """A small top-k changes the logits (the sparse path runs), within the dense steps it does not."""
+    inputs = batch(prompts())
+    ref = run(model, inputs, 6)
+    mmsink.wrap(model, kv={"sparse": "lfps", "topk": 4, "dense_steps": 2})
+    out = run(model, inputs, 6)
+    for j, (a, b) in enumerate(zip(out.scores, ref.scores, strict=True)):
+        if j < 3:  # the prompt's forward and the two dense steps
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_refused(model):
+    with pytest.raises(ValueError, match="sparse does not combine with prune"):
+        mmsink.wrap(model, prune="fastv", kv={"sparse": "lfps"})
+    mmsink.wrap(model, kv={"sparse": "lfps"})
+    with pytest.raises(ValueError, match="generate_fast does not run the kv="):
+        mmsink.generate_fast(model, max_new_tokens=2, **batch(prompts()))
