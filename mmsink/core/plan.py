@@ -277,8 +277,6 @@ class Prefill:
         it with their state unchanged and are back for the layer after. The layer's attention must still
         give the skipped slots' keys and values (the caller's directive: ``carry`` holds their states).
         ``per_sample``: each sample's selected real slots, when the host knows them (then no read)."""
-        if self.pending is not None:
-            raise ValueError("mmsink: a layer cannot both drop tokens and run on a selection")
         self.pending_rows = (rows, per_sample)
 
     def split(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -286,6 +284,8 @@ class Prefill:
         every slot wait in ``carry``, and the layer's keys and values span the segment it came from."""
         (rows, per), self.pending_rows = self.pending_rows, None
         base = self.seg
+        if base.start == layer and base.gather is not None:  # a keep decision was applied before this layer
+            raise ValueError("mmsink: a layer cannot both drop tokens and run on a selection")
         rows = rows & base.valid
         real = self.real_tokens(base)
         known = per is not None and isinstance(real, list)
