@@ -8,6 +8,7 @@ import pytest
 import torch
 from orthorank_paper import orthorank_layers
 from test_orthorank import FAMILIES, built
+from test_orthorank import llava_single as llava_one
 from tiny import batch, counted_prefill, prompt, tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -58,6 +59,22 @@ def test_selected_sets_and_logits_equal_the_reference(family, seed, layer, ratio
             assert got[li][0] == log[li][0][0].nonzero().flatten().tolist(), li
         n = one["input_ids"].shape[1]
         assert len(got[layer][0]) < n  # tokens did skip layers
+        torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_chosen_layers_equal_the_reference():
+    """``layers=(1, 3)``: layer 2 runs every token (the plan rejoins the selection of layer 1 by itself)."""
+    model, inputs = built("llava", seed=1)
+    for one in (llava_one(inputs, i) for i in range(2)):
+        out, st = wrapped(model, one, budget=0.5, layers=(1, 3))
+        log = {}
+        with torch.no_grad(), orthorank_layers(model, (1, 3), 0.5, one["attention_mask"], log=log):
+            ref = model(**one).logits
+        got = st.extra["orthorank"]["updated_indices"]
+        assert sorted(got) == [1, 3]
+        assert st.tokens_per_layer[2] == one["input_ids"].shape[1] > st.tokens_per_layer[1]
+        for li in (1, 3):
+            assert got[li][0] == log[li][0][0].nonzero().flatten().tolist(), li
         torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -185,7 +202,15 @@ def test_fast_generate_equals_generate():
 
 def test_bad_options():
     model, _ = built("llava")
-    for bad in ({"form": "paper"}, {"form": "layers", "budget": 5}):
+    bad_ones = [
+        {"form": "paper"},
+        {"form": "layers", "budget": 5},
+        {"layers": (1, 2)},
+        {"form": "layers", "layers": (0, 2)},
+        {"form": "layers", "layers": (1, 4)},
+        {"form": "layers", "layers": 2},
+    ]
+    for bad in bad_ones:
         with pytest.raises(ValueError, match="orthorank"):
             mmsink.wrap(model, prune="orthorank", **bad)
 

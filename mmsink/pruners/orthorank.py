@@ -54,6 +54,7 @@ class OrthoRank(Pruner):
         layer: int = 2  # K: tokens are scored on the states entering layer K and dropped from it on
         sink: str = "first"  # or "max_norm"
         form: str = "visual"  # or "layers": the paper's per-layer selection (see the module's text)
+        layers: tuple | None = None  # form="layers": the layers that run a selection (default: K to the last)
 
     def check_options(self):
         if isinstance(self.options.layer, bool) or not isinstance(self.options.layer, int):
@@ -66,6 +67,15 @@ class OrthoRank(Pruner):
             )
         if self.options.form not in FORMS:
             raise ValueError(f"mmsink: orthorank form must be one of {FORMS}, got {self.options.form!r}")
+        chosen = self.options.layers
+        if chosen is not None and (
+            self.options.form != "layers"
+            or not isinstance(chosen, (list, tuple))
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in chosen)
+        ):
+            raise ValueError(
+                f"mmsink: orthorank layers must be layer indices >= 1 with form='layers', got {chosen!r}"
+            )
         if self.options.form == "layers" and not isinstance(self.budget, float):
             raise ValueError(
                 f"mmsink: orthorank form='layers' takes a fractional budget (tokens a layer updates), "
@@ -73,6 +83,10 @@ class OrthoRank(Pruner):
             )
 
     def check_model(self, num_layers):
+        if max(self.options.layers or [0]) >= num_layers:
+            raise ValueError(
+                f"mmsink: orthorank layers {self.options.layers} must be < the model's {num_layers}"
+            )
         if self.options.layer >= num_layers:
             raise ValueError(
                 f"mmsink: orthorank layer={self.options.layer} must be < the model's {num_layers} layers"
@@ -99,8 +113,9 @@ class OrthoRank(Pruner):
 
         def before(layer, module, args, kwargs):
             ctx = seam.prefill()
-            if ctx is None or layer < self.options.layer:
-                return None
+            chosen = self.options.layers
+            if ctx is None or (layer < self.options.layer if chosen is None else layer not in chosen):
+                return None  # a plain layer (a carried selection rejoins in the plan)
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if ctx.carry is not None:  # the previous layer ran a selection: every token's state first
                 hidden = ctx.rejoin(hidden)
