@@ -56,3 +56,16 @@ def test_serve_on_tiny_model_under_a_fake_memory_limit():
     assert row["tokens_per_s"] == pytest.approx(2 * 3 / statistics.median([0.5, 0.7]))
     assert seen.count(2) == 2 + 2 + 2  # search (two calls), then at the largest batch two untimed + two timed
     assert "| tiny-cpu | fastv | 64 | 2 |" in serve_bench.markdown(res) and "clock" not in res
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--shapes", "tiny-cpu,tiny-next-cpu", "--budgets", "64"], "one budget per shape"),
+        (["--shapes", "tiny-qwen-cpu"], "LLaVA families"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        serve_bench.main(argv + ["--device", "cpu"])
+    assert msg in capsys.readouterr().err
