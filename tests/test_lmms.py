@@ -40,17 +40,17 @@ def env():
     return {**os.environ, **offline}
 
 
-def lmms_eval(root: Path, name: str, wrap_args: str, batch_size=1):
+def lmms_eval(root: Path, name: str, wrap_args: str, batch_size=1, model=MODEL, tasks=TASKS, limit=None):
     """{task: logged samples in document order}, the results file."""
     out = root / "runs" / name
-    args = f"pretrained={MODEL},family=llava_hf,device=cpu,dtype=float32,device_map=cpu,{wrap_args}"
+    args = f"pretrained={model},family=llava_hf,device=cpu,dtype=float32,device_map=cpu,{wrap_args}"
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "mmsink", "--model_args", args]
-    cmd += ["--include_path", str(root / "task"), "--tasks", ",".join(TASKS), "--batch_size", str(batch_size)]
-    cmd += ["--log_samples", "--output_path", str(out)]
+    cmd += ["--include_path", str(root / "task"), "--tasks", ",".join(tasks), "--batch_size", str(batch_size)]
+    cmd += ["--log_samples", "--output_path", str(out)] + (["--limit", str(limit)] if limit else [])
     done = subprocess.run(cmd, cwd=root, env=env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     samples = {}
-    for t in TASKS:
+    for t in tasks:
         (path,) = out.rglob(f"*_samples_{t}.jsonl")
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         samples[t] = sorted(rows, key=lambda r: int(r["doc_id"]))
@@ -58,19 +58,11 @@ def lmms_eval(root: Path, name: str, wrap_args: str, batch_size=1):
     return samples, json.loads(results.read_text())
 
 
-def mmsink_eval(root: Path, name: str, *extra) -> dict:
-    """{question id: mmsink eval's record} for every exported question (batch size 1)."""
+def mmsink_eval(root: Path, name: str, *extra, model=MODEL) -> dict:
+    """{question id: mmsink eval's record} for the exported questions (batch size 1)."""
     out, bench = root / f"{name}.jsonl", root / "task" / "mmsink"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mmsink",
-        "eval",
-        "--model",
-        str(MODEL),
-        "--bench",
-        str(bench / "questions.jsonl"),
-    ]
+    cmd = [sys.executable, "-m", "mmsink", "eval", "--model", str(model)]
+    cmd += ["--bench", str(bench / "questions.jsonl")]
     cmd += ["--images", str(root / "task" / "images"), "--answers", str(bench / "answers.jsonl")]
     cmd += ["--device", "cpu", "--batch-size", "1", "--max-new-tokens", str(TOKENS), "--no-progress"]
     cmd += ["--out", str(out), *extra]
@@ -80,7 +72,7 @@ def mmsink_eval(root: Path, name: str, *extra) -> dict:
 
 
 def check_same(samples: dict, ids: dict, answers: dict) -> None:
-    for t in TASKS:
+    for t in samples:
         assert len(samples[t]) == len(ids[t]) and ids[t]
         for s, qid in zip(samples[t], ids[t]):
             a = answers[qid]
@@ -158,3 +150,21 @@ def test_fastv_batched_same_answers_and_kept_tokens(task):
     first = samples["synthvqa"][0]["token_counts"][0]["mmsink"]
     assert first["kept_tokens_per_layer"] == [layer[0] for layer in s.kept_tokens]
     assert first["prefill_flops"] == s.extra["sample_prefill_flops"][0]
+
+
+def test_llava_next_batched_same_answers(task, tmp_path):
+    """LLaVA-NeXT (a tiny random checkpoint) through lmms-eval's llava_hf adapter, batches of 2 (tiles of
+    several images in one pixel_values) against mmsink eval at batch size 1."""
+    from saved import save_llava_next
+
+    root, ids = task
+    model = save_llava_next(tmp_path / "next")
+    n = 4
+    samples, _ = lmms_eval(root, "next", "prune=fastv,budget=0.5,k=1", 2, model, ("synthvqa",), limit=n)
+    answers = mmsink_eval(
+        root, "next", "--prune", "fastv", "--budget", "0.5", "--opt", "k=1", "--limit", str(n), model=model
+    )
+    check_same(samples, {"synthvqa": ids["synthvqa"][:n]}, answers)
+    logged = [s["token_counts"][0]["mmsink"] for s in samples["synthvqa"]]
+    assert [f["batch_size"] for f in logged] == [2] * n
+    assert all(f["kept_tokens_final"] < f["visual_tokens"] for f in logged)
