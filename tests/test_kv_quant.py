@@ -44,25 +44,26 @@ def check_groups(plain, quant, valid, full, group: int, bits: int):
     """Plain loops: every complete group of non-full slots is min-max quantized within half a step (keys
     per channel over the group's tokens, values per token over channel groups); the rest is bitwise."""
     levels = 2**bits - 1
-    for lp, lq in zip(plain.layers, quant.layers, strict=True):
+    for lp, layer in zip(plain.layers, quant.layers, strict=True):
+        keys, values = layer.full(valid, group)  # dequantized from the stored codes
         for b in range(valid.shape[0]):
             slots = valid[b].nonzero()[:, 0].tolist()
             complete = len(slots) // group * group
             untouched = [s for i, s in enumerate(slots) if i >= complete or full[b, s]]
-            assert torch.equal(lq.keys[b][:, untouched], lp.keys[b][:, untouched])
-            assert torch.equal(lq.values[b][:, untouched], lp.values[b][:, untouched])
+            assert torch.equal(keys[b][:, untouched], lp.keys[b][:, untouched])
+            assert torch.equal(values[b][:, untouched], lp.values[b][:, untouched])
             for g in range(complete // group):
                 members = [s for s in slots[g * group : (g + 1) * group] if not full[b, s]]
                 k = lp.keys[b][:, members]  # [H, n, D]
                 step = (k.amax(1, keepdim=True) - k.amin(1, keepdim=True)) / levels
-                assert ((lq.keys[b][:, members] - k).abs() <= step / 2 + 1e-6).all()
+                assert ((keys[b][:, members] - k).abs() <= step / 2 + 1e-6).all()
                 v = lp.values[b][:, members]
                 d = v.shape[-1]
                 vg = v.view(*v.shape[:2], d // min(group, d), min(group, d))
                 vstep = ((vg.amax(-1, keepdim=True) - vg.amin(-1, keepdim=True)) / levels).expand_as(vg)
-                err = (lq.values[b][:, members] - v).abs().view_as(vg)
+                err = (values[b][:, members] - v).abs().view_as(vg)
                 assert (err <= vstep / 2 + 1e-6).all()
-                assert not torch.equal(lq.keys[b][:, members], k)  # it did quantize
+                assert not torch.equal(keys[b][:, members], k)  # it did quantize
 
 
 @pytest.mark.parametrize("bits,keep", [("int4", True), ("int2", True), ("int8", False)])
@@ -107,7 +108,8 @@ def test_batched_equals_per_sample(model):
                 torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
             qa, qb = out.past_key_values, alone.past_key_values
             for la, lb in zip(qa.layers, qb.layers, strict=True):
-                torch.testing.assert_close(la.keys[i][:, qa.valid[i]], lb.keys[0][:, qb.valid[0]])
+                ka, kb = la.full(qa.valid, 8)[0], lb.full(qb.valid, 8)[0]
+                torch.testing.assert_close(ka[i][:, qa.valid[i]], kb[0][:, qb.valid[0]])
 
 
 def test_auto_sinks_stay_in_full_precision():
@@ -126,7 +128,7 @@ def test_auto_sinks_stay_in_full_precision():
     full = quant.valid & ((quant.valid.long().cumsum(1) - 1 < 1) | quant.sink)
     check_groups(plain, quant, quant.valid, full, 8, 4)
     for lp, lq in zip(plain.layers, quant.layers, strict=True):
-        assert torch.equal(lq.keys[0][:, col], lp.keys[0][:, col])
+        assert torch.equal(lq.full(quant.valid, 8)[0][0][:, col], lp.keys[0][:, col])
 
 
 def test_qwen_m_rope_sixteen_bits_equal_the_plain_cache():
@@ -142,3 +144,24 @@ def test_qwen_m_rope_sixteen_bits_equal_the_plain_cache():
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_storage_is_low_bit(model, bits):
+    """Bytes held == a count from the format: packed codes (bits per value), one fp32 scale and minimum
+    per group, full-precision tails and sinks; int4 holds well under half of the fp32 cache."""
+    inputs = batch(prompts())
+    g, sinks = 8, 4
+    quant = prefill(model, inputs, {"quant": f"int{bits}", "group_size": g, "sinks": sinks})
+    text = model.config.text_config
+    h, d = text.num_key_value_heads, text.head_dim
+    want = 0
+    for n in quant.valid.sum(1).tolist():  # per sample: n real tokens, the first ``sinks`` exact
+        q = n // g * g
+        want += q * h * d * bits // 8 * 2  # key and value codes
+        want += (h * (q // g) * d + h * q * (d // min(g, d))) * 2 * 4  # scale and minimum per group
+        want += (n - q + sinks) * h * d * 4 * 2  # tail and sinks, fp32 keys and values
+    assert quant.nbytes() == want * len(quant.layers)
+    plain = sum(2 * n * h * d * 4 for n in quant.valid.sum(1).tolist()) * len(quant.layers)
+    if bits == 4:
+        assert quant.nbytes() < 0.5 * plain

@@ -77,6 +77,11 @@ class KVConfig:
         if self.quant not in BITS:
             raise ValueError(f"mmsink: kv quant must be one of {sorted(BITS)}, got {self.quant!r}")
         self.bits = BITS[self.quant]
+        if self.bits in (2, 4) and not _has_quanto():
+            raise ValueError(
+                f"mmsink: kv quant {self.quant} stores packed codes through optimum-quanto: "
+                "pip install 'optimum-quanto>=0.2.5' (or mmsink[kv])"
+            )
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
             raise ValueError(f"mmsink: kv group_size must be an int >= 2, got {self.group_size!r}")
         if not isinstance(self.keep_sinks, bool):
@@ -144,6 +149,15 @@ class KVConfig:
         from .hooks import install
 
         return install(self, handle)
+
+
+def _has_quanto() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("optimum.quanto") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def make_config(kv) -> KVConfig | None:

@@ -1,0 +1,183 @@
+"""Low-bit storage of the KVSink cache: packed integers per quantization group, sinks in full precision.
+
+2 and 4 bits go through optimum-quanto (``MaxOptimizer`` + ``quantize_weight``: asymmetric min-max,
+packed two / four values per byte), one quanto row per group: keys per channel over ``group_size``
+tokens, values per token over ``group_size`` channels. quanto has no asymmetric grouped 8-bit type
+(its ``qint8`` is symmetric, per axis), so 8 and 16 bits are stored here by hand (uint8 / int32 codes,
+a scale and a minimum per group). Why not transformers' ``QuantizedCache`` (which wraps the same
+backends): its axes are 0 / -1 of the whole [B, H, T, D] tensor (no per-channel keys over token groups),
+it re-quantizes the whole cache at every flush, groups by slot (left padding moves them), and has no
+way to leave sinks out of the scales or keep them exact.
+
+Per layer and sample (``Part``): the quantized groups (chunks in rank order), the full-precision tail
+(tokens of the incomplete group), and the sinks of quantized groups (their ranks and exact keys /
+values). Sinks are left out of the key scales (their entries take the group's smallest non-sink value
+before quantizing) and written back exactly after dequantizing. The attention input is assembled per
+forward (as ``QuantizedCache`` does), left-padded like the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+def pack(rows: torch.Tensor, bits: int):
+    """Quantize rows [N, g] (one group each), asymmetric min-max."""
+    if bits in (2, 4):
+        from optimum.quanto import MaxOptimizer, qint2, qint4, quantize_weight
+
+        qtype = qint4 if bits == 4 else qint2
+        scale, shift = MaxOptimizer()(rows, qtype, 0, rows.shape[1])
+        return quantize_weight(rows, qtype, 0, scale, shift, rows.shape[1])
+    x = rows.float()
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-12)
+    q = ((x - lo) / scale).round().clamp(0, 2**bits - 1).to(torch.uint8 if bits == 8 else torch.int32)
+    return q, scale.to(rows.dtype), lo.to(rows.dtype)
+
+
+def unpack(stored, dtype) -> torch.Tensor:
+    if isinstance(stored, tuple):
+        q, scale, lo = stored
+        return (q.float() * scale.float() + lo.float()).to(dtype)
+    return stored.dequantize().to(dtype)
+
+
+def stored_bytes(stored) -> int:
+    if isinstance(stored, tuple):
+        return sum(t.numel() * t.element_size() for t in stored)
+    total = 0
+    for t in (stored._data, stored._scale, stored._shift):
+        inner = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else []
+        parts = [getattr(t, n) for n in inner] if inner else [t]
+        total += sum(p.numel() * p.element_size() for p in parts)
+    return total
+
+
+@dataclass
+class Chunk:
+    """Groups quantized together: keys rows [H * n * D, g], values rows [H * n * g * (D / cg), cg]."""
+
+    keys: object
+    values: object
+    tokens: int  # n * g
+
+    def unpack(self, h: int, d: int, g: int, dtype):
+        n, cg = self.tokens // g, min(g, d)
+        k = unpack(self.keys, dtype).view(h, n, d, g).permute(0, 1, 3, 2).reshape(h, n * g, d)
+        v = unpack(self.values, dtype).view(h, n * g, d // cg, cg).reshape(h, n * g, d)
+        return k, v
+
+
+@dataclass
+class Part:
+    """One sample's storage in one layer (rank order). Tensors are replaced, never edited in place, so
+    beams may share a Part's tensors."""
+
+    chunks: list = field(default_factory=list)
+    tail_k: torch.Tensor | None = None  # [H, r, D] full precision, not yet quantized
+    tail_v: torch.Tensor | None = None
+    sink_rank: list = field(default_factory=list)  # ranks of exact sinks inside the chunks
+    sink_k: list = field(default_factory=list)  # [H, D] each
+    sink_v: list = field(default_factory=list)
+
+    def copy(self) -> Part:
+        return Part(list(self.chunks), self.tail_k, self.tail_v, *(list(x) for x in self.sinks()))
+
+    def sinks(self):
+        return self.sink_rank, self.sink_k, self.sink_v
+
+
+def seal(part: Part, n: int, sink: torch.Tensor, g: int, bits: int) -> None:
+    """Quantize the first ``n`` tail tokens (whole groups) of ``part``; ``sink`` [n] bool: kept exact."""
+    k, v = part.tail_k[:, :n], part.tail_v[:, :n]
+    h, _, d = k.shape
+    done = sum(c.tokens for c in part.chunks)
+    for j in sink.nonzero()[:, 0].tolist():
+        part.sink_rank.append(done + j)
+        part.sink_k.append(k[:, j])
+        part.sink_v.append(v[:, j])
+    rows = k.reshape(h, n // g, g, d).permute(0, 1, 3, 2)  # [H, n/g, D, g]: a channel over a group
+    mask = sink.view(1, n // g, 1, g).expand_as(rows)
+    floor = torch.where(mask, float("inf"), rows.float()).amin(-1, keepdim=True)
+    floor = torch.where(torch.isfinite(floor), floor, 0).to(rows.dtype)
+    rows = torch.where(mask, floor.expand_as(rows), rows)  # sinks out of the scales
+    cg = min(g, d)
+    vrows = v.reshape(h * n * (d // cg), cg)
+    part.chunks.append(Chunk(pack(rows.reshape(-1, g), bits), pack(vrows, bits), n))
+    part.tail_k, part.tail_v = part.tail_k[:, n:], part.tail_v[:, n:]
+
+
+def assemble(part: Part, g: int, dtype):
+    """[H, n, D] keys and values of the sample, in rank order."""
+    h, _, d = part.tail_k.shape
+    ks, vs = [], []
+    for c in part.chunks:
+        k, v = c.unpack(h, d, g, dtype)
+        ks.append(k)
+        vs.append(v)
+    k, v = torch.cat(ks + [part.tail_k], 1), torch.cat(vs + [part.tail_v], 1)
+    if part.sink_rank:
+        at = torch.tensor(part.sink_rank, device=k.device)
+        k, v = (
+            k.index_copy(1, at, torch.stack(part.sink_k, 1)),
+            v.index_copy(1, at, torch.stack(part.sink_v, 1)),
+        )
+    return k, v
+
+
+class QuantLayer(DynamicLayer):
+    """A cache layer that stores per sample (``parts``) and hands attention the assembled keys / values
+    [B, H, T, D], slots as the cache's ``valid`` (left-padded; padding slots are zeros)."""
+
+    def put(self, key_states, value_states, valid, g: int):
+        b, h, q, d = key_states.shape
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            empty = key_states.new_zeros(h, 0, d)
+            self.parts = [Part(tail_k=empty, tail_v=empty) for _ in range(b)]
+        new = valid[:, -q:].to(key_states.device)
+        for i, p in enumerate(self.parts):
+            p.tail_k = torch.cat([p.tail_k, key_states[i][:, new[i]]], 1)
+            p.tail_v = torch.cat([p.tail_v, value_states[i][:, new[i]]], 1)
+        return self.full(valid, g)
+
+    def full(self, valid, g: int):
+        b, t = valid.shape
+        h, d = self.parts[0].tail_k.shape[0], self.parts[0].tail_k.shape[2]
+        dev, dtype = self.parts[0].tail_k.device, self.dtype
+        keys = torch.zeros(b, h, t, d, dtype=dtype, device=dev)
+        values = torch.zeros_like(keys)
+        valid = valid.to(dev)
+        for i, p in enumerate(self.parts):
+            k, v = assemble(p, g, dtype)
+            keys[i][:, valid[i]] = k
+            values[i][:, valid[i]] = v
+        return keys, values
+
+    def nbytes(self) -> int:
+        """Bytes held: packed groups with their scales, full-precision tails and sinks."""
+        total = 0
+        for p in self.parts:
+            total += sum(stored_bytes(c.keys) + stored_bytes(c.values) for c in p.chunks)
+            for t in [p.tail_k, p.tail_v, *p.sink_k, *p.sink_v]:
+                total += t.numel() * t.element_size()
+        return total
+
+    def get_seq_length(self) -> int:
+        return max((p.tail_k.shape[1] + sum(c.tokens for c in p.chunks) for p in self.parts), default=0)
+
+    def reorder_cache(self, beam_idx) -> None:
+        if self.is_initialized:
+            self.parts = [self.parts[i].copy() for i in beam_idx.tolist()]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.parts = [p.copy() for p in self.parts for _ in range(repeats)]
+
+    def batch_select_indices(self, indices) -> None:
+        if self.is_initialized:
+            self.parts = [self.parts[i].copy() for i in torch.as_tensor(indices).tolist()]
