@@ -161,3 +161,29 @@ def test_var_is_refused(model):
         mmsink.wrap(model, var={"sink_dims": (1,)}, kv={"window": 8})
     with pytest.raises(ValueError, match="quant does not combine with prune"):
         mmsink.wrap(model, prune="fastv", kv={"quant": "int4"})
+
+
+def test_qwen_pruned_window_batched_equals_per_sample():
+    """Qwen2-VL: FastV, then eviction on 3-D positions; covering window == pruned plain cache, batched ==
+    per sample (the kept image tokens keep their grid layout through the run rule)."""
+    from test_kv_mrope import SPECS, one_of
+    from tiny import qwen_batch, tiny_qwen
+
+    model = tiny_qwen(layers=4)
+    inputs, ps = qwen_batch(SPECS)
+    mmsink.wrap(model, prune="fastv", budget=3)
+    ref = run(model, inputs, 8)
+    mmsink.wrap(model, prune="fastv", budget=3, kv={"window": 10_000})
+    out = run(model, inputs, 8)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    mmsink.wrap(model, prune="fastv", budget=3, kv={"window": 8, "sinks": 7})
+    out = run(model, inputs, 12)
+    assert isinstance(out.past_key_values, PlanWindowCache) and out.past_key_values.compacted
+    width = inputs["input_ids"].shape[1]
+    for i, p in enumerate(ps):
+        alone = run(model, one_of(inputs, ps, i), 12)
+        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
+        for a, b in zip(out.scores, alone.scores, strict=True):
+            torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
