@@ -14,7 +14,9 @@ def capture(fn):
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # torch's default capture stream is made once, on the device current at the first capture: capturing
+    # for another GPU (a model split over GPUs) needs a stream of that GPU
+    with torch.cuda.graph(graph, stream=side):
         out = fn()
     return out, graph.replay
 
