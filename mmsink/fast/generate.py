@@ -135,8 +135,8 @@ def generate_fast(
     var_on = handle is not None and handle.var is not None and handle.enabled
     if handle is not None and handle.enabled and getattr(handle, "kv", None) is not None:
         raise ValueError(
-            "mmsink: generate_fast does not run the kv= sink + window cache yet (its decode buffers are "
-            "static per layer, the window evicts and re-positions); use model.generate"
+            "mmsink: generate_fast does not run the kv= caches yet (window, quant, sparse: its decode"
+            " buffers are static per layer); use model.generate"
         )
     devices, dispatched = placement(model)
     if any(d.type == "meta" for d in devices):
