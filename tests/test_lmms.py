@@ -168,3 +168,29 @@ def test_llava_next_batched_same_answers(task, tmp_path):
     logged = [s["token_counts"][0]["mmsink"] for s in samples["synthvqa"]]
     assert [f["batch_size"] for f in logged] == [2] * n
     assert all(f["kept_tokens_final"] < f["visual_tokens"] for f in logged)
+
+
+def test_batch_inputs_equal_the_processors_batch(tmp_path):
+    """Requests built one at a time and joined by mmsink.lmms.batching equal the processor's own padded batch
+    (LLaVA-NeXT: images of other shapes give other tile counts, prompts of other lengths)."""
+    import torch
+    from PIL import Image
+    from saved import save_llava_next
+    from transformers import AutoProcessor
+
+    from mmsink.lmms.batching import batch_inputs
+
+    processor = AutoProcessor.from_pretrained(save_llava_next(tmp_path / "next"))
+    processor.tokenizer.padding_side = "left"
+    images = [Image.new("RGB", (224, 224), "red"), Image.new("RGB", (300, 100), "blue")]
+    texts = [
+        "<image>\nWhat color is the square?",
+        "<image>\nIs there a red shape? How many circles are there?",
+    ]
+    one = [dict(processor(images=[i], text=[t], return_tensors="pt")) for i, t in zip(images, texts)]
+    both = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    assert one[0]["pixel_values"].shape[1] != one[1]["pixel_values"].shape[1]  # other tile counts
+    joined = batch_inputs(one, processor.tokenizer.pad_token_id)
+    assert set(joined) == set(both)
+    for key, value in both.items():
+        assert torch.equal(joined[key], value), key
