@@ -8,7 +8,7 @@ from tiny import batch, pixels_of, prompt, qwen_batch, tiny_llava, tiny_qwen
 
 import mmsink
 from mmsink.api import get_handle
-from mmsink.kv.sparse import SparseCache
+from mmsink.kv.sparse import PlanSparseCache, SparseCache
 
 GEN = dict(do_sample=False, return_dict_in_generate=True, output_scores=True)
 
@@ -128,9 +128,68 @@ def test_sparse_differs_from_dense_when_it_must(model):
             assert not torch.allclose(a, b, atol=1e-3)
 
 
+def test_after_a_pruned_prefill(model):
+    """FastV, then LFPS: top-k covering the context == the pruned plain cache; each layer chooses among
+    its own slots (a pruned layer's == the plain-loop rule on its slots); batched == per sample."""
+    inputs = batch(prompts())
+    mmsink.wrap(model, prune="fastv", budget=4)
+    ref = run(model, inputs, 8)
+    mmsink.wrap(model, prune="fastv", budget=4, kv={"sparse": "lfps", "topk": 1000, "dense_steps": 1})
+    out = run(model, inputs, 8)
+    assert isinstance(out.past_key_values, PlanSparseCache)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    mmsink.wrap(model, prune="fastv", budget=4, kv={"sparse": "lfps", "topk": 9})
+    out = run(model, inputs, 10)
+    cache = out.past_key_values
+    cache_trace(model, inputs, cache)
+    width = inputs["input_ids"].shape[1]
+    for i, p in enumerate(prompts()):
+        one = batch([p])
+        one["pixel_values"] = pixels_of(inputs, prompts(), i)
+        alone = run(model, one, 10)
+        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
+        for a, b in zip(out.scores, alone.scores, strict=True):
+            torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
+
+
+def cache_trace(model, inputs, done):
+    """Rerun with a trace and check a pruned layer's choices against the plain rule on its slots."""
+    cfg, seen = done.cfg, []
+
+    def start_trace(module, args, kwargs, output):  # after the prefill: record the decode steps
+        cache = kwargs["past_key_values"]
+        if cache.trace is None:
+            cache.trace = []
+            seen.append(cache)
+
+    h = model.register_forward_hook(start_trace, with_kwargs=True)
+    try:
+        run(model, inputs, 10)
+    finally:
+        h.remove()
+    cache = seen[0]
+    scale = model.config.text_config.head_dim**-0.5
+    prev: dict = {}
+    layers = len(model.model.language_model.layers)
+    pruned = [
+        i for i in range(layers) if cache.segment_valid[cache.layer_segment[i]].shape[1] < done.valid.shape[1]
+    ]
+    assert pruned
+    for n, (layer, q, keys, slots) in enumerate(cache.trace):
+        step = n // layers
+        valid = cache.key_valid(layer)[:, : keys.shape[2]]
+        want = reference_choice(
+            q, keys, valid, prev.get(layer), cfg.topk, cfg.expand, step < cfg.dense_steps, scale
+        )
+        assert [[set(s[s >= 0].tolist()) for s in row] for row in slots] == want
+        prev[layer] = [[sorted(s) for s in row] for row in want]
+
+
 def test_refused(model):
-    with pytest.raises(ValueError, match="sparse does not combine with prune"):
-        mmsink.wrap(model, prune="fastv", kv={"sparse": "lfps"})
+    with pytest.raises(ValueError, match="sparse does not combine with window"):
+        mmsink.wrap(model, kv={"sparse": "lfps", "window": 8})
     mmsink.wrap(model, kv={"sparse": "lfps"})
     with pytest.raises(ValueError, match="generate_fast does not run the kv="):
         mmsink.generate_fast(model, max_new_tokens=2, **batch(prompts()))

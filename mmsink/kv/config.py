@@ -91,13 +91,13 @@ class KVConfig:
         """The cache of a fresh forward; ``planned``: a pruned prefill (the plan's per-layer segments)."""
         from .planned import PlanWindowCache
         from .quant import QuantCache
-        from .sparse import SparseCache
+        from .sparse import PlanSparseCache, SparseCache
         from .window import WindowCache
 
+        if self.sparse:
+            return (PlanSparseCache if planned else SparseCache)(self, inv_freq)
         if planned:
             return PlanWindowCache(self, inv_freq)
-        if self.sparse:
-            return SparseCache(self, inv_freq)
         return (QuantCache if self.quant else WindowCache)(self, inv_freq)
 
     def check(self, handle) -> None:
@@ -109,8 +109,6 @@ class KVConfig:
                 "through evictions and quantization)"
             )
         if self.sparse is not None:
-            if handle.pruner is not None or handle.sinks is not None:
-                raise ValueError("mmsink: kv sparse does not combine with prune= / sink_forward= yet")
             self.check_auto(handle)
             return
         if self.quant is not None:

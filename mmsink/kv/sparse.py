@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ..core.cache import PlanCache
 from .window import WindowCache
 
 
@@ -81,13 +82,20 @@ class SparseCache(WindowCache):
 
     def __init__(self, cfg, inv_freq):
         super().__init__(cfg, inv_freq)
+        self.init_sparse()
+
+    def init_sparse(self) -> None:
         self.hist: dict = {}
         self.steps = 0  # decode steps since the last multi-token forward
         self.trace: list | None = None
 
+    def key_valid(self, layer: int) -> torch.Tensor:
+        """[B, T] the real key slots of ``layer``."""
+        return self.valid
+
     def attend(self, layer: int, query, key, value, mask, scaling, base):
         cfg = self.cfg
-        valid = self.valid.to(query.device)
+        valid = self.key_valid(layer).to(query.device)
         dense = self.steps < cfg.dense_steps
         k = key.shape[2] if dense else cfg.topk  # a dense step attends to every key
         scores, slots = select(
@@ -121,3 +129,19 @@ class SparseCache(WindowCache):
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
         self.hist = {k: h[indices] for k, h in self.hist.items()}
+
+
+class PlanSparseCache(SparseCache, PlanCache):
+    """LFPS after a pruned prefill: each layer chooses among its own segment's slots."""
+
+    def __init__(self, cfg, inv_freq):
+        PlanCache.__init__(self)
+        self.layer_class_to_replicate = DynamicLayer
+        self.init_window(cfg, inv_freq)
+        self.init_sparse()
+        self.prefill = None  # set by the hooks; unused here
+
+    def key_valid(self, layer: int) -> torch.Tensor:
+        if not self.planned:
+            return self.valid
+        return self.segment_valid[self.layer_segment[layer]]
