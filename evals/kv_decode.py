@@ -26,7 +26,8 @@ import mmsink
 MODES = {
     "dense": None,
     "window 2048 + 4 sinks": {"window": 2048, "sinks": 4},
-    "int4, 4 sinks kept": {"quant": "int4", "group_size": 32, "sinks": 4},
+    "int4 g32, 4 sinks kept": {"quant": "int4", "group_size": 32, "sinks": 4},
+    "int4 g64, 4 sinks kept": {"quant": "int4", "group_size": 64, "sinks": 4},
     "lfps top-512": {"sparse": "lfps", "topk": 512},
 }
 
