@@ -11,9 +11,9 @@ set -u
 export PYTHONPATH=$PWD
 PARTS=${PARTS:-ab}
 if [ "${WAVE2_TINY:-0}" = 1 ]; then
-  S1=tiny-cpu SN=tiny-next-cpu DEV=cpu R=1 RN=1 K=1 E2E=2 NEW=2 MAXB=2 SECS=60 SR=1 B16=2 SCALE=0
+  S1=tiny-cpu SN=tiny-next-cpu DEV=cpu R=1 RN=1 K=1 K1=1 E2E=2 NEW=2 MAXB=2 SECS=60 SR=1 B16=2 SCALE=0
 else
-  S1=llava-1.5-7b SN=llava-next-7b DEV=cuda R=3 RN=5 K=16 E2E=16 NEW=64 MAXB=256 SECS=25 SR=2 B16=16 SCALE=1
+  S1=llava-1.5-7b SN=llava-next-7b DEV=cuda R=3 RN=5 K=16 K1=32 E2E=16 NEW=64 MAXB=256 SECS=25 SR=2 B16=16 SCALE=1
 fi
 TMP=$(mktemp -d)
 LOG=$OUT/wave2.log
@@ -36,7 +36,7 @@ if [[ $PARTS == *a* ]]; then
     | tail -4 | tee -a "$LOG"
   # (2) LLaVA-1.5-7B bs 1 and 16, budget 64, the decode column now from generate_fast: ~1.5 and ~2 min
   bench llava_b1 100 --shape $S1 --batch 1 --reps $R --methods fastv,dart,visipruner,visionzip \
-    --budgets 64 --decode-tokens $K
+    --budgets 64 --decode-tokens $K1
   bench llava_b16 120 --shape $S1 --batch $B16 --reps $R --methods fastv,dart,visipruner,visionzip \
     --budgets 64 --decode-tokens $K
   # (3) LLaVA-NeXT-7B bs 1 TTFT at 320 (alternated HF prefill / graphed unpruned / method): ~2.5 min
