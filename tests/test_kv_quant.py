@@ -165,3 +165,29 @@ def test_storage_is_low_bit(model, bits):
     plain = sum(2 * n * h * d * 4 for n in quant.valid.sum(1).tolist()) * len(quant.layers)
     if bits == 4:
         assert quant.nbytes() < 0.5 * plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,rows,group", [(4, 7, 32), (2, 13, 16), (4, 64, 128)])
+def test_codes_unpacked_here_equal_quantos_dequantize(monkeypatch, dtype, bits, rows, group):
+    """The store dequantizes without quanto's unpack op (a C++ extension built on first use on CUDA):
+    bitwise equal to quanto's own ``dequantize()``; bf16 groups of 128 stay in the plain packed layout
+    (quanto would swap in TinyGemm's, whose bytes and scales the store could not count)."""
+    from optimum.quanto import WeightQBitsTensor
+    from optimum.quanto.tensor.packed import PackedTensor
+
+    from mmsink.kv.store import pack, stored_bytes, unpack
+
+    x = torch.randn(rows, group, generator=torch.Generator().manual_seed(bits + rows), dtype=dtype)
+    stored = pack(x, bits)
+    assert type(stored) is WeightQBitsTensor
+    want = stored.dequantize()
+    monkeypatch.setattr(PackedTensor, "unpack", lambda self: pytest.fail("quanto's unpack op was called"))
+    got = unpack(stored, dtype)
+    assert torch.equal(got, want.to(dtype))
+    step = (x.float().amax(1, keepdim=True) - x.float().amin(1, keepdim=True)) / (2**bits - 1)
+    eps = torch.finfo(dtype).eps  # bf16 rounds scale, minimum and result: a few ulps of the row's range
+    slack = 4 * eps * x.float().abs().amax(1, keepdim=True) + 1e-6
+    assert ((got.float() - x.float()).abs() <= step / 2 + slack).all()
+    scale_bytes = 2 * rows * x.element_size()
+    assert stored_bytes(stored) == (rows + (-rows) % (8 // bits)) * group * bits // 8 + scale_bytes

@@ -31,7 +31,8 @@ def pack(rows: torch.Tensor, bits: int):
 
         qtype = qint4 if bits == 4 else qint2
         scale, shift = MaxOptimizer()(rows, qtype, 0, rows.shape[1])
-        return quantize_weight(rows, qtype, 0, scale, shift, rows.shape[1])
+        # optimized=False: the plain packed layout (quanto swaps in TinyGemm's for bf16 groups of 128)
+        return quantize_weight(rows, qtype, 0, scale, shift, rows.shape[1], optimized=False)
     x = rows.float()
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
     scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-12)
@@ -43,7 +44,24 @@ def unpack(stored, dtype) -> torch.Tensor:
     if isinstance(stored, tuple):
         q, scale, lo = stored
         return (q.float() * scale.float() + lo.float()).to(dtype)
-    return stored.dequantize().to(dtype)
+    return dequantize(stored).to(dtype)
+
+
+def codes(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """The uint8 codes of quanto's packed rows: row block i of the codes sits in bits [i * bits, (i + 1) *
+    bits) of each byte. By hand because quanto's CUDA unpack is a C++ extension compiled on first use
+    (ninja and nvcc, minutes), which a GPU machine without a compiler cannot run."""
+    mask = 2**bits - 1
+    return torch.cat([(packed >> (bits * i)) & mask for i in range(8 // bits)])[:rows]
+
+
+def dequantize(stored) -> torch.Tensor:
+    """A plain ``WeightQBitsTensor`` [N, g] (axis 0, one group per row), as its ``dequantize()`` computes."""
+    q = codes(stored._data._data, stored._data.bits, stored.shape[0])
+    shift = stored._shift
+    if shift.dtype.is_floating_point:
+        return stored._scale * q - shift
+    return stored._scale * (q.to(torch.int8) - shift.to(torch.int8))
 
 
 def stored_bytes(stored) -> int:
