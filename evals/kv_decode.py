@@ -8,8 +8,11 @@ bytes held after the run, peak memory; and, separately, one layer's decode atten
 context: SDPA over every key against LFPS's ``select`` + ``attend`` (topk 512, history of the previous
 step as random slots), the issue's ">= 3x faster attention at 32k" goal.
 
-    python -m mmsink.evals.kv_decode --out evals/results/kv_decode            # CUDA, ~3 min
-    python -m mmsink.evals.kv_decode --tiny --contexts 256 --steps 4 --out /tmp/kvd   # CPU smoke run
+    python -m evals.kv_decode --out evals/results/kv_decode            # CUDA, ~3 min
+    python -m evals.kv_decode --tiny --contexts 256 --steps 4 --out /tmp/kvd   # CPU smoke run
+
+The JSON and table are rewritten after every row, so a run cut by a time limit keeps what it measured.
+On the H200 (no network, no optimum-quanto): ``bash evals/results/kv_decode/run.sh``.
 """
 
 from __future__ import annotations
@@ -136,17 +139,29 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="64-wide model (CPU smoke run)")
+    ap.add_argument("--modes", default=";".join(MODES), help="';'-separated subset of: " + "; ".join(MODES))
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(args.layers, args.tiny, device, dtype)
+    modes = [m.strip() for m in args.modes.split(";")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"kv_decode: unknown mode(s) {unknown}; known: {list(MODES)}")
+    meta = dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        layers=args.layers,
+        steps=args.steps,
+        dtype=str(dtype),
+    )
     rows, attn = [], []
     for ctx in (int(c) for c in args.contexts.split(",")):
         ids = torch.randint(
             3, 32000, (1, ctx), device=device, generator=torch.Generator(device=device).manual_seed(ctx)
         )
-        for name, kv in MODES.items():
+        for name in modes:
+            kv = MODES[name]
             if kv is None:
                 if model.__dict__.get("_mmsink") is not None:
                     mmsink.unwrap(model)
@@ -155,22 +170,21 @@ def main(argv=None):
             ms, kvb, peak = decode_run(model, ids, args.steps, device)
             rows.append(dict(context=ctx, mode=name, ms_per_token=ms, kv_bytes=kvb, peak_bytes=peak))
             print(rows[-1], flush=True)
+            write(Path(args.out), meta, rows, attn)
         if model.__dict__.get("_mmsink") is not None:
             mmsink.unwrap(model)
         if not args.tiny:
             attn.append(dict(context=ctx, **attention_only(ctx, device, dtype)))
             print(attn[-1], flush=True)
-    out = Path(args.out)
+            write(Path(args.out), meta, rows, attn)
+
+
+def write(out: Path, meta: dict, rows: list, attn: list) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        layers=args.layers,
-        steps=args.steps,
-        dtype=str(dtype),
-    )
     (out / "kv_decode.json").write_text(json.dumps(dict(meta=meta, decode=rows, attention=attn), indent=1))
     lines = [
-        f"# KV-cache modes, decode cost ({meta['device']}, {args.layers} layers of LLaMA-7B width, {dtype})",
+        f"# KV-cache modes, decode cost ({meta['device']}, {meta['layers']} layers of LLaMA-7B width, "
+        f"{meta['dtype']})",
         "",
         "| context | mode | ms / token | KV MiB | peak MiB |",
         "|---|---|---|---|---|",
