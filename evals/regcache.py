@@ -1,18 +1,21 @@
 """The vision tower quantized with and without RegCache on a synthvqa subset (issue 18).
 
-Per setting (W8A8, W6A6, W4A8, W4A4; fake quantization: per-channel weights, per-image activations), the
-answers' accuracy and the tower's output error (relative squared error of the projector's input against
-the unquantized tower without registers), quantized alone and with RegCache curated on ``--calib``
-training images (label-free: sensitive block by output error, tau by the quantized output error).
+Per setting (fp32, W8A8, W6A6, W4A8, W4A4; fake quantization: per-channel weights, per-image activations),
+the answers' accuracy and the tower's output error (relative squared error of the projector's input against
+the unquantized tower without registers), quantized alone, with RegCache curated on ``--calib`` training
+images (label-free: sensitive block by output error, tau by the quantized output error) and, with
+``--delete k``, RegCache plus the deletion of k patch tokens per image. Each invocation writes its rows to
+``<out>/parts/<settings>.json`` and rebuilds ``regcache.json`` / ``regcache.md`` from every part there, so
+settings can run as separate processes:
 
-    python -m mmsink.evals.regcache --model models/synthllava --questions 60 --calib 16 \
-        --out evals/results/regcache
+    python -m mmsink.evals.regcache --model models/synthllava --questions 300 --settings w8a8 --delete 4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from mmsink.tools.loading import load_model, prompt_for
 from .scorers import vqa_accuracy
 from .synthvqa import make_questions, make_scenes, render_scene
 
-SETTINGS = ("w8a8", "w6a6", "w4a8", "w4a4")
+SETTINGS = ("fp32", "w8a8", "w6a6", "w4a8", "w4a4")
 
 
 def encode(processor, texts, images, dtype):
@@ -76,8 +79,12 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--delete", type=int, default=0, help="also RegCache + deletion of k tokens per image")
     p.add_argument("--out", default="evals/results/regcache")
     a = p.parse_args(argv)
+    settings = a.settings.split(",")
+    if any(b not in SETTINGS for b in settings):
+        raise SystemExit(f"--settings: each of {SETTINGS}, got {a.settings!r}")
     model, processor = load_model(a.model, "cpu", "float32")
     scenes = make_scenes("test", a.questions, a.seed)
     questions, answers = make_questions(scenes, "test", a.seed, questions_per_scene=1)
@@ -96,44 +103,83 @@ def main(argv=None) -> None:
         for i in range(0, a.calib, 8)
     ]
     t0 = time.time()
-    rows = {"fp32": run(model, processor, questions, answers, images, a.batch)}
-    for bits in a.settings.split(","):
-        rc = regcache.curate(model, calib, quant=bits)
-        rows[bits] = run(model, processor, questions, answers, images, a.batch, quant_vision=bits)
-        rows[bits + "+regcache"] = {
-            **run(model, processor, questions, answers, images, a.batch, regcache=rc, quant_vision=bits),
-            "sensitive_block": rc.sensitive,
-            "tau": rc.tau,
-            "curation": rc.report,
-        }
-        print(bits, rows[bits], {k: v for k, v in rows[bits + "+regcache"].items() if k != "curation"})
-    write(Path(a.out), a, rows, time.time() - t0)
+    rows, go = {}, lambda **kw: run(model, processor, questions, answers, images, a.batch, **kw)  # noqa: E731
+    for bits in settings:
+        if bits == "fp32":
+            rows["fp32"] = {**go(), "tower_norms": tower_norms(model, calib)}
+            continue
+        rows[bits] = go(quant_vision=bits)
+        for name, k in [("+regcache", 0)] + ([("+regcache+delete", a.delete)] if a.delete else []):
+            rc = regcache.curate(model, calib, quant=bits, delete=k)
+            rows[bits + name] = {
+                **go(regcache=rc, quant_vision=bits),
+                **{"sensitive_block": rc.sensitive, "tau": rc.tau, "delete": k, "curation": rc.report},
+            }
+        print(bits, {k: (v["accuracy"], v["vit_rel_error"]) for k, v in rows.items() if k.startswith(bits)})
+    meta = {
+        "command": "python -m mmsink.evals.regcache " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": round(time.time() - t0, 1),
+    }
+    out = Path(a.out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    (out / "parts" / f"{'_'.join(settings)}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1)
+    )
+    write(out, a)
 
 
-def write(out: Path, a, rows: dict, seconds: float) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def tower_norms(model, calib) -> list:
+    """Per block input on the calibration images: max / median token L2 norm and the largest |h|."""
+    from mmsink.patches import family_for
+
+    inputs, _ = regcache.block_inputs(regcache.parts_of(family_for(model)), calib)
+    out = []
+    for rows in inputs:
+        n = rows.float().norm(dim=-1)
+        out.append(
+            {"max_over_median": round((n.max() / n.median()).item(), 3), "linf": rows.abs().max().item()}
+        )
+    return out
+
+
+def write(out: Path, a) -> None:
+    parts = [json.loads(f.read_text()) for f in sorted((out / "parts").glob("*.json"))]
+    rows = {k: v for p in parts for k, v in p["rows"].items()}
+    order = [s + t for s in SETTINGS for t in ("", "+regcache", "+regcache+delete")]
+    rows = {k: rows[k] for k in order if k in rows}
     meta = {
         "model": a.model,
         "questions": a.questions,
         "calib_images": a.calib,
         "seed": a.seed,
         "quantizer": "fake RTN, symmetric; weights per output channel, activations per image (per tensor)",
-        "seconds": round(seconds, 1),
+        "runs": [p["meta"] for p in parts],
     }
     (out / "regcache.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         f"# RegCache on {a.model} ({a.questions} synthvqa test questions, CPU)",
         "",
         f"Calibration: {a.calib} training images. {meta['quantizer']}.",
+        "ViT output error: relative squared error of the projector's input against the fp32 tower without",
+        "registers, mean over batches of 10 questions.",
         "",
-        "| setting | accuracy | ViT output rel. error | sensitive block | tau |",
-        "|---|---|---|---|---|",
+        "| setting | accuracy % | ViT output rel. error | sensitive block | tau | deleted / image |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['accuracy']} | {r['vit_rel_error']:.3g} | "
-            f"{r.get('sensitive_block', '')} | {r.get('tau', '')} |"
+            f"{r.get('sensitive_block', '')} | {r.get('tau', '')} | {r.get('delete', '')} |"
         )
+    if "fp32" in rows:
+        norms = rows["fp32"]["tower_norms"]
+        lines += [
+            "",
+            "Tower, per block input (calibration images): max / median token norm, largest |h|:",
+            "",
+        ]
+        lines += [f"- block {i}: {n['max_over_median']}, {n['linf']:.3g}" for i, n in enumerate(norms)]
+    lines += ["", "Commands (each wrote one part):", ""] + [f"    {p['meta']['command']}" for p in parts]
     (out / "regcache.md").write_text("\n".join(lines) + "\n")
 
 

@@ -65,6 +65,8 @@ def wrap(
     quant_cfg = fake.make_config(quant_vision)
     if regcache is not None and not isinstance(regcache, regcache_module.RegCache):
         raise ValueError("mmsink: regcache must be a RegCache from mmsink.sinks.regcache.curate, or None")
+    if regcache is not None and regcache.delete and getattr(pruner, "uses_vision", False):
+        raise ValueError(f"mmsink: regcache delete= does not combine with a vision-stage pruner ({prune})")
     family = family_for(model)
     tower = regcache_module.parts_of(family) if regcache is not None or quant_cfg is not None else None
     old = getattr(model, "__dict__", {}).get(ATTR)

@@ -148,4 +148,4 @@ def regcache_tower(model):
         return torch.cat([hs[i] for i in feature_layers(model)], -1)
 
     attns = [layer.self_attn for layer in layers]
-    return dict(tower=tower, blocks=layers, attns=attns, kv=kv, linears=linears, run=run)
+    return dict(tower=tower, blocks=layers, attns=attns, kv=kv, linears=linears, run=run, lead=1)

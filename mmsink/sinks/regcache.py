@@ -7,12 +7,17 @@ their keys and values averaged per block; at inference that cache, replicated ``
 to the keys and values of every block from ``start`` on (middle-layer prefixing). The registers are keys
 and values only: they are never queries, never pass a linear layer and never reach the projector, so a
 vision-stage pruner (VisionZip) scores the image's own tokens exactly as before.
-Not done here: the paper's deletion of the top-k remaining high-norm patch tokens at the sensitive block.
+Token deletion (``delete=k``, CLIP towers): at the sensitive block each image's (tile's) ``k`` patch tokens
+of largest L2 norm leave the sequence; the blocks from there on run without them (not as queries, keys or
+in the quantizer's scales), and each block's output at a deleted patch is the mean of the kept patches in
+its 3x3 neighbourhood (all kept patches if none), so the projector still gets the full grid. The fill rule
+is our reading of the paper's neighbour-mean fill for LLaVA.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from mmsink.core.attention import base_function
+from mmsink.core.bind import Bound
 from mmsink.quant import fake
 
 PREFIX = "mmsink_regcache_"
@@ -40,6 +46,7 @@ class TowerParts:
     images: Callable | None = (
         None  # tower (args, kwargs) -> [T] image of each packed row; None: rows are images
     )
+    lead: int | None = None  # tokens before the square patch grid (CLIP: [CLS], 1); None: no deletion
 
 
 @dataclasses.dataclass
@@ -50,10 +57,13 @@ class RegCache:
     sensitive: int  # the quantization-sensitive block the candidates come from
     start: int  # first block with the prefix
     report: dict = dataclasses.field(default_factory=dict)
+    delete: int = 0  # patch tokens per image deleted at ``sensitive`` (0: none)
 
     def __post_init__(self):
         if not isinstance(self.tau, int) or self.tau < 1:
             raise ValueError(f"mmsink: regcache tau must be an integer >= 1, got {self.tau!r}")
+        if not isinstance(self.delete, int) or self.delete < 0:
+            raise ValueError(f"mmsink: regcache delete must be an integer >= 0, got {self.delete!r}")
 
     def prefix(self, block: int):
         k, v = self.keys[block], self.values[block]
@@ -104,6 +114,8 @@ def install(model, parts: TowerParts, rc: RegCache | None, quant, enabled=lambda
     out = []
     if rc is not None:
         out += install_prefix(model, parts, rc, enabled)
+        if rc.delete:
+            out += install_delete(parts, rc, enabled)
     if quant is not None:
         state: dict = {}
         if parts.images is not None:
@@ -139,15 +151,75 @@ def install_prefix(model, parts: TowerParts, rc: RegCache, enabled) -> list:
     return out
 
 
+def install_delete(parts: TowerParts, rc: RegCache, enabled) -> list:
+    if parts.lead is None:
+        raise ValueError("mmsink: regcache delete= needs a CLIP tower (LLaVA-1.5 / NeXT), not this one")
+    state: dict = {}
+    return [
+        deleting(parts.blocks[i], i == rc.sensitive, rc.delete, parts.lead, state, enabled)
+        for i in range(rc.sensitive, len(parts.blocks))
+    ]
+
+
+def deleting(block, first: bool, k: int, lead: int, state: dict, enabled) -> Bound:
+    """``block.forward`` on the kept rows only; the first deleting block picks them (per image, the ``k``
+    patches of largest norm of its input) for the blocks after it, which each run in the same forward."""
+
+    def make(previous):
+        def forward(self, hidden_states, *args, **kwargs):
+            if not enabled():
+                return previous(hidden_states, *args, **kwargs)
+            if (args[0] if args else kwargs.get("attention_mask")) is not None:
+                raise ValueError("mmsink: regcache delete= needs a tower run without an attention mask")
+            b, n, d = hidden_states.shape
+            if first:
+                state["deleted"] = deleted_rows(hidden_states, k, lead)
+            deleted = state["deleted"]
+            idx = (~deleted).nonzero()[:, 1].view(b, n - k, 1).expand(-1, -1, d)
+            out = previous(hidden_states.gather(1, idx), *args, **kwargs)
+            return fill(hidden_states.new_zeros(b, n, d).scatter(1, idx, out), deleted, lead)
+
+        return forward
+
+    return Bound(block, "forward", make)
+
+
+def deleted_rows(h: torch.Tensor, k: int, lead: int) -> torch.Tensor:
+    """[B, N] bool: each image's ``k`` patch rows (after the ``lead`` ones) of largest L2 norm."""
+    if not 1 <= k < h.shape[1] - lead:
+        raise ValueError(f"mmsink: regcache delete must be in 1..{h.shape[1] - lead - 1}, got {k}")
+    top = fake.wide(h[:, lead:]).norm(dim=-1).topk(k, dim=1).indices + lead
+    return torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device).scatter(1, top, True)
+
+
+def fill(h: torch.Tensor, deleted: torch.Tensor, lead: int) -> torch.Tensor:
+    """``h`` with each deleted patch set to the mean of the kept patches in its 3x3 window on the grid."""
+    b, n, d = h.shape
+    g = math.isqrt(n - lead)
+    if g * g != n - lead:
+        raise ValueError(f"mmsink: regcache delete= needs a square patch grid, got {n - lead} patches")
+    x = h[:, lead:].transpose(1, 2).reshape(b, d, g, g)
+    kept = (~deleted[:, lead:]).to(h.dtype).view(b, 1, g, g)
+    total = F.avg_pool2d(x * kept, 3, 1, 1, divisor_override=1)
+    count = F.avg_pool2d(kept, 3, 1, 1, divisor_override=1)
+    every = (x * kept).sum((2, 3), keepdim=True) / kept.sum((2, 3), keepdim=True)
+    mean = torch.where(count > 0, total / count.clamp_min(1), every)
+    grid = torch.where(kept.bool(), x, mean).reshape(b, d, g * g).transpose(1, 2)
+    return torch.cat([h[:, :lead], grid], 1)
+
+
 # ---------------------------------------------------------------------------------------------- curation
 
 
-def curate(model, batches, quant="w8a8", tau=None, start=None, sensitive=None, candidates: int = 32):
+def curate(
+    model, batches, quant="w8a8", tau=None, start=None, sensitive=None, candidates: int = 32, delete: int = 0
+):
     """A RegCache for ``model`` from calibration ``batches`` (model inputs: dicts with ``pixel_values``
     and the family's image keys). ``sensitive``: the block the candidates come from (default: the block
     whose quantization alone, at ``quant``, moves the tower output most - the paper's label-free
     criterion); ``start``: first prefixed block (default: ``sensitive``); ``tau``: replicas of the cache
-    (default: the one of 1, 2, 4, 8, 15 with the smallest quantized output error)."""
+    (default: the one of 1, 2, 4, 8, 15 with the smallest quantized output error, with ``delete``);
+    ``delete``: patch tokens per image deleted at the sensitive block (see the module docstring)."""
     from mmsink.core.hooks import ATTR
     from mmsink.patches import family_for
 
@@ -157,6 +229,8 @@ def curate(model, batches, quant="w8a8", tau=None, start=None, sensitive=None, c
         raise ValueError("mmsink: regcache curation needs at least one calibration batch")
     if not isinstance(candidates, int) or candidates < 1:
         raise ValueError(f"mmsink: regcache candidates must be an integer >= 1, got {candidates!r}")
+    if not isinstance(delete, int) or delete < 0:
+        raise ValueError(f"mmsink: regcache delete must be an integer >= 0, got {delete!r}")
     qcfg = fake.make_config(quant)
     parts = parts_of(family_for(model))
     n = len(parts.blocks)
@@ -177,7 +251,7 @@ def curate(model, batches, quant="w8a8", tau=None, start=None, sensitive=None, c
         for i in range(start, n):
             k, v = parts.kv(i, inputs[i][top])
             keys[i], values[i] = k.float().mean(0), v.float().mean(0)
-    rc = RegCache(keys, values, tau or 1, sensitive, start, report)
+    rc = RegCache(keys, values, tau or 1, sensitive, start, report, delete)
     if tau is None and qcfg is not None:
         errs = {}
         for t in TAUS:
