@@ -1,0 +1,292 @@
+"""The KV-cache modes of issue 17 on a long multi-turn multimodal chat: accuracy, not speed.
+
+Two measurements on one model (``--model``; any LLaVA-style checkpoint with a chat template):
+
+- stream: one conversation of ``--images`` synthvqa images, ``--questions`` question / answer turns each
+  (an image is shown with its first question), fed one token per forward as StreamingLLM's evaluation
+  does; perplexity and argmax accuracy over the answer tokens, all of them and those past the model's
+  trained context. "full" is the plain model over the whole stream in one forward.
+- latest: ``--trials`` chats of N (``--earlier``) image + question + answer turns, then a new image and a
+  question about it; each turn is fed as one forward (the history through the mode's cache), the
+  last ``--tail`` tokens of the question and the answer one token per forward (decode steps, where
+  LFPS attends sparsely after its dense first steps). Right = every answer token (with the end token)
+  is the argmax, i.e. greedy decoding would answer exactly the reference.
+
+Modes: the full cache; sink + window and window only (StreamingLLM); KVSink int2 / int4 with the first
+4 tokens kept in full precision and without (keep_sinks off); LFPS top-k sparse decoding against dense.
+``--sink-dims`` (a model's massive-activation channels) adds the "auto" sink detection to the window and
+to int2 / int4 (for a model that has sinks; synthllava has none).
+
+    python -m evals.kv_stream --model models/synthllava --out evals/results/kv_stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mmsink
+
+SINKS = 4  # the paper's first tokens
+
+
+def modes(args) -> dict:
+    """Name -> kv settings (None: the plain cache)."""
+    dims = [int(d) for d in args.sink_dims.split(",")] if args.sink_dims else None
+    out = {"full": None}
+    for w in (int(x) for x in args.windows.split(",")):
+        out[f"window {w}"] = {"window": w, "sinks": 0}
+        out[f"{SINKS} sinks + window {w}"] = {"window": w, "sinks": SINKS}
+        if dims:
+            out[f"auto sinks + window {w}"] = {"window": w, "sinks": "auto", "sink_dims": dims}
+    for q in args.quant.split(","):
+        base = {"quant": q, "group_size": args.group}
+        out[f"{q} g{args.group}, {SINKS} sinks kept"] = dict(base, sinks=SINKS)
+        out[f"{q} g{args.group}, no sink kept"] = dict(base, sinks=SINKS, keep_sinks=False)
+        if dims:
+            out[f"{q} g{args.group}, auto sinks kept"] = dict(base, sinks="auto", sink_dims=dims)
+    for k in (int(x) for x in args.topk.split(",")):
+        out[f"lfps top-{k}"] = {"sparse": "lfps", "topk": k}
+    return out
+
+
+def build(processor, turns):
+    """turns: (image or None, question, answer). The chat's inputs, the token index where each message
+    ends (user messages end after the assistant prompt) and the answer-token mask."""
+    msgs, images, cuts = [], [], [0]
+    for image, question, answer in turns:
+        content = [{"type": "text", "text": question}]
+        if image is not None:
+            content.insert(0, {"type": "image"})
+            images.append(image)
+        msgs.append({"role": "user", "content": content})
+        for prompt in (True, False):
+            text = processor.apply_chat_template(msgs, add_generation_prompt=prompt)
+            cuts.append(len(processor(images=images or None, text=text)["input_ids"][0]))
+            if prompt:
+                msgs.append({"role": "assistant", "content": [{"type": "text", "text": str(answer)}]})
+    text = processor.apply_chat_template(msgs)
+    inputs = processor(images=images or None, text=text, return_tensors="pt")
+    ids = inputs["input_ids"][0]
+    if cuts[-1] != len(ids):
+        raise RuntimeError("kv_stream: the chat's prefixes tokenize differently from the whole chat")
+    answer = torch.zeros(len(ids), dtype=torch.bool)
+    for a, b in zip(cuts[1::2], cuts[2::2], strict=True):
+        answer[a:b] = True
+    return inputs, cuts, answer
+
+
+class _Stop(Exception):
+    pass
+
+
+def embeds_of(model, inputs) -> torch.Tensor:
+    """The language model's input embeddings (image features in place); the decoder does not run."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["e"] = kwargs["inputs_embeds"]
+        raise _Stop
+
+    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    return seen["e"]
+
+
+def feed(model, embeds, cuts, kv) -> torch.Tensor:
+    """Logits [T, V] of the stream fed as the chunks [cuts[i], cuts[i + 1]) through one cache."""
+    if kv is not None:
+        mmsink.wrap(model, kv=kv)
+    try:
+        cache, rows = None, []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            out = model(inputs_embeds=embeds[:, a:b], past_key_values=cache, use_cache=True)
+            cache, rows = out.past_key_values, rows + [out.logits[0]]
+        return torch.cat(rows)
+    finally:
+        if kv is not None:
+            mmsink.unwrap(model)
+
+
+def scores(logits, ids, sel) -> tuple:
+    """Summed NLL, tokens predicted right (argmax) and count over the tokens ``sel`` (position >= 1)."""
+    logp = torch.log_softmax(logits[:-1].float(), -1)
+    nll = -logp.gather(1, ids[1:, None])[:, 0]
+    right = logits[:-1].argmax(-1) == ids[1:]
+    s = sel[1:]
+    return float(nll[s].sum()), int(right[s].sum()), int(s.sum())
+
+
+def stream_rows(model, processor, args, all_modes, log) -> tuple[dict, list]:
+    from .synthvqa import make_questions, make_scenes, render_scene
+
+    scenes = make_scenes("test", args.images, args.seed)
+    qs, ans = make_questions(scenes, "test", args.seed, questions_per_scene=args.questions)
+    shown, turns = set(), []
+    for q, a in zip(qs, ans, strict=True):
+        image = None if q["image"] in shown else render_scene(scenes[len(shown)])
+        shown.add(q["image"])
+        turns.append((image, q["text"], a["answer"]))
+    inputs, _, answer = build(processor, turns)
+    ids = inputs["input_ids"][0]
+    context = model.config.text_config.max_position_embeddings
+    late = answer & (torch.arange(len(ids)) >= context)
+    embeds = embeds_of(model, inputs)
+    meta = {"tokens": len(ids), "image_tokens": int((ids == model.config.image_token_id).sum())}
+    meta.update(answer_tokens=int(answer[1:].sum()), answer_tokens_past_context=int(late[1:].sum()))
+    rows = []
+    for name, kv in all_modes.items():
+        t0 = time.perf_counter()
+        cuts = [0, len(ids)] if kv is None else list(range(len(ids) + 1))  # full: one plain forward
+        logits = feed(model, embeds, cuts, kv)
+        row = {"mode": name, "kv": kv}
+        for key, sel in (("answers", answer), ("past_context", late)):
+            nll, right, n = scores(logits, ids, sel)
+            row[f"ppl_{key}"] = math.exp(nll / n) if n else None
+            row[f"acc_{key}"] = right / n if n else None
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        log(f"stream {name}: {row}")
+    return meta, rows
+
+
+def latest_rows(model, processor, args, all_modes, log) -> list:
+    from .synthvqa import make_questions, make_scenes, render_scene
+
+    rows = []
+    for n in (int(x) for x in args.earlier.split(",")):
+        scenes = make_scenes("test", args.trials * (n + 1), args.seed + 1000 + n)
+        qs, ans = make_questions(scenes, "test", args.seed, questions_per_scene=1)
+        stats = {name: [0.0, 0, 0] for name in all_modes}  # summed NLL, right, trials
+        tokens = 0
+        for t in range(args.trials):
+            turns = [
+                (render_scene(scenes[i]), qs[i]["text"], ans[i]["answer"])
+                for i in range(t * (n + 1), (t + 1) * (n + 1))
+            ]
+            inputs, cuts, answer = build(processor, turns)
+            ids = inputs["input_ids"][0]
+            tokens += len(ids)
+            last = torch.zeros_like(answer)
+            last[cuts[-2] :] = True  # the last answer
+            steps = max(cuts[-2] - args.tail, cuts[-3])  # the question's end and the answer: decode steps
+            chunks = cuts[:-2] + list(range(steps, cuts[-1] + 1))
+            embeds = embeds_of(model, inputs)
+            for name, kv in all_modes.items():
+                nll, right, k = scores(feed(model, embeds, chunks, kv), ids, last)
+                st = stats[name]
+                st[0], st[1], st[2] = st[0] + nll / k, st[1] + int(right == k), st[2] + 1
+        for name, (nll, right, k) in stats.items():
+            row = {"earlier_turns": n, "mode": name, "accuracy": right / k, "answer_nll": nll / k}
+            row.update(trials=k, mean_tokens=round(tokens / args.trials))
+            rows.append(row)
+            log(f"latest after {n} turns, {name}: {row}")
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/synthllava")
+    p.add_argument("--images", type=int, default=6, help="stream: images, each shown with its first question")
+    p.add_argument("--questions", type=int, default=3, help="stream: question / answer turns per image")
+    p.add_argument("--earlier", default="0,3,6", help="latest: image turns before the last one")
+    p.add_argument("--trials", type=int, default=16, help="latest: chats per number of earlier turns")
+    p.add_argument("--tail", type=int, default=12, help="latest: question tokens fed one per forward")
+    p.add_argument("--windows", default="256,512")
+    p.add_argument("--quant", default="int4,int2")
+    p.add_argument("--group", type=int, default=32, help="KVSink group size")
+    p.add_argument("--topk", default="64,256", help="LFPS keys per head and step")
+    p.add_argument("--sink-dims", default="", help="massive-activation channels: adds 'auto' sink modes")
+    p.add_argument("--parts", default="stream,latest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", default="evals/results/kv_stream")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    all_modes = modes(args)
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[kv_stream {time.perf_counter() - start:6.0f}s] {msg}", flush=True)
+
+    result = {"command": "python -m evals.kv_stream " + " ".join(argv), "args": vars(args)}
+    result["trained_context"] = model.config.text_config.max_position_embeddings
+    with torch.no_grad():
+        if "stream" in args.parts:
+            result["stream_meta"], result["stream"] = stream_rows(model, processor, args, all_modes, log)
+            write(Path(args.out), result)
+        if "latest" in args.parts:
+            result["latest"] = latest_rows(model, processor, args, all_modes, log)
+    log("wrote " + write(Path(args.out), result))
+
+
+def write(out: Path, result: dict) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kv_stream.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "kv_stream.md").write_text(table(result))
+    return str(out / "kv_stream.md")
+
+
+def table(r: dict) -> str:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    a = r["args"]
+    lines = ["# KV-cache modes on a long multimodal chat (issue 17)", "", f"`{r['command']}`", ""]
+    if "stream" in r:
+        m = r["stream_meta"]
+        lines += [
+            f"**Stream** ({a['model']}): {a['images']} images x {a['questions']} question / answer turns, "
+            f"{m['tokens']} tokens ({m['image_tokens']} image tokens), "
+            f"trained context {r['trained_context']}; "
+            "one token per forward (full: one plain forward). Perplexity and argmax accuracy over the "
+            f"{m['answer_tokens']} answer tokens, and over the {m['answer_tokens_past_context']} past the "
+            "trained context.",
+            "",
+            "| mode | ppl (answers) | right (answers) | ppl (past context) | right (past context) |",
+            "|---|---|---|---|---|",
+        ]
+        for x in r["stream"]:
+            lines.append(
+                f"| {x['mode']} | {f(x['ppl_answers'])} | {f(x['acc_answers'])} | "
+                f"{f(x['ppl_past_context'])} | {f(x['acc_past_context'])} |"
+            )
+        lines.append("")
+    if "latest" in r:
+        ns = sorted({x["earlier_turns"] for x in r["latest"]})
+        toks = {x["earlier_turns"]: x["mean_tokens"] for x in r["latest"]}
+        lines += [
+            f"**Latest image** ({a['model']}): {a['trials']} chats per column; N earlier image + question + "
+            "answer turns (each fed as one forward), then a new image and a question about it (its last "
+            f"{a['tail']} tokens and the answer fed one token per forward); right = "
+            "greedy decoding gives exactly the reference answer (every answer token the argmax). "
+            "Mean chat length in tokens: " + ", ".join(f"N={n}: {toks[n]}" for n in ns) + ".",
+            "",
+            "| mode | " + " | ".join(f"N={n} right (answer NLL)" for n in ns) + " |",
+            "|---|" + "---|" * len(ns),
+        ]
+        by = {(x["mode"], x["earlier_turns"]): x for x in r["latest"]}
+        for name in dict.fromkeys(x["mode"] for x in r["latest"]):
+            cells = [f"{by[name, n]['accuracy']:.3f} ({by[name, n]['answer_nll']:.2f})" for n in ns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
