@@ -105,8 +105,12 @@ def main(argv=None) -> None:
     t0 = time.time()
     rows, go = {}, lambda **kw: run(model, processor, questions, answers, images, a.batch, **kw)  # noqa: E731
     for bits in settings:
-        if bits == "fp32":
+        if bits == "fp32":  # and the registers alone (curated for W8A8), unquantized: the prefix's own shift
             rows["fp32"] = {**go(), "tower_norms": tower_norms(model, calib)}
+            for name, k in [("+regcache", 0)] + ([("+regcache+delete", a.delete)] if a.delete else []):
+                rc = regcache.curate(model, calib, quant="w8a8", delete=k)
+                info = {"sensitive_block": rc.sensitive, "tau": rc.tau, "delete": k}
+                rows["fp32" + name] = {**go(regcache=rc), **info}
             continue
         rows[bits] = go(quant_vision=bits)
         for name, k in [("+regcache", 0)] + ([("+regcache+delete", a.delete)] if a.delete else []):

@@ -462,3 +462,28 @@ def test_qwen_matches_prefixed_reference(quant):
     tol = 2e-6 if quant else 1e-10
     assert (got - ref).abs().max() <= tol * ref.abs().max()
     assert (logits - want).abs().max() <= tol * 10 * want.abs().max()
+
+
+def test_qwen_cached_states_equal_recomputed():
+    """Qwen2-VL's registers: each block's keys / values (no rotary) of the sensitive block's largest-|h|
+    rows, recomputed here from the plain tower's block inputs, averaged."""
+    m = tiny.tiny_qwen(layers=2).double()
+    inputs, _ = tiny.qwen_batch([(2, 3, [(4, 4)]), (1, 2, [(4, 6)])])
+    pv, grid = inputs["pixel_values"].double(), inputs["image_grid_thw"]
+    rc = regcache.curate(
+        m, [{"pixel_values": pv, "image_grid_thw": grid}], sensitive=1, start=0, tau=1, candidates=3
+    )
+    blocks = m.model.visual.blocks
+    rows = []
+    taps = [
+        b.register_forward_pre_hook(lambda mod, a, kw: rows.append(a[0]), with_kwargs=True) for b in blocks
+    ]
+    with torch.no_grad():
+        m.model.visual(pv, grid_thw=grid)
+        for t in taps:
+            t.remove()
+        top = rows[1].abs().amax(-1).topk(3).indices
+        for i, b in enumerate(blocks):
+            qkv = b.attn.qkv(b.norm1(rows[i][top])).view(3, 3, b.attn.num_heads, -1)
+            torch.testing.assert_close(rc.keys[i], qkv[:, 1].mean(0).float(), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(rc.values[i], qkv[:, 2].mean(0).float(), atol=1e-6, rtol=1e-6)
