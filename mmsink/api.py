@@ -29,6 +29,22 @@ def make_pruner(prune, budget, options):
     return REGISTRY[prune](budget=budget, **options)
 
 
+def orthorank_alias(settings, prune, budget, options):
+    """``orthorank={...}`` (or True): OrthoRank's own per-layer form, i.e. ``prune="orthorank",
+    form="layers"`` with the dict's ``budget``, ``layer``, ``layers``, ``sink``."""
+    if prune is not None or budget is not None or options:
+        raise ValueError(
+            "mmsink: orthorank={...} is a method of its own: it does not combine with prune=, budget= or "
+            "method options (put budget, layer, layers, sink in the dict)"
+        )
+    if settings is True:
+        settings = {}
+    if not isinstance(settings, dict) or "form" in settings:
+        raise ValueError(f"mmsink: orthorank must be a dict of budget, layer, layers, sink; got {settings!r}")
+    settings = dict(settings)
+    return "orthorank", settings.pop("budget", None), {**settings, "form": "layers"}
+
+
 def wrap(
     model,
     prune=None,
@@ -40,6 +56,7 @@ def wrap(
     kv=None,
     regcache=None,
     quant_vision=None,
+    orthorank=None,
     **options,
 ):
     """Attach mmsink to ``model`` (in place; returns it). Re-wrapping replaces the settings.
@@ -49,8 +66,12 @@ def wrap(
     available, i.e. CUDA, fp16 / bf16, SDPA models; ``True`` requires a kernel, ``False`` turns it off).
     ``regcache``: a ``mmsink.sinks.regcache.RegCache`` (from ``regcache.curate``): cached registers prefixed
     to the vision tower's middle-to-late blocks; ``quant_vision``: "w8a8", "w6a6", "w4a8", "w4a4" or a
-    dict (``bits``, ``act``: "per_tensor" / "per_token"): the tower's linears fake-quantized."""
+    dict (``bits``, ``act``: "per_tensor" / "per_token"): the tower's linears fake-quantized.
+    ``orthorank``: OrthoRank's own per-layer form, a dict of its options (``mmsink.pruners.orthorank``)."""
     from .patches import family_for
+
+    if orthorank is not None:
+        prune, budget, options = orthorank_alias(orthorank, prune, budget, options)
 
     if varlen not in (None, True, False):
         raise ValueError(f"mmsink: varlen must be None, True or False, got {varlen!r}")
@@ -61,6 +82,8 @@ def wrap(
     var_cfg = var_module.make_config(var)
     sink_cfg = vitsink.make_config(sink_forward)
     pruner = make_pruner(prune, budget, options)
+    if pruner is not None:
+        pruner.check_with(var_cfg)
     kv_cfg = make_kv_config(kv)
     quant_cfg = fake.make_config(quant_vision)
     if regcache is not None and not isinstance(regcache, regcache_module.RegCache):

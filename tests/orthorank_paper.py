@@ -1,11 +1,12 @@
-"""A plain reference of OrthoRank's own form (Shin et al., ICML 2025) on an unwrapped model, for the
-future plan-based ``wrap(model, orthorank={...})`` to be pinned to: in each chosen layer, every real token
+"""A plain reference of OrthoRank's own form (Shin et al., ICML 2025) on an unwrapped model, that
+``wrap(model, orthorank={...})`` (the plan-based form) is pinned to: in each chosen layer, every real token
 is scored 1 - |cos(x_i, x_sink)| on the layer's input norm (sink: the first real token); the top
 ``ceil(ratio * n)`` are updated by the layer, the others leave it exactly as they entered. The layer still
 runs on every token, so the others' keys and values are what the layer computes from their input: the
 paper's semantics without its savings (``wrap(model, prune="orthorank", form="layers")`` has them).
 ``keep_last``: the prompt's last token is always updated (it predicts the next token; our choice) and
-takes one of the ``ceil(ratio * n)`` places: the ``ceil(ratio * n) - 1`` best others join it."""
+takes one of the ``ceil(ratio * n)`` places: the ``ceil(ratio * n) - 1`` best others join it. ``force``
+([B, n] bool): tokens updated in addition (ViT sinks under ``sink_forward``)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,14 @@ def select(x: torch.Tensor, valid: torch.Tensor, ratio: float, keep_last: bool, 
 
 @contextmanager
 def orthorank_layers(
-    model, layers, ratio: float, attention_mask=None, keep_last: bool = True, log=None, sink: str = "first"
+    model,
+    layers,
+    ratio: float,
+    attention_mask=None,
+    keep_last: bool = True,
+    log=None,
+    sink: str = "first",
+    force=None,
 ):
     """Within the block, layers ``layers`` of ``model``'s language model follow OrthoRank (prefill without
     cache). ``log``: a dict that receives {layer: (selected [B, n] bool, input [B, n, D])}. ``sink``:
@@ -56,7 +64,8 @@ def orthorank_layers(
             )
             x = module.input_layernorm(h).float()
             norms = h.float().norm(dim=-1) if sink == "max_norm" else None
-            module._orthorank = (select(x, valid, ratio, keep_last, norms), h)
+            chosen = select(x, valid, ratio, keep_last, norms)
+            module._orthorank = (chosen if force is None else chosen | (force & valid), h)
 
         def post(module, args, kwargs, output, li=li):
             chosen, h = module.__dict__.pop("_orthorank")

@@ -82,6 +82,7 @@ class Handle:
             pruner.budget if pruner else None,
             DecoderCost.of(family.layers, family.text_config),
             self.num_layers,
+            self.planner.plans_text,
         )
         if var is not None:
             var.check_model(self.num_layers, family.text_config.hidden_size)
@@ -199,7 +200,9 @@ class Handle:
         if layout.dense and kwargs.get("pixel_values") is not None:
             # no padding: no mask (transformers would read an all-ones mask on the device to skip it)
             kwargs["attention_mask"] = None
-        if not any(layout.sizes) or (self.pruner is None and self.var is None and self.sinks is None):
+        if (not any(layout.sizes) and not self.planner.plans_text) or (
+            self.pruner is None and self.var is None and self.sinks is None
+        ):
             return None  # no image (or nothing to do): the model runs untouched
         ctx = Prefill(
             layout, self.num_layers, self.base, self.planner.budget_per, self.family.lm_parts, kwargs

@@ -52,6 +52,7 @@ class Meter:
     budget: int | float | None
     cost: object  # DecoderCost of the language model
     num_layers: int
+    plans_text: bool = False  # the pruner plans prompts without images too
 
 
 def sample_flops(meter: Meter, lay, per_image, tokens, rows, extra=0.0, pre_lm=False, own=None):
@@ -74,7 +75,7 @@ def sample_flops(meter: Meter, lay, per_image, tokens, rows, extra=0.0, pre_lm=F
         r = min(rows, real[i])
         v = tower[i]
         share = mine = 0.0
-        if images[i]:  # alone, a prompt without images is an untouched prefill: no selection work
+        if images[i] or meter.plans_text:  # alone, a prompt without images is untouched, unless planned
             share = extra * v / max(sum(tower), 1) if pre_lm else extra * real[i] / max(slots, 1)
             mine = own[i] if own is not None else 0.0
         out.append(int(v + meter.cost.prefill(1, per_layer, r) + share + mine))

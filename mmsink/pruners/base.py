@@ -25,6 +25,7 @@ class Pruner:
     uses_budget = True
     uses_grids = False  # reads ``layout.grids`` (families whose grids cost device reads build them then)
     default_budget: int | float | None = None
+    plans_text = False  # also plans prompts without images (else a batch without images runs untouched)
 
     @dataclasses.dataclass
     class Options:
@@ -58,6 +59,9 @@ class Pruner:
 
     def check_model(self, num_layers: int) -> None:
         pass
+
+    def check_with(self, var) -> None:
+        """Refuse (one-line ValueError) sink settings this method cannot honour: ``var``, VAR's config."""
 
     # ---- hooks (all optional)
     def start(self, ctx: Prefill) -> None:

@@ -23,8 +23,14 @@ the ``ceil(budget * P) - 1`` best others of its P real tokens are updated by the
 it with their state unchanged and still give the layer's keys and values (computed from their input
 state, as the plain layer would), and are scored again by the next layer. Tokens after the prompt
 (generated ones, when ``generate`` runs without a cache) are always updated, so a cached decode gives
-the same tokens. Budget: the fraction of each prompt's tokens a layer updates (a float). A prompt
-without images is left untouched, as by every method (a batch without images runs the plain model).
+the same tokens. Budget: the fraction of each prompt's tokens a layer updates (a float). The paper's
+method is a text LLM's: it applies to prompts without images too. ViT sinks (``sink_forward``) are updated
+by every selection layer, in addition to the budget's tokens. VAR is refused: its reweighting does not
+reach a selection layer's own attention. ``wrap(model, orthorank={...})`` is this form.
+Stats of a selection layer: ``kept_tokens`` / ``kept_indices`` are the visual tokens it holds as keys and
+values (all: none is dropped), ``tokens_per_layer`` the padded slots it updated; ``extra["orthorank"]``
+has per layer and sample ``updated`` (tokens updated), ``updated_visual`` (of them, visual), ``held``
+(tokens whose keys and values it holds) and ``updated_indices``.
 """
 
 from __future__ import annotations
@@ -82,6 +88,17 @@ class OrthoRank(Pruner):
                 f"got {self.budget!r}"
             )
 
+    @property
+    def plans_text(self) -> bool:
+        return self.options.form == "layers"
+
+    def check_with(self, var) -> None:
+        if var is not None and self.options.form == "layers":
+            raise ValueError(
+                "mmsink: orthorank form='layers' does not combine with var (VAR would not reach the "
+                "attention of its selection layers)"
+            )
+
     def check_model(self, num_layers):
         if max(self.options.layers or [0]) >= num_layers:
             raise ValueError(
@@ -99,11 +116,13 @@ class OrthoRank(Pruner):
         out = {"layer": self.options.layer, "sink": self.options.sink, "form": self.options.form}
         if self.options.form == "layers":  # layer -> per sample: how many real tokens it updated, which
             out["updated"] = ctx.run.get("updated", {})
+            out["held"] = ctx.run.get("held", {})
             subs = ctx.run.get("subs", {})
             out["updated_indices"] = {
                 layer: [seg.idx[i][seg.valid[i]].tolist() for i in range(seg.idx.shape[0])]
                 for layer, seg in subs.items()
             }
+            out["updated_visual"] = {layer: ctx.visual(seg).sum(1).tolist() for layer, seg in subs.items()}
         return {"orthorank": out}
 
     # ---- the paper's per-layer form: select before each layer from K on, attend over every token
@@ -168,23 +187,24 @@ def orthogonality(ctx, layer: int, hidden: torch.Tensor, which: str = "first") -
 
 def select_layer(ctx, layer: int, hidden: torch.Tensor, ratio: float, which: str) -> None:
     """Choose the tokens ``layer`` updates (``ctx.select``) from the states entering it, per sample: the
-    anchor, the ``ceil(ratio * P) - 1`` prompt tokens of highest score, every real token after the anchor;
-    all real tokens of a sample without images. Counts come from host facts: no device read."""
+    anchor, the ``ceil(ratio * P) - 1`` prompt tokens of highest score, every real token after the anchor,
+    and the ViT sinks where ``sink_forward`` protects them. Counts come from host facts (no device read)
+    unless tokens are protected."""
     lay, seg = ctx.layout, ctx.seg
     score = orthogonality(ctx, layer, hidden, which)
     slot = torch.arange(seg.n, device=score.device)[None]
     anchor = ctx.anchor_slot()[:, None]
     cand = ctx.in_prompt() & (slot != anchor)
     prompt = [a - (lay.length - n) + 1 for a, n in zip(lay.anchors, lay.lengths)]  # real tokens up to it
-    has = [bool(s) for s in lay.sizes]
-    k = [max(1, math.ceil(ratio * p)) - 1 if h else n for p, n, h in zip(prompt, lay.lengths, has)]
+    k = [max(1, math.ceil(ratio * p)) - 1 for p in prompt]
     order = score.masked_fill(~cand, float("-inf")).argsort(dim=1, descending=True, stable=True)
     ks = torch.tensor(k, device=score.device)[:, None]
     best = torch.zeros_like(cand).scatter(1, order, slot < ks)
     rows = (best & cand) | (seg.valid & ~ctx.in_prompt()) | (seg.valid & (slot == anchor))
-    keep_all = torch.tensor(has, device=score.device)[:, None].logical_not()
-    rows = torch.where(keep_all, seg.valid, rows)
-    per = [m + 1 + (n - p) if h else n for m, p, n, h in zip(k, prompt, lay.lengths, has)]
+    per = [m + 1 + (n - p) for m, p, n in zip(k, prompt, lay.lengths)]
+    if ctx.protected is not None:  # ViT sinks are never left behind; how many join the budget's: one read
+        rows = rows | (gather_rows(ctx.protected, seg.idx) & seg.valid).to(rows.device)
+        per = rows.sum(1).tolist()
     ctx.select(rows, per)
     count_layer(ctx, layer, per)
 
@@ -207,6 +227,7 @@ def count_layer(ctx, layer: int, per: list) -> None:
     ]
     ctx.add_flops(2 * lay.batch * max(rest) * kv, own)
     ctx.run.setdefault("updated", {})[layer] = list(per)
+    ctx.run.setdefault("held", {})[layer] = list(lay.lengths)  # no token is dropped: all give keys
 
 
 def carried_attention(ctx, layer: int, q, k, v, mask, scaling, base):
