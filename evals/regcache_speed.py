@@ -164,10 +164,15 @@ def main(argv=None) -> None:
     backend = quantize_tower(quant.model.vision_tower, a.backend)
     layers = base.config.vision_config.num_hidden_layers
     rc = registers(base, a.tau, layers // 3 if a.start is None else a.start)
+    if a.compile:  # 4 shapes x prefix on / off x 2 towers: more variants than dynamo's default 8
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 64)
     for m in (base, quant):
         mmsink.wrap(m, regcache=rc)
         if a.compile:
-            for layer in m.model.vision_tower.vision_model.encoder.layers:
+            tower = m.model.vision_tower
+            for layer in getattr(tower, "vision_model", tower).encoder.layers:
                 layer.compile()
     side = base.config.vision_config.image_size
     models = {"bf16": base, "int8": quant}
