@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import batch_ids, qwen_batch, tiny_qwen
+from tiny import batch_ids, greedy, qwen_batch, tiny_qwen
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 import mmsink
 from mmsink.kv import WindowCache
 from mmsink.kv.window import compact
 
-GEN = dict(do_sample=False, return_dict_in_generate=True, output_scores=True)
 SPECS = [(3, 5, [(4, 4)]), (6, 9, [(4, 8)])]
 
 
@@ -26,11 +25,6 @@ def unwrapped(model):
     yield
     if model.__dict__.get("_mmsink") is not None:
         mmsink.unwrap(model)
-
-
-def run(model, inputs, n, **gen):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, **{**GEN, **gen})
 
 
 def compact_reference(pos, cols):
@@ -78,7 +72,7 @@ def plain_positions(model, inputs, n):
     lm = model.model.language_model
     h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["position_ids"][-3:]), with_kwargs=True)
     try:
-        run(model, inputs, n)
+        greedy(model, inputs, n)
     finally:
         h.remove()
     return torch.cat(seen, 2).permute(1, 2, 0)  # [B, columns, 3]
@@ -104,9 +98,9 @@ def stream_reference(mask_row, plain, n_new, first, window):
 
 def test_window_covering_everything_equals_plain_cache(model):
     inputs, _ = qwen_batch(SPECS)
-    ref = run(model, inputs, 10)
+    ref = greedy(model, inputs, 10)
     mmsink.wrap(model, kv={"window": 10_000})
-    out = run(model, inputs, 10)
+    out = greedy(model, inputs, 10)
     assert isinstance(out.past_key_values, WindowCache)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores, strict=True):
@@ -127,7 +121,7 @@ def test_positions_and_rerotated_keys_equal_fresh_ones(model):
     ]
     try:
         mmsink.wrap(model, kv={"window": window, "sinks": first})
-        cache = run(model, inputs, n).past_key_values
+        cache = greedy(model, inputs, n).past_key_values
     finally:
         for h in hooks:
             h.remove()
@@ -163,11 +157,11 @@ def one_of(inputs, prompts, i):
 def test_batched_equals_per_sample_with_eviction(model):
     inputs, prompts = qwen_batch(SPECS)
     mmsink.wrap(model, kv={"window": 8, "sinks": 2})
-    out = run(model, inputs, 12)
+    out = greedy(model, inputs, 12)
     assert out.past_key_values.compacted
     width = inputs["input_ids"].shape[1]
     for i, p in enumerate(prompts):
-        alone = run(model, one_of(inputs, prompts, i), 12)
+        alone = greedy(model, one_of(inputs, prompts, i), 12)
         assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
         for a, b in zip(out.scores, alone.scores, strict=True):
             torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, batch, pixels_of, prompt, tiny_llava
+from tiny import IMAGE_TOKEN, batch, greedy, pixels_of, prompt, tiny_llava, two_prompts
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import mmsink
 from mmsink.kv.planned import PlanWindowCache
 
-GEN = dict(do_sample=False, return_dict_in_generate=True, output_scores=True)
 PRUNERS = [("fastv", 4), ("pdrop", 24), ("random", 6)]  # one cut at layer 2, three stages, before the LLM
 
 
@@ -26,15 +25,6 @@ def unwrapped(model):
     yield
     if model.__dict__.get("_mmsink") is not None:
         mmsink.unwrap(model)
-
-
-def prompts():
-    return [prompt(3, 5, seed=1), prompt(9, 11, seed=2)]
-
-
-def run(model, inputs, n, **gen):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, **{**GEN, **gen})
 
 
 def stream_kept(mask_row, n_new, first, window):
@@ -57,11 +47,11 @@ def layer_columns(ids_row, mask_row, kept_visual, n_new):
 
 @pytest.mark.parametrize("method,budget", PRUNERS)
 def test_window_covering_everything_equals_the_pruned_plain_cache(model, method, budget):
-    inputs = batch(prompts())
+    inputs = batch(two_prompts())
     mmsink.wrap(model, prune=method, budget=budget)
-    ref = run(model, inputs, 10)
+    ref = greedy(model, inputs, 10)
     mmsink.wrap(model, prune=method, budget=budget, kv={"window": 10_000})
-    out = run(model, inputs, 10)
+    out = greedy(model, inputs, 10)
     assert isinstance(out.past_key_values, PlanWindowCache)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores, strict=True):
@@ -72,10 +62,10 @@ def test_window_covering_everything_equals_the_pruned_plain_cache(model, method,
 def test_each_layer_keeps_its_columns_of_the_window_at_stream_positions(model, method, budget):
     """Kept columns per layer == (stream policy) & (the layer's pruned set); keys == the layer's raw keys
     rotated afresh at the column's rank among the stream's kept columns."""
-    inputs = batch(prompts())
+    inputs = batch(two_prompts())
     n, first, window = 12, 6, 30
     mmsink.wrap(model, prune=method, budget=budget)
-    run(model, inputs, n)
+    greedy(model, inputs, n)
     kept_visual = mmsink.stats(model).kept_indices
     lm = model.model.language_model
     raw = {i: [] for i in range(len(lm.layers))}
@@ -92,7 +82,7 @@ def test_each_layer_keeps_its_columns_of_the_window_at_stream_positions(model, m
     ]
     try:
         mmsink.wrap(model, prune=method, budget=budget, kv={"window": window, "sinks": first})
-        cache = run(model, inputs, n).past_key_values
+        cache = greedy(model, inputs, n).past_key_values
     finally:
         for h in hooks:
             h.remove()
@@ -122,17 +112,17 @@ def test_each_layer_keeps_its_columns_of_the_window_at_stream_positions(model, m
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_batched_equals_per_sample(model, beams):
-    ps = prompts()
+    ps = two_prompts()
     inputs = batch(ps)
     mmsink.wrap(model, prune="fastv", budget=4, kv={"window": 9, "sinks": 4})
     gen = {} if beams == 1 else {"num_beams": beams, "output_scores": False}
-    out = run(model, inputs, 12, **gen)
+    out = greedy(model, inputs, 12, **gen)
     assert out.past_key_values.compacted
     width = inputs["input_ids"].shape[1]
     for i, p in enumerate(ps):
         one = batch([p])
         one["pixel_values"] = pixels_of(inputs, ps, i)
-        alone = run(model, one, 12, **gen)
+        alone = greedy(model, one, 12, **gen)
         assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
         if beams == 1:
             for a, b in zip(out.scores, alone.scores, strict=True):
@@ -150,7 +140,7 @@ def test_auto_sinks_flagged_in_a_pruned_layer():
     p[col] = token
     opts = {"window": 6, "sinks": "auto", "first": 2, "sink_dims": [channel], "tau": 5.0, "sink_layer": 3}
     mmsink.wrap(model, prune="fastv", budget=4, kv=opts)
-    cache = run(model, batch([p]), 20, output_scores=False).past_key_values
+    cache = greedy(model, batch([p]), 20, output_scores=False).past_key_values
     kept = cache.kept_origins()[0]
     assert col in kept and col not in kept[:2] + kept[-6:]
     assert all(col in cache.kept_origins_of(i)[0] for i in range(4))
@@ -172,18 +162,18 @@ def test_qwen_pruned_window_batched_equals_per_sample():
     model = tiny_qwen(layers=4)
     inputs, ps = qwen_batch(SPECS)
     mmsink.wrap(model, prune="fastv", budget=3)
-    ref = run(model, inputs, 8)
+    ref = greedy(model, inputs, 8)
     mmsink.wrap(model, prune="fastv", budget=3, kv={"window": 10_000})
-    out = run(model, inputs, 8)
+    out = greedy(model, inputs, 8)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     mmsink.wrap(model, prune="fastv", budget=3, kv={"window": 8, "sinks": 7})
-    out = run(model, inputs, 12)
+    out = greedy(model, inputs, 12)
     assert isinstance(out.past_key_values, PlanWindowCache) and out.past_key_values.compacted
     width = inputs["input_ids"].shape[1]
     for i, p in enumerate(ps):
-        alone = run(model, one_of(inputs, ps, i), 12)
+        alone = greedy(model, one_of(inputs, ps, i), 12)
         assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
         for a, b in zip(out.scores, alone.scores, strict=True):
             torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import batch, pixels_of, prompt, tiny_llava
+from tiny import GREEDY_SCORES, batch, pixels_of, prompt, tiny_llava, two_prompts
 from transformers.cache_utils import DynamicCache
 
 import mmsink
 from mmsink.kv.quant import QuantCache
-
-GEN = dict(do_sample=False, return_dict_in_generate=True, output_scores=True)
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +21,6 @@ def unwrapped(model):
     yield
     if model.__dict__.get("_mmsink") is not None:
         mmsink.unwrap(model)
-
-
-def prompts():
-    return [prompt(3, 5, seed=1), prompt(9, 11, seed=2)]
 
 
 def prefill(model, inputs, kv=None):
@@ -68,7 +62,7 @@ def check_groups(plain, quant, valid, full, group: int, bits: int):
 
 @pytest.mark.parametrize("bits,keep", [("int4", True), ("int2", True), ("int8", False)])
 def test_dequantized_within_the_format_bound_and_sinks_bitwise(model, bits, keep):
-    inputs = batch(prompts())
+    inputs = batch(two_prompts())
     plain = prefill(model, inputs)
     quant = prefill(model, inputs, {"quant": bits, "group_size": 8, "sinks": 4, "keep_sinks": keep})
     assert isinstance(quant, QuantCache)
@@ -79,12 +73,12 @@ def test_dequantized_within_the_format_bound_and_sinks_bitwise(model, bits, keep
 
 
 def test_sixteen_bits_equal_the_plain_cache(model):
-    inputs = batch(prompts())
+    inputs = batch(two_prompts())
     with torch.no_grad():
-        ref = model.generate(**inputs, max_new_tokens=10, **GEN)
+        ref = model.generate(**inputs, max_new_tokens=10, **GREEDY_SCORES)
     mmsink.wrap(model, kv={"quant": "int16", "group_size": 4})
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=10, **GEN)
+        out = model.generate(**inputs, max_new_tokens=10, **GREEDY_SCORES)
     assert isinstance(out.past_key_values, QuantCache)
     assert bool(out.past_key_values.done.any())
     assert torch.equal(out.sequences, ref.sequences)
@@ -93,16 +87,16 @@ def test_sixteen_bits_equal_the_plain_cache(model):
 
 
 def test_batched_equals_per_sample(model):
-    ps = prompts()
+    ps = two_prompts()
     inputs = batch(ps)
     mmsink.wrap(model, kv={"quant": "int4", "group_size": 8})
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=12, **GEN)
+        out = model.generate(**inputs, max_new_tokens=12, **GREEDY_SCORES)
         width = inputs["input_ids"].shape[1]
         for i, p in enumerate(ps):
             one = batch([p])
             one["pixel_values"] = pixels_of(inputs, ps, i)
-            alone = model.generate(**one, max_new_tokens=12, **GEN)
+            alone = model.generate(**one, max_new_tokens=12, **GREEDY_SCORES)
             assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
             for a, b in zip(out.scores, alone.scores, strict=True):
                 torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
@@ -137,9 +131,9 @@ def test_qwen_m_rope_sixteen_bits_equal_the_plain_cache():
     model = tiny_qwen(layers=2)
     inputs, _ = qwen_batch([(3, 5, [(4, 4)]), (6, 9, [(4, 8)])])
     with torch.no_grad():
-        ref = model.generate(**inputs, max_new_tokens=8, **GEN)
+        ref = model.generate(**inputs, max_new_tokens=8, **GREEDY_SCORES)
         mmsink.wrap(model, kv={"quant": "int16", "group_size": 4})
-        out = model.generate(**inputs, max_new_tokens=8, **GEN)
+        out = model.generate(**inputs, max_new_tokens=8, **GREEDY_SCORES)
     assert isinstance(out.past_key_values, QuantCache) and bool(out.past_key_values.done.any())
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores, strict=True):
@@ -150,7 +144,7 @@ def test_qwen_m_rope_sixteen_bits_equal_the_plain_cache():
 def test_storage_is_low_bit(model, bits):
     """Bytes held == a count from the format: packed codes (bits per value), one fp32 scale and minimum
     per group, full-precision tails and sinks; int4 holds well under half of the fp32 cache."""
-    inputs = batch(prompts())
+    inputs = batch(two_prompts())
     g, sinks = 8, 4
     quant = prefill(model, inputs, {"quant": f"int{bits}", "group_size": g, "sinks": sinks})
     text = model.config.text_config

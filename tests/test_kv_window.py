@@ -6,12 +6,10 @@ import sys
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, SIDE, batch, pixels_of, prompt, tiny_llava
+from tiny import IMAGE_TOKEN, SIDE, batch, greedy, pixels_of, prompt, tiny_llava, two_prompts
 
 import mmsink
 from mmsink.kv import WindowCache
-
-GEN = dict(do_sample=False, return_dict_in_generate=True, output_scores=True)
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +22,6 @@ def unwrapped(model):
     yield
     if model.__dict__.get("_mmsink") is not None:
         mmsink.unwrap(model)
-
-
-def two_prompts():
-    return [prompt(3, 5, seed=1), prompt(9, 11, seed=2)]
-
-
-def run(model, inputs, n, **gen):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, **{**GEN, **gen})
 
 
 def stream_policy(columns, n_forwards, first, window, sinks=()):
@@ -60,9 +49,9 @@ def forwards_of(mask_row, n_new):
 
 def test_window_covering_everything_equals_plain_cache(model):
     inputs = batch(two_prompts())
-    ref = run(model, inputs, 12)
+    ref = greedy(model, inputs, 12)
     mmsink.wrap(model, kv={"window": 10_000})
-    out = run(model, inputs, 12)
+    out = greedy(model, inputs, 12)
     assert isinstance(out.past_key_values, WindowCache)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores, strict=True):
@@ -74,7 +63,7 @@ def test_eviction_keeps_exactly_the_sinks_and_the_window(model, first, window):
     inputs = batch(two_prompts())
     n = 20
     mmsink.wrap(model, kv={"window": window, "sinks": first})
-    out = run(model, inputs, n)
+    out = greedy(model, inputs, n)
     cache = out.past_key_values
     kept = cache.kept_origins()
     for b, row in enumerate(inputs["attention_mask"].tolist()):
@@ -96,7 +85,7 @@ def test_rerotated_keys_equal_keys_computed_fresh_at_the_new_positions(model):
     try:
         inputs = batch(two_prompts())
         mmsink.wrap(model, kv={"window": 7, "sinks": 3})
-        cache = run(model, inputs, 15).past_key_values
+        cache = greedy(model, inputs, 15).past_key_values
     finally:
         for h in hooks:
             h.remove()
@@ -119,13 +108,13 @@ def test_batched_equals_per_sample_with_left_padding(attn):
     prompts = two_prompts()
     inputs = batch(prompts)
     mmsink.wrap(model, kv={"window": 9, "sinks": 4})
-    out = run(model, inputs, 16)
+    out = greedy(model, inputs, 16)
     assert out.past_key_values.compacted
     width = inputs["input_ids"].shape[1]
     for i, p in enumerate(prompts):
         one = batch([p])
         one["pixel_values"] = pixels_of(inputs, prompts, i)
-        alone = run(model, one, 16)
+        alone = greedy(model, one, 16)
         assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
         for a, b in zip(out.scores, alone.scores, strict=True):
             torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
@@ -133,9 +122,9 @@ def test_batched_equals_per_sample_with_left_padding(attn):
 
 def test_beam_search_equals_plain_cache_when_nothing_is_evicted(model):
     inputs = batch(two_prompts())
-    ref = run(model, inputs, 10, num_beams=3, output_scores=False)
+    ref = greedy(model, inputs, 10, num_beams=3, output_scores=False)
     mmsink.wrap(model, kv={"window": 10_000})
-    out = run(model, inputs, 10, num_beams=3, output_scores=False)
+    out = greedy(model, inputs, 10, num_beams=3, output_scores=False)
     assert isinstance(out.past_key_values, WindowCache)
     assert torch.equal(out.sequences, ref.sequences)
 
@@ -145,7 +134,7 @@ def test_beam_search_with_eviction_reorders_the_bookkeeping(model):
     prompts = two_prompts()
     inputs = batch(prompts)
     mmsink.wrap(model, kv={"window": 6, "sinks": 2})
-    out = run(model, inputs, 12, num_beams=3, output_scores=False)
+    out = greedy(model, inputs, 12, num_beams=3, output_scores=False)
     cache = out.past_key_values
     assert cache.compacted and cache.valid.shape[0] == 6
     assert int(cache.valid.sum(1).max()) <= 8
@@ -153,7 +142,7 @@ def test_beam_search_with_eviction_reorders_the_bookkeeping(model):
     for i, p in enumerate(prompts):
         one = batch([p])
         one["pixel_values"] = pixels_of(inputs, prompts, i)
-        alone = run(model, one, 12, num_beams=3, output_scores=False)
+        alone = greedy(model, one, 12, num_beams=3, output_scores=False)
         assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
 
 
@@ -167,7 +156,7 @@ def test_generation_runs_past_the_context_with_bounded_positions():
         lambda m, a, kw: seen.append(int(kw["position_ids"].max())), with_kwargs=True
     )
     try:
-        out = run(model, inputs, 120, output_scores=False)
+        out = greedy(model, inputs, 120, output_scores=False)
     finally:
         h.remove()
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 120 > 64 + 40
@@ -188,24 +177,24 @@ def test_auto_sinks_keep_a_token_the_detector_flags():
     col = len(p) - 6
     opts = {"window": 6, "sinks": "auto", "first": 2, "sink_dims": [channel], "tau": 5.0, "sink_layer": 1}
     mmsink.wrap(model, kv=opts)
-    cache = run(model, inputs, 20, output_scores=False).past_key_values
+    cache = greedy(model, inputs, 20, output_scores=False).past_key_values
     kept = cache.kept_origins()[0]
     assert col in kept and col not in kept[:2] + kept[-6:]
     assert kept == stream_policy(None, forwards_of([1] * len(p), 20), 2, 6, sinks={col})
     mmsink.wrap(model, kv={"window": 6, "sinks": 2})
-    kept = run(model, inputs, 20, output_scores=False).past_key_values.kept_origins()[0]
+    kept = greedy(model, inputs, 20, output_scores=False).past_key_values.kept_origins()[0]
     assert col not in kept
 
 
 def two_turns(model, cache=None):
     """A chat: a first answer, then a new image and question fed with the cache of the first turn."""
     inputs = batch([prompt(3, 5, seed=1)])
-    first = run(model, inputs, 5, past_key_values=cache)
+    first = greedy(model, inputs, 5, past_key_values=cache)
     new = torch.tensor([[5, 6] + [IMAGE_TOKEN] * SIDE * SIDE + [7, 8]])
     ids = torch.cat([first.sequences, new], 1)
     pix = torch.randn(1, 3, 14 * SIDE, 14 * SIDE, generator=torch.Generator().manual_seed(5))
     turn = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix)
-    return ids, run(model, turn, 6, past_key_values=first.past_key_values)
+    return ids, greedy(model, turn, 6, past_key_values=first.past_key_values)
 
 
 def test_a_second_turn_continues_the_window(model):
@@ -261,14 +250,14 @@ def test_refused_combinations(model):
 
 def test_unwrap_restores_the_plain_cache(model):
     inputs = batch(two_prompts())
-    ref = run(model, inputs, 6)
+    ref = greedy(model, inputs, 6)
     mmsink.wrap(model, kv={"window": 4, "sinks": 1})
     with mmsink.disabled(model):
-        off = run(model, inputs, 6)
+        off = greedy(model, inputs, 6)
     assert type(off.past_key_values).__name__ == "DynamicCache"
     assert torch.equal(off.sequences, ref.sequences)
     mmsink.unwrap(model)
-    out = run(model, inputs, 6)
+    out = greedy(model, inputs, 6)
     assert type(out.past_key_values).__name__ == "DynamicCache"
     assert torch.equal(out.sequences, ref.sequences)
     assert all(not m._forward_pre_hooks for m in model.model.language_model.layers)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import batch, pixels_of, prompt, qwen_batch, tiny_llava, tiny_qwen
+from tiny import batch, greedy, pixels_of, qwen_batch, tiny_llava, tiny_qwen, two_prompts
 
 import mmsink
 from mmsink.api import get_handle
 from mmsink.kv.sparse import PlanSparseCache, SparseCache
-
-GEN = dict(do_sample=False, return_dict_in_generate=True, output_scores=True)
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +23,8 @@ def unwrapped(model):
         mmsink.unwrap(model)
 
 
-def prompts():
-    return [prompt(3, 5, seed=1), prompt(9, 11, seed=2)]  # 45 and 57 tokens
-
-
 def run(model, inputs, n, cache=None, **gen):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, past_key_values=cache, **{**GEN, **gen})
+    return greedy(model, inputs, n, past_key_values=cache, **gen)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])
@@ -40,7 +33,7 @@ def test_topk_covering_the_context_equals_dense(model, family):
         model = tiny_qwen(layers=2)
         inputs, _ = qwen_batch([(3, 5, [(4, 4)]), (6, 9, [(4, 8)])])
     else:
-        inputs = batch(prompts())
+        inputs = batch(two_prompts())
     ref = run(model, inputs, 10)
     mmsink.wrap(model, kv={"sparse": "lfps", "topk": 1000, "dense_steps": 1})
     out = run(model, inputs, 10)
@@ -76,7 +69,7 @@ def reference_choice(q, keys, valid, prev, topk, expand, dense, scale):
 def test_chosen_slots_equal_a_plain_reference_of_the_rule(model, topk, expand, dense_steps):
     """topk 50: sample 0 (45 tokens) attends densely until it holds 51 keys, sample 1 sparsely: both
     paths of ``select`` run in one batch."""
-    inputs = batch(prompts())
+    inputs = batch(two_prompts())
     mmsink.wrap(model, kv={"sparse": "lfps", "topk": topk, "expand": expand, "dense_steps": dense_steps})
     cache = SparseCache(get_handle(model).kv, model.model.language_model.rotary_emb.inv_freq)
     cache.trace = []
@@ -99,7 +92,7 @@ def test_chosen_slots_equal_a_plain_reference_of_the_rule(model, topk, expand, d
 
 @pytest.mark.parametrize("beams", [1, 2])
 def test_batched_equals_per_sample(model, beams):
-    ps = prompts()
+    ps = two_prompts()
     inputs = batch(ps)
     mmsink.wrap(model, kv={"sparse": "lfps", "topk": 10})
     gen = {} if beams == 1 else {"num_beams": beams, "output_scores": False}
@@ -117,7 +110,7 @@ def test_batched_equals_per_sample(model, beams):
 
 def test_sparse_differs_from_dense_when_it_must(model):
     """A small top-k changes the logits (the sparse path runs), within the dense steps it does not."""
-    inputs = batch(prompts())
+    inputs = batch(two_prompts())
     ref = run(model, inputs, 6)
     mmsink.wrap(model, kv={"sparse": "lfps", "topk": 4, "dense_steps": 2})
     out = run(model, inputs, 6)
@@ -131,7 +124,7 @@ def test_sparse_differs_from_dense_when_it_must(model):
 def test_after_a_pruned_prefill(model):
     """FastV, then LFPS: top-k covering the context == the pruned plain cache; each layer chooses among
     its own slots (a pruned layer's == the plain-loop rule on its slots); batched == per sample."""
-    inputs = batch(prompts())
+    inputs = batch(two_prompts())
     mmsink.wrap(model, prune="fastv", budget=4)
     ref = run(model, inputs, 8)
     mmsink.wrap(model, prune="fastv", budget=4, kv={"sparse": "lfps", "topk": 1000, "dense_steps": 1})
@@ -145,9 +138,9 @@ def test_after_a_pruned_prefill(model):
     cache = out.past_key_values
     cache_trace(model, inputs, cache)
     width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(prompts()):
+    for i, p in enumerate(two_prompts()):
         one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, prompts(), i)
+        one["pixel_values"] = pixels_of(inputs, two_prompts(), i)
         alone = run(model, one, 10)
         assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
         for a, b in zip(out.scores, alone.scores, strict=True):
@@ -192,4 +185,4 @@ def test_refused(model):
         mmsink.wrap(model, kv={"sparse": "lfps", "window": 8})
     mmsink.wrap(model, kv={"sparse": "lfps"})
     with pytest.raises(ValueError, match="generate_fast does not run the kv="):
-        mmsink.generate_fast(model, max_new_tokens=2, **batch(prompts()))
+        mmsink.generate_fast(model, max_new_tokens=2, **batch(two_prompts()))

@@ -309,3 +309,17 @@ def batched_and_cached(model, inputs, single, samples: int, new_tokens: int, **s
     finally:
         mmsink.unwrap(model)
     return st, a, b
+
+
+GREEDY_SCORES = dict(do_sample=False, return_dict_in_generate=True, output_scores=True)
+
+
+def greedy(model, inputs, n: int, **gen):
+    """``generate``'s greedy output with its per-step scores (no grad)."""
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, **{**GREEDY_SCORES, **gen})
+
+
+def two_prompts():
+    """Two LLaVA prompts of different lengths (45 and 57 tokens): a left-padded batch of two."""
+    return [prompt(3, 5, seed=1), prompt(9, 11, seed=2)]
