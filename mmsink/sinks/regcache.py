@@ -172,10 +172,11 @@ def deleting(block, first: bool, k: int, lead: int, state: dict, enabled) -> Bou
             if (args[0] if args else kwargs.get("attention_mask")) is not None:
                 raise ValueError("mmsink: regcache delete= needs a tower run without an attention mask")
             b, n, d = hidden_states.shape
-            if first:
+            if first:  # kept rows in order, found by a stable sort (no host sync, unlike nonzero)
                 state["deleted"] = deleted_rows(hidden_states, k, lead)
+                state["kept"] = state["deleted"].to(torch.int8).argsort(dim=1, stable=True)[:, : n - k, None]
             deleted = state["deleted"]
-            idx = (~deleted).nonzero()[:, 1].view(b, n - k, 1).expand(-1, -1, d)
+            idx = state["kept"].expand(-1, -1, d)
             out = previous(hidden_states.gather(1, idx), *args, **kwargs)
             return fill(hidden_states.new_zeros(b, n, d).scatter(1, idx, out), deleted, lead)
 
