@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 import mmsink
+from mmsink.api import get_handle
+from mmsink.kv.sparse import ExactTopkCache, SparseCache
 
 SINKS = 4  # the paper's first tokens
 
@@ -53,6 +55,10 @@ def modes(args) -> dict:
             out[f"{q} g{args.group}, auto sinks kept"] = dict(base, sinks="auto", sink_dims=dims)
     for k in (int(x) for x in args.topk.split(",")):
         out[f"lfps top-{k}"] = {"sparse": "lfps", "topk": k}
+        out[f"exact top-{k}"] = {"sparse": "lfps", "topk": k, "exact": True}  # the oracle LFPS approximates
+    if args.only:
+        keep = tuple(args.only.split(","))
+        out = {name: kv for name, kv in out.items() if name.startswith(keep)}
     return out
 
 
@@ -104,12 +110,19 @@ def embeds_of(model, inputs) -> torch.Tensor:
     return seen["e"]
 
 
-def feed(model, embeds, cuts, kv) -> torch.Tensor:
-    """Logits [T, V] of the stream fed as the chunks [cuts[i], cuts[i + 1]) through one cache."""
+def feed(model, embeds, cuts, kv, recall=None) -> torch.Tensor:
+    """Logits [T, V] of the stream fed as the chunks [cuts[i], cuts[i + 1]) through one cache. An LFPS
+    mode with ``"exact": True`` runs the exact top-k oracle; ``recall`` (a Recall) traces LFPS's choices."""
+    kv = None if kv is None else dict(kv)
+    exact = kv is not None and kv.pop("exact", False)
     if kv is not None:
         mmsink.wrap(model, kv=kv)
     try:
         cache, rows = None, []
+        if kv is not None and "sparse" in kv:
+            kind = ExactTopkCache if exact else SparseCache
+            cache = kind(get_handle(model).kv, model.model.language_model.rotary_emb.inv_freq)
+            cache.trace = recall
         for a, b in zip(cuts[:-1], cuts[1:]):
             out = model(inputs_embeds=embeds[:, a:b], past_key_values=cache, use_cache=True)
             cache, rows = out.past_key_values, rows + [out.logits[0]]
@@ -117,6 +130,51 @@ def feed(model, embeds, cuts, kv) -> torch.Tensor:
     finally:
         if kv is not None:
             mmsink.unwrap(model)
+
+
+class Recall:
+    """A cache trace (it only needs ``append``) that sums, per layer and head-averaged, over LFPS's sparse
+    steps (more keys than top-k): the share of the step's exact top-k (its own query's scores) that LFPS
+    chose, and the dense softmax mass on LFPS's choice and on the exact top-k. One sample, no padding;
+    steps before / past the trained context apart, and the steps that predict an answer token."""
+
+    def __init__(self, topk: int, scaling: float, context: int, answer: torch.Tensor):
+        self.topk, self.scaling, self.context = topk, scaling, context
+        self.answer = set(torch.nonzero(answer)[:, 0].tolist())  # a step with t keys predicts token t
+        self.sums: dict = {}  # (part, layer) -> [recall, mass chosen, mass exact, steps]
+
+    def append(self, entry) -> None:
+        layer, q, keys, slots = entry
+        t = keys.shape[2]
+        if t <= self.topk:
+            return
+        k = keys[0].float().repeat_interleave(q.shape[1] // keys.shape[1], 0)  # [H, T, D] (GQA)
+        s = torch.einsum("hd,htd->ht", q[0].float(), k) * self.scaling
+        p = torch.softmax(s, -1)
+        exact = s.topk(self.topk, -1).indices
+        got = slots[0]
+        chosen = torch.zeros(s.shape[0], t + 1, dtype=torch.bool).scatter(
+            1, torch.where(got >= 0, got, t), True
+        )
+        chosen = chosen[:, :t]
+        row = (
+            float(chosen.gather(1, exact).float().mean()),
+            float((p * chosen).sum(-1).mean()),
+            float(p.gather(1, exact).sum(-1).mean()),
+        )
+        parts = ["past_context" if t > self.context else "before"] + (["answers"] if t in self.answer else [])
+        for part in parts:
+            acc = self.sums.setdefault((part, layer), [0.0] * 4)
+            for i, x in enumerate((*row, 1)):
+                acc[i] += x
+
+    def summary(self) -> dict:
+        """{part: [{"layer", "recall", "mass_lfps", "mass_exact", "steps"}]} (means over the steps)."""
+        out: dict = {}
+        for (part, layer), (r, m, e, n) in sorted(self.sums.items()):
+            row = {"layer": layer, "recall": r / n, "mass_lfps": m / n, "mass_exact": e / n, "steps": n}
+            out.setdefault(part, []).append(row)
+        return out
 
 
 def scores(logits, ids, sel) -> tuple:
@@ -149,13 +207,20 @@ def stream_rows(model, processor, args, all_modes, log) -> tuple[dict, list]:
     for name, kv in all_modes.items():
         t0 = time.perf_counter()
         cuts = [0, len(ids)] if kv is None else list(range(len(ids) + 1))  # full: one plain forward
-        logits = feed(model, embeds, cuts, kv)
+        lfps = kv is not None and kv.get("sparse") and not kv.get("exact")
+        scale = model.config.text_config.head_dim**-0.5
+        recall = Recall(kv["topk"], scale, context, answer) if lfps else None
+        logits = feed(model, embeds, cuts, kv, recall)
         row = {"mode": name, "kv": kv}
         for key, sel in (("answers", answer), ("past_context", late)):
             nll, right, n = scores(logits, ids, sel)
             row[f"ppl_{key}"] = math.exp(nll / n) if n else None
             row[f"acc_{key}"] = right / n if n else None
+        nll = -torch.log_softmax(logits[:-1].float(), -1).gather(1, ids[1:, None])[:, 0]
+        row["answer_nll"] = {int(i): round(float(nll[i - 1]), 2) for i in torch.nonzero(answer[1:])[:, 0] + 1}
         row["seconds"] = round(time.perf_counter() - t0, 1)
+        if recall is not None:
+            row["recall"] = recall.summary()
         rows.append(row)
         log(f"stream {name}: {row}")
     return meta, rows
@@ -209,6 +274,7 @@ def main(argv=None) -> None:
     p.add_argument("--topk", default="64,256", help="LFPS keys per head and step")
     p.add_argument("--sink-dims", default="", help="massive-activation channels: adds 'auto' sink modes")
     p.add_argument("--parts", default="stream,latest")
+    p.add_argument("--only", default="", help="mode name prefixes to run; rows merge into --out's JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default="evals/results/kv_stream")
@@ -225,15 +291,32 @@ def main(argv=None) -> None:
     def log(msg):
         print(f"[kv_stream {time.perf_counter() - start:6.0f}s] {msg}", flush=True)
 
-    result = {"command": "python -m evals.kv_stream " + " ".join(argv), "args": vars(args)}
+    command = "python -m evals.kv_stream " + " ".join(argv)
+    result = {"command": command, "args": vars(args)}
+    old = Path(args.out) / "kv_stream.json"
+    if args.only and old.exists():  # a partial rerun: its rows replace or join the earlier run's
+        result = json.loads(old.read_text())
+        result["reruns"] = result.get("reruns", []) + [command]
     result["trained_context"] = model.config.text_config.max_position_embeddings
     with torch.no_grad():
         if "stream" in args.parts:
-            result["stream_meta"], result["stream"] = stream_rows(model, processor, args, all_modes, log)
+            meta, rows = stream_rows(model, processor, args, all_modes, log)
+            result["stream_meta"], result["stream"] = meta, merge(result.get("stream"), rows, args.only)
             write(Path(args.out), result)
         if "latest" in args.parts:
-            result["latest"] = latest_rows(model, processor, args, all_modes, log)
+            rows = latest_rows(model, processor, args, all_modes, log)
+            result["latest"] = merge(result.get("latest"), rows, args.only)
     log("wrote " + write(Path(args.out), result))
+
+
+def merge(old, new: list, only: str) -> list:
+    """``new`` rows replace ``old`` ones of the same mode (and N), the others join at the end."""
+    if not only or not old:
+        return new
+    key = lambda x: (x["mode"], x.get("earlier_turns"))  # noqa: E731
+    fresh = {key(x): x for x in new}
+    out = [fresh.pop(key(x), x) for x in old]
+    return out + list(fresh.values())
 
 
 def write(out: Path, result: dict) -> str:
@@ -243,12 +326,50 @@ def write(out: Path, result: dict) -> str:
     return str(out / "kv_stream.md")
 
 
+def costly_tokens(rows: list) -> list:
+    """The answer tokens that carry each mode's perplexity: position (NLL) of those with NLL > 1."""
+    rows = [x for x in rows if "answer_nll" in x]
+    if not rows:
+        return []
+    out = ["**Answer tokens with NLL > 1** (position: NLL; the rest are ~0):", ""]
+    out += ["| mode | tokens |", "|---|---|"]
+    for x in rows:
+        bad = [f"{p}: {v:.1f}" for p, v in x["answer_nll"].items() if v > 1]
+        out.append(f"| {x['mode']} | {', '.join(bad) or '-'} |")
+    return out + [""]
+
+
+def recall_table(rows: list) -> list:
+    """LFPS's choice against the exact top-k of its own queries, per part: means over layers (range)."""
+    rows = [x for x in rows if x.get("recall")]
+    if not rows:
+        return []
+    out = [
+        "**LFPS against the exact top-k** of the same step's query (its own run; sparse steps only, i.e. "
+        "more keys than top-k): recall = share of the exact top-k that LFPS chose; mass = dense softmax "
+        "weight on LFPS's keys / on the exact top-k. Mean over layers (min - max over layers); steps per "
+        "layer in brackets.",
+        "",
+        "| mode | part | recall | mass on LFPS's keys | mass on exact top-k |",
+        "|---|---|---|---|---|",
+    ]
+    for x in rows:
+        for part, per in x["recall"].items():
+            cells = []
+            for key in ("recall", "mass_lfps", "mass_exact"):
+                v = [y[key] for y in per]
+                cells.append(f"{sum(v) / len(v):.2f} ({min(v):.2f} - {max(v):.2f})")
+            out.append(f"| {x['mode']} | {part} [{int(per[0]['steps'])}] | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def table(r: dict) -> str:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
 
     a = r["args"]
     lines = ["# KV-cache modes on a long multimodal chat (issue 17)", "", f"`{r['command']}`", ""]
+    lines += [f"Rows rerun: `{c}`" for c in r.get("reruns", [])] + ([""] if r.get("reruns") else [])
     if "stream" in r:
         m = r["stream_meta"]
         lines += [
@@ -267,7 +388,7 @@ def table(r: dict) -> str:
                 f"| {x['mode']} | {f(x['ppl_answers'])} | {f(x['acc_answers'])} | "
                 f"{f(x['ppl_past_context'])} | {f(x['acc_past_context'])} |"
             )
-        lines.append("")
+        lines += [""] + recall_table(r["stream"]) + costly_tokens(r["stream"])
     if "latest" in r:
         ns = sorted({x["earlier_turns"] for x in r["latest"]})
         toks = {x["earlier_turns"]: x["mean_tokens"] for x in r["latest"]}

@@ -8,7 +8,7 @@ from tiny import batch, greedy, pixels_of, qwen_batch, tiny_llava, tiny_qwen, tw
 
 import mmsink
 from mmsink.api import get_handle
-from mmsink.kv.sparse import PlanSparseCache, SparseCache
+from mmsink.kv.sparse import ExactTopkCache, PlanSparseCache, SparseCache
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,28 @@ def test_chosen_slots_equal_a_plain_reference_of_the_rule(model, topk, expand, d
         sparse_seen |= step >= dense_steps and any(len(r) < int(v.sum()) for r, v in zip(want[1], valid))
         prev[layer] = [[sorted(s) for s in row] for row in want]
     assert sparse_seen
+
+
+def test_exact_topk_oracle_chooses_the_true_top_k(model):
+    """ExactTopkCache (the oracle of evals/kv_stream): every step's choice == the plain-loop top-k over all
+    real keys; LFPS's history-based choice misses it on some sparse step (the rule is not exact)."""
+    inputs = batch(two_prompts())
+    topk, layers = 6, len(model.model.language_model.layers)
+    mmsink.wrap(model, kv={"sparse": "lfps", "topk": topk, "dense_steps": 1})
+    scale = model.config.text_config.head_dim**-0.5
+    inv_freq = model.model.language_model.rotary_emb.inv_freq
+    misses = {}
+    for kind in (ExactTopkCache, SparseCache):
+        cache = kind(get_handle(model).kv, inv_freq)
+        cache.trace = []
+        run(model, inputs, 10, cache=cache)
+        misses[kind] = 0
+        for n, (_, q, keys, slots) in enumerate(cache.trace):
+            step = n // layers
+            valid = torch.cat([inputs["attention_mask"].bool(), torch.ones(2, step + 1, dtype=torch.bool)], 1)
+            exact = reference_choice(q, keys, valid, None, topk, 0, True, scale)
+            misses[kind] += [[set(s[s >= 0].tolist()) for s in row] for row in slots] != exact
+    assert misses[ExactTopkCache] == 0 and misses[SparseCache] > 0
 
 
 @pytest.mark.parametrize("beams", [1, 2])

@@ -79,6 +79,7 @@ class SparseCache(WindowCache):
     previous step's chosen slots [B, H, k]. ``trace``: a list to append (layer, q, keys, slots) to."""
 
     layer_class = DynamicLayer
+    exact = False  # ExactTopkCache: every step scores all keys
 
     def __init__(self, cfg, inv_freq):
         super().__init__(cfg, inv_freq)
@@ -99,7 +100,7 @@ class SparseCache(WindowCache):
         dense = self.steps < cfg.dense_steps
         k = key.shape[2] if dense else cfg.topk  # a dense step attends to every key
         scores, slots = select(
-            query[:, :, 0], key, valid, self.hist.get(layer), k, cfg.expand, dense, scaling
+            query[:, :, 0], key, valid, self.hist.get(layer), k, cfg.expand, dense or self.exact, scaling
         )
         top = slice(0, cfg.topk)  # sorted: a dense step's history is the exact top-k
         self.hist[layer] = torch.where(torch.isfinite(scores[..., top]), slots[..., top], -1)
@@ -129,6 +130,14 @@ class SparseCache(WindowCache):
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
         self.hist = {k: h[indices] for k, h in self.hist.items()}
+
+
+class ExactTopkCache(SparseCache):
+    """The oracle LFPS approximates: every decode step attends to the exact top ``topk`` keys of the
+    current query (all keys scored; no history). For evaluations: pass it as ``past_key_values`` to a
+    model wrapped with ``kv={"sparse": "lfps", ...}``."""
+
+    exact = True
 
 
 class PlanSparseCache(SparseCache, PlanCache):
