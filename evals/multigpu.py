@@ -166,7 +166,7 @@ def dp(args) -> dict:
     one = eval_run(model, work, "one", 1, args)
     two = eval_run(model, work, "two", 2, args)
     same = (work / "one.jsonl").read_bytes() == (work / "two.jsonl").read_bytes()
-    again = eval_run(model, work, "again", 1, args, limit=10 * args.batch_size)  # run-to-run, one process
+    eval_run(model, work, "again", 1, args, limit=10 * args.batch_size)  # run to run, one process
     a, b, c = (answers(work / f"{x}.jsonl") for x in ("one", "two", "again"))
     differ = [dict(question_id=q, one=a[q], two=b.get(q)) for q in a if a[q] != b.get(q)]
     again_differ = [q for q in c if c[q] != a.get(q)]
@@ -328,7 +328,8 @@ def shard(args) -> dict:
         model=f"{shape} (random weights)",
         prompt_tokens=n_prompt,
         images=args.images,
-        split=f"tower + layers 0-{layers // 2 - 1} on GPU 0, layers {layers // 2}-{layers - 1} + head on GPU 1",
+        split=f"tower + layers 0-{layers // 2 - 1} on GPU 0, "
+        f"layers {layers // 2}-{layers - 1} + head on GPU 1",
         new_tokens_fp32=args.new_tokens,
         rows=rows,
         generate_fast=fast,
@@ -381,9 +382,8 @@ def fast_decode(one, split, inputs, args) -> list:
                     same_tokens_as=same,
                 )
             )
-            say(
-                f"generate_fast {label(method, opts)} {name}: {out[-1]['decode_ms_per_token']:.2f} ms/token, same as {same}"
-            )
+            ms = out[-1]["decode_ms_per_token"]
+            say(f"generate_fast {label(method, opts)} {name}: {ms:.2f} ms/token, same as {same}")
     return out
 
 
@@ -413,9 +413,8 @@ def table(paths: list[str], out: str) -> str:
                 f"{r['model']}, {r['prompt_tokens']}-token prompt ({r['images']} images); {r['split']}:",
                 "",
             ]
-            lines += [
-                "| method | tokens == one GPU (fp32) | kept == | TTFT one GPU ms | TTFT split ms | split / one |"
-            ]
+            head = "| method | tokens == one GPU (fp32) | kept == | TTFT one GPU ms | TTFT split ms |"
+            lines += [head + " split / one |"]
             lines += ["|---|---|---|---|---|---|"]
             for x in r["rows"]:
                 lines.append(
