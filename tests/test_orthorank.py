@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tiny import (
     batch,
     counted_prefill,
+    fast_and_generate,
     next_batch,
     next_single,
     prompt,
@@ -183,15 +184,10 @@ def test_flops_match_counter(family):
     assert st.prefill_flops < 0.95 * st.baseline_prefill_flops
 
 
-def test_fast_generate_equals_generate():
+@pytest.mark.parametrize("opts", [dict(budget=5), dict(form="layers", budget=0.5, layer=1)])
+def test_fast_generate_equals_generate(opts):
     model, inputs = built("llava")
-    mmsink.wrap(model, prune="orthorank", budget=5)
-    try:
-        with torch.no_grad():
-            ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            fast = mmsink.generate_fast(model, max_new_tokens=4, compile=False, **inputs)
-    finally:
-        mmsink.unwrap(model)
+    fast, ref = fast_and_generate(model, inputs, prune="orthorank", **opts)
     assert torch.equal(fast, ref)
 
 

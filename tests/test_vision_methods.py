@@ -15,6 +15,7 @@ from tiny import (
     batch,
     batched_and_cached,
     counted_prefill,
+    fast_and_generate,
     next_batch,
     next_single,
     prompt,
@@ -349,13 +350,7 @@ def test_flops_match_counter(family, method, opts):
 @pytest.mark.parametrize("method", ["scope", "vispruner_iccv"])
 def test_fast_generate_equals_generate(method):
     model, inputs = built("llava")
-    mmsink.wrap(model, prune=method, budget=5)
-    try:
-        with torch.no_grad():
-            ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            fast = mmsink.generate_fast(model, max_new_tokens=4, compile=False, **inputs)
-    finally:
-        mmsink.unwrap(model)
+    fast, ref = fast_and_generate(model, inputs, prune=method, budget=5)
     assert torch.equal(fast, ref)
 
 

@@ -323,3 +323,17 @@ def greedy(model, inputs, n: int, **gen):
 def two_prompts():
     """Two LLaVA prompts of different lengths (45 and 57 tokens): a left-padded batch of two."""
     return [prompt(3, 5, seed=1), prompt(9, 11, seed=2)]
+
+
+def fast_and_generate(model, inputs, n: int = 4, **settings):
+    """(generate_fast's tokens, generate's greedy tokens) of ``model`` wrapped with ``settings``."""
+    import mmsink
+
+    mmsink.wrap(model, **settings)
+    try:
+        with torch.no_grad():
+            ref = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+            fast = mmsink.generate_fast(model, max_new_tokens=n, compile=False, **inputs)
+    finally:
+        mmsink.unwrap(model)
+    return fast, ref
