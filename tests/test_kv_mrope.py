@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from tiny import batch_ids, greedy, qwen_batch, tiny_qwen
+from tiny import batch_ids, greedy, module_model, qwen_batch, tiny_qwen
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 import mmsink
@@ -15,16 +14,7 @@ from mmsink.kv.window import compact
 SPECS = [(3, 5, [(4, 4)]), (6, 9, [(4, 8)])]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_qwen(layers=2)
-
-
-@pytest.fixture(autouse=True)
-def unwrapped(model):
-    yield
-    if model.__dict__.get("_mmsink") is not None:
-        mmsink.unwrap(model)
+model, unwrapped = module_model(lambda: tiny_qwen(layers=2))
 
 
 def compact_reference(pos, cols):

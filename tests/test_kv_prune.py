@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, batch, greedy, pixels_of, prompt, tiny_llava, two_prompts
+from tiny import IMAGE_TOKEN, batch, greedy, module_model, pixels_of, prompt, tiny_llava, two_prompts
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import mmsink
@@ -15,16 +15,7 @@ from mmsink.kv.planned import PlanWindowCache
 PRUNERS = [("fastv", 4), ("pdrop", 24), ("random", 6)]  # one cut at layer 2, three stages, before the LLM
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava(layers=4)
-
-
-@pytest.fixture(autouse=True)
-def unwrapped(model):
-    yield
-    if model.__dict__.get("_mmsink") is not None:
-        mmsink.unwrap(model)
+model, unwrapped = module_model(lambda: tiny_llava(layers=4))
 
 
 def stream_kept(mask_row, n_new, first, window):

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import GREEDY_SCORES, batch, pixels_of, prompt, tiny_llava, two_prompts
+from tiny import GREEDY_SCORES, batch, module_model, pixels_of, prompt, tiny_llava, two_prompts
 from transformers.cache_utils import DynamicCache
 
 import mmsink
 from mmsink.kv.quant import QuantCache
 
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava(layers=3)
-
-
-@pytest.fixture(autouse=True)
-def unwrapped(model):
-    yield
-    if model.__dict__.get("_mmsink") is not None:
-        mmsink.unwrap(model)
+model, unwrapped = module_model(lambda: tiny_llava(layers=3))
 
 
 def prefill(model, inputs, kv=None):

@@ -6,22 +6,12 @@ import sys
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, SIDE, batch, greedy, pixels_of, prompt, tiny_llava, two_prompts
+from tiny import IMAGE_TOKEN, SIDE, batch, greedy, module_model, pixels_of, prompt, tiny_llava, two_prompts
 
 import mmsink
 from mmsink.kv import WindowCache
 
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava(layers=4)
-
-
-@pytest.fixture(autouse=True)
-def unwrapped(model):
-    yield
-    if model.__dict__.get("_mmsink") is not None:
-        mmsink.unwrap(model)
+model, unwrapped = module_model(lambda: tiny_llava(layers=4))
 
 
 def stream_policy(columns, n_forwards, first, window, sinks=()):

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import batch, greedy, pixels_of, qwen_batch, tiny_llava, tiny_qwen, two_prompts
+from tiny import batch, greedy, module_model, pixels_of, qwen_batch, tiny_llava, tiny_qwen, two_prompts
 
 import mmsink
 from mmsink.api import get_handle
 from mmsink.kv.sparse import ExactTopkCache, PlanSparseCache, SparseCache
 
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava(layers=3)
-
-
-@pytest.fixture(autouse=True)
-def unwrapped(model):
-    yield
-    if model.__dict__.get("_mmsink") is not None:
-        mmsink.unwrap(model)
+model, unwrapped = module_model(lambda: tiny_llava(layers=3))
 
 
 def run(model, inputs, n, cache=None, **gen):

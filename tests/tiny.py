@@ -337,3 +337,23 @@ def fast_and_generate(model, inputs, n: int = 4, **settings):
     finally:
         mmsink.unwrap(model)
     return fast, ref
+
+
+def module_model(build):
+    """A test module's ``model`` fixture (built once) and an autouse fixture that unwraps it after each
+    test: ``model, unwrapped = module_model(lambda: tiny_llava(layers=4))``."""
+    import pytest
+
+    import mmsink
+
+    @pytest.fixture(scope="module")
+    def model():
+        return build()
+
+    @pytest.fixture(autouse=True)
+    def unwrapped(model):
+        yield
+        if model.__dict__.get("_mmsink") is not None:
+            mmsink.unwrap(model)
+
+    return model, unwrapped
