@@ -3,7 +3,7 @@ and cached decoding == uncached recomputation of the pruned model."""
 
 import pytest
 import torch
-from tiny import batch, pixels_of, prompt, tiny_llava
+from tiny import batch, llava_single, prompt, tiny_llava
 
 import mmsink
 
@@ -39,15 +39,6 @@ def inputs():
     return batch(PROMPTS, seed=5)
 
 
-def single(inputs, i):
-    p = PROMPTS[i]
-    return {
-        "input_ids": torch.tensor([p]),
-        "attention_mask": torch.ones(1, len(p), dtype=torch.long),
-        "pixel_values": pixels_of(inputs, PROMPTS, i) if 100 in p else None,
-    }
-
-
 @pytest.mark.parametrize("method,opts", METHODS, ids=IDS)
 def test_batched_equals_per_sample(model, inputs, method, opts):
     mmsink.wrap(model, prune=method, **opts)
@@ -57,7 +48,7 @@ def test_batched_equals_per_sample(model, inputs, method, opts):
             st = mmsink.stats(model)
             pad = (inputs["attention_mask"] == 0).sum(1).tolist()
             for i in range(len(PROMPTS)):
-                one = model(**single(inputs, i)).logits[0, -1]
+                one = model(**llava_single(inputs, PROMPTS, i)).logits[0, -1]
                 s1 = mmsink.stats(model)
                 torch.testing.assert_close(out[i], one, atol=1e-4, rtol=1e-4)
                 got = [[j - pad[i] for j in layer[i]] for layer in st.kept_indices]

@@ -15,9 +15,9 @@ from tiny import (
     batch,
     clip,
     counted_prefill,
+    llava_single,
     next_batch,
     next_single,
-    pixels_of,
     prompt,
     qwen_batch,
     qwen_single,
@@ -218,15 +218,7 @@ def family(name: str, attn: str = "sdpa"):
         prompts = [prompt(5, 7, seed=1), prompt(2, 4, seed=2, images=2), prompt(3, 6, seed=4, images=0)]
         inputs = batch(prompts, seed=5)
 
-        def single(i):
-            p = prompts[i]
-            return {
-                "input_ids": torch.tensor([p]),
-                "attention_mask": torch.ones(1, len(p), dtype=torch.long),
-                "pixel_values": pixels_of(inputs, prompts, i) if IMAGE_TOKEN in p else None,
-            }
-
-        return model, inputs, single, len(prompts), IMAGE_TOKEN
+        return model, inputs, lambda i: llava_single(inputs, prompts, i), len(prompts), IMAGE_TOKEN
     if name == "llava_next":
         model = tiny_llava_next(layers=4, attn=attn)
         inputs = next_batch(model, NEXT_SPECS, seed=1)[0]

@@ -3,7 +3,7 @@ that the counter sees the attention matmuls), pruned and unpruned: pruning reall
 
 import pytest
 import torch
-from tiny import batch, prompt, tiny_llava
+from tiny import batch, llava_single, prompt, tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmsink
@@ -58,15 +58,8 @@ def test_sample_flops_match_single_runs(model, method, opts):
         with torch.no_grad():
             model(**inputs, logits_to_keep=1)
             per = mmsink.stats(model).extra["sample_prefill_flops"]
-            start = 0
-            for i, p in enumerate(prompts):
-                n_img = p.count(100) // 36
-                one = {
-                    "input_ids": torch.tensor([p]),
-                    "attention_mask": torch.ones(1, len(p), dtype=torch.long),
-                    "pixel_values": inputs["pixel_values"][start : start + n_img],
-                }
-                start += n_img
+            for i in range(len(prompts)):
+                one = llava_single(inputs, prompts, i)
                 with FlopCounterMode(display=False) as fc:
                     model(**one, logits_to_keep=1)
                 assert abs(per[i] - fc.get_total_flops()) <= 0.02 * fc.get_total_flops()

@@ -13,6 +13,7 @@ from tiny import (
     batch,
     counted_prefill,
     fast_and_generate,
+    llava_single,
     next_batch,
     next_single,
     prompt,
@@ -31,22 +32,11 @@ NEXT_SPECS = [(4, 6, [(28, 56)]), (2, 3, [(56, 56), (28, 28)]), (3, 5, [])]
 QWEN_SPECS = [(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)]), (3, 5, [])]
 
 
-def llava_single(inputs, i):
-    p = LLAVA_PROMPTS[i]
-    n_before = sum(q.count(100) // P for q in LLAVA_PROMPTS[:i])
-    n = p.count(100) // P
-    return {
-        "input_ids": torch.tensor([p]),
-        "attention_mask": torch.ones(1, len(p), dtype=torch.long),
-        "pixel_values": inputs["pixel_values"][n_before : n_before + n] if n else None,
-    }
-
-
 FAMILIES = {
     "llava": (
         lambda attn, seed: tiny_llava(layers=4, attn=attn, seed=seed),
         lambda m: batch(LLAVA_PROMPTS, seed=4),
-        llava_single,
+        lambda inputs, i: llava_single(inputs, LLAVA_PROMPTS, i),
     ),
     "llava_next": (
         lambda attn, seed: tiny_llava_next(layers=4, attn=attn, seed=seed),
@@ -145,7 +135,7 @@ def test_the_score_is_not_a_constant_choice():
     """The reference would also accept a rule that ignores the score if scores were flat: they are not,
     and the kept set differs from the first / last tokens of the image."""
     model, inputs = built("llava")
-    one = llava_single(inputs, 0)
+    one = llava_single(inputs, LLAVA_PROMPTS, 0)
     got = kept_at(model, one, 2, budget=5)
     first = one["input_ids"][0].tolist().index(100)
     assert got != list(range(first, first + 5)) and got != list(range(first + P - 5, first + P))

@@ -8,9 +8,8 @@ decoding. ``wrap(model, orthorank={...})`` is the same run; VAR is refused; ViT 
 import pytest
 import torch
 from orthorank_paper import orthorank_layers
-from test_orthorank import FAMILIES, built
-from test_orthorank import llava_single as llava_one
-from tiny import batch, counted_prefill, prompt, tiny_llava
+from test_orthorank import FAMILIES, LLAVA_PROMPTS, built
+from tiny import batch, counted_prefill, llava_single, prompt, tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmsink
@@ -66,7 +65,7 @@ def test_selected_sets_and_logits_equal_the_reference(family, seed, layer, ratio
 def test_chosen_layers_equal_the_reference():
     """``layers=(1, 3)``: layer 2 runs every token (the plan rejoins the selection of layer 1 by itself)."""
     model, inputs = built("llava", seed=1)
-    for one in (llava_one(inputs, i) for i in range(2)):
+    for one in (llava_single(inputs, LLAVA_PROMPTS, i) for i in range(2)):
         out, st = wrapped(model, one, budget=0.5, layers=(1, 3))
         log = {}
         with torch.no_grad(), orthorank_layers(model, (1, 3), 0.5, one["attention_mask"], log=log):

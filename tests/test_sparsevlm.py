@@ -8,34 +8,12 @@ import pytest
 import torch
 from official_sparsevlm import PRUNING_LOC, SCHEDULES, cluster_and_merge_official, sparsevlm_official
 from test_families import FAMILIES, built
+from test_official import KV, SEEDS, model_for, prompts
 from test_var import VAR
-from tiny import batch, batched_and_cached, counted_prefill, prompt, tiny_llava
-from torch.utils.flop_counter import FlopCounterMode
+from tiny import batch, batched_and_cached, counted_prefill, llava_single, prompt, tiny_llava
 
 import mmsink
 from mmsink.pruners.sparsevlm import cluster_and_merge, default_layers, stage_tokens
-
-SEEDS = [0, 1, 2]
-KV = [4, 2]
-MODELS: dict = {}
-
-
-def model_for(seed, kv):
-    """A tiny 8-layer LLaVA (fp32) whose RMSNorm weights are spread like a trained model's."""
-    if (seed, kv) not in MODELS:
-        m = tiny_llava(layers=8, seed=seed, kv_heads=kv).float()
-        g = torch.Generator().manual_seed(100 + seed)
-        lm = m.model.language_model
-        norms = [lm.norm] + [n for b in lm.layers for n in (b.input_layernorm, b.post_attention_layernorm)]
-        with torch.no_grad():
-            for n in norms:
-                n.weight.copy_(0.3 + 1.4 * torch.rand(n.weight.shape, generator=g))
-        MODELS[(seed, kv)] = m
-    return MODELS[(seed, kv)]
-
-
-def prompts(seed):
-    return [prompt(5, 9, seed=seed), prompt(2, 6, seed=seed + 10), prompt(7, 4, seed=seed + 20)]
 
 
 def run(model, inputs, hook_layer=None, **settings):
@@ -171,15 +149,8 @@ def test_batched_per_sample_and_cached(opts):
         with torch.no_grad():
             out = model(**inputs).logits[:, -1]
             st = mmsink.stats(model)
-            start = 0
             for i, p in enumerate(LLAVA_PROMPTS):
-                n_img = p.count(100) // 36
-                one = {
-                    "input_ids": torch.tensor([p]),
-                    "attention_mask": torch.ones(1, len(p), dtype=torch.long),
-                    "pixel_values": inputs["pixel_values"][start : start + n_img],
-                }
-                start += n_img
+                one = llava_single(inputs, LLAVA_PROMPTS, i)
                 torch.testing.assert_close(out[i], model(**one).logits[0, -1], atol=1e-4, rtol=1e-4)
                 pad = inputs["input_ids"].shape[1] - len(p)
                 alone = mmsink.stats(model).kept_indices
@@ -196,14 +167,7 @@ def test_flops_match_counter():
     model = tiny_llava(layers=8, attn="eager")
     inputs = batch(LLAVA_PROMPTS, seed=4)
     for opts in ({"budget": 12}, {"budget": 8, "recycle": False}):
-        mmsink.wrap(model, prune="sparsevlm", **opts)
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as fc:
-                model(**inputs)
-            st = mmsink.stats(model)
-        finally:
-            mmsink.unwrap(model)
-        counted = fc.get_total_flops()
+        st, counted = counted_prefill(model, inputs, prune="sparsevlm", **opts)
         assert abs(st.prefill_flops - counted) <= 0.02 * counted, (st.prefill_flops, counted)
         assert st.prefill_flops < 0.8 * st.baseline_prefill_flops
 

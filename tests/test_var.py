@@ -4,7 +4,7 @@ in prefill and in decoding, alone and with pruning; and its settings' errors."""
 import pytest
 import torch
 from reference import run
-from tiny import batch, prompt, tiny_llava
+from tiny import batch, llava_single, prompt, tiny_llava
 
 import mmsink
 from mmsink.sinks.var import VARConfig
@@ -94,14 +94,8 @@ def test_batched_cached_uncached(model):
             a = model.generate(**inputs, max_new_tokens=5, do_sample=False)
             b = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
             out = model(**inputs).logits[:, -1]
-            for i, pr in enumerate(prompts):
-                n_img = pr.count(100) // 36
-                start = sum(q.count(100) // 36 for q in prompts[:i])
-                one = {
-                    "input_ids": torch.tensor([pr]),
-                    "attention_mask": torch.ones(1, len(pr), dtype=torch.long),
-                    "pixel_values": inputs["pixel_values"][start : start + n_img],
-                }
+            for i in range(len(prompts)):
+                one = llava_single(inputs, prompts, i)
                 torch.testing.assert_close(out[i], model(**one).logits[0, -1], atol=1e-4, rtol=1e-4)
     finally:
         mmsink.unwrap(model)

@@ -16,6 +16,7 @@ from tiny import (
     batched_and_cached,
     counted_prefill,
     fast_and_generate,
+    llava_single,
     next_batch,
     next_single,
     prompt,
@@ -287,22 +288,11 @@ QWEN_SPECS = [(4, 6, [(8, 12)]), (2, 3, [(4, 8), (8, 8)]), (3, 5, [])]
 LLAVA_PROMPTS = [prompt(5, 7, seed=1), prompt(2, 4, seed=2, images=2), prompt(3, 5, seed=3, images=0)]
 
 
-def llava_single(inputs, i):
-    p = LLAVA_PROMPTS[i]
-    n_before = sum(q.count(100) // P for q in LLAVA_PROMPTS[:i])
-    n = p.count(100) // P
-    return {
-        "input_ids": torch.tensor([p]),
-        "attention_mask": torch.ones(1, len(p), dtype=torch.long),
-        "pixel_values": inputs["pixel_values"][n_before : n_before + n] if n else None,
-    }
-
-
 FAMILIES = {
     "llava": (
         lambda attn: sharpen(tiny_llava(layers=4, attn=attn)),
         lambda m: batch(LLAVA_PROMPTS, seed=4),
-        llava_single,
+        lambda inputs, i: llava_single(inputs, LLAVA_PROMPTS, i),
     ),
     "llava_next": (
         lambda attn: tiny_llava_next(layers=4, attn=attn),

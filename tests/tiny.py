@@ -90,6 +90,16 @@ def pixels_of(inputs, prompts, i):
     return inputs["pixel_values"][start : start + per[i]]
 
 
+def llava_single(inputs, prompts, i):
+    """Sample i of a ``batch(prompts)``, alone and unpadded (no pixel values when it has no image)."""
+    p = prompts[i]
+    return {
+        "input_ids": torch.tensor([p]),
+        "attention_mask": torch.ones(1, len(p), dtype=torch.long),
+        "pixel_values": pixels_of(inputs, prompts, i) if IMAGE_TOKEN in p else None,
+    }
+
+
 def tiny_llava_next(layers: int = 8, attn: str = "sdpa", seed: int = 0):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
