@@ -32,14 +32,15 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(model_dir):
-    from demo.app import Runner
+    from mmsink.demo.app import Runner
 
     return Runner(model_dir)
 
 
 def test_runner_settings_are_per_request(runner):
+    from mmsink.demo.app import samples
+
     import mmsink
-    from demo.app import samples
 
     img = Image.open(samples()[0][0])
     a = runner.answer(img, "What color is the circle?", "fastv", 8, False, False)
@@ -55,7 +56,7 @@ def test_runner_settings_are_per_request(runner):
 
 def test_fast_decoding_gives_generates_answers(runner, model_dir):
     """The demo decodes with generate_fast by default (VAR requests too); the answers are generate's."""
-    from demo.app import Runner, samples
+    from mmsink.demo.app import Runner, samples
 
     slow = Runner(model_dir, fast=False)
     assert runner.fast and not slow.fast
@@ -74,7 +75,7 @@ def test_fast_decoding_gives_generates_answers(runner, model_dir):
 
 @pytest.fixture(scope="module")
 def shipped_runner():
-    from demo.app import DEFAULT_MODEL, Runner
+    from mmsink.demo.app import DEFAULT_MODEL, Runner
 
     return Runner(DEFAULT_MODEL)  # the default: the bundled reference model
 
@@ -88,7 +89,7 @@ def test_page_in_chromium(shipped_runner, tmp_path):
         pytest.skip("Debian's chromium package is not installed")
     pytest.importorskip("gradio")
     sync_api = pytest.importorskip("playwright.sync_api")
-    from demo.app import serve_in_background
+    from mmsink.demo.app import serve_in_background
 
     app, port = serve_in_background(shipped_runner, wait_s=10.0)
     try:
@@ -122,7 +123,7 @@ def test_page_in_chromium(shipped_runner, tmp_path):
 def test_form_errors_speak_the_forms_language(runner):
     """Budget 1.5 / -5, VAR dimensions 'abc', a budget with the baseline only, an unreadable upload and a
     question longer than the model's context: a message about the field, not Python's or the API's."""
-    from demo.app import BadImage, FormError, samples
+    from mmsink.demo.app import BadImage, FormError, samples
 
     img = Image.open(samples()[0][0])
     cases = [
@@ -148,7 +149,7 @@ def test_form_errors_speak_the_forms_language(runner):
 def test_kept_everything_says_so():
     from types import SimpleNamespace
 
-    from demo.app import saved_text
+    from mmsink.demo.app import saved_text
 
     st = SimpleNamespace(
         prefill_flops=1003, baseline_prefill_flops=1000, kept_tokens=[[4], [4]], visual_tokens=[4]
@@ -171,7 +172,7 @@ def test_two_columns_at_1366_and_a_bad_upload_in_chromium(shipped_runner, tmp_pa
         pytest.skip("Debian's chromium package is not installed")
     pytest.importorskip("gradio")
     sync_api = pytest.importorskip("playwright.sync_api")
-    from demo.app import serve_in_background
+    from mmsink.demo.app import serve_in_background
 
     app, port = serve_in_background(shipped_runner, wait_s=10.0)
     try:
