@@ -2,6 +2,7 @@
 run a sample, and see both answers, both FLOP counts and the token overlay. Also the Runner without a
 browser (settings per request, errors as messages)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -80,7 +81,10 @@ def shipped_runner():
     return Runner(DEFAULT_MODEL)  # the default: the bundled reference model
 
 
-def test_page_in_chromium(shipped_runner, tmp_path):
+@contextlib.contextmanager
+def demo_in_chromium(runner):
+    """(a headless Debian chromium, the port of the demo served in the background); CI must have the
+    browser (README's test command installs it), elsewhere the test is skipped without it."""
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail(
@@ -91,33 +95,36 @@ def test_page_in_chromium(shipped_runner, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     from mmsink.demo.app import serve_in_background
 
-    app, port = serve_in_background(shipped_runner, wait_s=10.0)
+    app, port = serve_in_background(runner, wait_s=10.0)
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
-            gold = json.loads((SAMPLES / "samples.json").read_text())[0]
-            page.get_by_text(gold["question"]).first.click()  # a sample row fills image + question
-            page.wait_for_function(
-                "document.querySelector('#question textarea, #question input').value !== ''"
-            )
-            page.locator("#budget input").fill("64")
-            page.locator("#run").click()
-            page.wait_for_function(
-                "(document.querySelector('#info') || {innerText: ''}).innerText.includes('saved')",
-                timeout=60000,
-            )
-            base_info = page.locator("#base_info").inner_text()
-            info = page.locator("#info").inner_text()
-            assert "prefill FLOPs" in base_info and "prefill FLOPs" in info and "% saved" in info
-            assert page.locator("#base_answer textarea").input_value() == gold["answer"]  # it reads the image
-            assert page.locator("#answer textarea").input_value() != ""
-            assert page.locator("#overlay img").count() >= 1
-            page.screenshot(path=str(tmp_path / "page.png"))
+            yield browser, port
             browser.close()
     finally:
         app.close()
+
+
+def test_page_in_chromium(shipped_runner, tmp_path):
+    with demo_in_chromium(shipped_runner) as (browser, port):
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+        gold = json.loads((SAMPLES / "samples.json").read_text())[0]
+        page.get_by_text(gold["question"]).first.click()  # a sample row fills image + question
+        page.wait_for_function("document.querySelector('#question textarea, #question input').value !== ''")
+        page.locator("#budget input").fill("64")
+        page.locator("#run").click()
+        page.wait_for_function(
+            "(document.querySelector('#info') || {innerText: ''}).innerText.includes('saved')",
+            timeout=60000,
+        )
+        base_info = page.locator("#base_info").inner_text()
+        info = page.locator("#info").inner_text()
+        assert "prefill FLOPs" in base_info and "prefill FLOPs" in info and "% saved" in info
+        assert page.locator("#base_answer textarea").input_value() == gold["answer"]  # it reads the image
+        assert page.locator("#answer textarea").input_value() != ""
+        assert page.locator("#overlay img").count() >= 1
+        page.screenshot(path=str(tmp_path / "page.png"))
 
 
 def test_form_errors_speak_the_forms_language(runner):
@@ -164,42 +171,26 @@ def test_kept_everything_says_so():
 def test_two_columns_at_1366_and_a_bad_upload_in_chromium(shipped_runner, tmp_path):
     """At 1366 px (a common laptop width) baseline and mmsink sit side by side; a non-image uploaded as
     .png shows why it cannot run."""
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail(
-                "CI must run the browser test: install Debian's chromium (README's test command does)"
-            )
-        pytest.skip("Debian's chromium package is not installed")
-    pytest.importorskip("gradio")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    from mmsink.demo.app import serve_in_background
-
-    app, port = serve_in_background(shipped_runner, wait_s=10.0)
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            for width in (1366, 1280, 1440):
-                page = browser.new_page(viewport={"width": width, "height": 900})
-                page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
-                a = page.locator("#base_answer").bounding_box()
-                b = page.locator("#answer").bounding_box()
-                assert abs(a["y"] - b["y"]) < 2 and b["x"] >= a["x"] + a["width"], (width, a, b)
-                assert a["width"] > 200 and b["width"] > 200
-                if width == 1366:
-                    fake = tmp_path / "notes.png"
-                    fake.write_text("this is text, not a PNG")
-                    page.locator("#image input[type=file]").set_input_files(str(fake))
-                    page.locator("#question textarea, #question input").first.fill("What color is it?")
-                    page.locator("#run").click()
-                    page.wait_for_function(
-                        "(document.querySelector('#error') || {innerText: ''})"
-                        ".innerText.includes('not an image')",
-                        timeout=60000,
-                    )
-                    assert "notes.png" in page.locator("#error").inner_text()
-                    page.locator("#error").scroll_into_view_if_needed()
-                    page.screenshot(path=str(tmp_path / f"page{width}.png"))
-                page.close()
-            browser.close()
-    finally:
-        app.close()
+    with demo_in_chromium(shipped_runner) as (browser, port):
+        for width in (1366, 1280, 1440):
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+            a = page.locator("#base_answer").bounding_box()
+            b = page.locator("#answer").bounding_box()
+            assert abs(a["y"] - b["y"]) < 2 and b["x"] >= a["x"] + a["width"], (width, a, b)
+            assert a["width"] > 200 and b["width"] > 200
+            if width == 1366:
+                fake = tmp_path / "notes.png"
+                fake.write_text("this is text, not a PNG")
+                page.locator("#image input[type=file]").set_input_files(str(fake))
+                page.locator("#question textarea, #question input").first.fill("What color is it?")
+                page.locator("#run").click()
+                page.wait_for_function(
+                    "(document.querySelector('#error') || {innerText: ''})"
+                    ".innerText.includes('not an image')",
+                    timeout=60000,
+                )
+                assert "notes.png" in page.locator("#error").inner_text()
+                page.locator("#error").scroll_into_view_if_needed()
+                page.screenshot(path=str(tmp_path / f"page{width}.png"))
+            page.close()
