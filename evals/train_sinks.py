@@ -17,9 +17,11 @@ Measured every ``--eval-every`` steps on fixed held-out windows (eager attention
   - ``v0_ratio[l]``: norm of position 0's value vectors over the mean norm of the others (value drain).
 
 Resuming: ``--init DIR`` loads the weights of a checkpoint this script saved; the optimizer state is
-not saved (it is twice the model and would not fit the size limits), so AdamW restarts and the run uses
+not in it (it is twice the model and would not fit the size limits), so AdamW restarts and the run uses
 its own warmup (``--warmup``, a few hundred steps) and decay. ``training.json`` keeps the earlier runs'
-records under ``previous``.
+records under ``previous``. ``--state FILE`` also writes the whole state (fp32 weights, AdamW, step, data
+RNG) at every probe; ``--resume FILE`` continues that run exactly (same schedule and data order), e.g. in
+a second call on a machine still warm, where an ignored folder survives between calls.
 
     python -m evals.train_sinks --corpus .corpus --out OUT_DIR --time-budget 450
 """
@@ -257,6 +259,19 @@ def parse(argv=None):
     ap.add_argument("--shard", default="15MB")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-save", action="store_true", help="record training.json only, no weights")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    ap.add_argument(
+        "--state",
+        default="",
+        help="also save the whole training state here (fp32 weights, AdamW, step, RNG) at every probe, for "
+        "--resume; too large to commit or carry, it lives on the training machine's disk",
+    )
+    ap.add_argument(
+        "--resume",
+        default="",
+        help="continue exactly from a --state file: same schedule, optimizer and data order; "
+        "--time-budget then only stops the run early (the schedule is not shortened)",
+    )
     ap.add_argument(
         "--probe-only",
         default="",
@@ -293,6 +308,9 @@ def main(argv=None) -> dict:
             previous = p.get("previous", []) + [{k: v for k, v in p.items() if k != "previous"}]
     else:
         model = build_model(vocab, a.layers, a.hidden, a.heads, a.ffn, a.max_pos, a.kv_heads, a.rope_theta)
+    resume = torch.load(a.resume, map_location="cpu", weights_only=False) if a.resume else None
+    if resume:
+        model.load_state_dict(resume["model"])
     model.to(dev).train()
     n_params = sum(p.numel() for p in model.parameters())
     step0 = previous[-1]["global_step"] if previous else 0
@@ -307,6 +325,9 @@ def main(argv=None) -> dict:
         fused=cuda,
     )
     from contextlib import nullcontext
+
+    # the probes and validation run the plain module (the probe switches to eager attention)
+    step_model = torch.compile(model) if a.compile else model
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -350,14 +371,35 @@ def main(argv=None) -> dict:
         )
 
     total = a.steps
-    probe(0)
     step, tstart, losses = 0, None, []
+    if resume:
+        opt.load_state_dict(resume["opt"])
+        gen.set_state(resume["gen"])
+        step, total = resume["step"], resume["total"]
+        record["curve"], record["probes"] = resume["record"]["curve"], resume["record"]["probes"]
+        record["resumed_at"] = record.get("resumed_at", []) + [step]
+        record["resolved_steps"] = total
+        t0 -= resume["record"].get("wall_s", 0.0)  # wall_s and "s" keep counting across calls
+    else:
+        probe(0)
+    # with --state / --resume the schedule is fixed by --steps and the budget only stops this call
+    keep = bool(a.state or a.resume)
+    budget_end = time.time() + a.time_budget if a.time_budget > 0 else None
+    stop = False
+
+    def save_state():
+        if a.state:
+            sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            st = {"model": sd, "opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "total": total}
+            Path(a.state).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(st | {"record": record}, a.state)
+
     while step < total:
         if step == 5:
             if cuda:
                 torch.cuda.synchronize()
             tstart = time.time()
-        if step == 30 and a.time_budget > 0:
+        if step == 30 and a.time_budget > 0 and not keep:
             if cuda:
                 torch.cuda.synchronize()
             per = (time.time() - tstart) / 25
@@ -374,7 +416,7 @@ def main(argv=None) -> dict:
         starts = torch.randint(0, train.numel() - a.ctx, (a.batch,), generator=gen).to(dev)
         x = windows(train, starts, a.ctx)
         with autocast():
-            loss = model(input_ids=x, labels=x).loss
+            loss = step_model(input_ids=x, labels=x).loss
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)
         opt.step()
@@ -382,11 +424,14 @@ def main(argv=None) -> dict:
         step += 1
         losses.append(loss.detach())
         # hard stop if the early step-time estimate was off (e.g. a GPU shared with another run)
-        late = a.time_budget > 0 and time.time() - t0 > a.time_budget * 1.08 and step % 10 == 0
-        if late:
+        if keep:
+            stop = budget_end is not None and time.time() > budget_end and step % 10 == 0
+            if stop:
+                record["paused_at"] = step0 + step
+        elif a.time_budget > 0 and time.time() - t0 > a.time_budget * 1.08 and step % 10 == 0:
             record["stopped_early_at"] = step0 + step
             total = step
-        if step % a.eval_every == 0 or step == total:
+        if step % a.eval_every == 0 or step == total or stop:
             lv = float(torch.stack(losses).mean())
             losses = []
             record["curve"].append(
@@ -410,6 +455,9 @@ def main(argv=None) -> dict:
                 (out / "training.json").write_text(json.dumps(record, indent=1))
             else:
                 save_checkpoint(model, out, record, a.shard)
+            save_state()
+        if stop:
+            break
     return record
 
 

@@ -221,6 +221,22 @@ def test_training_lowers_loss_and_resumes(built, tmp_path):
     assert (w1 - w2).abs().max() < 1e-2
 
 
+def test_state_resume_is_exact(built, tmp_path):
+    """A run paused by its time budget and resumed from --state ends with the same weights and
+    probes as the same schedule run in one go (optimizer, data order and lr schedule carry over)."""
+    corpus, _ = built
+    common = ("--steps", "20", "--eval-every", "10", "--no-save")
+    whole = T.main(_tiny_args(corpus, tmp_path / "whole", *common))
+    state = str(tmp_path / "st.pt")
+    first = T.main(_tiny_args(corpus, tmp_path / "p1", *common, "--state", state, "--time-budget", "1e-6"))
+    assert first["paused_at"] == 10 and first["global_step"] == 10
+    second = T.main(_tiny_args(corpus, tmp_path / "p2", *common, "--resume", state))
+    assert second["global_step"] == 20 and second["resumed_at"] == [10]
+    assert [p["step"] for p in second["probes"]] == [p["step"] for p in whole["probes"]]
+    assert second["probes"][-1]["val_loss"] == whole["probes"][-1]["val_loss"]
+    assert second["probes"][-1]["first_attn"] == whole["probes"][-1]["first_attn"]
+
+
 def _model(layers=3, hidden=32, heads=4, vocab=64):
     torch.manual_seed(0)
     m = T.build_model(vocab, layers, hidden, heads, 64, 64).eval()
