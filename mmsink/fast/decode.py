@@ -396,24 +396,41 @@ class FastDecoder:
 
 
 def decoder_for(
-    family, lengths: list[int], batch: int, max_new: int, eos: tuple, graphs: bool, compile: bool, var=None
+    family,
+    lengths: list[int],
+    batch: int,
+    max_new: int,
+    eos: tuple,
+    graphs: bool,
+    compile: bool,
+    var=None,
+    opts=None,
 ) -> FastDecoder:
     """A decoder whose buffers fit a prefill of ``lengths`` slots per layer: reused when one of the same
-    shape is kept on the model."""
+    shape is kept on the model. ``opts``: ``fuse.StepOptions`` (None: the plain step)."""
     model = family.model
+    if opts is not None and opts.fuse:
+        from .fuse import fused
+
+        fused(model, family.layers)  # (again) where weights were replaced: drops the kept decoders
     need = [n + max_new for n in lengths]
     caps = [-(-n // ROUND) * ROUND for n in need]
     new = -(-max_new // ROUND) * ROUND
     params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)  # weights swapped: new graph
     var_key = None if var is None else (dataclasses.astuple(var[0]), tuple(var[1]))
-    key = (batch, tuple(caps), new, eos, graphs, compile, params, var_key)
+    key = (batch, tuple(caps), new, eos, graphs, compile, params, var_key, opts)
     store = model.__dict__.setdefault(STORE, collections.OrderedDict())
     if key in store:
         store.move_to_end(key)
         return store[key]
     while len(store) >= KEEP:
         store.popitem(last=False)
-    dec = FastDecoder(family, caps, batch, new, eos, compile, var)
+    if opts is None:
+        dec = FastDecoder(family, caps, batch, new, eos, compile, var)
+    else:
+        from .fuse import StepDecoder
+
+        dec = StepDecoder(family, caps, batch, new, eos, compile, var, opts)
     store[key] = dec
     return dec
 
@@ -438,7 +455,11 @@ def placement(model) -> tuple[set, bool]:
 
 
 def clear(model) -> None:
-    """Drop the decoders (KV buffers, graphs) and vision-tower graphs kept on ``model``."""
+    """Drop the decoders (KV buffers, graphs) and vision-tower graphs kept on ``model``; fused
+    projections (``fuse.StepOptions.fuse``) get their own storage back."""
+    from .fuse import unfuse
+
+    unfuse(model)
     model.__dict__.pop(STORE, None)
     model.__dict__.pop(PLACED, None)
     vision_graph.clear(model)

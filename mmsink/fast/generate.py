@@ -53,7 +53,9 @@ def check_inputs(inputs: dict, max_new_tokens: int) -> None:
         )
 
 
-def prefill(model, family, handle, inputs: dict, graphs: bool, compile: bool, dispatched: bool, budget: int):
+def prefill(
+    model, family, handle, inputs: dict, graphs: bool, compile: bool, dispatched: bool, budget: int, opts=None
+):
     """Run the prompt; where the plan becomes final the layer hook hands off and the remaining layers run
     on the decoder's buffers here (one graph per shape when ``graphs``)."""
     ids = inputs["input_ids"]
@@ -79,7 +81,9 @@ def prefill(model, family, handle, inputs: dict, graphs: bool, compile: bool, di
         heads = [ctx.segments[ctx.layer_segment[i]].valid for i in range(first)]
         lengths = [v.shape[1] for v in heads] + [h.hidden.shape[1]] * (ctx.num_layers - first)
         stops = stop_ids(model)[0]
-        dec = decoder_for(family, lengths, ids.shape[0], max(budget - 1, 1), stops, graphs, compile)
+        dec = decoder_for(
+            family, lengths, ids.shape[0], max(budget - 1, 1), stops, graphs, compile, opts=opts
+        )
         tok = dec.run_tail(first, h.hidden, h.kwargs, graphs).to(ids.device)
         done = Prefilled(tok, ctx.cache, (first, ctx.seg.valid, heads), dec, mask)
         handle.finish_handoff(h, {**call, "logits_to_keep": 1})  # stats deferred: drops ctx's references
@@ -96,7 +100,9 @@ def stop_ids(model) -> tuple:
     return tuple(eos), pad
 
 
-def decode(model, family, handle, p: Prefilled, ids, max_new_tokens: int, graphs: bool, compile: bool):
+def decode(
+    model, family, handle, p: Prefilled, ids, max_new_tokens: int, graphs: bool, compile: bool, opts=None
+):
     """The new tokens [B, n] after the prompt (greedy, static buffers, one graph replay per token)."""
     stops, pad = stop_ids(model)
     eos = torch.tensor(stops, dtype=torch.long, device=ids.device)
@@ -108,7 +114,9 @@ def decode(model, family, handle, p: Prefilled, ids, max_new_tokens: int, graphs
         lengths = [layer.keys.shape[2] for layer in p.cache.layers]
         var_on = handle is not None and handle.var is not None and handle.enabled
         var = (handle.var, sorted(getattr(p.cache, "layer_codes", {}))) if var_on else None
-        dec = decoder_for(family, lengths, ids.shape[0], max_new_tokens - 1, stops, graphs, compile, var)
+        dec = decoder_for(
+            family, lengths, ids.shape[0], max_new_tokens - 1, stops, graphs, compile, var, opts
+        )
     delta = family.rope_deltas() if dec.mrope else None  # [B, 1], set by the prefill
     if graphs and dec.graph is None and not dec.staged:
         dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
@@ -120,13 +128,21 @@ def decode(model, family, handle, p: Prefilled, ids, max_new_tokens: int, graphs
 
 @torch.no_grad()
 def generate_fast(
-    model, max_new_tokens: int = 32, graphs: bool | None = None, compile: bool | None = None, **inputs
+    model,
+    max_new_tokens: int = 32,
+    graphs: bool | None = None,
+    compile: bool | None = None,
+    step=None,
+    **inputs,
 ) -> torch.Tensor:
     """Greedy decoding, the same tokens as ``model.generate(**inputs, do_sample=False)``: prompt ids
     followed by the new tokens, padded with the pad id after a sample's end-of-sequence token.
     ``graphs``: one CUDA graph per token (default: on for CUDA models). ``compile``: ``torch.compile`` the
-    layer step (default: on CUDA when Triton is installed; the first call compiles, seconds)."""
+    layer step (default: on CUDA when Triton is installed; the first call compiles, seconds). ``step``:
+    ``mmsink.fast.fuse.StepOptions`` or a dict of its fields (fused projections, one KV write, the
+    attention kernel; off by default)."""
     from ..patches import family_for
+    from .fuse import options
 
     family = family_for(model)
     check_inputs(inputs, max_new_tokens)
@@ -150,8 +166,10 @@ def generate_fast(
     on_gpus = ids.is_cuda and all(d.type == "cuda" for d in devices)
     graphs = (on_gpus and not var_on) if graphs is None else graphs
     compile = can_compile(ids.device) if compile is None else compile
-    p = prefill(model, family, handle, inputs, graphs, compile, dispatched or not one_device, max_new_tokens)
-    new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile)
+    opts = options(step)
+    split = dispatched or not one_device
+    p = prefill(model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts)
+    new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile, opts)
     out_ids = torch.cat([ids, new], 1)
     eos = torch.tensor(stop_ids(model)[0], dtype=torch.long, device=ids.device)
     # like generate: stop at the step where every sample has finished

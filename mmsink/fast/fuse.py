@@ -1,0 +1,268 @@
+"""Fewer kernels per decode step: options of ``generate_fast(..., step=StepOptions(...))`` (all off by
+default until measured on the GPU; ``evals/profile_decode.py`` measures them).
+
+``fuse``: q / k / v as one GEMV and gate / up as one GEMV per layer. The weights are not copied: each
+group's weights move into one concatenated tensor whose row slices become the modules' parameters (so the
+model's own modules, which the prefill runs, read the same memory), and ``unfuse`` (run by
+``mmsink.unwrap`` / ``mmsink.fast.clear``) gives each parameter its own storage back. Only the move costs
+memory, one group at a time (the largest: gate + up of one layer).
+
+``write``: one KV buffer per layer [2, B, kv_heads, slots, d] (keys and values are views of it), so the
+new token's key and value go in with one write; the validity mask is set ahead for every slot after the
+prompt and cut at the current slot by position in the step (``valid & (slot index <= slot)``), instead of
+a separate write per step. A pruned layer's holes stay: they lie before the prompt's end.
+
+``attn``: attention of the one-token query. "sdpa" (the plain step's), "matmul" (scores and output as
+batched matmuls per KV head, a masked fp32 softmax between: the compiler fuses mask and softmax), or
+"reduce" (scores and output as element-wise products summed: the compiler makes them reductions that
+spread over many blocks, where SDPA's kernel gets one block per head at batch 1).
+
+VAR layers keep the plain step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .decode import STORE, FastDecoder, finish
+
+FUSED = "_mmsink_fused"  # on the model: (layers, per layer {"qkv": (weight, bias), "gu": (weight, bias)})
+ATTN = ("sdpa", "matmul", "reduce")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    fuse: bool = False
+    write: bool = False
+    attn: str = "sdpa"
+
+    def __post_init__(self):
+        if self.attn not in ATTN:
+            raise ValueError(f"mmsink: step attn must be one of {', '.join(ATTN)}, got {self.attn!r}")
+
+    @property
+    def plain(self) -> bool:
+        return self == StepOptions()
+
+
+def options(step) -> StepOptions | None:
+    """``generate_fast``'s ``step=``: None, a StepOptions or a dict of its fields; None when all are off."""
+    if step is None:
+        return None
+    if isinstance(step, dict):
+        bad = set(step) - {f.name for f in dataclasses.fields(StepOptions)}
+        if bad:
+            raise ValueError(f"mmsink: unknown step option(s) {sorted(bad)}; known: fuse, write, attn")
+        step = StepOptions(**step)
+    if not isinstance(step, StepOptions):
+        raise ValueError(f"mmsink: step= takes a StepOptions or a dict, got {type(step).__name__}")
+    return None if step.plain else step
+
+
+# ------------------------------------------------------------------------------ fused weights
+
+
+def groups(layer) -> dict:
+    """The layer's groups of projections that read the same input: {"qkv": (q, k, v), "gu": (gate, up)},
+    each only where its modules are plain ``nn.Linear`` on one device and dtype, all with or all without
+    bias (quantized or adapted projections keep their own step)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    out = {}
+    for name, parts in (("qkv", ("q_proj", "k_proj", "v_proj")), ("gu", ("gate_proj", "up_proj"))):
+        mods = [getattr(attn if name == "qkv" else mlp, p, None) for p in parts]
+        if not all(type(m) is nn.Linear for m in mods):
+            continue
+        ws = [m.weight for m in mods]
+        if len({(w.device, w.dtype, w.shape[1]) for w in ws}) != 1 or ws[0].device.type == "meta":
+            continue
+        if len({m.bias is None for m in mods}) != 1:
+            continue
+        out[name] = mods
+    if "gu" in out and not callable(getattr(mlp, "act_fn", None)):
+        del out["gu"]
+    return out
+
+
+def aliased(mods, joint) -> bool:
+    """Whether each module's weight (and bias) is still its row slice of the joint tensors."""
+    w, b = joint
+    row = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        if m.weight.data_ptr() != w[row : row + n].data_ptr() or m.weight.shape != w[row : row + n].shape:
+            return False
+        if b is not None and (m.bias is None or m.bias.data_ptr() != b[row : row + n].data_ptr()):
+            return False
+        row += n
+    return row == w.shape[0]
+
+
+def join(mods):
+    """Move the modules' weights (and biases) into one tensor each; the parameters become its slices."""
+    w = torch.cat([m.weight.detach() for m in mods])
+    b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
+    row = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(w[row : row + n], requires_grad=m.weight.requires_grad)
+        if b is not None:
+            m.bias = nn.Parameter(b[row : row + n], requires_grad=m.bias.requires_grad)
+        row += n
+    return w, b
+
+
+def fused(model, layers) -> list:
+    """Per layer the joint tensors ({"qkv": (w, b), "gu": (w, b)}), made (or made again where a weight or
+    module was replaced since) on first use. Making any drops the model's decoders: their graphs read the
+    old addresses."""
+    kept = model.__dict__.get(FUSED)
+    joints = kept[1] if kept is not None and len(kept[1]) == len(layers) else [{} for _ in layers]
+    now = [groups(layer) for layer in layers]
+    if kept is not None and all(
+        set(j) == set(g) and all(aliased(mods, j[name]) for name, mods in g.items())
+        for j, g in zip(joints, now)
+    ):
+        return joints
+    model.__dict__.pop(STORE, None)
+    out = []
+    with torch.no_grad():
+        for j, g in zip(joints, now):
+            out.append({n: j[n] if n in j and aliased(mods, j[n]) else join(mods) for n, mods in g.items()})
+    model.__dict__[FUSED] = (list(layers), out)
+    return out
+
+
+def unfuse(model) -> None:
+    """Give every fused parameter its own storage again (the joint tensors are freed group by group)."""
+    kept = model.__dict__.pop(FUSED, None)
+    if kept is None:
+        return
+    model.__dict__.pop(STORE, None)  # decoders' graphs read the joint tensors
+    with torch.no_grad():
+        for layer, j in zip(*kept):
+            for name, mods in groups(layer).items():
+                if name not in j or not aliased(mods, j[name]):
+                    continue  # replaced since: already its own storage
+                for m in mods:
+                    m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+                    if m.bias is not None:
+                        m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
+                del j[name]
+
+
+# ------------------------------------------------------------------------------ the step
+
+
+def attend(q, kb, vb, mask, scale: float, how: str):
+    """Attention of ``q`` [B, H, 1, d] over ``kb`` / ``vb`` [B, KVH, S, d] where ``mask`` [B, S] (bool)."""
+    b, h, _, d = q.shape
+    kvh = kb.shape[1]
+    if how == "sdpa":
+        return F.scaled_dot_product_attention(
+            q, kb, vb, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=h != kvh
+        )
+    g = q.view(b, kvh, h // kvh, d)  # head i reads KV head i // (h // kvh)
+    if how == "matmul":
+        s = torch.matmul(g, kb.transpose(-1, -2)).float() * scale  # [B, KVH, G, S]
+    else:
+        s = (g.float()[:, :, :, None, :] * kb.float()[:, :, None]).sum(-1) * scale
+    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, -1)
+    if how == "matmul":
+        o = torch.matmul(p.to(vb.dtype), vb)
+    else:
+        o = (p[..., None] * vb.float()[:, :, None]).sum(-2).to(vb.dtype)
+    return o.reshape(b, h, 1, d)
+
+
+def make_step(opts: StepOptions):
+    """The one-token layer step with ``opts`` (the arithmetic of ``decode.layer_step`` otherwise).
+    ``kv``: the layer's joint buffer when ``opts.write`` else (keys, values); ``ok``: its validity (with
+    ``write`` set ahead past the prompt); ``joint``: the layer's fused tensors ({} where not fused)."""
+
+    def step(layer, h, cos, sin, kv, ok, slot, heads: int, kv_heads: int, rope, joint):
+        attn = layer.self_attn
+        b, n, _ = h.shape
+        x = layer.input_layernorm(h)
+        if "qkv" in joint:
+            w, bias = joint["qkv"]
+            q, k, v = F.linear(x, w, bias).split(
+                [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], -1
+            )
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.reshape(b, n, heads, -1).transpose(1, 2)
+        k = k.reshape(b, n, kv_heads, -1).transpose(1, 2)
+        v = v.reshape(b, n, kv_heads, -1).transpose(1, 2)
+        q, k = rope(q, k, cos, sin)
+        if opts.write:
+            kv.index_copy_(3, slot, torch.stack([k, v]))
+            kb, vb = kv[0], kv[1]
+            mask = ok & (torch.arange(ok.shape[1], device=ok.device) <= slot)
+        else:
+            kb, vb = kv
+            kb.index_copy_(2, slot, k)
+            vb.index_copy_(2, slot, v)
+            ok.index_fill_(1, slot, True)
+            mask = ok
+        o = attend(q, kb, vb, mask, attn.scaling, opts.attn)
+        if "gu" not in joint:
+            return finish(layer, h, o)
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        mlp = layer.mlp
+        w, bias = joint["gu"]
+        gate, up = F.linear(layer.post_attention_layernorm(h), w, bias).chunk(2, -1)
+        return h + mlp.down_proj(mlp.act_fn(gate) * up)
+
+    return step
+
+
+class StepDecoder(FastDecoder):
+    """``FastDecoder`` whose layer step takes ``StepOptions`` (VAR layers keep the plain step)."""
+
+    def __init__(self, family, caps, batch, max_new, eos, compile=False, var=None, opts=None):
+        super().__init__(family, caps, batch, max_new, eos, compile, var)
+        self.opts = opts or StepOptions()
+        self.joint = fused(family.model, self.layers) if self.opts.fuse else [{} for _ in self.layers]
+        self.kv = [None] * len(self.layers)
+        if self.opts.write:
+            for i in range(len(self.layers)):
+                if i in self.codes:
+                    continue
+                kv = torch.zeros((2, *self.k[i].shape), dtype=self.k[i].dtype, device=self.k[i].device)
+                self.k[i], self.v[i], self.kv[i] = kv[0], kv[1], kv
+        fn = make_step(self.opts)
+        self.opt_fn = torch.compile(fn, dynamic=True) if compile else fn
+
+    def fill(self, cache, attention_mask, tok, delta, pad, tail=None) -> None:
+        super().fill(cache, attention_mask, tok, delta, pad, tail)
+        if self.opts.write:  # every slot after the prompt: valid once written (the step cuts at its slot)
+            for i, ok in enumerate(self.valid):
+                if self.kv[i] is not None:
+                    ok |= torch.arange(ok.shape[1], device=ok.device) >= self.start[i]
+
+    def layers_op(self, lo: int, hi: int, h, cos, sin, t):
+        for i in range(lo, hi):
+            if i in self.codes:  # VAR: the plain step
+                h = super().layers_op(i, i + 1, h, cos, sin, t)[0]
+                continue
+            kb = self.k[i]
+            dev = kb.device
+            h = self.opt_fn(
+                self.layers[i],
+                h.to(dev),
+                cos.to(dev),
+                sin.to(dev),
+                self.kv[i] if self.opts.write else (kb, self.v[i]),
+                self.valid[i],
+                (self.start[i] + t.to(dev)).view(1),
+                self.heads,
+                self.kv_heads,
+                self.rope,
+                self.joint[i],
+            )
+        return h, cos, sin, t
