@@ -5,24 +5,31 @@ LLaVA model with random weights (speed does not depend on them) and a one-layer 
 ``model.model.get_image_features`` (tower + projector). Shapes: LLaVA-1.5 (one 336 px image per request,
 1 and 16 images) and LLaVA-NeXT (5 tiles of 336 px per image, 1 and 8 images: 5 and 40 tower inputs; NeXT's
 unpadding and newline tokens after the projector are left out). Rows per shape: bf16, bf16 + RegCache
-prefix (``--tau`` random registers on the blocks from ``--start``, through ``mmsink.wrap``), int8 W8A8 and
-int8 + prefix. int8: torchao's ``Int8DynamicActivationInt8WeightConfig`` (per-token dynamic activations,
-per-channel weights, ``torch._int_mm`` underneath) when torchao imports, else the plain ``torch._int_mm``
-linear below (same scheme); ``--backend`` forces one, the JSON's ``int8_backend`` says which ran. Each rep
-runs every row once in turn (alternated), timed with CUDA events; medians and quartiles over reps.
+prefix (``--tau`` random registers on the blocks from ``--start``, through ``mmsink.wrap``), and each int8
+W8A8 backend of ``--backend`` (comma-separated) alone and + prefix:
 
-On the H200 (no network there: torchao comes as a wheel in the ignored folder ``wheels/torchao``):
+- ``torchao``: torchao's ``Int8DynamicActivationInt8WeightConfig`` (per-token dynamic activations,
+  per-channel weights, ``torch._int_mm`` underneath); eager it pays a tensor repr per linear (see
+  evals/results/regcache/h200/README.md), compiled it is what torchao intends;
+- ``int_mm``, ``int_mm_fused``, ``triton``: evals/int8_linear.py's forms ``eager`` (plain torch ops around
+  ``_int_mm``), ``fused`` (Triton quantizer + ``_int_mm`` + Triton rescale) and ``triton`` (Triton
+  quantizer + Triton int8 GEMM with the rescale in its epilogue).
 
-    pip download torchao==0.17.0 --no-deps -d wheels/torchao
-    # torchao-0.17.0-cp310-abi3-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl: abi3 from CPython 3.10,
-    # so it installs on 3.12; built against torch 2.11 (its __init__ loads its C++ ops from torch 2.11 on)
+``auto``: torchao when it imports, else int_mm. Each rep runs every row once in turn (alternated), timed
+with CUDA events; medians and quartiles over reps. ``--compile`` compiles each tower block of every row
+(bf16 and int8 alike). ``--gemm`` first times one linear of each tower shape op by op (bf16, ``_int_mm``
+in both weight layouts, each quantizer / rescale, each form, torchao's linear and the repr it pays).
+
+On the H200 (no network there: torchao comes as a wheel in the ignored folder ``wheels/torchao``;
+torchao-0.17.0-cp310-abi3 installs on 3.12 and is built against torch 2.11):
+
     run(command='S=$(mktemp -d); python -m pip install -q --no-index --no-deps --target $S
-        wheels/torchao/*.whl; PYTHONPATH=$PWD:$S python -m evals.regcache_speed --out $OUT',
-        carry=["wheels/torchao"])
+        wheels/torchao/*.whl; export PYTHONPATH=$PWD:$S; python -m evals.regcache_speed --backend
+        torchao,int_mm,int_mm_fused,triton --gemm --out $OUT/eager; python -m evals.regcache_speed
+        --compile --backend torchao,int_mm,triton --out $OUT/compile', carry=["wheels/torchao"])
 
-Expected: ~2-4 min (model build, 4 shapes x 4 rows x (3 warm-up + 20 reps)). ``--compile`` compiles each
-tower block (torch.compile; torchao's int8 path is meant to run compiled): a second run, a few minutes more.
-``--tiny``: CPU smoke run on a 64-wide, 2-block tower with 56 px images (checks the code paths, not speed).
+Results are written after each shape, so a run cut short keeps what it timed. ``--tiny``: CPU smoke run
+on a 64-wide, 2-block tower with 56 px images (checks the code paths, not speed).
 """
 
 from __future__ import annotations
@@ -36,9 +43,16 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 
+try:
+    import triton
+except ImportError:
+    triton = None
+
 import mmsink
+from evals.int8_linear import quantize_linears
 from mmsink.sinks.regcache import RegCache
 
 SHAPES = {
@@ -47,47 +61,39 @@ SHAPES = {
     "llava-next b1 (5 tiles)": 5,
     "llava-next b8 (40 tiles)": 40,
 }
-ROWS = ("bf16", "bf16+regcache", "int8", "int8+regcache")
 
 
-class Int8Linear(nn.Module):
-    """W8A8 by hand: int8 weights per output channel (symmetric), activations per token quantized on the
-    fly, ``torch._int_mm`` (int32 accumulation), rescaled to the input's dtype."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(1).clamp_min(1e-8) / 127
-        self.register_buffer("wq", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("ws", scale)
-        self.bias = linear.bias
-
-    def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
-        xs = rows.abs().amax(1, keepdim=True).float().clamp_min(1e-8) / 127
-        xq = (rows.float() / xs).round().clamp(-127, 127).to(torch.int8)
-        y = (torch._int_mm(xq, self.wq.t()).float() * xs * self.ws).to(x.dtype)
-        y = y if self.bias is None else y + self.bias
-        return y.view(*x.shape[:-1], -1)
+BACKENDS = ("torchao", "int_mm", "int_mm_fused", "triton")
+FORM = {"int_mm": "eager", "int_mm_fused": "fused", "triton": "triton"}
 
 
 def quantize_tower(tower: nn.Module, backend: str) -> str:
-    """The tower's linears to W8A8 in place; returns the backend used."""
-    if backend in ("auto", "torchao"):
+    """The tower's linears to W8A8 in place; returns what ran."""
+    if backend == "torchao":
+        import torchao
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        # set_inductor_config=False: torchao's recommended inductor settings (coordinate descent tuning) are
+        # global, would slow every compile and change the bf16 rows too
+        quantize_(tower, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+        return f"torchao {torchao.__version__} Int8DynamicActivationInt8WeightConfig (v1, PlainLayout)"
+    quantize_linears(tower, FORM[backend])
+    return f"Int8Linear form {FORM[backend]!r} (evals/int8_linear.py)"
+
+
+def backends_of(spec: str) -> list[str]:
+    names = [b.strip() for b in spec.split(",") if b.strip()]
+    if names == ["auto"]:
         try:
-            import torchao
-            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+            import torchao  # noqa: F401
+
+            names = ["torchao"]
         except ImportError:
-            if backend == "torchao":
-                raise
-        else:
-            quantize_(tower, Int8DynamicActivationInt8WeightConfig())
-            return f"torchao {torchao.__version__} Int8DynamicActivationInt8WeightConfig"
-    for mod in list(tower.modules()):
-        for child, lin in list(mod.named_children()):
-            if isinstance(lin, nn.Linear):
-                setattr(mod, child, Int8Linear(lin))
-    return "torch._int_mm (Int8Linear in evals/regcache_speed.py)"
+            names = ["int_mm"]
+    bad = [b for b in names if b not in BACKENDS]
+    if bad or not names:
+        raise SystemExit(f"--backend: comma-separated names from {BACKENDS} (or auto), got {spec!r}")
+    return names
 
 
 def build(tiny: bool, device: str):
@@ -116,11 +122,14 @@ def build(tiny: bool, device: str):
 
 
 def registers(model, tau: int, start: int) -> RegCache:
+    """Random register keys / values, on the tower's device and dtype as curated ones are (on the CPU, each
+    block's prefix would be a blocking host-to-device copy inside the timed call)."""
     v = model.config.vision_config
     heads, hd = v.num_attention_heads, v.hidden_size // v.num_attention_heads
     g = torch.Generator().manual_seed(1)
-    keys = {i: torch.randn(heads, hd, generator=g) for i in range(start, v.num_hidden_layers)}
-    values = {i: torch.randn(heads, hd, generator=g) for i in range(start, v.num_hidden_layers)}
+    dev = dict(device=model.device, dtype=model.dtype)
+    keys = {i: torch.randn(heads, hd, generator=g).to(**dev) for i in range(start, v.num_hidden_layers)}
+    values = {i: torch.randn(heads, hd, generator=g).to(**dev) for i in range(start, v.num_hidden_layers)}
     return RegCache(keys, values, tau, start, start)
 
 
@@ -148,56 +157,49 @@ def timer(device: str):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on a 64-wide tower")
-    p.add_argument("--backend", choices=("auto", "torchao", "int_mm"), default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile each tower block")
+    p.add_argument(
+        "--backend", default="auto", help=f"comma-separated, from {BACKENDS}; auto: torchao if any"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile each tower block (every row)")
+    p.add_argument("--gemm", action="store_true", help="also time one linear of each kind, op by op")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tau", type=int, default=4)
     p.add_argument("--start", type=int, default=None, help="first prefixed block (default: a third in)")
     p.add_argument("--out", default="evals/results/regcache_speed")
     a = p.parse_args(argv)
+    backends = backends_of(a.backend)
     device = "cpu" if a.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --tiny on the CPU")
     base = build(a.tiny, device)
-    quant = copy.deepcopy(base)
-    backend = quantize_tower(quant.model.vision_tower, a.backend)
+    models, kinds = {"bf16": base}, {}
+    for b in backends:
+        models[b] = copy.deepcopy(base)
+        kinds[b] = quantize_tower(models[b].model.vision_tower, b)
+        if a.compile and b in ("int_mm", "int_mm_fused"):
+            kinds[b] += "; compiled: the torch ops, fused by inductor around an extern _int_mm"
+        elif a.compile and b == "triton":
+            kinds[b] += "; compiled: the rest of the block, the Triton kernels behind a graph break"
+    rows = [r for m in models for r in (m, m + "+regcache")]
     layers = base.config.vision_config.num_hidden_layers
     rc = registers(base, a.tau, layers // 3 if a.start is None else a.start)
-    if a.compile:  # 4 shapes x prefix on / off x 2 towers: more variants than dynamo's default 8
+    if a.compile:  # shapes x prefix on / off x towers: more variants than dynamo's default 8
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, 64)
-    for m in (base, quant):
+                setattr(torch._dynamo.config, knob, 256)
+    for m in models.values():
         mmsink.wrap(m, regcache=rc)
         if a.compile:
             tower = m.model.vision_tower
             for layer in getattr(tower, "vision_model", tower).encoder.layers:
                 layer.compile()
-    side = base.config.vision_config.image_size
-    models = {"bf16": base, "int8": quant}
-    clock, results = timer(device), {}
-    for shape, n in SHAPES.items():
-        pv = torch.randn(n, 3, side, side, device=device, dtype=torch.bfloat16)
-        calls = {row: call(models[row.split("+")[0]], pv, "+regcache" in row) for row in ROWS}
-        with torch.inference_mode():
-            feats = {row: calls[row]() for row in ROWS}
-            for _ in range(a.warmup):
-                for row in ROWS:
-                    calls[row]()
-            times = {row: [] for row in ROWS}
-            for _ in range(a.reps):
-                for row in ROWS:
-                    times[row].append(clock(calls[row]))
-        results[shape] = summarize(times, feats, n)
-        on, off = torch.cat(list(feats["bf16+regcache"])).float(), torch.cat(list(feats["bf16"])).float()
-        if torch.equal(on, off):
-            raise SystemExit("the RegCache prefix did not change the features: it is not installed")
-        print(shape, {r: results[shape][r]["median_ms"] for r in ROWS}, flush=True)
     meta = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
         "torch": torch.__version__,
-        "int8_backend": backend,
+        "transformers": transformers.__version__,
+        "triton": getattr(triton, "__version__", None),
+        "int8_backends": kinds,
         "compile": a.compile,
         "tower": "tiny 64-wide, 2 blocks" if a.tiny else "CLIP ViT-L/14-336, random weights, bf16, SDPA",
         "tau": a.tau,
@@ -205,7 +207,32 @@ def main(argv=None) -> None:
         "reps": a.reps,
         "command": "python -m evals.regcache_speed " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    write(Path(a.out), meta, results)
+    side = base.config.vision_config.image_size
+    clock, results, gemm = timer(device), {}, {}
+    if a.gemm:
+        v = base.config.vision_config
+        gemm = gemm_table(base, backends, v.image_size // v.patch_size, device)
+        write(Path(a.out), meta, results, gemm)
+    for shape, n in SHAPES.items():
+        pv = torch.randn(n, 3, side, side, device=device, dtype=torch.bfloat16)
+        calls = {row: call(models[row.split("+")[0]], pv, "+regcache" in row) for row in rows}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            feats = {row: calls[row]() for row in rows}
+            for _ in range(a.warmup):
+                for row in rows:
+                    calls[row]()
+            times = {row: [] for row in rows}
+            for _ in range(a.reps):
+                for row in rows:
+                    times[row].append(clock(calls[row]))
+        results[shape] = summarize(times, feats, n)
+        on, off = torch.cat(list(feats["bf16+regcache"])).float(), torch.cat(list(feats["bf16"])).float()
+        if torch.equal(on, off):
+            raise SystemExit("the RegCache prefix did not change the features: it is not installed")
+        took = time.perf_counter() - t0
+        print(shape, f"({took:.0f} s)", {r: results[shape][r]["median_ms"] for r in rows}, flush=True)
+        write(Path(a.out), meta, results, gemm)  # after each shape: a run cut short keeps what it timed
 
 
 def call(model, pv, prefix: bool):
@@ -237,14 +264,96 @@ def summarize(times: dict, feats: dict, n: int) -> dict:
     return out
 
 
-def write(out: Path, meta: dict, results: dict) -> None:
+def gemm_table(model, backends, side: int, device: str, iters: int = 20) -> dict:
+    """One linear of each tower shape (q/k/v/out, fc1, fc2) at each bench shape's token count, op by op:
+    where an int8 linear's time goes. Times are per call, the median of 5 loops of ``iters`` calls."""
+    from evals import int8_linear as il
+
+    v = model.config.vision_config
+    h, inter = v.hidden_size, v.intermediate_size
+    tokens = side * side + 1
+    clock = timer(device)
+    torchao_lin = None
+    out = {}
+    for (n_out, k_in), name in (((h, h), "q/k/v/out"), ((inter, h), "fc1"), ((h, inter), "fc2")):
+        torch.manual_seed(0)
+        lin = nn.Linear(k_in, n_out).to(device, torch.bfloat16)
+        forms = {f: il.Int8Linear(lin, f) for f in il.FORMS}
+        if "torchao" in backends:
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+            torchao_lin = copy.deepcopy(lin)
+            quantize_(torchao_lin, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+        for shape, n in SHAPES.items():
+            m = n * tokens
+            x = torch.randn(m, k_in, device=device, dtype=torch.bfloat16)
+            ops = linear_ops(x, lin, forms, torchao_lin, device)
+            row = {}
+            with torch.inference_mode():
+                for op, (fn, flops) in ops.items():
+                    for _ in range(3):
+                        fn()
+
+                    def loop(fn=fn):
+                        for _ in range(iters):
+                            fn()
+
+                    us = 1e3 * statistics.median(clock(loop) for _ in range(5)) / iters
+                    row[op] = {"us": round(us, 1)}
+                    if flops:
+                        row[op]["tops"] = round(2 * m * n_out * k_in / us / 1e6, 1)
+            out[f"{name} {k_in}->{n_out}, M={m} ({shape})"] = row
+            print("gemm", name, shape, {op: r["us"] for op, r in row.items()}, flush=True)
+    return out
+
+
+def linear_ops(x, lin, forms, torchao_lin, device) -> dict:
+    """name -> (call, counts as a GEMM) for one input ``x`` to the linear ``lin``."""
+    import torch.nn.functional as F
+
+    from evals import int8_linear as il
+
+    wq, ws = forms["eager"].wq, forms["eager"].ws
+    wq_rowmajor = wq.t().contiguous()
+    xq, xs = il.quantize_rows_ref(x)
+    acc = torch._int_mm(xq, wq.t())
+    ops = {
+        "bf16 F.linear": (lambda: F.linear(x, lin.weight, lin.bias), True),
+        "_int_mm, W column-major (ours)": (lambda: torch._int_mm(xq, wq.t()), True),
+        "_int_mm, W row-major (torchao's layout)": (lambda: torch._int_mm(xq, wq_rowmajor), True),
+        "W .contiguous() copy (torchao, per call)": (lambda: wq.t().contiguous(), False),
+        "quantize, torch ops (eager form)": (lambda: q_eager(x), False),
+        "Int8Linear eager": (lambda: forms["eager"](x), True),
+        "Int8Linear fused": (lambda: forms["fused"](x), True),
+        "Int8Linear triton": (lambda: forms["triton"](x), True),
+    }
+    if device == "cuda" and il.triton is not None:
+        ops["quantize, Triton kernel"] = (lambda: il.quantize_rows(x), False)
+        ops["rescale, Triton kernel"] = (lambda: il.rescale(acc, xs, ws, lin.bias, x.dtype), False)
+        ops["Triton GEMM + rescale"] = (lambda: il.gemm_rescale(xq, xs, wq, ws, lin.bias, x.dtype), True)
+    if torchao_lin is not None:
+        ops["torchao linear (eager)"] = (lambda: torchao_lin(x), True)
+        ops["tensor repr (torchao's eager FakeTensor check)"] = (lambda: "FakeTensor" in xq.__repr__(), False)
+    return ops
+
+
+def q_eager(x):
+    xs = x.abs().amax(1, keepdim=True).float().clamp_min(1e-8) / 127
+    return (x.float() / xs).round().clamp(-127, 127).to(torch.int8), xs
+
+
+def write(out: Path, meta: dict, results: dict, gemm: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "regcache_speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    blob = {"meta": meta, "results": results, "gemm": gemm}
+    (out / "regcache_speed.json").write_text(json.dumps(blob, indent=1))
     lines = [
         f"# Vision tower W8A8 vs bf16, with and without RegCache ({meta['device']})",
         "",
-        f"{meta['tower']}; int8: {meta['int8_backend']}; compile: {meta['compile']}; registers: tau "
-        f"{meta['tau']} on blocks {meta['prefixed_blocks']}; median of {meta['reps']} alternated reps.",
+        f"{meta['tower']}; compile: {meta['compile']}; registers: tau {meta['tau']} on blocks "
+        f"{meta['prefixed_blocks']}; median of {meta['reps']} alternated reps; torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, triton {meta['triton']}.",
+        "",
+        *[f"- {b}: {k}" for b, k in meta["int8_backends"].items()],
         "",
         "| shape (tower inputs) | row | median ms | q1-q3 ms | images/s | time / bf16 | rel. sq. error |",
         "|---|---|---|---|---|---|---|",
@@ -262,6 +371,11 @@ def write(out: Path, meta: dict, results: dict) -> None:
         "",
         f"Command: `{meta['command']}`",
     ]
+    if gemm:
+        lines += ["", "## One linear, op by op (us per call; TOPS = 2MNK / time)", ""]
+        for where, ops in gemm.items():
+            lines += [f"### {where}", "", "| op | us | TOPS |", "|---|---|---|"]
+            lines += [f"| {op} | {r['us']} | {r.get('tops', '')} |" for op, r in ops.items()] + [""]
     (out / "regcache_speed.md").write_text("\n".join(lines) + "\n")
 
 
