@@ -70,6 +70,16 @@ class DART(Pruner):
         b = min(b, n - min(o.image_pivots, n))
         return b // (o.image_pivots + o.text_pivots)
 
+    def per_pivot_device(self, n: torch.Tensor) -> torch.Tensor:
+        """``per_pivot`` of each image size in ``n`` [B] (long, on the device; 0 for a size of 0)."""
+        o = self.options
+        if isinstance(self.budget, int):
+            b = torch.full_like(n, self.budget)
+        else:  # int(n * f): the double product, truncated (n * f >= 0)
+            b = (n.double() * self.budget).floor().long()
+        b = torch.minimum(b, n - n.clamp(max=o.image_pivots))
+        return b // (o.image_pivots + o.text_pivots)
+
     def kept(self, n: int, text: int) -> int:
         """Tokens an image of ``n`` tokens keeps, with ``text`` text tokens in the prompt."""
         o = self.options
@@ -94,7 +104,13 @@ class DART(Pruner):
         sizes = budget_sizes(ctx)
         pads = [lay.length - m for m in lay.lengths]
         n_text = [a - q + 1 - p for a, q, p in zip(lay.anchors, pads, lay.prompt_images)]  # prompt text
-        pos = seg.idx - torch.tensor(pads, device=knorm.device)[:, None]  # the official code's indices
+        # the official code's indices; the padding counted on the device (a tensor built from host data
+        # would be a blocking copy on a GPU, which waits for the layers queued before it)
+        valid = lay.valid.to(knorm.device)
+        pos = seg.idx + (valid.sum(1, keepdim=True) - lay.length)
+        image_sizes = lay.counts.to(knorm.device)  # [B, M] each image's tokens, 0 past the sample's own
+        if ctx.budget_per == "prompt":
+            image_sizes = image_sizes.sum(1, keepdim=True)
         n_piv = o.image_pivots + o.text_pivots
         max_pos = lay.length
         kept = torch.zeros_like(vis)
@@ -112,16 +128,17 @@ class DART(Pruner):
             sim = torch.einsum("bnd,bpd->bpn", state, hp)  # [B, P, n]
             d = state.shape[-1]
             ctx.add_flops(2 * b * n * piv.shape[1] * d, pivot_work(ctx, o, sizes, m, d))
-            per = torch.tensor(
-                [self.per_pivot(s[m]) if m < len(s) else 0 for s in sizes], device=knorm.device
-            )
+            per = self.per_pivot_device(image_sizes[:, m])  # [B], 0 where the sample has no image m
             pool = cand & ~scatter_mask(piv, n)
             chosen = cand & scatter_mask(ip, n)
+            # each pivot's slots by (similarity, slot), sorted once, in visiting order: a pivot in turn takes
+            # the first k of its list still in the pool (the pool only shrinks, so the order among what is
+            # left is the one a sort of the pool alone would give)
+            ranked_slots = sim.masked_fill(~cand[:, None], float("inf")).argsort(dim=2, stable=True)
+            ranked_slots = ranked_slots.gather(1, order.clamp(min=0)[..., None].expand(-1, -1, n))
+            ks = torch.where(order >= 0, per[:, None], 0)  # [B, P] tokens each visit takes
             for t in range(n_piv):
-                col = order[:, t]
-                s = sim.gather(1, col.clamp(min=0)[:, None, None].expand(-1, 1, n))[:, 0]
-                k = torch.where(col >= 0, per, torch.zeros_like(per))
-                take = lowest(s, pool, k)
+                take = first_in_pool(ranked_slots[:, t], pool, ks[:, t : t + 1])
                 pool &= ~take
                 chosen |= take
             kept |= chosen
@@ -145,7 +162,8 @@ def local_keys(ctx, k: torch.Tensor) -> torch.Tensor:
     idx = first[:, None, None].expand(-1, 1, cos.shape[-1])
     c0, s0 = cos.gather(1, idx).float(), sin.gather(1, idx).float()
     norm = c0.pow(2) + s0.pow(2)  # the rotary's attention scaling, squared (1 for plain RoPE)
-    return ctx.lm.rope(k.float(), k.float(), c0 / norm, -s0 / norm)[1]
+    kf = k.float()  # rotated alone: the rotary's query argument is a one-slot stand-in it broadcasts over
+    return ctx.lm.rope(kf[:, :1, :1], kf, c0 / norm, -s0 / norm)[1]
 
 
 def pivot_work(ctx, o, sizes: list, m: int, d: int):
@@ -177,13 +195,10 @@ def scatter_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
     return out.scatter(1, torch.where(idx >= 0, idx, n), True)[:, :n]
 
 
-def lowest(sim: torch.Tensor, pool: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """[B, n] bool: the k[b] slots of ``pool`` with the lowest ``sim`` (ties: lower slot first)."""
-    s = sim.masked_fill(~pool, float("inf"))
-    order = s.argsort(dim=1, stable=True)
-    ranks = torch.arange(sim.shape[1], device=sim.device)[None]
-    take = torch.zeros_like(pool).scatter(1, order, ranks < k[:, None])
-    return take & pool
+def first_in_pool(slots: torch.Tensor, pool: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, n] bool: the first k[b] (k [B, 1]) of ``slots`` [B, n] (a permutation of the slots) in ``pool``."""
+    inside = pool.gather(1, slots)
+    return torch.zeros_like(pool).scatter_(1, slots, inside & (inside.cumsum(1) <= k))
 
 
 # ---------------------------------------------------------------- CPython's set iteration order, batched
@@ -208,42 +223,58 @@ def set_order(values: torch.Tensor, valid: torch.Tensor, max_value: int) -> torc
     # once perturb is 0 the jumps cycle through every slot: <= 4 taken of 8, <= 7 of 32 (a window of 10
     # linear probes always has a free slot) bound the probes
     p8 = probes(h, SET_MINSIZE - 1, shifts + 5)  # [G, P, S]
-    p32 = probes(h, 31, shifts + 8)
-    t8 = torch.full((g, SET_MINSIZE), -1, dtype=torch.long, device=dev)
+    # each table has one more column: the writes of rows with nothing to insert go there
+    t8 = torch.full((g, SET_MINSIZE + 1), -1, dtype=torch.long, device=dev)
     for j in range(min(p, 5)):
         insert(t8, p8[:, j], j, good[:, j])
-    t32 = torch.full((g, 32), -1, dtype=torch.long, device=dev)  # 5 elements * 4 -> above 20: 32 slots
-    if p >= 5:
-        for s in range(SET_MINSIZE):  # the resize re-inserts in the old table's slot order
-            e = t8[:, s]
-            slots = p32.gather(1, e.clamp(min=0)[:, None, None].expand(-1, 1, p32.shape[2]))[:, 0]
-            insert(t32, slots, e, e >= 0)
+    if p < 5:
+        pos = listed(t8[:, :SET_MINSIZE], p)
+    else:
+        p32 = probes(h, 31, shifts + 8)
+        t32 = torch.full((g, 33), -1, dtype=torch.long, device=dev)  # 5 elements * 4 -> above 20: 32 slots
+        old = listed(t8[:, :SET_MINSIZE], 5)  # the resize re-inserts in the old table's slot order
+        moved = p32.gather(1, old.clamp(min=0)[..., None].expand(-1, -1, p32.shape[2]))
+        for r in range(5):
+            insert(t32, moved[:, r], old[:, r], old[:, r] >= 0)
         for j in range(5, p):
             insert(t32, p32[:, j], j, good[:, j])
-    grown = good[:, 4] if p >= 5 else torch.zeros(g, dtype=torch.bool, device=dev)
-    pos = torch.where(grown[:, None], listed(t32, p), listed(t8, p))  # positions in the compacted row
+        # positions in the compacted row
+        pos = torch.where(good[:, 4:5], listed(t32[:, :32], p), listed(t8[:, :SET_MINSIZE], p))
     return torch.where(pos >= 0, cols.gather(1, pos.clamp(min=0)), pos)
+
+
+_PROBE_CONSTANTS: dict = {}
 
 
 def probes(h: torch.Tensor, mask: int, steps: int) -> torch.Tensor:
     """[..., steps * 10] the slots CPython's set checks, in order, for hashes ``h`` [...] in a table of
     mask+1 slots: from slot i the next LINEAR_PROBES slots too when they fit, then i = 5i + 1 + perturb
-    with perturb shifted right by 5 each time."""
-    ar = torch.arange(LINEAR_PROBES + 1, device=h.device)
-    i, perturb, out = h & mask, h, []
-    for _ in range(steps):
-        out.append(torch.where((i + LINEAR_PROBES <= mask)[..., None], i[..., None] + ar, i[..., None]))
-        perturb = perturb >> PERTURB_SHIFT
-        i = (i * 5 + 1 + perturb) & mask
-    return torch.cat(out, -1)
+    with perturb shifted right by 5 each time. The jumps in closed form (mask + 1 is a power of two, so
+    the recurrence holds modulo it): i_s = 5^s i_0 + sum_{1 <= r <= s} 5^(s-r) (1 + (h >> 5r)), every
+    start in a few ops instead of a loop of them."""
+    key = (h.device, mask, steps)
+    if key not in _PROBE_CONSTANTS:
+        s = torch.arange(steps, device=h.device)
+        e = s[:, None] - s[None, :]  # [S, R]: the power of 5 that term r carries at start s
+        coef = torch.where(e >= 0, torch.pow(5, e.clamp(min=0)), 0) & mask
+        _PROBE_CONSTANTS[key] = (coef, s * PERTURB_SHIFT, torch.arange(LINEAR_PROBES + 1, device=h.device))
+    coef, shift, ar = _PROBE_CONSTANTS[key]
+    terms = ((h[..., None] >> shift) + 1) & mask  # [..., R]: 1 + perturb_r (r >= 1)
+    terms[..., 0] = h & mask  # i_0
+    start = (terms[..., None, :] * coef).sum(-1) & mask  # [..., S]
+    window = torch.where((start + LINEAR_PROBES <= mask)[..., None], start[..., None] + ar, start[..., None])
+    return window.flatten(-2)
 
 
 def insert(table: torch.Tensor, slots: torch.Tensor, element, active: torch.Tensor) -> None:
-    """Put ``element`` (int or [G]) into the first empty slot of each row's probe list, where ``active``."""
-    empty = table.gather(1, slots) < 0
-    at = slots.gather(1, empty.long().argmax(1, keepdim=True))  # [G, 1]
-    e = torch.as_tensor(element, device=table.device).expand(table.shape[0])[:, None]
-    table.scatter_(1, at, torch.where(active[:, None], e, table.gather(1, at)))
+    """Put ``element`` (int or [G]) into the first empty slot (-1) of each row's probe list, where
+    ``active``; elsewhere into the table's last column (kept free of the set's slots for that)."""
+    at = slots.gather(1, table.gather(1, slots).argmin(1, keepdim=True))  # argmin: the first -1
+    at = torch.where(active[:, None], at, table.shape[1] - 1)
+    if isinstance(element, int):  # filled on the device: as_tensor(int) would be a host-to-device copy
+        table.scatter_(1, at, element)
+    else:
+        table.scatter_(1, at, element[:, None])
 
 
 def listed(table: torch.Tensor, p: int) -> torch.Tensor:

@@ -1,0 +1,158 @@
+"""Op and sync counts of the selection step, per method, on a CPU (issue 20: selection overhead).
+
+    python evals/selection_ops.py --batch 1,16 --methods fastv,dart,visipruner,visionzip --budget 64
+
+A LLaVA-1.5-shaped model (576 visual tokens a prompt, 32 layers, the bench's 35 + 29 text tokens) at a
+tiny width, so that what is counted is the number of operations, not their size. Per method, one
+prefill after a warm one: the aten ops (views aside) of the whole prefill and of the method's own hooks
+(``after_layer``, ``before_llm``, the vision-stage ``select`` and the attention edits it hands the
+layers), the same prefill with the method's plan replayed (``prune='replay'``, the bench's ideal row),
+and the host syncs: reads of device values (``.item()``, ``.tolist()``, ``nonzero``, boolean indexing
+...; see ``mmsink.tools.reads``) and tensors built from host data (``aten::lift_fresh``: on a GPU a
+blocking copy that waits for the device like a read does), in the hooks and in the prefill's mmsink code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mmsink
+from mmsink.tools.bench import SHAPES, bench_inputs, build
+from mmsink.tools.reads import DeviceReads
+
+SHAPE = "selection-ops"
+SHAPES[SHAPE] = {
+    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    "text": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4, vocab_size=32064
+    ),
+}
+HOST_DATA = {"aten.lift_fresh.default"}  # torch.tensor(host data): a blocking host-to-device copy on a GPU
+
+
+class Ops(TorchDispatchMode):
+    """Counts aten ops other than views (after autograd and composite decomposition: roughly the kernels
+    launched)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.inside = 0  # > 0 while a method hook runs
+        self.hook_ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if not func.is_view or name in HOST_DATA:  # views launch nothing (lift_fresh is one, but copies)
+            self.ops[name] += 1
+            if self.inside:
+                self.hook_ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def hooks_counted(pruner, ops: Ops, reads: dict):
+    """Count the ops and reads made inside the pruner's hooks (and the attention edits they return)."""
+
+    def counted(fn):
+        def run(*a, **k):
+            ops.inside += 1
+            try:
+                with DeviceReads() as r:
+                    return fn(*a, **k)
+            finally:
+                ops.inside -= 1
+                reads["hooks"] += r.total
+
+        return run
+
+    names = [n for n in ("after_layer", "before_llm", "select") if hasattr(pruner, n)]
+    saved = {n: getattr(pruner, n) for n in names}
+    real_directive = pruner.directive
+
+    def directive(ctx, layer):
+        d = real_directive(ctx, layer)
+        if d and d.get("reweight") is not None:
+            d = dict(d, reweight=counted(d["reweight"]))
+        return d
+
+    for n in names:
+        setattr(pruner, n, counted(saved[n]))
+    pruner.directive = directive
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(pruner, n, saved[n])
+        pruner.directive = real_directive
+
+
+def count(model, inputs, method: str, budget, plan=None) -> dict:
+    if method == "replay":
+        mmsink.wrap(model, prune="replay", plan=plan)
+    else:
+        mmsink.wrap(model, prune=method, budget=budget)
+    pruner = mmsink.api.get_handle(model).pruner
+    try:
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)  # warm (the replay builds its masks once)
+            ops, reads = Ops(), {"hooks": 0}
+            with hooks_counted(pruner, ops, reads), DeviceReads() as r, ops:
+                model(**inputs, logits_to_keep=1)
+        st = mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
+    mine = sum(c for s, c in r.sites.items() if "/mmsink/" in s)
+    return {
+        "ops": sum(ops.ops.values()),
+        "hook_ops": sum(ops.hook_ops.values()),
+        "hook_reads": reads["hooks"],
+        "hook_host_data": sum(ops.hook_ops[n] for n in HOST_DATA),
+        "mmsink_reads": mine,
+        "host_data": sum(ops.ops[n] for n in HOST_DATA),
+        "top_hook_ops": ops.hook_ops.most_common(8),
+        "plan": st.kept_indices,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
+    ap.add_argument("--methods", default="fastv,dart,visipruner,visionzip")
+    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--out", default=None, help="write the counts as JSON here")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model = build(SHAPE)
+    rows = []
+    print(
+        "| batch | method | prefill ops | replay ops | extra ops | hook ops | hook syncs (reads + host data) "
+        "| mmsink reads in the prefill (replay) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for b in [int(x) for x in a.batch.split(",")]:
+        inputs, _ = bench_inputs(model, b, 35, 29)
+        for method in a.methods.split(","):
+            m = count(model, inputs, method, a.budget)
+            rp = count(model, inputs, "replay", None, plan=m.pop("plan"))
+            rp.pop("plan")
+            rows.append({"batch": b, "method": method, "method_counts": m, "replay_counts": rp})
+            print(
+                f"| {b} | {method} | {m['ops']} | {rp['ops']} | {m['ops'] - rp['ops']} | {m['hook_ops']} | "
+                f"{m['hook_reads']} + {m['hook_host_data']} | {m['mmsink_reads']} ({rp['mmsink_reads']}) |",
+                flush=True,
+            )
+    for row in rows:
+        print(row["batch"], row["method"], "top hook ops:", row["method_counts"]["top_hook_ops"])
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
