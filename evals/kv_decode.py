@@ -26,24 +26,34 @@ import torch
 
 import mmsink
 
+# mode -> (kv= of mmsink.wrap or None for the plain model, extra generate() arguments)
 MODES = {
-    "dense": None,
-    "window 2048 + 4 sinks": {"window": 2048, "sinks": 4},
-    "int4 g32, 4 sinks kept": {"quant": "int4", "group_size": 32, "sinks": 4},
-    "int4 g64, 4 sinks kept": {"quant": "int4", "group_size": 64, "sinks": 4},
-    "lfps top-512": {"sparse": "lfps", "topk": 512},
+    "dense": (None, {}),
+    # the fair dense baseline: keys written in place into buffers allocated once, no per-step torch.cat
+    # (transformers' StaticCache of max_length slots; its auto-compile off: every mode runs eager)
+    "dense, static cache": (None, {"cache_implementation": "static", "disable_compile": True}),
+    # the same dense cache with SDPA's cuDNN backend left out (a backend that plans per key length pays
+    # that at every step of a growing cache)
+    "dense, SDPA without cuDNN": (None, {"sdpa": "no-cudnn"}),
+    "window 2048 + 4 sinks": ({"window": 2048, "sinks": 4}, {}),
+    "int4 g32, 4 sinks kept": ({"quant": "int4", "group_size": 32, "sinks": 4}, {}),
+    "int4 g64, 4 sinks kept": ({"quant": "int4", "group_size": 64, "sinks": 4}, {}),
+    "lfps top-512": ({"sparse": "lfps", "topk": 512}, {}),
+}
+WIDTHS = {  # hidden, MLP, heads (head size 128 but for tiny)
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    # 1/8 of the heads at the same head size: the CPU profiles' shapes
+    "small": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=4, num_key_value_heads=4),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4),
 }
 
 
-def build(layers: int, tiny: bool, device, dtype):
+def build(layers: int, width: str, device, dtype):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    width = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
-    if not tiny:
-        width = dict(
-            hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32
-        )
-    text = LlamaConfig(num_hidden_layers=layers, vocab_size=32064, max_position_embeddings=40_000, **width)
+    text = LlamaConfig(
+        num_hidden_layers=layers, vocab_size=32064, max_position_embeddings=40_000, **WIDTHS[width]
+    )
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -75,61 +85,160 @@ def kv_bytes(cache) -> int:
     return total
 
 
-def decode_run(model, ids, steps: int, device):
-    def gen(n):
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
+class StepClock:
+    """A stopping criterion that never stops: ``generate`` calls it once per token, after the token is
+    chosen, so the gaps between its calls are decode steps (the prefill ends before the first call).
+    Starts ``prof`` (a torch profiler) at the first call: the profile then holds decode steps only."""
+
+    def __init__(self, device, prof=None):
+        self.device, self.prof, self.t = device, prof, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        sync(self.device)
+        self.t.append(time.perf_counter())
+        if self.prof is not None and len(self.t) == 1:
+            self.prof.start()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def steps_ms(self) -> list:
+        return [1000 * (b - a) for a, b in zip(self.t, self.t[1:])]
+
+
+def decode_run(model, ids, steps: int, device, extra: dict, profile: bool = False):
+    """(ms per decode step: median, first and last 4 steps; KV bytes after the run; peak bytes; profile
+    table of the decode steps or None)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import StoppingCriteriaList
+
+    extra = dict(extra)
+    no_cudnn = extra.pop("sdpa", None) == "no-cudnn"
+    kinds = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    def gen(n, clock):
+        with torch.no_grad(), sdpa_kernel(kinds) if no_cudnn else nullcontext():
+            return model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=n,
                 min_new_tokens=n,
                 do_sample=False,
                 return_dict_in_generate=True,
+                stopping_criteria=StoppingCriteriaList([clock]),
+                **extra,
             )
-        sync(device)
-        return time.perf_counter() - t0, out
 
-    gen(2)  # warm-up
-    t1, _ = gen(1)
+    gen(3, StepClock(device))  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tn, out = gen(steps)
+    clock = StepClock(device)
+    out = gen(steps, clock)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return 1000 * (tn - t1) / (steps - 1), kv_bytes(out.past_key_values), peak
+    ms = clock.steps_ms()
+    timing = dict(
+        ms_per_token=sorted(ms)[len(ms) // 2], first_steps=ms[:4], last_steps=ms[-4:], steps=len(ms)
+    )
+    table = None
+    if profile:  # a second run under the profiler (it slows each op down): op times, not the headline
+        table = profile_steps(lambda c: gen(min(steps, 9), c), device)
+    return timing, kv_bytes(out.past_key_values), peak, table
 
 
-def attention_only(context: int, device, dtype, reps: int = 50):
-    """One layer's decode attention: SDPA over all keys vs LFPS's candidate scoring + top-k attention."""
+def profile_steps(run, device) -> str:
+    """The profiler's op table over a run's decode steps, times divided by the number of steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=acts, profile_memory=True)
+    clock = StepClock(device, prof)
+    run(clock)
+    prof.stop()
+    n = len(clock.t)  # the profile runs from the first call to the end of generate: n - 1 steps + the tail
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    mem = "self_cuda_memory_usage" if device.type == "cuda" else "self_cpu_memory_usage"
+    head = f"# decode steps profiled: {n - 1} (+ generate's tail); times and bytes are totals over them\n"
+    avg = prof.key_averages()
+    by_mem = avg.table(sort_by=mem, row_limit=12, max_name_column_width=60)
+    by_time = avg.table(sort_by=key, row_limit=25, max_name_column_width=60)
+    return f"{head}\n## by time\n{by_time}\n## by memory allocated\n{by_mem}"
+
+
+def attention_only(context: int, device, dtype, reps: int = 50) -> dict:
+    """One layer's decode attention at ``context`` keys, ms per call. ``dense sdpa`` / ``lfps``: eager
+    wall time (what a step pays, launches included; LFPS is told that every sample is long, as its cache
+    does once per step; ``lfps, host check``: it syncs to find out); ``... graph``: one CUDA graph replay
+    each (GPU time, no launch cost). ``sdpa new length, <backend>``: a key length one longer at every call,
+    as a growing cache gives it (a backend that plans per shape pays that at every decode step)."""
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from mmsink.kv.sparse import attend, select
 
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, 32, 1, 128, device=device, dtype=dtype, generator=g)
-    k = torch.randn(1, 32, context, 128, device=device, dtype=dtype, generator=g)
+    k = torch.randn(1, 32, context + reps + 8, 128, device=device, dtype=dtype, generator=g)
     v = torch.randn_like(k)
+    kc, vc = k[:, :, :context], v[:, :, :context]
     valid = torch.ones(1, context, dtype=torch.bool, device=device)
     hist = torch.randint(0, context - 1, (1, 32, 512), device=device, generator=g)
 
     def dense():
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, kc, vc)
 
-    def lfps():
-        scores, slots = select(q[:, :, 0], k, valid, hist, 512, 1, False, 128**-0.5)
-        return attend(scores, slots.clamp(min=0), v)
+    def lfps(check=False):
+        scores, slots = select(q[:, :, 0], kc, valid, hist, 512, 1, False, 128**-0.5, None if check else True)
+        return attend(scores, slots.clamp(min=0), vc)
 
-    out = {}
-    for name, fn in (("dense sdpa", dense), ("lfps", lfps)):
-        for _ in range(5):
-            fn()
+    def timed(fn, n=reps, arg=lambda i: ()):
+        for i in range(3):
+            fn(*arg(i))
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
+        for i in range(n):
+            fn(*arg(i))
         sync(device)
-        out[name] = 1000 * (time.perf_counter() - t0) / reps
+        return 1000 * (time.perf_counter() - t0) / n
+
+    out = {"dense sdpa": timed(dense), "lfps": timed(lfps), "lfps, host check": timed(lambda: lfps(True))}
+    if device.type == "cuda":
+        for name, fn in (("dense sdpa graph", dense), ("lfps graph", lfps)):
+            try:
+                graph = torch.cuda.CUDAGraph()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    fn()
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(graph):
+                    fn()
+                out[name] = timed(graph.replay)
+            except Exception as e:  # a backend that cannot be captured: say so, keep the rest
+                out[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+
+        def grow(i):  # a new length at every call (offset by 3 warm-up calls)
+            return (k[:, :, : context + i], v[:, :, : context + i])
+
+        backends = {
+            "default": None,
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+        }
+
+        def fn(kk, vv):
+            return F.scaled_dot_product_attention(q, kk, vv)
+
+        for name, be in backends.items():
+            try:
+                if be is None:
+                    out[f"sdpa new length, {name}"] = timed(fn, reps, grow)
+                else:
+                    with sdpa_kernel([be]):
+                        out[f"sdpa new length, {name}"] = timed(fn, reps, grow)
+                        out[f"sdpa same length, {name}"] = timed(lambda: fn(kc, vc))
+            except Exception as e:
+                out[f"sdpa new length, {name}"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
     return out
 
 
@@ -138,66 +247,88 @@ def main(argv=None):
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--tiny", action="store_true", help="64-wide model (CPU smoke run)")
+    ap.add_argument("--width", choices=sorted(WIDTHS), default="7b")
+    ap.add_argument("--tiny", action="store_true", help="= --width tiny (CPU smoke run)")
     ap.add_argument("--modes", default=";".join(MODES), help="';'-separated subset of: " + "; ".join(MODES))
+    ap.add_argument("--profile", action="store_true", help="also profile each mode's decode steps")
+    ap.add_argument("--no-attention", action="store_true", help="skip the attention-only timing")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    width = "tiny" if args.tiny else args.width
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build(args.layers, args.tiny, device, dtype)
     modes = [m.strip() for m in args.modes.split(";")]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"kv_decode: unknown mode(s) {unknown}; known: {list(MODES)}")
+    model = build(args.layers, width, device, dtype)
     meta = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         layers=args.layers,
+        width=width,
         steps=args.steps,
         dtype=str(dtype),
+        torch=torch.__version__,
     )
+    out = Path(args.out)
     rows, attn = [], []
     for ctx in (int(c) for c in args.contexts.split(",")):
         ids = torch.randint(
             3, 32000, (1, ctx), device=device, generator=torch.Generator(device=device).manual_seed(ctx)
         )
         for name in modes:
-            kv = MODES[name]
+            kv, extra = MODES[name]
             if kv is None:
                 if model.__dict__.get("_mmsink") is not None:
                     mmsink.unwrap(model)
             else:
                 mmsink.wrap(model, kv=kv)
-            ms, kvb, peak = decode_run(model, ids, args.steps, device)
-            rows.append(dict(context=ctx, mode=name, ms_per_token=ms, kv_bytes=kvb, peak_bytes=peak))
+            timing, kvb, peak, table = decode_run(model, ids, args.steps, device, extra, args.profile)
+            rows.append(dict(context=ctx, mode=name, **timing, kv_bytes=kvb, peak_bytes=peak))
             print(rows[-1], flush=True)
-            write(Path(args.out), meta, rows, attn)
+            if table is not None:
+                slug = name.split(",")[0].replace(" ", "_").replace("+", "")
+                slug = f"{slug}_static" if "static" in name else slug
+                (out / "profiles").mkdir(parents=True, exist_ok=True)
+                (out / "profiles" / f"{ctx}_{slug}.txt").write_text(table)
+            write(out, meta, rows, attn)
         if model.__dict__.get("_mmsink") is not None:
             mmsink.unwrap(model)
-        if not args.tiny:
+        if width == "7b" and not args.no_attention:
             attn.append(dict(context=ctx, **attention_only(ctx, device, dtype)))
             print(attn[-1], flush=True)
-            write(Path(args.out), meta, rows, attn)
+            write(out, meta, rows, attn)
 
 
 def write(out: Path, meta: dict, rows: list, attn: list) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_decode.json").write_text(json.dumps(dict(meta=meta, decode=rows, attention=attn), indent=1))
     lines = [
-        f"# KV-cache modes, decode cost ({meta['device']}, {meta['layers']} layers of LLaMA-7B width, "
-        f"{meta['dtype']})",
+        f"# KV-cache modes, decode cost ({meta['device']}, {meta['layers']} layers, width {meta['width']}, "
+        f"{meta['dtype']}, torch {meta['torch']})",
         "",
-        "| context | mode | ms / token | KV MiB | peak MiB |",
-        "|---|---|---|---|---|",
+        "| context | mode | ms / token (median step) | first steps ms | last steps ms | KV MiB | peak MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] else "-"
         kv = r["kv_bytes"] / 2**20
-        lines.append(f"| {r['context']} | {r['mode']} | {r['ms_per_token']:.2f} | {kv:.1f} | {peak} |")
+        first, last = (" ".join(f"{t:.1f}" for t in r[k]) for k in ("first_steps", "last_steps"))
+        ms = r["ms_per_token"]
+        lines.append(f"| {r['context']} | {r['mode']} | {ms:.2f} | {first} | {last} | {kv:.1f} | {peak} |")
     if attn:
-        lines += ["", "| context | SDPA ms | LFPS ms | speed-up |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "One layer's decode attention alone (ms per call):",
+            "",
+            "| context | what | ms |",
+            "|---|---|---|",
+        ]
         for a in attn:
-            sdpa, lfps = a["dense sdpa"], a["lfps"]
-            lines.append(f"| {a['context']} | {sdpa:.3f} | {lfps:.3f} | {sdpa / lfps:.2f}x |")
+            for name, ms in a.items():
+                if name != "context":
+                    val = f"{ms:.4f}" if isinstance(ms, float) else ms
+                    lines.append(f"| {a['context']} | {name} | {val} |")
     (out / "kv_decode.md").write_text("\n".join(lines) + "\n")
 
 

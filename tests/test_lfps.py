@@ -198,3 +198,31 @@ def test_refused(model):
     mmsink.wrap(model, kv={"sparse": "lfps"})
     with pytest.raises(ValueError, match="generate_fast does not run the kv="):
         mmsink.generate_fast(model, max_new_tokens=2, **batch(two_prompts()))
+
+
+def test_grow_layer_holds_what_a_dynamic_layer_holds():
+    """LFPS's cache layer writes into spare slots instead of concatenating: after prompts, steps past a
+    buffer's end, a beam reorder and keys set from outside, it holds exactly what DynamicLayer holds."""
+    from transformers.cache_utils import DynamicLayer
+
+    from mmsink.kv.sparse import GrowLayer
+
+    g = torch.Generator().manual_seed(0)
+    grow, plain = GrowLayer(), DynamicLayer()
+
+    def step(q):
+        k, v = torch.randn(2, 3, q, 4, generator=g), torch.randn(2, 3, q, 4, generator=g)
+        a, b = grow.update(k, v), plain.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    step(5)
+    for _ in range(300):  # past the first buffer's 256 spare slots
+        step(1)
+    grow.reorder_cache(torch.tensor([1, 1]))
+    plain.reorder_cache(torch.tensor([1, 1]))
+    step(1)
+    step(7)
+    k, v = plain.keys[:, :, ::2].clone(), plain.values[:, :, ::2].clone()  # as a pruner sets them
+    grow.keys, grow.values, plain.keys, plain.values = k, v, k.clone(), v.clone()
+    step(1)
+    assert grow.keys.shape == plain.keys.shape

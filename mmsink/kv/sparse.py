@@ -28,24 +28,27 @@ def candidates(hist: torch.Tensor, t: int, expand: int) -> torch.Tensor:
     """[B, H, C] candidate key slots (-1: none), each once: ``hist`` [B, H, k] (the previous step's slots,
     -1 for none) shifted by -expand .. expand + 1 (vertical and slash, widened), plus the newest slot."""
     b, h, _ = hist.shape
+    # an empty history entry goes far out of range, so that every shift of it lands on the sentinel t
+    base = torch.where(hist >= 0, hist, 2 * t + expand + 2)
     offs = torch.arange(-expand, expand + 2, device=hist.device)
-    c = (hist[..., None] + offs).flatten(2)
-    c = torch.where((hist[..., None] >= 0).expand(-1, -1, -1, len(offs)).flatten(2), c, -1)
-    c = torch.cat([c, c.new_full((b, h, 1), t - 1)], 2)
-    c = torch.where((c >= 0) & (c < t), c, t)  # out of range -> sentinel t
-    c = c.sort(2).values
-    dup = torch.cat([torch.zeros_like(c[..., :1], dtype=torch.bool), c[..., 1:] == c[..., :-1]], 2)
-    return torch.where(dup | (c == t), -1, c)
+    c = torch.cat([(base[..., None] + offs).flatten(2), base.new_full((b, h, 1), t - 1)], 2)
+    c = c.where((c >= 0) & (c < t), t).sort(2).values  # out of range -> sentinel t, sorted last
+    drop = c == t
+    drop[..., 1:] |= c[..., 1:] == c[..., :-1]  # repeats of a slot
+    return c.masked_fill(drop, -1)
 
 
-def select(q, key, valid, hist, topk: int, expand: int, dense: bool, scaling: float):
+def select(q, key, valid, hist, topk: int, expand: int, dense: bool, scaling: float, all_long=None):
     """One decode step's choice: (scores [B, H, k'] of the chosen keys, -inf where none; slots [B, H, k']).
-    q [B, H, D]; key [B, Hk, T, D]; valid [B, T] real key slots; hist [B, H, k] or None."""
+    q [B, H, D]; key [B, Hk, T, D]; valid [B, T] real key slots; hist [B, H, k] or None. ``all_long``:
+    whether every sample holds more than ``topk`` real keys, when the caller knows (else a host sync)."""
     b, h, d = q.shape
     hk, t = key.shape[1], key.shape[2]
     qg = q.view(b, hk, h // hk, d).float()
-    long = valid.sum(1) > topk  # [B] samples that attend sparsely
-    if dense or hist is None or not bool(long.all()):
+    if not dense and hist is not None and all_long is None:
+        all_long = bool((valid.sum(1) > topk).all())
+    if dense or hist is None or not all_long:
+        long = valid.sum(1) > topk  # [B] samples that attend sparsely
         scores = torch.einsum("bkgd,bktd->bkgt", qg, key.float()).reshape(b, h, t) * scaling
         allowed = valid[:, None, :].expand(b, h, t)
         if not dense and hist is not None:
@@ -74,11 +77,41 @@ def attend(scores, slots, value) -> torch.Tensor:
     return torch.einsum("bhk,bhkd->bhd", w, v.float())
 
 
+class GrowLayer(DynamicLayer):
+    """A dynamic layer whose keys / values are views of buffers with spare slots: a decode step writes its
+    slot in place instead of copying the whole cache (``DynamicLayer``'s ``torch.cat``, O(context) per
+    step). A full buffer grows by an eighth (at least 256 slots). Batch edits (beams) and crops replace
+    ``keys`` / ``values`` (as does a caller that sets them): the next write copies them into a new buffer."""
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.kbuf = self.vbuf = self.view = self.vview = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, q = self.keys.shape[-2] if self.keys.dim() == 4 else 0, key_states.shape[-2]
+        moved = self.keys is not self.view or self.values is not self.vview  # set from outside
+        if self.kbuf is None or moved or n + q > self.kbuf.shape[-2]:
+            cap = n + q + max(256, (n + q) // 8)
+            kbuf = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
+            vbuf = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
+            if n:
+                kbuf[:, :, :n] = self.keys
+                vbuf[:, :, :n] = self.values
+            self.kbuf, self.vbuf = kbuf, vbuf
+        self.kbuf[:, :, n : n + q] = key_states
+        self.vbuf[:, :, n : n + q] = value_states
+        self.keys, self.values = self.kbuf[:, :, : n + q], self.vbuf[:, :, : n + q]
+        self.view, self.vview = self.keys, self.values
+        return self.keys, self.values
+
+
 class SparseCache(WindowCache):
-    """A plain dynamic cache (no eviction) with the window's per-sample validity and, per layer, the
+    """A cache without eviction (``GrowLayer`` s) with the window's per-sample validity and, per layer, the
     previous step's chosen slots [B, H, k]. ``trace``: a list to append (layer, q, keys, slots) to."""
 
-    layer_class = DynamicLayer
+    layer_class = GrowLayer
     exact = False  # ExactTopkCache: every step scores all keys
 
     def __init__(self, cfg, inv_freq):
@@ -89,6 +122,17 @@ class SparseCache(WindowCache):
         self.hist: dict = {}
         self.steps = 0  # decode steps since the last multi-token forward
         self.trace: list | None = None
+        self.long: dict = {}  # this step: id(key validity) -> every sample holds more than topk keys
+
+    def begin(self, new_valid, positions) -> None:
+        super().begin(new_valid, positions)
+        self.long = {}
+
+    def all_long(self, valid: torch.Tensor) -> bool:
+        """One host sync per step and key set (layers share them), not one per layer."""
+        if id(valid) not in self.long:
+            self.long[id(valid)] = (valid, bool((valid.sum(1) > self.cfg.topk).all()))
+        return self.long[id(valid)][1]
 
     def key_valid(self, layer: int) -> torch.Tensor:
         """[B, T] the real key slots of ``layer``."""
@@ -96,12 +140,13 @@ class SparseCache(WindowCache):
 
     def attend(self, layer: int, query, key, value, mask, scaling, base):
         cfg = self.cfg
-        valid = self.key_valid(layer).to(query.device)
-        dense = self.steps < cfg.dense_steps
-        k = key.shape[2] if dense else cfg.topk  # a dense step attends to every key
-        scores, slots = select(
-            query[:, :, 0], key, valid, self.hist.get(layer), k, cfg.expand, dense or self.exact, scaling
-        )
+        valid = self.key_valid(layer)
+        dense = self.steps < cfg.dense_steps or self.exact
+        long = None if dense or layer not in self.hist else self.all_long(valid)
+        valid = valid.to(query.device)
+        k = key.shape[2] if self.steps < cfg.dense_steps else cfg.topk  # a dense step attends to every key
+        q = query[:, :, 0]
+        scores, slots = select(q, key, valid, self.hist.get(layer), k, cfg.expand, dense, scaling, long)
         top = slice(0, cfg.topk)  # sorted: a dense step's history is the exact top-k
         self.hist[layer] = torch.where(torch.isfinite(scores[..., top]), slots[..., top], -1)
         if self.trace is not None:
@@ -145,7 +190,7 @@ class PlanSparseCache(SparseCache, PlanCache):
 
     def __init__(self, cfg, inv_freq):
         PlanCache.__init__(self)
-        self.layer_class_to_replicate = DynamicLayer
+        self.layer_class_to_replicate = GrowLayer
         self.init_window(cfg, inv_freq)
         self.init_sparse()
         self.prefill = None  # set by the hooks; unused here
