@@ -44,8 +44,7 @@ def prompt_text(question: str) -> str:
 
 def build_tokenizer(corpus, vocab_size: int = 1024):
     """Byte-level BPE trained on ``corpus`` (an iterable of strings); any text can be encoded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -57,6 +56,15 @@ def build_tokenizer(corpus, vocab_size: int = 1024):
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
+    return fast_tokenizer(tok)
+
+
+def fast_tokenizer(tok, model_max_length: int = 1024):
+    """A ``tokenizers`` BPE with the specials above as the model's tokenizer: ``<s>`` prepended, left
+    padding, LLaVA-1.5's chat template (shared by both reference models)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
@@ -69,7 +77,7 @@ def build_tokenizer(corpus, vocab_size: int = 1024):
         pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         padding_side="left",
-        model_max_length=1024,
+        model_max_length=model_max_length,
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
