@@ -52,8 +52,9 @@ except ImportError:
     triton = None
 
 import mmsink
-from evals.int8_linear import quantize_linears
 from mmsink.sinks.regcache import RegCache
+
+from .int8_linear import quantize_linears
 
 SHAPES = {
     "llava-1.5 b1": 1,
@@ -85,7 +86,7 @@ def form_problem(backend: str, device: str) -> str | None:
     """None when the backend's Int8Linear form runs here and agrees with the torch-op form on one linear."""
     if backend not in FORM or FORM[backend] == "eager":
         return None
-    from evals.int8_linear import Int8Linear
+    from .int8_linear import Int8Linear
 
     torch.manual_seed(0)
     lin = nn.Linear(256, 512).to(device, torch.bfloat16)
@@ -291,7 +292,7 @@ def summarize(times: dict, feats: dict, n: int) -> dict:
 def gemm_table(model, backends, side: int, device: str, iters: int = 20) -> dict:
     """One linear of each tower shape (q/k/v/out, fc1, fc2) at each bench shape's token count, op by op:
     where an int8 linear's time goes. Times are per call, the median of 5 loops of ``iters`` calls."""
-    from evals import int8_linear as il
+    from . import int8_linear as il
 
     v = model.config.vision_config
     h, inter = v.hidden_size, v.intermediate_size
@@ -339,7 +340,7 @@ def linear_ops(x, lin, forms, torchao_lin, device) -> dict:
     """name -> (call, counts as a GEMM) for one input ``x`` to the linear ``lin``."""
     import torch.nn.functional as F
 
-    from evals import int8_linear as il
+    from . import int8_linear as il
 
     wq, ws = forms["eager"].wq, forms["eager"].ws
     wq_rowmajor = wq.t().contiguous()

@@ -26,7 +26,7 @@ def interpreted(check: str, *args) -> None:
 
 
 def check_quantize_rows():
-    from evals import int8_linear as kernels
+    from mmsink.evals import int8_linear as kernels
 
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(37, 96, generator=g).to(torch.bfloat16) * torch.logspace(-2, 2, 37)[:, None]
@@ -40,7 +40,7 @@ def check_quantize_rows():
 
 
 def check_rescale(bias):
-    from evals import int8_linear as kernels
+    from mmsink.evals import int8_linear as kernels
 
     g = torch.Generator().manual_seed(1)
     acc = torch.randint(-(2**20), 2**20, (19, 40), generator=g, dtype=torch.int32)
@@ -52,7 +52,7 @@ def check_rescale(bias):
 
 
 def check_gemm_rescale(k):
-    from evals import int8_linear as kernels
+    from mmsink.evals import int8_linear as kernels
 
     g = torch.Generator().manual_seed(2)
     m, n = 45, 48  # neither a multiple of the 32-row / 32-column tile
@@ -83,7 +83,7 @@ def test_gemm_rescale_matches_exact_product(k):
 @pytest.mark.parametrize("form", ["eager", "fused", "triton"])
 @pytest.mark.parametrize("rows", [3, 40])  # 3: under _int_mm's M > 16, padded
 def test_int8_linear_equals_float_reference(form, rows):
-    from evals.int8_linear import Int8Linear
+    from mmsink.evals.int8_linear import Int8Linear
 
     torch.manual_seed(3)
     lin = nn.Linear(64, 32)
@@ -103,7 +103,7 @@ def test_int8_linear_equals_float_reference(form, rows):
 
 
 def test_int8_linear_rejects_odd_features():
-    from evals.int8_linear import Int8Linear
+    from mmsink.evals.int8_linear import Int8Linear
 
     with pytest.raises(ValueError, match="multiples of 8"):
         Int8Linear(nn.Linear(12, 8))
