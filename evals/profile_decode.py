@@ -1,0 +1,395 @@
+"""Where does one decode step of ``generate_fast`` spend its time, and what do the step options save?
+
+    python evals/profile_decode.py --out DIR                      # LLaVA-1.5-7B shape, bf16, one GPU
+    python evals/profile_decode.py --tiny --out DIR               # CPU, a small model: checks the code path
+
+The model is the bench's (``mmsink bench --shape llava-1.5-7b``: random weights, its prompt of 576 image
+tokens + 65 text tokens, batch 1). Per step configuration (``--configs``: ``base`` = the plain step; else
+``+``-joined ``fuse``, ``write``, ``sdpa`` / ``matmul`` / ``reduce``: ``mmsink.fast.fuse.StepOptions``):
+
+- step ms: ``--steps`` decode steps back to back (CUDA-graph replays on GPU; no host work between them),
+  CUDA events around them, divided by the count; ``plain``: the same steps as plain (compiled) calls;
+- bench decode ms/token: the bench's column, (generate_fast of 1 + k tokens - of 1 token) / k;
+- the step's kernels by category (GEMV / GEMM, attention, cache writes / copies, norm / element-wise /
+  fused Triton, other), count and GPU time per step, for the replayed and the plain step, and the time
+  between kernels (event time - kernel time: launch gaps inside the graph).
+
+Configurations alternate rep by rep (ratios within one run). Each configuration's tokens are compared with
+``base``'s (equal in fp32; in bf16 near-ties may differ). When any configuration fuses projections the
+model is fused first, so every configuration (``base`` too) reads the same weight tensors. JSON + Markdown
+go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import mmsink
+from mmsink.fast import decode as fastmod
+from mmsink.fast.fuse import StepOptions, fused
+from mmsink.tools.bench import SHAPES, bench_inputs, build, clock_for
+
+CATEGORIES = (
+    "gemv/gemm",
+    "attention",
+    "cache writes / copies",
+    "norm / element-wise / fused triton",
+    "other",
+)
+# --tiny: a LLaVA shape a loaded 2-core CPU runs in seconds (the bench's image: 576 tokens; GQA)
+TINY = "tiny-decode-cpu"
+SHAPES.setdefault(
+    TINY,
+    {
+        "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+        "text": dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=32064,  # the bench prompt uses ids up to 32000 (image)
+        ),
+    },
+)
+DEFAULT_CONFIGS = "base,fuse,write,matmul,reduce,fuse+write+matmul"
+# CPU operators that move no data (views, allocations): not counted as kernels
+VIEWS = {
+    "empty", "empty_strided", "empty_like", "view", "_unsafe_view", "as_strided", "transpose", "t",
+    "reshape", "_reshape_alias", "expand", "slice", "select", "unsqueeze", "squeeze", "split",
+    "split_with_sizes", "chunk", "narrow", "permute", "detach", "alias", "resolve_conj", "resolve_neg",
+    "lift_fresh", "result_type", "unbind", "contiguous", "view_as", "expand_as", "unflatten", "flatten",
+    "is_nonzero", "item", "_local_scalar_dense", "to", "_to_copy_noop", "set_", "size", "stride",
+}  # fmt: skip
+
+
+def options_of(spec: str) -> StepOptions | None:
+    """``base`` -> None; ``fuse+write+matmul`` -> StepOptions(fuse=True, write=True, attn="matmul")."""
+    if spec == "base":
+        return None
+    kw: dict = {}
+    for part in spec.split("+"):
+        if part in ("fuse", "write"):
+            kw[part] = True
+        elif part in ("sdpa", "matmul", "reduce"):
+            kw["attn"] = part
+        else:
+            raise ValueError(
+                f"unknown step option {part!r} in {spec!r}: use base or fuse/write/sdpa/matmul/reduce"
+            )
+    return StepOptions(**kw)
+
+
+def category(name: str) -> str:
+    """A kernel's (GPU) or operator's (CPU) category, by name."""
+    n = name.lower()
+    if any(s in n for s in ("fmha", "flash", "attention", "softmax", "attn")):
+        return "attention"
+    if any(s in n for s in ("index", "scatter", "copy", "memcpy", "memset", "fill", "stack")):
+        return "cache writes / copies"
+    if any(s in n for s in ("gemv", "gemm", "nvjet", "xmma", "cutlass", "splitk", "cublas", "aten::mm",
+                            "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")):  # fmt: skip
+        return "gemv/gemm"
+    if any(s in n for s in ("triton", "elementwise", "vectorized", "reduce", "aten::")):
+        return "norm / element-wise / fused triton"
+    return "other"
+
+
+def kernels(fn, n: int, cuda: bool) -> dict:
+    """Profile ``fn`` (``n`` steps): per category kernels and microseconds per step, the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = collections.defaultdict(lambda: [0, 0.0])  # name -> [count, us]
+    if cuda:
+        for e in prof.key_averages():
+            if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0:
+                rows[e.key][0] += e.count
+                rows[e.key][1] += e.self_device_time_total
+    else:  # the outermost operators that are not views or allocations: what eager mode launches
+
+        def walk(e):
+            if e.name.startswith("aten::") and e.name[6:] not in VIEWS:
+                rows[e.name][0] += 1
+                rows[e.name][1] += e.cpu_time_total
+                return
+            for c in e.cpu_children:
+                walk(c)
+
+        for e in prof.events():
+            if e.cpu_parent is None:
+                walk(e)
+    cats = {c: [0.0, 0.0] for c in CATEGORIES}
+    for name, (count, us) in rows.items():
+        c = cats[category(name)]
+        c[0] += count / n
+        c[1] += us / n
+    top = sorted(rows.items(), key=lambda kv: -kv[1][1])[:15]
+    return dict(
+        categories={k: dict(kernels=round(v[0], 2), us=round(v[1], 2)) for k, v in cats.items()},
+        kernels=round(sum(v[0] for v in cats.values()), 2),
+        us=round(sum(v[1] for v in cats.values()), 2),
+        top=[dict(name=k[:120], per_step=round(c / n, 2), us=round(t / n, 2)) for k, (c, t) in top],
+    )
+
+
+def decode_bytes(model) -> int:
+    """Bytes of the weights one decode step reads: the decoder layers, the final norm and the lm_head."""
+    lm = model.model.language_model
+    seen, total = set(), 0
+    for p in [*lm.layers.parameters(), *lm.norm.parameters(), *model.lm_head.parameters()]:
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def storage_bytes(model) -> int:
+    """Bytes of the distinct storages behind the model's parameters (fusing must not add any)."""
+    seen = {}
+    for p in model.parameters():
+        s = p.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def run(args) -> dict:
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shape = TINY if args.tiny else args.shape
+    specs = args.configs.split(",")
+    if specs[0] != "base":
+        specs = ["base"] + [s for s in specs if s != "base"]
+    confs = {s: options_of(s) for s in specs}
+    if cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]):  # the profiler's setup before any graph capture
+            pass
+    dyn = getattr(torch, "_dynamo", None)
+    for name in ("recompile_limit", "cache_size_limit"):  # each configuration compiles the step once
+        if dyn is not None and hasattr(dyn.config, name):
+            setattr(dyn.config, name, max(getattr(dyn.config, name), 4 * len(confs)))
+    fastmod.KEEP = max(fastmod.KEEP, 2 * len(confs) + 2)  # every configuration's decoder stays kept
+    t0 = time.perf_counter()
+    say = lambda text: print(f"[{time.perf_counter() - t0:6.1f} s] {text}", file=sys.stderr, flush=True)  # noqa: E731
+    model = build(shape, args.device, dtype)
+    model.generation_config.eos_token_id = None  # random weights: fixed lengths
+    inputs, n_vis = bench_inputs(model, 1, 35, 29, args.device, dtype)
+    if args.method != "none":
+        method, _, budget = args.method.partition(":")
+        mmsink.wrap(model, prune=method, **({"budget": int(budget)} if budget else {}))
+    compile = cuda and not args.no_compile
+    graphs = cuda
+    family = None
+    memory = dict(storage_bytes_before=storage_bytes(model))
+    if any(o is not None and o.fuse for o in confs.values()):
+        from mmsink.patches import family_for
+
+        family = family_for(model)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
+        fused(model, family.layers)
+        if cuda:
+            memory["fuse_transient_bytes"] = torch.cuda.max_memory_allocated() - held
+            memory["fuse_kept_bytes"] = torch.cuda.memory_allocated() - held
+    memory["storage_bytes_after"] = storage_bytes(model)
+    steps = args.steps
+
+    def fast(opts, n):
+        return mmsink.generate_fast(
+            model, max_new_tokens=n, graphs=graphs, compile=compile, step=opts, **inputs
+        )
+
+    decs, tokens = {}, {}
+    for spec, opts in confs.items():
+        say(f"{spec}: compile / capture")
+        for _ in range(2):  # the second call captures the prefill tail, where the model hands off
+            tokens[spec] = fast(opts, steps + 1)
+        decs[spec] = next(reversed(model.__dict__[fastmod.STORE].values()))  # the one just used
+    clock = clock_for(cuda)
+
+    def stepper(dec, graph: bool):
+        def go():
+            for _ in range(steps):
+                dec.graph() if graph else dec.step()
+
+        def timed():
+            dec.t.zero_()  # steps stay within the buffers' new slots
+            return clock(go)
+
+        return go, timed
+
+    modes = ("graph", "plain") if graphs else ("plain",)
+    times = {s: {m: [] for m in (*modes, "one", "more")} for s in confs}
+    k = args.bench_tokens
+    say(f"timing: {args.reps} reps, configurations alternated")
+    for rep in range(args.reps + 1):  # rep 0 warms up
+        for spec, opts in confs.items():
+            for mode in modes:
+                ms = stepper(decs[spec], mode == "graph")[1]() / steps * 1e3
+                if rep:
+                    times[spec][mode].append(ms)
+            one = clock(lambda opts=opts: fast(opts, 1))
+            more = clock(lambda opts=opts: fast(opts, 1 + k))
+            if rep:
+                times[spec]["one"].append(one)
+                times[spec]["more"].append(more)
+    weights = decode_bytes(model)
+    rows = {}
+    for spec, opts in confs.items():
+        say(f"{spec}: profile")
+        dec = decs[spec]
+        med = {m: statistics.median(v) for m, v in times[spec].items()}
+        r = dict(
+            options=None if opts is None else vars(opts),
+            step_ms={m: round(med[m], 4) for m in modes},
+            bench_decode_ms=round((med["more"] - med["one"]) / k * 1e3, 4),
+            same_tokens_as_base=bool(torch.equal(tokens[spec], tokens["base"])),
+            kv_bytes=sum(t.untyped_storage().nbytes() for t in {id(x): x for x in dec.k + dec.v}.values()),
+            profile={},
+        )
+        if not r["same_tokens_as_base"]:
+            a, b = tokens[spec][0], tokens["base"][0]
+            r["first_difference"] = int((a != b).nonzero()[0]) - inputs["input_ids"].shape[1]
+        for mode in modes:
+            go, _ = stepper(dec, mode == "graph")
+            dec.t.zero_()
+            p = kernels(go, steps, cuda)
+            if cuda:
+                p["idle_us"] = round(med[mode] * 1e3 - p["us"], 2)  # step time not covered by kernels
+            r["profile"][mode] = p
+        if "graph" in modes:
+            r["weights_GBps"] = round(weights / (med["graph"] / 1e3) / 1e9, 1)
+        rows[spec] = r
+    base = rows["base"]
+    for r in rows.values():
+        for m in modes:
+            r.setdefault("ratio", {})[m] = round(r["step_ms"][m] / base["step_ms"][m], 4)
+        r["ratio"]["bench"] = round(r["bench_decode_ms"] / base["bench_decode_ms"], 4)
+    return dict(
+        shape=shape,
+        device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        torch=torch.__version__,
+        dtype=str(dtype),
+        method=args.method,
+        visual_tokens=n_vis,
+        prompt_tokens=inputs["input_ids"].shape[1],
+        steps=steps,
+        reps=args.reps,
+        bench_tokens=k,
+        compile=compile,
+        graphs=graphs,
+        weights_bytes=weights,
+        memory=memory,
+        configs=rows,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+
+
+def markdown(res: dict) -> str:
+    modes = list(next(iter(res["configs"].values()))["step_ms"])
+    out = [
+        f"## decode step: {res['shape']}, {res['dtype']}, batch 1, {res['device']}, torch {res['torch']}",
+        "",
+        f"method {res['method']}; prompt {res['prompt_tokens']} tokens ({res['visual_tokens']} visual); "
+        f"compile {res['compile']}, graphs {res['graphs']}; {res['steps']} steps per timing, median of "
+        f"{res['reps']} reps, configurations alternated. Step ms: CUDA events (perf_counter on CPU) around "
+        "the steps back to back / steps; bench decode: (generate_fast of 1 + k tokens - of 1) / k "
+        f"(k = {res['bench_tokens']}). Decode weights: {res['weights_bytes'] / 1e9:.2f} GB. Memory: "
+        + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in res["memory"].items()),
+        "",
+        "| config | "
+        + " | ".join(f"{m} ms/step (ratio)" for m in modes)
+        + " | bench decode ms/token (ratio) | GB/s of weights | same tokens as base | KV MB |",
+        "|---|" + "---|" * (len(modes) + 4),
+    ]
+    for spec, r in res["configs"].items():
+        cells = [f"{r['step_ms'][m]:.3f} ({r['ratio'][m]:.3f})" for m in modes]
+        same = "yes" if r["same_tokens_as_base"] else f"no (from token {r.get('first_difference')})"
+        out.append(
+            f"| {spec} | "
+            + " | ".join(cells)
+            + f" | {r['bench_decode_ms']:.3f} ({r['ratio']['bench']:.3f}) | "
+            f"{r.get('weights_GBps', '-')} | {same} | {r['kv_bytes'] / 1e6:.1f} |"
+        )
+    unit = "kernels" if res["graphs"] else "operators"
+    out += [
+        "",
+        f"Per step, by category: {unit} / step, us / step ({'GPU' if res['graphs'] else 'CPU'} time)",
+        "",
+    ]
+    head = "| config | mode | " + " | ".join(CATEGORIES) + " | total | idle between kernels us |"
+    out += [head, "|---|---|" + "---|" * (len(CATEGORIES) + 2)]
+    for spec, r in res["configs"].items():
+        for m, p in r["profile"].items():
+            cells = [
+                f"{p['categories'][c]['kernels']:g} / {p['categories'][c]['us']:.1f}" for c in CATEGORIES
+            ]
+            out.append(
+                f"| {spec} | {m} | " + " | ".join(cells) + f" | {p['kernels']:g} / {p['us']:.1f} | "
+                f"{p.get('idle_us', '-')} |"
+            )
+    for spec, r in res["configs"].items():
+        mode = modes[0]
+        out += ["", f"Top kernels of `{spec}` ({mode}): per step, us per step", ""]
+        out += ["| kernel | per step | us |", "|---|---|---|"]
+        out += [f"| `{t['name']}` | {t['per_step']:g} | {t['us']:.1f} |" for t in r["profile"][mode]["top"]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES))
+    ap.add_argument("--tiny", action="store_true", help=f"CPU, the {TINY} shape: checks the code path")
+    ap.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated (default {DEFAULT_CONFIGS})")
+    ap.add_argument("--method", default="none", help="none (the unwrapped model) or METHOD[:BUDGET]")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per timing and per profile (<= 127)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--bench-tokens", type=int, default=32, help="k of the bench's decode column")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    if not 1 <= args.steps <= 127:
+        ap.error(f"--steps must be within 1..127 (the decoder's new slots), got {args.steps}")
+    if args.reps < 1 or args.bench_tokens < 1:
+        ap.error("--reps and --bench-tokens must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("no CUDA device here: use --tiny (CPU) or --device cpu")
+    for spec in args.configs.split(","):
+        try:
+            options_of(spec)
+        except ValueError as e:
+            ap.error(str(e))
+    res = run(args)
+    md = markdown(res)
+    print(md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"decode_{res['shape']}_{res['method'].replace(':', '')}")
+        with open(stem + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""generate_fast's decode-step options (``mmsink.fast.fuse.StepOptions``: fused projections, one KV write
+with validity by position, the attention kernel): the tokens of greedy ``generate`` for pruned, padded
+and VAR batches, the next-token logits of the model's own forward (fp32), weights that ``unwrap`` gives
+back in their own storage, and the profile script's CPU path."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from test_var import VAR
+from tiny import batch, prompt, qwen_batch, tiny_llava, tiny_qwen
+
+import mmsink
+from mmsink.fast import clear, fuse
+from mmsink.fast.fuse import StepOptions
+
+ALL = [StepOptions(f, w, a) for f, w, a in itertools.product([False, True], [False, True], fuse.ATTN)][1:]
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_llava()
+
+
+@pytest.fixture(autouse=True)
+def unwrapped(llava):
+    yield
+    if llava.__dict__.get("_mmsink") is not None:
+        mmsink.unwrap(llava)
+    clear(llava)  # a bare model's decoders and fused weights
+
+
+def decoder(model):
+    return next(reversed(model.__dict__["_mmsink_decoders"].values()))  # the one used last
+
+
+@pytest.mark.parametrize(
+    "method,opts", [(None, {}), ("fastv", {"budget": 6}), ("pdrop", {}), ("visipruner", {})]
+)
+def test_tokens_of_generate(llava, method, opts):
+    """Every option combination gives generate's tokens (left-padded batch; pruned layers hold holes)."""
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(3, 9, seed=3)])
+    mmsink.wrap(llava, prune=method, **opts)
+    ref = llava.generate(**inputs, max_new_tokens=10, do_sample=False)
+    for step in ALL:
+        out = mmsink.generate_fast(llava, max_new_tokens=10, compile=False, step=step, **inputs)
+        assert torch.equal(out, ref), step
+
+
+@pytest.mark.parametrize(
+    "step", [StepOptions(fuse=True, write=True, attn="matmul"), StepOptions(attn="reduce")]
+)
+def test_next_logits_of_the_models_forward(llava, step):
+    """After n tokens, one more step's logits equal the model's own forward over prompt + those tokens
+    (fp32), as the plain step's do; the options' and the plain step's agree more closely still."""
+    inputs = batch([prompt(5, 7, seed=4), prompt(2, 4, seed=5)])
+    n = 6
+    logits = {}
+    for s in (None, step):
+        out = mmsink.generate_fast(llava, max_new_tokens=n, compile=False, step=s, **inputs)
+        dec = decoder(llava)
+        h, cos, sin, t = dec.start_op()  # feeds the n-th new token: the logits of the (n + 1)-th
+        logits[s] = dec.head(dec.norm(dec.layers_op(0, len(dec.layers), h, cos, sin, t)[0]))[:, -1]
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, n, dtype=torch.long)], 1)
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        ref = llava(
+            input_ids=out, attention_mask=mask, position_ids=pos, pixel_values=inputs["pixel_values"]
+        ).logits[:, -1]
+    assert torch.allclose(logits[None], ref, atol=1e-4), (logits[None] - ref).abs().max()
+    assert torch.allclose(logits[step], ref, atol=1e-4), (logits[step] - ref).abs().max()
+    assert torch.allclose(logits[step], logits[None], atol=1e-5)
+
+
+def test_fused_weights_share_storage_and_come_back(llava):
+    """Fusing moves q/k/v and gate/up into one tensor each (the modules' weights become its slices, so the
+    parameters' storage does not grow), generate still gives the same tokens through the fused modules;
+    unwrap gives every weight its own storage with the same values."""
+    before = {k: v.clone() for k, v in llava.state_dict().items()}
+
+    def size():
+        return sum(
+            {
+                p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in llava.parameters()
+            }.values()
+        )
+
+    nbytes = size()
+    inputs = batch([prompt(5, 7, seed=6), prompt(2, 4, seed=7)])
+    mmsink.wrap(llava, prune="fastv", budget=6)  # unwrap below: also for a wrapped model
+    ref = llava.generate(**inputs, max_new_tokens=8, do_sample=False)
+    mmsink.generate_fast(llava, max_new_tokens=8, compile=False, step={"fuse": True}, **inputs)
+    attn = llava.model.language_model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+    assert size() == nbytes
+    assert torch.equal(llava.generate(**inputs, max_new_tokens=8, do_sample=False), ref)
+    mmsink.unwrap(llava)
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.v_proj.weight.untyped_storage().data_ptr()
+    assert attn.q_proj.weight.untyped_storage().nbytes() == attn.q_proj.weight.numel() * 4
+    after = llava.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_replaced_weights_are_fused_again(llava):
+    """A weight replaced after fusing (a new Parameter) is seen by the next call: the step reads it, not
+    the stale joint tensor (that would give the old model's tokens)."""
+    inputs = batch([prompt(5, 7, seed=8), prompt(2, 4, seed=9)])
+    step = StepOptions(fuse=True)
+    old = mmsink.generate_fast(llava, max_new_tokens=8, compile=False, step=step, **inputs)
+    layers = llava.model.language_model.layers
+    keep = [(m, m.weight) for m in (layers[1].self_attn.k_proj, layers[2].mlp.up_proj)]
+    try:
+        for m, w in keep:
+            m.weight = torch.nn.Parameter(w.detach() * -3.0)
+        ref = llava.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert not torch.equal(ref, old)  # the change matters for this model
+        out = mmsink.generate_fast(llava, max_new_tokens=8, compile=False, step=step, **inputs)
+        assert torch.equal(out, ref)
+    finally:
+        clear(llava)
+        for m, w in keep:
+            m.weight = torch.nn.Parameter(w.detach().clone())
+
+
+def test_var_layers_keep_the_plain_step(llava):
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+    mmsink.wrap(llava, prune="fastv", budget=6, var=VAR)
+    ref = llava.generate(**inputs, max_new_tokens=10, do_sample=False)
+    step = StepOptions(fuse=True, write=True, attn="matmul")
+    out = mmsink.generate_fast(llava, max_new_tokens=10, compile=False, graphs=False, step=step, **inputs)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("step", [StepOptions(fuse=True, write=True, attn="reduce"), StepOptions(fuse=True)])
+def test_qwen_biases_and_mrope(step):
+    """Qwen2-VL: q/k/v with biases (fused with them), 3-D positions, GQA."""
+    model = tiny_qwen()
+    inputs, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8)]), (3, 5, [])], seed=1)
+    mmsink.wrap(model, prune="fastv", budget=4)
+    ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    out = mmsink.generate_fast(model, max_new_tokens=8, compile=False, graphs=False, step=step, **inputs)
+    assert model.model.language_model.layers[0].self_attn.q_proj.bias is not None
+    assert torch.equal(out, ref)
+
+
+def test_bad_options(llava):
+    inputs = batch([prompt(2, 3, seed=1)])
+    with pytest.raises(ValueError, match="step attn must be one of"):
+        mmsink.generate_fast(llava, max_new_tokens=2, step={"attn": "flash"}, **inputs)
+    with pytest.raises(ValueError, match="unknown step option"):
+        mmsink.generate_fast(llava, max_new_tokens=2, step={"fused": True}, **inputs)
+
+
+def test_profile_script_cpu(tmp_path):
+    """evals/profile_decode.py --tiny: every configuration gives base's tokens; the CPU profile counts one
+    projection operator per layer fewer for q/k/v and for gate/up each when fused."""
+    from mmsink.evals import profile_decode
+
+    res = profile_decode.main(
+        [
+            "--tiny",
+            "--configs",
+            "base,fuse,write+matmul",
+            "--steps",
+            "2",
+            "--reps",
+            "1",
+            "--bench-tokens",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]  # fmt: skip
+    )
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert set(saved["configs"]) == {"base", "fuse", "write+matmul"}
+    assert next(tmp_path.glob("*.md")).read_text().startswith("## decode step")
+    layers = profile_decode.SHAPES[profile_decode.TINY]["text"]["num_hidden_layers"]
+    rows = res["configs"]
+    assert all(r["same_tokens_as_base"] for r in rows.values())
+    gemm = {k: r["profile"]["plain"]["categories"]["gemv/gemm"]["kernels"] for k, r in rows.items()}
+    assert gemm["base"] - gemm["fuse"] == 3 * layers
+    assert res["memory"]["storage_bytes_after"] == res["memory"]["storage_bytes_before"]
