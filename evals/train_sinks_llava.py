@@ -614,8 +614,12 @@ def train_llava(a, argv) -> dict:
     scenes, questions, answers, train_img = train_split(
         a.train_scenes, a.seed, a.questions_per_scene, a.workers
     )
-    val, val_img, val_of = split_data("val", a.val_scenes, a.seed, 3, a.workers)
-    test, test_img, test_of = split_data("test", a.test_scenes, a.seed, 3, a.workers)
+    val, val_img, val_of = (
+        split_data("val", a.val_scenes, a.seed, 3, a.workers) if a.val_scenes else [None] * 3
+    )
+    test, test_img, test_of = (
+        split_data("test", a.test_scenes, a.seed, 3, a.workers) if a.test_scenes else [None] * 3
+    )
     previous = []
     if a.init:
         processor = AutoProcessor.from_pretrained(a.init)
@@ -669,15 +673,17 @@ def train_llava(a, argv) -> dict:
     left2 = left - align_s if a.time_budget else 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     steps, instruct_s = run_stage(
-        "instruct", model, params, feats, conv, a, left2, a.steps, a.lr, cfg, curve, evaluate
+        "instruct", model, params, feats, conv, a, left2, a.steps, a.lr, cfg, curve, evaluate if val else None
     )
     model.eval()
-    test_acc = accuracy(answer(model, processor, test_img, test.questions, test_of, dev), test.answers)
-    noise_acc = accuracy(
-        answer(model, processor, test_img, test.questions, test_of, dev, noise=True), test.answers
-    )
-    print("test", json.dumps({k: round(v, 3) for k, v in test_acc.items()}), flush=True)
-    print("noise", json.dumps({k: round(v, 3) for k, v in noise_acc.items()}), flush=True)
+    test_acc = noise_acc = None
+    if test is not None:
+        test_acc = accuracy(answer(model, processor, test_img, test.questions, test_of, dev), test.answers)
+        noise_acc = accuracy(
+            answer(model, processor, test_img, test.questions, test_of, dev, noise=True), test.answers
+        )
+        print("test", json.dumps({k: round(v, 3) for k, v in test_acc.items()}), flush=True)
+        print("noise", json.dumps({k: round(v, 3) for k, v in noise_acc.items()}), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out, max_shard_size=a.shard)
@@ -712,7 +718,7 @@ def train_llava(a, argv) -> dict:
         "val_curve": val_curve,
         "test_accuracy": test_acc,
         "noise_image_accuracy": noise_acc,
-        "test_questions": len(test.questions),
+        "test_questions": len(test.questions) if test is not None else 0,
         "previous": previous,
     }
     (out / "training.json").write_text(json.dumps(record, indent=1))
