@@ -3,12 +3,18 @@ LFPS. A LLaVA whose language model has LLaMA-7B's attention shapes (hidden 4096,
 11008) but ``--layers`` layers and random weights (the cost per layer is what differs between modes);
 a text prompt of each ``--contexts`` length, then ``--steps`` greedy tokens through ``model.generate``.
 
-Per (context, mode): decode ms per token ((t(steps) - t(1)) / (steps - 1), so the prefill cancels), KV
-bytes held after the run, peak memory; and, separately, one layer's decode attention alone at each
-context: SDPA over every key against LFPS's ``select`` + ``attend`` (topk 512, history of the previous
-step as random slots), the issue's ">= 3x faster attention at 32k" goal.
+Per (context, mode): decode ms per token, the median of the decode steps' wall times (a stopping
+criterion that never stops timestamps every token; the prefill ends before its first call), the first
+and last steps, KV bytes held after the run, peak memory; with ``--profile`` a second, shorter run under
+torch.profiler (op table of its decode steps, by time and by bytes allocated) into ``profiles.txt``.
+Dense runs three ways: transformers' default ``DynamicCache`` (torch.cat of the whole cache per step, a
+new key length per step), the same with SDPA's cuDNN backend left out, and a ``StaticCache`` (buffers of
+max_length slots written in place: the fair baseline). Separately, one layer's decode attention alone
+at each context: SDPA over every key against LFPS's ``select`` + ``attend`` (topk 512, history of the
+previous step as random slots), eager and as CUDA-graph replays, the issue's ">= 3x faster attention at
+32k" goal; and SDPA per backend when the key length changes at every call.
 
-    python -m evals.kv_decode --out evals/results/kv_decode            # CUDA, ~3 min
+    python -m evals.kv_decode --profile --out /tmp/kvd      # CUDA, ~2 min per context
     python -m evals.kv_decode --tiny --contexts 256 --steps 4 --out /tmp/kvd   # CPU smoke run
 
 The JSON and table are rewritten after every row, so a run cut by a time limit keeps what it measured.
@@ -39,6 +45,8 @@ MODES = {
     "int4 g32, 4 sinks kept": ({"quant": "int4", "group_size": 32, "sinks": 4}, {}),
     "int4 g64, 4 sinks kept": ({"quant": "int4", "group_size": 64, "sinks": 4}, {}),
     "lfps top-512": ({"sparse": "lfps", "topk": 512}, {}),
+    # plain dense once more, after every other mode: does running first in the process cost it?
+    "dense, again last": (None, {}),
 }
 WIDTHS = {  # hidden, MLP, heads (head size 128 but for tiny)
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
@@ -155,12 +163,29 @@ def profile_steps(run, device) -> str:
     run(clock)
     prof.stop()
     n = len(clock.t)  # the profile runs from the first call to the end of generate: n - 1 steps + the tail
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    mem = "self_cuda_memory_usage" if device.type == "cuda" else "self_cpu_memory_usage"
-    head = f"# decode steps profiled: {n - 1} (+ generate's tail); times and bytes are totals over them\n"
+    cuda = device.type == "cuda"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    by_time = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+    mem = "self_device_memory_usage" if cuda else "self_cpu_memory_usage"
     avg = prof.key_averages()
+    steps = max(n - 1, 1)
+    ops = sum(e.count for e in avg if e.key.startswith("aten::"))
+    cpu = sum(e.self_cpu_time_total for e in avg) / 1000
+    head = (
+        f"# decode steps profiled: {n - 1} (+ generate's tail); times and bytes in the tables are totals\n"
+        f"# per step: {ops / steps:.0f} aten ops, {cpu / steps:.2f} ms self CPU time (profiler overhead in)"
+    )
+    if cuda:
+        on_gpu = [e for e in avg if str(getattr(e, "device_type", "")).endswith("CUDA")]  # kernels, copies
+        gpu = sum(e.self_device_time_total for e in on_gpu) / 1000
+        launches = sum(e.count for e in avg if "LaunchKernel" in e.key)
+        syncs = sum(e.count for e in avg if "Synchronize" in e.key or "Memcpy" in e.key)
+        head += f", {gpu / steps:.3f} ms GPU time (kernels + copies), {launches / steps:.0f} kernel launches"
+        head += f", {syncs / steps:.1f} host syncs / copies"
     by_mem = avg.table(sort_by=mem, row_limit=12, max_name_column_width=60)
-    by_time = avg.table(sort_by=key, row_limit=25, max_name_column_width=60)
+    if cuda:
+        by_cpu = avg.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+        by_mem += f"\n## by host (CPU) time\n{by_cpu}"
     return f"{head}\n## by time\n{by_time}\n## by memory allocated\n{by_mem}"
 
 
@@ -250,7 +275,7 @@ def main(argv=None):
     ap.add_argument("--width", choices=sorted(WIDTHS), default="7b")
     ap.add_argument("--tiny", action="store_true", help="= --width tiny (CPU smoke run)")
     ap.add_argument("--modes", default=";".join(MODES), help="';'-separated subset of: " + "; ".join(MODES))
-    ap.add_argument("--profile", action="store_true", help="also profile each mode's decode steps")
+    ap.add_argument("--profile", action="store_true", help="profile decode steps too (profiles.txt)")
     ap.add_argument("--no-attention", action="store_true", help="skip the attention-only timing")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -271,6 +296,8 @@ def main(argv=None):
         torch=torch.__version__,
     )
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profiles.txt").unlink(missing_ok=True)
     rows, attn = [], []
     for ctx in (int(c) for c in args.contexts.split(",")):
         ids = torch.randint(
@@ -286,11 +313,9 @@ def main(argv=None):
             timing, kvb, peak, table = decode_run(model, ids, args.steps, device, extra, args.profile)
             rows.append(dict(context=ctx, mode=name, **timing, kv_bytes=kvb, peak_bytes=peak))
             print(rows[-1], flush=True)
-            if table is not None:
-                slug = name.split(",")[0].replace(" ", "_").replace("+", "")
-                slug = f"{slug}_static" if "static" in name else slug
-                (out / "profiles").mkdir(parents=True, exist_ok=True)
-                (out / "profiles" / f"{ctx}_{slug}.txt").write_text(table)
+            if table is not None:  # one file for all modes (the device returns few files)
+                with open(out / "profiles.txt", "a") as f:
+                    f.write(f"\n\n# ===== context {ctx}, {name}\n{table}")
             write(out, meta, rows, attn)
         if model.__dict__.get("_mmsink") is not None:
             mmsink.unwrap(model)

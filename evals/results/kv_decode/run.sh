@@ -6,8 +6,10 @@
 # installed --no-deps into a scratch folder: its requirements torch, numpy, safetensors and
 # huggingface_hub are there already; ninja only builds quanto's C++ kernels, which mmsink never calls
 # (mmsink/kv/store.py unpacks the codes itself). Two runs, 8k then 32k context, each under `timeout`
-# (expected ~1-2 min each; cut at 250 s); each rewrites its JSON + table after every row, so a cut run
-# keeps its rows. Outputs in $OUT: kv_decode.log, kv_8k/ and kv_32k/ (kv_decode.json, kv_decode.md).
+# (expected ~1-2 min each; cut at 200 s); each rewrites its JSON + table after every row, so a cut run
+# keeps its rows. --profile: each mode's decode steps also under torch.profiler (CUDA op table by GPU time
+# and by bytes allocated). Outputs in $OUT (7 files, under the device's 8): kv_decode.log, kv_8k/ and
+# kv_32k/ (kv_decode.json, kv_decode.md, profiles.txt).
 # KV_TINY=1: 64-wide model on the CPU, short contexts, no time limits (checks the command lines).
 set -u
 SITE=$(mktemp -d)
@@ -18,10 +20,11 @@ python -m pip install -q --no-index --no-deps --target "$SITE" wheels/*.whl 2>&1
   || python -m zipfile -e wheels/optimum_quanto-*.whl "$SITE"
 export PYTHONPATH=$PWD:$SITE
 python -c "import optimum.quanto as q; print('optimum-quanto from', q.__file__)" 2>&1 | tee -a "$LOG"
+python -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())" 2>&1 | tee -a "$LOG"
 if [ "${KV_TINY:-0}" = 1 ]; then
-  ARGS="--tiny --steps 4" C8=256 C32=512 LIM=0
+  ARGS="--tiny --steps 4 --profile" C8=256 C32=512 LIM=0
 else
-  ARGS="" C8=8192 C32=32768 LIM=250
+  ARGS="--profile" C8=8192 C32=32768 LIM=200
 fi
 for pair in "8k $C8" "32k $C32"; do
   set -- $pair
