@@ -17,8 +17,9 @@ W8A8 backend of ``--backend`` (comma-separated) alone and + prefix:
 
 ``auto``: torchao when it imports, else int_mm. Each rep runs every row once in turn (alternated), timed
 with CUDA events; medians and quartiles over reps. ``--compile`` compiles each tower block of every row
-(bf16 and int8 alike). ``--gemm`` first times one linear of each tower shape op by op (bf16, ``_int_mm``
-in both weight layouts, each quantizer / rescale, each form, torchao's linear and the repr it pays).
+(bf16 and int8 alike; dynamic shapes, so one graph serves every batch past 1). ``--gemm`` first times one
+linear of each tower shape op by op (bf16, ``_int_mm`` in both weight layouts, each quantizer / rescale,
+each form, torchao's linear and the repr it pays).
 
 On the H200 (no network there: torchao comes as a wheel in the ignored folder ``wheels/torchao``;
 torchao-0.17.0-cp310-abi3 installs on 3.12 and is built against torch 2.11):
@@ -218,7 +219,7 @@ def main(argv=None) -> None:
         if a.compile:
             tower = m.model.vision_tower
             for layer in getattr(tower, "vision_model", tower).encoder.layers:
-                layer.compile()
+                layer.compile(dynamic=True)  # one graph for every batch size past 1: fewer compiles
     meta = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
         "torch": torch.__version__,
