@@ -143,3 +143,33 @@ def test_model_folder_loads_through_the_users_path(tmp_path):
     record = json.loads((tmp_path / "b" / "training.json").read_text())
     assert record["test_questions"] == 3 and {"overall"} <= set(record["test_accuracy"])
     assert {"overall"} <= set(record["noise_image_accuracy"])
+
+
+def test_tower_run_continues_from_saved_tower(tmp_path):
+    tok_file, _ = _tiny_inputs(tmp_path)
+    args = [
+        "--tokenizer",
+        str(tok_file),
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--scenes",
+        "8",
+        "--val-scenes",
+        "4",
+    ]
+    args += ["--v-hidden", "16", "--v-layers", "1", "--v-heads", "2", "--v-mlp", "32", "--t-hidden", "16"]
+    args += ["--t-layers", "1", "--t-heads", "2", "--embed", "16", "--workers", "1", "--lr", "1e-2"]
+    first = tsl.main(["tower", "--out", str(tmp_path / "a"), *args])
+    second = tsl.main(["tower", "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), *args])
+    assert second["previous"][0]["steps_done"] == first["steps_done"] == 2
+    # the temperature and projections come back with the tower (kept in fp32), so training continues from them
+    assert (
+        second["probes"][0]["logit_scale"]
+        == first["probes"][-1]["logit_scale"]
+        != first["probes"][0]["logit_scale"]
+    )
+    a = load_file(tmp_path / "a" / "vision" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "vision" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
