@@ -99,7 +99,7 @@ def category(name: str) -> str:
     if any(s in n for s in ("gemv", "gemm", "nvjet", "xmma", "cutlass", "splitk", "cublas", "aten::mm",
                             "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")):  # fmt: skip
         return "gemv/gemm"
-    if any(s in n for s in ("triton", "elementwise", "vectorized", "reduce", "aten::")):
+    if any(s in n for s in ("triton", "elementwise", "vectorized", "reduce", "aten::", "cpp_fused")):
         return "norm / element-wise / fused triton"
     return "other"
 
@@ -122,7 +122,7 @@ def kernels(fn, n: int, cuda: bool) -> dict:
     else:  # the outermost operators that are not views or allocations: what eager mode launches
 
         def walk(e):
-            if e.name.startswith("aten::") and e.name[6:] not in VIEWS:
+            if e.name.startswith("cpp_fused") or (e.name.startswith("aten::") and e.name[6:] not in VIEWS):
                 rows[e.name][0] += 1
                 rows[e.name][1] += e.cpu_time_total
                 return
@@ -192,7 +192,11 @@ def run(args) -> dict:
     if args.method != "none":
         method, _, budget = args.method.partition(":")
         mmsink.wrap(model, prune=method, **({"budget": int(budget)} if budget else {}))
-    compile = cuda and not args.no_compile
+    compile = (cuda or args.compile) and not args.no_compile
+    if compile and not cuda:  # the compiled step's C++ kernels as profiler events (counted as kernels)
+        import torch._inductor.config as inductor
+
+        inductor.cpp.enable_kernel_profile = True
     graphs = cuda
     family = None
     memory = dict(storage_bytes_before=storage_bytes(model))
@@ -364,6 +368,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bench-tokens", type=int, default=32, help="k of the bench's decode column")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument(
+        "--compile", action="store_true", help="on CPU too: counts the compiled step's fused C++ kernels"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")

@@ -13,8 +13,9 @@ prompt and cut at the current slot by position in the step (``valid & (slot inde
 a separate write per step. A pruned layer's holes stay: they lie before the prompt's end.
 
 ``attn``: attention of the one-token query. "sdpa" (the plain step's), "matmul" (scores and output as
-batched matmuls per KV head, a masked fp32 softmax between: the compiler fuses mask and softmax), or
-"reduce" (scores and output as element-wise products summed: the compiler makes them reductions that
+batched matmuls per KV head, a masked fp32 softmax between that the compiler fuses with the mask; the
+scores come out of the matmul in the model's dtype, as in transformers' eager attention), or "reduce"
+(scores and output as element-wise products summed in fp32: the compiler makes them reductions that
 spread over many blocks, where SDPA's kernel gets one block per head at batch 1).
 
 VAR layers keep the plain step.
