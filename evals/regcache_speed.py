@@ -188,6 +188,8 @@ def main(argv=None) -> None:
     p.add_argument("--start", type=int, default=None, help="first prefixed block (default: a third in)")
     p.add_argument("--out", default="evals/results/regcache_speed")
     a = p.parse_args(argv)
+    if a.reps < 2:
+        raise SystemExit(f"--reps must be at least 2 (quartiles need two times), got {a.reps}")
     backends = backends_of(a.backend)
     device = "cpu" if a.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
