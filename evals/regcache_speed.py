@@ -26,8 +26,10 @@ torchao-0.17.0-cp310-abi3 installs on 3.12 and is built against torch 2.11):
 
     run(command='S=$(mktemp -d); python -m pip install -q --no-index --no-deps --target $S
         wheels/torchao/*.whl; export PYTHONPATH=$PWD:$S; python -m evals.regcache_speed --backend
-        torchao,int_mm,int_mm_fused,triton --gemm --out $OUT/eager; python -m evals.regcache_speed
+        torchao,int_mm,int_mm_fused,triton --gemm --reps 10 --out $OUT/eager; python -m evals.regcache_speed
         --compile --backend torchao,int_mm,triton --out $OUT/compile', carry=["wheels/torchao"])
+
+(evals/results/regcache/h200/README.md has the same with a timeout on each stage.)
 
 Results are written after each shape, so a run cut short keeps what it timed. ``--tiny``: CPU smoke run
 on a 64-wide, 2-block tower with 56 px images (checks the code paths, not speed).
