@@ -149,10 +149,11 @@ def generate_fast(
     ids = inputs["input_ids"]
     handle = getattr(model, "__dict__", {}).get(ATTR)
     var_on = handle is not None and handle.var is not None and handle.enabled
-    if handle is not None and handle.enabled and getattr(handle, "kv", None) is not None:
+    kv = getattr(handle, "kv", None) if handle is not None and handle.enabled else None
+    if kv is not None and (kv.quant is not None or kv.sparse is not None):
+        mode = f"quant={kv.quant!r}" if kv.quant is not None else f"sparse={kv.sparse!r}"
         raise ValueError(
-            "mmsink: generate_fast does not run the kv= caches yet (window, quant, sparse: its decode"
-            " buffers are static per layer); use model.generate"
+            f"mmsink: generate_fast does not run kv {mode} yet (only the window mode); use model.generate"
         )
     devices, dispatched = placement(model)
     if any(d.type == "meta" for d in devices):
@@ -168,8 +169,20 @@ def generate_fast(
     compile = can_compile(ids.device) if compile is None else compile
     opts = options(step)
     split = dispatched or not one_device
+    if kv is not None:  # the sink + window cache: mmsink.kv.fast
+        from ..kv.fast import generate_window
+
+        if split:
+            raise ValueError("mmsink: generate_fast's kv window mode needs the model on one device")
+        new = generate_window(model, family, handle, inputs, max_new_tokens, graphs, compile)
+        return finish(ids, new, model)
     p = prefill(model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts)
     new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile, opts)
+    return finish(ids, new, model)
+
+
+def finish(ids, new, model) -> torch.Tensor:
+    """Prompt ids and new tokens, cut where every sample has ended."""
     out_ids = torch.cat([ids, new], 1)
     eos = torch.tensor(stop_ids(model)[0], dtype=torch.long, device=ids.device)
     # like generate: stop at the step where every sample has finished
