@@ -181,3 +181,27 @@ def test_profile_script_cpu(tmp_path):
     gemm = {k: r["profile"]["plain"]["categories"]["gemv/gemm"]["kernels"] for k, r in rows.items()}
     assert gemm["base"] - gemm["fuse"] == 3 * layers
     assert res["memory"]["storage_bytes_after"] == res["memory"]["storage_bytes_before"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "step",
+    [
+        StepOptions(fuse=True, write=True, attn="matmul"),
+        StepOptions(fuse=True, write=True, attn="reduce"),
+        StepOptions(write=True),
+    ],
+)
+@pytest.mark.parametrize("method,opts", [(None, {}), ("fastv", {"budget": 6})])
+def test_cuda_graphed_compiled_step_options(step, method, opts):
+    """On CUDA (fp32), compiled and captured as one graph per token: generate's tokens, also when the
+    prefill tail is captured and replayed (second and third call)."""
+    model = tiny_llava().cuda()
+    inputs = {k: v.cuda() for k, v in batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)]).items()}
+    if method is not None:
+        mmsink.wrap(model, prune=method, **opts)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    for _ in range(3):
+        out = mmsink.generate_fast(model, max_new_tokens=12, graphs=True, step=step, **inputs)
+        assert torch.equal(out, ref)
