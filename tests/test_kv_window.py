@@ -233,9 +233,8 @@ def test_bad_settings_raise_one_line(model, kv, match):
 def test_refused_combinations(model):
     with pytest.raises(ValueError, match="does not combine with var"):
         mmsink.wrap(model, var={"sink_dims": (1,)}, kv={"window": 8})
-    mmsink.wrap(model, kv={"window": 8})
-    with pytest.raises(ValueError, match="generate_fast does not run the kv="):
-        mmsink.generate_fast(model, max_new_tokens=2, **batch(two_prompts()))
+    with pytest.raises(ValueError, match="window and quant do not combine"):
+        mmsink.wrap(model, kv={"window": 8, "sinks": 2, "quant": "int8"})
 
 
 def test_unwrap_restores_the_plain_cache(model):
