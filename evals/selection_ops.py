@@ -34,6 +34,8 @@ SHAPES[SHAPE] = {
     ),
 }
 HOST_DATA = {"aten.lift_fresh.default"}  # torch.tensor(host data): a blocking host-to-device copy on a GPU
+# a Python number handed to an op (torch.where(c, x, 0.0)) becomes a 0-dim host tensor: no launch
+NO_LAUNCH = {"aten.scalar_tensor.default"}
 
 
 class Ops(TorchDispatchMode):
@@ -44,14 +46,18 @@ class Ops(TorchDispatchMode):
         super().__init__()
         self.ops = collections.Counter()
         self.inside = 0  # > 0 while a method hook runs
+        self.hook = None  # the outermost running hook's name
         self.hook_ops = collections.Counter()
+        self.per_hook = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if not func.is_view or name in HOST_DATA:  # views launch nothing (lift_fresh is one, but copies)
+        # views launch nothing (lift_fresh is one, but copies)
+        if (not func.is_view or name in HOST_DATA) and name not in NO_LAUNCH:
             self.ops[name] += 1
             if self.inside:
                 self.hook_ops[name] += 1
+                self.per_hook[self.hook] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -59,8 +65,10 @@ class Ops(TorchDispatchMode):
 def hooks_counted(pruner, ops: Ops, reads: dict):
     """Count the ops and reads made inside the pruner's hooks (and the attention edits they return)."""
 
-    def counted(fn):
+    def counted(fn, name):
         def run(*a, **k):
+            if not ops.inside:
+                ops.hook = name
             ops.inside += 1
             try:
                 with DeviceReads() as r:
@@ -78,11 +86,11 @@ def hooks_counted(pruner, ops: Ops, reads: dict):
     def directive(ctx, layer):
         d = real_directive(ctx, layer)
         if d and d.get("reweight") is not None:
-            d = dict(d, reweight=counted(d["reweight"]))
+            d = dict(d, reweight=counted(d["reweight"], "attention edits"))
         return d
 
     for n in names:
-        setattr(pruner, n, counted(saved[n]))
+        setattr(pruner, n, counted(saved[n], n))
     pruner.directive = directive
     try:
         yield
@@ -116,6 +124,7 @@ def count(model, inputs, method: str, budget, plan=None) -> dict:
         "mmsink_reads": mine,
         "host_data": sum(ops.ops[n] for n in HOST_DATA),
         "top_hook_ops": ops.hook_ops.most_common(8),
+        "per_hook": dict(ops.per_hook),
         "plan": st.kept_indices,
     }
 
@@ -148,7 +157,8 @@ def main(argv=None):
                 flush=True,
             )
     for row in rows:
-        print(row["batch"], row["method"], "top hook ops:", row["method_counts"]["top_hook_ops"])
+        m = row["method_counts"]
+        print(row["batch"], row["method"], "hook ops by hook:", m["per_hook"], "top:", m["top_hook_ops"])
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

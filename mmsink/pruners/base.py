@@ -218,7 +218,7 @@ def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of, budget=None) -> tor
         cand = img == m
         cur = cand.sum(1)
         k = torch.minimum(k_of(orig[:, m], cur), cur)
-        s = scores.float().masked_fill(~cand, float("-inf"))
+        s = torch.where(cand, scores.float(), float("-inf"))
         order = s.argsort(dim=1, descending=True, stable=True)  # ties: lower slot first, as topk does here
         chosen |= torch.zeros_like(chosen).scatter(1, order, ranks < k[:, None])
     return chosen
@@ -248,6 +248,6 @@ def anchor_probs(ctx: Prefill, observed: dict) -> torch.Tensor:
     logits = torch.einsum("bhd,bhnd->bhn", q, kk).float() * observed["scale"]
     b, _, n, d = kk.shape
     ctx.extra_flops += 2 * b * h * n * d
-    probs = torch.softmax(logits.masked_fill(~ctx.in_prompt()[:, None], float("-inf")), -1)
+    probs = torch.softmax(torch.where(ctx.in_prompt()[:, None], logits, float("-inf")), -1)
     edit = observed.get("edit_probs")  # e.g. VAR at this layer: rank by the attention actually used
     return edit(probs) if edit is not None else probs

@@ -124,10 +124,13 @@ class VisiPruner(Pruner):
         run, o = ctx.run, self.options
         cos, cnorm = contribution_test(ctx, observed)
         vis = ctx.visual()
+        has_vis = ctx.seg.cache.get("visipruner_has_vis")  # per segment: one op less per layer
+        if has_vis is None:
+            has_vis = ctx.seg.cache["visipruner_has_vis"] = vis.any(1)
         unfused = run["fused_at"] < 0
         fuse = unfused & (cos < o.layer_threshold).any(1)
         if run["fallback"] is not None and layer >= run["fallback"]:
-            fuse |= unfused & vis.any(1)
+            fuse |= unfused & has_vis
         # critical tokens are computed whether or not a sample fuses here: finding out would cost a sync
         if self.budget is None:
             critical = vis & (cnorm > o.tokens_threshold)
@@ -135,7 +138,7 @@ class VisiPruner(Pruner):
             k_of = lambda orig, cur: budget_count(self.budget, orig)  # noqa: E731
             critical = topk_per_image(ctx, cnorm, k_of, self.budget)
         keep_vis = torch.where(fuse[:, None], critical, vis)
-        run["fused_at"] = torch.where(fuse, torch.full_like(run["fused_at"], layer), run["fused_at"])
+        run["fused_at"] = torch.where(fuse, layer, run["fused_at"])
         if run["deep"]:
             deep = ~unfused & ~run["done"]
             moved = (cos < o.deep_threshold).any(1)
@@ -145,7 +148,7 @@ class VisiPruner(Pruner):
             run["done"] |= drop
         waiting = (run["fused_at"] < 0) | (run["deep"] & ~run["done"])
         # read with the next layer's plan (one read: whether a token goes, and whether to watch on)
-        run["testing"] = waiting & vis.any(1)
+        run["testing"] = waiting & has_vis
         ctx.to_read["visipruner_observing"] = run["testing"].any()
         ctx.decide(ctx.keep_text(keep_vis))
 
@@ -170,7 +173,10 @@ def contribution_test(ctx, observed):
     o = torch.einsum("bhn,bhnd->bhd", a, vv)
     vo = torch.einsum("bhnd,bhd->bhn", vv, o)
     b, _, n, d = vv.shape
-    own = 6 * h * d * ctx.seg.valid.sum(1) * ctx.run["testing"]  # [B] on the device: no read
+    real = ctx.seg.cache.get("visipruner_real")  # per segment, not per layer
+    if real is None:
+        real = ctx.seg.cache["visipruner_real"] = ctx.seg.valid.sum(1)
+    own = 6 * h * d * real * ctx.run["testing"]  # [B] on the device: no read
     ctx.add_flops(logits + 4 * b * h * n * d, own)
     oo = o.pow(2).sum((1, 2))[:, None]
     co = (a * vo).sum(1)
@@ -178,7 +184,7 @@ def contribution_test(ctx, observed):
     diff = (oo - 2 * co + cc).clamp(min=0).sqrt()
     cos = (oo - co) / (oo.sqrt() * diff).clamp(min=1e-30)
     vis = ctx.visual()
-    return cos.masked_fill(~vis, float("inf")), cc.sqrt().masked_fill(~vis, 0.0)
+    return torch.where(vis, cos, float("inf")), torch.where(vis, cc.sqrt(), 0.0)
 
 
 def shallow_widths(ctx) -> list[int] | None:
