@@ -150,6 +150,9 @@ def test_bad_options(llava):
         mmsink.generate_fast(llava, max_new_tokens=2, step={"attn": "flash"}, **inputs)
     with pytest.raises(ValueError, match="unknown step option"):
         mmsink.generate_fast(llava, max_new_tokens=2, step={"fused": True}, **inputs)
+    mmsink.wrap(llava, kv={"window": 16, "sinks": 2})
+    with pytest.raises(ValueError, match="do not apply to the kv window mode"):
+        mmsink.generate_fast(llava, max_new_tokens=2, step={"fuse": True}, **inputs)
 
 
 def test_profile_script_cpu(tmp_path):
