@@ -265,7 +265,9 @@ def run(args) -> dict:
             step_ms={m: round(med[m], 4) for m in modes},
             bench_decode_ms=round((med["more"] - med["one"]) / k * 1e3, 4),
             same_tokens_as_base=bool(torch.equal(tokens[spec], tokens["base"])),
-            kv_bytes=sum(t.untyped_storage().nbytes() for t in {id(x): x for x in dec.k + dec.v}.values()),
+            kv_bytes=sum(
+                {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in dec.k + dec.v}.values()
+            ),
             profile={},
         )
         if not r["same_tokens_as_base"]:

@@ -184,6 +184,7 @@ def test_profile_script_cpu(tmp_path):
     gemm = {k: r["profile"]["plain"]["categories"]["gemv/gemm"]["kernels"] for k, r in rows.items()}
     assert gemm["base"] - gemm["fuse"] == 3 * layers
     assert res["memory"]["storage_bytes_after"] == res["memory"]["storage_bytes_before"]
+    assert rows["write+matmul"]["kv_bytes"] == rows["base"]["kv_bytes"]  # one buffer for k and v, not more
 
 
 @pytest.mark.gpu
