@@ -118,6 +118,13 @@ def test_other_kv_modes_are_refused_by_name(model, kv, name):
         plain_fast(model, prompts(), 4)
 
 
+def test_step_options_are_refused_with_the_window(model):
+    mmsink.wrap(model, kv={"window": 8, "sinks": 4})
+    with pytest.raises(ValueError, match="does not take step= options"):
+        with torch.no_grad():
+            mmsink.generate_fast(model, max_new_tokens=4, compile=False, step={"fuse": True}, **prompts())
+
+
 def test_qwen2_vl_mrope():
     """3-D positions: a batch with images of different sizes and a text-only sample, prompts longer than
     the window, so the cache re-assigns M-RoPE positions by runs during decode."""
