@@ -120,7 +120,7 @@ def test_other_kv_modes_are_refused_by_name(model, kv, name):
 
 def test_step_options_are_refused_with_the_window(model):
     mmsink.wrap(model, kv={"window": 8, "sinks": 4})
-    with pytest.raises(ValueError, match="does not take step= options"):
+    with pytest.raises(ValueError, match="step= options do not apply to the kv window mode"):
         with torch.no_grad():
             mmsink.generate_fast(model, max_new_tokens=4, compile=False, step={"fuse": True}, **prompts())
 

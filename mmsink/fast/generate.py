@@ -175,8 +175,6 @@ def generate_fast(
         if split:
             raise ValueError("mmsink: generate_fast's kv window mode needs the model on one device")
         if opts is not None:
-            raise ValueError("mmsink: generate_fast's kv window mode does not take step= options yet")
-        if opts is not None:
             raise ValueError("mmsink: generate_fast's step= options do not apply to the kv window mode yet")
         new = generate_window(model, family, handle, inputs, max_new_tokens, graphs, compile)
         return finish(ids, new, model)
