@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import batch, fast_and_generate, greedy, module_model, prompt, qwen_batch, tiny_llava, tiny_qwen
+from tiny import (
+    batch,
+    fast_and_generate,
+    greedy,
+    module_model,
+    next_batch,
+    prompt,
+    qwen_batch,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen,
+)
 
 import mmsink
 from mmsink.fast import decode as fastmod
@@ -125,11 +136,24 @@ def test_step_options_are_refused_with_the_window(model):
             mmsink.generate_fast(model, max_new_tokens=4, compile=False, step={"fuse": True}, **prompts())
 
 
-def test_qwen2_vl_mrope():
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_mrope(kind):
     """3-D positions: a batch with images of different sizes and a text-only sample, prompts longer than
     the window, so the cache re-assigns M-RoPE positions by runs during decode."""
-    qwen = tiny_qwen("qwen2_vl", layers=2)
+    qwen = tiny_qwen(kind, layers=2)
     inputs, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8)]), (3, 5, [])], seed=1)
     fast, ref = fast_and_generate(qwen, inputs, n=16, kv={"window": 10, "sinks": 2})
     assert torch.equal(fast, ref)
     assert not torch.equal(fast, plain_fast(qwen, inputs, 16))
+
+
+def test_llava_next_with_fastv():
+    """LLaVA-NeXT (anyres tiles of two image sizes), pruned, window past the prompts."""
+    next_model = tiny_llava_next(layers=4)
+    inputs, _ = next_batch(next_model, [(3, 4, [(28, 56)]), (2, 5, [(56, 56)])], seed=1)
+    fast, ref = fast_and_generate(
+        next_model, inputs, n=16, kv={"window": 12, "sinks": 4}, prune="fastv", budget=6
+    )
+    assert torch.equal(fast, ref)
+    mmsink.wrap(next_model, prune="fastv", budget=6)
+    assert not torch.equal(fast, plain_fast(next_model, inputs, 16))
