@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_selection_syncs import SyncOps
 from tiny import (
     batch,
     fast_and_generate,
@@ -109,6 +110,28 @@ def test_replayed_step_and_a_reused_decoder(model, monkeypatch):
             out = mmsink.generate_fast(model, max_new_tokens=12, graphs=True, compile=False, **inputs)
         assert torch.equal(out, ref)
     assert len(captured) == 1
+
+
+def test_the_step_never_reads_the_device(model, monkeypatch):
+    """The step (layers, argmax, eviction) is one CUDA graph on a GPU: no value read, no host-built tensor
+    inside it (counted on CPU as test_selection_syncs does), for sinks 4 and "auto", pruned or not."""
+    seen, steps = SyncOps(), []
+    plain = kvfast.WindowDecoder.step
+
+    def counted(dec):
+        steps.append(1)
+        with seen:
+            plain(dec)
+
+    monkeypatch.setattr(kvfast.WindowDecoder, "step", counted)
+    for kv, prune in (
+        ({"window": 8, "sinks": 4}, {}),
+        ({"window": 8, **AUTO}, {"prune": "fastv", "budget": 6}),
+    ):
+        mmsink.wrap(model, kv=kv, **prune)
+        plain_fast(model, prompts(), 8)
+        mmsink.unwrap(model)
+    assert len(steps) == 14 and not seen.seen
 
 
 def test_full_buffers_are_refused(model, monkeypatch):

@@ -39,7 +39,6 @@ from __future__ import annotations
 import torch
 
 from ..fast.decode import KEEP, ROUND, STORE, FastDecoder
-from ..sinks.var import sink_scores
 from .window import compact, policy, rotate, turn_of
 
 SPARE_SINKS = 32  # "auto": decode tokens that may be flagged as sinks before the buffers are full
@@ -113,6 +112,7 @@ class WindowDecoder(FastDecoder):
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=dev)
         self.col = torch.zeros((), dtype=torch.long, device=dev)  # the new token's stream column
         self.overflow = torch.zeros((), dtype=torch.bool, device=dev)
+        self.dims = torch.tensor(cfg.sink_dims or (0,), dtype=torch.long, device=dev)
         self.last = [torch.tensor([k.shape[2] - 1], device=k.device) for k in self.k]  # the write slot
 
     def fill(self, cache, attention_mask, tok, delta, pad, tail=None) -> None:
@@ -159,12 +159,12 @@ class WindowDecoder(FastDecoder):
     def start_op(self):
         h = self.embed(self.tok[:, None])
         pos = self.next_pos[:, None]
-        self.s_valid[:, -1] = True
+        self.s_valid[:, -1].fill_(True)
         self.s_origin[:, -1] = self.col
         self.s_pos[:, -1] = pos
-        self.s_sink[:, -1] = False
+        self.s_sink[:, -1].fill_(False)
         for valid, origin, gpos in zip(self.g_valid, self.g_origin, self.g_pos, strict=True):
-            valid[:, -1] = True
+            valid[:, -1].fill_(True)
             origin[:, -1] = self.col
             gpos[:, -1] = self.next_pos
         if self.mrope:
@@ -175,7 +175,7 @@ class WindowDecoder(FastDecoder):
     def layers_op(self, lo: int, hi: int, h, cos, sin, t):
         for i in range(lo, hi):
             if self.cfg.auto and i == self.cfg.sink_layer:
-                self.s_sink[:, -1] = (sink_scores(h, self.cfg.sink_dims) > self.cfg.tau)[:, -1]
+                self.s_sink[:, -1] = (self.sink_score(h) > self.cfg.tau)[:, -1]
             kb = self.k[i]
             h = self.layer_fn(
                 self.layers[i],
@@ -192,6 +192,13 @@ class WindowDecoder(FastDecoder):
             )
             self.raw[i][:, :, -1] = kb[:, :, -1]  # the key as written (rotated at its position)
         return h, cos, sin, t
+
+    def sink_score(self, h):
+        """``mmsink.sinks.var.sink_scores`` (the same arithmetic) with the channels as a device tensor: no
+        host-built index inside the step."""
+        x = h.float()
+        rms = x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        return (x.index_select(-1, self.dims).abs() / rms).amax(-1)
 
     def book_op(self, nxt):
         super().book_op(nxt)
@@ -212,11 +219,11 @@ class WindowDecoder(FastDecoder):
         for g in range(len(self.g_valid)):
             self.evict_segment(g, keep, new_of)
         self.s_valid[:, :-1] = valid
-        self.s_valid[:, -1] = False
+        self.s_valid[:, -1].fill_(False)
         self.s_origin[:, :-1] = origin
         self.s_pos[:, :-1] = torch.where(valid[..., None], pos, 0)
         self.s_sink[:, :-1] = self.s_sink.gather(1, idx) & valid
-        self.s_sink[:, -1] = False
+        self.s_sink[:, -1].fill_(False)
         self.next_pos.copy_(torch.where(valid[..., None], pos, -1).amax((1, 2)) + 1)
         self.col += 1
 
@@ -238,9 +245,9 @@ class WindowDecoder(FastDecoder):
             self.k[i][:, :, :-1] = rotate(raw, cos, sin)
         origin = torch.where(valid, go.gather(1, idx), -1)
         gv[:, :-1] = valid
-        gv[:, -1] = False
+        gv[:, -1].fill_(False)
         go[:, :-1] = origin
-        go[:, -1] = -1
+        go[:, -1].fill_(-1)
         gp[:, :-1] = torch.where(valid, written, 0)
 
 

@@ -97,7 +97,7 @@ def compact(pos: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> torch
     lo = pos.amin(-1).gather(1, first)  # the run's first token's smallest coordinate
     ext = torch.where(valid, pos.amax(-1) - lo, 0)
     width = ext.new_zeros(b, k + 1).scatter_reduce(1, run, ext, "amax")  # per run id
-    width[:, 0] = -1
+    width[:, 0].fill_(-1)  # a fill, not a host scalar copied in (CUDA graphs: generate_fast)
     begin = (width + 1).cumsum(1) - (width + 1)  # exclusive: one past the runs before
     new = pos - lo[..., None] + begin.gather(1, run)[..., None]
     return torch.where(valid[..., None], new, 0)
