@@ -29,9 +29,9 @@ Sizes: ``S - 1`` = the kept slots after the prefill plus the new tokens, at most
 that would need more, which the step records and ``generate_fast`` then refuses with one line rather
 than returning tokens ``generate`` would not give.
 
-Not done here: a model split over devices (refused), ring-buffer keys (each step re-rotates the window's
-keys: O(window), as ``generate``), the prefill's hand-off to graphed tail layers and the graphed vision
-tower (the prefill runs eagerly, as ``generate``'s).
+Not done here: a model split over devices and ``step=`` options (refused), ring-buffer keys (each step
+re-rotates the window's keys: O(window), as ``generate``), the prefill's hand-off to graphed tail layers
+and the graphed vision tower (the prefill runs eagerly, as ``generate``'s).
 """
 
 from __future__ import annotations
