@@ -71,7 +71,8 @@ EXPECTED = [
     ("pdrop", {}, 1, "layout (each stage's counts from the last one's, on the host)"),
     ("dart", {"budget": 6}, 1, "layout (pivots' width and the kept counts from the host sizes)"),
     ("visionzip", {"budget": 6}, 1, "layout (each image's kept tokens from its budget split, on the host)"),
-    ("visipruner", {"budget": 6}, 3, "layout, observed layers 3 and 4 (the fallback at L/2)"),
+    ("visipruner", {"budget": 6}, 2, "layout, the fallback at L/2 (observed layers before it mask)"),
+    ("visipruner", {"budget": 6, "mask_until_fallback": False}, 3, "layout, observed layers 3 and 4"),
     ("visipruner", {}, 1 + 4, "layout, observed layers 3..6 (adaptive; not the last)"),
 ]
 
@@ -92,6 +93,43 @@ def test_reads_per_prefill(model, method, opts, n, what):
         mmsink.unwrap(model)
     ours = {s: c for s, c in r.sites.items() if "/mmsink/" in s and "/transformers/" not in s}
     assert sum(ours.values()) == n, (what, ours, layers)
+
+
+@pytest.mark.parametrize("layers", [8, 16])
+@pytest.mark.parametrize("threshold", [0.995, 0.9999])
+def test_visipruner_fixed_budget_reads_twice_at_any_depth(monkeypatch, layers, threshold):
+    """Fixed-budget VisiPruner reads the device twice a prefill (the layout, the plan change at the fallback
+    layer) however many layers it observes, whether samples fuse before the fallback (``threshold`` 0.9999:
+    their tokens are masked until it) or at it; kept sets, per-sample FLOPs and logits as with a read and a
+    gather per observed layer (``mask_until_fallback=False``), which reads once per observed layer up to the
+    fallback; bitwise when no sample fuses early."""
+    model = tiny_llava(layers=layers)
+    data = batch([prompt(5, 7, images=2, seed=1), prompt(2, 4, seed=2), prompt(3, 9, seed=3)])
+    got = {}
+    for masked in (True, False):
+        mmsink.wrap(
+            model, prune="visipruner", budget=5, layer_threshold=threshold, mask_until_fallback=masked
+        )
+        try:
+            with torch.no_grad(), DeviceReads() as r:
+                logits = model(**data).logits
+            st = mmsink.stats(model)
+        finally:
+            mmsink.unwrap(model)
+        reads = sum(c for s, c in r.sites.items() if "/mmsink/" in s)
+        extra = st.extra
+        got[masked] = (reads, logits, st.kept_indices, extra["sample_prefill_flops"], extra["fusion_layer"])
+    fallback, first = layers // 2, round(6 * layers / 32) + 1  # the first observed layer: S + 1
+    fused = got[True][4]
+    assert got[True][0] == 2
+    assert got[False][0] == 1 + max(fused) - first + 1  # until every sample has fused
+    assert got[True][2:] == got[False][2:]
+    if min(fused) == fallback:
+        assert torch.equal(got[True][1], got[False][1])
+    else:
+        torch.testing.assert_close(got[True][1], got[False][1], atol=1e-5, rtol=1e-5)
+    if threshold > 0.999 and layers == 16:
+        assert min(fused) < fallback  # the masked path is exercised
 
 
 @pytest.mark.parametrize(

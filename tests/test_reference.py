@@ -24,6 +24,7 @@ CASES = [
     ("visionzip", {"budget": 13}, {"budget": 13}),
     ("visionzip", {"budget": 0.25}, {"budget": 0.25}),
     ("visipruner", {"budget": 6}, {"budget": 6}),
+    ("visipruner", {"budget": 6, "layer_threshold": 0.9999}, {"budget": 6, "layer_threshold": 0.9999}),
     (
         "visipruner",
         {"layer_threshold": 0.9999, "tokens_threshold": 0.05, "deep_threshold": 0.99999},

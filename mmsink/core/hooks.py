@@ -346,7 +346,8 @@ class Handle:
         if self.var is not None and self.var.active(layer, self.num_layers) and "reweight" not in want:
             want["reweight"] = var_steps.prefill_reweight(ctx, layer, hidden, self.var)
         seg = ctx.seg
-        if self.varlen and not seg.dense and varlen.on_device(hidden):  # padding: a ragged kernel, no mask
+        # padding: a ragged kernel, no mask (not on masked slots: packing them needs their count, a read)
+        if self.varlen and not seg.dense and not seg.masked and varlen.on_device(hidden):
             if "varlen" not in seg.cache:
                 seg.cache["varlen"] = varlen.pack(seg.valid, seg.total)
             want["varlen"] = seg.cache["varlen"]

@@ -44,6 +44,7 @@ class Segment:
     dense: bool = False  # every slot is a real token (no padding): plain causal attention is exact
     total: int | None = None  # real tokens over the batch (host int, read with the widths)
     counts: list | None = None  # per sample (text tokens, [visual tokens per image, or all as one]) if known
+    masked: bool = False  # the previous segment's slots, some masked (``Prefill.decide(masked=True)``)
 
     @property
     def n(self) -> int:
@@ -120,6 +121,8 @@ class Prefill:
     slots: list = field(default_factory=list)  # padded token slots each layer ran on
     pending: torch.Tensor | None = None  # keep mask decided for the next layer
     pending_counts: list | None = None  # what it keeps, as Segment.counts, when the host knows
+    pending_masked: bool = False  # apply ``pending`` as a mask at the same width (no read; see decide)
+    masked_open: list = field(default_factory=list)  # (masked segment, the one it masks) since the last read
     pending_hidden: torch.Tensor | None = None  # [B, n, D] states replacing the layer's output (merges)
     pending_rows: tuple | None = None  # (rows [B, n], per-sample counts) the next layer alone updates
     carry: Carry | None = None  # the running layer's skipped slots, while it runs on a selection
@@ -221,11 +224,16 @@ class Prefill:
         vis = self.visual()
         return self.seg.valid & (~vis | chosen_visual)
 
-    def decide(self, keep: torch.Tensor, counts: list | None = None, hidden: torch.Tensor | None = None):
+    def decide(
+        self, keep: torch.Tensor, counts: list | None = None, hidden: torch.Tensor | None = None, masked=False
+    ):
         """Keep mask for the next layer. ``counts``: what each sample keeps, as ``Segment.counts``, when the
         pruner knows it on the host; the plan then needs no read to apply it. ``hidden``: [B, n, D] states
         of the current slots that replace the layer's output before the kept slots are gathered (a pruner
-        that writes new tokens, e.g. merged ones, into slots it keeps; they keep those slots' positions)."""
+        that writes new tokens, e.g. merged ones, into slots it keeps; they keep those slots' positions).
+        ``masked``: the next segment keeps this one's slots and masks the dropped ones (no read, so the host
+        need not wait for the layer); a later unmasked decision gathers the kept slots (one read)."""
+        self.pending_masked = masked if self.pending is None else (self.pending_masked and masked)
         if hidden is not None:
             self.pending_hidden = hidden
         if self.protected is not None:
@@ -244,18 +252,31 @@ class Prefill:
             hidden = self.rejoin(hidden)
         if self.pending_hidden is not None:
             hidden, self.pending_hidden = self.pending_hidden.to(hidden.device, hidden.dtype), None
-        if self.pending is not None:
+        if self.pending is not None and self.pending_masked:  # same slots, the dropped ones masked: no read
+            keep, seg, self.pending = self.pending & self.seg.valid, self.seg, None
+            new = Segment(layer, seg.idx, keep, False, dense=False, masked=True)
+            if "pe" in seg.cache:
+                new.cache["pe"] = seg.cache["pe"]  # positions are the slots': unchanged
+            self.segments.append(new)
+            self.masked_open.append((len(self.segments) - 1, len(self.segments) - 2))
+            if extra:
+                vals = torch.stack(extra).tolist()
+        elif self.pending is not None:
             keep, valid = self.pending & self.seg.valid, self.seg.valid
             known = self.pending_counts
-            if known is not None and not extra:  # no read
+            if known is not None and not extra and not self.masked_open:  # no read
                 per = [t + sum(v) for t, v in known]
                 (lo, hi, total), vals = (min(per), max(per), sum(per)), []
                 same = total == self.seg.total
-            else:  # one read: the new widths, whether anything goes, and the extras
+            else:  # one read: the new widths, whether anything goes, the extras, which masks dropped nothing
                 counts = keep.sum(1)
                 same = (keep == valid).all()
-                read = torch.stack([counts.min(), counts.max(), counts.sum(), same.long(), *extra]).tolist()
-                (lo, hi, total, same), vals = read[:4], read[4:]
+                opened, self.masked_open = self.masked_open, []
+                kept_all = [(self.segments[j].valid == self.segments[p].valid).all() for j, p in opened]
+                read = torch.stack([counts.min(), counts.max(), counts.sum(), same.long(), *extra, *kept_all])
+                read = read.tolist()
+                (lo, hi, total, same), vals = read[:4], read[4 : 4 + len(extra)]
+                self.unmask(opened, read[4 + len(extra) :])
             self.pending = None
             if not same:
                 new = repack(self.seg, keep, layer, (lo, hi, total))
@@ -270,6 +291,16 @@ class Prefill:
             return self.split(layer, hidden)
         self.layer_segment.append(len(self.segments) - 1)
         return hidden
+
+    def unmask(self, opened: list, kept_all: list) -> None:
+        """Layers on a masked segment that dropped nothing run on the segment it masks, as far as the cache
+        and stats are concerned (the same slots and validity; a full one keeps transformers' own mask)."""
+        alias = {}
+        for (j, p), same in zip(opened, kept_all):
+            if same:
+                alias[j] = alias.get(p, p)
+        if alias:
+            self.layer_segment = [alias.get(s, s) for s in self.layer_segment]
 
     # ---- layers that update a selection of the tokens (the others skip them and come back)
     def select(self, rows: torch.Tensor, per_sample: list | None = None) -> None:

@@ -45,6 +45,10 @@ class VisiPruner(Pruner):
         deep_passes: int = 2
         first_layer_rule: bool | str = True  # True: by depth (40 layers: "13b", else "7b"); False: none
         fallback_layer: int | None = None  # fixed budget: decide here if no fusion was found (default L//2)
+        # fixed budget: until the fallback, mask dropped tokens at the segment's width instead of gathering
+        # the kept ones after a read per observed layer (layers between a fusion and the fallback then run
+        # at the full width); False: gather at once, one read per observed layer
+        mask_until_fallback: bool = True
 
     def check_options(self):
         o = self.options
@@ -98,6 +102,12 @@ class VisiPruner(Pruner):
             "quiet": torch.zeros(b, dtype=torch.long, device=dev),
             "done": torch.zeros(b, dtype=torch.bool, device=dev),
             "testing": torch.ones(b, dtype=torch.bool, device=dev),  # would run the test alone (see below)
+            # fixed budget: every sample has fused by the fallback layer, so until then dropped tokens are
+            # masked at the segment's width (no read per layer) and the fallback's decision gathers them
+            "masked": self.options.mask_until_fallback
+            and fallback is not None
+            and not deep
+            and fallback < ctx.num_layers - 1,
         }
 
     def settled(self, ctx, layer):
@@ -147,8 +157,13 @@ class VisiPruner(Pruner):
             keep_vis = keep_vis & ~drop[:, None]
             run["done"] |= drop
         waiting = (run["fused_at"] < 0) | (run["deep"] & ~run["done"])
-        # read with the next layer's plan (one read: whether a token goes, and whether to watch on)
         run["testing"] = waiting & has_vis
+        if run["masked"]:  # no read before the fallback; from it every sample has fused (no deep stage)
+            if layer >= run["fallback"]:
+                ctx.host["visipruner_observing"] = False
+            ctx.decide(ctx.keep_text(keep_vis), masked=layer < run["fallback"])
+            return
+        # read with the next layer's plan (one read: whether a token goes, and whether to watch on)
         ctx.to_read["visipruner_observing"] = run["testing"].any()
         ctx.decide(ctx.keep_text(keep_vis))
 
