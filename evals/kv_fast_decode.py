@@ -27,6 +27,7 @@ import torch
 
 import mmsink
 from evals.kv_decode import build, sync
+from mmsink.fast import clear as fast_clear
 from mmsink.fast import decode as fastmod
 
 
@@ -130,7 +131,7 @@ def main(argv=None):
                 slots = decs[-1].k[0].shape[2] if decs else None
                 if kv is not None:
                     mmsink.unwrap(model)
-                fastmod.clear(model)
+                fast_clear(model)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 row = {"context": ctx, "mode": name, "ms_per_token": ms[-1], "first_call_ms": ms[0]}

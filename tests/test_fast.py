@@ -13,6 +13,7 @@ from test_var import VAR
 from tiny import batch, next_batch, prompt, qwen_batch, tiny_llava, tiny_llava_next, tiny_qwen
 
 import mmsink
+from mmsink.fast import clear as fast_clear
 from mmsink.fast import decode as fastmod
 
 CASES = [
@@ -88,7 +89,7 @@ def test_var_decode(llava, monkeypatch, method, opts):
                 q, k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
             )
             monkeypatch.setattr(fastmod, "decode_attention", plain)
-            fastmod.clear(llava)
+            fast_clear(llava)
             assert not torch.equal(mmsink.generate_fast(llava, max_new_tokens=10, **inputs), ref)
     finally:
         mmsink.unwrap(llava)
@@ -285,7 +286,7 @@ def test_graph_bookkeeping_with_a_replay_stand_in(llava, monkeypatch):
 
     monkeypatch.setattr(fastmod, "capture_graph", stand_in)
     mmsink.wrap(llava, prune="fastv", budget=6)
-    fastmod.clear(llava)
+    fast_clear(llava)
     try:
         runs = [
             batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)], seed=0),
@@ -339,7 +340,7 @@ def test_decode_step_in_stages_with_a_replay_stand_in(llava, monkeypatch, method
     monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
     inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)], seed=0)
     mmsink.wrap(llava, prune=method, **opts)
-    fastmod.clear(llava)
+    fast_clear(llava)
     try:
         ref = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
         for _ in range(2):  # captured, then replayed
@@ -349,7 +350,7 @@ def test_decode_step_in_stages_with_a_replay_stand_in(llava, monkeypatch, method
         assert dec.graph is None and [len(s[1] or ()) for s in dec.staged] == [0, 4, 1]
     finally:
         mmsink.unwrap(llava)
-        fastmod.clear(llava)
+        fast_clear(llava)
 
 
 def test_stages_plain_calls_equal_the_step(llava):
@@ -366,11 +367,11 @@ def test_stages_plain_calls_equal_the_step(llava):
         )
         return orig(self, steps)
 
-    fastmod.clear(llava)
+    fast_clear(llava)
     try:
         fastmod.FastDecoder.run = run
         out = mmsink.generate_fast(llava, max_new_tokens=5, graphs=False, compile=False, **inputs)
     finally:
         fastmod.FastDecoder.run = orig
-        fastmod.clear(llava)
+        fast_clear(llava)
     assert torch.equal(out, ref)

@@ -1,7 +1,8 @@
 """The fast path: ``generate_fast`` (``generate``), static per-layer KV buffers and the one-token step
-(``decode``), CUDA-graph plumbing (``graphs``) and the graphed vision tower (``vision_graph``)."""
+(``decode``), the decoders kept on a model (``store``), CUDA-graph plumbing (``graphs``) and the graphed
+vision tower (``vision_graph``)."""
 
-from .decode import clear
 from .generate import generate_fast
+from .store import clear
 
 __all__ = ["generate_fast", "clear"]

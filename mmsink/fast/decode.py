@@ -25,14 +25,12 @@ graph too (``mmsink.vision_graph``). VAR layers decode through ``var.decode_atte
 from __future__ import annotations
 
 import collections
-import dataclasses
 
 import torch
 import torch.nn.functional as F
 
 from ..core.attention import base_of
 from ..sinks.var import decode_attention
-from . import vision_graph
 from .graphs import capture as capture_graph
 from .graphs import load, signature, static
 
@@ -395,46 +393,6 @@ class FastDecoder:
         return steps
 
 
-def decoder_for(
-    family,
-    lengths: list[int],
-    batch: int,
-    max_new: int,
-    eos: tuple,
-    graphs: bool,
-    compile: bool,
-    var=None,
-    opts=None,
-) -> FastDecoder:
-    """A decoder whose buffers fit a prefill of ``lengths`` slots per layer: reused when one of the same
-    shape is kept on the model. ``opts``: ``fuse.StepOptions`` (None: the plain step)."""
-    model = family.model
-    if opts is not None and opts.fuse:
-        from .fuse import fused
-
-        fused(model, family.layers)  # (again) where weights were replaced: drops the kept decoders
-    need = [n + max_new for n in lengths]
-    caps = [-(-n // ROUND) * ROUND for n in need]
-    new = -(-max_new // ROUND) * ROUND
-    params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)  # weights swapped: new graph
-    var_key = None if var is None else (dataclasses.astuple(var[0]), tuple(var[1]))
-    key = (batch, tuple(caps), new, eos, graphs, compile, params, var_key, opts)
-    store = model.__dict__.setdefault(STORE, collections.OrderedDict())
-    if key in store:
-        store.move_to_end(key)
-        return store[key]
-    while len(store) >= KEEP:
-        store.popitem(last=False)
-    if opts is None:
-        dec = FastDecoder(family, caps, batch, new, eos, compile, var)
-    else:
-        from .fuse import StepDecoder
-
-        dec = StepDecoder(family, caps, batch, new, eos, compile, var, opts)
-    store[key] = dec
-    return dec
-
-
 def placement(model) -> tuple[set, bool]:
     """(devices of the weights, whether accelerate dispatched the model: its hooks move tensors). A walk
     over every parameter and module costs milliseconds of host time per call on a 7B model, so the answer
@@ -452,14 +410,3 @@ def placement(model) -> tuple[set, bool]:
         dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())  # accelerate moves tensors itself
         kept = model.__dict__[PLACED] = (key, devices, dispatched)
     return kept[1], kept[2]
-
-
-def clear(model) -> None:
-    """Drop the decoders (KV buffers, graphs) and vision-tower graphs kept on ``model``; fused
-    projections (``fuse.StepOptions.fuse``) get their own storage back."""
-    from .fuse import unfuse
-
-    unfuse(model)
-    model.__dict__.pop(STORE, None)
-    model.__dict__.pop(PLACED, None)
-    vision_graph.clear(model)

@@ -11,7 +11,8 @@ from transformers import GenerationConfig
 
 from ..core.hooks import ATTR, Handoff
 from . import vision_graph
-from .decode import can_compile, decoder_for, placement
+from .decode import can_compile, placement
+from .store import decoder_for
 
 # generate's options at the values generate_fast implements (greedy); other values are refused by name
 GREEDY = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1}
@@ -176,7 +177,8 @@ def generate_fast(
             raise ValueError("mmsink: generate_fast's kv window mode needs the model on one device")
         if opts is not None:
             raise ValueError("mmsink: generate_fast's step= options do not apply to the kv window mode yet")
-        new = generate_window(model, family, handle, inputs, max_new_tokens, graphs, compile)
+        p = prefill(model, family, handle, inputs, False, compile, True, max_new_tokens)
+        new = generate_window(family, handle, p, ids, max_new_tokens, graphs, compile, stop_ids(model))
         return finish(ids, new, model)
     p = prefill(model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts)
     new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile, opts)

@@ -285,18 +285,16 @@ def window_decoder(family, cfg, inv_freq, cache, batch: int, steps: int, eos, gr
     return dec
 
 
-def generate_window(model, family, handle, inputs: dict, max_new_tokens: int, graphs: bool, compile: bool):
-    """The new tokens [B, n] of greedy decoding with the window cache (see the module docstring)."""
-    from ..fast.generate import prefill, stop_ids
+def generate_window(family, handle, p, ids, max_new_tokens: int, graphs: bool, compile: bool, stop):
+    """The new tokens [B, n] of greedy decoding with the window cache (see the module docstring) after
+    the prefill ``p`` (``generate_fast``'s: the whole prompt through the model, no hand-off, eager vision
+    tower, so the kv hooks evicted there). ``stop``: (end-of-sequence ids, pad id)."""
     from .window import WindowCache
 
     cfg = handle.kv
-    ids = inputs["input_ids"]
-    # the whole prefill through the model (no hand-off, eager vision tower): the kv hooks evict there
-    p = prefill(model, family, handle, inputs, False, compile, True, max_new_tokens)
     if not isinstance(p.cache, WindowCache):
         raise ValueError("mmsink: generate_fast's window mode got no window cache from the prefill")
-    stops, pad = stop_ids(model)
+    stops, pad = stop
     eos = torch.tensor(stops, dtype=torch.long, device=ids.device)
     new = p.tok[:, None]
     if max_new_tokens == 1 or bool(torch.isin(p.tok, eos).all()):

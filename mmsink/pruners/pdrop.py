@@ -159,6 +159,7 @@ def next_layer_scores(ctx, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     h, hkv = q.shape[1], k.shape[1]
     kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
     logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), kk.float()) * attn.scaling
+
     def cost(rows, slots):  # the anchor's query, every slot's key, the logits
         return 2 * rows * dm * h * hd + 2 * slots * (dm * hkv * hd + h * hd)
 

@@ -1,0 +1,57 @@
+"""The decoders ``generate_fast`` keeps on a model (by shape, so a CUDA graph is captured once), and
+``clear``, which drops them. Apart from ``decode`` so that the plain step (``decode``) and the optional
+fused one (``fuse``) need not import each other."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from . import decode, vision_graph
+from .decode import PLACED, ROUND, STORE, FastDecoder
+from .fuse import StepDecoder, fused, unfuse
+
+
+def decoder_for(
+    family,
+    lengths: list[int],
+    batch: int,
+    max_new: int,
+    eos: tuple,
+    graphs: bool,
+    compile: bool,
+    var=None,
+    opts=None,
+) -> FastDecoder:
+    """A decoder whose buffers fit a prefill of ``lengths`` slots per layer: reused when one of the same
+    shape is kept on the model. ``opts``: ``fuse.StepOptions`` (None: the plain step)."""
+    model = family.model
+    if opts is not None and opts.fuse:
+        fused(model, family.layers)  # (again) where weights were replaced: drops the kept decoders
+    need = [n + max_new for n in lengths]
+    caps = [-(-n // ROUND) * ROUND for n in need]
+    new = -(-max_new // ROUND) * ROUND
+    params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)  # weights swapped: new graph
+    var_key = None if var is None else (dataclasses.astuple(var[0]), tuple(var[1]))
+    key = (batch, tuple(caps), new, eos, graphs, compile, params, var_key, opts)
+    store = model.__dict__.setdefault(STORE, collections.OrderedDict())
+    if key in store:
+        store.move_to_end(key)
+        return store[key]
+    while len(store) >= decode.KEEP:  # read here, so a bench can raise it
+        store.popitem(last=False)
+    if opts is None:
+        dec = FastDecoder(family, caps, batch, new, eos, compile, var)
+    else:
+        dec = StepDecoder(family, caps, batch, new, eos, compile, var, opts)
+    store[key] = dec
+    return dec
+
+
+def clear(model) -> None:
+    """Drop the decoders (KV buffers, graphs) and vision-tower graphs kept on ``model``; fused
+    projections (``fuse.StepOptions.fuse``) get their own storage back."""
+    unfuse(model)
+    model.__dict__.pop(STORE, None)
+    model.__dict__.pop(PLACED, None)
+    vision_graph.clear(model)
