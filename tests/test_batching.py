@@ -24,7 +24,7 @@ METHODS = [
     ("pool", {"budget": 9}),
     ("visionzip", {"budget": 10}),
     ("visipruner", {"budget": 5}),
-    ("visipruner", {"budget": 5, "layer_threshold": 0.9999}),  # fuses before the fallback (masked layers)
+    ("visipruner", {"budget": 5, "layer_threshold": 0.9999, "mask_until_fallback": True}),  # early, masked
     ("visipruner", {"layer_threshold": 0.9999, "tokens_threshold": 0.05, "deep_threshold": 0.99999}),
 ]
 IDS = [f"{m}-{i}" for i, (m, _) in enumerate(METHODS)]

@@ -24,7 +24,7 @@ CASES = [
     ("dart", {"budget": 8}),
     ("random", {"budget": 9}),
     ("visipruner", {"budget": 5}),
-    ("visipruner", {"budget": 5, "layer_threshold": 0.9999}),  # fuses before the fallback (masked layers)
+    ("visipruner", {"budget": 5, "layer_threshold": 0.9999, "mask_until_fallback": True}),  # early, masked
     ("visipruner", {}),
     ("fastv", {"budget": 6, "sink_forward": {"factor": 1.01, "max_sinks": 3}}),
 ]

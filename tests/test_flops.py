@@ -18,7 +18,9 @@ CASES = [
     ("pool", {"budget": 4}),
     ("visionzip", {"budget": 8}),
     ("visipruner", {"budget": 5}),
-    ("visipruner", {"budget": 5, "layer_threshold": 0.9999}),  # fuses before the fallback (masked layers)
+    ("visipruner", {"budget": 5, "layer_threshold": 0.9999}),  # fuses before the fallback
+    # the same with masked layers up to the fallback (they run at full width: counted as run)
+    ("visipruner", {"budget": 5, "layer_threshold": 0.9999, "mask_until_fallback": True}),
     ("visipruner", {"layer_threshold": 0.9999, "tokens_threshold": 0.05, "deep_threshold": 0.99999}),
 ]
 
@@ -46,7 +48,7 @@ def test_prefill_flops_match_flop_counter(model, method, opts, logits_to_keep):
     base = fc0.get_total_flops()
     assert abs(st.baseline_prefill_flops - base) <= 0.02 * base
     # fusing at layer 3 of 8, masked at the full width until the fallback (4): no saving on this toy depth
-    if method not in (None, "none") and "layer_threshold" not in opts:
+    if method not in (None, "none") and not opts.get("mask_until_fallback"):
         assert st.prefill_flops < 0.95 * st.baseline_prefill_flops
 
 

@@ -71,8 +71,8 @@ EXPECTED = [
     ("pdrop", {}, 1, "layout (each stage's counts from the last one's, on the host)"),
     ("dart", {"budget": 6}, 1, "layout (pivots' width and the kept counts from the host sizes)"),
     ("visionzip", {"budget": 6}, 1, "layout (each image's kept tokens from its budget split, on the host)"),
-    ("visipruner", {"budget": 6}, 2, "layout, the fallback at L/2 (observed layers before it mask)"),
-    ("visipruner", {"budget": 6, "mask_until_fallback": False}, 3, "layout, observed layers 3 and 4"),
+    ("visipruner", {"budget": 6}, 3, "layout, observed layers 3 and 4"),
+    ("visipruner", {"budget": 6, "mask_until_fallback": True}, 2, "layout, the fallback at L/2"),
     ("visipruner", {}, 1 + 4, "layout, observed layers 3..6 (adaptive; not the last)"),
 ]
 

@@ -27,6 +27,11 @@ CASES = [
     ("visipruner", {"budget": 6, "layer_threshold": 0.9999}, {"budget": 6, "layer_threshold": 0.9999}),
     (
         "visipruner",
+        {"budget": 6, "layer_threshold": 0.9999, "mask_until_fallback": True},
+        {"budget": 6, "layer_threshold": 0.9999},
+    ),
+    (
+        "visipruner",
         {"layer_threshold": 0.9999, "tokens_threshold": 0.05, "deep_threshold": 0.99999},
         {"layer_threshold": 0.9999, "tokens_threshold": 0.05, "deep_threshold": 0.99999},
     ),

@@ -94,7 +94,7 @@ METHODS = [
     ("dart", {"budget": 8}),
     ("dart", {"budget": 0.43}),
     ("visipruner", {"budget": 6}),
-    ("visipruner", {"budget": 6, "layer_threshold": 0.9999}),  # fuses before the fallback: masked layers
+    ("visipruner", {"budget": 6, "layer_threshold": 0.9999, "mask_until_fallback": True}),  # early, masked
     ("visipruner", {}),
     ("visionzip", {"budget": 6}),
 ]

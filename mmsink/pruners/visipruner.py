@@ -46,9 +46,10 @@ class VisiPruner(Pruner):
         first_layer_rule: bool | str = True  # True: by depth (40 layers: "13b", else "7b"); False: none
         fallback_layer: int | None = None  # fixed budget: decide here if no fusion was found (default L//2)
         # fixed budget: until the fallback, mask dropped tokens at the segment's width instead of gathering
-        # the kept ones after a read per observed layer (layers between a fusion and the fallback then run
-        # at the full width); False: gather at once, one read per observed layer
-        mask_until_fallback: bool = True
+        # the kept ones after a read per observed layer. Off by default: a sample that fuses early then runs
+        # the layers up to the fallback at full width (more FLOPs than the method's plan); on only pays where
+        # fusion comes at the fallback and the reads dominate (to be measured on the GPU)
+        mask_until_fallback: bool = False
 
     def check_options(self):
         o = self.options
