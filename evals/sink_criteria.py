@@ -34,7 +34,8 @@ import torch
 
 from mmsink.sinks.var import VISUAL_SINK, VARConfig, key_codes, sink_scores
 from mmsink.sinks.vitsink import SinkForwardConfig, detect
-from mmsink.tools.diagnose import layer_report, rotate_half
+from mmsink.tools import diagnose
+from mmsink.tools.diagnose import layer_report
 
 from . import vqa
 
@@ -61,50 +62,12 @@ def vit_facts(norms: torch.Tensor, factor: float) -> dict:
 
 @torch.no_grad()
 def collect_batch(model, inputs, family) -> dict:
-    """``mmsink inspect``'s collect() (tools/diagnose.py) for every sample of an unpadded batch: one
-    forward; the hidden state entering each layer, every head's attention probabilities recomputed from
-    it as collect does, the projector's input and the tower's hidden states. On a loaded CPU a batch of
-    16 costs about what one prompt does."""
+    """``mmsink inspect``'s collector (``tools/diagnose.collect_batch``) over every sample of an unpadded
+    batch, the tower's hidden states included. On a loaded CPU a batch of 16 costs about what one prompt
+    does."""
     if "attention_mask" in inputs and not bool(inputs["attention_mask"].all()):
         raise ValueError("mmsink sink_criteria: prompts of one batch must have equal lengths (no padding)")
-    captured, grabbed, hooks = {}, {}, []
-    for i, layer in enumerate(family.layers):
-
-        def grab_layer(module, args, kwargs, i=i):
-            captured[i] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
-
-        hooks.append(layer.register_forward_pre_hook(grab_layer, with_kwargs=True))
-
-    def grab_tower(module, args, out):  # returns None: the tower's output stays as it is
-        grabbed["tower"] = out.hidden_states
-
-    hooks.append(family.projector.register_forward_pre_hook(lambda m, a: grabbed.setdefault("vit", a[0])))
-    hooks.append(tower_of(model).register_forward_hook(grab_tower))
-    try:
-        model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    probs = []
-    for i, layer in enumerate(family.layers):
-        h, (cos, sin) = captured[i]
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        b, n, hd = x.shape[0], x.shape[1], attn.head_dim
-        q = attn.q_proj(x).view(b, n, -1, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)
-        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-        s = (q @ k.transpose(-1, -2)).float() * attn.scaling
-        causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
-        probs.append(torch.softmax(s.masked_fill(~causal, float("-inf")), -1))  # [B, H, n, n]
-    return {
-        "hidden": [captured[i][0] for i in range(len(family.layers))],
-        "probs": probs,
-        "vit": grabbed["vit"],
-        "tower": grabbed["tower"],
-    }
+    return diagnose.collect_batch(model, inputs, family, tower=tower_of(model))
 
 
 @torch.no_grad()

@@ -17,40 +17,51 @@ def rotate_half(x):
 
 
 @torch.no_grad()
-def collect(model, inputs, family) -> dict:
-    """One forward of the (unwrapped or disabled) model; returns per-layer hidden states entering each
-    layer, attention probabilities of every head (sample 0), and the vision features' norms."""
-    captured, vit = {}, {}
-    hooks = []
+def collect_batch(model, inputs, family, first_only: bool = False, tower=None) -> dict:
+    """One forward of the (unwrapped or disabled) model: the hidden states entering each layer
+    [B, n, D], every head's attention probabilities [B, H, n, n] recomputed from them (of sample 0
+    alone with ``first_only``; padding is not masked, so several samples need prompts of one length),
+    the projector's input and, given ``tower`` (the vision module), its hidden states."""
+    captured, grabbed, hooks = {}, {}, []
     for i, layer in enumerate(family.layers):
 
         def grab(module, args, kwargs, i=i):
             captured[i] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
 
         hooks.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
-    hooks.append(family.projector.register_forward_pre_hook(lambda m, a: vit.setdefault("f", a[0])))
+    hooks.append(family.projector.register_forward_pre_hook(lambda m, a: grabbed.setdefault("vit", a[0])))
+    if tower is not None:  # the hook returns None: the tower's output stays as it is
+        hooks.append(tower.register_forward_hook(lambda m, a, out: grabbed.update(tower=out.hidden_states)))
     try:
         model(**inputs)
     finally:
         for h in hooks:
             h.remove()
+    rows = slice(0, 1) if first_only else slice(None)
     probs = []
     for i, layer in enumerate(family.layers):
         h, (cos, sin) = captured[i]
         attn = layer.self_attn
-        x = layer.input_layernorm(h[:1])
-        n, hd = x.shape[1], attn.head_dim
-        q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
-        q = q * cos[:1, None] + rotate_half(q) * sin[:1, None]
-        k = k * cos[:1, None] + rotate_half(k) * sin[:1, None]
+        x = layer.input_layernorm(h[rows])
+        b, n, hd = x.shape[0], x.shape[1], attn.head_dim
+        q = attn.q_proj(x).view(b, n, -1, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)
+        q = q * cos[rows, None] + rotate_half(q) * sin[rows, None]
+        k = k * cos[rows, None] + rotate_half(k) * sin[rows, None]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
         s = (q @ k.transpose(-1, -2)).float() * attn.scaling
         causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
-        probs.append(torch.softmax(s.masked_fill(~causal, float("-inf")), -1)[0])  # [H, n, n]
-    hidden = [captured[i][0][0] for i in range(len(family.layers))]
-    norms = vit["f"].float().norm(dim=-1) if "f" in vit else None
-    return {"hidden": hidden, "probs": probs, "vit_norms": norms}
+        probs.append(torch.softmax(s.masked_fill(~causal, float("-inf")), -1))  # [B, H, n, n]
+    hidden = [captured[i][0] for i in range(len(family.layers))]
+    return {"hidden": hidden, "probs": probs, "vit": grabbed.get("vit"), "tower": grabbed.get("tower")}
+
+
+def collect(model, inputs, family) -> dict:
+    """``collect_batch`` for sample 0: per-layer hidden states entering each layer, attention
+    probabilities of every head [H, n, n], and the vision features' norms."""
+    d = collect_batch(model, inputs, family, first_only=True)
+    norms = d["vit"].float().norm(dim=-1) if d["vit"] is not None else None
+    return {"hidden": [h[0] for h in d["hidden"]], "probs": [p[0] for p in d["probs"]], "vit_norms": norms}
 
 
 def massive_dims(hidden, abs_threshold=100.0, ratio=1000.0) -> dict:
