@@ -47,20 +47,6 @@ CATEGORIES = (
 )
 # --tiny: a LLaVA shape a loaded 2-core CPU runs in seconds (the bench's image: 576 tokens; GQA)
 TINY = "tiny-decode-cpu"
-SHAPES.setdefault(
-    TINY,
-    {
-        "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
-        "text": dict(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=32064,  # the bench prompt uses ids up to 32000 (image)
-        ),
-    },
-)
 DEFAULT_CONFIGS = "base,fuse,write,matmul,reduce,fuse+write+matmul"
 # CPU operators that move no data (views, allocations): not counted as kernels
 VIEWS = {

@@ -30,6 +30,18 @@ SHAPES = {
             vocab_size=32064,
         ),
     },
+    # a LLaVA shape whose decode step a loaded 2-core CPU profiles in seconds (evals/profile_decode --tiny)
+    "tiny-decode-cpu": {
+        "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+        "text": dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=32064,  # the bench prompt uses ids up to 32000 (image)
+        ),
+    },
     # LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B (Llama-2-7B shape)
     "llava-1.5-7b": {
         "vision": dict(
