@@ -16,23 +16,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmsink
-from mmsink.tools.bench import SHAPES, bench_inputs, build
-from mmsink.tools.reads import DeviceReads
+from mmsink.tools.bench import bench_inputs, build
+from mmsink.tools.reads import DeviceReads, selection_hooks
 
 SHAPE = "selection-ops"
-SHAPES[SHAPE] = {
-    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-    "text": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4, vocab_size=32064
-    ),
-}
 HOST_DATA = {"aten.lift_fresh.default"}  # torch.tensor(host data): a blocking host-to-device copy on a GPU
 # a Python number handed to an op (torch.where(c, x, 0.0)) becomes a 0-dim host tensor: no launch
 NO_LAUNCH = {"aten.scalar_tensor.default"}
@@ -61,14 +54,13 @@ class Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
 def hooks_counted(pruner, ops: Ops, reads: dict):
     """Count the ops and reads made inside the pruner's hooks (and the attention edits they return)."""
 
     def counted(fn, name):
         def run(*a, **k):
             if not ops.inside:
-                ops.hook = name
+                ops.hook = "attention edits" if name.endswith("attention edit") else name
             ops.inside += 1
             try:
                 with DeviceReads() as r:
@@ -79,25 +71,7 @@ def hooks_counted(pruner, ops: Ops, reads: dict):
 
         return run
 
-    names = [n for n in ("after_layer", "before_llm", "select") if hasattr(pruner, n)]
-    saved = {n: getattr(pruner, n) for n in names}
-    real_directive = pruner.directive
-
-    def directive(ctx, layer):
-        d = real_directive(ctx, layer)
-        if d and d.get("reweight") is not None:
-            d = dict(d, reweight=counted(d["reweight"], "attention edits"))
-        return d
-
-    for n in names:
-        setattr(pruner, n, counted(saved[n], n))
-    pruner.directive = directive
-    try:
-        yield
-    finally:
-        for n in names:
-            setattr(pruner, n, saved[n])
-        pruner.directive = real_directive
+    return selection_hooks(pruner, counted)
 
 
 def count(model, inputs, method: str, budget, plan=None) -> dict:

@@ -7,7 +7,6 @@ device=...)``: a blocking copy on a GPU, which waits for the queued layers like 
 makes between layers are pinned per method in ``test_reads.py``."""
 
 import collections
-import contextlib
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from tiny import batch, prompt, tiny_llava
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmsink
-from mmsink.tools.reads import DeviceReads
+from mmsink.tools.reads import DeviceReads, selection_hooks
 
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.lift_fresh.default"}
 
@@ -31,7 +30,6 @@ class SyncOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
 def selection_counted(pruner, found: collections.Counter, calls: collections.Counter):
     """Run the pruner's hooks (and the attention edits its directives return) under both counters."""
 
@@ -46,23 +44,7 @@ def selection_counted(pruner, found: collections.Counter, calls: collections.Cou
 
         return run
 
-    names = [n for n in ("after_layer", "before_llm", "select") if hasattr(pruner, n)]
-    real = {n: getattr(pruner, n) for n in names + ["directive"]}
-
-    def directive(ctx, layer):
-        d = real["directive"](ctx, layer)
-        if d and d.get("reweight") is not None:
-            d = dict(d, reweight=counted(d["reweight"], f"layer {layer} attention edit"))
-        return d
-
-    for n in names:
-        setattr(pruner, n, counted(real[n], n))
-    pruner.directive = directive
-    try:
-        yield
-    finally:
-        for n in real:
-            delattr(pruner, n)  # the class's methods again
+    return selection_hooks(pruner, counted)
 
 
 @pytest.fixture(scope="module")

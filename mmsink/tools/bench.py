@@ -30,6 +30,17 @@ SHAPES = {
             vocab_size=32064,
         ),
     },
+    # LLaVA-1.5's token counts and depth at a tiny width: evals/selection_ops counts ops, not their size
+    "selection-ops": {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        "text": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=32,
+            num_attention_heads=4,
+            vocab_size=32064,
+        ),
+    },
     # a LLaVA shape whose decode step a loaded 2-core CPU profiles in seconds (evals/profile_decode --tiny)
     "tiny-decode-cpu": {
         "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),

@@ -6,6 +6,7 @@ how many a prefill makes."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 
@@ -79,3 +80,28 @@ class DeviceReads(TorchFunctionMode):
     def outside(self, *parts: str) -> int:
         """Reads at sites whose path contains none of ``parts`` (e.g. count only the library's own)."""
         return sum(c for s, c in self.sites.items() if not any(p in s for p in parts))
+
+
+@contextlib.contextmanager
+def selection_hooks(pruner, wrap):
+    """Run a pruner's selection step through ``wrap(fn, name)``: its hooks (``after_layer``,
+    ``before_llm``, the vision-stage ``select``) and the attention edits its directives hand a layer
+    (named ``layer L attention edit``), e.g. to count the reads or ops made inside them. The class's
+    methods come back on exit."""
+    names = [n for n in ("after_layer", "before_llm", "select") if hasattr(pruner, n)]
+    real = {n: getattr(pruner, n) for n in names + ["directive"]}
+
+    def directive(ctx, layer):
+        d = real["directive"](ctx, layer)
+        if d and d.get("reweight") is not None:
+            d = dict(d, reweight=wrap(d["reweight"], f"layer {layer} attention edit"))
+        return d
+
+    for n in names:
+        setattr(pruner, n, wrap(real[n], n))
+    pruner.directive = directive
+    try:
+        yield
+    finally:
+        for n in real:
+            delattr(pruner, n)
