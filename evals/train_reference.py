@@ -264,6 +264,16 @@ def accuracy(preds, answers) -> dict:
     return {"overall": total, **{c: v[0] / max(v[1], 1) for c, v in per.items() if v[1]}}
 
 
+def test_and_noise(model, processor, images_u8, bench, img_of, device) -> tuple[dict, dict]:
+    """Accuracy on ``bench``'s questions with their images and with noise images instead, printed."""
+    test_acc = accuracy(answer(model, processor, images_u8, bench.questions, img_of, device), bench.answers)
+    noise = answer(model, processor, images_u8, bench.questions, img_of, device, noise=True)
+    noise_acc = accuracy(noise, bench.answers)
+    print("test", json.dumps({k: round(v, 3) for k, v in test_acc.items()}), flush=True)
+    print("noise", json.dumps({k: round(v, 3) for k, v in noise_acc.items()}), flush=True)
+    return test_acc, noise_acc
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
@@ -377,12 +387,7 @@ def main(argv=None):
             print(f"val @ {step}: {json.dumps({k: round(v, 3) for k, v in acc.items()})}", flush=True)
     train_seconds = time.time() - t_train
     model.eval()
-    test_acc = accuracy(answer(model, processor, test_img, test.questions, test_of, device), test.answers)
-    noise_acc = accuracy(
-        answer(model, processor, test_img, test.questions, test_of, device, noise=True), test.answers
-    )
-    print("test", json.dumps({k: round(v, 3) for k, v in test_acc.items()}), flush=True)
-    print("noise", json.dumps({k: round(v, 3) for k, v in noise_acc.items()}), flush=True)
+    test_acc, noise_acc = test_and_noise(model, processor, test_img, test, test_of, device)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out, max_shard_size="15MB")

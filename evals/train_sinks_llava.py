@@ -53,6 +53,7 @@ from .train_reference import (
     patch_labels,
     pixels,
     split_data,
+    test_and_noise,
     train_split,
     vision_features,
 )
@@ -678,12 +679,7 @@ def train_llava(a, argv) -> dict:
     model.eval()
     test_acc = noise_acc = None
     if test is not None:
-        test_acc = accuracy(answer(model, processor, test_img, test.questions, test_of, dev), test.answers)
-        noise_acc = accuracy(
-            answer(model, processor, test_img, test.questions, test_of, dev, noise=True), test.answers
-        )
-        print("test", json.dumps({k: round(v, 3) for k, v in test_acc.items()}), flush=True)
-        print("noise", json.dumps({k: round(v, 3) for k, v in noise_acc.items()}), flush=True)
+        test_acc, noise_acc = test_and_noise(model, processor, test_img, test, test_of, dev)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out, max_shard_size=a.shard)
