@@ -34,17 +34,21 @@ def decoder_for(
     params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)  # weights swapped: new graph
     var_key = None if var is None else (dataclasses.astuple(var[0]), tuple(var[1]))
     key = (batch, tuple(caps), new, eos, graphs, compile, params, var_key, opts)
+    if opts is None:
+        return kept(model, key, lambda: FastDecoder(family, caps, batch, new, eos, compile, var))
+    return kept(model, key, lambda: StepDecoder(family, caps, batch, new, eos, compile, var, opts))
+
+
+def kept(model, key, make):
+    """The decoder kept on ``model`` under ``key``, else ``make()``'s, kept from now on: at most ``KEEP``
+    decoders, the least recently used dropped first."""
     store = model.__dict__.setdefault(STORE, collections.OrderedDict())
     if key in store:
         store.move_to_end(key)
         return store[key]
     while len(store) >= decode.KEEP:  # read here, so a bench can raise it
         store.popitem(last=False)
-    if opts is None:
-        dec = FastDecoder(family, caps, batch, new, eos, compile, var)
-    else:
-        dec = StepDecoder(family, caps, batch, new, eos, compile, var, opts)
-    store[key] = dec
+    dec = store[key] = make()
     return dec
 
 

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import torch
 
-from ..fast.decode import KEEP, ROUND, STORE, FastDecoder
+from ..fast.decode import ROUND, FastDecoder
+from ..fast.store import kept
 from .window import compact, policy, rotate, turn_of
 
 SPARE_SINKS = 32  # "auto": decode tokens that may be flagged as sinks before the buffers are full
@@ -253,8 +254,6 @@ class WindowDecoder(FastDecoder):
 
 def window_decoder(family, cfg, inv_freq, cache, batch: int, steps: int, eos, graphs: bool, compile: bool):
     """A decoder for this cache's layout, kept on the model by shape (as ``decoder_for``'s)."""
-    import collections
-
     layer_seg, parts = layout(cache)
     stream, segs = sizes(cfg, cache, steps, parts)
     stream = -(-stream // ROUND) * ROUND
@@ -275,14 +274,8 @@ def window_decoder(family, cfg, inv_freq, cache, batch: int, steps: int, eos, gr
         compile,
         params,
     )
-    store = model.__dict__.setdefault(STORE, collections.OrderedDict())
-    if key in store:
-        store.move_to_end(key)
-        return store[key]
-    while len(store) >= KEEP:
-        store.popitem(last=False)
-    dec = store[key] = WindowDecoder(family, cfg, inv_freq, stream, segs, layer_seg, batch, new, eos, compile)
-    return dec
+    args = (family, cfg, inv_freq, stream, segs, layer_seg, batch, new, eos, compile)
+    return kept(model, key, lambda: WindowDecoder(*args))
 
 
 def generate_window(family, handle, p, ids, max_new_tokens: int, graphs: bool, compile: bool, stop):
