@@ -144,7 +144,7 @@ def test_full_buffers_are_refused(model, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kv,name", [({"quant": "int4"}, "quant='int4'"), ({"sparse": "lfps", "topk": 8}, "sparse='lfps'")]
+    "kv,name", [({"quant": "int8"}, "quant='int8'"), ({"sparse": "lfps", "topk": 8}, "sparse='lfps'")]
 )
 def test_other_kv_modes_are_refused_by_name(model, kv, name):
     mmsink.wrap(model, kv=kv)
