@@ -734,8 +734,10 @@ def parse(argv=None):
     common.add_argument(
         "--reserve", type=float, default=60.0, help="seconds kept for final evaluation + save"
     )
-    common.add_argument("--batch", type=int)
-    common.add_argument("--lr", type=float)
+    # per-stage defaults resolved after parsing: set_defaults on a subparser writes the parent's shared
+    # action, so the last stage's values became both stages' (tower run 1 trained at 256 / 3e-4 so)
+    common.add_argument("--batch", type=int, help="default: tower 1024, llava 256")
+    common.add_argument("--lr", type=float, help="default: tower 1e-3, llava 3e-4")
     common.add_argument("--warmup", type=float, default=0.03, help="share of the schedule")
     common.add_argument(
         "--steps", type=int, default=10**9, help="most steps (the schedule's length without --time-budget)"
@@ -766,7 +768,6 @@ def parse(argv=None):
     t.add_argument("--t-heads", type=int, default=4)
     t.add_argument("--embed", type=int, default=256, help="joint embedding width")
     t.add_argument("--feature-layer", type=int, default=-2, help="hidden state the LLaVA projector will read")
-    t.set_defaults(batch=1024, lr=1e-3)
     m = sub.add_parser("llava", parents=[common], help="projector alignment, then instruction tuning")
     m.add_argument("--tower", default=None, help="folder written by the tower stage")
     m.add_argument("--lm", default=None, help="pre-trained LlamaForCausalLM folder (train_sinks.py)")
@@ -778,8 +779,10 @@ def parse(argv=None):
     m.add_argument("--align-frac", type=float, default=0.15, help="share of the training time for stage 1")
     m.add_argument("--align-steps", type=int, default=0, help="most stage-1 steps (without --time-budget)")
     m.add_argument("--align-lr", type=float, default=1e-3)
-    m.set_defaults(batch=256, lr=3e-4)
     a = ap.parse_args(argv)
+    batch, lr = {"tower": (1024, 1e-3), "llava": (256, 3e-4)}[a.stage]
+    a.batch = batch if a.batch is None else a.batch
+    a.lr = lr if a.lr is None else a.lr
     if not a.time_budget and a.steps >= 10**9:
         ap.error("give --steps or --time-budget")
     return a

@@ -173,3 +173,14 @@ def test_tower_run_continues_from_saved_tower(tmp_path):
     a = load_file(tmp_path / "a" / "vision" / "model.safetensors")
     b = load_file(tmp_path / "b" / "vision" / "model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_defaults_are_per_stage():
+    # the tower's batch / lr defaults once silently became the llava stage's (argparse shared actions)
+    from evals.train_sinks_llava import parse
+
+    tower = parse(["tower", "--out", "x", "--steps", "1"])
+    llava = parse(["llava", "--out", "x", "--steps", "1"])
+    assert (tower.batch, tower.lr) == (1024, 1e-3)
+    assert (llava.batch, llava.lr) == (256, 3e-4)
+    assert parse(["tower", "--out", "x", "--steps", "1", "--lr", "2e-3"]).lr == 2e-3
