@@ -13,7 +13,9 @@ structure of the synthvqa train split (every object with colour, shape, size and
 background) in varied wording. The objective is global (one embedding per image); nothing looks at
 norms, attention or activations. Measured on validation scenes: retrieval top-1 both ways, and per image
 the largest patch-token norm over the median (Darcet et al.'s high-norm tokens) at the feature layer the
-projector reads and at the last layer, with how often the largest lies on background.
+projector reads and at the last layer, with how often the largest lies on background. ``--mask-ratio``
+adds FLIP's patch masking (``PatchDrop``; training only, the last ``--unmasked-frac`` of the schedule
+unmasked); probes and the saved tower are unmasked.
 
 ``llava``: the tower (frozen) + the language model + a fresh two-layer GELU projector as a
 ``LlavaForConditionalGeneration``, the corpus BPE tokenizer with LLaVA-1.5's chat template. Stage 1
@@ -199,6 +201,36 @@ class Clip(torch.nn.Module):
         target = torch.arange(len(img), device=img.device)
         ce = torch.nn.functional.cross_entropy
         return (ce(logits, target) + ce(logits.T, target)) / 2
+
+
+class PatchDrop:
+    """FLIP's patch masking (Li et al., CVPR 2023) as a forward hook on a ``CLIPVisionModel``'s embeddings:
+    while the tower is in training mode and ``active``, each image keeps the class token and a uniformly
+    random subset of ``keep`` of its patch tokens (position embeddings already added), so the encoder only
+    sees those. In eval mode, or inactive, the hook returns nothing and the forward is the plain one; the
+    module and its saved weights stay a plain ``CLIPVisionModel``. ``last``: the kept positions of the
+    latest masked call ([B, 1 + keep], class token at 0, ascending)."""
+
+    def __init__(self, vision, ratio: float):
+        self.patches = (vision.config.image_size // vision.config.patch_size) ** 2
+        self.keep = round((1 - ratio) * self.patches)
+        if not 0 <= ratio < 1 or self.keep < 1:
+            raise ValueError(f"mask ratio {ratio} must be in [0, 1) and keep a patch of {self.patches}")
+        self.active = ratio > 0
+        self.last = None
+        self.handle = vision.embeddings.register_forward_hook(self._hook)
+
+    def positions(self, batch: int, device) -> torch.Tensor:
+        # argsort of uniform noise: a uniformly random subset per image (MAE / FLIP's way); +1 skips the CLS
+        pick = torch.rand(batch, self.patches, device=device).argsort(1)[:, : self.keep].sort(1).values + 1
+        return torch.cat([torch.zeros(batch, 1, dtype=pick.dtype, device=device), pick], 1)
+
+    def _hook(self, module, args, out):
+        if not (self.active and module.training):
+            return None
+        idx = self.positions(out.shape[0], out.device)
+        self.last = idx
+        return out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1]))
 
 
 def build_clip(a, vocab: int) -> Clip:
@@ -397,6 +429,7 @@ def train_tower(a, argv) -> dict:
         flush=True,
     )
     clip = build_clip(a, tok.get_vocab_size()).to(dev).train()
+    drop = PatchDrop(clip.vision, a.mask_ratio)  # training only: probes run the tower in eval mode, unmasked
     # CLIP's split: weight decay on every matrix, none on gains, biases, the class token or the temperature
     decay = [p for p in clip.parameters() if p.dim() >= 2]
     keep = [p for p in clip.parameters() if p.dim() < 2]
@@ -431,6 +464,8 @@ def train_tower(a, argv) -> dict:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "data_s": round(time.time() - t0, 1),
+        "patches_kept": drop.keep if drop.active else drop.patches,
+        "unmasked_from_step": None if drop.active else 0,
         "curve": [],
         "probes": [],
         "previous": previous,
@@ -457,6 +492,10 @@ def train_tower(a, argv) -> dict:
         lr = cosine(p, a.warmup, a.lr)
         for g in opt.param_groups:
             g["lr"] = lr
+        if drop.active and p >= 1 - a.unmasked_frac:  # FLIP's unmasked tuning: the schedule's last share
+            drop.active = False
+            record["unmasked_from_step"] = step
+            print(f"unmasked from step {step}", flush=True)
         if pos + a.batch > len(perm):  # epochs of a permutation: no scene twice in one batch
             perm, pos = torch.randperm(len(scenes), device=dev), 0
         r = perm[pos : pos + a.batch]
@@ -768,6 +807,12 @@ def parse(argv=None):
     t.add_argument("--t-heads", type=int, default=4)
     t.add_argument("--embed", type=int, default=256, help="joint embedding width")
     t.add_argument("--feature-layer", type=int, default=-2, help="hidden state the LLaVA projector will read")
+    t.add_argument(
+        "--mask-ratio", type=float, default=0.0, help="FLIP: share of patch tokens dropped per training image"
+    )
+    t.add_argument(
+        "--unmasked-frac", type=float, default=0.0, help="FLIP: last share of the schedule trained unmasked"
+    )
     m = sub.add_parser("llava", parents=[common], help="projector alignment, then instruction tuning")
     m.add_argument("--tower", default=None, help="folder written by the tower stage")
     m.add_argument("--lm", default=None, help="pre-trained LlamaForCausalLM folder (train_sinks.py)")
@@ -785,6 +830,12 @@ def parse(argv=None):
     a.lr = lr if a.lr is None else a.lr
     if not a.time_budget and a.steps >= 10**9:
         ap.error("give --steps or --time-budget")
+    if a.stage == "tower":
+        if not 0 <= a.unmasked_frac <= 1:
+            ap.error(f"--unmasked-frac must be in [0, 1], got {a.unmasked_frac}")
+        n = (a.image_size // a.patch_size) ** 2
+        if not 0 <= a.mask_ratio < 1 or round((1 - a.mask_ratio) * n) < 1:
+            ap.error(f"--mask-ratio must be in [0, 1) and keep at least one of the {n} patches")
     return a
 
 

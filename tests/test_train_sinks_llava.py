@@ -184,3 +184,136 @@ def test_stage_defaults_are_per_stage():
     assert (tower.batch, tower.lr) == (1024, 1e-3)
     assert (llava.batch, llava.lr) == (256, 3e-4)
     assert parse(["tower", "--out", "x", "--steps", "1", "--lr", "2e-3"]).lr == 2e-3
+
+
+# ----------------------------------------------------------------------------- FLIP patch masking
+
+
+def _tiny_clip(seed=0):
+    from types import SimpleNamespace
+
+    a = SimpleNamespace(init=None, v_hidden=16, v_mlp=32, v_layers=2, v_heads=2, image_size=56, patch_size=7)
+    a.__dict__.update(embed=16, t_hidden=16, t_layers=1, t_heads=2, caption_len=24)
+    torch.manual_seed(seed)
+    return tsl.build_clip(a, 100).train()  # 8 x 8 = 64 patches
+
+
+def _batch(n=4):
+    g = torch.Generator().manual_seed(1)
+    pix = torch.randn(n, 3, 56, 56, generator=g)
+    return pix, torch.randint(4, 100, (n, 24), generator=g), torch.randint(3, 25, (n,), generator=g)
+
+
+def test_mask_ratio_zero_trains_bitwise_like_the_plain_tower():
+    import copy
+
+    plain = _tiny_clip()
+    hooked = copy.deepcopy(plain)
+    drop = tsl.PatchDrop(hooked.vision, 0.0)
+    assert not drop.active and drop.keep == 64
+    batch = _batch()
+    loss_p, loss_h = plain(*batch), hooked(*batch)
+    loss_p.backward()
+    loss_h.backward()
+    assert torch.equal(loss_p, loss_h)
+    grads = dict(hooked.named_parameters())
+    assert all(torch.equal(p.grad, grads[k].grad) for k, p in plain.named_parameters())
+
+
+@pytest.mark.parametrize("ratio,kept", [(0.5, 32), (0.75, 16), (0.3, 45)])
+def test_masked_forward_is_the_encoder_on_the_kept_embeddings(ratio, kept):
+    clip = _tiny_clip()
+    vision = clip.vision
+    drop = tsl.PatchDrop(vision, ratio)
+    pix = _batch()[0]
+    out = vision(pixel_values=pix)
+    idx = drop.last
+    assert (
+        drop.keep == kept and idx.shape == (4, 1 + kept) and out.last_hidden_state.shape == (4, 1 + kept, 16)
+    )
+    assert (idx[:, 0] == 0).all() and (idx[:, 1:] >= 1).all() and (idx[:, 1:] <= 64).all()
+    assert all(len(set(row.tolist())) == 1 + kept for row in idx)  # no position twice
+    assert len({tuple(row.tolist()) for row in idx}) == 4  # each image draws its own subset
+    # reference: the plain embeddings, the kept rows picked by hand, then the tower's later modules in order
+    drop.active = False
+    with torch.no_grad():
+        full = vision.embeddings(pix)
+        picked = torch.stack([full[b, idx[b]] for b in range(4)])
+        h = vision.encoder(inputs_embeds=vision.pre_layrnorm(picked)).last_hidden_state
+        torch.testing.assert_close(out.last_hidden_state, h, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.pooler_output, vision.post_layernorm(h[:, 0]), rtol=1e-6, atol=1e-6)
+        unmasked = vision(pixel_values=pix).last_hidden_state
+        assert unmasked.shape == (4, 65, 16)
+        # the dropped patches changed what the kept ones see
+        assert not torch.allclose(torch.stack([unmasked[b, idx[b]] for b in range(4)]), h, atol=1e-4)
+        # eval mode (probes, the saved tower) is unmasked even while active
+        drop.active = True
+        clip.eval()
+        torch.testing.assert_close(vision(pixel_values=pix).last_hidden_state, unmasked, rtol=0, atol=0)
+
+
+def test_kept_patches_are_a_uniform_subset():
+    drop = tsl.PatchDrop(_tiny_clip().vision, 0.5)
+    torch.manual_seed(3)
+    idx = drop.positions(4000, "cpu")
+    freq = torch.bincount(idx[:, 1:].flatten(), minlength=65)[1:].float() / 4000
+    assert (freq - 0.5).abs().max() < 0.04, freq  # 5 standard deviations at 4000 draws
+    assert (idx[:, 1:].diff(1) > 0).all()
+
+
+def test_mask_ratio_refuses_bad_values():
+    base = ["tower", "--out", "x", "--steps", "1", "--image-size", "28", "--patch-size", "14"]
+    for bad in (
+        ["--mask-ratio", "1"],
+        ["--mask-ratio", "-0.1"],
+        ["--mask-ratio", "0.9"],
+        ["--unmasked-frac", "2"],
+    ):
+        with pytest.raises(SystemExit):
+            tsl.parse(base + bad)
+    assert tsl.parse(base + ["--mask-ratio", "0.75"]).mask_ratio == 0.75  # 1 of 4 patches
+
+
+def test_masked_tower_pilot_learns_unmasks_at_the_end_and_continues(tmp_path, monkeypatch):
+    tok_file, _ = _tiny_inputs(tmp_path)
+    masked = []
+    hook = tsl.PatchDrop._hook
+
+    def counted(self, module, args, out):
+        res = hook(self, module, args, out)
+        masked.append(res is not None)
+        return res
+
+    monkeypatch.setattr(tsl.PatchDrop, "_hook", counted)
+    args = ["--tokenizer", str(tok_file), "--batch", "8", "--scenes", "8", "--captions-per-scene", "1"]
+    args += ["--val-scenes", "4", "--image-size", "56", "--patch-size", "7", "--caption-len", "96"]
+    args += ["--v-hidden", "16", "--v-layers", "2", "--v-heads", "2", "--v-mlp", "32", "--t-hidden", "16"]
+    args += ["--t-layers", "1", "--t-heads", "2", "--embed", "16", "--workers", "1", "--lr", "1e-2"]
+    args += ["--log-every", "1", "--eval-every", "1000", "--warmup", "0.05"]
+    a = tsl.main(
+        ["tower", "--out", str(tmp_path / "a"), "--steps", "40", "--mask-ratio", "0.5"]
+        + ["--unmasked-frac", "0.25", *args]
+    )
+    losses = [c["loss"] for c in a["curve"]]
+    assert len(losses) == 40 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+    # 30 masked steps of 32 of 64 patches, then 10 unmasked; the two probes (eval mode) unmasked
+    assert a["patches_kept"] == 32 and a["unmasked_from_step"] == 30
+    assert masked == [False] + [True] * 30 + [False] * 11
+    saved = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert (saved["args"]["mask_ratio"], saved["args"]["unmasked_frac"]) == (0.5, 0.25)
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel.from_pretrained(tmp_path / "a" / "vision")  # a plain tower, all 64 patches
+    assert tower.train()(pixel_values=_batch(2)[0]).last_hidden_state.shape == (2, 65, 16)
+    # a masked run continues the saved tower
+    masked.clear()
+    b = tsl.main(
+        ["tower", "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), "--steps", "3"]
+        + ["--mask-ratio", "0.75", *args]
+    )
+    assert b["previous"][0]["args"]["mask_ratio"] == 0.5 and b["patches_kept"] == 16
+    assert masked == [False] + [True] * 3 + [False]
+    assert b["probes"][0]["logit_scale"] == a["probes"][-1]["logit_scale"]
+    va = load_file(tmp_path / "a" / "vision" / "model.safetensors")
+    vb = load_file(tmp_path / "b" / "vision" / "model.safetensors")
+    assert any(not torch.equal(va[k], vb[k]) for k in va)
