@@ -144,12 +144,15 @@ def test_full_buffers_are_refused(model, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kv,name", [({"quant": "int8"}, "quant='int8'"), ({"sparse": "lfps", "topk": 8}, "sparse='lfps'")]
+    "kv,name", [({"quant": "int8"}, "quant='int8'"), ({"quant": "int16"}, "quant='int16'")]
 )
 def test_other_kv_modes_are_refused_by_name(model, kv, name):
+    """quant is refused by name; LFPS runs (tests/test_kv_fast_sparse.py)."""
     mmsink.wrap(model, kv=kv)
-    with pytest.raises(ValueError, match=f"does not run kv {name}"):
+    with pytest.raises(ValueError, match=f"does not run kv {name} yet \\(only the window and sparse='lfps'"):
         plain_fast(model, prompts(), 4)
+    mmsink.wrap(model, kv={"sparse": "lfps", "topk": 8})
+    assert plain_fast(model, prompts(), 4).shape[1] > prompts()["input_ids"].shape[1]
 
 
 def test_step_options_are_refused_with_the_window(model):

@@ -195,9 +195,6 @@ def cache_trace(model, inputs, done):
 def test_refused(model):
     with pytest.raises(ValueError, match="sparse does not combine with window"):
         mmsink.wrap(model, kv={"sparse": "lfps", "window": 8})
-    mmsink.wrap(model, kv={"sparse": "lfps"})
-    with pytest.raises(ValueError, match="generate_fast does not run kv sparse='lfps'"):
-        mmsink.generate_fast(model, max_new_tokens=2, **batch(two_prompts()))
 
 
 def test_grow_layer_holds_what_a_dynamic_layer_holds():

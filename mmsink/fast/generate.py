@@ -151,10 +151,10 @@ def generate_fast(
     handle = getattr(model, "__dict__", {}).get(ATTR)
     var_on = handle is not None and handle.var is not None and handle.enabled
     kv = getattr(handle, "kv", None) if handle is not None and handle.enabled else None
-    if kv is not None and (kv.quant is not None or kv.sparse is not None):
-        mode = f"quant={kv.quant!r}" if kv.quant is not None else f"sparse={kv.sparse!r}"
+    if kv is not None and kv.quant is not None:
         raise ValueError(
-            f"mmsink: generate_fast does not run kv {mode} yet (only the window mode); use model.generate"
+            f"mmsink: generate_fast does not run kv quant={kv.quant!r} yet (only the window and "
+            "sparse='lfps' modes); use model.generate"
         )
     devices, dispatched = placement(model)
     if any(d.type == "meta" for d in devices):
@@ -170,15 +170,18 @@ def generate_fast(
     compile = can_compile(ids.device) if compile is None else compile
     opts = options(step)
     split = dispatched or not one_device
-    if kv is not None:  # the sink + window cache: mmsink.kv.fast
+    if kv is not None:  # the sink + window cache: mmsink.kv.fast; LFPS: mmsink.kv.fast_sparse
         from ..kv.fast import generate_window
+        from ..kv.fast_sparse import generate_sparse
 
+        mode = "sparse" if kv.sparse is not None else "window"
         if split:
-            raise ValueError("mmsink: generate_fast's kv window mode needs the model on one device")
+            raise ValueError(f"mmsink: generate_fast's kv {mode} mode needs the model on one device")
         if opts is not None:
-            raise ValueError("mmsink: generate_fast's step= options do not apply to the kv window mode yet")
+            raise ValueError(f"mmsink: generate_fast's step= options do not apply to the kv {mode} mode yet")
         p = prefill(model, family, handle, inputs, False, compile, True, max_new_tokens)
-        new = generate_window(family, handle, p, ids, max_new_tokens, graphs, compile, stop_ids(model))
+        run = generate_sparse if kv.sparse is not None else generate_window
+        new = run(family, handle, p, ids, max_new_tokens, graphs, compile, stop_ids(model))
         return finish(ids, new, model)
     p = prefill(model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts)
     new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile, opts)

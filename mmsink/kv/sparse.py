@@ -24,26 +24,33 @@ from ..core.cache import PlanCache
 from .window import WindowCache
 
 
-def candidates(hist: torch.Tensor, t: int, expand: int) -> torch.Tensor:
+def candidates(hist: torch.Tensor, t, expand: int, width: int | None = None) -> torch.Tensor:
     """[B, H, C] candidate key slots (-1: none), each once: ``hist`` [B, H, k] (the previous step's slots,
-    -1 for none) shifted by -expand .. expand + 1 (vertical and slash, widened), plus the newest slot."""
+    -1 for none) shifted by -expand .. expand + 1 (vertical and slash, widened), plus the newest slot
+    ``t - 1``. ``t``: the keys held, an int or a 0-dim tensor (``generate_fast``'s static buffer of
+    ``width`` slots: no host sync)."""
+    width = t if width is None else width
     b, h, _ = hist.shape
-    # an empty history entry goes far out of range, so that every shift of it lands on the sentinel t
-    base = torch.where(hist >= 0, hist, 2 * t + expand + 2)
+    # an empty history entry goes far out of range, so that every shift of it lands on the sentinel
+    base = torch.where(hist >= 0, hist, 2 * width + expand + 2)
     offs = torch.arange(-expand, expand + 2, device=hist.device)
-    c = torch.cat([(base[..., None] + offs).flatten(2), base.new_full((b, h, 1), t - 1)], 2)
-    c = c.where((c >= 0) & (c < t), t).sort(2).values  # out of range -> sentinel t, sorted last
-    drop = c == t
+    c = torch.cat([(base[..., None] + offs).flatten(2), base.new_zeros(b, h, 1) + (t - 1)], 2)
+    c = c.where((c >= 0) & (c < t), width).sort(2).values  # out of range -> sentinel width, sorted last
+    drop = c == width
     drop[..., 1:] |= c[..., 1:] == c[..., :-1]  # repeats of a slot
     return c.masked_fill(drop, -1)
 
 
-def select(q, key, valid, hist, topk: int, expand: int, dense: bool, scaling: float, all_long=None):
+def select(
+    q, key, valid, hist, topk: int, expand: int, dense: bool, scaling: float, all_long=None, length=None
+):
     """One decode step's choice: (scores [B, H, k'] of the chosen keys, -inf where none; slots [B, H, k']).
     q [B, H, D]; key [B, Hk, T, D]; valid [B, T] real key slots; hist [B, H, k] or None. ``all_long``:
-    whether every sample holds more than ``topk`` real keys, when the caller knows (else a host sync)."""
+    whether every sample holds more than ``topk`` real keys, when the caller knows (else a host sync).
+    ``length``: the keys held when ``key`` is a wider static buffer (a 0-dim tensor; default T)."""
     b, h, d = q.shape
     hk, t = key.shape[1], key.shape[2]
+    length = t if length is None else length
     qg = q.view(b, hk, h // hk, d).float()
     if not dense and hist is not None and all_long is None:
         all_long = bool((valid.sum(1) > topk).all())
@@ -52,13 +59,13 @@ def select(q, key, valid, hist, topk: int, expand: int, dense: bool, scaling: fl
         scores = torch.einsum("bkgd,bktd->bkgt", qg, key.float()).reshape(b, h, t) * scaling
         allowed = valid[:, None, :].expand(b, h, t)
         if not dense and hist is not None:
-            c = candidates(hist, t, expand)
+            c = candidates(hist, length, expand, t)
             cand = torch.zeros(b, h, t + 1, dtype=torch.bool, device=q.device)
             cand = cand.scatter(2, torch.where(c >= 0, c, t), True)[..., :t]
             allowed = torch.where(long[:, None, None], cand & allowed, allowed)
         top = scores.masked_fill(~allowed, float("-inf")).topk(min(topk, t), -1)
         return top.values, top.indices
-    c = candidates(hist, t, expand)  # [B, H, C]
+    c = candidates(hist, length, expand, t)  # [B, H, C]
     n = c.shape[2]
     at = c.clamp(min=0).view(b, hk, -1)  # per kv head: its query heads' candidates
     keys = key.gather(2, at[..., None].expand(-1, -1, -1, d)).view(b, hk, h // hk, n, d)
@@ -75,6 +82,19 @@ def attend(scores, slots, value) -> torch.Tensor:
     w = torch.softmax(scores, -1)
     v = value.gather(2, slots.reshape(b, hk, -1)[..., None].expand(-1, -1, -1, d)).view(b, h, k, d)
     return torch.einsum("bhk,bhkd->bhd", w, v.float())
+
+
+def step(q, key, value, valid, hist, cfg, dense_step: bool, scaling, all_long, exact=False, length=None):
+    """One decode step of one layer: (attention output [B, H, D] fp32, the next history [B, H, k]). A dense
+    step (the first ``cfg.dense_steps`` after a prompt) attends to every real key and its history is the
+    exact top-k; ``exact`` (the oracle) scores every key and attends to the top-k. ``generate``'s cache
+    and ``generate_fast``'s step (``mmsink.kv.fast_sparse``) both run this."""
+    k = key.shape[2] if dense_step else cfg.topk
+    dense = dense_step or exact
+    scores, slots = select(q, key, valid, hist, k, cfg.expand, dense, scaling, all_long, length)
+    top = slice(0, cfg.topk)  # sorted: a dense step's history is the exact top-k
+    nxt = torch.where(torch.isfinite(scores[..., top]), slots[..., top], -1)
+    return attend(scores, slots.clamp(min=0), value), nxt
 
 
 class GrowLayer(DynamicLayer):
@@ -141,17 +161,15 @@ class SparseCache(WindowCache):
     def attend(self, layer: int, query, key, value, mask, scaling, base):
         cfg = self.cfg
         valid = self.key_valid(layer)
-        dense = self.steps < cfg.dense_steps or self.exact
-        long = None if dense or layer not in self.hist else self.all_long(valid)
-        valid = valid.to(query.device)
-        k = key.shape[2] if self.steps < cfg.dense_steps else cfg.topk  # a dense step attends to every key
+        dense_step = self.steps < cfg.dense_steps
+        long = None if dense_step or self.exact or layer not in self.hist else self.all_long(valid)
         q = query[:, :, 0]
-        scores, slots = select(q, key, valid, self.hist.get(layer), k, cfg.expand, dense, scaling, long)
-        top = slice(0, cfg.topk)  # sorted: a dense step's history is the exact top-k
-        self.hist[layer] = torch.where(torch.isfinite(scores[..., top]), slots[..., top], -1)
+        hist = self.hist.get(layer)
+        out, self.hist[layer] = step(
+            q, key, value, valid.to(query.device), hist, cfg, dense_step, scaling, long, self.exact
+        )
         if self.trace is not None:
-            self.trace.append((layer, query[:, :, 0].detach(), key.detach(), self.hist[layer]))
-        out = attend(scores, slots.clamp(min=0), value)
+            self.trace.append((layer, q.detach(), key.detach(), self.hist[layer]))
         return out[:, None].to(query.dtype)  # [B, 1, H, D]
 
     def evict(self) -> None:
