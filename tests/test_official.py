@@ -164,6 +164,8 @@ def test_set_order_is_pythons():
             continue
         n = rng.choice([8, 8, 5, 4, 7])
         ok = [True] * n + [False] * (8 - n)
+        if len(rows) % 2:  # absent pivots anywhere in the row (DART: image pivots short, text pivots not)
+            rng.shuffle(ok)
         rows.append(vals)
         valid.append(ok)
         want.append(list({v for v, o in zip(vals, ok) if o}))

@@ -221,8 +221,7 @@ class Prefill:
 
     def keep_text(self, chosen_visual: torch.Tensor) -> torch.Tensor:
         """Keep mask over current slots: every real text token plus the chosen visual ones."""
-        vis = self.visual()
-        return self.seg.valid & (~vis | chosen_visual)
+        return torch.where(self.visual(), chosen_visual, self.seg.valid)  # visual slots are real ones
 
     def decide(
         self, keep: torch.Tensor, counts: list | None = None, hidden: torch.Tensor | None = None, masked=False

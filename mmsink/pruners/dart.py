@@ -73,11 +73,11 @@ class DART(Pruner):
     def per_pivot_device(self, n: torch.Tensor) -> torch.Tensor:
         """``per_pivot`` of each image size in ``n`` [B] (long, on the device; 0 for a size of 0)."""
         o = self.options
+        cap = n - n.clamp(max=o.image_pivots)
         if isinstance(self.budget, int):
-            b = torch.full_like(n, self.budget)
+            b = cap.clamp(max=self.budget)
         else:  # int(n * f): the double product, truncated (n * f >= 0)
-            b = (n.double() * self.budget).floor().long()
-        b = torch.minimum(b, n - n.clamp(max=o.image_pivots))
+            b = torch.minimum((n.double() * self.budget).floor().long(), cap)
         return b // (o.image_pivots + o.text_pivots)
 
     def kept(self, n: int, text: int) -> int:
@@ -111,7 +111,6 @@ class DART(Pruner):
         image_sizes = lay.counts.to(knorm.device)  # [B, M] each image's tokens, 0 past the sample's own
         if ctx.budget_per == "prompt":
             image_sizes = image_sizes.sum(1, keepdim=True)
-        n_piv = o.image_pivots + o.text_pivots
         max_pos = lay.length
         kept = torch.zeros_like(vis)
         for m in range(max((len(s) for s in sizes), default=0)):
@@ -119,29 +118,28 @@ class DART(Pruner):
             first = torch.where(cand, slot, n).amin(1)  # the image's first slot (n when absent)
             # pivots: image tokens, then text after the image (other prompt text fills a shortfall)
             ip = ranked(knorm, cand, o.image_pivots)
-            after = text & (slot > first[:, None])
-            tp = ranked(knorm, text, o.text_pivots, first=after)
+            tp = ranked(knorm, text, o.text_pivots, first=text & (slot > first[:, None]))
             piv = torch.cat([ip, tp], 1)  # [B, P] slots, -1 where absent
-            ok = piv >= 0
-            order = set_order(pos.gather(1, piv.clamp(min=0)), ok, max_pos)  # [B, P] columns, -1 absent
-            hp = state.gather(1, piv.clamp(min=0)[..., None].expand(-1, -1, state.shape[-1]))
+            at = piv.clamp(min=0)
+            order = set_order(pos.gather(1, at), piv >= 0, max_pos)  # [B, P] columns, -1 absent
+            hp = state.gather(1, at[..., None].expand(-1, -1, state.shape[-1]))
             sim = torch.einsum("bnd,bpd->bpn", state, hp)  # [B, P, n]
             d = state.shape[-1]
             ctx.add_flops(2 * b * n * piv.shape[1] * d, pivot_work(ctx, o, sizes, m, d))
             per = self.per_pivot_device(image_sizes[:, m])  # [B], 0 where the sample has no image m
-            pool = cand & ~scatter_mask(piv, n)
-            chosen = cand & scatter_mask(ip, n)
+            # the image minus its pivots (a -1 pivot, clamped to slot 0, only where all its tokens are pivots)
+            pool = cand.scatter(1, at[:, : ip.shape[1]], False)
             # each pivot's slots by (similarity, slot), sorted once, in visiting order: a pivot in turn takes
             # the first k of its list still in the pool (the pool only shrinks, so the order among what is
             # left is the one a sort of the pool alone would give)
-            ranked_slots = sim.masked_fill(~cand[:, None], float("inf")).argsort(dim=2, stable=True)
+            ranked_slots = torch.where(cand[:, None], sim, float("inf")).argsort(dim=2, stable=True)
             ranked_slots = ranked_slots.gather(1, order.clamp(min=0)[..., None].expand(-1, -1, n))
             ks = torch.where(order >= 0, per[:, None], 0)  # [B, P] tokens each visit takes
-            for t in range(n_piv):
-                take = first_in_pool(ranked_slots[:, t], pool, ks[:, t : t + 1])
-                pool &= ~take
-                chosen |= take
-            kept |= chosen
+            for t in range(order.shape[1]):
+                s = ranked_slots[:, t]
+                inside = pool.gather(1, s)
+                pool.scatter_(1, s, inside & (inside.cumsum(1) > ks[:, t : t + 1]))  # the first k leave
+            kept |= cand ^ pool  # the image pivots and every token taken (the pool is within the image)
         counts = None
         if seg.counts is not None and ctx.protected is None and ctx.pending is None:
             counts = []
@@ -179,26 +177,14 @@ def pivot_work(ctx, o, sizes: list, m: int, d: int):
 
 def ranked(score: torch.Tensor, cand: torch.Tensor, k: int, first=None) -> torch.Tensor:
     """[B, k] slots of the k highest ``score`` among ``cand`` (descending; ties: lower slot first), -1
-    where a sample has fewer candidates. ``first`` [B, n] bool: those candidates rank before the others."""
-    s = score.float().masked_fill(~cand, float("-inf"))
-    order = s.argsort(dim=1, descending=True, stable=True)
+    where a sample has fewer candidates. ``first`` [B, n] bool, within ``cand``: those rank before the
+    others."""
+    order = torch.where(cand, score.float(), float("-inf")).argsort(dim=1, descending=True, stable=True)
     if first is not None:
-        lead = (first & cand).gather(1, order).long()
+        lead = first.gather(1, order).long()
         order = order.gather(1, lead.argsort(dim=1, descending=True, stable=True))
     order = order[:, :k]
-    return torch.where(cand.gather(1, order), order, torch.full_like(order, -1))
-
-
-def scatter_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n] bool: True at the slots ``idx`` [B, P] lists (-1 ignored)."""
-    out = torch.zeros(idx.shape[0], n + 1, dtype=torch.bool, device=idx.device)
-    return out.scatter(1, torch.where(idx >= 0, idx, n), True)[:, :n]
-
-
-def first_in_pool(slots: torch.Tensor, pool: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """[B, n] bool: the first k[b] (k [B, 1]) of ``slots`` [B, n] (a permutation of the slots) in ``pool``."""
-    inside = pool.gather(1, slots)
-    return torch.zeros_like(pool).scatter_(1, slots, inside & (inside.cumsum(1) <= k))
+    return torch.where(cand.gather(1, order), order, -1)
 
 
 # ---------------------------------------------------------------- CPython's set iteration order, batched
@@ -215,74 +201,65 @@ def set_order(values: torch.Tensor, valid: torch.Tensor, max_value: int) -> torc
         raise ValueError("mmsink: set_order covers up to 8 elements (a set grown once)")
     dev = values.device
     col = torch.arange(p, device=dev).expand(g, p)
-    cols = col.masked_fill(~valid, p).sort(dim=1, stable=True).values  # valid columns first, in order
+    cols = torch.where(valid, col, p).sort(dim=1).values  # valid columns first, in order
     good = cols < p
     cols = cols.clamp(max=p - 1)
     h = values.gather(1, cols).long()
     shifts = -(-max(int(max_value).bit_length(), 1) // PERTURB_SHIFT)  # jumps while perturb is non-zero
     # once perturb is 0 the jumps cycle through every slot: <= 4 taken of 8, <= 7 of 32 (a window of 10
     # linear probes always has a free slot) bound the probes
-    p8 = probes(h, SET_MINSIZE - 1, shifts + 5)  # [G, P, S]
-    # each table has one more column: the writes of rows with nothing to insert go there
+    start = jumps(h, shifts + 8)  # [G, P, S] modulo 32
+    # each table has one more column: the elements a row lacks are written there. 8 slots: no linear
+    # probes (i + LINEAR_PROBES > 7), the starts modulo 8
+    p8 = torch.where(good[..., None], start[..., : shifts + 5] & (SET_MINSIZE - 1), SET_MINSIZE)
     t8 = torch.full((g, SET_MINSIZE + 1), -1, dtype=torch.long, device=dev)
     for j in range(min(p, 5)):
-        insert(t8, p8[:, j], j, good[:, j])
-    if p < 5:
-        pos = listed(t8[:, :SET_MINSIZE], p)
-    else:
-        p32 = probes(h, 31, shifts + 8)
-        t32 = torch.full((g, 33), -1, dtype=torch.long, device=dev)  # 5 elements * 4 -> above 20: 32 slots
-        old = listed(t8[:, :SET_MINSIZE], 5)  # the resize re-inserts in the old table's slot order
+        insert(t8, p8[:, j], j)
+    pos = listed(t8[:, :SET_MINSIZE], p)  # positions in the compacted row
+    if p >= 5:  # 5 elements * 4 -> above 20: 32 slots
+        s32 = torch.where(good[..., None], start, 32)
+        ar = torch.arange(LINEAR_PROBES + 1, device=dev)
+        near = (s32 <= 31 - LINEAR_PROBES)[..., None]  # the next LINEAR_PROBES slots fit
+        p32 = torch.where(near, s32[..., None] + ar, s32[..., None]).flatten(-2)
+        t32 = torch.full((g, 33), -1, dtype=torch.long, device=dev)
+        # the resize re-inserts in the old table's slot order (rows with fewer than 5 elements keep pos)
+        old = pos[:, :5]
         moved = p32.gather(1, old.clamp(min=0)[..., None].expand(-1, -1, p32.shape[2]))
         for r in range(5):
-            insert(t32, moved[:, r], old[:, r], old[:, r] >= 0)
+            insert(t32, moved[:, r], old[:, r])
         for j in range(5, p):
-            insert(t32, p32[:, j], j, good[:, j])
-        # positions in the compacted row
-        pos = torch.where(good[:, 4:5], listed(t32[:, :32], p), listed(t8[:, :SET_MINSIZE], p))
-    return torch.where(pos >= 0, cols.gather(1, pos.clamp(min=0)), pos)
+            insert(t32, p32[:, j], j)
+        pos = torch.where(good[:, 4:5], listed(t32[:, :32], p), pos)
+    return torch.where(pos >= 0, cols.gather(1, pos.clamp(min=0)), -1)
 
 
-_PROBE_CONSTANTS: dict = {}
+_JUMP_CONSTANTS: dict = {}
 
 
-def probes(h: torch.Tensor, mask: int, steps: int) -> torch.Tensor:
-    """[..., steps * 10] the slots CPython's set checks, in order, for hashes ``h`` [...] in a table of
-    mask+1 slots: from slot i the next LINEAR_PROBES slots too when they fit, then i = 5i + 1 + perturb
-    with perturb shifted right by 5 each time. The jumps in closed form (mask + 1 is a power of two, so
-    the recurrence holds modulo it): i_s = 5^s i_0 + sum_{1 <= r <= s} 5^(s-r) (1 + (h >> 5r)), every
-    start in a few ops instead of a loop of them."""
-    key = (h.device, mask, steps)
-    if key not in _PROBE_CONSTANTS:
+def jumps(h: torch.Tensor, steps: int) -> torch.Tensor:
+    """[..., steps] where each of CPython's probe runs starts, for hashes ``h`` [...] in a 32-slot table:
+    i = 5i + 1 + perturb, perturb shifted right by 5 before each jump. In closed form (the table's size is
+    a power of two, so the recurrence holds modulo it): i_s = 5^s i_0 + sum_{1 <= r <= s} 5^(s-r)
+    (1 + (h >> 5r)), every start in a few ops instead of a loop of them. Modulo 8 (which divides 32):
+    the 8-slot table's starts."""
+    key = (h.device, steps)
+    if key not in _JUMP_CONSTANTS:
         s = torch.arange(steps, device=h.device)
         e = s[:, None] - s[None, :]  # [S, R]: the power of 5 that term r carries at start s
-        coef = torch.where(e >= 0, torch.pow(5, e.clamp(min=0)), 0) & mask
-        _PROBE_CONSTANTS[key] = (coef, s * PERTURB_SHIFT, torch.arange(LINEAR_PROBES + 1, device=h.device))
-    coef, shift, ar = _PROBE_CONSTANTS[key]
-    terms = ((h[..., None] >> shift) + 1) & mask  # [..., R]: 1 + perturb_r (r >= 1)
-    terms[..., 0] = h & mask  # i_0
-    start = (terms[..., None, :] * coef).sum(-1) & mask  # [..., S]
-    window = torch.where((start + LINEAR_PROBES <= mask)[..., None], start[..., None] + ar, start[..., None])
-    return window.flatten(-2)
+        coef = torch.where(e >= 0, torch.pow(5, e.clamp(min=0)), 0) & 31
+        _JUMP_CONSTANTS[key] = (coef, s * PERTURB_SHIFT, (s > 0).long())  # term 0: i_0 = h, no 1 added
+    coef, shift, one = _JUMP_CONSTANTS[key]
+    terms = ((h[..., None] >> shift) + one) & 31  # [..., R]: i_0, then 1 + perturb_r
+    return (terms[..., None, :] * coef).sum(-1) & 31
 
 
-def insert(table: torch.Tensor, slots: torch.Tensor, element, active: torch.Tensor) -> None:
-    """Put ``element`` (int or [G]) into the first empty slot (-1) of each row's probe list, where
-    ``active``; elsewhere into the table's last column (kept free of the set's slots for that)."""
+def insert(table: torch.Tensor, slots: torch.Tensor, element) -> None:
+    """Put ``element`` (int or [G]) into the first empty slot (-1) of each row's probe list ``slots``."""
     at = slots.gather(1, table.gather(1, slots).argmin(1, keepdim=True))  # argmin: the first -1
-    at = torch.where(active[:, None], at, table.shape[1] - 1)
-    if isinstance(element, int):  # filled on the device: as_tensor(int) would be a host-to-device copy
-        table.scatter_(1, at, element)
-    else:
-        table.scatter_(1, at, element[:, None])
+    # an int is filled on the device: as_tensor(int) would be a host-to-device copy
+    table.scatter_(1, at, element if isinstance(element, int) else element[:, None])
 
 
 def listed(table: torch.Tensor, p: int) -> torch.Tensor:
-    """[G, p] the table's elements in slot order, -1 padded."""
-    size = table.shape[1]
-    slot = torch.arange(size, device=table.device).expand_as(table)
-    order = torch.where(table >= 0, slot, size + slot).argsort(dim=1)[:, :p]
-    out = table.gather(1, order)
-    if out.shape[1] < p:
-        out = torch.cat([out, out.new_full((out.shape[0], p - out.shape[1]), -1)], 1)
-    return out
+    """[G, p] the table's elements in slot order, -1 padded (p <= the table's slots)."""
+    return table.gather(1, (table < 0).to(torch.uint8).argsort(dim=1, stable=True)[:, :p])
