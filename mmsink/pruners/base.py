@@ -173,10 +173,8 @@ def budget_count(budget, n: torch.Tensor) -> torch.Tensor:
     """Tokens to keep of an image of ``n`` tokens ([B] long; 0 where there is no image), on the device and
     without reading it: the size check is the caller's, from host sizes (``topk_per_image`` makes it)."""
     if isinstance(budget, float):
-        k = torch.ceil(n.double() * budget).long()
-    else:
-        k = torch.full_like(n, budget)
-    return torch.where(n > 0, k.clamp(min=1), torch.zeros_like(n))
+        return torch.where(n > 0, torch.ceil(n.double() * budget).long().clamp(min=1), 0)
+    return torch.where(n > 0, budget, 0)  # an int budget is >= 1
 
 
 def budget_tokens(budget, n: int) -> int:
@@ -202,26 +200,36 @@ def budget_sizes(ctx: Prefill) -> list:
     return sizes if ctx.budget_per != "prompt" else [[sum(s)] for s in sizes]
 
 
-def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of, budget=None) -> torch.Tensor:
+def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of, budget=None, memo: str | None = None):
     """Chosen visual slots [B, n]: for each image, the k highest ``scores`` among its current slots.
     ``k_of(orig_count [B], current_count [B]) -> k [B]``; ``budget``: an int budget to check against the
-    image sizes. No device sync: a full sort per image instead of a top-k whose width is read back."""
-    img = ctx.image_of()
-    orig = ctx.layout.counts
-    if ctx.budget_per == "prompt":  # all images of a prompt compete for one budget
-        img = torch.where(img >= 0, torch.zeros_like(img), img)
-        orig = orig.sum(1, keepdim=True)
+    image sizes. No device sync: a full sort per image instead of a top-k whose width is read back.
+    ``memo``: a key of the segment's cache under which each image's candidates and k are kept for later
+    calls on the same segment (when ``k_of`` depends on its arguments alone)."""
     check_size(budget, [n for s in budget_sizes(ctx) for n in s])
-    chosen = torch.zeros_like(img, dtype=torch.bool)
-    ranks = torch.arange(img.shape[1], device=img.device)[None]
-    for m in range(orig.shape[1]):
-        cand = img == m
-        cur = cand.sum(1)
-        k = torch.minimum(k_of(orig[:, m], cur), cur)
+    images = ctx.seg.cache.get(memo) if memo is not None else None
+    if images is None:
+        img = ctx.image_of()
+        orig = ctx.layout.counts
+        if ctx.budget_per == "prompt":  # all images of a prompt compete for one budget
+            img = torch.where(img >= 0, torch.zeros_like(img), img)
+            orig = orig.sum(1, keepdim=True)
+        ranks = torch.arange(img.shape[1], device=img.device)[None]
+        images = []
+        for m in range(orig.shape[1]):
+            cand = img == m
+            cur = cand.sum(1)
+            k = torch.minimum(k_of(orig[:, m], cur), cur)
+            images.append((cand, ranks < k[:, None]))  # the first k of a sorted row
+        if memo is not None:
+            ctx.seg.cache[memo] = images
+    chosen = None
+    for cand, first in images:
         s = torch.where(cand, scores.float(), float("-inf"))
         order = s.argsort(dim=1, descending=True, stable=True)  # ties: lower slot first, as topk does here
-        chosen |= torch.zeros_like(chosen).scatter(1, order, ranks < k[:, None])
-    return chosen
+        pick = cand.scatter(1, order, first)  # order lists every slot: each is written
+        chosen = pick if chosen is None else chosen | pick
+    return chosen if chosen is not None else torch.zeros_like(ctx.visual())
 
 
 def topk_counts(ctx: Prefill, k_host) -> list | None:

@@ -147,7 +147,7 @@ class VisiPruner(Pruner):
             critical = vis & (cnorm > o.tokens_threshold)
         else:
             k_of = lambda orig, cur: budget_count(self.budget, orig)  # noqa: E731
-            critical = topk_per_image(ctx, cnorm, k_of, self.budget)
+            critical = topk_per_image(ctx, cnorm, k_of, self.budget, memo="visipruner_topk")
         keep_vis = torch.where(fuse[:, None], critical, vis)
         run["fused_at"] = torch.where(fuse, layer, run["fused_at"])
         if run["deep"]:
@@ -157,7 +157,9 @@ class VisiPruner(Pruner):
             drop = deep & (run["quiet"] >= o.deep_passes)
             keep_vis = keep_vis & ~drop[:, None]
             run["done"] |= drop
-        waiting = (run["fused_at"] < 0) | (run["deep"] & ~run["done"])
+        waiting = run["fused_at"] < 0
+        if run["deep"]:
+            waiting = waiting | ~run["done"]
         run["testing"] = waiting & has_vis
         if run["masked"]:  # no read before the fallback; from it every sample has fused (no deep stage)
             if layer >= run["fallback"]:
@@ -175,7 +177,7 @@ def observing(ctx) -> bool:
 
 
 def contribution_test(ctx, observed):
-    """cos(o - c_j, o) and ||c_j|| for every current slot (inf / 0 on non-visual slots), from the
+    """cos(o - c_j, o) and ||c_j|| for every current slot (cos inf on non-visual slots), from the
     anchor row only: o = sum_j a_j v_j and c_j = a_j v_j with all heads concatenated. The batch tests while
     any sample waits; a sample alone tests only while it waits itself (``run["testing"]``, as read before
     this layer), on its own slots: its FLOPs are counted so, the batch's as executed."""
@@ -189,18 +191,17 @@ def contribution_test(ctx, observed):
     o = torch.einsum("bhn,bhnd->bhd", a, vv)
     vo = torch.einsum("bhnd,bhd->bhn", vv, o)
     b, _, n, d = vv.shape
-    real = ctx.seg.cache.get("visipruner_real")  # per segment, not per layer
-    if real is None:
-        real = ctx.seg.cache["visipruner_real"] = ctx.seg.valid.sum(1)
-    own = 6 * h * d * real * ctx.run["testing"]  # [B] on the device: no read
+    per_real = ctx.seg.cache.get("visipruner_own")  # per segment, not per layer
+    if per_real is None:
+        per_real = ctx.seg.cache["visipruner_own"] = 6 * h * d * ctx.seg.valid.sum(1)
+    own = per_real * ctx.run["testing"]  # [B] on the device: no read
     ctx.add_flops(logits + 4 * b * h * n * d, own)
     oo = o.pow(2).sum((1, 2))[:, None]
     co = (a * vo).sum(1)
     cc = (a.pow(2) * vv.pow(2).sum(-1)).sum(1)
-    diff = (oo - 2 * co + cc).clamp(min=0).sqrt()
+    diff = (torch.sub(oo, co, alpha=2) + cc).clamp(min=0).sqrt()  # oo - 2 co + cc (2 co is exact)
     cos = (oo - co) / (oo.sqrt() * diff).clamp(min=1e-30)
-    vis = ctx.visual()
-    return torch.where(vis, cos, float("inf")), torch.where(vis, cc.sqrt(), 0.0)
+    return torch.where(ctx.visual(), cos, float("inf")), cc.sqrt()
 
 
 def shallow_widths(ctx) -> list[int] | None:
