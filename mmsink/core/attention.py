@@ -150,15 +150,21 @@ def mask_to_bool(base: str, mask, key_valid: torch.Tensor | None, n_q: int, n_kv
 # ----------------------------------------------------------------------------- grouped log-sum-exp
 
 
-def attention_lse(q, k, v, allowed, scale):
-    """Attention output and log-sum-exp per row over the allowed keys, through a fused kernel when there
-    is one. q [B,H,n,d], k/v [B,H,m,d] (heads already repeated), allowed [B,1|H,n,m] bool.
-    Rows with no allowed key give output 0 and LSE -inf."""
-    empty = ~allowed.any(-1)  # [B,1|H,n]
+def lse_masks(allowed: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """(rows with no allowed key [B,1|H,n], additive bias [B,1|H,n,m]) for :func:`attention_lse`."""
+    empty = ~allowed.any(-1)
     # the fused CUDA kernel wants the bias rows 8-aligned in memory: allocate padded, then slice
     m = allowed.shape[-1]
-    storage = torch.zeros(*allowed.shape[:-1], -(-m // 8) * 8, dtype=q.dtype, device=q.device)
-    bias = storage[..., :m].masked_fill_(~allowed, float("-inf"))
+    storage = torch.zeros(*allowed.shape[:-1], -(-m // 8) * 8, dtype=dtype, device=allowed.device)
+    return empty, storage[..., :m].masked_fill_(~allowed, float("-inf"))
+
+
+def attention_lse(q, k, v, allowed, scale, masks=None):
+    """Attention output and log-sum-exp per row over the allowed keys, through a fused kernel when there
+    is one. q [B,H,n,d], k/v [B,H,m,d] (heads already repeated), allowed [B,1|H,n,m] bool.
+    Rows with no allowed key give output 0 and LSE -inf. ``masks``: ``lse_masks(allowed, q.dtype)`` when
+    the caller has them."""
+    empty, bias = masks if masks is not None else lse_masks(allowed, q.dtype)
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias.expand(q.shape[0], q.shape[1], -1, -1), scale=scale
@@ -187,14 +193,15 @@ def attention_lse_math(q, k, v, allowed, scale):
     return out, lse
 
 
-def grouped_attention(q, k, v, allowed, groups, scale, math_only=False, total=None, skip=None):
+def grouped_attention(q, k, v, allowed, groups, scale, math_only=False, total=None, skip=None, memo=None):
     """Per key group g: the partial output O_g (normalised inside the group) and its mass
     m_g = exp(LSE_g - LSE_all). The full attention output is sum_g m_g O_g; a method that rescales group
     masses only changes the m_g. ``groups``: list of [B, m_g] index tensors into the key axis, with -1
     padding. ``total`` [B,H,n]: LSE over all allowed keys when the caller has it (the plain attention's
     kernel returns it); then group ``skip`` is not attended at all: its output is None and its mass
     1 - sum of the others (the groups cover every allowed key). Returns (outs [G][B,H,n,d] or None,
-    masses [G][B,H,n] float32)."""
+    masses [G][B,H,n] float32). ``memo``: a dict that keeps each group's key indices and masks for later
+    calls with the same ``allowed`` and ``groups`` (index groups only)."""
     h = q.shape[1]
     fn = attention_lse_math if math_only else attention_lse
     if isinstance(groups, torch.Tensor):  # membership [G, B, kv]: every group in one kernel call
@@ -205,14 +212,19 @@ def grouped_attention(q, k, v, allowed, groups, scale, math_only=False, total=No
             outs.append(None)
             lses.append(None)
             continue
-        safe = idx.clamp(min=0)
-        gi = safe[:, None, :, None]
+        kept = memo.get(g) if memo is not None else None
+        if kept is None:
+            safe = idx.clamp(min=0)
+            ag = allowed.gather(3, safe[:, None, None, :].expand(-1, allowed.shape[1], allowed.shape[2], -1))
+            ag = ag & (idx >= 0)[:, None, None, :]
+            kept = (safe[:, None, :, None], ag, None if math_only else lse_masks(ag, q.dtype))
+            if memo is not None:
+                memo[g] = kept
+        gi, ag, masks = kept
         kg = k.gather(2, gi.expand(-1, k.shape[1], -1, k.shape[3]))
         vg = v.gather(2, gi.expand(-1, v.shape[1], -1, v.shape[3]))
         kg, vg = repeat_kv(kg, h // k.shape[1]), repeat_kv(vg, h // v.shape[1])
-        ag = allowed.gather(3, safe[:, None, None, :].expand(-1, allowed.shape[1], allowed.shape[2], -1))
-        ag = ag & (idx >= 0)[:, None, None, :]
-        o, lse = fn(q, kg, vg, ag, scale)
+        o, lse = fn(q, kg, vg, ag, scale) if math_only else fn(q, kg, vg, ag, scale, masks)
         outs.append(o)
         lses.append(lse)
     if total is None:
@@ -275,7 +287,7 @@ def group_indices(member: torch.Tensor, m: int | None = None) -> torch.Tensor:
     key = torch.where(member, ar, kv + ar)
     order = key.argsort(dim=1)[:, :m]
     ok = member.gather(1, order)
-    return torch.where(ok, order, torch.full_like(order, -1))
+    return torch.where(ok, order, -1)
 
 
 def flops_grouped(q, k, groups) -> int:
@@ -285,7 +297,9 @@ def flops_grouped(q, k, groups) -> int:
     return sum(4 * b * h * n * g.shape[1] * d for g in groups)
 
 
-def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mix, skip=None, dense=False):
+def reweighted_attention(
+    q, k, v, mask, key_valid, scale, base, rows, groups, mix, skip=None, dense=False, memo=None
+):
     """Attention where some query rows get their key-group masses edited.
 
     Every row first gets plain attention (the fast kernel; ``mask`` as the layer received it). Rows where
@@ -294,11 +308,22 @@ def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mi
     new outputs [B, H, R, d] (float32), where the unedited answer would be sum_g m_g O_g. No attention
     matrix is formed for the other rows. ``skip``: a group whose output ``mix`` does not read; when the
     plain attention's kernel also gives each row's LSE (``dense``: causal over every key, no padding), that
-    group is not attended (its mass is what the others leave).
+    group is not attended (its mass is what the others leave). ``memo``: a dict the caller keeps across
+    layers with the same ``key_valid``, ``rows`` and ``groups``: the masks and indices made from them are
+    made once for the same ``mask`` object (not per layer).
     Returns (output [B, n, H, d], FLOPs executed)."""
     b, h, n, d = q.shape
     kv = k.shape[2]
-    allowed = mask_to_bool(base, mask, key_valid, n, kv, b, q.device)
+    if memo is None or "mask" not in memo or memo["mask"] is not mask or memo["dtype"] != q.dtype:
+        memo = {} if memo is None else memo
+        memo.clear()
+        allowed = mask_to_bool(base, mask, key_valid, n, kv, b, q.device)
+        ri = rows if rows.dtype == torch.long else group_indices(rows)  # [B, R] edited rows, -1 padding
+        safe = ri.clamp(min=0)
+        allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
+        memo.update(mask=mask, dtype=q.dtype, allowed=allowed, ri=ri, safe=safe, allowed_r=allowed_r)
+        memo.update(real=(ri >= 0)[:, None, :, None], groups={})
+    allowed, ri, safe, allowed_r = memo["allowed"], memo["ri"], memo["safe"], memo["allowed_r"]
     kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
     fused = attention_with_lse(q, kk, vv, scale) if skip is not None and base == "sdpa" and dense else None
     lse_all = None
@@ -310,19 +335,17 @@ def reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mi
         out = F.scaled_dot_product_attention(q, kk, vv, is_causal=n > 1, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
-    ri = rows if rows.dtype == torch.long else group_indices(rows)  # [B, R] edited rows, -1 padding
-    safe = ri.clamp(min=0)
     q_r = q.gather(2, safe[:, None, :, None].expand(-1, h, -1, d))
-    allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
     total = None if lse_all is None else lse_all.gather(2, safe[:, None, :].expand(-1, h, -1))
     # membership groups attend every key: hand them the heads repeated above (index groups gather first)
     gk, gv = (kk, vv) if isinstance(groups, torch.Tensor) else (k, v)
+    math_only = base == "eager"
     outs, masses = grouped_attention(
-        q_r, gk, gv, allowed_r, groups, scale, math_only=base == "eager", total=total, skip=skip
+        q_r, gk, gv, allowed_r, groups, scale, math_only, total=total, skip=skip, memo=memo["groups"]
     )
     new = mix(outs, masses, ri, vv)
     idx = safe[:, None, :, None].expand(-1, h, -1, d)
-    new = torch.where((ri >= 0)[:, None, :, None], new.to(out.dtype), out.gather(2, idx))
+    new = torch.where(memo["real"], new.to(out.dtype), out.gather(2, idx))
     out = out.scatter(2, idx, new)
     attended = groups
     if not isinstance(groups, torch.Tensor):

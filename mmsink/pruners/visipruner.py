@@ -253,11 +253,13 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, rule0):
     rows = memo[rule is not None]
 
     def mix(outs, masses, ri, vv):
+        new = masses[0][..., None] * outs[0].float()  # the non-image keys keep their mass
+        if rule is None:
+            return new  # layers 1..S-1: text rows drop the image mass
         # every edited row is a text row after an image or (layer 0) an image row; -1 padding is discarded
         h, d = vv.shape[1], vv.shape[3]
         is_img = vis.gather(1, ri.clamp(min=0)) & (ri >= 0)
         txt_row = (~is_img & (ri >= 0))[:, None, :, None]
-        new = masses[0][..., None] * outs[0].float()  # the non-image keys keep their mass
         if rule == "7b":  # text rows move each image's mass onto its first token; image rows lose it
             for g, m_g in zip(groups[1:], masses[1:]):
                 first = g[:, :1].clamp(min=0)
@@ -265,12 +267,14 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, rule0):
                 new = new + torch.where(txt_row, m_g[..., None] * v_first, 0.0)
         elif rule == "13b":  # text rows keep the second half's mass as is; image rows lose every image key
             new = new + torch.where(txt_row, masses[2][..., None] * outs[2].float(), 0.0)
-        return new  # layers 1..S-1: text rows drop the image mass
+        return new
 
     # a group whose output is never read: the fused kernel's LSE gives its mass (one image; 13B: 1st half)
     skip = 1 if ctx.layout.max_images == 1 or rule == "13b" else None
+    # layers 1..S-1 share their rows and groups: their masks and indices are made once
+    kept = memo.setdefault(("attention", rule), {})
     out, flops = reweighted_attention(
-        q, k, v, mask, seg.valid, scale, base, rows, groups, mix, skip=skip, dense=seg.dense
+        q, k, v, mask, seg.valid, scale, base, rows, groups, mix, skip=skip, dense=seg.dense, memo=kept
     )
     ctx.attn_flops[layer] = flops
     return out
