@@ -11,9 +11,12 @@ crops) on its own and drops the newline tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from mmsink.core.bind import Bound
 from mmsink.core.family import Family as Protocol
 from mmsink.core.family import VisionTokens
 from mmsink.core.layout import build_layout
@@ -32,6 +35,7 @@ class Family(Protocol):
             )
         super().__init__(model, model.model.language_model, model.model.multi_modal_projector)
         self._token_maps: dict = {}
+        self._device_maps: dict = {}
 
     def token_map(self, features, kwargs, on_host: bool = False):
         """(source, lengths): for every visual token of the sequence, in order, its row in the flattened
@@ -42,22 +46,57 @@ class Family(Protocol):
         return (src if on_host else src.to(features.device, non_blocking=True)), lens
 
     def host_token_map(self, tiles: int, per: int, kwargs):
-        sizes = kwargs.get("image_sizes")
-        sizes = [tuple(s) for s in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
-        key = (tiles, per, tuple(sizes))
+        counts = self.tiles(kwargs.get("pixel_values"), kwargs)
+        if sum(counts) != tiles:
+            raise ValueError(
+                f"mmsink: {tiles} tiles in the projector input, the image sizes give {sum(counts)}"
+            )
+        return self.packing(tuple(counts), per, host_sizes(kwargs))
+
+    def packing(self, counts: tuple, per: int, sizes: tuple):
+        """(source, lengths) of ``token_map`` for images of ``counts`` tiles of ``per`` tokens each."""
+        key = (counts, per, sizes)
         maps = self._token_maps
         if key not in maps:
             if len(maps) >= 16:
                 maps.pop(next(iter(maps)))
-            rows = torch.arange(tiles * per, dtype=torch.float32).view(tiles, per, 1)
-            counts = self.tiles(kwargs.get("pixel_values"), {**kwargs, "image_sizes": sizes})
-            packed, lens = self.model.model.pack_image_features(
-                list(rows.split(counts)),
+            rows = torch.arange(sum(counts) * per, dtype=torch.float32).view(-1, per, 1)
+            inner = self.model.model  # the class's own packing (the instance's is ours, see ``install``)
+            packed, lens = type(inner).pack_image_features(
+                inner,
+                list(rows.split(list(counts))),
                 torch.tensor(sizes),
                 vision_feature_select_strategy=self.config.vision_feature_select_strategy,
                 image_newline=torch.full((1,), -1.0),
             )
             maps[key] = (torch.cat(packed).view(-1).round().long(), [int(n) for n in lens])
+        return maps[key]
+
+    def device_map(self, counts, per: int, sizes: tuple, device) -> DeviceMap:
+        """``packing``'s map as index tensors on ``device``, kept with it: placing an image's features,
+        mapping a keep set to the sequence and the tiles' present tokens cost no host work after the
+        first prefill of a size."""
+        counts = tuple(counts)
+        key = (counts, per, sizes, device)
+        maps = self._device_maps
+        if key not in maps:
+            if len(maps) >= 16:
+                maps.pop(next(iter(maps)))
+            src, lens = self.packing(counts, per, sizes)
+            tiles = sum(counts)
+            present = torch.zeros(tiles * per, dtype=torch.bool)
+            present[src[src >= 0]] = True
+            present = present.view(tiles, per)
+            line = src < 0
+            maps[key] = DeviceMap(
+                src.clamp(min=0).to(device),
+                line.to(device),
+                line.nonzero()[:, 0].to(device),
+                lens,
+                torch.tensor(lens, device=device),
+                present.to(device),
+                present.sum(1).tolist(),
+            )
         return maps[key]
 
     def pool_grids(self, kwargs) -> list | None:
@@ -92,9 +131,14 @@ class Family(Protocol):
 
     def vit_norms(self, features, kwargs) -> list:
         """Per image, the norm of each visual token's tower feature in sequence order (newlines: 0)."""
-        src, lens = self.token_map(features, kwargs)
+        m = self.device_map(
+            self.tiles(kwargs.get("pixel_values"), kwargs),
+            features.shape[1],
+            host_sizes(kwargs),
+            features.device,
+        )
         norms = features.float().norm(dim=-1).view(-1)
-        return list(gather_or(norms, src, 0.0).split(lens))
+        return list(m.gather(norms, 0.0).split(m.lens))
 
     def vision_taps(self) -> list:
         return clip.cls_taps(self.model)
@@ -105,25 +149,21 @@ class Family(Protocol):
         sequence order through the model's own packing, newline tokens dropped."""
         counts = self.tiles(kwargs.get("pixel_values"), kwargs)
         per_tile = [n for n in counts for _ in range(n)]  # each tile: how many tiles its image has
-        src, _ = self.token_map(features, kwargs, on_host=True)
-        present = torch.zeros(features.shape[0] * features.shape[1], dtype=torch.bool)
-        present[src[src >= 0]] = True
-        present = present.view(features.shape[:2])
-        sizes = present.sum(1).tolist()  # host arithmetic: no device read
-        src = src.to(features.device, non_blocking=True)
+        m = self.device_map(counts, features.shape[1], host_sizes(kwargs), features.device)
         return clip.vision_tokens(  # each tile has its own [CLS]
             self.model,
             features,
             taps,
-            sizes,
+            m.sizes,
             per_tile,
-            present.to(features.device, non_blocking=True),
-            lambda keep: gather_or(keep.reshape(-1), src, False),
+            m.present,
+            lambda keep: m.gather(keep.reshape(-1), False),
         )
 
     def install(self, seam) -> list:
-        """The image placeholders are checked against the layout's host counts."""
-        return [clip.bind_placeholder_check(self.model.model, seam)]
+        """The image placeholders are checked against the layout's host counts; a prefill packs the
+        projected tiles by one gather (``bind_packing``)."""
+        return [clip.bind_placeholder_check(self.model.model, seam), bind_packing(self, seam)]
 
     def graphable_tower(self):
         return self.model.model.vision_tower, clip.feature_layers(self.model)
@@ -154,7 +194,7 @@ class Family(Protocol):
                 image_size_to_num_patches(
                     image_size=s, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=v.image_size
                 )
-                for s in sizes
+                for s in host_sizes(kwargs)
             ]
         per = pixel_values.shape[1] if pixel_values.dim() == 5 else 1
         return [per] * pixel_values.shape[0]
@@ -175,9 +215,61 @@ class Family(Protocol):
         return clip.tower_flops(self, tiles, (v.image_size // v.patch_size) ** 2)
 
 
-def gather_or(values: torch.Tensor, src: torch.Tensor, fill) -> torch.Tensor:
-    """values[src], with ``fill`` where src is -1 (newline tokens)."""
-    return torch.where(src >= 0, values[src.clamp(min=0)], torch.full((), fill, dtype=values.dtype))
+def host_sizes(kwargs) -> tuple:
+    """The images' (height, width) as host ints (``image_sizes``: a tensor or a list)."""
+    sizes = kwargs.get("image_sizes")
+    return tuple(
+        tuple(int(x) for x in s) for s in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)
+    )
+
+
+@dataclass(frozen=True)
+class DeviceMap:
+    """The packing of one tile grid and image sizes (``Family.packing``) on a device."""
+
+    src: torch.Tensor  # [N] row of the flattened projector input for every visual token (0 for newlines)
+    line: torch.Tensor  # [N] bool: newline tokens
+    lines: torch.Tensor  # [K] their positions
+    lens: list  # tokens per image (host ints)
+    lens_t: torch.Tensor  # the same on the device (what ``pack_image_features`` returns)
+    present: torch.Tensor  # [tiles, per] bool: tokens unpadding keeps
+    sizes: list  # present tokens per tile (host ints)
+
+    def gather(self, values: torch.Tensor, fill) -> torch.Tensor:
+        """values[src] (rows of the flattened projector input), ``fill`` at newline tokens."""
+        return values[self.src].masked_fill_(self.line.view(-1, *[1] * (values.dim() - 1)), fill)
+
+
+def bind_packing(family, seam) -> Bound:
+    """``pack_image_features`` on this one model instance, during a wrapped prefill: the same features in
+    the same order, by one gather of the projected rows (the packing's map is kept per tile grid and
+    image sizes) and one write of the newline rows, instead of per-image reshapes, unpadding and
+    concatenations; the lengths tensor is kept too. Other calls (image sizes on the device, no newline
+    token, outside a prefill) run the previous method."""
+
+    def make(previous):
+        def pack_image_features(
+            self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None
+        ):
+            feats = list(image_features)
+            if (
+                not seam.measuring
+                or image_newline is None
+                or not feats
+                or (isinstance(image_sizes, torch.Tensor) and image_sizes.device.type != "cpu")
+                or any(f.dim() != 3 or f.shape[1:] != feats[0].shape[1:] for f in feats)
+            ):
+                return previous(image_features, image_sizes, vision_feature_select_strategy, image_newline)
+            sizes = host_sizes({"image_sizes": image_sizes})
+            m = family.device_map([f.shape[0] for f in feats], feats[0].shape[1], sizes, feats[0].device)
+            flat = (feats[0] if len(feats) == 1 else torch.cat(feats)).flatten(0, 1)
+            out = flat.index_select(0, m.src)
+            out.index_put_((m.lines,), image_newline.to(out.device, out.dtype))
+            return list(out.split(m.lens)), m.lens_t
+
+        return pack_image_features
+
+    return Bound(family.model.model, "pack_image_features", make)
 
 
 def runs_of(images: list, sizes: list) -> list:

@@ -105,10 +105,12 @@ def decode(
     model, family, handle, p: Prefilled, ids, max_new_tokens: int, graphs: bool, compile: bool, opts=None
 ):
     """The new tokens [B, n] after the prompt (greedy, static buffers, one graph replay per token)."""
+    new = p.tok[:, None]
+    if max_new_tokens == 1:  # (before building eos: a tensor from host data, a blocking copy on a GPU)
+        return new
     stops, pad = stop_ids(model)
     eos = torch.tensor(stops, dtype=torch.long, device=ids.device)
-    new = p.tok[:, None]
-    if max_new_tokens == 1 or bool(torch.isin(p.tok, eos).all()):
+    if bool(torch.isin(p.tok, eos).all()):
         return new
     dec = p.dec
     if dec is None:
@@ -191,10 +193,13 @@ def generate_fast(
 def finish(ids, new, model) -> torch.Tensor:
     """Prompt ids and new tokens, cut where every sample has ended."""
     out_ids = torch.cat([ids, new], 1)
-    eos = torch.tensor(stop_ids(model)[0], dtype=torch.long, device=ids.device)
+    stops = stop_ids(model)[0]
+    if new.shape[1] == 1 or not stops:  # nothing to cut
+        return out_ids
+    eos = torch.tensor(stops, dtype=torch.long, device=ids.device)
     # like generate: stop at the step where every sample has finished
     fin = torch.isin(out_ids[:, ids.shape[1] :], eos)
-    if eos.numel() and bool(fin.any(1).all()):
+    if bool(fin.any(1).all()):
         last = int(fin.float().argmax(1).max())  # the latest first-eos over samples
         out_ids = out_ids[:, : ids.shape[1] + last + 1]
     return out_ids

@@ -2,12 +2,12 @@
 
 A CLIP / SigLIP tower runs ~24 layers of small kernels on a few hundred tokens per tile: at batch 1 it
 is bound by launching them (~350 launches and HF's Python per call), and its shapes depend only on the
-pixel tensor's shape. So it is captured once per
-input signature and replayed. Only the hidden states the model reads (``vision_feature_layer``) and the
-last one come back, cloned out of the graph's memory. Hooks a pruner placed inside the tower
-(VisionZip's query / key taps) cannot run during a replay: their modules' outputs are captured as extra
-graph outputs and the hooks are called with them after each replay, so the pruner sees what an eager
-run gives it.
+pixel tensor's shape. So it is captured once per input signature and replayed. The hidden states the
+model reads (``vision_feature_layer``) come back cloned out of the graph's memory; the last hidden state
+and the pooled output, which it does not read, uncopied (valid until the next replay). Hooks a pruner
+placed inside the tower (VisionZip's query / key taps) cannot run during a replay: their modules' outputs
+are captured as extra graph outputs and the hooks are called with them after each replay, so the pruner
+sees what an eager run gives it.
 """
 
 from __future__ import annotations
@@ -69,7 +69,13 @@ class GraphedTower:
         for k, v in kwargs.items():
             load(s_kw[k], v)
         replay()
-        flat = [None if t is None else t.clone() for t in flat]
+        # copies of what is read after the replay returns (the next replay rewrites the graph's memory); a
+        # tap's output that is a picked hidden state (the same tensor, as in an eager run) is copied once
+        copies: dict = {}
+        for t in flat[2:]:
+            if t is not None and id(t) not in copies:
+                copies[id(t)] = t.clone()
+        flat = flat[:2] + [None if t is None else copies[id(t)] for t in flat[2:]]
         n = len(self.taps)
         hidden, grabbed = flat[2 : len(flat) - n], flat[len(flat) - n :]
         for (module, hook), o in zip(self.taps, grabbed):
