@@ -80,3 +80,25 @@ def test_fused_path_on_cuda(dtype):
     plain, _ = run(q, k, v, valid, rows, groups, mix, False)
     torch.testing.assert_close(fused.float(), plain.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(fused.float(), reference(q, k, v, rows, groups), atol=3e-2, rtol=3e-2)
+
+
+def test_memo_keeps_the_masks_for_the_same_mask_object_only():
+    """Layers that share rows, groups and mask reuse the memo's masks (bitwise the output without it); a
+    call with another mask object rebuilds them."""
+    q, k, v, valid, rows, groups, mix = case("cpu", torch.float32)
+    q2, k2, v2 = case("cpu", torch.float32, seed=1)[:3]  # the next layer's
+    padded = valid.clone()
+    padded[0, :3] = False  # sample 0 left-padded: a 2-D mask
+
+    def go(q, k, v, mask, memo):
+        return att.reweighted_attention(q, k, v, mask, valid, 0.125, "sdpa", rows, groups, mix, memo=memo)[0]
+
+    memo = {}
+    assert torch.equal(go(q, k, v, None, memo), go(q, k, v, None, None))
+    allowed = memo["allowed"]
+    assert torch.equal(go(q2, k2, v2, None, memo), go(q2, k2, v2, None, None))
+    assert memo["allowed"] is allowed and len(memo["groups"]) == 2  # reused: one entry per group
+    out = go(q2, k2, v2, padded, memo)
+    assert memo["allowed"] is not allowed
+    assert torch.equal(out, go(q2, k2, v2, padded, None))
+    assert not torch.equal(out, go(q2, k2, v2, None, None))

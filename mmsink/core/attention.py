@@ -77,8 +77,8 @@ def mmsink_attention(base: str):
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         if d.observe:
-            b = torch.arange(query.shape[0], device=query.device)
-            d.observed.update(q=query[b, :, d.anchor], k=key, v=value, scale=scaling)
+            at = d.anchor.to(query.device)[:, None, None, None].expand(-1, query.shape[1], 1, query.shape[3])
+            d.observed.update(q=query.gather(2, at)[:, :, 0], k=key, v=value, scale=scaling)
             if d.rows is not None:  # [B, H, R, d]; padding rows read slot 0 (the caller masks them)
                 at = d.rows.clamp(min=0)[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3])
                 d.observed["q_rows"] = query.gather(2, at)

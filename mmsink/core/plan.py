@@ -269,13 +269,15 @@ class Prefill:
                 same = total == self.seg.total
             else:  # one read: the new widths, whether anything goes, the extras, which masks dropped nothing
                 counts = keep.sum(1)
-                same = (keep == valid).all()
+                # keep is within valid: all of it stays when the total is the segment's, if that is known
+                same = [] if self.seg.total is not None else [(keep == valid).all().long()]
                 opened, self.masked_open = self.masked_open, []
                 kept_all = [(self.segments[j].valid == self.segments[p].valid).all() for j, p in opened]
-                read = torch.stack([counts.min(), counts.max(), counts.sum(), same.long(), *extra, *kept_all])
-                read = read.tolist()
-                (lo, hi, total, same), vals = read[:4], read[4 : 4 + len(extra)]
-                self.unmask(opened, read[4 + len(extra) :])
+                read = torch.stack([*torch.aminmax(counts), counts.sum(), *same, *extra, *kept_all]).tolist()
+                at = 3 + len(same)
+                (lo, hi, total), vals = read[:3], read[at : at + len(extra)]
+                same = read[3] if same else total == self.seg.total
+                self.unmask(opened, read[at + len(extra) :])
             self.pending = None
             if not same:
                 new = repack(self.seg, keep, layer, (lo, hi, total))
