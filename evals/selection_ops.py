@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import shlex
+import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmsink
-from mmsink.tools.bench import bench_inputs, build
+from mmsink.tools.bench import bench_inputs, build, environment
 from mmsink.tools.reads import DeviceReads, selection_hooks
 
 SHAPE = "selection-ops"
@@ -108,16 +111,18 @@ def main(argv=None):
     ap.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
     ap.add_argument("--methods", default="fastv,dart,visipruner,visionzip")
     ap.add_argument("--budget", type=int, default=64)
-    ap.add_argument("--out", default=None, help="write the counts as JSON here")
+    ap.add_argument("--out", default=None, help="write the counts as JSON here, the table as .md beside it")
+    ap.add_argument("--machine", default="", help="what the machine was (e.g. shared), written with --out")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     model = build(SHAPE)
     rows = []
-    print(
+    table = [
         "| batch | method | prefill ops | replay ops | extra ops | hook ops | hook syncs (reads + host data) "
-        "| mmsink reads in the prefill (replay) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+        "| mmsink reads in the prefill (replay) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print(*table, sep="\n")
     for b in [int(x) for x in a.batch.split(",")]:
         inputs, _ = bench_inputs(model, b, 35, 29)
         for method in a.methods.split(","):
@@ -125,17 +130,22 @@ def main(argv=None):
             rp = count(model, inputs, "replay", None, plan=m.pop("plan"))
             rp.pop("plan")
             rows.append({"batch": b, "method": method, "method_counts": m, "replay_counts": rp})
-            print(
+            table.append(
                 f"| {b} | {method} | {m['ops']} | {rp['ops']} | {m['ops'] - rp['ops']} | {m['hook_ops']} | "
-                f"{m['hook_reads']} + {m['hook_host_data']} | {m['mmsink_reads']} ({rp['mmsink_reads']}) |",
-                flush=True,
+                f"{m['hook_reads']} + {m['hook_host_data']} | {m['mmsink_reads']} ({rp['mmsink_reads']}) |"
             )
+            print(table[-1], flush=True)
     for row in rows:
         m = row["method_counts"]
         print(row["batch"], row["method"], "hook ops by hook:", m["per_hook"], "top:", m["top_hook_ops"])
     if a.out:
+        command = "python evals/selection_ops.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        env = {**environment(), "cores": os.cpu_count(), "note": a.machine}
         with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"command": command, "environment": env, "rows": rows}, f, indent=1)
+        head = f"# Selection ops (issue 20)\n\n    {command}\n\n{json.dumps(env)}\n\n"
+        with open(a.out.removesuffix(".json") + ".md", "w") as f:
+            f.write(head + "\n".join(table) + "\n")
 
 
 if __name__ == "__main__":
