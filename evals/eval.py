@@ -366,7 +366,7 @@ def setup(args, command: str):
         if parallel.is_main():
             print(f"mmsink {command}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    return bench, model, processor, Path(args.model).resolve().name
+    return bench, model, processor, vqa.weights_id(args.model)
 
 
 def main(argv=None):

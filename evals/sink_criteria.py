@@ -373,7 +373,8 @@ def main(argv=None):
     t0 = time.time()
     out = Path(a.out)
     model_id = Path(a.model).resolve().name
-    work = Path(a.work) if a.work else Path.home() / ".cache" / "mmsink" / "sink_criteria" / model_id
+    weights = vqa.weights_id(a.model)  # answers of other weights under the same name are not resumed
+    work = Path(a.work) if a.work else Path.home() / ".cache" / "mmsink" / "sink_criteria" / weights
     try:
         bench = vqa.load_bench("synthvqa", seed=a.seed, scenes=a.scenes, cache=a.cache)
         bench, firsts = subset(bench, a.images, a.questions_per_image)
@@ -404,7 +405,7 @@ def main(argv=None):
     # phi = |h_d| / RMS(h) <= sqrt(hidden): a tau above that cannot flag anything at this width
     facts = {"tau": a.tau, "phi_bound": model.config.text_config.hidden_size**0.5, **aggregate(per_image)}
     if not a.no_accuracy:
-        facts["accuracy"] = accuracy_runs(model, processor, bench, work, a, model_id)
+        facts["accuracy"] = accuracy_runs(model, processor, bench, work, a, weights)
     result = {
         "command": "python -m evals.sink_criteria " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": model_id,

@@ -3,6 +3,7 @@ a LLaVA questions file), the answers file (resume, settings check) and the summa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -227,6 +228,25 @@ def read_answers(path: Path) -> list[dict]:
 
 
 SETTING_KEYS = ("method", "budget", "options", "var", "sink_forward")
+
+
+def weights_id(model: str | Path) -> str:
+    """``name@hash`` of a local checkpoint: its folder name and a digest of each weight file's name, size and
+    first and last MiB, so that answers of retrained weights saved under the same name are not resumed
+    (hashing whole 7B checkpoints would cost a minute per run)."""
+    path = Path(model).resolve()
+    files = sorted(f for f in path.glob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if not files:
+        return path.name
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(size - (1 << 20), 0))
+            h.update(fh.read(1 << 20))
+    return f"{path.name}@{h.hexdigest()[:12]}"
 
 
 def check_settings(done: list[dict], model_id: str, meta: dict, path: Path) -> None:

@@ -59,7 +59,7 @@ def test_answers_file_fields_and_pruning_facts(model_dir, cache, tmp_path, capsy
     assert [r["question_id"] for r in recs] == question_ids(cache)
     for r in recs:
         assert set(r) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-        assert r["model_id"] == model_dir.name and isinstance(r["text"], str) and r["prompt"]
+        assert r["model_id"].split("@")[0] == model_dir.name and isinstance(r["text"], str) and r["prompt"]
         m = r["metadata"]
         assert (m["method"], m["budget"], m["options"]) == ("fastv", 4, {"k": 1})
         # layer 0 sees all 256 visual tokens, layers 1..3 the 4 kept ones
@@ -114,6 +114,22 @@ def test_resume_refuses_other_settings(model_dir, cache, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(model_dir, cache, out, "--prune", "fastv", "--budget", 4, "--seed", 1, "--limit", 4)
     assert "answers another question under question_id test_0000" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_weights_under_the_same_name(model_dir, cache, tmp_path, capsys):
+    out = tmp_path / "a.jsonl"
+    retrained = make_model(tmp_path / model_dir.name)  # same folder name, other weights
+    from safetensors.torch import load_file, save_file
+
+    shard = next(retrained.glob("*.safetensors"))
+    weights = load_file(shard)
+    save_file({k: v + 0.01 for k, v in weights.items()}, shard, metadata={"format": "pt"})
+    run(model_dir, cache, out, "--prune", "fastv", "--budget", 4, "--limit", 2)
+    with pytest.raises(SystemExit) as e:
+        run(retrained, cache, out, "--prune", "fastv", "--budget", 4, "--limit", 4)
+    assert e.value.code == 1
+    assert "other settings (model_id differ" in capsys.readouterr().err
+    assert len(lines(out)) == 2
 
 
 def test_batched_answers_equal_per_sample(model_dir, cache, tmp_path):
