@@ -5,7 +5,8 @@ Two measurements on one model (``--model``; any LLaVA-style checkpoint with a ch
 - stream: one conversation of ``--images`` synthvqa images, ``--questions`` question / answer turns each
   (an image is shown with its first question), fed one token per forward as StreamingLLM's evaluation
   does; perplexity and argmax accuracy over the answer tokens, all of them and those past the model's
-  trained context. "full" is the plain model over the whole stream in one forward.
+  trained context, and over every text (non-image) token, as StreamingLLM's figure counts every token.
+  "full" is the plain model over the whole stream in one forward.
 - latest: ``--trials`` chats of N (``--earlier``) image + question + answer turns, then a new image and a
   question about it; each turn is fed as one forward (the history through the mode's cache), the
   last ``--tail`` tokens of the question and the answer one token per forward (decode steps, where
@@ -200,8 +201,9 @@ def stream_rows(model, processor, args, all_modes, log) -> tuple[dict, list]:
     ids = inputs["input_ids"][0]
     context = model.config.text_config.max_position_embeddings
     late = answer & (torch.arange(len(ids)) >= context)
+    text = ids != model.config.image_token_id  # StreamingLLM's figure: every token, not only the answers
     embeds = embeds_of(model, inputs)
-    meta = {"tokens": len(ids), "image_tokens": int((ids == model.config.image_token_id).sum())}
+    meta = {"tokens": len(ids), "image_tokens": int((~text).sum()), "text_tokens": int(text[1:].sum())}
     meta.update(answer_tokens=int(answer[1:].sum()), answer_tokens_past_context=int(late[1:].sum()))
     rows = []
     for name, kv in all_modes.items():
@@ -212,7 +214,7 @@ def stream_rows(model, processor, args, all_modes, log) -> tuple[dict, list]:
         recall = Recall(kv["topk"], scale, context, answer) if lfps else None
         logits = feed(model, embeds, cuts, kv, recall)
         row = {"mode": name, "kv": kv}
-        for key, sel in (("answers", answer), ("past_context", late)):
+        for key, sel in (("answers", answer), ("past_context", late), ("text", text)):
             nll, right, n = scores(logits, ids, sel)
             row[f"ppl_{key}"] = math.exp(nll / n) if n else None
             row[f"acc_{key}"] = right / n if n else None
@@ -363,6 +365,12 @@ def recall_table(rows: list) -> list:
     return out + [""]
 
 
+def text_note(meta: dict) -> str:
+    if "text_tokens" not in meta:
+        return "."
+    return f" ({meta['text_tokens']}; '-': a row run before this column existed)."
+
+
 def table(r: dict) -> str:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
@@ -378,15 +386,17 @@ def table(r: dict) -> str:
             f"trained context {r['trained_context']}; "
             "one token per forward (full: one plain forward). Perplexity and argmax accuracy over the "
             f"{m['answer_tokens']} answer tokens, and over the {m['answer_tokens_past_context']} past the "
-            "trained context.",
+            "trained context; text: every non-image token" + text_note(m),
             "",
-            "| mode | ppl (answers) | right (answers) | ppl (past context) | right (past context) |",
-            "|---|---|---|---|---|",
+            "| mode | ppl (answers) | right (answers) | ppl (past context) | right (past context) "
+            "| ppl (text) | right (text) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for x in r["stream"]:
             lines.append(
                 f"| {x['mode']} | {f(x['ppl_answers'])} | {f(x['acc_answers'])} | "
-                f"{f(x['ppl_past_context'])} | {f(x['acc_past_context'])} |"
+                f"{f(x['ppl_past_context'])} | {f(x['acc_past_context'])} | "
+                f"{f(x.get('ppl_text'))} | {f(x.get('acc_text'))} |"
             )
         lines += [""] + recall_table(r["stream"]) + costly_tokens(r["stream"])
     if "latest" in r:
