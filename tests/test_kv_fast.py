@@ -143,21 +143,17 @@ def test_full_buffers_are_refused(model, monkeypatch):
         plain_fast(model, prompts(), 24)
 
 
-@pytest.mark.parametrize(
-    "kv,name", [({"quant": "int8"}, "quant='int8'"), ({"quant": "int16"}, "quant='int16'")]
-)
-def test_other_kv_modes_are_refused_by_name(model, kv, name):
-    """quant is refused by name; LFPS runs (tests/test_kv_fast_sparse.py)."""
+@pytest.mark.parametrize("kv", [{"quant": "int8"}, {"sparse": "lfps", "topk": 8}])
+def test_the_other_kv_modes_run(model, kv):
+    """quant and LFPS run too (tested in tests/test_kv_fast_quant.py and tests/test_kv_fast_sparse.py)."""
     mmsink.wrap(model, kv=kv)
-    with pytest.raises(ValueError, match=f"does not run kv {name} yet \\(only the window and sparse='lfps'"):
-        plain_fast(model, prompts(), 4)
-    mmsink.wrap(model, kv={"sparse": "lfps", "topk": 8})
     assert plain_fast(model, prompts(), 4).shape[1] > prompts()["input_ids"].shape[1]
 
 
-def test_step_options_are_refused_with_the_window(model):
-    mmsink.wrap(model, kv={"window": 8, "sinks": 4})
-    with pytest.raises(ValueError, match="step= options do not apply to the kv window mode"):
+@pytest.mark.parametrize("kv,mode", [({"window": 8, "sinks": 4}, "window"), ({"quant": "int4"}, "quant")])
+def test_step_options_are_refused_with_the_window(model, kv, mode):
+    mmsink.wrap(model, kv=kv)
+    with pytest.raises(ValueError, match=f"step= options do not apply to the kv {mode} mode"):
         with torch.no_grad():
             mmsink.generate_fast(model, max_new_tokens=4, compile=False, step={"fuse": True}, **prompts())
 

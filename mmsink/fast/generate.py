@@ -153,11 +153,6 @@ def generate_fast(
     handle = getattr(model, "__dict__", {}).get(ATTR)
     var_on = handle is not None and handle.var is not None and handle.enabled
     kv = getattr(handle, "kv", None) if handle is not None and handle.enabled else None
-    if kv is not None and kv.quant is not None:
-        raise ValueError(
-            f"mmsink: generate_fast does not run kv quant={kv.quant!r} yet (only the window and "
-            "sparse='lfps' modes); use model.generate"
-        )
     devices, dispatched = placement(model)
     if any(d.type == "meta" for d in devices):
         raise ValueError(
@@ -172,17 +167,18 @@ def generate_fast(
     compile = can_compile(ids.device) if compile is None else compile
     opts = options(step)
     split = dispatched or not one_device
-    if kv is not None:  # the sink + window cache: mmsink.kv.fast; LFPS: mmsink.kv.fast_sparse
+    if kv is not None:  # sink + window: mmsink.kv.fast; LFPS: kv.fast_sparse; quant: kv.fast_quant
         from ..kv.fast import generate_window
+        from ..kv.fast_quant import generate_quant
         from ..kv.fast_sparse import generate_sparse
 
-        mode = "sparse" if kv.sparse is not None else "window"
+        mode = "sparse" if kv.sparse is not None else "quant" if kv.quant is not None else "window"
         if split:
             raise ValueError(f"mmsink: generate_fast's kv {mode} mode needs the model on one device")
         if opts is not None:
             raise ValueError(f"mmsink: generate_fast's step= options do not apply to the kv {mode} mode yet")
         p = prefill(model, family, handle, inputs, False, compile, True, max_new_tokens)
-        run = generate_sparse if kv.sparse is not None else generate_window
+        run = {"sparse": generate_sparse, "quant": generate_quant, "window": generate_window}[mode]
         new = run(family, handle, p, ids, max_new_tokens, graphs, compile, stop_ids(model))
         return finish(ids, new, model)
     p = prefill(model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts)

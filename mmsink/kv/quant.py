@@ -20,6 +20,20 @@ from .store import QuantLayer, seal
 from .window import WindowCache
 
 
+def sealable(valid: torch.Tensor, done: torch.Tensor, rank: torch.Tensor, g: int) -> torch.Tensor:
+    """[B, T] slots to quantize now: members of complete groups (by the sample's own token ranks ``rank``)
+    not quantized yet (``done``)."""
+    return valid & (rank // g < valid.sum(1, keepdim=True) // g) & ~done
+
+
+def kept_full(cfg, valid: torch.Tensor, sink: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """[B, T] slots kept in full precision: the first ``first`` real tokens and the flagged sinks (none
+    when ``keep_sinks`` is off)."""
+    if not cfg.keep_sinks:
+        return torch.zeros_like(valid)
+    return valid & ((rank < cfg.first) | sink)
+
+
 class QuantCache(WindowCache):
     """The window cache's bookkeeping (validity, sink flags) with no eviction: after each forward the
     complete token groups move into low-bit storage in every layer."""
@@ -42,7 +56,7 @@ class QuantCache(WindowCache):
         if done.shape[1] < valid.shape[1]:
             done = torch.cat([done, done.new_zeros(done.shape[0], valid.shape[1] - done.shape[1])], 1)
         rank = valid.long().cumsum(1) - 1
-        complete = valid & (rank // g < valid.sum(1, keepdim=True) // g) & ~done
+        complete = sealable(valid, done, rank, g)
         full = self.kept_full(rank)
         for b in range(valid.shape[0]):
             new = complete[b].nonzero()[:, 0]  # the tail's first tokens, in rank order
@@ -54,9 +68,7 @@ class QuantCache(WindowCache):
 
     def kept_full(self, rank: torch.Tensor) -> torch.Tensor:
         """[B, T] slots kept in full precision: sinks (none when ``keep_sinks`` is off)."""
-        if not self.cfg.keep_sinks:
-            return torch.zeros_like(self.valid)
-        return self.valid & ((rank < self.cfg.first) | self.sink)
+        return kept_full(self.cfg, self.valid, self.sink, rank)
 
     def nbytes(self) -> int:
         """Bytes the layers hold (codes, scales, full-precision tails and sinks)."""

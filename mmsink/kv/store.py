@@ -24,15 +24,17 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 
-def pack(rows: torch.Tensor, bits: int):
-    """Quantize rows [N, g] (one group each), asymmetric min-max."""
+def affine(rows: torch.Tensor, bits: int):
+    """(codes [N, g], scale [N, 1], offset [N, 1]) of rows [N, g] (one group each), asymmetric min-max: the
+    rule both ``generate``'s store and ``generate_fast``'s (``mmsink.kv.fast_quant``) run. Plain tensor
+    ops, no host sync. 2 / 4 bits: quanto's optimizer and quantizer (offset: its shift, minus the
+    minimum); 8 / 16 bits by hand (offset: the minimum)."""
     if bits in (2, 4):
-        from optimum.quanto import MaxOptimizer, qint2, qint4, quantize_weight
+        from optimum.quanto import MaxOptimizer, qint2, qint4
 
-        qtype = qint4 if bits == 4 else qint2
-        scale, shift = MaxOptimizer()(rows, qtype, 0, rows.shape[1])
-        # optimized=False: the plain packed layout (quanto swaps in TinyGemm's for bf16 groups of 128)
-        return quantize_weight(rows, qtype, 0, scale, shift, rows.shape[1], optimized=False)
+        g = rows.shape[1]
+        scale, shift = MaxOptimizer()(rows, qint4 if bits == 4 else qint2, 0, g)
+        return torch.ops.quanto.quantize_affine(rows, bits, 0, g, scale, shift), scale, shift
     x = rows.float()
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
     scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-12)
@@ -40,11 +42,36 @@ def pack(rows: torch.Tensor, bits: int):
     return q, scale.to(rows.dtype), lo.to(rows.dtype)
 
 
+def decode(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, dtype) -> torch.Tensor:
+    """The values of ``affine``'s codes (2 / 4 bits: as quanto's ``dequantize()`` computes)."""
+    if bits in (2, 4):
+        return (scale * q - offset).to(dtype)
+    return (q.float() * scale.float() + offset.float()).to(dtype)
+
+
+def pack(rows: torch.Tensor, bits: int):
+    """Quantize rows [N, g] (one group each): 2 / 4 bits packed by quanto, else (codes, scale, offset)."""
+    q, scale, offset = affine(rows, bits)
+    if bits in (2, 4):
+        from optimum.quanto import WeightQBitsTensor, qint2, qint4
+
+        # the plain packed layout (quantize_weight's optimized=False: no TinyGemm layout for bf16 / 128)
+        qtype = qint4 if bits == 4 else qint2
+        return WeightQBitsTensor(qtype, 0, rows.shape[1], rows.size(), rows.stride(), q, scale, offset)
+    return q, scale, offset
+
+
 def unpack(stored, dtype) -> torch.Tensor:
     if isinstance(stored, tuple):
-        q, scale, lo = stored
-        return (q.float() * scale.float() + lo.float()).to(dtype)
+        return decode(*stored, 8, dtype)
     return dequantize(stored).to(dtype)
+
+
+def triple(stored, bits: int):
+    """(codes, scale, offset) of a stored group set (``affine``'s form, codes unpacked)."""
+    if isinstance(stored, tuple):
+        return stored
+    return codes(stored._data._data, bits, stored.shape[0]), stored._scale, stored._shift
 
 
 def codes(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
@@ -60,7 +87,7 @@ def dequantize(stored) -> torch.Tensor:
     q = codes(stored._data._data, stored._data.bits, stored.shape[0])
     shift = stored._shift
     if shift.dtype.is_floating_point:
-        return stored._scale * q - shift
+        return decode(q, stored._scale, shift, stored._data.bits, stored._scale.dtype)
     return stored._scale * (q.to(torch.int8) - shift.to(torch.int8))
 
 
@@ -109,6 +136,18 @@ class Part:
         return self.sink_rank, self.sink_k, self.sink_v
 
 
+def key_rows(k: torch.Tensor, sink: torch.Tensor, g: int) -> torch.Tensor:
+    """Keys [..., n, D] as quantization rows [..., n/g, D, g] (a channel over a group of tokens), the
+    ``sink`` [..., n] (broadcast) entries set to their row's smallest non-sink value: sinks out of the
+    scales (they are kept exact elsewhere)."""
+    n = k.shape[-2]
+    rows = k.unflatten(-2, (n // g, g)).transpose(-1, -2)
+    mask = sink.unflatten(-1, (n // g, g))[..., None, :]
+    floor = torch.where(mask, float("inf"), rows.float()).amin(-1, keepdim=True)
+    floor = torch.where(torch.isfinite(floor), floor, 0).to(rows.dtype)
+    return torch.where(mask, floor, rows)
+
+
 def seal(part: Part, n: int, sink: torch.Tensor, g: int, bits: int) -> None:
     """Quantize the first ``n`` tail tokens (whole groups) of ``part``; ``sink`` [n] bool: kept exact."""
     k, v = part.tail_k[:, :n], part.tail_v[:, :n]
@@ -118,11 +157,7 @@ def seal(part: Part, n: int, sink: torch.Tensor, g: int, bits: int) -> None:
         part.sink_rank.append(done + j)
         part.sink_k.append(k[:, j])
         part.sink_v.append(v[:, j])
-    rows = k.reshape(h, n // g, g, d).permute(0, 1, 3, 2)  # [H, n/g, D, g]: a channel over a group
-    mask = sink.view(1, n // g, 1, g).expand_as(rows)
-    floor = torch.where(mask, float("inf"), rows.float()).amin(-1, keepdim=True)
-    floor = torch.where(torch.isfinite(floor), floor, 0).to(rows.dtype)
-    rows = torch.where(mask, floor.expand_as(rows), rows)  # sinks out of the scales
+    rows = key_rows(k, sink, g)
     cg = min(g, d)
     vrows = v.reshape(h * n * (d // cg), cg)
     part.chunks.append(Chunk(pack(rows.reshape(-1, g), bits), pack(vrows, bits), n))
