@@ -1,6 +1,8 @@
 """`mmsink bench` measured rows: the KV-cache bytes follow the plan exactly, the ideal row replays the
 method's own plan, and ratios are computed against the baseline of the same run."""
 
+import math
+
 from mmsink.tools import bench
 
 
@@ -28,7 +30,9 @@ def test_measured_rows_follow_the_plan():
     assert fastv["base_ms"] > 0 and abs(fastv["time_ratio"] - fastv["ms"] / fastv["base_ms"]) < 1e-12
     assert abs(fastv["ideal_ratio"] - fastv["ideal_ms"] / fastv["base_ms"]) < 1e-12
     assert 0 < fastv["ideal_ms"] and abs(fastv["of_ideal"] - fastv["ideal_ms"] / fastv["ms"]) < 1e-12
-    assert fastv["flops_ratio"] < 0.5 and fastv["decode_ms"] > 0 and fastv["ttft_ms"] > 0
+    # decode_ms is a difference of two timed medians (its rule is pinned with a fake clock below): on a
+    # loaded CPU one tiny step can come out negative, so only its presence is checked here
+    assert fastv["flops_ratio"] < 0.5 and math.isfinite(fastv["decode_ms"]) and fastv["ttft_ms"] > 0
     assert fastv["e2e_ms"] > 0 and fastv["fast_ms"] > 0 and fastv["fast_ttft_ms"] > 0
     assert base["fast_ttft_graphed_ms"] > 0 and "graphed unpruned" in bench.measured_markdown(res)
     md = bench.measured_markdown(res)
