@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tiny import batch, greedy, module_model, pixels_of, qwen_batch, tiny_llava, tiny_qwen, two_prompts
@@ -9,6 +11,7 @@ from tiny import batch, greedy, module_model, pixels_of, qwen_batch, tiny_llava,
 import mmsink
 from mmsink.api import get_handle
 from mmsink.kv.sparse import ExactTopkCache, PlanSparseCache, SparseCache
+from mmsink.kv.sparse import step as lfps_step
 
 model, unwrapped = module_model(lambda: tiny_llava(layers=3))
 
@@ -223,3 +226,34 @@ def test_grow_layer_holds_what_a_dynamic_layer_holds():
     grow.keys, grow.values, plain.keys, plain.values = k, v, k.clone(), v.clone()
     step(1)
     assert grow.keys.shape == plain.keys.shape
+
+
+def test_sink_kept_while_chosen_then_out_of_reach_once_dropped():
+    """Issue 17: the candidates come from the previous step's choice only, so slot 0 (the sink) stays while
+    each query picks it (vertical pattern) and, once one query drops it and slot 1, no later step can
+    reach it (nothing lies left of it), however high its score; the exact top-k still picks it. Every
+    step also equals the plain reference of the rule."""
+    torch.manual_seed(0)
+    t, d, topk, expand = 40, 4, 4, 1
+    keys = torch.randn(1, 1, t, d) * 0.1
+    keys[0, 0, 0] = torch.tensor([10.0, -10.0, 0, 0])  # the sink: A attends it, B avoids it
+    keys[0, 0, 1] = torch.tensor([0.0, -10.0, 0, 0])  # its only neighbour that could bring it back
+    values = torch.randn(1, 1, t, d)
+    valid = torch.ones(1, t, dtype=torch.bool)
+    qa, qb = torch.tensor([[[1.0, 0, 0, 0]]]), torch.tensor([[[0, 1.0, 0, 0]]])
+    cfg = SimpleNamespace(topk=topk, expand=expand, dense_steps=1)
+    hist, chose = None, []
+    for n, q in enumerate((qa, qa, qb, qa)):
+        dense = n == 0
+        _, nxt = lfps_step(q, keys, values, valid, hist, cfg, dense, 1.0, True)
+        prev = None if hist is None else [[sorted(s[s >= 0].tolist()) for s in hist[0]]]
+        want = reference_choice(q, keys, valid, prev, topk, expand, dense, 1.0)
+        got = set(nxt[0, 0][nxt[0, 0] >= 0].tolist())
+        assert [[got]] == want
+        chose.append(got)
+        hist = nxt
+    assert 0 in chose[0] and 0 in chose[1]  # seeded by the dense step, kept while A picks it
+    assert 0 not in chose[2] and 1 not in chose[2]  # B drops it
+    assert 0 not in chose[3]  # A again: out of reach
+    _, exact = lfps_step(qa, keys, values, valid, hist, cfg, False, 1.0, True, exact=True)
+    assert int(exact[0, 0, 0]) == 0  # the exact top-k ranks it first
