@@ -14,7 +14,8 @@ Two measurements on one model (``--model``; any LLaVA-style checkpoint with a ch
   is the argmax, i.e. greedy decoding would answer exactly the reference.
 
 Modes: the full cache; sink + window and window only (StreamingLLM); KVSink int2 / int4 with the first
-4 tokens kept in full precision and without (keep_sinks off); LFPS top-k sparse decoding against dense.
+4 tokens kept in full precision and without (keep_sinks off); LFPS top-k sparse decoding against dense
+(and with mmsink's ``sinks`` option: the first 4 slots always chosen).
 ``--sink-dims`` (a model's massive-activation channels) adds the "auto" sink detection to the window and
 to int2 / int4 (for a model that has sinks; synthllava has none).
 
@@ -57,6 +58,8 @@ def modes(args) -> dict:
     for k in (int(x) for x in args.topk.split(",")):
         out[f"lfps top-{k}"] = {"sparse": "lfps", "topk": k}
         out[f"exact top-{k}"] = {"sparse": "lfps", "topk": k, "exact": True}  # the oracle LFPS approximates
+        # mmsink's opt-in (not LFPS's rule): each sample's first SINKS slots always chosen, inside top-k
+        out[f"lfps top-{k} + {SINKS} sinks"] = {"sparse": "lfps", "topk": k, "sinks": SINKS}
     if args.only:
         keep = tuple(args.only.split(","))
         out = {name: kv for name, kv in out.items() if name.startswith(keep)}

@@ -67,6 +67,8 @@ def generate_choices(model, inputs, n):
         {"sparse": "lfps", "topk": 1000, "dense_steps": 1},  # (a) top-k covers the context: dense
         {"sparse": "lfps", "topk": 6},  # (b) both samples attend sparsely
         {"sparse": "lfps", "topk": 50, "expand": 0, "dense_steps": 1},  # sample 0 short until 51 keys
+        {"sparse": "lfps", "topk": 7, "sinks": 2},  # each sample's first 2 real slots always chosen
+        {"sparse": "lfps", "topk": 50, "expand": 0, "dense_steps": 1, "sinks": 3},
     ],
 )
 def test_same_tokens_and_choices_as_generate(model, kv, monkeypatch):
@@ -88,11 +90,12 @@ def test_same_tokens_and_choices_as_generate(model, kv, monkeypatch):
         assert not torch.equal(out, dense)
 
 
-def test_batched_equals_per_sample(model):
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_batched_equals_per_sample(model, sinks):
     """(c) A left-padded batch of two == each sample alone (its own buffers, no padding)."""
     ps = two_prompts()
     inputs = batch(ps)
-    mmsink.wrap(model, kv={"sparse": "lfps", "topk": 10})
+    mmsink.wrap(model, kv={"sparse": "lfps", "topk": 10, "sinks": sinks})
     n = 12
     out = fast(model, inputs, n)
     width = inputs["input_ids"].shape[1]
@@ -124,7 +127,8 @@ def test_qwen_mrope():
     assert not torch.equal(out, fast(qwen, inputs, 10))
 
 
-def test_replayed_steps_reused_decoder_and_no_device_reads(model, monkeypatch):
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_replayed_steps_reused_decoder_and_no_device_reads(model, monkeypatch, sinks):
     """The graphed path on CPU: capture replaced by a stand-in (warm-up step, replay = the step), two
     variants (dense, sparse) captured once, ``fill`` undoing the warm-ups; a second call of the same shapes
     reuses the decoder; the step reads nothing from the device (counted as test_selection_syncs does)."""
@@ -141,7 +145,7 @@ def test_replayed_steps_reused_decoder_and_no_device_reads(model, monkeypatch):
         return out, replay
 
     monkeypatch.setattr(fastmod, "capture_graph", stand_in)
-    mmsink.wrap(model, kv={"sparse": "lfps", "topk": 8})
+    mmsink.wrap(model, kv={"sparse": "lfps", "topk": 8, "sinks": sinks})
     for seed in (0, 1):
         inputs = batch([prompt(3, 5, seed=1 + seed), prompt(9, 11, seed=3 + seed)], seed=seed)
         with torch.no_grad():

@@ -37,13 +37,15 @@ def test_topk_covering_the_context_equals_dense(model, family):
     mmsink.unwrap(model)
 
 
-def reference_choice(q, keys, valid, prev, topk, expand, dense, scale):
-    """Plain loops over samples and heads: the rule of mmsink.kv.sparse, from scratch."""
+def reference_choice(q, keys, valid, prev, topk, expand, dense, scale, sinks=0):
+    """Plain loops over samples and heads: the rule of mmsink.kv.sparse, from scratch. ``sinks``: each
+    sample's first ``sinks`` real slots are candidates and always chosen, the rest is the rule's top."""
     b, h, _ = q.shape
     hk, t = keys.shape[1], keys.shape[2]
     out = []
     for i in range(b):
         real = [j for j in range(t) if valid[i, j]]
+        kept = set(real[:sinks])
         rows = []
         for head in range(h):
             k = keys[i, head // (h // hk)]
@@ -51,9 +53,10 @@ def reference_choice(q, keys, valid, prev, topk, expand, dense, scale):
                 cand = real
             else:
                 near = {p + o for p in prev[i][head] for o in range(-expand, expand + 2)} | {t - 1}
-                cand = [j for j in sorted(near) if 0 <= j < t and valid[i, j]]
+                cand = [j for j in sorted(near | kept) if 0 <= j < t and valid[i, j]]
             score = {j: float(q[i, head] @ k[j]) * scale for j in cand}
-            rows.append(set(sorted(cand, key=lambda j: -score[j])[:topk]))
+            rest = [j for j in cand if j not in kept]
+            rows.append(kept | set(sorted(rest, key=lambda j: -score[j])[: topk - len(kept)]))
         out.append(rows)
     return out
 
@@ -257,3 +260,102 @@ def test_sink_kept_while_chosen_then_out_of_reach_once_dropped():
     assert 0 not in chose[3]  # A again: out of reach
     _, exact = lfps_step(qa, keys, values, valid, hist, cfg, False, 1.0, True, exact=True)
     assert int(exact[0, 0, 0]) == 0  # the exact top-k ranks it first
+
+
+def trace_of(model, inputs, n, kv):
+    mmsink.wrap(model, kv=kv)
+    cache = SparseCache(get_handle(model).kv, model.model.language_model.rotary_emb.inv_freq)
+    cache.trace = []
+    out = run(model, inputs, n, cache=cache)
+    return out, cache.trace
+
+
+def test_sinks_zero_is_the_rule_bitwise(model):
+    """sinks 0 (the default with sparse; window modes keep 4) == the rule: the same tokens, logits and
+    chosen slots (tensors, in order) as without the option, and those equal the plain reference."""
+    from mmsink.kv.config import make_config
+
+    assert make_config({"sparse": "lfps"}).sinks == 0 and make_config({"window": 8}).sinks == 4
+    inputs = batch(two_prompts())
+    kv = {"sparse": "lfps", "topk": 8}
+    a, ta = trace_of(model, inputs, 10, kv)
+    b, tb = trace_of(model, inputs, 10, dict(kv, sinks=0))
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores, strict=True))
+    assert len(ta) == len(tb) and all(torch.equal(x[3], y[3]) for x, y in zip(ta, tb))
+    c, _ = trace_of(model, inputs, 10, dict(kv, sinks=2))
+    assert not torch.equal(a.sequences, c.sequences) or not all(
+        torch.equal(x, y) for x, y in zip(a.scores, c.scores)
+    )
+
+
+@pytest.mark.parametrize("topk,expand,dense_steps,sinks", [(8, 1, 2, 3), (50, 0, 1, 2), (6, 2, 1, 1)])
+def test_sinks_always_chosen_the_rest_follows_the_rule(model, topk, expand, dense_steps, sinks):
+    """kv sinks N: at every step, layer and head each sample's first N real slots (after its left padding)
+    are chosen, the other choices == the plain reference of the rule with those slots added. topk 50: the
+    masked path (sample 0 short) and the candidate-only path both run."""
+    inputs = batch(two_prompts())
+    kv = {"sparse": "lfps", "topk": topk, "expand": expand, "dense_steps": dense_steps, "sinks": sinks}
+    _, trace = trace_of(model, inputs, 12, kv)
+    scale = model.config.text_config.head_dim**-0.5
+    layers = len(model.model.language_model.layers)
+    pad = (1 - inputs["attention_mask"]).sum(1).tolist()
+    prev: dict = {}
+    for n, (layer, q, keys, slots) in enumerate(trace):
+        step = n // layers
+        valid = torch.cat([inputs["attention_mask"].bool(), torch.ones(2, step + 1, dtype=torch.bool)], 1)
+        dense = step < dense_steps
+        want = reference_choice(q, keys, valid, prev.get(layer), topk, expand, dense, scale, sinks)
+        got = [[set(s[s >= 0].tolist()) for s in row] for row in slots]
+        assert got == want
+        for i, row in enumerate(got):
+            assert all(set(range(pad[i], pad[i] + sinks)) <= s for s in row)
+        prev[layer] = [[sorted(s) for s in row] for row in want]
+
+
+def test_sinks_bring_back_the_dropped_sink():
+    """The case of test_sink_kept_while_chosen_then_out_of_reach_once_dropped with sinks 1: slot 0 is
+    chosen at every step (the query that avoids it included); the other choices follow the rule."""
+    torch.manual_seed(0)
+    t, d, topk, expand = 40, 4, 4, 1
+    keys = torch.randn(1, 1, t, d) * 0.1
+    keys[0, 0, 0] = torch.tensor([10.0, -10.0, 0, 0])
+    keys[0, 0, 1] = torch.tensor([0.0, -10.0, 0, 0])
+    values = torch.randn(1, 1, t, d)
+    valid = torch.ones(1, t, dtype=torch.bool)
+    qa, qb = torch.tensor([[[1.0, 0, 0, 0]]]), torch.tensor([[[0, 1.0, 0, 0]]])
+    cfg = SimpleNamespace(topk=topk, expand=expand, dense_steps=1, sinks=1)
+    hist = None
+    for n, q in enumerate((qa, qa, qb, qa)):
+        dense = n == 0
+        for long in (True, False):  # the candidate-only and the masked path
+            _, nxt = lfps_step(q, keys, values, valid, hist, cfg, dense, 1.0, long)
+            prev = None if hist is None else [[sorted(s[s >= 0].tolist()) for s in hist[0]]]
+            want = reference_choice(q, keys, valid, prev, topk, expand, dense, 1.0, sinks=1)
+            got = set(nxt[0, 0][nxt[0, 0] >= 0].tolist())
+            assert [[got]] == want and 0 in got
+        hist = nxt
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_sinks_batched_equals_per_sample(model, beams):
+    ps = two_prompts()
+    inputs = batch(ps)
+    mmsink.wrap(model, kv={"sparse": "lfps", "topk": 10, "sinks": 3})
+    gen = {} if beams == 1 else {"num_beams": beams, "output_scores": False}
+    out = run(model, inputs, 12, **gen)
+    width = inputs["input_ids"].shape[1]
+    for i, p in enumerate(ps):
+        one = batch([p])
+        one["pixel_values"] = pixels_of(inputs, ps, i)
+        alone = run(model, one, 12, **gen)
+        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
+        if beams == 1:
+            for a, b in zip(out.scores, alone.scores, strict=True):
+                torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sinks", [-1, 8, 9, "auto", True, 1.5, "4"])
+def test_sinks_refused(model, sinks):
+    with pytest.raises(ValueError, match="kv sparse sinks must be an int in 0 .. topk - 1"):
+        mmsink.wrap(model, kv={"sparse": "lfps", "topk": 8, "sinks": sinks})

@@ -14,7 +14,10 @@ BITS = {"int2": 2, "int4": 4, "int8": 8, "int16": 16}
 @dataclass
 class KVConfig:
     window: int | None = None  # the most recent tokens kept per sample (they include the newest ones)
-    sinks: int | str = 4  # the first tokens kept (the paper's sinks), or "auto": ``first`` + detected ones
+    # the first tokens kept (the paper's sinks; default 4), or "auto": ``first`` + detected ones. With
+    # sparse: an int N (default 0), each sample's first N real slots always chosen, counted inside topk
+    # (mmsink's addition, not LFPS's rule)
+    sinks: int | str | None = None
     first: int = 4  # with "auto": the first tokens kept besides the detected sinks
     sink_dims: tuple | None = None  # massive-activation channels ("auto"; from ``mmsink calibrate``)
     tau: float = 20.0  # a token is a sink when max_d |x_d| / RMS(x) > tau (VAR's detector)
@@ -30,6 +33,8 @@ class KVConfig:
     bits: int = field(init=False, default=16)
 
     def __post_init__(self):
+        if self.sinks is None:
+            self.sinks = 0 if self.sparse is not None else 4
         if self.sparse is not None:
             self.check_sparse()
         elif self.quant is not None:
@@ -70,6 +75,10 @@ class KVConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"mmsink: kv {name} must be an int >= {low}, got {v!r}")
+        s = self.sinks
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < self.topk:
+            top = self.topk - 1
+            raise ValueError(f"mmsink: kv sparse sinks must be an int in 0 .. topk - 1 ({top}), got {s!r}")
 
     def check_quant(self) -> None:
         if self.window is not None:
@@ -89,7 +98,7 @@ class KVConfig:
 
     def new_cache(self, inv_freq, planned: bool = False):
         """The cache of a fresh forward; ``planned``: a pruned prefill (the plan's per-layer segments)."""
-        from .planned import PlanQuantCache, PlanWindowCache
+        from .planned import PlanWindowCache
         from .quant import QuantCache
         from .sparse import PlanSparseCache, SparseCache
         from .window import WindowCache
@@ -97,7 +106,7 @@ class KVConfig:
         if self.sparse:
             return (PlanSparseCache if planned else SparseCache)(self, inv_freq)
         if planned:
-            return (PlanQuantCache if self.quant else PlanWindowCache)(self, inv_freq)
+            return PlanWindowCache(self, inv_freq)
         return (QuantCache if self.quant else WindowCache)(self, inv_freq)
 
     def check(self, handle) -> None:
@@ -112,10 +121,8 @@ class KVConfig:
             self.check_auto(handle)
             return
         if self.quant is not None:
-            if handle.sinks is not None:
-                raise ValueError("mmsink: kv quant does not combine with sink_forward= yet")
-            if getattr(handle.pruner, "name", "") == "orthorank":  # its selection layers write keys directly
-                raise ValueError("mmsink: kv quant does not combine with prune='orthorank' yet")
+            if handle.pruner is not None or handle.sinks is not None:
+                raise ValueError("mmsink: kv quant does not combine with prune= / sink_forward= yet")
             self.check_quant_model(handle)
             return
         rope = getattr(fam.language_model, "rotary_emb", None)

@@ -10,6 +10,11 @@ to (softmax over them). The first ``dense_steps`` decode steps after every multi
 densely and seed the history with the exact top-k. A sample whose cache holds at most ``topk`` real
 keys attends to all of them (the exact top-k is then everything).
 
+``sinks`` N (mmsink's addition, not the paper's; default 0 = the paper's rule): each sample's first N real
+key slots (after its left padding) are candidates and chosen at every step, counted inside ``topk``;
+the other ``topk - N`` follow the rule. Without it a sink a query once gives ~0 weight leaves the history
+and no later step can reach it (issue 17: top-64 on models/synthllava-sinks).
+
 Defaults are ours (topk 512, dense_steps 2, expand 1): the paper's full text and code were not
 available to check its values. The candidate-only path (``gather``) scores just the candidates; when
 any sample is short or a step is dense, scores are computed over all keys and masked to the same sets.
@@ -24,34 +29,72 @@ from ..core.cache import PlanCache
 from .window import WindowCache
 
 
-def candidates(hist: torch.Tensor, t, expand: int, width: int | None = None) -> torch.Tensor:
+def sink_slots(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] each sample's first ``n`` real key slots (T where it holds fewer): fixed shape, no host sync."""
+    want = torch.arange(1, n + 1, device=valid.device).expand(valid.shape[0], n).contiguous()
+    return torch.searchsorted(valid.long().cumsum(1), want)
+
+
+def sink_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, T] each sample's first ``n`` real key slots."""
+    return valid & (valid.long().cumsum(1) <= n)
+
+
+def candidates(hist: torch.Tensor, t, expand: int, width: int | None = None, sinks=None) -> torch.Tensor:
     """[B, H, C] candidate key slots (-1: none), each once: ``hist`` [B, H, k] (the previous step's slots,
     -1 for none) shifted by -expand .. expand + 1 (vertical and slash, widened), plus the newest slot
-    ``t - 1``. ``t``: the keys held, an int or a 0-dim tensor (``generate_fast``'s static buffer of
-    ``width`` slots: no host sync)."""
+    ``t - 1`` and ``sinks`` [B, n] (``sink_slots``; None: none). ``t``: the keys held, an int or a 0-dim
+    tensor (``generate_fast``'s static buffer of ``width`` slots: no host sync)."""
     width = t if width is None else width
     b, h, _ = hist.shape
     # an empty history entry goes far out of range, so that every shift of it lands on the sentinel
     base = torch.where(hist >= 0, hist, 2 * width + expand + 2)
     offs = torch.arange(-expand, expand + 2, device=hist.device)
-    c = torch.cat([(base[..., None] + offs).flatten(2), base.new_zeros(b, h, 1) + (t - 1)], 2)
+    parts = [(base[..., None] + offs).flatten(2), base.new_zeros(b, h, 1) + (t - 1)]
+    if sinks is not None:
+        parts.append(sinks[:, None, :].expand(b, h, -1))
+    c = torch.cat(parts, 2)
     c = c.where((c >= 0) & (c < t), width).sort(2).values  # out of range -> sentinel width, sorted last
     drop = c == width
     drop[..., 1:] |= c[..., 1:] == c[..., :-1]  # repeats of a slot
     return c.masked_fill(drop, -1)
 
 
+def ranked_topk(scores, ok, forced, k: int):
+    """(scores, indices) of the top ``k`` of ``scores`` where ``ok``, ``forced`` ones first (None: none);
+    -inf where fewer than ``k`` are ``ok``."""
+    ranked = scores.masked_fill(~ok, float("-inf"))
+    if forced is None:
+        top = ranked.topk(k, -1)
+        return top.values, top.indices
+    top = ranked.masked_fill(forced & ok, float("inf")).topk(k, -1)
+    return scores.gather(-1, top.indices).masked_fill(top.values == float("-inf"), float("-inf")), top.indices
+
+
 def select(
-    q, key, valid, hist, topk: int, expand: int, dense: bool, scaling: float, all_long=None, length=None
+    q,
+    key,
+    valid,
+    hist,
+    topk: int,
+    expand: int,
+    dense: bool,
+    scaling: float,
+    all_long=None,
+    length=None,
+    sinks: int = 0,
 ):
     """One decode step's choice: (scores [B, H, k'] of the chosen keys, -inf where none; slots [B, H, k']).
     q [B, H, D]; key [B, Hk, T, D]; valid [B, T] real key slots; hist [B, H, k] or None. ``all_long``:
     whether every sample holds more than ``topk`` real keys, when the caller knows (else a host sync).
-    ``length``: the keys held when ``key`` is a wider static buffer (a 0-dim tensor; default T)."""
+    ``length``: the keys held when ``key`` is a wider static buffer (a 0-dim tensor; default T).
+    ``sinks``: each sample's first ``sinks`` real slots are candidates and chosen first."""
     b, h, d = q.shape
     hk, t = key.shape[1], key.shape[2]
     length = t if length is None else length
     qg = q.view(b, hk, h // hk, d).float()
+    forced = sink_mask(valid, sinks) if sinks else None  # [B, T]
+    extra = (sink_slots(valid, sinks),) if sinks else ()  # as an argument only then: patched candidates
     if not dense and hist is not None and all_long is None:
         all_long = bool((valid.sum(1) > topk).all())
     if dense or hist is None or not all_long:
@@ -59,20 +102,21 @@ def select(
         scores = torch.einsum("bkgd,bktd->bkgt", qg, key.float()).reshape(b, h, t) * scaling
         allowed = valid[:, None, :].expand(b, h, t)
         if not dense and hist is not None:
-            c = candidates(hist, length, expand, t)
+            c = candidates(hist, length, expand, t, *extra)
             cand = torch.zeros(b, h, t + 1, dtype=torch.bool, device=q.device)
             cand = cand.scatter(2, torch.where(c >= 0, c, t), True)[..., :t]
             allowed = torch.where(long[:, None, None], cand & allowed, allowed)
-        top = scores.masked_fill(~allowed, float("-inf")).topk(min(topk, t), -1)
-        return top.values, top.indices
-    c = candidates(hist, length, expand, t)  # [B, H, C]
+        return ranked_topk(scores, allowed, None if forced is None else forced[:, None, :], min(topk, t))
+    c = candidates(hist, length, expand, t, *extra)  # [B, H, C]
     n = c.shape[2]
     at = c.clamp(min=0).view(b, hk, -1)  # per kv head: its query heads' candidates
     keys = key.gather(2, at[..., None].expand(-1, -1, -1, d)).view(b, hk, h // hk, n, d)
     scores = torch.einsum("bkgd,bkgnd->bkgn", qg, keys.float()).reshape(b, h, n) * scaling
-    ok = (c >= 0) & valid.gather(1, c.clamp(min=0).view(b, -1)).view(b, h, n)
-    top = scores.masked_fill(~ok, float("-inf")).topk(min(topk, n), -1)
-    return top.values, c.gather(2, top.indices)
+    at = c.clamp(min=0).view(b, -1)
+    ok = (c >= 0) & valid.gather(1, at).view(b, h, n)
+    sink = None if forced is None else forced.gather(1, at).view(b, h, n)
+    values, idx = ranked_topk(scores, ok, sink, min(topk, n))
+    return values, c.gather(2, idx)
 
 
 def attend(scores, slots, value) -> torch.Tensor:
@@ -87,12 +131,14 @@ def attend(scores, slots, value) -> torch.Tensor:
 def step(q, key, value, valid, hist, cfg, dense_step: bool, scaling, all_long, exact=False, length=None):
     """One decode step of one layer: (attention output [B, H, D] fp32, the next history [B, H, k]). A dense
     step (the first ``cfg.dense_steps`` after a prompt) attends to every real key and its history is the
-    exact top-k; ``exact`` (the oracle) scores every key and attends to the top-k. ``generate``'s cache
+    exact top-k; ``exact`` (the oracle) scores every key and attends to the top-k. ``cfg.sinks`` slots are
+    always chosen (the history then holds them and the top ``topk - sinks`` others). ``generate``'s cache
     and ``generate_fast``'s step (``mmsink.kv.fast_sparse``) both run this."""
     k = key.shape[2] if dense_step else cfg.topk
     dense = dense_step or exact
-    scores, slots = select(q, key, valid, hist, k, cfg.expand, dense, scaling, all_long, length)
-    top = slice(0, cfg.topk)  # sorted: a dense step's history is the exact top-k
+    sinks = getattr(cfg, "sinks", 0)
+    scores, slots = select(q, key, valid, hist, k, cfg.expand, dense, scaling, all_long, length, sinks)
+    top = slice(0, cfg.topk)  # sorted (sinks first): a dense step's history is the exact top-k
     nxt = torch.where(torch.isfinite(scores[..., top]), slots[..., top], -1)
     return attend(scores, slots.clamp(min=0), value), nxt
 
