@@ -211,10 +211,11 @@ def test_qwen_mrope():
 
 
 def test_with_a_pruner_is_refused_in_one_line(model):
-    """generate's quantized cache does not take a pruned prefill yet (per-layer segments), so there is no
-    reference for generate_fast to match: the combination is refused when wrapping, for both."""
-    with pytest.raises(ValueError, match="kv quant does not combine with prune= / sink_forward= yet"):
-        mmsink.wrap(model, prune="fastv", budget=4, kv={"quant": "int4"})
+    """generate takes a pruned prefill (mmsink.kv.planned.PlanQuantCache); generate_fast's static store
+    has one slot set for every layer, so it refuses the combination when called."""
+    mmsink.wrap(model, prune="fastv", budget=4, kv={"quant": "int4"})
+    with pytest.raises(ValueError, match="generate_fast's kv quant mode does not combine with prune= yet"):
+        fast(model, batch(prompts()), 4)
 
 
 def test_replayed_steps_reused_decoder_and_no_device_reads(auto, monkeypatch):

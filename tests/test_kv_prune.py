@@ -140,8 +140,8 @@ def test_auto_sinks_flagged_in_a_pruned_layer():
 def test_var_is_refused(model):
     with pytest.raises(ValueError, match="does not combine with var"):
         mmsink.wrap(model, var={"sink_dims": (1,)}, kv={"window": 8})
-    with pytest.raises(ValueError, match="quant does not combine with prune"):
-        mmsink.wrap(model, prune="fastv", kv={"quant": "int4"})
+    with pytest.raises(ValueError, match="quant does not combine with sink_forward"):
+        mmsink.wrap(model, sink_forward=True, kv={"quant": "int4"})
 
 
 def test_qwen_pruned_window_batched_equals_per_sample():

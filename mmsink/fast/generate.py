@@ -177,6 +177,8 @@ def generate_fast(
             raise ValueError(f"mmsink: generate_fast's kv {mode} mode needs the model on one device")
         if opts is not None:
             raise ValueError(f"mmsink: generate_fast's step= options do not apply to the kv {mode} mode yet")
+        if mode == "quant" and handle.pruner is not None:
+            raise ValueError("mmsink: generate_fast's kv quant mode does not combine with prune= yet")
         p = prefill(model, family, handle, inputs, False, compile, True, max_new_tokens)
         run = {"sparse": generate_sparse, "quant": generate_quant, "window": generate_window}[mode]
         new = run(family, handle, p, ids, max_new_tokens, graphs, compile, stop_ids(model))

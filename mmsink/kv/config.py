@@ -98,7 +98,7 @@ class KVConfig:
 
     def new_cache(self, inv_freq, planned: bool = False):
         """The cache of a fresh forward; ``planned``: a pruned prefill (the plan's per-layer segments)."""
-        from .planned import PlanWindowCache
+        from .planned import PlanQuantCache, PlanWindowCache
         from .quant import QuantCache
         from .sparse import PlanSparseCache, SparseCache
         from .window import WindowCache
@@ -106,7 +106,7 @@ class KVConfig:
         if self.sparse:
             return (PlanSparseCache if planned else SparseCache)(self, inv_freq)
         if planned:
-            return PlanWindowCache(self, inv_freq)
+            return (PlanQuantCache if self.quant else PlanWindowCache)(self, inv_freq)
         return (QuantCache if self.quant else WindowCache)(self, inv_freq)
 
     def check(self, handle) -> None:
@@ -121,8 +121,10 @@ class KVConfig:
             self.check_auto(handle)
             return
         if self.quant is not None:
-            if handle.pruner is not None or handle.sinks is not None:
-                raise ValueError("mmsink: kv quant does not combine with prune= / sink_forward= yet")
+            if handle.sinks is not None:
+                raise ValueError("mmsink: kv quant does not combine with sink_forward= yet")
+            if getattr(handle.pruner, "name", "") == "orthorank":  # its selection layers write keys directly
+                raise ValueError("mmsink: kv quant does not combine with prune='orthorank' yet")
             self.check_quant_model(handle)
             return
         rope = getattr(fam.language_model, "rotary_emb", None)

@@ -8,6 +8,8 @@ column's new position is its position in the compacted stream (``compact``), the
 so the gaps pruning leaves stay gaps. Each segment then keeps its slots whose column is kept and
 re-rotates their raw keys to those positions. After the first eviction every segment's mask is built
 from its own slots (``segment_full`` off).
+
+``PlanQuantCache``: the quantized cache over a pruned prefill (``kv={"quant": ...}``), no eviction.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..core.cache import PlanCache
+from .quant import QuantCache, sealable
+from .store import QuantLayer, seal
 from .window import WindowCache, WindowLayer, turn_of
 
 
@@ -113,3 +117,93 @@ class PlanWindowCache(WindowCache, PlanCache):
         super().batch_select_indices(indices)
         self.seg_origin = [o[indices] for o in self.seg_origin]
         self.seg_pos = [p[indices] for p in self.seg_pos]
+
+
+class PlanQuantCache(QuantCache, PlanCache):
+    """The quantized cache after a pruned prefill: ``wrap(model, prune=..., kv={"quant": ...})``. Each
+    layer stores the slots of its segment (PlanCache's ``segment_valid``); token groups follow the ranks
+    of the tokens that layer holds (a pruned layer seals its groups sooner in the stream), while the
+    tokens kept in full precision are the stream's (its first ``first`` real columns and the flagged
+    sinks), whichever layers hold them. Nothing is evicted: stream slots stay stream columns."""
+
+    def __init__(self, cfg, inv_freq: torch.Tensor):
+        PlanCache.__init__(self)
+        self.layer_class_to_replicate = QuantLayer
+        self.init_window(cfg, inv_freq)
+        self.done = None
+        self.seg_origin: list = []  # segment -> [B, T_s] stream column of each slot (-1 on padding)
+        self.seg_done: list = []  # segment -> [B, T_s] slots already quantized
+        self.prefill = None  # the handle's Prefill while the pruned prefill runs (its segments)
+
+    def slot_valid(self, layer_idx: int) -> torch.Tensor:
+        """[B, T_s] the slots layer ``layer_idx`` holds (its segment's, during the prefill or after)."""
+        if self.prefill is not None:  # the plan appends a layer's segment before the layer runs
+            p = self.prefill
+            return p.segments[p.layer_segment[layer_idx]].valid
+        if self.layer_segment:
+            return self.segment_valid[self.layer_segment[layer_idx]]
+        return self.valid  # a forward the plan did not run (no image): the stream's slots
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(QuantLayer())
+        valid = self.slot_valid(layer_idx)
+        return self.layers[layer_idx].put(key_states, value_states, valid, self.cfg.group_size)
+
+    def begin(self, new_valid, positions) -> None:
+        super().begin(new_valid, positions)
+        q = self.step_q
+        if self.seg_origin:  # a decode step: every segment takes the new columns (Decode.start did valid)
+            cols = self.origin[:, -q:]
+            self.seg_origin = [torch.cat([o, cols.to(o.device)], 1) for o in self.seg_origin]
+
+    def end(self, q: int) -> None:
+        if self.prefill is not None:  # the pruned prefill is over: its segments map slots to columns
+            for seg in self.prefill.segments:
+                idx = seg.idx.to(self.origin.device)
+                self.seg_origin.append(torch.where(seg.valid.to(idx.device), idx, -1))
+            self.prefill = None
+        super().end(q)
+
+    def evict(self) -> None:
+        if not self.layer_segment:
+            return super().evict()
+        g, bits = self.cfg.group_size, self.cfg.bits
+        rank = self.valid.long().cumsum(1) - 1
+        full_col = self.kept_full(rank)  # [B, T] by stream column
+        while len(self.seg_done) < len(self.segment_valid):
+            self.seg_done.append(None)
+        for s, valid in enumerate(self.segment_valid):
+            if s not in self.layer_segment:  # a segment no layer runs on (e.g. aliased by unmask)
+                continue
+            done = self.seg_done[s]
+            done = torch.zeros_like(valid) if done is None else done
+            if done.shape[1] < valid.shape[1]:
+                done = torch.cat([done, done.new_zeros(done.shape[0], valid.shape[1] - done.shape[1])], 1)
+            complete = sealable(valid, done, valid.long().cumsum(1) - 1, g)
+            origin = self.seg_origin[s].to(full_col.device)
+            full = full_col.gather(1, origin.clamp(min=0)) & valid
+            for b in range(valid.shape[0]):
+                new = complete[b].nonzero()[:, 0]
+                if len(new):
+                    for layer, seg in zip(self.layers, self.layer_segment, strict=True):
+                        if seg == s and layer.is_initialized:
+                            at = full[b, new].to(layer.parts[b].tail_k.device)
+                            seal(layer.parts[b], len(new), at, g, bits)
+            self.seg_done[s] = done | complete
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self.map_segments(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self.map_segments(lambda x: x.repeat_interleave(repeats, 0))
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self.map_segments(lambda x: x[indices])
+
+    def map_segments(self, fn) -> None:
+        self.seg_origin = [fn(o) for o in self.seg_origin]
+        self.seg_done = [None if d is None else fn(d) for d in self.seg_done]
