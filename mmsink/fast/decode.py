@@ -203,6 +203,10 @@ class FastDecoder:
         for i, c in self.codes.items():
             c.zero_()
             c[:, : cache.layer_codes[i].shape[1]] = cache.layer_codes[i].to(c.device)
+        self.start_state(attention_mask, tok, delta, pad)
+
+    def start_state(self, attention_mask, tok, delta, pad) -> None:
+        """The per-run state every decoder starts from: positions, first token, step, pad id, done rows."""
         self.pos0.copy_(attention_mask.long().sum(1))  # the first new token's position (HF: mask cumsum)
         if delta is not None:
             self.delta.copy_(delta)

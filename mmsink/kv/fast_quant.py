@@ -135,13 +135,7 @@ class QuantDecoder(FastDecoder):
             self.v[i].index_copy_(2, tail % g, values[:, :, tail])
             for b, part in enumerate(layer.parts):
                 self.load_part(i, b, part, slots[b], i == 0)
-        self.pos0.copy_(attention_mask.long().sum(1))  # as FastDecoder.fill
-        if delta is not None:
-            self.delta.copy_(delta)
-        self.tok.copy_(tok)
-        self.t.zero_()
-        self.pad.fill_(pad)
-        self.done.copy_((tok[:, None] == self.eos[None]).any(1))
+        self.start_state(attention_mask, tok, delta, pad)
 
     def load_part(self, i: int, b: int, part, slots, first: bool) -> None:
         g, cg, bits = self.g, self.cg, self.bits
