@@ -589,10 +589,16 @@ def encode_captions_turns(tok, scenes, rng, n_image_tokens):
 
 
 def run_stage(name, model, params, feats, data, a, seconds, steps, lr, cfg, log, evaluate=None):
-    """One LLaVA stage: AdamW (no weight decay), warmup then cosine to 0, over ``seconds`` or ``steps``."""
+    """One LLaVA stage: AdamW (no weight decay), warmup then cosine to 0, over ``seconds`` or ``steps``.
+
+    ``params``: a list of tensors, or of ``{"params": [...], "scale": s}`` groups whose lr is ``s`` x the schedule's.
+    """
     x_all, m_all, y_all = data
     cuda = x_all.device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=cuda)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params, "scale": 1.0}]
+    groups = [g for g in groups if g["scale"] > 0]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=cuda)
     gen = torch.Generator(device="cpu").manual_seed(a.seed + (1 if name == "align" else 2))
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
 
@@ -610,7 +616,7 @@ def run_stage(name, model, params, feats, data, a, seconds, steps, lr, cfg, log,
             break
         cur = cosine(p, a.warmup, lr)
         for g in opt.param_groups:
-            g["lr"] = cur
+            g["lr"] = cur * g["scale"]
         model.train()
         r = torch.randint(0, len(x_all), (a.batch,), generator=gen).to(x_all.device)
         # one padded width for every batch under torch.compile (no recompiles); the batch's own otherwise
@@ -711,7 +717,15 @@ def train_llava(a, argv) -> dict:
         for p in lm_params:
             p.requires_grad_(True)
     left2 = left - align_s if a.time_budget else 0.0
-    params = [p for p in model.parameters() if p.requires_grad]
+    lm_ids = {id(p) for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    params = [
+        {"params": [p for p in trained if id(p) not in lm_ids], "scale": 1.0},
+        {"params": [p for p in trained if id(p) in lm_ids], "scale": a.lm_lr_scale},
+    ]
+    if a.lm_lr_scale == 0:  # a frozen LM: no gradients through its weights at all
+        for p in params[1]["params"]:
+            p.requires_grad_(False)
     steps, instruct_s = run_stage(
         "instruct", model, params, feats, conv, a, left2, a.steps, a.lr, cfg, curve, evaluate if val else None
     )
@@ -824,12 +838,18 @@ def parse(argv=None):
     m.add_argument("--align-frac", type=float, default=0.15, help="share of the training time for stage 1")
     m.add_argument("--align-steps", type=int, default=0, help="most stage-1 steps (without --time-budget)")
     m.add_argument("--align-lr", type=float, default=1e-3)
+    m.add_argument(
+        "--lm-lr-scale", type=float, default=1.0,
+        help="instruction tuning: the LM's lr as a share of --lr (0: LM frozen, projector only)",
+    )
     a = ap.parse_args(argv)
     batch, lr = {"tower": (1024, 1e-3), "llava": (256, 3e-4)}[a.stage]
     a.batch = batch if a.batch is None else a.batch
     a.lr = lr if a.lr is None else a.lr
     if not a.time_budget and a.steps >= 10**9:
         ap.error("give --steps or --time-budget")
+    if a.stage == "llava" and not 0 <= a.lm_lr_scale <= 1:
+        ap.error(f"--lm-lr-scale must be in [0, 1], got {a.lm_lr_scale}")
     if a.stage == "tower":
         if not 0 <= a.unmasked_frac <= 1:
             ap.error(f"--unmasked-frac must be in [0, 1], got {a.unmasked_frac}")

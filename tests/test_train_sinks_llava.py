@@ -143,6 +143,19 @@ def test_model_folder_loads_through_the_users_path(tmp_path):
     record = json.loads((tmp_path / "b" / "training.json").read_text())
     assert record["test_questions"] == 3 and {"overall"} <= set(record["test_accuracy"])
     assert {"overall"} <= set(record["noise_image_accuracy"])
+    # --lm-lr-scale 0: instruction tuning with the LM frozen (bit for bit) while the projector trains
+    third = tsl.main(
+        ["llava", "--out", str(tmp_path / "c"), "--init", str(out), "--steps", "2", "--test-scenes", "0"]
+        + ["--lm-lr-scale", "0", *llava]
+    )
+    assert third["instruct_steps"] == 2
+    c = LlavaForConditionalGeneration.from_pretrained(tmp_path / "c")
+    tc = c.model.language_model.state_dict()
+    assert all(torch.equal(tc[k], v) for k, v in text.items())
+    pc, p0 = c.model.multi_modal_projector.state_dict(), model.model.multi_modal_projector.state_dict()
+    assert any(not torch.equal(pc[k], v) for k, v in p0.items())
+    with pytest.raises(SystemExit):
+        tsl.main(["llava", "--out", str(tmp_path / "d"), "--init", str(out), "--steps", "1", "--lm-lr-scale", "2"])
 
 
 def test_tower_run_continues_from_saved_tower(tmp_path):
