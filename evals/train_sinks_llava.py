@@ -591,7 +591,7 @@ def encode_captions_turns(tok, scenes, rng, n_image_tokens):
 def run_stage(name, model, params, feats, data, a, seconds, steps, lr, cfg, log, evaluate=None):
     """One LLaVA stage: AdamW (no weight decay), warmup then cosine to 0, over ``seconds`` or ``steps``.
 
-    ``params``: a list of tensors, or of ``{"params": [...], "scale": s}`` groups whose lr is ``s`` x the schedule's.
+    ``params``: tensors, or ``{"params": [...], "scale": s}`` groups whose lr is ``s`` x the schedule's.
     """
     x_all, m_all, y_all = data
     cuda = x_all.device.type == "cuda"
@@ -839,7 +839,9 @@ def parse(argv=None):
     m.add_argument("--align-steps", type=int, default=0, help="most stage-1 steps (without --time-budget)")
     m.add_argument("--align-lr", type=float, default=1e-3)
     m.add_argument(
-        "--lm-lr-scale", type=float, default=1.0,
+        "--lm-lr-scale",
+        type=float,
+        default=1.0,
         help="instruction tuning: the LM's lr as a share of --lr (0: LM frozen, projector only)",
     )
     a = ap.parse_args(argv)

@@ -155,7 +155,8 @@ def test_model_folder_loads_through_the_users_path(tmp_path):
     pc, p0 = c.model.multi_modal_projector.state_dict(), model.model.multi_modal_projector.state_dict()
     assert any(not torch.equal(pc[k], v) for k, v in p0.items())
     with pytest.raises(SystemExit):
-        tsl.main(["llava", "--out", str(tmp_path / "d"), "--init", str(out), "--steps", "1", "--lm-lr-scale", "2"])
+        bad = ["llava", "--out", str(tmp_path / "d"), "--init", str(out), "--steps", "1"]
+        tsl.main([*bad, "--lm-lr-scale", "2"])
 
 
 def test_tower_run_continues_from_saved_tower(tmp_path):
