@@ -136,6 +136,22 @@ def feed(model, embeds, cuts, kv, recall=None) -> torch.Tensor:
             mmsink.unwrap(model)
 
 
+def exact_step(entry, topk: int, scaling: float):
+    """One sample's LFPS trace entry (layer, q [1, Hq, D], keys [1, Hkv, T, D], chosen slots [1, Hq, k] with
+    -1 for none) against exact attention of the same query over all T keys: (dense softmax [Hq, T], the exact
+    top-``topk`` slots by score [Hq, topk], LFPS's choice as a mask [Hq, T]); None when T <= ``topk`` (no
+    sparse choice to compare). Shared by ``Recall`` and ``evals.lfps_sink``."""
+    _, q, keys, slots = entry
+    t = keys.shape[2]
+    if t <= topk:
+        return None
+    k = keys[0].float().repeat_interleave(q.shape[1] // keys.shape[1], 0)  # [H, T, D] (GQA)
+    s = torch.einsum("hd,htd->ht", q[0].float(), k) * scaling
+    got = slots[0]
+    chosen = torch.zeros(s.shape[0], t + 1, dtype=torch.bool).scatter(1, torch.where(got >= 0, got, t), True)
+    return torch.softmax(s, -1), s.topk(topk, -1).indices, chosen[:, :t]
+
+
 class Recall:
     """A cache trace (it only needs ``append``) that sums, per layer and head-averaged, over LFPS's sparse
     steps (more keys than top-k): the share of the step's exact top-k (its own query's scores) that LFPS
@@ -148,19 +164,11 @@ class Recall:
         self.sums: dict = {}  # (part, layer) -> [recall, mass chosen, mass exact, steps]
 
     def append(self, entry) -> None:
-        layer, q, keys, slots = entry
-        t = keys.shape[2]
-        if t <= self.topk:
+        step = exact_step(entry, self.topk, self.scaling)
+        if step is None:
             return
-        k = keys[0].float().repeat_interleave(q.shape[1] // keys.shape[1], 0)  # [H, T, D] (GQA)
-        s = torch.einsum("hd,htd->ht", q[0].float(), k) * self.scaling
-        p = torch.softmax(s, -1)
-        exact = s.topk(self.topk, -1).indices
-        got = slots[0]
-        chosen = torch.zeros(s.shape[0], t + 1, dtype=torch.bool).scatter(
-            1, torch.where(got >= 0, got, t), True
-        )
-        chosen = chosen[:, :t]
+        p, exact, chosen = step
+        layer, t = entry[0], p.shape[1]
         row = (
             float(chosen.gather(1, exact).float().mean()),
             float((p * chosen).sum(-1).mean()),

@@ -37,16 +37,11 @@ class SinkTrace:
         self.rows: list = []
 
     def append(self, entry) -> None:
-        layer, q, keys, slots = entry
-        t = keys.shape[2]
-        if t <= self.topk:
+        step = kv_stream.exact_step(entry, self.topk, self.scaling)
+        if step is None:
             return
-        k = keys[0].float().repeat_interleave(q.shape[1] // keys.shape[1], 0)  # [H, T, D] (GQA)
-        p = torch.softmax(torch.einsum("hd,htd->ht", q[0].float(), k) * self.scaling, -1)
-        exact = p.topk(self.topk, -1).indices
-        got = slots[0]
-        chosen = torch.zeros(p.shape[0], t + 1, dtype=torch.bool)
-        chosen = chosen.scatter(1, torch.where(got >= 0, got, t), True)[:, :t]
+        p, exact, chosen = step
+        layer, t = entry[0], p.shape[1]
         self.rows.append(
             {
                 "t": t,
