@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, batch, greedy, module_model, pixels_of, prompt, tiny_llava, two_prompts
+from tiny import (
+    KV_PRUNERS,
+    batch,
+    check_batched_equals_alone,
+    greedy,
+    held_columns,
+    massive_token_model,
+    module_model,
+    tiny_llava,
+    two_prompts,
+)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import mmsink
 from mmsink.kv.planned import PlanWindowCache
-
-PRUNERS = [("fastv", 4), ("pdrop", 24), ("random", 6)]  # one cut at layer 2, three stages, before the LLM
-
 
 model, unwrapped = module_model(lambda: tiny_llava(layers=4))
 
@@ -29,14 +36,7 @@ def stream_kept(mask_row, n_new, first, window):
     return kept
 
 
-def layer_columns(ids_row, mask_row, kept_visual, n_new):
-    """The columns a layer holds without eviction: real text, the visual ones its pruner kept, new ones."""
-    length = len(mask_row)
-    text = [c for c in range(length) if mask_row[c] and ids_row[c] != IMAGE_TOKEN]
-    return sorted(text + list(kept_visual)) + [length + j for j in range(n_new - 1)]
-
-
-@pytest.mark.parametrize("method,budget", PRUNERS)
+@pytest.mark.parametrize("method,budget", KV_PRUNERS)
 def test_window_covering_everything_equals_the_pruned_plain_cache(model, method, budget):
     inputs = batch(two_prompts())
     mmsink.wrap(model, prune=method, budget=budget)
@@ -49,7 +49,7 @@ def test_window_covering_everything_equals_the_pruned_plain_cache(model, method,
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("method,budget", PRUNERS)
+@pytest.mark.parametrize("method,budget", KV_PRUNERS)
 def test_each_layer_keeps_its_columns_of_the_window_at_stream_positions(model, method, budget):
     """Kept columns per layer == (stream policy) & (the layer's pruned set); keys == the layer's raw keys
     rotated afresh at the column's rank among the stream's kept columns."""
@@ -84,7 +84,7 @@ def test_each_layer_keeps_its_columns_of_the_window_at_stream_positions(model, m
         stream = stream_kept(row, n, first, window)
         assert cache.kept_origins()[b] == stream
         for i, layer in enumerate(cache.layers):
-            held = layer_columns(ids, row, kept_visual[i][b], n)
+            held = held_columns(ids, row, kept_visual[i][b], n - 1)  # the last token is not cached
             want = [c for c in stream if c in held]
             assert cache.kept_origins_of(i)[b] == want
             evicted_image |= len(want) < len(stream)
@@ -103,32 +103,15 @@ def test_each_layer_keeps_its_columns_of_the_window_at_stream_positions(model, m
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_batched_equals_per_sample(model, beams):
-    ps = two_prompts()
-    inputs = batch(ps)
     mmsink.wrap(model, prune="fastv", budget=4, kv={"window": 9, "sinks": 4})
-    gen = {} if beams == 1 else {"num_beams": beams, "output_scores": False}
-    out = greedy(model, inputs, 12, **gen)
+    out = check_batched_equals_alone(model, 12, beams)
     assert out.past_key_values.compacted
-    width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(ps):
-        one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, ps, i)
-        alone = greedy(model, one, 12, **gen)
-        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
-        if beams == 1:
-            for a, b in zip(out.scores, alone.scores, strict=True):
-                torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
 
 
 def test_auto_sinks_flagged_in_a_pruned_layer():
     """The detector reads a pruned layer's slots: a flagged text token mid-prompt survives eviction."""
-    model = tiny_llava(layers=4)
-    channel, token = 5, 7
-    with torch.no_grad():
-        model.model.language_model.embed_tokens.weight[token, channel] = 400.0
-    p = prompt(3, 12, seed=4)
-    col = len(p) - 6
-    p[col] = token
+    channel = 5
+    model, p, col = massive_token_model(channel)
     opts = {"window": 6, "sinks": "auto", "first": 2, "sink_dims": [channel], "tau": 5.0, "sink_layer": 3}
     mmsink.wrap(model, prune="fastv", budget=4, kv=opts)
     cache = greedy(model, batch([p]), 20, output_scores=False).past_key_values

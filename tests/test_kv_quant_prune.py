@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, batch, greedy, module_model, pixels_of, prompt, tiny_llava, two_prompts
+from tiny import (
+    KV_PRUNERS,
+    batch,
+    check_batched_equals_alone,
+    greedy,
+    held_columns,
+    massive_token_model,
+    module_model,
+    tiny_llava,
+    two_prompts,
+)
 from transformers.cache_utils import DynamicCache
 
 import mmsink
@@ -14,12 +24,10 @@ from mmsink.core.cache import PlanCache
 from mmsink.kv.planned import PlanQuantCache
 from mmsink.kv.store import affine, decode
 
-PRUNERS = [("fastv", 4), ("pdrop", 24), ("random", 6)]  # one cut at layer 2, three stages, before the LLM
-
 model, unwrapped = module_model(lambda: tiny_llava(layers=4))
 
 
-@pytest.mark.parametrize("method,budget", PRUNERS)
+@pytest.mark.parametrize("method,budget", KV_PRUNERS)
 def test_highest_precision_equals_the_pruned_plain_cache(model, method, budget):
     inputs = batch(two_prompts())
     mmsink.wrap(model, prune=method, budget=budget)
@@ -56,14 +64,7 @@ def dequantized(k, v, full, g: int, bits: int):
     return k, v
 
 
-def layer_columns(ids_row, mask_row, kept_visual, n_new):
-    """The stream columns a layer holds: real text, the visual ones its pruner kept, the new ones."""
-    length = len(mask_row)
-    text = [c for c in range(length) if mask_row[c] and ids_row[c] != IMAGE_TOKEN]
-    return sorted(text + list(kept_visual)) + [length + j for j in range(n_new)]
-
-
-@pytest.mark.parametrize("method,budget", PRUNERS[:2])
+@pytest.mark.parametrize("method,budget", KV_PRUNERS[:2])
 @pytest.mark.parametrize("bits", [4, 2])
 def test_low_bit_equals_a_plain_reference(model, monkeypatch, method, budget, bits):
     """A plain PlanCache run whose decode steps attend to each layer's held keys / values with every
@@ -86,7 +87,7 @@ def test_low_bit_equals_a_plain_reference(model, monkeypatch, method, budget, bi
         for b in range(keys.shape[0]):
             slots = valid[b].nonzero()[:, 0]
             old = int(valid[b, :-q].sum())
-            cols = layer_columns(ids[b], mask[b], kept_visual[layer_idx][b], len(slots))[: len(slots)]
+            cols = held_columns(ids[b], mask[b], kept_visual[layer_idx][b], len(slots))[: len(slots)]
             real = [c for c in range(len(mask[b])) if mask[b][c]]
             full = torch.tensor([c in real[:first] for c in cols])
             done = old // g * g
@@ -112,21 +113,9 @@ def test_low_bit_equals_a_plain_reference(model, monkeypatch, method, budget, bi
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_batched_equals_per_sample(model, beams):
-    ps = two_prompts()
-    inputs = batch(ps)
     mmsink.wrap(model, prune="fastv", budget=4, kv={"quant": "int4", "group_size": 4, "sinks": 5})
-    gen = {} if beams == 1 else {"num_beams": beams, "output_scores": False}
-    out = greedy(model, inputs, 12, **gen)
+    out = check_batched_equals_alone(model, 12, beams)
     assert isinstance(out.past_key_values, PlanQuantCache)
-    width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(ps):
-        one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, ps, i)
-        alone = greedy(model, one, 12, **gen)
-        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
-        if beams == 1:
-            for a, b in zip(out.scores, alone.scores, strict=True):
-                torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
 
 
 def test_refused_in_one_line(model):
@@ -142,13 +131,8 @@ def test_refused_in_one_line(model):
 def test_auto_sink_flagged_in_a_pruned_layer_is_exact_in_every_layer():
     """The detector reads a pruned layer's slots (sink_layer 3, after FastV's cut): the flagged text token
     mid-prompt is an exact entry of every layer, at its rank among that layer's tokens."""
-    model = tiny_llava(layers=4)
-    channel, token = 5, 7
-    with torch.no_grad():
-        model.model.language_model.embed_tokens.weight[token, channel] = 400.0
-    p = prompt(3, 12, seed=4)
-    col = len(p) - 6
-    p[col] = token
+    channel = 5
+    model, p, col = massive_token_model(channel)
     kv = {"quant": "int4", "group_size": 4, "sinks": "auto", "first": 2, "sink_dims": [channel], "tau": 5.0}
     mmsink.wrap(model, prune="fastv", budget=4, kv={**kv, "sink_layer": 3})
     inputs = batch([p])
@@ -156,7 +140,7 @@ def test_auto_sink_flagged_in_a_pruned_layer_is_exact_in_every_layer():
     kept_visual = mmsink.stats(model).kept_indices
     sizes = set()
     for i, layer in enumerate(cache.layers):
-        cols = layer_columns(p, [1] * len(p), kept_visual[i][0], 0)
+        cols = held_columns(p, [1] * len(p), kept_visual[i][0], 0)
         sizes.add(len(cols))
         assert cols.index(col) in layer.parts[0].sink_rank and {0, 1} <= set(layer.parts[0].sink_rank)
     assert len(sizes) > 1  # layers hold different token sets

@@ -367,3 +367,49 @@ def module_model(build):
             mmsink.unwrap(model)
 
     return model, unwrapped
+
+
+# Shared by the KV-cache-after-pruning tests (tests/test_kv_prune.py, tests/test_kv_quant_prune.py).
+
+# method, budget for tiny_llava(layers=4): one cut at layer 2, three stages, before the LLM
+KV_PRUNERS = [("fastv", 4), ("pdrop", 24), ("random", 6)]
+
+
+def held_columns(ids_row, mask_row, kept_visual, n_new: int) -> list[int]:
+    """The stream columns a pruned layer holds without eviction: the real text ones, the visual ones its
+    pruner kept, then ``n_new`` new ones."""
+    length = len(mask_row)
+    text = [c for c in range(length) if mask_row[c] and ids_row[c] != IMAGE_TOKEN]
+    return sorted(text + list(kept_visual)) + [length + j for j in range(n_new)]
+
+
+def check_batched_equals_alone(model, n: int, beams: int = 1, prompts=None):
+    """``model`` as wrapped, on the left-padded ``batch`` of ``prompts`` (default ``two_prompts()``) and on
+    each sample alone (its own pixel values): the same new tokens and, greedy, per-step scores within 1e-4.
+    Returns the batch's output (the caller checks its cache)."""
+    ps = two_prompts() if prompts is None else prompts
+    inputs = batch(ps)
+    gen = {} if beams == 1 else {"num_beams": beams, "output_scores": False}
+    out = greedy(model, inputs, n, **gen)
+    width = inputs["input_ids"].shape[1]
+    for i, p in enumerate(ps):
+        one = batch([p])
+        one["pixel_values"] = pixels_of(inputs, ps, i)
+        alone = greedy(model, one, n, **gen)
+        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
+        if beams == 1:
+            for a, b in zip(out.scores, alone.scores, strict=True):
+                torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
+    return out
+
+
+def massive_token_model(channel: int = 5, token: int = 7):
+    """tiny_llava(layers=4) whose ``token`` embeds 400 on ``channel`` (a massive activation the sink
+    detector flags) and a one-image prompt holding it mid-prompt: (model, prompt, its column)."""
+    model = tiny_llava(layers=4)
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight[token, channel] = 400.0
+    p = prompt(3, 12, seed=4)
+    col = len(p) - 6
+    p[col] = token
+    return model, p, col
