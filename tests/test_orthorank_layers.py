@@ -214,10 +214,11 @@ def test_cuda_plain_cached_and_fast(dtype):
     with torch.no_grad():
         ref = model(**inputs).logits
     tol = 1e-4 if dtype == torch.float32 else 3e-2
+    real = inputs["attention_mask"].bool()  # padded rows attend nothing: any kernel's garbage
     mmsink.wrap(model, **LAYERS, budget=1.0, layer=1)
     try:
         with torch.no_grad():
-            torch.testing.assert_close(model(**inputs).logits, ref, atol=tol, rtol=tol)
+            torch.testing.assert_close(model(**inputs).logits[real], ref[real], atol=tol, rtol=tol)
         mmsink.wrap(model, **LAYERS, budget=0.4, layer=1)
         with torch.no_grad():
             out = model(**inputs).logits[:, -1]
