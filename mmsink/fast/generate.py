@@ -151,7 +151,6 @@ def generate_fast(
     check_inputs(inputs, max_new_tokens)
     ids = inputs["input_ids"]
     handle = getattr(model, "__dict__", {}).get(ATTR)
-    var_on = handle is not None and handle.var is not None and handle.enabled
     kv = getattr(handle, "kv", None) if handle is not None and handle.enabled else None
     devices, dispatched = placement(model)
     if any(d.type == "meta" for d in devices):
@@ -160,10 +159,10 @@ def generate_fast(
             "accelerate's device_map); use model.generate"
         )
     one_device = len(devices) == 1
-    # VAR's decode step is not yet verified inside a CUDA graph on a GPU: eager unless asked for. A model
-    # split over GPUs decodes with one graph per GPU (FastDecoder.stages)
+    # graphs on by default on GPUs, VAR's decode step too (verified on the H200 by tests/test_gpu.py's
+    # test_cuda_var_decode_equals_generate). A model split over GPUs: one graph per GPU (FastDecoder.stages)
     on_gpus = ids.is_cuda and all(d.type == "cuda" for d in devices)
-    graphs = (on_gpus and not var_on) if graphs is None else graphs
+    graphs = on_gpus if graphs is None else graphs
     compile = can_compile(ids.device) if compile is None else compile
     opts = options(step)
     split = dispatched or not one_device
