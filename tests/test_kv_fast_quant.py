@@ -77,6 +77,20 @@ def plain_prefill(model, inputs):
     return out.past_key_values
 
 
+def same_store(dec, cache, g: int) -> None:
+    """The decoder's store reads as generate's cache of the same tokens: layer 0 (whose keys both compute
+    from the same embeddings) bitwise, deeper layers to fp32 rounding."""
+    t = cache.valid.shape[1]
+    mask = cache.valid[:, None, :, None]
+    for i, layer in enumerate(cache.layers):
+        for got, w in zip(dec.read(i), layer.full(cache.valid, g), strict=True):
+            got = torch.where(mask, got[:, :, :t], 0)
+            if i == 0:
+                assert torch.equal(got, w)
+            else:
+                torch.testing.assert_close(got, w, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kv",
     [
@@ -102,17 +116,9 @@ def test_same_tokens_and_store_as_generate(model, auto, kv):
     assert torch.equal(out, ref.sequences)
     t = cache.valid.shape[1]  # prompt + n - 1 fed tokens in both
     assert torch.equal(dec.ok[:, :t], cache.valid) and not dec.ok[:, t:].any()
-    assert torch.equal(dec.sealed[:, :t], cache.done) and cache.done[:, -20:].any()  # decode sealed too
+    assert torch.equal(dec.sealed[0][:, :t], cache.done) and cache.done[:, -20:].any()  # decode sealed too
     assert torch.equal(dec.sink[:, :t], cache.sink)
-    mask = cache.valid[:, None, :, None]
-    for i, layer in enumerate(cache.layers):
-        want = layer.full(cache.valid, kv["group_size"])
-        for got, w in zip(dec.read(i), want, strict=True):
-            got = torch.where(mask, got[:, :, :t], 0)
-            if i == 0:
-                assert torch.equal(got, w)
-            else:
-                torch.testing.assert_close(got, w, rtol=0, atol=1e-5)
+    same_store(dec, cache, kv["group_size"])
     mmsink.unwrap(model)
     if kv["quant"] in ("int2", "int4") and model is not auto:  # low bits change the answer here
         assert not torch.equal(out, fast(model, inputs, n))
@@ -123,7 +129,7 @@ def test_sixteen_bits_equal_plain_generate_fast(model):
     ref = fast(model, inputs, 20)
     mmsink.wrap(model, kv={"quant": "int16", "group_size": 4})
     assert torch.equal(fast(model, inputs, 20), ref)
-    assert last_decoder(model).sealed.any()
+    assert last_decoder(model).sealed[0].any()
 
 
 @pytest.mark.parametrize("bits,g,per", [(4, 8, 2), (2, 8, 4), (2, 2, 1), (8, 8, 1)])
@@ -160,11 +166,11 @@ def test_kept_sinks_are_bitwise_the_unquantized_keys(auto, kv):
     cache = cache.past_key_values
     length, t = inputs["input_ids"].shape[1], cache.valid.shape[1]
     rank = dec.ok.long().cumsum(1) - 1
-    full = dec.ok & ((rank < dec.cfg.first) | dec.sink) & dec.sealed[:, :-1]
+    full = dec.ok & ((rank < dec.cfg.first) | dec.sink) & dec.sealed[0][:, :-1]  # (one segment: the stream)
     if kv is AUTO:
         assert full[1, length - 8] and full[:, length:].any()  # the prompt's and a decoded sink
-    assert full[:, :length].any() and torch.equal(dec.xmap[:, :-1] < dec.entries, full)
-    mates = dec.ok[:, :length] & dec.sealed[:, :length] & ~full[:, :length]
+    assert full[:, :length].any() and torch.equal(dec.xmap[0][:, :-1] < dec.entries, full)
+    mates = dec.ok[:, :length] & dec.sealed[0][:, :length] & ~full[:, :length]
     for i, layer in enumerate(plain.layers):
         kb, vb = dec.read(i)
         for b in range(2):
@@ -210,14 +216,6 @@ def test_qwen_mrope():
     assert not torch.equal(out, fast(qwen, inputs, 16))
 
 
-def test_with_a_pruner_is_refused_in_one_line(model):
-    """generate takes a pruned prefill (mmsink.kv.planned.PlanQuantCache); generate_fast's static store
-    has one slot set for every layer, so it refuses the combination when called."""
-    mmsink.wrap(model, prune="fastv", budget=4, kv={"quant": "int4"})
-    with pytest.raises(ValueError, match="generate_fast's kv quant mode does not combine with prune= yet"):
-        fast(model, batch(prompts()), 4)
-
-
 def test_replayed_steps_reused_decoder_and_no_device_reads(auto, monkeypatch):
     """The graphed path on CPU: capture replaced by a stand-in (warm-up step, replay = the step), so
     ``fill`` must undo the warm-up; a second call of the same shapes reuses the decoder; the step reads
@@ -255,11 +253,14 @@ def test_full_entries_are_refused(auto, monkeypatch):
         fast(model, batch(prompts()), 24)
 
 
-def test_a_mask_with_gaps_is_refused(model):
-    """The exact rings hold each sample's last ``g`` slots, its incomplete group only when the prompt is
-    left-padded."""
+def test_a_mask_with_gaps_gives_generates_tokens_and_store(model):
+    """The exact rings are indexed by rank, not slot: a gap among a prompt's last ``g`` slots (the group
+    that completes in decode then spans more than ``g`` slots) gives generate's tokens and store."""
     inputs = batch(prompts())
-    inputs["attention_mask"][1, 5] = 0  # a gap inside the second prompt
-    mmsink.wrap(model, kv={"quant": "int4", "group_size": 8})
-    with pytest.raises(ValueError, match="quant mode needs left-padded prompts"):
-        fast(model, inputs, 4)
+    inputs["attention_mask"][1, -3:-1] = 0  # a gap next to the second prompt's end: 55 real tokens
+    mmsink.wrap(model, kv={"quant": "int4", "group_size": 4, "sinks": 5})
+    out = fast(model, inputs, 16)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out, ref.sequences)
+    same_store(last_decoder(model), ref.past_key_values, 4)

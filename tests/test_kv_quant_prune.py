@@ -123,9 +123,7 @@ def test_refused_in_one_line(model):
         mmsink.wrap(model, orthorank={"budget": 0.5}, kv={"quant": "int4"})
     with pytest.raises(ValueError, match="kv quant does not combine with sink_forward= yet"):
         mmsink.wrap(model, sink_forward=True, kv={"quant": "int4"})
-    mmsink.wrap(model, prune="fastv", budget=4, kv={"quant": "int4"})
-    with pytest.raises(ValueError, match="generate_fast's kv quant mode does not combine with prune= yet"):
-        mmsink.generate_fast(model, max_new_tokens=4, compile=False, **batch(two_prompts()))
+    # generate_fast takes quant + prune= too: tests/test_kv_fast_quant_prune.py
 
 
 def test_auto_sink_flagged_in_a_pruned_layer_is_exact_in_every_layer():

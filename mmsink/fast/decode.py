@@ -383,6 +383,10 @@ class FastDecoder:
         else:
             self.graph = capture_graph(self.step)[1]
 
+    def captured(self) -> bool:
+        """Whether the step is recorded (one graph, or one per stage)."""
+        return self.graph is not None or bool(self.staged)
+
     def run(self, steps: int) -> int:
         """Up to ``steps`` tokens; stops early (checked every 8 tokens) when every sample has ended."""
         for t in range(steps):

@@ -52,6 +52,14 @@ def kept(model, key, make):
     return dec
 
 
+def kept_for(family, key: tuple, make):
+    """``kept`` for a decoder of ``family``'s model, the key completed by the weights it runs on (swapped
+    weights: a new decoder, as ``decoder_for``'s)."""
+    model = family.model
+    params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)
+    return kept(model, (*key, params), make)
+
+
 def clear(model) -> None:
     """Drop the decoders (KV buffers, graphs) and vision-tower graphs kept on ``model``; fused
     projections (``fuse.StepOptions.fuse``) get their own storage back."""

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..fast.decode import ROUND, FastDecoder
-from ..fast.store import kept
+from ..fast.store import kept_for
 from .window import compact, policy, rotate, turn_of
 
 SPARE_SINKS = 32  # "auto": decode tokens that may be flagged as sinks before the buffers are full
@@ -152,10 +152,7 @@ class WindowDecoder(FastDecoder):
             self.next_pos.copy_(nxt + delta[:, 0] if delta is not None else nxt)
         self.col.fill_(cache.seen)
         self.overflow.zero_()
-        self.tok.copy_(tok)
-        self.t.zero_()
-        self.pad.fill_(pad)
-        self.done.copy_((tok[:, None] == self.eos[None]).any(1))
+        self.start_state(attention_mask, tok, delta, pad)
 
     def start_op(self):
         h = self.embed(self.tok[:, None])
@@ -259,52 +256,29 @@ def window_decoder(family, cfg, inv_freq, cache, batch: int, steps: int, eos, gr
     stream = -(-stream // ROUND) * ROUND
     segs = [-(-c // ROUND) * ROUND for c in segs]
     new = -(-steps // ROUND) * ROUND
-    model = family.model
-    params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)
-    key = (
-        "window",
-        repr(cfg),
-        batch,
-        stream,
-        tuple(segs),
-        tuple(layer_seg),
-        new,
-        eos,
-        graphs,
-        compile,
-        params,
-    )
+    key = ("window", repr(cfg), batch, stream, tuple(segs), tuple(layer_seg), new, eos, graphs, compile)
     args = (family, cfg, inv_freq, stream, segs, layer_seg, batch, new, eos, compile)
-    return kept(model, key, lambda: WindowDecoder(*args))
+    return kept_for(family, key, lambda: WindowDecoder(*args))
 
 
 def generate_window(family, handle, p, ids, max_new_tokens: int, graphs: bool, compile: bool, stop):
     """The new tokens [B, n] of greedy decoding with the window cache (see the module docstring) after
     the prefill ``p`` (``generate_fast``'s: the whole prompt through the model, no hand-off, eager vision
     tower, so the kv hooks evicted there). ``stop``: (end-of-sequence ids, pad id)."""
+    from ..fast.generate import decode_kv
     from .window import WindowCache
 
-    cfg = handle.kv
-    if not isinstance(p.cache, WindowCache):
-        raise ValueError("mmsink: generate_fast's window mode got no window cache from the prefill")
-    stops, pad = stop
-    eos = torch.tensor(stops, dtype=torch.long, device=ids.device)
-    new = p.tok[:, None]
-    if max_new_tokens == 1 or bool(torch.isin(p.tok, eos).all()):
-        return new
     inv_freq = family.language_model.rotary_emb.inv_freq
-    dec = window_decoder(
-        family, cfg, inv_freq, p.cache, ids.shape[0], max_new_tokens - 1, stops, graphs, compile
-    )
-    delta = family.rope_deltas() if dec.mrope else None
-    if graphs and dec.graph is None:
-        dec.fill(p.cache, p.mask, p.tok, delta, pad)
-        dec.capture()
-    dec.fill(p.cache, p.mask, p.tok, delta, pad)
-    steps = dec.run(max_new_tokens - 1)
-    if bool(dec.overflow):
+
+    def make(steps: int):
+        b = ids.shape[0]
+        return window_decoder(family, handle.kv, inv_freq, p.cache, b, steps, stop[0], graphs, compile)
+
+    need = (WindowCache, "window mode got no window cache")
+    new, dec = decode_kv(family, p, ids, max_new_tokens, graphs, stop, need, make)
+    if dec is not None and bool(dec.overflow):
         raise ValueError(
             f"mmsink: generate_fast's window buffers filled up (more than {SPARE_SINKS} decode tokens flagged"
             " as sinks); use model.generate"
         )
-    return torch.cat([new, dec.out[:, :steps].to(ids.device)], 1)
+    return new

@@ -1,27 +1,38 @@
-"""``generate_fast`` with the KVSink quantized cache: ``wrap(model, kv={"quant": "int4", ...})``.
+"""``generate_fast`` with the KVSink quantized cache: ``wrap(model, kv={"quant": "int4", ...})``, pruned
+or not (``prune=``).
 
 The prefill runs through the wrapped model as ``generate``'s does (no hand-off: the kv hooks make the
-``QuantCache``, which quantizes the prompt's complete groups). Its codes are then loaded into a static
-store and every new token is one fixed-shape step (one CUDA-graph replay on GPU).
+``QuantCache``, or after a pruned prefill ``PlanQuantCache``, which quantizes the prompt's complete
+groups). Its codes are then loaded into a static store and every new token is one fixed-shape step (one
+CUDA-graph replay on GPU).
 
-Store, per layer (slots as ``FastDecoder``'s: the prefill's first, the t-th new token at ``n + t``):
-key codes per sample by group index (a group is ``g`` consecutive ranks of the sample's own tokens, so
-left padding does not move it) with one scale / offset per (group, channel); value codes per slot with
-one scale / offset per (token, channel group); the exact keys / values of the last ``g`` slots (a ring:
-the tokens of a sample's incomplete group are always among them); the exact copies of the kept-full
-tokens (sinks) of quantized groups, ``entries`` per sample, with a slot -> entry map. The full-precision
-cache is never held. 2 / 4-bit codes are packed 4 / 2 to a byte along the group (``squeeze``; this
-store's own layout, not quanto's) when the group size allows, 8-bit codes take a byte, 16-bit ones int32
-(as ``generate``'s store).
+Slots, as ``WindowDecoder``'s: the stream (``S`` slots: validity, sink flags; the prefill's columns,
+then the t-th new token at ``n + t``) and, per segment of layers (one without a pruner; a pruner's plan
+gives layers that hold different tokens, as ``PlanQuantCache``), ``C`` slots of validity, rank (the
+segment's own token count before each slot), quantized flags, the stream slot each slot holds, and the
+exact-entry map; the segment's prefill slots first, the t-th new token at ``n_s + t``. Groups follow a
+segment's ranks (a pruned layer seals its groups sooner in the stream), the kept-full tokens are the
+stream's (its first ``first`` real tokens and the flagged sinks), looked up through each slot's stream
+slot: ``PlanQuantCache``'s rule.
+
+Store, per layer: key codes per sample by group index (``g`` consecutive ranks of the layer's tokens) with
+one scale / offset per (group, channel); value codes per slot with one scale / offset per (token, channel
+group); a ``g``-entry ring of exact keys / values indexed by rank mod ``g`` (it holds the incomplete
+group's tokens wherever their slots are, so neither gaps in a mask nor a segment's own layout matter);
+the exact copies of the kept-full tokens of quantized groups, ``entries`` per sample, with a slot ->
+entry map per segment. The full-precision cache is never held. 2 / 4-bit codes are packed 4 / 2 to a
+byte along the group (``squeeze``; this store's own layout, not quanto's) when the group size allows,
+8-bit codes take a byte, 16-bit ones int32 (as ``generate``'s store).
 
 Step: the token's key / value into the ring; each layer dequantizes its whole store and attends with SDPA
-(dequantize-then-attend: the same arithmetic as ``generate``'s assembled keys, hence the same tokens, and
-fixed shapes; a fused low-bit attention kernel is not done here). After the step, a sample whose count
-of tokens reached a multiple of ``g`` quantizes that group (``affine`` / ``key_rows`` of
-``mmsink.kv.store`` and ``sealable`` / ``kept_full`` of ``mmsink.kv.quant``: the rule ``generate``'s
-cache runs), every sample computing one group and the others writing it to a spare row: no host sync.
-With ``"auto"`` the ``sink_layer`` input of every new token is scored, as ``generate``'s hooks do; decode
-tokens flagged beyond ``SPARE_SINKS`` overflow the entries and ``generate_fast`` refuses with one line.
+over its segment's slots (dequantize-then-attend: the same arithmetic as ``generate``'s assembled keys,
+hence the same tokens, and fixed shapes; a fused low-bit attention kernel is not done here). After the
+step, a sample whose count of tokens in a segment reached a multiple of ``g`` quantizes that group in the
+segment's layers (``affine`` / ``key_rows`` of ``mmsink.kv.store`` and ``sealable`` / ``kept_full`` of
+``mmsink.kv.quant``: the rule ``generate``'s cache runs), every sample computing one group and the others
+writing it to a spare row: no host sync. With ``"auto"`` the ``sink_layer`` input of every new token is
+scored, as ``generate``'s hooks do; decode tokens flagged beyond ``SPARE_SINKS`` overflow the entries and
+``generate_fast`` refuses with one line.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fast.decode import ROUND, FastDecoder, finish, project
-from ..fast.store import kept
+from ..fast.store import kept_for
 from .fast import WindowDecoder, packed
 from .quant import kept_full, sealable
 from .store import affine, decode, key_rows, triple
@@ -69,42 +80,88 @@ def entries_needed(cfg, cache, steps: int) -> int:
     return -(-need // ENTRIES_ROUND) * ENTRIES_ROUND
 
 
+def layout(cache):
+    """(segment of each layer, per segment (valid [B, T_s], stream slot of each slot [B, T_s] (-1 on
+    padding), quantized [B, T_s])) of a quantized cache after its prefill. Segments no layer runs on
+    (aliased by the plan's unmask) are left out and the rest renumbered."""
+    segs = getattr(cache, "layer_segment", None)
+    if segs:  # a pruned prefill: PlanQuantCache's segments
+        used = sorted(set(segs))
+        parts = []
+        for s in used:
+            valid = cache.segment_valid[s]
+            done = cache.seg_done[s] if s < len(cache.seg_done) else None
+            parts.append((valid, cache.seg_origin[s], widened(done, valid)))
+        return [used.index(s) for s in segs], parts
+    return [0] * len(cache.layers), [(cache.valid, cache.origin, widened(cache.done, cache.valid))]
+
+
+def widened(done, valid):
+    """``done`` [B, <= T] (or None: nothing quantized) as [B, T]."""
+    out = torch.zeros_like(valid)
+    if done is not None:
+        out[:, : done.shape[1]] = done.to(out.device)
+    return out
+
+
 class QuantDecoder(FastDecoder):
     """``FastDecoder``'s step and bookkeeping over the quantized store (``FastDecoder``'s own key / value
-    buffers are the ``g``-slot rings)."""
+    buffers are the ``g``-entry rings), with ``WindowDecoder``'s stream and per-segment slots."""
 
-    def __init__(self, family, cfg, cap: int, entries: int, batch: int, max_new: int, eos: tuple):
+    def __init__(
+        self,
+        family,
+        cfg,
+        stream: int,
+        segs: list[int],
+        layer_seg: list[int],
+        entries: int,
+        batch: int,
+        max_new: int,
+        eos: tuple,
+    ):
         g = cfg.group_size
         super().__init__(family, [g] * len(family.layers), batch, max_new, eos, compile=False)
         self.cfg, self.g, self.bits, self.entries = cfg, g, cfg.bits, entries
+        self.layer_seg = list(layer_seg)
         b, hk, _, d = self.k[0].shape
         dev, dtype = self.k[0].device, self.k[0].dtype
         self.cg = cg = min(g, d)
-        groups = -(-cap // g)
-        self.caps = [cap] * len(self.layers)
-        self.ok = torch.zeros(batch, cap, dtype=torch.bool, device=dev)
-        self.valid = [self.ok] * len(self.layers)  # one slot set: no pruner (refused with quant)
-        self.sink = torch.zeros(batch, cap, dtype=torch.bool, device=dev)
-        self.sealed = torch.zeros(batch, cap + 1, dtype=torch.bool, device=dev)  # + a spare column
-        self.xmap = torch.full((batch, cap + 1), entries, dtype=torch.long, device=dev)  # entries: none
-        self.xn = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.caps = [segs[s] for s in layer_seg]
+        # the stream: validity, ranks (for the first ``first`` real tokens), sink flags
+        self.ok = torch.zeros(batch, stream, dtype=torch.bool, device=dev)
+        self.rank = torch.zeros(batch, stream, dtype=torch.long, device=dev)
+        self.sink = torch.zeros(batch, stream, dtype=torch.bool, device=dev)
+        self.s_start = torch.zeros((), dtype=torch.long, device=dev)  # the stream slot of new token 0
+        # per segment (one spare column each in ``sealed`` / ``xmap``: where samples that seal nothing write)
+        self.seg_ok = [torch.zeros(batch, c, dtype=torch.bool, device=dev) for c in segs]
+        self.seg_rank = [torch.zeros(batch, c, dtype=torch.long, device=dev) for c in segs]
+        self.sealed = [torch.zeros(batch, c + 1, dtype=torch.bool, device=dev) for c in segs]
+        self.xmap = [torch.full((batch, c + 1), entries, dtype=torch.long, device=dev) for c in segs]
+        self.xn = [torch.zeros(batch, dtype=torch.long, device=dev) for _ in segs]
+        self.origin = [torch.zeros(batch, c, dtype=torch.long, device=dev) for c in segs]  # stream slots
+        self.seg_start = [torch.zeros((), dtype=torch.long, device=dev) for _ in segs]
+        self.valid = [self.seg_ok[s] for s in layer_seg]  # a layer's mask is its segment's validity
         self.overflow = torch.zeros((), dtype=torch.bool, device=dev)
-        self.ring = torch.arange(cap, device=dev) % g
-        self.rank = torch.zeros(batch, cap, dtype=torch.long, device=dev)
         self.dims = torch.tensor(cfg.sink_dims or (0,), dtype=torch.long, device=dev)
         code = torch.int32 if self.bits == 16 else torch.uint8
         per = 8 // self.bits if self.bits in (2, 4) else 1
         self.per = per if g % per == 0 and cg % per == 0 else 1
+        self.kc, self.ks, self.kz, self.vc, self.vs, self.vz, self.xk, self.xv = ([] for _ in range(8))
+        for cap in self.caps:  # one spare group / slot / entry each: where samples that seal nothing write
 
-        def zeros(*shape, dt=dtype):
-            return [torch.zeros(*shape, dtype=dt, device=dev) for _ in self.layers]
+            def zeros(*shape, dt=dtype):
+                return torch.zeros(*shape, dtype=dt, device=dev)
 
-        # one spare group / slot / entry each: where samples that quantize nothing write
-        self.kc = zeros(b, hk, groups + 1, d, g // self.per, dt=code)
-        self.ks, self.kz = zeros(b, hk, groups + 1, d, 1), zeros(b, hk, groups + 1, d, 1)
-        self.vc = zeros(b, hk, cap + 1, d // cg, cg // self.per, dt=code)
-        self.vs, self.vz = zeros(b, hk, cap + 1, d // cg, 1), zeros(b, hk, cap + 1, d // cg, 1)
-        self.xk, self.xv = zeros(b, hk, entries + 1, d), zeros(b, hk, entries + 1, d)
+            groups = -(-cap // g)
+            self.kc.append(zeros(b, hk, groups + 1, d, g // self.per, dt=code))
+            self.ks.append(zeros(b, hk, groups + 1, d, 1))
+            self.kz.append(zeros(b, hk, groups + 1, d, 1))
+            self.vc.append(zeros(b, hk, cap + 1, d // cg, cg // self.per, dt=code))
+            self.vs.append(zeros(b, hk, cap + 1, d // cg, 1))
+            self.vz.append(zeros(b, hk, cap + 1, d // cg, 1))
+            self.xk.append(zeros(b, hk, entries + 1, d))
+            self.xv.append(zeros(b, hk, entries + 1, d))
 
     sink_score = WindowDecoder.sink_score
 
@@ -114,98 +171,122 @@ class QuantDecoder(FastDecoder):
         return sum(x.numel() * x.element_size() for xs in parts for x in xs)
 
     def fill(self, cache, attention_mask, tok, delta, pad, tail=None) -> None:
-        """Load the prefill's ``QuantCache``: codes, scales, exact tails and sinks (host loops: once per
-        prompt, outside the graph)."""
-        valid, g, n = cache.valid, self.g, cache.valid.shape[1]
-        done = cache.done if cache.done is not None else torch.zeros_like(valid)
+        """Load the prefill's ``QuantCache`` / ``PlanQuantCache``: codes, scales, exact tails and sinks
+        (host loops: once per prompt, outside the graph)."""
+        layer_seg, parts = layout(cache)
+        if layer_seg != self.layer_seg:
+            raise ValueError("mmsink: the quantized cache's layer segments differ from the decoder's")
+        n, stream = cache.valid.shape[1], self.ok.shape[1]
         for x in (*self.k, *self.v, *self.kc, *self.ks, *self.kz, *self.vc, *self.vs, *self.vz):
             x.zero_()
-        for x, src in ((self.ok, valid), (self.sink, cache.sink), (self.sealed, done)):
+        for x, src in ((self.ok, cache.valid), (self.sink, cache.sink)):
             x.zero_()
             x[:, :n] = src
-        self.xmap.fill_(self.entries)
-        self.xn.zero_()
+        self.s_start.fill_(n)
+        slots = []  # per segment, per sample: rank -> slot
+        for s, (valid, origin, done) in enumerate(parts):
+            m, c = valid.shape[1], self.seg_ok[s].shape[1]
+            for x, src in ((self.seg_ok[s], valid), (self.sealed[s], done)):
+                x.zero_()
+                x[:, :m] = src
+            self.xmap[s].fill_(self.entries)
+            self.xn[s].zero_()
+            # the new tokens' stream slots follow the prompt's (slots past the run: never valid)
+            self.origin[s][:, :m] = origin.clamp(min=0)
+            self.origin[s][:, m:] = torch.arange(n, n + c - m, device=origin.device).clamp(max=stream - 1)
+            self.seg_start[s].fill_(m)
+            slots.append([v.nonzero()[:, 0] for v in valid])
         self.overflow.zero_()
-        self.start[0].fill_(n)
-        slots = [v.nonzero()[:, 0] for v in valid]  # per sample: rank -> slot
-        tail = torch.arange(max(0, n - g), n, device=valid.device)
+        seen = set()
         for i, layer in enumerate(cache.layers):
-            keys, values = layer.full(valid, g)  # exact where not quantized
-            self.k[i].index_copy_(2, tail % g, keys[:, :, tail])
-            self.v[i].index_copy_(2, tail % g, values[:, :, tail])
+            s = self.layer_seg[i]
+            self.start[i].fill_(parts[s][0].shape[1])
             for b, part in enumerate(layer.parts):
-                self.load_part(i, b, part, slots[b], i == 0)
+                self.load_part(i, s, b, part, slots[s][b], s not in seen)
+            seen.add(s)
         self.start_state(attention_mask, tok, delta, pad)
 
-    def load_part(self, i: int, b: int, part, slots, first: bool) -> None:
-        g, cg, bits = self.g, self.cg, self.bits
+    def load_part(self, i: int, s: int, b: int, part, slots, first: bool) -> None:
+        """Sample ``b`` of layer ``i`` (segment ``s``): its chunks' codes, its exact tail into the ring (by
+        rank mod g), its exact sinks; ``first``: the segment's first layer writes the entry map."""
+        g, cg = self.g, self.cg
         hk, d = self.k[i].shape[1], self.k[i].shape[3]
         at = 0  # tokens of the chunks before
         for c in part.chunks:
             m = c.tokens // g
-            kq, ks, kz = triple(c.keys, bits)
+            kq, ks, kz = triple(c.keys, self.bits)
             for dst, src in zip((self.kc, self.ks, self.kz), (squeeze(kq, self.per), ks, kz), strict=True):
                 dst[i][b, :, at // g : at // g + m] = src.reshape(hk, m, d, -1)
             where = slots[at : at + c.tokens]
-            vq, vs, vz = triple(c.values, bits)
+            vq, vs, vz = triple(c.values, self.bits)
             for dst, src in zip((self.vc, self.vs, self.vz), (squeeze(vq, self.per), vs, vz), strict=True):
                 dst[i][b][:, where] = src.reshape(hk, c.tokens, d // cg, -1)
             at += c.tokens
+        ring = torch.arange(at, at + part.tail_k.shape[1], device=self.k[i].device) % g
+        self.k[i][b][:, ring] = part.tail_k.to(self.k[i].device)
+        self.v[i][b][:, ring] = part.tail_v.to(self.v[i].device)
         for e, (r, k, v) in enumerate(zip(*part.sinks(), strict=True)):
             self.xk[i][b, :, e] = k
             self.xv[i][b, :, e] = v
             if first:
-                self.xmap[b, slots[r]] = e
+                self.xmap[s][b, slots[r]] = e
         if first:
-            self.xn[b] = len(part.sink_rank)
+            self.xn[s][b] = len(part.sink_rank)
 
     def start_op(self):
         out = super().start_op()
-        self.ok.index_fill_(1, (self.start[0] + self.t).view(1), True)
-        self.rank.copy_(self.ok.long().cumsum(1) - 1)
+        for ok, rank, start in (
+            (self.ok, self.rank, self.s_start),
+            *zip(self.seg_ok, self.seg_rank, self.seg_start, strict=True),
+        ):
+            ok.index_fill_(1, (start + self.t).view(1), True)
+            rank.copy_(ok.long().cumsum(1) - 1)
         return out
 
     def layers_op(self, lo: int, hi: int, h, cos, sin, t):
-        slot = (self.start[0] + t).view(1)
         for i in range(lo, hi):
             if self.cfg.auto and i == self.cfg.sink_layer:
-                self.sink.index_copy_(1, slot, self.sink_score(h) > self.cfg.tau)
-            h = self.layer(i, h, cos, sin, slot)
+                self.sink.index_copy_(1, (self.s_start + t).view(1), self.sink_score(h) > self.cfg.tau)
+            h = self.layer(i, h, cos, sin, t)
         return h, cos, sin, t
 
-    def layer(self, i: int, h, cos, sin, slot):
-        layer = self.layers[i]
+    def layer(self, i: int, h, cos, sin, t):
+        layer, s = self.layers[i], self.layer_seg[i]
         q, k, v = project(layer, h, cos, sin, self.heads, self.kv_heads, self.rope)
-        self.k[i].index_copy_(2, slot % self.g, k)
-        self.v[i].index_copy_(2, slot % self.g, v)
+        slot = (self.seg_start[s] + t).view(1)
+        at = (self.seg_rank[s].index_select(1, slot) % self.g)[:, None, :, None].expand_as(k)  # ring entry
+        self.k[i].scatter_(2, at, k)
+        self.v[i].scatter_(2, at, v)
         kb, vb = self.read(i)
         o = F.scaled_dot_product_attention(
             q,
             kb,
             vb,
-            attn_mask=self.ok[:, None, None, :],
+            attn_mask=self.seg_ok[s][:, None, None, :],
             scale=layer.self_attn.scaling,
             enable_gqa=self.heads != self.kv_heads,
         )
         return finish(layer, h, o)
 
     def read(self, i: int):
-        """Layer ``i``'s keys / values [B, Hk, C, D] as ``generate``'s cache assembles them: dequantized
-        groups, exact ring where not quantized, exact copies of the quantized sinks."""
-        g, cg, bits, dtype = self.g, self.cg, self.bits, self.k[i].dtype
+        """Layer ``i``'s keys / values [B, Hk, C, D] over its segment's slots, as ``generate``'s cache
+        assembles them: dequantized groups, the exact ring where not quantized, exact copies of the
+        quantized sinks."""
+        g, cg, bits, dtype, s = self.g, self.cg, self.bits, self.k[i].dtype, self.layer_seg[i]
         b, hk, _, d = self.k[i].shape
-        cap = self.ok.shape[1]
+        cap = self.seg_ok[s].shape[1]
+        rank = self.seg_rank[s].clamp(min=0)[:, None, :, None].expand(-1, hk, -1, d)
         codes = spread(self.kc[i], self.per).view(-1, g)
         kq = decode(codes, self.ks[i].view(-1, 1), self.kz[i].view(-1, 1), bits, dtype)
         kq = kq.view(b, hk, -1, d, g)[:, :, :-1].transpose(-1, -2).reshape(b, hk, -1, d)  # rank order
-        kq = kq.gather(2, self.rank.clamp(min=0)[:, None, :, None].expand(-1, hk, -1, d))
+        kq = kq.gather(2, rank)
         codes = spread(self.vc[i], self.per).view(-1, cg)
         vq = decode(codes, self.vs[i].view(-1, 1), self.vz[i].view(-1, 1), bits, dtype)
         vq = vq.view(b, hk, cap + 1, d)[:, :, :cap]
-        sealed = self.sealed[:, None, :cap, None]
-        kb = torch.where(sealed, kq, self.k[i].index_select(2, self.ring))
-        vb = torch.where(sealed, vq, self.v[i].index_select(2, self.ring))
-        ent = self.xmap[:, None, :cap, None]
+        sealed = self.sealed[s][:, None, :cap, None]
+        kb = torch.where(sealed, kq, self.k[i].gather(2, rank % g))
+        vb = torch.where(sealed, vq, self.v[i].gather(2, rank % g))
+        ent = self.xmap[s][:, None, :cap, None]
         exact = ent < self.entries
         ent = ent.expand(-1, hk, -1, d)
         kb = torch.where(exact, self.xk[i].gather(2, ent), kb)
@@ -213,77 +294,73 @@ class QuantDecoder(FastDecoder):
 
     def book_op(self, nxt):
         super().book_op(nxt)
-        self.seal()
+        full = kept_full(self.cfg, self.ok, self.sink, self.rank)  # [B, S] by stream slot
+        for s in range(len(self.seg_ok)):
+            self.seal(s, full)
 
-    def seal(self) -> None:
-        """Quantize the group this step completed, in every sample where it did (one group at most)."""
+    def seal(self, s: int, full_stream) -> None:
+        """Quantize the group this step completed in segment ``s``, in every sample where it did (one
+        group at most), in the segment's layers. The ring holds the group's tokens in rank order."""
         g, cg, bits, e = self.g, self.cg, self.bits, self.entries
-        ok, rank, cap = self.ok, self.rank, self.ok.shape[1]
-        b, hk, _, d = self.k[0].shape
-        complete = sealable(ok, self.sealed[:, :cap], rank, g)
+        ok, rank, cap, xn = self.seg_ok[s], self.seg_rank[s], self.seg_ok[s].shape[1], self.xn[s]
+        layers = [i for i, seg in enumerate(self.layer_seg) if seg == s]
+        b, hk, _, d = self.k[layers[0]].shape
+        complete = sealable(ok, self.sealed[s][:, :cap], rank, g)
         idx, hit = packed(complete, g)  # [B, g] the group's slots in order (all or none per sample)
         hit = hit[:, :1]
-        full = kept_full(self.cfg, ok, self.sink, rank).gather(1, idx) & hit  # [B, g]
-        group = torch.where(hit, rank.gather(1, idx[:, :1]) // g, self.kc[0].shape[2] - 1)  # [B, 1]
+        full = full_stream.gather(1, self.origin[s]).gather(1, idx) & hit  # [B, g]
+        group = torch.where(hit, rank.gather(1, idx[:, :1]) // g, self.kc[layers[0]].shape[2] - 1)  # [B, 1]
         slot = torch.where(hit, idx, cap)
-        ent = torch.where(full, self.xn[:, None] + full.long().cumsum(1) - 1, e).clamp(max=e)
-        self.overflow |= (self.xn + full.sum(1) > e).any()
-        ring = (idx % g)[:, None, :, None].expand(-1, hk, -1, d)
+        ent = torch.where(full, xn[:, None] + full.long().cumsum(1) - 1, e).clamp(max=e)
+        self.overflow |= (xn + full.sum(1) > e).any()
         per = self.per
         at_k = group[:, None, :, None, None].expand(-1, hk, 1, d, g // per)
         at_v = slot[:, None, :, None, None].expand(-1, hk, g, d // cg, cg // per)
         at_x = ent[:, None, :, None].expand(-1, hk, -1, d)
-        for i in range(len(self.layers)):
-            k, v = self.k[i].gather(2, ring), self.v[i].gather(2, ring)  # [B, Hk, g, D] exact
-            q, s, z = affine(key_rows(k, full[:, None], g).reshape(-1, g), bits)
+        for i in layers:
+            k, v = self.k[i], self.v[i]  # [B, Hk, g, D] exact, ranks g * group + 0 .. g - 1
+            q, sc, z = affine(key_rows(k, full[:, None], g).reshape(-1, g), bits)
             self.kc[i].scatter_(2, at_k, squeeze(q.view(b, hk, 1, d, g), per))
-            self.ks[i].scatter_(2, at_k[..., :1], s.view(b, hk, 1, d, 1))
+            self.ks[i].scatter_(2, at_k[..., :1], sc.view(b, hk, 1, d, 1))
             self.kz[i].scatter_(2, at_k[..., :1], z.view(b, hk, 1, d, 1))
-            q, s, z = affine(v.reshape(-1, cg), bits)
+            q, sc, z = affine(v.reshape(-1, cg), bits)
             self.vc[i].scatter_(2, at_v, squeeze(q.view(b, hk, g, d // cg, cg), per))
-            self.vs[i].scatter_(2, at_v[..., :1], s.view(b, hk, g, d // cg, 1))
+            self.vs[i].scatter_(2, at_v[..., :1], sc.view(b, hk, g, d // cg, 1))
             self.vz[i].scatter_(2, at_v[..., :1], z.view(b, hk, g, d // cg, 1))
             self.xk[i].scatter_(2, at_x, k)
             self.xv[i].scatter_(2, at_x, v)
-        self.xmap.scatter_(1, torch.where(full, idx, cap), ent)
-        self.xn += full.sum(1)
-        self.sealed.scatter_(1, slot, True)
+        self.xmap[s].scatter_(1, torch.where(full, idx, cap), ent)
+        xn += full.sum(1)
+        self.sealed[s].scatter_(1, slot, True)
+
+
+def quant_decoder(family, cfg, cache, batch: int, steps: int, eos, graphs: bool):
+    """A decoder for this cache's layout, kept on the model by shape (as ``window_decoder``'s)."""
+    layer_seg, parts = layout(cache)
+    stream = -(-(cache.valid.shape[1] + steps) // ROUND) * ROUND
+    segs = [-(-(valid.shape[1] + steps) // ROUND) * ROUND for valid, _, _ in parts]
+    entries = entries_needed(cfg, cache, steps)
+    new = -(-steps // ROUND) * ROUND
+    key = ("quant", repr(cfg), batch, stream, tuple(segs), tuple(layer_seg), entries, new, eos, graphs)
+    args = (family, cfg, stream, segs, layer_seg, entries, batch, new, eos)
+    return kept_for(family, key, lambda: QuantDecoder(*args))
 
 
 def generate_quant(family, handle, p, ids, max_new_tokens: int, graphs: bool, compile: bool, stop):
     """The new tokens [B, n] of greedy decoding over the quantized store after the prefill ``p``
-    (``generate_fast``'s: the whole prompt through the model, no hand-off). ``stop``: (end-of-sequence ids,
-    pad id). ``compile`` is ignored (the layer step is not compiled)."""
+    (``generate_fast``'s: the whole prompt through the model, no hand-off), pruned or not. ``stop``:
+    (end-of-sequence ids, pad id). ``compile`` is ignored (the layer step is not compiled)."""
+    from ..fast.generate import decode_kv
     from .quant import QuantCache
 
-    cfg = handle.kv
-    if not isinstance(p.cache, QuantCache):
-        raise ValueError("mmsink: generate_fast's quant mode got no quantized cache from the prefill")
-    mask = p.mask.bool()
-    if not bool((mask.cummax(1).values == mask).all()):  # the rings hold the last g slots of each sample
-        raise ValueError("mmsink: generate_fast's kv quant mode needs left-padded prompts (no gaps in masks)")
-    stops, pad = stop
-    eos = torch.tensor(stops, dtype=torch.long, device=ids.device)
-    new = p.tok[:, None]
-    if max_new_tokens == 1 or bool(torch.isin(p.tok, eos).all()):
-        return new
-    steps = max_new_tokens - 1
-    cap = -(-(p.cache.valid.shape[1] + steps) // ROUND) * ROUND
-    entries = entries_needed(cfg, p.cache, steps)
-    cap_new = -(-steps // ROUND) * ROUND
-    model = family.model
-    params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)
-    key = ("quant", repr(cfg), ids.shape[0], cap, entries, cap_new, stops, graphs, params)
-    dec = kept(model, key, lambda: QuantDecoder(family, cfg, cap, entries, ids.shape[0], cap_new, stops))
-    delta = family.rope_deltas() if dec.mrope else None
-    if graphs and dec.graph is None:
-        dec.fill(p.cache, p.mask, p.tok, delta, pad)
-        dec.capture()
-    dec.fill(p.cache, p.mask, p.tok, delta, pad)
-    n = dec.run(steps)
-    if bool(dec.overflow):
+    def make(steps: int):
+        return quant_decoder(family, handle.kv, p.cache, ids.shape[0], steps, stop[0], graphs)
+
+    need = (QuantCache, "quant mode got no quantized cache")
+    new, dec = decode_kv(family, p, ids, max_new_tokens, graphs, stop, need, make)
+    if dec is not None and bool(dec.overflow):
         raise ValueError(
             f"mmsink: generate_fast's quant store filled up (more than {SPARE_SINKS} decode tokens flagged"
             " as sinks); use model.generate"
         )
-    return torch.cat([new, dec.out[:, :n].to(ids.device)], 1)
+    return new

@@ -23,7 +23,7 @@ import torch
 
 from ..fast import decode as fast_decode
 from ..fast.decode import ROUND, FastDecoder, finish, project
-from ..fast.store import kept
+from ..fast.store import kept_for
 from .sparse import step as lfps_step
 
 
@@ -84,6 +84,9 @@ class SparseDecoder(FastDecoder):
             self.dense = dense
             self.replays[dense] = fast_decode.capture_graph(self.step)[1]
 
+    def captured(self) -> bool:
+        return bool(self.replays)
+
     def run(self, steps: int) -> int:
         """``FastDecoder.run`` with the variant of each step: dense for the first ``dense_steps``."""
         for t in range(steps):
@@ -100,26 +103,15 @@ class SparseDecoder(FastDecoder):
 def generate_sparse(family, handle, p, ids, max_new_tokens: int, graphs: bool, compile: bool, stop):
     """The new tokens [B, n] of greedy decoding with LFPS after the prefill ``p`` (``generate_fast``'s:
     the whole prompt through the model, no hand-off). ``stop``: (end-of-sequence ids, pad id)."""
+    from ..fast.generate import decode_kv
     from .sparse import SparseCache
 
-    if not isinstance(p.cache, SparseCache):
-        raise ValueError("mmsink: generate_fast's sparse mode got no LFPS cache from the prefill")
-    stops, pad = stop
-    eos = torch.tensor(stops, dtype=torch.long, device=ids.device)
-    new = p.tok[:, None]
-    if max_new_tokens == 1 or bool(torch.isin(p.tok, eos).all()):
-        return new
-    steps = max_new_tokens - 1
-    caps = [-(-(layer.keys.shape[2] + steps) // ROUND) * ROUND for layer in p.cache.layers]
-    cap_new = -(-steps // ROUND) * ROUND
-    model = family.model
-    params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)
-    key = ("lfps", repr(handle.kv), ids.shape[0], tuple(caps), cap_new, stops, graphs, params)
-    dec = kept(model, key, lambda: SparseDecoder(family, handle.kv, caps, ids.shape[0], cap_new, stops))
-    delta = family.rope_deltas() if dec.mrope else None
-    if graphs and not dec.replays:
-        dec.fill(p.cache, p.mask, p.tok, delta, pad)
-        dec.capture()
-    dec.fill(p.cache, p.mask, p.tok, delta, pad)
-    n = dec.run(steps)
-    return torch.cat([new, dec.out[:, :n].to(ids.device)], 1)
+    def make(steps: int):
+        caps = [-(-(layer.keys.shape[2] + steps) // ROUND) * ROUND for layer in p.cache.layers]
+        cap_new = -(-steps // ROUND) * ROUND
+        key = ("lfps", repr(handle.kv), ids.shape[0], tuple(caps), cap_new, stop[0], graphs)
+        args = (family, handle.kv, caps, ids.shape[0], cap_new, stop[0])
+        return kept_for(family, key, lambda: SparseDecoder(*args))
+
+    need = (SparseCache, "sparse mode got no LFPS cache")
+    return decode_kv(family, p, ids, max_new_tokens, graphs, stop, need, make)[0]
