@@ -14,6 +14,7 @@ from tiny import (
     next_batch,
     prompt,
     qwen_batch,
+    replay_stand_in,
     tiny_llava,
     tiny_llava_next,
     tiny_qwen,
@@ -95,12 +96,7 @@ def test_replayed_step_and_a_reused_decoder(model, monkeypatch):
     ``fill`` must undo the warm-up; a second call of the same shapes reuses the decoder."""
     captured = []
 
-    def stand_in(fn):
-        out = fn()
-        captured.append(fn)
-        return out, fn
-
-    monkeypatch.setattr(fastmod, "capture_graph", stand_in)
+    monkeypatch.setattr(fastmod, "capture_graph", replay_stand_in(captured))
     kv = {"window": 8, "sinks": 4}
     mmsink.wrap(model, kv=kv)
     for seed in (0, 1):

@@ -9,11 +9,13 @@ import torch
 from test_selection_syncs import SyncOps
 from tiny import (
     batch,
+    check_fast_batched_equals_alone,
+    fast,
     fast_and_generate,
     module_model,
-    pixels_of,
     prompt,
     qwen_batch,
+    replay_stand_in,
     tiny_llava,
     tiny_qwen,
 )
@@ -57,11 +59,6 @@ def prompts():
     a, b = prompt(3, 5, seed=1), prompt(9, 11, seed=2)
     b[len(b) - 8] = TOKEN
     return [a, b]
-
-
-def fast(model, inputs, n, **kw):
-    with torch.no_grad():
-        return mmsink.generate_fast(model, max_new_tokens=n, compile=False, **inputs, **kw)
 
 
 def last_decoder(model):
@@ -194,17 +191,9 @@ def test_batched_equals_per_sample(model, auto, kv):
     sample's own ranks."""
     model = auto if kv.get("sinks") == "auto" else model
     ps = prompts()
-    inputs = batch(ps)
     mmsink.wrap(model, kv=kv)
     n = 20
-    out = fast(model, inputs, n)
-    width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(ps):
-        one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, ps, i)
-        alone = fast(model, one, n)
-        m = min(out.shape[1] - width, alone.shape[1] - len(p))
-        assert m > 0 and torch.equal(out[i, width : width + m], alone[0, len(p) : len(p) + m])
+    check_fast_batched_equals_alone(model, ps, n)
 
 
 def test_qwen_mrope():
@@ -222,17 +211,7 @@ def test_replayed_steps_reused_decoder_and_no_device_reads(auto, monkeypatch):
     nothing from the device (counted as test_selection_syncs does)."""
     captured, ops = [], SyncOps()
 
-    def stand_in(fn):
-        out = fn()
-        captured.append(fn)
-
-        def replay():
-            with ops:
-                fn()
-
-        return out, replay
-
-    monkeypatch.setattr(fastmod, "capture_graph", stand_in)
+    monkeypatch.setattr(fastmod, "capture_graph", replay_stand_in(captured, ops))
     model = auto
     mmsink.wrap(model, kv={"quant": "int4", "group_size": 8, **AUTO})
     for seed in (0, 1):

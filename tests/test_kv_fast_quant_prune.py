@@ -9,7 +9,17 @@ import optimum.quanto  # noqa: F401  (2 / 4 bits; its import takes seconds: at c
 import pytest
 import torch
 from test_selection_syncs import SyncOps
-from tiny import batch, fast_and_generate, pixels_of, prompt, qwen_batch, tiny_llava, tiny_qwen
+from tiny import (
+    batch,
+    check_fast_batched_equals_alone,
+    fast,
+    fast_and_generate,
+    prompt,
+    qwen_batch,
+    replay_stand_in,
+    tiny_llava,
+    tiny_qwen,
+)
 
 import mmsink
 from mmsink.fast import decode as fastmod
@@ -46,11 +56,6 @@ def prompts():
     a, b = prompt(3, 5, seed=1), prompt(9, 11, seed=2)
     b[len(b) - 8] = TOKEN
     return [a, b]
-
-
-def fast(model, inputs, n, **kw):
-    with torch.no_grad():
-        return mmsink.generate_fast(model, max_new_tokens=n, compile=False, **inputs, **kw)
 
 
 def last_decoder(model):
@@ -184,17 +189,9 @@ def test_batched_equals_per_sample(model, method, budget):
     """A left-padded batch of two == each sample alone: groups follow each sample's own ranks in each
     segment."""
     ps = prompts()
-    inputs = batch(ps)
     mmsink.wrap(model, prune=method, budget=budget, kv={"quant": "int4", "group_size": 4, "sinks": 5})
     n = 20
-    out = fast(model, inputs, n)
-    width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(ps):
-        one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, ps, i)
-        alone = fast(model, one, n)
-        m = min(out.shape[1] - width, alone.shape[1] - len(p))
-        assert m > 0 and torch.equal(out[i, width : width + m], alone[0, len(p) : len(p) + m])
+    check_fast_batched_equals_alone(model, ps, n)
 
 
 def test_qwen_mrope_with_fastv():
@@ -222,17 +219,7 @@ def test_replayed_steps_and_no_device_reads(model, monkeypatch):
     ``fill`` must undo the warm-up; the step reads nothing from the device."""
     captured, ops = [], SyncOps()
 
-    def stand_in(fn):
-        out = fn()
-        captured.append(fn)
-
-        def replay():
-            with ops:
-                fn()
-
-        return out, replay
-
-    monkeypatch.setattr(fastmod, "capture_graph", stand_in)
+    monkeypatch.setattr(fastmod, "capture_graph", replay_stand_in(captured, ops))
     mmsink.wrap(model, prune="pdrop", budget=24, kv={"quant": "int4", "group_size": 8, **AUTO})
     for seed in (0, 1):
         inputs = batch([prompt(3, 5, seed=1 + seed), prompt(9, 11, seed=3 + seed)], seed=seed)

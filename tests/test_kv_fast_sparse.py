@@ -8,11 +8,13 @@ import torch
 from test_selection_syncs import SyncOps
 from tiny import (
     batch,
+    check_fast_batched_equals_alone,
+    fast,
     fast_and_generate,
     module_model,
-    pixels_of,
     prompt,
     qwen_batch,
+    replay_stand_in,
     tiny_llava,
     tiny_qwen,
     two_prompts,
@@ -25,11 +27,6 @@ from mmsink.kv import fast_sparse
 from mmsink.kv.sparse import SparseCache
 
 model, unwrapped = module_model(lambda: tiny_llava(layers=3))
-
-
-def fast(model, inputs, n, **kw):
-    with torch.no_grad():
-        return mmsink.generate_fast(model, max_new_tokens=n, compile=False, **inputs, **kw)
 
 
 def chosen(hist):
@@ -94,17 +91,9 @@ def test_same_tokens_and_choices_as_generate(model, kv, monkeypatch):
 def test_batched_equals_per_sample(model, sinks):
     """(c) A left-padded batch of two == each sample alone (its own buffers, no padding)."""
     ps = two_prompts()
-    inputs = batch(ps)
     mmsink.wrap(model, kv={"sparse": "lfps", "topk": 10, "sinks": sinks})
     n = 12
-    out = fast(model, inputs, n)
-    width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(ps):
-        one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, ps, i)
-        alone = fast(model, one, n)
-        m = min(out.shape[1] - width, alone.shape[1] - len(p))
-        assert m > 0 and torch.equal(out[i, width : width + m], alone[0, len(p) : len(p) + m])
+    check_fast_batched_equals_alone(model, ps, n)
 
 
 def test_after_a_pruned_prefill(model):
@@ -134,17 +123,7 @@ def test_replayed_steps_reused_decoder_and_no_device_reads(model, monkeypatch, s
     reuses the decoder; the step reads nothing from the device (counted as test_selection_syncs does)."""
     captured, ops = [], SyncOps()
 
-    def stand_in(fn):
-        out = fn()
-        captured.append(fn)
-
-        def replay():
-            with ops:
-                fn()
-
-        return out, replay
-
-    monkeypatch.setattr(fastmod, "capture_graph", stand_in)
+    monkeypatch.setattr(fastmod, "capture_graph", replay_stand_in(captured, ops))
     mmsink.wrap(model, kv={"sparse": "lfps", "topk": 8, "sinks": sinks})
     for seed in (0, 1):
         inputs = batch([prompt(3, 5, seed=1 + seed), prompt(9, 11, seed=3 + seed)], seed=seed)

@@ -413,3 +413,44 @@ def massive_token_model(channel: int = 5, token: int = 7):
     col = len(p) - 6
     p[col] = token
     return model, p, col
+
+
+def fast(model, inputs, n: int, **kw):
+    """``mmsink.generate_fast``'s tokens (no torch.compile), without gradients."""
+    import mmsink
+
+    with torch.no_grad():
+        return mmsink.generate_fast(model, max_new_tokens=n, compile=False, **inputs, **kw)
+
+
+def check_fast_batched_equals_alone(model, ps, n: int):
+    """``model`` as wrapped, through ``generate_fast`` on the left-padded ``batch`` of ``ps`` and on each
+    sample alone (its own pixel values, no padding): the same new tokens up to the shorter of the two runs."""
+    inputs = batch(ps)
+    out = fast(model, inputs, n)
+    width = inputs["input_ids"].shape[1]
+    for i, p in enumerate(ps):
+        one = batch([p])
+        one["pixel_values"] = pixels_of(inputs, ps, i)
+        alone = fast(model, one, n)
+        m = min(out.shape[1] - width, alone.shape[1] - len(p))
+        assert m > 0 and torch.equal(out[i, width : width + m], alone[0, len(p) : len(p) + m])
+
+
+def replay_stand_in(captured: list, ops=None):
+    """A CPU stand-in for ``mmsink.fast.decode.capture_graph``: runs the step once (the capture's warm-up),
+    records it in ``captured``, and replays by running it again, inside ``ops`` (a dispatch counter) if
+    given."""
+    import contextlib
+
+    def stand_in(fn):
+        out = fn()
+        captured.append(fn)
+
+        def replay():
+            with ops if ops is not None else contextlib.nullcontext():
+                fn()
+
+        return out, replay
+
+    return stand_in
