@@ -10,11 +10,13 @@ torch.profiler (op table of its decode steps, by time and by bytes allocated) in
 Dense runs three ways: transformers' default ``DynamicCache`` (torch.cat of the whole cache per step, a
 new key length per step), the same with SDPA's cuDNN backend left out, and a ``StaticCache`` (buffers of
 max_length slots written in place: the fair baseline). Separately, one layer's decode attention alone
-at each context: SDPA over every key against LFPS's ``select`` + ``attend`` (topk 512, history of the
-previous step as random slots), eager and as CUDA-graph replays, the issue's ">= 3x faster attention at
-32k" goal; and SDPA per backend when the key length changes at every call.
+at each context (``attention_only``): SDPA over every key against LFPS's step (top-512, a history of
+random slots) as ``generate`` and ``generate_fast`` call it, eager, as CUDA-graph replays and compiled,
+with each call's aten ops and estimated bytes (``evals/op_cost.py``), the issue's ">= 3x faster
+attention at 32k" goal; and SDPA per backend when the key length changes at every call.
 
     python -m evals.kv_decode --profile --out /tmp/kvd      # CUDA, ~2 min per context
+    python -m evals.kv_decode --attention-only --contexts 8192,32768 --out /tmp/kva   # attention alone
     python -m evals.kv_decode --tiny --contexts 256 --steps 4 --out /tmp/kvd   # CPU smoke run
 
 The JSON and table are rewritten after every row, so a run cut by a time limit keeps what it measured.
@@ -25,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
+import transformers
 
 import mmsink
 
@@ -189,31 +194,52 @@ def profile_steps(run, device) -> str:
     return f"{head}\n## by time\n{by_time}\n## by memory allocated\n{by_mem}"
 
 
-def attention_only(context: int, device, dtype, reps: int = 50) -> dict:
-    """One layer's decode attention at ``context`` keys, ms per call. ``dense sdpa`` / ``lfps``: eager
-    wall time (what a step pays, launches included; LFPS is told that every sample is long, as its cache
-    does once per step; ``lfps, host check``: it syncs to find out); ``... graph``: one CUDA graph replay
-    each (GPU time, no launch cost). ``sdpa new length, <backend>``: a key length one longer at every call,
-    as a growing cache gives it (a backend that plans per shape pays that at every decode step)."""
+def attention_only(context: int, device, dtype, reps: int = 50, compile: bool = True) -> list:
+    """One layer's decode attention at ``context`` keys (1 x 32 heads x 128): rows of (what, ms per call,
+    aten ops and estimated bytes read / written of one call, ``evals.op_cost``). ``dense sdpa``: SDPA
+    over every key. LFPS (top-512, expand 1, a history of random slots) as ``mmsink.kv.sparse.step``
+    runs it: ``lfps`` told that every sample is long (``generate``'s cache after its one host check per
+    step), ``lfps, device check`` over a buffer 256 slots wider than the keys with the held length a
+    device scalar (``generate_fast``'s call: short or long decided on the device), ``lfps dense step``
+    (a first step after the prompt: every key scored). Eager rows: wall time, launches included.
+    ``... graph``: one CUDA graph replay each (GPU time, no launch cost: the comparison the issue's goal
+    means); ``lfps, device check compiled graph``: the same step through ``torch.compile`` (fused
+    kernels) then captured, with whether its chosen slots equal the eager step's. ``sdpa new length,
+    <backend>``: a key length one longer at every call, as a growing cache gives it."""
+    from types import SimpleNamespace
+
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from mmsink.kv.sparse import attend, select
+    from evals.op_cost import OpCost
+    from mmsink.kv.sparse import step
 
     g = torch.Generator(device=device).manual_seed(0)
+    spare = max(reps + 8, 256)
     q = torch.randn(1, 32, 1, 128, device=device, dtype=dtype, generator=g)
-    k = torch.randn(1, 32, context + reps + 8, 128, device=device, dtype=dtype, generator=g)
+    k = torch.randn(1, 32, context + spare, 128, device=device, dtype=dtype, generator=g)
     v = torch.randn_like(k)
     kc, vc = k[:, :, :context], v[:, :, :context]
     valid = torch.ones(1, context, dtype=torch.bool, device=device)
-    hist = torch.randint(0, context - 1, (1, 32, 512), device=device, generator=g)
+    wide = torch.zeros(1, context + spare, dtype=torch.bool, device=device)
+    wide[:, :context] = True
+    length = torch.tensor(context, device=device)
+    perms = [torch.randperm(context - 1, device=device, generator=g)[:512] for _ in range(32)]
+    hist = torch.stack(perms)[None]  # distinct slots per head, as a step's choice
+    cfg = SimpleNamespace(topk=512, expand=1, dense_steps=2, sinks=0)
+    scale = 128**-0.5
 
     def dense():
         return F.scaled_dot_product_attention(q, kc, vc)
 
-    def lfps(check=False):
-        scores, slots = select(q[:, :, 0], kc, valid, hist, 512, 1, False, 128**-0.5, None if check else True)
-        return attend(scores, slots.clamp(min=0), vc)
+    def lfps():
+        return step(q[:, :, 0], kc, vc, valid, hist, cfg, False, scale, True)
+
+    def lfps_device():
+        return step(q[:, :, 0], k, v, wide, hist, cfg, False, scale, False, length=length)
+
+    def lfps_dense():
+        return step(q[:, :, 0], kc, vc, valid, None, cfg, True, scale, None)
 
     def timed(fn, n=reps, arg=lambda i: ()):
         for i in range(3):
@@ -225,46 +251,80 @@ def attention_only(context: int, device, dtype, reps: int = 50) -> dict:
         sync(device)
         return 1000 * (time.perf_counter() - t0) / n
 
-    out = {"dense sdpa": timed(dense), "lfps": timed(lfps), "lfps, host check": timed(lambda: lfps(True))}
-    if device.type == "cuda":
-        for name, fn in (("dense sdpa graph", dense), ("lfps graph", lfps)):
-            try:
-                graph = torch.cuda.CUDAGraph()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    fn()
-                torch.cuda.current_stream().wait_stream(side)
-                with torch.cuda.graph(graph):
-                    fn()
-                out[name] = timed(graph.replay)
-            except Exception as e:  # a backend that cannot be captured: say so, keep the rest
-                out[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+    def counted(fn) -> dict:
+        with OpCost() as cost:
+            fn()
+        return dict(ops=cost.ops, read_bytes=cost.read, written_bytes=cost.written)
 
-        def grow(i):  # a new length at every call
-            return (k[:, :, : context + i], v[:, :, : context + i])
+    def graphed(fn):
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
 
-        backends = {
-            "default": None,
-            "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION,
-        }
+    rows = []
 
-        def fn(kk, vv):
-            return F.scaled_dot_product_attention(q, kk, vv)
+    def add(what, run, count=None, **extra):
+        try:
+            ms = run()
+        except Exception as e:  # a backend or capture that fails: say so, keep the rest
+            ms = f"failed: {type(e).__name__}: {str(e)[:120]}"
+        rows.append(dict(what=what, ms=ms, **(count or {}), **extra))
 
-        for name, be in backends.items():
-            try:
-                if be is None:
-                    out[f"sdpa new length, {name}"] = timed(fn, reps, grow)
-                else:
-                    with sdpa_kernel([be]):
-                        out[f"sdpa new length, {name}"] = timed(fn, reps, grow)
-                        out[f"sdpa same length, {name}"] = timed(lambda: fn(kc, vc))
-            except Exception as e:
-                out[f"sdpa new length, {name}"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-    return out
+    calls = {
+        "dense sdpa": dense,
+        "lfps": lfps,
+        "lfps, device check": lfps_device,
+        "lfps dense step": lfps_dense,
+    }
+    counts = {name: counted(fn) for name, fn in calls.items()}
+    for name, fn in calls.items():
+        add(name, lambda fn=fn: timed(fn), counts[name])
+    if device.type != "cuda":
+        return rows
+    for name in ("dense sdpa", "lfps", "lfps, device check"):
+        add(f"{name} graph", lambda name=name: timed(graphed(calls[name])), counts[name])
+    if compile:
+        fused = torch.compile(lfps_device, dynamic=False)
+        same = {}
+
+        def run_compiled():
+            t0 = time.perf_counter()
+            _, got = fused()
+            same["compile_s"] = round(time.perf_counter() - t0, 1)
+            _, want = lfps_device()
+            same["same slots as eager"] = bool(torch.equal(got.sort(-1).values, want.sort(-1).values))
+            return timed(graphed(fused))
+
+        add("lfps, device check compiled graph", run_compiled)
+        rows[-1].update(same)
+
+    def grow(i):  # a new length at every call
+        return (k[:, :, : context + i], v[:, :, : context + i])
+
+    backends = {
+        "default": None,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+
+    def fn(kk, vv):
+        return F.scaled_dot_product_attention(q, kk, vv)
+
+    for name, be in backends.items():
+        if be is None:
+            add(f"sdpa new length, {name}", lambda: timed(fn, reps, grow))
+            continue
+        with sdpa_kernel([be]):
+            add(f"sdpa new length, {name}", lambda: timed(fn, reps, grow))
+            add(f"sdpa same length, {name}", lambda: timed(lambda: fn(kc, vc)))
+    return rows
 
 
 def main(argv=None):
@@ -277,6 +337,10 @@ def main(argv=None):
     ap.add_argument("--modes", default=";".join(MODES), help="';'-separated subset of: " + "; ".join(MODES))
     ap.add_argument("--profile", action="store_true", help="profile decode steps too (profiles.txt)")
     ap.add_argument("--no-attention", action="store_true", help="skip the attention-only timing")
+    ap.add_argument(
+        "--attention-only", action="store_true", help="only one layer's attention (no model, no decode modes)"
+    )
+    ap.add_argument("--no-compile", action="store_true", help="attention alone: skip the torch.compile row")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     width = "tiny" if args.tiny else args.width
@@ -286,14 +350,16 @@ def main(argv=None):
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"kv_decode: unknown mode(s) {unknown}; known: {list(MODES)}")
-    model = build(args.layers, width, device, dtype)
+    model = None if args.attention_only else build(args.layers, width, device, dtype)
     meta = dict(
+        command="python -m evals.kv_decode " + shlex.join(argv if argv is not None else sys.argv[1:]),
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         layers=args.layers,
         width=width,
         steps=args.steps,
         dtype=str(dtype),
         torch=torch.__version__,
+        transformers=transformers.__version__,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -303,7 +369,7 @@ def main(argv=None):
         ids = torch.randint(
             3, 32000, (1, ctx), device=device, generator=torch.Generator(device=device).manual_seed(ctx)
         )
-        for name in modes:
+        for name in [] if args.attention_only else modes:
             kv, extra = MODES[name]
             if kv is None:
                 if model.__dict__.get("_mmsink") is not None:
@@ -317,10 +383,12 @@ def main(argv=None):
                 with open(out / "profiles.txt", "a") as f:
                     f.write(f"\n\n# ===== context {ctx}, {name}\n{table}")
             write(out, meta, rows, attn)
-        if model.__dict__.get("_mmsink") is not None:
+        if model is not None and model.__dict__.get("_mmsink") is not None:
             mmsink.unwrap(model)
-        if width == "7b" and not args.no_attention:
-            attn.append(dict(context=ctx, **attention_only(ctx, device, dtype)))
+        if (width == "7b" or args.attention_only) and not args.no_attention:
+            attn.append(
+                dict(context=ctx, rows=attention_only(ctx, device, dtype, compile=not args.no_compile))
+            )
             print(attn[-1], flush=True)
             write(out, meta, rows, attn)
 
@@ -332,9 +400,13 @@ def write(out: Path, meta: dict, rows: list, attn: list) -> None:
         f"# KV-cache modes, decode cost ({meta['device']}, {meta['layers']} layers, width {meta['width']}, "
         f"{meta['dtype']}, torch {meta['torch']})",
         "",
-        "| context | mode | ms / token (median step) | first steps ms | last steps ms | KV MiB | peak MiB |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if rows:
+        lines += [
+            "| context | mode | ms / token (median step) | first steps ms | last steps ms | KV MiB "
+            "| peak MiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for r in rows:
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] else "-"
         kv = r["kv_bytes"] / 2**20
@@ -344,16 +416,27 @@ def write(out: Path, meta: dict, rows: list, attn: list) -> None:
     if attn:
         lines += [
             "",
-            "One layer's decode attention alone (ms per call):",
+            "One layer's decode attention alone (ms per call; aten ops and MB read + written of one eager",
+            "call, estimated from tensor sizes by evals/op_cost.py; x dense: ms of dense sdpa (same eager /",
+            "graph kind) over this row's ms):",
             "",
-            "| context | what | ms |",
-            "|---|---|---|",
+            "| context | what | ms | x dense | aten ops | MB read + written | notes |",
+            "|---|---|---|---|---|---|---|",
         ]
         for a in attn:
-            for name, ms in a.items():
-                if name != "context":
-                    val = f"{ms:.4f}" if isinstance(ms, float) else ms
-                    lines.append(f"| {a['context']} | {name} | {val} |")
+            ref = {r["what"]: r["ms"] for r in a["rows"]}
+            for r in a["rows"]:
+                ms = r["ms"]
+                val = f"{ms:.4f}" if isinstance(ms, float) else ms
+                base = ref.get("dense sdpa graph" if "graph" in r["what"] else "dense sdpa")
+                ratio = f"{base / ms:.2f}x" if isinstance(ms, float) and isinstance(base, float) else "-"
+                ops = r.get("ops", "-")
+                mb = f"{(r['read_bytes'] + r['written_bytes']) / 1e6:.1f}" if "read_bytes" in r else "-"
+                known = ("what", "ms", "ops", "read_bytes", "written_bytes")
+                notes = ", ".join(f"{k} {v}" for k, v in r.items() if k not in known)
+                lines.append(f"| {a['context']} | {r['what']} | {val} | {ratio} | {ops} | {mb} | {notes} |")
+    if meta.get("command"):
+        lines += ["", f"`{meta['command']}`; torch {meta['torch']}, transformers {meta.get('transformers')}"]
     (out / "kv_decode.md").write_text("\n".join(lines) + "\n")
 
 

@@ -10,11 +10,9 @@ validity mask the rest, top-k is a fixed count; no host sync, no data-dependent 
 
 Two step variants, chosen on the host by the step's index (so two CUDA graphs on GPU): the first
 ``dense_steps`` steps attend to every valid slot (a sort of the buffer), the others to the top ``topk``.
-A sparse step scores every slot of the buffer and masks to the candidates (``select``'s masked path,
-which also covers samples holding at most ``topk`` keys); ``generate`` scores only the candidates once
-every sample holds more than ``topk`` keys, a host-side check per step. Same choice, not the same cost:
-the candidate-only (gather) variant is not done here. The layer step is not compiled (``compile`` is
-ignored in this mode).
+A sparse step reads only its candidates' keys, as ``generate``'s does: whether a sample is short (its
+candidates are then its real slots) is decided on the device, where ``generate`` checks on the host once
+per step. The layer step is not compiled (``compile`` is ignored in this mode).
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ the other ``topk - N`` follow the rule. Without it a sink a query once gives ~0 
 and no later step can reach it (issue 17: top-64 on models/synthllava-sinks).
 
 Defaults are ours (topk 512, dense_steps 2, expand 1): the paper's full text and code were not
-available to check its values. The candidate-only path (``gather``) scores just the candidates; when
-any sample is short or a step is dense, scores are computed over all keys and masked to the same sets.
+available to check its values. A sparse step reads only its candidates' keys (a gather of ~(2 expand + 2)
+topk rows) and the chosen values (topk rows), whether or not some sample is short (a short sample's
+candidates are its real slots, at most topk: fixed shapes, no host sync); only a dense step (and the
+exact oracle) scores every key. ``evals/lfps_cost.py`` counts the ops and bytes of one call.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .window import WindowCache
 def sink_slots(valid: torch.Tensor, n: int) -> torch.Tensor:
     """[B, n] each sample's first ``n`` real key slots (T where it holds fewer): fixed shape, no host sync."""
     want = torch.arange(1, n + 1, device=valid.device).expand(valid.shape[0], n).contiguous()
-    return torch.searchsorted(valid.long().cumsum(1), want)
+    return torch.searchsorted(valid.cumsum(1), want)
 
 
 def sink_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
@@ -41,29 +43,34 @@ def sink_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def candidates(hist: torch.Tensor, t, expand: int, width: int | None = None, sinks=None) -> torch.Tensor:
-    """[B, H, C] candidate key slots (-1: none), each once: ``hist`` [B, H, k] (the previous step's slots,
-    -1 for none) shifted by -expand .. expand + 1 (vertical and slash, widened), plus the newest slot
-    ``t - 1`` and ``sinks`` [B, n] (``sink_slots``; None: none). ``t``: the keys held, an int or a 0-dim
-    tensor (``generate_fast``'s static buffer of ``width`` slots: no host sync)."""
+    """[B, H, C] candidate key slots (-1: none), each once, in ascending order: ``hist`` [B, H, k] (the
+    previous step's slots, -1 for none) shifted by -expand .. expand + 1 (vertical and slash, widened), plus
+    the newest slot ``t - 1`` and ``sinks`` [B, n] (``sink_slots``; None: none). ``t``: the keys held, an
+    int or a 0-dim tensor (``generate_fast``'s static buffer of ``width`` slots: no host sync)."""
     width = t if width is None else width
     b, h, _ = hist.shape
-    # an empty history entry goes far out of range, so that every shift of it lands on the sentinel
-    base = torch.where(hist >= 0, hist, 2 * width + expand + 2)
+    # an empty entry (-1) becomes width + expand + 1, so that every shift of it lands past width; a shift
+    # below 0 wraps past width too: everything out of range sorts after the real slots, in one sort
+    m = width + expand + 2
     offs = torch.arange(-expand, expand + 2, device=hist.device)
-    parts = [(base[..., None] + offs).flatten(2), base.new_zeros(b, h, 1) + (t - 1)]
+    shifted = (hist.remainder(m)[..., None] + offs).flatten(2).remainder(m + expand + 1)
+    if isinstance(t, torch.Tensor):
+        newest = (t - 1).view(1, 1, 1).expand(b, h, 1)
+    else:
+        newest = hist.new_full((b, h, 1), t - 1)
+    parts = [shifted, newest]
     if sinks is not None:
         parts.append(sinks[:, None, :].expand(b, h, -1))
-    c = torch.cat(parts, 2)
-    c = c.where((c >= 0) & (c < t), width).sort(2).values  # out of range -> sentinel width, sorted last
-    drop = c == width
-    drop[..., 1:] |= c[..., 1:] == c[..., :-1]  # repeats of a slot
+    c = torch.cat(parts, 2).sort(2).values
+    drop = c >= t
+    drop[..., 1:].logical_or_(c[..., 1:] == c[..., :-1])  # repeats of a slot (in place: no copy back)
     return c.masked_fill(drop, -1)
 
 
 def ranked_topk(scores, ok, forced, k: int):
     """(scores, indices) of the top ``k`` of ``scores`` where ``ok``, ``forced`` ones first (None: none);
     -inf where fewer than ``k`` are ``ok``."""
-    ranked = scores.masked_fill(~ok, float("-inf"))
+    ranked = scores.where(ok, float("-inf"))
     if forced is None:
         top = ranked.topk(k, -1)
         return top.values, top.indices
@@ -84,9 +91,12 @@ def select(
     length=None,
     sinks: int = 0,
 ):
-    """One decode step's choice: (scores [B, H, k'] of the chosen keys, -inf where none; slots [B, H, k']).
-    q [B, H, D]; key [B, Hk, T, D]; valid [B, T] real key slots; hist [B, H, k] or None. ``all_long``:
-    whether every sample holds more than ``topk`` real keys, when the caller knows (else a host sync).
+    """One decode step's choice: (scores [B, H, k'] of the chosen keys, -inf where none; slots [B, H, k'],
+    each a slot of ``key``, whatever it holds where the score is -inf). q [B, H, D]; key [B, Hk, T, D];
+    valid [B, T] real key slots; hist [B, H, k] or None. A dense step (or no history) scores every key; a
+    sparse one reads only its candidates' keys (each short sample's candidates: its real slots).
+    ``all_long``: True when the caller knows that every sample holds more than ``topk`` real keys (the
+    short-sample candidates are then not built); else each sample's case is chosen on the device.
     ``length``: the keys held when ``key`` is a wider static buffer (a 0-dim tensor; default T).
     ``sinks``: each sample's first ``sinks`` real slots are candidates and chosen first."""
     b, h, d = q.shape
@@ -94,29 +104,29 @@ def select(
     length = t if length is None else length
     qg = q.view(b, hk, h // hk, d).float()
     forced = sink_mask(valid, sinks) if sinks else None  # [B, T]
-    extra = (sink_slots(valid, sinks),) if sinks else ()  # as an argument only then: patched candidates
-    if not dense and hist is not None and all_long is None:
-        all_long = bool((valid.sum(1) > topk).all())
-    if dense or hist is None or not all_long:
-        long = valid.sum(1) > topk  # [B] samples that attend sparsely
+    if dense or hist is None:
         scores = torch.einsum("bkgd,bktd->bkgt", qg, key.float()).reshape(b, h, t) * scaling
         allowed = valid[:, None, :].expand(b, h, t)
-        if not dense and hist is not None:
-            c = candidates(hist, length, expand, t, *extra)
-            cand = torch.zeros(b, h, t + 1, dtype=torch.bool, device=q.device)
-            cand = cand.scatter(2, torch.where(c >= 0, c, t), True)[..., :t]
-            allowed = torch.where(long[:, None, None], cand & allowed, allowed)
         return ranked_topk(scores, allowed, None if forced is None else forced[:, None, :], min(topk, t))
+    k = min(topk, t)
+    extra = (sink_slots(valid, sinks),) if sinks else ()  # as an argument only then: patched candidates
     c = candidates(hist, length, expand, t, *extra)  # [B, H, C]
-    n = c.shape[2]
-    at = c.clamp(min=0).view(b, hk, -1)  # per kv head: its query heads' candidates
-    keys = key.gather(2, at[..., None].expand(-1, -1, -1, d)).view(b, hk, h // hk, n, d)
+    n = max(c.shape[2], k)
+    c = torch.nn.functional.pad(c, (0, n - c.shape[2]), value=-1) if n > c.shape[2] else c
+    if not all_long:  # fixed shapes, no host sync: a short sample's candidates are its real slots (<= k)
+        held = valid.cumsum(1)
+        want = torch.arange(1, n + 1, device=valid.device).expand(b, n).contiguous()
+        short = torch.searchsorted(held, want)  # its first n real slots, t past its last
+        short = short.masked_fill(short == t, -1)
+        c = torch.where((held[:, -1] > topk)[:, None, None], c, short[:, None, :])
+    at = c.clamp(min=0)
+    keys = key.gather(2, at.view(b, hk, -1)[..., None].expand(-1, -1, -1, d)).view(b, hk, h // hk, n, d)
     scores = torch.einsum("bkgd,bkgnd->bkgn", qg, keys.float()).reshape(b, h, n) * scaling
-    at = c.clamp(min=0).view(b, -1)
-    ok = (c >= 0) & valid.gather(1, at).view(b, h, n)
-    sink = None if forced is None else forced.gather(1, at).view(b, h, n)
-    values, idx = ranked_topk(scores, ok, sink, min(topk, n))
-    return values, c.gather(2, idx)
+    flat = at.view(b, -1)
+    ok = (c >= 0) & valid.gather(1, flat).view(b, h, n)
+    sink = None if forced is None else forced.gather(1, flat).view(b, h, n)
+    values, idx = ranked_topk(scores, ok, sink, k)
+    return values, at.gather(2, idx)
 
 
 def attend(scores, slots, value) -> torch.Tensor:
@@ -139,8 +149,8 @@ def step(q, key, value, valid, hist, cfg, dense_step: bool, scaling, all_long, e
     sinks = getattr(cfg, "sinks", 0)
     scores, slots = select(q, key, valid, hist, k, cfg.expand, dense, scaling, all_long, length, sinks)
     top = slice(0, cfg.topk)  # sorted (sinks first): a dense step's history is the exact top-k
-    nxt = torch.where(torch.isfinite(scores[..., top]), slots[..., top], -1)
-    return attend(scores, slots.clamp(min=0), value), nxt
+    nxt = torch.where(scores[..., top] > float("-inf"), slots[..., top], -1)  # (isfinite is 4 ops)
+    return attend(scores, slots, value), nxt
 
 
 class GrowLayer(DynamicLayer):

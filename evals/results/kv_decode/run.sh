@@ -22,9 +22,9 @@ export PYTHONPATH=$PWD:$SITE
 python -c "import optimum.quanto as q; print('optimum-quanto from', q.__file__)" 2>&1 | tee -a "$LOG"
 python -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())" 2>&1 | tee -a "$LOG"
 if [ "${KV_TINY:-0}" = 1 ]; then
-  ARGS="--tiny --steps 4 --profile" C8=256 C32=512 LIM=0
+  ARGS="--tiny --steps 4 --profile --no-compile" C8=256 C32=512 LIM=0
 else
-  ARGS="--profile" C8=8192 C32=32768 LIM=200
+  ARGS="--profile --no-compile" C8=8192 C32=32768 LIM=200
 fi
 for pair in "8k $C8" "32k $C32"; do
   set -- $pair
