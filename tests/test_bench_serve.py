@@ -1,12 +1,15 @@
 """``mmsink serve-bench``: the batch search finds the largest batch under an injected memory limit, and
-tokens/s is batch x new tokens over the median of the recorded call times."""
+tokens/s is batch x new tokens over the median of the recorded call times. ``--kv``: each row's tokens are
+``generate_fast``'s for the same wrap, its KV bytes those of the buffers the decoder's layout implies
+(computed here from the config), refusals are rows, bad names one-line errors."""
 
 import statistics
 
 import pytest
 import torch
 
-from mmsink.tools import serve_bench
+import mmsink
+from mmsink.tools import bench, serve_bench
 
 
 @pytest.mark.parametrize("limit", [1, 3, 5, 8, 37, 200])
@@ -30,6 +33,10 @@ def test_search_resolution_and_deadline():
     assert 100 - 100 // 8 <= best <= 100 and len(log) < 12
     best, log, cut = serve_bench.largest_batch(lambda b: True, max_batch=256, deadline=0.0)
     assert (best, list(log), cut) == (1, [1], True)  # past the deadline: stop after the first fit
+    best, log, _ = serve_bench.largest_batch(lambda b: b <= 100, max_batch=256, resolution=1000, first=16)
+    assert best == 100 and list(log)[:4] == [16, 32, 64, 128]  # doubling from 16
+    best, log, _ = serve_bench.largest_batch(lambda b: b <= 5, max_batch=256, resolution=1000, first=16)
+    assert best == 5 and list(log)[:2] == [16, 8]  # 16 does not fit: bisection below it
 
 
 def test_serve_on_tiny_model_under_a_fake_memory_limit():
@@ -55,7 +62,7 @@ def test_serve_on_tiny_model_under_a_fake_memory_limit():
     assert row["times_s"] == [0.5, 0.7]
     assert row["tokens_per_s"] == pytest.approx(2 * 3 / statistics.median([0.5, 0.7]))
     assert seen.count(2) == 2 + 2 + 2  # search (two calls), then at the largest batch two untimed + two timed
-    assert "| tiny-cpu | fastv | 64 | 2 |" in serve_bench.markdown(res) and "clock" not in res
+    assert "| tiny-cpu | fastv | 64 | none | 2 |" in serve_bench.markdown(res) and "clock" not in res
 
 
 @pytest.mark.parametrize(
@@ -69,3 +76,155 @@ def test_bad_settings_are_one_line_errors(argv, msg, capsys):
     with pytest.raises(SystemExit):
         serve_bench.main(argv + ["--device", "cpu"])
     assert msg in capsys.readouterr().err
+
+
+# tiny-decode-cpu: LLaVA-1.5's prompt (1 + 35 + 576 + 29 tokens), 4 layers, 2 KV heads of 32, fp32
+SHAPE, PROMPT, LAYERS, KV_HEADS, HEAD, F32 = "tiny-decode-cpu", 641, 4, 2, 32, 4
+NEW = 4  # new tokens: the decoder holds NEW - 1 steps
+
+
+def slots(n: int) -> int:
+    return -(-n // 128) * 128  # the decoders round their slot counts up to 128
+
+
+def dense_bytes(length: int = PROMPT, steps: int = NEW - 1) -> int:
+    """Per sequence: keys and values of every prompt token and new token, per layer."""
+    return LAYERS * 2 * KV_HEADS * slots(length + steps) * HEAD * F32
+
+
+def window_bytes(window: int, first: int = 4, steps: int = NEW - 1) -> int:
+    """Per sequence: keys, values and raw (unrotated-at-write) keys of the kept slots (sinks + window:
+    the prompt is longer, so the prefill already evicted) plus the write slot, per layer."""
+    kept = min(PROMPT, first + window)
+    return LAYERS * 3 * KV_HEADS * slots(min(kept + steps, first + window) + 1) * HEAD * F32
+
+
+def quant_bytes(bits: int, group: int = 32, first: int = 4, steps: int = NEW - 1) -> int:
+    """Per sequence, KVSink's store as fast_quant lays it out: key codes per (group of tokens, channel),
+    value codes per (token, channel group), ``bits`` each packed into bytes; an fp32 scale and offset per
+    key (group, channel) and value (token, channel group); an exact ring of ``group`` keys / values; the
+    exact copies of the ``first`` sinks; one spare group / slot / entry each."""
+    cap = slots(PROMPT + steps)
+    groups, cgroups = -(-cap // group) + 1, HEAD // min(group, HEAD)
+    codes = groups * HEAD * group * bits // 8 + (cap + 1) * HEAD * bits // 8
+    scales = 2 * F32 * (groups * HEAD + (cap + 1) * cgroups)
+    exact = 2 * F32 * HEAD * (group + first + 1)
+    return LAYERS * KV_HEADS * (codes + scales + exact)
+
+
+def reference(method, kv, batch: int):
+    """Sample 0's new tokens of ``generate_fast`` on the seed-0 model, wrapped directly."""
+    torch.manual_seed(0)
+    model = bench.build(SHAPE)
+    model.generation_config.eos_token_id = None
+    one, _ = bench.bench_inputs(model, 1, 35, 29)
+    prune = None if method == "none" else method
+    if prune is not None or kv is not None:
+        mmsink.wrap(model, prune=prune, budget=64 if prune else None, kv=kv)
+    out = mmsink.generate_fast(
+        model, max_new_tokens=NEW, compile=False, **serve_bench.repeat_batch(one, batch)
+    )
+    return out[0, PROMPT:].tolist()
+
+
+OPTS = dict(new_tokens=NEW, resolution=8, reps=1, seconds=600, compile=False, clock=lambda fn: fn() or 1.0)
+
+
+def test_kv_rows_tokens_and_kv_bytes():
+    """Dense at batch 2; window 200 (the 641-token prompt is evicted to 204), int4 and LFPS top-8 at batch
+    1 (fewer calls: the search tries each batch from 1): tokens as generate_fast's for the same wrap, KV
+    bytes per sequence as the layouts give, int4 < window < dense."""
+    rows, md = {}, ""
+    for names, top in (("none", 2), ("window200,int4,lfps8", 1)):
+        torch.manual_seed(0)
+        kvs = serve_bench.kv_modes(names)
+        res = serve_bench.serve(
+            [SHAPE], [64], ["none"], "cpu", torch.float32, dict(OPTS, max_batch=top), kvs=kvs
+        )
+        md += serve_bench.markdown(res)
+        for (name, kv), r in zip(kvs, res["rows"], strict=True):
+            assert r["kv"] == name and r["kv_config"] == kv and r["peak_bytes"] is None  # (CPU)
+            assert r["max_batch"] == top and r["kv_bytes"] == top * r["kv_bytes_per_seq"]
+            assert r["tokens"] == reference("none", kv, top), name
+            rows[name] = r
+    per = {name: r["kv_bytes_per_seq"] for name, r in rows.items()}
+    assert per == {
+        "none": dense_bytes(),
+        "window200": window_bytes(200),
+        "int4": quant_bytes(4),
+        "lfps8": dense_bytes(),  # LFPS reads fewer keys, it keeps them all
+    }
+    assert per["int4"] < per["window200"] < per["none"]
+    assert f"| {SHAPE} | none | - | int4 | 1 |" in md and f"| {per['int4'] / 2**20:.1f} | - |" in md
+
+
+def test_kv_row_with_pruning_recovers_from_out_of_memory_in_the_prefill(monkeypatch):
+    """fastv + window: an out-of-memory error raised inside the wrapped prefill at batch 2 (a layer's
+    hook) ends that attempt only; batch 1's tokens are still generate_fast's for fastv + window."""
+    build = bench.build
+
+    def tight(shape, *args, **kw):
+        model = build(shape, *args, **kw)
+
+        def limit(module, args):
+            if args[0].shape[0] > 1:
+                raise torch.OutOfMemoryError("fake limit inside the prefill")
+
+        model.model.language_model.layers[1].register_forward_pre_hook(limit)
+        return model
+
+    monkeypatch.setattr(serve_bench.bench, "build", tight)
+    kv = {"window": 200, "sinks": 4}
+    torch.manual_seed(0)
+    res = serve_bench.serve(
+        [SHAPE], [64], ["fastv"], "cpu", torch.float32, dict(OPTS, max_batch=2), kvs=[("window200", kv)]
+    )
+    monkeypatch.setattr(serve_bench.bench, "build", build)
+    (row,) = res["rows"]
+    assert row["tried"] == {"1": True, "2": False} and row["max_batch"] == 1
+    assert row["tokens"] == reference("fastv", kv, 1)
+    assert row["kv_bytes_per_seq"] == row["kv_bytes"] > 0
+
+
+def test_refused_combinations_are_rows(monkeypatch):
+    """A ValueError of mmsink's from generate_fast or wrap: a row with its first line; others raise."""
+
+    def refuse(model, **kw):
+        raise ValueError("mmsink: generate_fast does not do this\nsecond line")
+
+    monkeypatch.setattr(mmsink, "generate_fast", refuse)
+    kvs = [("window8", {"window": 8, "sinks": 4})]
+    res = serve_bench.serve([SHAPE], [64], ["fastv"], "cpu", torch.float32, dict(OPTS, max_batch=4), kvs=kvs)
+    (row,) = res["rows"]
+    assert row["refused"] == "mmsink: generate_fast does not do this" and "max_batch" not in row
+    assert "| fastv | 64 | window8 | refused: mmsink: generate_fast does not do this | - |" in (
+        serve_bench.markdown(res)
+    )
+    model = bench.build(SHAPE)
+    bad = {"sparse": "lfps", "topk": 8, "sinks": 8}  # sinks must be < topk: wrap refuses
+    assert serve_bench.serve_kv_row(model, {}, "none", None, bad, OPTS, print)["refused"].startswith(
+        "mmsink: kv sparse sinks"
+    )
+    assert mmsink.api.ATTR not in model.__dict__  # nothing left wrapped
+    monkeypatch.setattr(mmsink, "generate_fast", lambda model, **kw: int("x"))  # a bug, not a refusal
+    with pytest.raises(ValueError, match="invalid literal"):
+        serve_bench.serve([SHAPE], [64], ["none"], "cpu", torch.float32, dict(OPTS, max_batch=1), kvs=kvs)
+
+
+def test_kv_names():
+    assert serve_bench.kv_modes("none, window2048,int4,int2,lfps512") == [
+        ("none", None),
+        ("window2048", {"window": 2048, "sinks": 4}),
+        ("int4", {"quant": "int4", "keep_sinks": True}),
+        ("int2", {"quant": "int2", "keep_sinks": True}),
+        ("lfps512", {"sparse": "lfps", "topk": 512}),
+    ]
+
+
+@pytest.mark.parametrize("kv", ["window", "window0", "int3", "lfps", "sinks4", "none,", "int4,window-1"])
+def test_bad_kv_names_are_one_line_errors(kv, capsys):
+    with pytest.raises(SystemExit):
+        serve_bench.main(["--device", "cpu", "--kv", kv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mmsink serve-bench: error: --kv: unknown kv mode")
+    assert "window<W>" in err[-1] and "lfps<K>" in err[-1]
