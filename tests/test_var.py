@@ -155,6 +155,34 @@ def test_device_reads_do_not_grow_with_var_layers(model):
     assert reads(tuple(range(2, 8))) == reads((2, 3))
 
 
+def test_no_host_data_per_var_layer(model):
+    """A VAR layer builds no tensor from host data (on a GPU each is a blocking host-to-device copy): a
+    prefill makes as many with VAR in 6 layers as in 2, warm (constants made once per device kept)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostData(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten.lift_fresh.default
+            return func(*args, **(kwargs or {}))
+
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+
+    def host_data(layers):
+        mmsink.wrap(model, var={**VAR, "layers": layers})
+        try:
+            with torch.no_grad():
+                model(**inputs)
+                with HostData() as mode:
+                    model(**inputs)
+        finally:
+            mmsink.unwrap(model)
+        return mode.count
+
+    assert host_data(tuple(range(2, 8))) == host_data((2, 3))
+
+
 def test_presets_set_rho_and_explicit_values_win():
     """The paper's rho per task kind; the general one is the default; an explicit rho wins."""
     from mmsink.sinks.var import make_config

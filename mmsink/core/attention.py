@@ -151,12 +151,13 @@ def mask_to_bool(base: str, mask, key_valid: torch.Tensor | None, n_q: int, n_kv
 
 
 def lse_masks(allowed: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """(rows with no allowed key [B,1|H,n], additive bias [B,1|H,n,m]) for :func:`attention_lse`."""
-    empty = ~allowed.any(-1)
+    """(rows with an allowed key [B,1|H,n], additive bias [B,1|H,n,m]) for :func:`attention_lse`."""
     # the fused CUDA kernel wants the bias rows 8-aligned in memory: allocate padded, then slice
     m = allowed.shape[-1]
-    storage = torch.zeros(*allowed.shape[:-1], -(-m // 8) * 8, dtype=dtype, device=allowed.device)
-    return empty, storage[..., :m].masked_fill_(~allowed, float("-inf"))
+    storage = torch.full(
+        (*allowed.shape[:-1], -(-m // 8) * 8), float("-inf"), dtype=dtype, device=allowed.device
+    )
+    return allowed.any(-1), storage[..., :m].masked_fill_(allowed, 0.0)
 
 
 def attention_lse(q, k, v, allowed, scale, masks=None):
@@ -164,7 +165,7 @@ def attention_lse(q, k, v, allowed, scale, masks=None):
     is one. q [B,H,n,d], k/v [B,H,m,d] (heads already repeated), allowed [B,1|H,n,m] bool.
     Rows with no allowed key give output 0 and LSE -inf. ``masks``: ``lse_masks(allowed, q.dtype)`` when
     the caller has them."""
-    empty, bias = masks if masks is not None else lse_masks(allowed, q.dtype)
+    some, bias = masks if masks is not None else lse_masks(allowed, q.dtype)
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias.expand(q.shape[0], q.shape[1], -1, -1), scale=scale
@@ -178,8 +179,8 @@ def attention_lse(q, k, v, allowed, scale, masks=None):
         s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias.float()
         lse = torch.logsumexp(s, -1)
         out = torch.matmul(torch.softmax(s, -1).nan_to_num(0.0), v.float()).to(q.dtype)
-    lse = lse.float().masked_fill(empty, float("-inf"))
-    out = out.masked_fill(empty[..., None], 0.0)
+    lse = torch.where(some, lse.float(), float("-inf"))
+    out = torch.where(some[..., None], out, 0.0)
     return out, lse
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
-from ..core.attention import group_indices, grouped_attention, reweighted_attention
+from ..core.attention import attention_lse, attention_lse_math, group_indices, mask_to_bool, repeat_kv
 
 OTHER, TEXT_SINK, VISUAL_SINK, VISUAL = 0, 1, 2, 3
 CODES = (TEXT_SINK, VISUAL_SINK, VISUAL, OTHER)
@@ -85,60 +86,119 @@ def sink_scores(hidden: torch.Tensor, dims) -> torch.Tensor:
     """phi per token [B, n]: max over sink dims of |x_d| / RMS(x), fp32, no learned weight."""
     x = hidden.float()
     rms = x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-    return (x[..., list(dims)].abs() / rms).amax(-1)
+    # the channels as views stacked (indexing with a list would copy it to the device first)
+    return (torch.stack([x[..., d] for d in dims], -1).abs() / rms).amax(-1)
 
 
 def key_codes(hidden, visual, prompt, cfg: VARConfig) -> torch.Tensor:
     """[B, n] group code of each slot of the layer's input."""
     sink = (sink_scores(hidden, cfg.sink_dims) > cfg.tau) & prompt
-    codes = torch.where(sink, torch.full_like(visual, TEXT_SINK, dtype=torch.long), OTHER)
-    codes = torch.where(visual, torch.where(sink, VISUAL_SINK, VISUAL), codes)
-    return codes
+    # TEXT_SINK == 1 and OTHER == 0: outside the image a slot's code is its sink flag
+    return torch.where(visual, torch.where(sink, VISUAL_SINK, VISUAL), sink.long())
 
 
-def var_mix(cfg: VARConfig, has_visual_sink):
-    """New outputs of the edited rows from the four groups' partial outputs and masses (``CODES`` order):
-    in image-centric heads the sinks keep (1 - p) of their mass, the visual non-sinks get the rest."""
+_CODE_VECTORS: dict = {}
 
-    def mix(outs, masses, ri=None, vv=None):
-        m_ts, m_vs, m_v, m_o = masses
-        o_ts, o_vs, o_v, o_o = (o.float() for o in outs)
-        img = m_vs + m_v
-        chosen = (img >= cfg.image_mass) & (m_v >= cfg.rho * img) & (m_v > 0) & has_visual_sink
-        p = torch.where(chosen, cfg.p, 0.0)
-        freed = p * (m_ts + m_vs)
-        new = (1 - p)[..., None] * (m_ts[..., None] * o_ts + m_vs[..., None] * o_vs)
-        return new + (m_v + freed)[..., None] * o_v + m_o[..., None] * o_o
 
-    return mix
+def code_vector(device) -> torch.Tensor:
+    """``CODES`` as a tensor on ``device``, made once (a tensor from host data is a blocking copy)."""
+    t = _CODE_VECTORS.get(device)
+    if t is None:
+        t = _CODE_VECTORS[device] = torch.tensor(CODES, device=device)
+    return t
 
 
 def groups_of(codes, valid):
-    """[G, B, kv] membership of each key group (``CODES`` order) and [B, 1, 1] whether a sample has a
+    """[B, G, kv] membership of each key group (``CODES`` order) and [B, 1, 1] whether a sample has a
     visual sink among its valid keys."""
-    groups = torch.stack([(codes == c) & valid for c in CODES])
-    return groups, groups[CODES.index(VISUAL_SINK)].any(1)[:, None, None]
+    groups = (codes[:, None] == code_vector(codes.device)[None, :, None]) & valid[:, None]
+    return groups, groups[:, CODES.index(VISUAL_SINK)].any(1)[:, None, None]
+
+
+def group_parts(qg, k, v, allowed, groups, scale, fn):
+    """Every group's partial output and mass in one attention call: ``qg`` [B, H, G*R, d] holds the R
+    query rows once per group (group-major), each copy allowed only its group's keys (``allowed``
+    [B, 1, R, kv], ``groups`` [B, G, kv]). Returns outputs [B, H, G, R, d] and masses [B, H, G, R] (fp32,
+    exp(LSE_g - LSE_all))."""
+    b, h, _, d = qg.shape
+    g_n, r = groups.shape[1], allowed.shape[2]
+    ag = (allowed[:, :, None] & groups[:, None, :, None, :]).flatten(2, 3)  # [B, 1, G*R, kv], a view
+    o, lse = fn(qg, k, v, ag, scale)
+    lse = lse.view(b, h, g_n, r)
+    masses = torch.exp(lse - torch.logsumexp(lse, 2, keepdim=True)).nan_to_num(0.0)
+    return o.view(b, h, g_n, r, d), masses
+
+
+def var_mix(cfg: VARConfig, outs, masses, has_visual_sink):
+    """New outputs [B, H, R, d] (fp32) of the edited rows from the groups' partial outputs [B, H, G, R, d]
+    and masses [B, H, G, R] (``CODES`` order): in image-centric heads the sinks keep (1 - p) of their
+    mass, the visual non-sinks get the rest."""
+    m_ts, m_vs, m_v, m_o = masses.unbind(2)
+    img = m_vs + m_v
+    chosen = (img >= cfg.image_mass) & (m_v >= cfg.rho * img)
+    if not cfg.rho * cfg.image_mass > 1e-30:  # else m_v >= rho * img >= rho * image_mass > 0 already
+        chosen = chosen & (m_v > 0)
+    p = torch.where(chosen & has_visual_sink, cfg.p, 0.0)
+    freed = p * (m_ts + m_vs)
+    # each group's weighted output in one product; summed in the order of the per-group formula
+    # (1 - p) * (m_ts O_ts + m_vs O_vs) + (m_v + freed) O_v + m_o O_o
+    t = torch.stack([m_ts, m_vs, m_v + freed, m_o], 2)[..., None] * outs.float()
+    return (1 - p)[..., None] * (t[:, :, 0] + t[:, :, 1]) + t[:, :, 2] + t[:, :, 3]
 
 
 def decode_attention(q, k, v, valid, codes, scale, cfg: VARConfig):
     """VAR for a decode step whose every query row is edited (``generate_fast``): q [B, H, n, d] (n new
     tokens, already in the buffer), k / v [B, kv_heads, slots, d], ``valid`` [B, slots] the filled slots,
     ``codes`` [B, slots]. Returns [B, H, n, d] in q's dtype."""
+    h = q.shape[1]
     groups, has_vs = groups_of(codes, valid)
+    kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
+    qg = q.repeat(1, 1, groups.shape[1], 1)
     allowed = valid[:, None, None, :].expand(-1, 1, q.shape[2], -1)
-    outs, masses = grouped_attention(q, k, v, allowed, groups, scale)
-    return var_mix(cfg, has_vs)(outs, masses).to(q.dtype)
+    outs, masses = group_parts(qg, kk, vv, allowed, groups, scale, attention_lse)
+    return var_mix(cfg, outs, masses, has_vs).to(q.dtype)
 
 
-def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig):
+def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig, memo=None):
     """Attention with VAR applied to ``rows`` ([B, n] bool, or [B, R] row indices with -1 padding);
-    ``codes`` [B, kv] group of each key."""
+    ``codes`` [B, kv] group of each key. Every row gets plain attention (the backend's kernel; ``mask`` as
+    the layer received it); the edited rows are then recomputed from per-group partial outputs and
+    masses. ``memo``: a dict the caller keeps for layers with the same ``key_valid`` and ``rows`` (a
+    segment): the masks and indices made from them are made once per ``mask`` object.
+    Returns (output [B, n, H, d], FLOPs executed)."""
+    b, h, n, d = q.shape
+    kv = k.shape[2]
     valid = key_valid if key_valid is not None else torch.ones_like(codes, dtype=torch.bool)
-    # membership, not index lists: the sink groups change every layer and indexing them costs a device
-    # read each; with VAR's few edited rows, attending every key under a group mask is cheap
+    memo = {} if memo is None else memo
+    if "mask" not in memo or memo["mask"] is not mask or memo["dtype"] != q.dtype:
+        # membership, not index lists: the sink groups change every layer and indexing them costs a
+        # device read each; with VAR's few edited rows, attending every key under a group mask is cheap
+        allowed = mask_to_bool(base, mask, key_valid, n, kv, b, q.device)
+        ri = rows if rows.dtype == torch.long else group_indices(rows)  # [B, R] edited rows, -1 padding
+        safe = ri.clamp(min=0)
+        memo.clear()
+        memo.update(mask=mask, dtype=q.dtype, allowed=allowed, safe=safe, real=(ri >= 0)[:, None, :, None])
+        memo["allowed_r"] = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
+        memo["rows_g"] = safe.repeat(1, len(CODES))  # the rows once per group, group-major
+    allowed, safe = memo["allowed"], memo["safe"]
+    kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
+    if base == "eager":
+        out = attention_lse_math(q, kk, vv, allowed, scale)[0]
+    elif mask is None:
+        out = F.scaled_dot_product_attention(q, kk, vv, is_causal=n > 1, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
     groups, has_vs = groups_of(codes, valid)
-    mix = var_mix(cfg, has_vs)
-    return reweighted_attention(q, k, v, mask, key_valid, scale, base, rows, groups, mix)
+    rows_g = memo["rows_g"]
+    qg = q.gather(2, rows_g[:, None, :, None].expand(-1, h, -1, d))
+    fn = attention_lse_math if base == "eager" else attention_lse
+    outs, masses = group_parts(qg, kk, vv, memo["allowed_r"], groups, scale, fn)
+    new = var_mix(cfg, outs, masses, has_vs)
+    idx = safe[:, None, :, None].expand(-1, h, -1, d)
+    new = torch.where(memo["real"], new.to(out.dtype), out.gather(2, idx))
+    out.scatter_(2, idx, new)  # padding rows (index -1 -> 0) write back row 0's own output
+    flops = 4 * b * h * n * kv * d + 4 * b * h * safe.shape[1] * kv * d * len(CODES)
+    return out.transpose(1, 2).contiguous(), flops
 
 
 def redistribute_rows(probs, codes, rows, cfg: VARConfig):
@@ -170,7 +230,8 @@ def prefill_reweight(ctx, layer: int, hidden, cfg: VARConfig):
     rows = seg.cache["var_rows"]
 
     def reweight(q, k, v, mask, scale, base):
-        out, flops = var_attention(q, k, v, mask, seg.valid, scale, base, codes, rows, cfg)
+        memo = seg.cache.setdefault("var_memo", {})  # masks and row indices: once per segment
+        out, flops = var_attention(q, k, v, mask, seg.valid, scale, base, codes, rows, cfg, memo)
         ctx.attn_flops[layer] = flops
         return out
 

@@ -1,0 +1,165 @@
+"""VAR's op and sync counts per prefill and per decode step, on a CPU (issue 20: VAR's host-bound prefill).
+
+    python evals/var_ops.py --batch 1,16 --out evals/results/var_ops/after.json
+
+The LLaVA-1.5-shaped model of ``evals/selection_ops.py`` (576 visual tokens a prompt, 32 layers, the
+bench's 35 + 29 text tokens) at a tiny width, so that what is counted is the number of operations, not
+their size; VAR as the bench adds it (``--var-tau``: sink channels 1415 and 2533 modulo the width, tau 3;
+layers 2 .. 30). Per batch: the aten ops (views aside) of one prefill after a warm one, unwrapped and with
+VAR, their difference per VAR layer, the ops inside VAR's own functions (``key_codes``: the layer's sink
+groups; ``var_attention``: the edited attention), the host syncs (device reads and tensors built from
+host data) and one ``generate_fast`` decode step (eager, no graph) with VAR against the plain step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shlex
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mmsink
+from mmsink.fast import decode as fastmod
+from mmsink.sinks import var as var_mod
+from mmsink.tools.bench import bench_inputs, build, environment
+from mmsink.tools.reads import DeviceReads
+
+SHAPE = "selection-ops"
+HOST_DATA = "aten.lift_fresh.default"  # torch.tensor(host data): a blocking host-to-device copy on a GPU
+NO_LAUNCH = {"aten.scalar_tensor.default"}  # a Python number handed to an op: no launch
+FUNCTIONS = ("key_codes", "var_attention")
+
+
+class Ops(TorchDispatchMode):
+    """Counts aten ops other than views, in total and inside the function now marked ``where``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.where = None
+        self.inside = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if (not func.is_view or name == HOST_DATA) and name not in NO_LAUNCH:
+            self.ops[name] += 1
+            if self.where is not None:
+                self.inside[self.where] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def marked(module, name: str, ops: Ops):
+    """``module.name`` replaced by a wrapper that marks the ops it makes (outermost call only)."""
+    fn = getattr(module, name)
+
+    def run(*a, **k):
+        if ops.where is not None:
+            return fn(*a, **k)
+        ops.where = name
+        try:
+            return fn(*a, **k)
+        finally:
+            ops.where = None
+
+    setattr(module, name, run)
+    return fn
+
+
+def counted(call, funcs=()) -> dict:
+    """Ops, the ops inside ``funcs`` ((module, name) pairs), device reads and host-data tensors of
+    ``call()``."""
+    ops = Ops()
+    saved = [(m, n, marked(m, n, ops)) for m, n in funcs]
+    try:
+        with DeviceReads() as r, ops:
+            call()
+    finally:
+        for m, n, fn in saved:
+            setattr(m, n, fn)
+    return {
+        "ops": sum(ops.ops.values()),
+        "inside": dict(ops.inside),
+        "reads": r.total,
+        "host_data": ops.ops[HOST_DATA],
+        "by_op": dict(ops.ops),
+    }
+
+
+def decoder_step(model, inputs) -> dict:
+    """One decode step of ``generate_fast``'s decoder (the one its last call used), eager."""
+    with torch.no_grad():
+        mmsink.generate_fast(model, max_new_tokens=3, graphs=False, compile=False, **inputs)
+        dec = next(reversed(model.__dict__[fastmod.STORE].values()))
+        dec.t.zero_()
+        dec.step()  # warm
+        dec.t.zero_()
+        return counted(dec.step, [(fastmod, "decode_attention")])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
+    ap.add_argument("--tau", type=float, default=3.0, help="VAR's sink threshold (the bench's --var-tau)")
+    ap.add_argument("--out", default=None, help="write the counts as JSON here, the table as .md beside it")
+    ap.add_argument("--machine", default="", help="what the machine was (e.g. shared), written with --out")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model = build(SHAPE)
+    model.generation_config.eos_token_id = None  # random weights: fixed lengths
+    hidden = model.config.get_text_config().hidden_size
+    layers = model.config.get_text_config().num_hidden_layers
+    cfg = {"sink_dims": tuple(d % hidden for d in (1415, 2533)), "tau": a.tau}
+    n_var = sum(var_mod.VARConfig(**cfg).active(i, layers) for i in range(layers))
+    funcs = [(var_mod, f) for f in FUNCTIONS]
+    rows = []
+    table = [
+        "| batch | plain prefill ops | VAR prefill ops | extra ops | per VAR layer | in key_codes / "
+        "var_attention per layer | reads + host data (plain; VAR) | decode step ops plain / VAR "
+        "| per VAR layer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print(*table, sep="\n")
+    for b in [int(x) for x in a.batch.split(",")]:
+        inputs, _ = bench_inputs(model, b, 35, 29)
+        res = {}
+        for name in ("plain", "var"):
+            if name == "var":
+                mmsink.wrap(model, prune=None, var=cfg)
+            try:
+                with torch.no_grad():
+                    model(**inputs, logits_to_keep=1)  # warm
+                    res[name] = counted(lambda x=inputs: model(**x, logits_to_keep=1), funcs)
+                res[name + "_decode"] = decoder_step(model, inputs)
+            finally:
+                if name == "var":
+                    mmsink.unwrap(model)
+        p, v, pd, vd = res["plain"], res["var"], res["plain_decode"], res["var_decode"]
+        extra = v["ops"] - p["ops"]
+        per = {f: round(v["inside"].get(f, 0) / n_var, 1) for f in FUNCTIONS}
+        dx = (vd["ops"] - pd["ops"]) / n_var
+        rows.append({"batch": b, "var_layers": n_var, "extra_ops": extra, **res})
+        table.append(
+            f"| {b} | {p['ops']} | {v['ops']} | {extra} | {extra / n_var:.1f} | {per['key_codes']} / "
+            f"{per['var_attention']} | {p['reads']} + {p['host_data']}; {v['reads']} + {v['host_data']} | "
+            f"{pd['ops']} / {vd['ops']} | {dx:.1f} |"
+        )
+        print(table[-1], flush=True)
+    if a.out:
+        command = "python evals/var_ops.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        env = {**environment(), "cores": os.cpu_count(), "note": a.machine, "var": cfg}
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({"command": command, "environment": env, "rows": rows}, f, indent=1)
+        head = f"# VAR ops (issue 20)\n\n    {command}\n\n{json.dumps(env)}\n\n"
+        with open(a.out.removesuffix(".json") + ".md", "w") as f:
+            f.write(head + "\n".join(table) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
