@@ -17,7 +17,13 @@ tokens + 65 text tokens, batch 1). Per step configuration (``--configs``: ``base
 Configurations alternate rep by rep (ratios within one run). Each configuration's tokens are compared with
 ``base``'s (equal in fp32; in bf16 near-ties may differ). When any configuration fuses projections the
 model is fused first, so every configuration (``base`` too) reads the same weight tensors. JSON + Markdown
-go to ``--out``.
+go to ``--out``, with the GPU memory allocated after each stage (``held_bytes``).
+
+Autograd is off throughout (``run``): the steps timed here run outside ``generate_fast``'s ``no_grad``, and
+a step with autograd on writes keys and values computed from weights that require grad into the KV
+buffers in place, so the buffers carry every step's graph and keep all earlier steps' saved tensors alive.
+The compiled ``matmul`` / ``reduce`` steps save a K + V sized tensor per layer (12.8 MB at the 7B shape,
+0.41 GB a step): that is how two H200 runs ran out of memory (``evals/results/fast_path/wave2_b``).
 """
 
 from __future__ import annotations
@@ -152,6 +158,7 @@ def storage_bytes(model) -> int:
     return sum(seen.values())
 
 
+@torch.no_grad()  # the steps run here, outside generate_fast: with autograd on, they chain (see above)
 def run(args) -> dict:
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -211,11 +218,20 @@ def run(args) -> dict:
         )
 
     decs, tokens = {}, {}
+    held_at = {}  # GPU memory allocated after each stage (CUDA only): what each configuration keeps
+
+    def note(stage: str) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+            held_at[stage] = torch.cuda.memory_allocated()
+
+    note("model")
     for spec, opts in confs.items():
         say(f"{spec}: compile / capture")
         for _ in range(2):  # the second call captures the prefill tail, where the model hands off
             tokens[spec] = fast(opts, steps + 1)
         decs[spec] = next(reversed(model.__dict__[fastmod.STORE].values()))  # the one just used
+        note(f"{spec} captured")
     clock = clock_for(cuda)
 
     def stepper(dec, graph: bool):
@@ -245,6 +261,7 @@ def run(args) -> dict:
             if rep:
                 times[spec]["one"].append(one)
                 times[spec]["more"].append(more)
+        note(f"rep {rep}")
     weights = decode_bytes(model)
     rows = {}
     for spec, opts in confs.items():
@@ -294,6 +311,7 @@ def run(args) -> dict:
         graphs=graphs,
         weights_bytes=weights,
         memory=memory,
+        held_bytes=held_at,
         configs=rows,
         seconds=round(time.perf_counter() - t0, 1),
     )
@@ -311,6 +329,15 @@ def markdown(res: dict) -> str:
         f"(k = {res['bench_tokens']}). Decode weights: {res['weights_bytes'] / 1e9:.2f} GB. Memory: "
         + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in res["memory"].items()),
         "",
+        *(
+            [
+                "GPU memory allocated after each stage: "
+                + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in res["held_bytes"].items()),
+                "",
+            ]
+            if res["held_bytes"]
+            else []
+        ),
         "| config | "
         + " | ".join(f"{m} ms/step (ratio)" for m in modes)
         + " | bench decode ms/token (ratio) | GB/s of weights | same tokens as base | KV MB |",

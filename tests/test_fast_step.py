@@ -155,11 +155,23 @@ def test_bad_options(llava):
         mmsink.generate_fast(llava, max_new_tokens=2, step={"fuse": True}, **inputs)
 
 
-def test_profile_script_cpu(tmp_path):
+def test_profile_script_cpu(tmp_path, monkeypatch):
     """evals/profile_decode.py --tiny: every configuration gives base's tokens; the CPU profile counts one
-    projection operator per layer fewer for q/k/v and for gate/up each when fused."""
+    projection operator per layer fewer for q/k/v and for gate/up each when fused. Its steps run with
+    autograd off: with it on, each step's graph hung on the KV buffers (written in place from weights that
+    require grad) and kept every earlier step's saved tensors alive (the H200 ran out of memory)."""
     from mmsink.evals import profile_decode
 
+    from mmsink.fast.decode import FastDecoder
+
+    steps = []  # (grad enabled, decoder) of every step the script runs outside a CUDA graph
+    plain_step = FastDecoder.step
+
+    def step(self):
+        steps.append((torch.is_grad_enabled(), self))
+        return plain_step(self)
+
+    monkeypatch.setattr(FastDecoder, "step", step)
     res = profile_decode.main(
         [
             "--tiny",
@@ -185,6 +197,9 @@ def test_profile_script_cpu(tmp_path):
     assert gemm["base"] - gemm["fuse"] == 3 * layers
     assert res["memory"]["storage_bytes_after"] == res["memory"]["storage_bytes_before"]
     assert rows["write+matmul"]["kv_bytes"] == rows["base"]["kv_bytes"]  # one buffer for k and v, not more
+    assert steps and not any(grad for grad, _ in steps)
+    decoders = {id(d): d for _, d in steps}.values()
+    assert len(decoders) == 3 and not any(t.requires_grad for d in decoders for t in d.k + d.v)
 
 
 @pytest.mark.gpu
