@@ -418,3 +418,29 @@ def placement(model) -> tuple[set, bool]:
         dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())  # accelerate moves tensors itself
         kept = model.__dict__[PLACED] = (key, devices, dispatched)
     return kept[1], kept[2]
+
+
+def decode_kv(family, p, ids, max_new_tokens: int, graphs: bool, stop, need, make):
+    """(new tokens [B, n], decoder or None) of a kv mode's greedy decoding after the prefill ``p``
+    (``generate_fast``'s for kv modes: the whole prompt through the model, no hand-off). The part the
+    modes share: ``need`` (cache class, what is missing in words) checks the prefill's cache; ``stop``:
+    (end-of-sequence ids, pad id); nothing is decoded for one token or when every sample ended at its
+    first; ``make(steps)`` gives the mode's decoder (kept on the model); on the first graphed call it is
+    filled and captured, then filled again (undoing the warm-up step), and run."""
+    kind, missing = need
+    if not isinstance(p.cache, kind):
+        raise ValueError(f"mmsink: generate_fast's {missing} from the prefill")
+    stops, pad = stop
+    eos = torch.tensor(stops, dtype=torch.long, device=ids.device)
+    new = p.tok[:, None]
+    if max_new_tokens == 1 or bool(torch.isin(p.tok, eos).all()):
+        return new, None
+    steps = max_new_tokens - 1
+    dec = make(steps)
+    delta = family.rope_deltas() if dec.mrope else None
+    if graphs and not dec.captured():
+        dec.fill(p.cache, p.mask, p.tok, delta, pad)
+        dec.capture()
+    dec.fill(p.cache, p.mask, p.tok, delta, pad)
+    n = dec.run(steps)
+    return torch.cat([new, dec.out[:, :n].to(ids.device)], 1), dec

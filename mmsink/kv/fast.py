@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fast.decode import ROUND, FastDecoder
+from ..fast.decode import ROUND, FastDecoder, decode_kv
 from ..fast.store import kept_for
 from .window import compact, policy, rotate, turn_of
 
@@ -265,7 +265,6 @@ def generate_window(family, handle, p, ids, max_new_tokens: int, graphs: bool, c
     """The new tokens [B, n] of greedy decoding with the window cache (see the module docstring) after
     the prefill ``p`` (``generate_fast``'s: the whole prompt through the model, no hand-off, eager vision
     tower, so the kv hooks evicted there). ``stop``: (end-of-sequence ids, pad id)."""
-    from ..fast.generate import decode_kv
     from .window import WindowCache
 
     inv_freq = family.language_model.rotary_emb.inv_freq

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..fast.decode import ROUND, FastDecoder, finish, project
+from ..fast.decode import ROUND, FastDecoder, decode_kv, finish, project
 from ..fast.store import kept_for
 from .fast import WindowDecoder, packed
 from .quant import kept_full, sealable
@@ -350,7 +350,6 @@ def generate_quant(family, handle, p, ids, max_new_tokens: int, graphs: bool, co
     """The new tokens [B, n] of greedy decoding over the quantized store after the prefill ``p``
     (``generate_fast``'s: the whole prompt through the model, no hand-off), pruned or not. ``stop``:
     (end-of-sequence ids, pad id). ``compile`` is ignored (the layer step is not compiled)."""
-    from ..fast.generate import decode_kv
     from .quant import QuantCache
 
     def make(steps: int):

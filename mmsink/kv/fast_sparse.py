@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..fast import decode as fast_decode
-from ..fast.decode import ROUND, FastDecoder, finish, project
+from ..fast.decode import ROUND, FastDecoder, decode_kv, finish, project
 from ..fast.store import kept_for
 from .sparse import step as lfps_step
 
@@ -101,7 +101,6 @@ class SparseDecoder(FastDecoder):
 def generate_sparse(family, handle, p, ids, max_new_tokens: int, graphs: bool, compile: bool, stop):
     """The new tokens [B, n] of greedy decoding with LFPS after the prefill ``p`` (``generate_fast``'s:
     the whole prompt through the model, no hand-off). ``stop``: (end-of-sequence ids, pad id)."""
-    from ..fast.generate import decode_kv
     from .sparse import SparseCache
 
     def make(steps: int):
