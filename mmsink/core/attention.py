@@ -194,6 +194,16 @@ def attention_lse_math(q, k, v, allowed, scale):
     return out, lse
 
 
+def plain_attention(q, k, v, allowed, scale, base: str, masked: bool) -> torch.Tensor:
+    """Every query's full attention, as the model's own kernel would give it: the math path for ``eager``,
+    else SDPA with ``allowed`` when the model passed a mask, causal (several queries) or bare without one."""
+    if base == "eager":
+        return attention_lse_math(q, k, v, allowed, scale)[0]
+    if not masked:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
 def grouped_attention(q, k, v, allowed, groups, scale, math_only=False, total=None, skip=None, memo=None):
     """Per key group g: the partial output O_g (normalised inside the group) and its mass
     m_g = exp(LSE_g - LSE_all). The full attention output is sum_g m_g O_g; a method that rescales group
@@ -330,12 +340,8 @@ def reweighted_attention(
     lse_all = None
     if fused is not None:
         out, lse_all = fused
-    elif base == "eager":
-        out = attention_lse_math(q, kk, vv, allowed, scale)[0]
-    elif mask is None:
-        out = F.scaled_dot_product_attention(q, kk, vv, is_causal=n > 1, scale=scale)
     else:
-        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
+        out = plain_attention(q, kk, vv, allowed, scale, base, masked=mask is not None)
     q_r = q.gather(2, safe[:, None, :, None].expand(-1, h, -1, d))
     total = None if lse_all is None else lse_all.gather(2, safe[:, None, :].expand(-1, h, -1))
     # membership groups attend every key: hand them the heads repeated above (index groups gather first)

@@ -15,9 +15,15 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
-from ..core.attention import attention_lse, attention_lse_math, group_indices, mask_to_bool, repeat_kv
+from ..core.attention import (
+    attention_lse,
+    attention_lse_math,
+    group_indices,
+    mask_to_bool,
+    plain_attention,
+    repeat_kv,
+)
 
 OTHER, TEXT_SINK, VISUAL_SINK, VISUAL = 0, 1, 2, 3
 CODES = (TEXT_SINK, VISUAL_SINK, VISUAL, OTHER)
@@ -182,12 +188,7 @@ def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARCo
         memo["rows_g"] = safe.repeat(1, len(CODES))  # the rows once per group, group-major
     allowed, safe = memo["allowed"], memo["safe"]
     kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
-    if base == "eager":
-        out = attention_lse_math(q, kk, vv, allowed, scale)[0]
-    elif mask is None:
-        out = F.scaled_dot_product_attention(q, kk, vv, is_causal=n > 1, scale=scale)
-    else:
-        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
+    out = plain_attention(q, kk, vv, allowed, scale, base, masked=mask is not None)
     groups, has_vs = groups_of(codes, valid)
     rows_g = memo["rows_g"]
     qg = q.gather(2, rows_g[:, None, :, None].expand(-1, h, -1, d))
