@@ -6,7 +6,17 @@ import sys
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, SIDE, batch, greedy, module_model, pixels_of, prompt, tiny_llava, two_prompts
+from tiny import (
+    IMAGE_TOKEN,
+    SIDE,
+    batch,
+    check_batched_equals_alone,
+    greedy,
+    module_model,
+    prompt,
+    tiny_llava,
+    two_prompts,
+)
 
 import mmsink
 from mmsink.kv import WindowCache
@@ -95,19 +105,9 @@ def test_rerotated_keys_equal_keys_computed_fresh_at_the_new_positions(model):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_batched_equals_per_sample_with_left_padding(attn):
     model = tiny_llava(layers=4, attn=attn)
-    prompts = two_prompts()
-    inputs = batch(prompts)
     mmsink.wrap(model, kv={"window": 9, "sinks": 4})
-    out = greedy(model, inputs, 16)
+    out = check_batched_equals_alone(model, 16)
     assert out.past_key_values.compacted
-    width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(prompts):
-        one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, prompts, i)
-        alone = greedy(model, one, 16)
-        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
-        for a, b in zip(out.scores, alone.scores, strict=True):
-            torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
 
 
 def test_beam_search_equals_plain_cache_when_nothing_is_evicted(model):
@@ -121,19 +121,10 @@ def test_beam_search_equals_plain_cache_when_nothing_is_evicted(model):
 
 def test_beam_search_with_eviction_reorders_the_bookkeeping(model):
     """Per sample == batched under eviction (beams of one sample move together with their slots)."""
-    prompts = two_prompts()
-    inputs = batch(prompts)
     mmsink.wrap(model, kv={"window": 6, "sinks": 2})
-    out = greedy(model, inputs, 12, num_beams=3, output_scores=False)
-    cache = out.past_key_values
+    cache = check_batched_equals_alone(model, 12, beams=3).past_key_values
     assert cache.compacted and cache.valid.shape[0] == 6
     assert int(cache.valid.sum(1).max()) <= 8
-    width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(prompts):
-        one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, prompts, i)
-        alone = greedy(model, one, 12, num_beams=3, output_scores=False)
-        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
 
 
 def test_generation_runs_past_the_context_with_bounded_positions():

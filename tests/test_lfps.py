@@ -6,7 +6,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import batch, greedy, module_model, pixels_of, qwen_batch, tiny_llava, tiny_qwen, two_prompts
+from tiny import (
+    batch,
+    check_batched_equals_alone,
+    greedy,
+    module_model,
+    qwen_batch,
+    tiny_llava,
+    tiny_qwen,
+    two_prompts,
+)
 
 import mmsink
 from mmsink.api import get_handle
@@ -110,20 +119,8 @@ def test_exact_topk_oracle_chooses_the_true_top_k(model):
 
 @pytest.mark.parametrize("beams", [1, 2])
 def test_batched_equals_per_sample(model, beams):
-    ps = two_prompts()
-    inputs = batch(ps)
     mmsink.wrap(model, kv={"sparse": "lfps", "topk": 10})
-    gen = {} if beams == 1 else {"num_beams": beams, "output_scores": False}
-    out = run(model, inputs, 12, **gen)
-    width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(ps):
-        one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, ps, i)
-        alone = run(model, one, 12, **gen)
-        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
-        if beams == 1:
-            for a, b in zip(out.scores, alone.scores, strict=True):
-                torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
+    check_batched_equals_alone(model, 12, beams)
 
 
 def test_sparse_differs_from_dense_when_it_must(model):
@@ -152,17 +149,8 @@ def test_after_a_pruned_prefill(model):
     for a, b in zip(out.scores, ref.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     mmsink.wrap(model, prune="fastv", budget=4, kv={"sparse": "lfps", "topk": 9})
-    out = run(model, inputs, 10)
-    cache = out.past_key_values
-    cache_trace(model, inputs, cache)
-    width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(two_prompts()):
-        one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, two_prompts(), i)
-        alone = run(model, one, 10)
-        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
-        for a, b in zip(out.scores, alone.scores, strict=True):
-            torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
+    out = check_batched_equals_alone(model, 10)  # the batch of two_prompts(), as inputs
+    cache_trace(model, inputs, out.past_key_values)
 
 
 def cache_trace(model, inputs, done):
@@ -339,20 +327,8 @@ def test_sinks_bring_back_the_dropped_sink():
 
 @pytest.mark.parametrize("beams", [1, 2])
 def test_sinks_batched_equals_per_sample(model, beams):
-    ps = two_prompts()
-    inputs = batch(ps)
     mmsink.wrap(model, kv={"sparse": "lfps", "topk": 10, "sinks": 3})
-    gen = {} if beams == 1 else {"num_beams": beams, "output_scores": False}
-    out = run(model, inputs, 12, **gen)
-    width = inputs["input_ids"].shape[1]
-    for i, p in enumerate(ps):
-        one = batch([p])
-        one["pixel_values"] = pixels_of(inputs, ps, i)
-        alone = run(model, one, 12, **gen)
-        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p) :])
-        if beams == 1:
-            for a, b in zip(out.scores, alone.scores, strict=True):
-                torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
+    check_batched_equals_alone(model, 12, beams)
 
 
 @pytest.mark.parametrize("sinks", [-1, 8, 9, "auto", True, 1.5, "4"])
