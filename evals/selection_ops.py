@@ -36,24 +36,35 @@ NO_LAUNCH = {"aten.scalar_tensor.default"}
 
 class Ops(TorchDispatchMode):
     """Counts aten ops other than views (after autograd and composite decomposition: roughly the kernels
-    launched)."""
+    launched); inside a region (``enter(name)`` ... ``leave()``, nested regions count as the outermost)
+    also per op and per region name."""
 
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
-        self.inside = 0  # > 0 while a method hook runs
-        self.hook = None  # the outermost running hook's name
-        self.hook_ops = collections.Counter()
-        self.per_hook = collections.Counter()
+        self.depth = 0  # > 0 while a region (a method hook, a marked function) runs
+        self.region = None  # the outermost running region's name
+        self.region_ops = collections.Counter()
+        self.per_region = collections.Counter()
+
+    def enter(self, name: str) -> None:
+        if not self.depth:
+            self.region = name
+        self.depth += 1
+
+    def leave(self) -> None:
+        self.depth -= 1
+        if not self.depth:
+            self.region = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
         # views launch nothing (lift_fresh is one, but copies)
         if (not func.is_view or name in HOST_DATA) and name not in NO_LAUNCH:
             self.ops[name] += 1
-            if self.inside:
-                self.hook_ops[name] += 1
-                self.per_hook[self.hook] += 1
+            if self.depth:
+                self.region_ops[name] += 1
+                self.per_region[self.region] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -62,14 +73,12 @@ def hooks_counted(pruner, ops: Ops, reads: dict):
 
     def counted(fn, name):
         def run(*a, **k):
-            if not ops.inside:
-                ops.hook = "attention edits" if name.endswith("attention edit") else name
-            ops.inside += 1
+            ops.enter("attention edits" if name.endswith("attention edit") else name)
             try:
                 with DeviceReads() as r:
                     return fn(*a, **k)
             finally:
-                ops.inside -= 1
+                ops.leave()
                 reads["hooks"] += r.total
 
         return run
@@ -95,13 +104,13 @@ def count(model, inputs, method: str, budget, plan=None) -> dict:
     mine = sum(c for s, c in r.sites.items() if "/mmsink/" in s)
     return {
         "ops": sum(ops.ops.values()),
-        "hook_ops": sum(ops.hook_ops.values()),
+        "hook_ops": sum(ops.region_ops.values()),
         "hook_reads": reads["hooks"],
-        "hook_host_data": sum(ops.hook_ops[n] for n in HOST_DATA),
+        "hook_host_data": sum(ops.region_ops[n] for n in HOST_DATA),
         "mmsink_reads": mine,
         "host_data": sum(ops.ops[n] for n in HOST_DATA),
-        "top_hook_ops": ops.hook_ops.most_common(8),
-        "per_hook": dict(ops.per_hook),
+        "top_hook_ops": ops.region_ops.most_common(8),
+        "per_hook": dict(ops.per_region),
         "plan": st.kept_indices,
     }
 

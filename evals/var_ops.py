@@ -14,14 +14,13 @@ host data) and one ``generate_fast`` decode step (eager, no graph) with VAR agai
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import shlex
 import sys
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from mmsink.evals.selection_ops import HOST_DATA, Ops
 
 import mmsink
 from mmsink.fast import decode as fastmod
@@ -30,41 +29,19 @@ from mmsink.tools.bench import bench_inputs, build, environment
 from mmsink.tools.reads import DeviceReads
 
 SHAPE = "selection-ops"
-HOST_DATA = "aten.lift_fresh.default"  # torch.tensor(host data): a blocking host-to-device copy on a GPU
-NO_LAUNCH = {"aten.scalar_tensor.default"}  # a Python number handed to an op: no launch
 FUNCTIONS = ("key_codes", "var_attention")
 
 
-class Ops(TorchDispatchMode):
-    """Counts aten ops other than views, in total and inside the function now marked ``where``."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-        self.where = None
-        self.inside = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if (not func.is_view or name == HOST_DATA) and name not in NO_LAUNCH:
-            self.ops[name] += 1
-            if self.where is not None:
-                self.inside[self.where] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def marked(module, name: str, ops: Ops):
-    """``module.name`` replaced by a wrapper that marks the ops it makes (outermost call only)."""
+    """``module.name`` replaced by a wrapper that counts the ops it makes as region ``name``."""
     fn = getattr(module, name)
 
     def run(*a, **k):
-        if ops.where is not None:
-            return fn(*a, **k)
-        ops.where = name
+        ops.enter(name)
         try:
             return fn(*a, **k)
         finally:
-            ops.where = None
+            ops.leave()
 
     setattr(module, name, run)
     return fn
@@ -83,9 +60,9 @@ def counted(call, funcs=()) -> dict:
             setattr(m, n, fn)
     return {
         "ops": sum(ops.ops.values()),
-        "inside": dict(ops.inside),
+        "inside": dict(ops.per_region),
         "reads": r.total,
-        "host_data": ops.ops[HOST_DATA],
+        "host_data": sum(ops.ops[n] for n in HOST_DATA),
         "by_op": dict(ops.ops),
     }
 
