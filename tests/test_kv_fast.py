@@ -10,12 +10,13 @@ from tiny import (
     batch,
     fast_and_generate,
     greedy,
+    massive_llava,
     module_model,
     next_batch,
     prompt,
+    prompts_with,
     qwen_batch,
     replay_stand_in,
-    tiny_llava,
     tiny_llava_next,
     tiny_qwen,
 )
@@ -27,25 +28,15 @@ from mmsink.kv import fast as kvfast
 CHANNEL, TOKEN, DECODED = 5, 7, 76  # a massive channel on token 7 (mid-prompt) and on a token decoded often
 
 
-def auto_model():
-    """A tiny LLaVA where two tokens carry a massive activation: one in the prompts, one the model
-    generates (so decode steps flag sinks too). Hidden size 64: |x_d| / RMS(x) <= 8, hence tau 5."""
-    model = tiny_llava(layers=4)
-    with torch.no_grad():
-        for t in (TOKEN, DECODED):
-            model.model.language_model.embed_tokens.weight[t, CHANNEL] = 400.0
-    return model
-
-
-model, unwrapped = module_model(auto_model)
+# two tokens carry a massive activation: one in the prompts, one the model generates (so decode steps
+# flag sinks too)
+model, unwrapped = module_model(lambda: massive_llava((TOKEN, DECODED), CHANNEL))
 AUTO = {"sinks": "auto", "first": 2, "sink_dims": [CHANNEL], "tau": 5.0, "sink_layer": 1}
 
 
 def prompts():
     """Left-padded batch of two (45 and 57 tokens), token 7 in the middle of the second."""
-    a, b = prompt(3, 5, seed=1), prompt(9, 11, seed=2)
-    b[len(b) - 8] = TOKEN
-    return batch([a, b])
+    return batch(prompts_with(TOKEN))
 
 
 def plain_fast(model, inputs, n):

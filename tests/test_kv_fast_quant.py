@@ -12,8 +12,10 @@ from tiny import (
     check_fast_batched_equals_alone,
     fast,
     fast_and_generate,
+    massive_llava,
     module_model,
     prompt,
+    prompts_with,
     qwen_batch,
     replay_stand_in,
     tiny_llava,
@@ -37,11 +39,7 @@ def auto():
     """A tiny LLaVA where two tokens carry a massive activation (as test_kv_fast's): one in the prompts,
     one the model generates, so decode steps flag sinks too. Hidden size 64: |x_d| / RMS(x) <= 8, hence
     tau 5."""
-    model = tiny_llava(layers=4)
-    with torch.no_grad():
-        for t in (TOKEN, DECODED):
-            model.model.language_model.embed_tokens.weight[t, CHANNEL] = 400.0
-    return model
+    return massive_llava((TOKEN, DECODED), CHANNEL)
 
 
 @pytest.fixture(autouse=True)
@@ -56,9 +54,7 @@ AUTO = {"sinks": "auto", "first": 2, "sink_dims": [CHANNEL], "tau": 5.0, "sink_l
 
 def prompts():
     """Left-padded batch of two (45 and 57 tokens), token 7 in the middle of the second."""
-    a, b = prompt(3, 5, seed=1), prompt(9, 11, seed=2)
-    b[len(b) - 8] = TOKEN
-    return [a, b]
+    return prompts_with(TOKEN)
 
 
 def last_decoder(model):

@@ -12,6 +12,7 @@ from tiny import (
     batch,
     check_batched_equals_alone,
     greedy,
+    massive_token_model,
     module_model,
     prompt,
     tiny_llava,
@@ -147,15 +148,10 @@ def test_generation_runs_past_the_context_with_bounded_positions():
 def test_auto_sinks_keep_a_token_the_detector_flags():
     """Fixture: token 7's embedding gets a massive channel, so it acts as a sink mid-prompt. With a
     hidden size of 64, |x_d| / RMS(x) is at most 8, hence tau 5 here (20 on 4096-wide models)."""
-    model = tiny_llava(layers=4)
     channel, token = 5, 7
-    with torch.no_grad():
-        model.model.language_model.embed_tokens.weight[token, channel] = 400.0
-    p = prompt(3, 12, seed=4)
-    p[len(p) - 6] = token
+    model, p, col = massive_token_model(channel, token)
     assert p.count(token) == 1
     inputs = batch([p])
-    col = len(p) - 6
     opts = {"window": 6, "sinks": "auto", "first": 2, "sink_dims": [channel], "tau": 5.0, "sink_layer": 1}
     mmsink.wrap(model, kv=opts)
     cache = greedy(model, inputs, 20, output_scores=False).past_key_values

@@ -403,12 +403,27 @@ def check_batched_equals_alone(model, n: int, beams: int = 1, prompts=None):
     return out
 
 
+def massive_llava(tokens, channel: int = 5, layers: int = 4):
+    """tiny_llava whose ``tokens`` embed 400 on ``channel``: massive activations the sink detector flags
+    (hidden size 64: |x_d| / RMS(x) <= 8, hence tau 5 in the tests)."""
+    model = tiny_llava(layers=layers)
+    with torch.no_grad():
+        for t in tokens:
+            model.model.language_model.embed_tokens.weight[t, channel] = 400.0
+    return model
+
+
+def prompts_with(token: int):
+    """``two_prompts()`` with ``token`` in the middle of the second (8 from its end)."""
+    a, b = two_prompts()
+    b[len(b) - 8] = token
+    return [a, b]
+
+
 def massive_token_model(channel: int = 5, token: int = 7):
     """tiny_llava(layers=4) whose ``token`` embeds 400 on ``channel`` (a massive activation the sink
     detector flags) and a one-image prompt holding it mid-prompt: (model, prompt, its column)."""
-    model = tiny_llava(layers=4)
-    with torch.no_grad():
-        model.model.language_model.embed_tokens.weight[token, channel] = 400.0
+    model = massive_llava([token], channel)
     p = prompt(3, 12, seed=4)
     col = len(p) - 6
     p[col] = token
