@@ -31,12 +31,11 @@ def decoder_for(
     need = [n + max_new for n in lengths]
     caps = [-(-n // ROUND) * ROUND for n in need]
     new = -(-max_new // ROUND) * ROUND
-    params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)  # weights swapped: new graph
     var_key = None if var is None else (dataclasses.astuple(var[0]), tuple(var[1]))
-    key = (batch, tuple(caps), new, eos, graphs, compile, params, var_key, opts)
+    key = (batch, tuple(caps), new, eos, graphs, compile, var_key, opts)
     if opts is None:
-        return kept(model, key, lambda: FastDecoder(family, caps, batch, new, eos, compile, var))
-    return kept(model, key, lambda: StepDecoder(family, caps, batch, new, eos, compile, var, opts))
+        return kept_for(family, key, lambda: FastDecoder(family, caps, batch, new, eos, compile, var))
+    return kept_for(family, key, lambda: StepDecoder(family, caps, batch, new, eos, compile, var, opts))
 
 
 def kept(model, key, make):
@@ -54,7 +53,7 @@ def kept(model, key, make):
 
 def kept_for(family, key: tuple, make):
     """``kept`` for a decoder of ``family``'s model, the key completed by the weights it runs on (swapped
-    weights: a new decoder, as ``decoder_for``'s)."""
+    weights: a new decoder and graph)."""
     model = family.model
     params = (model.lm_head.weight.data_ptr(), model.lm_head.weight.dtype)
     return kept(model, (*key, params), make)
