@@ -39,6 +39,130 @@ def test_search_resolution_and_deadline():
     assert best == 5 and list(log)[:2] == [16, 8]  # 16 does not fit: bisection below it
 
 
+def memory_model(fixed, per_seq, capacity, step_at=None, step=0):
+    """A fake device: peak(b) = fixed + per_seq * b (+ ``step`` above batch ``step_at``: a workspace the
+    line through small batches cannot see); a batch fits when its peak is within ``capacity``. Returns
+    (probe, the true largest batch by brute force, the batches probed)."""
+
+    def peak(b):
+        return fixed + per_seq * b + (step if step_at is not None and b > step_at else 0)
+
+    probed = []
+
+    def probe(b):
+        probed.append(b)
+        return peak(b) <= capacity, peak(b)
+
+    true = max([b for b in range(1, 4097) if peak(b) <= capacity], default=0)
+    return probe, true, probed
+
+
+def within(best, true, resolution, max_batch):
+    """best fits and the true largest (capped) is at most one tolerance step above it."""
+    top = min(true, max_batch)
+    return best <= top and top - best <= max(1, best // resolution)
+
+
+GIB = 2**30
+# (fixed, per sequence, capacity): H200-like lines (13 GiB of weights, 0.1 .. 3.3 GiB a sequence) and
+# small ones; a few whose limit is below the second fitted batch or above the cap
+LINES = [
+    (13 * GIB, int(0.46 * GIB), int(139.8 * GIB)),
+    (13 * GIB, int(3.3 * GIB), int(139.8 * GIB)),
+    (20 * GIB, int(1.0 * GIB), int(139.8 * GIB)),
+    (13 * GIB, int(0.1 * GIB), int(139.8 * GIB)),  # limit above the cap of 256
+    (1000, 100, 2650),  # limit 16
+    (1000, 100, 1650),  # limit 6: below the second fitted batch (8)
+    (1000, 100, 1050),  # limit 0: nothing fits
+]
+
+
+@pytest.mark.parametrize("resolution", [4, 8])
+@pytest.mark.parametrize("first", [1, 8])
+@pytest.mark.parametrize("line", LINES)
+def test_predicted_search_on_a_linear_memory_model(line, first, resolution):
+    """A line the two small batches see exactly: the true largest batch (brute force) within the
+    tolerance, in at most 4 probes at resolution 4 (two fits, the prediction, one step) and 5 at 8 (the
+    margin's 10 % of the room and the floors can take two steps of 1/8), none tried twice; the fit
+    reproduces the line. A limit below 4 x resolution: steps of one batch, one probe more; below the
+    second small batch: bisection, at most 5 probes."""
+    probe, true, probed = memory_model(*line)
+    out = serve_bench.predicted_batch(probe, line[2], max_batch=256, resolution=resolution, first=first)
+    assert within(out["best"], true, resolution, 256), (out, true)
+    assert list(out["tried"]) == probed and len(set(probed)) == len(probed)
+    assert all(out["tried"][b] == (b <= true) for b in probed)
+    assert out["first_oom"] == min([b for b in probed if b > true], default=None)
+    fitted = true >= max(2 * first, 8)  # both small batches fit: a prediction, then steps
+    small = true < 4 * resolution  # steps of one batch: one more
+    assert len(probed) <= ({4: 4, 8: 5}[resolution] + small if fitted else 5), probed
+    if out["predicted"] is not None:  # both fitted batches fit
+        assert out["per_seq_bytes"] == pytest.approx(line[1]) and out["fixed_bytes"] == pytest.approx(line[0])
+        assert out["found"] in ("predicted", "stepped up") and not out["cut"]
+        expect = min(256, int(0.9 * (line[2] - line[0]) // line[1]))
+        assert out["predicted"] == max(1, expect)
+        if max(2 * first, 8) < expect < 256:
+            assert expect in probed  # the jump: the third probe
+            assert probed.index(expect) == 2
+
+
+@pytest.mark.parametrize("resolution", [4, 8])
+@pytest.mark.parametrize("at", [0.2, 0.5, 0.8, 0.95])
+@pytest.mark.parametrize("step_gib", [5, 20, 60])
+@pytest.mark.parametrize("per_seq", [0.46, 1.0, 3.3])
+def test_predicted_search_with_a_workspace_step(per_seq, step_gib, at, resolution):
+    """A workspace of ``step_gib`` that appears above a batch at ``at`` of the linear limit: the line
+    overshoots, the search still ends within the tolerance of the true largest, in at most 8 probes."""
+    fixed, cap = 13 * GIB, int(139.8 * GIB)
+    linear = int((cap - fixed) / (per_seq * GIB))
+    probe, true, probed = memory_model(
+        fixed, int(per_seq * GIB), cap, step_at=max(16, int(at * linear)), step=step_gib * GIB
+    )
+    out = serve_bench.predicted_batch(probe, cap, max_batch=1024, resolution=resolution, first=8)
+    assert within(out["best"], true, resolution, 1024), (out, true)
+    assert len(probed) <= 8 and len(set(probed)) == len(probed), probed
+    if out["predicted"] > true:  # the jump failed: found below the prediction
+        assert out["found"] == "bisected" and out["tried"][out["predicted"]] is False
+
+
+@pytest.mark.parametrize("share", [0.84, 0.86, 0.88])
+@pytest.mark.parametrize("resolution", [4, 8])
+def test_predicted_search_steps_down_once(share, resolution):
+    """The device holds less than the capacity read (``share`` of it): the predicted batch fails, the
+    true largest is within 1/(resolution + 1) below it, and one batch stepped down closes the gap: 4
+    probes (two small batches, the prediction, the step)."""
+    fixed, per_seq, cap = 13 * GIB, GIB, int(139.8 * GIB)
+    probe, true, probed = memory_model(fixed, per_seq, int(share * cap))
+    out = serve_bench.predicted_batch(probe, cap, max_batch=1024, resolution=resolution, first=8)
+    pred = int(0.9 * (cap - fixed) // per_seq)
+    assert out["predicted"] == pred and true < pred and pred - true <= pred // (resolution + 1)
+    assert within(out["best"], true, resolution, 1024) and out["found"] == "bisected"
+    assert probed[:3] == [8, 16, pred] and len(probed) == 4 and out["tried"][probed[3]]
+
+
+def test_predicted_search_fallbacks_and_deadline():
+    # the first batch does not fit: bisection below it (as largest_batch)
+    probe, true, probed = memory_model(1000, 100, 1650)  # limit 6
+    out = serve_bench.predicted_batch(probe, 1650, max_batch=256, resolution=1000, first=16)
+    assert (out["best"], out["found"], probed[0]) == (6, "bisected", 16) and out["predicted"] is None
+    # no peak read (None): doubling from the second batch, then bisection
+    seen = []
+
+    def unread(b):
+        seen.append(b)
+        return b <= 100, None
+
+    out = serve_bench.predicted_batch(unread, 10**9, max_batch=256, resolution=1000, first=8)
+    assert out["best"] == 100 and out["found"] == "doubled" and seen[:5] == [8, 16, 32, 64, 128]
+    # past the deadline: the first batch only, reported as cut
+    probe, true, probed = memory_model(1000, 100, 10**6)
+    out = serve_bench.predicted_batch(probe, 10**6, deadline=0.0, first=8)
+    assert probed == [8] and out["best"] == 8 and out["cut"]
+    # a line that does not grow (a flat peak): the cap is predicted
+    probe = lambda b: (b <= 300, 5000)  # noqa: E731
+    out = serve_bench.predicted_batch(probe, 10**4, max_batch=256, resolution=4, first=8)
+    assert (out["predicted"], out["best"], list(out["tried"])) == (256, 256, [8, 16, 256])
+
+
 def test_serve_on_tiny_model_under_a_fake_memory_limit():
     """The real path (tiny-cpu model through generate_fast) with a limit that raises the allocator's
     out-of-memory error above batch 2 and a clock returning recorded times."""
@@ -63,6 +187,35 @@ def test_serve_on_tiny_model_under_a_fake_memory_limit():
     assert row["tokens_per_s"] == pytest.approx(2 * 3 / statistics.median([0.5, 0.7]))
     assert seen.count(2) == 2 + 2 + 2  # search (two calls), then at the largest batch two untimed + two timed
     assert "| tiny-cpu | fastv | 64 | none | 2 |" in serve_bench.markdown(res) and "clock" not in res
+
+
+def test_serve_predicted_on_tiny_model():
+    """The real path (tiny-decode-cpu, fastv, through generate_fast) with a fake device: peak(b) = 1000 +
+    100 b bytes, capacity 2100 (margin 0: batch 11 predicted), the allocator's out-of-memory error above
+    batch 11. Batches 1 and 8 (two calls each), then 11 (two calls + one timed: the largest, no further
+    calls), 13 (fails at its first call); the row's tokens are generate_fast's at batch 11."""
+    seen = []
+
+    def check(b):
+        seen.append(b)
+        if b > 11:
+            raise torch.OutOfMemoryError("fake limit")
+
+    memory = lambda b: 1000 + 100 * b  # noqa: E731
+    opts = dict(OPTS, max_batch=64, resolution=4, margin=0.0, check=check, memory=memory, capacity=2100)
+    torch.manual_seed(0)
+    res = serve_bench.serve([SHAPE], [64], ["fastv"], "cpu", torch.float32, opts)
+    (row,) = res["rows"]
+    assert row["tried"] == {"1": True, "8": True, "11": True, "13": False} and row["max_batch"] == 11
+    s = row["search"]
+    assert (s["found"], s["predicted"], s["first_oom"], s["probes"]) == ("predicted", 11, 13, 4)
+    assert s["per_seq_bytes"] == 100 and s["fixed_bytes"] == 1000 and s["peaks"]["11"] == 2100
+    assert seen == [1, 1, 8, 8, 11, 11, 11, 13]
+    assert row["times_s"] == [1.0] and row["tokens_per_s"] == 11 * NEW / 1.0
+    assert row["tokens"] == reference("fastv", None, 11)
+    md = serve_bench.markdown(res)
+    assert f"| {SHAPE} | fastv | 64 | none | 11 | predicted (11) | 4 | 13 | 0 |" in md
+    assert "memory" not in res and "Largest batch predicted" in md
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,19 @@
 """``mmsink serve-bench``: serving throughput on real-size architectures with random weights.
 
 For each shape and method: the largest batch of identical image prompts that ``generate_fast`` runs
-(prefill + N greedy tokens) without running out of device memory (batch doubled from 1, then bisected
-between the last fit and the first out-of-memory, up to ``--max-batch``), and the tokens/s at that batch:
+(prefill + N greedy tokens) without running out of device memory, and the tokens/s at that batch:
 batch * new tokens / median time of one ``generate_fast`` call. Pruning shrinks the KV cache, which is
-what bounds the batch. ``--kv``: KV-cache modes crossed with the methods (each row wraps the model with
-the method and the mode): the row also gives the KV bytes per sequence, read from the tensors of the
-decoders ``generate_fast`` kept (keys / values, a window's raw keys, a quantized store's codes, scales,
-ring and exact entries), and the peak device memory at the largest batch. A combination ``wrap`` or
-``generate_fast`` refuses is a row saying so. JSON and a Markdown table (``--out``); progress on stderr.
+what bounds the batch. Where the device's memory can be read (CUDA), the batch is predicted
+(``predicted_batch``): two small batches are run, a line peak(b) = fixed + per sequence * b is fitted to
+their peak memory, the batch that fills 1 - ``--margin`` of the capacity above the line's fixed part is
+run, then only batches near it (within 1/``--resolution``); each row says how its batch was found.
+Elsewhere (CPU) the batch is doubled from
+``--first-batch``, then bisected (``largest_batch``), up to ``--max-batch``. ``--kv``: KV-cache modes
+crossed with the methods (each row wraps the model with the method and the mode): the row also gives the
+KV bytes per sequence, read from the tensors of the decoders ``generate_fast`` kept (keys / values, a
+window's raw keys, a quantized store's codes, scales, ring and exact entries), and the peak device memory
+at the largest batch. A combination ``wrap`` or ``generate_fast`` refuses is a row saying so. JSON and a
+Markdown table (``--out``); progress on stderr.
 """
 
 from __future__ import annotations
@@ -56,6 +61,118 @@ def largest_batch(
         tried[mid] = attempt(mid)
         best, bad = (mid, bad) if tried[mid] else (best, mid)
     return best, tried, False
+
+
+MARGIN = 0.1  # of the memory above the fixed part, kept free (fragmentation, driver memory of graphs)
+
+
+def predicted_batch(
+    probe,
+    capacity: int,
+    max_batch: int = 256,
+    resolution: int = 8,
+    deadline: float | None = None,
+    first: int = 8,
+    margin: float = MARGIN,
+) -> dict:
+    """The largest batch that fits, predicted from memory. ``probe(b)`` -> (fits, peak bytes or None).
+
+    Batches ``first`` and max(2 * first, 8) are run; the line through their peaks, fixed + per_seq * b,
+    gives the predicted batch: the largest b with per_seq * b <= (1 - margin) * (``capacity`` - fixed)
+    (``max_batch`` at most). That batch is run; if it fits, batches one step of max(1, b // resolution)
+    above it are run until one fails (or ``max_batch``); if it does not, one batch just far enough below it
+    for a fit there to close the gap, then bisection. The search ends when the smallest failure is at most
+    max(1, largest fit // resolution) above the largest fit (as ``largest_batch``'s), or at ``deadline``.
+    A small batch that does not fit, or a peak that cannot be read, leaves bisection / doubling only.
+    Returns dict(best, tried {b: fits} in order, cut (by the deadline), found (predicted: the predicted
+    batch, a step above it failed or it is ``max_batch``; stepped up: above the prediction; bisected:
+    below it; doubled: no prediction), predicted, first_oom (smallest failure, None: none), per_seq_bytes,
+    fixed_bytes, peaks {b: bytes of the fits})."""
+    tried, peaks = {}, {}
+    out = dict(best=0, cut=False, found=None, predicted=None, first_oom=None, per_seq_bytes=None)
+    out.update(fixed_bytes=None, tried=tried, peaks=peaks)
+
+    def late() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
+    def run(b: int) -> bool:
+        fits, peak = probe(b)
+        tried[b] = bool(fits)
+        if fits:
+            peaks[b] = peak
+            out["best"] = max(out["best"], b)
+        elif out["first_oom"] is None or b < out["first_oom"]:
+            out["first_oom"] = b
+        return bool(fits)
+
+    def gap_closed() -> bool:
+        best, bad = out["best"], out["first_oom"]
+        if bad is None:
+            return best >= max_batch
+        return bad - best <= max(1, best // resolution)
+
+    def bisect(down_first: bool = False) -> dict:  # between the largest fit and the smallest failure
+        while not gap_closed():
+            if late():
+                out["cut"] = True
+                break
+            best, bad = out["best"], out["first_oom"]
+            if bad is None:  # every batch so far fits: one step up
+                b = min(max_batch, best + max(1, best // resolution))
+            elif down_first:  # a fit here closes the gap (b // resolution >= bad - b)
+                b = max(best + 1, bad - max(1, bad // (resolution + 1)))
+            else:
+                b = (best + bad) // 2
+            down_first = False
+            run(b)
+        return out
+
+    def found() -> dict:
+        pred, best = out["predicted"], out["best"]
+        if pred is None:  # no peak to fit or a cap at the first batch (doubled), a small batch failed
+            out["found"] = "doubled" if unread or out["first_oom"] is None else "bisected"
+        else:
+            out["found"] = "predicted" if best == pred else "stepped up" if best > pred else "bisected"
+        return out
+
+    p1 = max(1, min(first, max_batch))
+    unread = False
+    if not run(p1):
+        bisect()
+        return found()
+    p2 = min(max_batch, max(2 * p1, 8))
+    if p2 == p1:
+        return found()
+    if late():
+        out["cut"] = True
+        return found()
+    if not run(p2):
+        bisect()
+        return found()
+    if peaks[p1] is None or peaks[p2] is None:  # nothing to fit: doubling, then bisection
+        unread = True
+        while out["first_oom"] is None and out["best"] < max_batch:
+            if late():
+                out["cut"] = True
+                return found()
+            run(min(max_batch, 2 * out["best"]))
+        bisect()
+        return found()
+    per_seq = (peaks[p2] - peaks[p1]) / (p2 - p1)
+    fixed = peaks[p1] - per_seq * p1
+    out["per_seq_bytes"], out["fixed_bytes"] = per_seq, fixed
+    room = (1 - margin) * (capacity - fixed)  # an error in per_seq errs by its share of this room
+    pred = max_batch if per_seq <= 0 else max(1, min(max_batch, int(room // per_seq)))
+    out["predicted"] = pred
+    if pred > p2:  # else the line puts the limit at or below a batch that fit: steps up from it
+        if late():
+            out["cut"] = True
+            return found()
+        if not run(pred):
+            bisect(down_first=True)
+            return found()
+    bisect()
+    return found()
 
 
 KV_FORMS = (
@@ -123,14 +240,23 @@ def release(model) -> None:
 def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
     """Search the largest batch for the model as it is wrapped now, then time ``reps`` calls at it, and
     there read the KV bytes per sequence, the peak device memory (CUDA) and sample 0's new tokens.
-    ``opts``: max_batch, resolution, seconds (search time), reps, clock, compile, check (called with the
-    batch before every call: a fake memory limit in tests)."""
+    ``opts``: max_batch, first_batch, resolution, margin, seconds (search time), reps, clock, compile,
+    check (called with the batch before every call: a fake memory limit in tests), memory and capacity
+    (tests: batch -> fake peak bytes, and the bytes that fit; on CUDA the allocator's peak reserved bytes
+    over a batch's calls, and free + reserved memory before the search). With a memory reading the
+    search is ``predicted_batch``'s, and each batch after its two fitted ones is also timed (the one that
+    ends largest needs no further calls); without one, ``largest_batch``'s."""
     import mmsink
 
     check = opts.get("check") or (lambda b: None)
     times: dict = {}
     cuda = next(model.parameters()).is_cuda
     last: dict = {}
+    measured: dict = {}  # batch -> what a timed attempt read there (KV bytes, peak, tokens)
+    memory, capacity = opts.get("memory"), opts.get("capacity")
+    if cuda and memory is None:
+        release(model)
+        capacity = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()
 
     def call(b: int, inputs: dict) -> None:
         check(b)
@@ -140,17 +266,24 @@ def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
     def attempt(b: int, reps: int = 0, final: bool = False) -> bool:
         t0 = time.perf_counter()
         inputs = repeat_batch(one, b)
-        if final and cuda:
+        last["read"] = None
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         try:  # two untimed calls: the second captures the prefill tail's graph (memory too)
             call(b, inputs)
             call(b, inputs)
             times[b] = [opts["clock"](lambda: call(b, inputs)) for _ in range(reps)]
+            if memory is not None:
+                last["read"] = memory(b)
+            elif cuda:  # what the allocator held at most: a later batch needs that much from the device
+                last["read"] = torch.cuda.max_memory_reserved()
             if final:  # before ``release`` drops the decoders
-                kv = kv_bytes(model)
-                last["kv_bytes"] = kv
-                last["peak"] = torch.cuda.max_memory_allocated() if cuda else None
-                last["tokens"] = last["out"][0, one["input_ids"].shape[1] :].tolist()
+                measured[b] = dict(
+                    kv_bytes=kv_bytes(model),
+                    peak=torch.cuda.max_memory_allocated() if cuda else None,
+                    peak_reserved=torch.cuda.max_memory_reserved() if cuda else None,
+                    tokens=last["out"][0, one["input_ids"].shape[1] :].tolist(),
+                )
             ok = True
         except (torch.OutOfMemoryError, RuntimeError) as e:  # a graph capture can fail as a RuntimeError
             text = str(e).lower()
@@ -162,21 +295,48 @@ def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
         finally:
             inputs = last["out"] = None  # the batch's tensors go before the allocator's cache is emptied
             release(model)
-        say(f"  batch {b}: {'fits' if ok else 'out of memory'} ({time.perf_counter() - t0:.1f} s)")
+        read = f", peak {last['read'] / 2**30:.1f} GiB" if ok and last["read"] is not None else ""
+        say(f"  batch {b}: {'fits' if ok else 'out of memory'}{read} ({time.perf_counter() - t0:.1f} s)")
         return ok
 
     deadline = time.perf_counter() + opts["seconds"]
     first = opts.get("first_batch", 1)
-    best, tried, cut = largest_batch(attempt, opts["max_batch"], opts["resolution"], deadline, first)
+    if capacity is None:
+        best, tried, cut = largest_batch(attempt, opts["max_batch"], opts["resolution"], deadline, first)
+        fails = [b for b, ok in tried.items() if not ok]
+        search = dict(found="doubled", first_oom=min(fails) if fails else None, probes=len(tried))
+    else:
+        count = []
+
+        def probe(b: int):
+            count.append(b)
+            timed = len(count) > 2  # the two fitted batches are small: any later one may end largest
+            ok = attempt(b, opts["reps"] if timed else 0, final=timed)
+            return ok, last["read"]
+
+        margin = opts.get("margin", MARGIN)
+        s = predicted_batch(probe, capacity, opts["max_batch"], opts["resolution"], deadline, first, margin)
+        best, tried, cut = s["best"], s["tried"], s["cut"]
+        search = {k: s[k] for k in ("found", "predicted", "first_oom", "per_seq_bytes", "fixed_bytes")}
+        search.update(probes=len(tried), capacity_bytes=capacity, margin=margin)
+        search["peaks"] = {str(k): v for k, v in s["peaks"].items()}
+        if s["predicted"] is not None:
+            say(
+                f"  fit: {s['per_seq_bytes'] / 2**20:.0f} MiB per sequence + {s['fixed_bytes'] / 2**30:.1f} "
+                f"GiB; predicted batch {s['predicted']} (capacity {capacity / 2**30:.1f} GiB, margin "
+                f"{margin}); found {s['found']}"
+            )
     row = dict(max_batch=best, tried={str(k): v for k, v in tried.items()}, search_cut_by_time=cut)
-    if best and attempt(best, opts["reps"], final=True):
+    row["search"] = search
+    if best and (best in measured or attempt(best, opts["reps"], final=True)):
         row["times_s"] = times[best]
         row["tokens_per_s"] = best * new_tokens / statistics.median(times[best])
-        kv = last["kv_bytes"]
-        row["kv_bytes"] = kv
-        row["kv_bytes_per_seq"] = None if kv is None else kv / best
-        row["peak_bytes"] = last["peak"]
-        row["tokens"] = last["tokens"]
+        m = measured[best]
+        row["kv_bytes"] = m["kv_bytes"]
+        row["kv_bytes_per_seq"] = None if m["kv_bytes"] is None else m["kv_bytes"] / best
+        row["peak_bytes"] = m["peak"]
+        row["peak_reserved_bytes"] = m["peak_reserved"]
+        row["tokens"] = m["tokens"]
     return row
 
 
@@ -225,7 +385,7 @@ def serve(
                 if "refused" in row:
                     what = f"refused: {row['refused']}"
                 else:
-                    what = f"largest batch {row['max_batch']}, " + (
+                    what = f"largest batch {row['max_batch']} ({row['search']['found']}), " + (
                         f"{tps:.0f} tokens/s" if tps else "no timing"
                     )
                 say(f"{label} {what} ({time.perf_counter() - start:.0f} s so far)")
@@ -261,7 +421,7 @@ def serve_kv_row(model, one: dict, method: str, budget, kv, opts: dict, say) -> 
         release(model)
 
 
-NOT_SAVED = ("clock", "check")
+NOT_SAVED = ("clock", "check", "memory")
 
 
 def release_all() -> None:
@@ -271,39 +431,63 @@ def release_all() -> None:
 
 
 def markdown(res: dict) -> str:
+    rows = res["rows"]
+    predicted = any((r.get("search") or {}).get("predicted") is not None for r in rows)
+    first, res_n, cap = res.get("first_batch", 1), res["resolution"], res["max_batch"]
+    if predicted:
+        search = (
+            f"Largest batch predicted: batches {first} and {max(2 * first, 8)} run, a line fitted to their "
+            "peak memory (the allocator's peak reserved bytes) = fixed + per sequence x batch, the batch "
+            f"that fills {1 - res.get('margin', MARGIN):.0%} of the capacity above the fixed part run, then "
+            f"steps of 1/{res_n} above it while they fit, or below "
+            f"it (a step, then bisection) until the first failure is within 1/{res_n} of the largest fit "
+            f"(cap {cap}). Found by: predicted = the predicted batch, a step above it failed (or the cap); "
+            "stepped up = above the prediction; bisected = below it; doubled = no memory reading. "
+            "Fit MiB / seq: the line's slope"
+        )
+    else:
+        search = f"Largest batch: doubled from {first}, then bisected to within 1/{res_n} (cap {cap})"
     lines = [
         f"Serving throughput, {res['device']}, {res['dtype']}, random weights: identical prompts (one image, "
         f"35 + 29 text tokens), greedy `generate_fast` of {res['new_tokens']} new tokens, compile "
-        f"{'off' if res['compile'] is False else 'auto'}. Largest batch: doubled from "
-        f"{res.get('first_batch', 1)}, then bisected to "
-        f"within 1/{res['resolution']} (cap {res['max_batch']}); tokens/s = batch x new tokens / median "
-        f"time of {res['reps']} calls at that batch (prefill included). Ratio against the same shape's "
+        f"{'off' if res['compile'] is False else 'auto'}. {search}; first OOM: the smallest batch that did "
+        f"not fit. Tokens/s = batch x new tokens / median time of {res['reps']} calls at that batch "
+        "(prefill included). Ratio against the same shape's "
         "unpruned row without a kv mode. KV MiB / seq: the KV tensors of the decoders `generate_fast` kept "
         "at that batch, divided by it (buffers as allocated, slots rounded up to 128); "
         "peak GiB: the device's peak allocation over those calls, weights included.",
         "",
-        "| shape | method | budget | kv | largest batch | s per call | tokens/s | vs unpruned "
-        "| KV MiB / seq | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | method | budget | kv | largest batch | found by | probes | first OOM | fit MiB / seq "
+        "| s per call | tokens/s | vs unpruned | KV MiB / seq | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {
         r["shape"]: r.get("tokens_per_s")
-        for r in res["rows"]
+        for r in rows
         if r["method"] == "none" and r.get("kv", "none") == "none"
     }
-    for r in res["rows"]:
+    for r in rows:
         head = (r["shape"], r["method"], r["budget"] or "-", r.get("kv", "none"))
         if "refused" in r:
-            lines.append(bench.md_row(*head, "refused: " + r["refused"].replace("|", "/"), *["-"] * 5))
+            lines.append(bench.md_row(*head, "refused: " + r["refused"].replace("|", "/"), *["-"] * 9))
             continue
         tps = r.get("tokens_per_s")
         ref = base.get(r["shape"])
-        cut = " (search cut by time)" if r["search_cut_by_time"] else ""
-        kv, peak = r.get("kv_bytes_per_seq"), r.get("peak_bytes")
+        s = r.get("search") or {}
+        how = s.get("found", "-")
+        if s.get("predicted") is not None:
+            how += f" ({s['predicted']})"
+        if r["search_cut_by_time"]:
+            how += ", search cut by time"
+        kv, peak, fit = r.get("kv_bytes_per_seq"), r.get("peak_bytes"), s.get("per_seq_bytes")
         lines.append(
             bench.md_row(
                 *head,
-                f"{r['max_batch']}{cut}",
+                r["max_batch"],
+                how,
+                s.get("probes", len(r["tried"])),
+                s.get("first_oom") or "-",
+                f"{fit / 2**20:.0f}" if fit is not None else "-",
                 f"{statistics.median(r['times_s']):.2f}" if tps else "-",
                 f"{tps:.0f}" if tps else "-",
                 f"{tps / ref:.2f}x" if tps and ref else "-",
@@ -337,7 +521,15 @@ def main(argv=None):
     )
     ap.add_argument("--resolution", type=int, default=8, help="bisect to within batch / this (default 8)")
     ap.add_argument("--reps", type=int, default=2, help="timed calls at the largest batch (default 2)")
-    ap.add_argument("--seconds", type=float, default=90, help="search time per row before it stops")
+    ap.add_argument(
+        "--seconds", type=float, default=90, help="search time per row before it stops (a guard: default 90)"
+    )
+    ap.add_argument(
+        "--margin",
+        type=float,
+        default=MARGIN,
+        help=f"share of the memory above the fixed part the predicted batch leaves free (default {MARGIN})",
+    )
     ap.add_argument("--compile", choices=["auto", "off"], default="off", help="torch.compile the step")
     ap.add_argument("--out", default=None, help="directory for JSON and Markdown")
     ap.add_argument("--name", default="serve", help="file stem (default serve)")
@@ -349,6 +541,8 @@ def main(argv=None):
         ap.error("serve-bench runs the LLaVA families (Qwen's inputs do not repeat along the batch)")
     if a.first_batch < 1 or a.max_batch < a.first_batch:
         ap.error("--first-batch must be >= 1 and <= --max-batch")
+    if not 0 <= a.margin < 1 or a.resolution < 1:
+        ap.error(f"--margin must be within [0, 1) and --resolution >= 1, got {a.margin}, {a.resolution}")
     try:
         kvs = kv_modes(a.kv)
     except ValueError as e:
@@ -359,6 +553,7 @@ def main(argv=None):
         max_batch=a.max_batch,
         first_batch=a.first_batch,
         resolution=a.resolution,
+        margin=a.margin,
         reps=a.reps,
         seconds=a.seconds,
         compile=None if a.compile == "auto" else False,
