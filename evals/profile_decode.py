@@ -17,7 +17,11 @@ tokens + 65 text tokens, batch 1). Per step configuration (``--configs``: ``base
 Configurations alternate rep by rep (ratios within one run). Each configuration's tokens are compared with
 ``base``'s (equal in fp32; in bf16 near-ties may differ). When any configuration fuses projections the
 model is fused first, so every configuration (``base`` too) reads the same weight tensors. JSON + Markdown
-go to ``--out``, with the GPU memory allocated after each stage (``held_bytes``).
+go to ``--out``, with the GPU memory allocated after each stage (``held_bytes``), rewritten (whole files
+replaced, never half written) after the capture, after every timing rep and after every configuration's
+profile: a run cut short keeps what it measured, ``stage`` says how far it got and ``complete`` whether it
+ended. Defaults are sized for a capped device call (3 reps, ``--profile-steps`` 8 of the 64 timed steps);
+``--full``: 5 reps and every timed step profiled.
 
 Autograd is off throughout (``run``): the steps timed here run outside ``generate_fast``'s ``no_grad``, and
 a step with autograd on writes keys and values computed from weights that require grad into the KV
@@ -38,6 +42,7 @@ import sys
 import time
 
 import torch
+import transformers
 
 import mmsink
 from mmsink.fast import decode as fastmod
@@ -158,8 +163,37 @@ def storage_bytes(model) -> int:
     return sum(seen.values())
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: a run killed mid-write leaves the previous file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def rows_from(times: dict, confs: dict, modes: tuple, k: int, steps: int) -> dict:
+    """Per configuration the medians of the reps so far: step ms per mode, the bench's decode ms/token,
+    ratios to ``base``."""
+    rows = {}
+    for spec, opts in confs.items():
+        med = {m: statistics.median(v) for m, v in times[spec].items()}
+        rows[spec] = dict(
+            options=None if opts is None else vars(opts),
+            step_ms={m: round(med[m], 4) for m in modes},
+            bench_decode_ms=round((med["more"] - med["one"]) / k * 1e3, 4),
+            reps_done=len(times[spec]["one"]),
+        )
+    base = rows["base"]
+    for r in rows.values():
+        r["ratio"] = {m: round(r["step_ms"][m] / base["step_ms"][m], 4) for m in modes}
+        r["ratio"]["bench"] = round(r["bench_decode_ms"] / base["bench_decode_ms"], 4)
+    return rows
+
+
 @torch.no_grad()  # the steps run here, outside generate_fast: with autograd on, they chain (see above)
-def run(args) -> dict:
+def run(args, save=None) -> dict:
+    """The measurements; ``save(result so far)`` after each stage (capture, every rep, every profile)."""
+    save = save or (lambda res: None)
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     shape = TINY if args.tiny else args.shape
@@ -226,17 +260,48 @@ def run(args) -> dict:
             held_at[stage] = torch.cuda.memory_allocated()
 
     note("model")
+    weights = decode_bytes(model)
+    k = args.bench_tokens
+    modes = ("graph", "plain") if graphs else ("plain",)
+    res = dict(
+        shape=shape,
+        device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        dtype=str(dtype),
+        method=args.method,
+        visual_tokens=n_vis,
+        prompt_tokens=inputs["input_ids"].shape[1],
+        steps=steps,
+        profile_steps=args.profile_steps,
+        reps=args.reps,
+        bench_tokens=k,
+        compile=compile,
+        graphs=graphs,
+        weights_bytes=weights,
+        memory=memory,
+        held_bytes=held_at,
+        configs={},
+        stage="model built",
+        complete=False,
+    )
+
+    def stage(text: str) -> None:
+        res["stage"], res["seconds"] = text, round(time.perf_counter() - t0, 1)
+        save(res)
+
     for spec, opts in confs.items():
         say(f"{spec}: compile / capture")
         for _ in range(2):  # the second call captures the prefill tail, where the model hands off
             tokens[spec] = fast(opts, steps + 1)
         decs[spec] = next(reversed(model.__dict__[fastmod.STORE].values()))  # the one just used
         note(f"{spec} captured")
+    stage("captured")
     clock = clock_for(cuda)
 
-    def stepper(dec, graph: bool):
+    def stepper(dec, graph: bool, n: int = steps):
         def go():
-            for _ in range(steps):
+            for _ in range(n):
                 dec.graph() if graph else dec.step()
 
         def timed():
@@ -245,9 +310,7 @@ def run(args) -> dict:
 
         return go, timed
 
-    modes = ("graph", "plain") if graphs else ("plain",)
     times = {s: {m: [] for m in (*modes, "one", "more")} for s in confs}
-    k = args.bench_tokens
     say(f"timing: {args.reps} reps, configurations alternated")
     for rep in range(args.reps + 1):  # rep 0 warms up
         say(f"rep {rep}")
@@ -262,66 +325,50 @@ def run(args) -> dict:
                 times[spec]["one"].append(one)
                 times[spec]["more"].append(more)
         note(f"rep {rep}")
-    weights = decode_bytes(model)
-    rows = {}
-    for spec, opts in confs.items():
-        say(f"{spec}: profile")
+        if rep:
+            res["configs"] = rows_from(times, confs, modes, k, steps)
+            stage(f"timed {rep} of {args.reps} reps")
+    rows = res["configs"]
+    for spec in confs:
+        r = rows[spec]
         dec = decs[spec]
-        med = {m: statistics.median(v) for m, v in times[spec].items()}
-        r = dict(
-            options=None if opts is None else vars(opts),
-            step_ms={m: round(med[m], 4) for m in modes},
-            bench_decode_ms=round((med["more"] - med["one"]) / k * 1e3, 4),
-            same_tokens_as_base=bool(torch.equal(tokens[spec], tokens["base"])),
-            kv_bytes=sum(
-                {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in dec.k + dec.v}.values()
-            ),
-            profile={},
+        r["same_tokens_as_base"] = bool(torch.equal(tokens[spec], tokens["base"]))
+        r["kv_bytes"] = sum(
+            {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in dec.k + dec.v}.values()
         )
         if not r["same_tokens_as_base"]:
             a, b = tokens[spec][0], tokens["base"][0]
             r["first_difference"] = int((a != b).nonzero()[0]) - inputs["input_ids"].shape[1]
-        for mode in modes:
-            go, _ = stepper(dec, mode == "graph")
-            dec.t.zero_()
-            p = kernels(go, steps, cuda)
-            if cuda:
-                p["idle_us"] = round(med[mode] * 1e3 - p["us"], 2)  # step time not covered by kernels
-            r["profile"][mode] = p
         if "graph" in modes:
-            r["weights_GBps"] = round(weights / (med["graph"] / 1e3) / 1e9, 1)
-        rows[spec] = r
-    base = rows["base"]
-    for r in rows.values():
-        for m in modes:
-            r.setdefault("ratio", {})[m] = round(r["step_ms"][m] / base["step_ms"][m], 4)
-        r["ratio"]["bench"] = round(r["bench_decode_ms"] / base["bench_decode_ms"], 4)
-    return dict(
-        shape=shape,
-        device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        torch=torch.__version__,
-        dtype=str(dtype),
-        method=args.method,
-        visual_tokens=n_vis,
-        prompt_tokens=inputs["input_ids"].shape[1],
-        steps=steps,
-        reps=args.reps,
-        bench_tokens=k,
-        compile=compile,
-        graphs=graphs,
-        weights_bytes=weights,
-        memory=memory,
-        held_bytes=held_at,
-        configs=rows,
-        seconds=round(time.perf_counter() - t0, 1),
-    )
+            r["weights_GBps"] = round(weights / (r["step_ms"]["graph"] / 1e3) / 1e9, 1)
+    stage("timed")
+    n = args.profile_steps
+    for spec in confs:
+        say(f"{spec}: profile ({n} steps per mode)")
+        r, dec = rows[spec], decs[spec]
+        r["profile"] = {}
+        for mode in modes:
+            go = stepper(dec, mode == "graph", n)[0]
+            dec.t.zero_()
+            p = kernels(go, n, cuda)
+            if cuda:  # step time not covered by kernels
+                p["idle_us"] = round(r["step_ms"][mode] * 1e3 - p["us"], 2)
+            r["profile"][mode] = p
+        stage(f"profiled {spec}")
+    res["complete"] = True
+    stage("done")
+    return res
 
 
 def markdown(res: dict) -> str:
-    modes = list(next(iter(res["configs"].values()))["step_ms"])
+    """The tables of what ``res`` holds so far (a cut run: the stage it reached, the rows it has)."""
+    configs = res["configs"]
+    modes = list(next(iter(configs.values()))["step_ms"]) if configs else []
     out = [
-        f"## decode step: {res['shape']}, {res['dtype']}, batch 1, {res['device']}, torch {res['torch']}",
+        f"## decode step: {res['shape']}, {res['dtype']}, batch 1, {res['device']}, torch {res['torch']}, "
+        f"transformers {res.get('transformers', '?')}",
         "",
+        *([] if res.get("complete") else [f"**Partial run**: stopped after stage `{res['stage']}`.", ""]),
         f"method {res['method']}; prompt {res['prompt_tokens']} tokens ({res['visual_tokens']} visual); "
         f"compile {res['compile']}, graphs {res['graphs']}; {res['steps']} steps per timing, median of "
         f"{res['reps']} reps, configurations alternated. Step ms: CUDA events (perf_counter on CPU) around "
@@ -338,29 +385,40 @@ def markdown(res: dict) -> str:
             if res["held_bytes"]
             else []
         ),
-        "| config | "
+    ]
+    if not configs:
+        return "\n".join(out + ["No timing yet."]) + "\n"
+    out += [
+        "| config | reps | "
         + " | ".join(f"{m} ms/step (ratio)" for m in modes)
         + " | bench decode ms/token (ratio) | GB/s of weights | same tokens as base | KV MB |",
-        "|---|" + "---|" * (len(modes) + 4),
+        "|---|---|" + "---|" * (len(modes) + 4),
     ]
-    for spec, r in res["configs"].items():
+    for spec, r in configs.items():
         cells = [f"{r['step_ms'][m]:.3f} ({r['ratio'][m]:.3f})" for m in modes]
-        same = "yes" if r["same_tokens_as_base"] else f"no (from token {r.get('first_difference')})"
+        same = r.get("same_tokens_as_base")
+        same = "-" if same is None else "yes" if same else f"no (from token {r.get('first_difference')})"
+        kv = f"{r['kv_bytes'] / 1e6:.1f}" if "kv_bytes" in r else "-"
         out.append(
-            f"| {spec} | "
+            f"| {spec} | {r.get('reps_done', res['reps'])} | "
             + " | ".join(cells)
             + f" | {r['bench_decode_ms']:.3f} ({r['ratio']['bench']:.3f}) | "
-            f"{r.get('weights_GBps', '-')} | {same} | {r['kv_bytes'] / 1e6:.1f} |"
+            f"{r.get('weights_GBps', '-')} | {same} | {kv} |"
         )
+    profiled = {spec: r for spec, r in configs.items() if r.get("profile")}
+    if not profiled:
+        return "\n".join(out + ["", "No profile yet."]) + "\n"
     unit = "kernels" if res["graphs"] else "operators"
+    n = res.get("profile_steps", res["steps"])
     out += [
         "",
-        f"Per step, by category: {unit} / step, us / step ({'GPU' if res['graphs'] else 'CPU'} time)",
+        f"Per step, by category ({n} steps profiled per mode): {unit} / step, us / step "
+        f"({'GPU' if res['graphs'] else 'CPU'} time)",
         "",
     ]
     head = "| config | mode | " + " | ".join(CATEGORIES) + " | total | idle between kernels us |"
     out += [head, "|---|---|" + "---|" * (len(CATEGORIES) + 2)]
-    for spec, r in res["configs"].items():
+    for spec, r in profiled.items():
         for m, p in r["profile"].items():
             cells = [
                 f"{p['categories'][c]['kernels']:g} / {p['categories'][c]['us']:.1f}" for c in CATEGORIES
@@ -369,7 +427,7 @@ def markdown(res: dict) -> str:
                 f"| {spec} | {m} | " + " | ".join(cells) + f" | {p['kernels']:g} / {p['us']:.1f} | "
                 f"{p.get('idle_us', '-')} |"
             )
-    for spec, r in res["configs"].items():
+    for spec, r in profiled.items():
         mode = modes[0]
         out += ["", f"Top kernels of `{spec}` ({mode}): per step, us per step", ""]
         out += ["| kernel | per step | us |", "|---|---|---|"]
@@ -384,8 +442,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated (default {DEFAULT_CONFIGS})")
     ap.add_argument("--method", default="none", help="none (the unwrapped model) or METHOD[:BUDGET]")
-    ap.add_argument("--steps", type=int, default=64, help="decode steps per timing and per profile (<= 127)")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per timing (<= 127, default 64)")
+    ap.add_argument("--reps", type=int, default=None, help="timing reps (default 3; --full 5)")
+    ap.add_argument(
+        "--profile-steps",
+        type=int,
+        default=None,
+        help="decode steps per profiled mode (default 8, at most --steps; --full: --steps)",
+    )
+    ap.add_argument("--full", action="store_true", help="5 reps and every timed step profiled")
     ap.add_argument("--bench-tokens", type=int, default=32, help="k of the bench's decode column")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument(
@@ -396,8 +461,11 @@ def main(argv=None) -> dict:
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     if not 1 <= args.steps <= 127:
         ap.error(f"--steps must be within 1..127 (the decoder's new slots), got {args.steps}")
-    if args.reps < 1 or args.bench_tokens < 1:
-        ap.error("--reps and --bench-tokens must be >= 1")
+    args.reps = args.reps if args.reps is not None else 5 if args.full else 3
+    if args.profile_steps is None:
+        args.profile_steps = args.steps if args.full else min(8, args.steps)
+    if args.reps < 1 or args.bench_tokens < 1 or not 1 <= args.profile_steps <= args.steps:
+        ap.error("--reps and --bench-tokens must be >= 1, --profile-steps within 1..--steps")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("no CUDA device here: use --tiny (CPU) or --device cpu")
     for spec in args.configs.split(","):
@@ -405,16 +473,20 @@ def main(argv=None) -> dict:
             options_of(spec)
         except ValueError as e:
             ap.error(str(e))
-    res = run(args)
-    md = markdown(res)
-    print(md)
+    save = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"decode_{res['shape']}_{res['method'].replace(':', '')}")
-        with open(stem + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(md)
+        shape = TINY if args.tiny else args.shape
+        stem = os.path.join(args.out, f"decode_{shape}_{args.method.replace(':', '')}")
+        command = "python evals/profile_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+        def save(res: dict) -> None:
+            res["command"] = command
+            write_atomic(stem + ".json", json.dumps(res, indent=1))
+            write_atomic(stem + ".md", f"Command: `{command}`\n\n" + markdown(res))
+
+    res = run(args, save)
+    print(markdown(res))
     return res
 
 

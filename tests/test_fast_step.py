@@ -189,7 +189,10 @@ def test_profile_script_cpu(tmp_path, monkeypatch):
     )
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert set(saved["configs"]) == {"base", "fuse", "write+matmul"}
-    assert next(tmp_path.glob("*.md")).read_text().startswith("## decode step")
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert md.startswith("Command: `python evals/profile_decode.py --tiny") and "## decode step" in md
+    assert saved["complete"] and saved["stage"] == "done" and "Partial run" not in md
+    assert saved["profile_steps"] == 2 and not list(tmp_path.glob("*.tmp*"))
     layers = profile_decode.SHAPES[profile_decode.TINY]["text"]["num_hidden_layers"]
     rows = res["configs"]
     assert all(r["same_tokens_as_base"] for r in rows.values())
@@ -200,6 +203,56 @@ def test_profile_script_cpu(tmp_path, monkeypatch):
     assert steps and not any(grad for grad, _ in steps)
     decoders = {id(d): d for _, d in steps}.values()
     assert len(decoders) == 3 and not any(t.requires_grad for d in decoders for t in d.k + d.v)
+
+
+class Cut(Exception):
+    """What a timeout's kill does to the script, raised where a test chooses."""
+
+
+@pytest.mark.parametrize("where", ["timing", "second profile"])
+def test_profile_script_keeps_what_it_measured_when_cut(where, tmp_path, monkeypatch):
+    """evals/profile_decode.py writes its JSON + Markdown after every stage: cut in the first timing
+    call (right after the capture) the files say stage ``captured`` with no rows; cut in the second
+    configuration's profile they hold every configuration's timing (medians of the 2 reps, ratios to
+    base) and base's profile, ``complete`` false, the Markdown marked partial."""
+    from mmsink.evals import profile_decode
+
+    if where == "timing":
+
+        def clock_for(cuda):
+            def clock(fn):
+                raise Cut
+
+            return clock
+
+        monkeypatch.setattr(profile_decode, "clock_for", clock_for)
+    else:
+        kernels, calls = profile_decode.kernels, []
+
+        def cut_kernels(fn, n, cuda):
+            calls.append(n)
+            if len(calls) > 1:  # one mode (plain) per configuration on the CPU: the second configuration
+                raise Cut
+            return kernels(fn, n, cuda)
+
+        monkeypatch.setattr(profile_decode, "kernels", cut_kernels)
+    argv = ["--tiny", "--configs", "base,fuse", "--steps", "3", "--reps", "2", "--bench-tokens", "1"]
+    with pytest.raises(Cut):
+        profile_decode.main(argv + ["--out", str(tmp_path)])
+    (path,) = tmp_path.glob("*.json")
+    saved = json.loads(path.read_text())
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert not saved["complete"] and "Partial run" in md and not list(tmp_path.glob("*.tmp*"))
+    if where == "timing":
+        assert saved["stage"] == "captured" and saved["configs"] == {} and "No timing yet" in md
+        return
+    assert saved["stage"] == "profiled base" and set(saved["configs"]) == {"base", "fuse"}
+    base, fuse = saved["configs"]["base"], saved["configs"]["fuse"]
+    assert base["reps_done"] == fuse["reps_done"] == 2 and base["ratio"]["plain"] == 1.0
+    assert fuse["ratio"]["plain"] == pytest.approx(fuse["step_ms"]["plain"] / base["step_ms"]["plain"], 1e-3)
+    assert set(base["profile"]) == {"plain"} and "profile" not in fuse and calls == [3, 3]
+    assert "| base | 2 |" in md and "| fuse | 2 |" in md and "| base | plain |" in md
+    assert "| fuse | plain |" not in md
 
 
 @pytest.mark.gpu
