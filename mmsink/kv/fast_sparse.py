@@ -12,7 +12,9 @@ Two step variants, chosen on the host by the step's index (so two CUDA graphs on
 ``dense_steps`` steps attend to every valid slot (a sort of the buffer), the others to the top ``topk``.
 A sparse step reads only its candidates' keys, as ``generate``'s does: whether a sample is short (its
 candidates are then its real slots) is decided on the device, where ``generate`` checks on the host once
-per step. The layer step is not compiled (``compile`` is ignored in this mode).
+per step. The layer step is not compiled (``compile`` is ignored in this mode). On CUDA with Triton the
+sparse steps run ``mmsink.kv.lfps_triton.sparse_step`` (two kernels, the same choice, the history written
+in place) instead of ``step``'s ~30 aten ops; elsewhere, and for the dense steps, ``step``.
 """
 
 from __future__ import annotations
@@ -22,19 +24,28 @@ import torch
 from ..fast import decode as fast_decode
 from ..fast.decode import ROUND, FastDecoder, decode_kv, finish, project
 from ..fast.store import kept_for
+from . import lfps_triton
 from .sparse import step as lfps_step
 
 
-def sparse_layer_step(layer, h, cos, sin, kb, vb, ok, slot, hist, dense: bool, cfg, heads, kv_heads, rope):
+def sparse_layer_step(
+    layer, h, cos, sin, kb, vb, ok, slot, hist, dense: bool, cfg, heads, kv_heads, rope, kernel: bool = False
+):
     """One decoder layer for one new token: its key / value at ``slot``, LFPS attention over the buffer
-    (``hist`` updated in place), the rest of the layer."""
+    (``hist`` updated in place), the rest of the layer. ``kernel``: a sparse step runs the Triton kernels
+    (``mmsink.kv.lfps_triton``: the same choice, two launches) instead of the torch ops."""
     q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
     kb.index_copy_(2, slot, k)
     vb.index_copy_(2, slot, v)
     ok.index_fill_(1, slot, True)
     scale = layer.self_attn.scaling
-    out, nxt = lfps_step(q[:, :, 0], kb, vb, ok, hist, cfg, dense, scale, False, length=slot[0] + 1)
-    hist.copy_(nxt)
+    if kernel and not dense:
+        out, _ = lfps_triton.sparse_step(
+            q[:, :, 0], kb, vb, ok, hist, cfg.topk, cfg.expand, scale, cfg.sinks, slot[0] + 1, out_hist=hist
+        )
+    else:
+        out, nxt = lfps_step(q[:, :, 0], kb, vb, ok, hist, cfg, dense, scale, False, length=slot[0] + 1)
+        hist.copy_(nxt)
     return finish(layer, h, out[:, :, None].to(q.dtype))
 
 
@@ -49,6 +60,7 @@ class SparseDecoder(FastDecoder):
             for k in self.k
         ]
         self.dense = True  # the variant the next step runs (set by ``run``)
+        self.kernel = lfps_triton.available(self.k[0].device) if self.k else False  # sparse steps in Triton
         self.replays: dict = {}  # dense -> the captured step
 
     def fill(self, cache, attention_mask, tok, delta, pad, tail=None) -> None:
@@ -73,6 +85,7 @@ class SparseDecoder(FastDecoder):
                 self.heads,
                 self.kv_heads,
                 self.rope,
+                self.kernel,
             )
         return h, cos, sin, t
 
