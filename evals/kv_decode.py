@@ -11,9 +11,10 @@ Dense runs three ways: transformers' default ``DynamicCache`` (torch.cat of the 
 new key length per step), the same with SDPA's cuDNN backend left out, and a ``StaticCache`` (buffers of
 max_length slots written in place: the fair baseline). Separately, one layer's decode attention alone
 at each context (``attention_only``): SDPA over every key against LFPS's step (top-512, a history of
-random slots) as ``generate`` and ``generate_fast`` call it, eager, as CUDA-graph replays and compiled,
-with each call's aten ops and estimated bytes (``evals/op_cost.py``), the issue's ">= 3x faster
-attention at 32k" goal; and SDPA per backend when the key length changes at every call.
+random slots) as ``generate`` and ``generate_fast`` call it, eager, as CUDA-graph replays, compiled and
+as ``mmsink.kv.lfps_triton``'s two kernels (CUDA rows only; a CPU run skips them), with each call's aten
+ops and estimated bytes (``evals/op_cost.py``), the issue's ">= 3x faster attention at 32k" goal; and
+SDPA per backend when the key length changes at every call.
 
     python -m evals.kv_decode --profile --out /tmp/kvd      # CUDA, ~2 min per context
     python -m evals.kv_decode --attention-only --contexts 8192,32768 --out /tmp/kva   # attention alone
@@ -204,8 +205,9 @@ def attention_only(context: int, device, dtype, reps: int = 50, compile: bool = 
     (a first step after the prompt: every key scored). Eager rows: wall time, launches included.
     ``... graph``: one CUDA graph replay each (GPU time, no launch cost: the comparison the issue's goal
     means); ``lfps, device check compiled graph``: the same step through ``torch.compile`` (fused
-    kernels) then captured, with whether its chosen slots equal the eager step's. ``sdpa new length,
-    <backend>``: a key length one longer at every call, as a growing cache gives it."""
+    kernels) then captured, with whether its chosen slots equal the eager step's; ``lfps triton`` (and
+    ``graph``): that call through ``mmsink.kv.lfps_triton``'s two kernels, with the same check.
+    ``sdpa new length, <backend>``: a key length one longer at every call, as a growing cache gives it."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F
@@ -285,10 +287,30 @@ def attention_only(context: int, device, dtype, reps: int = 50, compile: bool = 
     counts = {name: counted(fn) for name, fn in calls.items()}
     for name, fn in calls.items():
         add(name, lambda fn=fn: timed(fn), counts[name])
-    if device.type != "cuda":
+    if device.type != "cuda":  # graphs, Triton and SDPA backends: CUDA only
         return rows
     for name in ("dense sdpa", "lfps", "lfps, device check"):
         add(f"{name} graph", lambda name=name: timed(graphed(calls[name])), counts[name])
+    from mmsink.kv import lfps_triton
+
+    if lfps_triton.available(device):  # generate_fast's sparse step: the device-check call in two kernels
+
+        def kernel():
+            return lfps_triton.sparse_step(q[:, :, 0], k, v, wide, hist, 512, 1, scale, 0, length)
+
+        check = {}
+
+        def first():  # compiles the kernels (inside ``add``: a failure becomes the row's text)
+            (out, got), (ref, want) = kernel(), lfps_device()
+            check["same slots as eager"] = bool(torch.equal(got.sort(-1).values, want.sort(-1).values))
+            check["max abs diff vs eager"] = float((out - ref).abs().max())
+            return timed(kernel)
+
+        add("lfps triton", first, launches=2)
+        rows[-1].update(check)
+        add("lfps triton graph", lambda: timed(graphed(kernel)), launches=2)
+    else:
+        add("lfps triton", lambda: "skipped: triton does not import")
     if compile:
         fused = torch.compile(lfps_device, dynamic=False)
         same = {}
