@@ -154,6 +154,16 @@ def test_refused_inputs():
             sparse_step(q, key, value, valid, hist, 12, 1, 1.0)
 
 
+def test_switched_off_by_the_environment(monkeypatch):
+    pytest.importorskip("triton")
+    from mmsink.kv.lfps_triton import available
+
+    monkeypatch.delenv("MMSINK_LFPS_TRITON", raising=False)
+    assert available("cuda")
+    monkeypatch.setenv("MMSINK_LFPS_TRITON", "0")
+    assert not available("cuda")
+
+
 def fast_vs_generate(device="cpu") -> dict:
     """generate_fast (the kernel in its sparse steps) == generate, tiny LLaVA, left-padded batch of two."""
     sys.path.insert(0, str(Path(__file__).parent))

@@ -5,9 +5,10 @@ the ~2k candidates, a top-k, gathers and fp32 copies).
     out, nxt = sparse_step(q, key, value, valid, hist, topk, expand, scaling, sinks=0, length=None)
 
 Where it runs: ``generate_fast`` (``mmsink.kv.fast_sparse.SparseDecoder``) calls it for the sparse steps
-on CUDA when Triton imports (``available``); the dense steps, ``generate``'s cache and every CPU run use
-the torch ``step``. With ``TRITON_INTERPRET=1`` set before Triton is imported, the kernels run in Triton's
-interpreter on CPU tensors (how ``tests/test_lfps_triton.py`` checks them without a GPU).
+on CUDA when Triton imports (``available``; ``MMSINK_LFPS_TRITON=0`` turns it off); the dense steps,
+``generate``'s cache and every CPU run use the torch ``step``. With ``TRITON_INTERPRET=1`` set before
+Triton is imported, the kernels run in Triton's interpreter on CPU tensors (how
+``tests/test_lfps_triton.py`` checks them without a GPU).
 
 1. ``_scores``, one program per (sample, head, block of history entries): the candidates of each entry
    ``p`` are ``p - expand .. p + expand + 1``. Each slot is kept once without a sort: a shifted slot
@@ -16,17 +17,20 @@ interpreter on CPU tensors (how ``tests/test_lfps_triton.py`` checks them withou
    history row, ``[block, history]`` compares) is that small: the copy with the smallest offset stays.
    The newest slot and the sinks (each sample's first ``sinks`` real slots) are extra candidates; shifted
    copies of them are dropped. Each candidate's exact score (q . k in fp32, times ``scaling``) and slot go
-   to a small scratch buffer (-inf / -1 where none).
-2. ``_select``, one program per (sample, head): the sinks are chosen, then the top ``k - sinks`` of the
-   other candidates: the k-th largest score is found by bisection on the scores' ordered int32 bit
-   patterns, 16 thresholds counted per pass (~8 passes of counting reductions instead of a sort or top-k);
-   ties at the threshold go to the lowest candidate index. The chosen slots are packed into the next
-   history (its first entries; -1 after them), then the softmax over their scores and the weighted sum of
-   their values (fp32) are taken. A sample holding at most ``topk`` real keys (``all_long`` False: checked
-   here, per sample, no host sync) attends to all of its real slots, as ``select`` does.
+   to a small scratch buffer (-inf / -1 where none). Several programs per head: the key rows (~2k per
+   head) are the bulk of the bytes, and batch x heads programs alone would leave most SMs idle.
+2. ``_select``, one program per (sample, head), since the choice needs all of a head's scores: the sinks
+   are chosen, then the top ``k - sinks`` of the other candidates. The k-th largest score is found by
+   bisection on the scores' ordered int32 bit patterns, 16 thresholds counted per pass (~8 passes of
+   counting reductions over registers, where a sort or top-k of ~2k values would be the step's slowest
+   part); ties at the threshold go to the lowest candidate index. The chosen slots are packed into the
+   next history (its first entries; -1 after them), then the softmax over their scores and the weighted
+   sum of their values (fp32) are taken. A sample holding at most ``topk`` real keys (``all_long`` False:
+   checked here, per sample, no host sync) attends to all of its real slots, as ``select`` does.
 
 The order of the next history differs from ``step``'s (slot-packed, not by score): ``candidates`` uses it
-only as a set. GQA: a query head reads key head ``h // (heads // kv_heads)``.
+only as a set. GQA: a query head reads key head ``h // (heads // kv_heads)``. Block sizes and warps are
+first choices, not tuned on a GPU yet.
 """
 
 from __future__ import annotations
@@ -47,8 +51,11 @@ PROBES = 16  # thresholds counted per bisection pass
 
 
 def available(device) -> bool:
-    """Whether ``sparse_step`` runs on ``device``: CUDA with Triton, or any device under the interpreter."""
-    return triton is not None and (torch.device(device).type == "cuda" or INTERPRET)
+    """Whether ``sparse_step`` runs on ``device``: CUDA with Triton, or any device under the interpreter;
+    never with ``MMSINK_LFPS_TRITON=0`` (``generate_fast`` then runs the torch step, e.g. to compare)."""
+    if triton is None or os.environ.get("MMSINK_LFPS_TRITON") == "0":
+        return False
+    return torch.device(device).type == "cuda" or INTERPRET
 
 
 def _pow2(n: int, least: int = 16) -> int:
