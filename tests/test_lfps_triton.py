@@ -154,6 +154,36 @@ def test_refused_inputs():
             sparse_step(q, key, value, valid, hist, 12, 1, 1.0)
 
 
+def test_kernels_compile_for_hopper():
+    """Both kernels through Triton's whole compiler (PTX and ptxas, bundled with Triton) for sm_90, at
+    evals/kv_decode.py's shapes (32 x 128 bf16, topk 512): the interpreter does not type-check what the
+    GPU compiler does. The variants with the most code: sinks, the per-sample short check."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels defined for the interpreter")
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mmsink.kv import lfps_triton as lt
+
+    ptr = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", valid_ptr="*u8", hist_ptr="*i64", sink_ptr="*i64")
+    ptr.update(len_ptr="*i64", score_ptr="*fp32", slot_ptr="*i32", nxt_ptr="*i64", w_ptr="*fp32")
+    ptr.update(out_ptr="*fp32", scaling="fp32")
+    for fn, consts, warps in [
+        (
+            lt._scores,
+            dict(EXPAND=1, SB=4, KB=512, BLK=64, QC=64, EB=16, D=128, DC=16, LEN_PTR=True, HAS_SINKS=True),
+            4,
+        ),
+        (lt._select, dict(NM=2048, EB=16, KOB=512, NP=16, D=128, DC=32, BT=1024, CHECK_SHORT=True), 8),
+    ]:
+        sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in fn.arg_names}
+        src = ASTSource(fn, sig, constexprs=consts)
+        kernel = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        assert kernel.asm["cubin"]
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     pytest.importorskip("triton")
     from mmsink.kv.lfps_triton import available
