@@ -139,6 +139,32 @@ def test_predicted_search_steps_down_once(share, resolution):
     assert probed[:3] == [8, 16, pred] and len(probed) == 4 and out["tried"][probed[3]]
 
 
+def test_predicted_search_does_not_start_a_batch_past_the_deadline():
+    """Each probe takes 1 + 0.5 b s of a fake clock. With 40 s, batches 8 and 16 (5 + 9 s) run, the
+    predicted batch would take 9 + 0.5 (pred - 16) s on their line and is not started: cut, the largest
+    fit 16 a lower bound, the batch and its expected seconds reported. With 200 s the prediction runs, not
+    the step above it; with 10^4 s the search ends."""
+    clock = [0.0]
+    probe, true, probed = memory_model(13 * GIB, int(0.46 * GIB), int(139.8 * GIB))
+
+    def timed(b):
+        clock[0] += 1 + 0.5 * b
+        return probe(b)
+
+    now = lambda: clock[0]  # noqa: E731
+    out = serve_bench.predicted_batch(timed, int(139.8 * GIB), 1024, 4, deadline=40.0, first=8, now=now)
+    pred = out["predicted"]
+    assert probed == [8, 16] and out["cut"] and out["best"] == 16 and out["found"] == "not verified"
+    assert out["not_run"] == [pred, 9 + 0.5 * (pred - 16)] and out["seconds"] == {8: 5.0, 16: 9.0}
+    clock[0], probed[:] = 0.0, []
+    out = serve_bench.predicted_batch(timed, int(139.8 * GIB), 1024, 4, deadline=200.0, first=8, now=now)
+    step = pred + pred // 4  # 5 + 9 + (1 + pred / 2) s spent: the step above would end past 200 s
+    assert probed == [8, 16, pred] and out["best"] == pred and out["not_run"] == [step, 1 + 0.5 * step]
+    clock[0], probed[:] = 0.0, []
+    out = serve_bench.predicted_batch(timed, int(139.8 * GIB), 1024, 4, deadline=1e4, first=8, now=now)
+    assert probed[:3] == [8, 16, pred] and not out["cut"] and within(out["best"], true, 4, 1024)
+
+
 def test_predicted_search_fallbacks_and_deadline():
     # the first batch does not fit: bisection below it (as largest_batch)
     probe, true, probed = memory_model(1000, 100, 1650)  # limit 6
@@ -192,8 +218,8 @@ def test_serve_on_tiny_model_under_a_fake_memory_limit():
 def test_serve_predicted_on_tiny_model():
     """The real path (tiny-decode-cpu, fastv, through generate_fast) with a fake device: peak(b) = 1000 +
     100 b bytes, capacity 2100 (margin 0: batch 11 predicted), the allocator's out-of-memory error above
-    batch 11. Batches 1 and 8 (two calls each), then 11 (two calls + one timed: the largest, no further
-    calls), 13 (fails at its first call); the row's tokens are generate_fast's at batch 11."""
+    batch 11. Batches 1, 8 and 11 (two calls + one timed each: the largest needs no further calls), then
+    13 (fails at its first call); the row's tokens are generate_fast's at batch 11."""
     seen = []
 
     def check(b):
@@ -210,7 +236,7 @@ def test_serve_predicted_on_tiny_model():
     s = row["search"]
     assert (s["found"], s["predicted"], s["first_oom"], s["probes"]) == ("predicted", 11, 13, 4)
     assert s["per_seq_bytes"] == 100 and s["fixed_bytes"] == 1000 and s["peaks"]["11"] == 2100
-    assert seen == [1, 1, 8, 8, 11, 11, 11, 13]
+    assert seen == [1, 1, 1, 8, 8, 8, 11, 11, 11, 13]  # every batch: 2 untimed calls + 1 timed
     assert row["times_s"] == [1.0] and row["tokens_per_s"] == 11 * NEW / 1.0
     assert row["tokens"] == reference("fastv", None, 11)
     md = serve_bench.markdown(res)

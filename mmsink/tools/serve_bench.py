@@ -74,6 +74,7 @@ def predicted_batch(
     deadline: float | None = None,
     first: int = 8,
     margin: float = MARGIN,
+    now=time.perf_counter,
 ) -> dict:
     """The largest batch that fits, predicted from memory. ``probe(b)`` -> (fits, peak bytes or None).
 
@@ -82,21 +83,36 @@ def predicted_batch(
     (``max_batch`` at most). That batch is run; if it fits, batches one step of max(1, b // resolution)
     above it are run until one fails (or ``max_batch``); if it does not, one batch just far enough below it
     for a fit there to close the gap, then bisection. The search ends when the smallest failure is at most
-    max(1, largest fit // resolution) above the largest fit (as ``largest_batch``'s), or at ``deadline``.
-    A small batch that does not fit, or a peak that cannot be read, leaves bisection / doubling only.
-    Returns dict(best, tried {b: fits} in order, cut (by the deadline), found (predicted: the predicted
-    batch, a step above it failed or it is ``max_batch``; stepped up: above the prediction; bisected:
-    below it; doubled: no prediction), predicted, first_oom (smallest failure, None: none), per_seq_bytes,
-    fixed_bytes, peaks {b: bytes of the fits})."""
-    tried, peaks = {}, {}
-    out = dict(best=0, cut=False, found=None, predicted=None, first_oom=None, per_seq_bytes=None)
-    out.update(fixed_bytes=None, tried=tried, peaks=peaks)
+    max(1, largest fit // resolution) above the largest fit (as ``largest_batch``'s), or at ``deadline``
+    (a ``now()`` time): once two batches fit, no batch is started whose duration, on the line through the
+    durations of the two largest fits, would end past it. A small batch that does not fit, or a peak that
+    cannot be read, leaves bisection / doubling only.
+    Returns dict(best, tried {b: fits} in order, cut (by the deadline), not_run ([batch, expected s] the
+    deadline kept from starting, or None), found (predicted: the predicted batch, a step above it failed
+    or it is ``max_batch``; stepped up: above the prediction; bisected: below it; not verified: the
+    deadline came first; doubled: no prediction), predicted, first_oom (smallest failure, None: none),
+    per_seq_bytes, fixed_bytes, peaks {b: bytes of the fits}, seconds {b: duration of each probe})."""
+    tried, peaks, seconds = {}, {}, {}
+    out = dict(best=0, cut=False, not_run=None, found=None, predicted=None, first_oom=None)
+    out.update(per_seq_bytes=None, fixed_bytes=None, tried=tried, peaks=peaks, seconds=seconds)
 
-    def late() -> bool:
-        return deadline is not None and time.perf_counter() > deadline
+    def late(b: int | None = None) -> bool:
+        if deadline is None:
+            return False
+        fits = sorted(x for x in peaks if x in seconds)[-2:]
+        if b is None or len(fits) < 2:
+            out["cut"] = now() > deadline
+            return out["cut"]
+        (x0, x1), (y0, y1) = fits, (seconds[x] for x in fits)
+        expect = max(0.0, y1 + (y1 - y0) / (x1 - x0) * (b - x1))
+        if now() + expect > deadline:
+            out["cut"], out["not_run"] = True, [b, round(expect, 1)]
+        return out["cut"]
 
     def run(b: int) -> bool:
+        t0 = now()
         fits, peak = probe(b)
+        seconds[b] = round(now() - t0, 3)
         tried[b] = bool(fits)
         if fits:
             peaks[b] = peak
@@ -113,9 +129,6 @@ def predicted_batch(
 
     def bisect(down_first: bool = False) -> dict:  # between the largest fit and the smallest failure
         while not gap_closed():
-            if late():
-                out["cut"] = True
-                break
             best, bad = out["best"], out["first_oom"]
             if bad is None:  # every batch so far fits: one step up
                 b = min(max_batch, best + max(1, best // resolution))
@@ -124,6 +137,8 @@ def predicted_batch(
             else:
                 b = (best + bad) // 2
             down_first = False
+            if late(b):
+                break
             run(b)
         return out
 
@@ -131,6 +146,8 @@ def predicted_batch(
         pred, best = out["predicted"], out["best"]
         if pred is None:  # no peak to fit or a cap at the first batch (doubled), a small batch failed
             out["found"] = "doubled" if unread or out["first_oom"] is None else "bisected"
+        elif pred not in tried and best < pred:  # the deadline kept the predicted batch from running
+            out["found"] = "not verified"
         else:
             out["found"] = "predicted" if best == pred else "stepped up" if best > pred else "bisected"
         return out
@@ -141,10 +158,7 @@ def predicted_batch(
         bisect()
         return found()
     p2 = min(max_batch, max(2 * p1, 8))
-    if p2 == p1:
-        return found()
-    if late():
-        out["cut"] = True
+    if p2 == p1 or late():
         return found()
     if not run(p2):
         bisect()
@@ -152,10 +166,10 @@ def predicted_batch(
     if peaks[p1] is None or peaks[p2] is None:  # nothing to fit: doubling, then bisection
         unread = True
         while out["first_oom"] is None and out["best"] < max_batch:
-            if late():
-                out["cut"] = True
+            b = min(max_batch, 2 * out["best"])
+            if late(b):
                 return found()
-            run(min(max_batch, 2 * out["best"]))
+            run(b)
         bisect()
         return found()
     per_seq = (peaks[p2] - peaks[p1]) / (p2 - p1)
@@ -165,8 +179,7 @@ def predicted_batch(
     pred = max_batch if per_seq <= 0 else max(1, min(max_batch, int(room // per_seq)))
     out["predicted"] = pred
     if pred > p2:  # else the line puts the limit at or below a batch that fit: steps up from it
-        if late():
-            out["cut"] = True
+        if late(pred):
             return found()
         if not run(pred):
             bisect(down_first=True)
@@ -244,8 +257,9 @@ def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
     check (called with the batch before every call: a fake memory limit in tests), memory and capacity
     (tests: batch -> fake peak bytes, and the bytes that fit; on CUDA the allocator's peak reserved bytes
     over a batch's calls, and free + reserved memory before the search). With a memory reading the
-    search is ``predicted_batch``'s, and each batch after its two fitted ones is also timed (the one that
-    ends largest needs no further calls); without one, ``largest_batch``'s."""
+    search is ``predicted_batch``'s and every batch it runs is timed there (the largest needs no further
+    calls; ``seconds`` also bounds the batches started, by their expected durations); without one,
+    ``largest_batch``'s."""
     import mmsink
 
     check = opts.get("check") or (lambda b: None)
@@ -306,20 +320,18 @@ def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
         fails = [b for b, ok in tried.items() if not ok]
         search = dict(found="doubled", first_oom=min(fails) if fails else None, probes=len(tried))
     else:
-        count = []
 
-        def probe(b: int):
-            count.append(b)
-            timed = len(count) > 2  # the two fitted batches are small: any later one may end largest
-            ok = attempt(b, opts["reps"] if timed else 0, final=timed)
-            return ok, last["read"]
+        def probe(b: int):  # every batch timed: the one that ends largest needs no further calls
+            return attempt(b, opts["reps"], final=True), last["read"]
 
         margin = opts.get("margin", MARGIN)
         s = predicted_batch(probe, capacity, opts["max_batch"], opts["resolution"], deadline, first, margin)
         best, tried, cut = s["best"], s["tried"], s["cut"]
-        search = {k: s[k] for k in ("found", "predicted", "first_oom", "per_seq_bytes", "fixed_bytes")}
+        keys = ("found", "predicted", "first_oom", "not_run", "per_seq_bytes", "fixed_bytes")
+        search = {k: s[k] for k in keys}
         search.update(probes=len(tried), capacity_bytes=capacity, margin=margin)
         search["peaks"] = {str(k): v for k, v in s["peaks"].items()}
+        search["seconds"] = {str(k): v for k, v in s["seconds"].items()}
         if s["predicted"] is not None:
             say(
                 f"  fit: {s['per_seq_bytes'] / 2**20:.0f} MiB per sequence + {s['fixed_bytes'] / 2**30:.1f} "
@@ -442,7 +454,8 @@ def markdown(res: dict) -> str:
             f"steps of 1/{res_n} above it while they fit, or below "
             f"it (a step, then bisection) until the first failure is within 1/{res_n} of the largest fit "
             f"(cap {cap}). Found by: predicted = the predicted batch, a step above it failed (or the cap); "
-            "stepped up = above the prediction; bisected = below it; doubled = no memory reading. "
+            "stepped up = above the prediction; bisected = below it; not verified = the time cap came "
+            "first (the batch that fit is a lower bound); doubled = no memory reading. "
             "Fit MiB / seq: the line's slope"
         )
     else:
@@ -478,7 +491,8 @@ def markdown(res: dict) -> str:
         if s.get("predicted") is not None:
             how += f" ({s['predicted']})"
         if r["search_cut_by_time"]:
-            how += ", search cut by time"
+            skip = s.get("not_run")
+            how += ", search cut by time" + (f" (batch {skip[0]} not run: ~{skip[1]:.0f} s)" if skip else "")
         kv, peak, fit = r.get("kv_bytes_per_seq"), r.get("peak_bytes"), s.get("per_seq_bytes")
         lines.append(
             bench.md_row(
