@@ -36,6 +36,7 @@ CASES = {
     "crowded history": dict(span=30, expand=2),  # overlapping shifts, a repeated entry, -1 entries
     "expand 0": dict(expand=0, sinks=1),
     "narrow history": dict(hist=7),  # a history narrower than topk (an earlier, shorter step's)
+    "few candidates": dict(hist=4, expand=0, width=130),  # <= topk candidates in a long sample: keys counted
     "split blocks": dict(
         b=1, h=1, hk=1, t=600, topk=96, d=32, sinks=4, pads=(5,)
     ),  # several programs per head in the scores
@@ -176,7 +177,7 @@ def test_kernels_compile_for_hopper():
             dict(EXPAND=1, SB=4, KB=512, BLK=64, QC=64, EB=16, D=128, DC=16, LEN_PTR=True, HAS_SINKS=True),
             4,
         ),
-        (lt._select, dict(NM=2048, EB=16, KOB=512, NP=16, D=128, DC=32, BT=1024, CHECK_SHORT=True), 8),
+        (lt._select, dict(NM=2048, EB=16, KOB=512, NP=16, D=128, DC=32, BT=4096, CHECK_SHORT=True), 8),
     ]:
         sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in fn.arg_names}
         src = ASTSource(fn, sig, constexprs=consts)

@@ -26,7 +26,9 @@ Triton is imported, the kernels run in Triton's interpreter on CPU tensors (how
    part); ties at the threshold go to the lowest candidate index. The chosen slots are packed into the
    next history (its first entries; -1 after them), then the softmax over their scores and the weighted
    sum of their values (fp32) are taken. A sample holding at most ``topk`` real keys (``all_long`` False:
-   checked here, per sample, no host sync) attends to all of its real slots, as ``select`` does.
+   checked here, per sample, no host sync) attends to all of its real slots, as ``select`` does; its
+   real keys are counted only where it has at most ``topk`` real candidates (more prove it long: after a
+   dense step every long sample has), so a long sample does not scan the validity row.
 
 The order of the next history differs from ``step``'s (slot-packed, not by score): ``candidates`` uses it
 only as a set. GQA: a query head reads key head ``h // (heads // kv_heads)``. Block sizes and warps are
@@ -282,14 +284,19 @@ if triton is not None:
         ko = tl.arange(0, KOB)
         short = False
         if CHECK_SHORT:
-            held = tl.full([], 0, tl.int32)
-            t0 = tl.full([], 0, tl.int32)
-            while (
-                t0 < T
-            ):  # (a while, not a range over T: Triton 3.6's interpreter cannot range over an argument)
-                tt = t0 + tl.arange(0, BT)
-                held += tl.sum((tl.load(vrow + tt, mask=tt < T, other=0) != 0).to(tl.int32), 0)
-                t0 += BT
+            # more than topk real candidates (distinct real slots): long, no need to count the real keys
+            # (every long sample after a dense step); else count them (a while loop, not a range over T:
+            # Triton 3.6's interpreter cannot range over an argument)
+            base = pid.to(tl.int64) * (NM + EB)
+            held = tl.sum((tl.load(slot_ptr + base + tl.arange(0, NM)) >= 0).to(tl.int32), 0)
+            held += tl.sum((tl.load(slot_ptr + base + NM + tl.arange(0, EB)) >= 0).to(tl.int32), 0)
+            if held <= topk:
+                held = tl.full([], 0, tl.int32)
+                t0 = tl.full([], 0, tl.int32)
+                while t0 < T:
+                    tt = t0 + tl.arange(0, BT)
+                    held += tl.sum((tl.load(vrow + tt, mask=tt < T, other=0) != 0).to(tl.int32), 0)
+                    t0 += BT
             short = held <= topk
         if short:  # every real slot (at most topk of them), packed in slot order
             n = tl.full([], 0, tl.int32)
@@ -405,7 +412,7 @@ def sparse_step(
         _select[(b * h,)](
             q, key, value, vb, scores, slots, nxt, w, out, h, h // hk, t, ko, topk, float(scaling),
             *q.stride(), *key.stride(), *value.stride(), vb.stride(0),
-            NM=nm, EB=eb, KOB=kob, NP=PROBES, D=d, DC=min(32, _pow2(d, 1)), BT=1024,
+            NM=nm, EB=eb, KOB=kob, NP=PROBES, D=d, DC=min(32, _pow2(d, 1)), BT=4096,
             CHECK_SHORT=not all_long, num_warps=8,
         )  # fmt: skip
     return out, nxt
