@@ -240,7 +240,7 @@ class WindowDecoder(FastDecoder):
             raw = self.raw[i].gather(2, rows)
             self.v[i][:, :, :-1] = self.v[i].gather(2, rows)
             self.raw[i][:, :, :-1] = raw
-            self.k[i][:, :, :-1] = rotate(raw, cos, sin)
+            rotate(raw, cos, sin, out=self.k[i][:, :, :-1])
         origin = torch.where(valid, go.gather(1, idx), -1)
         gv[:, :-1] = valid
         gv[:, -1].fill_(False)

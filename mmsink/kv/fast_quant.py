@@ -139,6 +139,8 @@ class QuantDecoder(FastDecoder):
         self.sealed = [torch.zeros(batch, c + 1, dtype=torch.bool, device=dev) for c in segs]
         self.xmap = [torch.full((batch, c + 1), entries, dtype=torch.long, device=dev) for c in segs]
         self.xn = [torch.zeros(batch, dtype=torch.long, device=dev) for _ in segs]
+        # the inverse of xmap: each exact entry's slot (unused: the spare slot c)
+        self.xslot = [torch.full((batch, entries + 1), c, dtype=torch.long, device=dev) for c in segs]
         self.origin = [torch.zeros(batch, c, dtype=torch.long, device=dev) for c in segs]  # stream slots
         self.seg_start = [torch.zeros((), dtype=torch.long, device=dev) for _ in segs]
         self.valid = [self.seg_ok[s] for s in layer_seg]  # a layer's mask is its segment's validity
@@ -190,6 +192,7 @@ class QuantDecoder(FastDecoder):
                 x.zero_()
                 x[:, :m] = src
             self.xmap[s].fill_(self.entries)
+            self.xslot[s].fill_(c)
             self.xn[s].zero_()
             # the new tokens' stream slots follow the prompt's (slots past the run: never valid)
             self.origin[s][:, :m] = origin.clamp(min=0)
@@ -230,6 +233,7 @@ class QuantDecoder(FastDecoder):
             self.xv[i][b, :, e] = v
             if first:
                 self.xmap[s][b, slots[r]] = e
+                self.xslot[s][b, e] = slots[r]
         if first:
             self.xn[s][b] = len(part.sink_rank)
 
@@ -244,20 +248,24 @@ class QuantDecoder(FastDecoder):
         return out
 
     def layers_op(self, lo: int, hi: int, h, cos, sin, t):
+        plans: dict = {}  # segment -> slots_of (the ring and ranks change only between steps)
         for i in range(lo, hi):
             if self.cfg.auto and i == self.cfg.sink_layer:
                 self.sink.index_copy_(1, (self.s_start + t).view(1), self.sink_score(h) > self.cfg.tau)
-            h = self.layer(i, h, cos, sin, t)
+            s = self.layer_seg[i]
+            if s not in plans:
+                plans[s] = self.slots_of(s)
+            h = self.layer(i, h, cos, sin, t, plans[s])
         return h, cos, sin, t
 
-    def layer(self, i: int, h, cos, sin, t):
+    def layer(self, i: int, h, cos, sin, t, plan=None):
         layer, s = self.layers[i], self.layer_seg[i]
         q, k, v = project(layer, h, cos, sin, self.heads, self.kv_heads, self.rope)
         slot = (self.seg_start[s] + t).view(1)
         at = (self.seg_rank[s].index_select(1, slot) % self.g)[:, None, :, None].expand_as(k)  # ring entry
         self.k[i].scatter_(2, at, k)
         self.v[i].scatter_(2, at, v)
-        kb, vb = self.read(i)
+        kb, vb = self.read(i, plan)
         o = F.scaled_dot_product_attention(
             q,
             kb,
@@ -268,29 +276,45 @@ class QuantDecoder(FastDecoder):
         )
         return finish(layer, h, o)
 
-    def read(self, i: int):
+    def read(self, i: int, plan=None):
         """Layer ``i``'s keys / values [B, Hk, C, D] over its segment's slots, as ``generate``'s cache
         assembles them: dequantized groups, the exact ring where not quantized, exact copies of the
-        quantized sinks."""
+        quantized sinks. ``plan``: ``slots_of`` of the layer's segment (computed once per step and segment).
+        Full-size work is the dequantization and one gather into slot order; the ring (<= g tokens) and
+        the exact entries are scattered in (a full-size gather and select for each costs 4x the bytes)."""
         g, cg, bits, dtype, s = self.g, self.cg, self.bits, self.k[i].dtype, self.layer_seg[i]
         b, hk, _, d = self.k[i].shape
         cap = self.seg_ok[s].shape[1]
-        rank = self.seg_rank[s].clamp(min=0)[:, None, :, None].expand(-1, hk, -1, d)
+        key_at, ring_at, ring_src, exact_at = self.slots_of(s) if plan is None else plan
         codes = spread(self.kc[i], self.per).view(-1, g)
         kq = decode(codes, self.ks[i].view(-1, 1), self.kz[i].view(-1, 1), bits, dtype)
-        kq = kq.view(b, hk, -1, d, g)[:, :, :-1].transpose(-1, -2).reshape(b, hk, -1, d)  # rank order
-        kq = kq.gather(2, rank)
+        kb = kq.view(b, hk, -1).gather(2, key_at.view(b, 1, -1).expand(-1, hk, -1)).view(b, hk, cap + 1, d)
         codes = spread(self.vc[i], self.per).view(-1, cg)
-        vq = decode(codes, self.vs[i].view(-1, 1), self.vz[i].view(-1, 1), bits, dtype)
-        vq = vq.view(b, hk, cap + 1, d)[:, :, :cap]
-        sealed = self.sealed[s][:, None, :cap, None]
-        kb = torch.where(sealed, kq, self.k[i].gather(2, rank % g))
-        vb = torch.where(sealed, vq, self.v[i].gather(2, rank % g))
-        ent = self.xmap[s][:, None, :cap, None]
-        exact = ent < self.entries
-        ent = ent.expand(-1, hk, -1, d)
-        kb = torch.where(exact, self.xk[i].gather(2, ent), kb)
-        return kb, torch.where(exact, self.xv[i].gather(2, ent), vb)
+        vb = decode(codes, self.vs[i].view(-1, 1), self.vz[i].view(-1, 1), bits, dtype)
+        vb = vb.view(b, hk, cap + 1, d)
+        ring_at, ring_src = (x[:, None, :, None].expand(-1, hk, -1, d) for x in (ring_at, ring_src))
+        exact_at = exact_at[:, None, :, None].expand(-1, hk, -1, d)
+        for buf, ring, exact in ((kb, self.k[i], self.xk[i]), (vb, self.v[i], self.xv[i])):
+            buf.scatter_(2, exact_at, exact)  # unused entries go to the spare slot ``cap``
+            buf.scatter_(2, ring_at, ring.gather(2, ring_src))
+        return kb[:, :, :cap], vb[:, :, :cap]
+
+    def slots_of(self, s: int):
+        """Segment ``s``'s read plan, shared by its layers: (key_at [B, C + 1, D]: each slot's element in a
+        layer's dequantized keys viewed [B, Hk, -1] (group, channel, rank mod g); ring_at / ring_src
+        [B, g]: the unquantized valid slots (<= g: at most one group is open) and their ring entries;
+        exact_at [B, entries + 1]: each exact entry's slot). Slot ``C`` is a spare: what it receives is
+        dropped."""
+        g, cap, ok = self.g, self.seg_ok[s].shape[1], self.seg_ok[s]
+        d = self.k[0].shape[-1]
+        rank = self.seg_rank[s].clamp(min=0)
+        rank = torch.cat([rank, rank.new_zeros(rank.shape[0], 1)], 1)
+        ch = torch.arange(d, device=rank.device) * g
+        key_at = ((rank // g) * (d * g) + rank % g)[..., None] + ch
+        idx, hit = packed(ok & ~self.sealed[s][:, :cap], g)
+        ring_at = torch.where(hit, idx, cap)
+        ring_src = rank.gather(1, idx) % g
+        return key_at, ring_at, ring_src, self.xslot[s]
 
     def book_op(self, nxt):
         super().book_op(nxt)
@@ -330,6 +354,7 @@ class QuantDecoder(FastDecoder):
             self.xk[i].scatter_(2, at_x, k)
             self.xv[i].scatter_(2, at_x, v)
         self.xmap[s].scatter_(1, torch.where(full, idx, cap), ent)
+        self.xslot[s].scatter_(1, ent, torch.where(full, idx, cap))  # the spare entry e: the spare slot
         xn += full.sum(1)
         self.sealed[s].scatter_(1, slot, True)
 
