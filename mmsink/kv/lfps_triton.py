@@ -384,8 +384,9 @@ def sparse_step(
     sb, kb = _pow2(2 * expand + 2, 1), _pow2(kh)
     eb, kob = _pow2(1 + sinks), _pow2(ko)
     nm = kb * sb
-    # enough programs to spread the key reads over the GPU's SMs, blocks of at least 32 history entries
-    split = min(kb // 32, _pow2(-(-256 // (b * h)), 1)) if kb >= 64 else 1
+    # enough programs to spread the key reads over the GPU's SMs, in blocks of 32 to 64 history entries
+    # (a [64, 4, 16] tile per step keeps _scores within sm_90's registers; larger ones spill: ptxas -v)
+    split = max(kb // 64, min(kb // 32, _pow2(-(-256 // (b * h)), 1))) if kb >= 64 else 1
     blk = kb // split
     if sinks:
         from .sparse import sink_slots
@@ -406,13 +407,13 @@ def sparse_step(
         _scores[(b * h, split)](
             q, key, vb, hist, sink, lptr, scores, slots, lval, h, h // hk, t, kh, sinks, float(scaling),
             *q.stride(), *key.stride(), vb.stride(0), hist.stride(0), hist.stride(1),
-            EXPAND=expand, SB=sb, KB=kb, BLK=blk, QC=min(64, kb), EB=eb, D=d, DC=16 if blk * sb <= 512 else 8,
+            EXPAND=expand, SB=sb, KB=kb, BLK=blk, QC=min(64, kb), EB=eb, D=d, DC=16 if blk * sb <= 256 else 8,
             LEN_PTR=is_ptr, HAS_SINKS=sinks > 0, num_warps=4,
         )  # fmt: skip
         _select[(b * h,)](
             q, key, value, vb, scores, slots, nxt, w, out, h, h // hk, t, ko, topk, float(scaling),
             *q.stride(), *key.stride(), *value.stride(), vb.stride(0),
             NM=nm, EB=eb, KOB=kob, NP=PROBES, D=d, DC=min(32, _pow2(d, 1)), BT=4096,
-            CHECK_SHORT=not all_long, num_warps=8,
+            CHECK_SHORT=not all_long, num_warps=8 if nm <= 4096 else 16,
         )  # fmt: skip
     return out, nxt
