@@ -1,0 +1,168 @@
+"""Where a ``generate_fast`` call's time goes per kv mode (issue 17: kv modes serve 2-5x slower than plain
+decoding at equal batch): prefill (the wrapped model's forward), the decoder's ``fill``, graph capture,
+and the decode steps, each timed with the device synchronized before and after (so the split is exact,
+the total slightly slower than an unsynchronized call).
+
+    python -m evals.kv_serving_phases --device cuda --shape llava-next-7b --batch 16 \\
+        --kv none,window2048,int4,lfps512 --out $OUT/phases
+
+Per mode: one untimed call (decoder built, step captured), then ``--reps`` timed calls; the table gives the
+median seconds of each phase and the decode ms per step. Random weights and inputs as ``mmsink
+serve-bench`` builds them (one image, 35 + 29 text tokens, eos off). ``--tiny`` checks the command on a
+CPU (tiny-next-cpu, 4 new tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def synced(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Phases:
+    """Seconds per phase of the current call (``wrap(fn, name)`` times every call of ``fn``)."""
+
+    def __init__(self, device):
+        self.device, self.now, self.inside = device, {}, set()
+
+    def wrap(self, fn, name):
+        def run(*a, **k):
+            if name in self.inside:  # a subclass's method calling its parent's: timed once
+                return fn(*a, **k)
+            self.inside.add(name)
+            synced(self.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                synced(self.device)
+                self.now[name] = self.now.get(name, 0.0) + time.perf_counter() - t0
+                self.inside.discard(name)
+
+        return run
+
+
+def main(argv=None):
+    import mmsink
+    from mmsink.fast import clear
+    from mmsink.fast import decode as fdec
+    from mmsink.fast import generate as fgen
+    from mmsink.kv import fast, fast_quant, fast_sparse
+    from mmsink.tools.bench import bench_inputs, build, environment
+    from mmsink.tools.serve_bench import kv_modes
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shape", default="llava-next-7b")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--kv", default="none,window2048,int4,lfps512")
+    ap.add_argument("--method", default="none")
+    ap.add_argument("--budget", type=int, default=320)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="tiny-next-cpu on the CPU, 4 new tokens")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.device, a.shape, a.new_tokens, a.batch, a.reps = "cpu", "tiny-next-cpu", 4, min(a.batch, 2), 1
+        torch.set_num_threads(2)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(a.shape, a.device, dtype)
+    model.generation_config.eos_token_id = None
+    one, _ = bench_inputs(model, 1, 35, 29, a.device, dtype)
+    inputs = {k: v.repeat(a.batch, *[1] * (v.dim() - 1)) for k, v in one.items()}
+    res = dict(
+        command="python -m evals.kv_serving_phases " + shlex.join(sys.argv[1:] if argv is None else argv),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        shape=a.shape,
+        batch=a.batch,
+        method=a.method,
+        new_tokens=a.new_tokens,
+        env=environment(),
+        rows=[],
+    )
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ph = Phases(device)
+    classes = [fdec.FastDecoder, fast.WindowDecoder, fast_quant.QuantDecoder, fast_sparse.SparseDecoder]
+    saved = dict(prefill=fgen.prefill, capture=fdec.capture_graph)
+    saved |= {(c, n): c.__dict__[n] for c in classes for n in ("fill", "run") if n in c.__dict__}
+    fgen.prefill = ph.wrap(saved["prefill"], "prefill")
+    fdec.capture_graph = ph.wrap(saved["capture"], "capture")
+    for (c, n), fn in list(saved.items())[2:]:
+        setattr(c, n, ph.wrap(fn, "fill" if n == "fill" else "decode"))
+    try:
+        for name, kv in kv_modes(a.kv):
+            clear(model)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            wrapped = kv is not None or a.method != "none"
+            if wrapped:
+                extra = {} if a.method == "none" else {"prune": a.method, "budget": a.budget}
+                mmsink.wrap(model, kv=kv, **extra)
+            try:
+                calls = []
+                with torch.no_grad():
+                    for _ in range(1 + a.reps):
+                        ph.now = {}
+                        synced(device)
+                        t0 = time.perf_counter()
+                        mmsink.generate_fast(model, max_new_tokens=a.new_tokens, compile=False, **inputs)
+                        synced(device)
+                        calls.append(dict(ph.now, total=time.perf_counter() - t0))
+            finally:
+                if wrapped:
+                    mmsink.unwrap(model)
+            timed = calls[1:]
+            row = dict(kv=name, first_call=calls[0])
+            for k in ("total", "prefill", "fill", "capture", "decode"):
+                row[k] = statistics.median(c.get(k, 0.0) for c in timed)
+            row["ms_per_step"] = 1e3 * row["decode"] / max(a.new_tokens - 1, 1)
+            row["peak_gib"] = (
+                torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            )
+            res["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            write(out, res)
+    finally:
+        fgen.prefill, fdec.capture_graph = saved["prefill"], saved["capture"]
+        for (c, n), fn in list(saved.items())[2:]:
+            setattr(c, n, fn)
+    print((out / "kv_serving_phases.md").read_text())
+
+
+def write(out: Path, res: dict) -> None:
+    (out / "kv_serving_phases.json").write_text(json.dumps(res, indent=1))
+    lines = [
+        f"`{res['command']}`",
+        "",
+        f"{res['device']}, {res['shape']}, method {res['method']}, batch {res['batch']}, "
+        f"{res['new_tokens']} new tokens; torch {res['env']['torch']}, "
+        f"transformers {res['env']['transformers']}",
+        "",
+        "| kv | s per call | prefill s | fill s | decode s | ms / step | first call s (capture s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        f = r["first_call"]
+        lines.append(
+            f"| {r['kv']} | {r['total']:.2f} | {r['prefill']:.2f} | {r['fill']:.3f} | {r['decode']:.2f} | "
+            f"{r['ms_per_step']:.1f} | {f['total']:.2f} ({f.get('capture', 0.0):.2f}) |"
+        )
+    (out / "kv_serving_phases.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
