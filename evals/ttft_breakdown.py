@@ -1,9 +1,14 @@
 """Where does generate_fast's time to first token go? Stage by stage, batch 1.
 
-    python evals/ttft_breakdown.py --shape llava-next-7b --methods none,fastv:320,visionzip:320
+    python evals/ttft_breakdown.py --shape llava-next-7b --methods none,fastv:320,visionzip:320 --ideal
     python evals/ttft_breakdown.py --count --shape tiny-next-cpu --out evals/results/fast_path/next_host_ops
 
-Hooks on the model's own modules mark the end of each stage: before the vision tower, the tower, the
+Timed mode also times, alternated rep by rep, each config with the graphed tower launched before the
+forward (``generate_fast``'s default) and called in the forward (``generate.TOWER_FIRST`` off), and with
+``--ideal`` each method's plan replayed with no selection work (``prune='replay'``).
+
+Hooks on the model's own modules mark the end of each stage: up to the tower's launch (the GPU idles
+until then), from the launch to the tower's call, the tower, the
 projector (a vision-stage pruner selects in its pre-hook), LLaVA-NeXT's merge (unpad, newline tokens,
 packing: the end of ``get_image_features``), the features placed in the embeddings (the language model's
 start), the plan set up (rotary tables, mask, the first layer's plan), layers run eagerly before the
@@ -27,6 +32,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -37,13 +43,15 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
 import mmsink
+from mmsink.core import layout
 from mmsink.fast import decode as fastmod
-from mmsink.fast import vision_graph
-from mmsink.tools.bench import SHAPES, bench_inputs, build, timed
+from mmsink.fast import generate, store, vision_graph
+from mmsink.tools.bench import SHAPES, bench_inputs, build
 from mmsink.tools.reads import is_read, site
 
 STAGES = [
-    ("before_tower", "before the vision tower"),
+    ("start", "to the tower's launch (GPU idle)"),
+    ("before_tower", "launched: to the tower's call"),
     ("tower", "vision tower (graph)"),
     ("projector", "projector (+ vision-stage selection)"),
     ("merge", "NeXT merge (unpad, newline, pack)"),
@@ -58,90 +66,140 @@ NAMES = dict(STAGES)
 
 @contextlib.contextmanager
 def staged(model, mark):
-    """Inside the block, ``mark(done, then)`` is called where stage ``done`` of a prefill ends and ``then``
-    begins (keys of STAGES)."""
+    """Inside the block, ``mark(then)`` is called where a stage of a prefill ends and stage ``then`` begins
+    (keys of STAGES; a prefill starts in "start", which lasts to the tower's call when the tower is not
+    launched first)."""
     inner = model.model
 
-    def at(done, then):
-        return lambda *_: mark(done, then)
+    def at(then):
+        return lambda *_: mark(then)
 
     hooks = [
-        inner.vision_tower.register_forward_pre_hook(at("before_tower", "tower")),
-        inner.vision_tower.register_forward_hook(at("tower", "projector")),
-        inner.multi_modal_projector.register_forward_hook(at("projector", "merge")),
-        inner.language_model.register_forward_pre_hook(at("placement", "plan")),
+        inner.vision_tower.register_forward_pre_hook(at("tower")),
+        inner.vision_tower.register_forward_hook(at("projector")),
+        inner.multi_modal_projector.register_forward_hook(at("merge")),
+        inner.language_model.register_forward_pre_hook(at("plan")),
         # after mmsink's own pre-hook (registered first); not reached when it hands off at layer 0
-        inner.language_model.layers[0].register_forward_pre_hook(at("plan", "eager_layers")),
+        inner.language_model.layers[0].register_forward_pre_hook(at("eager_layers")),
     ]
     features = inner.get_image_features
 
     def get_image_features(*a, **k):
         out = features(*a, **k)
-        mark("merge", "placement")
+        mark("placement")
         return out
 
-    real = fastmod.FastDecoder.run_tail
+    real, launch = fastmod.FastDecoder.run_tail, getattr(vision_graph.GraphedTower, "launch", None)
 
     def run_tail(self, first, *a, **k):
-        mark("eager_layers" if first else "plan", "tail")
+        mark("tail")
         out = real(self, first, *a, **k)
-        mark("tail", "after")
+        mark("after")
+        return out
+
+    def launched(self, *a, **k):
+        out = launch(self, *a, **k)
+        mark("before_tower")
         return out
 
     inner.get_image_features = get_image_features
     fastmod.FastDecoder.run_tail = run_tail
+    if launch is not None:  # (a tree from before the launch: --count of the "before" column)
+        vision_graph.GraphedTower.launch = launched
     try:
         yield
     finally:
         fastmod.FastDecoder.run_tail = real
+        if launch is not None:
+            vision_graph.GraphedTower.launch = launch
         del inner.get_image_features
         for h in hooks:
             h.remove()
 
 
-def stamps(model, fn) -> list:
-    marks = []
+def stamps(model, fn, sync=torch.cuda.synchronize) -> list:
+    marks, now = [], ["start"]
 
-    def mark(name, _then):
-        torch.cuda.synchronize()
-        marks.append((name, time.perf_counter()))
+    def mark(then):
+        sync()
+        marks.append((now[0], time.perf_counter()))
+        now[0] = then
 
     with staged(model, mark):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         end = time.perf_counter()
     rows, prev = [], t0
-    for name, t in marks + [("after", end)]:
+    for name, t in marks + [(now[0], end)]:
         rows.append((NAMES[name], (t - prev) * 1e3))
         prev = t
     return rows
 
 
+def alternated(fns: dict, reps: int, sync) -> dict:
+    """Median seconds of each of ``fns``, run in turn rep by rep (a shared host drifts between runs)."""
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def timed_main(a):
-    model = build(a.shape, "cuda", torch.bfloat16)
+    cuda = a.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = build(a.shape, a.device, dtype)
     model.generation_config.eos_token_id = None
-    inputs, _ = bench_inputs(model, 1, 35, 29, "cuda", torch.bfloat16, grid=SHAPES[a.shape].get("grid"))
-    first = lambda: mmsink.generate_fast(model, max_new_tokens=1, **inputs)  # noqa: E731
+    inputs, _ = bench_inputs(model, 1, 35, 29, a.device, dtype, grid=SHAPES[a.shape].get("grid"))
+    first = lambda: mmsink.generate_fast(model, max_new_tokens=1, graphs=cuda, **inputs)  # noqa: E731
+
+    def late():  # the tower called in the forward, as before the launch existed
+        generate.TOWER_FIRST = False
+        try:
+            first()
+        finally:
+            generate.TOWER_FIRST = True
+
     out = []
     for spec in a.methods.split(","):
         m, _, b = spec.partition(":")
         mmsink.wrap(model, prune=m, budget=int(b) if b else None)
-        first()  # (and ``timed``'s own warm-up: the tail's graph is captured the second time)
-        plain = timed(first, 7, torch.cuda.synchronize) * 1e3
-        stamps(model, first)  # twice: the second is reported
-        rows = stamps(model, first)
+        runs = {"tower first": first, "tower in the forward": late}
+        for fn in runs.values():
+            fn()
+            fn()  # the tail's graph is captured the second time
+        if a.ideal and m != "none":  # the method's plan replayed: no selection work (the bench's ideal)
+            plan = mmsink.stats(model).kept_indices
+            mmsink.wrap(model, prune="replay", plan=plan)
+            first()
+            first()
+            ideal = alternated({"ideal": first}, a.reps, sync)["ideal"] * 1e3
+            mmsink.wrap(model, prune=m, budget=int(b) if b else None)
+            first()
+        ms = {k: v * 1e3 for k, v in alternated(runs, a.reps, sync).items()}
+        stamps(model, first, sync)  # twice: the second is reported
+        rows = stamps(model, first, sync)
         total = sum(t for _, t in rows)
-        print(f"{spec}: TTFT {plain:.1f} ms (synced stages: {total:.1f} ms)")
+        line = ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
+        if a.ideal and m != "none":
+            line += f", its plan replayed (ideal) {ideal:.1f} ms"
+            ms["ideal"] = ideal
+        print(f"{spec}: TTFT {line} (synced stages: {total:.1f} ms)")
         for name, t in rows:
             print(f"    {t:7.2f} ms  {name}")
-        out.append(dict(config=spec, ttft_ms=plain, stages=rows))
+        out.append(dict(config=spec, ttft_ms=ms, stages=rows))
     mmsink.unwrap(model)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, f"ttft_breakdown_{a.shape}.json"), "w") as f:
-            json.dump(out, f, indent=1)
+            json.dump(dict(command=" ".join(["python", *sys.argv]), results=out), f, indent=1)
 
 
 # ---------------------------------------------------------------------------------------- --count (CPU)
@@ -166,6 +224,8 @@ class Meter(TorchDispatchMode):
         super().__init__()
         self.stage, self.replaying = STAGES[0][0], False
         self.ops = collections.defaultdict(collections.Counter)
+        self.host_ops = collections.defaultdict(collections.Counter)  # on host copies: no launch on a GPU
+        self.on_host = False
         self.device = WeakTensorKeyDictionary()
         for t in seeds:
             self.device[t] = True
@@ -178,9 +238,9 @@ class Meter(TorchDispatchMode):
         return any(isinstance(t, torch.Tensor) and t in self.device for t in tree_leaves(tree))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[self.key][func] += 1
+        (self.host_ops if self.on_host else self.ops)[self.key][func] += 1
         out = func(*args, **(kwargs or {}))
-        if self.on_device((args, kwargs)):
+        if not self.on_host and self.on_device((args, kwargs)):
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     self.device[t] = True
@@ -198,6 +258,7 @@ class StagedReads(TorchFunctionMode):
         self.by_stage = collections.defaultdict(collections.Counter)
         self.device = collections.defaultdict(collections.Counter)
         self.copies = collections.defaultdict(collections.Counter)
+        self.early = collections.defaultdict(collections.Counter)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if is_read(func, args, kwargs):
@@ -238,9 +299,9 @@ def stand_in(meter):
 
 
 @contextlib.contextmanager
-def graphs_on_cpu(meter):
+def graphs_on_cpu(meter, cap=None):
     """generate_fast's CUDA-graph path (graphed tower, graphed tail) on a CPU model, replays stood in."""
-    cap = stand_in(meter)
+    cap = cap or stand_in(meter)
     real = vision_graph.usable, vision_graph.patched, fastmod.capture_graph
     vision_graph.usable = lambda model: True
     vision_graph.patched = lambda model, taps: real[1](model, taps, capture=cap)
@@ -251,8 +312,9 @@ def graphs_on_cpu(meter):
         vision_graph.usable, vision_graph.patched, fastmod.capture_graph = real
 
 
-def summary(ops, reads, device, copies) -> dict:
-    """One stage: operators, kernels, syncs (device reads + blocking copies) and where they happen."""
+def summary(ops, reads, device, copies, early, host_ops) -> dict:
+    """One stage: operators, kernels, syncs (device reads + blocking copies) and where they happen;
+    ``early``: waits for the layout's host copies (queued before the tower: they wait for those alone)."""
     names = collections.Counter({str(f): c for f, c in ops.items()})
     return dict(
         ops=sum(ops.values()),
@@ -260,11 +322,14 @@ def summary(ops, reads, device, copies) -> dict:
         syncs=sum(device.values()) + sum(copies.values()),
         device_reads=sum(device.values()),
         copies=sum(copies.values()),
+        early=sum(early.values()),
+        host_ops=sum(host_ops.values()),
         reads=sum(reads.values()),
         host_built=names.get("aten.lift_fresh.default", 0),
         top_ops=dict(names.most_common(12)),
         sync_sites={short(s): c for s, c in sorted(device.items())},
         copy_sites={short(s): c for s, c in sorted(copies.items())},
+        early_sites=dict(sorted(early.items())),
         host_read_sites={
             short(s): c - device.get(s, 0) for s, c in sorted(reads.items()) if c > device.get(s, 0)
         },
@@ -279,6 +344,54 @@ def short(path: str) -> str:
     return path.split("site-packages/")[-1].removeprefix(ROOT + os.sep)
 
 
+@contextlib.contextmanager
+def early_copies(meter, reads):
+    """The layout's host copies of ids and mask (``layout.host_copy``) are host tensors on a GPU too: one
+    wait each prefill (``early``), for the copies alone (queued before the tower); the layout's work on
+    them (``layout.Parts``, ``layout.pack``) runs on the host (``host_ops``: no kernel launch), and the
+    tensors it sends (``layout.upload``: one copy) are device tensors."""
+    if not hasattr(layout, "host_copy"):  # a tree from before the host copies
+        yield
+        return
+    real, of, facts = layout.host_copy, layout.Parts.of.__func__, layout.Parts.facts
+    pack, upload = layout.pack, layout.upload
+
+    def host_copy(ids, mask):
+        out = real(ids, mask)
+        for t in (out.host_ids, out.host_mask):
+            if t is not None and t in meter.device:
+                del meter.device[t]
+        reads.early[meter.key][short(site())] += 1
+        return out
+
+    def on_host(fn, probe):
+        def run(first, *a, **k):
+            prev = meter.on_host
+            meter.on_host = prev or not meter.on_device(probe(first, a))
+            try:
+                return fn(first, *a, **k)
+            finally:
+                meter.on_host = prev
+
+        return run
+
+    def sent(tensors, device):  # the layout's tensors sent from the host are device tensors on a GPU
+        out = upload(tensors, device)
+        for t in out:
+            meter.device[t] = True
+        return out
+
+    layout.host_copy, layout.upload = host_copy, sent
+    layout.pack = on_host(pack, lambda tensors, a: None)
+    layout.Parts.of = classmethod(on_host(of, lambda cls, a: a[0]))
+    layout.Parts.facts = on_host(facts, lambda parts, a: parts.is_image)
+    try:
+        yield
+    finally:
+        layout.host_copy, layout.Parts.of, layout.Parts.facts = real, classmethod(of), facts
+        layout.pack, layout.upload = pack, upload
+
+
 def count_prefill(model, inputs) -> dict:
     """Per stage of one steady-state ``generate_fast(max_new_tokens=1)`` (graphs captured beforehand)."""
     # on a GPU every input is on the device but the image sizes (the family moves them to the host)
@@ -287,28 +400,113 @@ def count_prefill(model, inputs) -> dict:
     meter = Meter(seeds)
     reads = StagedReads(meter)
 
-    def mark(_done, then):
+    def mark(then):
         meter.stage = then
 
     first = lambda: mmsink.generate_fast(model, max_new_tokens=1, graphs=True, **inputs)  # noqa: E731
+    store.clear(model)  # graphs captured with other stand-ins
     with graphs_on_cpu(meter):
         for _ in range(3):  # tower graph captured on the first call, the tail's on the second
             first()
-        with staged(model, mark), reads, meter:
+        with staged(model, mark), early_copies(meter, reads), reads, meter:
             tok = first()
     out = {}
     for key, _ in STAGES:
         for part in (key, key + " replay"):
-            found = [meter.ops, reads.by_stage, reads.device, reads.copies]
+            found = [meter.ops, reads.by_stage, reads.device, reads.copies, reads.early, meter.host_ops]
             if any(f.get(part) for f in found):
                 out[part] = summary(*(f.get(part, collections.Counter()) for f in found))
     return dict(stages=out, token=tok[0, -1].item())
 
 
+CLOCK = time.thread_time  # CPU time of the calling thread
+
+
+class AtenClock(TorchDispatchMode):
+    """Time spent inside aten operators, per stage of ``clock``."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+        self.inside = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = CLOCK()
+        out = func(*args, **(kwargs or {}))
+        self.inside[self.clock.key] += CLOCK() - t0
+        return out
+
+
+def time_prefill(model, inputs, reps: int) -> dict:
+    """Host time per stage on this CPU, ms, as this thread's CPU time (``CLOCK``: time other jobs take
+    on a shared machine does not count; one torch thread while timing): ``wall`` (least of ``reps`` plain
+    runs, marks only), ``aten`` (time inside aten operators, least of as many runs under a timing mode)
+    and ``python`` = wall - aten: the Python around the operators (mmsink's, transformers', torch's
+    wrappers), which a GPU run pays as well. The replays' time is kept apart (``<stage> replay``)."""
+
+    class Clock:
+        stage, replaying = STAGES[0][0], False
+
+        @property
+        def key(self):
+            return self.stage + (" replay" if self.replaying else "")
+
+    clock = Clock()
+    spent = collections.Counter()
+    stand = stand_in(clock)
+
+    def timed_capture(fn):
+        out, replay = stand(fn)
+
+        def run():
+            t0 = CLOCK()
+            replay()
+            spent[clock.stage + " replay"] += CLOCK() - t0
+
+        return out, run
+
+    def mark(then):
+        now = CLOCK()
+        spent[clock.stage] += now - clock.t
+        clock.stage, clock.t = then, now
+
+    first = lambda: mmsink.generate_fast(model, max_new_tokens=1, graphs=True, **inputs)  # noqa: E731
+    walls, insides = collections.defaultdict(list), collections.defaultdict(list)
+    store.clear(model)  # graphs captured with other stand-ins
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with graphs_on_cpu(clock, timed_capture):
+        for _ in range(3):
+            first()
+        for _ in range(reps):
+            spent.clear()
+            clock.stage, clock.t = STAGES[0][0], CLOCK()
+            with staged(model, mark):
+                first()
+                mark("after")  # closes the last stage
+            for k in list(spent):
+                if k.endswith(" replay"):
+                    spent[k.removesuffix(" replay")] -= spent[k]
+            for k, v in spent.items():
+                walls[k].append(v * 1e3)
+            clock.stage = STAGES[0][0]
+            aten = AtenClock(clock)
+            with staged(model, lambda then: setattr(clock, "stage", then)), aten:
+                first()
+            for k in walls:
+                insides[k].append(aten.inside.get(k, 0.0) * 1e3)
+    torch.set_num_threads(threads)
+    out = {}
+    for k, v in walls.items():  # the least of each (a shared machine only adds time)
+        wall, inside = min(v), min(insides[k])
+        out[k] = dict(wall=round(wall, 3), aten=round(inside, 3), python=round(wall - inside, 3))
+    return out
+
+
 def host_totals(stages: dict) -> dict:
     """Over the stages a GPU runs eagerly (graph replays left out)."""
     rows = [v for k, v in stages.items() if not k.endswith(" replay")]
-    keys = ("ops", "kernels", "syncs", "device_reads", "copies", "reads", "host_built")
+    keys = ("ops", "kernels", "syncs", "device_reads", "copies", "early", "host_ops", "reads", "host_built")
     return {f: sum(r[f] for r in rows) for f in keys}
 
 
@@ -323,6 +521,8 @@ def count_main(a):
         mmsink.wrap(model, prune=m, budget=int(b) if b else None)
         try:
             r = count_prefill(model, inputs)
+            if a.time_reps:
+                r["time"] = time_prefill(model, inputs, a.time_reps)
         finally:
             mmsink.unwrap(model)
         r = dict(config=spec, host=host_totals(r["stages"]), **r)
@@ -362,6 +562,10 @@ def cell(s: dict | None, rep: dict | None = None) -> str:
     out = "-" if s is None else f"{s['ops']} ({s['kernels']}) / {s['syncs']}"
     if s is not None and s["reads"] > s["device_reads"]:
         out += f" +{s['reads'] - s['device_reads']}h"
+    if s is not None and s.get("early"):
+        out += f" +{s['early']}e"
+    if s is not None and s.get("host_ops"):
+        out += f" +{s['host_ops']} host ops"
     return out + (f" +{rep['ops']} in graph" if rep is not None else "")
 
 
@@ -376,6 +580,28 @@ def rows(results: list, cols: list) -> list:
         + f" | {cell(r['host'])} |"
         for r in results
     ]
+
+
+def time_rows(results: list, cols: list, meta: dict) -> list:
+    """Host ms per stage (``time_prefill``): Python (wall minus aten) / wall, and the sum outside graphs."""
+    lines = [
+        f"Host time per stage on this CPU ({meta['machine']}), ms of the thread's CPU time (one torch "
+        "thread): Python around the operators (all minus the time inside aten operators) / all (least of "
+        "the timed runs; all includes the CPU's own operator work, which a GPU queues instead). Outside "
+        "graphs: the sum over the stages a GPU runs eagerly.",
+        "",
+        "| config | " + " | ".join(NAMES[c] for c in cols) + " | outside graphs |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
+    for r in results:
+        t = r.get("time")
+        if t is None:
+            continue
+        cells = [f"{t[c]['python']:.2f} / {t[c]['wall']:.2f}" if c in t else "-" for c in cols]
+        py = sum(v["python"] for k, v in t.items() if not k.endswith(" replay"))
+        wall = sum(v["wall"] for k, v in t.items() if not k.endswith(" replay"))
+        lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {py:.2f} / {wall:.2f} |")
+    return lines
 
 
 def markdown(meta: dict, results: list, before: tuple | None = None) -> str:
@@ -398,6 +624,10 @@ def markdown(meta: dict, results: list, before: tuple | None = None) -> str:
     ]
     if before:
         lines += ["", f"Before (`{before[0]}`):", "", *rows(before[1], cols)]
+    if any("time" in r for r in results):
+        lines += ["", *time_rows(results, cols, meta)]
+        if before and any("time" in r for r in before[1]):
+            lines += ["", f"Before (`{before[0]}`):", "", *time_rows(before[1], cols, meta)]
     lines += ["", "Sync sites (stage: count file:line; device reads, blocking copies, then host reads):", ""]
     for r in results:
         sites = [
@@ -406,6 +636,7 @@ def markdown(meta: dict, results: list, before: tuple | None = None) -> str:
             for kind, found in (
                 ("", v["sync_sites"]),
                 (" (copy)", v["copy_sites"]),
+                (" (early host copy)", v.get("early_sites", {})),
                 (" (host)", v["host_read_sites"]),
             )
             for s, c in found.items()
@@ -420,9 +651,13 @@ def main():
     ap.add_argument("--methods", default=None)
     ap.add_argument("--count", action="store_true", help="operators and reads per stage, on the CPU")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-reps", type=int, default=5, help="--count: timed runs per config (0: none)")
     ap.add_argument("--tag", default="", help="suffix of the --count output files")
     ap.add_argument("--before", default=None, help="a --count JSON to show below this run's table")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda", help="timed mode: cuda (cpu: a smoke run of the script)")
+    ap.add_argument("--reps", type=int, default=7, help="timed mode: alternated runs per config")
+    ap.add_argument("--ideal", action="store_true", help="timed mode: also time each method's plan replayed")
     a = ap.parse_args()
     if a.count:
         a.shape = a.shape or "tiny-next-cpu"

@@ -165,6 +165,19 @@ class Family(Protocol):
         projected tiles by one gather (``bind_packing``)."""
         return [clip.bind_placeholder_check(self.model.model, seam), bind_packing(self, seam)]
 
+    def tower_input(self, kwargs: dict):
+        """The vision tower's input as ``get_image_features`` makes it from ``pixel_values`` [images, tiles,
+        3, H, W] (each image's first tiles, as many as its size gives, concatenated): ``generate_fast``
+        launches the tower's graph with it before the forward. None when the pixels are not of that form.
+        Needs ``image_sizes`` on the host (``host_inputs``)."""
+        pix = kwargs.get("pixel_values")
+        if not isinstance(pix, torch.Tensor) or pix.dim() != 5 or kwargs.get("image_sizes") is None:
+            return None
+        counts = self.tiles(pix, kwargs)
+        if len(counts) == 1:  # the graph's input copy reads it: no concatenated copy first
+            return pix[0, : counts[0]]
+        return torch.cat([p[:n] for p, n in zip(pix, counts)])
+
     def graphable_tower(self):
         return self.model.model.vision_tower, clip.feature_layers(self.model)
 

@@ -3,12 +3,14 @@ then greedy decoding on static per-layer buffers (``decode.FastDecoder``)."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import functools
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
 
+from ..core import layout
 from ..core.hooks import ATTR, Handoff
 from . import vision_graph
 from .decode import can_compile, placement
@@ -16,6 +18,7 @@ from .store import decoder_for
 
 # generate's options at the values generate_fast implements (greedy); other values are refused by name
 GREEDY = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1}
+TOWER_FIRST = True  # launch a graphed vision tower before the forward (``tower_first``; off: A/B timing)
 CALLBACKS = (
     "logits_processor",
     "stopping_criteria",
@@ -38,7 +41,13 @@ class Prefilled:
 
 def generation_options(inputs: dict) -> set:
     """The keys of ``inputs`` that are generate's options rather than model inputs."""
-    return set(inputs) & (set(GenerationConfig().to_dict()) | set(CALLBACKS))
+    return set(inputs) & option_names()
+
+
+@functools.cache
+def option_names() -> frozenset:
+    """generate's option names (a GenerationConfig's fields: built once, not per call) and callbacks."""
+    return frozenset(GenerationConfig().to_dict()) | frozenset(CALLBACKS)
 
 
 def check_inputs(inputs: dict, max_new_tokens: int) -> None:
@@ -62,11 +71,8 @@ def prefill(
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    # positions as generate makes them for left-padded prompts (the decode step continues from these)
     options = generation_options(inputs)
     call = {k: v for k, v in inputs.items() if k not in options} | {"attention_mask": mask}
-    if not family.mrope:  # Qwen computes its 3-D positions (and rope deltas) itself
-        call.setdefault("position_ids", (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1))
     live = handle is not None and handle.enabled
     session = handle.session(ids.shape[1], handoff=not dispatched) if handle is not None else nullcontext()
     tower = nullcontext()
@@ -75,7 +81,11 @@ def prefill(
         if vision_graph.usable(model):
             tower = vision_graph.patched(model, taps)
     try:
-        with session, tower:
+        with session, tower as graph, tower_first(family, graph, call, live):
+            # positions as generate makes them for left-padded prompts (the decode step continues from
+            # these); Qwen computes its 3-D positions (and rope deltas) itself
+            if not family.mrope:
+                call.setdefault("position_ids", (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1))
             out = model(**call, use_cache=True, logits_to_keep=1)
     except Handoff as h:
         ctx, first = h.ctx, h.layer
@@ -90,6 +100,30 @@ def prefill(
         handle.finish_handoff(h, {**call, "logits_to_keep": 1})  # stats deferred: drops ctx's references
         return done
     return Prefilled(out.logits[:, -1].argmax(-1), out.past_key_values, None, None, mask)
+
+
+@contextmanager
+def tower_first(family, graph, call: dict, live: bool):
+    """Launch the graphed vision tower before the forward (``vision_graph.GraphedTower.launch``), from the
+    pixels as the family computes the tower's input, once its graph for that shape exists: the host's
+    work up to the tower's call (the layout, the model's prologue) then runs while the GPU runs the
+    tower. A wrapped model's layout reads host copies of the ids and mask queued before the tower
+    (``layout.EARLY``), so its read does not wait for the tower."""
+    x = key = None
+    if graph is not None and TOWER_FIRST and hasattr(family, "tower_input"):
+        family.host_inputs(call)  # image sizes to the host: the tower's input depends on them
+        x = family.tower_input(call)
+        key = graph.ready(x) if x is not None else None
+    if key is None:
+        yield
+        return
+    early = layout.host_copy(call["input_ids"], call["attention_mask"]) if live else None
+    graph.launch(x, key)
+    token = layout.EARLY.set(early)
+    try:
+        yield
+    finally:
+        layout.EARLY.reset(token)
 
 
 def stop_ids(model) -> tuple:
@@ -147,10 +181,10 @@ def generate_fast(
     from ..patches import family_for
     from .fuse import options
 
-    family = family_for(model)
+    handle = getattr(model, "__dict__", {}).get(ATTR)
+    family = handle.family if handle is not None else family_for(model)  # (the wrap's: its kept maps)
     check_inputs(inputs, max_new_tokens)
     ids = inputs["input_ids"]
-    handle = getattr(model, "__dict__", {}).get(ATTR)
     kv = getattr(handle, "kv", None) if handle is not None and handle.enabled else None
     devices, dispatched = placement(model)
     if any(d.type == "meta" for d in devices):
