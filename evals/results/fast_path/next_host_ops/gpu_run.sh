@@ -11,7 +11,7 @@ export PYTHONPATH=$PWD
 mkdir -p "$OUT/next"
 LOG=$OUT/gpu_run.log
 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_gpu_tower_first.py \
-  tests/test_gpu.py -k "tower or teacher_forcing" 2>&1 | tail -4 | tee -a "$LOG"
+  tests/test_gpu.py -k "tower or pinned or teacher_forcing" 2>&1 | tail -4 | tee -a "$LOG"
 timeout 240 python -m mmsink bench --device cuda --shape llava-next-7b --batch 1 --reps 5 \
   --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens 16 --e2e-tokens 16 \
   --out "$OUT/next" --name next_b1 2>&1 | tail -8 | tee -a "$LOG"
