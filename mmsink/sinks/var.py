@@ -8,11 +8,16 @@ visual non-sink share >= rho (the paper's test; the official code inverts it) an
 sink in this layer. Then sinks keep (1 - p) of their weight and the freed mass goes to the visual
 non-sink tokens in proportion to their weight (the paper's p; the official code keeps p instead).
 Only group masses change, so the result comes from per-group partial outputs: no attention matrix.
+
+On CUDA (with Triton) a layer's VAR work after the plain attention (and its key codes) runs through
+``torch.compile``: a few fused kernels instead of ~50 small launches a layer, which bound a batch-1
+prefill by the host. ``VARConfig(compile=False)`` keeps it eager; ``compile=True`` compiles on any device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -42,6 +47,7 @@ class VARConfig:
     p: float = 0.6
     image_mass: float = 0.2
     layers: tuple | None = None  # default: 2 .. L-2
+    compile: bool | None = None  # torch.compile VAR's per-layer work; None: on CUDA when Triton is there
 
     def __post_init__(self):
         if not self.tau > 0:
@@ -50,6 +56,8 @@ class VARConfig:
             x = getattr(self, name)
             if not 0.0 <= x <= 1.0:
                 raise ValueError(f"mmsink: VAR {name} must lie in [0, 1], got {x}")
+        if self.compile not in (None, True, False):
+            raise ValueError(f"mmsink: VAR compile must be None, True or False, got {self.compile!r}")
         if self.sink_dims is not None:
             self.sink_dims = tuple(int(d) for d in self.sink_dims)
             if not self.sink_dims or min(self.sink_dims) < 0:
@@ -98,6 +106,12 @@ def sink_scores(hidden: torch.Tensor, dims) -> torch.Tensor:
 
 def key_codes(hidden, visual, prompt, cfg: VARConfig) -> torch.Tensor:
     """[B, n] group code of each slot of the layer's input."""
+    if compiling(cfg, hidden.device):
+        return COMPILED["key_codes"](hidden, visual, prompt, cfg)
+    return key_codes_eager(hidden, visual, prompt, cfg)
+
+
+def key_codes_eager(hidden, visual, prompt, cfg: VARConfig) -> torch.Tensor:
     sink = (sink_scores(hidden, cfg.sink_dims) > cfg.tau) & prompt
     # TEXT_SINK == 1 and OTHER == 0: outside the image a slot's code is its sink flag
     return torch.where(visual, torch.where(sink, VISUAL_SINK, VISUAL), sink.long())
@@ -114,10 +128,11 @@ def code_vector(device) -> torch.Tensor:
     return t
 
 
-def groups_of(codes, valid):
+def groups_of(codes, valid, vec=None):
     """[B, G, kv] membership of each key group (``CODES`` order) and [B, 1, 1] whether a sample has a
-    visual sink among its valid keys."""
-    groups = (codes[:, None] == code_vector(codes.device)[None, :, None]) & valid[:, None]
+    visual sink among its valid keys. ``vec``: ``code_vector(codes.device)`` (an argument where compiled)."""
+    vec = code_vector(codes.device) if vec is None else vec
+    groups = (codes[:, None] == vec[None, :, None]) & valid[:, None]
     return groups, groups[:, CODES.index(VISUAL_SINK)].any(1)[:, None, None]
 
 
@@ -156,13 +171,54 @@ def decode_attention(q, k, v, valid, codes, scale, cfg: VARConfig):
     """VAR for a decode step whose every query row is edited (``generate_fast``): q [B, H, n, d] (n new
     tokens, already in the buffer), k / v [B, kv_heads, slots, d], ``valid`` [B, slots] the filled slots,
     ``codes`` [B, slots]. Returns [B, H, n, d] in q's dtype."""
+    vec = code_vector(codes.device)
+    if compiling(cfg, q.device):  # inside the decode step's CUDA graph: fewer kernels a replay
+        return COMPILED["decode_attention"](q, k, v, valid, codes, vec, scale, cfg)
+    return decode_attention_eager(q, k, v, valid, codes, vec, scale, cfg)
+
+
+def decode_attention_eager(q, k, v, valid, codes, vec, scale, cfg: VARConfig, lse=attention_lse):
     h = q.shape[1]
-    groups, has_vs = groups_of(codes, valid)
+    groups, has_vs = groups_of(codes, valid, vec)
     kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
     qg = q.repeat(1, 1, groups.shape[1], 1)
     allowed = valid[:, None, None, :].expand(-1, 1, q.shape[2], -1)
-    outs, masses = group_parts(qg, kk, vv, allowed, groups, scale, attention_lse)
+    outs, masses = group_parts(qg, kk, vv, allowed, groups, scale, lse)
     return var_mix(cfg, outs, masses, has_vs).to(q.dtype)
+
+
+def decode_attention_fused(q, k, v, valid, codes, vec, scale, cfg: VARConfig):
+    """What the compiler gets for a decode step (the bias laid out by the compiler)."""
+    return decode_attention_eager(q, k, v, valid, codes, vec, scale, cfg, attention_lse_unpadded)
+
+
+def attention_lse_unpadded(q, k, v, allowed, scale):
+    """``attention_lse`` for compiled code: the bias as one ``where`` whose layout the compiler aligns for
+    the kernel itself (``lse_masks``' buffer padded to a multiple of 8 keys would make a graph's shape
+    guards depend on the key count modulo 8: a recompile)."""
+    bias = torch.where(allowed, 0.0, float("-inf")).to(q.dtype)
+    return attention_lse(q, k, v, allowed, scale, (allowed.any(-1), bias))
+
+
+def edited_rows(q, kk, vv, out, codes, valid, vec, rows_g, allowed_r, safe, real, scale, cfg, lse):
+    """The edited rows' new outputs [B, H, R, d] in ``out``'s dtype (padding rows: ``out``'s own) and
+    their indices into the query axis, expanded over heads and the head dimension. ``lse``: the grouped
+    attention (``attention_lse`` or its math or unpadded form)."""
+    h, d = q.shape[1], q.shape[3]
+    groups, has_vs = groups_of(codes, valid, vec)
+    qg = q.gather(2, rows_g[:, None, :, None].expand(-1, h, -1, d))
+    outs, masses = group_parts(qg, kk, vv, allowed_r, groups, scale, lse)
+    new = var_mix(cfg, outs, masses, has_vs)
+    idx = safe[:, None, :, None].expand(-1, h, -1, d)
+    return torch.where(real, new.to(out.dtype), out.gather(2, idx)), idx
+
+
+def edited_output(q, kk, vv, out, codes, valid, vec, rows_g, allowed_r, safe, real, scale, cfg, math):
+    """``out`` (the plain attention [B, H, n, d]) with the edited rows replaced, as [B, n, H, d]: what the
+    compiler gets (one region for everything after the plain attention)."""
+    lse = attention_lse_math if math else attention_lse_unpadded
+    new, idx = edited_rows(q, kk, vv, out, codes, valid, vec, rows_g, allowed_r, safe, real, scale, cfg, lse)
+    return out.scatter(2, idx, new).transpose(1, 2).contiguous()
 
 
 def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig, memo=None):
@@ -189,17 +245,78 @@ def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARCo
     allowed, safe = memo["allowed"], memo["safe"]
     kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
     out = plain_attention(q, kk, vv, allowed, scale, base, masked=mask is not None)
-    groups, has_vs = groups_of(codes, valid)
-    rows_g = memo["rows_g"]
-    qg = q.gather(2, rows_g[:, None, :, None].expand(-1, h, -1, d))
-    fn = attention_lse_math if base == "eager" else attention_lse
-    outs, masses = group_parts(qg, kk, vv, memo["allowed_r"], groups, scale, fn)
-    new = var_mix(cfg, outs, masses, has_vs)
-    idx = safe[:, None, :, None].expand(-1, h, -1, d)
-    new = torch.where(memo["real"], new.to(out.dtype), out.gather(2, idx))
-    out.scatter_(2, idx, new)  # padding rows (index -1 -> 0) write back row 0's own output
     flops = 4 * b * h * n * kv * d + 4 * b * h * safe.shape[1] * kv * d * len(CODES)
+    args = (codes, valid, code_vector(codes.device), memo["rows_g"], memo["allowed_r"], safe, memo["real"])
+    if compiling(cfg, q.device):
+        return COMPILED["edited_output"](q, kk, vv, out, *args, scale, cfg, base == "eager"), flops
+    lse = attention_lse_math if base == "eager" else attention_lse
+    new, idx = edited_rows(q, kk, vv, out, *args, scale, cfg, lse)
+    out.scatter_(2, idx, new)  # padding rows (index -1 -> 0) write back row 0's own output
     return out.transpose(1, 2).contiguous(), flops
+
+
+# ---- torch.compile of the per-layer work
+
+
+def compiling(cfg: VARConfig, device) -> bool:
+    """Whether VAR's per-layer work runs compiled: ``cfg.compile``, or when None on CUDA with Triton."""
+    if cfg.compile is not None:
+        return cfg.compile
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compiler_errors() -> tuple:
+    """What the compiler raises when it cannot compile (then the function runs eagerly); not runtime
+    errors such as running out of memory."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError)
+
+
+class Compiled:
+    """``fn`` through ``torch.compile`` (no graph breaks), made at first use. Shapes are static until a
+    second shape comes, then dynamic (torch's automatic dynamic shapes): every layer of a prompt shares
+    one graph, a new prompt length costs at most one recompile, and a static graph costs the host less
+    per call than a dynamic one. Eager after a warning if the compiler fails, and eager for a call under
+    a torch function or dispatch mode (the compiler refuses or traces those). Inside a caller's compiled
+    region (e.g. a compiled decode layer step) ``fn`` is traced into the caller's graph."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled, self.failed = fn, None, False
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():  # traced into a caller's compiled region: part of its graph
+            return self.fn(*args)
+        if self.failed or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, fullgraph=True)
+        try:
+            return self.compiled(*args)
+        except Exception as e:
+            if not isinstance(e, compiler_errors()):
+                raise
+            self.failed = True
+            warnings.warn(
+                f"mmsink: VAR's {self.fn.__name__} did not compile ({type(e).__name__}); it runs eagerly "
+                "(VARConfig(compile=False) skips the attempt)",
+                stacklevel=2,
+            )
+            return self.fn(*args)
+
+
+COMPILED = {
+    "key_codes": Compiled(key_codes_eager),
+    "edited_output": Compiled(edited_output),
+    "decode_attention": Compiled(decode_attention_fused),
+}
 
 
 def redistribute_rows(probs, codes, rows, cfg: VARConfig):

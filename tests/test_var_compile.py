@@ -1,0 +1,180 @@
+"""VAR's per-layer work through torch.compile (the CUDA default; forced here on the CPU with
+``compile=True``): the eager path's outputs and the paper reference's, one graph for every layer of a
+prompt, and eager where the compiler cannot run."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from reference import run
+from test_var import LAYERS, VAR
+from tiny import batch, prompt, tiny_llava
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mmsink
+from mmsink.sinks import var as var_mod
+from mmsink.sinks.var import VARConfig
+
+NO_CXX = shutil.which("c++") is None and shutil.which("g++") is None
+needs_cxx = pytest.mark.skipif(NO_CXX, reason="torch.compile on CPU needs a C++ compiler")
+
+
+def outputs(model, inputs, compile: bool, **settings):
+    """Prefill logits, VAR's sink counts, generate's and generate_fast's tokens with VAR compiled or not."""
+    mmsink.wrap(model, var={**VAR, "compile": compile}, **settings)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits[:, -1]
+            sinks = mmsink.stats(model).extra["var_sinks"]
+            gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+            fast = mmsink.generate_fast(model, max_new_tokens=5, **inputs)
+    finally:
+        mmsink.unwrap(model)
+    return logits, sinks, gen, fast
+
+
+@needs_cxx
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_compiled_equals_eager_and_reference(attn):
+    """fp32, tolerance 1e-5 (measured: 2e-7; fused kernels round differently, nothing else changes):
+    prefill logits of one prompt and of a left-padded batch of three (two images in one), alone and
+    with a pruner; the same sink tokens; the same tokens from generate (the edited decode rows) and
+    from generate_fast (``decode_attention``); and the compiled prefill against the paper reference."""
+    model = tiny_llava(layers=8, attn=attn)
+    one = [prompt(5, 9, seed=1)]
+    three = [prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(4, 9, seed=3, images=2)]
+    for prompts, settings in ((one, {"prune": "fastv", "budget": 9}), (three, {"prune": None})):
+        inputs = batch(prompts, seed=5)
+        eager = outputs(model, inputs, False, **settings)
+        compiled = outputs(model, inputs, True, **settings)
+        torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-5)
+        assert compiled[1] == eager[1]
+        assert torch.equal(compiled[2], eager[2]) and torch.equal(compiled[3], eager[3])
+    for name, fn in var_mod.COMPILED.items():
+        assert fn.compiled is not None and not fn.failed, name
+    inputs = batch(one, seed=5)
+    with torch.no_grad():
+        ref, _ = run(
+            model,
+            inputs["input_ids"][0],
+            inputs["pixel_values"],
+            "fastv",
+            var=dict(VAR, layers=LAYERS),
+            budget=9,
+            k=2,
+            num_layers=8,
+        )
+        mmsink.wrap(model, prune="fastv", budget=9, var={**VAR, "compile": True})
+        try:
+            got = model(**inputs).logits[0, -1]
+        finally:
+            mmsink.unwrap(model)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+@needs_cxx
+@pytest.mark.slow
+def test_one_graph_for_all_layers():
+    """A prefill compiles each VAR function once, with VAR in 2 layers or in 6 (the layers share shapes
+    and settings); a second prompt length recompiles each at most once (then dynamic), a third not."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_llava(layers=8)
+    lengths = [batch([prompt(5, n, seed=n)], seed=n) for n in (9, 6, 12)]
+
+    def graphs(layers, prompts):
+        torch._dynamo.reset()
+        counters.clear()
+        got = []
+        mmsink.wrap(model, var={**VAR, "compile": True, "layers": layers})
+        try:
+            with torch.no_grad():
+                for inputs in prompts:
+                    model(**inputs)
+                    got.append(counters["stats"]["unique_graphs"])
+        finally:
+            mmsink.unwrap(model)
+        return got
+
+    assert graphs((2, 3), lengths[:1]) == graphs(tuple(range(2, 8)), lengths[:1]) == [2]  # codes, edit
+    two, three = graphs(tuple(range(2, 8)), lengths)[1:]
+    assert two <= 4 and three == two
+
+
+@needs_cxx
+@pytest.mark.slow
+def test_decode_attention_inside_a_compiled_caller():
+    """A caller compiled with ``fullgraph`` (as a compiled decode layer step would be) traces VAR's
+    decode attention into its own graph (no break) and gives the eager result (fp32, 1e-5)."""
+    torch.manual_seed(0)
+    b, h, kv_heads, slots, d = 2, 4, 2, 24, 8
+    q = torch.randn(b, h, 1, d)
+    k, v = torch.randn(b, kv_heads, slots, d), torch.randn(b, kv_heads, slots, d)
+    valid = torch.rand(b, slots) > 0.2
+    codes = torch.zeros(b, slots, dtype=torch.long)  # text sink, image (one visual sink), text
+    codes[:, 0], codes[:, 3:19], codes[:, 6] = var_mod.TEXT_SINK, var_mod.VISUAL, var_mod.VISUAL_SINK
+    cfg = VARConfig(**VAR, compile=True)
+    want = var_mod.decode_attention(q, k, v, valid, codes, 0.35, VARConfig(**VAR, compile=False))
+    caller = torch.compile(lambda *a: var_mod.decode_attention(*a) * 1.0, fullgraph=True)
+    torch.testing.assert_close(caller(q, k, v, valid, codes, 0.35, cfg), want, atol=1e-5, rtol=1e-5)
+    plain = var_mod.decode_attention(q, k, v, valid, codes, 0.35, VARConfig(**{**VAR, "p": 0.0}))
+    assert (want - plain).abs().max() > 1e-3  # VAR changed the output: the comparison has teeth
+
+
+class Counting(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_under_a_mode_and_after_a_compiler_failure(monkeypatch):
+    """Under a dispatch mode (the compiler refuses those) a call runs eagerly without compiling; a
+    compiler error gives one warning and eager calls from then on; other errors propagate."""
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x * 2
+
+    c = var_mod.Compiled(fn)
+    x = torch.ones(3)
+    with Counting():
+        assert torch.equal(c(x), x * 2)
+    assert c.compiled is None and len(calls) == 1
+
+    def broken(f, **kw):
+        def call(*a):
+            raise torch._dynamo.exc.Unsupported("no")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="did not compile"):
+        assert torch.equal(c(x), x * 2)
+    assert c.failed
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        c(x)  # eager without another attempt
+    assert not seen
+    assert len(calls) == 3
+
+    def failing(f, **kw):
+        def call(*a):
+            raise ValueError("a real error")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", failing)
+    with pytest.raises(ValueError, match="a real error"):
+        var_mod.Compiled(fn)(x)
+
+
+def test_compile_setting():
+    """``compile``: None (default) is off on a CPU; True and False win on any device; others refused."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not var_mod.compiling(VARConfig(**VAR), cpu)
+    assert var_mod.compiling(VARConfig(**VAR, compile=True), cpu)
+    assert not var_mod.compiling(VARConfig(**VAR, compile=False), cuda)
+    with pytest.raises(ValueError, match="compile must be"):
+        VARConfig(**VAR, compile="yes")
