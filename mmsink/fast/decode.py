@@ -96,16 +96,6 @@ def moved(carry, dev):
     return None if carry is None else tuple(x.to(dev) for x in carry)
 
 
-def can_compile(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class StaticKV:
     """The cache the tail layers see: their keys and values go straight into the decoder's buffers."""
 

@@ -11,9 +11,10 @@ import torch
 from transformers import GenerationConfig
 
 from ..core import layout
+from ..core.compiling import can_compile
 from ..core.hooks import ATTR, Handoff
 from . import vision_graph
-from .decode import can_compile, placement
+from .decode import placement
 from .store import decoder_for
 
 # generate's options at the values generate_fast implements (greedy); other values are refused by name

@@ -29,6 +29,7 @@ from ..core.attention import (
     plain_attention,
     repeat_kv,
 )
+from ..core.compiling import can_compile
 
 OTHER, TEXT_SINK, VISUAL_SINK, VISUAL = 0, 1, 2, 3
 CODES = (TEXT_SINK, VISUAL_SINK, VISUAL, OTHER)
@@ -260,15 +261,7 @@ def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARCo
 
 def compiling(cfg: VARConfig, device) -> bool:
     """Whether VAR's per-layer work runs compiled: ``cfg.compile``, or when None on CUDA with Triton."""
-    if cfg.compile is not None:
-        return cfg.compile
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return can_compile(device) if cfg.compile is None else cfg.compile
 
 
 def compiler_errors() -> tuple:
