@@ -1,12 +1,13 @@
-# Next GPU session: issues 17 and 20 on one H200, THREE device calls of <= 560 s each, from the repository
-# root with OUT set (the wheels carried: optimum-quanto for int4 KV, torchao for the GPU tests):
-#   run(command="PART=1 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # GPU tests, profile, VAR
-#   run(command="PART=2 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # attention-only, serve --kv
-#   run(command="PART=3 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # serving bench, NeXT TTFT
+# Next GPU session: issues 20 and 17 on one H200, THREE device calls of <= 540 s each, from the repository
+# root with OUT set (the wheels carried: optimum-quanto for int4 KV, torchao):
+#   run(command="PART=1 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # decode profile, serving bench
+#   run(command="PART=2 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # serve --kv rows (NeXT)
+#   run(command="PART=3 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # slot: attention-only, NeXT TTFT
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
-# slow step is cut and the call still ends inside the limit. Progress lines go to $OUT/run.log; at most 8
-# files come back (sub-folders are tarred into .tgz when there would be more). TINY=1: tiny shapes on the
-# CPU (checks the command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
+# slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
+# goes, so a cut step keeps what it measured. Progress lines go to $OUT/run.log; at most 8 files come back
+# (sub-folders are tarred into .tgz when there would be more). TINY=1: tiny shapes on the CPU (checks the
+# command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
 PART=${PART:?set PART=1, 2 or 3}
@@ -36,45 +37,44 @@ say "install: pip install --no-index --no-deps --target $S wheels/*.whl wheels/t
 python -m pip install -q --no-index --no-deps --target "$S" wheels/*.whl wheels/torchao/*.whl 2>&1 | tail -3 \
   | tee -a "$LOG"
 export PYTHONPATH=$PWD:$S
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
-'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
-python -c "import optimum.quanto, torchao; print('optimum-quanto', optimum.quanto.__file__, 'torchao',
-torchao.__version__)" 2>&1 | tail -1 | tee -a "$LOG"
+python -c "import torch, transformers, optimum.quanto, torchao; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'cuda', torch.cuda.is_available(), 'torchao', torchao.__version__)" 2>&1 | tail -1 \
+  | tee -a "$LOG"
 
 if [ "$TINY" = 1 ]; then
-  DEV=cpu S1=tiny-cpu SN=tiny-next-cpu R=1 RN=1 B16=2 K=1 E2E=2
-  PROF="--tiny" CTX=1024 KVSHAPE=tiny-next-cpu SNEW=8 SMAXB=2 SFIRST=1 NEW=2 MAXB=2 SECS=20 SR=1
+  DEV=cpu SN=tiny-next-cpu S1=tiny-cpu RN=1 K=1 E2E=2 PROF="--tiny --reps 1 --steps 16" CTX=1024
+  NEW=2 MAXB=2 FIRST=1 SR=1 KVNEW=8 KVMAXB=2 KVFIRST=1
 else
-  DEV=cuda S1=llava-1.5-7b SN=llava-next-7b R=3 RN=5 B16=16 K=16 E2E=16
-  PROF="" CTX=8192,32768 KVSHAPE=llava-next-7b SNEW=64 SMAXB=256 SFIRST=8 NEW=64 MAXB=256 SECS=25 SR=2
+  DEV=cuda SN=llava-next-7b S1=llava-1.5-7b RN=5 K=16 E2E=16 PROF="" CTX=8192,32768
+  NEW=64 MAXB=512 FIRST=8 SR=2 KVNEW=64 KVMAXB=512 KVFIRST=4
 fi
 
 case $PART in
 1)
-  # issue 20 + 17: the GPU tests (skipped on a CPU), then where a decode step's time goes (writes its JSON
-  # only at the end: ~5 min expected), then the VAR rows of var_ops/README.md
-  step pytest 110 python -m pytest -q -p no:cacheprovider tests/test_kv_gpu.py tests/test_gpu.py \
-    tests/test_orthorank_layers.py -m gpu
-  step profile_decode 300 python evals/profile_decode.py $PROF --out "$OUT/profile_decode"
+  # issue 20: where a decode step's time goes (~150 s expected; files rewritten after every stage), then
+  # the serving bench with the predicted batch search (NeXT first: the >= 6x goal; rows rewritten after
+  # every row; each row's search guarded at 90 s, ~30-45 s expected)
+  step profile_decode 220 python evals/profile_decode.py $PROF --out "$OUT/profile_decode"
   cp "$SCR/profile_decode.out" "$OUT/profile_decode.log"
-  step var_b1 60 python -m mmsink bench --device $DEV --shape $S1 --batch 1 --reps $R --methods fastv \
-    --budgets 64 --var-tau 3 --out "$OUT/var" --name var_b1
-  step var_b16 90 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $R --methods fastv \
-    --budgets 64 --var-tau 3 --out "$OUT/var" --name var_b16
+  step serve 320 python -m mmsink serve-bench --device $DEV --shapes $SN,$S1 --budgets 320,64 \
+    --methods none,fastv,visionzip --new-tokens $NEW --max-batch $MAXB --first-batch $FIRST --seconds 90 \
+    --resolution 4 --reps $SR --out "$OUT/serve" --name serve
+  cp "$SCR/serve.out" "$OUT/serve.log"
   ;;
 2)
-  # issue 17: attention alone at 8k / 32k (the >= 3x goal), then the largest batch per KV mode x pruning
-  # method for LLaVA-NeXT-7B (rewritten after every row: a cut run keeps its rows)
-  step attn 170 python -m evals.kv_decode --attention-only --contexts $CTX --out "$OUT/attn"
-  step kv_serve 560 python -m mmsink serve-bench --device $DEV --shapes $KVSHAPE --budgets 320 \
-    --methods none,fastv,visionzip --kv none,window2048,int4,lfps512 --new-tokens $SNEW --max-batch $SMAXB \
-    --first-batch $SFIRST --seconds 20 --resolution 4 --reps 1 --out "$OUT/kv_serve" --name serve
+  # issue 17: the largest batch per KV mode x pruning method for LLaVA-NeXT-7B, predicted search; each
+  # row's search starts no batch expected to end past 45 s (the slow modes' verification at their
+  # predicted batch would take 1-5 min: those rows report the prediction, "not verified")
+  step kv_serve 500 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
+    --methods none,fastv,visionzip --kv none,window2048,int4,lfps512 --new-tokens $KVNEW \
+    --max-batch $KVMAXB --first-batch $KVFIRST --seconds 45 --resolution 4 --reps 1 --out "$OUT/kv_serve" \
+    --name serve
+  cp "$SCR/kv_serve.out" "$OUT/kv_serve.log"
   ;;
 3)
-  # issue 20: the serving bench (fast_path/wave2_run.sh PARTS=b), then LLaVA-NeXT bs 1 TTFT (next_b1)
-  step serve 390 python -m mmsink serve-bench --device $DEV --shapes $S1,$SN --budgets 64,320 \
-    --methods none,fastv,visionzip --new-tokens $NEW --max-batch $MAXB --seconds $SECS --resolution 4 \
-    --reps $SR --out "$OUT/serve" --name serve
+  # SLOT for the lead: attention alone at 8k / 32k (kv_decode, Triton rows being added), then LLaVA-NeXT
+  # bs 1 TTFT (next_b1); ~150 s of the call used, the rest free (e.g. kv rows to verify, see README)
+  step attn 170 python -m evals.kv_decode --attention-only --contexts $CTX --out "$OUT/attn"
   step next_b1 150 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
     --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
     --out "$OUT/next" --name next_b1
