@@ -16,7 +16,9 @@ buffer. Estimated ms = bytes / 4.8 TB/s (H200 HBM): a floor, not a measurement.
 at batch 1, 2 and 4: per mode the aten ops and host syncs (``aten._local_scalar_dense`` / ``nonzero`` /
 ``lift_fresh``, and Python-level reads from ``mmsink.tools.reads``) of the prefill (the model's forward),
 of the decoder's ``fill`` and of one decode step, and the graph captures over three calls with a CPU
-stand-in for CUDA-graph capture (1 per decoder: no re-capture per call).
+stand-in for CUDA-graph capture (1 per decoder: no re-capture per call). Also, for the first call, the
+most bytes alive at once and the bytes alive when ``fill`` starts (``LiveBytes``: tensors made in the call,
+weights aside). ``--step-batches ''`` skips ``step``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import json
 import shlex
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from evals.op_cost import OpCost, footprint
 
@@ -147,17 +151,58 @@ class Counted(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages that tensors made inside the mode keep alive (``now``) and their largest sum
+    (``peak``): a storage counts from the op that made it until the last tensor the mode saw on it is
+    collected. Views of storages made outside (weights, inputs) count nothing. CPU tensors only."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict = {}  # storage address -> [bytes, tensors alive]
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ins = [t for t in tree_leaves((args, kwargs)) if type(t) is torch.Tensor]
+        seen = {t.untyped_storage().data_ptr() for t in ins}
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if type(t) is not torch.Tensor or t.device.type != "cpu":
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key == 0 or (key in seen and key not in self.live):
+                continue
+            if key not in self.live:
+                self.live[key] = [t.untyped_storage().nbytes(), 0]
+                self.now += self.live[key][0]
+                self.peak = max(self.peak, self.now)
+            self.live[key][1] += 1
+            weakref.finalize(t, self.drop, key)
+        return out
+
+    def drop(self, key) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.now -= entry[0]
+                del self.live[key]
+
+
 class Region:
     """Ops, syncs and Python-level reads of every call of a function (summed), and the calls."""
 
-    def __init__(self):
+    def __init__(self, live: LiveBytes | None = None):
         self.calls, self.ops, self.syncs, self.reads, self.seconds = 0, 0, collections.Counter(), 0, 0.0
+        self.live, self.entry = live, 0  # bytes live (``live.now``) when the region was last entered
 
     def wrap(self, fn):
         from mmsink.tools.reads import DeviceReads
 
         def run(*a, **k):
             self.calls += 1
+            if self.live is not None:
+                self.entry = self.live.now
             t0 = time.perf_counter()
             with DeviceReads() as r, Counted() as c:
                 out = fn(*a, **k)
@@ -215,7 +260,8 @@ def cpu_counts(batches: list[int], modes: list[str], methods: list[str], new_tok
                         kv=MODES[mode],
                         **({} if method == "none" else {"prune": method, "budget": 320}),
                     )
-                regions = {k: Region() for k in ("prefill", "fill", "step")}
+                live = LiveBytes()
+                regions = {k: Region(live) for k in ("prefill", "fill", "step")}
                 real = {
                     "prefill": fgen.prefill,
                     **{f"fill{i}": c.fill for i, c in enumerate(classes)},
@@ -236,10 +282,12 @@ def cpu_counts(batches: list[int], modes: list[str], methods: list[str], new_tok
                     c.step = regions["step"].wrap(real[f"step{i}"])
                 try:
                     with torch.no_grad():
-                        mmsink.generate_fast(
-                            model, max_new_tokens=new_tokens, graphs=False, compile=False, **inputs
-                        )
+                        with live:  # the first call: the decoder's store is made in it too
+                            mmsink.generate_fast(
+                                model, max_new_tokens=new_tokens, graphs=False, compile=False, **inputs
+                            )
                         first = {k: r.per_call() for k, r in regions.items()}
+                        held = regions["fill"].entry
                         for _ in range(2):  # graphed path (stand-in capture): captured once per decoder?
                             mmsink.generate_fast(
                                 model, max_new_tokens=new_tokens, graphs=True, compile=False, **inputs
@@ -252,6 +300,8 @@ def cpu_counts(batches: list[int], modes: list[str], methods: list[str], new_tok
                     if wrapped:
                         mmsink.unwrap(model)
                 row = dict(method=method, mode=mode, batch=b, captures_over_2_graphed_calls=len(captures))
+                row["peak_mib"] = live.peak / 2**20  # live bytes over prefill, fill and the steps
+                row["held_at_fill_mib"] = held / 2**20  # what the prefill (and the store) left alive
                 row.update({f"{k}_{m}": v for k, r in first.items() for m, v in r.items() if m != "calls"})
                 row["steps"] = first["step"]["calls"]
                 rows.append(row)
@@ -283,11 +333,12 @@ def markdown(res: dict) -> str:
         "",
         "tiny-next-cpu (6 layers, 2993-token prompt), per call: aten ops, sync ops, Python-level reads, "
         "CPU ms (shared machine: indicative only); captures: CUDA-graph captures (CPU stand-in) over two "
-        "graphed calls:",
+        "graphed calls; peak MiB: the most bytes live at once in the first call (tensors made in it: "
+        "activations, caches, the decoder's store; not the weights); held MiB: live when ``fill`` starts:",
         "",
         "| method | mode | batch | prefill ops | prefill syncs | prefill reads | fill ops | fill syncs | "
-        "step ops | step syncs | step reads | step ms | captures |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "step ops | step syncs | step reads | step ms | captures | peak MiB | held MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["cpu"]:
         lines.append(
@@ -295,7 +346,8 @@ def markdown(res: dict) -> str:
             f"{r['prefill_syncs']:.0f} | {r['prefill_reads']:.0f} | {r['fill_ops']:.0f} | "
             f"{r['fill_syncs']:.0f} | {r['step_ops']:.0f} | "
             f"{r['step_syncs']:.0f} | {r['step_reads']:.0f} | {r['step_ms']:.1f} | "
-            f"{r['captures_over_2_graphed_calls']} |"
+            f"{r['captures_over_2_graphed_calls']} | {r.get('peak_mib', float('nan')):.1f} | "
+            f"{r.get('held_at_fill_mib', float('nan')):.1f} |"
         )
     return "\n".join(lines)
 
@@ -319,7 +371,7 @@ def main(argv=None):
         torch=torch.__version__,
         transformers=transformers.__version__,
     )
-    res["step"] = [r for b in a.step_batches.split(",") for r in step_costs(int(b))]
+    res["step"] = [r for b in a.step_batches.split(",") if b for r in step_costs(int(b))]
     res["cpu"] = []
     if not a.skip_cpu:
         batches = [int(b) for b in a.batches.split(",")]

@@ -174,7 +174,9 @@ class QuantDecoder(FastDecoder):
 
     def fill(self, cache, attention_mask, tok, delta, pad, tail=None) -> None:
         """Load the prefill's ``QuantCache`` / ``PlanQuantCache``: codes, scales, exact tails and sinks
-        (host loops: once per prompt, outside the graph)."""
+        (once per prompt, outside the graph). Per layer one indexed write per buffer for the whole batch;
+        the write positions are planned once per segment from the parts' shapes (host lists, no device
+        read)."""
         layer_seg, parts = layout(cache)
         if layer_seg != self.layer_seg:
             raise ValueError("mmsink: the quantized cache's layer segments differ from the decoder's")
@@ -185,7 +187,7 @@ class QuantDecoder(FastDecoder):
             x.zero_()
             x[:, :n] = src
         self.s_start.fill_(n)
-        slots = []  # per segment, per sample: rank -> slot
+        orders = []  # per segment: [B, T_s] the slot of each rank (left-packed valid slots)
         for s, (valid, origin, done) in enumerate(parts):
             m, c = valid.shape[1], self.seg_ok[s].shape[1]
             for x, src in ((self.seg_ok[s], valid), (self.sealed[s], done)):
@@ -198,44 +200,84 @@ class QuantDecoder(FastDecoder):
             self.origin[s][:, :m] = origin.clamp(min=0)
             self.origin[s][:, m:] = torch.arange(n, n + c - m, device=origin.device).clamp(max=stream - 1)
             self.seg_start[s].fill_(m)
-            slots.append([v.nonzero()[:, 0] for v in valid])
+            at = torch.arange(m, device=valid.device)
+            orders.append(torch.where(valid, at, m).sort(dim=1, stable=True).values.to(self.ok.device))
         self.overflow.zero_()
-        seen = set()
+        plans: dict = {}
         for i, layer in enumerate(cache.layers):
             s = self.layer_seg[i]
             self.start[i].fill_(parts[s][0].shape[1])
-            for b, part in enumerate(layer.parts):
-                self.load_part(i, s, b, part, slots[s][b], s not in seen)
-            seen.add(s)
+            if s not in plans:  # a segment's layers hold the same shapes: its first layer's plan
+                plans[s] = plan = self.fill_plan(layer.parts, orders[s])
+                xb, xe, xslot, xn = plan["x"]
+                if len(xb):
+                    self.xmap[s].index_put_((xb, xslot), xe)
+                    self.xslot[s].index_put_((xb, xe), xslot)
+                self.xn[s].copy_(xn)
+            self.load_layer(i, layer.parts, plans[s])
         self.start_state(attention_mask, tok, delta, pad)
 
-    def load_part(self, i: int, s: int, b: int, part, slots, first: bool) -> None:
-        """Sample ``b`` of layer ``i`` (segment ``s``): its chunks' codes, its exact tail into the ring (by
-        rank mod g), its exact sinks; ``first``: the segment's first layer writes the entry map."""
-        g, cg = self.g, self.cg
+    def fill_plan(self, parts, order) -> dict:
+        """Where a segment's parts go (``order``: its rank -> slot): per chunk group (sample, group index),
+        per chunk token (sample, slot), per tail token (sample, ring entry), per sink (sample, entry, slot),
+        in the order ``load_layer`` concatenates them."""
+        g, dev = self.g, self.ok.device
+        kb, kg, vb, vr, rb, rr, xb, xe, xr, xn = ([] for _ in range(10))
+        for b, part in enumerate(parts):
+            at = 0  # tokens of the chunks before
+            for c in part.chunks:
+                m = c.tokens // g
+                kb += [b] * m
+                kg += range(at // g, at // g + m)
+                vb += [b] * c.tokens
+                vr += range(at, at + c.tokens)
+                at += c.tokens
+            r = part.tail_k.shape[1]
+            rb += [b] * r
+            rr += (j % g for j in range(at, at + r))
+            xb += [b] * len(part.sink_rank)
+            xe += range(len(part.sink_rank))
+            xr += part.sink_rank
+            xn.append(len(part.sink_rank))
+
+        def long(x):
+            return torch.tensor(x, dtype=torch.long, device=dev)
+
+        vb, xb = long(vb), long(xb)
+        return dict(
+            k=(long(kb), long(kg)),
+            v=(vb, order[vb, long(vr)]),
+            ring=(long(rb), long(rr)),
+            x=(xb, long(xe), order[xb, long(xr)], long(xn)),
+        )
+
+    def load_layer(self, i: int, parts, plan) -> None:
+        """Layer ``i``'s parts into its buffers: the chunks' codes / scales / offsets, the exact tails into
+        the ring (by rank mod g), the exact sinks into the entries."""
+        cg, per, bits, dev = self.cg, self.per, self.bits, self.k[i].device
         hk, d = self.k[i].shape[1], self.k[i].shape[3]
-        at = 0  # tokens of the chunks before
-        for c in part.chunks:
-            m = c.tokens // g
-            kq, ks, kz = triple(c.keys, self.bits)
-            for dst, src in zip((self.kc, self.ks, self.kz), (squeeze(kq, self.per), ks, kz), strict=True):
-                dst[i][b, :, at // g : at // g + m] = src.reshape(hk, m, d, -1)
-            where = slots[at : at + c.tokens]
-            vq, vs, vz = triple(c.values, self.bits)
-            for dst, src in zip((self.vc, self.vs, self.vz), (squeeze(vq, self.per), vs, vz), strict=True):
-                dst[i][b][:, where] = src.reshape(hk, c.tokens, d // cg, -1)
-            at += c.tokens
-        ring = torch.arange(at, at + part.tail_k.shape[1], device=self.k[i].device) % g
-        self.k[i][b][:, ring] = part.tail_k.to(self.k[i].device)
-        self.v[i][b][:, ring] = part.tail_v.to(self.v[i].device)
-        for e, (r, k, v) in enumerate(zip(*part.sinks(), strict=True)):
-            self.xk[i][b, :, e] = k
-            self.xv[i][b, :, e] = v
-            if first:
-                self.xmap[s][b, slots[r]] = e
-                self.xslot[s][b, e] = slots[r]
-        if first:
-            self.xn[s][b] = len(part.sink_rank)
+        chunks = [c for p in parts for c in p.chunks]
+        if chunks:
+            for name, dsts, (b, at), shape in (
+                ("keys", (self.kc, self.ks, self.kz), plan["k"], (hk, -1, d)),
+                ("values", (self.vc, self.vs, self.vz), plan["v"], (hk, -1, d // cg)),
+            ):
+                stored = [triple(getattr(c, name), bits) for c in chunks]
+                for j, dst in enumerate(dsts):
+                    # [H, n, ., w] per chunk -> [n, H, ., w], the batch's chunks one after another
+                    src = torch.cat([x[j].view(*shape, x[j].shape[-1]).transpose(0, 1) for x in stored])
+                    src = (squeeze(src, per) if j == 0 else src).to(dev, dst[i].dtype)
+                    dst[i].transpose(1, 2).index_put_((b, at), src)
+        b, at = plan["ring"]
+        if len(b):
+            for ring, name in ((self.k[i], "tail_k"), (self.v[i], "tail_v")):
+                src = torch.cat([getattr(p, name).transpose(0, 1) for p in parts])
+                ring.transpose(1, 2).index_put_((b, at), src.to(dev, ring.dtype))
+        b, e, _, _ = plan["x"]
+        if len(b):
+            for dst, name in ((self.xk[i], "sink_k"), (self.xv[i], "sink_v")):
+                src = torch.stack([x for p in parts for x in getattr(p, name)])
+                dst.transpose(1, 2).index_put_((b, e), src.to(dev, dst.dtype))
 
     def start_op(self):
         out = super().start_op()

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..core.cache import PlanCache
-from .quant import QuantCache, sealable
-from .store import QuantLayer, seal
+from .quant import QuantCache, seal_layer, seal_plan, sealable
+from .store import QuantLayer
 from .window import WindowCache, WindowLayer, turn_of
 
 
@@ -131,6 +131,7 @@ class PlanQuantCache(QuantCache, PlanCache):
         self.layer_class_to_replicate = QuantLayer
         self.init_window(cfg, inv_freq)
         self.done = None
+        self.forward_state()
         self.seg_origin: list = []  # segment -> [B, T_s] stream column of each slot (-1 on padding)
         self.seg_done: list = []  # segment -> [B, T_s] slots already quantized
         self.prefill = None  # the handle's Prefill while the pruned prefill runs (its segments)
@@ -183,14 +184,12 @@ class PlanQuantCache(QuantCache, PlanCache):
             complete = sealable(valid, done, valid.long().cumsum(1) - 1, g)
             origin = self.seg_origin[s].to(full_col.device)
             full = full_col.gather(1, origin.clamp(min=0)) & valid
-            for b in range(valid.shape[0]):
-                new = complete[b].nonzero()[:, 0]
-                if len(new):
-                    for layer, seg in zip(self.layers, self.layer_segment, strict=True):
-                        if seg == s and layer.is_initialized:
-                            at = full[b, new].to(layer.parts[b].tail_k.device)
-                            seal(layer.parts[b], len(new), at, g, bits)
+            plan, memo = seal_plan(complete, full), {}
+            for layer, seg in zip(self.layers, self.layer_segment, strict=True):
+                if seg == s:
+                    seal_layer(layer, plan, g, bits, memo)
             self.seg_done[s] = done | complete
+        self.forward_state()
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)

@@ -51,13 +51,17 @@ def decode(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
 
 def pack(rows: torch.Tensor, bits: int):
     """Quantize rows [N, g] (one group each): 2 / 4 bits packed by quanto, else (codes, scale, offset)."""
-    q, scale, offset = affine(rows, bits)
+    return stored_of(*affine(rows, bits), bits)
+
+
+def stored_of(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int):
+    """``affine``'s (codes [N, g], scale, offset) as stored: 2 / 4 bits packed by quanto."""
     if bits in (2, 4):
         from optimum.quanto import WeightQBitsTensor, qint2, qint4
 
         # the plain packed layout (quantize_weight's optimized=False: no TinyGemm layout for bf16 / 128)
         qtype = qint4 if bits == 4 else qint2
-        return WeightQBitsTensor(qtype, 0, rows.shape[1], rows.size(), rows.stride(), q, scale, offset)
+        return WeightQBitsTensor(qtype, 0, q.shape[1], q.size(), (q.shape[1], 1), q, scale, offset)
     return q, scale, offset
 
 
@@ -148,20 +152,83 @@ def key_rows(k: torch.Tensor, sink: torch.Tensor, g: int) -> torch.Tensor:
     return torch.where(mask, floor, rows)
 
 
-def seal(part: Part, n: int, sink: torch.Tensor, g: int, bits: int) -> None:
-    """Quantize the first ``n`` tail tokens (whole groups) of ``part``; ``sink`` [n] bool: kept exact."""
+def seal(part: Part, n: int, sink: torch.Tensor, g: int, bits: int, at: list | None = None) -> None:
+    """Quantize the first ``n`` tail tokens (whole groups) of ``part``; ``sink`` [n] bool: kept exact (``at``:
+    its True positions, when the caller read them already)."""
     k, v = part.tail_k[:, :n], part.tail_v[:, :n]
     h, _, d = k.shape
     done = sum(c.tokens for c in part.chunks)
-    for j in sink.nonzero()[:, 0].tolist():
+    for j in sink.nonzero()[:, 0].tolist() if at is None else at:
         part.sink_rank.append(done + j)
-        part.sink_k.append(k[:, j])
-        part.sink_v.append(v[:, j])
+        part.sink_k.append(k[:, j].clone())  # copies: a view would keep the whole tail's storage alive
+        part.sink_v.append(v[:, j].clone())
     rows = key_rows(k, sink, g)
     cg = min(g, d)
     vrows = v.reshape(h * n * (d // cg), cg)
     part.chunks.append(Chunk(pack(rows.reshape(-1, g), bits), pack(vrows, bits), n))
-    part.tail_k, part.tail_v = part.tail_k[:, n:], part.tail_v[:, n:]
+    part.tail_k, part.tail_v = part.tail_k[:, n:].clone(), part.tail_v[:, n:].clone()
+
+
+SEAL_TOKENS = 8192  # tokens sealed together by ``seal_all`` (its temporaries are a few times their bytes)
+
+
+def seal_all(parts: list, plan: list, g: int, bits: int, memo: dict | None = None) -> None:
+    """``seal`` of every sample of a layer (``plan``: per part (n, sink [n], sink positions)), with one
+    ``key_rows`` / ``affine`` over the batch's rows: rows are quantized independently (per-row minimum and
+    maximum, elementwise codes), so each sample's codes are bitwise ``seal``'s. Rows go sample by sample
+    (each sample's in ``seal``'s order), so a sample's codes are a contiguous run. ``memo``: what the
+    layers of one forward share (per run of samples and device: the sink flags as rows, the exact sinks'
+    row index)."""
+    todo = [(p, n, sink, at) for p, (n, sink, at) in zip(parts, plan, strict=True) if n]
+    memo = {} if memo is None else memo
+    runs, run, size = [], [], 0  # samples in runs of up to SEAL_TOKENS tokens: bounded temporaries
+    for x in todo:
+        if run and size + x[1] > SEAL_TOKENS:
+            runs.append(run)
+            run, size = [], 0
+        run.append(x)
+        size += x[1]
+    runs += [run] if run else []
+    for r, run in enumerate(runs):
+        if len(run) == 1:
+            p, n, sink, at = run[0]
+            seal(p, n, sink.to(p.tail_k.device), g, bits, at)
+        else:
+            seal_run(run, g, bits, memo.setdefault((r, run[0][0].tail_k.device), {}))
+
+
+def seal_run(todo: list, g: int, bits: int, memo: dict) -> None:
+    """``seal_all``'s batched quantization of one run of samples."""
+    h, _, d = todo[0][0].tail_k.shape
+    dev, cg = todo[0][0].tail_k.device, min(g, d)
+    # [sum over samples of H * n, D]: sample, head, rank
+    k = torch.cat([p.tail_k[:, :n].reshape(h * n, d) for p, n, _, _ in todo])
+    v = torch.cat([p.tail_v[:, :n].reshape(h * n, d) for p, n, _, _ in todo])
+    if not memo:
+        memo["mask"] = torch.cat([s.to(dev).expand(h, -1).reshape(-1, g) for _, _, s, _ in todo])
+        rows, lo = [], 0  # the exact sinks' rows in k, sink by sink, head by head
+        for _, n, _, at in todo:
+            rows += [lo + i * n + j for j in at for i in range(h)]
+            lo += h * n
+        memo["rows"] = torch.tensor(rows, dtype=torch.long, device=dev)
+    mask, rows = memo["mask"], memo["rows"]
+    kq = affine(key_rows(k.view(-1, g, d), mask, g).reshape(-1, g), bits)
+    vq = affine(v.view(-1, cg), bits)
+    exact_k, exact_v = (x.index_select(0, rows).view(-1, h, d) for x in (k, v))
+    lo = e = 0
+    for p, n, _, at in todo:
+        kr, vr = lo * d // g, lo * d // cg  # the sample's first key / value row
+        keys = [x[kr : kr + h * n * d // g] for x in kq]
+        vals = [x[vr : vr + h * n * d // cg] for x in vq]
+        done = sum(c.tokens for c in p.chunks)
+        for j in at:
+            p.sink_rank.append(done + j)
+            p.sink_k.append(exact_k[e])
+            p.sink_v.append(exact_v[e])
+            e += 1
+        p.chunks.append(Chunk(stored_of(*keys, bits), stored_of(*vals, bits), n))
+        p.tail_k, p.tail_v = p.tail_k[:, n:].clone(), p.tail_v[:, n:].clone()
+        lo += h * n
 
 
 def assemble(part: Part, g: int, dtype):
@@ -182,20 +249,39 @@ def assemble(part: Part, g: int, dtype):
     return k, v
 
 
+def picked(valid: torch.Tensor):
+    """(flat index [N] of ``valid`` [B, q]'s True slots in sample-major order, their count per sample): one
+    host read for the batch."""
+    counts = valid.sum(1).tolist()
+    return valid.flatten().nonzero()[:, 0], counts
+
+
 class QuantLayer(DynamicLayer):
     """A cache layer that stores per sample (``parts``) and hands attention the assembled keys / values
     [B, H, T, D], slots as the cache's ``valid`` (left-padded; padding slots are zeros)."""
 
-    def put(self, key_states, value_states, valid, g: int):
+    def put(self, key_states, value_states, valid, g: int, pick=None):
+        """Append the forward's valid tokens to each sample's tail; the attention input [B, H, T, D].
+        ``pick``: (flat index of the valid [B, q] slots, their count per sample), shared by the layers."""
         b, h, q, d = key_states.shape
-        if not self.is_initialized:
+        fresh = not self.is_initialized
+        if fresh:
             self.lazy_initialization(key_states, value_states)
             empty = key_states.new_zeros(h, 0, d)
             self.parts = [Part(tail_k=empty, tail_v=empty) for _ in range(b)]
-        new = valid[:, -q:].to(key_states.device)
-        for i, p in enumerate(self.parts):
-            p.tail_k = torch.cat([p.tail_k, key_states[i][:, new[i]]], 1)
-            p.tail_v = torch.cat([p.tail_v, value_states[i][:, new[i]]], 1)
+        if pick is None:
+            pick = picked(valid[:, -q:])
+        at, counts = pick
+        at = at.to(key_states.device)
+        for src, name in ((key_states, "tail_k"), (value_states, "tail_v")):
+            # one gather of the valid tokens for all samples, split per sample ([H, n_b, D] views)
+            new = src.transpose(1, 2).flatten(0, 1).index_select(0, at).split(counts)
+            for p, x in zip(self.parts, new, strict=True):
+                old, x = getattr(p, name), x.transpose(0, 1)
+                setattr(p, name, x if old.shape[1] == 0 else torch.cat([old, x], 1))
+        if fresh and valid.shape[1] == q:  # nothing stored before: the input itself, padding zeroed
+            mask = valid.to(key_states.device)[:, None, :, None]
+            return torch.where(mask, key_states, 0), torch.where(mask, value_states, 0)
         return self.full(valid, g)
 
     def full(self, valid, g: int):
