@@ -4,7 +4,7 @@
     python evals/ttft_breakdown.py --count --shape tiny-next-cpu --out evals/results/fast_path/next_host_ops
 
 Timed mode also times, alternated rep by rep, each config with the graphed tower launched before the
-forward (``generate_fast``'s default) and called in the forward (``generate.TOWER_FIRST`` off), and with
+forward (``generate_fast``'s default) and called in the forward (``tower_first=False``), and with
 ``--ideal`` each method's plan replayed with no selection work (``prune='replay'``).
 
 Hooks on the model's own modules mark the end of each stage: up to the tower's launch (the GPU idles
@@ -45,7 +45,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 import mmsink
 from mmsink.core import layout
 from mmsink.fast import decode as fastmod
-from mmsink.fast import generate, store, vision_graph
+from mmsink.fast import store, vision_graph
 from mmsink.tools.bench import SHAPES, bench_inputs, build
 from mmsink.tools.reads import is_read, site
 
@@ -161,11 +161,7 @@ def timed_main(a):
     first = lambda: mmsink.generate_fast(model, max_new_tokens=1, graphs=cuda, **inputs)  # noqa: E731
 
     def late():  # the tower called in the forward, as before the launch existed
-        generate.TOWER_FIRST = False
-        try:
-            first()
-        finally:
-            generate.TOWER_FIRST = True
+        mmsink.generate_fast(model, max_new_tokens=1, graphs=cuda, tower_first=False, **inputs)
 
     out = []
     for spec in a.methods.split(","):

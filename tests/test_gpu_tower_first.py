@@ -8,7 +8,7 @@ from tiny import next_batch, tiny_llava_next
 
 import mmsink
 from mmsink.core import layout as layout_mod
-from mmsink.fast import generate, vision_graph
+from mmsink.fast import vision_graph
 
 pytestmark = pytest.mark.gpu
 
@@ -41,9 +41,7 @@ def test_cuda_tower_first_gives_generates_tokens(monkeypatch, method, opts):
         with torch.no_grad():
             ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
         assert torch.equal(mmsink.generate_fast(model, max_new_tokens=6, **inputs), ref)
-        monkeypatch.setattr(generate, "TOWER_FIRST", False)
-        assert torch.equal(mmsink.generate_fast(model, max_new_tokens=6, **inputs), ref)
-        monkeypatch.setattr(generate, "TOWER_FIRST", True)
+        assert torch.equal(mmsink.generate_fast(model, max_new_tokens=6, tower_first=False, **inputs), ref)
     assert len(launches) == 2  # the first prefill captured the tower's graph in the forward
 
 

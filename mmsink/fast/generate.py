@@ -19,7 +19,6 @@ from .store import decoder_for
 
 # generate's options at the values generate_fast implements (greedy); other values are refused by name
 GREEDY = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1}
-TOWER_FIRST = True  # launch a graphed vision tower before the forward (``tower_first``; off: A/B timing)
 CALLBACKS = (
     "logits_processor",
     "stopping_criteria",
@@ -65,7 +64,16 @@ def check_inputs(inputs: dict, max_new_tokens: int) -> None:
 
 
 def prefill(
-    model, family, handle, inputs: dict, graphs: bool, compile: bool, dispatched: bool, budget: int, opts=None
+    model,
+    family,
+    handle,
+    inputs: dict,
+    graphs: bool,
+    compile: bool,
+    dispatched: bool,
+    budget: int,
+    opts=None,
+    early: bool = True,
 ):
     """Run the prompt; where the plan becomes final the layer hook hands off and the remaining layers run
     on the decoder's buffers here (one graph per shape when ``graphs``)."""
@@ -82,7 +90,7 @@ def prefill(
         if vision_graph.usable(model):
             tower = vision_graph.patched(model, taps)
     try:
-        with session, tower as graph, tower_first(family, graph, call, live):
+        with session, tower as graph, tower_first(family, graph if early else None, call, live):
             # positions as generate makes them for left-padded prompts (the decode step continues from
             # these); Qwen computes its 3-D positions (and rope deltas) itself
             if not family.mrope:
@@ -111,7 +119,7 @@ def tower_first(family, graph, call: dict, live: bool):
     tower. A wrapped model's layout reads host copies of the ids and mask queued before the tower
     (``layout.EARLY``), so its read does not wait for the tower."""
     x = key = None
-    if graph is not None and TOWER_FIRST and hasattr(family, "tower_input"):
+    if graph is not None and hasattr(family, "tower_input"):
         family.host_inputs(call)  # image sizes to the host: the tower's input depends on them
         x = family.tower_input(call)
         key = graph.ready(x) if x is not None else None
@@ -171,6 +179,7 @@ def generate_fast(
     graphs: bool | None = None,
     compile: bool | None = None,
     step=None,
+    tower_first: bool = True,
     **inputs,
 ) -> torch.Tensor:
     """Greedy decoding, the same tokens as ``model.generate(**inputs, do_sample=False)``: prompt ids
@@ -178,7 +187,8 @@ def generate_fast(
     ``graphs``: one CUDA graph per token (default: on for CUDA models). ``compile``: ``torch.compile`` the
     layer step (default: on CUDA when Triton is installed; the first call compiles, seconds). ``step``:
     ``mmsink.fast.fuse.StepOptions`` or a dict of its fields (fused projections, one KV write, the
-    attention kernel; off by default)."""
+    attention kernel; off by default). ``tower_first``: launch a graphed vision tower before the forward
+    (off: the tower runs inside it, for A/B timing; same tokens)."""
     from ..patches import family_for
     from .fuse import options
 
@@ -215,7 +225,7 @@ def generate_fast(
         run = {"sparse": generate_sparse, "quant": generate_quant, "window": generate_window}[mode]
         new = run(family, handle, p, ids, max_new_tokens, graphs, compile, stop_ids(model))
         return finish(ids, new, model)
-    p = prefill(model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts)
+    p = prefill(model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts, tower_first)
     new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile, opts)
     return finish(ids, new, model)
 
