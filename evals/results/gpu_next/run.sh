@@ -1,8 +1,8 @@
 # Next GPU session: issues 20 and 17 on one H200, THREE device calls of <= 540 s each, from the repository
 # root with OUT set (the wheels carried: optimum-quanto for int4 KV, torchao):
-#   run(command="PART=1 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # decode profile, serving bench
-#   run(command="PART=2 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # serve --kv rows (NeXT)
-#   run(command="PART=3 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # slot: attention-only, NeXT TTFT
+#   run(command="PART=1 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # GPU tests, LFPS kernel, NeXT TTFT
+#   run(command="PART=2 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # compiled VAR, decode profile
+#   run(command="PART=3 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # serving bench, serve --kv rows
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
 # goes, so a cut step keeps what it measured. Progress lines go to $OUT/run.log; at most 8 files come back
@@ -43,41 +43,51 @@ transformers.__version__, 'cuda', torch.cuda.is_available(), 'torchao', torchao.
 
 if [ "$TINY" = 1 ]; then
   DEV=cpu SN=tiny-next-cpu S1=tiny-cpu RN=1 K=1 E2E=2 PROF="--tiny --reps 1 --steps 16" CTX=1024
-  NEW=2 MAXB=2 FIRST=1 SR=1 KVNEW=8 KVMAXB=2 KVFIRST=1
+  NEW=2 MAXB=2 FIRST=1 SR=1 KVNEW=8 KVMAXB=2 KVFIRST=1 TR=1 VR=1 B16=2
 else
   DEV=cuda SN=llava-next-7b S1=llava-1.5-7b RN=5 K=16 E2E=16 PROF="" CTX=8192,32768
-  NEW=64 MAXB=512 FIRST=8 SR=2 KVNEW=64 KVMAXB=512 KVFIRST=4
+  NEW=64 MAXB=512 FIRST=8 SR=2 KVNEW=64 KVMAXB=512 KVFIRST=4 TR=7 VR=3 B16=16
 fi
 
 case $PART in
 1)
-  # issue 20: where a decode step's time goes (~150 s expected; files rewritten after every stage), then
-  # the serving bench with the predicted batch search (NeXT first: the >= 6x goal; rows rewritten after
-  # every row; each row's search guarded at 90 s, ~30-45 s expected)
-  step profile_decode 220 python evals/profile_decode.py $PROF --out "$OUT/profile_decode"
-  cp "$SCR/profile_decode.out" "$OUT/profile_decode.log"
-  step serve 320 python -m mmsink serve-bench --device $DEV --shapes $SN,$S1 --budgets 320,64 \
-    --methods none,fastv,visionzip --new-tokens $NEW --max-batch $MAXB --first-batch $FIRST --seconds 90 \
-    --resolution 4 --reps $SR --out "$OUT/serve" --name serve
-  cp "$SCR/serve.out" "$OUT/serve.log"
-  ;;
-2)
-  # issue 17: the largest batch per KV mode x pruning method for LLaVA-NeXT-7B, predicted search; each
-  # row's search starts no batch expected to end past 45 s (the slow modes' verification at their
-  # predicted batch would take 1-5 min: those rows report the prediction, "not verified")
-  step kv_serve 500 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
-    --methods none,fastv,visionzip --kv none,window2048,int4,lfps512 --new-tokens $KVNEW \
-    --max-batch $KVMAXB --first-batch $KVFIRST --seconds 45 --resolution 4 --reps 1 --out "$OUT/kv_serve" \
-    --name serve
-  cp "$SCR/kv_serve.out" "$OUT/kv_serve.log"
-  ;;
-3)
-  # SLOT for the lead: attention alone at 8k / 32k (kv_decode, Triton rows being added), then LLaVA-NeXT
-  # bs 1 TTFT (next_b1); ~150 s of the call used, the rest free (e.g. kv rows to verify, see README)
-  step attn 170 python -m evals.kv_decode --attention-only --contexts $CTX --out "$OUT/attn"
-  step next_b1 150 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+  # correctness on the GPU first: the LFPS Triton kernels (their own tests and generate_fast == generate),
+  # the KV modes after the int4 read / window rotate changes, the tower launched before the forward, VAR
+  # compiled; then the issue-17 goal (LFPS attention >= 3x dense at 32k: the 'lfps triton graph' row)
+  # and the issue-20 NeXT TTFT targets (bench + per-stage breakdown with each plan's floor)
+  step pytest 170 python -m pytest -q -p no:cacheprovider tests/test_lfps_triton.py tests/test_kv_gpu.py \
+    tests/test_gpu.py tests/test_gpu_tower_first.py tests/test_orthorank_layers.py -m gpu
+  step attn 80 python -m evals.kv_decode --attention-only --contexts $CTX --out "$OUT/attn"
+  step next_b1 110 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
     --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
     --out "$OUT/next" --name next_b1
+  step ttft 200 python evals/ttft_breakdown.py --device $DEV --shape $SN \
+    --methods none,visionzip:320,fastv:320,dart:320,visipruner:320 --ideal --reps $TR --out "$OUT/next"
+  cp "$SCR/ttft.out" "$OUT/ttft.log"
+  ;;
+2)
+  # issue 20: VAR compiled by default (targets 1.15x at bs 1, 1.05x at bs 16; stderr says if a function
+  # fell back to eager), then where a decode step's time goes (files rewritten after every stage)
+  step var_b1 90 python -m mmsink bench --device $DEV --shape $S1 --batch 1 --reps $VR --methods fastv \
+    --budgets 64 --var-tau 3 --out "$OUT/var" --name var_b1
+  step var_b16 110 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR --methods fastv \
+    --budgets 64 --var-tau 3 --out "$OUT/var" --name var_b16
+  grep -h "did not compile" "$SCR/var_b1.out" "$SCR/var_b16.out" | head -3 | tee -a "$LOG"
+  step profile_decode 320 python evals/profile_decode.py $PROF --out "$OUT/profile_decode"
+  cp "$SCR/profile_decode.out" "$OUT/profile_decode.log"
+  ;;
+3)
+  # the serving bench with the predicted batch search (NeXT first: the >= 6x goal; rows rewritten after
+  # every row), then the largest batch per KV mode x pruning method for NeXT (issue 17; slow modes' rows
+  # may report their prediction "not verified")
+  step serve 280 python -m mmsink serve-bench --device $DEV --shapes $SN,$S1 --budgets 320,64 \
+    --methods none,fastv,visionzip --new-tokens $NEW --max-batch $MAXB --first-batch $FIRST --seconds 60 \
+    --resolution 4 --reps $SR --out "$OUT/serve" --name serve
+  cp "$SCR/serve.out" "$OUT/serve.log"
+  step kv_serve 260 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
+    --methods none,fastv,visionzip --kv none,window2048,int4,lfps512 --new-tokens $KVNEW \
+    --max-batch $KVMAXB --first-batch $KVFIRST --seconds 20 --resolution 4 --reps 1 --out "$OUT/kv_serve" \
+    --name serve
   ;;
 *) say "PART must be 1, 2 or 3, not $PART"; exit 2 ;;
 esac
