@@ -191,3 +191,43 @@ def test_batched_sealing_is_bitwise_per_sample_sealing(monkeypatch, kv):
         caches.append(parts_of(out.past_key_values, bits))
     assert any(p[0] for p in caches[0]) and any(p[3] for p in caches[0])  # groups and sinks were stored
     assert same(caches[0], caches[1])
+
+
+@pytest.mark.parametrize(
+    "kv,decoder",
+    [
+        (INT4, "mmsink.kv.fast_quant.QuantDecoder"),
+        ({"window": 64, "sinks": 4}, "mmsink.kv.fast.WindowDecoder"),
+        ({"sparse": "lfps", "topk": 16}, "mmsink.kv.fast_sparse.SparseDecoder"),
+    ],
+)
+def test_prefill_cache_is_freed_before_decoding(monkeypatch, kv, decoder):
+    """Every kv mode's decoder holds its own copy once filled, so the prefill's cache (for int4 its whole
+    quantized store) is gone while the tokens are decoded; the tokens stay generate's."""
+    import gc
+    import importlib
+    import weakref
+
+    mod, name = decoder.rsplit(".", 1)
+    cls = getattr(importlib.import_module(mod), name)
+    caches, alive = [], []
+    real_fill, real_run = cls.fill, cls.run
+
+    def fill(self, cache, *a, **k):
+        caches.append(weakref.ref(cache))
+        return real_fill(self, cache, *a, **k)
+
+    def run(self, *a, **k):
+        gc.collect()
+        alive.append(caches[-1]() is not None)
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(cls, "fill", fill)
+    monkeypatch.setattr(cls, "run", run)
+    model = tiny_llava(layers=2)
+    x = inputs()
+    mmsink.wrap(model, kv=kv)
+    with torch.no_grad():
+        ref = model.generate(**x, max_new_tokens=4, do_sample=False)
+    assert torch.equal(fast(model, x, 4), ref)
+    assert alive == [False]

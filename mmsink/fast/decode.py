@@ -432,5 +432,6 @@ def decode_kv(family, p, ids, max_new_tokens: int, graphs: bool, stop, need, mak
         dec.fill(p.cache, p.mask, p.tok, delta, pad)
         dec.capture()
     dec.fill(p.cache, p.mask, p.tok, delta, pad)
+    p.cache = None  # the decoder holds its own copy: the prefill's cache need not live through decoding
     n = dec.run(steps)
     return torch.cat([new, dec.out[:, :n].to(ids.device)], 1), dec
