@@ -65,6 +65,41 @@ def test_bare_model_and_eos_padding(llava):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("method,opts", [(None, {}), ("pdrop", {})])
+def test_prefill_cache_is_freed_before_decoding(llava, monkeypatch, method, opts):
+    """The decoder's buffers hold a copy of the prefill's keys / values once filled, so the prefill's cache
+    (the whole prompt's for a bare model, the layers before the hand-off when wrapped) is gone while the
+    tokens are decoded; the tokens stay generate's."""
+    import gc
+    import weakref
+
+    caches, alive = [], []
+    real_fill, real_run = fastmod.FastDecoder.fill, fastmod.FastDecoder.run
+
+    def fill(self, cache, *a, **k):
+        caches.append(weakref.ref(cache))
+        return real_fill(self, cache, *a, **k)
+
+    def run(self, *a, **k):
+        gc.collect()
+        alive.append(caches[-1]() is not None)
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(fastmod.FastDecoder, "fill", fill)
+    monkeypatch.setattr(fastmod.FastDecoder, "run", run)
+    inputs = batch([prompt(5, 7, seed=6), prompt(2, 4, seed=7)])
+    if method:
+        mmsink.wrap(llava, prune=method, **opts)
+    try:
+        ref = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
+        out = mmsink.generate_fast(llava, max_new_tokens=6, **inputs)
+    finally:
+        if method:
+            mmsink.unwrap(llava)
+    assert torch.equal(out, ref)
+    assert alive == [False]
+
+
 def test_llava_next():
     model = tiny_llava_next()
     inputs, _ = next_batch(model, [(3, 4, [(28, 56)]), (2, 5, [(56, 56)])], seed=1)

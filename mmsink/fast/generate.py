@@ -168,6 +168,7 @@ def decode(
         dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
         dec.capture()
     dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
+    p.cache = None  # copied into the decoder's buffers: not kept alive through decoding
     steps = dec.run(max_new_tokens - 1)
     return torch.cat([new, dec.out[:, :steps].to(ids.device)], 1)
 
