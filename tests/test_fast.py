@@ -100,6 +100,30 @@ def test_prefill_cache_is_freed_before_decoding(llava, monkeypatch, method, opts
     assert alive == [False]
 
 
+def test_unpruned_prefill_leaves_no_cache_beside_the_buffers(llava, monkeypatch):
+    """``prune="none"`` hands off before the first layer: the decoder is filled from a cache holding no
+    keys (its layers wrote into the buffers), where the bare model's holds the whole prompt, so the serving
+    bench's unpruned row (wrapped so) does not carry its KV twice at the fill; same tokens."""
+    held = []
+    real_fill = fastmod.FastDecoder.fill
+
+    def fill(self, cache, *a, **k):
+        keys = [getattr(layer, "keys", None) for layer in cache.layers]
+        held.append(sum(k.numel() for k in keys if k is not None))
+        return real_fill(self, cache, *a, **k)
+
+    monkeypatch.setattr(fastmod.FastDecoder, "fill", fill)
+    inputs = batch([prompt(5, 7, seed=8), prompt(2, 4, seed=9)])
+    ref = llava.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(mmsink.generate_fast(llava, max_new_tokens=5, **inputs), ref)
+    mmsink.wrap(llava, prune="none")
+    try:
+        assert torch.equal(mmsink.generate_fast(llava, max_new_tokens=5, **inputs), ref)
+    finally:
+        mmsink.unwrap(llava)
+    assert held[0] > 0 and held[-1] == 0, held
+
+
 def test_llava_next():
     model = tiny_llava_next()
     inputs, _ = next_batch(model, [(3, 4, [(28, 56)]), (2, 5, [(56, 56)])], seed=1)

@@ -416,11 +416,13 @@ def serve_kv_row(model, one: dict, method: str, budget, kv, opts: dict, say) -> 
 
     wrapped = False
     try:
-        if method == "none" and kv is None:
-            clear(model)  # the unwrapped model through generate_fast
-        else:
-            mmsink.wrap(model, prune=None if method == "none" else method, budget=budget, kv=kv)
-            wrapped = True
+        clear(model)
+        # unpruned without a kv mode: prune="none", whose prefill hands off before the first layer, so the
+        # layers write straight into the decoder's buffers; the bare model's prompt cache would sit beside
+        # them at the fill, doubling the unpruned row's KV at its peak
+        prune = method if method != "none" else ("none" if kv is None else None)
+        mmsink.wrap(model, prune=prune, budget=budget, kv=kv)
+        wrapped = True
         return serve_row(model, one, opts["new_tokens"], opts, say)
     except ValueError as e:
         text = str(e)
