@@ -193,3 +193,9 @@ def test_presets_set_rho_and_explicit_values_win():
     assert make_config({"sink_dims": (1,), "preset": "hallucination", "rho": 0.7}).rho == 0.7
     with pytest.raises(ValueError, match="preset"):
         make_config({"sink_dims": (1,), "preset": "pope"})
+
+
+def test_code_vector_is_codes():
+    from mmsink.sinks.var import CODES, code_vector
+
+    assert code_vector(torch.device("cpu")).tolist() == list(CODES)

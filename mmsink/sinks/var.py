@@ -118,20 +118,15 @@ def key_codes_eager(hidden, visual, prompt, cfg: VARConfig) -> torch.Tensor:
     return torch.where(visual, torch.where(sink, VISUAL_SINK, VISUAL), sink.long())
 
 
-_CODE_VECTORS: dict = {}
-
-
 def code_vector(device) -> torch.Tensor:
-    """``CODES`` as a tensor on ``device``, made once (a tensor from host data is a blocking copy)."""
-    t = _CODE_VECTORS.get(device)
-    if t is None:
-        t = _CODE_VECTORS[device] = torch.tensor(CODES, device=device)
-    return t
+    """``CODES`` (1, 2, 3, 0) as a tensor on ``device``, built on the device (a tensor from host data would
+    be a blocking copy; a compiled caller folds it into its kernels)."""
+    return torch.arange(1, len(CODES) + 1, device=device).remainder_(len(CODES))
 
 
 def groups_of(codes, valid, vec=None):
     """[B, G, kv] membership of each key group (``CODES`` order) and [B, 1, 1] whether a sample has a
-    visual sink among its valid keys. ``vec``: ``code_vector(codes.device)`` (an argument where compiled)."""
+    visual sink among its valid keys. ``vec``: ``code_vector(codes.device)`` when the caller has it."""
     vec = code_vector(codes.device) if vec is None else vec
     groups = (codes[:, None] == vec[None, :, None]) & valid[:, None]
     return groups, groups[:, CODES.index(VISUAL_SINK)].any(1)[:, None, None]
@@ -172,10 +167,9 @@ def decode_attention(q, k, v, valid, codes, scale, cfg: VARConfig):
     """VAR for a decode step whose every query row is edited (``generate_fast``): q [B, H, n, d] (n new
     tokens, already in the buffer), k / v [B, kv_heads, slots, d], ``valid`` [B, slots] the filled slots,
     ``codes`` [B, slots]. Returns [B, H, n, d] in q's dtype."""
-    vec = code_vector(codes.device)
     if compiling(cfg, q.device):  # inside the decode step's CUDA graph: fewer kernels a replay
-        return COMPILED["decode_attention"](q, k, v, valid, codes, vec, scale, cfg)
-    return decode_attention_eager(q, k, v, valid, codes, vec, scale, cfg)
+        return COMPILED["decode_attention"](q, k, v, valid, codes, None, scale, cfg)
+    return decode_attention_eager(q, k, v, valid, codes, None, scale, cfg)
 
 
 def decode_attention_eager(q, k, v, valid, codes, vec, scale, cfg: VARConfig, lse=attention_lse):
@@ -243,11 +237,12 @@ def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARCo
         memo.update(mask=mask, dtype=q.dtype, allowed=allowed, safe=safe, real=(ri >= 0)[:, None, :, None])
         memo["allowed_r"] = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
         memo["rows_g"] = safe.repeat(1, len(CODES))  # the rows once per group, group-major
+        memo["vec"] = code_vector(codes.device)
     allowed, safe = memo["allowed"], memo["safe"]
     kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
     out = plain_attention(q, kk, vv, allowed, scale, base, masked=mask is not None)
     flops = 4 * b * h * n * kv * d + 4 * b * h * safe.shape[1] * kv * d * len(CODES)
-    args = (codes, valid, code_vector(codes.device), memo["rows_g"], memo["allowed_r"], safe, memo["real"])
+    args = (codes, valid, memo["vec"], memo["rows_g"], memo["allowed_r"], safe, memo["real"])
     if compiling(cfg, q.device):
         return COMPILED["edited_output"](q, kk, vv, out, *args, scale, cfg, base == "eager"), flops
     lse = attention_lse_math if base == "eager" else attention_lse
