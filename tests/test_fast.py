@@ -10,7 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_var import VAR
-from tiny import batch, next_batch, prompt, qwen_batch, tiny_llava, tiny_llava_next, tiny_qwen
+from tiny import (
+    batch,
+    fill_cache_alive_at_run,
+    next_batch,
+    prompt,
+    qwen_batch,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen,
+)
 
 import mmsink
 from mmsink.fast import clear as fast_clear
@@ -70,23 +79,7 @@ def test_prefill_cache_is_freed_before_decoding(llava, monkeypatch, method, opts
     """The decoder's buffers hold a copy of the prefill's keys / values once filled, so the prefill's cache
     (the whole prompt's for a bare model, the layers before the hand-off when wrapped) is gone while the
     tokens are decoded; the tokens stay generate's."""
-    import gc
-    import weakref
-
-    caches, alive = [], []
-    real_fill, real_run = fastmod.FastDecoder.fill, fastmod.FastDecoder.run
-
-    def fill(self, cache, *a, **k):
-        caches.append(weakref.ref(cache))
-        return real_fill(self, cache, *a, **k)
-
-    def run(self, *a, **k):
-        gc.collect()
-        alive.append(caches[-1]() is not None)
-        return real_run(self, *a, **k)
-
-    monkeypatch.setattr(fastmod.FastDecoder, "fill", fill)
-    monkeypatch.setattr(fastmod.FastDecoder, "run", run)
+    alive = fill_cache_alive_at_run(monkeypatch, fastmod.FastDecoder)
     inputs = batch([prompt(5, 7, seed=6), prompt(2, 4, seed=7)])
     if method:
         mmsink.wrap(llava, prune=method, **opts)

@@ -11,7 +11,7 @@ import collections
 import optimum.quanto  # noqa: F401  (2 / 4 bits; its import takes seconds: at collection, not in a test)
 import pytest
 import torch
-from tiny import batch, fast, prompt, tiny_llava
+from tiny import batch, fast, fill_cache_alive_at_run, prompt, tiny_llava
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmsink
@@ -204,26 +204,10 @@ def test_batched_sealing_is_bitwise_per_sample_sealing(monkeypatch, kv):
 def test_prefill_cache_is_freed_before_decoding(monkeypatch, kv, decoder):
     """Every kv mode's decoder holds its own copy once filled, so the prefill's cache (for int4 its whole
     quantized store) is gone while the tokens are decoded; the tokens stay generate's."""
-    import gc
     import importlib
-    import weakref
 
     mod, name = decoder.rsplit(".", 1)
-    cls = getattr(importlib.import_module(mod), name)
-    caches, alive = [], []
-    real_fill, real_run = cls.fill, cls.run
-
-    def fill(self, cache, *a, **k):
-        caches.append(weakref.ref(cache))
-        return real_fill(self, cache, *a, **k)
-
-    def run(self, *a, **k):
-        gc.collect()
-        alive.append(caches[-1]() is not None)
-        return real_run(self, *a, **k)
-
-    monkeypatch.setattr(cls, "fill", fill)
-    monkeypatch.setattr(cls, "run", run)
+    alive = fill_cache_alive_at_run(monkeypatch, getattr(importlib.import_module(mod), name))
     model = tiny_llava(layers=2)
     x = inputs()
     mmsink.wrap(model, kv=kv)

@@ -469,3 +469,26 @@ def replay_stand_in(captured: list, ops=None):
         return out, replay
 
     return stand_in
+
+
+def fill_cache_alive_at_run(monkeypatch, decoder_class) -> list:
+    """Patches ``decoder_class``'s ``fill`` / ``run``: the returned list gets, per ``run``, whether the
+    cache its last ``fill`` read is still alive (after a garbage collection)."""
+    import gc
+    import weakref
+
+    caches, alive = [], []
+    real_fill, real_run = decoder_class.fill, decoder_class.run
+
+    def fill(self, cache, *a, **k):
+        caches.append(weakref.ref(cache))
+        return real_fill(self, cache, *a, **k)
+
+    def run(self, *a, **k):
+        gc.collect()
+        alive.append(caches[-1]() is not None)
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(decoder_class, "fill", fill)
+    monkeypatch.setattr(decoder_class, "run", run)
+    return alive
