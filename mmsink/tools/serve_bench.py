@@ -32,17 +32,24 @@ from . import bench
 
 
 def largest_batch(
-    attempt, max_batch: int = 256, resolution: int = 8, deadline: float | None = None, first: int = 1
+    attempt,
+    max_batch: int = 256,
+    resolution: int = 8,
+    deadline: float | None = None,
+    first: int = 1,
+    late=None,
 ):
     """(largest batch that fit, {batch: fit?} in the order tried, whether the deadline cut the search).
     ``attempt(b)`` -> True when batch b fits. Doubling from ``first`` to the first failure (or
     ``max_batch``), then bisection (below ``first`` too, when it does not fit) until the gap between fit
     and failure is at most max(1, fit // resolution). ``deadline``: a perf_counter time after which no new
-    batch is tried."""
+    batch is tried; ``late(b)`` -> True when batch b is not to be started replaces that rule (the search
+    ``predicted_batch`` falls back to)."""
     tried, best, bad = {}, 0, None
+    if late is None:
 
-    def late() -> bool:
-        return deadline is not None and time.perf_counter() > deadline
+        def late(b: int) -> bool:
+            return deadline is not None and time.perf_counter() > deadline
 
     b = max(1, min(first, max_batch))
     while True:
@@ -51,13 +58,15 @@ def largest_batch(
             bad = b
             break
         best = b
-        if b >= max_batch or late():
-            return best, tried, b < max_batch
+        if b >= max_batch:
+            return best, tried, False
         b = min(2 * b, max_batch)
-    while bad - best > max(1, best // resolution):
-        if late():
+        if late(b):
             return best, tried, True
+    while bad - best > max(1, best // resolution):
         mid = (best + bad) // 2
+        if late(mid):
+            return best, tried, True
         tried[mid] = attempt(mid)
         best, bad = (mid, bad) if tried[mid] else (best, mid)
     return best, tried, False
@@ -85,8 +94,8 @@ def predicted_batch(
     for a fit there to close the gap, then bisection. The search ends when the smallest failure is at most
     max(1, largest fit // resolution) above the largest fit (as ``largest_batch``'s), or at ``deadline``
     (a ``now()`` time): once two batches fit, no batch is started whose duration, on the line through the
-    durations of the two largest fits, would end past it. A small batch that does not fit, or a peak that
-    cannot be read, leaves bisection / doubling only.
+    durations of the two largest fits, would end past it. A small batch that does not fit leaves bisection
+    only; a peak that cannot be read, ``largest_batch``'s doubling and bisection from the second batch.
     Returns dict(best, tried {b: fits} in order, cut (by the deadline), not_run ([batch, expected s] the
     deadline kept from starting, or None), found (predicted: the predicted batch, a step above it failed
     or it is ``max_batch``; stepped up: above the prediction; bisected: below it; not verified: the
@@ -163,14 +172,10 @@ def predicted_batch(
     if not run(p2):
         bisect()
         return found()
-    if peaks[p1] is None or peaks[p2] is None:  # nothing to fit: doubling, then bisection
+    if peaks[p1] is None or peaks[p2] is None:  # nothing to fit: doubling from p2, then bisection
         unread = True
-        while out["first_oom"] is None and out["best"] < max_batch:
-            b = min(max_batch, 2 * out["best"])
-            if late(b):
-                return found()
-            run(b)
-        bisect()
+        known = lambda b: tried[b] if b in tried else run(b)  # noqa: E731 (p2 is not run again)
+        largest_batch(known, max_batch, resolution, first=p2, late=late)
         return found()
     per_seq = (peaks[p2] - peaks[p1]) / (p2 - p1)
     fixed = peaks[p1] - per_seq * p1
