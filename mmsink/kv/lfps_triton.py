@@ -257,11 +257,11 @@ if triton is not None:
         sk_h,
         sk_t,
         sk_d,
+        sv_b,
         sw_b,
         sw_h,
         sw_t,
         sw_d,
-        sv_b,
         NM: tl.constexpr,
         EB: tl.constexpr,
         KOB: tl.constexpr,
@@ -403,16 +403,17 @@ def sparse_step(
     is_ptr = isinstance(length, torch.Tensor)
     lptr = length if is_ptr else hist  # unread
     lval = 0 if is_ptr else int(t if length is None else length)
+    shared = (*q.stride(), *key.stride(), vb.stride(0))  # sq_*, sk_*, sv_b: both kernels' first strides
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():  # Triton's device
         _scores[(b * h, split)](
             q, key, vb, hist, sink, lptr, scores, slots, lval, h, h // hk, t, kh, sinks, float(scaling),
-            *q.stride(), *key.stride(), vb.stride(0), hist.stride(0), hist.stride(1),
+            *shared, *hist.stride()[:2],
             EXPAND=expand, SB=sb, KB=kb, BLK=blk, QC=min(64, kb), EB=eb, D=d, DC=16 if blk * sb <= 256 else 8,
             LEN_PTR=is_ptr, HAS_SINKS=sinks > 0, num_warps=4,
         )  # fmt: skip
         _select[(b * h,)](
             q, key, value, vb, scores, slots, nxt, w, out, h, h // hk, t, ko, topk, float(scaling),
-            *q.stride(), *key.stride(), *value.stride(), vb.stride(0),
+            *shared, *value.stride(),
             NM=nm, EB=eb, KOB=kob, NP=PROBES, D=d, DC=min(32, _pow2(d, 1)), BT=4096,
             CHECK_SHORT=not all_long, num_warps=8 if nm <= 4096 else 16,
         )  # fmt: skip
