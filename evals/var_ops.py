@@ -57,21 +57,26 @@ def no_modes():
 
 
 class CompiledCounts:
-    """``var.COMPILED``'s entries replaced by wrappers that count, per call, the kernels the compiled
-    graph launches (profiler events directly under the graph's call; allocations and views aside) as ops
-    of ``ops`` (in the running region), and the calls."""
+    """Calls of VAR's compiled functions (``var.Compiled``, every wrap's) replaced by ones that count, per
+    call, the kernels the compiled graph launches (profiler events directly under the graph's call;
+    allocations and views aside) as ops of ``ops`` (in the running region), and the calls."""
 
     def __init__(self, ops: Ops):
         self.ops, self.calls = ops, collections.Counter()
-        self.saved = dict(var_mod.COMPILED)
+        self.saved = var_mod.Compiled.__call__
 
     def __enter__(self):
-        for name, fn in self.saved.items():
-            var_mod.COMPILED[name] = lambda *a, fn=fn, name=name: self.run(name, fn, a)
+        call = self.saved
+
+        def counting(c, *a):
+            name = c.fn.__name__.removesuffix("_eager").removesuffix("_fused")  # CompiledVAR's names
+            return self.run(name, lambda *x: call(c, *x), a)
+
+        var_mod.Compiled.__call__ = counting
         return self
 
     def __exit__(self, *exc):
-        var_mod.COMPILED.update(self.saved)
+        var_mod.Compiled.__call__ = self.saved
 
     def run(self, name, fn, args):
         with no_modes(), profile(activities=[ProfilerActivity.CPU]) as prof:

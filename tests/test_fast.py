@@ -137,7 +137,7 @@ def test_var_decode(llava, monkeypatch, method, opts):
         ref = llava.generate(**inputs, max_new_tokens=10, do_sample=False)
         out = mmsink.generate_fast(llava, max_new_tokens=10, **inputs)
         if method is None:
-            plain = lambda q, k, v, valid, codes, scale, cfg: F.scaled_dot_product_attention(  # noqa: E731
+            plain = lambda q, k, v, valid, codes, scale, cfg, fns: F.scaled_dot_product_attention(  # noqa: E731
                 q, k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
             )
             monkeypatch.setattr(fastmod, "decode_attention", plain)

@@ -2,8 +2,10 @@
 ``compile=True``): the eager path's outputs and the paper reference's, one graph for every layer of a
 prompt, and eager where the compiler cannot run."""
 
+import gc
 import shutil
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from tiny import batch, prompt, tiny_llava
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmsink
+from mmsink.core.hooks import get_handle
 from mmsink.sinks import var as var_mod
 from mmsink.sinks.var import VARConfig
 
@@ -21,7 +24,8 @@ needs_cxx = pytest.mark.skipif(NO_CXX, reason="torch.compile on CPU needs a C++ 
 
 
 def outputs(model, inputs, compile: bool, **settings):
-    """Prefill logits, VAR's sink counts, generate's and generate_fast's tokens with VAR compiled or not."""
+    """Prefill logits, VAR's sink counts, generate's and generate_fast's tokens with VAR compiled or not
+    (compiled: every one of the wrap's functions compiled, none fell back)."""
     mmsink.wrap(model, var={**VAR, "compile": compile}, **settings)
     try:
         with torch.no_grad():
@@ -29,6 +33,8 @@ def outputs(model, inputs, compile: bool, **settings):
             sinks = mmsink.stats(model).extra["var_sinks"]
             gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)
             fast = mmsink.generate_fast(model, max_new_tokens=5, **inputs)
+        for name, fn in get_handle(model).var_compiled.items():
+            assert (fn.compiled is not None and not fn.failed) == compile, name
     finally:
         mmsink.unwrap(model)
     return logits, sinks, gen, fast
@@ -52,8 +58,6 @@ def test_compiled_equals_eager_and_reference(attn):
         torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-5)
         assert compiled[1] == eager[1]
         assert torch.equal(compiled[2], eager[2]) and torch.equal(compiled[3], eager[3])
-    for name, fn in var_mod.COMPILED.items():
-        assert fn.compiled is not None and not fn.failed, name
     inputs = batch(one, seed=5)
     with torch.no_grad():
         ref, _ = run(
@@ -178,3 +182,48 @@ def test_compile_setting():
     assert not var_mod.compiling(VARConfig(**VAR, compile=False), cuda)
     with pytest.raises(ValueError, match="compile must be"):
         VARConfig(**VAR, compile="yes")
+
+
+def test_compiled_functions_belong_to_one_wrap(monkeypatch):
+    """Each wrap has its own compiled functions: a compiler failure in one model's prefill leaves the
+    other model compiling (a process-wide failure flag would turn it eager), both handles' objects are
+    distinct, and ``unwrap`` drops them (the decoder ``generate_fast`` kept included). ``torch.compile``
+    stands in: first failing, then handing back the function and recording what it was given."""
+    a, b = tiny_llava(layers=4), tiny_llava(layers=4)
+    inputs = batch([prompt(5, 9, seed=1)], seed=5)
+    for m in (a, b):
+        mmsink.wrap(m, var={**VAR, "compile": True})
+    fa, fb = get_handle(a).var_compiled, get_handle(b).var_compiled
+    assert fa is not fb
+    assert all(x is not y for (_, x), (_, y) in zip(fa.items(), fb.items()))
+
+    def broken(f, **kw):
+        def call(*args):
+            raise torch._dynamo.exc.Unsupported("no")
+
+        return call
+
+    given = []
+
+    def passthrough(f, **kw):
+        given.append(f.__name__)
+        return f
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with torch.no_grad(), pytest.warns(UserWarning, match="did not compile"):
+        a(**inputs)
+    assert fa.key_codes.failed and fa.edited_output.failed and not fa.decode_attention.failed
+    monkeypatch.setattr(torch, "compile", passthrough)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b(**inputs)
+        a(**inputs)  # eager from its failure on: no new attempt
+        mmsink.generate_fast(b, max_new_tokens=3, **inputs)
+    assert sorted(given) == ["decode_attention_fused", "edited_output", "key_codes_eager"]
+    assert not any(fn.failed for _, fn in fb.items())
+    gone = [weakref.ref(x) for f in (fa, fb) for x in (f, *(fn for _, fn in f.items()))]
+    del fa, fb
+    mmsink.unwrap(a)
+    mmsink.unwrap(b)
+    gc.collect()
+    assert all(r() is None for r in gone)

@@ -53,6 +53,8 @@ class Handle:
     def __init__(self, model, family, pruner, var=None, sinks=None, use_varlen: bool | None = None, kv=None):
         self.model, self.family, self.pruner, self.var, self.sinks = model, family, pruner, var, sinks
         self.kv = kv  # mmsink.kv's config: it checks the model and installs its own hooks (after ours)
+        # VAR's torch.compile wrappers and their fallback flags: this wrap's own, gone with the handle
+        self.var_compiled = var_steps.CompiledVAR() if var is not None else None
         self.sink_threshold = None
         if sinks is not None:
             self.sink_threshold = sinks.threshold or vitsink.known_threshold(family.config.vision_config)
@@ -309,7 +311,7 @@ class Handle:
             kwargs["position_ids"] = None
         if self.var is not None and layer in ctx.cache.layer_codes:
             kwargs["mmsink"] = Directive(
-                layer, reweight=var_steps.decode_reweight(ctx.cache, layer, self.var)
+                layer, reweight=var_steps.decode_reweight(ctx.cache, layer, self.var, self.var_compiled)
             )
         return args, kwargs
 
@@ -344,7 +346,7 @@ class Handle:
         """What this layer's attention must do beyond plain attention, or None."""
         want = dict(self.planner.directive(ctx, layer) or {})
         if self.var is not None and self.var.active(layer, self.num_layers) and "reweight" not in want:
-            want["reweight"] = var_steps.prefill_reweight(ctx, layer, hidden, self.var)
+            want["reweight"] = var_steps.prefill_reweight(ctx, layer, hidden, self.var, self.var_compiled)
         seg = ctx.seg
         # padding: a ragged kernel, no mask (not on masked slots: packing them needs their count, a read)
         if self.varlen and not seg.dense and not seg.masked and varlen.on_device(hidden):

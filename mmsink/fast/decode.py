@@ -61,14 +61,15 @@ def finish(layer, h, o):
 
 def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, rope, var=None):
     """One decoder layer for one new token: write its key / value at ``slot``, attend over the buffer.
-    ``var``: (key codes [B, slots], VARConfig) in a layer where VAR redistributes attention."""
+    ``var``: (key codes [B, slots], VARConfig, the wrap's CompiledVAR) in a layer where VAR redistributes
+    attention."""
     scale = layer.self_attn.scaling
     q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
     kb.index_copy_(2, slot, k)
     vb.index_copy_(2, slot, v)
     ok.index_fill_(1, slot, True)
     if var is not None:
-        o = decode_attention(q, kb, vb, ok, var[0], scale, var[1])
+        o = decode_attention(q, kb, vb, ok, var[0], scale, var[1], var[2])
     else:
         o = F.scaled_dot_product_attention(
             q, kb, vb, attn_mask=ok[:, None, None, :], scale=scale, enable_gqa=heads != kv_heads
@@ -160,6 +161,7 @@ class FastDecoder:
         # VAR: (config, layers); each such layer keeps its keys' group codes (new tokens: "other")
         self.var_cfg, var_layers = var if var is not None else (None, ())
         self.codes = {i: torch.zeros_like(self.valid[i], dtype=torch.long) for i in var_layers}
+        self.var_compiled = None  # the running wrap's CompiledVAR, set by generate_fast each run
 
     def fill(self, cache, attention_mask, tok, delta, pad, tail=None) -> None:
         """Load one prefill: its per-layer keys / values and masks, positions, first token, stop ids.
@@ -222,7 +224,7 @@ class FastDecoder:
         for i in range(lo, hi):
             kb = self.k[i]
             dev = kb.device  # layers may sit on different GPUs (device_map)
-            var = (self.codes[i], self.var_cfg) if i in self.codes else None
+            var = (self.codes[i], self.var_cfg, self.var_compiled) if i in self.codes else None
             h = (self.layer_fn if var is None else layer_step)(  # VAR layers: not compiled
                 self.layers[i],
                 h.to(dev),

@@ -163,6 +163,8 @@ def decode(
         dec = decoder_for(
             family, lengths, ids.shape[0], max_new_tokens - 1, stops, graphs, compile, var, opts
         )
+        if var_on:  # a kept decoder may come from an earlier wrap of this model (re-wrapped, not unwrapped)
+            dec.var_compiled = handle.var_compiled
     delta = family.rope_deltas() if dec.mrope else None  # [B, 1], set by the prefill
     if graphs and dec.graph is None and not dec.staged:
         dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)

@@ -105,10 +105,10 @@ def sink_scores(hidden: torch.Tensor, dims) -> torch.Tensor:
     return (torch.stack([x[..., d] for d in dims], -1).abs() / rms).amax(-1)
 
 
-def key_codes(hidden, visual, prompt, cfg: VARConfig) -> torch.Tensor:
-    """[B, n] group code of each slot of the layer's input."""
+def key_codes(hidden, visual, prompt, cfg: VARConfig, fns: CompiledVAR | None = None) -> torch.Tensor:
+    """[B, n] group code of each slot of the layer's input. ``fns``: the wrap's compiled functions."""
     if compiling(cfg, hidden.device):
-        return COMPILED["key_codes"](hidden, visual, prompt, cfg)
+        return compiled(fns, "key_codes")(hidden, visual, prompt, cfg)
     return key_codes_eager(hidden, visual, prompt, cfg)
 
 
@@ -163,12 +163,12 @@ def var_mix(cfg: VARConfig, outs, masses, has_visual_sink):
     return (1 - p)[..., None] * (t[:, :, 0] + t[:, :, 1]) + t[:, :, 2] + t[:, :, 3]
 
 
-def decode_attention(q, k, v, valid, codes, scale, cfg: VARConfig):
+def decode_attention(q, k, v, valid, codes, scale, cfg: VARConfig, fns: CompiledVAR | None = None):
     """VAR for a decode step whose every query row is edited (``generate_fast``): q [B, H, n, d] (n new
     tokens, already in the buffer), k / v [B, kv_heads, slots, d], ``valid`` [B, slots] the filled slots,
-    ``codes`` [B, slots]. Returns [B, H, n, d] in q's dtype."""
+    ``codes`` [B, slots]; ``fns``: the wrap's compiled functions. Returns [B, H, n, d] in q's dtype."""
     if compiling(cfg, q.device):  # inside the decode step's CUDA graph: fewer kernels a replay
-        return COMPILED["decode_attention"](q, k, v, valid, codes, None, scale, cfg)
+        return compiled(fns, "decode_attention")(q, k, v, valid, codes, None, scale, cfg)
     return decode_attention_eager(q, k, v, valid, codes, None, scale, cfg)
 
 
@@ -216,13 +216,13 @@ def edited_output(q, kk, vv, out, codes, valid, vec, rows_g, allowed_r, safe, re
     return out.scatter(2, idx, new).transpose(1, 2).contiguous()
 
 
-def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig, memo=None):
+def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig, memo=None, fns=None):
     """Attention with VAR applied to ``rows`` ([B, n] bool, or [B, R] row indices with -1 padding);
     ``codes`` [B, kv] group of each key. Every row gets plain attention (the backend's kernel; ``mask`` as
     the layer received it); the edited rows are then recomputed from per-group partial outputs and
     masses. ``memo``: a dict the caller keeps for layers with the same ``key_valid`` and ``rows`` (a
-    segment): the masks and indices made from them are made once per ``mask`` object.
-    Returns (output [B, n, H, d], FLOPs executed)."""
+    segment): the masks and indices made from them are made once per ``mask`` object. ``fns``: the
+    wrap's ``CompiledVAR``. Returns (output [B, n, H, d], FLOPs executed)."""
     b, h, n, d = q.shape
     kv = k.shape[2]
     valid = key_valid if key_valid is not None else torch.ones_like(codes, dtype=torch.bool)
@@ -244,7 +244,7 @@ def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARCo
     flops = 4 * b * h * n * kv * d + 4 * b * h * safe.shape[1] * kv * d * len(CODES)
     args = (codes, valid, memo["vec"], memo["rows_g"], memo["allowed_r"], safe, memo["real"])
     if compiling(cfg, q.device):
-        return COMPILED["edited_output"](q, kk, vv, out, *args, scale, cfg, base == "eager"), flops
+        return compiled(fns, "edited_output")(q, kk, vv, out, *args, scale, cfg, base == "eager"), flops
     lse = attention_lse_math if base == "eager" else attention_lse
     new, idx = edited_rows(q, kk, vv, out, *args, scale, cfg, lse)
     out.scatter_(2, idx, new)  # padding rows (index -1 -> 0) write back row 0's own output
@@ -300,11 +300,24 @@ class Compiled:
             return self.fn(*args)
 
 
-COMPILED = {
-    "key_codes": Compiled(key_codes_eager),
-    "edited_output": Compiled(edited_output),
-    "decode_attention": Compiled(decode_attention_fused),
-}
+class CompiledVAR:
+    """VAR's compiled functions for one wrapped model: the handle keeps them and ``unwrap`` drops them, so a
+    compiler failure turns only this wrap's calls eager. Two wraps' ``torch.compile`` of one function
+    share dynamo's graphs (its cache is on the function's code): a new wrap does not recompile."""
+
+    def __init__(self):
+        self.key_codes = Compiled(key_codes_eager)
+        self.edited_output = Compiled(edited_output)
+        self.decode_attention = Compiled(decode_attention_fused)
+
+    def items(self):
+        return vars(self).items()
+
+
+def compiled(fns: CompiledVAR | None, name: str) -> Compiled:
+    """``fns``' function ``name``; a fresh one for a call outside a wrap (``fns`` None: nothing kept, a
+    compiler failure warns again the next call)."""
+    return getattr(CompiledVAR() if fns is None else fns, name)
 
 
 def redistribute_rows(probs, codes, rows, cfg: VARConfig):
@@ -323,12 +336,12 @@ def redistribute_rows(probs, codes, rows, cfg: VARConfig):
 # ---- the handle's VAR steps: a prefill layer, the anchor row a pruner ranks by, a decode step
 
 
-def prefill_reweight(ctx, layer: int, hidden, cfg: VARConfig):
+def prefill_reweight(ctx, layer: int, hidden, cfg: VARConfig, fns: CompiledVAR | None = None):
     """The attention edit of a prefill layer: key codes from the hidden state entering it, rows after the
-    image (instruction, answer and later tokens; indexed once per segment)."""
+    image (instruction, answer and later tokens; indexed once per segment). ``fns``: the wrap's."""
     seg = ctx.seg
     vis = ctx.visual()
-    codes = key_codes(hidden, vis, ctx.in_prompt(), cfg)
+    codes = key_codes(hidden, vis, ctx.in_prompt(), cfg, fns)
     ctx.var_codes[layer] = codes
     if "var_rows" not in seg.cache:
         rows = seg.valid & ~vis & (vis.cumsum(1) > 0)
@@ -337,7 +350,7 @@ def prefill_reweight(ctx, layer: int, hidden, cfg: VARConfig):
 
     def reweight(q, k, v, mask, scale, base):
         memo = seg.cache.setdefault("var_memo", {})  # masks and row indices: once per segment
-        out, flops = var_attention(q, k, v, mask, seg.valid, scale, base, codes, rows, cfg, memo)
+        out, flops = var_attention(q, k, v, mask, seg.valid, scale, base, codes, rows, cfg, memo, fns)
         ctx.attn_flops[layer] = flops
         return out
 
@@ -354,14 +367,15 @@ def anchor_edit(ctx, layer: int, anchor, cfg: VARConfig):
     )
 
 
-def decode_reweight(cache, layer: int, cfg: VARConfig):
-    """The attention edit of a cached decode step: every new row, keys grouped by the prefill's codes."""
+def decode_reweight(cache, layer: int, cfg: VARConfig, fns: CompiledVAR | None = None):
+    """The attention edit of a cached decode step: every new row, keys grouped by the prefill's codes.
+    ``fns``: the wrap's compiled functions."""
     codes = cache.layer_codes[layer]
     valid = cache.segment_valid[cache.layer_segment[layer]]
 
     def reweight(q, k, v, mask, scale, base):
         rows = torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)
         c, ok = codes.to(q.device), valid.to(q.device)
-        return var_attention(q, k, v, mask, ok, scale, base, c, rows, cfg)[0]
+        return var_attention(q, k, v, mask, ok, scale, base, c, rows, cfg, None, fns)[0]
 
     return reweight
