@@ -4,10 +4,17 @@ A CLIP / SigLIP tower runs ~24 layers of small kernels on a few hundred tokens p
 is bound by launching them (~350 launches and HF's Python per call), and its shapes depend only on the
 pixel tensor's shape. So it is captured once per input signature and replayed. The hidden states the
 model reads (``vision_feature_layer``) come back cloned out of the graph's memory; the last hidden state
-and the pooled output, which it does not read, uncopied (valid until the next replay). Hooks a pruner
-placed inside the tower (VisionZip's query / key taps) cannot run during a replay: their modules' outputs
-are captured as extra graph outputs and the hooks are called with them after each replay, so the pruner
-sees what an eager run gives it.
+and the pooled output, which it does not read, uncopied (valid until the next replay).
+
+The captured call runs the encoder's layers only up to the deepest one the model reads (LLaVA reads
+``hidden_states[-2]``: 23 of CLIP-L's 24 layers) and takes those layers' outputs by forward hooks instead
+of ``output_hidden_states``, so the graph's pool holds the picked hidden states, not all of them. A
+truncated call's ``last_hidden_state`` and ``pooler_output`` come back None (the layers they depend on did
+not run; LLaVA and LLaVA-NeXT read neither); the call runs every layer when a tap sits past the cut.
+
+Hooks a pruner placed inside the tower (VisionZip's query / key taps) cannot run during a replay: their
+modules' outputs are captured as extra graph outputs and the hooks are called with them after each
+replay, so the pruner sees what an eager run gives it.
 
 ``launch``: ``generate_fast`` replays the tower's graph as the first thing of a prefill (from the
 pixels, as the family computes the tower's input), so the host's work before the tower (the layout,
@@ -19,6 +26,8 @@ from __future__ import annotations
 
 import collections
 
+from torch import nn
+
 from . import graphs
 from .graphs import load, signature, static
 
@@ -29,12 +38,22 @@ KEEP = 4
 class GraphedTower:
     """Replaces the tower's ``forward`` while ``generate_fast`` prefills; one graph per signature."""
 
-    def __init__(self, layers: tuple, taps: list, capture=graphs.capture):
+    def __init__(self, layers: tuple, taps: list, capture=graphs.capture, encoder=None):
         self.layers, self.taps, self.capture = layers, taps, capture  # taps: [(module, hook)]
+        self.encoder = encoder  # a module running ``encoder.layers`` in turn, or None: output_hidden_states
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.forward = None  # the tower's own forward, set per call (``patched``)
         self.captures = 0
         self.launched = None  # the key of the graph ``launch`` replayed, until the tower's call
+
+    def cut(self) -> int:
+        """How many encoder layers a call runs: through the deepest one read (hidden state ``i`` is layer
+        ``i``'s output, 0 the first layer's input), or all when a tap lies outside the layers run."""
+        blocks = self.encoder.layers
+        n = len(blocks)
+        cut = max(1, max(i % (n + 1) for i in self.layers))
+        inside = {id(m) for b in blocks[:cut] for m in b.modules()}
+        return cut if all(id(m) in inside for m, _ in self.taps) else n
 
     def _run(self, args, kwargs) -> tuple:
         """(output type, [last hidden state, pooler output, *picked hidden states, *tap outputs])."""
@@ -44,14 +63,47 @@ class GraphedTower:
             for i, (module, _) in enumerate(self.taps)
         ]
         try:
-            out = self.forward(*args, **kwargs)
+            if self.encoder is None:
+                out = self.forward(*args, **kwargs)
+                hs = out.hidden_states
+                keep = {i % len(hs) for i in self.layers}
+                picked = [h if i in keep else None for i, h in enumerate(hs)]
+                ends = [out.last_hidden_state, getattr(out, "pooler_output", None)]
+            else:
+                out, picked, whole = self._truncated(args, kwargs)
+                # a cut encoder's output is not the tower's: neither it nor what is pooled from it is kept
+                ends = [out.last_hidden_state, getattr(out, "pooler_output", None)] if whole else [None] * 2
         finally:
             for h in handles:
                 h.remove()
-        hs = out.hidden_states
-        keep = {i % len(hs) for i in self.layers}
-        picked = [h if i in keep else None for i, h in enumerate(hs)]
-        return type(out), [out.last_hidden_state, getattr(out, "pooler_output", None), *picked, *grab]
+        return type(out), [*ends, *picked, *grab]
+
+    def _truncated(self, args, kwargs) -> tuple:
+        """The tower's forward with the encoder's layers cut after ``cut()`` (restored after the call) and
+        the read hidden states taken by hooks: (output, [hidden state or None] * (layers + 1), whether
+        every layer ran)."""
+        enc = self.encoder
+        blocks = enc.layers
+        n, cut = len(blocks), self.cut()
+        picked = [None] * (n + 1)
+        handles = []
+        for i in sorted({i % (n + 1) for i in self.layers}):
+            if i == 0:  # what transformers records as hidden_states[0]: the first layer's input
+                hook = blocks[0].register_forward_pre_hook(lambda m, a: picked.__setitem__(0, a[0]))
+            else:
+                hook = blocks[i - 1].register_forward_hook(
+                    lambda m, a, o, i=i: picked.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+                )
+            handles.append(hook)
+        if cut < n:
+            enc.layers = nn.ModuleList(blocks[:cut])  # the same layer modules, the tail left out
+        try:
+            out = self.forward(*args, **{**kwargs, "output_hidden_states": False})
+        finally:
+            enc.layers = blocks
+            for h in handles:
+                h.remove()
+        return out, picked, cut == n
 
     def ready(self, x):
         """The key of the graph a call on ``x`` (the tower's one positional input) would replay, the last
@@ -108,6 +160,12 @@ class GraphedTower:
         return out
 
 
+def encoder_of(tower):
+    """The tower's encoder when it runs a ``layers`` list in turn (CLIP, SigLIP), else None."""
+    enc = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    return enc if isinstance(getattr(enc, "layers", None), nn.ModuleList) else None
+
+
 def tensors(kwargs_signature: tuple) -> bool:
     return any(isinstance(v, tuple) and v[:1] == ("t",) for _, v in kwargs_signature)
 
@@ -140,7 +198,7 @@ class patched:
         key = (tuple(id(m) for m, _ in self.taps), layers, w.data_ptr(), w.dtype)  # weights swapped: new
         g = store.pop(key, None)  # re-inserted last: the store keeps the most recent few
         if g is None:
-            g = GraphedTower(layers, self.taps, self.capture)
+            g = GraphedTower(layers, self.taps, self.capture, encoder_of(tower))
             while len(store) >= 2:  # e.g. the model with and without VisionZip's taps, as the demo runs
                 store.pop(next(iter(store)))
         store[key] = g
