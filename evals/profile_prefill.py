@@ -1,6 +1,7 @@
 """Where does a batch-1 prefill spend its time? Host (launches, syncs) against device (kernels).
 
     python evals/profile_prefill.py --shape llava-1.5-7b --methods none,fastv:64,pdrop:64 --out DIR
+    python evals/profile_prefill.py --shape llava-1.5-7b --methods var:3 --out DIR   # VAR, tau 3
 
 Per configuration: wall time, summed kernel time, kernel count, host-device syncs (with the first
 source lines that caused them) and the top host-side operators. A prefill whose wall time is far above
@@ -134,7 +135,12 @@ def main():
                 mmsink.unwrap(model)
         else:
             m, _, b = spec.partition(":")
-            mmsink.wrap(model, prune=None if m == "none" else m, budget=int(b) if b else None)
+            if m == "var":  # VAR as the bench adds it (sink channels 1415 / 2533, tau after the colon)
+                hidden = model.config.get_text_config().hidden_size
+                dims = tuple(d % hidden for d in (1415, 2533))
+                mmsink.wrap(model, prune=None, var={"sink_dims": dims, "tau": float(b) if b else 3.0})
+            else:
+                mmsink.wrap(model, prune=None if m == "none" else m, budget=int(b) if b else None)
         ms = timed(prefill, 5, sync) * 1e3
         s = syncs(prefill) if dev == "cuda" else []
         p = profile(prefill)

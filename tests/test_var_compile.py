@@ -15,6 +15,7 @@ from tiny import batch, prompt, tiny_llava
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmsink
+from mmsink.core import attention
 from mmsink.core.hooks import get_handle
 from mmsink.sinks import var as var_mod
 from mmsink.sinks.var import VARConfig
@@ -25,7 +26,7 @@ needs_cxx = pytest.mark.skipif(NO_CXX, reason="torch.compile on CPU needs a C++ 
 
 def outputs(model, inputs, compile: bool, **settings):
     """Prefill logits, VAR's sink counts, generate's and generate_fast's tokens with VAR compiled or not
-    (compiled: every one of the wrap's functions compiled, none fell back)."""
+    (compiled: every one of the wrap's functions the run uses compiled, none fell back)."""
     mmsink.wrap(model, var={**VAR, "compile": compile}, **settings)
     try:
         with torch.no_grad():
@@ -34,6 +35,9 @@ def outputs(model, inputs, compile: bool, **settings):
             gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)
             fast = mmsink.generate_fast(model, max_new_tokens=5, **inputs)
         for name, fn in get_handle(model).var_compiled.items():
+            if name == "key_codes":  # a prefill's codes come with its edit, in one call
+                assert fn.compiled is None, name
+                continue
             assert (fn.compiled is not None and not fn.failed) == compile, name
     finally:
         mmsink.unwrap(model)
@@ -81,8 +85,9 @@ def test_compiled_equals_eager_and_reference(attn):
 @needs_cxx
 @pytest.mark.slow
 def test_one_graph_for_all_layers():
-    """A prefill compiles each VAR function once, with VAR in 2 layers or in 6 (the layers share shapes
-    and settings); a second prompt length recompiles each at most once (then dynamic), a third not."""
+    """A prefill compiles one graph (a layer's key codes and edit: one region), with VAR in 2 layers or
+    in 6 (the layers share shapes and settings); a second prompt length recompiles it at most once (then
+    dynamic), a third not."""
     from torch._dynamo.utils import counters
 
     model = tiny_llava(layers=8)
@@ -102,9 +107,9 @@ def test_one_graph_for_all_layers():
             mmsink.unwrap(model)
         return got
 
-    assert graphs((2, 3), lengths[:1]) == graphs(tuple(range(2, 8)), lengths[:1]) == [2]  # codes, edit
+    assert graphs((2, 3), lengths[:1]) == graphs(tuple(range(2, 8)), lengths[:1]) == [1]
     two, three = graphs(tuple(range(2, 8)), lengths)[1:]
-    assert two <= 4 and three == two
+    assert two <= 2 and three == two
 
 
 @needs_cxx
@@ -212,14 +217,14 @@ def test_compiled_functions_belong_to_one_wrap(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     with torch.no_grad(), pytest.warns(UserWarning, match="did not compile"):
         a(**inputs)
-    assert fa.key_codes.failed and fa.edited_output.failed and not fa.decode_attention.failed
+    assert fa.prefill_edit.failed and not fa.decode_attention.failed
     monkeypatch.setattr(torch, "compile", passthrough)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         b(**inputs)
         a(**inputs)  # eager from its failure on: no new attempt
         mmsink.generate_fast(b, max_new_tokens=3, **inputs)
-    assert sorted(given) == ["decode_attention_fused", "edited_output", "key_codes_eager"]
+    assert sorted(given) == ["decode_attention_fused", "prefill_edit"]
     assert not any(fn.failed for _, fn in fb.items())
     gone = [weakref.ref(x) for f in (fa, fb) for x in (f, *(fn for _, fn in f.items()))]
     del fa, fb
@@ -227,3 +232,87 @@ def test_compiled_functions_belong_to_one_wrap(monkeypatch):
     mmsink.unwrap(b)
     gc.collect()
     assert all(r() is None for r in gone)
+
+
+def test_one_compiled_call_per_var_layer(monkeypatch):
+    """A prefill makes one compiled call per VAR layer (its key codes and edit together; each call costs
+    the host a guard check and wrappers) and none elsewhere; a cached ``generate`` step one per VAR layer.
+    ``torch.compile`` stands in (hands back the function), so the calls run eagerly and are counted; the
+    prefill's logits, sink counts and tokens equal the eager path's (compile=False), whose codes are made
+    apart. Fails on a prefill that makes the codes in a call of their own."""
+    model = tiny_llava(layers=8)
+    inputs = batch([prompt(5, 9, seed=1), prompt(2, 6, seed=2)], seed=5)  # left-padded
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    calls = []
+    call = var_mod.Compiled.__call__
+
+    def counting(self, *args):
+        calls.append(self.fn.__name__)
+        return call(self, *args)
+
+    monkeypatch.setattr(var_mod.Compiled, "__call__", counting)
+    got = {}
+    for compile in (False, True):
+        mmsink.wrap(model, var={**VAR, "compile": compile})
+        try:
+            with torch.no_grad():
+                calls.clear()
+                logits = model(**inputs).logits[:, -1]
+                prefill = list(calls)
+                sinks = mmsink.stats(model).extra["var_sinks"]
+                calls.clear()
+                gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+                steps = list(calls)
+        finally:
+            mmsink.unwrap(model)
+        got[compile] = logits, sinks, gen, prefill, steps
+    assert got[False][3] == got[False][4] == []
+    assert got[True][3] == ["prefill_edit"] * len(LAYERS)
+    # generate: its prefill, then two cached steps
+    assert got[True][4] == ["prefill_edit"] * len(LAYERS) + ["edited_output"] * len(LAYERS) * 2
+    torch.testing.assert_close(got[True][0], got[False][0], atol=1e-5, rtol=1e-5)
+    assert got[True][1] == got[False][1] and torch.equal(got[True][2], got[False][2])
+
+
+@pytest.mark.parametrize("math", [True, False])
+def test_edited_output_writes_the_edited_rows(math):
+    """The compiled region's edit (``edited_output``, run here as plain code): rows placed by ``inv`` (no
+    copy of the plain output then a scatter) equal the eager path's scatter of ``edited_rows``, with a
+    padded row list and rows out of order; the other rows keep the plain output bitwise."""
+    torch.manual_seed(0)
+    b, h, n, d = 2, 4, 10, 8
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    out = torch.randn(b, h, n, d)
+    allowed = attention.allowed_matrix(torch.ones(b, n, dtype=torch.bool), n)
+    codes = torch.zeros(b, n, dtype=torch.long)  # text sink, image (a visual sink in it), text
+    codes[:, 0], codes[:, 2:7], codes[:, 4] = var_mod.TEXT_SINK, var_mod.VISUAL, var_mod.VISUAL_SINK
+    valid = torch.ones(b, n, dtype=torch.bool)
+    ri = torch.tensor([[9, 7, 8], [8, 9, -1]])
+    cfg = VARConfig(**{**VAR, "rho": 0.0, "image_mass": 0.0})
+    got = var_mod.edited_output(
+        q, k, v, out, codes, valid, allowed, ri, var_mod.row_places(ri, n), 0.35, cfg, math
+    )
+    safe = ri.clamp(min=0)
+    allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, 1, -1, n))
+    lse = attention.attention_lse_math if math else var_mod.attention_lse_unpadded
+    vec = var_mod.code_vector(q.device)
+    args = (
+        codes,
+        valid,
+        vec,
+        safe.repeat(1, len(var_mod.CODES)),
+        allowed_r,
+        safe,
+        (ri >= 0)[:, None, :, None],
+    )
+    new, idx = var_mod.edited_rows(q, k, v, out, *args, 0.35, cfg, lse)
+    want = out.clone().scatter_(2, idx, new).transpose(1, 2)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    edited = torch.zeros(b, n, dtype=torch.bool)
+    edited[0, [7, 8, 9]] = edited[1, [8, 9]] = True
+    assert torch.equal(
+        got.transpose(1, 2)[~edited[:, None].expand(-1, h, -1)], out[~edited[:, None].expand(-1, h, -1)]
+    )
+    assert (got.transpose(1, 2) - out)[
+        edited[:, None].expand(-1, h, -1)
+    ].abs().min() > 0  # every edited row moved

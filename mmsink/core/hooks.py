@@ -345,7 +345,8 @@ class Handle:
     def directive(self, ctx: Prefill, layer: int, hidden) -> Directive | None:
         """What this layer's attention must do beyond plain attention, or None."""
         want = dict(self.planner.directive(ctx, layer) or {})
-        if self.var is not None and self.var.active(layer, self.num_layers) and "reweight" not in want:
+        var = self.var is not None and self.var.active(layer, self.num_layers) and "reweight" not in want
+        if var:
             want["reweight"] = var_steps.prefill_reweight(ctx, layer, hidden, self.var, self.var_compiled)
         seg = ctx.seg
         # padding: a ragged kernel, no mask (not on masked slots: packing them needs their count, a read)
@@ -360,7 +361,7 @@ class Handle:
         d.rows = want.get("rows")  # query rows beyond the anchor a pruner scores with (observe)
         if d.observe:
             d.anchor = ctx.anchor_slot()
-            if layer in ctx.var_codes:
+            if var:  # (its codes come with the attention call)
                 d.observed["edit_probs"] = var_steps.anchor_edit(ctx, layer, d.anchor, self.var)
         return d
 

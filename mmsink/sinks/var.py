@@ -208,47 +208,91 @@ def edited_rows(q, kk, vv, out, codes, valid, vec, rows_g, allowed_r, safe, real
     return torch.where(real, new.to(out.dtype), out.gather(2, idx)), idx
 
 
-def edited_output(q, kk, vv, out, codes, valid, vec, rows_g, allowed_r, safe, real, scale, cfg, math):
+def edited_output(q, kk, vv, out, codes, valid, allowed, ri, inv, scale, cfg, math):
     """``out`` (the plain attention [B, H, n, d]) with the edited rows replaced, as [B, n, H, d]: what the
-    compiler gets (one region for everything after the plain attention)."""
+    compiler gets (one region for everything after the plain attention). The rows' masks and indices
+    come from ``allowed`` [B, 1, n, kv], ``ri`` [B, R] (the edited rows, -1 padding) and ``inv`` [B, n]
+    (each row's place in ``ri``, -1 if not edited), in the region: fewer inputs (each costs the call a
+    guard and a check) and the output written in one pass, no copy of ``out`` then a scatter."""
+    h, d, kv = q.shape[1], q.shape[3], kk.shape[2]
+    safe = ri.clamp(min=0)  # padding rows compute row 0's edit, which no row reads
+    allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
+    groups, has_vs = groups_of(codes, valid)
+    qg = q.gather(2, safe.repeat(1, len(CODES))[:, None, :, None].expand(-1, h, -1, d))
     lse = attention_lse_math if math else attention_lse_unpadded
-    new, idx = edited_rows(q, kk, vv, out, codes, valid, vec, rows_g, allowed_r, safe, real, scale, cfg, lse)
-    return out.scatter(2, idx, new).transpose(1, 2).contiguous()
+    outs, masses = group_parts(qg, kk, vv, allowed_r, groups, scale, lse)
+    new = var_mix(cfg, outs, masses, has_vs).to(out.dtype)
+    at = inv.clamp(min=0)[:, None, :, None].expand(-1, h, -1, d)
+    return torch.where((inv >= 0)[:, None, :, None], new.gather(2, at), out).transpose(1, 2).contiguous()
 
 
-def var_attention(q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig, memo=None, fns=None):
+def prefill_edit(q, kk, vv, out, hidden, visual, prompt, valid, allowed, ri, inv, scale, cfg, math):
+    """A prefill layer's key codes (from ``hidden``, the state entering the layer) and ``edited_output``
+    with them: what the compiler gets for a prefill layer, one call (each call costs the host a guard
+    check and wrappers, the larger part of a compiled VAR layer at batch 1). Returns (output, codes)."""
+    codes = key_codes_eager(hidden, visual, prompt, cfg)
+    return edited_output(q, kk, vv, out, codes, valid, allowed, ri, inv, scale, cfg, math), codes
+
+
+def row_places(ri, n: int) -> torch.Tensor:
+    """[B, n]: each query row's place in ``ri`` ([B, R] rows, -1 padding); -1 for a row not in it."""
+    b, r = ri.shape
+    at = torch.where(ri >= 0, ri, n)  # padding: an extra column, cut off
+    places = torch.arange(r, device=ri.device).expand(b, -1)
+    return torch.full((b, n + 1), -1, dtype=torch.long, device=ri.device).scatter_(1, at, places)[:, :n]
+
+
+def var_attention(
+    q, k, v, mask, key_valid, scale, base, codes, rows, cfg: VARConfig, memo=None, fns=None, source=None
+):
     """Attention with VAR applied to ``rows`` ([B, n] bool, or [B, R] row indices with -1 padding);
-    ``codes`` [B, kv] group of each key. Every row gets plain attention (the backend's kernel; ``mask`` as
-    the layer received it); the edited rows are then recomputed from per-group partial outputs and
-    masses. ``memo``: a dict the caller keeps for layers with the same ``key_valid`` and ``rows`` (a
-    segment): the masks and indices made from them are made once per ``mask`` object. ``fns``: the
-    wrap's ``CompiledVAR``. Returns (output [B, n, H, d], FLOPs executed)."""
+    ``codes`` [B, kv] group of each key, or None: made from ``source`` (hidden [B, kv, D] entering the
+    layer, visual and prompt slots [B, kv]; compiled, in the same call as the edit). Every row gets plain
+    attention (the backend's kernel; ``mask`` as the layer received it); the edited rows are then
+    recomputed from per-group partial outputs and masses. ``memo``: a dict the caller keeps for layers
+    with the same ``key_valid`` and ``rows`` (a segment): the masks and indices made from them are made
+    once per ``mask`` object. ``fns``: the wrap's ``CompiledVAR``. Returns (output [B, n, H, d], codes,
+    FLOPs executed)."""
     b, h, n, d = q.shape
     kv = k.shape[2]
-    valid = key_valid if key_valid is not None else torch.ones_like(codes, dtype=torch.bool)
+    if key_valid is not None:
+        valid = key_valid
+    else:
+        valid = torch.ones(b, kv, dtype=torch.bool, device=q.device if codes is None else codes.device)
     memo = {} if memo is None else memo
+    fused = compiling(cfg, q.device)
     if "mask" not in memo or memo["mask"] is not mask or memo["dtype"] != q.dtype:
         # membership, not index lists: the sink groups change every layer and indexing them costs a
         # device read each; with VAR's few edited rows, attending every key under a group mask is cheap
         allowed = mask_to_bool(base, mask, key_valid, n, kv, b, q.device)
         ri = rows if rows.dtype == torch.long else group_indices(rows)  # [B, R] edited rows, -1 padding
-        safe = ri.clamp(min=0)
         memo.clear()
-        memo.update(mask=mask, dtype=q.dtype, allowed=allowed, safe=safe, real=(ri >= 0)[:, None, :, None])
-        memo["allowed_r"] = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
-        memo["rows_g"] = safe.repeat(1, len(CODES))  # the rows once per group, group-major
-        memo["vec"] = code_vector(codes.device)
-    allowed, safe = memo["allowed"], memo["safe"]
+        memo.update(mask=mask, dtype=q.dtype, allowed=allowed, ri=ri)
+        if fused:  # the rest is made in the compiled region
+            memo["inv"] = row_places(ri, n)
+        else:
+            safe = ri.clamp(min=0)
+            memo.update(safe=safe, real=(ri >= 0)[:, None, :, None], vec=code_vector(q.device))
+            memo["allowed_r"] = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
+            memo["rows_g"] = safe.repeat(1, len(CODES))  # the rows once per group, group-major
+    allowed = memo["allowed"]
     kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
     out = plain_attention(q, kk, vv, allowed, scale, base, masked=mask is not None)
-    flops = 4 * b * h * n * kv * d + 4 * b * h * safe.shape[1] * kv * d * len(CODES)
-    args = (codes, valid, memo["vec"], memo["rows_g"], memo["allowed_r"], safe, memo["real"])
-    if compiling(cfg, q.device):
-        return compiled(fns, "edited_output")(q, kk, vv, out, *args, scale, cfg, base == "eager"), flops
+    flops = 4 * b * h * n * kv * d + 4 * b * h * memo["ri"].shape[1] * kv * d * len(CODES)
+    if fused:
+        rest = (valid, allowed, memo["ri"], memo["inv"], scale, cfg, base == "eager")
+        if codes is None:
+            out, codes = compiled(fns, "prefill_edit")(q, kk, vv, out, *source, *rest)
+        else:
+            out = compiled(fns, "edited_output")(q, kk, vv, out, codes, *rest)
+        return out, codes, flops
+    if codes is None:
+        codes = key_codes_eager(*source, cfg)
+    args = (codes, valid, memo["vec"], memo["rows_g"], memo["allowed_r"], memo["safe"], memo["real"])
     lse = attention_lse_math if base == "eager" else attention_lse
     new, idx = edited_rows(q, kk, vv, out, *args, scale, cfg, lse)
     out.scatter_(2, idx, new)  # padding rows (index -1 -> 0) write back row 0's own output
-    return out.transpose(1, 2).contiguous(), flops
+    return out.transpose(1, 2).contiguous(), codes, flops
 
 
 # ---- torch.compile of the per-layer work
@@ -307,7 +351,8 @@ class CompiledVAR:
 
     def __init__(self):
         self.key_codes = Compiled(key_codes_eager)
-        self.edited_output = Compiled(edited_output)
+        self.prefill_edit = Compiled(prefill_edit)  # a prefill layer's codes and edit: one call
+        self.edited_output = Compiled(edited_output)  # a cached step's (``generate``) edit
         self.decode_attention = Compiled(decode_attention_fused)
 
     def items(self):
@@ -337,12 +382,12 @@ def redistribute_rows(probs, codes, rows, cfg: VARConfig):
 
 
 def prefill_reweight(ctx, layer: int, hidden, cfg: VARConfig, fns: CompiledVAR | None = None):
-    """The attention edit of a prefill layer: key codes from the hidden state entering it, rows after the
-    image (instruction, answer and later tokens; indexed once per segment). ``fns``: the wrap's."""
+    """The attention edit of a prefill layer: key codes from the hidden state entering it (made in the
+    attention call, with the edit: compiled, one call a layer), rows after the image (instruction, answer
+    and later tokens; indexed once per segment). ``fns``: the wrap's."""
     seg = ctx.seg
     vis = ctx.visual()
-    codes = key_codes(hidden, vis, ctx.in_prompt(), cfg, fns)
-    ctx.var_codes[layer] = codes
+    source = (hidden, vis, ctx.in_prompt())
     if "var_rows" not in seg.cache:
         rows = seg.valid & ~vis & (vis.cumsum(1) > 0)
         seg.cache["var_rows"] = group_indices(rows, ctx.text_after_image_width())
@@ -350,7 +395,10 @@ def prefill_reweight(ctx, layer: int, hidden, cfg: VARConfig, fns: CompiledVAR |
 
     def reweight(q, k, v, mask, scale, base):
         memo = seg.cache.setdefault("var_memo", {})  # masks and row indices: once per segment
-        out, flops = var_attention(q, k, v, mask, seg.valid, scale, base, codes, rows, cfg, memo, fns)
+        out, codes, flops = var_attention(
+            q, k, v, mask, seg.valid, scale, base, None, rows, cfg, memo, fns, source
+        )
+        ctx.var_codes[layer] = codes
         ctx.attn_flops[layer] = flops
         return out
 
@@ -358,13 +406,12 @@ def prefill_reweight(ctx, layer: int, hidden, cfg: VARConfig, fns: CompiledVAR |
 
 
 def anchor_edit(ctx, layer: int, anchor, cfg: VARConfig):
-    """The anchor row's probabilities as VAR redistributes them (a pruner ranking at a VAR layer)."""
-    codes = ctx.var_codes[layer]
+    """The anchor row's probabilities as VAR redistributes them (a pruner ranking at a VAR layer); the
+    layer's codes are read when called (after its attention, which makes them)."""
     vis = ctx.visual()
     after_image = vis.cumsum(1).gather(1, anchor[:, None])[:, 0] > 0
-    return lambda probs: redistribute_rows(
-        probs, codes, after_image & ~vis.gather(1, anchor[:, None])[:, 0], cfg
-    )
+    rows = after_image & ~vis.gather(1, anchor[:, None])[:, 0]
+    return lambda probs: redistribute_rows(probs, ctx.var_codes[layer], rows, cfg)
 
 
 def decode_reweight(cache, layer: int, cfg: VARConfig, fns: CompiledVAR | None = None):
