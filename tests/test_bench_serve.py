@@ -249,6 +249,7 @@ def test_serve_predicted_on_tiny_model():
     [
         (["--shapes", "tiny-cpu,tiny-next-cpu", "--budgets", "64"], "one budget per shape"),
         (["--shapes", "tiny-qwen-cpu"], "LLaVA families"),
+        (["--prefill-batch", "0"], "--prefill-batch must be >= 1"),
     ],
 )
 def test_bad_settings_are_one_line_errors(argv, msg, capsys):
@@ -388,6 +389,31 @@ def test_refused_combinations_are_rows(monkeypatch):
     monkeypatch.setattr(mmsink, "generate_fast", lambda model, **kw: int("x"))  # a bug, not a refusal
     with pytest.raises(ValueError, match="invalid literal"):
         serve_bench.serve([SHAPE], [64], ["none"], "cpu", torch.float32, dict(OPTS, max_batch=1), kvs=kvs)
+
+
+def test_prefill_batch_reaches_generate_fast(monkeypatch):
+    """``prefill_batch``: every generate_fast call gets it (the batch prefilled in chunks of 2), the
+    row's tokens are generate_fast's (whole prefill) at that batch, the table's text and the result say
+    so; absent, the text says the whole batch is prefilled at once."""
+    seen = []
+    real = mmsink.generate_fast
+
+    def spy(model, **kw):
+        seen.append((kw["input_ids"].shape[0], kw["prefill_batch"]))
+        return real(model, **kw)
+
+    monkeypatch.setattr(mmsink, "generate_fast", spy)
+    torch.manual_seed(0)
+    res = serve_bench.serve(
+        [SHAPE], [64], ["fastv"], "cpu", torch.float32, dict(OPTS, max_batch=3, prefill_batch=2)
+    )
+    (row,) = res["rows"]
+    assert row["max_batch"] == 3 and {p for _, p in seen} == {2} and max(b for b, _ in seen) == 3
+    monkeypatch.setattr(mmsink, "generate_fast", real)
+    assert row["tokens"] == reference("fastv", None, 3)
+    md = serve_bench.markdown(res)
+    assert res["prefill_batch"] == 2 and "Prefill: in row chunks of at most 2 (`prefill_batch=2`" in md
+    assert "Prefill: the whole batch at once" in serve_bench.markdown(dict(res, prefill_batch=None))
 
 
 def test_kv_names():

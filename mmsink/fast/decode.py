@@ -100,12 +100,12 @@ def moved(carry, dev):
 class StaticKV:
     """The cache the tail layers see: their keys and values go straight into the decoder's buffers."""
 
-    def __init__(self, dec, n: int):
-        self.dec, self.n = dec, n
+    def __init__(self, dec, n: int, rows: slice = slice(None)):
+        self.dec, self.n, self.rows = dec, n, rows  # rows: a chunk's rows of the buffers (prefill_batch)
 
     def update(self, key, value, layer_idx, cache_kwargs=None):
-        self.dec.k[layer_idx][:, :, : self.n].copy_(key)
-        self.dec.v[layer_idx][:, :, : self.n].copy_(value)
+        self.dec.k[layer_idx][self.rows, :, : self.n].copy_(key)
+        self.dec.v[layer_idx][self.rows, :, : self.n].copy_(value)
         return key, value
 
 
@@ -167,17 +167,28 @@ class FastDecoder:
         """Load one prefill: its per-layer keys / values and masks, positions, first token, stop ids.
         ``tail``: (first layer, valid [B, n]) when layers from there on wrote their keys and values
         here themselves (``run_tail``)."""
+        self.open(self.load(cache, attention_mask, tail))
+        self.start_state(attention_mask, tok, delta, pad)
+
+    def load(self, cache, attention_mask, tail=None, rows: slice | None = None, skip: int = 0) -> list[int]:
+        """``fill``'s per-layer part: a prefill's keys / values, valid slots and VAR codes into the buffers'
+        rows ``rows`` (None: all; a chunk's rows with ``generate_fast(prefill_batch=)``), less the cache's
+        first ``skip`` slots (padding in every row). Returns the slots each layer holds (the decode's first
+        slot there, ``open``)."""
         from ..core.cache import PlanCache
 
+        r = slice(None) if rows is None else rows
         planned = isinstance(cache, PlanCache) and cache.planned
         b = attention_mask.shape[0]
         first = tail[0] if tail is not None else len(self.layers)
+        lengths = [0] * len(self.layers)
         if tail is not None:
             valid = tail[1]
             for i in range(first, len(self.layers)):
-                self.valid[i].zero_()
-                self.valid[i][:, : valid.shape[1]] = valid.to(self.valid[i].device)
-                self.start[i].fill_(valid.shape[1])
+                ok = self.valid[i][r]
+                ok.zero_()
+                ok[:, : valid.shape[1]] = valid.to(ok.device)
+                lengths[i] = valid.shape[1]
         for i, layer in enumerate(cache.layers[:first]):
             k, v = layer.keys, layer.values  # [B, kv_heads, n, head_dim]
             n = k.shape[2]
@@ -187,15 +198,33 @@ class FastDecoder:
                 valid = cache.segment_valid[cache.layer_segment[i]] if planned else attention_mask.bool()
             if valid.shape != (b, n):
                 raise ValueError(f"mmsink: cache layer {i} holds {n} slots, its mask {tuple(valid.shape)}")
-            self.k[i][:, :, :n] = k
-            self.v[i][:, :, :n] = v
-            self.valid[i].zero_()
-            self.valid[i][:, :n] = valid.to(self.valid[i].device)
-            self.start[i].fill_(n)
+            k, v, valid, n = k[:, :, skip:], v[:, :, skip:], valid[:, skip:], n - skip
+            self.k[i][r, :, :n] = k
+            self.v[i][r, :, :n] = v
+            ok = self.valid[i][r]
+            ok.zero_()
+            ok[:, :n] = valid.to(ok.device)
+            lengths[i] = n
+        codes = getattr(cache, "layer_codes", {})  # none where the wrap left a chunk untouched (no image)
         for i, c in self.codes.items():
-            c.zero_()
-            c[:, : cache.layer_codes[i].shape[1]] = cache.layer_codes[i].to(c.device)
-        self.start_state(attention_mask, tok, delta, pad)
+            c[r] = 0
+            if i in codes:
+                c[r, : codes[i].shape[1]] = codes[i].to(c.device)
+        return lengths
+
+    def open(self, lengths: list[int]) -> None:
+        """Decoding writes layer i's new tokens from slot ``lengths[i]`` on (one start for every row: a
+        chunk that kept fewer slots leaves the rest of its rows' slots invalid)."""
+        for start, n in zip(self.start, lengths):
+            start.fill_(n)
+
+    def rewind(self, lengths: list[int]) -> None:
+        """Undo a decode step's writes after loading (a capture's warm-up step): slots from ``lengths``
+        on invalid again, then ``open``. For a decoder loaded chunk by chunk, whose chunks' caches are
+        gone by then and cannot be loaded again (``fill``'s way)."""
+        for ok, n in zip(self.valid, lengths):
+            ok[:, n:] = False
+        self.open(lengths)
 
     def start_state(self, attention_mask, tok, delta, pad) -> None:
         """The per-run state every decoder starts from: positions, first token, step, pad id, done rows."""
@@ -312,11 +341,12 @@ class FastDecoder:
                 replay()
             prev = out
 
-    def tail(self, first: int, hidden, kwargs) -> torch.Tensor:
-        """Layers ``first``.. of a prefill whose plan is final, keys and values into the buffers; returns
-        the next token [B]. With ``compile`` and SDPA each layer is one ``layer_prefill`` step (the layer's
-        own modules); otherwise the model's own layer forwards run (mmsink's hooks are not needed past
-        the plan's last decision)."""
+    def tail(self, first: int, hidden, kwargs, rows: slice | None = None) -> torch.Tensor:
+        """Layers ``first``.. of a prefill whose plan is final, keys and values into the buffers (their
+        rows ``rows``: a chunk's, ``prefill_batch``); returns the next token [B]. With ``compile`` and
+        SDPA each layer is one ``layer_prefill`` step (the layer's own modules); otherwise the model's own
+        layer forwards run (mmsink's hooks are not needed past the plan's last decision)."""
+        r = slice(None) if rows is None else rows
         mask, pe = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
         compiled = (
             self.prefill_fn is not None
@@ -330,21 +360,25 @@ class FastDecoder:
         h = hidden
         if compiled:  # our fused step (the model's modules); else the model's own layer forwards
             for layer, kb, vb in zip(self.layers[first:], self.k[first:], self.v[first:]):
-                h = self.prefill_fn(layer, h, *pe, kb, vb, mask, self.heads, self.kv_heads, self.rope)
+                h = self.prefill_fn(layer, h, *pe, kb[r], vb[r], mask, self.heads, self.kv_heads, self.rope)
         else:
-            kw = {**kwargs, "past_key_values": StaticKV(self, hidden.shape[1]), "use_cache": True}
+            kw = {**kwargs, "past_key_values": StaticKV(self, hidden.shape[1], r), "use_cache": True}
             for layer in self.layers[first:]:
                 h = layer.forward(h, **kw)
                 h = h[0] if isinstance(h, tuple) else h
         logits = self.head(self.norm(h[:, -1:]))[:, -1]  # slots in order: the last is the prompt's end
         return logits.argmax(-1)
 
-    def run_tail(self, first: int, hidden, kwargs, graphs: bool) -> torch.Tensor:
+    def run_tail(self, first: int, hidden, kwargs, graphs: bool, rows: slice | None = None) -> torch.Tensor:
         """``tail``, as one CUDA graph per (first layer, shapes) when ``graphs``: a batch-1 prefill is
         bound by launching kernels, and after the plan's last decision nothing needs the host. A shape is
         captured the second time it comes (capturing costs two tails and the graph's memory, which a
-        one-off prompt length would never repay); the last ``TAILS`` graphs are kept."""
+        one-off prompt length would never repay); the last ``TAILS`` graphs are kept. A chunk's ``rows``
+        run eagerly: a graph would be specific to the rows it writes, and a chunk of a large batch is
+        bound by arithmetic, not launches."""
         kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        if rows is not None:
+            return self.tail(first, hidden, kwargs, rows)
         if not graphs:
             return self.tail(first, hidden, kwargs)
         key = (first, signature(hidden), tuple(sorted((k, signature(v)) for k, v in kwargs.items())))

@@ -239,8 +239,8 @@ class StepDecoder(FastDecoder):
         fn = make_step(self.opts)
         self.opt_fn = torch.compile(fn, dynamic=True) if compile else fn
 
-    def fill(self, cache, attention_mask, tok, delta, pad, tail=None) -> None:
-        super().fill(cache, attention_mask, tok, delta, pad, tail)
+    def open(self, lengths: list[int]) -> None:
+        super().open(lengths)
         if self.opts.write:  # every slot after the prompt: valid once written (the step cuts at its slot)
             for i, ok in enumerate(self.valid):
                 if self.kv[i] is not None:

@@ -37,6 +37,8 @@ class Prefilled:
     tail: tuple | None  # (first layer, its valid slots, earlier layers' valid slots) after a hand-off
     dec: object | None  # the decoder the hand-off's tail layers already wrote into
     mask: torch.Tensor  # [B, L] the prompt's attention mask
+    loaded: list | None = None  # prefill_batch: every row already in ``dec``; the decode's first slots
+    delta: torch.Tensor | None = None  # prefill_batch: [B, 1] the chunks' rope deltas (M-RoPE)
 
 
 def generation_options(inputs: dict) -> set:
@@ -74,9 +76,12 @@ def prefill(
     budget: int,
     opts=None,
     early: bool = True,
+    into=None,
 ):
     """Run the prompt; where the plan becomes final the layer hook hands off and the remaining layers run
-    on the decoder's buffers here (one graph per shape when ``graphs``)."""
+    on the decoder's buffers here (one graph per shape when ``graphs``). ``into``: (decoder or None,
+    rows, whole batch, prefill_batch) for one chunk of a batch prefilled in chunks: the tail writes the
+    chunk's rows of that decoder (one for the whole batch made here when None)."""
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
@@ -101,14 +106,122 @@ def prefill(
         heads = [ctx.segments[ctx.layer_segment[i]].valid for i in range(first)]
         lengths = [v.shape[1] for v in heads] + [h.hidden.shape[1]] * (ctx.num_layers - first)
         stops = stop_ids(model)[0]
-        dec = decoder_for(
-            family, lengths, ids.shape[0], max(budget - 1, 1), stops, graphs, compile, opts=opts
-        )
-        tok = dec.run_tail(first, h.hidden, h.kwargs, graphs).to(ids.device)
+        dec, rows, batch, size = into if into is not None else (None, None, ids.shape[0], None)
+        if dec is None:
+            dec = decoder_for(family, lengths, batch, max(budget - 1, 1), stops, graphs, compile, opts=opts)
+        if rows is not None:
+            check_room(dec, lengths, budget - 1, rows, size)
+        tok = dec.run_tail(first, h.hidden, h.kwargs, graphs, rows).to(ids.device)
         done = Prefilled(tok, ctx.cache, (first, ctx.seg.valid, heads), dec, mask)
         handle.finish_handoff(h, {**call, "logits_to_keep": 1})  # stats deferred: drops ctx's references
         return done
     return Prefilled(out.logits[:, -1].argmax(-1), out.past_key_values, None, None, mask)
+
+
+def prefill_chunks(
+    model, family, handle, inputs: dict, size: int, max_new_tokens: int, run: dict, split: bool, early: bool
+) -> Prefilled:
+    """``prefill`` of the batch in consecutive row chunks of at most ``size`` (``generate_fast``'s
+    ``prefill_batch``), each chunk's keys / values and valid slots loaded into its rows of one decoder for
+    the whole batch (the first chunk's hand-off, or its cache's lengths, size it), and its cache dropped
+    before the next chunk runs: the peak is the decoder's buffers plus one chunk's prefill. ``run``:
+    generate_fast's graphs, compile and opts."""
+    ids = inputs["input_ids"]
+    b = ids.shape[0]
+    dec, toks, deltas, starts = None, [], [], None
+    for rows, part in split_inputs(family, inputs, size):
+        flat = family.mrope and part.get("image_grid_thw") is None and part.get("position_ids") is None
+        if flat:  # a text-only chunk: without an image grid the model makes no 3-D positions (nor deltas);
+            # get_rope_index's for text-only rows: 0, 1, .. over the real tokens on every axis, delta 0
+            m = (
+                part["attention_mask"]
+                if part.get("attention_mask") is not None
+                else torch.ones_like(part["input_ids"])
+            )
+            part["position_ids"] = (m.long().cumsum(-1) - 1).masked_fill(m == 0, 0)[None].expand(3, -1, -1)
+        into = (dec, rows, b, size)
+        g, c, o = run["graphs"], run["compile"], run["opts"]
+        p = prefill(model, family, handle, part, g, c, split, max_new_tokens, o, early, into)
+        toks.append(p.tok)
+        if family.mrope:
+            deltas.append(torch.zeros_like(p.tok)[:, None] if flat else family.rope_deltas())
+        if max_new_tokens > 1:
+            skip = 0
+            if p.dec is None:  # the whole forward ran: its cache holds every layer
+                if dec is None:
+                    dec = cache_decoder(model, family, handle, p.cache, b, max_new_tokens, run)
+                elif not getattr(p.cache, "planned", False):  # (untouched: a text-only chunk of a pruned
+                    # batch) its slots are the batch's width: those padding in every row are not copied
+                    skip = int(p.mask.bool().any(0).long().argmax())
+                lengths = [layer.keys.shape[2] - skip for layer in p.cache.layers]
+                check_room(dec, lengths, max_new_tokens - 1, rows, size)
+            dec = p.dec if p.dec is not None else dec
+            got = dec.load(p.cache, p.mask, p.tail, rows, skip)
+            starts = got if starts is None else [max(x, y) for x, y in zip(starts, got)]
+        p = None  # this chunk's cache goes before the next chunk's prefill
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    delta = torch.cat(deltas) if deltas else None
+    return Prefilled(torch.cat(toks), None, None, dec, mask, starts, delta)
+
+
+def check_room(dec, lengths: list[int], steps: int, rows: slice, size: int) -> None:
+    """A chunk's per-layer slots plus the decode's ``steps`` fit the decoder the first chunk sized."""
+    for i, (n, cap) in enumerate(zip(lengths, dec.caps)):
+        if n + steps > cap:
+            raise ValueError(
+                f"mmsink: generate_fast's prefill_batch={size}: rows {rows.start}-{rows.stop - 1} keep {n} "
+                f"slots in layer {i}, more than the {cap - steps} of the decoder the first chunk sized; "
+                "use a larger prefill_batch or None"
+            )
+
+
+def split_inputs(family, inputs: dict, size: int) -> list:
+    """[(rows, inputs of those rows)] for consecutive chunks of at most ``size`` rows: per-row tensors
+    (first dim the batch) by rows; the images' pixel values, sizes and Qwen's grids by the chunk's images
+    (images per row from the family's layout of the ids; Qwen packs its pixel rows image by image, as
+    many as the image's grid has patches)."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    b = ids.shape[0]
+    for name in ("pixel_values_videos", "video_grid_thw"):
+        if inputs.get(name) is not None:
+            raise ValueError(f"mmsink: generate_fast's prefill_batch does not split videos ({name}) yet")
+    pix, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+    images = units = None
+    if pix is not None:
+        lay = family.layout(ids, torch.ones_like(ids) if mask is None else mask, None)
+        images = [0]
+        for sizes in lay.sizes:
+            images.append(images[-1] + len(sizes))
+        per = [1] * images[-1] if grid is None else grid.prod(-1).tolist()
+        units = [sum(per[:i]) for i in images]
+        if len(per) != images[-1] or units[-1] != pix.shape[0]:
+            raise ValueError(
+                f"mmsink: generate_fast's prefill_batch: the prompts hold {images[-1]} images, pixel_values "
+                f"{pix.shape[0]} rows for {len(per)}; cannot split them by rows"
+            )
+    out = []
+    for lo in range(0, b, size):
+        hi = min(lo + size, b)
+        part = {}
+        for k, v in inputs.items():
+            if k in PER_IMAGE and v is not None and images is not None:
+                cut = units if k == "pixel_values" else images
+                part[k] = v[cut[lo] : cut[hi]] if images[hi] > images[lo] else None
+            elif not isinstance(v, torch.Tensor) or v.dim() == 0:
+                part[k] = v
+            elif v.shape[0] == b:
+                part[k] = v[lo:hi]
+            else:
+                raise ValueError(
+                    f"mmsink: generate_fast's prefill_batch cannot split {k} (first dim {v.shape[0]}, not "
+                    f"the batch {b})"
+                )
+        out.append((slice(lo, hi), part))
+    return out
+
+
+PER_IMAGE = ("pixel_values", "image_sizes", "image_grid_thw")  # one entry per image, not per row
 
 
 @contextmanager
@@ -156,23 +269,40 @@ def decode(
     if bool(torch.isin(p.tok, eos).all()):
         return new
     dec = p.dec
+    if p.loaded is not None:  # prefilled in chunks, every row loaded: their caches are gone
+        if graphs and not dec.captured():
+            dec.rewind(p.loaded)
+            dec.start_state(p.mask, p.tok, p.delta, pad)
+            dec.capture()
+        dec.rewind(p.loaded)  # (the capture's warm-up step undone)
+        dec.start_state(p.mask, p.tok, p.delta, pad)
+        steps = dec.run(max_new_tokens - 1)
+        return torch.cat([new, dec.out[:, :steps].to(ids.device)], 1)
     if dec is None:
-        lengths = [layer.keys.shape[2] for layer in p.cache.layers]
-        var_on = handle is not None and handle.var is not None and handle.enabled
-        var = (handle.var, sorted(getattr(p.cache, "layer_codes", {}))) if var_on else None
-        dec = decoder_for(
-            family, lengths, ids.shape[0], max_new_tokens - 1, stops, graphs, compile, var, opts
-        )
-        if var_on:  # a kept decoder may come from an earlier wrap of this model (re-wrapped, not unwrapped)
-            dec.var_compiled = handle.var_compiled
+        run = dict(graphs=graphs, compile=compile, opts=opts)
+        dec = cache_decoder(model, family, handle, p.cache, ids.shape[0], max_new_tokens, run)
     delta = family.rope_deltas() if dec.mrope else None  # [B, 1], set by the prefill
-    if graphs and dec.graph is None and not dec.staged:
+    if graphs and not dec.captured():
         dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
         dec.capture()
     dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
     p.cache = None  # copied into the decoder's buffers: not kept alive through decoding
     steps = dec.run(max_new_tokens - 1)
     return torch.cat([new, dec.out[:, :steps].to(ids.device)], 1)
+
+
+def cache_decoder(model, family, handle, cache, batch: int, max_new_tokens: int, run: dict):
+    """The decoder for a prefill that ran the whole forward (no hand-off), sized by its cache's layers;
+    VAR's layers keep their keys' codes. ``run``: generate_fast's graphs, compile and opts."""
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    var_on = handle is not None and handle.var is not None and handle.enabled
+    var = (handle.var, sorted(getattr(cache, "layer_codes", {}))) if var_on else None
+    stops = stop_ids(model)[0]
+    g, c, o = run["graphs"], run["compile"], run["opts"]
+    dec = decoder_for(family, lengths, batch, max_new_tokens - 1, stops, g, c, var, o)
+    if var_on:  # a kept decoder may come from an earlier wrap of this model (re-wrapped, not unwrapped)
+        dec.var_compiled = handle.var_compiled
+    return dec
 
 
 @torch.no_grad()
@@ -183,6 +313,7 @@ def generate_fast(
     compile: bool | None = None,
     step=None,
     tower_first: bool = True,
+    prefill_batch: int | None = None,
     **inputs,
 ) -> torch.Tensor:
     """Greedy decoding, the same tokens as ``model.generate(**inputs, do_sample=False)``: prompt ids
@@ -191,7 +322,11 @@ def generate_fast(
     layer step (default: on CUDA when Triton is installed; the first call compiles, seconds). ``step``:
     ``mmsink.fast.fuse.StepOptions`` or a dict of its fields (fused projections, one KV write, the
     attention kernel; off by default). ``tower_first``: launch a graphed vision tower before the forward
-    (off: the tower runs inside it, for A/B timing; same tokens)."""
+    (off: the tower runs inside it, for A/B timing; same tokens). ``prefill_batch``: a batch of more rows
+    is prefilled in consecutive row chunks of at most this many, each loaded into its rows of the one
+    decoder of the whole batch, its prefill's cache and activations gone before the next chunk; then all
+    rows decode together (the same tokens; the peak memory holds one chunk's prefill, not the batch's).
+    ``mmsink.stats`` then reports the last chunk's prefill. None: the whole batch at once."""
     from ..patches import family_for
     from .fuse import options
 
@@ -199,6 +334,11 @@ def generate_fast(
     family = handle.family if handle is not None else family_for(model)  # (the wrap's: its kept maps)
     check_inputs(inputs, max_new_tokens)
     ids = inputs["input_ids"]
+    if prefill_batch is not None and (
+        isinstance(prefill_batch, bool) or not isinstance(prefill_batch, int) or prefill_batch < 1
+    ):
+        raise ValueError(f"mmsink: prefill_batch must be a positive integer or None, got {prefill_batch!r}")
+    chunked = prefill_batch is not None and ids.shape[0] > prefill_batch
     kv = getattr(handle, "kv", None) if handle is not None and handle.enabled else None
     devices, dispatched = placement(model)
     if any(d.type == "meta" for d in devices):
@@ -224,11 +364,21 @@ def generate_fast(
             raise ValueError(f"mmsink: generate_fast's kv {mode} mode needs the model on one device")
         if opts is not None:
             raise ValueError(f"mmsink: generate_fast's step= options do not apply to the kv {mode} mode yet")
+        if prefill_batch is not None:
+            raise ValueError(
+                f"mmsink: generate_fast's prefill_batch does not apply to the kv {mode} mode yet"
+            )
         p = prefill(model, family, handle, inputs, False, compile, True, max_new_tokens)
         run = {"sparse": generate_sparse, "quant": generate_quant, "window": generate_window}[mode]
         new = run(family, handle, p, ids, max_new_tokens, graphs, compile, stop_ids(model))
         return finish(ids, new, model)
-    p = prefill(model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts, tower_first)
+    if chunked:
+        run = dict(graphs=graphs, compile=compile, opts=opts)
+        p = prefill_chunks(
+            model, family, handle, inputs, prefill_batch, max_new_tokens, run, split, tower_first
+        )
+    else:
+        p = prefill(model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts, tower_first)
     new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile, opts)
     return finish(ids, new, model)
 

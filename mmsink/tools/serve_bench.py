@@ -12,8 +12,10 @@ Elsewhere (CPU) the batch is doubled from
 crossed with the methods (each row wraps the model with the method and the mode): the row also gives the
 KV bytes per sequence, read from the tensors of the decoders ``generate_fast`` kept (keys / values, a
 window's raw keys, a quantized store's codes, scales, ring and exact entries), and the peak device memory
-at the largest batch. A combination ``wrap`` or ``generate_fast`` refuses is a row saying so. JSON and a
-Markdown table (``--out``); progress on stderr.
+at the largest batch. A combination ``wrap`` or ``generate_fast`` refuses is a row saying so.
+``--prefill-batch N``: ``generate_fast(prefill_batch=N)``, the prompts prefilled in row chunks of at most N
+(one chunk's prefill memory at a time) before all rows decode together (default: off, the whole batch at
+once, as rows measured before it). JSON and a Markdown table (``--out``); progress on stderr.
 """
 
 from __future__ import annotations
@@ -259,12 +261,12 @@ def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
     """Search the largest batch for the model as it is wrapped now, then time ``reps`` calls at it, and
     there read the KV bytes per sequence, the peak device memory (CUDA) and sample 0's new tokens.
     ``opts``: max_batch, first_batch, resolution, margin, seconds (search time), reps, clock, compile,
-    check (called with the batch before every call: a fake memory limit in tests), memory and capacity
-    (tests: batch -> fake peak bytes, and the bytes that fit; on CUDA the allocator's peak reserved bytes
-    over a batch's calls, and free + reserved memory before the search). With a memory reading the
-    search is ``predicted_batch``'s and every batch it runs is timed there (the largest needs no further
-    calls; ``seconds`` also bounds the batches started, by their expected durations); without one,
-    ``largest_batch``'s."""
+    prefill_batch (``generate_fast``'s; None or absent: off), check (called with the batch before every
+    call: a fake memory limit in tests), memory and capacity (tests: batch -> fake peak bytes, and the
+    bytes that fit; on CUDA the allocator's peak reserved bytes over a batch's calls, and free + reserved
+    memory before the search). With a memory reading the search is ``predicted_batch``'s and every batch
+    it runs is timed there (the largest needs no further calls; ``seconds`` also bounds the batches
+    started, by their expected durations); without one, ``largest_batch``'s."""
     import mmsink
 
     check = opts.get("check") or (lambda b: None)
@@ -279,7 +281,13 @@ def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
 
     def call(b: int, inputs: dict) -> None:
         check(b)
-        out = mmsink.generate_fast(model, max_new_tokens=new_tokens, compile=opts["compile"], **inputs)
+        out = mmsink.generate_fast(
+            model,
+            max_new_tokens=new_tokens,
+            compile=opts["compile"],
+            prefill_batch=opts.get("prefill_batch"),
+            **inputs,
+        )
         last["out"] = out
 
     def attempt(b: int, reps: int = 0, final: bool = False) -> bool:
@@ -467,12 +475,19 @@ def markdown(res: dict) -> str:
         )
     else:
         search = f"Largest batch: doubled from {first}, then bisected to within 1/{res_n} (cap {cap})"
+    chunk = res.get("prefill_batch")
+    prefill = (
+        "Prefill: the whole batch at once"
+        if chunk is None
+        else f"Prefill: in row chunks of at most {chunk} (`prefill_batch={chunk}`: one chunk's prefill "
+        "memory at a time), then one decode of the whole batch"
+    )
     lines = [
         f"Serving throughput, {res['device']}, {res['dtype']}, random weights: identical prompts (one image, "
         f"35 + 29 text tokens), greedy `generate_fast` of {res['new_tokens']} new tokens, compile "
-        f"{'off' if res['compile'] is False else 'auto'}. {search}; first OOM: the smallest batch that did "
-        f"not fit. Tokens/s = batch x new tokens / median time of {res['reps']} calls at that batch "
-        "(prefill included). Ratio against the same shape's "
+        f"{'off' if res['compile'] is False else 'auto'}. {prefill}. {search}; first OOM: the smallest "
+        f"batch that did not fit. Tokens/s = batch x new tokens / median time of {res['reps']} calls at "
+        "that batch (prefill included). Ratio against the same shape's "
         "unpruned row without a kv mode. KV MiB / seq: the KV tensors of the decoders `generate_fast` kept "
         "at that batch, divided by it (buffers as allocated, slots rounded up to 128); "
         "peak GiB: the device's peak allocation over those calls, weights included.",
@@ -551,6 +566,12 @@ def main(argv=None):
         default=MARGIN,
         help=f"share of the memory above the fixed part the predicted batch leaves free (default {MARGIN})",
     )
+    ap.add_argument(
+        "--prefill-batch",
+        type=int,
+        default=None,
+        help="prefill in row chunks of at most this many (generate_fast's prefill_batch; default: off)",
+    )
     ap.add_argument("--compile", choices=["auto", "off"], default="off", help="torch.compile the step")
     ap.add_argument("--out", default=None, help="directory for JSON and Markdown")
     ap.add_argument("--name", default="serve", help="file stem (default serve)")
@@ -562,6 +583,8 @@ def main(argv=None):
         ap.error("serve-bench runs the LLaVA families (Qwen's inputs do not repeat along the batch)")
     if a.first_batch < 1 or a.max_batch < a.first_batch:
         ap.error("--first-batch must be >= 1 and <= --max-batch")
+    if a.prefill_batch is not None and a.prefill_batch < 1:
+        ap.error(f"--prefill-batch must be >= 1, got {a.prefill_batch}")
     if not 0 <= a.margin < 1 or a.resolution < 1:
         ap.error(f"--margin must be within [0, 1) and --resolution >= 1, got {a.margin}, {a.resolution}")
     try:
@@ -578,6 +601,7 @@ def main(argv=None):
         reps=a.reps,
         seconds=a.seconds,
         compile=None if a.compile == "auto" else False,
+        prefill_batch=a.prefill_batch,
         clock=bench.clock_for(a.device.startswith("cuda")),
     )
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
