@@ -275,3 +275,22 @@ def test_inputs_that_cannot_be_split(llava):
     q["pixel_values_videos"] = torch.zeros(4, 3 * 2 * 14 * 14)
     with pytest.raises(ValueError, match=r"does not split videos \(pixel_values_videos\) yet"):
         mmsink.generate_fast(model, max_new_tokens=2, prefill_batch=1, **q)
+
+
+@pytest.mark.parametrize("size", [None, 1])
+def test_qwen_text_only_prompts_after_an_image_prompt(size):
+    """Without an image the Qwen model computes no 3-D positions or rope deltas and keeps the last image
+    prompt's deltas: generate_fast gives such prompts (a whole text-only batch, or a text-only chunk)
+    get_rope_index's text positions and delta 0, so the tokens are generate's, not shifted by the earlier
+    prompt's deltas."""
+    model = tiny_qwen("qwen2_vl")
+    img, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8)])], seed=1)
+    txt, _ = qwen_batch([(4, 6, []), (2, 13, [])], seed=2)
+    mmsink.generate_fast(model, max_new_tokens=2, graphs=False, compile=False, **img)
+    assert model.model.rope_deltas.abs().sum() > 0  # the image prompt's deltas, kept on the model
+    out = mmsink.generate_fast(
+        model, max_new_tokens=8, graphs=False, compile=False, prefill_batch=size, **txt
+    )
+    model.model.rope_deltas = None
+    ref = model.generate(**txt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, ref)

@@ -463,7 +463,7 @@ def decode_kv(family, p, ids, max_new_tokens: int, graphs: bool, stop, need, mak
         return new, None
     steps = max_new_tokens - 1
     dec = make(steps)
-    delta = family.rope_deltas() if dec.mrope else None
+    delta = (p.delta if p.delta is not None else family.rope_deltas()) if dec.mrope else None
     if graphs and not dec.captured():
         dec.fill(p.cache, p.mask, p.tok, delta, pad)
         dec.capture()

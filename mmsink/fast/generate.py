@@ -38,7 +38,8 @@ class Prefilled:
     dec: object | None  # the decoder the hand-off's tail layers already wrote into
     mask: torch.Tensor  # [B, L] the prompt's attention mask
     loaded: list | None = None  # prefill_batch: every row already in ``dec``; the decode's first slots
-    delta: torch.Tensor | None = None  # prefill_batch: [B, 1] the chunks' rope deltas (M-RoPE)
+    delta: torch.Tensor | None = None  # [B, 1] rope deltas (M-RoPE) not kept on the model: the chunks',
+    # or a text-only prompt's (zero)
 
 
 def generation_options(inputs: dict) -> set:
@@ -88,6 +89,9 @@ def prefill(
     options = generation_options(inputs)
     call = {k: v for k, v in inputs.items() if k not in options} | {"attention_mask": mask}
     live = handle is not None and handle.enabled
+    grids = ("image_grid_thw", "video_grid_thw", "position_ids")
+    text_only = family.mrope and all(call.get(k) is None for k in grids)
+    flat = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device) if text_only else None
     session = handle.session(ids.shape[1], handoff=not dispatched) if handle is not None else nullcontext()
     tower = nullcontext()
     if graphs and not dispatched and inputs.get("pixel_values") is not None:
@@ -100,6 +104,12 @@ def prefill(
             # these); Qwen computes its 3-D positions (and rope deltas) itself
             if not family.mrope:
                 call.setdefault("position_ids", (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1))
+            elif flat is not None:  # no image or video: the model makes no 3-D positions nor rope deltas
+                # (its kept deltas are an earlier prompt's); get_rope_index's for text-only rows: 0, 1, ..
+                # over the real tokens on every axis, delta 0
+                call["position_ids"] = (
+                    (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[None].expand(3, -1, -1)
+                )
             out = model(**call, use_cache=True, logits_to_keep=1)
     except Handoff as h:
         ctx, first = h.ctx, h.layer
@@ -112,10 +122,10 @@ def prefill(
         if rows is not None:
             check_room(dec, lengths, budget - 1, rows, size)
         tok = dec.run_tail(first, h.hidden, h.kwargs, graphs, rows).to(ids.device)
-        done = Prefilled(tok, ctx.cache, (first, ctx.seg.valid, heads), dec, mask)
+        done = Prefilled(tok, ctx.cache, (first, ctx.seg.valid, heads), dec, mask, delta=flat)
         handle.finish_handoff(h, {**call, "logits_to_keep": 1})  # stats deferred: drops ctx's references
         return done
-    return Prefilled(out.logits[:, -1].argmax(-1), out.past_key_values, None, None, mask)
+    return Prefilled(out.logits[:, -1].argmax(-1), out.past_key_values, None, None, mask, delta=flat)
 
 
 def prefill_chunks(
@@ -130,21 +140,12 @@ def prefill_chunks(
     b = ids.shape[0]
     dec, toks, deltas, starts = None, [], [], None
     for rows, part in split_inputs(family, inputs, size):
-        flat = family.mrope and part.get("image_grid_thw") is None and part.get("position_ids") is None
-        if flat:  # a text-only chunk: without an image grid the model makes no 3-D positions (nor deltas);
-            # get_rope_index's for text-only rows: 0, 1, .. over the real tokens on every axis, delta 0
-            m = (
-                part["attention_mask"]
-                if part.get("attention_mask") is not None
-                else torch.ones_like(part["input_ids"])
-            )
-            part["position_ids"] = (m.long().cumsum(-1) - 1).masked_fill(m == 0, 0)[None].expand(3, -1, -1)
         into = (dec, rows, b, size)
         g, c, o = run["graphs"], run["compile"], run["opts"]
         p = prefill(model, family, handle, part, g, c, split, max_new_tokens, o, early, into)
         toks.append(p.tok)
         if family.mrope:
-            deltas.append(torch.zeros_like(p.tok)[:, None] if flat else family.rope_deltas())
+            deltas.append(p.delta if p.delta is not None else family.rope_deltas())
         if max_new_tokens > 1:
             skip = 0
             if p.dec is None:  # the whole forward ran: its cache holds every layer
@@ -281,7 +282,7 @@ def decode(
     if dec is None:
         run = dict(graphs=graphs, compile=compile, opts=opts)
         dec = cache_decoder(model, family, handle, p.cache, ids.shape[0], max_new_tokens, run)
-    delta = family.rope_deltas() if dec.mrope else None  # [B, 1], set by the prefill
+    delta = (p.delta if p.delta is not None else family.rope_deltas()) if dec.mrope else None  # [B, 1]
     if graphs and not dec.captured():
         dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
         dec.capture()
