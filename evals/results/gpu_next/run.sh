@@ -3,6 +3,8 @@
 #   run(command="PART=1 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # GPU tests, LFPS kernel, NeXT TTFT
 #   run(command="PART=2 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # compiled VAR, decode profile
 #   run(command="PART=3 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # serving bench, serve --kv rows
+#   run(command="PART=4 TOTAL=560 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # eighth session's
+#     follow-ups: chunked prefill, truncated tower, VAR's one compiled call, tower probe
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
 # goes, so a cut step keeps what it measured. Progress lines go to $OUT/run.log; at most 8 files come back
@@ -10,10 +12,10 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1, 2 or 3}
+PART=${PART:?set PART=1, 2, 3 or 4}
 TINY=${TINY:-0}
 START=$(date +%s)
-TOTAL=540
+TOTAL=${TOTAL:-540}
 LOG=$OUT/run.log
 say() { echo "[gpu_next part$PART $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 lim() {  # seconds for a step: its cap, cut to what is left of the call
@@ -43,10 +45,10 @@ transformers.__version__, 'cuda', torch.cuda.is_available(), 'torchao', torchao.
 
 if [ "$TINY" = 1 ]; then
   DEV=cpu SN=tiny-next-cpu S1=tiny-cpu RN=1 K=1 E2E=2 PROF="--tiny --reps 1 --steps 16" CTX=1024
-  NEW=2 MAXB=2 FIRST=1 SR=1 KVNEW=8 KVMAXB=2 KVFIRST=1 TR=1 VR=1 B16=2
+  NEW=2 MAXB=2 FIRST=1 SR=1 KVNEW=8 KVMAXB=2 KVFIRST=1 TR=1 VR=1 B16=2 PB=1 PBMAX=2 TOWER=--tiny
 else
   DEV=cuda SN=llava-next-7b S1=llava-1.5-7b RN=5 K=16 E2E=16 PROF="" CTX=8192,32768
-  NEW=64 MAXB=512 FIRST=8 SR=2 KVNEW=64 KVMAXB=512 KVFIRST=4 TR=7 VR=3 B16=16
+  NEW=64 MAXB=512 FIRST=8 SR=2 KVNEW=64 KVMAXB=512 KVFIRST=4 TR=7 VR=3 B16=16 PB=8 PBMAX=1024 TOWER=
 fi
 
 case $PART in
@@ -89,7 +91,25 @@ case $PART in
     --max-batch $KVMAXB --first-batch $KVFIRST --seconds 20 --resolution 4 --reps 1 --out "$OUT/kv_serve" \
     --name serve
   ;;
-*) say "PART must be 1, 2 or 3, not $PART"; exit 2 ;;
+4)
+  # the eighth session's changes on a GPU: generate_fast(prefill_batch=N) (CUDA graphs / compile per
+  # chunk), the tower truncated to the layer read, VAR's one compiled call per layer; then NeXT TTFT,
+  # serving with the prefill in chunks of 8 (first batch 8: both probes hold one chunk's transient), VAR
+  # at batch 1, and the tower probe (plain / truncated / compiled layers; Qwen's tower compiled)
+  step pytest 130 python -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_batch.py \
+    tests/test_gpu_tower_first.py tests/test_gpu.py -m gpu
+  step next_b1 90 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+  step serve_pb 200 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
+    --methods none,fastv,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
+    --seconds 50 --resolution 4 --reps $SR --out "$OUT/serve_pb" --name serve_pb
+  cp "$SCR/serve_pb.out" "$OUT/serve_pb.log"
+  step var_b1 58 python -m mmsink bench --device $DEV --shape $S1 --batch 1 --reps $VR --methods fastv \
+    --budgets 64 --var-tau 3 --out "$OUT/var" --name var_b1
+  step tower 130 python -m evals.tower_speed $TOWER --skip-after 80 --out "$OUT/tower_speed"
+  ;;
+*) say "PART must be 1, 2, 3 or 4, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
