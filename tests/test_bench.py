@@ -20,6 +20,9 @@ def test_measured_rows_follow_the_plan():
     assert var["method"] == "var" and var["kept"] == 576 and "ideal_ms" not in var
     assert abs(var["time_ratio"] - var["ms"] / var["base_ms"]) < 1e-12 and var["flops_ratio"] >= 1.0
     assert set(var["var_sink_tokens"]) == set(range(2, 11))  # VAR's default layers 2 .. L-2
+    # and through generate_fast (its prefill handed off before layer 0), against the graphed unpruned one
+    assert var["fast_ms"] > 0 and var["fast_ttft_ms"] > 0 and min(var["ttft_alt"].values()) > 0
+    assert "| var | - |" in bench.measured_markdown(res).split("Prefill + 2 new tokens")[1]
     assert base["method"] == "baseline" and fastv["method"] == "fastv"
     layers, total, text = 12, 1 + 35 + 576 + 29, 1 + 35 + 29
     # FastV keeps everything in layers 0-1 (K=2) and text + 64 visual tokens after: KV bytes in proportion

@@ -210,7 +210,7 @@ class Handle:
             layout, self.num_layers, self.base, self.planner.budget_per, self.family.lm_parts, kwargs
         )
         self.planner.start(ctx)
-        ctx.handoff = self.handoff and self.var is None
+        ctx.handoff = self.handoff  # (VAR's edits after the hand-off: generate_fast's tail makes them)
         if ctx.handoff:
             ctx.final_layer = self.planner.final_layer(ctx)
         use_cache = kwargs.get("use_cache")
@@ -250,13 +250,23 @@ class Handle:
             )
         self.last_stats = self.deferred(ctx, kwargs)
 
-    def finish_handoff(self, h: Handoff, kwargs) -> None:
+    def finish_handoff(self, h: Handoff, kwargs, codes: dict | None = None) -> None:
         """The bookkeeping of a prefill whose layers from ``h.layer`` on ran outside the model (in
-        ``generate_fast``): they all ran on the final segment."""
+        ``generate_fast``): they all ran on the final segment. ``codes``: VAR's key codes [B, n] of those
+        layers where it edited them (their stats as the model's layers would have left them); the cache
+        gets the codes of the layers before, which the decoder loads from it."""
         ctx = h.ctx
         for _ in range(h.layer + 1, self.num_layers):
             ctx.layer_segment.append(len(ctx.segments) - 1)
             ctx.slots.append(ctx.seg.n)
+        if ctx.cache is not None and ctx.var_codes:
+            ctx.cache.layer_codes = dict(ctx.var_codes)
+        if codes:
+            cost = self.meter.cost
+            (b, n), r = ctx.seg.valid.shape, var_steps.edited_rows_of(ctx).shape[1]
+            for layer, c in codes.items():
+                ctx.var_codes[layer] = c
+                ctx.attn_flops[layer] = var_steps.edit_flops(b, cost.heads, n, n, cost.head_dim, r)
         self.ctx, self.measuring = None, False
         ctx.to(ctx.home)
         self.last_stats = self.deferred(ctx, kwargs)
@@ -332,19 +342,24 @@ class Handle:
             kwargs["attention_mask"] = seg.mask(self.base, hidden.dtype)
             kwargs["position_embeddings"] = seg.position_embeddings(kwargs["position_embeddings"])
             kwargs["position_ids"] = None
-        ctx.directive = self.directive(ctx, layer, hidden)
+        want = self.planner.directive(ctx, layer)
+        ctx.directive = self.directive(ctx, layer, hidden, want)
         if ctx.directive is not None:
             kwargs["mmsink"] = ctx.directive
         ctx.slots.append(seg.n)
-        if ctx.handoff and ctx.directive is None and not args[1:]:
+        # a directive of VAR's alone does not keep the layer here: generate_fast's tail applies VAR itself
+        plain = ctx.directive is None or (self.var is not None and not want)
+        if ctx.handoff and plain and not args[1:]:
             known = ctx.final_layer
             if known == layer or (known is None and self.planner.settled(ctx, layer)):
+                kwargs.pop("mmsink", None)
                 raise Handoff(ctx, layer, hidden, kwargs)
         return (hidden, *args[1:]), kwargs
 
-    def directive(self, ctx: Prefill, layer: int, hidden) -> Directive | None:
-        """What this layer's attention must do beyond plain attention, or None."""
-        want = dict(self.planner.directive(ctx, layer) or {})
+    def directive(self, ctx: Prefill, layer: int, hidden, planned: dict | None) -> Directive | None:
+        """What this layer's attention must do beyond plain attention, or None. ``planned``: the pruner's
+        directive for the layer."""
+        want = dict(planned or {})
         var = self.var is not None and self.var.active(layer, self.num_layers) and "reweight" not in want
         if var:
             want["reweight"] = var_steps.prefill_reweight(ctx, layer, hidden, self.var, self.var_compiled)

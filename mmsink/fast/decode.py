@@ -19,7 +19,8 @@ share one), so the graph is captured once, not per call. ``compile=True`` (defau
 installed) runs one decoder layer's step through ``torch.compile``, shared by all layers, which fuses the
 small element-wise kernels that otherwise dominate a batch-1 step; the prefill tail then runs the same way
 (``layer_prefill``, n tokens). With graphs on, the vision tower (LLaVA, LLaVA-NeXT) is replayed as a CUDA
-graph too (``mmsink.vision_graph``). VAR layers decode through ``var.decode_attention`` (not compiled).
+graph too (``mmsink.vision_graph``). VAR layers decode through ``var.decode_attention`` (not compiled);
+in the prefill tail they run VAR's edit and make their key codes as the model's layers do (``var_edit``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import collections
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import base_of
-from ..sinks.var import decode_attention
+from ..core.attention import Directive, base_of
+from ..sinks.var import decode_attention, var_attention
 from .graphs import capture as capture_graph
 from .graphs import load, signature, static
 
+VAR_INPUTS = "mmsink_var"  # run_tail's kwargs entry: VAR's plan tensors (``var.tail_inputs``)
 ROUND = 128  # buffer lengths rounded up to this, so similar prompts reuse one captured decoder
 KEEP = 4  # decoders kept per model (each holds its KV buffers and graph)
 TAILS = 8  # captured prefill tails kept per decoder
@@ -77,14 +79,19 @@ def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, 
     return finish(layer, h, o)
 
 
-def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope):
+def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope, edit=None):
     """One decoder layer over a prefill's ``n`` tokens (the tail after the hand-off): keys / values into
     the buffer's first ``n`` slots, causal attention (``mask`` [B,1,n,n] bool, or None: no padding). The
-    same modules and arithmetic as the model's layer; compiled, its small element-wise kernels fuse."""
+    same modules and arithmetic as the model's layer; compiled, its small element-wise kernels fuse.
+    ``edit``: the layer's attention as a directive's reweight (VAR: ``FastDecoder.var_edit``)."""
     scale, n = layer.self_attn.scaling, h.shape[1]
     q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
     kb[:, :, :n].copy_(k)
     vb[:, :, :n].copy_(v)
+    if edit is not None:  # [B, n, H, d], as the model's attention call returns it
+        o = edit(q, k, v, mask, scale, "sdpa")
+        h = h + layer.self_attn.o_proj(o.reshape(*h.shape[:2], -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
     gqa = heads != kv_heads
     if mask is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -207,6 +214,9 @@ class FastDecoder:
             lengths[i] = n
         codes = getattr(cache, "layer_codes", {})  # none where the wrap left a chunk untouched (no image)
         for i, c in self.codes.items():
+            if i >= first:  # the tail wrote this layer's codes: the slots after them are new tokens'
+                c[r, tail[1].shape[1] :] = 0
+                continue
             c[r] = 0
             if i in codes:
                 c[r, : codes[i].shape[1]] = codes[i].to(c.device)
@@ -345,8 +355,11 @@ class FastDecoder:
         """Layers ``first``.. of a prefill whose plan is final, keys and values into the buffers (their
         rows ``rows``: a chunk's, ``prefill_batch``); returns the next token [B]. With ``compile`` and
         SDPA each layer is one ``layer_prefill`` step (the layer's own modules); otherwise the model's own
-        layer forwards run (mmsink's hooks are not needed past the plan's last decision)."""
+        layer forwards run (mmsink's hooks are not needed past the plan's last decision). VAR's layers get
+        its edit (``var_edit``) from the plan tensors in ``kwargs[VAR_INPUTS]``."""
         r = slice(None) if rows is None else rows
+        kwargs = dict(kwargs)
+        var, memo = kwargs.pop(VAR_INPUTS, None), {}
         mask, pe = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
         compiled = (
             self.prefill_fn is not None
@@ -359,24 +372,53 @@ class FastDecoder:
         )
         h = hidden
         if compiled:  # our fused step (the model's modules); else the model's own layer forwards
-            for layer, kb, vb in zip(self.layers[first:], self.k[first:], self.v[first:]):
-                h = self.prefill_fn(layer, h, *pe, kb[r], vb[r], mask, self.heads, self.kv_heads, self.rope)
+            for i in range(first, len(self.layers)):
+                edit = self.var_edit(i, h, var, r, memo)
+                # a VAR layer: the plain step around VAR's own compiled call (as in the decode step)
+                fn = self.prefill_fn if edit is None else layer_prefill
+                args = (self.layers[i], h, *pe, self.k[i][r], self.v[i][r], mask, self.heads, self.kv_heads)
+                h = fn(*args, self.rope) if edit is None else fn(*args, self.rope, edit)
         else:
             kw = {**kwargs, "past_key_values": StaticKV(self, hidden.shape[1], r), "use_cache": True}
-            for layer in self.layers[first:]:
-                h = layer.forward(h, **kw)
+            for i in range(first, len(self.layers)):
+                edit = self.var_edit(i, h, var, r, memo)
+                more = {} if edit is None else {"mmsink": Directive(i, reweight=edit)}
+                h = self.layers[i].forward(h, **kw, **more)
                 h = h[0] if isinstance(h, tuple) else h
         logits = self.head(self.norm(h[:, -1:]))[:, -1]  # slots in order: the last is the prompt's end
         return logits.argmax(-1)
 
-    def run_tail(self, first: int, hidden, kwargs, graphs: bool, rows: slice | None = None) -> torch.Tensor:
+    def var_edit(self, i: int, h, var, rows: slice, memo: dict):
+        """Tail layer ``i``'s attention with VAR's edit (a directive's reweight), or None where VAR does
+        not edit it: key codes from ``h`` (the state entering the layer) and the plan's tensors ``var``
+        (``var.tail_inputs``), made and applied in one call as the model's layers do (``prefill_edit``),
+        the codes written into the layer's ``codes`` rows for decoding. ``memo``: the masks and row
+        indices, made once per tail (its layers share them)."""
+        if var is None or i not in self.codes:
+            return None
+        vis, prompt, valid, ri = var
+        cfg, fns, codes, source = self.var_cfg, self.var_compiled, self.codes[i], (h, vis, prompt)
+
+        def reweight(q, k, v, mask, scale, base):
+            out, c, _ = var_attention(q, k, v, mask, valid, scale, base, None, ri, cfg, memo, fns, source)
+            codes[rows, : c.shape[1]].copy_(c)
+            return out
+
+        return reweight
+
+    def run_tail(
+        self, first: int, hidden, kwargs, graphs: bool, rows: slice | None = None, var=None
+    ) -> torch.Tensor:
         """``tail``, as one CUDA graph per (first layer, shapes) when ``graphs``: a batch-1 prefill is
         bound by launching kernels, and after the plan's last decision nothing needs the host. A shape is
         captured the second time it comes (capturing costs two tails and the graph's memory, which a
         one-off prompt length would never repay); the last ``TAILS`` graphs are kept. A chunk's ``rows``
         run eagerly: a graph would be specific to the rows it writes, and a chunk of a large batch is
-        bound by arithmetic, not launches."""
-        kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        bound by arithmetic, not launches. ``var``: VAR's plan tensors (``var.tail_inputs``) when VAR edits
+        layers of the tail (their codes go to ``codes``; static inputs of the graph like the rest)."""
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "mmsink")}
+        if var is not None:
+            kwargs[VAR_INPUTS] = tuple(var)
         if rows is not None:
             return self.tail(first, hidden, kwargs, rows)
         if not graphs:

@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 from ..core import layout
 from ..core.compiling import can_compile
 from ..core.hooks import ATTR, Handoff
+from ..sinks import var as var_steps
 from . import vision_graph
 from .decode import placement
 from .store import decoder_for
@@ -117,13 +118,24 @@ def prefill(
         lengths = [v.shape[1] for v in heads] + [h.hidden.shape[1]] * (ctx.num_layers - first)
         stops = stop_ids(model)[0]
         dec, rows, batch, size = into if into is not None else (None, None, ids.shape[0], None)
+        cfg, n = handle.var, ctx.num_layers
+        edits = [i for i in range(first, n) if cfg.active(i, n)] if cfg is not None else []
+        var = (cfg, sorted({*ctx.var_codes, *edits})) if cfg is not None else None
         if dec is None:
-            dec = decoder_for(family, lengths, batch, max(budget - 1, 1), stops, graphs, compile, opts=opts)
+            dec = decoder_for(
+                family, lengths, batch, max(budget - 1, 1), stops, graphs, compile, var, opts=opts
+            )
         if rows is not None:
             check_room(dec, lengths, budget - 1, rows, size)
-        tok = dec.run_tail(first, h.hidden, h.kwargs, graphs, rows).to(ids.device)
+        if var is not None:
+            check_var_layers(dec, var[1], rows, size)
+            dec.var_compiled = handle.var_compiled  # (a kept decoder may come from an earlier wrap)
+        plan = var_steps.tail_inputs(ctx) if edits else None
+        tok = dec.run_tail(first, h.hidden, h.kwargs, graphs, rows, plan).to(ids.device)
+        r = slice(None) if rows is None else rows
+        codes = {i: dec.codes[i][r, : h.hidden.shape[1]].clone() for i in edits}  # (the buffer is reused)
         done = Prefilled(tok, ctx.cache, (first, ctx.seg.valid, heads), dec, mask, delta=flat)
-        handle.finish_handoff(h, {**call, "logits_to_keep": 1})  # stats deferred: drops ctx's references
+        handle.finish_handoff(h, {**call, "logits_to_keep": 1}, codes)  # stats deferred: drops ctx's refs
         return done
     return Prefilled(out.logits[:, -1].argmax(-1), out.past_key_values, None, None, mask, delta=flat)
 
@@ -175,6 +187,17 @@ def check_room(dec, lengths: list[int], steps: int, rows: slice, size: int) -> N
                 f"slots in layer {i}, more than the {cap - steps} of the decoder the first chunk sized; "
                 "use a larger prefill_batch or None"
             )
+
+
+def check_var_layers(dec, layers: list[int], rows: slice | None, size: int | None) -> None:
+    """The decoder keeps key codes for the layers where VAR edits this prefill (a chunk's decoder is the
+    first chunk's: one left untouched by the wrap, without an image, keeps none)."""
+    if rows is not None and sorted(dec.codes) != list(layers):
+        raise ValueError(
+            f"mmsink: generate_fast's prefill_batch={size}: rows {rows.start}-{rows.stop - 1} need VAR's "
+            f"codes in layers {list(layers)}, the decoder the first chunk sized keeps them in "
+            f"{sorted(dec.codes)} (a first chunk without an image); use prefill_batch=None"
+        )
 
 
 def split_inputs(family, inputs: dict, size: int) -> list:

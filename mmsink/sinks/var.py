@@ -278,7 +278,7 @@ def var_attention(
     allowed = memo["allowed"]
     kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
     out = plain_attention(q, kk, vv, allowed, scale, base, masked=mask is not None)
-    flops = 4 * b * h * n * kv * d + 4 * b * h * memo["ri"].shape[1] * kv * d * len(CODES)
+    flops = edit_flops(b, h, n, kv, d, memo["ri"].shape[1])
     if fused:
         rest = (valid, allowed, memo["ri"], memo["inv"], scale, cfg, base == "eager")
         if codes is None:
@@ -293,6 +293,11 @@ def var_attention(
     new, idx = edited_rows(q, kk, vv, out, *args, scale, cfg, lse)
     out.scatter_(2, idx, new)  # padding rows (index -1 -> 0) write back row 0's own output
     return out.transpose(1, 2).contiguous(), codes, flops
+
+
+def edit_flops(b: int, h: int, n: int, kv: int, d: int, r: int) -> int:
+    """FLOPs ``var_attention`` executes: every row's plain attention, then ``r`` rows once per group."""
+    return 4 * b * h * n * kv * d + 4 * b * h * r * kv * d * len(CODES)
 
 
 # ---- torch.compile of the per-layer work
@@ -386,12 +391,8 @@ def prefill_reweight(ctx, layer: int, hidden, cfg: VARConfig, fns: CompiledVAR |
     attention call, with the edit: compiled, one call a layer), rows after the image (instruction, answer
     and later tokens; indexed once per segment). ``fns``: the wrap's."""
     seg = ctx.seg
-    vis = ctx.visual()
-    source = (hidden, vis, ctx.in_prompt())
-    if "var_rows" not in seg.cache:
-        rows = seg.valid & ~vis & (vis.cumsum(1) > 0)
-        seg.cache["var_rows"] = group_indices(rows, ctx.text_after_image_width())
-    rows = seg.cache["var_rows"]
+    source = (hidden, ctx.visual(), ctx.in_prompt())
+    rows = edited_rows_of(ctx)
 
     def reweight(q, k, v, mask, scale, base):
         memo = seg.cache.setdefault("var_memo", {})  # masks and row indices: once per segment
@@ -403,6 +404,24 @@ def prefill_reweight(ctx, layer: int, hidden, cfg: VARConfig, fns: CompiledVAR |
         return out
 
     return reweight
+
+
+def edited_rows_of(ctx) -> torch.Tensor:
+    """[B, R] the current segment's slots VAR edits (real text after a sample's first visual slot; -1
+    padding), indexed once per segment."""
+    seg = ctx.seg
+    if "var_rows" not in seg.cache:
+        vis = ctx.visual()
+        rows = seg.valid & ~vis & (vis.cumsum(1) > 0)
+        seg.cache["var_rows"] = group_indices(rows, ctx.text_after_image_width())
+    return seg.cache["var_rows"]
+
+
+def tail_inputs(ctx) -> tuple:
+    """What a VAR layer after a prefill's hand-off needs of the plan (``generate_fast`` runs those layers
+    outside the model, on the final segment): (visual slots, prompt slots, valid slots [B, n], edited rows
+    [B, R]), the tensors ``prefill_reweight`` reads."""
+    return ctx.visual(), ctx.in_prompt(), ctx.seg.valid, edited_rows_of(ctx)
 
 
 def anchor_edit(ctx, layer: int, anchor, cfg: VARConfig):

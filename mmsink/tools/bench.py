@@ -392,7 +392,7 @@ def measure(
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    def profile(e2e: bool = True) -> dict:
+    def profile() -> dict:
         """Timings and memory of whatever the model is now (wrapped or not)."""
         ms = timed(prefill, reps, sync) * 1e3
         if cuda:
@@ -408,7 +408,7 @@ def measure(
         fast = lambda k: mmsink.generate_fast(model, max_new_tokens=k, **inputs)  # noqa: E731
         decode = decode_step_ms(fast, decode_tokens, max(3, n), tick)
         r = dict(ms=ms, ttft_ms=ttft, decode_ms=decode, kv_bytes=kv, peak_bytes=peak)
-        if e2e_tokens and e2e:  # prefill + e2e_tokens new tokens: transformers' generate vs generate_fast
+        if e2e_tokens:  # prefill + e2e_tokens new tokens: transformers' generate vs generate_fast
             r["e2e_ms"] = timed(lambda: generate(e2e_tokens), n, sync) * 1e3
             fast = lambda: mmsink.generate_fast(model, max_new_tokens=e2e_tokens, **inputs)  # noqa: E731
             fast()  # (``timed`` warms up once more: the prefill tail's graph is captured at the 2nd call)
@@ -418,14 +418,15 @@ def measure(
             r["fast_ttft_ms"] = timed(first, reps, sync) * 1e3  # prefill; layers after the plan: a graph
         return r
 
-    def ttft_alternated(method, budget) -> dict:
+    def ttft_alternated(wrap_method) -> dict:
         """(ms) the unwrapped model's prefill (``model(...)``: HF's time to first logits), the unpruned
-        model through generate_fast's graphed prefill, and the method through generate_fast."""
+        model through generate_fast's graphed prefill, and the method (``wrap_method()`` wraps the model
+        with it) through generate_fast."""
         first = lambda: mmsink.generate_fast(model, max_new_tokens=1, **inputs)  # noqa: E731
         plan = {
             "hf_prefill": (lambda: mmsink.unwrap(model), prefill),
             "graphed_unpruned": (lambda: mmsink.wrap(model, prune="none", varlen=varlen), first),
-            "method": (lambda: mmsink.wrap(model, prune=method, budget=budget, varlen=varlen), first),
+            "method": (wrap_method, first),
         }
         now = []
         states = {k: (lambda k=k: (now.__setitem__(slice(None), [k]), plan[k][0]())) for k in plan}
@@ -469,14 +470,14 @@ def measure(
         t = alternated(prefill, states, reps, sync)
         r["ms"], r["ideal_ms"], r["base_ms"] = t["method"] * 1e3, t["ideal"] * 1e3, t["base"] * 1e3
         if e2e_tokens:  # time to first token: HF prefill, graphed unpruned, the method; alternated too
-            r["ttft_alt"] = ttft_alternated(method, budget)
+            r["ttft_alt"] = ttft_alternated(states["method"])
         rows.append(r)
         done(i, name)
     if var_tau:  # VAR's cost: its grouped attention in layers 2 .. L-2, against the same model without it
         hidden = model.config.get_text_config().hidden_size
         cfg = {"sink_dims": tuple(d % hidden for d in (1415, 2533)), "tau": var_tau}
         mmsink.wrap(model, prune=None, var=cfg, varlen=varlen)
-        r = profile(e2e=False)  # VAR's prefill cost; its generate_fast decode is not graphed by default yet
+        r = profile()  # with e2e_tokens: generate_fast's VAR (handed off before layer 0, tail graphed)
         st = mmsink.stats(model)
         sinks = st.extra.get("var_sinks", {})
         r.update(method="var", budget=None, kept=round(st.mean_kept, 1), var=cfg)
@@ -488,6 +489,8 @@ def measure(
         }
         t = alternated(prefill, states, reps, sync)
         r["ms"], r["base_ms"] = t["method"] * 1e3, t["base"] * 1e3
+        if e2e_tokens:  # VAR's time to first token against the graphed unpruned prefill, alternated
+            r["ttft_alt"] = ttft_alternated(states["method"])
         rows.append(r)
         done(total, "var")
     if getattr(model, "_mmsink", None) is not None:
