@@ -77,7 +77,9 @@ class Replays:
 def stood_in(monkeypatch, replays):
     monkeypatch.setattr(vision_graph, "usable", lambda model: True)
     real = vision_graph.patched
-    monkeypatch.setattr(vision_graph, "patched", lambda m, taps: real(m, taps, capture=replays.capture))
+    monkeypatch.setattr(
+        vision_graph, "patched", lambda m, taps, **kw: real(m, taps, capture=replays.capture, **kw)
+    )
     launch = logged(vision_graph.GraphedTower.launch, replays)
     monkeypatch.setattr(vision_graph.GraphedTower, "launch", launch)
     from mmsink.fast import decode

@@ -16,6 +16,13 @@ Hooks a pruner placed inside the tower (VisionZip's query / key taps) cannot run
 modules' outputs are captured as extra graph outputs and the hooks are called with them after each
 replay, so the pruner sees what an eager run gives it.
 
+``compile`` (``generate_fast``'s ``compile``): the captured call runs each encoder layer through one
+``torch.compile`` of the layer's forward, shared by the layers (one graph for all of a tower's layers at a
+shape), inside the graph. The layers are switched to it only during the call (their ``forward`` set on
+the instance, removed after), so the model is left as it was. A layer holding a hooked module (VisionZip's
+query / key taps) runs eagerly, so its hooks see their outputs as they do now; hooks on a layer itself
+run around its compiled forward. A compiler failure warns once and the tower's layers run eagerly.
+
 ``launch``: ``generate_fast`` replays the tower's graph as the first thing of a prefill (from the
 pixels, as the family computes the tower's input), so the host's work before the tower (the layout,
 the model's prologue, the embeddings) runs while the GPU runs the tower; the tower's call in the
@@ -25,7 +32,11 @@ forward then takes that replay's outputs.
 from __future__ import annotations
 
 import collections
+import functools
+import warnings
+from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from . import graphs
@@ -38,9 +49,13 @@ KEEP = 4
 class GraphedTower:
     """Replaces the tower's ``forward`` while ``generate_fast`` prefills; one graph per signature."""
 
-    def __init__(self, layers: tuple, taps: list, capture=graphs.capture, encoder=None):
+    def __init__(self, layers: tuple, taps: list, capture=graphs.capture, encoder=None, compile=False):
         self.layers, self.taps, self.capture = layers, taps, capture  # taps: [(module, hook)]
         self.encoder = encoder  # a module running ``encoder.layers`` in turn, or None: output_hidden_states
+        self.compile = compile  # the encoder's layers through ``compiled`` (needs ``encoder``)
+        self.compiled = None  # torch.compile(layer_forward), made at first use
+        self.failed = False  # the compiler failed once: layers run eagerly from then on
+        self.compiled_calls = 0  # layer calls that went through ``compiled``
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.forward = None  # the tower's own forward, set per call (``patched``)
         self.captures = 0
@@ -97,19 +112,74 @@ class GraphedTower:
             handles.append(hook)
         if cut < n:
             enc.layers = nn.ModuleList(blocks[:cut])  # the same layer modules, the tail left out
+        switched = self._switch(blocks[:cut]) if self.compile else []
         try:
             out = self.forward(*args, **{**kwargs, "output_hidden_states": False})
         finally:
+            for b in switched:
+                del b.__dict__["forward"]
             enc.layers = blocks
             for h in handles:
                 h.remove()
         return out, picked, cut == n
 
+    def _switch(self, blocks) -> list:
+        """Point the layers that can run compiled at ``run_layer`` (an instance ``forward``, removed by the
+        caller after the call); returns them. Left eager: a layer holding a hooked module (the compiled
+        forward would trace its hooks: a second graph for that layer, hooks run at trace time), one
+        whose forward or call is set already (the user's own)."""
+        out = []
+        for b in blocks:
+            if "forward" in b.__dict__ or getattr(b, "_compiled_call_impl", None) is not None:
+                continue
+            if any(hooked(m) for m in b.modules() if m is not b):
+                continue
+            b.__dict__["forward"] = functools.partial(self.run_layer, b)
+            out.append(b)
+        return out
+
+    def run_layer(self, layer, *args, **kwargs):
+        """``layer``'s own forward through the compiled function (eager under a torch function or dispatch
+        mode, which the compiler refuses or traces, and after a compiler failure)."""
+        modes = torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
+        if self.failed or modes or torch.compiler.is_compiling() or recording():
+            return layer_forward(layer, *args, **kwargs)
+        if self.compiled is None:
+            self.compiled = torch.compile(layer_forward, fullgraph=True)
+        # transformers' recorders inside the layer (inactive: ``recording``) set aside for the call; the
+        # compiler cannot trace them (they read a ContextVar)
+        inside = [m for m in layer.modules() if m is not layer and (m._forward_hooks or m._forward_pre_hooks)]
+        kept = [(m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"]) for m in inside]
+        for m in inside:
+            m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"] = OrderedDict(), OrderedDict()
+        try:
+            out = self.compiled(layer, *args, **kwargs)
+        except Exception as e:
+            from ..sinks.var import compiler_errors
+
+            if not isinstance(e, compiler_errors()):
+                raise
+            self.failed = True
+            warnings.warn(
+                f"mmsink: the vision tower's layers did not compile ({type(e).__name__}); they run eagerly "
+                "(generate_fast(compile=False) skips the attempt)",
+                stacklevel=2,
+            )
+            return layer_forward(layer, *args, **kwargs)
+        finally:
+            for m, (post, pre) in zip(inside, kept):
+                m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"] = post, pre
+        self.compiled_calls += 1
+        return out
+
     def ready(self, x):
         """The key of the graph a call on ``x`` (the tower's one positional input) would replay, the last
         one used, or None (not captured yet; a graph whose keyword arguments hold tensors needs them too)."""
         want = signature((x,))
-        return next((k for k in reversed(self.graphs) if k[0] == want and not tensors(k[1])), None)
+        return next(
+            (k for k in reversed(self.graphs) if k[0] == want and k[2] == self.compile and not tensors(k[1])),
+            None,
+        )
 
     def launch(self, x, key) -> None:
         """Replay graph ``key`` (``ready``) on ``x`` now, for the tower's next call: that call must be on
@@ -120,7 +190,8 @@ class GraphedTower:
         self.launched = key
 
     def __call__(self, *args, **kwargs):
-        key = (signature(args), tuple(sorted((k, signature(v)) for k, v in kwargs.items())))
+        kw = tuple(sorted((k, signature(v)) for k, v in kwargs.items()))
+        key = (signature(args), kw, self.compile)  # a compiled call's graph is another graph
         launched, self.launched = self.launched == key, None  # its inputs are these (the caller's word)
         if key not in self.graphs:
             while len(self.graphs) >= KEEP:
@@ -160,6 +231,34 @@ class GraphedTower:
         return out
 
 
+def layer_forward(layer, *args, **kwargs):
+    """``layer``'s class forward (what ``GraphedTower`` compiles: one function for every layer, the layer an
+    input, so layers of one class share its graphs)."""
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+def hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has hooks other than transformers' output recorders (on every layer and attention of
+    a tower since transformers 5; inactive unless outputs such as attentions are asked for)."""
+    hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+    return bool(m._backward_hooks or m._backward_pre_hooks) or not all(map(recorder, hooks))
+
+
+def recorder(hook) -> bool:
+    return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
+
+
+def recording() -> bool:
+    """Whether transformers' output recorders are collecting something now (e.g. attentions): their hooks
+    inside a layer must then run, and the layer runs eagerly."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    wanted = _active_collector.get()
+    return bool(wanted) and any(not k.startswith("_") for k in wanted)
+
+
 def encoder_of(tower):
     """The tower's encoder when it runs a ``layers`` list in turn (CLIP, SigLIP), else None."""
     enc = getattr(getattr(tower, "vision_model", tower), "encoder", None)
@@ -185,10 +284,11 @@ def usable(model) -> bool:
 
 
 class patched:
-    """``with patched(model, taps):`` the model's vision tower runs as CUDA graphs (kept on the model)."""
+    """``with patched(model, taps):`` the model's vision tower runs as CUDA graphs (kept on the model);
+    ``compile``: its encoder layers through ``torch.compile`` inside the graphs."""
 
-    def __init__(self, model, taps: list, capture=graphs.capture):
-        self.model, self.taps, self.capture = model, taps, capture
+    def __init__(self, model, taps: list, capture=graphs.capture, compile: bool = False):
+        self.model, self.taps, self.capture, self.compile = model, taps, capture, compile
 
     def __enter__(self):
         self.tower, layers = tower_of(self.model)
@@ -203,6 +303,7 @@ class patched:
                 store.pop(next(iter(store)))
         store[key] = g
         g.taps = self.taps  # the hooks are new objects per wrap; the modules are the same
+        g.compile = self.compile and g.encoder is not None  # (its graphs are keyed by it)
         self.prev = tower.__dict__.get("forward")
         g.forward = tower.forward
         g.launched = None

@@ -1,0 +1,200 @@
+"""The graphed vision tower's encoder layers through ``torch.compile`` (``vision_graph.patched(...,
+compile=True)``, issue 20), on the CPU in fp32 with graph replays stood in (the captured function runs
+again and copies into the captured outputs): the same features, logits and VisionZip picks as the eager
+tower, the layers run by the compiled function (no Python frame of the layer's forward), one graph for
+every layer, the model's modules exactly as before, and eager layers after a compiler failure."""
+
+import shutil
+import sys
+import warnings
+
+import pytest
+import torch
+from test_tower_first import Replays, stood_in
+from test_tower_truncate import blocks, features, inputs_for, pixels, tower_out, towered
+from torch._dynamo.utils import counters
+
+import mmsink
+from mmsink.fast import store, vision_graph
+
+NO_CXX = shutil.which("c++") is None and shutil.which("g++") is None
+pytestmark = [
+    pytest.mark.skipif(NO_CXX, reason="torch.compile on CPU needs a C++ compiler"),
+    pytest.mark.slow,
+]
+TOL = dict(atol=1e-5, rtol=1e-5)  # fp32; fused kernels round differently (measured: about 1e-6)
+
+
+def snapshot(model) -> dict:
+    """Every module's attributes (the objects themselves) and hooks, to tell any change apart."""
+    out = {}
+    for name, m in model.named_modules():
+        attrs = dict(vars(m))
+        hooks = {k: list(v.items()) for k, v in attrs.items() if k.endswith("hooks") and isinstance(v, dict)}
+        out[name] = (attrs, hooks)
+    return out
+
+
+def changed(a: dict, b: dict) -> list:
+    """[(module, attribute)] that differ between two snapshots."""
+    if a.keys() != b.keys():
+        return [(n, None) for n in a.keys() ^ b.keys()]
+    out = []
+    for name in a:
+        (x, hx), (y, hy) = a[name], b[name]
+        out += [(name, k) for k in x.keys() ^ y.keys()]
+        out += [(name, k) for k in x.keys() & y.keys() if x[k] is not y[k] or hx.get(k) != hy.get(k)]
+    return out
+
+
+def forward_frames(code, fn):
+    """(fn's result, how many Python frames of ``code`` it ran): a compiled layer runs none."""
+    seen = []
+
+    def prof(frame, event, arg):
+        if event == "call" and frame.f_code is code:
+            seen.append(1)
+
+    sys.setprofile(prof)
+    try:
+        out = fn()
+    finally:
+        sys.setprofile(None)
+    return out, len(seen)
+
+
+def run(model, d):
+    with torch.no_grad():
+        logits = model(**d).logits
+    wrapped = "_mmsink" in model.__dict__
+    return logits, features(model, d), mmsink.stats(model).kept_indices if wrapped else None
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("method", [None, "visionzip"])
+def test_compiled_tower_gives_the_eager_answers(family, method):
+    """Two inputs, then the first again: logits, image features and VisionZip's kept tokens equal the
+    eager model's (fp32, 1e-5). The layers before the cut run compiled (counted, and no frame of the
+    layer's forward runs for them), except the one holding VisionZip's query / key taps, which runs
+    eagerly; one graph for every layer; the model's modules unchanged after the call, and after
+    ``unwrap`` and ``clear`` as before ``wrap``."""
+    model = towered(family, -2)
+    data = [inputs_for(model, s) for s in (0, 1)]
+    tower_out(model, pixels(model, data[0]))  # transformers installs its output recorders at a first call
+    before_wrap = snapshot(model)
+    if method is not None:
+        mmsink.wrap(model, prune=method, budget=0.5)
+    try:
+        taps = mmsink.api.get_handle(model).vision_taps if method is not None else []
+        eager = [run(model, d) for d in data]
+        assert not torch.allclose(eager[0][0], eager[1][0])
+        calls = [0] * len(blocks(model))
+        handles = [
+            b.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+            for i, b in enumerate(blocks(model))
+        ]
+        torch._dynamo.reset()
+        counters.clear()
+        before = snapshot(model)
+        with vision_graph.patched(model, taps, capture=Replays().capture, compile=True) as g:
+            got = [run(model, d) for d in data + data[:1]]
+            code = type(blocks(model)[0]).forward.__code__
+            runs = calls[0]
+            again, frames = forward_frames(code, lambda: run(model, data[1]))
+            runs = calls[0] - runs  # tower runs in that call (the forward's and the features')
+        after = snapshot(model)
+        for h in handles:
+            h.remove()
+    finally:
+        if method is not None:
+            mmsink.unwrap(model)
+        store.clear(model)
+    cut = g.cut()
+    tapped = {i for i, b in enumerate(blocks(model)) if any(m in {t for t, _ in taps} for m in b.modules())}
+    assert cut == len(blocks(model)) - 1 and tapped == ({cut - 1} if method else set())
+    assert g.compile and not g.failed and list(g.graphs)[0][2] is True
+    assert calls[cut:] == [0] * (len(calls) - cut) and len(set(calls[:cut])) == 1
+    assert g.compiled_calls == calls[0] * (cut - len(tapped)) > 0
+    assert runs > 0 and frames == runs * len(tapped)  # only the tapped layer ran its Python forward
+    assert int(counters["stats"]["unique_graphs"]) == 1
+    for (lg, fg, kg), (le, fe, ke) in zip(got + [again], eager + eager[:1] + eager[1:]):
+        torch.testing.assert_close(lg, le, **TOL)
+        assert len(fg) == len(fe) and all(torch.allclose(a, b, **TOL) for a, b in zip(fg, fe))
+        assert kg == ke
+    assert changed(before, after) == [("", vision_graph.STORE)]  # the graphs kept on the model
+    assert changed(before_wrap, snapshot(model)) == []
+    assert all("forward" not in vars(b) and b._compiled_call_impl is None for b in blocks(model))
+
+
+def test_compiled_and_eager_graphs_are_kept_apart():
+    """The same tower with and without ``compile``: one graph each (the key holds it), and the eager one
+    runs no compiled layer."""
+    model = towered("llava_next", -2)
+    x = pixels(model, inputs_for(model, 0))
+    ref = tower_out(model, x).hidden_states[-2]
+    with vision_graph.patched(model, [], capture=Replays().capture, compile=True) as g:
+        a = tower_out(model, x).hidden_states[-2]
+    n = g.compiled_calls
+    with vision_graph.patched(model, [], capture=Replays().capture, compile=False) as g2:
+        b = tower_out(model, x).hidden_states[-2]
+    assert g2 is g and g.captures == 2 and sorted(k[2] for k in g.graphs) == [False, True]
+    assert g.compiled_calls == n > 0
+    torch.testing.assert_close(a, ref, **TOL)
+    assert torch.equal(b, ref)
+    vision_graph.clear(model)
+
+
+def test_compiler_failure_runs_the_layers_eagerly():
+    """A backend that fails: one warning, every layer eager from then on (the next graph too), the
+    hidden states the eager tower's bitwise."""
+    model = towered("llava_next", -2)
+    xs = [pixels(model, inputs_for(model, s)) for s in (0, 1)]
+    refs = [tower_out(model, x).hidden_states[-2] for x in xs]
+    xs.append(torch.cat([xs[0], xs[1]]))  # another shape: a new graph
+    refs.append(tower_out(model, xs[2]).hidden_states[-2])
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no backend here")
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with vision_graph.patched(model, [], capture=Replays().capture, compile=True) as g:
+            g.compiled = torch.compile(vision_graph.layer_forward, backend=broken, fullgraph=True)
+            got = [tower_out(model, x).hidden_states[-2] for x in xs]
+    mine = [w for w in caught if "vision tower's layers did not compile" in str(w.message)]
+    assert len(mine) == 1 and g.failed and g.compiled_calls == 0 and g.captures == 2
+    for a, b in zip(got, refs):
+        assert torch.equal(a, b)
+    assert all("forward" not in vars(b) for b in blocks(model))
+    vision_graph.clear(model)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "fastv"])
+def test_generate_fast_tokens_through_the_compiled_tower(monkeypatch, method):
+    """generate_fast with the graphed tower compiled (stood-in graphs; the decode eager) gives generate's
+    greedy tokens on a tiny LLaVA-NeXT, and the tower's layers went through the compiled function."""
+    model = towered("llava_next", -2)  # 4 layers: 2 compiled before VisionZip's tapped one
+    model.generation_config.eos_token_id = None
+    inputs = inputs_for(model, 0)
+    mmsink.wrap(model, prune=method, budget=0.5)
+    made = []
+    real = vision_graph.patched
+
+    def patched(m, taps, capture=None, compile=False):
+        made.append(real(m, taps, capture=Replays().capture, compile=True))
+        return made[-1]
+
+    try:
+        with torch.no_grad():
+            ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        stood_in(monkeypatch, Replays())  # (the tail's graphs too)
+        monkeypatch.setattr(vision_graph, "patched", patched)
+        store.clear(model)
+        with torch.no_grad():
+            got = mmsink.generate_fast(model, max_new_tokens=4, graphs=True, compile=False, **inputs)
+    finally:
+        mmsink.unwrap(model)
+        store.clear(model)
+    assert torch.equal(got, ref)
+    assert made and made[-1].graph.compiled_calls > 0 and not made[-1].graph.failed
