@@ -51,3 +51,34 @@ def test_cuda_compiled_tower_gives_generates_tokens(family, method):
         if method is not None:
             mmsink.unwrap(model)
         store.clear(model)
+
+
+@pytest.mark.parametrize("method", [None, "visionzip", "fastv"])
+def test_cuda_qwen_compiled_blocks_give_generates_tokens(method):
+    """Qwen2-VL's tower (not graphed) with its blocks compiled (``compiled_blocks``, around the call as a
+    prefill would enter it): generate_fast gives generate's tokens for two prompts, then the first again;
+    the blocks went through the compiled function."""
+    if not can_compile(torch.device("cuda")):
+        pytest.skip("torch.compile on CUDA needs Triton")
+    from test_tower_compile import qwen
+    from tiny import qwen_batch
+
+    model = qwen(4).cuda()
+    data = [qwen_batch([(3, 5, [(8, 8), (4, 8)])], seed=s)[0] for s in (0, 1)]
+    if method is not None:
+        mmsink.wrap(model, prune=method, budget=0.5)
+    try:
+        for d in data + data[:1]:
+            inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+            with torch.no_grad():
+                ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+                with vision_graph.compiled_blocks(model):
+                    fast = mmsink.generate_fast(model, max_new_tokens=6, **inputs)
+            assert torch.equal(fast, ref)
+        runner = model.__dict__[vision_graph.BLOCKS]
+        assert runner.compiled_calls > 0 and not runner.failed
+        assert all("forward" not in vars(b) for b in model.model.visual.blocks)
+    finally:
+        if method is not None:
+            mmsink.unwrap(model)
+        store.clear(model)

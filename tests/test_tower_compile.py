@@ -198,3 +198,128 @@ def test_generate_fast_tokens_through_the_compiled_tower(monkeypatch, method):
         store.clear(model)
     assert torch.equal(got, ref)
     assert made and made[-1].graph.compiled_calls > 0 and not made[-1].graph.failed
+
+
+def qwen(depth: int):
+    """A tiny Qwen2-VL (tiny.tiny_qwen's sizes) whose vision tower has ``depth`` blocks."""
+    from tiny import QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, finish, llama
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    vision = dict(
+        depth=depth,
+        embed_dim=32,
+        hidden_size=64,
+        num_heads=4,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    cfg = Qwen2VLConfig(
+        vision_config=vision,
+        text_config=llama(4, rope_parameters=rope),
+        image_token_id=QWEN_IMAGE,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END,
+    )
+    torch.manual_seed(0)
+    model = finish(Qwen2VLForConditionalGeneration(cfg), "sdpa")
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def qwen_run(model, d):
+    with torch.no_grad():
+        logits = model(**d).logits
+    if "_mmsink" not in model.__dict__:
+        return logits, None, None
+    st = mmsink.stats(model)
+    return logits, st.kept_indices, (st.prefill_flops, st.baseline_prefill_flops)
+
+
+@pytest.mark.parametrize("method", [None, "visionzip", "fastv"])
+def test_qwen_compiled_blocks_give_the_eager_answers(method):
+    """Qwen2-VL's tower (not graphed) with ``compiled_blocks``: two prompts of two images each, then the
+    first again: logits (fp32, 1e-5), VisionZip's kept tokens and the counted prefill FLOPs (the family's
+    per-attention counter hook, traced into the blocks' graphs) equal the eager model's; every block runs
+    compiled but the one holding VisionZip's taps; the model's modules unchanged after the call, and
+    after ``unwrap`` and ``clear`` as before ``wrap``."""
+    from tiny import qwen_batch
+
+    model = qwen(4)
+    data = [qwen_batch([(3, 5, [(8, 8), (4, 8)])], seed=s)[0] for s in (0, 1)]
+    qwen_run(model, data[0])  # transformers' output recorders, installed at a first call
+    before_wrap = snapshot(model)
+    if method is not None:
+        mmsink.wrap(model, prune=method, budget=0.5)
+    try:
+        eager = [qwen_run(model, d) for d in data]
+        assert not torch.allclose(eager[0][0], eager[1][0])
+        before = snapshot(model)
+        qwen_run(model, data[0])
+        own = changed(before, snapshot(model))  # what a forward itself sets (Qwen keeps its rope deltas)
+        before = snapshot(model)
+        blocks = model.model.visual.blocks
+        code = type(blocks[0]).forward.__code__
+        with vision_graph.compiled_blocks(model) as entered:
+            got = [qwen_run(model, d) for d in data]
+            again, frames = forward_frames(code, lambda: qwen_run(model, data[0]))
+        after = snapshot(model)
+        runner = model.__dict__[vision_graph.BLOCKS]
+    finally:
+        if method is not None:
+            mmsink.unwrap(model)
+        store.clear(model)
+    tapped = 1 if method == "visionzip" else 0  # the last block's attention and its qkv
+    assert entered is None and not runner.failed
+    assert runner.compiled_calls == 3 * (len(blocks) - tapped)
+    assert frames == tapped
+    for (lg, kg, fg), (le, ke, fe) in zip(got + [again], eager + eager[:1]):
+        torch.testing.assert_close(lg, le, **TOL)
+        assert kg == ke and fg == fe
+    assert sorted(changed(before, after)) == sorted(own + [("", vision_graph.BLOCKS)])  # + compiler state
+    assert sorted(changed(before_wrap, snapshot(model))) == sorted(own)
+
+
+def test_qwen_blocks_share_their_graphs():
+    """One compile for every block: a 6-block tower makes no more graphs than a 3-block one (a compile
+    per block would), and another prompt of the same shapes makes none."""
+    from tiny import qwen_batch
+
+    made = []
+    for depth in (3, 6):
+        model = qwen(depth)
+        data = [qwen_batch([(3, 5, [(8, 8)])], seed=s)[0] for s in (0, 1)]
+        torch._dynamo.reset()
+        counters.clear()
+        with vision_graph.compiled_blocks(model):
+            qwen_run(model, data[0])
+            first = int(counters["stats"]["unique_graphs"])
+            qwen_run(model, data[1])
+        assert int(counters["stats"]["unique_graphs"]) == first > 0
+        assert model.__dict__[vision_graph.BLOCKS].compiled_calls == 2 * depth
+        made.append(first)
+        vision_graph.clear(model)
+    assert made[0] == made[1]
+
+
+@pytest.mark.parametrize("method", ["visionzip", "fastv"])
+def test_qwen_generate_fast_tokens_through_compiled_blocks(method):
+    """generate_fast inside ``compiled_blocks`` (as a prefill runs it) gives generate's greedy tokens."""
+    from tiny import qwen_batch
+
+    model = qwen(4)
+    inputs = qwen_batch([(3, 5, [(8, 8)])], seed=0)[0]
+    mmsink.wrap(model, prune=method, budget=0.5)
+    try:
+        with torch.no_grad():
+            ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            with vision_graph.compiled_blocks(model):
+                got = mmsink.generate_fast(model, max_new_tokens=4, compile=False, **inputs)
+        runner = model.__dict__[vision_graph.BLOCKS]
+        assert runner.compiled_calls > 0 and not runner.failed
+    finally:
+        mmsink.unwrap(model)
+        store.clear(model)
+    assert torch.equal(got, ref)

@@ -21,7 +21,13 @@ replay, so the pruner sees what an eager run gives it.
 shape), inside the graph. The layers are switched to it only during the call (their ``forward`` set on
 the instance, removed after), so the model is left as it was. A layer holding a hooked module (VisionZip's
 query / key taps) runs eagerly, so its hooks see their outputs as they do now; hooks on a layer itself
-run around its compiled forward. A compiler failure warns once and the tower's layers run eagerly.
+run around its compiled forward. Transformers' output recorders inside a layer (inactive unless outputs
+such as attentions are collected) are set aside for the compiled call. A compiler failure warns once and
+the tower's layers run eagerly.
+
+``compiled_blocks``: the same for a tower that is not graphed (Qwen2-VL's: its attention splits the images
+on the host, a graph break), with hooks that every block has at the same place (the family's attention
+counter) traced into the blocks' graphs; a block holding a hook of its own (a pruner's tap) runs eagerly.
 
 ``launch``: ``generate_fast`` replays the tower's graph as the first thing of a prefill (from the
 pixels, as the family computes the tower's input), so the host's work before the tower (the layout,
@@ -46,16 +52,85 @@ STORE = "_mmsink_vision_graphs"
 KEEP = 4
 
 
-class GraphedTower:
+class CompiledLayers:
+    """A tower's layers through one ``torch.compile`` of ``layer_forward`` while switched (``_switch``);
+    the compiler state is kept: its first failure warns and turns the layers eager from then on."""
+
+    def __init__(self, fullgraph: bool = True, trace_hooks: bool = False):
+        self.fullgraph = fullgraph  # False: graph breaks allowed (Qwen's attention splits on the host)
+        self.trace_hooks = trace_hooks  # hooks inside a layer traced into its graph, not a reason for eager
+        self.compiled = None  # torch.compile(layer_forward), made at first use
+        self.failed = False  # the compiler failed once: layers run eagerly from then on
+        self.compiled_calls = 0  # layer calls that went through ``compiled``
+
+    def traceable(self, layer) -> bool:
+        """With ``trace_hooks``: whether the hooks inside ``layer`` are those of every switched layer (the
+        same functions at the same places, e.g. a family's per-attention counter), traced into the one
+        graph; a hook of one layer alone (a pruner's tap) makes it eager."""
+        if not self.trace_hooks:
+            return False
+        return hook_map(layer) == self.uniform
+
+    def _switch(self, blocks) -> list:
+        """Point the layers at ``run_layer`` (an instance ``forward``, removed by the caller after the call);
+        returns them. A layer whose forward or call is set already (the user's own) is left as it is."""
+        maps = [hook_map(b) for b in blocks]
+        self.uniform = maps[0] if maps and all(m == maps[0] for m in maps) else min(maps, key=len, default={})
+        out = []
+        for b in blocks:
+            if "forward" in b.__dict__ or getattr(b, "_compiled_call_impl", None) is not None:
+                continue
+            b.__dict__["forward"] = functools.partial(self.run_layer, b)
+            out.append(b)
+        return out
+
+    def run_layer(self, layer, *args, **kwargs):
+        """``layer``'s own forward through the compiled function. Eager: a layer holding a hooked module (the
+        compiled forward would trace its hooks: a second graph for that layer, hooks run at trace time),
+        under a torch function or dispatch mode (which the compiler refuses or traces), after a compiler
+        failure."""
+        modes = torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
+        if self.failed or modes or torch.compiler.is_compiling() or recording():
+            return layer_forward(layer, *args, **kwargs)
+        if any(hooked(m) for m in layer.modules() if m is not layer) and not self.traceable(layer):
+            return layer_forward(layer, *args, **kwargs)
+        if self.compiled is None:
+            self.compiled = torch.compile(layer_forward, fullgraph=self.fullgraph)
+        # transformers' recorders inside the layer (inactive: ``recording``) set aside for the call; the
+        # compiler cannot trace them (they read a ContextVar)
+        inside = [m for m in layer.modules() if m is not layer and (m._forward_hooks or m._forward_pre_hooks)]
+        kept = [(m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"]) for m in inside]
+        for m, hooks in zip(inside, kept):
+            m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"] = map(others, hooks)
+        try:
+            out = self.compiled(layer, *args, **kwargs)
+        except Exception as e:
+            from ..sinks.var import compiler_errors
+
+            if not isinstance(e, compiler_errors()):
+                raise
+            self.failed = True
+            warnings.warn(
+                f"mmsink: the vision tower's layers did not compile ({type(e).__name__}); they run eagerly "
+                "(generate_fast(compile=False) skips the attempt)",
+                stacklevel=2,
+            )
+            return layer_forward(layer, *args, **kwargs)
+        finally:
+            for m, (post, pre) in zip(inside, kept):
+                m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"] = post, pre
+        self.compiled_calls += 1
+        return out
+
+
+class GraphedTower(CompiledLayers):
     """Replaces the tower's ``forward`` while ``generate_fast`` prefills; one graph per signature."""
 
     def __init__(self, layers: tuple, taps: list, capture=graphs.capture, encoder=None, compile=False):
         self.layers, self.taps, self.capture = layers, taps, capture  # taps: [(module, hook)]
         self.encoder = encoder  # a module running ``encoder.layers`` in turn, or None: output_hidden_states
+        super().__init__()
         self.compile = compile  # the encoder's layers through ``compiled`` (needs ``encoder``)
-        self.compiled = None  # torch.compile(layer_forward), made at first use
-        self.failed = False  # the compiler failed once: layers run eagerly from then on
-        self.compiled_calls = 0  # layer calls that went through ``compiled``
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.forward = None  # the tower's own forward, set per call (``patched``)
         self.captures = 0
@@ -122,55 +197,6 @@ class GraphedTower:
             for h in handles:
                 h.remove()
         return out, picked, cut == n
-
-    def _switch(self, blocks) -> list:
-        """Point the layers that can run compiled at ``run_layer`` (an instance ``forward``, removed by the
-        caller after the call); returns them. Left eager: a layer holding a hooked module (the compiled
-        forward would trace its hooks: a second graph for that layer, hooks run at trace time), one
-        whose forward or call is set already (the user's own)."""
-        out = []
-        for b in blocks:
-            if "forward" in b.__dict__ or getattr(b, "_compiled_call_impl", None) is not None:
-                continue
-            if any(hooked(m) for m in b.modules() if m is not b):
-                continue
-            b.__dict__["forward"] = functools.partial(self.run_layer, b)
-            out.append(b)
-        return out
-
-    def run_layer(self, layer, *args, **kwargs):
-        """``layer``'s own forward through the compiled function (eager under a torch function or dispatch
-        mode, which the compiler refuses or traces, and after a compiler failure)."""
-        modes = torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
-        if self.failed or modes or torch.compiler.is_compiling() or recording():
-            return layer_forward(layer, *args, **kwargs)
-        if self.compiled is None:
-            self.compiled = torch.compile(layer_forward, fullgraph=True)
-        # transformers' recorders inside the layer (inactive: ``recording``) set aside for the call; the
-        # compiler cannot trace them (they read a ContextVar)
-        inside = [m for m in layer.modules() if m is not layer and (m._forward_hooks or m._forward_pre_hooks)]
-        kept = [(m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"]) for m in inside]
-        for m in inside:
-            m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"] = OrderedDict(), OrderedDict()
-        try:
-            out = self.compiled(layer, *args, **kwargs)
-        except Exception as e:
-            from ..sinks.var import compiler_errors
-
-            if not isinstance(e, compiler_errors()):
-                raise
-            self.failed = True
-            warnings.warn(
-                f"mmsink: the vision tower's layers did not compile ({type(e).__name__}); they run eagerly "
-                "(generate_fast(compile=False) skips the attempt)",
-                stacklevel=2,
-            )
-            return layer_forward(layer, *args, **kwargs)
-        finally:
-            for m, (post, pre) in zip(inside, kept):
-                m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"] = post, pre
-        self.compiled_calls += 1
-        return out
 
     def ready(self, x):
         """The key of the graph a call on ``x`` (the tower's one positional input) would replay, the last
@@ -242,6 +268,23 @@ def hooked(m: nn.Module) -> bool:
     a tower since transformers 5; inactive unless outputs such as attentions are asked for)."""
     hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
     return bool(m._backward_hooks or m._backward_pre_hooks) or not all(map(recorder, hooks))
+
+
+def hook_map(layer) -> dict:
+    """{(submodule name, kind): hook functions} inside ``layer``, transformers' recorders left out."""
+    out = {}
+    for name, m in layer.named_modules():
+        if m is layer:
+            continue
+        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            hooks = tuple(h for h in getattr(m, kind).values() if not recorder(h))
+            if hooks:
+                out[(name, kind)] = hooks
+    return out
+
+
+def others(hooks: OrderedDict) -> OrderedDict:
+    return OrderedDict((k, h) for k, h in hooks.items() if not recorder(h))
 
 
 def recorder(hook) -> bool:
@@ -321,5 +364,42 @@ class patched:
         return False
 
 
+class compiled_blocks:
+    """``with compiled_blocks(model):`` the blocks of a vision tower that is not graphed (Qwen2-VL's, whose
+    attention splits the images on the host) run through ``torch.compile`` (graph breaks allowed), each
+    block's ``forward`` switched only inside the block; the compiler state is kept on the model (a
+    failure warns once). Nothing happens for a model without such a tower. ``__enter__`` gives None."""
+
+    def __init__(self, model):
+        self.model, self.switched = model, []
+
+    def __enter__(self):
+        blocks = blocks_of(self.model)
+        if blocks is not None:
+            runner = self.model.__dict__.get(BLOCKS)
+            if runner is None:
+                runner = self.model.__dict__[BLOCKS] = CompiledLayers(fullgraph=False, trace_hooks=True)
+            self.switched = runner._switch(blocks)
+        return None
+
+    def __exit__(self, *exc):
+        for b in self.switched:
+            del b.__dict__["forward"]
+        self.switched = []
+        return False
+
+
+BLOCKS = "_mmsink_compiled_blocks"
+
+
+def blocks_of(model):
+    """The ``blocks`` list of the model's vision tower when its family names one (``visual``), else None."""
+    from ..patches import family_for
+
+    blocks = getattr(getattr(family_for(model), "visual", None), "blocks", None)
+    return blocks if isinstance(blocks, nn.ModuleList) else None
+
+
 def clear(model) -> None:
     model.__dict__.pop(STORE, None)
+    model.__dict__.pop(BLOCKS, None)
