@@ -1,8 +1,9 @@
 """On a GPU: ``generate_fast`` with VAR hands the prefill off (before layer 0 alone, after FastV's layer
-K with it) and runs the remaining layers as one captured CUDA graph, the compiled ``layer_prefill`` on
-the plain layers and VAR's compiled ``prefill_edit`` on its own: generate's tokens and prefill stats (fp32,
-so kernels' rounding cannot part them), whole batch and prefill_batch chunks, the tail captured and then
-replayed. tests/test_fast_var.py checks the same on the CPU. Skipped without CUDA."""
+K with it) and runs the remaining layers as one captured CUDA graph of compiled ``layer_prefill`` steps,
+VAR's key codes and edit compiled into its layers' steps: generate's tokens (its prefill with VAR
+compiled, CUDA's default, or eager) and prefill stats (fp32, so kernels' rounding cannot part them),
+whole batch and prefill_batch chunks, the tail captured and then replayed. tests/test_fast_var.py checks
+the same on the CPU. Skipped without CUDA."""
 
 import pytest
 import torch

@@ -20,7 +20,8 @@ installed) runs one decoder layer's step through ``torch.compile``, shared by al
 small element-wise kernels that otherwise dominate a batch-1 step; the prefill tail then runs the same way
 (``layer_prefill``, n tokens). With graphs on, the vision tower (LLaVA, LLaVA-NeXT) is replayed as a CUDA
 graph too (``mmsink.vision_graph``). VAR layers decode through ``var.decode_attention`` (not compiled);
-in the prefill tail they run VAR's edit and make their key codes as the model's layers do (``var_edit``).
+in the prefill tail they make their key codes and VAR's edit as the model's layers do (``var_edit``), or
+compiled into ``layer_prefill``'s step.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.attention import Directive, base_of
-from ..sinks.var import decode_attention, var_attention
+from ..sinks.var import decode_attention, layer_attention, var_attention
 from .graphs import capture as capture_graph
 from .graphs import load, signature, static
 
@@ -79,17 +80,21 @@ def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, 
     return finish(layer, h, o)
 
 
-def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope, edit=None):
+def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope, var=None):
     """One decoder layer over a prefill's ``n`` tokens (the tail after the hand-off): keys / values into
     the buffer's first ``n`` slots, causal attention (``mask`` [B,1,n,n] bool, or None: no padding). The
     same modules and arithmetic as the model's layer; compiled, its small element-wise kernels fuse.
-    ``edit``: the layer's attention as a directive's reweight (VAR: ``FastDecoder.var_edit``)."""
+    ``var``: (the layer's codes rows [B, slots], visual, prompt and valid slots [B, n], edited rows
+    [B, R], VARConfig) in a layer VAR edits: its key codes (into the codes rows) and its edit, compiled
+    with the rest of the layer (``var.layer_attention``)."""
     scale, n = layer.self_attn.scaling, h.shape[1]
     q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
     kb[:, :, :n].copy_(k)
     vb[:, :, :n].copy_(v)
-    if edit is not None:  # [B, n, H, d], as the model's attention call returns it
-        o = edit(q, k, v, mask, scale, "sdpa")
+    if var is not None:
+        codes, vis, prompt, valid, ri, cfg = var
+        o, c = layer_attention(q, k, v, mask, valid, scale, ri, cfg, (h, vis, prompt))  # [B, n, H, d]
+        codes[:, :n].copy_(c)
         h = h + layer.self_attn.o_proj(o.reshape(*h.shape[:2], -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
     gqa = heads != kv_heads
@@ -356,7 +361,7 @@ class FastDecoder:
         rows ``rows``: a chunk's, ``prefill_batch``); returns the next token [B]. With ``compile`` and
         SDPA each layer is one ``layer_prefill`` step (the layer's own modules); otherwise the model's own
         layer forwards run (mmsink's hooks are not needed past the plan's last decision). VAR's layers get
-        its edit (``var_edit``) from the plan tensors in ``kwargs[VAR_INPUTS]``."""
+        its edit from the plan tensors in ``kwargs[VAR_INPUTS]`` (``layer_prefill``'s, or ``var_edit``)."""
         r = slice(None) if rows is None else rows
         kwargs = dict(kwargs)
         var, memo = kwargs.pop(VAR_INPUTS, None), {}
@@ -373,11 +378,10 @@ class FastDecoder:
         h = hidden
         if compiled:  # our fused step (the model's modules); else the model's own layer forwards
             for i in range(first, len(self.layers)):
-                edit = self.var_edit(i, h, var, r, memo)
-                # a VAR layer: the plain step around VAR's own compiled call (as in the decode step)
-                fn = self.prefill_fn if edit is None else layer_prefill
+                edits = var is not None and i in self.codes
+                at = (self.codes[i][r], *var, self.var_cfg) if edits else None
                 args = (self.layers[i], h, *pe, self.k[i][r], self.v[i][r], mask, self.heads, self.kv_heads)
-                h = fn(*args, self.rope) if edit is None else fn(*args, self.rope, edit)
+                h = self.prefill_fn(*args, self.rope, at)
         else:
             kw = {**kwargs, "past_key_values": StaticKV(self, hidden.shape[1], r), "use_cache": True}
             for i in range(first, len(self.layers)):

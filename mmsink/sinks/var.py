@@ -234,6 +234,24 @@ def prefill_edit(q, kk, vv, out, hidden, visual, prompt, valid, allowed, ri, inv
     return edited_output(q, kk, vv, out, codes, valid, allowed, ri, inv, scale, cfg, math), codes
 
 
+def layer_attention(q, k, v, mask, valid, scale, ri, cfg: VARConfig, source):
+    """``var_attention``'s compiled form as plain code, for a caller that compiles the whole layer
+    (``generate_fast``'s fused prefill tail; SDPA base): every row's plain attention, then
+    ``prefill_edit``. q [B, H, n, d], k / v [B, kv_heads, n, d], ``mask`` as the layer received it,
+    ``valid`` [B, n], ``ri`` [B, R] edited rows, ``source`` (hidden, visual, prompt). Returns (output
+    [B, n, H, d], codes [B, n])."""
+    b, h, n, _ = q.shape
+    kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
+    allowed = mask_to_bool("sdpa", mask, valid, n, k.shape[2], b, q.device)
+    if mask is None:  # ``plain_attention``'s call, causal also for one row (the same: one key), so that
+        # a compiler tracing n symbolically need not test n > 1
+        out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale)
+    else:
+        out = plain_attention(q, kk, vv, allowed, scale, "sdpa", masked=True)
+    inv = row_places(ri, n)
+    return prefill_edit(q, kk, vv, out, *source, valid, allowed, ri, inv, scale, cfg, False)
+
+
 def row_places(ri, n: int) -> torch.Tensor:
     """[B, n]: each query row's place in ``ri`` ([B, R] rows, -1 padding); -1 for a row not in it."""
     b, r = ri.shape
