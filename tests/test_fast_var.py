@@ -67,6 +67,24 @@ def test_var_hands_off_and_gives_generates_tokens(llava, monkeypatch, method, op
     assert got == want
 
 
+@pytest.mark.parametrize(
+    "method,opts,first",
+    [
+        ("pdrop", {}, 6),  # VAR's codes of layers 2-5 (three segments) from the cache, 6 from the tail
+        ("visionzip", {"budget": 8}, 0),
+        ("dart", {"budget": 8}, 2),
+        ("visipruner", {"budget": 5}, 5),  # settles once every sample has fused
+    ],
+)
+def test_other_pruners_with_var(monkeypatch, method, opts, first):
+    calls = count_tails(monkeypatch)
+    model = tiny_llava(layers=LAYERS)
+    ref, want, out, got = fast_and_reference(model, batch(prompts3()), method, opts, compile=False)
+    assert calls == [first]
+    assert torch.equal(out, ref)
+    assert got == want
+
+
 def test_the_tails_edit_matters(monkeypatch):
     """Without VAR's edit and codes in the tail, generate_fast's tokens are not generate's (alone and with
     FastV at these settings): the tests above compare something VAR changes."""
