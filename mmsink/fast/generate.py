@@ -98,7 +98,9 @@ def prefill(
     if graphs and not dispatched and inputs.get("pixel_values") is not None:
         taps = handle.vision_taps if live else []
         if vision_graph.usable(model):
-            tower = vision_graph.patched(model, taps)
+            tower = vision_graph.patched(model, taps, compile=compile)
+        elif compile:  # Qwen's tower (its attention layout is built on the host): blocks compiled, no graph
+            tower = vision_graph.compiled_blocks(model)
     try:
         with session, tower as graph, tower_first(family, graph if early else None, call, live):
             # positions as generate makes them for left-padded prompts (the decode step continues from
