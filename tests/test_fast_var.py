@@ -250,3 +250,16 @@ def test_prefill_batch_first_chunk_without_an_image():
             mmsink.generate_fast(model, max_new_tokens=4, compile=False, prefill_batch=1, **inputs)
     finally:
         mmsink.unwrap(model)
+
+
+@pytest.mark.parametrize("method,opts", [(None, {}), ("fastv", {"budget": 9})])
+def test_var_handoff_off_runs_the_whole_forward(llava, monkeypatch, method, opts):
+    """``var_handoff=False`` (CUDA's default until the GPU test has run there): no tail, every layer in the
+    model's forward as before the hand-off existed; generate's tokens and stats all the same."""
+    calls = count_tails(monkeypatch)
+    ref, want, out, got = fast_and_reference(
+        llava, batch(prompts3()), method, opts, compile=False, var_handoff=False
+    )
+    assert calls == []
+    assert torch.equal(out, ref)
+    assert got == want

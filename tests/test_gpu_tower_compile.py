@@ -37,7 +37,9 @@ def test_cuda_compiled_tower_gives_generates_tokens(family, method):
             inputs = {k: v.cuda() for k, v in d.items()}
             with torch.no_grad():
                 ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-                fast = mmsink.generate_fast(model, max_new_tokens=6, compile=True, **inputs)
+                fast = mmsink.generate_fast(
+                    model, max_new_tokens=6, compile=True, tower_compile=True, **inputs
+                )
                 g = tower_graph(model)
                 calls = g.compiled_calls
                 assert torch.equal(fast, ref)
@@ -73,7 +75,7 @@ def test_cuda_qwen_compiled_blocks_give_generates_tokens(method):
             with torch.no_grad():
                 ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
                 with vision_graph.compiled_blocks(model):
-                    fast = mmsink.generate_fast(model, max_new_tokens=6, **inputs)
+                    fast = mmsink.generate_fast(model, max_new_tokens=6, tower_compile=True, **inputs)
             assert torch.equal(fast, ref)
         runner = model.__dict__[vision_graph.BLOCKS]
         assert runner.compiled_calls > 0 and not runner.failed

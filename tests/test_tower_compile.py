@@ -192,7 +192,9 @@ def test_generate_fast_tokens_through_the_compiled_tower(monkeypatch, method):
         monkeypatch.setattr(vision_graph, "patched", patched)
         store.clear(model)
         with torch.no_grad():
-            got = mmsink.generate_fast(model, max_new_tokens=4, graphs=True, compile=False, **inputs)
+            got = mmsink.generate_fast(
+                model, max_new_tokens=4, graphs=True, compile=False, tower_compile=True, **inputs
+            )
     finally:
         mmsink.unwrap(model)
         store.clear(model)
@@ -323,3 +325,31 @@ def test_qwen_generate_fast_tokens_through_compiled_blocks(method):
         mmsink.unwrap(model)
         store.clear(model)
     assert torch.equal(got, ref)
+
+
+def test_tower_compile_is_opt_in(monkeypatch):
+    """generate_fast asks for the compiled tower only with ``tower_compile=True`` (and ``compile``): off by
+    default until its GPU test has run."""
+    model = towered("llava_next", -2)
+    model.generation_config.eos_token_id = None
+    inputs = inputs_for(model, 0)
+    mmsink.wrap(model, prune="visionzip", budget=0.5)
+    asked = []
+    real = vision_graph.patched
+
+    def patched(m, taps, capture=None, compile=False):
+        asked.append(compile)
+        return real(m, taps, capture=Replays().capture, compile=False)
+
+    try:
+        stood_in(monkeypatch, Replays())
+        monkeypatch.setattr(vision_graph, "patched", patched)
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the decode steps: no real compile
+        with torch.no_grad():
+            for flag in (None, True, False):
+                kw = {} if flag is None else {"tower_compile": flag}
+                mmsink.generate_fast(model, max_new_tokens=2, graphs=True, compile=True, **kw, **inputs)
+    finally:
+        mmsink.unwrap(model)
+        store.clear(model)
+    assert asked == [False, True, False]

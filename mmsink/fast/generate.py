@@ -79,11 +79,14 @@ def prefill(
     opts=None,
     early: bool = True,
     into=None,
+    tower_compile: bool = False,
+    var_handoff: bool = True,
 ):
     """Run the prompt; where the plan becomes final the layer hook hands off and the remaining layers run
     on the decoder's buffers here (one graph per shape when ``graphs``). ``into``: (decoder or None,
     rows, whole batch, prefill_batch) for one chunk of a batch prefilled in chunks: the tail writes the
-    chunk's rows of that decoder (one for the whole batch made here when None)."""
+    chunk's rows of that decoder (one for the whole batch made here when None). ``tower_compile``: the
+    tower's layers through ``torch.compile``; ``var_handoff``: a VAR prefill hands off too."""
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
@@ -93,13 +96,14 @@ def prefill(
     grids = ("image_grid_thw", "video_grid_thw", "position_ids")
     text_only = family.mrope and all(call.get(k) is None for k in grids)
     flat = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device) if text_only else None
-    session = handle.session(ids.shape[1], handoff=not dispatched) if handle is not None else nullcontext()
+    handoff = not dispatched and (var_handoff or not live or handle.var is None)
+    session = handle.session(ids.shape[1], handoff=handoff) if handle is not None else nullcontext()
     tower = nullcontext()
     if graphs and not dispatched and inputs.get("pixel_values") is not None:
         taps = handle.vision_taps if live else []
         if vision_graph.usable(model):
-            tower = vision_graph.patched(model, taps, compile=compile)
-        elif compile:  # Qwen's tower (its attention layout is built on the host): blocks compiled, no graph
+            tower = vision_graph.patched(model, taps, compile=compile and tower_compile)
+        elif compile and tower_compile:  # Qwen's tower (attention layout built on the host): blocks, no graph
             tower = vision_graph.compiled_blocks(model)
     try:
         with session, tower as graph, tower_first(family, graph if early else None, call, live):
@@ -155,8 +159,8 @@ def prefill_chunks(
     dec, toks, deltas, starts = None, [], [], None
     for rows, part in split_inputs(family, inputs, size):
         into = (dec, rows, b, size)
-        g, c, o = run["graphs"], run["compile"], run["opts"]
-        p = prefill(model, family, handle, part, g, c, split, max_new_tokens, o, early, into)
+        g, c, o, more = run["graphs"], run["compile"], run["opts"], run["more"]
+        p = prefill(model, family, handle, part, g, c, split, max_new_tokens, o, early, into, **more)
         toks.append(p.tok)
         if family.mrope:
             deltas.append(p.delta if p.delta is not None else family.rope_deltas())
@@ -340,6 +344,8 @@ def generate_fast(
     step=None,
     tower_first: bool = True,
     prefill_batch: int | None = None,
+    tower_compile: bool = False,
+    var_handoff: bool | None = None,
     **inputs,
 ) -> torch.Tensor:
     """Greedy decoding, the same tokens as ``model.generate(**inputs, do_sample=False)``: prompt ids
@@ -352,7 +358,11 @@ def generate_fast(
     is prefilled in consecutive row chunks of at most this many, each loaded into its rows of the one
     decoder of the whole batch, its prefill's cache and activations gone before the next chunk; then all
     rows decode together (the same tokens; the peak memory holds one chunk's prefill, not the batch's).
-    ``mmsink.stats`` then reports the last chunk's prefill. None: the whole batch at once."""
+    ``mmsink.stats`` then reports the last chunk's prefill. None: the whole batch at once.
+    ``tower_compile``: with ``compile``, the graphed vision tower's layers (Qwen's tower blocks, not graphed)
+    through ``torch.compile`` (the same tokens; off by default until its GPU test has run).
+    ``var_handoff``: a VAR prefill hands off to the decoder's (graphed, compiled) layers where its plan is
+    final, as other prefills do (default: on off CUDA; on CUDA off until its GPU test has run)."""
     from ..patches import family_for
     from .fuse import options
 
@@ -378,6 +388,8 @@ def generate_fast(
     on_gpus = ids.is_cuda and all(d.type == "cuda" for d in devices)
     graphs = on_gpus if graphs is None else graphs
     compile = can_compile(ids.device) if compile is None else compile
+    var_handoff = not ids.is_cuda if var_handoff is None else var_handoff
+    more = dict(tower_compile=tower_compile, var_handoff=var_handoff)
     opts = options(step)
     split = dispatched or not one_device
     if kv is not None:  # sink + window: mmsink.kv.fast; LFPS: kv.fast_sparse; quant: kv.fast_quant
@@ -399,12 +411,14 @@ def generate_fast(
         new = run(family, handle, p, ids, max_new_tokens, graphs, compile, stop_ids(model))
         return finish(ids, new, model)
     if chunked:
-        run = dict(graphs=graphs, compile=compile, opts=opts)
+        run = dict(graphs=graphs, compile=compile, opts=opts, more=more)
         p = prefill_chunks(
             model, family, handle, inputs, prefill_batch, max_new_tokens, run, split, tower_first
         )
     else:
-        p = prefill(model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts, tower_first)
+        p = prefill(
+            model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts, tower_first, **more
+        )
     new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile, opts)
     return finish(ids, new, model)
 
