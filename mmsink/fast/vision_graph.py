@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import collections
 import functools
-import warnings
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
+from ..core.compiling import or_eager
 from . import graphs
 from .graphs import load, signature, static
 
@@ -103,23 +103,13 @@ class CompiledLayers:
         for m, hooks in zip(inside, kept):
             m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"] = map(others, hooks)
         try:
-            out = self.compiled(layer, *args, **kwargs)
-        except Exception as e:
-            from ..sinks.var import compiler_errors
-
-            if not isinstance(e, compiler_errors()):
-                raise
-            self.failed = True
-            warnings.warn(
-                f"mmsink: the vision tower's layers did not compile ({type(e).__name__}); they run eagerly "
-                "(generate_fast(compile=False) skips the attempt)",
-                stacklevel=2,
-            )
-            return layer_forward(layer, *args, **kwargs)
+            what = "the vision tower's layers"
+            out = or_eager(self, self.compiled, layer_forward, (layer, *args), kwargs, what, "compile=False")
         finally:
             for m, (post, pre) in zip(inside, kept):
                 m.__dict__["_forward_hooks"], m.__dict__["_forward_pre_hooks"] = post, pre
-        self.compiled_calls += 1
+        if not self.failed:
+            self.compiled_calls += 1
         return out
 
 

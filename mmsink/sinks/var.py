@@ -17,7 +17,6 @@ prefill by the host. ``VARConfig(compile=False)`` keeps it eager; ``compile=True
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
 
@@ -29,7 +28,7 @@ from ..core.attention import (
     plain_attention,
     repeat_kv,
 )
-from ..core.compiling import can_compile
+from ..core.compiling import can_compile, or_eager
 
 OTHER, TEXT_SINK, VISUAL_SINK, VISUAL = 0, 1, 2, 3
 CODES = (TEXT_SINK, VISUAL_SINK, VISUAL, OTHER)
@@ -326,15 +325,6 @@ def compiling(cfg: VARConfig, device) -> bool:
     return can_compile(device) if cfg.compile is None else cfg.compile
 
 
-def compiler_errors() -> tuple:
-    """What the compiler raises when it cannot compile (then the function runs eagerly); not runtime
-    errors such as running out of memory."""
-    import torch._dynamo.exc
-    import torch._inductor.exc
-
-    return (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError)
-
-
 class Compiled:
     """``fn`` through ``torch.compile`` (no graph breaks), made at first use. Shapes are static until a
     second shape comes, then dynamic (torch's automatic dynamic shapes): every layer of a prompt shares
@@ -353,18 +343,9 @@ class Compiled:
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, fullgraph=True)
-        try:
-            return self.compiled(*args)
-        except Exception as e:
-            if not isinstance(e, compiler_errors()):
-                raise
-            self.failed = True
-            warnings.warn(
-                f"mmsink: VAR's {self.fn.__name__} did not compile ({type(e).__name__}); it runs eagerly "
-                "(VARConfig(compile=False) skips the attempt)",
-                stacklevel=2,
-            )
-            return self.fn(*args)
+        return or_eager(
+            self, self.compiled, self.fn, args, {}, f"VAR's {self.fn.__name__}", "VARConfig(compile=False)"
+        )
 
 
 class CompiledVAR:
