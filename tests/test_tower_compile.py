@@ -203,30 +203,10 @@ def test_generate_fast_tokens_through_the_compiled_tower(monkeypatch, method):
 
 
 def qwen(depth: int):
-    """A tiny Qwen2-VL (tiny.tiny_qwen's sizes) whose vision tower has ``depth`` blocks."""
-    from tiny import QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, finish, llama
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    """A tiny Qwen2-VL (tiny.tiny_qwen, 4 text layers) whose vision tower has ``depth`` blocks."""
+    from tiny import tiny_qwen
 
-    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    vision = dict(
-        depth=depth,
-        embed_dim=32,
-        hidden_size=64,
-        num_heads=4,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
-    cfg = Qwen2VLConfig(
-        vision_config=vision,
-        text_config=llama(4, rope_parameters=rope),
-        image_token_id=QWEN_IMAGE,
-        video_token_id=QWEN_VIDEO,
-        vision_start_token_id=QWEN_START,
-        vision_end_token_id=QWEN_END,
-    )
-    torch.manual_seed(0)
-    model = finish(Qwen2VLForConditionalGeneration(cfg), "sdpa")
+    model = tiny_qwen("qwen2_vl", layers=4, depth=depth)
     model.generation_config.eos_token_id = None
     return model
 

@@ -153,8 +153,10 @@ def next_single(inputs, specs, i):
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
 
 
-def tiny_qwen(kind: str = "qwen2_vl", layers: int = 8, attn: str = "sdpa", seed: int = 0):
-    """Tiny Qwen2-VL (or Qwen2.5-VL) with M-RoPE (head dim 16, sections 2/3/3)."""
+def tiny_qwen(
+    kind: str = "qwen2_vl", layers: int = 8, attn: str = "sdpa", seed: int = 0, depth: int | None = None
+):
+    """Tiny Qwen2-VL (or Qwen2.5-VL) with M-RoPE (head dim 16, sections 2/3/3); ``depth``: vision blocks."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
@@ -167,7 +169,7 @@ def tiny_qwen(kind: str = "qwen2_vl", layers: int = 8, attn: str = "sdpa", seed:
     )
     if kind == "qwen2_vl":
         vision = dict(
-            depth=2,
+            depth=depth or 2,
             embed_dim=32,
             hidden_size=64,
             num_heads=4,
