@@ -109,7 +109,27 @@ case $PART in
     --budgets 64 --var-tau 3 --out "$OUT/var" --name var_b1
   step tower 130 python -m evals.tower_speed $TOWER --skip-after 80 --out "$OUT/tower_speed"
   ;;
-*) say "PART must be 1, 2, 3 or 4, not $PART"; exit 2 ;;
+5)
+  # the paths that are opt-in on CUDA until these pass: VAR's hand-off (var_handoff=True) and the compiled
+  # tower (tower_compile=True); one compile thread (part 4's pytest hung at exit on its compile workers)
+  step pytest 300 env TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q -p no:cacheprovider \
+    tests/test_gpu_var_fast.py tests/test_gpu_tower_compile.py tests/test_gpu_prefill_batch.py -m gpu
+  ;;
+6)
+  # after PART 5 passed and the CUDA defaults were flipped: NeXT TTFT (targets 6 / 5 / 5x), each plan's
+  # floor, VAR at batch 1 and 16 through generate_fast (e2e TTFT against the graphed unpruned prefill)
+  step next_b1 110 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+  step ttft 120 python evals/ttft_breakdown.py --device $DEV --shape $SN \
+    --methods none,visionzip:320,fastv:320,dart:320 --ideal --reps $TR --out "$OUT/next"
+  cp "$SCR/ttft.out" "$OUT/ttft.log"
+  step var_b1 90 python -m mmsink bench --device $DEV --shape $S1 --batch 1 --reps $VR --methods fastv \
+    --budgets 64 --var-tau 3 --e2e-tokens $E2E --out "$OUT/var" --name var_b1
+  step var_b16 110 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR --methods fastv \
+    --budgets 64 --var-tau 3 --e2e-tokens $E2E --out "$OUT/var" --name var_b16
+  ;;
+*) say "PART must be 1-6, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
