@@ -300,7 +300,7 @@ def graphs_on_cpu(meter, cap=None):
     cap = cap or stand_in(meter)
     real = vision_graph.usable, vision_graph.patched, fastmod.capture_graph
     vision_graph.usable = lambda model: True
-    vision_graph.patched = lambda model, taps: real[1](model, taps, capture=cap)
+    vision_graph.patched = lambda model, taps, **kw: real[1](model, taps, capture=cap, **kw)
     fastmod.capture_graph = cap
     try:
         yield
