@@ -263,3 +263,27 @@ def test_var_handoff_off_runs_the_whole_forward(llava, monkeypatch, method, opts
     assert calls == []
     assert torch.equal(out, ref)
     assert got == want
+
+
+def test_var_compile_false_keeps_the_tails_var_layers_eager(monkeypatch):
+    """``VARConfig(compile=False)`` under ``generate_fast(compile=True)``: the tail runs the model's own
+    layer forwards (no ``layer_prefill`` step, into which VAR's edit would be compiled); generate's
+    tokens and stats."""
+    model = tiny_llava(layers=LAYERS)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    steps = []
+    real = fastmod.layer_prefill
+    monkeypatch.setattr(fastmod, "layer_prefill", lambda *a: steps.append(1) or real(*a))
+    inputs = batch(prompts3())
+    mmsink.wrap(model, prune="fastv", budget=9, var={**VAR, "compile": False})
+    fast_clear(model)
+    try:
+        ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        want = mmsink.stats(model)
+        out = mmsink.generate_fast(model, max_new_tokens=10, compile=True, graphs=False, **inputs)
+        got = mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
+    assert steps == []
+    assert torch.equal(out, ref)
+    assert got == want

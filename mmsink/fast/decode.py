@@ -374,6 +374,8 @@ class FastDecoder:
                 mask is None
                 or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4)
             )
+            # VARConfig(compile=False): its layers' work stays eager here too (the model's own forwards)
+            and not (var is not None and self.var_cfg is not None and self.var_cfg.compile is False)
         )
         h = hidden
         if compiled:  # our fused step (the model's modules); else the model's own layer forwards
