@@ -197,9 +197,7 @@ class FastDecoder:
         if tail is not None:
             valid = tail[1]
             for i in range(first, len(self.layers)):
-                ok = self.valid[i][r]
-                ok.zero_()
-                ok[:, : valid.shape[1]] = valid.to(ok.device)
+                self.mark_valid(i, r, valid)
                 lengths[i] = valid.shape[1]
         for i, layer in enumerate(cache.layers[:first]):
             k, v = layer.keys, layer.values  # [B, kv_heads, n, head_dim]
@@ -213,9 +211,7 @@ class FastDecoder:
             k, v, valid, n = k[:, :, skip:], v[:, :, skip:], valid[:, skip:], n - skip
             self.k[i][r, :, :n] = k
             self.v[i][r, :, :n] = v
-            ok = self.valid[i][r]
-            ok.zero_()
-            ok[:, :n] = valid.to(ok.device)
+            self.mark_valid(i, r, valid)
             lengths[i] = n
         codes = getattr(cache, "layer_codes", {})  # none where the wrap left a chunk untouched (no image)
         for i, c in self.codes.items():
@@ -226,6 +222,12 @@ class FastDecoder:
             if i in codes:
                 c[r, : codes[i].shape[1]] = codes[i].to(c.device)
         return lengths
+
+    def mark_valid(self, i: int, rows: slice, valid) -> None:
+        """Layer ``i``'s valid slots of ``rows``: ``valid`` [rows, n] first, the rest invalid."""
+        ok = self.valid[i][rows]
+        ok.zero_()
+        ok[:, : valid.shape[1]] = valid.to(ok.device)
 
     def open(self, lengths: list[int]) -> None:
         """Decoding writes layer i's new tokens from slot ``lengths[i]`` on (one start for every row: a
@@ -511,7 +513,7 @@ def decode_kv(family, p, ids, max_new_tokens: int, graphs: bool, stop, need, mak
         return new, None
     steps = max_new_tokens - 1
     dec = make(steps)
-    delta = (p.delta if p.delta is not None else family.rope_deltas()) if dec.mrope else None
+    delta = p.rope_deltas(family) if dec.mrope else None
     if graphs and not dec.captured():
         dec.fill(p.cache, p.mask, p.tok, delta, pad)
         dec.capture()

@@ -42,6 +42,10 @@ class Prefilled:
     delta: torch.Tensor | None = None  # [B, 1] rope deltas (M-RoPE) not kept on the model: the chunks',
     # or a text-only prompt's (zero)
 
+    def rope_deltas(self, family) -> torch.Tensor:
+        """[B, 1] the rope deltas decoding continues from: this prefill's own, else the model's kept ones."""
+        return self.delta if self.delta is not None else family.rope_deltas()
+
 
 def generation_options(inputs: dict) -> set:
     """The keys of ``inputs`` that are generate's options rather than model inputs."""
@@ -163,7 +167,7 @@ def prefill_chunks(
         p = prefill(model, family, handle, part, g, c, split, max_new_tokens, o, early, into, **more)
         toks.append(p.tok)
         if family.mrope:
-            deltas.append(p.delta if p.delta is not None else family.rope_deltas())
+            deltas.append(p.rope_deltas(family))
         if max_new_tokens > 1:
             skip = 0
             if p.dec is None:  # the whole forward ran: its cache holds every layer
@@ -311,7 +315,7 @@ def decode(
     if dec is None:
         run = dict(graphs=graphs, compile=compile, opts=opts)
         dec = cache_decoder(model, family, handle, p.cache, ids.shape[0], max_new_tokens, run)
-    delta = (p.delta if p.delta is not None else family.rope_deltas()) if dec.mrope else None  # [B, 1]
+    delta = p.rope_deltas(family) if dec.mrope else None  # [B, 1]
     if graphs and not dec.captured():
         dec.fill(p.cache, p.mask, p.tok, delta, pad, p.tail)
         dec.capture()
