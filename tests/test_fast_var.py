@@ -254,7 +254,7 @@ def test_prefill_batch_first_chunk_without_an_image():
 
 @pytest.mark.parametrize("method,opts", [(None, {}), ("fastv", {"budget": 9})])
 def test_var_handoff_off_runs_the_whole_forward(llava, monkeypatch, method, opts):
-    """``var_handoff=False`` (CUDA's default until the GPU test has run there): no tail, every layer in the
+    """``var_handoff=False`` (the A/B switch): no tail, every layer in the
     model's forward as before the hand-off existed; generate's tokens and stats all the same."""
     calls = count_tails(monkeypatch)
     ref, want, out, got = fast_and_reference(

@@ -42,7 +42,7 @@ def test_cuda_var_generate_fast_equals_generate(monkeypatch, method, opts, first
                     graphs=True,
                     compile=True,
                     prefill_batch=size,
-                    var_handoff=True,  # (off by default on CUDA until this test has passed there)
+                    var_handoff=True,
                     **inputs,
                 )
                 assert torch.equal(got, ref), size

@@ -307,9 +307,9 @@ def test_qwen_generate_fast_tokens_through_compiled_blocks(method):
     assert torch.equal(got, ref)
 
 
-def test_tower_compile_is_opt_in(monkeypatch):
-    """generate_fast asks for the compiled tower only with ``tower_compile=True`` (and ``compile``): off by
-    default until its GPU test has run."""
+def test_tower_compile_follows_the_flag(monkeypatch):
+    """generate_fast asks for the compiled tower when it compiles (default ``tower_compile=True``) and not
+    with ``tower_compile=False``."""
     model = towered("llava_next", -2)
     model.generation_config.eos_token_id = None
     inputs = inputs_for(model, 0)
@@ -332,4 +332,4 @@ def test_tower_compile_is_opt_in(monkeypatch):
     finally:
         mmsink.unwrap(model)
         store.clear(model)
-    assert asked == [False, True, False]
+    assert asked == [True, True, False]

@@ -348,8 +348,8 @@ def generate_fast(
     step=None,
     tower_first: bool = True,
     prefill_batch: int | None = None,
-    tower_compile: bool = False,
-    var_handoff: bool | None = None,
+    tower_compile: bool = True,
+    var_handoff: bool = True,
     **inputs,
 ) -> torch.Tensor:
     """Greedy decoding, the same tokens as ``model.generate(**inputs, do_sample=False)``: prompt ids
@@ -364,9 +364,9 @@ def generate_fast(
     rows decode together (the same tokens; the peak memory holds one chunk's prefill, not the batch's).
     ``mmsink.stats`` then reports the last chunk's prefill. None: the whole batch at once.
     ``tower_compile``: with ``compile``, the graphed vision tower's layers (Qwen's tower blocks, not graphed)
-    through ``torch.compile`` (the same tokens; off by default until its GPU test has run).
+    through ``torch.compile`` (the same tokens; off: the tower's own layers, for A/B timing).
     ``var_handoff``: a VAR prefill hands off to the decoder's (graphed, compiled) layers where its plan is
-    final, as other prefills do (default: on off CUDA; on CUDA off until its GPU test has run)."""
+    final, as other prefills do (off: the whole prefill in the model's forward, for A/B timing)."""
     from ..patches import family_for
     from .fuse import options
 
@@ -392,7 +392,6 @@ def generate_fast(
     on_gpus = ids.is_cuda and all(d.type == "cuda" for d in devices)
     graphs = on_gpus if graphs is None else graphs
     compile = can_compile(ids.device) if compile is None else compile
-    var_handoff = not ids.is_cuda if var_handoff is None else var_handoff
     more = dict(tower_compile=tower_compile, var_handoff=var_handoff)
     opts = options(step)
     split = dispatched or not one_device

@@ -112,8 +112,14 @@ case $PART in
 5)
   # the paths that are opt-in on CUDA until these pass: VAR's hand-off (var_handoff=True) and the compiled
   # tower (tower_compile=True); one compile thread (part 4's pytest hung at exit on its compile workers)
+  # (the defaults are flipped in this code: if the tests fail, the rows after them are not quoted)
   step pytest 300 env TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q -p no:cacheprovider \
     tests/test_gpu_var_fast.py tests/test_gpu_tower_compile.py tests/test_gpu_prefill_batch.py -m gpu
+  step next_b1 110 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+  step var_b1 90 python -m mmsink bench --device $DEV --shape $S1 --batch 1 --reps $VR --methods fastv \
+    --budgets 64 --var-tau 3 --e2e-tokens $E2E --out "$OUT/var" --name var_b1
   ;;
 6)
   # after PART 5 passed and the CUDA defaults were flipped: NeXT TTFT (targets 6 / 5 / 5x), each plan's
