@@ -287,3 +287,43 @@ def test_var_compile_false_keeps_the_tails_var_layers_eager(monkeypatch):
     assert steps == []
     assert torch.equal(out, ref)
     assert got == want
+
+
+def test_tail_steps_stay_under_the_recompile_limit(monkeypatch):
+    """Dynamo keeps at most ``recompile_limit`` (8) compiled entries per code object, then runs it eagerly.
+    One model's tail through a whole batch and chunks of 2 and 1 rows (guards: VAR or not, padding mask or
+    not, batch 1): the plain and the VAR layers' steps compile as separate code objects, each well under
+    the limit (the old single step reached it). torch.compile's eager backend: the real guards, no
+    codegen."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    model = tiny_llava(layers=LAYERS)
+    model.generation_config.eos_token_id = None
+    inputs = batch(prompts3())
+    mmsink.wrap(model, prune="fastv", var={**VAR, "compile": True}, budget=9)
+    fast_clear(model)
+    try:
+        ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        for size in (None, 2, 1):
+            out = mmsink.generate_fast(
+                model,
+                max_new_tokens=4,
+                compile=True,
+                graphs=False,
+                prefill_batch=size,
+                var_handoff=True,
+                **inputs,
+            )
+            assert torch.equal(out, ref), size
+        limit = torch._dynamo.config.recompile_limit
+        counts = {
+            f.__name__: len(_debug_get_cache_entry_list(f.__code__))
+            for f in (fastmod.layer_prefill, fastmod.var_layer_prefill)
+        }
+    finally:
+        mmsink.unwrap(model)
+        torch._dynamo.reset()
+    assert all(0 < c <= limit // 2 for c in counts.values()), counts

@@ -105,6 +105,12 @@ def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, r
     return finish(layer, h, o)
 
 
+def var_layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope, var):
+    """``layer_prefill`` of a layer VAR edits, compiled apart: its own code object, so torch.compile's
+    cache entries (at most 8 per code object) for VAR's layers and for the plain ones do not add up."""
+    return layer_prefill(layer, h, cos, sin, kb, vb, mask, heads, kv_heads, rope, var)
+
+
 def moved(carry, dev):
     return None if carry is None else tuple(x.to(dev) for x in carry)
 
@@ -163,6 +169,7 @@ class FastDecoder:
         self.pad = torch.zeros((), dtype=torch.long, device=dev)
         self.layer_fn = torch.compile(layer_step, dynamic=True) if compile else layer_step
         self.prefill_fn = torch.compile(layer_prefill, dynamic=True) if compile else None
+        self.var_prefill_fn = torch.compile(var_layer_prefill, dynamic=True) if compile else None
         self.sdpa = base_of(family.text_config._attn_implementation) == "sdpa"
         self.graph = None  # the decode step's replay, once captured
         self.staged: list = []  # or, split over devices: (device, inputs, replay, outputs) per stage
@@ -385,7 +392,7 @@ class FastDecoder:
                 edits = var is not None and i in self.codes
                 at = (self.codes[i][r], *var, self.var_cfg) if edits else None
                 args = (self.layers[i], h, *pe, self.k[i][r], self.v[i][r], mask, self.heads, self.kv_heads)
-                h = self.prefill_fn(*args, self.rope, at)
+                h = (self.prefill_fn if at is None else self.var_prefill_fn)(*args, self.rope, at)
         else:
             kw = {**kwargs, "past_key_values": StaticKV(self, hidden.shape[1], r), "use_cache": True}
             for i in range(first, len(self.layers)):
