@@ -133,18 +133,24 @@ case $PART in
     --budgets 64 --out "$OUT/b16" --name overhead_b16
   ;;
 7)
-  # serving with the compiled tower (now the default), NeXT in prefill chunks of 8 (target 6x); Qwen2-VL
-  # TTFT with its tower blocks compiled (target 2.2x); VAR at batch 16 through generate_fast
-  step serve_pb 220 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
-    --methods none,fastv,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
-    --seconds 50 --resolution 4 --reps $SR --out "$OUT/serve_pb" --name serve_pb
-  cp "$SCR/serve_pb.out" "$OUT/serve_pb.log"
+  # the VAR GPU test again (PART 6's copy was cut at 190 s with nothing printed: unbuffered now, -x);
+  # Qwen2-VL TTFT with its tower blocks compiled (target 2.2x); VAR at batch 16 through generate_fast
+  step pytest 270 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q -x \
+    -p no:cacheprovider tests/test_gpu_var_fast.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
   step qwen_b1 120 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
     --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens $E2E --out "$OUT/qwen" --name qwen_b1
   step var_b16 120 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR --methods fastv \
     --budgets 64 --var-tau 3 --e2e-tokens $E2E --out "$OUT/var" --name var_b16
   ;;
-*) say "PART must be 1-7, not $PART"; exit 2 ;;
+8)
+  # serving with the compiled tower (now the default), NeXT in prefill chunks of 8 (target 6x)
+  step serve_pb 240 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
+    --methods none,fastv,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
+    --seconds 45 --resolution 4 --reps $SR --out "$OUT/serve_pb" --name serve_pb
+  cp "$SCR/serve_pb.out" "$OUT/serve_pb.log"
+  ;;
+*) say "PART must be 1-8, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
