@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from mmsink.fast import graphs, vision_graph
+from mmsink.core import graphs
+from mmsink.fast import vision_graph
 from mmsink.tools import bench
 
 CLIP_PARTS = [("llava-next-7b", 5), ("llava-1.5-7b", 1)]  # (shape, tiles an image)

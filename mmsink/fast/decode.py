@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.attention import Directive, base_of
+from ..core.graphs import capture as capture_graph
+from ..core.graphs import load, signature, static
 from ..sinks.var import decode_attention, layer_attention, var_attention
-from .graphs import capture as capture_graph
-from .graphs import load, signature, static
 
 VAR_INPUTS = "mmsink_var"  # run_tail's kwargs entry: VAR's plan tensors (``var.tail_inputs``)
 ROUND = 128  # buffer lengths rounded up to this, so similar prompts reuse one captured decoder

@@ -44,9 +44,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..core import graphs
 from ..core.compiling import or_eager
-from . import graphs
-from .graphs import load, signature, static
+from ..core.graphs import load, signature, static
 
 STORE = "_mmsink_vision_graphs"
 KEEP = 4
