@@ -150,7 +150,32 @@ case $PART in
     --seconds 45 --resolution 4 --reps $SR --out "$OUT/serve_pb" --name serve_pb
   cp "$SCR/serve_pb.out" "$OUT/serve_pb.log"
   ;;
-*) say "PART must be 1-8, not $PART"; exit 2 ;;
+9)
+  # the selection loops as CUDA graphs (core.graphs.Graphed) and the step options on CUDA, then the
+  # batch-16 selection overhead of every pruner again (target <= 3 %)
+  step pytest 200 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_gpu_graphed*.py tests/test_gpu_step_options.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step b16 300 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR \
+    --methods fastv,visipruner,dart,pdrop,visionzip,cdpruner,divprune,scope,sparsevlm,vispruner_iccv \
+    --budgets 64 --out "$OUT/b16" --name overhead_b16
+  ;;
+10)
+  # Qwen2-VL TTFT with its tower blocks compiled (target 2.2x; part 7's 120 s cap was too short), VAR at
+  # batch 16 through generate_fast
+  step qwen_b1 280 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
+    --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens $E2E --out "$OUT/qwen" --name qwen_b1
+  step var_b16 240 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR --methods fastv \
+    --budgets 64 --var-tau 3 --e2e-tokens $E2E --out "$OUT/var" --name var_b16
+  ;;
+11)
+  # serving with compile on (the compiled tower and steps; serve-bench's default is compile off)
+  step serve_c 500 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
+    --methods none,fastv,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
+    --compile auto --seconds 60 --resolution 4 --reps $SR --out "$OUT/serve_c" --name serve_compiled
+  cp "$SCR/serve_c.out" "$OUT/serve_c.log"
+  ;;
+*) say "PART must be 1-11, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
