@@ -120,3 +120,14 @@ def test_packing_equals_the_models_own(model, sizes):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert torch.equal(got_lens, want_lens)
     assert "pack_image_features" not in inner.__dict__
+
+
+def test_the_towers_launch_is_stamped_without_a_sync(model, monkeypatch):
+    """Timed mode: the stage before the tower's launch is the host's work alone; a sync at the launch's
+    mark would wait for the tower and put its kernels in that stage (a 6 ms "GPU idle" stage on the H200
+    that was mostly the tower)."""
+    monkeypatch.setattr(tb.vision_graph.GraphedTower, "launch", lambda self, *a: None, raising=False)
+    syncs = []
+    rows = tb.stamps(model, lambda: tb.vision_graph.GraphedTower.launch(None), sync=lambda: syncs.append(1))
+    assert len(syncs) == 2  # before and after the call only
+    assert [name for name, _ in rows] == [tb.NAMES["start"], tb.NAMES["before_tower"]]
