@@ -27,7 +27,8 @@ Autograd is off throughout (``run``): the steps timed here run outside ``generat
 a step with autograd on writes keys and values computed from weights that require grad into the KV
 buffers in place, so the buffers carry every step's graph and keep all earlier steps' saved tensors alive.
 The compiled ``matmul`` / ``reduce`` steps save a K + V sized tensor per layer (12.8 MB at the 7B shape,
-0.41 GB a step): that is how two H200 runs ran out of memory (``evals/results/fast_path/wave2_b``).
+0.41 GB a step): that is how two H200 runs ran out of memory
+(``evals/results/fast_path/issue20_targets_2026-12-01``).
 """
 
 from __future__ import annotations

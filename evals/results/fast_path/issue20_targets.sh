@@ -1,6 +1,6 @@
 # Issue 20, second wave, on one H200, as TWO device calls (run from the repository root, OUT set):
-#   PARTS=a bash evals/results/fast_path/wave2_run.sh  # GPU test + 3 benches: ~5.5 min, cut at 7.7 min
-#   PARTS=b bash evals/results/fast_path/wave2_run.sh  # serving bench: ~5.5 min, cut at 6.7 min
+#   PARTS=a bash evals/results/fast_path/issue20_targets.sh  # GPU test + 3 benches: ~5.5 min, cut at 7.7 min
+#   PARTS=b bash evals/results/fast_path/issue20_targets.sh  # serving bench: ~5.5 min, cut at 6.7 min
 # (PARTS=ab, the default, runs both in one call: up to 14.4 min, over the 10-minute limit.) Each part
 # runs under `timeout` (limits below), so a slow part is cut and the next still runs. Outputs, all in
 # $OUT (at most 7 files): wave2.log (progress and test lines), wave2.md (the three bench tables),

@@ -2,8 +2,10 @@
 LLaVA-1.5-7B layer shape (2 text layers, 1 vision layer, random weights), bf16, on a CPU; a 20-token
 prompt and 700 new tokens give the 768-slot buffers of the bench's 641-token prompt.
 
-    python evals/results/fast_path/wave2_b/grad_memory_probe.py base,write,matmul,reduce,fuse+write+matmul
-    python evals/results/fast_path/wave2_b/grad_memory_probe.py base,write,reduce --eager
+    python evals/results/fast_path/issue20_targets_2026-12-01/grad_memory_probe.py \
+        base,write,matmul,reduce,fuse+write+matmul
+    python evals/results/fast_path/issue20_targets_2026-12-01/grad_memory_probe.py \
+        base,write,reduce --eager
 
 Held bytes: glibc's heap in use (``mallinfo2``: arena + mmapped) after 4 steps minus before, after 2
 warm steps (the compile). Why: ``evals/profile_decode.py`` timed its plain steps with autograd on.
