@@ -38,6 +38,7 @@ forward then takes that replay's outputs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 from collections import OrderedDict
 
@@ -53,7 +54,7 @@ KEEP = 4
 
 
 class CompiledLayers:
-    """A tower's layers through one ``torch.compile`` of ``layer_forward`` while switched (``_switch``);
+    """A tower's layers through one ``torch.compile`` of ``layer_forward`` while switched (``switched``);
     the compiler state is kept: its first failure warns and turns the layers eager from then on."""
 
     def __init__(self, fullgraph: bool = True, trace_hooks: bool = False):
@@ -71,18 +72,23 @@ class CompiledLayers:
             return False
         return hook_map(layer) == self.uniform
 
-    def _switch(self, blocks) -> list:
-        """Point the layers at ``run_layer`` (an instance ``forward``, removed by the caller after the call);
-        returns them. A layer whose forward or call is set already (the user's own) is left as it is."""
+    @contextlib.contextmanager
+    def switched(self, blocks):
+        """Inside the block the layers run ``run_layer`` (an instance ``forward``, removed on the way out).
+        A layer whose forward or call is set already (the user's own) is left as it is."""
         maps = [hook_map(b) for b in blocks]
         self.uniform = maps[0] if maps and all(m == maps[0] for m in maps) else min(maps, key=len, default={})
         out = []
-        for b in blocks:
-            if "forward" in b.__dict__ or getattr(b, "_compiled_call_impl", None) is not None:
-                continue
-            b.__dict__["forward"] = functools.partial(self.run_layer, b)
-            out.append(b)
-        return out
+        try:
+            for b in blocks:
+                if "forward" in b.__dict__ or getattr(b, "_compiled_call_impl", None) is not None:
+                    continue
+                b.__dict__["forward"] = functools.partial(self.run_layer, b)
+                out.append(b)
+            yield
+        finally:
+            for b in out:
+                del b.__dict__["forward"]
 
     def run_layer(self, layer, *args, **kwargs):
         """``layer``'s own forward through the compiled function. Eager: a layer holding a hooked module (the
@@ -177,12 +183,10 @@ class GraphedTower(CompiledLayers):
             handles.append(hook)
         if cut < n:
             enc.layers = nn.ModuleList(blocks[:cut])  # the same layer modules, the tail left out
-        switched = self._switch(blocks[:cut]) if self.compile else []
         try:
-            out = self.forward(*args, **{**kwargs, "output_hidden_states": False})
+            with self.switched(blocks[:cut]) if self.compile else contextlib.nullcontext():
+                out = self.forward(*args, **{**kwargs, "output_hidden_states": False})
         finally:
-            for b in switched:
-                del b.__dict__["forward"]
             enc.layers = blocks
             for h in handles:
                 h.remove()
@@ -354,29 +358,21 @@ class patched:
         return False
 
 
-class compiled_blocks:
+@contextlib.contextmanager
+def compiled_blocks(model):
     """``with compiled_blocks(model):`` the blocks of a vision tower that is not graphed (Qwen2-VL's, whose
     attention splits the images on the host) run through ``torch.compile`` (graph breaks allowed), each
     block's ``forward`` switched only inside the block; the compiler state is kept on the model (a
-    failure warns once). Nothing happens for a model without such a tower. ``__enter__`` gives None."""
-
-    def __init__(self, model):
-        self.model, self.switched = model, []
-
-    def __enter__(self):
-        blocks = blocks_of(self.model)
-        if blocks is not None:
-            runner = self.model.__dict__.get(BLOCKS)
-            if runner is None:
-                runner = self.model.__dict__[BLOCKS] = CompiledLayers(fullgraph=False, trace_hooks=True)
-            self.switched = runner._switch(blocks)
-        return None
-
-    def __exit__(self, *exc):
-        for b in self.switched:
-            del b.__dict__["forward"]
-        self.switched = []
-        return False
+    failure warns once). Nothing happens for a model without such a tower. Gives None."""
+    blocks = blocks_of(model)
+    if blocks is None:
+        yield None
+        return
+    runner = model.__dict__.get(BLOCKS)
+    if runner is None:
+        runner = model.__dict__[BLOCKS] = CompiledLayers(fullgraph=False, trace_hooks=True)
+    with runner.switched(blocks):
+        yield None
 
 
 BLOCKS = "_mmsink_compiled_blocks"
