@@ -22,7 +22,8 @@ compete, and newline tokens are dropped (the official code keeps them). Qwen2-VL
 no official code): the importance is the attention each token receives in the last vision block
 (VisionZip's documented substitute), cosines on the merger's input rows (a token's 2x2 patches,
 concatenated). ViT sinks (``sink_forward``) compete as any token and are kept in any case. Selection
-costs the rounds' a x b matmuls (counted in the FLOPs); no attention matrix is kept.
+costs the rounds' a x b matmuls (counted in the FLOPs); no attention matrix is kept. On CUDA the rounds
+replay as one CUDA graph per input signature (``core.graphs.Graphed``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import dataclasses
 
 import torch
 
+from ..core.graphs import Graphed
 from .base import register
 from .visionzip import SinkAware, row_choices
 
@@ -53,44 +55,58 @@ class VisPrunerICCV(SinkAware):
             raise ValueError(f"mmsink: vispruner_iccv's important_ratio must lie in [0, 1], got {r!r}")
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise ValueError(f"mmsink: vispruner_iccv's drop_per_round must be an int >= 1, got {d!r}")
+        self.choose = Graphed(choose)  # one CUDA graph per input signature, eager off CUDA
 
     def select(self, ctx, tokens):
         t = tokens
         ok, sizes, ks = row_choices(ctx, t, self.budget)
-        keep = torch.zeros_like(ok)
         groups: dict = {}
         for i, key in enumerate(zip(sizes, ks)):  # rows of one size and budget run together
             groups.setdefault(key, []).append(i)
+        # a group of consecutive rows is a slice; the others share one index tensor, built before any loop
+        spread = [rows for rows in groups.values() if rows != list(range(rows[0], rows[-1] + 1))]
+        index = torch.tensor([i for rows in spread for i in rows], device=ok.device) if spread else None
+        keep, start = torch.zeros_like(ok), 0
+        width = t.features.shape[-1]
         for (n, k), rows in groups.items():
-            idx = torch.tensor(rows, device=ok.device)
-            chosen, flops = self.rows(t.features[idx], t.scores[idx], ok[idx], n, k)
-            keep[idx] = keep[idx].scatter(1, chosen, True)
-            ctx.extra_flops += flops
+            if rows in spread:
+                at, start = index[start : start + len(rows)], start + len(rows)
+            else:
+                at = slice(rows[0], rows[-1] + 1)
+            t_imp, t_div, plan = self.plan(n, k)
+            chosen = self.choose(t.features[at], t.scores[at], ok[at], n, t_imp, t_div, plan)
+            keep[at] = keep[at].scatter(1, chosen, True)
+            ctx.extra_flops += sum(2 * len(rows) * la * lb * width for la, lb, _ in plan)
         return t.features, keep
 
-    def rows(self, features, scores, ok, n: int, k: int):
-        """(chosen [B, k] token indices, matmul FLOPs) for B rows of ``n`` candidates keeping ``k``."""
-        b = features.shape[0]
+    def plan(self, n: int, k: int) -> tuple:
+        """(T_imp, T - T_imp, rounds) for ``n`` candidates keeping ``k``; a round: (|a|, |b|, a-tokens
+        dropped), host arithmetic only (the sizes do not depend on the values)."""
         t_imp = int(k * self.options.important_ratio)
         t_div = k - t_imp
-        ranked = scores.float().masked_fill(~ok, float("-inf"))
-        order = ranked.argsort(dim=1, descending=True, stable=True)[:, :n]  # the candidates, by attention
-        important, residual = order[:, :t_imp], order[:, t_imp:]
-        if t_div <= 0:
-            return important, 0
-        x = torch.nn.functional.normalize(features.float(), dim=-1)
-        width = x.shape[-1]
-        flops = 0
-        while True:
-            r_len = residual.shape[1]
-            r = min(self.options.drop_per_round, r_len - t_div)
-            if r <= 0:
-                break
-            a, bb = residual[:, 0::2], residual[:, 1::2]
-            xa = x.gather(1, a[..., None].expand(-1, -1, width))
-            xb = x.gather(1, bb[..., None].expand(-1, -1, width))
-            best = torch.einsum("baf,bcf->bac", xa, xb).amax(-1)  # [B, |a|]
-            flops += 2 * b * a.shape[1] * bb.shape[1] * width
-            rank = best.argsort(dim=1, descending=True, stable=True)[:, min(r, a.shape[1]) :]
-            residual = torch.cat([a.gather(1, rank), bb], 1)
-        return torch.cat([important, residual], 1), flops
+        rounds = []
+        r_len = n - t_imp
+        while t_div > 0 and (r := min(self.options.drop_per_round, r_len - t_div)) > 0:
+            la, lb = (r_len + 1) // 2, r_len // 2
+            rounds.append((la, lb, min(r, la)))
+            r_len -= min(r, la)
+        return t_imp, t_div, tuple(rounds)
+
+
+def choose(features, scores, ok, n: int, t_imp: int, t_div: int, plan: tuple) -> torch.Tensor:
+    """chosen [B, k] token indices of B rows of ``n`` candidates (``VisPrunerICCV.plan``'s rounds). No host
+    reads and no host-built tensors: ``Graphed`` replays it as one CUDA graph."""
+    ranked = scores.float().masked_fill(~ok, float("-inf"))
+    order = ranked.argsort(dim=1, descending=True, stable=True)[:, :n]  # the candidates, by attention
+    important, residual = order[:, :t_imp], order[:, t_imp:]
+    if t_div <= 0:
+        return important
+    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    width = x.shape[-1]
+    for _, _, r in plan:
+        # a = the even places, b = the odd ones: one gather, two strided views
+        xr = x.gather(1, residual[..., None].expand(-1, -1, width))
+        best = torch.einsum("baf,bcf->bac", xr[:, 0::2], xr[:, 1::2]).amax(-1)  # [B, |a|]
+        rank = best.argsort(dim=1, descending=True, stable=True)[:, r:]
+        residual = torch.cat([residual[:, 0::2].gather(1, rank), residual[:, 1::2]], 1)
+    return torch.cat([important, residual], 1)
