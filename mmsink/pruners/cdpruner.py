@@ -36,7 +36,8 @@ normalised over the prompt's images). Departures also: r is normalised per image
 the whole batch, i.e. the same for one image per prompt); once the kernel's rank is spent (T larger than
 the feature dimension, where the official code divides by sqrt(<= 0) and yields NaN) the remaining picks
 are still distinct tokens (the divisor is clamped at 1e-10); kept tokens keep their original positions.
-All images of a batch run together (one kernel per image, padded to the largest; one loop over T steps).
+All images of a batch run together (one kernel per image, padded to the largest; one loop over T steps,
+on a GPU replayed as one CUDA graph per shape and T, ``core.graphs.Graphed``).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ import dataclasses
 import torch
 
 from ..core.flops import linear_params
+from ..core.graphs import Graphed
 from ..core.plan import Prefill
-from .base import Pruner, budget_tokens, check_size, register
+from .base import Pruner, budget_count, budget_tokens, check_size, register
 from .divprune import Groups
 
 RELEVANCE = ("auto", "clip", "embeds", "none")
@@ -78,6 +80,7 @@ class CDPruner(Pruner):
             raise ValueError("mmsink: cdpruner with clip= needs tokenizer= (the LLM's, to read the question)")
         self.family = None
         self.loaded = None  # (CLIPModel, CLIP tokenizer, LLM tokenizer) once loaded
+        self.greedy = Graphed(dpp_greedy)  # one CUDA graph per (groups, width, steps) on a GPU
 
     def mode_for(self, has_clip_tower: bool) -> str:
         r = self.options.relevance
@@ -121,12 +124,13 @@ class CDPruner(Pruner):
             if vision is None:
                 raise ValueError("mmsink: cdpruner did not see this prefill's projector input")
             src_host, _ = self.family.token_map(vision, ctx.kwargs, on_host=True)
-        cand, newline, n_cand = groups.real, None, groups.sizes
+        cand, newline, n_cand, n_dev = groups.real, None, groups.sizes, groups.size
         if src_host is not None:
             src = src_host.to(dev, non_blocking=True)
             line = src[groups.rank] < 0
             newline = groups.real & line
             cand = groups.real & ~line
+            n_dev = cand.sum(1)
             n_cand, at = [], 0
             for n in groups.sizes:
                 n_cand.append(int((src_host[at : at + n] >= 0).sum()))
@@ -149,12 +153,13 @@ class CDPruner(Pruner):
                 image, text, chunks = fn, *question_embeds(ctx, embeds, groups)
             rel = relevance(ctx, image, text, chunks, cand)
         kernel = rel[:, :, None] * sim * rel[:, None, :]
-        picks, flops = dpp_select(kernel, cand, ks)
-        ctx.extra_flops += flops
-        chosen = groups.chosen(picks, ks)
+        kmax = max(ks + [1])
+        picks = self.greedy(kernel.detach(), cand, kmax)  # discrete: no autograd history in the loop
+        ctx.extra_flops += dpp_flops(g, n, kmax)
+        chosen = groups.chosen(picks, budget_count(self.budget, n_dev))  # == ks, on the device
         kept = ks
         if newline is not None:  # always kept, beyond the budget (the official index mask keeps them)
-            chosen |= scatter_back(groups, newline)
+            chosen |= groups.mark(torch.where(newline, groups.flat, groups.batch * groups.length))
             kept = [k + n - c for k, n, c in zip(ks, groups.sizes, n_cand)]
         counts = groups.counts(ctx, kept)
         ctx.decide(ctx.keep_text(chosen), counts=counts)
@@ -226,7 +231,7 @@ class CDPruner(Pruner):
             start += c
         slot = torch.tensor(slot, device=dev)  # [B, M]
         counts = torch.tensor(per, device=dev)
-        gs = torch.tensor(groups.sample, device=dev)
+        gs = groups.sample_index
         text_g = text[slot[gs]]  # [G, M, P]
         cnt = counts[gs]
         return image, text_g, cnt
@@ -255,7 +260,7 @@ def question_embeds(ctx: Prefill, embeds, groups: Groups):
     ok = q.gather(1, order)
     e = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1])).float()
     e = torch.where(ok[..., None], e, torch.ones_like(e))  # padding: any nonzero vector (masked)
-    gs = torch.tensor(groups.sample, device=embeds.device)
+    gs = groups.sample_index
     return e[gs], ok.sum(1)[gs]
 
 
@@ -279,32 +284,29 @@ def relevance(ctx: Prefill, image, text, chunks, cand) -> torch.Tensor:
     return torch.where(cand, r, torch.zeros_like(r))
 
 
-def dpp_select(kernel: torch.Tensor, cand: torch.Tensor, ks: list) -> tuple[torch.Tensor, int]:
-    """Fast greedy MAP inference of a DPP (Chen et al. 2018) per group, exactly max(ks) steps.
-    kernel [G, n, n] float32, cand [G, n]; returns (picks [G, max(ks)] in greedy order, matmul FLOPs)."""
+def dpp_greedy(kernel: torch.Tensor, cand: torch.Tensor, kmax: int) -> torch.Tensor:
+    """Fast greedy MAP inference of a DPP (Chen et al. 2018) per group, exactly kmax steps: kernel
+    [G, n, n] float32, cand [G, n] -> picks [G, kmax] in greedy order. Device ops only (no host reads, no
+    tensors from host data), the same ops for every input of a shape: CUDA-graph safe."""
     g, n, _ = kernel.shape
-    kmax = max(ks + [1])
     rows = torch.arange(g, device=kernel.device)
-    cis = kernel.new_zeros(kmax, g, n)
-    di2 = torch.diagonal(kernel, dim1=1, dim2=2).clone().masked_fill(~cand, float("-inf"))
-    picks = torch.empty(g, kmax, dtype=torch.long, device=kernel.device)
-    flops = 0
+    cis = kernel.new_zeros(g, kmax, n)  # row i: the i-th pick's e
+    di2 = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~cand, float("-inf"))
+    picks = []
     for i in range(kmax):
-        j = di2.argmax(1)  # ties: the first index
-        picks[:, i] = j
-        proj = torch.einsum("tg,tgn->gn", cis[:i, rows, j], cis[:i])
-        flops += 2 * i * g * n
-        e = (kernel[rows, j] - proj) / torch.sqrt(di2[rows, j].clamp(min=1e-10)).unsqueeze(-1)
-        cis[i] = e
-        di2 = di2 - e.square()
-        di2[rows, j] = float("-inf")
-    return picks, flops
+        d, j = di2.max(1)  # ties: the first index; d == di2[rows, j]
+        picks.append(j)
+        if i == kmax - 1:  # the last pick updates nothing that is used
+            break
+        row = kernel[rows, j]
+        if i:  # (at i = 0 the projection is zero)
+            row = row - torch.bmm(cis[rows, :i, j][:, None], cis[:, :i]).squeeze(1)
+        e = torch.div(row, d.clamp(min=1e-10).sqrt()[:, None], out=cis[:, i])
+        di2.sub_(e.square())
+        di2.scatter_(1, j[:, None], float("-inf"))
+    return torch.stack(picks, 1)
 
 
-def scatter_back(groups: Groups, mask: torch.Tensor) -> torch.Tensor:
-    """[G, n] slot mask -> [B, L] bool."""
-    dev = mask.device
-    where = torch.where(mask, groups.flat, groups.batch * groups.length)
-    out = torch.zeros(groups.batch * groups.length + 1, dtype=torch.bool, device=dev)
-    out[where.flatten()] = True
-    return out[:-1].view(groups.batch, groups.length)
+def dpp_flops(g: int, n: int, kmax: int) -> int:
+    """``dpp_greedy``'s matmul FLOPs: step i (1 <= i <= kmax - 2) projects on i earlier picks."""
+    return g * n * (kmax - 1) * (kmax - 2) if kmax > 2 else 0

@@ -14,12 +14,14 @@ images: each image on its own (the official code prunes a single image); ``budge
 per prompt. Departures: chosen tokens are excluded from later picks (the official code leaves them in the
 max, where they score ~0 and are never re-picked unless tokens are exact duplicates); kept tokens keep their
 original positions (mmsink's rule for every method). All images of a batch run together: one [G, N, N]
-distance matrix per image, padded to the largest image, and one loop over the K greedy steps."""
+distance matrix per image, padded to the largest image, and one loop over the K greedy steps (on a GPU
+replayed as one CUDA graph per shape and K, ``core.graphs.Graphed``)."""
 
 from __future__ import annotations
 
 import torch
 
+from ..core.graphs import Graphed
 from ..core.plan import Prefill
 from .base import Pruner, budget_sizes, check_size, register
 
@@ -28,6 +30,9 @@ from .base import Pruner, budget_sizes, check_size, register
 class DivPrune(Pruner):
     name = "divprune"
     default_budget = 0.098
+
+    def check_options(self):
+        self.greedy = Graphed(divprune_greedy)  # one CUDA graph per (groups, width, steps) on a GPU
 
     def final_layer(self, ctx):
         return 0  # decided before the first layer
@@ -46,11 +51,17 @@ class DivPrune(Pruner):
             return None
         check_size(self.budget, groups.sizes)
         ks = [self.keep_of(n) for n in groups.sizes]
-        x = groups.gather(embeds)
-        picks, flops = divprune_select(x, groups.real, ks)
+        picks, flops = divprune_select(groups.gather(embeds), groups.real, max(ks), self.greedy)
         ctx.extra_flops += flops
-        ctx.decide(ctx.keep_text(groups.chosen(picks, ks)), counts=groups.counts(ctx, ks))
+        chosen = groups.chosen(picks, self.keep_counts(groups.size))
+        ctx.decide(ctx.keep_text(chosen), counts=groups.counts(ctx, ks))
         return None
+
+    def keep_counts(self, n: torch.Tensor) -> torch.Tensor:
+        """``keep_of`` on the device: n [G] long (each > 0) -> [G] long, without reading n."""
+        if isinstance(self.budget, float):  # Python's round and torch.round both round half to even
+            return torch.round(n.double() * self.budget).long().clamp(min=1)
+        return n.clamp(max=self.budget)
 
 
 class Groups:
@@ -69,15 +80,16 @@ class Groups:
         dev = lay.is_image.device
         # flat index (b * L + position) of every visual token, in sequence order
         self.places = (~lay.is_image).flatten().to(torch.uint8).argsort(stable=True)[:total]
-        width = max(self.sizes + [1])
-        starts, run = [], 0
-        for n in self.sizes:
-            starts.append(run)
-            run += n
-        start = torch.tensor(starts or [0], device=dev)[: len(self.sizes)]
-        size = torch.tensor(self.sizes or [0], device=dev)[: len(self.sizes)]
-        col = torch.arange(width, device=dev)
-        self.real = col[None] < size[:, None]  # [G, n]
+        # the groups' sizes from the layout's counts on the device (the host's sizes are read from them):
+        # no tensor built from host data, which on a GPU would wait for the queued work
+        counts = lay.counts if ctx.budget_per != "prompt" else lay.counts.sum(1, keepdim=True)
+        flat = counts.flatten()
+        order = (flat <= 0).to(torch.uint8).argsort(stable=True)[: len(self.sizes)]  # sample by sample
+        self.size = flat[order]  # [G] == self.sizes
+        self.sample_index = order.div(counts.shape[1], rounding_mode="floor")  # [G] == self.sample
+        start = self.size.cumsum(0) - self.size
+        col = torch.arange(max(self.sizes + [1]), device=dev)
+        self.real = col[None] < self.size[:, None]  # [G, n]
         self.rank = torch.where(
             self.real, start[:, None] + col[None], torch.zeros_like(self.real, dtype=torch.long)
         )
@@ -87,13 +99,15 @@ class Groups:
         """x [B, L, ...] -> [G, n, ...] (padding slots hold some real token: mask them with ``real``)."""
         return x.reshape(self.batch * self.length, *x.shape[2:])[self.flat]
 
-    def chosen(self, picks: torch.Tensor, ks: list) -> torch.Tensor:
-        """picks [G, kmax] slots of each group (the first ks[g] count) -> [B, L] bool."""
-        dev = picks.device
-        used = torch.arange(picks.shape[1], device=dev)[None] < torch.tensor(ks, device=dev)[:, None]
-        where = torch.where(used, self.flat.gather(1, picks), self.batch * self.length)
-        out = torch.zeros(self.batch * self.length + 1, dtype=torch.bool, device=dev)
-        out[where.flatten()] = True
+    def chosen(self, picks: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        """picks [G, kmax] slots of each group (the first ks[g] count, ks [G] on the device) -> [B, L]."""
+        used = torch.arange(picks.shape[1], device=picks.device)[None] < ks[:, None]
+        return self.mark(torch.where(used, self.flat.gather(1, picks), self.batch * self.length))
+
+    def mark(self, where: torch.Tensor) -> torch.Tensor:
+        """Flat indices (``batch * length``: none) -> [B, L] bool, True there."""
+        out = torch.zeros(self.batch * self.length + 1, dtype=torch.bool, device=where.device)
+        out.index_fill_(0, where.flatten(), True)  # a python-scalar index_put would build a host tensor
         return out[:-1].view(self.batch, self.length)
 
     def counts(self, ctx: Prefill, ks: list) -> list | None:
@@ -104,30 +118,34 @@ class Groups:
         return [(t, [next(it) for n in s if n > 0]) for (t, _), s in zip(ctx.seg.counts, self.per_sample)]
 
 
-def divprune_select(x: torch.Tensor, real: torch.Tensor, ks: list) -> tuple[torch.Tensor, int]:
-    """x [G, n, d] tokens (padding masked by ``real`` [G, n]); ks: picks per group (host ints) ->
-    (picks [G, max(ks)] in greedy order, matmul FLOPs executed). Distances in x's dtype."""
+def divprune_select(x: torch.Tensor, real: torch.Tensor, kmax: int, greedy=None) -> tuple[torch.Tensor, int]:
+    """x [G, n, d] tokens (padding masked by ``real`` [G, n]) -> (picks [G, kmax] in greedy order, matmul
+    FLOPs executed). Distances in x's dtype; ``greedy``: ``divprune_greedy`` or a ``Graphed`` of it."""
     g, n, d = x.shape
-    kmax = max(ks + [1])
     xn = x / x.norm(dim=-1, keepdim=True)
     dist = 1.0 - torch.bmm(xn, xn.transpose(1, 2))  # [G, i, j]
-    flops = 2 * g * n * n * d
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
-    dist = torch.where(real[:, :, None], dist, inf)  # a padding row is nobody's neighbour
-    if n < 2:
-        dist = torch.cat([dist, inf.expand(g, 1, n)], 1)
-    first = dist.topk(2, dim=1, largest=False).values[:, 1]  # each column's nearest other token
-    rows = torch.arange(g, device=x.device)
-    picks = torch.empty(g, kmax, dtype=torch.long, device=x.device)
-    taken = ~real
-    score = first
+    # (detached: the choice is discrete, and a graph's static copies need no autograd history)
+    return (greedy or divprune_greedy)(dist.detach(), real, max(kmax, 1)), 2 * g * n * n * d
+
+
+def divprune_greedy(dist: torch.Tensor, real: torch.Tensor, kmax: int) -> torch.Tensor:
+    """The greedy max-min loop on dist [G, n, n] (real [G, n]) -> picks [G, kmax]. Device ops only (no
+    host reads, no tensors from host data), the same ops for every input of a shape: CUDA-graph safe."""
+    g, n, _ = dist.shape
+    dist = dist.masked_fill(~real[:, :, None], float("inf"))  # a padding row is nobody's neighbour
+    if n > 1:
+        first = dist.topk(2, dim=1, largest=False).values[:, 1]  # each column's nearest other token
+    else:
+        first = dist.new_full((g, n), float("inf"))
+    # a chosen token's own distance (the diagonal) and padding columns at -inf: the running minimum over
+    # the picks' rows then excludes both, without a separate taken mask
+    eye = torch.eye(n, dtype=torch.bool, device=dist.device)
+    dist = dist.masked_fill(eye[None] | ~real[:, None, :], float("-inf"))
+    rows = torch.arange(g, device=dist.device)
+    picks = [first.masked_fill(~real, float("-inf")).argmax(1)]  # ties: the first index
     nearest = None
-    for i in range(kmax):
-        j = score.masked_fill(taken, float("-inf")).argmax(1)  # ties: the first index
-        picks[:, i] = j
-        taken = taken.clone()
-        taken[rows, j] = True
-        row = dist[rows, j]  # [G, n] distances from the new pick
+    for _ in range(1, kmax):
+        row = dist[rows, picks[-1]]  # [G, n] distances from the last pick
         nearest = row if nearest is None else torch.minimum(nearest, row)
-        score = nearest
-    return picks, flops
+        picks.append(nearest.argmax(1))
+    return torch.stack(picks, 1)
