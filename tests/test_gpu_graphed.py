@@ -23,3 +23,15 @@ def test_cuda_graphed_equals_eager():
         assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1])
     assert len(g.graphs) == 1 and not g.failed
     assert not torch.equal(results[0][0], results[1][0])  # copies, not the graph's own outputs
+
+
+def test_cuda_graphed_on_another_gpu():
+    """Inputs on the second GPU while the first is current (a model split over GPUs): captured there."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    g = graphs.Graphed(greedy)
+    x = torch.randn(4, 300, 16, device="cuda:1", generator=torch.Generator("cuda:1").manual_seed(0))
+    with torch.cuda.device(0):
+        got = g(x, 32)
+    assert torch.equal(got[0], greedy(x, 32)[0]) and got[0].device == x.device
+    assert len(g.graphs) == 1 and not g.failed

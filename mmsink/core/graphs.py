@@ -5,6 +5,7 @@ tuples of tensors and plain values)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import warnings
 
 import torch
@@ -48,6 +49,17 @@ def load(dst, src) -> None:
             load(d, s)
 
 
+def first_tensor(x):
+    """The first tensor in ``x`` (tuples followed), or None."""
+    if isinstance(x, torch.Tensor):
+        return x
+    for v in x if isinstance(x, tuple) else ():
+        t = first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
 def on_cuda(x) -> bool:
     """Some tensor in ``x`` (tuples followed) and every one of them on a CUDA device."""
     if isinstance(x, torch.Tensor):
@@ -80,6 +92,12 @@ class Graphed:
     def __call__(self, *args):
         if not self.usable(args):
             return self.fn(*args)
+        dev = first_tensor(args).device
+        # a model split over GPUs: the capture's stream and pool on the inputs' GPU
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            return self.replayed(args)
+
+    def replayed(self, args):
         key = signature(args)
         hit = self.graphs.get(key)
         if hit is None:
