@@ -13,27 +13,14 @@ import official_prelm as official
 import pytest
 import torch
 from test_graphed import StandIn
+from test_selection_syncs import SyncOps
 from tiny import batch, prompt, tiny_llava
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmsink
 from mmsink.core import graphs
 from mmsink.pruners.cdpruner import dpp_greedy
 from mmsink.pruners.divprune import divprune_select
 from mmsink.tools.reads import DeviceReads, selection_hooks
-
-SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.lift_fresh.default"}
-
-
-class SyncOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func) in SYNC_OPS:
-            self.seen[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class Strict(StandIn):
