@@ -29,6 +29,7 @@ import dataclasses
 
 import torch
 
+from ..core.graphs import Graphed
 from .base import Pruner, budget_sizes, check_size, register
 
 PERTURB_SHIFT = 5  # CPython's set table (Objects/setobject.c)
@@ -54,6 +55,7 @@ class DART(Pruner):
         o = self.options
         if o.k < 1 or o.image_pivots < 1 or o.text_pivots < 0:
             raise ValueError("mmsink: dart needs k >= 1, image_pivots >= 1 and text_pivots >= 0")
+        self.choose = Graphed(choose)  # one CUDA graph per input signature, eager off CUDA
 
     def check_model(self, num_layers):
         if self.options.k >= num_layers:
@@ -99,8 +101,6 @@ class DART(Pruner):
         vis, img, prompt = ctx.visual(), ctx.image_of(), ctx.in_prompt()
         if ctx.budget_per == "prompt":
             img = torch.where(img >= 0, torch.zeros_like(img), img)
-        text = prompt & ~vis
-        slot = torch.arange(n, device=knorm.device).expand(b, n)
         sizes = budget_sizes(ctx)
         pads = [lay.length - m for m in lay.lengths]
         n_text = [a - q + 1 - p for a, q, p in zip(lay.anchors, pads, lay.prompt_images)]  # prompt text
@@ -111,35 +111,15 @@ class DART(Pruner):
         image_sizes = lay.counts.to(knorm.device)  # [B, M] each image's tokens, 0 past the sample's own
         if ctx.budget_per == "prompt":
             image_sizes = image_sizes.sum(1, keepdim=True)
-        max_pos = lay.length
-        kept = torch.zeros_like(vis)
-        for m in range(max((len(s) for s in sizes), default=0)):
-            cand = img == m
-            first = torch.where(cand, slot, n).amin(1)  # the image's first slot (n when absent)
-            # pivots: image tokens, then text after the image (other prompt text fills a shortfall)
-            ip = ranked(knorm, cand, o.image_pivots)
-            tp = ranked(knorm, text, o.text_pivots, first=text & (slot > first[:, None]))
-            piv = torch.cat([ip, tp], 1)  # [B, P] slots, -1 where absent
-            at = piv.clamp(min=0)
-            order = set_order(pos.gather(1, at), piv >= 0, max_pos)  # [B, P] columns, -1 absent
-            hp = state.gather(1, at[..., None].expand(-1, -1, state.shape[-1]))
-            sim = torch.einsum("bnd,bpd->bpn", state, hp)  # [B, P, n]
-            d = state.shape[-1]
-            ctx.add_flops(2 * b * n * piv.shape[1] * d, pivot_work(ctx, o, sizes, m, d))
-            per = self.per_pivot_device(image_sizes[:, m])  # [B], 0 where the sample has no image m
-            # the image minus its pivots (a -1 pivot, clamped to slot 0, only where all its tokens are pivots)
-            pool = cand.scatter(1, at[:, : ip.shape[1]], False)
-            # each pivot's slots by (similarity, slot), sorted once, in visiting order: a pivot in turn takes
-            # the first k of its list still in the pool (the pool only shrinks, so the order among what is
-            # left is the one a sort of the pool alone would give)
-            ranked_slots = torch.where(cand[:, None], sim, float("inf")).argsort(dim=2, stable=True)
-            ranked_slots = ranked_slots.gather(1, order.clamp(min=0)[..., None].expand(-1, -1, n))
-            ks = torch.where(order >= 0, per[:, None], 0)  # [B, P] tokens each visit takes
-            for t in range(order.shape[1]):
-                s = ranked_slots[:, t]
-                inside = pool.gather(1, s)
-                pool.scatter_(1, s, inside & (inside.cumsum(1) > ks[:, t : t + 1]))  # the first k leave
-            kept |= cand ^ pool  # the image pivots and every token taken (the pool is within the image)
+        per = self.per_pivot_device(image_sizes)  # [B, M], 0 where the sample has no image m
+        images = max((len(s) for s in sizes), default=0)
+        kept = self.choose(
+            knorm, state, img, prompt & ~vis, pos, per, images, o.image_pivots, o.text_pivots, lay.length
+        )
+        d = state.shape[-1]
+        pivots = min(o.image_pivots, n) + min(o.text_pivots, n)  # what ``ranked`` gives per pivot kind
+        for m in range(images):
+            ctx.add_flops(2 * b * n * pivots * d, pivot_work(ctx, o, sizes, m, d))
         counts = None
         if seg.counts is not None and ctx.protected is None and ctx.pending is None:
             counts = []
@@ -148,6 +128,42 @@ class DART(Pruner):
                 kept_n = [self.kept(g, nt) for g in groups]
                 counts.append((t, kept_n))
         ctx.decide(ctx.keep_text(kept), counts=counts)
+
+
+def choose(knorm, state, img, text, pos, per, images: int, image_pivots: int, text_pivots: int, max_pos: int):
+    """The kept image tokens [B, n] (bool): each image's pivots and the tokens they take. ``knorm`` [B, n]
+    the keys' L1 norms, ``state`` [B, n, D] the normalised states, ``img`` [B, n] each slot's image (-1:
+    none), ``text`` [B, n] the prompt's text slots, ``pos`` [B, n] the official code's indices (below
+    ``max_pos``), ``per`` [B, M] tokens each pivot of image m takes. Tensors in and out, no host read:
+    ``Graphed`` replays it as one CUDA graph."""
+    b, n = knorm.shape
+    slot = torch.arange(n, device=knorm.device).expand(b, n)
+    kept = torch.zeros_like(text)
+    for m in range(images):
+        cand = img == m
+        first = torch.where(cand, slot, n).amin(1)  # the image's first slot (n when absent)
+        # pivots: image tokens, then text after the image (other prompt text fills a shortfall)
+        ip = ranked(knorm, cand, image_pivots)
+        tp = ranked(knorm, text, text_pivots, first=text & (slot > first[:, None]))
+        piv = torch.cat([ip, tp], 1)  # [B, P] slots, -1 where absent
+        at = piv.clamp(min=0)
+        order = set_order(pos.gather(1, at), piv >= 0, max_pos)  # [B, P] columns, -1 absent
+        hp = state.gather(1, at[..., None].expand(-1, -1, state.shape[-1]))
+        sim = torch.einsum("bnd,bpd->bpn", state, hp)  # [B, P, n]
+        # the image minus its pivots (a -1 pivot, clamped to slot 0, only where all its tokens are pivots)
+        pool = cand.scatter(1, at[:, : ip.shape[1]], False)
+        # each pivot's slots by (similarity, slot), sorted once, in visiting order: a pivot in turn takes
+        # the first k of its list still in the pool (the pool only shrinks, so the order among what is
+        # left is the one a sort of the pool alone would give)
+        ranked_slots = torch.where(cand[:, None], sim, float("inf")).argsort(dim=2, stable=True)
+        ranked_slots = ranked_slots.gather(1, order.clamp(min=0)[..., None].expand(-1, -1, n))
+        ks = torch.where(order >= 0, per[:, m : m + 1], 0)  # [B, P] tokens each visit takes
+        for t in range(order.shape[1]):
+            s = ranked_slots[:, t]
+            inside = pool.gather(1, s)
+            pool.scatter_(1, s, inside & (inside.cumsum(1) > ks[:, t : t + 1]))  # the first k leave
+        kept |= cand ^ pool  # the image pivots and every token taken (the pool is within the image)
+    return kept
 
 
 def local_keys(ctx, k: torch.Tensor) -> torch.Tensor:

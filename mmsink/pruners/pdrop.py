@@ -130,7 +130,7 @@ class PDrop(Pruner):
         frac = ctx.run["ratio"] ** stage  # the same float64 product on the host and the device
 
         def k_of(orig, cur):
-            return torch.floor(orig.double() * frac).long()
+            return (orig.double() * frac).long()  # truncation: the host's int() of a product >= 0
 
         def k_host(orig: int, cur: int) -> int:
             return int(orig * frac)
@@ -149,13 +149,14 @@ def next_layer_scores(ctx, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     b, n, dm = x.shape
     hd = attn.head_dim
     anchor = ctx.anchor_slot().to(dev)
-    xa = x[torch.arange(b, device=dev), anchor][:, None]  # [B, 1, D]
+    xa = x.gather(1, anchor[:, None, None].expand(-1, 1, dm))  # [B, 1, D]
     q = attn.q_proj(xa).view(b, 1, -1, hd).transpose(1, 2)  # [B, H, 1, d]
     k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)  # [B, Hkv, n, d]
     cos, sin = (t.to(dev) for t in ctx.current_position_embeddings())
     idx = anchor[:, None, None].expand(-1, 1, cos.shape[-1])
-    q = ctx.lm.rope(q, q, cos.gather(1, idx), sin.gather(1, idx))[0]
-    k = ctx.lm.rope(k, k, cos, sin)[1]
+    # the rotary's other argument is a one-slot stand-in (its output is dropped): not a second full rotation
+    q = ctx.lm.rope(q, q[:, :1], cos.gather(1, idx), sin.gather(1, idx))[0]
+    k = ctx.lm.rope(k[:, :1, :1], k, cos, sin)[1]
     h, hkv = q.shape[1], k.shape[1]
     kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
     logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), kk.float()) * attn.scaling

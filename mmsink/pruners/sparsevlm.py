@@ -57,6 +57,7 @@ import math
 import torch
 
 from ..core.attention import group_indices
+from ..core.graphs import Graphed
 from ..core.plan import gather_rows
 from .base import Pruner, budget_sizes, check_size, register
 
@@ -132,6 +133,8 @@ class SparseVLM(Pruner):
             self.budget = None  # the schedule is the budget
         if not isinstance(self.options.recycle, bool):
             raise ValueError("mmsink: sparsevlm recycle must be True or False")
+        # one CUDA graph per input signature (eager off CUDA): a prefill's three decisions, two batch shapes
+        self.merge = Graphed(cluster_and_merge, keep=6)
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(self.options.layers) if self.options.layers is not None else default_layers(num_layers)
@@ -177,8 +180,9 @@ class SparseVLM(Pruner):
         b, length, d = embeds.shape
         m_img = lay.counts.shape[1]
         ar = torch.arange(length, device=embeds.device)
-        first = torch.tensor(lay.first_image, device=embeds.device)
-        text = ctx.in_prompt() & ~lay.is_image & (ar[None] > first[:, None])
+        # text after the first image, counted on the device (a tensor of the host's first_image would be a
+        # blocking copy on a GPU)
+        text = ctx.in_prompt() & ~lay.is_image & (lay.is_image.cumsum(1) > 0)
         width = ctx.text_after_image_width()
         cols = group_indices(text, None if width is None else max(width, 1))  # [B, W] text slots
         vis_w = max((sum(s) for s in lay.sizes), default=0)
@@ -233,12 +237,13 @@ class SparseVLM(Pruner):
         logits = torch.einsum("bhrd,bhnd->bhrn", q, kk).float() * observed["scale"]
         ctx.extra_flops += 2 * b * h * r * n * d
         slot = torch.arange(n, device=q.device)
-        allowed = (slot[None, None] <= rows[..., None]) & seg.valid[:, None] & (rows >= 0)[..., None]
-        probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+        real = rows >= 0
+        allowed = (slot[None, None] <= rows[..., None]) & seg.valid[:, None] & real[..., None]
+        probs = torch.softmax(torch.where(allowed[:, None], logits, float("-inf")), -1).nan_to_num(0.0)
         per_row = probs.mean(1)  # [B, R, n]
         raters = run["raters"]
         orig = seg.idx.gather(1, rows.clamp(min=0))
-        w = raters.gather(2, orig[:, None].expand(-1, raters.shape[1], -1)) & (rows >= 0)[:, None]
+        w = raters.gather(2, orig[:, None].expand(-1, raters.shape[1], -1)) & real[:, None]
         w = w.float() / w.sum(-1, keepdim=True).clamp(min=1)  # [B, M, R]
         io = ctx.image_of()
         score = torch.zeros(b, n, device=q.device)
@@ -267,7 +272,8 @@ class SparseVLM(Pruner):
             cur = cand.sum(1)
             k = torch.minimum(run["k"][:, m, stage], cur - 1).clamp(min=0)
             order = score.masked_fill(~cand, float("-inf")).argsort(dim=1, descending=True, stable=True)
-            kept = cand & torch.zeros_like(cand).scatter(1, order, ranks < k[:, None])
+            # the first k <= cur of the order are candidates (finite scores sort before the -inf ones)
+            kept = torch.zeros_like(cand).scatter(1, order, ranks < k[:, None])
             if prot is not None:
                 kept |= cand & prot
             keep |= kept
@@ -280,18 +286,18 @@ class SparseVLM(Pruner):
         slots, valid, clusters = [], [], []
         for pruned, s in pools:
             p = pruned.sum(1)
-            n_sel = torch.where(p > 0, torch.floor(p.double() * MERGE_SHARE).long() + 1, 0)
+            n_sel = (p.double() * MERGE_SHARE).long() + (p > 0)  # int(0.3 p) + 1, 0 when nothing is pruned
             order = s.masked_fill(~pruned, float("-inf")).argsort(dim=1, descending=True, stable=True)
             order = order[:, :width] if order.shape[1] >= width else order
             slots.append(order)
             valid.append(torch.arange(order.shape[1], device=vis.device)[None] < n_sel[:, None])
-            clusters.append(torch.where(n_sel > 0, n_sel // CLUSTER_EVERY + 1, 0))
+            clusters.append(n_sel // CLUSTER_EVERY + (n_sel > 0))
         slots, valid = torch.stack(slots, 1), torch.stack(valid, 1)  # [B, G, W]
         clusters = torch.stack(clusters, 1)  # [B, G]
         g, w = slots.shape[1], slots.shape[2]
         dm = hidden.shape[-1]
         x = gather_rows(hidden, slots.view(b, g * w)).view(b * g, w, dm).float()
-        merged, centre, ok = cluster_and_merge(x, valid.view(b * g, w), clusters.view(b * g))
+        merged, centre, ok = self.merge(x, valid.view(b * g, w), clusters.view(b * g))
         ctx.extra_flops += 2 * b * g * w * w * dm  # the pairwise distances (as a matmul would count them)
         cw = centre.shape[1]
         at = slots.view(b * g, w).gather(1, centre)  # [B*G, cw] slots of the centres
@@ -344,7 +350,8 @@ def cluster_and_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tens
     """Density-peak clustering of each group's tokens (the official ``cluster_and_merge``, batched with
     padding, without its 1e-6 density noise). x [G, W, D] float32 (tokens in descending score order),
     valid [G, W], clusters [G] (<= the valid count). Returns (merged [G, C, D], centre [G, C] token index
-    of each cluster's centre, ok [G, C]) with C = W // 10 + 1; cluster c's mean is merged[:, c]."""
+    of each cluster's centre, ok [G, C]) with C = W // 10 + 1; cluster c's mean is merged[:, c]. No host
+    read: ``SparseVLM.merge`` replays it as a CUDA graph."""
     g, w, d = x.shape
     cw = w // CLUSTER_EVERY + 1
     dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / d**0.5

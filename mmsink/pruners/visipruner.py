@@ -28,6 +28,8 @@ import torch
 from ..core.attention import group_indices, repeat_kv, reweighted_attention
 from .base import Pruner, anchor_probs, budget_count, register, topk_per_image
 
+MASK_BATCH = 8  # fixed budget: from this batch size on, dropped tokens are masked until the fallback
+
 
 @register
 class VisiPruner(Pruner):
@@ -46,10 +48,13 @@ class VisiPruner(Pruner):
         first_layer_rule: bool | str = True  # True: by depth (40 layers: "13b", else "7b"); False: none
         fallback_layer: int | None = None  # fixed budget: decide here if no fusion was found (default L//2)
         # fixed budget: until the fallback, mask dropped tokens at the segment's width instead of gathering
-        # the kept ones after a read per observed layer. Off by default: a sample that fuses early then runs
-        # the layers up to the fallback at full width (more FLOPs than the method's plan); on only pays where
-        # fusion comes at the fallback and the reads dominate (to be measured on the GPU)
-        mask_until_fallback: bool = False
+        # the kept ones after a read per observed layer (kept sets and stats are the same either way). None:
+        # on for a batch of MASK_BATCH samples or more. A batch runs as wide as its widest sample, so a gather
+        # narrows it only once every sample has fused, which with many samples is rare before the fallback,
+        # while each observed layer's read drains the GPU's queue; where every sample does fuse early, the
+        # layers up to the fallback run at full width. Off below it (a lone sample fusing early would run them
+        # so). True / False force it (the GPU A/B)
+        mask_until_fallback: bool | None = None
 
     def check_options(self):
         o = self.options
@@ -64,6 +69,8 @@ class VisiPruner(Pruner):
             raise ValueError(
                 "mmsink: visipruner first_layer_rule must be True (by depth), False, '7b' or '13b'"
             )
+        if o.mask_until_fallback not in (None, True, False):
+            raise ValueError("mmsink: visipruner mask_until_fallback must be None (by batch), True or False")
         if o.shallow_mid_layer is not None and o.shallow_mid_layer < 0:
             raise ValueError("mmsink: visipruner shallow_mid_layer must be >= 0")
 
@@ -91,7 +98,7 @@ class VisiPruner(Pruner):
         b = ctx.layout.batch
         dev = ctx.layout.is_image.device
         deep = self.options.deep if self.options.deep is not None else self.budget is None
-        fallback = self.options.fallback_layer
+        fallback, mask = self.options.fallback_layer, self.options.mask_until_fallback
         if self.budget is not None and fallback is None:
             fallback = ctx.num_layers // 2
         ctx.run = {
@@ -105,7 +112,7 @@ class VisiPruner(Pruner):
             "testing": torch.ones(b, dtype=torch.bool, device=dev),  # would run the test alone (see below)
             # fixed budget: every sample has fused by the fallback layer, so until then dropped tokens are
             # masked at the segment's width (no read per layer) and the fallback's decision gathers them
-            "masked": self.options.mask_until_fallback
+            "masked": (b >= MASK_BATCH if mask is None else mask)
             and fallback is not None
             and not deep
             and fallback < ctx.num_layers - 1,
@@ -118,6 +125,8 @@ class VisiPruner(Pruner):
 
     def directive(self, ctx, layer):
         run, o = ctx.run, self.options
+        if ctx.seg.masked:
+            carry_views(ctx)
         d = {}
         if o.shallow and layer < run["S"]:
             d["reweight"] = lambda q, k, v, mask, scale, base: shallow_attention(
@@ -169,6 +178,29 @@ class VisiPruner(Pruner):
         # read with the next layer's plan (one read: whether a token goes, and whether to watch on)
         ctx.to_read["visipruner_observing"] = run["testing"].any()
         ctx.decide(ctx.keep_text(keep_vis))
+
+
+# this pruner's per-segment memos; on a masked segment they hold for the samples still testing (nothing of
+# theirs is masked), the only ones that use them
+MEMOS = ("visipruner_has_vis", "visipruner_own", "visipruner_topk")
+
+
+def carry_views(ctx) -> None:
+    """A masked segment has its predecessor's slots, some masked: the plan's views of it (``visual``,
+    ``in_prompt``, the anchor's slot) are the predecessor's on the slots still valid, one op each instead of
+    a gather and a search per layer; the anchor (text) is never masked."""
+    seg, prev = ctx.segments[-1], ctx.segments[-2]
+    if seg.idx is not prev.idx:
+        return
+    new, old = seg.cache, prev.cache
+    if "anchor" in old:
+        new.setdefault("anchor", old["anchor"])
+    for name in ("visual", "in_prompt"):
+        if name in old and name not in new:
+            new[name] = old[name] & seg.valid
+    for name in MEMOS:
+        if name in old:
+            new.setdefault(name, old[name])
 
 
 def observing(ctx) -> bool:
