@@ -10,6 +10,8 @@ layers), the same prefill with the method's plan replayed (``prune='replay'``, t
 and the host syncs: reads of device values (``.item()``, ``.tolist()``, ``nonzero``, boolean indexing
 ...; see ``mmsink.tools.reads``) and tensors built from host data (``aten::lift_fresh``: on a GPU a
 blocking copy that waits for the device like a read does), in the hooks and in the prefill's mmsink code.
+``--graphs``: the pruners' selection loops (``core.graphs.Graphed``) run as on a GPU, through a stand-in
+capture: a replay counts as one launch (``graph launch``), the ops inside it apart.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmsink
+from mmsink.core import graphs
 from mmsink.tools.bench import bench_inputs, build, environment
 from mmsink.tools.reads import DeviceReads, selection_hooks
 
@@ -46,6 +49,27 @@ class Ops(TorchDispatchMode):
         self.region = None  # the outermost running region's name
         self.region_ops = collections.Counter()
         self.per_region = collections.Counter()
+        self.graphed, self.in_graphs = False, 0
+
+    def stand_in(self):
+        """A capture for ``core.graphs.Graphed`` as on a GPU: the function's ops inside a replay are
+        counted apart (``in_graphs``); a replay counts as one launch (``graph launch``)."""
+
+        def capture(fn):
+            out = fn()
+
+            def replay():
+                self.graphed = True
+                try:
+                    new = fn()
+                finally:
+                    self.graphed = False
+                self.note("graph launch")
+                graphs.load(out, new)
+
+            return out, replay
+
+        return capture
 
     def enter(self, name: str) -> None:
         if not self.depth:
@@ -61,11 +85,17 @@ class Ops(TorchDispatchMode):
         name = str(func)
         # views launch nothing (lift_fresh is one, but copies)
         if (not func.is_view or name in HOST_DATA) and name not in NO_LAUNCH:
-            self.ops[name] += 1
-            if self.depth:
-                self.region_ops[name] += 1
-                self.per_region[self.region] += 1
+            if self.graphed:  # inside a graph replay (``--graphs``): counted apart, the replay one launch
+                self.in_graphs += 1
+            else:
+                self.note(name)
         return func(*args, **(kwargs or {}))
+
+    def note(self, name: str) -> None:
+        self.ops[name] += 1
+        if self.depth:
+            self.region_ops[name] += 1
+            self.per_region[self.region] += 1
 
 
 def hooks_counted(pruner, ops: Ops, reads: dict):
@@ -86,20 +116,25 @@ def hooks_counted(pruner, ops: Ops, reads: dict):
     return selection_hooks(pruner, counted)
 
 
-def count(model, inputs, method: str, budget, plan=None) -> dict:
+def count(model, inputs, method: str, budget, plan=None, graphed: bool = False) -> dict:
+    """``graphed``: the pruner's ``core.graphs.Graphed`` loops as on a GPU (replays counted apart)."""
     if method == "replay":
         mmsink.wrap(model, prune="replay", plan=plan)
     else:
         mmsink.wrap(model, prune=method, budget=budget)
     pruner = mmsink.api.get_handle(model).pruner
+    ops, reads = Ops(), {"hooks": 0}
+    real = graphs.on_cuda, graphs.capture
+    if graphed:
+        graphs.on_cuda, graphs.capture = (lambda x: True), ops.stand_in()
     try:
         with torch.no_grad():
-            model(**inputs, logits_to_keep=1)  # warm (the replay builds its masks once)
-            ops, reads = Ops(), {"hooks": 0}
+            model(**inputs, logits_to_keep=1)  # warm (the replay builds its masks once; graphs captured)
             with hooks_counted(pruner, ops, reads), DeviceReads() as r, ops:
                 model(**inputs, logits_to_keep=1)
         st = mmsink.stats(model)
     finally:
+        graphs.on_cuda, graphs.capture = real
         mmsink.unwrap(model)
     mine = sum(c for s, c in r.sites.items() if "/mmsink/" in s)
     return {
@@ -109,6 +144,7 @@ def count(model, inputs, method: str, budget, plan=None) -> dict:
         "hook_host_data": sum(ops.region_ops[n] for n in HOST_DATA),
         "mmsink_reads": mine,
         "host_data": sum(ops.ops[n] for n in HOST_DATA),
+        "in_graphs": ops.in_graphs,
         "top_hook_ops": ops.region_ops.most_common(8),
         "per_hook": dict(ops.per_region),
         "plan": st.kept_indices,
@@ -122,26 +158,30 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--out", default=None, help="write the counts as JSON here, the table as .md beside it")
     ap.add_argument("--machine", default="", help="what the machine was (e.g. shared), written with --out")
+    ap.add_argument(
+        "--graphs", action="store_true", help="selection loops replayed as on a GPU (core.graphs.Graphed)"
+    )
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     model = build(SHAPE)
     rows = []
     table = [
         "| batch | method | prefill ops | replay ops | extra ops | hook ops | hook syncs (reads + host data) "
-        "| mmsink reads in the prefill (replay) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mmsink reads in the prefill (replay) | ops inside graph replays |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     print(*table, sep="\n")
     for b in [int(x) for x in a.batch.split(",")]:
         inputs, _ = bench_inputs(model, b, 35, 29)
         for method in a.methods.split(","):
-            m = count(model, inputs, method, a.budget)
+            m = count(model, inputs, method, a.budget, graphed=a.graphs)
             rp = count(model, inputs, "replay", None, plan=m.pop("plan"))
             rp.pop("plan")
             rows.append({"batch": b, "method": method, "method_counts": m, "replay_counts": rp})
             table.append(
                 f"| {b} | {method} | {m['ops']} | {rp['ops']} | {m['ops'] - rp['ops']} | {m['hook_ops']} | "
-                f"{m['hook_reads']} + {m['hook_host_data']} | {m['mmsink_reads']} ({rp['mmsink_reads']}) |"
+                f"{m['hook_reads']} + {m['hook_host_data']} | {m['mmsink_reads']} ({rp['mmsink_reads']}) | "
+                f"{m['in_graphs']} |"
             )
             print(table[-1], flush=True)
     for row in rows:

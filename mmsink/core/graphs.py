@@ -73,10 +73,10 @@ class Graphed:
     replayed as a CUDA graph, one per input signature (shapes, dtypes, plain values; the ``keep`` last
     used): a selection loop of hundreds of small kernels becomes one launch. Eager where no graph can be
     made: off CUDA, inside another capture or a compile, after a capture failed (warned once). The result
-    is a copy (the next replay rewrites the graph's own outputs). ``capture``: the capture function (a
-    stand-in in CPU tests)."""
+    is a copy (the next replay rewrites the graph's own outputs). ``capture``: the capture function
+    (default: this module's ``capture`` at the call; stand-ins in CPU tests and evals/selection_ops.py)."""
 
-    def __init__(self, fn, keep: int = 4, capture=capture):
+    def __init__(self, fn, keep: int = 4, capture=None):
         self.fn, self.keep, self.capture = fn, keep, capture
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.failed = False
@@ -103,7 +103,7 @@ class Graphed:
         if hit is None:
             ins = static(args)
             try:
-                out, replay = self.capture(lambda: self.fn(*ins))
+                out, replay = (self.capture or capture)(lambda: self.fn(*ins))
             except RuntimeError as e:  # an op that cannot be captured: the same result eagerly
                 self.failed = True
                 name = getattr(self.fn, "__name__", "selection")
