@@ -145,6 +145,7 @@ def count(model, inputs, method: str, budget, plan=None, graphed: bool = False) 
         "mmsink_reads": mine,
         "host_data": sum(ops.ops[n] for n in HOST_DATA),
         "in_graphs": ops.in_graphs,
+        "graph_launches": ops.region_ops["graph launch"],
         "top_hook_ops": ops.region_ops.most_common(8),
         "per_hook": dict(ops.per_region),
         "plan": st.kept_indices,

@@ -172,3 +172,20 @@ def test_dpp_loop_matches_the_port_on_padded_groups(seed):
     picks = dpp_greedy(kernel, real, max(ks))
     for i, (xi, k) in enumerate(zip(groups, ks)):
         assert sorted(picks[i, :k].tolist()) == official.cdpruner(xi[None], None, None, k)[0], i
+
+
+def test_selection_ops_counts_a_replay_as_one_launch():
+    """``evals/selection_ops.py --graphs``: the Graphed loop's ops inside the replay are counted apart and
+    the hooks launch fewer ops than eagerly; the same plan; the module's capture and device test restored."""
+    from mmsink.evals import selection_ops as so
+
+    model = tiny_llava()
+    data = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+    real = graphs.on_cuda, graphs.capture
+    eager = so.count(model, data, "divprune", 6)
+    graphed = so.count(model, data, "divprune", 6, graphed=True)
+    assert (graphs.on_cuda, graphs.capture) == real
+    assert graphed["plan"] == eager["plan"]
+    assert eager["in_graphs"] == 0 < graphed["in_graphs"]
+    assert graphed["hook_ops"] < eager["hook_ops"]
+    assert (eager["graph_launches"], graphed["graph_launches"]) == (0, 1)
