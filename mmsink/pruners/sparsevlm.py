@@ -133,8 +133,14 @@ class SparseVLM(Pruner):
             self.budget = None  # the schedule is the budget
         if not isinstance(self.options.recycle, bool):
             raise ValueError("mmsink: sparsevlm recycle must be True or False")
-        # one CUDA graph per input signature (eager off CUDA): a prefill's three decisions, two batch shapes
-        self.merge = Graphed(cluster_and_merge, keep=6)
+        # CUDA graphs, one per input signature (eager off CUDA): the raters (two stages around the gather
+        # of their embeddings), the rater rows a decision observes, the ranking and the recycling; a
+        # prefill's three decisions, two batch shapes
+        self.text_slots = Graphed(text_slots, keep=2)
+        self.rate = Graphed(rate_text, keep=2)
+        self.rater_rows = Graphed(rater_rows, keep=6)
+        self.rank = Graphed(rank, keep=6)
+        self.merge = Graphed(merge_into, keep=6)
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(self.options.layers) if self.options.layers is not None else default_layers(num_layers)
@@ -176,36 +182,19 @@ class SparseVLM(Pruner):
     def before_llm(self, ctx, embeds):
         """Each image's text raters from the input embeddings (official: ``m_v_t``); one host read (the
         most raters a sample has) comes with layer 0's plan."""
-        lay, run = ctx.layout, ctx.run
-        b, length, d = embeds.shape
-        m_img = lay.counts.shape[1]
-        ar = torch.arange(length, device=embeds.device)
-        # text after the first image, counted on the device (a tensor of the host's first_image would be a
-        # blocking copy on a GPU)
-        text = ctx.in_prompt() & ~lay.is_image & (lay.is_image.cumsum(1) > 0)
+        lay, run, seg = ctx.layout, ctx.run, ctx.seg
+        b, _, d = embeds.shape
         width = ctx.text_after_image_width()
-        cols = group_indices(text, None if width is None else max(width, 1))  # [B, W] text slots
         vis_w = max((sum(s) for s in lay.sizes), default=0)
-        rows = group_indices(lay.is_image & lay.valid, max(vis_w, 1))  # [B, V] visual slots
-        x = embeds.float()
-        xv = gather_rows(x, rows.clamp(min=0))
-        xt = gather_rows(x, cols.clamp(min=0))
-        logits = torch.matmul(xv, xt.transpose(1, 2))  # [B, V, W]
-        ctx.extra_flops += 2 * b * rows.shape[1] * cols.shape[1] * d
-        io = torch.where(rows >= 0, lay.image_of.gather(1, rows.clamp(min=0)), -1)
-        member = torch.zeros(b, m_img, length + 1, dtype=torch.bool, device=embeds.device)
-        for m in range(m_img):
-            last = torch.where(lay.image_of == m, ar[None], -1).max(1).values  # [B] the image's last slot
-            allowed = (cols >= 0) & (cols > last[:, None]) & (last[:, None] >= 0)
-            vis = io == m
-            p = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
-            pm = (p * vis[..., None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)  # [B, W]
-            mean = (pm * allowed).sum(1, keepdim=True) / allowed.sum(1, keepdim=True).clamp(min=1)
-            raters = allowed & (pm > mean) & vis.any(1, keepdim=True)
-            at = torch.where(raters, cols, length)
-            member[:, m].scatter_(1, at, raters)
-        run["raters"] = member[..., :length]  # [B, M, L] image m's raters (original indices)
-        ctx.to_read["sparsevlm.raters"] = run["raters"].any(1).sum(1).max()
+        slots_of = text_slots if width is None else self.text_slots  # None: a read, so no graph
+        tw = None if width is None else max(width, 1)
+        v = max(vis_w, 1)
+        at = slots_of(lay.image_of, lay.valid, lay.anchor, seg.idx, seg.valid, v, tw)
+        ctx.extra_flops += 2 * b * v * (at.shape[1] - v) * d
+        xs = gather_rows(embeds, at.clamp(min=0))
+        member, most = self.rate(xs, at, lay.image_of, v, lay.counts.shape[1])
+        run["raters"] = member  # [B, M, L] image m's raters (original indices)
+        ctx.to_read["sparsevlm.raters"] = most
         return None
 
     def directive(self, ctx, layer):
@@ -213,101 +202,43 @@ class SparseVLM(Pruner):
             return None
         seg = ctx.seg
         width = int(ctx.host.get("sparsevlm.raters", 0))
-        member = gather_rows(ctx.run["raters"].any(1), seg.idx) & seg.valid
-        ctx.run["rows"] = rows = group_indices(member, max(width, 1))  # [B, R] rater slots, -1 padding
-        return {"observe": True, "rows": rows}
+        ctx.run["rows"] = rows = self.rater_rows(ctx.run["raters"], seg.idx, seg.valid, max(width, 1))
+        return {"observe": True, "rows": rows}  # rows: [B, R] rater slots, -1 padding
 
     def after_layer(self, ctx, layer, hidden, observed):
         layers = ctx.run["layers"]
         if layer not in layers:
             return
         stage = layers.index(layer)
-        score = self.scores(ctx, observed)
-        keep, merged = self.select(ctx, stage, score, hidden)
-        ctx.decide(ctx.keep_text(keep), counts=self.counts(ctx, stage), hidden=merged)
+        seg, run, lay = ctx.seg, ctx.run, ctx.layout
+        rows = run.pop("rows")
+        logits = self.scores(ctx, observed)
+        b, n = logits.shape[0], logits.shape[3]
+        width = self.pool_width(ctx, stage) if self.options.recycle else 0
+        per_prompt = ctx.budget_per == "prompt"
+        facts = (seg.idx, seg.valid, run["raters"], lay.image_of, run["k"], ctx.protected)
+        out = self.rank(logits, observed["scale"], rows, facts, stage, per_prompt, width)
+        merged = None
+        if width:
+            keep, pool = out  # pool [B, G * (W + 1)]: per group its W slots, then its pooled count
+            g = run["k"].shape[1]
+            w, dm = pool.shape[1] // g - 1, hidden.shape[-1]
+            x = gather_rows(hidden, pool[:, : g * w])  # [B, G * W, D] the pooled tokens' states
+            new, flat, keep = self.merge(x, pool, keep)
+            ctx.extra_flops += 2 * b * g * w * w * dm  # the pairwise distances (as a matmul would count them)
+            merged = torch.cat([hidden.reshape(b * n, dm), hidden.new_zeros(1, dm)])
+            merged = merged.index_copy(0, flat, new)[: b * n].view(b, n, dm)
+        else:
+            (keep,) = out
+        ctx.decide(keep, counts=self.counts(ctx, stage), hidden=merged)
 
     def scores(self, ctx, observed) -> torch.Tensor:
-        """[B, n] each visual slot's attention from its image's raters (mean over heads, then raters)."""
-        seg, run = ctx.seg, ctx.run
-        rows = run.pop("rows")
+        """[B, H, R, n] the raters' query rows' q.k (unscaled, the model's dtype; ``rank`` ranks on them)."""
         q, k = observed["q_rows"], observed["k"]
         b, h, r, d = q.shape
         kk = k.repeat_interleave(h // k.shape[1], dim=1) if h != k.shape[1] else k
-        n = kk.shape[2]
-        logits = torch.einsum("bhrd,bhnd->bhrn", q, kk).float() * observed["scale"]
-        ctx.extra_flops += 2 * b * h * r * n * d
-        slot = torch.arange(n, device=q.device)
-        real = rows >= 0
-        allowed = (slot[None, None] <= rows[..., None]) & seg.valid[:, None] & real[..., None]
-        probs = torch.softmax(torch.where(allowed[:, None], logits, float("-inf")), -1).nan_to_num(0.0)
-        per_row = probs.mean(1)  # [B, R, n]
-        raters = run["raters"]
-        orig = seg.idx.gather(1, rows.clamp(min=0))
-        w = raters.gather(2, orig[:, None].expand(-1, raters.shape[1], -1)) & real[:, None]
-        w = w.float() / w.sum(-1, keepdim=True).clamp(min=1)  # [B, M, R]
-        io = ctx.image_of()
-        score = torch.zeros(b, n, device=q.device)
-        for m in range(raters.shape[1]):
-            s_m = (w[:, m, :, None] * per_row).sum(1)
-            score = torch.where(io == m, s_m, score)
-        return score
-
-    def select(self, ctx, stage, score, hidden):
-        """(kept visual slots [B, n], the layer's output with the merged tokens written at their centres'
-        slots, or None)."""
-        seg, run = ctx.seg, ctx.run
-        vis = ctx.visual()
-        grp = ctx.image_of()
-        if ctx.budget_per == "prompt":
-            grp = torch.where(grp >= 0, torch.zeros_like(grp), grp)
-        prot = None
-        if ctx.protected is not None:
-            prot = gather_rows(ctx.protected, seg.idx) & seg.valid
-        b, n = vis.shape
-        ranks = torch.arange(n, device=vis.device)[None].expand(b, n)
-        keep = torch.zeros_like(vis)
-        pools = []
-        for m in range(run["k"].shape[1]):
-            cand = vis & (grp == m)
-            cur = cand.sum(1)
-            k = torch.minimum(run["k"][:, m, stage], cur - 1).clamp(min=0)
-            order = score.masked_fill(~cand, float("-inf")).argsort(dim=1, descending=True, stable=True)
-            # the first k <= cur of the order are candidates (finite scores sort before the -inf ones)
-            kept = torch.zeros_like(cand).scatter(1, order, ranks < k[:, None])
-            if prot is not None:
-                kept |= cand & prot
-            keep |= kept
-            pools.append((cand & ~kept, score))
-        if not self.options.recycle:
-            return keep, None
-        width = self.pool_width(ctx, stage)
-        if width == 0:
-            return keep, None
-        slots, valid, clusters = [], [], []
-        for pruned, s in pools:
-            p = pruned.sum(1)
-            n_sel = (p.double() * MERGE_SHARE).long() + (p > 0)  # int(0.3 p) + 1, 0 when nothing is pruned
-            order = s.masked_fill(~pruned, float("-inf")).argsort(dim=1, descending=True, stable=True)
-            order = order[:, :width] if order.shape[1] >= width else order
-            slots.append(order)
-            valid.append(torch.arange(order.shape[1], device=vis.device)[None] < n_sel[:, None])
-            clusters.append(n_sel // CLUSTER_EVERY + (n_sel > 0))
-        slots, valid = torch.stack(slots, 1), torch.stack(valid, 1)  # [B, G, W]
-        clusters = torch.stack(clusters, 1)  # [B, G]
-        g, w = slots.shape[1], slots.shape[2]
-        dm = hidden.shape[-1]
-        x = gather_rows(hidden, slots.view(b, g * w)).view(b * g, w, dm).float()
-        merged, centre, ok = self.merge(x, valid.view(b * g, w), clusters.view(b * g))
-        ctx.extra_flops += 2 * b * g * w * w * dm  # the pairwise distances (as a matmul would count them)
-        cw = centre.shape[1]
-        at = slots.view(b * g, w).gather(1, centre)  # [B*G, cw] slots of the centres
-        batch = torch.arange(b, device=vis.device).repeat_interleave(g)[:, None]
-        flat = torch.where(ok, batch * n + at, b * n).view(-1)
-        out = torch.cat([hidden.reshape(b * n, dm), hidden.new_zeros(1, dm)])
-        out = out.index_copy(0, flat, merged.reshape(-1, dm).to(hidden.dtype))[: b * n].view(b, n, dm)
-        host = torch.zeros(b, n + 1, dtype=torch.bool, device=vis.device)
-        host.scatter_(1, torch.where(ok, at, n).view(b, g * cw), True)
-        return keep | host[:, :n], out
+        ctx.extra_flops += 2 * b * h * r * kk.shape[2] * d
+        return torch.einsum("bhrd,bhnd->bhrn", q, kk)
 
     def pool_width(self, ctx, stage) -> int:
         """The most pruned tokens a group recycles (int(0.3 p) + 1): from the host counts when known, else
@@ -379,3 +310,126 @@ def cluster_and_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tens
     merged = torch.zeros(g, cw + 1, d, device=x.device, dtype=x.dtype)
     merged.scatter_add_(1, assign[..., None].expand(-1, -1, d), x * weight[..., None])
     return merged[:, :cw], centre, ok
+
+
+# ------------------------------------------------------------------------------------------------------
+# The selection's tensor work, replayed as CUDA graphs by the pruner's ``Graphed`` (tensors and plain
+# values in, tensors out; no host read, no tensor built from host data).
+
+
+def text_slots(image_of, valid, anchor, idx, seg_valid, vis_w: int, text_w):
+    """[B, V + W]: the visual slots (V = ``vis_w``), then the text slots after the first image and up to
+    the anchor (W = ``text_w``; None: read from the device, eager only), each left-aligned, -1 padding."""
+    is_image = image_of >= 0
+    slot = torch.arange(idx.shape[1], device=idx.device)
+    anchor_slot = ((idx == anchor[:, None]) & seg_valid).float().argmax(1)
+    in_prompt = (slot[None] <= anchor_slot[:, None]) & seg_valid  # as ``Context.in_prompt``
+    text = in_prompt & ~is_image & (is_image.cumsum(1) > 0)
+    return torch.cat([group_indices(is_image & valid, vis_w), group_indices(text, text_w)], 1)
+
+
+def rate_text(xs, at, image_of, v: int, images: int):
+    """Each image's raters: (member [B, M, L] bool, the most raters a sample has (0-dim)). at: the
+    ``text_slots`` (the first ``v`` visual), xs [B, V + W, D] the embeddings there."""
+    b, length = image_of.shape
+    rows, cols = at[:, :v], at[:, v:]
+    xv = xs[:, :v].float().contiguous()
+    xt = xs[:, v:].float().contiguous()
+    logits = torch.matmul(xv, xt.transpose(1, 2))  # [B, V, W]
+    ar = torch.arange(length, device=xs.device)
+    io = torch.where(rows >= 0, image_of.gather(1, rows.clamp(min=0)), -1)
+    member = torch.zeros(b, images, length + 1, dtype=torch.bool, device=xs.device)
+    for m in range(images):
+        last = torch.where(image_of == m, ar[None], -1).max(1).values  # [B] the image's last slot
+        allowed = (cols >= 0) & (cols > last[:, None]) & (last[:, None] >= 0)
+        vis = io == m
+        p = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+        pm = (p * vis[..., None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)  # [B, W]
+        mean = (pm * allowed).sum(1, keepdim=True) / allowed.sum(1, keepdim=True).clamp(min=1)
+        raters = allowed & (pm > mean) & vis.any(1, keepdim=True)
+        member[:, m].scatter_(1, torch.where(raters, cols, length), raters)
+    member = member[..., :length]
+    return member, member.any(1).sum(1).max()
+
+
+def rater_rows(raters, idx, valid, width: int):
+    """[B, R] the current slots of any image's raters, -1 padding (R = ``width``)."""
+    return group_indices(gather_rows(raters.any(1), idx) & valid, width)
+
+
+def rank(logits, scale: float, rows, facts: tuple, stage: int, per_prompt: bool, width: int):
+    """A decision's ranking: (keep [B, n] (the text and the kept visual slots),) and, when ``width`` > 0
+    (the most pooled tokens a group recycles), the pool [B, G * (W + 1)]: per group the slots of its W
+    highest-scored pruned tokens, then how many of them it recycles. logits [B, H, R, n]: the raters'
+    rows' q.k; facts: the segment's idx and valid, the raters [B, M, L], the layout's image_of, the k
+    table [B, G, 3] and the protected tokens [B, L] (or None)."""
+    idx, valid, raters, image_of, k_table, protected = facts
+    b, _, _, n = logits.shape
+    logits = logits.float() * scale
+    slot = torch.arange(n, device=logits.device)
+    real = rows >= 0
+    allowed = (slot[None, None] <= rows[..., None]) & valid[:, None] & real[..., None]
+    probs = torch.softmax(torch.where(allowed[:, None], logits, float("-inf")), -1).nan_to_num(0.0)
+    per_row = probs.mean(1)  # [B, R, n]
+    orig = idx.gather(1, rows.clamp(min=0))
+    w = raters.gather(2, orig[:, None].expand(-1, raters.shape[1], -1)) & real[:, None]
+    w = w.float() / w.sum(-1, keepdim=True).clamp(min=1)  # [B, M, R]: each image's raters' weights
+    io = torch.where(valid, gather_rows(image_of, idx), -1)
+    score = torch.zeros(b, n, device=logits.device)
+    for m in range(raters.shape[1]):
+        score = torch.where(io == m, (w[:, m, :, None] * per_row).sum(1), score)
+    vis = io >= 0
+    grp = torch.where(io >= 0, 0, io) if per_prompt else io
+    prot = None if protected is None else gather_rows(protected, idx) & valid
+    ranks = slot[None]
+    chosen = torch.zeros_like(vis)
+    pools = []
+    for m in range(k_table.shape[1]):
+        cand = vis & (grp == m)
+        cur = cand.sum(1)
+        k = torch.minimum(k_table[:, m, stage], cur - 1).clamp(min=0)
+        order = score.masked_fill(~cand, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        # the first k <= cur of the order are candidates (finite scores sort before the -inf ones)
+        kept = torch.zeros_like(cand).scatter(1, order, ranks < k[:, None])
+        if prot is not None:
+            kept |= cand & prot
+        chosen |= kept
+        if not width:
+            continue
+        p = cur - k if prot is None else (cand & ~kept).sum(1)
+        n_sel = (p.double() * MERGE_SHARE).long() + (p > 0)  # int(0.3 p) + 1, 0 when nothing is pruned
+        pool = min(width, n)
+        if prot is None:  # the pruned are the order's k .. cur - 1, in that order (a stable sort)
+            top = order.gather(1, (k[:, None] + slot[:pool]).clamp(max=n - 1))
+        else:
+            pruned = cand & ~kept
+            top = score.masked_fill(~pruned, float("-inf")).argsort(dim=1, descending=True, stable=True)
+            top = top[:, :pool]
+        pools += [top, n_sel[:, None]]
+    keep = torch.where(vis, chosen, valid)  # every real text slot and the chosen visual ones
+    if not width:
+        return (keep,)
+    slots = torch.stack(pools[::2], 1).view(b, -1)
+    return keep, torch.cat([slots, torch.stack(pools[1::2], 1).view(b, -1)], 1)
+
+
+def merge_into(x, pool, keep):
+    """The recycling: (merged tokens [B * G * C, D] in x's dtype, their flat slots [B * G * C] (B * n for
+    none), keep with the merged tokens' slots added). x [B, G * W, D]: the states at ``rank``'s pool
+    slots (pool [B, G * W + G]: the slots, then each group's pooled count); a merged token takes its
+    centre's slot."""
+    b, n = keep.shape
+    g = pool.shape[1] - x.shape[1]
+    w = x.shape[1] // g
+    slots = pool[:, : g * w].reshape(b * g, w)
+    n_sel = pool[:, g * w :].reshape(b * g)
+    valid = torch.arange(w, device=x.device)[None] < n_sel[:, None]
+    clusters = n_sel // CLUSTER_EVERY + (n_sel > 0)
+    merged, centre, ok = cluster_and_merge(x.view(b * g, w, -1).float(), valid, clusters)
+    cw = centre.shape[1]
+    at = slots.gather(1, centre)  # [B * G, C] slots of the centres
+    batch = torch.arange(b * g, device=x.device)[:, None] // g  # each group's sample
+    flat = torch.where(ok, batch * n + at, b * n).view(-1)
+    host = torch.zeros(b, n + 1, dtype=torch.bool, device=x.device)
+    host.scatter_(1, torch.where(ok, at, n).view(b, g * cw), True)
+    return merged.reshape(b * g * cw, -1).to(x.dtype), flat, keep | host[:, :n]
