@@ -22,7 +22,10 @@ layer. The schedule keeps the stage layers (scaled to the model's depth) and sol
 small lambda cannot reach the budget, the stages move earlier (layers scaled by 0.75, 0.5, ...). No budget:
 the official setting, ``layers=(8, 16, 24)`` of 32 (scaled) and ``ratio=0.5`` (lambda). To run exactly an
 official configuration give ``layers`` and ``ratio`` and no budget: ``--layer_list [8,16,24]
---image_token_ratio_list [0.5,0.25,0.125]`` is ``layers=(8, 16, 24), ratio=0.5``."""
+--image_token_ratio_list [0.5,0.25,0.125]`` is ``layers=(8, 16, 24), ratio=0.5``.
+
+A stage's ranking past the model's own modules (RoPE, the anchor row's softmax, each image's top-k:
+``rank_and_pick``) replays on a GPU as one CUDA graph per input signature (``core.graphs.Graphed``)."""
 
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ import dataclasses
 
 import torch
 
+from ..core.graphs import Graphed
 from ..core.plan import layer_device
-from .base import Pruner, budget_fraction, register, topk_counts, topk_per_image
+from .base import Pruner, budget_fraction, register, topk_counts
 
 SCALES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
 MIN_RATIO = 0.25
@@ -107,6 +111,8 @@ class PDrop(Pruner):
             ls = tuple(self.options.layers)
             if len(ls) != 3 or list(ls) != sorted(set(ls)) or ls[0] < 1:
                 raise ValueError("mmsink: pdrop layers must be three increasing layer indices >= 1")
+        # one CUDA graph per (input shape, stage) on a GPU, eager off CUDA; three stages of two shapes kept
+        self.rank = Graphed(rank_and_pick, keep=6)
 
     def check_model(self, num_layers):
         if self.options.layers is not None and max(self.options.layers) >= num_layers:
@@ -126,22 +132,21 @@ class PDrop(Pruner):
         if layer + 1 not in layers:
             return
         stage = layers.index(layer + 1) + 1
-        score = next_layer_scores(ctx, layer + 1, hidden)
         frac = ctx.run["ratio"] ** stage  # the same float64 product on the host and the device
-
-        def k_of(orig, cur):
-            return (orig.double() * frac).long()  # truncation: the host's int() of a product >= 0
 
         def k_host(orig: int, cur: int) -> int:
             return int(orig * frac)
 
-        ctx.decide(ctx.keep_text(topk_per_image(ctx, score, k_of)), counts=topk_counts(ctx, k_host))
+        chosen = next_layer_choice(ctx, layer + 1, hidden, frac, self.rank)
+        ctx.decide(ctx.keep_text(chosen), counts=topk_counts(ctx, k_host))
 
 
-def next_layer_scores(ctx, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-    """[B, n] mean over heads of the anchor row's causal softmax at ``layer``, from that layer's own
-    input_layernorm, q/k projections and RoPE applied to ``hidden`` (the states entering it). Only the
-    anchor's query row is projected; every slot's key is (the official code projects every query row)."""
+def next_layer_choice(ctx, layer: int, hidden: torch.Tensor, frac: float, rank=None) -> torch.Tensor:
+    """The kept visual slots [B, n]: each image's ``int(N * frac)`` best by the anchor row's attention at
+    ``layer``, from that layer's own input_layernorm, q/k projections and RoPE applied to ``hidden`` (the
+    states entering it). Only the anchor's query row is projected; every slot's key is (the official code
+    projects every query row). The model's modules run here; the rest is ``rank_and_pick`` (``rank``: it
+    or a ``Graphed`` of it)."""
     block = ctx.lm.layers[layer]
     attn = block.self_attn
     dev = layer_device(block)  # where the layer computes (accelerate-offloaded weights sit on meta)
@@ -153,19 +158,55 @@ def next_layer_scores(ctx, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     q = attn.q_proj(xa).view(b, 1, -1, hd).transpose(1, 2)  # [B, H, 1, d]
     k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)  # [B, Hkv, n, d]
     cos, sin = (t.to(dev) for t in ctx.current_position_embeddings())
-    idx = anchor[:, None, None].expand(-1, 1, cos.shape[-1])
-    # the rotary's other argument is a one-slot stand-in (its output is dropped): not a second full rotation
-    q = ctx.lm.rope(q, q[:, :1], cos.gather(1, idx), sin.gather(1, idx))[0]
-    k = ctx.lm.rope(k[:, :1, :1], k, cos, sin)[1]
     h, hkv = q.shape[1], k.shape[1]
-    kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
-    logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), kk.float()) * attn.scaling
 
     def cost(rows, slots):  # the anchor's query, every slot's key, the logits
         return 2 * rows * dm * h * hd + 2 * slots * (dm * hkv * hd + h * hd)
 
     real = ctx.real_tokens()  # a sample alone runs on its own slots only
     ctx.add_flops(cost(b, b * n), cost(1, real) if torch.is_tensor(real) else [cost(1, m) for m in real])
-    prompt = ctx.in_prompt().to(dev)
+    img, orig = ctx.image_of().to(dev), ctx.layout.counts.to(dev)
+    args = (q, k, cos, sin, anchor, ctx.in_prompt().to(dev), img, orig)
+    plain = (ctx.lm.rope, attn.scaling, frac, ctx.budget_per == "prompt")
+    return (rank or rank_and_pick)(*args, *plain).to(ctx.device)
+
+
+def rank_and_pick(q, k, cos, sin, anchor, prompt, img, orig, rope, scaling: float, frac: float, joint: bool):
+    """The kept visual slots [B, n] (bool). ``q`` [B, H, 1, d] the anchor's query and ``k`` [B, Hkv, n, d]
+    every slot's key, before ``rope`` (the family's rotary function) with the rows ``cos``, ``sin`` [B, n, d];
+    ``anchor`` [B] its slot, ``prompt`` [B, n] the slots up to it, ``img`` [B, n] each slot's image (-1:
+    none), ``orig`` [B, M] each image's original size; image m keeps ``int(orig * frac)`` of its slots
+    (``joint``: a prompt's images compete as one). The anchor row's causal softmax, mean over heads,
+    ranks them. Tensors in and out, no host read: ``Graphed`` replays it as one CUDA graph."""
+    idx = anchor[:, None, None].expand(-1, 1, cos.shape[-1])
+    # the rotary's other argument is a one-slot stand-in (its output is dropped): not a second full rotation
+    q = rope(q, q[:, :1], cos.gather(1, idx), sin.gather(1, idx))[0]
+    k = rope(k[:, :1, :1], k, cos, sin)[1]
+    h, hkv = q.shape[1], k.shape[1]
+    kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
+    logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), kk.float()) * scaling
     probs = torch.softmax(logits.masked_fill(~prompt[:, None], float("-inf")), -1)
-    return probs.mean(1).to(ctx.device)
+    score = probs.mean(1)
+    if joint:  # all images of a prompt compete for one budget
+        img = torch.where(img >= 0, torch.zeros_like(img), img)
+        orig = orig.sum(1, keepdim=True)
+    ranks = torch.arange(img.shape[1], device=img.device)[None]
+    images = []
+    for m in range(orig.shape[1]):
+        cand = img == m
+        cur = cand.sum(1)
+        k_m = torch.minimum((orig[:, m].double() * frac).long(), cur)  # truncation: the host's int()
+        images.append((cand, ranks < k_m[:, None]))  # the first k of a sorted row
+    return pick_per_image(score, images, img)
+
+
+def pick_per_image(scores, images, like) -> torch.Tensor:
+    """``base.topk_per_image``'s pick from its candidates, the same ops: ``images`` per image (candidate
+    slots [B, n], the first k of a sorted row [B, n]); none where there are no images (``like``: [B, n])."""
+    chosen = None
+    for cand, first in images:
+        s = torch.where(cand, scores.float(), float("-inf"))
+        order = s.argsort(dim=1, descending=True, stable=True)  # ties: lower slot first, as topk does here
+        pick = cand.scatter(1, order, first)  # order lists every slot: each is written
+        chosen = pick if chosen is None else chosen | pick
+    return chosen if chosen is not None else torch.zeros_like(like, dtype=torch.bool)

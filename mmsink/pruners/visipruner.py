@@ -17,7 +17,9 @@ middle (layers >= S+1): the last prompt token's attention output o and each imag
   With a budget (fixed-budget variant) the top-K tokens by ||c_j|| stay instead.
 deep: after pruning, the same test with deep_threshold on the kept tokens; after ``deep_passes`` layers
   where no token moves the output, the next layer drops every image token.
-Decisions are per sample: samples of a batch may fuse at different layers."""
+Decisions are per sample: samples of a batch may fuse at different layers. An observed layer's test and
+decision (``observe_step``) replay on a GPU as one CUDA graph per input signature (``core.graphs.Graphed``)
+while the segment has the input's width."""
 
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ import dataclasses
 import torch
 
 from ..core.attention import group_indices, repeat_kv, reweighted_attention
-from .base import Pruner, anchor_probs, budget_count, register, topk_per_image
+from ..core.graphs import Graphed
+from .base import Pruner, anchor_probs, budget_count, budget_sizes, check_size, register
+from .pdrop import pick_per_image
 
 MASK_BATCH = 8  # fixed budget: from this batch size on, dropped tokens are masked until the fallback
 
@@ -73,6 +77,7 @@ class VisiPruner(Pruner):
             raise ValueError("mmsink: visipruner mask_until_fallback must be None (by batch), True or False")
         if o.shallow_mid_layer is not None and o.shallow_mid_layer < 0:
             raise ValueError("mmsink: visipruner shallow_mid_layer must be >= 0")
+        self.step = Graphed(observe_step)  # one CUDA graph per input signature on a GPU, eager off CUDA
 
     def check_model(self, num_layers):
         s = self.options.shallow_mid_layer
@@ -107,6 +112,7 @@ class VisiPruner(Pruner):
             "deep": deep,
             "fallback": fallback,
             "fused_at": torch.full((b,), -1, dtype=torch.long, device=dev),
+            "layer_ids": torch.arange(ctx.num_layers, device=dev),  # a layer's index on the device, as a view
             "quiet": torch.zeros(b, dtype=torch.long, device=dev),
             "done": torch.zeros(b, dtype=torch.bool, device=dev),
             "testing": torch.ones(b, dtype=torch.bool, device=dev),  # would run the test alone (see below)
@@ -142,42 +148,107 @@ class VisiPruner(Pruner):
         if "q" not in observed:
             return
         run, o = ctx.run, self.options
-        cos, cnorm = contribution_test(ctx, observed)
-        vis = ctx.visual()
+        a = contribution_flops(ctx, observed)
         has_vis = ctx.seg.cache.get("visipruner_has_vis")  # per segment: one op less per layer
         if has_vis is None:
-            has_vis = ctx.seg.cache["visipruner_has_vis"] = vis.any(1)
-        unfused = run["fused_at"] < 0
-        fuse = unfused & (cos < o.layer_threshold).any(1)
-        if run["fallback"] is not None and layer >= run["fallback"]:
-            fuse |= unfused & has_vis
-        # critical tokens are computed whether or not a sample fuses here: finding out would cost a sync
-        if self.budget is None:
-            critical = vis & (cnorm > o.tokens_threshold)
-        else:
-            k_of = lambda orig, cur: budget_count(self.budget, orig)  # noqa: E731
-            critical = topk_per_image(ctx, cnorm, k_of, self.budget, memo="visipruner_topk")
-        keep_vis = torch.where(fuse[:, None], critical, vis)
-        run["fused_at"] = torch.where(fuse, layer, run["fused_at"])
-        if run["deep"]:
-            deep = ~unfused & ~run["done"]
-            moved = (cos < o.deep_threshold).any(1)
-            run["quiet"] += (deep & ~moved).long()
-            drop = deep & (run["quiet"] >= o.deep_passes)
-            keep_vis = keep_vis & ~drop[:, None]
-            run["done"] |= drop
-        waiting = run["fused_at"] < 0
-        if run["deep"]:
-            waiting = waiting | ~run["done"]
-        run["testing"] = waiting & has_vis
+            has_vis = ctx.seg.cache["visipruner_has_vis"] = ctx.visual().any(1)
+        images = None
+        if self.budget is not None:
+            images = budget_candidates(ctx, self.budget)
+        # a segment narrower than the input's has a width set by the data (an adaptive fusion's gather): a
+        # graph of it would be captured for one prompt, so it runs eagerly
+        step = self.step if ctx.seg.n == ctx.segments[0].n else observe_step
+        deep = (run["quiet"], run["done"]) if run["deep"] else None
+        fallback = run["fallback"]
+        keep_vis, run["fused_at"], run["testing"], deep = step(
+            None if a is not None else observed["q"],
+            None if a is not None else observed["k"],
+            observed["v"],
+            a,
+            None if a is not None else ctx.in_prompt(),
+            ctx.visual(),
+            has_vis,
+            run["fused_at"],
+            run["layer_ids"][layer],
+            deep,
+            images,
+            observed["scale"],
+            (o.layer_threshold, o.tokens_threshold, o.deep_threshold, o.deep_passes),
+            fallback,
+        )
+        if deep is not None:
+            run["quiet"], run["done"] = deep
         if run["masked"]:  # no read before the fallback; from it every sample has fused (no deep stage)
-            if layer >= run["fallback"]:
+            if layer >= fallback:
                 ctx.host["visipruner_observing"] = False
-            ctx.decide(ctx.keep_text(keep_vis), masked=layer < run["fallback"])
+            ctx.decide(ctx.keep_text(keep_vis), masked=layer < fallback)
             return
         # read with the next layer's plan (one read: whether a token goes, and whether to watch on)
         ctx.to_read["visipruner_observing"] = run["testing"].any()
         ctx.decide(ctx.keep_text(keep_vis))
+
+
+def observe_step(q, k, v, a, prompt, vis, has_vis, fused_at, layer, deep, images, scale, limits, fallback):
+    """One observed layer's test and decision, per sample: (the kept visual slots [B, n], the new
+    ``fused_at``, ``testing`` [B], the deep stage's new (quiet, done) or None). The anchor row's attention
+    ``a`` [B, H, n] or, where None, its softmax over the ``prompt`` slots from ``q`` [B, H, d], ``k``
+    [B, Hkv, n, d] and ``scale``; ``v`` [B, Hkv, n, d]; ``vis`` [B, n] the visual slots; ``has_vis`` [B];
+    ``layer`` the layer's index (0-dim, on the device: one graph for every layer); ``deep`` (quiet, done)
+    or None (no deep stage); ``images``: the fixed budget's candidates (``budget_candidates``) or None
+    (adaptive: the critical tokens); ``limits`` (layer_threshold, tokens_threshold, deep_threshold,
+    deep_passes); ``fallback`` the layer that decides every sample still waiting, or None. Tensors in and
+    out, no host read: ``Graphed`` replays it as one CUDA graph."""
+    layer_threshold, tokens_threshold, deep_threshold, deep_passes = limits
+    if a is None:  # as base.anchor_probs
+        h, hkv = q.shape[1], k.shape[1]
+        kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
+        logits = torch.einsum("bhd,bhnd->bhn", q, kk).float() * scale
+        a = torch.softmax(torch.where(prompt[:, None], logits, float("-inf")), -1)
+    cos, cnorm = contribution(a, v, vis)
+    unfused = fused_at < 0
+    fuse = unfused & (cos < layer_threshold).any(1)
+    if fallback is not None:  # the layer on the device: no graph of its own for the fallback layer
+        fuse |= unfused & has_vis & (layer >= fallback)
+    # critical tokens are computed whether or not a sample fuses here: finding out would cost a sync
+    if images is None:
+        critical = vis & (cnorm > tokens_threshold)
+    else:
+        critical = pick_per_image(cnorm, images, vis)
+    keep_vis = torch.where(fuse[:, None], critical, vis)
+    fused_at = torch.where(fuse, layer, fused_at)
+    if deep is not None:
+        quiet, done = deep
+        waits = ~unfused & ~done
+        moved = (cos < deep_threshold).any(1)
+        quiet = quiet + (waits & ~moved).long()
+        drop = waits & (quiet >= deep_passes)
+        keep_vis = keep_vis & ~drop[:, None]
+        deep = quiet, done | drop
+    waiting = fused_at < 0
+    if deep is not None:
+        waiting = waiting | ~deep[1]
+    return keep_vis, fused_at, waiting & has_vis, deep
+
+
+def budget_candidates(ctx, budget) -> tuple:
+    """Per image, (its candidate slots [B, n], the first k of a sorted row [B, n]) with k its budget, as
+    ``base.topk_per_image`` builds them; kept per segment (``visipruner_topk``)."""
+    check_size(budget, [n for s in budget_sizes(ctx) for n in s])
+    images = ctx.seg.cache.get("visipruner_topk")
+    if images is None:
+        img, orig = ctx.image_of(), ctx.layout.counts
+        if ctx.budget_per == "prompt":  # all images of a prompt compete for one budget
+            img = torch.where(img >= 0, torch.zeros_like(img), img)
+            orig = orig.sum(1, keepdim=True)
+        ranks = torch.arange(img.shape[1], device=img.device)[None]
+        images = []
+        for m in range(orig.shape[1]):
+            cand = img == m
+            cur = cand.sum(1)
+            k = torch.minimum(budget_count(budget, orig[:, m]), cur)
+            images.append((cand, ranks < k[:, None]))
+        images = ctx.seg.cache["visipruner_topk"] = tuple(images)
+    return images
 
 
 # this pruner's per-segment memos; on a masked segment they hold for the samples still testing (nothing of
@@ -208,32 +279,40 @@ def observing(ctx) -> bool:
     return bool(ctx.host.get("visipruner_observing", True))
 
 
-def contribution_test(ctx, observed):
-    """cos(o - c_j, o) and ||c_j|| for every current slot (cos inf on non-visual slots), from the
-    anchor row only: o = sum_j a_j v_j and c_j = a_j v_j with all heads concatenated. The batch tests while
+def contribution_flops(ctx, observed):
+    """Count the contribution test's FLOPs; returns the anchor row's attention where the layer edits it
+    (VAR: ``edit_probs``, computed here), else None (``observe_step`` computes it). The batch tests while
     any sample waits; a sample alone tests only while it waits itself (``run["testing"]``, as read before
     this layer), on its own slots: its FLOPs are counted so, the batch's as executed."""
-    counted = ctx.extra_flops
-    a = anchor_probs(ctx, observed)  # [B, H, n]
-    logits = ctx.extra_flops - counted  # the anchor row (anchor_probs counts it batch-wide: recounted here)
-    ctx.extra_flops = counted
-    v = observed["v"]
+    q, k, v = observed["q"], observed["k"], observed["v"]
+    b, h, n, d = k.shape[0], q.shape[1], k.shape[2], k.shape[3]
+    a = None
+    if observed.get("edit_probs") is not None:
+        counted = ctx.extra_flops
+        a = anchor_probs(ctx, observed)  # [B, H, n]
+        ctx.extra_flops = counted  # counted below, as when the step computes it
+    per_real = ctx.seg.cache.get("visipruner_own")  # per segment, not per layer
+    if per_real is None:
+        per_real = ctx.seg.cache["visipruner_own"] = 6 * h * v.shape[3] * ctx.seg.valid.sum(1)
+    own = per_real * ctx.run["testing"]  # [B] on the device: no read
+    ctx.add_flops(2 * b * h * n * d + 4 * b * h * n * v.shape[3], own)
+    return a
+
+
+def contribution(a, v, vis):
+    """cos(o - c_j, o) and ||c_j|| for every current slot (cos inf on non-``vis`` slots), from the anchor
+    row's attention ``a`` [B, H, n] and ``v`` [B, Hkv, n, d]: o = sum_j a_j v_j and c_j = a_j v_j with all
+    heads concatenated."""
     h = a.shape[1]
     vv = repeat_kv(v, h // v.shape[1]).float()
     o = torch.einsum("bhn,bhnd->bhd", a, vv)
     vo = torch.einsum("bhnd,bhd->bhn", vv, o)
-    b, _, n, d = vv.shape
-    per_real = ctx.seg.cache.get("visipruner_own")  # per segment, not per layer
-    if per_real is None:
-        per_real = ctx.seg.cache["visipruner_own"] = 6 * h * d * ctx.seg.valid.sum(1)
-    own = per_real * ctx.run["testing"]  # [B] on the device: no read
-    ctx.add_flops(logits + 4 * b * h * n * d, own)
     oo = o.pow(2).sum((1, 2))[:, None]
     co = (a * vo).sum(1)
     cc = (a.pow(2) * vv.pow(2).sum(-1)).sum(1)
     diff = (torch.sub(oo, co, alpha=2) + cc).clamp(min=0).sqrt()  # oo - 2 co + cc (2 co is exact)
     cos = (oo - co) / (oo.sqrt() * diff).clamp(min=1e-30)
-    return torch.where(ctx.visual(), cos, float("inf")), cc.sqrt()
+    return torch.where(vis, cos, float("inf")), cc.sqrt()
 
 
 def shallow_widths(ctx) -> list[int] | None:
