@@ -68,6 +68,7 @@ def test_one_capture_per_signature_and_the_eager_result(model, monkeypatch, meth
     eager, loop = prefills(model, runs, method, opts, attr)
     assert not loop.graphs  # on the CPU: eager as such
     monkeypatch.setattr(graphs, "on_cuda", lambda x: True)  # as if the inputs were on a GPU
+    monkeypatch.setattr(graphs, "capture", StandIn())  # the pruner's other Graphed loops
     cap = StandIn()
     got, loop = prefills(model, runs, method, opts, attr, cap)
     assert 2 <= cap.captures == len(loop.graphs) <= most  # no signature captured twice
