@@ -61,11 +61,10 @@ class Ops(TorchDispatchMode):
             def replay():
                 self.graphed = True
                 try:
-                    new = fn()
+                    graphs.load(out, fn())  # (the outputs written in place: inside the graph too)
                 finally:
                     self.graphed = False
                 self.note("graph launch")
-                graphs.load(out, new)
 
             return out, replay
 
