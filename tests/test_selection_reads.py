@@ -1,6 +1,7 @@
 """Issue 20 (selection overhead at batch 16): host reads and host-built tensors in a prefill of VisiPruner,
-SparseVLM, DART and PDrop. Fixed-budget VisiPruner masks dropped tokens until the fallback layer from
-``MASK_BATCH`` samples on (one read for the plan's widths there, instead of one per observed layer), with
+SparseVLM, DART and PDrop. Fixed-budget VisiPruner with ``mask_until_fallback=None`` masks dropped tokens
+until the fallback layer from ``MASK_BATCH`` samples on (one read for the plan's widths there, instead of
+one per observed layer; off by default until timed on a GPU), with
 the kept sets, per-sample FLOPs and fusion layers of the read-per-layer path (``mask_until_fallback=False``,
 itself pinned against the official-rule ports elsewhere). Counted on the CPU with ``mmsink.tools.reads``
 as ``evals/selection_ops.py`` does."""
@@ -41,13 +42,13 @@ def model():
 
 @pytest.mark.parametrize("threshold", [0.995, 0.9999])
 def test_visipruner_batch_reads_twice(model, threshold):
-    """A batch of MASK_BATCH samples: 2 reads (the layout; the fallback's gather) where forcing the gather
+    """``None`` at a batch of MASK_BATCH samples: 2 reads (the layout; the fallback's gather) where the gather
     per observed layer reads once per observed layer until every sample has fused; the same kept sets,
     per-sample FLOPs and fusion layers, logits within float rounding (bitwise when no sample fuses
     early)."""
     data = batch(prompts(MASK_BATCH), seed=3)
-    auto = prefill(model, data, budget=5, layer_threshold=threshold)
-    gather = prefill(model, data, budget=5, layer_threshold=threshold, mask_until_fallback=False)
+    auto = prefill(model, data, budget=5, layer_threshold=threshold, mask_until_fallback=None)
+    gather = prefill(model, data, budget=5, layer_threshold=threshold)  # the default
     first, fallback = round(6 * 16 / 32) + 1, 16 // 2
     assert auto[0] == 2
     assert gather[0] == 1 + max(gather[4]) - first + 1
@@ -61,11 +62,11 @@ def test_visipruner_batch_reads_twice(model, threshold):
 
 
 def test_visipruner_small_batch_still_gathers_per_layer(model):
-    """Below MASK_BATCH the default is the read-per-layer path (a lone sample that fuses early runs
-    narrow from the next layer on); ``mask_until_fallback=True`` forces the masked one."""
+    """Below MASK_BATCH ``None`` is the read-per-layer path (a lone sample that fuses early runs narrow
+    from the next layer on), as the default is; ``mask_until_fallback=True`` forces the masked one."""
     data = batch(prompts(2), seed=3)
-    auto = prefill(model, data, budget=5)
-    gather = prefill(model, data, budget=5, mask_until_fallback=False)
+    auto = prefill(model, data, budget=5, mask_until_fallback=None)
+    gather = prefill(model, data, budget=5)
     masked = prefill(model, data, budget=5, mask_until_fallback=True)
     assert auto[0] == gather[0] > 2 and masked[0] == 2
     assert auto[2:] == gather[2:] == masked[2:]

@@ -53,12 +53,12 @@ class VisiPruner(Pruner):
         fallback_layer: int | None = None  # fixed budget: decide here if no fusion was found (default L//2)
         # fixed budget: until the fallback, mask dropped tokens at the segment's width instead of gathering
         # the kept ones after a read per observed layer (kept sets and stats are the same either way). None:
-        # on for a batch of MASK_BATCH samples or more. A batch runs as wide as its widest sample, so a gather
-        # narrows it only once every sample has fused, which with many samples is rare before the fallback,
-        # while each observed layer's read drains the GPU's queue; where every sample does fuse early, the
-        # layers up to the fallback run at full width. Off below it (a lone sample fusing early would run them
-        # so). True / False force it (the GPU A/B)
-        mask_until_fallback: bool | None = None
+        # on for a batch of MASK_BATCH samples or more (a batch runs as wide as its widest sample, so a gather
+        # narrows it only once every sample has fused, while each observed layer's read drains the GPU's
+        # queue); True: always. Off by default (the method's own plan: where every sample fuses early, the
+        # masked path runs the layers up to the fallback at full width) until the GPU A/B says which costs
+        # more at which batch
+        mask_until_fallback: bool | None = False
 
     def check_options(self):
         o = self.options
