@@ -209,27 +209,40 @@ def topk_per_image(ctx: Prefill, scores: torch.Tensor, k_of, budget=None, memo: 
     check_size(budget, [n for s in budget_sizes(ctx) for n in s])
     images = ctx.seg.cache.get(memo) if memo is not None else None
     if images is None:
-        img = ctx.image_of()
-        orig = ctx.layout.counts
-        if ctx.budget_per == "prompt":  # all images of a prompt compete for one budget
-            img = torch.where(img >= 0, torch.zeros_like(img), img)
-            orig = orig.sum(1, keepdim=True)
-        ranks = torch.arange(img.shape[1], device=img.device)[None]
-        images = []
-        for m in range(orig.shape[1]):
-            cand = img == m
-            cur = cand.sum(1)
-            k = torch.minimum(k_of(orig[:, m], cur), cur)
-            images.append((cand, ranks < k[:, None]))  # the first k of a sorted row
+        images = image_candidates(ctx.image_of(), ctx.layout.counts, k_of, ctx.budget_per == "prompt")
         if memo is not None:
             ctx.seg.cache[memo] = images
+    return pick_per_image(scores, images, ctx.visual())
+
+
+def image_candidates(img, orig, k_of, per_prompt: bool) -> tuple:
+    """Per image (per prompt with ``per_prompt``: its images compete for one budget), its candidate slots
+    [B, n] and the first k of a sorted row [B, n], k = min(``k_of(orig_count [B], current_count [B])``,
+    current count). ``img`` [B, n]: each slot's image (-1: none); ``orig`` [B, M]: the layout's counts.
+    Device ops only (no read): CUDA-graph safe."""
+    if per_prompt:
+        img = torch.where(img >= 0, torch.zeros_like(img), img)
+        orig = orig.sum(1, keepdim=True)
+    ranks = torch.arange(img.shape[1], device=img.device)[None]
+    images = []
+    for m in range(orig.shape[1]):
+        cand = img == m
+        cur = cand.sum(1)
+        k = torch.minimum(k_of(orig[:, m], cur), cur)
+        images.append((cand, ranks < k[:, None]))
+    return tuple(images)
+
+
+def pick_per_image(scores, images, like) -> torch.Tensor:
+    """The k highest ``scores`` among each image's candidates (``image_candidates``) -> [B, n] bool; none
+    where there are no images (``like``: [B, n])."""
     chosen = None
     for cand, first in images:
         s = torch.where(cand, scores.float(), float("-inf"))
         order = s.argsort(dim=1, descending=True, stable=True)  # ties: lower slot first, as topk does here
         pick = cand.scatter(1, order, first)  # order lists every slot: each is written
         chosen = pick if chosen is None else chosen | pick
-    return chosen if chosen is not None else torch.zeros_like(ctx.visual())
+    return chosen if chosen is not None else torch.zeros_like(like, dtype=torch.bool)
 
 
 def topk_counts(ctx: Prefill, k_host) -> list | None:

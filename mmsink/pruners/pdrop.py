@@ -35,7 +35,7 @@ import torch
 
 from ..core.graphs import Graphed
 from ..core.plan import layer_device
-from .base import Pruner, budget_fraction, register, topk_counts
+from .base import Pruner, budget_fraction, image_candidates, pick_per_image, register, topk_counts
 
 SCALES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
 MIN_RATIO = 0.25
@@ -187,26 +187,6 @@ def rank_and_pick(q, k, cos, sin, anchor, prompt, img, orig, rope, scaling: floa
     logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), kk.float()) * scaling
     probs = torch.softmax(logits.masked_fill(~prompt[:, None], float("-inf")), -1)
     score = probs.mean(1)
-    if joint:  # all images of a prompt compete for one budget
-        img = torch.where(img >= 0, torch.zeros_like(img), img)
-        orig = orig.sum(1, keepdim=True)
-    ranks = torch.arange(img.shape[1], device=img.device)[None]
-    images = []
-    for m in range(orig.shape[1]):
-        cand = img == m
-        cur = cand.sum(1)
-        k_m = torch.minimum((orig[:, m].double() * frac).long(), cur)  # truncation: the host's int()
-        images.append((cand, ranks < k_m[:, None]))  # the first k of a sorted row
+    # k: truncation, as the host's int()
+    images = image_candidates(img, orig, lambda n, cur: (n.double() * frac).long(), joint)
     return pick_per_image(score, images, img)
-
-
-def pick_per_image(scores, images, like) -> torch.Tensor:
-    """``base.topk_per_image``'s pick from its candidates, the same ops: ``images`` per image (candidate
-    slots [B, n], the first k of a sorted row [B, n]); none where there are no images (``like``: [B, n])."""
-    chosen = None
-    for cand, first in images:
-        s = torch.where(cand, scores.float(), float("-inf"))
-        order = s.argsort(dim=1, descending=True, stable=True)  # ties: lower slot first, as topk does here
-        pick = cand.scatter(1, order, first)  # order lists every slot: each is written
-        chosen = pick if chosen is None else chosen | pick
-    return chosen if chosen is not None else torch.zeros_like(like, dtype=torch.bool)

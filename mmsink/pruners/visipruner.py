@@ -29,8 +29,16 @@ import torch
 
 from ..core.attention import group_indices, repeat_kv, reweighted_attention
 from ..core.graphs import Graphed
-from .base import Pruner, anchor_probs, budget_count, budget_sizes, check_size, register
-from .pdrop import pick_per_image
+from .base import (
+    Pruner,
+    anchor_probs,
+    budget_count,
+    budget_sizes,
+    check_size,
+    image_candidates,
+    pick_per_image,
+    register,
+)
 
 MASK_BATCH = 8  # fixed budget: from this batch size on, dropped tokens are masked until the fallback
 
@@ -236,18 +244,9 @@ def budget_candidates(ctx, budget) -> tuple:
     check_size(budget, [n for s in budget_sizes(ctx) for n in s])
     images = ctx.seg.cache.get("visipruner_topk")
     if images is None:
-        img, orig = ctx.image_of(), ctx.layout.counts
-        if ctx.budget_per == "prompt":  # all images of a prompt compete for one budget
-            img = torch.where(img >= 0, torch.zeros_like(img), img)
-            orig = orig.sum(1, keepdim=True)
-        ranks = torch.arange(img.shape[1], device=img.device)[None]
-        images = []
-        for m in range(orig.shape[1]):
-            cand = img == m
-            cur = cand.sum(1)
-            k = torch.minimum(budget_count(budget, orig[:, m]), cur)
-            images.append((cand, ranks < k[:, None]))
-        images = ctx.seg.cache["visipruner_topk"] = tuple(images)
+        k_of = lambda n, cur: budget_count(budget, n)  # noqa: E731
+        images = image_candidates(ctx.image_of(), ctx.layout.counts, k_of, ctx.budget_per == "prompt")
+        ctx.seg.cache["visipruner_topk"] = images
     return images
 
 
