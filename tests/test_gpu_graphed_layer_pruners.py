@@ -1,13 +1,17 @@
-"""On a GPU: DART's selection and SparseVLM's recycling replayed as real CUDA graphs (the pruner's own
+"""On a GPU: DART's selection, SparseVLM's recycling, PDrop's per-stage ranking and VisiPruner's per-layer
+test and decision replayed as real CUDA graphs (the pruner's own
 ``core.graphs.Graphed``) give exactly the eager kept sets, FLOPs and logits: fp32 tiny LLaVA, 3 seeds,
 batches of one and two prompts (one graph per signature, no failed capture). Skipped without CUDA
-(tests/test_graphed_layer_pruners.py checks the routing on the CPU with a stand-in capture)."""
+(tests/test_graphed_layer_pruners.py and tests/test_graphed_pdrop_visipruner.py check the routing on the
+CPU with a stand-in capture)."""
 
 import warnings
 
 import pytest
 import torch
 from test_graphed_layer_pruners import CASES, IDS, SEEDS, batches, prefills, same
+from test_graphed_pdrop_visipruner import CASES as PV_CASES
+from test_graphed_pdrop_visipruner import IDS as PV_IDS
 from tiny import tiny_llava
 
 from mmsink.core import graphs
@@ -16,7 +20,7 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
-@pytest.mark.parametrize("method,opts,attr,most", CASES, ids=IDS)
+@pytest.mark.parametrize("method,opts,attr,most", CASES + PV_CASES, ids=IDS + PV_IDS)
 def test_cuda_graphed_equals_eager(monkeypatch, method, opts, attr, most):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

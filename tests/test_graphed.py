@@ -26,17 +26,23 @@ def greedy(x, k: int):
 
 
 class StandIn:
-    """A capture stand-in: counts captures; a replay re-runs ``fn`` and copies into its first outputs."""
+    """A capture stand-in: counts captures and replays; a replay re-runs ``fn`` and copies into its first
+    outputs."""
 
     def __init__(self, fail: bool = False):
-        self.captures, self.fail = 0, fail
+        self.captures, self.replays, self.fail = 0, 0, fail
 
     def __call__(self, fn):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
         out = fn()
-        return out, lambda: graphs.load(out, fn())
+
+        def replay():
+            self.replays += 1
+            graphs.load(out, fn())
+
+        return out, replay
 
 
 @pytest.fixture

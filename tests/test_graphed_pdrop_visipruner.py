@@ -3,7 +3,7 @@ and VisiPruner's per-layer contribution test and decision (``visipruner.observe_
 pruner's own ``core.graphs.Graphed`` (issue 20: selection overhead at batch 16). On the CPU with
 test_graphed.py's stand-in capture (``graphs.on_cuda`` patched to True): one capture per input signature
 over 3 seeds and two batch shapes, replays for the other calls, each prefill giving exactly the eager kept
-sets, FLOPs and logits. tests/test_gpu_graphed_pdrop_visipruner.py checks a real capture."""
+sets, FLOPs and logits. tests/test_gpu_graphed_layer_pruners.py checks a real capture."""
 
 import pytest
 import torch
@@ -31,23 +31,6 @@ CASES = [
 IDS = [f"{m}-{i}" for i, (m, *_) in enumerate(CASES)]
 
 
-class Counting(StandIn):
-    """The stand-in capture, counting replays."""
-
-    def __init__(self):
-        super().__init__()
-        self.replays = 0
-
-    def __call__(self, fn):
-        out, replay = super().__call__(fn)
-
-        def counted():
-            self.replays += 1
-            replay()
-
-        return out, counted
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_llava(layers=8).float()
@@ -59,7 +42,7 @@ def test_one_capture_per_signature_and_the_eager_result(model, monkeypatch, meth
     eager, loop = prefills(model, runs, method, opts, attr)
     assert not loop.graphs  # on the CPU: eager as such
     monkeypatch.setattr(graphs, "on_cuda", lambda x: True)  # as if the inputs were on a GPU
-    cap = Counting()
+    cap = StandIn()
     got, loop = prefills(model, runs, method, opts, attr, cap)
     assert 2 <= cap.captures == len(loop.graphs) <= most  # no signature captured twice
     assert cap.replays >= len(runs)  # every prefill's selection replays a graph

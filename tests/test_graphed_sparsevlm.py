@@ -26,11 +26,11 @@ IDS = ["int", "fraction", "per-prompt", "no-recycle"]
 
 
 class Counted(StandIn):
-    """The stand-in capture, also counting replays."""
+    """The stand-in capture, also noting the signatures its loop is called with."""
 
     def __init__(self):
         super().__init__()
-        self.replays, self.signatures, self.calls = 0, set(), 0
+        self.signatures, self.calls = set(), 0
 
     def watch(self, loop):
         """Note the signature of each call that ``loop`` replays (keeping every graph it captures)."""
@@ -42,15 +42,6 @@ class Counted(StandIn):
             return real(args)
 
         loop.replayed = replayed
-
-    def __call__(self, fn):
-        out, replay = super().__call__(fn)
-
-        def counted():
-            self.replays += 1
-            replay()
-
-        return out, counted
 
 
 def prefills(model, runs: list, opts: dict, stand_in: bool = False):
