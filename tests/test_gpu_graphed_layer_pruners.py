@@ -10,8 +10,6 @@ import warnings
 import pytest
 import torch
 from test_graphed_layer_pruners import CASES, IDS, SEEDS, batches, prefills, same
-from test_graphed_pdrop_visipruner import CASES as PV_CASES
-from test_graphed_pdrop_visipruner import IDS as PV_IDS
 from tiny import tiny_llava
 
 from mmsink.core import graphs
@@ -20,7 +18,7 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
-@pytest.mark.parametrize("method,opts,attr,most", CASES + PV_CASES, ids=IDS + PV_IDS)
+@pytest.mark.parametrize("method,opts,attr,most", CASES, ids=IDS)
 def test_cuda_graphed_equals_eager(monkeypatch, method, opts, attr, most):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

@@ -1,5 +1,6 @@
 """DART's selection (pivots, CPython's set order of them, each pivot's pick of the least similar image
-tokens) and SparseVLM's recycling (density-peak clustering and merge of the pruned tokens) run through
+tokens), SparseVLM's recycling (density-peak clustering and merge of the pruned tokens), PDrop's
+per-stage rank and VisiPruner's per-layer test and decision run through
 the pruner's own ``core.graphs.Graphed`` (issue 20: selection overhead at batch 16). On the CPU with
 test_graphed.py's stand-in capture (``graphs.on_cuda`` patched to True): one capture per input signature
 over 3 seeds and two batch shapes, each prefill giving exactly the eager kept sets, FLOPs and logits.
@@ -8,6 +9,7 @@ tests/test_gpu_graphed_layer_pruners.py checks a real capture."""
 import pytest
 import torch
 from test_graphed import StandIn
+from test_var import VAR
 from tiny import batch, prompt, tiny_llava
 
 import mmsink
@@ -21,6 +23,17 @@ CASES = [
     ("dart", {"budget": 12, "budget_per": "prompt"}, "choose", 2),
     ("sparsevlm", {"budget": 12}, "merge", 6),
     ("sparsevlm", {"budget": 20, "budget_per": "prompt"}, "merge", 6),
+]
+ADAPTIVE = {"layer_threshold": 0.9999, "tokens_threshold": 0.03, "deep_threshold": 0.99999}
+CASES += [  # PDrop's per-stage rank, VisiPruner's per-layer test and decision (most: batch shapes x stages)
+    ("pdrop", {}, "rank", 6),
+    ("pdrop", {"budget": 9}, "rank", 6),
+    ("pdrop", {"budget": 12, "budget_per": "prompt"}, "rank", 6),
+    ("visipruner", {"budget": 6}, "step", 2),
+    ("visipruner", {"budget": 6, "layer_threshold": 0.9999, "mask_until_fallback": True}, "step", 2),
+    ("visipruner", {"budget": 0.5, "budget_per": "prompt"}, "step", 2),
+    ("visipruner", ADAPTIVE, "step", 2),  # fuses early; the deep stage's narrower layers run eagerly
+    ("visipruner", {"budget": 5, "var": VAR}, "step", 2),  # the attention VAR edits: computed eagerly
 ]
 IDS = [f"{m}-{i}" for i, (m, *_) in enumerate(CASES)]
 
@@ -72,5 +85,6 @@ def test_one_capture_per_signature_and_the_eager_result(model, monkeypatch, meth
     cap = StandIn()
     got, loop = prefills(model, runs, method, opts, attr, cap)
     assert 2 <= cap.captures == len(loop.graphs) <= most  # no signature captured twice
+    assert cap.replays >= len(runs)  # every prefill's selection replays a graph
     assert same(got, eager)
     assert len({str(k) for k, *_ in eager[::2]}) == len(SEEDS)  # the seeds keep different tokens

@@ -3,32 +3,19 @@ and VisiPruner's per-layer contribution test and decision (``visipruner.observe_
 pruner's own ``core.graphs.Graphed`` (issue 20: selection overhead at batch 16). On the CPU with
 test_graphed.py's stand-in capture (``graphs.on_cuda`` patched to True): one capture per input signature
 over 3 seeds and two batch shapes, replays for the other calls, each prefill giving exactly the eager kept
-sets, FLOPs and logits. tests/test_gpu_graphed_layer_pruners.py checks a real capture."""
+sets, FLOPs and logits: their cases are in tests/test_graphed_layer_pruners.py; here the check that the
+comparison can fail and each function alone against eager. tests/test_gpu_graphed_layer_pruners.py
+checks a real capture."""
 
 import pytest
 import torch
 from test_graphed import StandIn
 from test_graphed_layer_pruners import SEEDS, batches, prefills, same
-from test_var import VAR
 from tiny import tiny_llava
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mmsink.core import graphs
 from mmsink.pruners import pdrop, visipruner
-
-ADAPTIVE = {"layer_threshold": 0.9999, "tokens_threshold": 0.03, "deep_threshold": 0.99999}
-# (method, options, the Graphed's attribute on the pruner, most signatures: batch shapes x stages / widths)
-CASES = [
-    ("pdrop", {}, "rank", 6),
-    ("pdrop", {"budget": 9}, "rank", 6),
-    ("pdrop", {"budget": 12, "budget_per": "prompt"}, "rank", 6),
-    ("visipruner", {"budget": 6}, "step", 2),
-    ("visipruner", {"budget": 6, "layer_threshold": 0.9999, "mask_until_fallback": True}, "step", 2),
-    ("visipruner", {"budget": 0.5, "budget_per": "prompt"}, "step", 2),
-    ("visipruner", ADAPTIVE, "step", 2),  # fuses early; the deep stage's narrower layers run eagerly
-    ("visipruner", {"budget": 5, "var": VAR}, "step", 2),  # the attention VAR edits: computed eagerly
-]
-IDS = [f"{m}-{i}" for i, (m, *_) in enumerate(CASES)]
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +23,9 @@ def model():
     return tiny_llava(layers=8).float()
 
 
-@pytest.mark.parametrize("method,opts,attr,most", CASES, ids=IDS)
-def test_one_capture_per_signature_and_the_eager_result(model, monkeypatch, method, opts, attr, most):
-    runs = [b for seed in SEEDS for b in batches(seed)]
-    eager, loop = prefills(model, runs, method, opts, attr)
-    assert not loop.graphs  # on the CPU: eager as such
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)  # as if the inputs were on a GPU
-    cap = StandIn()
-    got, loop = prefills(model, runs, method, opts, attr, cap)
-    assert 2 <= cap.captures == len(loop.graphs) <= most  # no signature captured twice
-    assert cap.replays >= len(runs)  # every prefill's selection replays a graph
-    assert same(got, eager)
-    assert len({str(k) for k, *_ in eager[::2]}) == len(SEEDS)  # the seeds keep different tokens
-
-
 def test_a_stale_replay_would_be_seen(model, monkeypatch):
-    """The comparison above can fail: a replay that ignores its new inputs (the first capture's result
-    every time) changes the kept sets."""
+    """test_graphed_layer_pruners' comparison can fail: a replay that ignores its new inputs (the first
+    capture's result every time) changes the kept sets."""
     runs = [b for seed in SEEDS for b in batches(seed)]
     eager, _ = prefills(model, runs, "pdrop", {"budget": 9}, "rank")
     monkeypatch.setattr(graphs, "on_cuda", lambda x: True)
