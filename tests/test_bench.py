@@ -14,7 +14,8 @@ def quick(shape, grid, batch=1, **kw):
 
 
 def test_measured_rows_follow_the_plan():
-    res = quick("tiny-cpu", [("fastv", 64)], e2e_tokens=2, var_tau=3.0)
+    # --opt items: FastV's K = 3 (``fastv.k``), another method's item ignored
+    res = quick("tiny-cpu", [("fastv", 64)], e2e_tokens=2, var_tau=3.0, opts=["fastv.k=3", "pdrop.x=1"])
     base, fastv, var = res["rows"]
     # the VAR row: every token kept, timed against the model without VAR, its sinks recorded per layer
     assert var["method"] == "var" and var["kept"] == 576 and "ideal_ms" not in var
@@ -25,10 +26,10 @@ def test_measured_rows_follow_the_plan():
     assert "| var | - |" in bench.measured_markdown(res).split("Prefill + 2 new tokens")[1]
     assert base["method"] == "baseline" and fastv["method"] == "fastv"
     layers, total, text = 12, 1 + 35 + 576 + 29, 1 + 35 + 29
-    # FastV keeps everything in layers 0-1 (K=2) and text + 64 visual tokens after: KV bytes in proportion
-    expected = (2 * total + (layers - 2) * (text + 64)) / (layers * total)
+    # FastV keeps everything in layers 0-2 (K=3) and text + 64 visual tokens after: KV bytes in proportion
+    expected = (3 * total + (layers - 3) * (text + 64)) / (layers * total)
     assert abs(fastv["kv_ratio"] - expected) < 1e-9
-    assert fastv["kept"] == round((2 * 576 + 10 * 64) / 12, 1)
+    assert fastv["kept"] == round((3 * 576 + 9 * 64) / 12, 1)
     # ratios against the baseline timed alternately with this method (its own series, not the first row)
     assert fastv["base_ms"] > 0 and abs(fastv["time_ratio"] - fastv["ms"] / fastv["base_ms"]) < 1e-12
     assert abs(fastv["ideal_ratio"] - fastv["ideal_ms"] / fastv["base_ms"]) < 1e-12

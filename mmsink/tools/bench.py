@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mmsink.evals.vqa import parse_opts
+
 SHAPES = {
     # a small LLaVA-shaped model that a 2-core CPU runs in about a second: 576 visual tokens, 12 layers
     "tiny-cpu": {
@@ -343,13 +345,15 @@ def measure(
     varlen: bool | None = None,
     var_tau: float | None = None,
     progress=None,
+    opts=None,
 ) -> dict:
     """Per method: prefill time, the ideal row (the same plan replayed with no selection work), time to
     first token, decode time per token, KV-cache bytes, peak memory of the prefill, FLOPs.
     ``ragged``: left-pad sample i by 2 * i tokens (prompts of different lengths); ``varlen``: passed to
     ``mmsink.wrap`` (the ragged kernel for padded segments); ``var_tau``: add a VAR row (sink channels
     1415 / 2533, this threshold: random weights have no real sinks, so a low tau makes some tokens
-    qualify and VAR's attention edit run), timed alternately with the model without it. ``progress``:
+    qualify and VAR's attention edit run), timed alternately with the model without it. ``opts``: method
+    options as ``--opt`` items (``key=value`` for every method, ``method.key=value`` for one). ``progress``:
     called with a line of text up front, with an estimate after the baseline row and after every row."""
     import mmsink
 
@@ -451,8 +455,9 @@ def measure(
     done(1, "baseline", row_s)
     for i, (method, budget) in enumerate(grid, 2):
         name = f"{method} {'adaptive' if budget is None else budget}"
+        more = parse_opts(opts, method) if opts else {}
         try:
-            mmsink.wrap(model, prune=method, budget=budget, varlen=varlen)  # settings may be refused
+            mmsink.wrap(model, prune=method, budget=budget, varlen=varlen, **more)  # may be refused
             r = profile()
         except ValueError as e:  # e.g. a budget this depth cannot schedule
             rows.append(dict(method=method, budget=budget, error=str(e)))
@@ -464,7 +469,9 @@ def measure(
         # the three prefills again, alternating rep by rep, so that host drift cancels out of the ratios
         states = {
             "base": lambda: mmsink.unwrap(model),
-            "method": lambda m=method, b=budget: mmsink.wrap(model, prune=m, budget=b, varlen=varlen),
+            "method": lambda m=method, b=budget, o=more: mmsink.wrap(
+                model, prune=m, budget=b, varlen=varlen, **o
+            ),
             "ideal": lambda p=st.kept_indices: mmsink.wrap(model, prune="replay", plan=p, varlen=varlen),
         }
         t = alternated(prefill, states, reps, sync)
@@ -820,6 +827,14 @@ def main(argv=None):
     ap.add_argument("--ragged", action="store_true", help="left-pad sample i by 2 * i tokens")
     ap.add_argument("--varlen", choices=["auto", "off"], default="auto", help="ragged kernel for padding")
     ap.add_argument("--var-tau", type=float, default=None, help="add a VAR row with this threshold")
+    ap.add_argument(
+        "--opt",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method options (values as JSON), e.g. visipruner.mask_until_fallback=null for one method",
+    )
     ap.add_argument("--out", default=None, help="directory for JSON and Markdown")
     ap.add_argument("--name", default=None, help="file stem (default: derived from the settings)")
     a = ap.parse_args(argv)
@@ -849,6 +864,7 @@ def main(argv=None):
             ragged=a.ragged,
             varlen=False if a.varlen == "off" else None,
             var_tau=a.var_tau,
+            opts=a.opt,
             progress=lambda text: print(text, file=sys.stderr, flush=True),
         )
         md = measured_markdown(res)

@@ -175,7 +175,16 @@ case $PART in
     --compile auto --seconds 60 --resolution 4 --reps $SR --out "$OUT/serve_c" --name serve_compiled
   cp "$SCR/serve_c.out" "$OUT/serve_c.log"
   ;;
-*) say "PART must be 1-11, not $PART"; exit 2 ;;
+12)
+  # VisiPruner at batch 16: its masked path up to the fallback (mask_until_fallback=null: 2 reads a
+  # prefill) against the default (a read per observed layer), each with its ideal and the baseline
+  step vp_gather 150 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR \
+    --methods visipruner --budgets 64 --out "$OUT/vp" --name visipruner_b16_gather
+  step vp_masked 150 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR \
+    --methods visipruner --budgets 64 --opt visipruner.mask_until_fallback=null --out "$OUT/vp" \
+    --name visipruner_b16_masked
+  ;;
+*) say "PART must be 1-12, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
