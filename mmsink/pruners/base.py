@@ -264,11 +264,17 @@ def anchor_probs(ctx: Prefill, observed: dict) -> torch.Tensor:
     """Post-softmax attention of the anchor query over the current slots [B, H, n] (fp32), from the q row
     and keys the attention call kept. Only this one row is computed."""
     q, k = observed["q"], observed["k"]
-    h, hkv = q.shape[1], k.shape[1]
-    kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
-    logits = torch.einsum("bhd,bhnd->bhn", q, kk).float() * observed["scale"]
-    b, _, n, d = kk.shape
+    b, h, n, d = k.shape[0], q.shape[1], k.shape[2], k.shape[3]
     ctx.extra_flops += 2 * b * h * n * d
-    probs = torch.softmax(torch.where(ctx.in_prompt()[:, None], logits, float("-inf")), -1)
+    probs = anchor_softmax(q, k, ctx.in_prompt(), observed["scale"])
     edit = observed.get("edit_probs")  # e.g. VAR at this layer: rank by the attention actually used
     return edit(probs) if edit is not None else probs
+
+
+def anchor_softmax(q, k, prompt, scale) -> torch.Tensor:
+    """The anchor row's softmax over the ``prompt`` slots [B, H, n] (fp32) from ``q`` [B, H, d] and ``k``
+    [B, Hkv, n, d]; device ops only (``anchor_probs``; VisiPruner's graphed step)."""
+    h, hkv = q.shape[1], k.shape[1]
+    kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
+    logits = torch.einsum("bhd,bhnd->bhn", q, kk).float() * scale
+    return torch.softmax(torch.where(prompt[:, None], logits, float("-inf")), -1)

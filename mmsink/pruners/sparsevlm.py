@@ -182,14 +182,14 @@ class SparseVLM(Pruner):
     def before_llm(self, ctx, embeds):
         """Each image's text raters from the input embeddings (official: ``m_v_t``); one host read (the
         most raters a sample has) comes with layer 0's plan."""
-        lay, run, seg = ctx.layout, ctx.run, ctx.seg
+        lay, run = ctx.layout, ctx.run
         b, _, d = embeds.shape
         width = ctx.text_after_image_width()
         vis_w = max((sum(s) for s in lay.sizes), default=0)
         slots_of = text_slots if width is None else self.text_slots  # None: a read, so no graph
         tw = None if width is None else max(width, 1)
         v = max(vis_w, 1)
-        at = slots_of(lay.image_of, lay.valid, lay.anchor, seg.idx, seg.valid, v, tw)
+        at = slots_of(lay.image_of, lay.valid, ctx.in_prompt(), v, tw)
         ctx.extra_flops += 2 * b * v * (at.shape[1] - v) * d
         xs = gather_rows(embeds, at.clamp(min=0))
         member, most = self.rate(xs, at, lay.image_of, v, lay.counts.shape[1])
@@ -317,13 +317,11 @@ def cluster_and_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tens
 # values in, tensors out; no host read, no tensor built from host data).
 
 
-def text_slots(image_of, valid, anchor, idx, seg_valid, vis_w: int, text_w):
+def text_slots(image_of, valid, in_prompt, vis_w: int, text_w):
     """[B, V + W]: the visual slots (V = ``vis_w``), then the text slots after the first image and up to
-    the anchor (W = ``text_w``; None: read from the device, eager only), each left-aligned, -1 padding."""
+    the anchor (``in_prompt``: the plan's; W = ``text_w``; None: read from the device, eager only), each
+    left-aligned, -1 padding."""
     is_image = image_of >= 0
-    slot = torch.arange(idx.shape[1], device=idx.device)
-    anchor_slot = ((idx == anchor[:, None]) & seg_valid).float().argmax(1)
-    in_prompt = (slot[None] <= anchor_slot[:, None]) & seg_valid  # as ``Context.in_prompt``
     text = in_prompt & ~is_image & (is_image.cumsum(1) > 0)
     return torch.cat([group_indices(is_image & valid, vis_w), group_indices(text, text_w)], 1)
 

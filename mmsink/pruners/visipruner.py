@@ -32,6 +32,7 @@ from ..core.graphs import Graphed
 from .base import (
     Pruner,
     anchor_probs,
+    anchor_softmax,
     budget_count,
     budget_sizes,
     check_size,
@@ -207,11 +208,8 @@ def observe_step(q, k, v, a, prompt, vis, has_vis, fused_at, layer, deep, images
     deep_passes); ``fallback`` the layer that decides every sample still waiting, or None. Tensors in and
     out, no host read: ``Graphed`` replays it as one CUDA graph."""
     layer_threshold, tokens_threshold, deep_threshold, deep_passes = limits
-    if a is None:  # as base.anchor_probs
-        h, hkv = q.shape[1], k.shape[1]
-        kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
-        logits = torch.einsum("bhd,bhnd->bhn", q, kk).float() * scale
-        a = torch.softmax(torch.where(prompt[:, None], logits, float("-inf")), -1)
+    if a is None:
+        a = anchor_softmax(q, k, prompt, scale)
     cos, cnorm = contribution(a, v, vis)
     unfused = fused_at < 0
     fuse = unfused & (cos < layer_threshold).any(1)
