@@ -54,15 +54,20 @@ def prefills(model, runs: list, method: str, opts: dict, attr: str, capture=None
         loop = getattr(mmsink.api.get_handle(model).pruner, attr)
         if capture is not None:
             loop.capture = capture
-        out = []
-        with torch.no_grad():
-            for data in runs:
-                logits = model(**data).logits[:, -1]
-                st = mmsink.stats(model)
-                out.append((st.kept_indices, st.prefill_flops, logits.cpu()))
+        return outcomes(model, runs), loop
     finally:
         mmsink.unwrap(model)
-    return out, loop
+
+
+def outcomes(model, runs: list) -> list:
+    """Each run's (kept indices, prefill FLOPs, last logits) through the wrapped model."""
+    out = []
+    with torch.no_grad():
+        for data in runs:
+            logits = model(**data).logits[:, -1]
+            st = mmsink.stats(model)
+            out.append((st.kept_indices, st.prefill_flops, logits.cpu()))
+    return out
 
 
 def same(got: list, want: list) -> bool:

@@ -7,9 +7,8 @@ exactly the eager kept sets, FLOPs and logits, for the budget options that chang
 tests/test_gpu_graphed_sparsevlm.py checks real captures."""
 
 import pytest
-import torch
 from test_graphed import StandIn
-from test_graphed_layer_pruners import SEEDS, batches, same
+from test_graphed_layer_pruners import SEEDS, batches, outcomes, same
 from tiny import tiny_llava
 
 import mmsink
@@ -55,15 +54,9 @@ def prefills(model, runs: list, opts: dict, stand_in: bool = False):
             for loop, cap in loops.values():
                 loop.capture = cap
                 cap.watch(loop)
-        out = []
-        with torch.no_grad():
-            for data in runs:
-                logits = model(**data).logits[:, -1]
-                st = mmsink.stats(model)
-                out.append((st.kept_indices, st.prefill_flops, logits.cpu()))
+        return outcomes(model, runs), loops
     finally:
         mmsink.unwrap(model)
-    return out, loops
 
 
 @pytest.fixture(scope="module")
