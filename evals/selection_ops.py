@@ -123,9 +123,9 @@ def count(model, inputs, method: str, budget, plan=None, graphed: bool = False) 
         mmsink.wrap(model, prune=method, budget=budget)
     pruner = mmsink.api.get_handle(model).pruner
     ops, reads = Ops(), {"hooks": 0}
-    real = graphs.on_cuda, graphs.capture
+    real = graphs.is_cuda, graphs.capture
     if graphed:
-        graphs.on_cuda, graphs.capture = (lambda x: True), ops.stand_in()
+        graphs.is_cuda, graphs.capture = (lambda t: True), ops.stand_in()
     try:
         with torch.no_grad():
             model(**inputs, logits_to_keep=1)  # warm (the replay builds its masks once; graphs captured)
@@ -133,7 +133,7 @@ def count(model, inputs, method: str, budget, plan=None, graphed: bool = False) 
                 model(**inputs, logits_to_keep=1)
         st = mmsink.stats(model)
     finally:
-        graphs.on_cuda, graphs.capture = real
+        graphs.is_cuda, graphs.capture = real
         mmsink.unwrap(model)
     mine = sum(c for s, c in r.sites.items() if "/mmsink/" in s)
     return {

@@ -155,6 +155,16 @@ def test_bad_options(llava):
         mmsink.generate_fast(llava, max_new_tokens=2, step={"fuse": True}, **inputs)
 
 
+def test_fused_step_is_the_default_on_one_gpu_only(llava):
+    """step=None: the fused step where graphs and compile run on one GPU (tests/test_gpu_step_options.py
+    runs it on CUDA), the plain one elsewhere; ``{}`` is the plain step everywhere."""
+    assert fuse.default_options(None, True) == StepOptions(fuse=True)
+    assert fuse.default_options(None, False) is None and fuse.default_options({}, True) is None
+    assert fuse.default_options({"attn": "reduce"}, True) == StepOptions(attn="reduce")
+    mmsink.generate_fast(llava, max_new_tokens=3, **batch([prompt(2, 3, seed=1)]))
+    assert fuse.FUSED not in llava.__dict__  # the CPU: weights untouched
+
+
 def test_profile_script_cpu(tmp_path, monkeypatch):
     """evals/profile_decode.py --tiny: every configuration gives base's tokens; the CPU profile counts one
     projection operator per layer fewer for q/k/v and for gate/up each when fused. Its steps run with

@@ -1,8 +1,8 @@
-"""On a GPU: ``generate_fast``'s decode-step options (fused projections, one KV write, the matmul and
-reduce attention) in CUDA graphs with compile give greedy ``generate``'s tokens (fp32, padded batch,
-pruned and not), and ``unwrap`` gives every weight back in its own storage with its values. Before any
-option becomes a default on CUDA. tests/test_fast_step.py checks the same on the CPU. Skipped without
-CUDA."""
+"""On a GPU: ``generate_fast``'s decode-step options (fused projections, one KV write, the matmul and reduce
+attention) in CUDA graphs with compile give greedy ``generate``'s tokens (fp32, padded batch, pruned and not;
+``step=None``, the fused default), and ``unwrap`` gives every weight back in its own storage with its values.
+Run before an option became a default on CUDA. tests/test_fast_step.py checks the same on the CPU. Skipped
+without CUDA."""
 
 import pytest
 import torch
@@ -10,11 +10,12 @@ from tiny import batch, prompt, tiny_llava
 
 import mmsink
 from mmsink.fast import clear
-from mmsink.fast.fuse import StepOptions
+from mmsink.fast.fuse import FUSED, StepOptions
 
 pytestmark = pytest.mark.gpu
 
 STEPS = [
+    None,  # the default on one GPU: the fused step
     StepOptions(fuse=True),
     StepOptions(fuse=True, write=True, attn="matmul"),
     StepOptions(attn="reduce"),
@@ -40,6 +41,7 @@ def test_cuda_step_options_give_generates_tokens(method, opts):
                         model, max_new_tokens=12, graphs=True, compile=True, step=step, **inputs
                     )
                     assert torch.equal(out, ref), step
+                    assert step is not None or FUSED in model.__dict__  # the default fused the weights
     finally:
         mmsink.unwrap(model)
         clear(model)

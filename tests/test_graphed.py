@@ -47,7 +47,7 @@ class StandIn:
 
 @pytest.fixture
 def graphed(monkeypatch):
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)  # as if the inputs were on a GPU
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)  # as if the inputs were on a GPU
 
     def make(fn, **kw):
         cap = StandIn(kw.pop("fail", False))

@@ -78,7 +78,7 @@ def kept_sets(model, method, opts, capture=None) -> tuple[list, object]:
 def test_prefill_selection_is_captured_once_per_signature(model, method, opts, monkeypatch):
     eager, g = kept_sets(model, method, opts)
     assert not g.graphs  # on the CPU the loop runs as such
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)  # as if the inputs were on a GPU
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)  # as if the inputs were on a GPU
     cap = Strict()
     got, g = kept_sets(model, method, opts, cap)
     assert got == eager
@@ -96,7 +96,7 @@ def test_the_strict_stand_in_sees_a_host_tensor(monkeypatch):
         di2[torch.arange(kernel.shape[0]), di2.argmax(1)] = float("-inf")
         return dpp_greedy(kernel, cand, kmax)
 
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)
     cap = Strict()
     g = graphs.Graphed(leaky, capture=cap)
     kernel = torch.eye(4).expand(2, 4, 4).contiguous()
@@ -175,10 +175,10 @@ def test_selection_ops_counts_a_replay_as_one_launch():
 
     model = tiny_llava()
     data = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
-    real = graphs.on_cuda, graphs.capture
+    real = graphs.is_cuda, graphs.capture
     eager = so.count(model, data, "divprune", 6)
     graphed = so.count(model, data, "divprune", 6, graphed=True)
-    assert (graphs.on_cuda, graphs.capture) == real
+    assert (graphs.is_cuda, graphs.capture) == real
     assert graphed["plan"] == eager["plan"]
     assert eager["in_graphs"] == 0 < graphed["in_graphs"]
     assert graphed["hook_ops"] < eager["hook_ops"]

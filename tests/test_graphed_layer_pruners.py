@@ -2,7 +2,7 @@
 tokens), SparseVLM's recycling (density-peak clustering and merge of the pruned tokens), PDrop's
 per-stage rank and VisiPruner's per-layer test and decision run through
 the pruner's own ``core.graphs.Graphed`` (issue 20: selection overhead at batch 16). On the CPU with
-test_graphed.py's stand-in capture (``graphs.on_cuda`` patched to True): one capture per input signature
+test_graphed.py's stand-in capture (``graphs.is_cuda`` patched to True): one capture per input signature
 over 3 seeds and two batch shapes, each prefill giving exactly the eager kept sets, FLOPs and logits.
 tests/test_gpu_graphed_layer_pruners.py checks a real capture."""
 
@@ -85,7 +85,7 @@ def test_one_capture_per_signature_and_the_eager_result(model, monkeypatch, meth
     runs = [b for seed in SEEDS for b in batches(seed)]
     eager, loop = prefills(model, runs, method, opts, attr)
     assert not loop.graphs  # on the CPU: eager as such
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)  # as if the inputs were on a GPU
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)  # as if the inputs were on a GPU
     monkeypatch.setattr(graphs, "capture", StandIn())  # the pruner's other Graphed loops
     cap = StandIn()
     got, loop = prefills(model, runs, method, opts, attr, cap)

@@ -1,7 +1,7 @@
 """PDrop's per-stage ranking (RoPE, the anchor row's softmax, each image's top-k: ``pdrop.rank_and_pick``)
 and VisiPruner's per-layer contribution test and decision (``visipruner.observe_step``) run through the
 pruner's own ``core.graphs.Graphed`` (issue 20: selection overhead at batch 16). On the CPU with
-test_graphed.py's stand-in capture (``graphs.on_cuda`` patched to True): one capture per input signature
+test_graphed.py's stand-in capture (``graphs.is_cuda`` patched to True): one capture per input signature
 over 3 seeds and two batch shapes, replays for the other calls, each prefill giving exactly the eager kept
 sets, FLOPs and logits: their cases are in tests/test_graphed_layer_pruners.py; here the check that the
 comparison can fail and each function alone against eager. tests/test_gpu_graphed_layer_pruners.py
@@ -28,7 +28,7 @@ def test_a_stale_replay_would_be_seen(model, monkeypatch):
     capture's result every time) changes the kept sets."""
     runs = [b for seed in SEEDS for b in batches(seed)]
     eager, _ = prefills(model, runs, "pdrop", {"budget": 9}, "rank")
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)
 
     def frozen(fn):
         out = fn()
@@ -67,7 +67,7 @@ def inputs_visipruner(seed: int, b: int, n: int = 23, h: int = 4, hkv: int = 2, 
 def test_the_functions_replayed_equal_eager(monkeypatch, b):
     """The graphed functions alone, 3 seeds at each batch size: one capture each, then replays whose
     results are the eager function's on the new inputs (and differ between seeds)."""
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)
     cap_p, cap_v = StandIn(), StandIn()
     rank = graphs.Graphed(pdrop.rank_and_pick, capture=cap_p)
     step = graphs.Graphed(visipruner.observe_step, capture=cap_v)

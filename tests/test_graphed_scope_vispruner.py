@@ -1,6 +1,6 @@
 """SCOPE's and VisPruner's (``vispruner_iccv``) selection loops run through the pruner's own
 ``core.graphs.Graphed`` (issue 20: selection overhead). On the CPU with the stand-in capture of
-test_graphed.py (``graphs.on_cuda`` patched to True): one capture per input signature over 3 seeds and two
+test_graphed.py (``graphs.is_cuda`` patched to True): one capture per input signature over 3 seeds and two
 batch sizes, each call keeping exactly the eager kept set; rows that keep fewer (SCOPE) and groups of rows
 that are not consecutive (VisPruner) against plain per-row ports of the rules; no host sync in either
 selection step. tests/test_gpu_graphed_scope_vispruner.py checks a real capture."""
@@ -73,7 +73,7 @@ def test_one_capture_per_signature_and_the_eager_kept_set(model, monkeypatch, me
     runs = [b for seed in SEEDS for b in batches(seed)]  # batch sizes 1, 3, 1, 3, ...
     eager, loop = kept_sets(model, runs, method, budget)
     assert not loop.graphs  # on the CPU: eager as such
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)  # as if the inputs were on a GPU
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)  # as if the inputs were on a GPU
     cap = StandIn()
     got, loop = kept_sets(model, runs, method, budget, cap)
     assert cap.captures == 2 and len(loop.graphs) == 2  # rows of 1 and of 3 images
@@ -153,7 +153,7 @@ def test_uneven_rows_keep_the_rule_graphed_and_eager(monkeypatch, cls, rule, siz
         assert [set(row.nonzero().flatten().tolist()) for row in keep] == want
         eager.append(keep)
     assert not loop_of(pruner).graphs
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)
     cap = StandIn()
     loop_of(pruner).capture = cap
     for seed, want in zip(SEEDS, eager):

@@ -1,7 +1,7 @@
 """SparseVLM's whole per-layer selection through the pruner's own ``core.graphs.Graphed`` (issue 20):
 the raters (``text_slots``, ``rate``), the rater rows a decision observes (``rater_rows``), the ranking
 (``rank``) and the recycling (``merge``). On the CPU with test_graphed.py's stand-in capture
-(``graphs.on_cuda`` patched to True): each loop captures once per input signature and replays after,
+(``graphs.is_cuda`` patched to True): each loop captures once per input signature and replays after,
 and every prefill (3 seeds, a batch of one prompt and a padded one of two with three images) gives
 exactly the eager kept sets, FLOPs and logits, for the budget options that change the graphs' inputs.
 tests/test_gpu_graphed_sparsevlm.py checks real captures."""
@@ -69,7 +69,7 @@ def test_every_loop_captured_once_per_signature_and_the_eager_result(model, monk
     runs = [b for seed in SEEDS for b in batches(seed)]
     eager, loops = prefills(model, runs, opts)
     assert all(not loop.graphs for loop, _ in loops.values())  # on the CPU: eager as such
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)  # as if the inputs were on a GPU
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)  # as if the inputs were on a GPU
     got, loops = prefills(model, runs, opts, stand_in=True)
     assert same(got, eager)
     assert len({str(k) for k, *_ in eager[::2]}) == len(SEEDS)  # the seeds keep different tokens
@@ -84,7 +84,7 @@ def test_every_loop_captured_once_per_signature_and_the_eager_result(model, monk
 def test_the_loops_see_their_inputs_not_the_captured_ones(model, monkeypatch):
     """A replay on another seed's batch of the same shape: the result follows the new inputs (a loop that
     kept a tensor from its capture would repeat the first seed's kept sets)."""
-    monkeypatch.setattr(graphs, "on_cuda", lambda x: True)
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)
     runs = [batches(seed)[1] for seed in SEEDS]
     got, loops = prefills(model, runs, {"budget": 12}, stand_in=True)
     assert all(cap.replays for _, cap in loops.values())

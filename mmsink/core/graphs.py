@@ -49,23 +49,22 @@ def load(dst, src) -> None:
             load(d, s)
 
 
-def first_tensor(x):
-    """The first tensor in ``x`` (tuples followed), or None."""
+def tensors(x) -> list:
+    """Every tensor in ``x`` (tuples followed)."""
     if isinstance(x, torch.Tensor):
-        return x
-    for v in x if isinstance(x, tuple) else ():
-        t = first_tensor(v)
-        if t is not None:
-            return t
-    return None
+        return [x]
+    return [t for v in x for t in tensors(v)] if isinstance(x, tuple) else []
+
+
+def is_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda
 
 
 def on_cuda(x) -> bool:
-    """Some tensor in ``x`` (tuples followed) and every one of them on a CUDA device."""
-    if isinstance(x, torch.Tensor):
-        return x.is_cuda
-    found = [on_cuda(v) for v in x if isinstance(v, (torch.Tensor, tuple))] if isinstance(x, tuple) else []
-    return bool(found) and all(found)
+    """Some tensor in ``x`` (tuples followed) and every one of them on a CUDA device (tuples of plain
+    values, such as a round plan of ints, do not count)."""
+    found = tensors(x)
+    return bool(found) and all(map(is_cuda, found))
 
 
 class Graphed:
@@ -92,7 +91,7 @@ class Graphed:
     def __call__(self, *args):
         if not self.usable(args):
             return self.fn(*args)
-        dev = first_tensor(args).device
+        dev = tensors(args)[0].device
         # a model split over GPUs: the capture's stream and pool on the inputs' GPU
         with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
             return self.replayed(args)

@@ -352,23 +352,25 @@ def generate_fast(
     var_handoff: bool = True,
     **inputs,
 ) -> torch.Tensor:
-    """Greedy decoding, the same tokens as ``model.generate(**inputs, do_sample=False)``: prompt ids
-    followed by the new tokens, padded with the pad id after a sample's end-of-sequence token.
-    ``graphs``: one CUDA graph per token (default: on for CUDA models). ``compile``: ``torch.compile`` the
-    layer step (default: on CUDA when Triton is installed; the first call compiles, seconds). ``step``:
-    ``mmsink.fast.fuse.StepOptions`` or a dict of its fields (fused projections, one KV write, the
-    attention kernel; off by default). ``tower_first``: launch a graphed vision tower before the forward
-    (off: the tower runs inside it, for A/B timing; same tokens). ``prefill_batch``: a batch of more rows
-    is prefilled in consecutive row chunks of at most this many, each loaded into its rows of the one
-    decoder of the whole batch, its prefill's cache and activations gone before the next chunk; then all
-    rows decode together (the same tokens; the peak memory holds one chunk's prefill, not the batch's).
-    ``mmsink.stats`` then reports the last chunk's prefill. None: the whole batch at once.
-    ``tower_compile``: with ``compile``, the graphed vision tower's layers (Qwen's tower blocks, not graphed)
-    through ``torch.compile`` (the same tokens; off: the tower's own layers, for A/B timing).
-    ``var_handoff``: a VAR prefill hands off to the decoder's (graphed, compiled) layers where its plan is
-    final, as other prefills do (off: the whole prefill in the model's forward, for A/B timing)."""
+    """Greedy decoding, the same tokens as ``model.generate(**inputs, do_sample=False)``: prompt ids followed
+    by the new tokens, padded with the pad id after a sample's end-of-sequence token. ``graphs``: one CUDA
+    graph per token (default: on for CUDA models). ``compile``: ``torch.compile`` the layer step (default: on
+    CUDA when Triton is installed; the first call compiles, seconds). ``step``:
+    ``mmsink.fast.fuse.StepOptions`` or a dict of its fields (fused projections, one KV write, the attention
+    kernel; default: ``fuse`` where graphs and compile run on one GPU, else none; ``{}``: the plain step).
+    With ``fuse`` the model's q / k / v and gate / up weights share one tensor each until ``mmsink.unwrap`` or
+    ``mmsink.fast.clear(model)``. ``tower_first``: launch a graphed vision tower before the forward (off: the
+    tower runs inside it, for A/B timing; same tokens). ``prefill_batch``: a batch of more rows is prefilled
+    in consecutive row chunks of at most this many, each loaded into its rows of the one decoder of the whole
+    batch, its prefill's cache and activations gone before the next chunk; then all rows decode together (the
+    same tokens; the peak memory holds one chunk's prefill, not the batch's). ``mmsink.stats`` then reports
+    the last chunk's prefill. None: the whole batch at once. ``tower_compile``: with ``compile``, the graphed
+    vision tower's layers (Qwen's tower blocks, not graphed) through ``torch.compile`` (the same tokens; off:
+    the tower's own layers, for A/B timing). ``var_handoff``: a VAR prefill hands off to the decoder's
+    (graphed, compiled) layers where its plan is final, as other prefills do (off: the whole prefill in the
+    model's forward, for A/B timing)."""
     from ..patches import family_for
-    from .fuse import options
+    from .fuse import default_options
 
     handle = getattr(model, "__dict__", {}).get(ATTR)
     family = handle.family if handle is not None else family_for(model)  # (the wrap's: its kept maps)
@@ -393,8 +395,8 @@ def generate_fast(
     graphs = on_gpus if graphs is None else graphs
     compile = can_compile(ids.device) if compile is None else compile
     more = dict(tower_compile=tower_compile, var_handoff=var_handoff)
-    opts = options(step)
     split = dispatched or not one_device
+    opts = default_options(step, bool(graphs and compile and on_gpus and not split and kv is None))
     if kv is not None:  # sink + window: mmsink.kv.fast; LFPS: kv.fast_sparse; quant: kv.fast_quant
         from ..kv.fast import generate_window
         from ..kv.fast_quant import generate_quant

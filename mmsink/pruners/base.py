@@ -278,3 +278,11 @@ def anchor_softmax(q, k, prompt, scale) -> torch.Tensor:
     kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
     logits = torch.einsum("bhd,bhnd->bhn", q, kk).float() * scale
     return torch.softmax(torch.where(prompt[:, None], logits, float("-inf")), -1)
+
+
+def segment_sum(values, seg, n: int) -> torch.Tensor:
+    """[G, n, D]: per row, the sum of ``values`` [G, N, D] over each segment's tokens (``seg`` [G, N] in
+    [0, n)). A one-hot matmul, not ``scatter_add_``: CUDA's atomic adds sum in a varying order, so the same
+    inputs (eager or a graph's replay) could give other bits from run to run."""
+    onehot = (seg[..., None] == torch.arange(n, device=seg.device)).to(values.dtype)
+    return onehot.transpose(1, 2) @ values

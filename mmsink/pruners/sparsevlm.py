@@ -59,7 +59,7 @@ import torch
 from ..core.attention import group_indices
 from ..core.graphs import Graphed
 from ..core.plan import gather_rows
-from .base import Pruner, budget_sizes, check_size, register
+from .base import Pruner, budget_sizes, check_size, register, segment_sum
 
 OFFICIAL_LAYERS = (2, 6, 15)
 OFFICIAL_DEPTH = 32
@@ -307,8 +307,7 @@ def cluster_and_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tens
     assign = torch.where(valid, assign[:, :w], cw)  # padding to a spare cluster
     count = torch.zeros(g, cw + 1, device=x.device).scatter_add_(1, assign, torch.ones_like(x[..., 0]))
     weight = 1.0 / (count.gather(1, assign) + 1e-6)
-    merged = torch.zeros(g, cw + 1, d, device=x.device, dtype=x.dtype)
-    merged.scatter_add_(1, assign[..., None].expand(-1, -1, d), x * weight[..., None])
+    merged = segment_sum(x * weight[..., None], assign, cw + 1)
     return merged[:, :cw], centre, ok
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import VisionPruner, budget_tokens, per_image, register
+from .base import VisionPruner, budget_tokens, per_image, register, segment_sum
 
 
 class SinkAware(VisionPruner):
@@ -210,8 +210,7 @@ class VisionZip(SinkAware):
         assign = sim.argmax(-1)  # [I, P] the target each token would join
         f = pad(features.float(), (0, 0, 0, 1))
         width = f.shape[-1]
-        joined = torch.zeros(n_img, ctx_max, width, device=dev)
-        joined.scatter_add_(1, assign[..., None].expand(-1, -1, width), f[:, :p] * others[..., None])
+        joined = segment_sum(f[:, :p] * others[..., None], assign, ctx_max)
         counts = torch.zeros(n_img, ctx_max, device=dev).scatter_add_(1, assign, others.float())
         merged = f.gather(1, cols[..., None].expand(-1, -1, width)) + joined / counts.clamp(min=1)[..., None]
         res = pad(out, (0, 0, 0, 1)).scatter_(1, cols[..., None].expand(-1, -1, width), merged.to(out.dtype))

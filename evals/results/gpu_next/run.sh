@@ -184,7 +184,21 @@ case $PART in
     --methods visipruner --budgets 64 --opt visipruner.mask_until_fallback=null --out "$OUT/vp" \
     --name visipruner_b16_masked
   ;;
-*) say "PART must be 1-12, not $PART"; exit 2 ;;
+13)
+  # PART 9's failures mended (plain-int tuples no longer keep a selection off its graph; SparseVLM's and
+  # VisionZip's merges a one-hot matmul, not CUDA's atomic scatter_add_): the graphed GPU tests again and
+  # the fused step as the CUDA default; then batch-16 overhead of the methods they touch, and VisiPruner's
+  # masked path (PART 12's A/B) in the same bench run as its default
+  step pytest 200 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_gpu_graphed*.py tests/test_gpu_step_options.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step b16 200 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR \
+    --methods visipruner,sparsevlm,vispruner_iccv,visionzip --budgets 64 --out "$OUT/b16" --name overhead_b16
+  step vp_masked 120 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR \
+    --methods visipruner --budgets 64 --opt visipruner.mask_until_fallback=null --out "$OUT/vp" \
+    --name visipruner_b16_masked
+  ;;
+*) say "PART must be 1-13, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
