@@ -163,9 +163,9 @@ case $PART in
 10)
   # Qwen2-VL TTFT with its tower blocks compiled (target 2.2x; part 7's 120 s cap was too short), VAR at
   # batch 16 through generate_fast
-  step qwen_b1 280 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
+  step qwen_b1 ${QCAP:-280} python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
     --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens $E2E --out "$OUT/qwen" --name qwen_b1
-  step var_b16 240 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR --methods fastv \
+  [ "${VARB16:-1}" = 1 ] && step var_b16 240 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR --methods fastv \
     --budgets 64 --var-tau 3 --e2e-tokens $E2E --out "$OUT/var" --name var_b16
   ;;
 11)
