@@ -198,7 +198,17 @@ case $PART in
     --methods visipruner --budgets 64 --opt visipruner.mask_until_fallback=null --out "$OUT/vp" \
     --name visipruner_b16_masked
   ;;
-*) say "PART must be 1-13, not $PART"; exit 2 ;;
+14)
+  # where the remaining batch-16 overheads go (each method against its plan replayed, by aten operator), and
+  # VisionZip's scores on Qwen2-VL's 10,000-patch tower
+  step prof_b16 240 python evals/profile_prefill.py --device $DEV --shape $S1 --batch $B16 \
+    --methods vispruner_iccv:64,visionzip:64,cdpruner:64,visipruner:64 --ideal --out "$OUT/prof"
+  cp "$SCR/prof_b16.out" "$OUT/prof_b16.log"
+  step prof_qwen 200 python evals/profile_prefill.py --device $DEV --shape $SQ --batch 1 \
+    --methods fastv:278,visionzip:278 --ideal --out "$OUT/prof"
+  cp "$SCR/prof_qwen.out" "$OUT/prof_qwen.log"
+  ;;
+*) say "PART must be 1-14, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
