@@ -174,11 +174,11 @@ class Family(Protocol):
         hd, work = q.shape[-1], []
         bounds = cu.tolist()  # host bounds (precomputed inputs), or one read
         for s, e in zip(bounds[:-1], bounds[1:]):
-            kk = k[s:e].transpose(0, 1).float()  # [H, P, hd]
+            kk = k[s:e].transpose(0, 1).contiguous()  # [H, P, hd]
             acc = torch.zeros(heads, e - s, device=qkv.device)
             for c in range(s, e, CHUNK):
-                qq = q[c : min(c + CHUNK, e)].transpose(0, 1).float()
-                acc += torch.softmax(qq @ kk.transpose(1, 2) * attn.scaling, -1).sum(1)
+                qq = q[c : min(c + CHUNK, e)].transpose(0, 1).contiguous()
+                acc += softmax_column_sums(qq, kk, attn.scaling)
             received[s:e] = acc.mean(0) / (e - s)
             work.append(2 * heads * (e - s) ** 2 * hd)
         unit = self.merge**2
@@ -276,3 +276,18 @@ class Family(Protocol):
             self.patch_flops(p, pixel_values.shape[1]) + int(self.attn_sq) * (p * p) / max(total_sq, 1)
             for p in patches
         ]
+
+
+def softmax_column_sums(q, k, scale: float) -> torch.Tensor:
+    """[H, P] fp32: per head, the softmax rows of ``q`` [H, C, hd] against ``k`` [H, P, hd] summed over the
+    C queries. Half-precision inputs on CUDA: one tensor-core GEMM with fp32 output (products of half values
+    are exact in fp32 and it sums in fp32: the fp32 GEMM's logits up to summation order)."""
+    logits = None
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            logits = torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without the fp32-output GEMM: the fp32 one below
+            logits = None
+    if logits is None:
+        logits = q.float() @ k.float().transpose(1, 2)
+    return torch.softmax(logits.mul_(scale), -1).sum(1)

@@ -208,7 +208,16 @@ case $PART in
     --methods fastv:278,visionzip:278 --ideal --out "$OUT/prof"
   cp "$SCR/prof_qwen.out" "$OUT/prof_qwen.log"
   ;;
-*) say "PART must be 1-14, not $PART"; exit 2 ;;
+15)
+  # Qwen's VisionZip scores through the fp32-output GEMM (part 14: 17 ms of fp32 GEMM, scale, softmax, sum),
+  # its GPU tests and test_gpu.py (the merges' one-hot sums on CUDA), then Qwen2-VL's VisionZip TTFT again
+  step pytest 150 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_gpu_qwen_scores.py tests/test_gpu.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step qwen_vz 220 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
+    --methods visionzip --budgets 278 --decode-tokens 4 --e2e-tokens $E2E --out "$OUT/qwen" --name qwen_vz_b1
+  ;;
+*) say "PART must be 1-15, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
