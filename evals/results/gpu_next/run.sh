@@ -12,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1, 2, 3 or 4}
+PART=${PART:?set PART=1 to 16}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -217,7 +217,17 @@ case $PART in
   step qwen_vz 220 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
     --methods visionzip --budgets 278 --decode-tokens 4 --e2e-tokens $E2E --out "$OUT/qwen" --name qwen_vz_b1
   ;;
-*) say "PART must be 1-15, not $PART"; exit 2 ;;
+16)
+  # next session: the whole of test_gpu.py and the chunked-prefill GPU tests (part 15's copy was cut at
+  # 150 s after 23 passed), then LLaVA-NeXT's batch-1 TTFT and decode step with the fused step as default
+  step pytest 300 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_gpu.py tests/test_gpu_prefill_batch.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step next_b1 160 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1_fused
+  ;;
+*) say "PART must be 1-16, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
