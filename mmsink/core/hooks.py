@@ -404,4 +404,6 @@ class Handle:
         if not isinstance(subject, Prefill):
             return functools.partial(plain_stats, self.meter, subject, keep, vision)
         subject.kwargs = subject.cache = subject.directive = None  # keep no inputs or KV cache alive
+        # nor rotary tables or states the stats do not read (a batch prefilled in chunks keeps every chunk's)
+        subject.taps, subject.position_embeddings, subject.pending_hidden = {}, None, None
         return functools.partial(prefill_stats, self.meter, subject, keep, vision, self.planner.report)

@@ -1,4 +1,4 @@
-"""What the last prefill did."""
+"""What the last prefill did (a batch prefilled in row chunks: all its chunks, merged)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ class Stats:
     visual_tokens: list[int]  # [sample] visual tokens in the input
     prefill_flops: int  # FLOPs the last prefill executed (vision tower, projector, LM, lm_head, selection)
     baseline_prefill_flops: int  # the same inputs without mmsink
-    tokens_per_layer: list[int] = field(default_factory=list)  # padded slots each layer ran on
+    # padded slots each layer ran on (a batch prefilled in row chunks: the widest chunk's; see ``merge``)
+    tokens_per_layer: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # method-specific facts (e.g. fusion layers)
 
     @property
@@ -139,3 +140,136 @@ def prefill_stats(meter: Meter, ctx, logits_to_keep, vision, report) -> Stats:
         }
     visual = lay.is_image.sum(1).tolist()
     return Stats(meter.method, meter.budget, kept, kept_idx, visual, flops, base, list(ctx.slots), extra)
+
+
+# ---- a batch prefilled in row chunks (generate_fast's prefill_batch): each chunk's stats, merged
+
+# extra entries with one value per sample, as paths through nested dicts ("*": any key, e.g. a layer),
+# and what a chunk without the entry (one run untouched: a text-only chunk of a pruned batch) gives its
+# rows: the value a prompt without images gets in a whole batch where that is known, else None
+PER_SAMPLE = {
+    ("sample_prefill_flops",): None,
+    ("sample_baseline_prefill_flops",): None,
+    ("vit_sinks",): [],  # no image: no ViT sink
+    ("fusion_layer",): -1,  # VisiPruner: no image, never fused
+    ("schedule", "tokens"): [],  # SparseVLM: k per image, none without one
+    ("var_sinks", "*", "visual"): None,  # VAR leaves an untouched chunk unedited: no counts
+    ("var_sinks", "*", "text"): None,
+    ("orthorank", "updated", "*"): None,
+    ("orthorank", "held", "*"): None,
+    ("orthorank", "updated_indices", "*"): None,
+    ("orthorank", "updated_visual", "*"): None,
+}
+# extra entries about the whole batch: the pruner's options, or what it derived from the batch's images
+BATCH_WIDE = {
+    ("schedule", "layers"),  # PDrop: from the largest image (each chunk's own); SparseVLM: the model's
+    ("schedule", "ratio"),
+    ("schedule", "recycle"),
+    ("orthorank", "layer"),
+    ("orthorank", "sink"),
+    ("orthorank", "form"),
+}
+
+
+def match(path: tuple, pattern: tuple) -> bool:
+    return len(path) == len(pattern) and all(p == "*" or p == k for k, p in zip(path, pattern))
+
+
+def kind_of(path: tuple):
+    """("sample", fill) for a per-sample entry, ("batch",) for a batch-wide one, ("dict",) for a dict
+    holding either deeper, None for an entry this merge does not know."""
+    for pattern, fill in PER_SAMPLE.items():
+        if match(path, pattern):
+            return ("sample", fill)
+    if path in BATCH_WIDE:
+        return ("batch",)
+    if any(len(p) > len(path) and match(path, p[: len(path)]) for p in [*PER_SAMPLE, *BATCH_WIDE]):
+        return ("dict",)
+    return None
+
+
+def fills(fill, n: int) -> list:
+    return [list(fill) if isinstance(fill, list) else fill for _ in range(n)]  # (no list shared by rows)
+
+
+def merge_extra(extras: list, sizes: list, path: tuple = ()) -> tuple[dict, list]:
+    """(merged, per chunk: what stays the chunk's own) of the chunks' ``extra`` dicts (None: a chunk
+    without the dict at ``path``) of ``sizes`` rows each."""
+    merged, own = {}, [{} for _ in extras]
+    keys = list(dict.fromkeys(k for e in extras if e is not None for k in e))
+    for key in keys:
+        values = [e.get(key) if e is not None else None for e in extras]
+        have = [e is not None and key in e for e in extras]
+        kind = kind_of((*path, key))
+        if kind is not None and kind[0] == "sample":
+            fill = kind[1]
+            merged[key] = [x for v, h, n in zip(values, have, sizes) for x in (v if h else fills(fill, n))]
+        elif kind == ("dict",) and all(isinstance(v, dict) for v, h in zip(values, have) if h):
+            sub, subown = merge_extra([v if h else None for v, h in zip(values, have)], sizes, (*path, key))
+            merged[key] = sub
+            for o, s in zip(own, subown):
+                if s:
+                    o[key] = s
+        elif kind == ("batch",) and all(v == values[have.index(True)] for v, h in zip(values, have) if h):
+            merged[key] = values[have.index(True)]  # the same in every chunk that has it
+        else:  # unknown, or batch-wide facts the chunks differ in: each chunk's own
+            for o, v, h in zip(own, values, have):
+                if h:
+                    o[key] = v
+    return merged, own
+
+
+def merge(parts: list) -> Stats:
+    """The stats of a batch prefilled in row chunks, from ``parts`` [(rows, the chunk's Stats)] in batch
+    order, as the whole batch prefilled at once would describe each sample: the per-sample lists
+    (``kept_tokens``, ``kept_indices`` per layer, ``visual_tokens``, per-sample ``extra`` entries such as
+    ``sample_prefill_flops``) concatenated; ``prefill_flops`` and ``baseline_prefill_flops`` summed (what
+    the chunks executed together: each chunk pads to its own widths, so the executed total can differ
+    from the whole batch's; the baseline, every row at the prompt's width, does not);
+    ``tokens_per_layer``: per layer the most slots a chunk ran on (what the decoder's buffers hold);
+    ``extra["chunks"]``: per chunk its rows [start, stop), its ``tokens_per_layer`` and FLOPs, and, under
+    ``"extra"``, its entries that are not per sample and not the same in every chunk (a batch-wide fact
+    the chunks differ in, as PDrop's schedule when their largest images differ, or one unknown here). A
+    chunk run untouched (text-only, its batch pruned) made no pruner entries: its rows get the value a
+    prompt without images gets in a whole batch where known (``PER_SAMPLE``), else None."""
+    stats = [s for _, s in parts]
+    first = stats[0]
+    layers = len(first.kept_tokens)
+    if any(len(s.kept_tokens) != layers for s in stats):
+        raise ValueError("mmsink: the chunks' stats cover different numbers of layers")
+    kept = [[x for s in stats for x in s.kept_tokens[i]] for i in range(layers)]
+    idx = [[x for s in stats for x in s.kept_indices[i]] for i in range(layers)]
+    visual = [x for s in stats for x in s.visual_tokens]
+    widths = [s.tokens_per_layer for s in stats if s.tokens_per_layer]
+    slots = [max(w) for w in zip(*widths)] if widths else []
+    extra, own = merge_extra([s.extra for s in stats], [len(s.visual_tokens) for s in stats])
+    extra["chunks"] = []
+    for (rows, s), o in zip(parts, own):
+        record = {
+            "rows": [rows.start, rows.stop],
+            "tokens_per_layer": list(s.tokens_per_layer),
+            "prefill_flops": s.prefill_flops,
+            "baseline_prefill_flops": s.baseline_prefill_flops,
+        }
+        extra["chunks"].append(record | ({"extra": o} if o else {}))
+    flops = sum(s.prefill_flops for s in stats)
+    base = sum(s.baseline_prefill_flops for s in stats)
+    return Stats(first.method, first.budget, kept, idx, visual, flops, base, slots, extra)
+
+
+class Chunked:
+    """Stats deferred for a batch prefilled in row chunks: ``add`` each chunk's (deferred) stats as its
+    prefill ends; calling it builds each and merges them (``merge``). A chunk whose prefill made no stats
+    of its own (``part`` is this object still, or None) leaves none for the batch: None."""
+
+    def __init__(self):
+        self.parts: list = []
+
+    def add(self, rows: slice, part) -> Chunked:
+        self.parts.append((rows, None if part is self else part))
+        return self
+
+    def __call__(self) -> Stats | None:
+        if any(part is None for _, part in self.parts):
+            return None
+        return merge([(rows, part() if callable(part) else part) for rows, part in self.parts])

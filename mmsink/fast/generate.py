@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 from ..core import layout
 from ..core.compiling import can_compile
 from ..core.hooks import ATTR, Handoff
+from ..core.stats import Chunked
 from ..sinks import var as var_steps
 from . import vision_graph
 from .decode import placement
@@ -157,14 +158,18 @@ def prefill_chunks(
     ``prefill_batch``), each chunk's keys / values and valid slots loaded into its rows of one decoder for
     the whole batch (the first chunk's hand-off, or its cache's lengths, size it), and its cache dropped
     before the next chunk runs: the peak is the decoder's buffers plus one chunk's prefill. ``run``:
-    generate_fast's graphs, compile and opts."""
+    generate_fast's graphs, compile and opts. ``mmsink.stats`` then describes the whole batch: each chunk's
+    stats as its prefill ends, merged on request (``stats.Chunked``)."""
     ids = inputs["input_ids"]
     b = ids.shape[0]
     dec, toks, deltas, starts = None, [], [], None
+    chunks = Chunked() if handle is not None and handle.enabled else None  # (disabled: no stats made)
     for rows, part in split_inputs(family, inputs, size):
         into = (dec, rows, b, size)
         g, c, o, more = run["graphs"], run["compile"], run["opts"], run["more"]
         p = prefill(model, family, handle, part, g, c, split, max_new_tokens, o, early, into, **more)
+        if chunks is not None:
+            handle.last_stats = chunks.add(rows, handle.last_stats)
         toks.append(p.tok)
         if family.mrope:
             deltas.append(p.rope_deltas(family))
@@ -363,12 +368,13 @@ def generate_fast(
     tower runs inside it, for A/B timing; same tokens). ``prefill_batch``: a batch of more rows is prefilled
     in consecutive row chunks of at most this many, each loaded into its rows of the one decoder of the whole
     batch, its prefill's cache and activations gone before the next chunk; then all rows decode together (the
-    same tokens; the peak memory holds one chunk's prefill, not the batch's). ``mmsink.stats`` then reports
-    the last chunk's prefill. None: the whole batch at once. ``tower_compile``: with ``compile``, the graphed
-    vision tower's layers (Qwen's tower blocks, not graphed) through ``torch.compile`` (the same tokens; off:
-    the tower's own layers, for A/B timing). ``var_handoff``: a VAR prefill hands off to the decoder's
-    (graphed, compiled) layers where its plan is final, as other prefills do (off: the whole prefill in the
-    model's forward, for A/B timing)."""
+    same tokens; the peak memory holds one chunk's prefill, not the batch's). ``mmsink.stats`` then describes
+    the whole batch, its chunks' stats merged (``mmsink.core.stats.merge``: per-sample lists in batch order,
+    FLOPs summed). None: the whole batch at once. ``tower_compile``: with ``compile``, the graphed vision
+    tower's layers (Qwen's tower blocks, not graphed) through ``torch.compile`` (the same tokens; off: the
+    tower's own layers, for A/B timing). ``var_handoff``: a VAR prefill hands off to the decoder's (graphed,
+    compiled) layers where its plan is final, as other prefills do (off: the whole prefill in the model's
+    forward, for A/B timing)."""
     from ..patches import family_for
     from .fuse import default_options
 
