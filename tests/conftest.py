@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -10,12 +11,16 @@ torch.set_num_threads(2)
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    # ``slow``: CPU tests whose check a cheaper test also makes on CI's path; MMSINK_SLOW=1 or ``-m slow``
+    # runs them
+    run_slow = os.environ.get("MMSINK_SLOW") == "1" or "slow" in (config.getoption("markexpr") or "")
+    slow = pytest.mark.skip(reason="slow: set MMSINK_SLOW=1 (or -m slow) to run it")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(gpu)
+        elif "slow" in item.keywords and not run_slow:
+            item.add_marker(slow)
 
 
 # The eval, sweep and parallel tests share these (one per test module): a tiny random LLaVA with the

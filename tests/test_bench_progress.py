@@ -4,10 +4,13 @@ per row as it finishes (stderr); its table and JSON are what they were."""
 import json
 import re
 
+from test_bench import NARROW
+
 from mmsink.tools import bench
 
 
-def test_a_line_per_row_and_an_estimate(tmp_path, capsys):
+def test_a_line_per_row_and_an_estimate(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(bench.SHAPES, "tiny-cpu", NARROW)
     argv = ["--shape", "tiny-cpu", "--device", "cpu", "--reps", "1", "--methods", "fastv"]
     argv += ["--budgets", "64", "--decode-tokens", "1", "--out", str(tmp_path), "--name", "b"]
     res = bench.main(argv)

@@ -1,9 +1,11 @@
 """evals/int8_linear.py: the Triton W8A8 kernels (run by Triton's CPU interpreter) against torch references,
 and the Int8Linear forms against a plain float reference of the same quantizer."""
 
+import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -15,14 +17,40 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def interpreted(check: str, *args) -> None:
-    """Run ``check`` of this file in a fresh process with Triton's CPU interpreter (it must be chosen before
-    triton is first imported)."""
+# name: (check, its arguments); the tests below read their check's result
+CHECKS = {
+    "quantize_rows": ("check_quantize_rows", ()),
+    "rescale_bias": ("check_rescale", (True,)),
+    "rescale": ("check_rescale", (False,)),
+    "gemm_128": ("check_gemm_rescale", (128,)),
+    "gemm_96": ("check_gemm_rescale", (96,)),
+}
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """Every check of this file in one fresh process with Triton's CPU interpreter (it must be chosen
+    before triton is first imported): {name: None, or the check's traceback}."""
     paths = [str(ROOT), str(HERE)]
-    code = f"import sys; sys.path[:0] = {paths!r}; import test_int8_linear as t; t.{check}{args!r}"
+    code = f"import sys; sys.path[:0] = {paths!r}; import test_int8_linear as t; t.run_checks()"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert set(out) == set(CHECKS)
+    return out
+
+
+def run_checks() -> None:
+    """(In the interpreter's process) runs every check, then prints one JSON line of their results."""
+    out = {}
+    for name, (check, args) in CHECKS.items():
+        try:
+            globals()[check](*args)
+            out[name] = None
+        except Exception:
+            out[name] = traceback.format_exc()
+    print(json.dumps(out), flush=True)
 
 
 def check_quantize_rows():
@@ -66,18 +94,18 @@ def check_gemm_rescale(k):
     torch.testing.assert_close(y, ref.float(), rtol=1e-6, atol=1e-4)
 
 
-def test_quantize_rows_matches_torch():
-    interpreted("check_quantize_rows")
+def test_quantize_rows_matches_torch(interpreted):
+    assert interpreted["quantize_rows"] is None, interpreted["quantize_rows"]
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_rescale_matches_torch(bias):
-    interpreted("check_rescale", bias)
+@pytest.mark.parametrize("name", ["rescale_bias", "rescale"])
+def test_rescale_matches_torch(interpreted, name):
+    assert interpreted[name] is None, interpreted[name]
 
 
-@pytest.mark.parametrize("k", [128, 96])  # a whole number of K tiles, and a ragged last tile
-def test_gemm_rescale_matches_exact_product(k):
-    interpreted("check_gemm_rescale", k)
+@pytest.mark.parametrize("name", ["gemm_128", "gemm_96"])  # a whole number of K tiles, a ragged last tile
+def test_gemm_rescale_matches_exact_product(interpreted, name):
+    assert interpreted[name] is None, interpreted[name]
 
 
 @pytest.mark.parametrize("form", ["eager", "fused", "triton"])

@@ -18,10 +18,7 @@ import mmsink
 from mmsink.fast import store, vision_graph
 
 NO_CXX = shutil.which("c++") is None and shutil.which("g++") is None
-pytestmark = [
-    pytest.mark.skipif(NO_CXX, reason="torch.compile on CPU needs a C++ compiler"),
-    pytest.mark.slow,
-]
+pytestmark = pytest.mark.skipif(NO_CXX, reason="torch.compile on CPU needs a C++ compiler")
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32; fused kernels round differently (measured: about 1e-6)
 
 
