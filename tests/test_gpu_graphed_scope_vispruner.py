@@ -5,10 +5,10 @@ without CUDA (tests/test_graphed_scope_vispruner.py checks the routing on the CP
 
 import dataclasses
 import types
-import warnings
 
 import pytest
 import torch
+from test_graphed import capture_failures_raise
 from test_graphed_scope_vispruner import CASES, METHODS, SEEDS, batches, kept_sets, loop_of, rows_of
 from tiny import tiny_llava
 
@@ -28,8 +28,7 @@ def cuda():
 def test_cuda_graphed_kept_set_is_the_eager_one(cuda, monkeypatch, method, budget):
     model = tiny_llava(layers=4).float().to(DEV)
     runs = [b for seed in SEEDS for b in batches(seed, DEV)]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*no CUDA graph")  # a failed capture fails the test
+    with capture_failures_raise():
         got, loop = kept_sets(model, runs, method, budget)
     assert len(loop.graphs) == 2 and not loop.failed  # rows of 1 and of 3 images
     monkeypatch.setattr(graphs, "on_cuda", lambda x: False)  # the same loop, eager
@@ -51,8 +50,7 @@ def test_cuda_uneven_rows_graphed_equal_eager(cuda, monkeypatch, cls, rule, size
                 t, features=t.features.to(DEV), scores=t.scores.to(DEV), present=t.present.to(DEV)
             )
         )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*no CUDA graph")
+    with capture_failures_raise():
         got = [pruner.select(types.SimpleNamespace(run={}, extra_flops=0), t)[1] for t in rows]
     assert loop_of(pruner).graphs and not loop_of(pruner).failed
     monkeypatch.setattr(graphs, "on_cuda", lambda x: False)

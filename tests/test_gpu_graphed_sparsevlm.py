@@ -4,28 +4,21 @@ logits: fp32 tiny LLaVA (grouped-query attention), 3 seeds, batches of one and t
 options that change the graphs' inputs; every loop captured, none failed. Skipped without CUDA
 (tests/test_graphed_sparsevlm.py checks the routing on the CPU with a stand-in capture)."""
 
-import warnings
-
 import pytest
-import torch
-from test_graphed_layer_pruners import SEEDS, batches, same
+from test_gpu_graphed_layer_pruners import cuda_model_and_runs
+from test_graphed import capture_failures_raise
+from test_graphed_layer_pruners import SEEDS, same
 from test_graphed_sparsevlm import IDS, OPTIONS, prefills
-from tiny import tiny_llava
 
 from mmsink.core import graphs
 
 pytestmark = pytest.mark.gpu
-DEV = "cuda"
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=IDS)
 def test_cuda_graphed_equals_eager(monkeypatch, opts):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    model = tiny_llava(layers=8).float().to(DEV)
-    runs = [b for seed in SEEDS for b in batches(seed, DEV)]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*no CUDA graph")  # a failed capture fails the test
+    model, runs = cuda_model_and_runs()
+    with capture_failures_raise():
         got, loops = prefills(model, runs, opts)
     for name, (loop, _) in loops.items():
         assert not loop.failed, name

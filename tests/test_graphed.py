@@ -4,10 +4,21 @@ place, as a graph does): the static inputs are reloaded per call (never a stale 
 signature, the oldest dropped past ``keep``, the result a copy, a failed capture warned once and eager
 after; off CUDA the function runs as such. tests/test_gpu_graphed.py checks a real capture."""
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
 from mmsink.core import graphs
+
+
+@contextlib.contextmanager
+def capture_failures_raise():
+    """A ``Graphed`` capture that fails (warned, then eager) raises instead: the GPU tests fail on it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no CUDA graph")
+        yield
 
 
 def greedy(x, k: int):
