@@ -5,7 +5,8 @@
 
 The model is the bench's (``mmsink bench --shape llava-1.5-7b``: random weights, its prompt of 576 image
 tokens + 65 text tokens, batch 1). Per step configuration (``--configs``: ``base`` = the plain step; else
-``+``-joined ``fuse``, ``write``, ``sdpa`` / ``matmul`` / ``reduce``: ``mmsink.fast.fuse.StepOptions``):
+``+``-joined ``fuse``, ``write``, ``sdpa`` / ``matmul`` / ``reduce`` / ``kernel``:
+``mmsink.fast.fuse.StepOptions``):
 
 - step ms: ``--steps`` decode steps back to back (CUDA-graph replays on GPU; no host work between them),
   CUDA events around them, divided by the count; ``plain``: the same steps as plain (compiled) calls;
@@ -47,7 +48,7 @@ import transformers
 
 import mmsink
 from mmsink.fast import decode as fastmod
-from mmsink.fast.fuse import StepOptions, fused
+from mmsink.fast.fuse import ATTN, StepOptions, fused
 from mmsink.tools.bench import SHAPES, bench_inputs, build, clock_for
 
 CATEGORIES = (
@@ -78,12 +79,11 @@ def options_of(spec: str) -> StepOptions | None:
     for part in spec.split("+"):
         if part in ("fuse", "write"):
             kw[part] = True
-        elif part in ("sdpa", "matmul", "reduce"):
+        elif part in ATTN:
             kw["attn"] = part
         else:
-            raise ValueError(
-                f"unknown step option {part!r} in {spec!r}: use base or fuse/write/sdpa/matmul/reduce"
-            )
+            use = "/".join(("fuse", "write") + ATTN)
+            raise ValueError(f"unknown step option {part!r} in {spec!r}: use base or {use}")
     return StepOptions(**kw)
 
 

@@ -272,6 +272,7 @@ def test_profile_script_keeps_what_it_measured_when_cut(where, tmp_path, monkeyp
         StepOptions(fuse=True, write=True, attn="matmul"),
         StepOptions(fuse=True, write=True, attn="reduce"),
         StepOptions(write=True),
+        StepOptions(fuse=True, attn="kernel"),
     ],
 )
 @pytest.mark.parametrize("method,opts", [(None, {}), ("fastv", {"budget": 6})])

@@ -1,8 +1,8 @@
-"""On a GPU: ``generate_fast``'s decode-step options (fused projections, one KV write, the matmul and reduce
-attention) in CUDA graphs with compile give greedy ``generate``'s tokens (fp32, padded batch, pruned and not;
-``step=None``, the fused default), and ``unwrap`` gives every weight back in its own storage with its values.
-Run before an option became a default on CUDA. tests/test_fast_step.py checks the same on the CPU. Skipped
-without CUDA."""
+"""On a GPU: ``generate_fast``'s decode-step options (fused projections, one KV write, the matmul, reduce
+and Triton-kernel attention) in CUDA graphs with compile give greedy ``generate``'s tokens (fp32, padded
+batch, pruned and not; ``step=None``, the fused default), and ``unwrap`` gives every weight back in its own
+storage with its values. Run before an option became a default on CUDA. tests/test_fast_step.py checks the
+same on the CPU. Skipped without CUDA."""
 
 import pytest
 import torch
@@ -19,6 +19,8 @@ STEPS = [
     StepOptions(fuse=True),
     StepOptions(fuse=True, write=True, attn="matmul"),
     StepOptions(attn="reduce"),
+    StepOptions(fuse=True, attn="kernel"),
+    StepOptions(fuse=True, write=True, attn="kernel"),
 ]
 
 

@@ -16,7 +16,9 @@ a separate write per step. A pruned layer's holes stay: they lie before the prom
 batched matmuls per KV head, a masked fp32 softmax between that the compiler fuses with the mask; the
 scores come out of the matmul in the model's dtype, as in transformers' eager attention), or "reduce"
 (scores and output as element-wise products summed in fp32: the compiler makes them reductions that
-spread over many blocks, where SDPA's kernel gets one block per head at batch 1).
+spread over many blocks, where SDPA's kernel gets one block per head at batch 1), or "kernel" (two Triton
+kernels that also write the new key, value and validity: ``mmsink.fast.decode_kernel``; its torch
+reference on CPU).
 
 VAR layers keep the plain step.
 """
@@ -29,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decode_kernel
 from .decode import STORE, FastDecoder, finish
 
 FUSED = "_mmsink_fused"  # on the model: (layers, per layer {"qkv": (weight, bias), "gu": (weight, bias)})
-ATTN = ("sdpa", "matmul", "reduce")
+ATTN = ("sdpa", "matmul", "reduce", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,12 +189,24 @@ def attend(q, kb, vb, mask, scale: float, how: str):
     return o.reshape(b, h, 1, d)
 
 
+def written(kv, ok, k, v, slot, joint: bool):
+    """The new token's key and value written at ``slot``: (keys, values, valid mask) to attend over."""
+    if joint:
+        kv.index_copy_(3, slot, torch.stack([k, v]))
+        return kv[0], kv[1], ok & (torch.arange(ok.shape[1], device=ok.device) <= slot)
+    kb, vb = kv
+    kb.index_copy_(2, slot, k)
+    vb.index_copy_(2, slot, v)
+    ok.index_fill_(1, slot, True)
+    return kb, vb, ok
+
+
 def make_step(opts: StepOptions):
     """The one-token layer step with ``opts`` (the arithmetic of ``decode.layer_step`` otherwise).
     ``kv``: the layer's joint buffer when ``opts.write`` else (keys, values); ``ok``: its validity (with
     ``write`` set ahead past the prompt); ``joint``: the layer's fused tensors ({} where not fused)."""
 
-    def step(layer, h, cos, sin, kv, ok, slot, heads: int, kv_heads: int, rope, joint):
+    def step(layer, h, cos, sin, kv, ok, start, t, heads: int, kv_heads: int, rope, joint):
         attn = layer.self_attn
         b, n, _ = h.shape
         x = layer.input_layernorm(h)
@@ -206,17 +221,12 @@ def make_step(opts: StepOptions):
         k = k.reshape(b, n, kv_heads, -1).transpose(1, 2)
         v = v.reshape(b, n, kv_heads, -1).transpose(1, 2)
         q, k = rope(q, k, cos, sin)
-        if opts.write:
-            kv.index_copy_(3, slot, torch.stack([k, v]))
-            kb, vb = kv[0], kv[1]
-            mask = ok & (torch.arange(ok.shape[1], device=ok.device) <= slot)
+        if opts.attn == "kernel":  # writes the key, value and validity itself
+            kb, vb = (kv[0], kv[1]) if opts.write else kv
+            o = decode_kernel.attend(q, k, v, kb, vb, ok, start, t, attn.scaling, cut=opts.write)
         else:
-            kb, vb = kv
-            kb.index_copy_(2, slot, k)
-            vb.index_copy_(2, slot, v)
-            ok.index_fill_(1, slot, True)
-            mask = ok
-        o = attend(q, kb, vb, mask, attn.scaling, opts.attn)
+            kb, vb, mask = written(kv, ok, k, v, (start + t).view(1), opts.write)
+            o = attend(q, kb, vb, mask, attn.scaling, opts.attn)
         if "gu" not in joint:
             return finish(layer, h, o)
         h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
@@ -266,7 +276,8 @@ class StepDecoder(FastDecoder):
                 sin.to(dev),
                 self.kv[i] if self.opts.write else (kb, self.v[i]),
                 self.valid[i],
-                (self.start[i] + t.to(dev)).view(1),
+                self.start[i],
+                t.to(dev),
                 self.heads,
                 self.kv_heads,
                 self.rope,

@@ -12,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 16}
+PART=${PART:?set PART=1 to 18}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -227,7 +227,28 @@ case $PART in
     --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
     --out "$OUT/next" --name next_b1_fused
   ;;
-*) say "PART must be 1-16, not $PART"; exit 2 ;;
+17)
+  # the decode step's attention as Triton kernels (mmsink.fast.decode_kernel, attn="kernel": also writes the
+  # new key / value / validity): their GPU tests and generate's tokens through them, then the step profile
+  # against the fused default
+  step pytest 230 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_decode_kernel.py tests/test_gpu_step_options.py tests/test_fast_step.py \
+    -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step prof_decode 260 python evals/profile_decode.py $PROF --device $DEV --configs fuse,fuse+kernel,fuse+write+kernel \
+    --out "$OUT/pd"
+  cp "$SCR/prof_decode.out" "$OUT/prof_decode.log"
+  ;;
+18)
+  # the graphed GPU tests after 25879ef's test helpers, and batch-16 overhead of the four methods above 3 %
+  # with 7 reps
+  step pytest 220 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_gpu_graphed*.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step b16 300 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps 7 \
+    --methods visipruner,vispruner_iccv,cdpruner,visionzip --budgets 64 --out "$OUT/b16" --name overhead_b16_r7
+  ;;
+*) say "PART must be 1-18, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits

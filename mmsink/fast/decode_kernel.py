@@ -1,0 +1,211 @@
+"""The decode step's attention as two Triton kernels that also write the new token's key and value:
+``generate_fast(step=StepOptions(attn="kernel"))``.
+
+    o = attend(q, k, v, kb, vb, ok, start, t, scale, cut=False)
+
+q [B, H, 1, d], k / v [B, KVH, 1, d] (the new token's, rotated), kb / vb [B, KVH, S, d] the layer's
+static buffers, ok [B, S] their valid slots, ``start`` / ``t`` 0-dim long device tensors (the slot written
+is ``start + t``). Writes k / v at the slot (and sets ``ok`` there unless ``cut``: then every slot is
+taken as valid only up to the current one, ``StepOptions.write``'s mask) and returns the attention of q
+over the valid slots, scores, softmax and sums in fp32.
+
+Why by hand: SDPA with a boolean mask at one query costs per layer a mask conversion (a fill and a
+``where``), cuDNN's kernel (one block per head at batch 1) and a reduction, beside the index writes of the
+key, the value, the validity and the slot's add; on the H200's LLaVA-1.5-7B step that was ~0.5 ms of 5.
+Here: one split-KV pass (one program per sample, KV head and chunk of slots, all of that head's query
+heads; the new key / value come from registers and are stored by the chunk that holds the slot) and one
+combine per query head. On CPU (and without Triton) ``reference`` does the same arithmetic in torch; with
+``TRITON_INTERPRET=1`` set before Triton is imported the kernels run on CPU tensors (the tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch reference
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+PROGRAMS = 512  # split-KV programs aimed at per call (the H200 has 132 SMs)
+
+
+def available(device) -> bool:
+    """Whether the kernels run on ``device`` (CUDA with Triton, or any under the interpreter);
+    ``MMSINK_DECODE_KERNEL=0`` turns them off (the torch reference then runs, e.g. to compare)."""
+    if triton is None or os.environ.get("MMSINK_DECODE_KERNEL") == "0":
+        return False
+    return torch.device(device).type == "cuda" or INTERPRET
+
+
+def reference(q, k, v, kb, vb, ok, start, t, scale: float, cut: bool = False):
+    """The kernels' arithmetic in torch (in place on kb / vb / ok as they are)."""
+    slot = (start + t).view(1)
+    kb.index_copy_(2, slot, k)
+    vb.index_copy_(2, slot, v)
+    if cut:
+        mask = ok & (torch.arange(ok.shape[1], device=ok.device) <= slot)
+        mask = mask.index_fill(1, slot, True)
+    else:
+        ok.index_fill_(1, slot, True)
+        mask = ok
+    b, h, _, d = q.shape
+    kvh = kb.shape[1]
+    g = q.float().view(b, kvh, h // kvh, d)  # head i reads KV head i // (h // kvh)
+    s = torch.matmul(g, kb.float().transpose(-1, -2)) * scale
+    p = torch.softmax(s.masked_fill(~mask[:, None, None, :], float("-inf")), -1)
+    return torch.matmul(p, vb.float()).reshape(b, h, 1, d).to(q.dtype)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attn_split(
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, ok_ptr, start_ptr, t_ptr, po_ptr, pm_ptr, pl_ptr,
+        scale, S, CHUNK, NS,
+        sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sok_b,
+        KVH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+        CUT: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = pid // KVH
+        kh = pid % KVH
+        slot = tl.load(start_ptr) + tl.load(t_ptr)
+        gi = tl.arange(0, GP)
+        di = tl.arange(0, D)
+        gm = gi < G
+        h = kh * G + gi
+        q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + di[None, :], mask=gm[:, None], other=0.0)
+        q = q.to(tl.float32)
+        kn = tl.load(kn_ptr + b * skn_b + kh * skn_h + di)
+        vn = tl.load(vn_ptr + b * svn_b + kh * svn_h + di)
+        kbase = k_ptr + b.to(tl.int64) * sk_b + kh * sk_h
+        vbase = v_ptr + b.to(tl.int64) * sv_b + kh * sv_h
+        m = tl.full([GP], float("-inf"), tl.float32)
+        den = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        lo = sp * CHUNK
+        for off in range(0, CHUNK, BLOCK):
+            pos = lo + off + tl.arange(0, BLOCK)
+            inb = pos < S
+            new = pos == slot
+            valid = tl.load(ok_ptr + b * sok_b + pos, mask=inb, other=0) != 0
+            if CUT:
+                valid = valid & (pos <= slot)
+            valid = (valid & inb) | new
+            rd = (inb & (pos != slot))[:, None]
+            kk = tl.load(kbase + pos[:, None] * sk_s + di[None, :], mask=rd, other=0.0)
+            kk = tl.where(new[:, None], kn[None, :], kk).to(tl.float32)
+            s = tl.sum(q[:, None, :] * kk[None, :, :], axis=2) * scale  # [GP, BLOCK]
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: no NaN from -inf - -inf
+            alpha = tl.exp(m - m_use)
+            p = tl.exp(s - m_use[:, None])
+            den = den * alpha + tl.sum(p, axis=1)
+            vv = tl.load(vbase + pos[:, None] * sv_s + di[None, :], mask=rd, other=0.0)
+            vv = tl.where(new[:, None], vn[None, :], vv).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv[None, :, :], axis=1)
+            m = m_new
+        mine = (slot >= lo) & (slot < lo + CHUNK)  # this chunk holds the slot: the new key / value go in
+        tl.store(kbase + slot * sk_s + di, kn.to(k_ptr.dtype.element_ty), mask=mine & (di < D))
+        tl.store(vbase + slot * sv_s + di, vn.to(v_ptr.dtype.element_ty), mask=mine & (di < D))
+        if not CUT:
+            tl.store(ok_ptr + b * sok_b + slot, 1, mask=mine & (kh == 0))
+        row = (b * KVH * G + h) * NS + sp  # [GP]: this chunk's partial results of each query head
+        tl.store(pm_ptr + row, m, mask=gm)
+        tl.store(pl_ptr + row, den, mask=gm)
+        tl.store(po_ptr + row[:, None] * D + di[None, :], acc, mask=gm[:, None])
+
+    @triton.jit
+    def _attn_combine(po_ptr, pm_ptr, pl_ptr, o_ptr, NS, so_b, so_h, H: tl.constexpr, D: tl.constexpr,
+                 NSP: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)  # b * H + h
+        b = pid // H
+        h = pid % H
+        j = tl.arange(0, NSP)
+        jm = j < NS
+        di = tl.arange(0, D)
+        m = tl.load(pm_ptr + pid * NS + j, mask=jm, other=float("-inf"))
+        den = tl.load(pl_ptr + pid * NS + j, mask=jm, other=0.0)
+        top = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+        o = tl.load(po_ptr + (pid * NS + j)[:, None] * D + di[None, :], mask=jm[:, None], other=0.0)
+        out = tl.sum(w[:, None] * o, 0) / tl.sum(w * den, 0)
+        tl.store(o_ptr + b * so_b + h * so_h + di, out.to(o_ptr.dtype.element_ty))
+
+
+def plan(b: int, kvh: int, g: int, s: int) -> tuple[int, int, int]:
+    """(GP, BLOCK, CHUNK): query heads padded to a power of two, slots per loop step (a [GP, BLOCK, d]
+    fp32 product stays within registers) and per program (about ``PROGRAMS`` programs in all)."""
+    gp = max(2, _pow2(g))
+    block = max(16, 64 // gp)
+    per = -(-s * b * kvh // PROGRAMS)
+    return gp, block, max(block, -(-per // block) * block)
+
+
+def launch(q, k, v, kb, vb, ok, start, t, scale: float, cut: bool = False):
+    """The kernels on ``q``'s device (CUDA, or CPU under the interpreter)."""
+    b, h, _, d = q.shape
+    kvh, s = kb.shape[1], kb.shape[2]
+    if d & (d - 1) or kb.stride(3) != 1 or vb.stride(3) != 1 or q.stride(3) != 1:
+        raise ValueError("mmsink: the decode kernel needs a power-of-two head size and rows contiguous in d")
+    g = h // kvh
+    gp, block, chunk = plan(b, kvh, g, s)
+    ns = -(-s // chunk)
+    dev = q.device
+    po = torch.empty(b * h * ns, d, device=dev, dtype=torch.float32)
+    pm = torch.empty(b * h * ns, device=dev, dtype=torch.float32)
+    pl = torch.empty(b * h * ns, device=dev, dtype=torch.float32)
+    o = torch.empty(b, h, 1, d, device=dev, dtype=q.dtype)
+    okb = ok.view(torch.uint8)
+    kn, vn = k[:, :, 0], v[:, :, 0]
+    _attn_split[(b * kvh, ns)](
+        q, kn, vn, kb, vb, okb, start, t, po, pm, pl, float(scale), s, chunk, ns,
+        q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
+        kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), okb.stride(0),
+        KVH=kvh, G=g, GP=gp, D=d, BLOCK=block, CUT=cut, num_warps=4,
+    )  # fmt: skip
+    _attn_combine[(b * h,)](
+        po, pm, pl, o, ns, o.stride(0), o.stride(1), H=h, D=d, NSP=max(2, _pow2(ns)), num_warps=4
+    )
+    return o
+
+
+@torch.library.custom_op("mmsink::decode_attend", mutates_args=("kb", "vb", "ok"))
+def _attend_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kb: torch.Tensor,
+    vb: torch.Tensor,
+    ok: torch.Tensor,
+    start: torch.Tensor,
+    t: torch.Tensor,
+    scale: float,
+    cut: bool,
+) -> torch.Tensor:
+    return launch(q, k, v, kb, vb, ok, start, t, scale, cut)
+
+
+@_attend_op.register_fake
+def _(q, k, v, kb, vb, ok, start, t, scale, cut):
+    return q.new_empty(q.shape)
+
+
+def attend(q, k, v, kb, vb, ok, start, t, scale: float, cut: bool = False):
+    """The kernels where ``available`` (an opaque op to torch.compile, so it stays inside a compiled step
+    and a CUDA graph) for a power-of-two head size, else ``reference``."""
+    d = q.shape[-1]
+    if available(q.device) and not d & (d - 1):
+        return _attend_op(q, k, v, kb, vb, ok, start, t, float(scale), bool(cut))
+    return reference(q, k, v, kb, vb, ok, start, t, scale, cut)

@@ -1,0 +1,223 @@
+"""The decode step's attention kernels (``mmsink.fast.decode_kernel``, ``StepOptions(attn="kernel")``)
+against their torch reference, and the reference against SDPA: the attention output within fp32 rounding
+(one bf16 rounding of the output for bf16 inputs), the buffers written exactly (key, value and validity
+at ``start + t``, nothing else touched).
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, read when the kernels are
+defined, so in a subprocess: this file run as a script prints one JSON line per case); with CUDA the
+``gpu`` tests run them compiled. Cases: GQA (7 query heads per KV head, as Qwen2-VL-7B), several chunks
+per head with the slot at a chunk's first and last position, holes in the validity, the joint buffer's
+mask cut at the slot (``cut``), batch > 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1)
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # bf16: the output rounded once (|o| < 2: 2 ** -7)
+
+BASE = dict(b=1, h=4, kvh=4, s=100, d=16, slot=53, cut=False, dtype="float32")
+CASES = {
+    "plain": {},
+    "gqa": dict(b=2, h=14, kvh=2, s=77, d=32, slot=40),
+    "cut": dict(b=3, h=4, kvh=1, s=300, cut=True, slot=151),
+    "bf16": dict(b=2, h=8, kvh=8, s=64, dtype="bfloat16", slot=10),
+    "slot first": dict(s=256, slot=0),
+    "slot last": dict(s=130, slot=129),
+    "one chunk, batch": dict(b=4, h=2, kvh=2, s=16, slot=9),
+}
+
+
+def inputs(c: dict, seed: int, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, c["dtype"])
+    b, h, kvh, s, d = c["b"], c["h"], c["kvh"], c["s"], c["d"]
+    q = torch.randn(b, 1, h, d, generator=g).to(dt).transpose(1, 2)  # the step's transposed view
+    k, v = (torch.randn(b, kvh, 1, d, generator=g).to(dt) for _ in range(2))
+    kb, vb = (torch.randn(b, kvh, s, d, generator=g).to(dt) for _ in range(2))
+    ok = torch.rand(b, s, generator=g) > 0.3  # holes: a pruned layer's
+    ok[:, c["slot"] :] = c["cut"]  # after the prompt: unset, or set ahead (the joint buffer's mask)
+    t = torch.tensor(3)
+    start = torch.tensor(c["slot"]) - t
+    return [x.to(device) for x in (q, k, v, kb, vb, ok, start, t)]
+
+
+def compare(name: str, seed: int, device="cpu") -> dict:
+    from mmsink.fast import decode_kernel as dk
+
+    c = {**BASE, **CASES[name]}
+    q, k, v, kb, vb, ok, start, t = inputs(c, seed, device)
+    ref = [x.clone() for x in (kb, vb, ok)]
+    want = dk.reference(q, k, v, *ref, start, t, 0.25, c["cut"])
+    before = [x.clone() for x in (kb, vb, ok)]
+    got = dk.launch(q, k, v, kb, vb, ok, start, t, 0.25, c["cut"])
+    slot = c["slot"]
+    touched = [
+        (after != old).nonzero()[:, 2 if after.dim() == 4 else 1].unique().tolist()
+        for after, old in zip((kb, vb, ok), before)
+    ]
+    return dict(
+        err=float((got.float() - want.float()).abs().max()),
+        buffers=all(torch.equal(x, y) for x, y in zip((kb, vb, ok), ref)),
+        only_slot=all(set(x) <= {slot} for x in touched) and touched[0] == [slot],
+        shape=list(got.shape) == [c["b"], c["h"], 1, c["d"]] and got.dtype == q.dtype,
+    )
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Every case and seed through Triton's interpreter, in one subprocess."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        [sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {(r["case"], r["seed"]): r for r in map(json.loads, run.stdout.splitlines())}
+
+
+def check(r: dict, name: str) -> None:
+    dt = getattr(torch, {**BASE, **CASES[name]}["dtype"])
+    assert r["err"] <= BOUND[dt], r
+    assert r["buffers"] and r["only_slot"] and r["shape"], r
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernels_equal_the_reference_interpreted(interpreted, name):
+    for seed in SEEDS:
+        check(interpreted[(name, seed)], name)
+
+
+def test_generate_fast_with_the_kernels_equals_generate(interpreted):
+    """generate_fast's step with ``attn="kernel"`` (interpreter, CPU, fp32; alone and with the joint
+    buffer): greedy generate's tokens on a pruned, left-padded batch."""
+    r = interpreted[("generate_fast", 0)]
+    assert r["kernel_calls"] > 0 and r["same_tokens"], r
+
+
+def fast_vs_generate(device="cpu") -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import batch, prompt, tiny_llava
+
+    import mmsink
+    from mmsink.fast import decode_kernel as dk
+    from mmsink.fast.fuse import StepOptions
+
+    model = tiny_llava().to(device)
+    inputs = {k: v.to(device) for k, v in batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)]).items()}
+    mmsink.wrap(model, prune="fastv", budget=6)
+    calls, plain = [], dk.launch
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return plain(*args, **kwargs)
+
+    dk.launch = counted
+    same = []
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        for write in (False, True):
+            step = StepOptions(fuse=True, write=write, attn="kernel")
+            out = mmsink.generate_fast(model, max_new_tokens=6, compile=False, step=step, **inputs)
+            same.append(bool(torch.equal(out, ref)))
+    dk.launch = plain
+    return dict(kernel_calls=len(calls), same_tokens=all(same))
+
+
+@pytest.mark.parametrize("name", ["plain", "gqa", "cut"])
+def test_reference_is_sdpa_after_the_write(name):
+    """The reference (what the kernels are held to) against SDPA with a boolean mask, fp32."""
+    from mmsink.fast import decode_kernel as dk
+
+    c = {**BASE, **CASES[name]}
+    for seed in SEEDS:
+        q, k, v, kb, vb, ok, start, t = inputs(c, seed)
+        slot = int(start + t)
+        got = dk.reference(q, k, v, kb, vb, ok, start, t, 0.25, c["cut"])
+        assert torch.equal(kb[:, :, slot], k[:, :, 0]) and torch.equal(vb[:, :, slot], v[:, :, 0])
+        mask = ok.clone()
+        mask[:, slot + 1 :] = False
+        mask[:, slot] = True
+        assert c["cut"] or torch.equal(ok, mask)  # the validity was set at the slot
+        want = F.scaled_dot_product_attention(
+            q, kb, vb, attn_mask=mask[:, None, None], scale=0.25, enable_gqa=c["h"] != c["kvh"]
+        )
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_kernels_compile_for_hopper():
+    """Both kernels through Triton's whole compiler for sm_90 (the interpreter does not type-check what the
+    GPU compiler does), at LLaVA-1.5-7B's and Qwen2-VL-7B's head layouts."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels defined for the interpreter")
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mmsink.fast import decode_kernel as dk
+
+    ptr = {n: "*bf16" for n in ("q_ptr", "kn_ptr", "vn_ptr", "k_ptr", "v_ptr", "o_ptr")}
+    ptr.update(ok_ptr="*u8", start_ptr="*i64", t_ptr="*i64", scale="fp32")
+    ptr.update(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32")
+    for fn, consts in [
+        (dk._attn_split, dict(KVH=32, G=1, GP=2, D=128, BLOCK=32, CUT=False)),
+        (dk._attn_split, dict(KVH=4, G=7, GP=8, D=128, BLOCK=16, CUT=True)),
+        (dk._attn_combine, dict(H=32, D=128, NSP=16)),
+    ]:
+        sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in fn.arg_names}
+        src = ASTSource(fn, sig, constexprs=consts)
+        assert triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["cubin"]
+
+
+def test_plan_spreads_the_slots():
+    """Chunks cover every slot in whole loop steps, about PROGRAMS programs at batch 1 (7B layouts)."""
+    from mmsink.fast.decode_kernel import PROGRAMS, plan
+
+    for b, kvh, g, s in [(1, 32, 1, 704), (16, 32, 1, 704), (1, 4, 7, 2600), (1, 32, 1, 16)]:
+        gp, block, chunk = plan(b, kvh, g, s)
+        assert gp >= g and chunk % block == 0 and gp * block <= max(64, 16 * gp)
+        programs = b * kvh * -(-s // chunk)
+        assert programs <= PROGRAMS + b * kvh and (chunk == block or programs > PROGRAMS // 2)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    pytest.importorskip("triton")
+    from mmsink.fast.decode_kernel import available
+
+    monkeypatch.setenv("MMSINK_DECODE_KERNEL", "0")
+    assert not available("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernels_equal_the_reference_cuda(name):
+    pytest.importorskip("triton")
+    for seed in SEEDS:
+        check(compare(name, seed, "cuda"), name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_fast_with_the_kernels_equals_generate_cuda():
+    pytest.importorskip("triton")
+    r = fast_vs_generate("cuda")
+    assert r["kernel_calls"] > 0 and r["same_tokens"], r
+
+
+if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1): one JSON line per result
+    torch.set_num_threads(2)
+    for name in CASES:
+        for seed in SEEDS:
+            print(json.dumps(dict(case=name, seed=seed, **compare(name, seed))), flush=True)
+    print(json.dumps(dict(case="generate_fast", seed=0, **fast_vs_generate())), flush=True)
