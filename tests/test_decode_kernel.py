@@ -6,8 +6,7 @@ at ``start + t``, nothing else touched).
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, read when the kernels are
 defined, so in a subprocess: this file run as a script prints one JSON line per case); with CUDA the
 ``gpu`` tests run them compiled. Cases: GQA (7 query heads per KV head, as Qwen2-VL-7B), several chunks
-per head with the slot at a chunk's first and last position, holes in the validity, the joint buffer's
-mask cut at the slot (``cut``), batch > 1."""
+per head with the slot at a chunk's first and last position, holes in the validity, batch > 1."""
 
 from __future__ import annotations
 
@@ -25,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # bf16: the output rounded once (|o| < 2: 2 ** -7)
 
-BASE = dict(b=1, h=4, kvh=4, s=100, d=16, slot=53, cut=False, dtype="float32")
+BASE = dict(b=1, h=4, kvh=4, s=100, d=16, slot=53, dtype="float32")
 CASES = {
     "plain": {},
     "gqa": dict(b=2, h=14, kvh=2, s=77, d=32, slot=40),
-    "cut": dict(b=3, h=4, kvh=1, s=300, cut=True, slot=151),
+    "gqa, batch": dict(b=3, h=4, kvh=1, s=300, slot=151),
     "bf16": dict(b=2, h=8, kvh=8, s=64, dtype="bfloat16", slot=10),
     "slot first": dict(s=256, slot=0),
     "slot last": dict(s=130, slot=129),
@@ -45,7 +44,7 @@ def inputs(c: dict, seed: int, device="cpu"):
     k, v = (torch.randn(b, kvh, 1, d, generator=g).to(dt) for _ in range(2))
     kb, vb = (torch.randn(b, kvh, s, d, generator=g).to(dt) for _ in range(2))
     ok = torch.rand(b, s, generator=g) > 0.3  # holes: a pruned layer's
-    ok[:, c["slot"] :] = c["cut"]  # after the prompt: unset, or set ahead (the joint buffer's mask)
+    ok[:, c["slot"] :] = False  # after the prompt
     t = torch.tensor(3)
     start = torch.tensor(c["slot"]) - t
     return [x.to(device) for x in (q, k, v, kb, vb, ok, start, t)]
@@ -57,9 +56,9 @@ def compare(name: str, seed: int, device="cpu") -> dict:
     c = {**BASE, **CASES[name]}
     q, k, v, kb, vb, ok, start, t = inputs(c, seed, device)
     ref = [x.clone() for x in (kb, vb, ok)]
-    want = dk.reference(q, k, v, *ref, start, t, 0.25, c["cut"])
+    want = dk.reference(q, k, v, *ref, start, t, 0.25)
     before = [x.clone() for x in (kb, vb, ok)]
-    got = dk.launch(q, k, v, kb, vb, ok, start, t, 0.25, c["cut"])
+    got = dk.launch(q, k, v, kb, vb, ok, start, t, 0.25)
     slot = c["slot"]
     touched = [
         (after != old).nonzero()[:, 2 if after.dim() == 4 else 1].unique().tolist()
@@ -98,8 +97,8 @@ def test_kernels_equal_the_reference_interpreted(interpreted, name):
 
 
 def test_generate_fast_with_the_kernels_equals_generate(interpreted):
-    """generate_fast's step with ``attn="kernel"`` (interpreter, CPU, fp32; alone and with the joint
-    buffer): greedy generate's tokens on a pruned, left-padded batch."""
+    """generate_fast's step with ``attn="kernel"`` (interpreter, CPU, fp32; with and without fused
+    projections): greedy generate's tokens on a pruned, left-padded batch."""
     r = interpreted[("generate_fast", 0)]
     assert r["kernel_calls"] > 0 and r["same_tokens"], r
 
@@ -125,15 +124,15 @@ def fast_vs_generate(device="cpu") -> dict:
     same = []
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        for write in (False, True):
-            step = StepOptions(fuse=True, write=write, attn="kernel")
+        for fused in (False, True):
+            step = StepOptions(fuse=fused, attn="kernel")
             out = mmsink.generate_fast(model, max_new_tokens=6, compile=False, step=step, **inputs)
             same.append(bool(torch.equal(out, ref)))
     dk.launch = plain
     return dict(kernel_calls=len(calls), same_tokens=all(same))
 
 
-@pytest.mark.parametrize("name", ["plain", "gqa", "cut"])
+@pytest.mark.parametrize("name", ["plain", "gqa", "gqa, batch"])
 def test_reference_is_sdpa_after_the_write(name):
     """The reference (what the kernels are held to) against SDPA with a boolean mask, fp32."""
     from mmsink.fast import decode_kernel as dk
@@ -142,12 +141,12 @@ def test_reference_is_sdpa_after_the_write(name):
     for seed in SEEDS:
         q, k, v, kb, vb, ok, start, t = inputs(c, seed)
         slot = int(start + t)
-        got = dk.reference(q, k, v, kb, vb, ok, start, t, 0.25, c["cut"])
+        got = dk.reference(q, k, v, kb, vb, ok, start, t, 0.25)
         assert torch.equal(kb[:, :, slot], k[:, :, 0]) and torch.equal(vb[:, :, slot], v[:, :, 0])
         mask = ok.clone()
         mask[:, slot + 1 :] = False
         mask[:, slot] = True
-        assert c["cut"] or torch.equal(ok, mask)  # the validity was set at the slot
+        assert torch.equal(ok, mask)  # the validity was set at the slot
         want = F.scaled_dot_product_attention(
             q, kb, vb, attn_mask=mask[:, None, None], scale=0.25, enable_gqa=c["h"] != c["kvh"]
         )
@@ -170,8 +169,8 @@ def test_kernels_compile_for_hopper():
     ptr.update(ok_ptr="*u8", start_ptr="*i64", t_ptr="*i64", scale="fp32")
     ptr.update(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32")
     for fn, consts in [
-        (dk._attn_split, dict(KVH=32, G=1, GP=2, D=128, BLOCK=32, CUT=False)),
-        (dk._attn_split, dict(KVH=4, G=7, GP=8, D=128, BLOCK=16, CUT=True)),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64)),
+        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64)),
         (dk._attn_combine, dict(H=32, D=128, NSP=16)),
     ]:
         sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in fn.arg_names}
@@ -180,14 +179,15 @@ def test_kernels_compile_for_hopper():
 
 
 def test_plan_spreads_the_slots():
-    """Chunks cover every slot in whole loop steps, about PROGRAMS programs at batch 1 (7B layouts)."""
+    """Chunks cover every slot in whole loop steps, about PROGRAMS programs (7B layouts, batch 1 and 16)."""
     from mmsink.fast.decode_kernel import PROGRAMS, plan
 
-    for b, kvh, g, s in [(1, 32, 1, 704), (16, 32, 1, 704), (1, 4, 7, 2600), (1, 32, 1, 16)]:
-        gp, block, chunk = plan(b, kvh, g, s)
-        assert gp >= g and chunk % block == 0 and gp * block <= max(64, 16 * gp)
-        programs = b * kvh * -(-s // chunk)
-        assert programs <= PROGRAMS + b * kvh and (chunk == block or programs > PROGRAMS // 2)
+    shapes = [(1, 32, 768, 128), (16, 32, 768, 128), (1, 28, 2688, 128), (1, 32, 16, 128), (2, 4, 77, 32)]
+    for b, h, s, d in shapes:
+        block, chunk = plan(b, h, s, d)
+        assert chunk % block == 0 and block * d <= 8192
+        programs = b * h * -(-s // chunk)
+        assert programs <= PROGRAMS + b * h and (chunk == block or programs > PROGRAMS // 2)
 
 
 def test_switched_off_by_the_environment(monkeypatch):

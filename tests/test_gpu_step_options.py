@@ -20,7 +20,6 @@ STEPS = [
     StepOptions(fuse=True, write=True, attn="matmul"),
     StepOptions(attn="reduce"),
     StepOptions(fuse=True, attn="kernel"),
-    StepOptions(fuse=True, write=True, attn="kernel"),
 ]
 
 

@@ -1,21 +1,22 @@
 """The decode step's attention as two Triton kernels that also write the new token's key and value:
 ``generate_fast(step=StepOptions(attn="kernel"))``.
 
-    o = attend(q, k, v, kb, vb, ok, start, t, scale, cut=False)
+    o = attend(q, k, v, kb, vb, ok, start, t, scale)
 
 q [B, H, 1, d], k / v [B, KVH, 1, d] (the new token's, rotated), kb / vb [B, KVH, S, d] the layer's
 static buffers, ok [B, S] their valid slots, ``start`` / ``t`` 0-dim long device tensors (the slot written
-is ``start + t``). Writes k / v at the slot (and sets ``ok`` there unless ``cut``: then every slot is
-taken as valid only up to the current one, ``StepOptions.write``'s mask) and returns the attention of q
-over the valid slots, scores, softmax and sums in fp32.
+is ``start + t``). Writes k / v and ``ok`` at the slot and returns the attention of q over the valid
+slots, scores, softmax and sums in fp32.
 
 Why by hand: SDPA with a boolean mask at one query costs per layer a mask conversion (a fill and a
 ``where``), cuDNN's kernel (one block per head at batch 1) and a reduction, beside the index writes of the
 key, the value, the validity and the slot's add; on the H200's LLaVA-1.5-7B step that was ~0.5 ms of 5.
-Here: one split-KV pass (one program per sample, KV head and chunk of slots, all of that head's query
-heads; the new key / value come from registers and are stored by the chunk that holds the slot) and one
-combine per query head. On CPU (and without Triton) ``reference`` does the same arithmetic in torch; with
-``TRITON_INTERPRET=1`` set before Triton is imported the kernels run on CPU tensors (the tests).
+Here: one split-KV pass (one program per sample, query head and chunk of slots; the new key / value
+come from registers and are stored by the chunk that holds the slot, for the first query head of each KV
+head) and one combine per query head. A query head of a GQA group reads its KV head's rows again (from
+L2: the other heads' programs run alongside). On CPU (and without Triton) ``reference`` does the same
+arithmetic in torch; with ``TRITON_INTERPRET=1`` set before Triton is imported the kernels run on CPU
+tensors (the tests).
 """
 
 from __future__ import annotations
@@ -42,22 +43,17 @@ def available(device) -> bool:
     return torch.device(device).type == "cuda" or INTERPRET
 
 
-def reference(q, k, v, kb, vb, ok, start, t, scale: float, cut: bool = False):
+def reference(q, k, v, kb, vb, ok, start, t, scale: float):
     """The kernels' arithmetic in torch (in place on kb / vb / ok as they are)."""
     slot = (start + t).view(1)
     kb.index_copy_(2, slot, k)
     vb.index_copy_(2, slot, v)
-    if cut:
-        mask = ok & (torch.arange(ok.shape[1], device=ok.device) <= slot)
-        mask = mask.index_fill(1, slot, True)
-    else:
-        ok.index_fill_(1, slot, True)
-        mask = ok
+    ok.index_fill_(1, slot, True)
     b, h, _, d = q.shape
     kvh = kb.shape[1]
     g = q.float().view(b, kvh, h // kvh, d)  # head i reads KV head i // (h // kvh)
     s = torch.matmul(g, kb.float().transpose(-1, -2)) * scale
-    p = torch.softmax(s.masked_fill(~mask[:, None, None, :], float("-inf")), -1)
+    p = torch.softmax(s.masked_fill(~ok[:, None, None, :], float("-inf")), -1)
     return torch.matmul(p, vb.float()).reshape(b, h, 1, d).to(q.dtype)
 
 
@@ -72,63 +68,55 @@ if triton is not None:
         q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, ok_ptr, start_ptr, t_ptr, po_ptr, pm_ptr, pl_ptr,
         scale, S, CHUNK, NS,
         sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sok_b,
-        KVH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-        CUT: tl.constexpr,
+        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
+        pid = tl.program_id(0)  # b * H + h
         sp = tl.program_id(1)
-        b = pid // KVH
-        kh = pid % KVH
+        b = pid // H
+        h = pid % H
+        kh = h // G
         slot = tl.load(start_ptr) + tl.load(t_ptr)
-        gi = tl.arange(0, GP)
         di = tl.arange(0, D)
-        gm = gi < G
-        h = kh * G + gi
-        q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + di[None, :], mask=gm[:, None], other=0.0)
-        q = q.to(tl.float32)
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + di).to(tl.float32) * scale
         kn = tl.load(kn_ptr + b * skn_b + kh * skn_h + di)
         vn = tl.load(vn_ptr + b * svn_b + kh * svn_h + di)
         kbase = k_ptr + b.to(tl.int64) * sk_b + kh * sk_h
         vbase = v_ptr + b.to(tl.int64) * sv_b + kh * sv_h
-        m = tl.full([GP], float("-inf"), tl.float32)
-        den = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, D], tl.float32)
+        m = tl.full([], float("-inf"), tl.float32)
+        den = tl.zeros([], tl.float32)
+        acc = tl.zeros([D], tl.float32)
         lo = sp * CHUNK
         for off in range(0, CHUNK, BLOCK):
             pos = lo + off + tl.arange(0, BLOCK)
             inb = pos < S
             new = pos == slot
-            valid = tl.load(ok_ptr + b * sok_b + pos, mask=inb, other=0) != 0
-            if CUT:
-                valid = valid & (pos <= slot)
-            valid = (valid & inb) | new
-            rd = (inb & (pos != slot))[:, None]
+            valid = ((tl.load(ok_ptr + b * sok_b + pos, mask=inb, other=0) != 0) & inb) | new
+            rd = (valid & ~new)[:, None]  # rows read from the buffer (masked rows cost no bytes)
             kk = tl.load(kbase + pos[:, None] * sk_s + di[None, :], mask=rd, other=0.0)
             kk = tl.where(new[:, None], kn[None, :], kk).to(tl.float32)
-            s = tl.sum(q[:, None, :] * kk[None, :, :], axis=2) * scale  # [GP, BLOCK]
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
+            s = tl.where(valid, tl.sum(kk * q[None, :], 1), float("-inf"))  # [BLOCK]
+            m_new = tl.maximum(m, tl.max(s, 0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: no NaN from -inf - -inf
             alpha = tl.exp(m - m_use)
-            p = tl.exp(s - m_use[:, None])
-            den = den * alpha + tl.sum(p, axis=1)
+            p = tl.exp(s - m_use)
+            den = den * alpha + tl.sum(p, 0)
             vv = tl.load(vbase + pos[:, None] * sv_s + di[None, :], mask=rd, other=0.0)
             vv = tl.where(new[:, None], vn[None, :], vv).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv[None, :, :], axis=1)
+            acc = acc * alpha + tl.sum(p[:, None] * vv, 0)
             m = m_new
-        mine = (slot >= lo) & (slot < lo + CHUNK)  # this chunk holds the slot: the new key / value go in
+        # the chunk holding the slot stores the new key / value (once per KV head) and the validity
+        mine = (slot >= lo) & (slot < lo + CHUNK) & (h % G == 0)
         tl.store(kbase + slot * sk_s + di, kn.to(k_ptr.dtype.element_ty), mask=mine & (di < D))
         tl.store(vbase + slot * sv_s + di, vn.to(v_ptr.dtype.element_ty), mask=mine & (di < D))
-        if not CUT:
-            tl.store(ok_ptr + b * sok_b + slot, 1, mask=mine & (kh == 0))
-        row = (b * KVH * G + h) * NS + sp  # [GP]: this chunk's partial results of each query head
-        tl.store(pm_ptr + row, m, mask=gm)
-        tl.store(pl_ptr + row, den, mask=gm)
-        tl.store(po_ptr + row[:, None] * D + di[None, :], acc, mask=gm[:, None])
+        tl.store(ok_ptr + b * sok_b + slot, 1, mask=mine & (h == 0))
+        row = pid * NS + sp
+        tl.store(pm_ptr + row, m)
+        tl.store(pl_ptr + row, den)
+        tl.store(po_ptr + row * D + di, acc)
 
     @triton.jit
     def _attn_combine(po_ptr, pm_ptr, pl_ptr, o_ptr, NS, so_b, so_h, H: tl.constexpr, D: tl.constexpr,
-                 NSP: tl.constexpr):  # fmt: skip
+                      NSP: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)  # b * H + h
         b = pid // H
         h = pid % H
@@ -144,23 +132,21 @@ if triton is not None:
         tl.store(o_ptr + b * so_b + h * so_h + di, out.to(o_ptr.dtype.element_ty))
 
 
-def plan(b: int, kvh: int, g: int, s: int) -> tuple[int, int, int]:
-    """(GP, BLOCK, CHUNK): query heads padded to a power of two, slots per loop step (a [GP, BLOCK, d]
-    fp32 product stays within registers) and per program (about ``PROGRAMS`` programs in all)."""
-    gp = max(2, _pow2(g))
-    block = max(16, 64 // gp)
-    per = -(-s * b * kvh // PROGRAMS)
-    return gp, block, max(block, -(-per // block) * block)
+def plan(b: int, h: int, s: int, d: int) -> tuple[int, int]:
+    """(BLOCK, CHUNK): slots per loop step (a [BLOCK, d] fp32 tile of 8k values) and per program (about
+    ``PROGRAMS`` programs in all, whole loop steps)."""
+    block = max(16, min(64, 8192 // d))
+    per = -(-s * b * h // PROGRAMS)
+    return block, max(block, -(-per // block) * block)
 
 
-def launch(q, k, v, kb, vb, ok, start, t, scale: float, cut: bool = False):
+def launch(q, k, v, kb, vb, ok, start, t, scale: float):
     """The kernels on ``q``'s device (CUDA, or CPU under the interpreter)."""
     b, h, _, d = q.shape
     kvh, s = kb.shape[1], kb.shape[2]
     if d & (d - 1) or kb.stride(3) != 1 or vb.stride(3) != 1 or q.stride(3) != 1:
         raise ValueError("mmsink: the decode kernel needs a power-of-two head size and rows contiguous in d")
-    g = h // kvh
-    gp, block, chunk = plan(b, kvh, g, s)
+    block, chunk = plan(b, h, s, d)
     ns = -(-s // chunk)
     dev = q.device
     po = torch.empty(b * h * ns, d, device=dev, dtype=torch.float32)
@@ -169,11 +155,11 @@ def launch(q, k, v, kb, vb, ok, start, t, scale: float, cut: bool = False):
     o = torch.empty(b, h, 1, d, device=dev, dtype=q.dtype)
     okb = ok.view(torch.uint8)
     kn, vn = k[:, :, 0], v[:, :, 0]
-    _attn_split[(b * kvh, ns)](
+    _attn_split[(b * h, ns)](
         q, kn, vn, kb, vb, okb, start, t, po, pm, pl, float(scale), s, chunk, ns,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), okb.stride(0),
-        KVH=kvh, G=g, GP=gp, D=d, BLOCK=block, CUT=cut, num_warps=4,
+        H=h, G=h // kvh, D=d, BLOCK=block, num_warps=4,
     )  # fmt: skip
     _attn_combine[(b * h,)](
         po, pm, pl, o, ns, o.stride(0), o.stride(1), H=h, D=d, NSP=max(2, _pow2(ns)), num_warps=4
@@ -192,20 +178,19 @@ def _attend_op(
     start: torch.Tensor,
     t: torch.Tensor,
     scale: float,
-    cut: bool,
 ) -> torch.Tensor:
-    return launch(q, k, v, kb, vb, ok, start, t, scale, cut)
+    return launch(q, k, v, kb, vb, ok, start, t, scale)
 
 
 @_attend_op.register_fake
-def _(q, k, v, kb, vb, ok, start, t, scale, cut):
+def _(q, k, v, kb, vb, ok, start, t, scale):
     return q.new_empty(q.shape)
 
 
-def attend(q, k, v, kb, vb, ok, start, t, scale: float, cut: bool = False):
+def attend(q, k, v, kb, vb, ok, start, t, scale: float):
     """The kernels where ``available`` (an opaque op to torch.compile, so it stays inside a compiled step
     and a CUDA graph) for a power-of-two head size, else ``reference``."""
     d = q.shape[-1]
     if available(q.device) and not d & (d - 1):
-        return _attend_op(q, k, v, kb, vb, ok, start, t, float(scale), bool(cut))
-    return reference(q, k, v, kb, vb, ok, start, t, scale, cut)
+        return _attend_op(q, k, v, kb, vb, ok, start, t, float(scale))
+    return reference(q, k, v, kb, vb, ok, start, t, scale)

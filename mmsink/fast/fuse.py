@@ -18,7 +18,7 @@ scores come out of the matmul in the model's dtype, as in transformers' eager at
 (scores and output as element-wise products summed in fp32: the compiler makes them reductions that
 spread over many blocks, where SDPA's kernel gets one block per head at batch 1), or "kernel" (two Triton
 kernels that also write the new key, value and validity: ``mmsink.fast.decode_kernel``; its torch
-reference on CPU).
+reference on CPU; not with ``write``: its one write is the kernel's own).
 
 VAR layers keep the plain step.
 """
@@ -47,6 +47,8 @@ class StepOptions:
     def __post_init__(self):
         if self.attn not in ATTN:
             raise ValueError(f"mmsink: step attn must be one of {', '.join(ATTN)}, got {self.attn!r}")
+        if self.write and self.attn == "kernel":
+            raise ValueError("mmsink: step attn='kernel' writes the key, value and validity itself: no write")
 
     @property
     def plain(self) -> bool:
@@ -222,8 +224,7 @@ def make_step(opts: StepOptions):
         v = v.reshape(b, n, kv_heads, -1).transpose(1, 2)
         q, k = rope(q, k, cos, sin)
         if opts.attn == "kernel":  # writes the key, value and validity itself
-            kb, vb = (kv[0], kv[1]) if opts.write else kv
-            o = decode_kernel.attend(q, k, v, kb, vb, ok, start, t, attn.scaling, cut=opts.write)
+            o = decode_kernel.attend(q, k, v, *kv, ok, start, t, attn.scaling)
         else:
             kb, vb, mask = written(kv, ok, k, v, (start + t).view(1), opts.write)
             o = attend(q, kb, vb, mask, attn.scaling, opts.attn)

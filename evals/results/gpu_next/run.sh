@@ -235,7 +235,7 @@ case $PART in
     -p no:cacheprovider tests/test_decode_kernel.py tests/test_gpu_step_options.py tests/test_fast_step.py \
     -m gpu --tb=short -rf
   cp "$SCR/pytest.out" "$OUT/pytest.log"
-  step prof_decode 260 python evals/profile_decode.py $PROF --device $DEV --configs fuse,fuse+kernel,fuse+write+kernel \
+  step prof_decode 260 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse+kernel,kernel \
     --out "$OUT/pd"
   cp "$SCR/prof_decode.out" "$OUT/prof_decode.log"
   ;;
