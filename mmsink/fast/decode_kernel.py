@@ -33,6 +33,7 @@ except ImportError:  # CPU-only installs: the torch reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PROGRAMS = 512  # split-KV programs aimed at per call (the H200 has 132 SMs)
+WARPS = 4
 
 
 def available(device) -> bool:
@@ -93,6 +94,7 @@ if triton is not None:
             valid = ((tl.load(ok_ptr + b * sok_b + pos, mask=inb, other=0) != 0) & inb) | new
             rd = (valid & ~new)[:, None]  # rows read from the buffer (masked rows cost no bytes)
             kk = tl.load(kbase + pos[:, None] * sk_s + di[None, :], mask=rd, other=0.0)
+            vv = tl.load(vbase + pos[:, None] * sv_s + di[None, :], mask=rd, other=0.0)  # both in flight
             kk = tl.where(new[:, None], kn[None, :], kk).to(tl.float32)
             s = tl.where(valid, tl.sum(kk * q[None, :], 1), float("-inf"))  # [BLOCK]
             m_new = tl.maximum(m, tl.max(s, 0))
@@ -100,7 +102,6 @@ if triton is not None:
             alpha = tl.exp(m - m_use)
             p = tl.exp(s - m_use)
             den = den * alpha + tl.sum(p, 0)
-            vv = tl.load(vbase + pos[:, None] * sv_s + di[None, :], mask=rd, other=0.0)
             vv = tl.where(new[:, None], vn[None, :], vv).to(tl.float32)
             acc = acc * alpha + tl.sum(p[:, None] * vv, 0)
             m = m_new
@@ -132,21 +133,22 @@ if triton is not None:
         tl.store(o_ptr + b * so_b + h * so_h + di, out.to(o_ptr.dtype.element_ty))
 
 
-def plan(b: int, h: int, s: int, d: int) -> tuple[int, int]:
-    """(BLOCK, CHUNK): slots per loop step (a [BLOCK, d] fp32 tile of 8k values) and per program (about
-    ``PROGRAMS`` programs in all, whole loop steps)."""
-    block = max(16, min(64, 8192 // d))
-    per = -(-s * b * h // PROGRAMS)
+def plan(b: int, h: int, s: int, d: int, block: int | None = None, programs: int = PROGRAMS):
+    """(BLOCK, CHUNK): slots per loop step (default a [BLOCK, d] fp32 tile of 8k values) and per program
+    (about ``programs`` programs in all, whole loop steps)."""
+    block = block or max(16, min(64, 8192 // d))
+    per = -(-s * b * h // programs)
     return block, max(block, -(-per // block) * block)
 
 
-def launch(q, k, v, kb, vb, ok, start, t, scale: float):
-    """The kernels on ``q``'s device (CUDA, or CPU under the interpreter)."""
+def launch(q, k, v, kb, vb, ok, start, t, scale: float, block=None, programs=PROGRAMS, warps=WARPS):
+    """The kernels on ``q``'s device (CUDA, or CPU under the interpreter); ``block`` / ``programs`` /
+    ``warps``: ``plan``'s and the split kernel's (evals/decode_kernel_speed.py tries others)."""
     b, h, _, d = q.shape
     kvh, s = kb.shape[1], kb.shape[2]
     if d & (d - 1) or kb.stride(3) != 1 or vb.stride(3) != 1 or q.stride(3) != 1:
         raise ValueError("mmsink: the decode kernel needs a power-of-two head size and rows contiguous in d")
-    block, chunk = plan(b, h, s, d)
+    block, chunk = plan(b, h, s, d, block, programs)
     ns = -(-s // chunk)
     dev = q.device
     po = torch.empty(b * h * ns, d, device=dev, dtype=torch.float32)
@@ -159,7 +161,7 @@ def launch(q, k, v, kb, vb, ok, start, t, scale: float):
         q, kn, vn, kb, vb, okb, start, t, po, pm, pl, float(scale), s, chunk, ns,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), okb.stride(0),
-        H=h, G=h // kvh, D=d, BLOCK=block, num_warps=4,
+        H=h, G=h // kvh, D=d, BLOCK=block, num_warps=warps,
     )  # fmt: skip
     _attn_combine[(b * h,)](
         po, pm, pl, o, ns, o.stride(0), o.stride(1), H=h, D=d, NSP=max(2, _pow2(ns)), num_warps=4

@@ -12,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 18}
+PART=${PART:?set PART=1 to 19}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -248,7 +248,16 @@ case $PART in
   step b16 300 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps 7 \
     --methods visipruner,vispruner_iccv,cdpruner,visionzip --budgets 64 --out "$OUT/b16" --name overhead_b16_r7
   ;;
-*) say "PART must be 1-18, not $PART"; exit 2 ;;
+19)
+  # the decode kernels after moving the value read up: one layer against SDPA + index writes at five 7B
+  # shapes and 18 block / program / warp choices, and their GPU tests
+  step dk_speed 200 python evals/decode_kernel_speed.py --out "$OUT/dk"
+  cp "$SCR/dk_speed.out" "$OUT/dk_speed.log"
+  step pytest 120 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py \
+    -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  ;;
+*) say "PART must be 1-19, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits

@@ -1,0 +1,195 @@
+"""One layer's decode attention at 7B shapes: the Triton kernels (``mmsink.fast.decode_kernel``, which also
+write the new key / value / validity) against what the plain step does (index writes of key, value and
+validity, then SDPA with the boolean mask), and the kernels' block / program / warp choices.
+
+    python evals/decode_kernel_speed.py --out evals/results/decode_kernel   # one GPU
+    python evals/decode_kernel_speed.py --tiny --out /tmp/dk                # CPU: checks the code path
+
+Each variant is captured as a CUDA graph of ``--layers`` calls (one per layer's own buffers, so the reads
+come from HBM as in the step, not from L2) and replayed ``--reps`` times, alternated variant by variant;
+microseconds per layer call, median of the reps (CUDA events). The read floor: the valid keys' and values'
+bytes at the GPU's measured copy bandwidth (a device-to-device copy of the same buffers, timed alike).
+JSON + Markdown to ``--out``, rewritten after each shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmsink.fast import decode_kernel as dk
+
+# (name, batch, heads, kv heads, slots, valid slots): LLaVA-1.5-7B (641-token prompt + 64), LLaVA-NeXT-7B
+# unpruned (2928 + text) and pruned to 320, a batch of 16, Qwen2-VL-7B (GQA 28 / 4)
+SHAPES = [
+    ("llava-1.5-7b b1", 1, 32, 32, 768, 705),
+    ("llava-next-7b b1", 1, 32, 32, 3072, 3050),
+    ("llava-next-7b b1 pruned 320", 1, 32, 32, 512, 450),
+    ("llava-1.5-7b b16", 16, 32, 32, 768, 705),
+    ("qwen2-vl-7b b1", 1, 28, 4, 2688, 2600),
+]
+TINY = [("tiny", 2, 4, 2, 96, 80)]
+TUNES = [
+    dict(block=bl, programs=pr, warps=w)
+    for bl, pr, w in itertools.product((32, 64), (256, 512, 1024), (2, 4, 8))
+]
+
+
+def inputs(b, h, kvh, s, n, layers, dev, dtype):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(b, 1, h, 128 if dev == "cuda" else 16, generator=g).to(dev, dtype).transpose(1, 2)
+    d = q.shape[-1]
+    k, v = (torch.randn(b, kvh, 1, d, generator=g).to(dev, dtype) for _ in range(2))
+    bufs = []
+    for _ in range(layers):
+        kb, vb = (torch.randn(b, kvh, s, d, generator=g).to(dev, dtype) for _ in range(2))
+        ok = torch.zeros(b, s, dtype=torch.bool, device=dev)
+        ok[:, : n - 1] = True
+        bufs.append((kb, vb, ok))
+    start = torch.tensor(n - 1, device=dev)
+    t = torch.zeros((), dtype=torch.long, device=dev)
+    return q, k, v, bufs, start, t
+
+
+def plain(q, k, v, kb, vb, ok, start, t, scale):
+    slot = (start + t).view(1)
+    kb.index_copy_(2, slot, k)
+    vb.index_copy_(2, slot, v)
+    ok.index_fill_(1, slot, True)
+    gqa = q.shape[1] != kb.shape[1]
+    return F.scaled_dot_product_attention(
+        q, kb, vb, attn_mask=ok[:, None, None, :], scale=scale, enable_gqa=gqa
+    )
+
+
+def timer(fn, dev, reps_inner=1):
+    """A callable returning microseconds of one ``fn()`` (CUDA graph replay on GPU, plain on CPU)."""
+    if dev != "cuda":
+
+        def run():
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e6
+
+        return run
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def run():
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) * 1e3
+
+    return run
+
+
+def measure(shape, dev, dtype, layers, reps, tunes):
+    name, b, h, kvh, s, n = shape
+    q, k, v, bufs, start, t = inputs(b, h, kvh, s, n, layers, dev, dtype)
+    scale = q.shape[-1] ** -0.5
+    variants = {"sdpa + index writes": lambda: [plain(q, k, v, *x, start, t, scale) for x in bufs]}
+    variants["kernel (default)"] = lambda: [dk.launch(q, k, v, *x, start, t, scale) for x in bufs]
+    for tu in tunes:
+        key = f"kernel block {tu['block']} programs {tu['programs']} warps {tu['warps']}"
+        variants[key] = lambda tu=tu: [dk.launch(q, k, v, *x, start, t, scale, **tu) for x in bufs]
+    src = [torch.cat([x[0][:, :, :n], x[1][:, :, :n]]) for x in bufs]
+    dst = [torch.empty_like(x) for x in src]
+    variants["copy of the valid keys and values"] = lambda: [d_.copy_(s_) for d_, s_ in zip(dst, src)]
+    runs = {key: timer(fn, dev) for key, fn in variants.items()}
+    times = {key: [] for key in runs}
+    for _ in range(reps):
+        for key, run in runs.items():
+            times[key].append(run() / layers)
+    med = {key: statistics.median(v_) for key, v_ in times.items()}
+    nbytes = src[0].numel() * src[0].element_size()
+    copy_us = med.pop("copy of the valid keys and values")
+    floor = (
+        nbytes / (2 * nbytes / (copy_us * 1e-6)) * 1e6
+    )  # read-only bytes at the copy's rate (read + write)
+    return dict(
+        shape=name, batch=b, heads=h, kv_heads=kvh, slots=s, valid=n, kv_bytes=nbytes,
+        copy_us=round(copy_us, 2), read_floor_us=round(floor, 2),
+        us={key: round(v_, 2) for key, v_ in med.items()},
+    )  # fmt: skip
+
+
+def table(res) -> str:
+    out = [f"Command: `{res['command']}`  ", f"Machine: {res['machine']}, torch {res['torch']}\n"]
+    out.append(
+        "One layer's decode attention, microseconds per call (median of the reps; each variant captured "
+        f"as a CUDA graph of {res['layers']} calls on separate buffers). Read floor: the valid keys' and "
+        "values' bytes read at the rate of a device copy of them.\n"
+    )
+    for r in res["shapes"]:
+        base = r["us"]["sdpa + index writes"]
+        heads = f"{r['heads']} / {r['kv_heads']} heads"
+        valid = f"{r['valid']} of {r['slots']} slots valid; read floor {r['read_floor_us']} us"
+        out.append(f"\n**{r['shape']}** (batch {r['batch']}, {heads}, {valid})\n")
+        out.append("| variant | us / layer | vs sdpa |\n|---|---|---|")
+        for key, us in sorted(r["us"].items(), key=lambda kv: kv[1]):
+            out.append(f"| {key} | {us:.2f} | {us / base:.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--layers", type=int, default=None, help="calls per graph (default 32; --tiny 2)")
+    ap.add_argument("--reps", type=int, default=None, help="default 20; --tiny 2")
+    ap.add_argument("--no-tunes", action="store_true", help="only the default kernel against SDPA")
+    args = ap.parse_args(argv)
+    dev = "cpu" if args.tiny else "cuda"
+    if dev == "cuda" and not torch.cuda.is_available():
+        sys.exit("decode_kernel_speed: needs CUDA (or --tiny)")
+    if not dk.available(dev) and not args.tiny:
+        sys.exit("decode_kernel_speed: Triton is not available")
+    layers = args.layers or (2 if args.tiny else 32)
+    reps = args.reps or (2 if args.tiny else 20)
+    tunes = [] if args.no_tunes or args.tiny else TUNES
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = dict(
+        command="python " + " ".join(sys.argv),
+        machine=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        torch=torch.__version__, layers=layers, reps=reps, shapes=[],
+    )  # fmt: skip
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    for shape in TINY if args.tiny else SHAPES:
+        print(f"[decode_kernel_speed] {shape[0]}", flush=True)
+        if args.tiny and not dk.available(dev):
+            dk_launch, dk.launch = (
+                dk.launch,
+                lambda q, k, v, kb, vb, ok, st, t, sc, **_: dk.reference(q, k, v, kb, vb, ok, st, t, sc),
+            )  # the CPU path: the reference stands in, the script's code runs
+            try:
+                res["shapes"].append(measure(shape, dev, dtype, layers, reps, tunes))
+            finally:
+                dk.launch = dk_launch
+        else:
+            res["shapes"].append(measure(shape, dev, dtype, layers, reps, tunes))
+        (out / "decode_kernel_speed.json").write_text(json.dumps(res, indent=1))
+        (out / "decode_kernel_speed.md").write_text(table(res))
+        print(table(dict(res, shapes=res["shapes"][-1:])), flush=True)
+
+
+if __name__ == "__main__":
+    main()
