@@ -161,9 +161,13 @@ def test_bad_options(llava):
         mmsink.generate_fast(llava, max_new_tokens=2, step={"fuse": True}, **inputs)
 
 
-def test_fused_step_is_the_default_on_one_gpu_only(llava):
+def test_fused_step_is_the_default_on_one_gpu_only(llava, monkeypatch):
     """step=None: the fused step where graphs and compile run on one GPU (tests/test_gpu_step_options.py
-    runs it on CUDA), the plain one elsewhere; ``{}`` is the plain step everywhere."""
+    runs it on CUDA), with the decode kernels where Triton imports; the plain one elsewhere; ``{}`` is the
+    plain step everywhere."""
+    kernel = "kernel" if fuse.decode_kernel.triton is not None else "sdpa"
+    assert fuse.default_options(None, True) == StepOptions(fuse=True, attn=kernel)
+    monkeypatch.setenv("MMSINK_DECODE_KERNEL", "0")
     assert fuse.default_options(None, True) == StepOptions(fuse=True)
     assert fuse.default_options(None, False) is None and fuse.default_options({}, True) is None
     assert fuse.default_options({"attn": "reduce"}, True) == StepOptions(attn="reduce")

@@ -1,5 +1,5 @@
-"""Fewer kernels per decode step: options of ``generate_fast(..., step=StepOptions(...))`` (all off by
-default until measured on the GPU; ``evals/profile_decode.py`` measures them).
+"""Fewer kernels per decode step: options of ``generate_fast(..., step=StepOptions(...))``
+(``evals/profile_decode.py`` measures them; ``default_options``: what ``step=None`` runs).
 
 ``fuse``: q / k / v as one GEMV and gate / up as one GEMV per layer. The weights are not copied: each
 group's weights move into one concatenated tensor whose row slices become the modules' parameters (so the
@@ -70,9 +70,12 @@ def options(step) -> StepOptions | None:
 
 
 def default_options(step, fast_gpu: bool) -> StepOptions | None:
-    """``options(step)``; ``step=None`` on ``fast_gpu`` (graphs and compile on one GPU) is the fused step, a
-    default since tests/test_gpu_step_options.py passed on the H200 (a LLaVA-1.5-7B step 5.5 -> 5.0 ms)."""
-    return StepOptions(fuse=True) if step is None and fast_gpu else options(step)
+    """``options(step)``; ``step=None`` on ``fast_gpu`` (graphs and compile on one GPU) is the fused step
+    (a default since tests/test_gpu_step_options.py passed on the H200: a LLaVA-1.5-7B step 5.5 -> 5.0 ms),
+    with the decode kernels' attention where Triton is there (the same tests, 4.84 -> 4.67 ms)."""
+    if step is None and fast_gpu:
+        return StepOptions(fuse=True, attn="kernel" if decode_kernel.available("cuda") else "sdpa")
+    return options(step)
 
 
 # ------------------------------------------------------------------------------ fused weights
