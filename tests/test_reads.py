@@ -60,6 +60,19 @@ def spy_widths(monkeypatch, module) -> list:
     return seen
 
 
+def visipruner_prefill(model, data, **opts):
+    """(mmsink's reads in one VisiPruner prefill, logits, kept indices, per-sample FLOPs, fusion layers)."""
+    mmsink.wrap(model, prune="visipruner", **opts)
+    try:
+        with torch.no_grad(), DeviceReads() as r:
+            logits = model(**data).logits
+        st = mmsink.stats(model)
+    finally:
+        mmsink.unwrap(model)
+    reads = sum(c for s, c in r.sites.items() if "/mmsink/" in s and "/transformers/" not in s)
+    return reads, logits, st.kept_indices, st.extra["sample_prefill_flops"], st.extra["fusion_layer"]
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llava(layers=8)
@@ -105,20 +118,8 @@ def test_visipruner_fixed_budget_reads_twice_at_any_depth(monkeypatch, layers, t
     fallback; bitwise when no sample fuses early."""
     model = tiny_llava(layers=layers)
     data = batch([prompt(5, 7, images=2, seed=1), prompt(2, 4, seed=2), prompt(3, 9, seed=3)])
-    got = {}
-    for masked in (True, False):
-        mmsink.wrap(
-            model, prune="visipruner", budget=5, layer_threshold=threshold, mask_until_fallback=masked
-        )
-        try:
-            with torch.no_grad(), DeviceReads() as r:
-                logits = model(**data).logits
-            st = mmsink.stats(model)
-        finally:
-            mmsink.unwrap(model)
-        reads = sum(c for s, c in r.sites.items() if "/mmsink/" in s)
-        extra = st.extra
-        got[masked] = (reads, logits, st.kept_indices, extra["sample_prefill_flops"], extra["fusion_layer"])
+    opts = {"budget": 5, "layer_threshold": threshold}
+    got = {m: visipruner_prefill(model, data, **opts, mask_until_fallback=m) for m in (True, False)}
     fallback, first = layers // 2, round(6 * layers / 32) + 1  # the first observed layer: S + 1
     fused = got[True][4]
     assert got[True][0] == 2

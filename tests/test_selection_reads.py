@@ -8,31 +8,17 @@ as ``evals/selection_ops.py`` does."""
 
 import pytest
 import torch
+from test_reads import visipruner_prefill
 from test_selection_syncs import selection_syncs
 from tiny import batch, prompt, tiny_llava
 
-import mmsink
 from mmsink.pruners.visipruner import MASK_BATCH, VisiPruner
-from mmsink.tools.reads import DeviceReads
 
 
 def prompts(n: int) -> list:
     """``n`` prompts of different lengths (a padded batch), one with two images."""
     out = [prompt(2 + i % 4, 4 + (3 * i) % 7, images=2 if i == 1 else 1, seed=i + 1) for i in range(n)]
     return out
-
-
-def prefill(model, data, **opts):
-    """(mmsink's reads in one prefill, logits, kept indices, per-sample FLOPs, fusion layers)."""
-    mmsink.wrap(model, prune="visipruner", **opts)
-    try:
-        with torch.no_grad(), DeviceReads() as r:
-            logits = model(**data).logits
-        st = mmsink.stats(model)
-    finally:
-        mmsink.unwrap(model)
-    reads = sum(c for s, c in r.sites.items() if "/mmsink/" in s and "/transformers/" not in s)
-    return reads, logits, st.kept_indices, st.extra["sample_prefill_flops"], st.extra["fusion_layer"]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +33,8 @@ def test_visipruner_batch_reads_twice(model, threshold):
     per-sample FLOPs and fusion layers, logits within float rounding (bitwise when no sample fuses
     early)."""
     data = batch(prompts(MASK_BATCH), seed=3)
-    auto = prefill(model, data, budget=5, layer_threshold=threshold, mask_until_fallback=None)
-    gather = prefill(model, data, budget=5, layer_threshold=threshold)  # the default
+    auto = visipruner_prefill(model, data, budget=5, layer_threshold=threshold, mask_until_fallback=None)
+    gather = visipruner_prefill(model, data, budget=5, layer_threshold=threshold)  # the default
     first, fallback = round(6 * 16 / 32) + 1, 16 // 2
     assert auto[0] == 2
     assert gather[0] == 1 + max(gather[4]) - first + 1
@@ -65,9 +51,9 @@ def test_visipruner_small_batch_still_gathers_per_layer(model):
     """Below MASK_BATCH ``None`` is the read-per-layer path (a lone sample that fuses early runs narrow
     from the next layer on), as the default is; ``mask_until_fallback=True`` forces the masked one."""
     data = batch(prompts(2), seed=3)
-    auto = prefill(model, data, budget=5, mask_until_fallback=None)
-    gather = prefill(model, data, budget=5)
-    masked = prefill(model, data, budget=5, mask_until_fallback=True)
+    auto = visipruner_prefill(model, data, budget=5, mask_until_fallback=None)
+    gather = visipruner_prefill(model, data, budget=5)
+    masked = visipruner_prefill(model, data, budget=5, mask_until_fallback=True)
     assert auto[0] == gather[0] > 2 and masked[0] == 2
     assert auto[2:] == gather[2:] == masked[2:]
 

@@ -273,11 +273,13 @@ def test_one_compiled_call_per_var_layer(monkeypatch):
     assert got[True][1] == got[False][1] and torch.equal(got[True][2], got[False][2])
 
 
-@pytest.mark.parametrize("math", [True, False])
-def test_edited_output_writes_the_edited_rows(math):
-    """The compiled region's edit (``edited_output``, run here as plain code): rows placed by ``inv`` (no
-    copy of the plain output then a scatter) equal the eager path's scatter of ``edited_rows``, with a
-    padded row list and rows out of order; the other rows keep the plain output bitwise."""
+@pytest.mark.parametrize("lse", ["math", "unpadded", "padded"])
+def test_edited_output_writes_the_edited_rows(lse):
+    """The edit both paths run (``edit_rows``): as the compiled region gets it (``edited_output``, run here
+    as plain code; math or unpadded log-sum-exp) and as the eager path calls it (``edit_index`` made
+    apart, the padded kernel's log-sum-exp). With a padded row list and rows out of order, each edited row
+    equals VAR's redistribution of its explicit attention row (``redistribute_rows`` on the full
+    probabilities, then times v); the other rows keep the plain output bitwise."""
     torch.manual_seed(0)
     b, h, n, d = 2, 4, 10, 8
     q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
@@ -287,31 +289,22 @@ def test_edited_output_writes_the_edited_rows(math):
     codes[:, 0], codes[:, 2:7], codes[:, 4] = var_mod.TEXT_SINK, var_mod.VISUAL, var_mod.VISUAL_SINK
     valid = torch.ones(b, n, dtype=torch.bool)
     ri = torch.tensor([[9, 7, 8], [8, 9, -1]])
+    inv = var_mod.row_places(ri, n)
     cfg = VARConfig(**{**VAR, "rho": 0.0, "image_mass": 0.0})
-    got = var_mod.edited_output(
-        q, k, v, out, codes, valid, allowed, ri, var_mod.row_places(ri, n), 0.35, cfg, math
-    )
-    safe = ri.clamp(min=0)
-    allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, 1, -1, n))
-    lse = attention.attention_lse_math if math else var_mod.attention_lse_unpadded
-    vec = var_mod.code_vector(q.device)
-    args = (
-        codes,
-        valid,
-        vec,
-        safe.repeat(1, len(var_mod.CODES)),
-        allowed_r,
-        safe,
-        (ri >= 0)[:, None, :, None],
-    )
-    new, idx = var_mod.edited_rows(q, k, v, out, *args, 0.35, cfg, lse)
-    want = out.clone().scatter_(2, idx, new).transpose(1, 2)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    if lse == "padded":
+        index = var_mod.edit_index(allowed, ri, inv)
+        vec = var_mod.code_vector(q.device)
+        got = var_mod.edit_rows(q, k, v, out, codes, valid, index, 0.35, cfg, attention.attention_lse, vec)
+    else:
+        got = var_mod.edited_output(q, k, v, out, codes, valid, allowed, ri, inv, 0.35, cfg, lse == "math")
+    probs = torch.softmax((q @ k.transpose(-1, -2) * 0.35).masked_fill(~allowed, float("-inf")), -1)
     edited = torch.zeros(b, n, dtype=torch.bool)
     edited[0, [7, 8, 9]] = edited[1, [8, 9]] = True
-    assert torch.equal(
-        got.transpose(1, 2)[~edited[:, None].expand(-1, h, -1)], out[~edited[:, None].expand(-1, h, -1)]
-    )
-    assert (got.transpose(1, 2) - out)[
-        edited[:, None].expand(-1, h, -1)
-    ].abs().min() > 0  # every edited row moved
+    want = out.clone()
+    for i, r in edited.nonzero().tolist():
+        row = var_mod.redistribute_rows(probs[i : i + 1, :, r], codes[i : i + 1], torch.tensor([True]), cfg)
+        want[i, :, r] = (row[..., None] * v[i : i + 1]).sum(2)[0]
+    torch.testing.assert_close(got.transpose(1, 2), want, atol=1e-5, rtol=1e-5)
+    plain = ~edited[:, None].expand(-1, h, -1)
+    assert torch.equal(got.transpose(1, 2)[plain], out[plain])
+    assert (want - probs @ v)[~plain].abs().amax(-1).min() > 1e-3  # VAR moved every edited row

@@ -273,7 +273,8 @@ def anchor_probs(ctx: Prefill, observed: dict) -> torch.Tensor:
 
 def anchor_softmax(q, k, prompt, scale) -> torch.Tensor:
     """The anchor row's softmax over the ``prompt`` slots [B, H, n] (fp32) from ``q`` [B, H, d] and ``k``
-    [B, Hkv, n, d]; device ops only (``anchor_probs``; VisiPruner's graphed step)."""
+    [B, Hkv, n, d]; device ops only (``anchor_probs``; VisiPruner's graphed step; PDrop's ``rank_and_pick``,
+    with fp32 inputs)."""
     h, hkv = q.shape[1], k.shape[1]
     kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
     logits = torch.einsum("bhd,bhnd->bhn", q, kk).float() * scale

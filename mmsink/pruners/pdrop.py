@@ -35,7 +35,15 @@ import torch
 
 from ..core.graphs import Graphed
 from ..core.plan import layer_device
-from .base import Pruner, budget_fraction, image_candidates, pick_per_image, register, topk_counts
+from .base import (
+    Pruner,
+    anchor_softmax,
+    budget_fraction,
+    image_candidates,
+    pick_per_image,
+    register,
+    topk_counts,
+)
 
 SCALES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
 MIN_RATIO = 0.25
@@ -182,11 +190,9 @@ def rank_and_pick(q, k, cos, sin, anchor, prompt, img, orig, rope, scaling: floa
     # the rotary's other argument is a one-slot stand-in (its output is dropped): not a second full rotation
     q = rope(q, q[:, :1], cos.gather(1, idx), sin.gather(1, idx))[0]
     k = rope(k[:, :1, :1], k, cos, sin)[1]
-    h, hkv = q.shape[1], k.shape[1]
-    kk = k.repeat_interleave(h // hkv, dim=1) if h != hkv else k
-    logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), kk.float()) * scaling
-    probs = torch.softmax(logits.masked_fill(~prompt[:, None], float("-inf")), -1)
-    score = probs.mean(1)
+    # upcast before the product: PDrop's logits are an fp32 product (anchor_softmax multiplies in its
+    # inputs' dtype)
+    score = anchor_softmax(q[:, :, 0].float(), k.float(), prompt, scaling).mean(1)
     # k: truncation, as the host's int()
     images = image_candidates(img, orig, lambda n, cur: (n.double() * frac).long(), joint)
     return pick_per_image(score, images, img)

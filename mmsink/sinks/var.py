@@ -194,35 +194,38 @@ def attention_lse_unpadded(q, k, v, allowed, scale):
     return attention_lse(q, k, v, allowed, scale, (allowed.any(-1), bias))
 
 
-def edited_rows(q, kk, vv, out, codes, valid, vec, rows_g, allowed_r, safe, real, scale, cfg, lse):
-    """The edited rows' new outputs [B, H, R, d] in ``out``'s dtype (padding rows: ``out``'s own) and
-    their indices into the query axis, expanded over heads and the head dimension. ``lse``: the grouped
-    attention (``attention_lse`` or its math or unpadded form)."""
+def edited_output(q, kk, vv, out, codes, valid, allowed, ri, inv, scale, cfg, math):
+    """``edit_rows`` as the compiler gets it (one region for everything after the plain attention; the
+    log-sum-exp's math form for eager attention, else the unpadded one): the rows' masks and indices are
+    made in the region from ``allowed``, ``ri`` and ``inv`` (``edit_index``), fewer inputs (each costs the
+    call a guard and a check)."""
+    lse = attention_lse_math if math else attention_lse_unpadded
+    return edit_rows(q, kk, vv, out, codes, valid, edit_index(allowed, ri, inv), scale, cfg, lse)
+
+
+def edit_index(allowed, ri, inv) -> tuple:
+    """What ``edit_rows`` needs of the edited rows, from ``allowed`` [B, 1, n, kv], ``ri`` [B, R] (the
+    edited rows, -1 padding) and ``inv`` [B, n] (each row's place in ``ri``, -1 if not edited): their key
+    masks [B, 1, R, kv], the rows once per group (group-major) [B, G*R], and each query row's place and
+    whether it is edited [B, 1, n, 1]. Made in the compiled region, or once per segment when eager."""
+    safe = ri.clamp(min=0)  # padding rows compute row 0's edit, which no row reads
+    allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, allowed.shape[3]))
+    at = inv.clamp(min=0)[:, None, :, None]
+    return allowed_r, safe.repeat(1, len(CODES)), at, (inv >= 0)[:, None, :, None]
+
+
+def edit_rows(q, kk, vv, out, codes, valid, index, scale, cfg, lse, vec=None):
+    """``out`` (the plain attention [B, H, n, d]) with the edited rows replaced, as [B, n, H, d], compiled
+    (``edited_output``) or eager (``var_attention``): written in one pass, no copy of ``out`` then a
+    scatter. ``index``: ``edit_index``'s; ``lse``: the grouped attention (``attention_lse`` or its math or
+    unpadded form); ``vec``: ``code_vector``'s, when the caller has it."""
+    allowed_r, rows_g, at, edited = index
     h, d = q.shape[1], q.shape[3]
     groups, has_vs = groups_of(codes, valid, vec)
     qg = q.gather(2, rows_g[:, None, :, None].expand(-1, h, -1, d))
     outs, masses = group_parts(qg, kk, vv, allowed_r, groups, scale, lse)
-    new = var_mix(cfg, outs, masses, has_vs)
-    idx = safe[:, None, :, None].expand(-1, h, -1, d)
-    return torch.where(real, new.to(out.dtype), out.gather(2, idx)), idx
-
-
-def edited_output(q, kk, vv, out, codes, valid, allowed, ri, inv, scale, cfg, math):
-    """``out`` (the plain attention [B, H, n, d]) with the edited rows replaced, as [B, n, H, d]: what the
-    compiler gets (one region for everything after the plain attention). The rows' masks and indices
-    come from ``allowed`` [B, 1, n, kv], ``ri`` [B, R] (the edited rows, -1 padding) and ``inv`` [B, n]
-    (each row's place in ``ri``, -1 if not edited), in the region: fewer inputs (each costs the call a
-    guard and a check) and the output written in one pass, no copy of ``out`` then a scatter."""
-    h, d, kv = q.shape[1], q.shape[3], kk.shape[2]
-    safe = ri.clamp(min=0)  # padding rows compute row 0's edit, which no row reads
-    allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
-    groups, has_vs = groups_of(codes, valid)
-    qg = q.gather(2, safe.repeat(1, len(CODES))[:, None, :, None].expand(-1, h, -1, d))
-    lse = attention_lse_math if math else attention_lse_unpadded
-    outs, masses = group_parts(qg, kk, vv, allowed_r, groups, scale, lse)
     new = var_mix(cfg, outs, masses, has_vs).to(out.dtype)
-    at = inv.clamp(min=0)[:, None, :, None].expand(-1, h, -1, d)
-    return torch.where((inv >= 0)[:, None, :, None], new.gather(2, at), out).transpose(1, 2).contiguous()
+    return torch.where(edited, new.gather(2, at.expand(-1, h, -1, d)), out).transpose(1, 2).contiguous()
 
 
 def prefill_edit(q, kk, vv, out, hidden, visual, prompt, valid, allowed, ri, inv, scale, cfg, math):
@@ -288,10 +291,7 @@ def var_attention(
         if fused:  # the rest is made in the compiled region
             memo["inv"] = row_places(ri, n)
         else:
-            safe = ri.clamp(min=0)
-            memo.update(safe=safe, real=(ri >= 0)[:, None, :, None], vec=code_vector(q.device))
-            memo["allowed_r"] = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
-            memo["rows_g"] = safe.repeat(1, len(CODES))  # the rows once per group, group-major
+            memo.update(index=edit_index(allowed, ri, row_places(ri, n)), vec=code_vector(q.device))
     allowed = memo["allowed"]
     kk, vv = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // v.shape[1])
     out = plain_attention(q, kk, vv, allowed, scale, base, masked=mask is not None)
@@ -305,11 +305,9 @@ def var_attention(
         return out, codes, flops
     if codes is None:
         codes = key_codes_eager(*source, cfg)
-    args = (codes, valid, memo["vec"], memo["rows_g"], memo["allowed_r"], memo["safe"], memo["real"])
+    # the compiled region's function; the bias padded for the fused kernel here (no compiler lays it out)
     lse = attention_lse_math if base == "eager" else attention_lse
-    new, idx = edited_rows(q, kk, vv, out, *args, scale, cfg, lse)
-    out.scatter_(2, idx, new)  # padding rows (index -1 -> 0) write back row 0's own output
-    return out.transpose(1, 2).contiguous(), codes, flops
+    return edit_rows(q, kk, vv, out, codes, valid, memo["index"], scale, cfg, lse, memo["vec"]), codes, flops
 
 
 def edit_flops(b: int, h: int, n: int, kv: int, d: int, r: int) -> int:
