@@ -12,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 19}
+PART=${PART:?set PART=1 to 20}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -240,13 +240,24 @@ case $PART in
   cp "$SCR/prof_decode.out" "$OUT/prof_decode.log"
   ;;
 18)
-  # the graphed GPU tests after 25879ef's test helpers, and batch-16 overhead of the four methods above 3 %
-  # with 7 reps
-  step pytest 220 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
-    -p no:cacheprovider tests/test_gpu_graphed*.py -m gpu --tb=short -rf
+  # the decode kernels as the fused step's default (two warps): the step-option tests (step=None), the kernel
+  # tests, the bf16 teacher-forcing bound through the default; the step profile (base = the new default,
+  # fuse = the fused step with SDPA); then VAR's fast-path GPU tests after its eager path took the compiled
+  # region's edit (e8f719b)
+  step pytest 170 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_gpu_step_options.py tests/test_decode_kernel.py \
+    tests/test_gpu.py::test_bf16_generate_fast_logits_match_generate_under_teacher_forcing -m gpu --tb=short -rf
   cp "$SCR/pytest.out" "$OUT/pytest.log"
-  step b16 300 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps 7 \
-    --methods visipruner,vispruner_iccv,cdpruner,visionzip --budgets 64 --out "$OUT/b16" --name overhead_b16_r7
+  step prof_decode 110 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse --out "$OUT/pd"
+  cp "$SCR/prof_decode.out" "$OUT/prof_decode.log"
+  step pytest_var 240 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q -x \
+    -p no:cacheprovider tests/test_gpu_var_fast.py -m gpu --tb=short -rf
+  cp "$SCR/pytest_var.out" "$OUT/pytest_var.log"
+  ;;
+20)
+  # VisiPruner's batch-16 overhead after its bookkeeping was cut
+  step b16 170 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR \
+    --methods visipruner --budgets 64 --out "$OUT/b16" --name visipruner_b16
   ;;
 19)
   # the decode kernels after moving the value read up: one layer against SDPA + index writes at five 7B
@@ -257,7 +268,7 @@ case $PART in
     -m gpu --tb=short -rf
   cp "$SCR/pytest.out" "$OUT/pytest.log"
   ;;
-*) say "PART must be 1-19, not $PART"; exit 2 ;;
+*) say "PART must be 1-20, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
