@@ -1,8 +1,9 @@
 """VisiPruner's per-layer bookkeeping with fewer ops (issue 20: selection overhead at batch 16), each cut
 against the behaviour it replaces: the graphed step copies only the inputs that changed since its last
 replay (a changed or new tensor is still copied: never a stale result), the plan's keep mask and read come
-out of the same step, the shallow stage's output is written in place and its unread mass left out, and a
-half-precision factor is promoted by the product instead of copied first (bit for bit the same)."""
+out of the same step (as the graph's own tensors, not copies), the shallow stage's output is written in
+place and its unread mass left out, and a half-precision factor is promoted by the product instead of
+copied first (bit for bit the same)."""
 
 import pytest
 import torch
@@ -65,6 +66,24 @@ def test_without_reuse_every_input_is_copied(monkeypatch):
     x, y, z = torch.randn(5), torch.randn(5), torch.randn(5)
     g(x, y, z)
     assert called(g, x, y, z)[1] == 3
+
+
+def test_own_results_are_the_graphs_tensors(monkeypatch):
+    """``own`` positions come back as the graph's own tensors (the same object each call, rewritten by the
+    next replay), the others as copies; every value is the function's on that call's inputs."""
+    monkeypatch.setattr(graphs, "is_cuda", lambda t: True)
+
+    def two(x):
+        return x + 1, x * 3
+
+    g = graphs.Graphed(two, capture=StandIn(), reuse=True, own=(0,))
+    x = torch.randn(5)
+    a1, b1 = g(x)
+    a1_seen = a1.clone()
+    a2, b2 = g(x * 2)
+    assert a2 is a1 and b2 is not b1
+    assert torch.equal(a2, x * 2 + 1) and torch.equal(b2, x * 6) and torch.equal(b1, x * 3)
+    assert torch.equal(a1_seen, x + 1)
 
 
 def test_reuse_copies_inference_tensors_every_time(monkeypatch):

@@ -83,11 +83,13 @@ class Graphed:
     is a copy (the next replay rewrites the graph's own outputs). ``capture``: the capture function
     (default: this module's ``capture`` at the call; stand-ins in CPU tests and evals/selection_ops.py)."""
 
-    def __init__(self, fn, keep: int = 4, capture=None, reuse: bool = False):
+    def __init__(self, fn, keep: int = 4, capture=None, reuse: bool = False, own: tuple = ()):
         self.fn, self.keep, self.capture = fn, keep, capture
         # ``reuse``: ``fn`` writes none of its inputs, so an input that is the tensor last loaded into its
-        # graph and unchanged since (same object, same version counter) is not copied again
-        self.reuse = reuse
+        # graph and unchanged since (same object, same version counter) is not copied again. ``own``: the
+        # positions of ``fn``'s (tuple) result handed out as the graph's own tensors, not copies: the caller
+        # is done with them before the next call, which rewrites them
+        self.reuse, self.own = reuse, own
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.failed = False
 
@@ -135,4 +137,6 @@ class Graphed:
         else:
             load(ins, args)
         replay()
+        if self.own:
+            return tuple(o if i in self.own else static(o) for i, o in enumerate(out))
         return static(out)

@@ -86,8 +86,9 @@ class VisiPruner(Pruner):
             raise ValueError("mmsink: visipruner mask_until_fallback must be None (by batch), True or False")
         if o.shallow_mid_layer is not None and o.shallow_mid_layer < 0:
             raise ValueError("mmsink: visipruner shallow_mid_layer must be >= 0")
-        # one CUDA graph per input signature on a GPU, eager off CUDA; it writes none of its inputs
-        self.step = Graphed(observe_decide, reuse=True)
+        # one CUDA graph per input signature on a GPU, eager off CUDA; it writes none of its inputs, and the
+        # plan is done with its keep mask and read (results 0 and 3) at the next layer, before another call
+        self.step = Graphed(observe_decide, reuse=True, own=(0, 3))
 
     def check_model(self, num_layers):
         s = self.options.shallow_mid_layer
