@@ -39,6 +39,8 @@ def syncs(fn) -> list[str]:
 
 
 def profile(fn) -> dict:
+    if not torch.cuda.is_available():  # no kernels to time: the calls alone
+        return dict(kernel_ms=0.0, launches=0, top_host=[], device_ops=cpu_calls(fn))
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
@@ -67,14 +69,58 @@ def profile(fn) -> dict:
     )
 
 
-def diff_ops(a: dict, b: dict, n: int = 10) -> list:
-    """Operators whose device time differs most between two profiles (a - b): what a method adds."""
+def cpu_reads(fn) -> list[str]:
+    """On a CPU: the source lines in mmsink that read a device value (on a GPU, host syncs)."""
+    from mmsink.tools.reads import DeviceReads
+
+    with DeviceReads() as r:
+        fn()
+    return [site for site, n in r.sites.items() if "/mmsink/" in site for _ in range(n)]
+
+
+def counter():
+    try:
+        from .selection_ops import Ops
+    except ImportError:  # run as a script: this folder is on the path
+        from selection_ops import Ops
+    return Ops()
+
+
+STAND_IN = None  # ``--graphs``: the op counter whose stand-in capture the pruners' graphs use
+
+
+def stand_in_graphs() -> None:
+    """On a CPU, the pruners' ``core.graphs.Graphed`` loops as on a GPU (evals/selection_ops.py --graphs):
+    captured once, then a replay whose ops are not counted, as a GPU profile does not see a graph's."""
+    global STAND_IN
+    from mmsink.core import graphs
+
+    STAND_IN = counter()
+    graphs.is_cuda, graphs.capture = (lambda t: True), STAND_IN.stand_in()
+
+
+def cpu_calls(fn) -> dict:
+    """On a CPU (no kernels to time): {aten operator: [calls, 0.0]} other than views, after decomposition
+    (``evals.selection_ops.Ops``: roughly the kernels a GPU would launch), named as the profiler does."""
+    ops = STAND_IN or counter()
+    ops.ops.clear()
+    with ops:
+        fn()
+    calls = collections.defaultdict(lambda: [0, 0.0])
+    for name, n in ops.ops.items():  # (a stood-in graph's replay counts as "graph launch")
+        calls["aten::" + name.split(".")[1] if name.startswith("aten.") else name][0] += n
+    return dict(calls)
+
+
+def diff_ops(a: dict, b: dict, n: int = 10, by_calls: bool = False) -> list:
+    """Operators whose device time (``by_calls``: call count) differs most between two profiles (a - b):
+    what a method adds."""
     keys = set(a) | set(b)
     d = [
         (k, a.get(k, (0, 0.0))[0] - b.get(k, (0, 0.0))[0], a.get(k, (0, 0.0))[1] - b.get(k, (0, 0.0))[1])
         for k in keys
     ]
-    return sorted(d, key=lambda r: -abs(r[2]))[:n]
+    return sorted(d, key=lambda r: (-abs(r[1]), r[0]) if by_calls else -abs(r[2]))[:n]
 
 
 def decode_breakdown(model, inputs) -> dict:
@@ -109,7 +155,14 @@ def main():
     ap.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES))
     ap.add_argument("--methods", default="none,fastv:64,pdrop:64,dart:64")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (no device times)")
+    ap.add_argument(
+        "--device",
+        default="cuda",
+        help="cpu: no device times, aten calls per operator (--shape selection-ops: LLaVA's token counts)",
+    )
+    ap.add_argument(
+        "--graphs", action="store_true", help="cpu: selection loops (core.graphs.Graphed) graphed as on a GPU"
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--decode", action="store_true", help="also break down generate_fast's time")
     ap.add_argument(
@@ -119,6 +172,8 @@ def main():
     import mmsink
 
     dev, dt = a.device, (torch.bfloat16 if a.device == "cuda" else torch.float32)
+    if a.graphs and dev == "cpu":
+        stand_in_graphs()
     sync = torch.cuda.synchronize if dev == "cuda" else None
     model = build(a.shape, dev, dt)
     model.generation_config.eos_token_id = None  # random weights: fixed lengths
@@ -141,8 +196,9 @@ def main():
                 mmsink.wrap(model, prune=None, var={"sink_dims": dims, "tau": float(b) if b else 3.0})
             else:
                 mmsink.wrap(model, prune=None if m == "none" else m, budget=int(b) if b else None)
-        ms = timed(prefill, 5, sync) * 1e3
-        s = syncs(prefill) if dev == "cuda" else []
+        reps = 5 if dev == "cuda" else 1  # a CPU run counts calls: its times are no measure
+        ms = timed(prefill, reps, sync) * 1e3
+        s = syncs(prefill) if dev == "cuda" else cpu_reads(prefill)
         p = profile(prefill)
         sites = sorted(collections.Counter(s).items())
         row = dict(config=spec, wall_ms=ms, syncs=len(s), sync_sites=sites, **p)
@@ -153,20 +209,23 @@ def main():
             print(f"    sync x{n}: {site}")
         for k, n, t in p["top_host"][:6]:
             print(f"    host {t:7.2f} ms  x{n:4d}  {k}")
-        top = sorted(p["device_ops"].items(), key=lambda r: -r[1][1])[:8]
+        top = sorted(p["device_ops"].items(), key=lambda r: (-r[1][1], -r[1][0]))[:8]
         for k, (n, t) in top:
             print(f"    device {t:7.2f} ms  x{n:4d}  {k}")
         if a.ideal and spec != "plain":
             plan = mmsink.stats(model).kept_indices
             mmsink.unwrap(model)
             mmsink.wrap(model, prune="replay", plan=plan)
-            ms_i = timed(prefill, 5, sync) * 1e3
+            ms_i = timed(prefill, reps, sync) * 1e3
             q = profile(prefill)
             row["ideal"] = dict(wall_ms=ms_i, kernel_ms=q["kernel_ms"], launches=q["launches"])
-            row["minus_ideal"] = diff_ops(p["device_ops"], q["device_ops"], 14)
+            row["minus_ideal"] = diff_ops(p["device_ops"], q["device_ops"], 14, by_calls=dev == "cpu")
+            calls = [sum(n for n, _ in r["device_ops"].values()) for r in (p, q)]
+            row["ideal"]["aten_calls"], row["aten_calls"] = calls[1], calls[0]
             print(
                 f"  ideal      wall {ms_i:7.1f} ms  kernels {q['kernel_ms']:7.1f} ms  "
-                f"launches {q['launches']:5d}"
+                f"launches {q['launches']:5d}  aten calls {calls[0]} (method) - {calls[1]} (ideal)"
+                f" = {calls[0] - calls[1]:+d}"
             )
             for k, n, t in row["minus_ideal"]:
                 print(f"    +device {t:7.2f} ms  {n:+5d} calls  {k}")

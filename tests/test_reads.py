@@ -173,11 +173,12 @@ def test_host_counts_of_the_plan_equal_the_device(model, monkeypatch, method, op
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("prompt_len", [None, 60])
-def test_visipruner_shallow_widths_from_the_host(model, monkeypatch, padded, prompt_len):
+@pytest.mark.parametrize("rule", ["7b", "13b"])
+def test_visipruner_shallow_widths_from_the_host(model, monkeypatch, padded, prompt_len, rule):
     """VisiPruner's shallow-stage row sets and key groups are sized from the layout's host facts (no
     read at layer 0, where the host would wait for the vision tower): each width equals its membership's
     largest count on the device (a smaller one would drop rows silently); images after the prompt's end
-    (``prompt_len``) and padding included."""
+    (``prompt_len``) and padding included. The 13B rule's halves are indexed only under that rule."""
     from mmsink.pruners import visipruner
 
     seen = spy_widths(monkeypatch, visipruner)
@@ -185,7 +186,7 @@ def test_visipruner_shallow_widths_from_the_host(model, monkeypatch, padded, pro
     if not padded:
         prompts = [prompts[0], prompt(5, 7 + 2 + 36, seed=2)]
     data = batch(prompts)
-    mmsink.wrap(model, prune="visipruner", budget=6)
+    mmsink.wrap(model, prune="visipruner", budget=6, first_layer_rule=rule)
     try:
         handle = mmsink.api.get_handle(model)
         handle.prompt_len = prompt_len  # selection anchored before the second image of sample 0
@@ -193,7 +194,8 @@ def test_visipruner_shallow_widths_from_the_host(model, monkeypatch, padded, pro
             model(**data)
     finally:
         mmsink.unwrap(model)
-    assert len(seen) == 7 and all(m == actual for m, actual in seen), seen  # 7: + the 13B rule's halves
+    # 2 row sets, the non-image keys, 2 images (+ the 13B rule's 2 halves)
+    assert len(seen) == (7 if rule == "13b" else 5) and all(m == actual for m, actual in seen), seen
     assert not [s for s in r.sites if "visipruner.py" in s or "attention.py" in s]
 
 

@@ -204,7 +204,9 @@ def plain_attention(q, k, v, allowed, scale, base: str, masked: bool) -> torch.T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
-def grouped_attention(q, k, v, allowed, groups, scale, math_only=False, total=None, skip=None, memo=None):
+def grouped_attention(
+    q, k, v, allowed, groups, scale, math_only=False, total=None, skip=None, memo=None, skip_mass=True
+):
     """Per key group g: the partial output O_g (normalised inside the group) and its mass
     m_g = exp(LSE_g - LSE_all). The full attention output is sum_g m_g O_g; a method that rescales group
     masses only changes the m_g. ``groups``: list of [B, m_g] index tensors into the key axis, with -1
@@ -212,7 +214,8 @@ def grouped_attention(q, k, v, allowed, groups, scale, math_only=False, total=No
     kernel returns it); then group ``skip`` is not attended at all: its output is None and its mass
     1 - sum of the others (the groups cover every allowed key). Returns (outs [G][B,H,n,d] or None,
     masses [G][B,H,n] float32). ``memo``: a dict that keeps each group's key indices and masks for later
-    calls with the same ``allowed`` and ``groups`` (index groups only)."""
+    calls with the same ``allowed`` and ``groups`` (index groups only). ``skip_mass`` False: the caller
+    does not read group ``skip``'s mass either (left None)."""
     h = q.shape[1]
     fn = attention_lse_math if math_only else attention_lse
     if isinstance(groups, torch.Tensor):  # membership [G, B, kv]: every group in one kernel call
@@ -241,8 +244,9 @@ def grouped_attention(q, k, v, allowed, groups, scale, math_only=False, total=No
     if total is None:
         total = torch.logsumexp(torch.stack(lses), 0)
     masses = [None if lse is None else torch.exp(lse - total).nan_to_num(0.0) for lse in lses]
-    if None in masses:
-        rest = torch.stack([m for m in masses if m is not None]).sum(0)
+    if None in masses and skip_mass:
+        rest = [m for m in masses if m is not None]
+        rest = rest[0] if len(rest) == 1 else torch.stack(rest).sum(0)  # one other group: no stack, sum
         masses[masses.index(None)] = (1.0 - rest).clamp(min=0.0)
     return outs, masses
 
@@ -309,7 +313,7 @@ def flops_grouped(q, k, groups) -> int:
 
 
 def reweighted_attention(
-    q, k, v, mask, key_valid, scale, base, rows, groups, mix, skip=None, dense=False, memo=None
+    q, k, v, mask, valid, scale, base, rows, groups, mix, skip=None, dense=False, memo=None, skip_mass=True
 ):
     """Attention where some query rows get their key-group masses edited.
 
@@ -319,8 +323,9 @@ def reweighted_attention(
     new outputs [B, H, R, d] (float32), where the unedited answer would be sum_g m_g O_g. No attention
     matrix is formed for the other rows. ``skip``: a group whose output ``mix`` does not read; when the
     plain attention's kernel also gives each row's LSE (``dense``: causal over every key, no padding), that
-    group is not attended (its mass is what the others leave). ``memo``: a dict the caller keeps across
-    layers with the same ``key_valid``, ``rows`` and ``groups``: the masks and indices made from them are
+    group is not attended (its mass is what the others leave; ``skip_mass`` False: ``mix`` does not read
+    that mass, it is None). ``valid`` [B, kv]: the real keys. ``memo``: a dict the caller keeps across
+    layers with the same ``valid``, ``rows`` and ``groups``: the masks and indices made from them are
     made once for the same ``mask`` object (not per layer).
     Returns (output [B, n, H, d], FLOPs executed)."""
     b, h, n, d = q.shape
@@ -328,7 +333,7 @@ def reweighted_attention(
     if memo is None or "mask" not in memo or memo["mask"] is not mask or memo["dtype"] != q.dtype:
         memo = {} if memo is None else memo
         memo.clear()
-        allowed = mask_to_bool(base, mask, key_valid, n, kv, b, q.device)
+        allowed = mask_to_bool(base, mask, valid, n, kv, b, q.device)
         ri = rows if rows.dtype == torch.long else group_indices(rows)  # [B, R] edited rows, -1 padding
         safe = ri.clamp(min=0)
         allowed_r = allowed.gather(2, safe[:, None, :, None].expand(-1, allowed.shape[1], -1, kv))
@@ -348,12 +353,13 @@ def reweighted_attention(
     gk, gv = (kk, vv) if isinstance(groups, torch.Tensor) else (k, v)
     math_only = base == "eager"
     outs, masses = grouped_attention(
-        q_r, gk, gv, allowed_r, groups, scale, math_only, total=total, skip=skip, memo=memo["groups"]
+        q_r, gk, gv, allowed_r, groups, scale, math_only, total, skip, memo["groups"], skip_mass
     )
     new = mix(outs, masses, ri, vv)
     idx = safe[:, None, :, None].expand(-1, h, -1, d)
     new = torch.where(memo["real"], new.to(out.dtype), out.gather(2, idx))
-    out = out.scatter(2, idx, new)
+    # ``out`` is the kernel's own: written in place (no copy of every row) unless autograd needs it
+    out = out.scatter(2, idx, new) if out.requires_grad else out.scatter_(2, idx, new)
     attended = groups
     if not isinstance(groups, torch.Tensor):
         attended = [g for i, g in enumerate(groups) if not (total is not None and i == skip)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import warnings
+import weakref
 
 import torch
 
@@ -49,6 +50,13 @@ def load(dst, src) -> None:
             load(d, s)
 
 
+def loaded(marks: dict, args) -> None:
+    """Note which tensor (weakly held) and which version of it each input position of a graph now holds;
+    an inference tensor has no version counter: it is noted as unknown (copied every time)."""
+    for i, t in enumerate(tensors(args)):
+        marks[i] = None if t.is_inference() else (weakref.ref(t), t._version)
+
+
 def tensors(x) -> list:
     """Every tensor in ``x`` (tuples followed)."""
     if isinstance(x, torch.Tensor):
@@ -75,8 +83,13 @@ class Graphed:
     is a copy (the next replay rewrites the graph's own outputs). ``capture``: the capture function
     (default: this module's ``capture`` at the call; stand-ins in CPU tests and evals/selection_ops.py)."""
 
-    def __init__(self, fn, keep: int = 4, capture=None):
+    def __init__(self, fn, keep: int = 4, capture=None, reuse: bool = False, own: tuple = ()):
         self.fn, self.keep, self.capture = fn, keep, capture
+        # ``reuse``: ``fn`` writes none of its inputs, so an input that is the tensor last loaded into its
+        # graph and unchanged since (same object, same version counter) is not copied again. ``own``: the
+        # positions of ``fn``'s (tuple) result handed out as the graph's own tensors, not copies: the caller
+        # is done with them before the next call, which rewrites them
+        self.reuse, self.own = reuse, own
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.failed = False
 
@@ -108,11 +121,22 @@ class Graphed:
                 name = getattr(self.fn, "__name__", "selection")
                 warnings.warn(f"mmsink: {name}: no CUDA graph ({e}); eager from now on", stacklevel=2)
                 return self.fn(*args)
-            hit = self.graphs[key] = (ins, out, replay)
+            hit = self.graphs[key] = (ins, out, replay, {})
+            if self.reuse:
+                loaded(hit[3], args)  # ``ins`` are copies of these
             while len(self.graphs) > self.keep:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
-        ins, out, replay = hit
-        load(ins, args)
+        ins, out, replay, marks = hit
+        if self.reuse:
+            for i, (dst, src) in enumerate(zip(tensors(ins), tensors(args))):
+                mark = marks.get(i)
+                if mark is None or mark[0]() is not src or mark[1] != src._version:
+                    dst.copy_(src)
+            loaded(marks, args)
+        else:
+            load(ins, args)
         replay()
+        if self.own:
+            return tuple(o if i in self.own else static(o) for i, o in enumerate(out))
         return static(out)

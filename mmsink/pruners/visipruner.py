@@ -18,7 +18,7 @@ middle (layers >= S+1): the last prompt token's attention output o and each imag
 deep: after pruning, the same test with deep_threshold on the kept tokens; after ``deep_passes`` layers
   where no token moves the output, the next layer drops every image token.
 Decisions are per sample: samples of a batch may fuse at different layers. An observed layer's test and
-decision (``observe_step``) replay on a GPU as one CUDA graph per input signature (``core.graphs.Graphed``)
+decision (``observe_decide``) replay on a GPU as one CUDA graph per input signature (``core.graphs.Graphed``)
 while the segment has the input's width."""
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ class VisiPruner(Pruner):
             raise ValueError("mmsink: visipruner mask_until_fallback must be None (by batch), True or False")
         if o.shallow_mid_layer is not None and o.shallow_mid_layer < 0:
             raise ValueError("mmsink: visipruner shallow_mid_layer must be >= 0")
-        self.step = Graphed(observe_step)  # one CUDA graph per input signature on a GPU, eager off CUDA
+        # one CUDA graph per input signature on a GPU, eager off CUDA; it writes none of its inputs, and the
+        # plan is done with its keep mask and read (results 0 and 3) at the next layer, before another call
+        self.step = Graphed(observe_decide, reuse=True, own=(0, 3))
 
     def check_model(self, num_layers):
         s = self.options.shallow_mid_layer
@@ -166,10 +168,11 @@ class VisiPruner(Pruner):
             images = budget_candidates(ctx, self.budget)
         # a segment narrower than the input's has a width set by the data (an adaptive fusion's gather): a
         # graph of it would be captured for one prompt, so it runs eagerly
-        step = self.step if ctx.seg.n == ctx.segments[0].n else observe_step
+        step = self.step if ctx.seg.n == ctx.segments[0].n else observe_decide
         deep = (run["quiet"], run["done"]) if run["deep"] else None
         fallback = run["fallback"]
-        keep_vis, run["fused_at"], run["testing"], deep = step(
+        keep, run["fused_at"], run["testing"], testing_any, deep = step(
+            ctx.seg.valid,
             None if a is not None else observed["q"],
             None if a is not None else observed["k"],
             observed["v"],
@@ -190,11 +193,20 @@ class VisiPruner(Pruner):
         if run["masked"]:  # no read before the fallback; from it every sample has fused (no deep stage)
             if layer >= fallback:
                 ctx.host["visipruner_observing"] = False
-            ctx.decide(ctx.keep_text(keep_vis), masked=layer < fallback)
+            ctx.decide(keep, masked=layer < fallback)
             return
         # read with the next layer's plan (one read: whether a token goes, and whether to watch on)
-        ctx.to_read["visipruner_observing"] = run["testing"].any()
-        ctx.decide(ctx.keep_text(keep_vis))
+        ctx.to_read["visipruner_observing"] = testing_any
+        ctx.decide(keep)
+
+
+def observe_decide(valid, *args):
+    """``observe_step(*args)`` and what the plan takes of it, in the same graph: (the keep mask over every
+    slot of ``valid`` [B, n], text kept as ``Prefill.keep_text`` keeps it; the new ``fused_at``;
+    ``testing``; whether some sample still tests, as a long for the plan's read; the deep state)."""
+    keep_vis, fused_at, testing, deep = observe_step(*args)
+    keep = torch.where(args[5], keep_vis, valid)  # args[5]: the visual slots
+    return keep, fused_at, testing, testing.any().long(), deep
 
 
 def observe_step(q, k, v, a, prompt, vis, has_vis, fused_at, layer, deep, images, scale, limits, fallback):
@@ -335,6 +347,12 @@ def shallow_widths(ctx) -> list[int] | None:
     return [max(txt), max(rule0), max(keys), *per_image, *halves]
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a float32 factor of a product with a float32 mass: a half-precision one as it is (the
+    product promotes it exactly, with no copy first), others as ``x.float()``."""
+    return x if x.dtype in (torch.bfloat16, torch.float16) else x.float()
+
+
 def shallow_attention(ctx, layer, q, k, v, mask, scale, base, rule0):
     """The published edit on the rows it changes (prompt text rows after an image; at layer 0 also image
     rows): no renormalisation, so key groups simply lose (or move) their mass. ``rule0``: the layer-0
@@ -349,19 +367,21 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, rule0):
         prompt = ctx.in_prompt()
         txt = prompt & ~vis & (vis.cumsum(1) > 0)
         img = ctx.image_of()
-        nvis = ctx.layout.counts.sum(1, keepdim=True)  # the sample's visual tokens (device, no read)
-        first_half = vis & (vis.cumsum(1) <= nvis // 2)
+        images = ctx.layout.max_images
         members = [txt, txt | (vis & prompt), seg.valid & ~vis]
-        members += [img == m for m in range(ctx.layout.max_images)]
-        members += [first_half, vis & ~first_half]
-        widths = shallow_widths(ctx) or [None] * len(members)
+        members += [img == m for m in range(images)]
+        if rule0 == "13b":  # the halves only where the 13B rule reads them
+            nvis = ctx.layout.counts.sum(1, keepdim=True)  # the sample's visual tokens (device, no read)
+            first_half = vis & (vis.cumsum(1) <= nvis // 2)
+            members += [first_half, vis & ~first_half]
+        widths = (shallow_widths(ctx) or [None] * len(members))[: len(members)]
         memo[False], memo[True], *groups = map(group_indices, members, widths)
-        memo["groups"], memo["halves"] = groups[:-2], [groups[0], *groups[-2:]]
+        memo["groups"], memo["halves"] = groups[: 1 + images], [groups[0], *groups[1 + images :]]
     groups = memo["halves"] if rule == "13b" else memo["groups"]
     rows = memo[rule is not None]
 
     def mix(outs, masses, ri, vv):
-        new = masses[0][..., None] * outs[0].float()  # the non-image keys keep their mass
+        new = masses[0][..., None] * wide(outs[0])  # the non-image keys keep their mass
         if rule is None:
             return new  # layers 1..S-1: text rows drop the image mass
         # every edited row is a text row after an image or (layer 0) an image row; -1 padding is discarded
@@ -371,18 +391,19 @@ def shallow_attention(ctx, layer, q, k, v, mask, scale, base, rule0):
         if rule == "7b":  # text rows move each image's mass onto its first token; image rows lose it
             for g, m_g in zip(groups[1:], masses[1:]):
                 first = g[:, :1].clamp(min=0)
-                v_first = vv.gather(2, first[:, None, :, None].expand(-1, h, 1, d)).float()
-                new = new + torch.where(txt_row, m_g[..., None] * v_first, 0.0)
+                v_first = vv.gather(2, first[:, None, :, None].expand(-1, h, 1, d))
+                new = new + torch.where(txt_row, m_g[..., None] * wide(v_first), 0.0)
         elif rule == "13b":  # text rows keep the second half's mass as is; image rows lose every image key
-            new = new + torch.where(txt_row, masses[2][..., None] * outs[2].float(), 0.0)
+            new = new + torch.where(txt_row, masses[2][..., None] * wide(outs[2]), 0.0)
         return new
 
     # a group whose output is never read: the fused kernel's LSE gives its mass (one image; 13B: 1st half)
     skip = 1 if ctx.layout.max_images == 1 or rule == "13b" else None
     # layers 1..S-1 share their rows and groups: their masks and indices are made once
     kept = memo.setdefault(("attention", rule), {})
+    # only the 7B rule moves the skipped group's (the one image's) mass
     out, flops = reweighted_attention(
-        q, k, v, mask, seg.valid, scale, base, rows, groups, mix, skip=skip, dense=seg.dense, memo=kept
+        q, k, v, mask, seg.valid, scale, base, rows, groups, mix, skip, seg.dense, kept, rule == "7b"
     )
     ctx.attn_flops[layer] = flops
     return out
