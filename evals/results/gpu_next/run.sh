@@ -255,7 +255,11 @@ case $PART in
   cp "$SCR/pytest_var.out" "$OUT/pytest_var.log"
   ;;
 20)
-  # VisiPruner's batch-16 overhead after its bookkeeping was cut
+  # VisiPruner's bookkeeping cut (Graphed reuse= / own=): the graphed GPU tests of the layer pruners and of
+  # Graphed itself, then VisiPruner's batch-16 overhead (TOTAL=230: what is left of the session's budget)
+  step pytest 120 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_gpu_graphed_layer_pruners.py tests/test_gpu_graphed.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
   step b16 170 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR \
     --methods visipruner --budgets 64 --out "$OUT/b16" --name visipruner_b16
   ;;
