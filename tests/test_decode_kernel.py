@@ -10,15 +10,13 @@ per head with the slot at a chunk's first and last position, holes in the validi
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_run import compile_for_hopper, interpret, print_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
@@ -75,13 +73,7 @@ def compare(name: str, seed: int, device="cpu") -> dict:
 @pytest.fixture(scope="module")
 def interpreted():
     """Every case and seed through Triton's interpreter, in one subprocess."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return {(r["case"], r["seed"]): r for r in map(json.loads, run.stdout.splitlines())}
+    return interpret(__file__)
 
 
 def check(r: dict, name: str) -> None:
@@ -156,26 +148,17 @@ def test_reference_is_sdpa_after_the_write(name):
 def test_kernels_compile_for_hopper():
     """Both kernels through Triton's whole compiler for sm_90 (the interpreter does not type-check what the
     GPU compiler does), at LLaVA-1.5-7B's and Qwen2-VL-7B's head layouts."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("kernels defined for the interpreter")
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from mmsink.fast import decode_kernel as dk
 
     ptr = {n: "*bf16" for n in ("q_ptr", "kn_ptr", "vn_ptr", "k_ptr", "v_ptr", "o_ptr")}
     ptr.update(ok_ptr="*u8", start_ptr="*i64", t_ptr="*i64", scale="fp32")
     ptr.update(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32")
-    for fn, consts in [
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64)),
-        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64)),
-        (dk._attn_combine, dict(H=32, D=128, NSP=16)),
-    ]:
-        sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in fn.arg_names}
-        src = ASTSource(fn, sig, constexprs=consts)
-        assert triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["cubin"]
+    kernels = [
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64), dk.WARPS),
+        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64), dk.WARPS),
+        (dk._attn_combine, dict(H=32, D=128, NSP=16), 4),
+    ]
+    compile_for_hopper(kernels, ptr)
 
 
 def test_plan_spreads_the_slots():
@@ -216,8 +199,4 @@ def test_generate_fast_with_the_kernels_equals_generate_cuda():
 
 
 if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1): one JSON line per result
-    torch.set_num_threads(2)
-    for name in CASES:
-        for seed in SEEDS:
-            print(json.dumps(dict(case=name, seed=seed, **compare(name, seed))), flush=True)
-    print(json.dumps(dict(case="generate_fast", seed=0, **fast_vs_generate())), flush=True)
+    print_cases(CASES, SEEDS, compare, {"generate_fast": fast_vs_generate})

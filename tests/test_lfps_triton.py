@@ -8,9 +8,7 @@ from the same bf16 numbers, only the order of the fp32 sums differs."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from triton_run import compile_for_hopper, interpret, print_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
@@ -112,13 +111,7 @@ def compare(name: str, seed: int, device="cpu") -> dict:
 @pytest.fixture(scope="module")
 def interpreted():
     """Every case and seed through Triton's interpreter, in one subprocess."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return {(r["case"], r["seed"]): r for r in map(json.loads, run.stdout.splitlines())}
+    return interpret(__file__)
 
 
 def check(r: dict) -> None:
@@ -159,30 +152,14 @@ def test_kernels_compile_for_hopper():
     """Both kernels through Triton's whole compiler (PTX and ptxas, bundled with Triton) for sm_90, at
     evals/kv_decode.py's shapes (32 x 128 bf16, topk 512): the interpreter does not type-check what the
     GPU compiler does. The variants with the most code: sinks, the per-sample short check."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("kernels defined for the interpreter")
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from mmsink.kv import lfps_triton as lt
 
     ptr = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", valid_ptr="*u8", hist_ptr="*i64", sink_ptr="*i64")
     ptr.update(len_ptr="*i64", score_ptr="*fp32", slot_ptr="*i32", nxt_ptr="*i64", w_ptr="*fp32")
     ptr.update(out_ptr="*fp32", scaling="fp32")
-    for fn, consts, warps in [
-        (
-            lt._scores,
-            dict(EXPAND=1, SB=4, KB=512, BLK=64, QC=64, EB=16, D=128, DC=16, LEN_PTR=True, HAS_SINKS=True),
-            4,
-        ),
-        (lt._select, dict(NM=2048, EB=16, KOB=512, NP=16, D=128, DC=32, BT=4096, CHECK_SHORT=True), 8),
-    ]:
-        sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in fn.arg_names}
-        src = ASTSource(fn, sig, constexprs=consts)
-        kernel = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-        assert kernel.asm["cubin"]
+    scores = dict(EXPAND=1, SB=4, KB=512, BLK=64, QC=64, EB=16, D=128, DC=16, LEN_PTR=True, HAS_SINKS=True)
+    select = dict(NM=2048, EB=16, KOB=512, NP=16, D=128, DC=32, BT=4096, CHECK_SHORT=True)
+    compile_for_hopper([(lt._scores, scores, 4), (lt._select, select, 8)], ptr)
 
 
 def test_switched_off_by_the_environment(monkeypatch):
@@ -238,8 +215,4 @@ def test_generate_fast_with_the_kernel_equals_generate_cuda():
 
 
 if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1): one JSON line per result
-    torch.set_num_threads(2)
-    for name in CASES:
-        for seed in SEEDS:
-            print(json.dumps(dict(case=name, seed=seed, **compare(name, seed))), flush=True)
-    print(json.dumps(dict(case="generate_fast", seed=0, **fast_vs_generate())), flush=True)
+    print_cases(CASES, SEEDS, compare, {"generate_fast": fast_vs_generate})

@@ -1,0 +1,57 @@
+"""What the Triton kernel tests share (tests/test_lfps_triton.py, tests/test_decode_kernel.py): a test file
+run as a script under Triton's interpreter, the script's loop over cases and seeds, and a compile of
+kernels for sm_90 (PTX and ptxas, bundled with Triton: what the interpreter does not type-check)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def interpret(script: str) -> dict:
+    """``script`` (a test file) run under ``TRITON_INTERPRET=1`` in a subprocess (the variable is read when
+    the kernels are defined): its JSON lines by (case, seed)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        [sys.executable, script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {(r["case"], r["seed"]): r for r in map(json.loads, run.stdout.splitlines())}
+
+
+def print_cases(cases, seeds, compare, extra: dict) -> None:
+    """The script side of ``interpret``: one JSON line per case and seed, then each of ``extra``'s (name:
+    a function of no arguments returning a dict) as seed 0."""
+    import torch
+
+    torch.set_num_threads(2)
+    for name in cases:
+        for seed in seeds:
+            print(json.dumps(dict(case=name, seed=seed, **compare(name, seed))), flush=True)
+    for name, fn in extra.items():
+        print(json.dumps(dict(case=name, seed=0, **fn())), flush=True)
+
+
+def compile_for_hopper(kernels, ptr: dict) -> None:
+    """Each (kernel, constexprs, warps) compiled for sm_90; arguments named in ``ptr`` get that type, the
+    rest i32."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels defined for the interpreter")
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for fn, consts, warps in kernels:
+        sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in fn.arg_names}
+        src = ASTSource(fn, sig, constexprs=consts)
+        kernel = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        assert kernel.asm["cubin"], fn
