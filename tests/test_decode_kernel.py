@@ -30,7 +30,8 @@ CASES = {
     "bf16": dict(b=2, h=8, kvh=8, s=64, dtype="bfloat16", slot=10),
     "slot first": dict(s=256, slot=0),
     "slot last": dict(s=130, slot=129),
-    "one chunk, batch": dict(b=4, h=2, kvh=2, s=16, slot=9),
+    "one chunk, batch": dict(b=4, h=2, kvh=2, s=16, slot=9),  # no combine
+    "one chunk, gqa, bf16": dict(b=16, h=8, kvh=2, s=40, slot=39, dtype="bfloat16"),
 }
 
 
@@ -154,8 +155,9 @@ def test_kernels_compile_for_hopper():
     ptr.update(ok_ptr="*u8", start_ptr="*i64", t_ptr="*i64", scale="fp32")
     ptr.update(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32")
     kernels = [
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64), dk.WARPS),
-        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, ONE=False), dk.WARPS),
+        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, ONE=False), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, ONE=True), dk.WARPS),
         (dk._attn_combine, dict(H=32, D=128, NSP=16), 4),
     ]
     compile_for_hopper(kernels, ptr)

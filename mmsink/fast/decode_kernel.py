@@ -11,12 +11,12 @@ slots, scores, softmax and sums in fp32.
 Why by hand: SDPA with a boolean mask at one query costs per layer a mask conversion (a fill and a
 ``where``), cuDNN's kernel (one block per head at batch 1) and a reduction, beside the index writes of the
 key, the value, the validity and the slot's add; on the H200's LLaVA-1.5-7B step that was ~0.5 ms of 5.
-Here: one split-KV pass (one program per sample, query head and chunk of slots; the new key / value
-come from registers and are stored by the chunk that holds the slot, for the first query head of each KV
-head) and one combine per query head. A query head of a GQA group reads its KV head's rows again (from
-L2: the other heads' programs run alongside). On CPU (and without Triton) ``reference`` does the same
-arithmetic in torch; with ``TRITON_INTERPRET=1`` set before Triton is imported the kernels run on CPU
-tensors (the tests).
+Here: one split-KV pass (one program per sample, query head and chunk of slots; the new key / value come from
+registers and are stored by the chunk that holds the slot, for the first query head of each KV head) and one
+combine per query head (none where one chunk covers the slots). A query head of a GQA group reads its KV
+head's rows again (from L2: the other heads' programs run alongside). On CPU (and without Triton)
+``reference`` does the same arithmetic in torch; with ``TRITON_INTERPRET=1`` set before Triton is imported the
+kernels run on CPU tensors (the tests).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ if triton is not None:
         q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, ok_ptr, start_ptr, t_ptr, po_ptr, pm_ptr, pl_ptr,
         scale, S, CHUNK, NS,
         sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sok_b,
-        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, ONE: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)  # b * H + h
         sp = tl.program_id(1)
@@ -110,10 +110,13 @@ if triton is not None:
         tl.store(kbase + slot * sk_s + di, kn.to(k_ptr.dtype.element_ty), mask=mine & (di < D))
         tl.store(vbase + slot * sv_s + di, vn.to(v_ptr.dtype.element_ty), mask=mine & (di < D))
         tl.store(ok_ptr + b * sok_b + slot, 1, mask=mine & (h == 0))
-        row = pid * NS + sp
-        tl.store(pm_ptr + row, m)
-        tl.store(pl_ptr + row, den)
-        tl.store(po_ptr + row * D + di, acc)
+        if ONE:  # one chunk per head: the output itself (po_ptr is o, contiguous), no combine
+            tl.store(po_ptr + pid * D + di, (acc / den).to(po_ptr.dtype.element_ty))
+        else:
+            row = pid * NS + sp
+            tl.store(pm_ptr + row, m)
+            tl.store(pl_ptr + row, den)
+            tl.store(po_ptr + row * D + di, acc)
 
     @triton.jit
     def _attn_combine(po_ptr, pm_ptr, pl_ptr, o_ptr, NS, so_b, so_h, H: tl.constexpr, D: tl.constexpr,
@@ -151,21 +154,26 @@ def launch(q, k, v, kb, vb, ok, start, t, scale: float, block=None, programs=PRO
     block, chunk = plan(b, h, s, d, block, programs)
     ns = -(-s // chunk)
     dev = q.device
-    po = torch.empty(b * h * ns, d, device=dev, dtype=torch.float32)
-    pm = torch.empty(b * h * ns, device=dev, dtype=torch.float32)
-    pl = torch.empty(b * h * ns, device=dev, dtype=torch.float32)
     o = torch.empty(b, h, 1, d, device=dev, dtype=q.dtype)
+    one = ns == 1  # (batches of 16 and more at 7B shapes): the split pass writes o
+    if one:
+        po = pm = pl = o  # pm / pl unread
+    else:
+        po = torch.empty(b * h * ns, d, device=dev, dtype=torch.float32)
+        pm = torch.empty(b * h * ns, device=dev, dtype=torch.float32)
+        pl = torch.empty(b * h * ns, device=dev, dtype=torch.float32)
     okb = ok.view(torch.uint8)
     kn, vn = k[:, :, 0], v[:, :, 0]
     _attn_split[(b * h, ns)](
         q, kn, vn, kb, vb, okb, start, t, po, pm, pl, float(scale), s, chunk, ns,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), okb.stride(0),
-        H=h, G=h // kvh, D=d, BLOCK=block, num_warps=warps,
+        H=h, G=h // kvh, D=d, BLOCK=block, ONE=one, num_warps=warps,
     )  # fmt: skip
-    _attn_combine[(b * h,)](
-        po, pm, pl, o, ns, o.stride(0), o.stride(1), H=h, D=d, NSP=max(2, _pow2(ns)), num_warps=4
-    )
+    if not one:
+        _attn_combine[(b * h,)](
+            po, pm, pl, o, ns, o.stride(0), o.stride(1), H=h, D=d, NSP=max(2, _pow2(ns)), num_warps=4
+        )
     return o
 
 

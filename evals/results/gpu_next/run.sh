@@ -12,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 20}
+PART=${PART:?set PART=1 to 21}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -272,7 +272,16 @@ case $PART in
     -m gpu --tb=short -rf
   cp "$SCR/pytest.out" "$OUT/pytest.log"
   ;;
-*) say "PART must be 1-20, not $PART"; exit 2 ;;
+21)
+  # next session: the decode kernels with no combine where one chunk covers the slots (batch >= 16 at 7B
+  # shapes; untested on a GPU when written): their GPU tests, one layer at the five shapes, the step
+  step pytest 150 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_decode_kernel.py tests/test_gpu_step_options.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step dk_speed 120 python evals/decode_kernel_speed.py --no-tunes --out "$OUT/dk"
+  step prof_decode 110 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse --out "$OUT/pd"
+  ;;
+*) say "PART must be 1-21, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
