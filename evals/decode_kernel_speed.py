@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsink.fast import decode_kernel as dk
+from mmsink.fast.decode import write_slot
 
 # (name, batch, heads, kv heads, slots, valid slots): LLaVA-1.5-7B (641-token prompt + 64), LLaVA-NeXT-7B
 # unpruned (2928 + text) and pruned to 320, a batch of 16, Qwen2-VL-7B (GQA 28 / 4)
@@ -60,10 +61,7 @@ def inputs(b, h, kvh, s, n, layers, dev, dtype):
 
 
 def plain(q, k, v, kb, vb, ok, start, t, scale):
-    slot = (start + t).view(1)
-    kb.index_copy_(2, slot, k)
-    vb.index_copy_(2, slot, v)
-    ok.index_fill_(1, slot, True)
+    write_slot(kb, vb, ok, k, v, (start + t).view(1))
     gqa = q.shape[1] != kb.shape[1]
     return F.scaled_dot_product_attention(
         q, kb, vb, attn_mask=ok[:, None, None, :], scale=scale, enable_gqa=gqa
@@ -101,15 +99,15 @@ def timer(fn, dev, reps_inner=1):
     return run
 
 
-def measure(shape, dev, dtype, layers, reps, tunes):
+def measure(shape, dev, dtype, layers, reps, tunes, kernel=dk.launch):
     name, b, h, kvh, s, n = shape
     q, k, v, bufs, start, t = inputs(b, h, kvh, s, n, layers, dev, dtype)
     scale = q.shape[-1] ** -0.5
     variants = {"sdpa + index writes": lambda: [plain(q, k, v, *x, start, t, scale) for x in bufs]}
-    variants["kernel (default)"] = lambda: [dk.launch(q, k, v, *x, start, t, scale) for x in bufs]
+    variants["kernel (default)"] = lambda: [kernel(q, k, v, *x, start, t, scale) for x in bufs]
     for tu in tunes:
         key = f"kernel block {tu['block']} programs {tu['programs']} warps {tu['warps']}"
-        variants[key] = lambda tu=tu: [dk.launch(q, k, v, *x, start, t, scale, **tu) for x in bufs]
+        variants[key] = lambda tu=tu: [kernel(q, k, v, *x, start, t, scale, **tu) for x in bufs]
     src = [torch.cat([x[0][:, :, :n], x[1][:, :, :n]]) for x in bufs]
     dst = [torch.empty_like(x) for x in src]
     variants["copy of the valid keys and values"] = lambda: [d_.copy_(s_) for d_, s_ in zip(dst, src)]
@@ -175,17 +173,9 @@ def main(argv=None):
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     for shape in TINY if args.tiny else SHAPES:
         print(f"[decode_kernel_speed] {shape[0]}", flush=True)
-        if args.tiny and not dk.available(dev):
-            dk_launch, dk.launch = (
-                dk.launch,
-                lambda q, k, v, kb, vb, ok, st, t, sc, **_: dk.reference(q, k, v, kb, vb, ok, st, t, sc),
-            )  # the CPU path: the reference stands in, the script's code runs
-            try:
-                res["shapes"].append(measure(shape, dev, dtype, layers, reps, tunes))
-            finally:
-                dk.launch = dk_launch
-        else:
-            res["shapes"].append(measure(shape, dev, dtype, layers, reps, tunes))
+        # without Triton's interpreter the CPU run times the reference in the kernels' place (the code path)
+        kernel = dk.launch if dk.available(dev) else dk.reference
+        res["shapes"].append(measure(shape, dev, dtype, layers, reps, tunes, kernel))
         (out / "decode_kernel_speed.json").write_text(json.dumps(res, indent=1))
         (out / "decode_kernel_speed.md").write_text(table(res))
         print(table(dict(res, shapes=res["shapes"][-1:])), flush=True)

@@ -62,15 +62,21 @@ def finish(layer, h, o):
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def write_slot(kb, vb, ok, k, v, slot) -> None:
+    """The new token's key and value into the buffers [B, kv_heads, S, d] at ``slot`` (a [1] long tensor),
+    and the slot marked valid in ``ok`` [B, S]."""
+    kb.index_copy_(2, slot, k)
+    vb.index_copy_(2, slot, v)
+    ok.index_fill_(1, slot, True)
+
+
 def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, rope, var=None):
     """One decoder layer for one new token: write its key / value at ``slot``, attend over the buffer.
     ``var``: (key codes [B, slots], VARConfig, the wrap's CompiledVAR) in a layer where VAR redistributes
     attention."""
     scale = layer.self_attn.scaling
     q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
-    kb.index_copy_(2, slot, k)
-    vb.index_copy_(2, slot, v)
-    ok.index_fill_(1, slot, True)
+    write_slot(kb, vb, ok, k, v, slot)
     if var is not None:
         o = decode_attention(q, kb, vb, ok, var[0], scale, var[1], var[2])
     else:

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from .decode import write_slot
+
 try:
     import triton
     import triton.language as tl
@@ -46,10 +48,7 @@ def available(device) -> bool:
 
 def reference(q, k, v, kb, vb, ok, start, t, scale: float):
     """The kernels' arithmetic in torch (in place on kb / vb / ok as they are)."""
-    slot = (start + t).view(1)
-    kb.index_copy_(2, slot, k)
-    vb.index_copy_(2, slot, v)
-    ok.index_fill_(1, slot, True)
+    write_slot(kb, vb, ok, k, v, (start + t).view(1))
     b, h, _, d = q.shape
     kvh = kb.shape[1]
     g = q.float().view(b, kvh, h // kvh, d)  # head i reads KV head i // (h // kvh)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decode_kernel
-from .decode import STORE, FastDecoder, finish
+from .decode import STORE, FastDecoder, finish, write_slot
 
 FUSED = "_mmsink_fused"  # on the model: (layers, per layer {"qkv": (weight, bias), "gu": (weight, bias)})
 ATTN = ("sdpa", "matmul", "reduce", "kernel")
@@ -200,9 +200,7 @@ def written(kv, ok, k, v, slot, joint: bool):
         kv.index_copy_(3, slot, torch.stack([k, v]))
         return kv[0], kv[1], ok & (torch.arange(ok.shape[1], device=ok.device) <= slot)
     kb, vb = kv
-    kb.index_copy_(2, slot, k)
-    vb.index_copy_(2, slot, v)
-    ok.index_fill_(1, slot, True)
+    write_slot(kb, vb, ok, k, v, slot)
     return kb, vb, ok
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..fast import decode as fast_decode
-from ..fast.decode import ROUND, FastDecoder, decode_kv, finish, project
+from ..fast.decode import ROUND, FastDecoder, decode_kv, finish, project, write_slot
 from ..fast.store import kept_for
 from . import lfps_triton
 from .sparse import step as lfps_step
@@ -35,9 +35,7 @@ def sparse_layer_step(
     (``hist`` updated in place), the rest of the layer. ``kernel``: a sparse step runs the Triton kernels
     (``mmsink.kv.lfps_triton``: the same choice, two launches) instead of the torch ops."""
     q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
-    kb.index_copy_(2, slot, k)
-    vb.index_copy_(2, slot, v)
-    ok.index_fill_(1, slot, True)
+    write_slot(kb, vb, ok, k, v, slot)
     scale = layer.self_attn.scaling
     if kernel and not dense:
         out, _ = lfps_triton.sparse_step(
