@@ -57,7 +57,9 @@ def inputs(b, h, kvh, s, n, layers, dev, dtype):
         bufs.append((kb, vb, ok))
     start = torch.tensor(n - 1, device=dev)
     t = torch.zeros((), dtype=torch.long, device=dev)
-    return q, k, v, bufs, start, t
+    angle = torch.rand(b, 1, d // 2, generator=g).repeat(1, 1, 2) * 6.3
+    rot = (angle.cos().to(dev, dtype), angle.sin().to(dev, dtype))  # the step's cos / sin
+    return q, k, v, bufs, start, t, rot
 
 
 def plain(q, k, v, kb, vb, ok, start, t, scale):
@@ -101,13 +103,14 @@ def timer(fn, dev, reps_inner=1):
 
 def measure(shape, dev, dtype, layers, reps, tunes, kernel=dk.launch):
     name, b, h, kvh, s, n = shape
-    q, k, v, bufs, start, t = inputs(b, h, kvh, s, n, layers, dev, dtype)
+    q, k, v, bufs, start, t, rot = inputs(b, h, kvh, s, n, layers, dev, dtype)
     scale = q.shape[-1] ** -0.5
     variants = {"sdpa + index writes": lambda: [plain(q, k, v, *x, start, t, scale) for x in bufs]}
-    variants["kernel (default)"] = lambda: [kernel(q, k, v, *x, start, t, scale) for x in bufs]
+    variants["kernel (default)"] = lambda: [kernel(q, k, v, *x, start, t, scale, rot) for x in bufs]
+    variants["kernel, q / k rotated before"] = lambda: [kernel(q, k, v, *x, start, t, scale) for x in bufs]
     for tu in tunes:
         key = f"kernel block {tu['block']} programs {tu['programs']} warps {tu['warps']}"
-        variants[key] = lambda tu=tu: [kernel(q, k, v, *x, start, t, scale, **tu) for x in bufs]
+        variants[key] = lambda tu=tu: [kernel(q, k, v, *x, start, t, scale, rot, **tu) for x in bufs]
     src = [torch.cat([x[0][:, :, :n], x[1][:, :, :n]]) for x in bufs]
     dst = [torch.empty_like(x) for x in src]
     variants["copy of the valid keys and values"] = lambda: [d_.copy_(s_) for d_, s_ in zip(dst, src)]
@@ -133,7 +136,8 @@ def table(res) -> str:
     out = [f"Command: `{res['command']}`  ", f"Machine: {res['machine']}, torch {res['torch']}\n"]
     out.append(
         "One layer's decode attention, microseconds per call (median of the reps; each variant captured "
-        f"as a CUDA graph of {res['layers']} calls on separate buffers). Read floor: the valid keys' and "
+        f"as a CUDA graph of {res['layers']} calls on separate buffers). The kernels also rotate q and the "
+        "new key (the step's default; SDPA's row takes them rotated). Read floor: the valid keys' and "
         "values' bytes read at the rate of a device copy of them.\n"
     )
     for r in res["shapes"]:

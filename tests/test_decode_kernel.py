@@ -6,7 +6,8 @@ at ``start + t``, nothing else touched).
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, read when the kernels are
 defined, so in a subprocess: this file run as a script prints one JSON line per case); with CUDA the
 ``gpu`` tests run them compiled. Cases: GQA (7 query heads per KV head, as Qwen2-VL-7B), several chunks
-per head with the slot at a chunk's first and last position, holes in the validity, batch > 1."""
+per head with the slot at a chunk's first and last position, holes in the validity, batch > 1, the rotary
+embedding applied in the kernel ("rotated")."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ CASES = {
     "slot last": dict(s=130, slot=129),
     "one chunk, batch": dict(b=4, h=2, kvh=2, s=16, slot=9),  # no combine
     "one chunk, gqa, bf16": dict(b=16, h=8, kvh=2, s=40, slot=39, dtype="bfloat16"),
+    "rotated": dict(rot=True),
+    "rotated, gqa, bf16": dict(b=2, h=14, kvh=2, s=77, d=32, slot=40, dtype="bfloat16", rot=True),
+    "rotated, one chunk, batch": dict(b=4, h=2, kvh=2, s=16, slot=9, rot=True),
 }
 
 
@@ -46,25 +50,35 @@ def inputs(c: dict, seed: int, device="cpu"):
     ok[:, c["slot"] :] = False  # after the prompt
     t = torch.tensor(3)
     start = torch.tensor(c["slot"]) - t
-    return [x.to(device) for x in (q, k, v, kb, vb, ok, start, t)]
+    rot = None
+    if c.get("rot"):  # a rotary embedding's cos / sin: per-sample angles, the two halves alike
+        angle = torch.rand(b, 1, d // 2, generator=g) * 6.3
+        angle = torch.cat([angle, angle], -1)
+        rot = tuple(f(angle).to(dt).to(device) for f in (torch.cos, torch.sin))
+    return [x.to(device) for x in (q, k, v, kb, vb, ok, start, t)] + [rot]
 
 
 def compare(name: str, seed: int, device="cpu") -> dict:
     from mmsink.fast import decode_kernel as dk
 
     c = {**BASE, **CASES[name]}
-    q, k, v, kb, vb, ok, start, t = inputs(c, seed, device)
+    q, k, v, kb, vb, ok, start, t, rot = inputs(c, seed, device)
     ref = [x.clone() for x in (kb, vb, ok)]
-    want = dk.reference(q, k, v, *ref, start, t, 0.25)
+    want = dk.reference(q, k, v, *ref, start, t, 0.25, rot)
     before = [x.clone() for x in (kb, vb, ok)]
-    got = dk.launch(q, k, v, kb, vb, ok, start, t, 0.25)
+    got = dk.launch(q, k, v, kb, vb, ok, start, t, 0.25, rot)
     slot = c["slot"]
     touched = [
         (after != old).nonzero()[:, 2 if after.dim() == 4 else 1].unique().tolist()
         for after, old in zip((kb, vb, ok), before)
     ]
+    # the new key: exact, or where the kernel rotates it within one unit of the model's dtype (a fused
+    # multiply-add, or the interpreter's conversion, may round the fp32 value the other way)
+    key = (kb[:, :, slot] - ref[0][:, :, slot]).float().abs().max() / ref[0][:, :, slot].float().abs().max()
+    kb[:, :, slot] = ref[0][:, :, slot]
     return dict(
         err=float((got.float() - want.float()).abs().max()),
+        key_err=float(key),
         buffers=all(torch.equal(x, y) for x, y in zip((kb, vb, ok), ref)),
         only_slot=all(set(x) <= {slot} for x in touched) and touched[0] == [slot],
         shape=list(got.shape) == [c["b"], c["h"], 1, c["d"]] and got.dtype == q.dtype,
@@ -80,6 +94,7 @@ def interpreted():
 def check(r: dict, name: str) -> None:
     dt = getattr(torch, {**BASE, **CASES[name]}["dtype"])
     assert r["err"] <= BOUND[dt], r
+    assert r["key_err"] <= (2**-7 if "rot" in {**BASE, **CASES[name]} and dt == torch.bfloat16 else 0), r
     assert r["buffers"] and r["only_slot"] and r["shape"], r
 
 
@@ -93,7 +108,7 @@ def test_generate_fast_with_the_kernels_equals_generate(interpreted):
     """generate_fast's step with ``attn="kernel"`` (interpreter, CPU, fp32; with and without fused
     projections): greedy generate's tokens on a pruned, left-padded batch."""
     r = interpreted[("generate_fast", 0)]
-    assert r["kernel_calls"] > 0 and r["same_tokens"], r
+    assert r["kernel_calls"] > 0 and r["rotated_calls"] == r["kernel_calls"] and r["same_tokens"], r
 
 
 def fast_vs_generate(device="cpu") -> dict:
@@ -110,7 +125,7 @@ def fast_vs_generate(device="cpu") -> dict:
     calls, plain = [], dk.launch
 
     def counted(*args, **kwargs):
-        calls.append(1)
+        calls.append(args[9] is not None)  # rot: the model's rotation has the kernels' form
         return plain(*args, **kwargs)
 
     dk.launch = counted
@@ -122,7 +137,7 @@ def fast_vs_generate(device="cpu") -> dict:
             out = mmsink.generate_fast(model, max_new_tokens=6, compile=False, step=step, **inputs)
             same.append(bool(torch.equal(out, ref)))
     dk.launch = plain
-    return dict(kernel_calls=len(calls), same_tokens=all(same))
+    return dict(kernel_calls=len(calls), rotated_calls=sum(calls), same_tokens=all(same))
 
 
 @pytest.mark.parametrize("name", ["plain", "gqa", "gqa, batch"])
@@ -132,7 +147,7 @@ def test_reference_is_sdpa_after_the_write(name):
 
     c = {**BASE, **CASES[name]}
     for seed in SEEDS:
-        q, k, v, kb, vb, ok, start, t = inputs(c, seed)
+        q, k, v, kb, vb, ok, start, t, _ = inputs(c, seed)
         slot = int(start + t)
         got = dk.reference(q, k, v, kb, vb, ok, start, t, 0.25)
         assert torch.equal(kb[:, :, slot], k[:, :, 0]) and torch.equal(vb[:, :, slot], v[:, :, 0])
@@ -151,16 +166,41 @@ def test_kernels_compile_for_hopper():
     GPU compiler does), at LLaVA-1.5-7B's and Qwen2-VL-7B's head layouts."""
     from mmsink.fast import decode_kernel as dk
 
-    ptr = {n: "*bf16" for n in ("q_ptr", "kn_ptr", "vn_ptr", "k_ptr", "v_ptr", "o_ptr")}
+    ptr = {n: "*bf16" for n in ("q_ptr", "kn_ptr", "vn_ptr", "k_ptr", "v_ptr", "o_ptr", "cos_ptr", "sin_ptr")}
     ptr.update(ok_ptr="*u8", start_ptr="*i64", t_ptr="*i64", scale="fp32")
     ptr.update(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32")
     kernels = [
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, ONE=False), dk.WARPS),
-        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, ONE=False), dk.WARPS),
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, ONE=True), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, ONE=False, ROT=True), dk.WARPS),
+        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, ONE=False, ROT=True), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, ONE=True, ROT=False), dk.WARPS),
         (dk._attn_combine, dict(H=32, D=128, NSP=16), 4),
     ]
     compile_for_hopper(kernels, ptr)
+
+
+def test_rotation_is_the_models():
+    """``rotate`` (the kernels' rotation, and what ``reference`` applies) is bitwise the rotation of
+    LLaVA's (Llama) and Qwen2-VL's text models; ``standard_rope`` tells them from another form (GPT-J's
+    interleaved pairs), which keeps its own rotation before the kernels."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    from mmsink.fast.decode_kernel import rotate, standard_rope
+
+    def interleaved(q, k, cos, sin):
+        def turn(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+
+        return q * cos[:, None] + turn(q) * sin[:, None], k * cos[:, None] + turn(k) * sin[:, None]
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 1, 16, generator=g).bfloat16(), torch.randn(2, 2, 1, 16, generator=g).bfloat16()
+    cos, sin = torch.randn(2, 1, 16, generator=g).bfloat16(), torch.randn(2, 1, 16, generator=g).bfloat16()
+    for module in (modeling_llama, modeling_qwen2_vl):
+        assert standard_rope(module.apply_rotary_pos_emb)
+        qr, kr = module.apply_rotary_pos_emb(q, k, cos, sin)
+        assert torch.equal(rotate(q, cos, sin), qr) and torch.equal(rotate(k, cos, sin), kr)
+    assert not standard_rope(interleaved)
 
 
 def test_plan_spreads_the_slots():

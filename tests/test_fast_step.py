@@ -127,18 +127,25 @@ def test_replaced_weights_are_fused_again(llava):
             m.weight = torch.nn.Parameter(w.detach().clone())
 
 
-def test_var_layers_keep_the_plain_step(llava):
+@pytest.mark.parametrize(
+    "step", [StepOptions(fuse=True, write=True, attn="matmul"), StepOptions(True, False, "kernel")]
+)
+def test_var_layers_keep_the_plain_step(llava, step):
+    """VAR's layers between the step's: the next layer's input norm is made again after each."""
     inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
     mmsink.wrap(llava, prune="fastv", budget=6, var=VAR)
     ref = llava.generate(**inputs, max_new_tokens=10, do_sample=False)
-    step = StepOptions(fuse=True, write=True, attn="matmul")
     out = mmsink.generate_fast(llava, max_new_tokens=10, compile=False, graphs=False, step=step, **inputs)
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("step", [StepOptions(fuse=True, write=True, attn="reduce"), StepOptions(fuse=True)])
+@pytest.mark.parametrize(
+    "step",
+    [StepOptions(fuse=True, write=True, attn="reduce"), StepOptions(fuse=True), StepOptions(attn="kernel")],
+)
 def test_qwen_biases_and_mrope(step):
-    """Qwen2-VL: q/k/v with biases (fused with them), 3-D positions, GQA."""
+    """Qwen2-VL: q/k/v with biases (fused with them), 3-D positions (rotated by the kernels' reference
+    with attn="kernel"), GQA."""
     model = tiny_qwen()
     inputs, _ = qwen_batch([(4, 6, [(8, 12)]), (2, 3, [(4, 8)]), (3, 5, [])], seed=1)
     mmsink.wrap(model, prune="fastv", budget=4)

@@ -1,12 +1,14 @@
 """The decode step's attention as two Triton kernels that also write the new token's key and value:
 ``generate_fast(step=StepOptions(attn="kernel"))``.
 
-    o = attend(q, k, v, kb, vb, ok, start, t, scale)
+    o = attend(q, k, v, kb, vb, ok, start, t, scale, rot=None)
 
-q [B, H, 1, d], k / v [B, KVH, 1, d] (the new token's, rotated), kb / vb [B, KVH, S, d] the layer's
-static buffers, ok [B, S] their valid slots, ``start`` / ``t`` 0-dim long device tensors (the slot written
-is ``start + t``). Writes k / v and ``ok`` at the slot and returns the attention of q over the valid
-slots, scores, softmax and sums in fp32.
+q [B, H, 1, d], k / v [B, KVH, 1, d] (the new token's), kb / vb [B, KVH, S, d] the layer's static
+buffers, ok [B, S] their valid slots, ``start`` / ``t`` 0-dim long device tensors (the slot written is
+``start + t``). Writes k / v and ``ok`` at the slot and returns the attention of q over the valid slots,
+scores, softmax and sums in fp32. ``rot``: None where q and k come rotated, else (cos, sin) [B, 1, d] of
+the rotary embedding in its common form (``x * cos + rotate_half(x) * sin``; ``standard_rope`` checks a
+model's), applied in the kernel: the step's two rotation kernels a layer go.
 
 Why by hand: SDPA with a boolean mask at one query costs per layer a mask conversion (a fill and a
 ``where``), cuDNN's kernel (one block per head at batch 1) and a reduction, beside the index writes of the
@@ -46,8 +48,33 @@ def available(device) -> bool:
     return torch.device(device).type == "cuda" or INTERPRET
 
 
-def reference(q, k, v, kb, vb, ok, start, t, scale: float):
+def rotate(x, cos, sin):
+    """The rotary embedding's common form on x [B, heads, 1, d] with cos / sin [B, 1, d]."""
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), -1)
+    return x * cos[:, None] + turned * sin[:, None]
+
+
+def standard_rope(rope) -> bool:
+    """Whether a model's ``apply_rotary_pos_emb(q, k, cos, sin)`` is ``rotate``'s form (checked on random
+    values: a family with another form keeps its own rotation before the kernels)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 1, 1, 8, generator=g)
+    cos, sin = torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
+    try:
+        qr, kr = rope(q, k, cos, sin)
+    except Exception:
+        return False
+    return torch.allclose(qr, rotate(q, cos, sin), atol=1e-6) and torch.allclose(
+        kr, rotate(k, cos, sin), atol=1e-6
+    )
+
+
+def reference(q, k, v, kb, vb, ok, start, t, scale: float, rot=None):
     """The kernels' arithmetic in torch (in place on kb / vb / ok as they are)."""
+    if rot is not None:  # in fp32, rounded once (as the kernel, and the compiled step's own rotation)
+        cos, sin = (r.float() for r in rot)
+        q, k = (rotate(x.float(), cos, sin).to(x.dtype) for x in (q, k))
     write_slot(kb, vb, ok, k, v, (start + t).view(1))
     b, h, _, d = q.shape
     kvh = kb.shape[1]
@@ -65,10 +92,11 @@ if triton is not None:
 
     @triton.jit
     def _attn_split(
-        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, ok_ptr, start_ptr, t_ptr, po_ptr, pm_ptr, pl_ptr,
-        scale, S, CHUNK, NS,
-        sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sok_b,
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, ok_ptr, start_ptr, t_ptr, po_ptr, pm_ptr, pl_ptr, cos_ptr,
+        sin_ptr, scale, S, CHUNK, NS,
+        sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sok_b, sc_b, ss_b,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, ONE: tl.constexpr,
+        ROT: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)  # b * H + h
         sp = tl.program_id(1)
@@ -77,9 +105,19 @@ if triton is not None:
         kh = h // G
         slot = tl.load(start_ptr) + tl.load(t_ptr)
         di = tl.arange(0, D)
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + di).to(tl.float32) * scale
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + di)
         kn = tl.load(kn_ptr + b * skn_b + kh * skn_h + di)
         vn = tl.load(vn_ptr + b * svn_b + kh * svn_h + di)
+        if ROT:  # x * cos + rotate_half(x) * sin, rounded to the model's dtype as the rotated q / k would be
+            di2 = (di + D // 2) % D
+            sign = tl.where(di < D // 2, -1.0, 1.0)
+            c = tl.load(cos_ptr + b * sc_b + di).to(tl.float32)
+            sn = tl.load(sin_ptr + b * ss_b + di).to(tl.float32) * sign
+            q2 = tl.load(q_ptr + b * sq_b + h * sq_h + di2).to(tl.float32)
+            k2 = tl.load(kn_ptr + b * skn_b + kh * skn_h + di2).to(tl.float32)
+            q = (q.to(tl.float32) * c + q2 * sn).to(q_ptr.dtype.element_ty)
+            kn = (kn.to(tl.float32) * c + k2 * sn).to(kn_ptr.dtype.element_ty)
+        q = q.to(tl.float32) * scale
         kbase = k_ptr + b.to(tl.int64) * sk_b + kh * sk_h
         vbase = v_ptr + b.to(tl.int64) * sv_b + kh * sv_h
         m = tl.full([], float("-inf"), tl.float32)
@@ -143,7 +181,7 @@ def plan(b: int, h: int, s: int, d: int, block: int | None = None, programs: int
     return block, max(block, -(-per // block) * block)
 
 
-def launch(q, k, v, kb, vb, ok, start, t, scale: float, block=None, programs=PROGRAMS, warps=WARPS):
+def launch(q, k, v, kb, vb, ok, start, t, scale: float, rot=None, block=None, programs=PROGRAMS, warps=WARPS):
     """The kernels on ``q``'s device (CUDA, or CPU under the interpreter); ``block`` / ``programs`` /
     ``warps``: ``plan``'s and the split kernel's (evals/decode_kernel_speed.py tries others)."""
     b, h, _, d = q.shape
@@ -163,11 +201,15 @@ def launch(q, k, v, kb, vb, ok, start, t, scale: float, block=None, programs=PRO
         pl = torch.empty(b * h * ns, device=dev, dtype=torch.float32)
     okb = ok.view(torch.uint8)
     kn, vn = k[:, :, 0], v[:, :, 0]
+    cos, sin = (q, q) if rot is None else (r[:, 0] for r in rot)  # q: unread
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1 or kn.stride(2) != 1 or vn.stride(2) != 1:
+        raise ValueError("mmsink: the decode kernel needs cos / sin and the new key contiguous in d")
     _attn_split[(b * h, ns)](
-        q, kn, vn, kb, vb, okb, start, t, po, pm, pl, float(scale), s, chunk, ns,
+        q, kn, vn, kb, vb, okb, start, t, po, pm, pl, cos, sin, float(scale), s, chunk, ns,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), okb.stride(0),
-        H=h, G=h // kvh, D=d, BLOCK=block, ONE=one, num_warps=warps,
+        cos.stride(0), sin.stride(0), H=h, G=h // kvh, D=d, BLOCK=block, ONE=one, ROT=rot is not None,
+        num_warps=warps,
     )  # fmt: skip
     if not one:
         _attn_combine[(b * h,)](
@@ -187,19 +229,22 @@ def _attend_op(
     start: torch.Tensor,
     t: torch.Tensor,
     scale: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
 ) -> torch.Tensor:
-    return launch(q, k, v, kb, vb, ok, start, t, scale)
+    return launch(q, k, v, kb, vb, ok, start, t, scale, None if cos is None else (cos, sin))
 
 
 @_attend_op.register_fake
-def _(q, k, v, kb, vb, ok, start, t, scale):
+def _(q, k, v, kb, vb, ok, start, t, scale, cos, sin):
     return q.new_empty(q.shape)
 
 
-def attend(q, k, v, kb, vb, ok, start, t, scale: float):
+def attend(q, k, v, kb, vb, ok, start, t, scale: float, rot=None):
     """The kernels where ``available`` (an opaque op to torch.compile, so it stays inside a compiled step
     and a CUDA graph) for a power-of-two head size, else ``reference``."""
     d = q.shape[-1]
     if available(q.device) and not d & (d - 1):
-        return _attend_op(q, k, v, kb, vb, ok, start, t, float(scale))
-    return reference(q, k, v, kb, vb, ok, start, t, scale)
+        cos, sin = (None, None) if rot is None else rot
+        return _attend_op(q, k, v, kb, vb, ok, start, t, float(scale), cos, sin)
+    return reference(q, k, v, kb, vb, ok, start, t, scale, rot)

@@ -206,13 +206,15 @@ def written(kv, ok, k, v, slot, joint: bool):
 
 def make_step(opts: StepOptions):
     """The one-token layer step with ``opts`` (the arithmetic of ``decode.layer_step`` otherwise).
-    ``kv``: the layer's joint buffer when ``opts.write`` else (keys, values); ``ok``: its validity (with
-    ``write`` set ahead past the prompt); ``joint``: the layer's fused tensors ({} where not fused)."""
+    ``x``: ``h`` through the layer's input norm; returns the new ``h`` and it through ``nxt`` (the next
+    layer's input norm, so the residual's add and that norm are one kernel). ``kv``: the layer's joint
+    buffer when ``opts.write`` else (keys, values); ``ok``: its validity (with ``write`` set ahead past the
+    prompt); ``rope``: None where the decode kernels rotate q and k; ``joint``: the layer's fused tensors
+    ({} where not fused)."""
 
-    def step(layer, h, cos, sin, kv, ok, start, t, heads: int, kv_heads: int, rope, joint):
+    def step(layer, nxt, h, x, cos, sin, kv, ok, start, t, heads: int, kv_heads: int, rope, joint):
         attn = layer.self_attn
         b, n, _ = h.shape
-        x = layer.input_layernorm(h)
         if "qkv" in joint:
             w, bias = joint["qkv"]
             q, k, v = F.linear(x, w, bias).split(
@@ -223,21 +225,28 @@ def make_step(opts: StepOptions):
         q = q.reshape(b, n, heads, -1).transpose(1, 2)
         k = k.reshape(b, n, kv_heads, -1).transpose(1, 2)
         v = v.reshape(b, n, kv_heads, -1).transpose(1, 2)
-        q, k = rope(q, k, cos, sin)
+        if rope is not None:
+            q, k = rope(q, k, cos, sin)
         if opts.attn == "kernel":  # writes the key, value and validity itself
-            o = decode_kernel.attend(q, k, v, *kv, ok, start, t, attn.scaling)
+            o = decode_kernel.attend(q, k, v, *kv, ok, start, t, attn.scaling, None if rope else (cos, sin))
         else:
             kb, vb, mask = written(kv, ok, k, v, (start + t).view(1), opts.write)
             o = attend(q, kb, vb, mask, attn.scaling, opts.attn)
         if "gu" not in joint:
-            return finish(layer, h, o)
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
-        mlp = layer.mlp
-        w, bias = joint["gu"]
-        gate, up = F.linear(layer.post_attention_layernorm(h), w, bias).chunk(2, -1)
-        return h + mlp.down_proj(mlp.act_fn(gate) * up)
+            h = finish(layer, h, o)
+        else:
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+            w, bias = joint["gu"]
+            gate, up = F.linear(layer.post_attention_layernorm(h), w, bias).chunk(2, -1)
+            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return h, nxt(h)
 
     return step
+
+
+def norm(module, h):
+    """A layer's input norm where no step before gave it (the first layer, one after a VAR layer)."""
+    return module(h)
 
 
 class StepDecoder(FastDecoder):
@@ -256,6 +265,11 @@ class StepDecoder(FastDecoder):
                 self.k[i], self.v[i], self.kv[i] = kv[0], kv[1], kv
         fn = make_step(self.opts)
         self.opt_fn = torch.compile(fn, dynamic=True) if compile else fn
+        self.norm_fn = torch.compile(norm, dynamic=True) if compile else norm
+        # the decode kernels rotate q and k where the model's rotation has their form
+        self.step_rope = (
+            None if self.opts.attn == "kernel" and decode_kernel.standard_rope(self.rope) else self.rope
+        )
 
     def open(self, lengths: list[int]) -> None:
         super().open(lengths)
@@ -265,15 +279,25 @@ class StepDecoder(FastDecoder):
                     ok |= torch.arange(ok.shape[1], device=ok.device) >= self.start[i]
 
     def layers_op(self, lo: int, hi: int, h, cos, sin, t):
+        x = None  # h through layer i's input norm, from the step before
         for i in range(lo, hi):
             if i in self.codes:  # VAR: the plain step
-                h = super().layers_op(i, i + 1, h, cos, sin, t)[0]
+                h, x = super().layers_op(i, i + 1, h, cos, sin, t)[0], None
                 continue
             kb = self.k[i]
             dev = kb.device
-            h = self.opt_fn(
-                self.layers[i],
-                h.to(dev),
+            h = h.to(dev)
+            layer = self.layers[i]
+            if x is None:
+                x = self.norm_fn(layer.input_layernorm, h)
+            # the next layer's input norm where it runs our step on this device; else the layer's own, unread
+            same = i + 1 < hi and i + 1 not in self.codes and self.k[i + 1].device == dev
+            nxt = self.layers[i + 1] if same else layer
+            h, x = self.opt_fn(
+                layer,
+                nxt.input_layernorm,
+                h,
+                x,
                 cos.to(dev),
                 sin.to(dev),
                 self.kv[i] if self.opts.write else (kb, self.v[i]),
@@ -282,7 +306,8 @@ class StepDecoder(FastDecoder):
                 t.to(dev),
                 self.heads,
                 self.kv_heads,
-                self.rope,
+                self.step_rope,
                 self.joint[i],
             )
+            x = x if same else None
         return h, cos, sin, t
