@@ -12,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 21}
+PART=${PART:?set PART=1 to 22}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -281,7 +281,17 @@ case $PART in
   step dk_speed 120 python evals/decode_kernel_speed.py --no-tunes --out "$OUT/dk"
   step prof_decode 110 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse --out "$OUT/pd"
   ;;
-*) say "PART must be 1-21, not $PART"; exit 2 ;;
+22)
+  # the kernels rotate q and the new key, each layer's step ends with the next layer's input norm (601e4db):
+  # the step's GPU tests (fp32 tokens, the bf16 teacher-forcing bound), one layer at the five shapes, the step
+  step pytest 200 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_decode_kernel.py tests/test_gpu_step_options.py tests/test_fast_step.py \
+    tests/test_gpu.py::test_bf16_generate_fast_logits_match_generate_under_teacher_forcing -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step dk_speed 100 python evals/decode_kernel_speed.py --no-tunes --out "$OUT/dk"
+  step prof_decode 110 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse --out "$OUT/pd"
+  ;;
+*) say "PART must be 1-22, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
