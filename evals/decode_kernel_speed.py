@@ -106,11 +106,14 @@ def measure(shape, dev, dtype, layers, reps, tunes, kernel=dk.launch):
     q, k, v, bufs, start, t, rot = inputs(b, h, kvh, s, n, layers, dev, dtype)
     scale = q.shape[-1] ** -0.5
     variants = {"sdpa + index writes": lambda: [plain(q, k, v, *x, start, t, scale) for x in bufs]}
-    variants["kernel (default)"] = lambda: [kernel(q, k, v, *x, start, t, scale, rot) for x in bufs]
-    variants["kernel, q / k rotated before"] = lambda: [kernel(q, k, v, *x, start, t, scale) for x in bufs]
+    lock = torch.zeros(b * h, dtype=torch.int32, device=dev)  # the kernel's counts, as the step keeps them
+    variants["kernel (default)"] = lambda: [kernel(q, k, v, *x, start, t, scale, rot, lock) for x in bufs]
+    variants["kernel, q / k rotated before"] = lambda: [
+        kernel(q, k, v, *x, start, t, scale, None, lock) for x in bufs
+    ]
     for tu in tunes:
         key = f"kernel block {tu['block']} programs {tu['programs']} warps {tu['warps']}"
-        variants[key] = lambda tu=tu: [kernel(q, k, v, *x, start, t, scale, rot, **tu) for x in bufs]
+        variants[key] = lambda tu=tu: [kernel(q, k, v, *x, start, t, scale, rot, lock, **tu) for x in bufs]
     src = [torch.cat([x[0][:, :, :n], x[1][:, :, :n]]) for x in bufs]
     dst = [torch.empty_like(x) for x in src]
     variants["copy of the valid keys and values"] = lambda: [d_.copy_(s_) for d_, s_ in zip(dst, src)]

@@ -1,4 +1,4 @@
-"""The decode step's attention as two Triton kernels that also write the new token's key and value:
+"""The decode step's attention as a Triton kernel that also writes the new token's key and value:
 ``generate_fast(step=StepOptions(attn="kernel"))``.
 
     o = attend(q, k, v, kb, vb, ok, start, t, scale, rot=None)
@@ -13,12 +13,12 @@ model's), applied in the kernel: the step's two rotation kernels a layer go.
 Why by hand: SDPA with a boolean mask at one query costs per layer a mask conversion (a fill and a
 ``where``), cuDNN's kernel (one block per head at batch 1) and a reduction, beside the index writes of the
 key, the value, the validity and the slot's add; on the H200's LLaVA-1.5-7B step that was ~0.5 ms of 5.
-Here: one split-KV pass (one program per sample, query head and chunk of slots; the new key / value come from
-registers and are stored by the chunk that holds the slot, for the first query head of each KV head) and one
-combine per query head (none where one chunk covers the slots). A query head of a GQA group reads its KV
-head's rows again (from L2: the other heads' programs run alongside). On CPU (and without Triton)
-``reference`` does the same arithmetic in torch; with ``TRITON_INTERPRET=1`` set before Triton is imported the
-kernels run on CPU tensors (the tests).
+Here: one split-KV kernel (one program per sample, query head and chunk of slots; the new key / value come
+from registers and are stored by the chunk that holds the slot, for the first query head of each KV head),
+whose last program of each head to finish combines the head's chunks (counted in ``lock``). A query head of
+a GQA group reads its KV head's rows again (from L2: the other heads' programs run alongside). On CPU (and
+without Triton) ``reference`` does the same arithmetic in torch; with ``TRITON_INTERPRET=1`` set before
+Triton is imported the kernel runs on CPU tensors (the tests).
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def standard_rope(rope) -> bool:
     )
 
 
-def reference(q, k, v, kb, vb, ok, start, t, scale: float, rot=None):
-    """The kernels' arithmetic in torch (in place on kb / vb / ok as they are)."""
+def reference(q, k, v, kb, vb, ok, start, t, scale: float, rot=None, lock=None):
+    """The kernel's arithmetic in torch (in place on kb / vb / ok as they are; ``lock``: unused)."""
     if rot is not None:  # in fp32, rounded once (as the kernel, and the compiled step's own rotation)
         cos, sin = (r.float() for r in rot)
         q, k = (rotate(x.float(), cos, sin).to(x.dtype) for x in (q, k))
@@ -92,10 +92,10 @@ if triton is not None:
 
     @triton.jit
     def _attn_split(
-        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, ok_ptr, start_ptr, t_ptr, po_ptr, pm_ptr, pl_ptr, cos_ptr,
-        sin_ptr, scale, S, CHUNK, NS,
-        sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sok_b, sc_b, ss_b,
-        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, ONE: tl.constexpr,
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, ok_ptr, start_ptr, t_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr,
+        lock_ptr, cos_ptr, sin_ptr, scale, S, CHUNK, NS,
+        sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sok_b, sc_b, ss_b, so_b,
+        so_h, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, NSP: tl.constexpr,
         ROT: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)  # b * H + h
@@ -147,30 +147,27 @@ if triton is not None:
         tl.store(kbase + slot * sk_s + di, kn.to(k_ptr.dtype.element_ty), mask=mine & (di < D))
         tl.store(vbase + slot * sv_s + di, vn.to(v_ptr.dtype.element_ty), mask=mine & (di < D))
         tl.store(ok_ptr + b * sok_b + slot, 1, mask=mine & (h == 0))
-        if ONE:  # one chunk per head: the output itself (po_ptr is o, contiguous), no combine
-            tl.store(po_ptr + pid * D + di, (acc / den).to(po_ptr.dtype.element_ty))
+        if NSP == 1:  # one chunk per head: the output itself
+            tl.store(o_ptr + b * so_b + h * so_h + di, (acc / den).to(o_ptr.dtype.element_ty))
         else:
             row = pid * NS + sp
             tl.store(pm_ptr + row, m)
             tl.store(pl_ptr + row, den)
             tl.store(po_ptr + row * D + di, acc)
-
-    @triton.jit
-    def _attn_combine(po_ptr, pm_ptr, pl_ptr, o_ptr, NS, so_b, so_h, H: tl.constexpr, D: tl.constexpr,
-                      NSP: tl.constexpr):  # fmt: skip
-        pid = tl.program_id(0)  # b * H + h
-        b = pid // H
-        h = pid % H
-        j = tl.arange(0, NSP)
-        jm = j < NS
-        di = tl.arange(0, D)
-        m = tl.load(pm_ptr + pid * NS + j, mask=jm, other=float("-inf"))
-        den = tl.load(pl_ptr + pid * NS + j, mask=jm, other=0.0)
-        top = tl.max(m, 0)
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
-        o = tl.load(po_ptr + (pid * NS + j)[:, None] * D + di[None, :], mask=jm[:, None], other=0.0)
-        out = tl.sum(w[:, None] * o, 0) / tl.sum(w * den, 0)
-        tl.store(o_ptr + b * so_b + h * so_h + di, out.to(o_ptr.dtype.element_ty))
+            # the head's last program to finish combines its chunks (no second kernel) and sets the count
+            # back to 0 for the next call; acq_rel: the others' partials are visible to it
+            if tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu") == NS - 1:
+                j = tl.arange(0, NSP)
+                jm = j < NS
+                pms = tl.load(pm_ptr + pid * NS + j, mask=jm, other=float("-inf"), volatile=True)
+                pls = tl.load(pl_ptr + pid * NS + j, mask=jm, other=0.0, volatile=True)
+                rows = (pid * NS + j)[:, None] * D + di[None, :]
+                part = tl.load(po_ptr + rows, mask=jm[:, None], other=0.0, volatile=True)
+                top = tl.max(pms, 0)
+                w = tl.where(pms == float("-inf"), 0.0, tl.exp(pms - top))
+                out = tl.sum(w[:, None] * part, 0) / tl.sum(w * pls, 0)
+                tl.store(o_ptr + b * so_b + h * so_h + di, out.to(o_ptr.dtype.element_ty))
+                tl.atomic_xchg(lock_ptr + pid, 0, sem="relaxed", scope="gpu")
 
 
 def plan(b: int, h: int, s: int, d: int, block: int | None = None, programs: int = PROGRAMS):
@@ -181,9 +178,26 @@ def plan(b: int, h: int, s: int, d: int, block: int | None = None, programs: int
     return block, max(block, -(-per // block) * block)
 
 
-def launch(q, k, v, kb, vb, ok, start, t, scale: float, rot=None, block=None, programs=PROGRAMS, warps=WARPS):
-    """The kernels on ``q``'s device (CUDA, or CPU under the interpreter); ``block`` / ``programs`` /
-    ``warps``: ``plan``'s and the split kernel's (evals/decode_kernel_speed.py tries others)."""
+def launch(
+    q,
+    k,
+    v,
+    kb,
+    vb,
+    ok,
+    start,
+    t,
+    scale: float,
+    rot=None,
+    lock=None,
+    block=None,
+    programs=PROGRAMS,
+    warps=WARPS,
+):
+    """The kernel on ``q``'s device (CUDA, or CPU under the interpreter). ``lock``: int32 zeros, one per
+    sample and query head or more, which the kernel leaves at zero (the step's decoder keeps one, so no
+    call clears it; made here when not given); ``block`` / ``programs`` / ``warps``: ``plan``'s and the
+    kernel's (evals/decode_kernel_speed.py tries others)."""
     b, h, _, d = q.shape
     kvh, s = kb.shape[1], kb.shape[2]
     if d & (d - 1) or kb.stride(3) != 1 or vb.stride(3) != 1 or q.stride(3) != 1:
@@ -192,33 +206,32 @@ def launch(q, k, v, kb, vb, ok, start, t, scale: float, rot=None, block=None, pr
     ns = -(-s // chunk)
     dev = q.device
     o = torch.empty(b, h, 1, d, device=dev, dtype=q.dtype)
-    one = ns == 1  # (batches of 16 and more at 7B shapes): the split pass writes o
-    if one:
-        po = pm = pl = o  # pm / pl unread
+    if ns == 1:  # (batches of 16 and more at 7B shapes): no partials
+        po = pm = pl = lock = o  # unread
     else:
         po = torch.empty(b * h * ns, d, device=dev, dtype=torch.float32)
         pm = torch.empty(b * h * ns, device=dev, dtype=torch.float32)
         pl = torch.empty(b * h * ns, device=dev, dtype=torch.float32)
+        if lock is None:
+            lock = torch.zeros(b * h, device=dev, dtype=torch.int32)
+        elif lock.dtype != torch.int32 or lock.numel() < b * h:
+            raise ValueError(f"mmsink: the decode kernel's lock must be int32 with >= {b * h} entries")
     okb = ok.view(torch.uint8)
     kn, vn = k[:, :, 0], v[:, :, 0]
     cos, sin = (q, q) if rot is None else (r[:, 0] for r in rot)  # q: unread
     if cos.stride(-1) != 1 or sin.stride(-1) != 1 or kn.stride(2) != 1 or vn.stride(2) != 1:
         raise ValueError("mmsink: the decode kernel needs cos / sin and the new key contiguous in d")
     _attn_split[(b * h, ns)](
-        q, kn, vn, kb, vb, okb, start, t, po, pm, pl, cos, sin, float(scale), s, chunk, ns,
+        q, kn, vn, kb, vb, okb, start, t, o, po, pm, pl, lock, cos, sin, float(scale), s, chunk, ns,
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), okb.stride(0),
-        cos.stride(0), sin.stride(0), H=h, G=h // kvh, D=d, BLOCK=block, ONE=one, ROT=rot is not None,
-        num_warps=warps,
+        cos.stride(0), sin.stride(0), o.stride(0), o.stride(1), H=h, G=h // kvh, D=d, BLOCK=block,
+        NSP=1 if ns == 1 else max(2, _pow2(ns)), ROT=rot is not None, num_warps=warps,
     )  # fmt: skip
-    if not one:
-        _attn_combine[(b * h,)](
-            po, pm, pl, o, ns, o.stride(0), o.stride(1), H=h, D=d, NSP=max(2, _pow2(ns)), num_warps=4
-        )
     return o
 
 
-@torch.library.custom_op("mmsink::decode_attend", mutates_args=("kb", "vb", "ok"))
+@torch.library.custom_op("mmsink::decode_attend", mutates_args=("kb", "vb", "ok", "lock"))
 def _attend_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -231,20 +244,21 @@ def _attend_op(
     scale: float,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
+    lock: torch.Tensor | None,
 ) -> torch.Tensor:
-    return launch(q, k, v, kb, vb, ok, start, t, scale, None if cos is None else (cos, sin))
+    return launch(q, k, v, kb, vb, ok, start, t, scale, None if cos is None else (cos, sin), lock)
 
 
 @_attend_op.register_fake
-def _(q, k, v, kb, vb, ok, start, t, scale, cos, sin):
+def _(q, k, v, kb, vb, ok, start, t, scale, cos, sin, lock):
     return q.new_empty(q.shape)
 
 
-def attend(q, k, v, kb, vb, ok, start, t, scale: float, rot=None):
-    """The kernels where ``available`` (an opaque op to torch.compile, so it stays inside a compiled step
+def attend(q, k, v, kb, vb, ok, start, t, scale: float, rot=None, lock=None):
+    """The kernel where ``available`` (an opaque op to torch.compile, so it stays inside a compiled step
     and a CUDA graph) for a power-of-two head size, else ``reference``."""
     d = q.shape[-1]
     if available(q.device) and not d & (d - 1):
         cos, sin = (None, None) if rot is None else rot
-        return _attend_op(q, k, v, kb, vb, ok, start, t, float(scale), cos, sin)
+        return _attend_op(q, k, v, kb, vb, ok, start, t, float(scale), cos, sin, lock)
     return reference(q, k, v, kb, vb, ok, start, t, scale, rot)

@@ -16,8 +16,8 @@ a separate write per step. A pruned layer's holes stay: they lie before the prom
 batched matmuls per KV head, a masked fp32 softmax between that the compiler fuses with the mask; the
 scores come out of the matmul in the model's dtype, as in transformers' eager attention), or "reduce"
 (scores and output as element-wise products summed in fp32: the compiler makes them reductions that
-spread over many blocks, where SDPA's kernel gets one block per head at batch 1), or "kernel" (two Triton
-kernels that also write the new key, value and validity: ``mmsink.fast.decode_kernel``; its torch
+spread over many blocks, where SDPA's kernel gets one block per head at batch 1), or "kernel" (a Triton
+kernel that also writes the new key, value and validity: ``mmsink.fast.decode_kernel``; its torch
 reference on CPU; not with ``write``: its one write is the kernel's own).
 
 VAR layers keep the plain step.
@@ -208,9 +208,9 @@ def make_step(opts: StepOptions):
     """The one-token layer step with ``opts`` (the arithmetic of ``decode.layer_step`` otherwise).
     ``x``: ``h`` through the layer's input norm; returns the new ``h`` and it through ``nxt`` (the next
     layer's input norm, so the residual's add and that norm are one kernel). ``kv``: the layer's joint
-    buffer when ``opts.write`` else (keys, values); ``ok``: its validity (with ``write`` set ahead past the
-    prompt); ``rope``: None where the decode kernels rotate q and k; ``joint``: the layer's fused tensors
-    ({} where not fused)."""
+    buffer when ``opts.write`` else (keys, values, the decode kernel's lock); ``ok``: its validity (with
+    ``write`` set ahead past the prompt); ``rope``: None where the decode kernel rotates q and k;
+    ``joint``: the layer's fused tensors ({} where not fused)."""
 
     def step(layer, nxt, h, x, cos, sin, kv, ok, start, t, heads: int, kv_heads: int, rope, joint):
         attn = layer.self_attn
@@ -227,10 +227,13 @@ def make_step(opts: StepOptions):
         v = v.reshape(b, n, kv_heads, -1).transpose(1, 2)
         if rope is not None:
             q, k = rope(q, k, cos, sin)
-        if opts.attn == "kernel":  # writes the key, value and validity itself
-            o = decode_kernel.attend(q, k, v, *kv, ok, start, t, attn.scaling, None if rope else (cos, sin))
+        if opts.attn == "kernel":  # writes the key, value and validity itself; kv: (keys, values, lock)
+            kb, vb, lock = kv
+            o = decode_kernel.attend(
+                q, k, v, kb, vb, ok, start, t, attn.scaling, None if rope else (cos, sin), lock
+            )
         else:
-            kb, vb, mask = written(kv, ok, k, v, (start + t).view(1), opts.write)
+            kb, vb, mask = written(kv if opts.write else kv[:2], ok, k, v, (start + t).view(1), opts.write)
             o = attend(q, kb, vb, mask, attn.scaling, opts.attn)
         if "gu" not in joint:
             h = finish(layer, h, o)
@@ -266,7 +269,11 @@ class StepDecoder(FastDecoder):
         fn = make_step(self.opts)
         self.opt_fn = torch.compile(fn, dynamic=True) if compile else fn
         self.norm_fn = torch.compile(norm, dynamic=True) if compile else norm
-        # the decode kernels rotate q and k where the model's rotation has their form
+        # the decode kernel's counts per sample and query head, one per device (it leaves them at zero)
+        self.lock = {
+            kb.device: torch.zeros(batch * self.heads, dtype=torch.int32, device=kb.device) for kb in self.k
+        }
+        # the decode kernel rotates q and k where the model's rotation has its form
         self.step_rope = (
             None if self.opts.attn == "kernel" and decode_kernel.standard_rope(self.rope) else self.rope
         )
@@ -300,7 +307,7 @@ class StepDecoder(FastDecoder):
                 x,
                 cos.to(dev),
                 sin.to(dev),
-                self.kv[i] if self.opts.write else (kb, self.v[i]),
+                self.kv[i] if self.opts.write else (kb, self.v[i], self.lock[dev]),
                 self.valid[i],
                 self.start[i],
                 t.to(dev),
