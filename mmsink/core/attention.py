@@ -7,11 +7,13 @@ the ``mmsink`` keyword that our decoder-layer hook injects; without it the base 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -160,16 +162,85 @@ def lse_masks(allowed: torch.Tensor, dtype: torch.dtype) -> tuple:
     return allowed.any(-1), storage[..., :m].masked_fill_(allowed, 0.0)
 
 
+LSE_BACKENDS = ("cudnn", "efficient")
+LSE_ENV = "MMSINK_LSE_ATTENTION"
+
+
+@torch.compiler.assume_constant_result
+def _lse_forced() -> str:
+    # a constant to the compiler: a compiled region keeps the value it was traced with
+    forced = os.environ.get(LSE_ENV, "").strip().lower()
+    if forced and forced not in LSE_BACKENDS:
+        raise ValueError(f"{LSE_ENV}={forced!r}: expected one of {', '.join(LSE_BACKENDS)}")
+    return forced
+
+
+@torch.compiler.assume_constant_result
+def _cudnn_usable(index: int) -> bool:
+    # cuDNN's fused attention: sm_80 and newer, cuDNN 9 (earlier versions miss short query lengths)
+    version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return torch.cuda.get_device_capability(index)[0] >= 8 and (version or 0) >= 90000
+
+
+def _aligned(bias) -> bool:
+    """Whether every stride but the last is a multiple of 8 elements (what the fused kernels read the
+    bias rows at) and the last is 1; symbolic strides count only when known (no shape guard)."""
+    if not statically_known_true(bias.stride(-1) == 1):
+        return False
+    return all(
+        statically_known_true(bias.stride(i) % 8 == 0)
+        for i in range(bias.dim() - 1)
+        if not statically_known_true(bias.size(i) == 1)
+    )
+
+
+def lse_backend(q, bias) -> str:
+    """The CUDA kernel :func:`attention_lse` runs: "cudnn" (cuDNN's fused attention) on sm_80+ with
+    cuDNN 9 for fp16 / bf16 and a head dim that is a multiple of 8 up to 128, else "efficient" (the
+    memory-efficient kernel). ``MMSINK_LSE_ATTENTION=cudnn|efficient`` overrides the choice for fp16 /
+    bf16 (cuDNN has no fp32 kernel), read at each call (in a compiled region, when it is traced).
+    Compiled, cuDNN only for a bias whose layout is known aligned: the compiler pads an unaligned bias
+    for the efficient kernel, not for cuDNN."""
+    forced = _lse_forced()
+    if forced == "efficient" or not q.is_cuda:
+        return "efficient"
+    if q.dtype not in (torch.float16, torch.bfloat16) or bias.dtype != q.dtype:
+        return "efficient"
+    if forced:
+        return forced
+    d = q.shape[-1]
+    if d % 8 or d > 128 or not _cudnn_usable(q.device.index):
+        return "efficient"
+    if torch.compiler.is_compiling() and not _aligned(bias):
+        return "efficient"
+    return "cudnn"
+
+
+def _cudnn_lse(q, k, v, bias, scale):
+    if not _aligned(bias):  # a padded copy, as lse_masks lays it out (compiled: only when forced)
+        m = bias.shape[-1]
+        padded = bias.new_full((*bias.shape[:-1], -(-m // 8) * 8), float("-inf"))
+        bias = padded[..., :m].copy_(bias)
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, bias, True, 0.0, False, False, scale=scale
+    )[:2]
+    # cuDNN's LSE is [B, H, n, 1] (some versions [B, H, n]); the index keeps whatever strides it has
+    return out, (lse[..., 0] if lse.dim() == 4 else lse)[..., : q.shape[2]]
+
+
 def attention_lse(q, k, v, allowed, scale, masks=None):
     """Attention output and log-sum-exp per row over the allowed keys, through a fused kernel when there
     is one. q [B,H,n,d], k/v [B,H,m,d] (heads already repeated), allowed [B,1|H,n,m] bool.
     Rows with no allowed key give output 0 and LSE -inf. ``masks``: ``lse_masks(allowed, q.dtype)`` when
-    the caller has them."""
+    the caller has them. On CUDA the kernel is :func:`lse_backend`'s."""
     some, bias = masks if masks is not None else lse_masks(allowed, q.dtype)
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias.expand(q.shape[0], q.shape[1], -1, -1), scale=scale
         )[:2]
+    elif q.device.type == "cuda" and lse_backend(q, bias) == "cudnn":
+        # the bias keeps its size-1 head (batch) dim: cuDNN broadcasts it
+        out, lse = _cudnn_lse(q, k, v, bias, scale)
     elif q.device.type == "cuda":
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias.expand(q.shape[0], q.shape[1], -1, -1), True, 0.0, False, scale=scale
