@@ -12,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 22}
+PART=${PART:?set PART=1 to 23}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -291,7 +291,22 @@ case $PART in
   step dk_speed 100 python evals/decode_kernel_speed.py --no-tunes --out "$OUT/dk"
   step prof_decode 110 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse --out "$OUT/pd"
   ;;
-*) say "PART must be 1-22, not $PART"; exit 2 ;;
+23)
+  # the decode kernel combining in its last program per head (311990f: no second kernel), then attention
+  # with log-sum-exp through cuDNN (2ad2fb6, untested on a GPU when merged): its tests and speed probe
+  step pytest 160 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_decode_kernel.py tests/test_gpu_step_options.py tests/test_fast_step.py \
+    tests/test_gpu.py::test_bf16_generate_fast_logits_match_generate_under_teacher_forcing -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step dk_speed 70 python evals/decode_kernel_speed.py --no-tunes --out "$OUT/dk"
+  step prof_decode 90 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse --out "$OUT/pd"
+  step pytest_lse 90 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider -rs tests/test_gpu_lse.py \
+    tests/test_gpu.py::test_attention_lse_cuda --tb=short -rf
+  cp "$SCR/pytest_lse.out" "$OUT/pytest_lse.log"
+  step lse_speed 120 python evals/lse_attention_speed.py --out "$OUT/lse"
+  cp "$SCR/lse_speed.out" "$OUT/lse_speed.log"
+  ;;
+*) say "PART must be 1-23, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
