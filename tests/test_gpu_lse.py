@@ -123,7 +123,7 @@ def test_default_backend_is_cudnn_on_sm80(monkeypatch):
 @pytest.mark.parametrize("m", [72, 75])
 def test_transposed_keys_and_unpadded_bias(monkeypatch, m):
     """Keys / values in the model's layout (not contiguous) and VAR's unpadded bias (a plain ``where``;
-    at 75 keys its rows are not 8-aligned and the cuDNN path copies it padded)."""
+    at 75 keys its rows are not 8-aligned and both kernels get it copied padded: eagerly they refuse it)."""
     q, k, v, allowed = inputs(2, 32, 8, 48, m, 128, False, seed=1, transposed=True)
     scale = 128**-0.5
     bias = torch.where(allowed, 0.0, float("-inf")).to(q.dtype)

@@ -216,11 +216,18 @@ def lse_backend(q, bias) -> str:
     return "cudnn"
 
 
+def _padded(bias):
+    """``bias`` in 8-aligned rows, as ``lse_masks`` lays it out (a copy where it is not): both fused kernels
+    refuse other rows eagerly (compiled, the compiler pads for the efficient one)."""
+    if _aligned(bias):
+        return bias
+    m = bias.shape[-1]
+    padded = bias.new_full((*bias.shape[:-1], -(-m // 8) * 8), float("-inf"))
+    return padded[..., :m].copy_(bias)
+
+
 def _cudnn_lse(q, k, v, bias, scale):
-    if not _aligned(bias):  # a padded copy, as lse_masks lays it out (compiled: only when forced)
-        m = bias.shape[-1]
-        padded = bias.new_full((*bias.shape[:-1], -(-m // 8) * 8), float("-inf"))
-        bias = padded[..., :m].copy_(bias)
+    bias = _padded(bias)  # compiled: only when forced (lse_backend)
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, k, v, bias, True, 0.0, False, False, scale=scale
     )[:2]
@@ -242,6 +249,7 @@ def attention_lse(q, k, v, allowed, scale, masks=None):
         # the bias keeps its size-1 head (batch) dim: cuDNN broadcasts it
         out, lse = _cudnn_lse(q, k, v, bias, scale)
     elif q.device.type == "cuda":
+        bias = bias if torch.compiler.is_compiling() else _padded(bias)
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias.expand(q.shape[0], q.shape[1], -1, -1), True, 0.0, False, scale=scale
         )[:2]

@@ -12,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 23}
+PART=${PART:?set PART=1 to 24}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -306,7 +306,23 @@ case $PART in
   step lse_speed 120 python evals/lse_attention_speed.py --out "$OUT/lse"
   cp "$SCR/lse_speed.out" "$OUT/lse_speed.log"
   ;;
-*) say "PART must be 1-23, not $PART"; exit 2 ;;
+24)
+  # attention with LSE through cuDNN by default (the unaligned bias padded eagerly for both kernels): its
+  # tests, the graphed pruners' (VisiPruner's shallow stage), VisiPruner's batch-16 overhead (4.4 % with the
+  # efficient kernel), VAR at batch 1 and VAR's fast-path tests
+  step pytest 110 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_gpu_lse.py tests/test_gpu.py::test_attention_lse_cuda \
+    tests/test_gpu_graphed_layer_pruners.py tests/test_gpu_graphed.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step b16 110 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR \
+    --methods visipruner --budgets 64 --out "$OUT/b16" --name visipruner_b16
+  step var_b1 80 python -m mmsink bench --device $DEV --shape $S1 --batch 1 --reps $VR --methods fastv \
+    --budgets 64 --var-tau 3 --out "$OUT/var" --name var_b1
+  step pytest_var 240 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q -x \
+    -p no:cacheprovider tests/test_gpu_var_fast.py -m gpu --tb=short -rf
+  cp "$SCR/pytest_var.out" "$OUT/pytest_var.log"
+  ;;
+*) say "PART must be 1-24, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
