@@ -107,10 +107,14 @@ def test_cudnn_and_efficient_equal_math(monkeypatch, shape):
 
 
 @gpu
-def test_default_backend_is_cudnn_on_sm80(monkeypatch):
+def test_backend_choice(monkeypatch):
+    """The efficient kernel by default; cuDNN where asked for and it runs (sm_80+; fp16 / bf16; a head
+    dim that is a multiple of 8)."""
     monkeypatch.delenv(att.LSE_ENV, raising=False)
     q, k, v, allowed = inputs(2, 8, 8, 40, 72, 128, False)
     some, bias = att.lse_masks(allowed, q.dtype)
+    assert att.lse_backend(q, bias) == "efficient"
+    monkeypatch.setenv(att.LSE_ENV, "cudnn")
     want = "cudnn" if torch.cuda.get_device_capability()[0] >= 8 else "efficient"
     assert att.lse_backend(q, bias) == want
     assert att.lse_backend(q.float(), bias.float()) == "efficient"  # no fp32 cuDNN kernel
@@ -137,8 +141,8 @@ def test_transposed_keys_and_unpadded_bias(monkeypatch, m):
 @pytest.mark.parametrize("m", [72, 75])
 def test_compiled(monkeypatch, m):
     """The form VAR's compiled region traces (``attention_lse_unpadded``): no graph break, and the same
-    answer; at 75 keys the compiled call stays on the efficient kernel (lse_backend)."""
-    monkeypatch.delenv(att.LSE_ENV, raising=False)
+    answer; with cuDNN asked for, at 75 keys the compiled call stays on the efficient kernel."""
+    monkeypatch.setenv(att.LSE_ENV, "cudnn")
     torch._dynamo.reset()
     q, k, v, allowed = inputs(2, 8, 8, 48, m, 128, False, seed=2)
     scale = 128**-0.5

@@ -195,19 +195,17 @@ def _aligned(bias) -> bool:
 
 
 def lse_backend(q, bias) -> str:
-    """The CUDA kernel :func:`attention_lse` runs: "cudnn" (cuDNN's fused attention) on sm_80+ with
-    cuDNN 9 for fp16 / bf16 and a head dim that is a multiple of 8 up to 128, else "efficient" (the
-    memory-efficient kernel). ``MMSINK_LSE_ATTENTION=cudnn|efficient`` overrides the choice for fp16 /
-    bf16 (cuDNN has no fp32 kernel), read at each call (in a compiled region, when it is traced).
-    Compiled, cuDNN only for a bias whose layout is known aligned: the compiler pads an unaligned bias
-    for the efficient kernel, not for cuDNN."""
-    forced = _lse_forced()
-    if forced == "efficient" or not q.is_cuda:
+    """The CUDA kernel :func:`attention_lse` runs: "efficient" (the memory-efficient kernel), or "cudnn"
+    (cuDNN's fused attention) where ``MMSINK_LSE_ATTENTION=cudnn`` asks for it and it runs: sm_80+ with
+    cuDNN 9, fp16 / bf16, a head dim that is a multiple of 8 up to 128; compiled, only for a bias whose
+    layout is known aligned (the compiler pads an unaligned bias for the efficient kernel, not for cuDNN).
+    The variable is read at each call (in a compiled region, when it is traced). Not the default: on the
+    H200 cuDNN's kernel takes half the time at batch 16 (evals/results/lse_attention) but builds a plan of
+    40-90 ms for every new shape, and VisiPruner's batch-16 prefill did not move with it."""
+    if _lse_forced() != "cudnn" or not q.is_cuda:
         return "efficient"
     if q.dtype not in (torch.float16, torch.bfloat16) or bias.dtype != q.dtype:
         return "efficient"
-    if forced:
-        return forced
     d = q.shape[-1]
     if d % 8 or d > 128 or not _cudnn_usable(q.device.index):
         return "efficient"
@@ -227,7 +225,7 @@ def _padded(bias):
 
 
 def _cudnn_lse(q, k, v, bias, scale):
-    bias = _padded(bias)  # compiled: only when forced (lse_backend)
+    bias = _padded(bias)  # compiled: only an aligned one comes here (lse_backend)
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, k, v, bias, True, 0.0, False, False, scale=scale
     )[:2]
