@@ -199,9 +199,9 @@ def lse_backend(q, bias) -> str:
     (cuDNN's fused attention) where ``MMSINK_LSE_ATTENTION=cudnn`` asks for it and it runs: sm_80+ with
     cuDNN 9, fp16 / bf16, a head dim that is a multiple of 8 up to 128; compiled, only for a bias whose
     layout is known aligned (the compiler pads an unaligned bias for the efficient kernel, not for cuDNN).
-    The variable is read at each call (in a compiled region, when it is traced). Not the default: on the
-    H200 cuDNN's kernel takes half the time at batch 16 (evals/results/lse_attention) but builds a plan of
-    40-90 ms for every new shape, and VisiPruner's batch-16 prefill did not move with it."""
+    The variable is read at each call (in a compiled region, when it is traced). Not the default: cuDNN's
+    kernel is faster at batch 16 but builds a plan for every new shape, and VisiPruner's batch-16 prefill
+    did not move with it (evals/results/lse_attention, evals/results/gpu_next/h200)."""
     if _lse_forced() != "cudnn" or not q.is_cuda:
         return "efficient"
     if q.dtype not in (torch.float16, torch.bfloat16) or bias.dtype != q.dtype:

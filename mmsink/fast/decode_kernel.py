@@ -12,7 +12,7 @@ model's), applied in the kernel: the step's two rotation kernels a layer go.
 
 Why by hand: SDPA with a boolean mask at one query costs per layer a mask conversion (a fill and a
 ``where``), cuDNN's kernel (one block per head at batch 1) and a reduction, beside the index writes of the
-key, the value, the validity and the slot's add; on the H200's LLaVA-1.5-7B step that was ~0.5 ms of 5.
+key, the value, the validity and the slot's add (a tenth of the H200's LLaVA-1.5-7B step).
 Here: one split-KV kernel (one program per sample, query head and chunk of slots; the new key / value come
 from registers and are stored by the chunk that holds the slot, for the first query head of each KV head),
 whose last program of each head to finish combines the head's chunks (counted in ``lock``). A query head of

@@ -71,8 +71,8 @@ def options(step) -> StepOptions | None:
 
 def default_options(step, fast_gpu: bool) -> StepOptions | None:
     """``options(step)``; ``step=None`` on ``fast_gpu`` (graphs and compile on one GPU) is the fused step
-    (a default since tests/test_gpu_step_options.py passed on the H200: a LLaVA-1.5-7B step 5.5 -> 5.0 ms),
-    with the decode kernels' attention where Triton is there (the same tests, 4.84 -> 4.67 ms)."""
+    (a default since tests/test_gpu_step_options.py passed on the H200; evals/results/gpu_next/h200 has
+    the step's times), with the decode kernel's attention where Triton is there."""
     if step is None and fast_gpu:
         return StepOptions(fuse=True, attn="kernel" if decode_kernel.available("cuda") else "sdpa")
     return options(step)

@@ -65,8 +65,8 @@ class VisiPruner(Pruner):
         # on for a batch of MASK_BATCH samples or more (a batch runs as wide as its widest sample, so a gather
         # narrows it only once every sample has fused, while each observed layer's read drains the GPU's
         # queue); True: always. Off by default, the method's own plan: the masked path runs every layer up
-        # to the fallback at full width (H200, LLaVA-1.5-7B batch 16, budget 64: 339.8 ms masked against
-        # 151.5 ms gathered, evals/results/gpu_next/h200/visipruner_b16_masked.md)
+        # to the fallback at full width (twice the gathered plan's time on the H200 at batch 16:
+        # evals/results/gpu_next/h200/visipruner_b16_masked.md)
         mask_until_fallback: bool | None = False
 
     def check_options(self):
