@@ -281,17 +281,8 @@ case $PART in
   step dk_speed 120 python evals/decode_kernel_speed.py --no-tunes --out "$OUT/dk"
   step prof_decode 110 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse --out "$OUT/pd"
   ;;
-22)
-  # the kernels rotate q and the new key, each layer's step ends with the next layer's input norm (601e4db):
-  # the step's GPU tests (fp32 tokens, the bf16 teacher-forcing bound), one layer at the five shapes, the step
-  step pytest 200 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
-    -p no:cacheprovider tests/test_decode_kernel.py tests/test_gpu_step_options.py tests/test_fast_step.py \
-    tests/test_gpu.py::test_bf16_generate_fast_logits_match_generate_under_teacher_forcing -m gpu --tb=short -rf
-  cp "$SCR/pytest.out" "$OUT/pytest.log"
-  step dk_speed 100 python evals/decode_kernel_speed.py --no-tunes --out "$OUT/dk"
-  step prof_decode 110 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse --out "$OUT/pd"
-  ;;
 23)
+  # (part 22 ran this part's first three steps at 601e4db: the kernel rotating q / k, the cross-layer norm)
   # the decode kernel combining in its last program per head (311990f: no second kernel), then attention
   # with log-sum-exp through cuDNN (2ad2fb6, untested on a GPU when merged): its tests and speed probe
   step pytest 160 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
