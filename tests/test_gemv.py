@@ -9,9 +9,9 @@ of ``|reference|`` (both sides round once to it, possibly the other way).
 Without a GPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, read when the kernel is
 defined, so in a subprocess: this file run as a script prints one JSON line per case); with CUDA the
 ``gpu`` tests run it compiled. Cases: 1 to 4 rows, with and without bias and residual, K not a multiple of
-BLOCK_K, N not a multiple of BLOCK_N, a weight that is a row slice of a larger tensor (the fused step's),
-x with a row stride past K, both forms of the inner product (``dot``, 16-bit only; element-wise), through
-``linear`` (the custom op, leading dims as the step's [B, 1, K])."""
+BLOCK_K, N not a multiple of BLOCK_N, a weight that is a row slice of a larger tensor (the fused step's)
+or has a row stride past K, x with a row stride past K, both forms of the inner product (``dot``, 16-bit
+only; element-wise), through ``linear`` (the custom op, leading dims as the step's [B, 1, K])."""
 
 from __future__ import annotations
 
@@ -27,16 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
 BASE = dict(m=1, n=40, k=96, dtype="float32", bias=False, res=False, view=False, tune={})
 SMALL = dict(block_n=16, block_k=32)  # several programs and K steps at interpreter sizes
+DOT64 = dict(SMALL, block_k=64)
 CASES = {
     "fp32 m1": dict(tune=SMALL),
     "fp32 m2 bias residual, K tail": dict(m=2, n=33, k=70, bias=True, res=True, tune=SMALL),
-    "fp32 m3 bias, N tail": dict(m=3, n=17, k=50, bias=True, tune=SMALL),
+    "fp32 m3 bias, N tail, weight row stride past K": dict(
+        m=3, n=17, k=50, bias=True, wstride=56, tune=SMALL
+    ),
     "fp32 m4 residual, weight view": dict(m=4, n=48, k=64, res=True, view=True, tune=SMALL),
     "fp32 m4 default tune, K tail": dict(m=4, n=40, k=300, bias=True, res=True),
     "fp32 m2 x strided": dict(m=2, n=24, k=64, xstride=80, res=True, tune=SMALL),
     "bf16 m1 dot": dict(dtype="bfloat16", tune=SMALL),
-    "bf16 m4 dot bias residual view, K tail": dict(
-        m=4, n=37, k=100, dtype="bfloat16", bias=True, res=True, view=True, tune=dict(SMALL, block_k=64)
+    "bf16 m4 dot bias residual view, K tail, x strided": dict(
+        m=4, n=37, k=100, dtype="bfloat16", bias=True, res=True, view=True, xstride=104, tune=DOT64
     ),
     "bf16 m2 element-wise residual": dict(
         m=2, n=50, k=64, dtype="bfloat16", res=True, tune=dict(SMALL, dot=False)
@@ -57,12 +60,16 @@ def inputs(c: dict, seed: int, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     dt = getattr(torch, c["dtype"])
     m, n, k = c["m"], c["n"], c["k"]
-    x = torch.randn(m, c.get("xstride", k), generator=g)[:, :k]
-    w = torch.randn(n + 24, k, generator=g) / k**0.5
-    w = w[10 : 10 + n] if c["view"] else w[:n].clone()  # a row slice: offset and shared storage
-    bias = torch.randn(n, generator=g) if c["bias"] else None
-    res = torch.randn(m, n, generator=g) * 4 if c["res"] else None
-    return [None if t is None else t.to(device, dt) for t in (x, w, bias, res)]
+
+    def made(t):  # on the device in the dtype, before any slicing (a copy would drop the strides)
+        return t.to(device, dt)
+
+    x = made(torch.randn(m, c.get("xstride", k), generator=g))[:, :k]
+    w = made(torch.randn(n + 24, c.get("wstride", k), generator=g) / k**0.5)[:, :k]
+    w = w[10 : 10 + n] if c["view"] or "wstride" in c else w[:n].clone()  # a slice: offset, shared storage
+    bias = made(torch.randn(n, generator=g)) if c["bias"] else None
+    res = made(torch.randn(m, n, generator=g) * 4) if c["res"] else None
+    return x, w, bias, res
 
 
 def bound(x, w, bias, res, ref):
