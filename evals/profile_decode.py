@@ -5,7 +5,7 @@
 
 The model is the bench's (``mmsink bench --shape llava-1.5-7b``: random weights, its prompt of 576 image
 tokens + 65 text tokens, batch 1). Per step configuration (``--configs``: ``base`` = the plain step; else
-``+``-joined ``fuse``, ``write``, ``sdpa`` / ``matmul`` / ``reduce`` / ``kernel``:
+``+``-joined ``fuse``, ``write``, ``gemv``, ``sdpa`` / ``matmul`` / ``reduce`` / ``kernel``:
 ``mmsink.fast.fuse.StepOptions``):
 
 - step ms: ``--steps`` decode steps back to back (CUDA-graph replays on GPU; no host work between them),
@@ -61,6 +61,7 @@ CATEGORIES = (
 # --tiny: a LLaVA shape a loaded 2-core CPU runs in seconds (the bench's image: 576 tokens; GQA)
 TINY = "tiny-decode-cpu"
 DEFAULT_CONFIGS = "base,fuse,write,matmul,reduce,fuse+write+matmul"
+FLAGS = ("fuse", "write", "gemv")  # StepOptions' switches, each spelled as its field
 # CPU operators that move no data (views, allocations): not counted as kernels
 VIEWS = {
     "empty", "empty_strided", "empty_like", "view", "_unsafe_view", "as_strided", "transpose", "t",
@@ -72,17 +73,18 @@ VIEWS = {
 
 
 def options_of(spec: str) -> StepOptions | None:
-    """``base`` -> None; ``fuse+write+matmul`` -> StepOptions(fuse=True, write=True, attn="matmul")."""
+    """``base`` -> None; ``fuse+write+matmul`` -> StepOptions(fuse=True, write=True, attn="matmul");
+    ``fuse+kernel+gemv`` -> StepOptions(fuse=True, attn="kernel", gemv=True)."""
     if spec == "base":
         return None
     kw: dict = {}
     for part in spec.split("+"):
-        if part in ("fuse", "write"):
+        if part in FLAGS:
             kw[part] = True
         elif part in ATTN:
             kw["attn"] = part
         else:
-            use = "/".join(("fuse", "write") + ATTN)
+            use = "/".join(FLAGS + ATTN)
             raise ValueError(f"unknown step option {part!r} in {spec!r}: use base or {use}")
     return StepOptions(**kw)
 

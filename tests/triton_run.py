@@ -40,9 +40,11 @@ def print_cases(cases, seeds, compare, extra: dict) -> None:
         print(json.dumps(dict(case=name, seed=0, **fn())), flush=True)
 
 
-def compile_for_hopper(kernels, ptr: dict) -> None:
-    """Each (kernel, constexprs, warps) compiled for sm_90; arguments named in ``ptr`` get that type, the
-    rest i32."""
+def compile_for_hopper(kernels, ptr: dict, divisible=()):
+    """Each (kernel, constexprs, warps) or (kernel, constexprs, warps, options: e.g. num_stages) compiled
+    for sm_90; arguments named in ``ptr`` get that type, the rest i32; those in ``divisible`` are marked
+    multiples of 16 (pointers 16-byte aligned), as a launch on such values specializes them. Returns the
+    compiled kernels."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("kernels defined for the interpreter")
@@ -50,8 +52,13 @@ def compile_for_hopper(kernels, ptr: dict) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for fn, consts, warps in kernels:
+    out = []
+    for fn, consts, warps, *more in kernels:
         sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in fn.arg_names}
-        src = ASTSource(fn, sig, constexprs=consts)
-        kernel = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+        src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+        options = dict(num_warps=warps, **(more[0] if more else {}))
+        kernel = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         assert kernel.asm["cubin"], fn
+        out.append(kernel)
+    return out

@@ -20,6 +20,14 @@ spread over many blocks, where SDPA's kernel gets one block per head at batch 1)
 kernel that also writes the new key, value and validity: ``mmsink.fast.decode_kernel``; its torch
 reference on CPU; not with ``write``: its one write is the kernel's own).
 
+``gemv`` (with ``fuse``): the fused q / k / v and gate / up GEMVs, and (in a layer whose gate / up are
+fused) o_proj and down_proj with the residual's add where they are plain ``nn.Linear``, as a Triton GEMV
+for batches of up to 4 rows (``mmsink.fast.gemv``: each weight tile read once for all rows, one kernel
+per projection, no split-K reduce after o_proj and down_proj; the add rounds once where ``h + o_proj(o)``
+rounds twice). Elsewhere (CPU, larger batches, quantized or adapted projections) the projections are
+torch's as without it. Off by default until the H200 measures it (``evals/gemv_speed.py``,
+``evals/profile_decode.py``).
+
 VAR layers keep the plain step.
 """
 
@@ -31,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decode_kernel
+from . import decode_kernel, gemv
 from .decode import STORE, FastDecoder, finish, write_slot
 
 FUSED = "_mmsink_fused"  # on the model: (layers, per layer {"qkv": (weight, bias), "gu": (weight, bias)})
@@ -43,12 +51,15 @@ class StepOptions:
     fuse: bool = False
     write: bool = False
     attn: str = "sdpa"
+    gemv: bool = False
 
     def __post_init__(self):
         if self.attn not in ATTN:
             raise ValueError(f"mmsink: step attn must be one of {', '.join(ATTN)}, got {self.attn!r}")
         if self.write and self.attn == "kernel":
             raise ValueError("mmsink: step attn='kernel' writes the key, value and validity itself: no write")
+        if self.gemv and not self.fuse:
+            raise ValueError("mmsink: step gemv=True runs the fused step's projections: it needs fuse=True")
 
     @property
     def plain(self) -> bool:
@@ -60,9 +71,10 @@ def options(step) -> StepOptions | None:
     if step is None:
         return None
     if isinstance(step, dict):
-        bad = set(step) - {f.name for f in dataclasses.fields(StepOptions)}
+        known = [f.name for f in dataclasses.fields(StepOptions)]
+        bad = set(step) - set(known)
         if bad:
-            raise ValueError(f"mmsink: unknown step option(s) {sorted(bad)}; known: fuse, write, attn")
+            raise ValueError(f"mmsink: unknown step option(s) {sorted(bad)}; known: {', '.join(known)}")
         step = StepOptions(**step)
     if not isinstance(step, StepOptions):
         raise ValueError(f"mmsink: step= takes a StepOptions or a dict, got {type(step).__name__}")
@@ -212,12 +224,19 @@ def make_step(opts: StepOptions):
     ``write`` set ahead past the prompt); ``rope``: None where the decode kernel rotates q and k;
     ``joint``: the layer's fused tensors ({} where not fused)."""
 
+    linear = gemv.linear if opts.gemv else F.linear
+
+    def residual(h, m, x):  # h + m(x), the add in the GEMV where it runs
+        if opts.gemv and type(m) is nn.Linear:
+            return gemv.linear(x, m.weight, m.bias, residual=h)
+        return h + m(x)
+
     def step(layer, nxt, h, x, cos, sin, kv, ok, start, t, heads: int, kv_heads: int, rope, joint):
         attn = layer.self_attn
         b, n, _ = h.shape
         if "qkv" in joint:
             w, bias = joint["qkv"]
-            q, k, v = F.linear(x, w, bias).split(
+            q, k, v = linear(x, w, bias).split(
                 [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], -1
             )
         else:
@@ -238,10 +257,10 @@ def make_step(opts: StepOptions):
         if "gu" not in joint:
             h = finish(layer, h, o)
         else:
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+            h = residual(h, attn.o_proj, o.transpose(1, 2).reshape(b, n, -1))
             w, bias = joint["gu"]
-            gate, up = F.linear(layer.post_attention_layernorm(h), w, bias).chunk(2, -1)
-            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            gate, up = linear(layer.post_attention_layernorm(h), w, bias).chunk(2, -1)
+            h = residual(h, layer.mlp.down_proj, layer.mlp.act_fn(gate) * up)
         return h, nxt(h)
 
     return step

@@ -362,7 +362,8 @@ def generate_fast(
     graph per token (default: on for CUDA models). ``compile``: ``torch.compile`` the layer step (default: on
     CUDA when Triton is installed; the first call compiles, seconds). ``step``:
     ``mmsink.fast.fuse.StepOptions`` or a dict of its fields (fused projections, one KV write, the attention
-    kernel; default: ``fuse`` where graphs and compile run on one GPU, else none; ``{}``: the plain step).
+    kernel, the GEMV kernel with the residual add fused; default: ``fuse`` with the attention kernel where
+    graphs and compile run on one GPU, else none; ``{}``: the plain step).
     With ``fuse`` the model's q / k / v and gate / up weights share one tensor each until ``mmsink.unwrap`` or
     ``mmsink.fast.clear(model)``. ``tower_first``: launch a graphed vision tower before the forward (off: the
     tower runs inside it, for A/B timing; same tokens). ``prefill_batch``: a batch of more rows is prefilled
