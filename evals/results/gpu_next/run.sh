@@ -1,10 +1,8 @@
-# Next GPU session: issues 20 and 17 on one H200, THREE device calls of <= 540 s each, from the repository
-# root with OUT set (the wheels carried: optimum-quanto for int4 KV, torchao):
-#   run(command="PART=1 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # GPU tests, LFPS kernel, NeXT TTFT
-#   run(command="PART=2 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # compiled VAR, decode profile
-#   run(command="PART=3 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # serving bench, serve --kv rows
-#   run(command="PART=4 TOTAL=560 bash evals/results/gpu_next/run.sh", carry=["wheels"])  # eighth session's
-#     follow-ups: chunked prefill, truncated tower, VAR's one compiled call, tower probe
+# The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
+# repository root with OUT set:
+#   run(command="PART=26 bash evals/results/gpu_next/run.sh")  # next: the Triton GEMV (tests, speed, step)
+#   run(command="PART=27 bash evals/results/gpu_next/run.sh")  # next: the towers' attention, LSE tests
+# Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
 # goes, so a cut step keeps what it measured. Progress lines go to $OUT/run.log; at most 8 files come back
@@ -12,7 +10,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 25}
+PART=${PART:?set PART=1 to 27}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -320,7 +318,34 @@ case $PART in
     -p no:cacheprovider tests/test_gpu_var_fast.py -m gpu --tb=short -rf --durations=0
   cp "$SCR/pytest_var.out" "$OUT/pytest_var.log"
   ;;
-*) say "PART must be 1-25, not $PART"; exit 2 ;;
+26)
+  # the Triton GEMV (60e4c3d, StepOptions(gemv=True), off by default; untested on a GPU when written): the
+  # kernel against its reference at the 7B shapes, generate_fast's fp32 tokens through it, each projection
+  # against cuBLAS with the tunes, then the step with it against today's default (base: fuse + kernel)
+  step pytest 100 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_gemv.py -m gpu \
+    -k "not generate_fast" --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step pytest_gen 100 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q \
+    -p no:cacheprovider tests/test_gemv.py -k generate_fast --tb=short -rf
+  cp "$SCR/pytest_gen.out" "$OUT/pytest_gen.log"
+  step gemv_a 110 python evals/gemv_speed.py --shapes qkv,o,down --out "$OUT/gemv"
+  step gemv_b 90 python evals/gemv_speed.py --shapes gate_up,lm_head --out "$OUT/gemv_b"
+  step prof_decode 110 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse+kernel+gemv \
+    --out "$OUT/pd"
+  ;;
+27)
+  # the vision towers' attention per SDPA backend (Qwen2-VL's 10,000 patches at head dim 80: which kernel,
+  # the tower's strided q / k / v against copies, the head dim padded), then cuDNN's LSE tests as changed
+  # after part 24 (the efficient kernel the default, cuDNN forced), then NeXT's batch-1 TTFT
+  step tower_attn 120 python evals/tower_attention_speed.py --out "$OUT/tower_attention"
+  step pytest_lse 80 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider -rs tests/test_gpu_lse.py \
+    --tb=short -rf
+  cp "$SCR/pytest_lse.out" "$OUT/pytest_lse.log"
+  step next_b1 130 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+  ;;
+*) say "PART must be 1-27, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
