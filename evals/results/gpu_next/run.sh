@@ -1,7 +1,7 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
 #   run(command="PART=26 bash evals/results/gpu_next/run.sh")  # next: the Triton GEMV (tests, speed, step)
-#   run(command="PART=27 bash evals/results/gpu_next/run.sh")  # next: the towers' attention, LSE tests
+#   run(command="PART=27 bash evals/results/gpu_next/run.sh")  # next: the LSE tests, NeXT TTFT
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -334,10 +334,8 @@ case $PART in
     --out "$OUT/pd"
   ;;
 27)
-  # the vision towers' attention per SDPA backend (Qwen2-VL's 10,000 patches at head dim 80: which kernel,
-  # the tower's strided q / k / v against copies, the head dim padded), then cuDNN's LSE tests as changed
-  # after part 24 (the efficient kernel the default, cuDNN forced), then NeXT's batch-1 TTFT
-  step tower_attn 120 python evals/tower_attention_speed.py --out "$OUT/tower_attention"
+  # cuDNN's LSE tests as changed after part 24 (the efficient kernel the default, cuDNN forced), then
+  # NeXT's batch-1 TTFT
   step pytest_lse 80 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider -rs tests/test_gpu_lse.py \
     --tb=short -rf
   cp "$SCR/pytest_lse.out" "$OUT/pytest_lse.log"
