@@ -19,7 +19,6 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from mmsink.fast import decode_kernel as dk
 from mmsink.fast.decode import write_slot
+from mmsink.tools.timing import timer
 
 # (name, batch, heads, kv heads, slots, valid slots): LLaVA-1.5-7B (641-token prompt + 64), LLaVA-NeXT-7B
 # unpruned (2928 + text) and pruned to 320, a batch of 16, Qwen2-VL-7B (GQA 28 / 4)
@@ -68,37 +68,6 @@ def plain(q, k, v, kb, vb, ok, start, t, scale):
     return F.scaled_dot_product_attention(
         q, kb, vb, attn_mask=ok[:, None, None, :], scale=scale, enable_gqa=gqa
     )
-
-
-def timer(fn, dev, reps_inner=1):
-    """A callable returning microseconds of one ``fn()`` (CUDA graph replay on GPU, plain on CPU)."""
-    if dev != "cuda":
-
-        def run():
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e6
-
-        return run
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def run():
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) * 1e3
-
-    return run
 
 
 def measure(shape, dev, dtype, layers, reps, tunes, kernel=dk.launch):

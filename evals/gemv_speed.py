@@ -22,13 +22,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mmsink.fast import gemv
+from mmsink.tools.timing import timer
 
 # name: (N, K, the step adds the residual) of LLaVA-1.5-7B (Llama-2-7B): fused q / k / v, o_proj, fused
 # gate / up, down_proj, the LM head (not in the step's GEMVs: for scale)
@@ -61,37 +61,6 @@ TUNES = [
 def tune_name(t: dict) -> str:
     form = "dot" if t["dot"] else "element-wise"
     return f"{form} {t['block_n']}x{t['block_k']} warps {t['warps']} stages {t['stages']}"
-
-
-def timer(fn, dev):
-    """A callable returning microseconds of one ``fn()`` (CUDA graph replay on GPU, plain on CPU)."""
-    if dev != "cuda":
-
-        def run():
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e6
-
-        return run
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # Triton's compile and cuBLAS's workspace before the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def run():
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) * 1e3
-
-    return run
 
 
 def measure(name, n, k, res, m, dev, dtype, copies, reps, tunes, kernel):

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from mmsink.core import attention as att
+from mmsink.tools.timing import timer
 
 # (name, batch, heads, query rows, keys): LLaVA-1.5-7B, a 641-token prompt (576 image tokens, 65 others;
 # ~48 text rows after the image). VisiPruner layer 0 edits every row (the image group's and the other
@@ -64,47 +65,6 @@ def inputs(b, h, n, m, d, dev, dtype):
     allowed[:, :, n // 3] = False
     allowed = allowed.to(dev)
     return q, k, v, allowed, att.lse_masks(allowed, dtype)
-
-
-def timer(fn, dev, inner, graph):
-    """A callable returning microseconds per ``fn()`` (CUDA events around ``inner`` calls, eager or a graph
-    replay; wall clock on the CPU)."""
-    if dev != "cuda":
-
-        def run_cpu():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            return (time.perf_counter() - t0) * 1e6 / inner
-
-        return run_cpu
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):  # cuDNN builds its plan on the first call: not inside a capture
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = None
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(inner):
-                fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def run():
-        a.record()
-        if g is not None:
-            g.replay()
-        else:
-            for _ in range(inner):
-                fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) * 1e3 / inner
-
-    return run
 
 
 def sync(dev):

@@ -1,0 +1,51 @@
+"""One kernel-timing helper for the kernel probes in evals/ (decode_kernel_speed, gemv_speed,
+lse_attention_speed): device time per call of a function, as a CUDA graph replay or eagerly."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def timer(fn, dev, inner: int = 1, graph: bool = True, warm: int = 3):
+    """A callable returning microseconds per ``fn()``: CUDA events around ``inner`` calls, replayed as one
+    CUDA graph (``graph``) or run eagerly; wall clock on the CPU. ``warm`` calls run first on a side stream
+    (Triton's compile, cuBLAS's workspace and cuDNN's plan happen there, not inside the capture)."""
+    if torch.device(dev).type != "cuda":
+
+        def run_cpu():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            return (time.perf_counter() - t0) * 1e6 / inner
+
+        return run_cpu
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warm):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    replay = None
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(inner):
+                fn()
+        replay = g.replay
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def run():
+        a.record()
+        if replay is not None:
+            replay()
+        else:
+            for _ in range(inner):
+                fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) * 1e3 / inner
+
+    return run
