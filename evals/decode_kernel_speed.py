@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from mmsink.fast import decode_kernel as dk
 from mmsink.fast.decode import write_slot
-from mmsink.tools.timing import timer
+from mmsink.tools.timing import alternated
 
 # (name, batch, heads, kv heads, slots, valid slots): LLaVA-1.5-7B (641-token prompt + 64), LLaVA-NeXT-7B
 # unpruned (2928 + text) and pruned to 320, a batch of 16, Qwen2-VL-7B (GQA 28 / 4)
@@ -86,12 +85,7 @@ def measure(shape, dev, dtype, layers, reps, tunes, kernel=dk.launch):
     src = [torch.cat([x[0][:, :, :n], x[1][:, :, :n]]) for x in bufs]
     dst = [torch.empty_like(x) for x in src]
     variants["copy of the valid keys and values"] = lambda: [d_.copy_(s_) for d_, s_ in zip(dst, src)]
-    runs = {key: timer(fn, dev) for key, fn in variants.items()}
-    times = {key: [] for key in runs}
-    for _ in range(reps):
-        for key, run in runs.items():
-            times[key].append(run() / layers)
-    med = {key: statistics.median(v_) for key, v_ in times.items()}
+    med = alternated(variants, dev, reps, layers)
     nbytes = src[0].numel() * src[0].element_size()
     copy_us = med.pop("copy of the valid keys and values")
     floor = (

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsink.fast import gemv
-from mmsink.tools.timing import timer
+from mmsink.tools.timing import alternated
 
 # name: (N, K, the step adds the residual) of LLaVA-1.5-7B (Llama-2-7B): fused q / k / v, o_proj, fused
 # gate / up, down_proj, the LM head (not in the step's GEMVs: for scale)
@@ -91,12 +90,7 @@ def measure(name, n, k, res, m, dev, dtype, copies, reps, tunes, kernel):
     variants = {key: lambda fn=fn: [fn(w) for w in ws] for key, fn in one.items() if key in errs}
     dst = [torch.empty_like(w) for w in ws]
     variants["copy of the weights"] = lambda: [d_.copy_(w) for d_, w in zip(dst, ws)]
-    runs = {key: timer(fn, dev) for key, fn in variants.items()}
-    times = {key: [] for key in runs}
-    for _ in range(reps):
-        for key, run in runs.items():
-            times[key].append(run() / copies)
-    med = {key: statistics.median(v) for key, v in times.items()}
+    med = alternated(variants, dev, reps, copies)
     nbytes = ws[0].numel() * ws[0].element_size()
     copy_us = med.pop("copy of the weights")
     out = dict(
@@ -106,8 +100,7 @@ def measure(name, n, k, res, m, dev, dtype, copies, reps, tunes, kernel):
         tbps={key: round(nbytes / v / 1e6, 3) for key, v in med.items()},
         rel_err={key: float(f"{v:.3g}") for key, v in errs.items()},
     )  # fmt: skip
-    runs.clear()  # the graphs, then the weights: the next shape's room
-    ws.clear()
+    ws.clear()  # the weights (the graphs went with alternated): the next shape's room
     dst.clear()
     if dev == "cuda":
         torch.cuda.empty_cache()

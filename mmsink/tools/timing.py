@@ -3,6 +3,7 @@ lse_attention_speed): device time per call of a function, as a CUDA graph replay
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -49,3 +50,15 @@ def timer(fn, dev, inner: int = 1, graph: bool = True, warm: int = 3):
         return a.elapsed_time(b) * 1e3 / inner
 
     return run
+
+
+def alternated(variants: dict, dev, reps: int, per: int = 1) -> dict:
+    """Median microseconds of each of ``variants`` (name: a function of no arguments) over ``reps``
+    rounds, one call of each per round in turn (so drift hits all alike), as CUDA graph replays; each
+    call's time divided by ``per`` (a variant that runs ``per`` calls of the thing timed)."""
+    runs = {key: timer(fn, dev) for key, fn in variants.items()}
+    times = {key: [] for key in runs}
+    for _ in range(reps):
+        for key, run in runs.items():
+            times[key].append(run() / per)
+    return {key: statistics.median(v) for key, v in times.items()}
