@@ -155,9 +155,9 @@ def fast_vs_generate(device="cpu", compile=False) -> dict:
     gemv.launch, dk.launch = counted, counted_attn
     try:
         with torch.no_grad():
-            ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             step = StepOptions(fuse=True, attn="kernel", gemv=True)
-            out = mmsink.generate_fast(model, max_new_tokens=6, compile=compile, step=step, **inputs)
+            out = mmsink.generate_fast(model, max_new_tokens=4, compile=compile, step=step, **inputs)
     finally:
         gemv.launch, dk.launch = plain, plain_attn
     return dict(
