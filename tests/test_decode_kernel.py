@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_run import compile_for_hopper, interpret, print_cases
+from triton_run import compile_for_hopper, interpret, on_gpu, print_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
@@ -227,19 +227,15 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert not available("cuda")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_kernels_equal_the_reference_cuda(name):
-    pytest.importorskip("triton")
     for seed in SEEDS:
         check(compare(name, seed, "cuda"), name)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu
 def test_generate_fast_with_the_kernels_equals_generate_cuda():
-    pytest.importorskip("triton")
     r = fast_vs_generate("cuda")
     assert r["kernel_calls"] > 0 and r["same_tokens"], r
 

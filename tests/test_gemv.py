@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_run import compile_for_hopper, interpret, print_cases
+from triton_run import compile_for_hopper, interpret, on_gpu, print_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
@@ -253,12 +253,13 @@ def test_fits():
     """What ``linear`` sends to the kernel where it is available: at most 4 rows, w's rows contiguous,
     dtypes alike; not when MMSINK_GEMV_KERNEL=0."""
     pytest.importorskip("triton")
+    from mmsink.core import kernels
     from mmsink.fast import gemv
 
     w = torch.zeros(8, 16)
     x = torch.zeros(2, 1, 16)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gemv, "INTERPRET", True)
+        mp.setattr(kernels, "INTERPRET", True)  # as under the interpreter: available on the CPU
         assert gemv.fits(x, w) and gemv.fits(torch.zeros(4, 16), w, torch.zeros(8), torch.zeros(4, 8))
         assert not gemv.fits(torch.zeros(5, 16), w)
         assert not gemv.fits(x, torch.zeros(16, 8).t())  # columns strided
@@ -268,21 +269,17 @@ def test_fits():
         assert not gemv.fits(x, w) and not gemv.available("cuda")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_kernel_equals_the_reference_cuda(name):
-    pytest.importorskip("triton")
     for seed in SEEDS:
         check(compare(name, seed, "cuda"))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu
 @pytest.mark.parametrize("shape", sorted(SHAPES_7B))
 def test_kernel_at_7b_shapes_cuda(shape):
     """bf16 at LLaVA-1.5-7B's shapes, 1 to 4 rows, the default tune: within the bound of the reference."""
-    pytest.importorskip("triton")
     from mmsink.fast import gemv
 
     n, k, res = SHAPES_7B[shape]
@@ -296,12 +293,10 @@ def test_kernel_at_7b_shapes_cuda(shape):
         assert ((got.float() - want.float()).abs() <= bound(x, w, None, r, want)).all(), (shape, m)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu
 @pytest.mark.parametrize("compile", [False, True])
 def test_generate_fast_with_the_gemv_equals_generate_cuda(compile):
     """fp32 on CUDA, plain and compiled (the custom op inside the compiled step and its CUDA graph)."""
-    pytest.importorskip("triton")
     r = fast_vs_generate("cuda", compile)
     assert r["same_tokens"] and r["gemv_calls"] > 0 and r["gemv_calls"] == 2 * r["residual_calls"], r
 

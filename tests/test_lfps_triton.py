@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from triton_run import compile_for_hopper, interpret, print_cases
+from triton_run import compile_for_hopper, interpret, on_gpu, print_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
@@ -197,19 +197,15 @@ def fast_vs_generate(device="cpu") -> dict:
     return dict(kernel_calls=len(calls), same_tokens=bool(torch.equal(out, ref)))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu
 @pytest.mark.parametrize("name", sorted(CASES) + sorted(GPU_CASES))
 def test_kernel_equals_torch_step_cuda(name):
-    pytest.importorskip("triton")
     for seed in SEEDS:
         check(compare(name, seed, "cuda"))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@on_gpu
 def test_generate_fast_with_the_kernel_equals_generate_cuda():
-    pytest.importorskip("triton")
     r = fast_vs_generate("cuda")
     assert r["kernel_calls"] > 0 and r["same_tokens"], r
 

@@ -1,9 +1,11 @@
-"""What the Triton kernel tests share (tests/test_lfps_triton.py, tests/test_decode_kernel.py): a test file
-run as a script under Triton's interpreter, the script's loop over cases and seeds, and a compile of
-kernels for sm_90 (PTX and ptxas, bundled with Triton: what the interpreter does not type-check)."""
+"""What the Triton kernel tests share (tests/test_lfps_triton.py, tests/test_decode_kernel.py,
+tests/test_gemv.py): a test file run as a script under Triton's interpreter, the script's loop over cases
+and seeds, a compile of kernels for sm_90 (PTX and ptxas, bundled with Triton: what the interpreter does
+not type-check), and the marks of their GPU tests."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +15,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def on_gpu(test):
+    """A kernel's GPU test: marked ``gpu``, skipped without CUDA or without Triton."""
+    import torch
+
+    test = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")(test)
+    test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test)
+    return pytest.mark.gpu(test)
 
 
 def interpret(script: str) -> dict:

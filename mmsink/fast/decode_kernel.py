@@ -23,10 +23,9 @@ Triton is imported the kernel runs on CPU tensors (the tests).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..core import kernels
 from .decode import write_slot
 
 try:
@@ -35,7 +34,7 @@ try:
 except ImportError:  # CPU-only installs: the torch reference
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = kernels.INTERPRET
 PROGRAMS = 512  # split-KV programs aimed at per call (the H200 has 132 SMs)
 WARPS = 2  # of 2, 4, 8 the fastest at every 7B shape (evals/results/decode_kernel)
 
@@ -43,9 +42,7 @@ WARPS = 2  # of 2, 4, 8 the fastest at every 7B shape (evals/results/decode_kern
 def available(device) -> bool:
     """Whether the kernels run on ``device`` (CUDA with Triton, or any under the interpreter);
     ``MMSINK_DECODE_KERNEL=0`` turns them off (the torch reference then runs, e.g. to compare)."""
-    if triton is None or os.environ.get("MMSINK_DECODE_KERNEL") == "0":
-        return False
-    return torch.device(device).type == "cuda" or INTERPRET
+    return kernels.available(device, "MMSINK_DECODE_KERNEL")
 
 
 def rotate(x, cos, sin):
@@ -82,10 +79,6 @@ def reference(q, k, v, kb, vb, ok, start, t, scale: float, rot=None, lock=None):
     s = torch.matmul(g, kb.float().transpose(-1, -2)) * scale
     p = torch.softmax(s.masked_fill(~ok[:, None, None, :], float("-inf")), -1)
     return torch.matmul(p, vb.float()).reshape(b, h, 1, d).to(q.dtype)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 if triton is not None:
@@ -226,7 +219,7 @@ def launch(
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), okb.stride(0),
         cos.stride(0), sin.stride(0), o.stride(0), o.stride(1), H=h, G=h // kvh, D=d, BLOCK=block,
-        NSP=1 if ns == 1 else max(2, _pow2(ns)), ROT=rot is not None, num_warps=warps,
+        NSP=1 if ns == 1 else kernels.pow2(ns, 2), ROT=rot is not None, num_warps=warps,
     )  # fmt: skip
     return o
 

@@ -25,10 +25,10 @@ kernel off.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from ..core import kernels
 
 try:
     import triton
@@ -36,7 +36,7 @@ try:
 except ImportError:  # CPU-only installs: F.linear
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = kernels.INTERPRET
 ROWS = 4  # the most rows of x one program holds (each weight tile is read once for all of them)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,9 +44,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def available(device) -> bool:
     """Whether the kernel runs on ``device`` (CUDA with Triton, or any under the interpreter);
     ``MMSINK_GEMV_KERNEL=0`` turns it off (``linear`` is then ``F.linear``)."""
-    if triton is None or os.environ.get("MMSINK_GEMV_KERNEL") == "0":
-        return False
-    return torch.device(device).type == "cuda" or INTERPRET
+    return kernels.available(device, "MMSINK_GEMV_KERNEL")
 
 
 def reference(x, w, bias=None, residual=None):

@@ -38,9 +38,10 @@ first choices, not tuned on a GPU yet.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
+
+from ..core import kernels
 
 try:
     import triton
@@ -48,20 +49,14 @@ try:
 except ImportError:  # CPU-only installs: ``available`` is False
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = kernels.INTERPRET
 PROBES = 16  # thresholds counted per bisection pass
 
 
 def available(device) -> bool:
     """Whether ``sparse_step`` runs on ``device``: CUDA with Triton, or any device under the interpreter;
     never with ``MMSINK_LFPS_TRITON=0`` (``generate_fast`` then runs the torch step, e.g. to compare)."""
-    if triton is None or os.environ.get("MMSINK_LFPS_TRITON") == "0":
-        return False
-    return torch.device(device).type == "cuda" or INTERPRET
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << max(0, int(n) - 1).bit_length())
+    return kernels.available(device, "MMSINK_LFPS_TRITON")
 
 
 if triton is not None:
@@ -381,12 +376,12 @@ def sparse_step(
     dev = q.device
     if not available(dev):
         raise ValueError(f"lfps_triton: runs on CUDA (or under TRITON_INTERPRET=1), not on {dev}")
-    sb, kb = _pow2(2 * expand + 2, 1), _pow2(kh)
-    eb, kob = _pow2(1 + sinks), _pow2(ko)
+    sb, kb = kernels.pow2(2 * expand + 2), kernels.pow2(kh, 16)
+    eb, kob = kernels.pow2(1 + sinks, 16), kernels.pow2(ko, 16)
     nm = kb * sb
     # enough programs to spread the key reads over the GPU's SMs, in blocks of 32 to 64 history entries
     # (a [64, 4, 16] tile per step keeps _scores within sm_90's registers; larger ones spill: ptxas -v)
-    split = max(kb // 64, min(kb // 32, _pow2(-(-256 // (b * h)), 1))) if kb >= 64 else 1
+    split = max(kb // 64, min(kb // 32, kernels.pow2(-(-256 // (b * h))))) if kb >= 64 else 1
     blk = kb // split
     if sinks:
         from .sparse import sink_slots
@@ -414,7 +409,7 @@ def sparse_step(
         _select[(b * h,)](
             q, key, value, vb, scores, slots, nxt, w, out, h, h // hk, t, ko, topk, float(scaling),
             *shared, *value.stride(),
-            NM=nm, EB=eb, KOB=kob, NP=PROBES, D=d, DC=min(32, _pow2(d, 1)), BT=4096,
+            NM=nm, EB=eb, KOB=kob, NP=PROBES, D=d, DC=min(32, kernels.pow2(d)), BT=4096,
             CHECK_SHORT=not all_long, num_warps=8 if nm <= 4096 else 16,
         )  # fmt: skip
     return out, nxt
