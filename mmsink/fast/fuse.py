@@ -220,9 +220,9 @@ def make_step(opts: StepOptions):
     """The one-token layer step with ``opts`` (the arithmetic of ``decode.layer_step`` otherwise).
     ``x``: ``h`` through the layer's input norm; returns the new ``h`` and it through ``nxt`` (the next
     layer's input norm, so the residual's add and that norm are one kernel). ``kv``: the layer's joint
-    buffer when ``opts.write`` else (keys, values, the decode kernel's lock); ``ok``: its validity (with
-    ``write`` set ahead past the prompt); ``rope``: None where the decode kernel rotates q and k;
-    ``joint``: the layer's fused tensors ({} where not fused)."""
+    buffer when ``opts.write``, else (keys, values), with ``attn="kernel"`` (keys, values, the kernel's
+    lock); ``ok``: its validity (with ``write`` set ahead past the prompt); ``rope``: None where the
+    decode kernel rotates q and k; ``joint``: the layer's fused tensors ({} where not fused)."""
 
     linear = gemv.linear if opts.gemv else F.linear
 
@@ -252,7 +252,7 @@ def make_step(opts: StepOptions):
                 q, k, v, kb, vb, ok, start, t, attn.scaling, None if rope else (cos, sin), lock
             )
         else:
-            kb, vb, mask = written(kv if opts.write else kv[:2], ok, k, v, (start + t).view(1), opts.write)
+            kb, vb, mask = written(kv, ok, k, v, (start + t).view(1), opts.write)
             o = attend(q, kb, vb, mask, attn.scaling, opts.attn)
         if "gu" not in joint:
             h = finish(layer, h, o)
@@ -289,9 +289,12 @@ class StepDecoder(FastDecoder):
         self.opt_fn = torch.compile(fn, dynamic=True) if compile else fn
         self.norm_fn = torch.compile(norm, dynamic=True) if compile else norm
         # the decode kernel's counts per sample and query head, one per device (it leaves them at zero)
-        self.lock = {
-            kb.device: torch.zeros(batch * self.heads, dtype=torch.int32, device=kb.device) for kb in self.k
-        }
+        self.lock = {}
+        if self.opts.attn == "kernel":
+            self.lock = {
+                kb.device: torch.zeros(batch * self.heads, dtype=torch.int32, device=kb.device)
+                for kb in self.k
+            }
         # the decode kernel rotates q and k where the model's rotation has its form
         self.step_rope = (
             None if self.opts.attn == "kernel" and decode_kernel.standard_rope(self.rope) else self.rope
@@ -319,6 +322,9 @@ class StepDecoder(FastDecoder):
             # the next layer's input norm where it runs our step on this device; else the layer's own, unread
             same = i + 1 < hi and i + 1 not in self.codes and self.k[i + 1].device == dev
             nxt = self.layers[i + 1] if same else layer
+            kv = self.kv[i] if self.opts.write else (kb, self.v[i])
+            if self.lock:  # the decode kernel's
+                kv += (self.lock[dev],)
             h, x = self.opt_fn(
                 layer,
                 nxt.input_layernorm,
@@ -326,7 +332,7 @@ class StepDecoder(FastDecoder):
                 x,
                 cos.to(dev),
                 sin.to(dev),
-                self.kv[i] if self.opts.write else (kb, self.v[i], self.lock[dev]),
+                kv,
                 self.valid[i],
                 self.start[i],
                 t.to(dev),
