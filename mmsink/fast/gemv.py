@@ -59,17 +59,21 @@ def reference(x, w, bias=None, residual=None):
 
 def config(m: int, n: int, k: int, dtype) -> dict:
     """The default tune for an [m, k] x [n, k] GEMV: ``block_n``, ``block_k``, ``warps``, ``stages``,
-    ``dot``. Guessed, not measured: evals/gemv_speed.py's tunes are the measurement."""
+    ``dot``. The fastest of evals/gemv_speed.py's tunes on the H200 at LLaVA-1.5-7B's shapes (1 and 4 rows,
+    bf16; evals/results/gemv/): narrow outputs (o, down) want more programs, wide ones (qkv, gate / up,
+    lm_head) longer tiles."""
     dot = dtype in (torch.float16, torch.bfloat16)
-    return dict(block_n=16 if n <= 8192 else 32, block_k=256, warps=4, stages=4, dot=dot)
+    if n <= 8192:
+        return dict(block_n=16, block_k=256, warps=2, stages=4, dot=dot)
+    return dict(block_n=64, block_k=128, warps=4, stages=4, dot=dot)
 
 
 if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, N, K, sx, sw, sr, sy,
-        M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BIAS: tl.constexpr,
+        x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, N, sx, sw, sr, sy,
+        K: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BIAS: tl.constexpr,
         RES: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, UP: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
@@ -165,8 +169,8 @@ def launch(x, w, bias=None, residual=None, block_n=None, block_k=None, warps=Non
         raise ValueError("mmsink: the GEMV kernel's residual must be [M, N], rows contiguous")
     bn, bk = tune["block_n"], tune["block_k"]
     _gemv_kernel[(triton.cdiv(n, bn),)](
-        x, w, b, r, y, n, k, x.stride(0), w.stride(0), r.stride(0), y.stride(0),
-        M=m, BLOCK_N=bn, BLOCK_K=bk, BIAS=bias is not None, RES=residual is not None,
+        x, w, b, r, y, n, x.stride(0), w.stride(0), r.stride(0), y.stride(0),
+        K=k, M=m, BLOCK_N=bn, BLOCK_K=bk, BIAS=bias is not None, RES=residual is not None,
         EVEN_K=k % bk == 0, DOT=tune["dot"],
         UP=INTERPRET and x.dtype == torch.bfloat16, num_warps=tune["warps"], num_stages=tune["stages"],
     )  # fmt: skip

@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=26 bash evals/results/gpu_next/run.sh")  # next: the Triton GEMV (tests, speed, step)
+#   run(command="PART=28 bash evals/results/gpu_next/run.sh")  # next: the GEMV's tests and step, tuned
 #   run(command="PART=27 bash evals/results/gpu_next/run.sh")  # next: the LSE tests, NeXT TTFT, prefill + 64
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
@@ -10,7 +10,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 27}
+PART=${PART:?set PART=1 to 28}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -347,7 +347,17 @@ case $PART in
     --methods fastv,pdrop,dart,visionzip,visipruner --budgets 64 --decode-tokens $K --e2e-tokens 64 \
     --out "$OUT/e2e" --name llava_b1_e2e64
   ;;
-*) say "PART must be 1-27, not $PART"; exit 2 ;;
+28)
+  # part 26 again after its measurement: the GEMV's tunes now the fastest per shape (o / down 16x256 with 2
+  # warps, the wide ones 64x128), K a compile-time constant (Triton 3.6's interpreter could not loop to a
+  # runtime K: part 26's one error); its tests, then the step with it against today's default
+  step pytest 150 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q -p no:cacheprovider \
+    tests/test_gemv.py --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step prof_decode 110 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse+kernel+gemv \
+    --out "$OUT/pd"
+  ;;
+*) say "PART must be 1-28, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
