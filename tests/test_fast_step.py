@@ -173,8 +173,11 @@ def test_fused_step_is_the_default_on_one_gpu_only(llava, monkeypatch):
     runs it on CUDA), with the decode kernels where Triton imports; the plain one elsewhere; ``{}`` is the
     plain step everywhere."""
     kernel = "kernel" if fuse.decode_kernel.triton is not None else "sdpa"
-    assert fuse.default_options(None, True) == StepOptions(fuse=True, attn=kernel)
+    gemv = fuse.gemv.triton is not None
+    assert fuse.default_options(None, True) == StepOptions(fuse=True, attn=kernel, gemv=gemv)
     monkeypatch.setenv("MMSINK_DECODE_KERNEL", "0")
+    assert fuse.default_options(None, True) == StepOptions(fuse=True, gemv=gemv)
+    monkeypatch.setenv("MMSINK_GEMV_KERNEL", "0")
     assert fuse.default_options(None, True) == StepOptions(fuse=True)
     assert fuse.default_options(None, False) is None and fuse.default_options({}, True) is None
     assert fuse.default_options({"attn": "reduce"}, True) == StepOptions(attn="reduce")

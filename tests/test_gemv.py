@@ -206,7 +206,7 @@ def test_options():
     assert not StepOptions(fuse=True, gemv=True).plain and StepOptions().gemv is False
     with pytest.raises(ValueError, match="gemv"):
         fuse.options({"gmev": True})
-    assert fuse.default_options(None, True).gemv is False  # off until the H200 measures it
+    assert StepOptions(fuse=True).gemv is False  # the default step turns it on (test_fast_step)
 
 
 def test_profile_spec():

@@ -25,8 +25,8 @@ fused) o_proj and down_proj with the residual's add where they are plain ``nn.Li
 for batches of up to 4 rows (``mmsink.fast.gemv``: each weight tile read once for all rows, one kernel
 per projection, no split-K reduce after o_proj and down_proj; the add rounds once where ``h + o_proj(o)``
 rounds twice). Elsewhere (CPU, larger batches, quantized or adapted projections) the projections are
-torch's as without it. Off by default until the H200 measures it (``evals/gemv_speed.py``,
-``evals/profile_decode.py``).
+torch's as without it. On by default where Triton runs on CUDA (``MMSINK_GEMV_KERNEL=0`` turns it off;
+``evals/gemv_speed.py`` and ``evals/profile_decode.py`` measure it).
 
 VAR layers keep the plain step.
 """
@@ -84,9 +84,11 @@ def options(step) -> StepOptions | None:
 def default_options(step, fast_gpu: bool) -> StepOptions | None:
     """``options(step)``; ``step=None`` on ``fast_gpu`` (graphs and compile on one GPU) is the fused step
     (a default since tests/test_gpu_step_options.py passed on the H200; evals/results/gpu_next/h200 has
-    the step's times), with the decode kernel's attention where Triton is there."""
+    the step's times), with the decode kernel's attention and the GEMV where Triton is there (each a
+    default since its GPU tests passed and the step measured faster with it: parts 23 and 28)."""
     if step is None and fast_gpu:
-        return StepOptions(fuse=True, attn="kernel" if decode_kernel.available("cuda") else "sdpa")
+        kernel = decode_kernel.available("cuda")
+        return StepOptions(fuse=True, attn="kernel" if kernel else "sdpa", gemv=gemv.available("cuda"))
     return options(step)
 
 
