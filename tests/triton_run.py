@@ -35,7 +35,7 @@ def interpret(script: str) -> dict:
         [sys.executable, script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     if run.returncode and "only 0-dimensional arrays can be converted" in run.stderr:
-        import triton  # an older interpreter turns runtime ints into 1-element arrays a newer numpy won't index by
+        import triton  # an older interpreter keeps runtime ints as 1-element arrays: numpy 2 refuses int()
 
         pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels under this numpy")
     assert run.returncode == 0, run.stderr[-3000:]
