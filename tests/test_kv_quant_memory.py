@@ -75,7 +75,7 @@ def test_prefill_and_fill_hold_one_layer_in_full_precision(monkeypatch, kv, befo
     assert torch.equal(fast(model, x, 3), ref)
     one = layer_kv(x)
     assert len(after_update) >= 6 and at_fill
-    assert max(after_update) <= (before_final + 0.5) * one, (max(after_update) / one)
+    assert max(after_update) <= (before_final + 0.5) * one, max(after_update) / one
     assert max(at_fill) <= 0.5 * one, max(at_fill) / one
 
 
