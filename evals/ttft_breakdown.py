@@ -4,8 +4,9 @@
     python evals/ttft_breakdown.py --count --shape tiny-next-cpu --out evals/results/fast_path/next_host_ops
 
 Timed mode also times, alternated rep by rep, each config with the graphed tower launched before the
-forward (``generate_fast``'s default) and called in the forward (``tower_first=False``), and with
-``--ideal`` each method's plan replayed with no selection work (``prune='replay'``).
+forward (``generate_fast``'s default) and called in the forward (``tower_first=False``), with
+``--ideal`` each method's plan replayed with no selection work (``prune='replay'``), and with
+``--plain-step`` through the plain step (``step={}``: the hand-off's layers without the fused step).
 
 Hooks on the model's own modules mark the end of each stage: up to the tower's launch (the GPU idles
 until then), from the launch to the tower's call, the tower, the
@@ -171,6 +172,10 @@ def timed_main(a):
         m, _, b = spec.partition(":")
         mmsink.wrap(model, prune=m, budget=int(b) if b else None)
         runs = {"tower first": first, "tower in the forward": late}
+        if a.plain_step:  # the hand-off's layers through the plain step (the fused one is the GPU's default)
+            runs["plain step"] = lambda: mmsink.generate_fast(
+                model, max_new_tokens=1, graphs=cuda, step={}, **inputs
+            )
         for fn in runs.values():
             fn()
             fn()  # the tail's graph is captured the second time
@@ -657,6 +662,7 @@ def main():
     ap.add_argument("--device", default="cuda", help="timed mode: cuda (cpu: a smoke run of the script)")
     ap.add_argument("--reps", type=int, default=7, help="timed mode: alternated runs per config")
     ap.add_argument("--ideal", action="store_true", help="timed mode: also time each method's plan replayed")
+    ap.add_argument("--plain-step", action="store_true", help="timed mode: also time generate_fast(step={})")
     a = ap.parse_args()
     if a.count:
         a.shape = a.shape or "tiny-next-cpu"

@@ -1,7 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=28 bash evals/results/gpu_next/run.sh")  # next: the GEMV's tests and step, tuned
-#   run(command="PART=27 bash evals/results/gpu_next/run.sh")  # next: the LSE tests, NeXT TTFT, prefill + 64
+#   run(command="PART=29 bash evals/results/gpu_next/run.sh")  # next: NeXT's TTFT stage by stage, plain step
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -10,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 28}
+PART=${PART:?set PART=1 to 29}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -357,7 +356,15 @@ case $PART in
   step prof_decode 110 python evals/profile_decode.py $PROF --device $DEV --configs base,fuse+kernel+gemv \
     --out "$OUT/pd"
   ;;
-*) say "PART must be 1-28, not $PART"; exit 2 ;;
+29)
+  # NeXT's batch-1 TTFT went 17.5 (part 5, the plain step) -> 21.1 (part 16, the fused step the default) ->
+  # 23.4 ms (part 27, the decode kernel and the GEMV too) for visionzip 320: stage by stage, each method
+  # also through the plain step (step={}), alternated
+  step ttft 300 python evals/ttft_breakdown.py --device $DEV --shape $SN --methods \
+    none,visionzip:320,fastv:320,dart:320 --plain-step --reps $RN --out "$OUT/ttft"
+  cp "$SCR/ttft.out" "$OUT/ttft.log"
+  ;;
+*) say "PART must be 1-29, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
