@@ -495,7 +495,7 @@ def time_prefill(model, inputs, reps: int) -> dict:
                 walls[k].append(v * 1e3)
             clock.stage = STAGES[0][0]
             aten = AtenClock(clock)
-            with staged(model, lambda then: setattr(clock, "stage", then)), aten:
+            with staged(model, lambda then, wait=True: setattr(clock, "stage", then)), aten:
                 first()
             for k in walls:
                 insides[k].append(aten.inside.get(k, 0.0) * 1e3)

@@ -94,9 +94,9 @@ def test_prefill_cache_is_freed_before_decoding(llava, monkeypatch, method, opts
 
 
 def test_unpruned_prefill_leaves_no_cache_beside_the_buffers(llava, monkeypatch):
-    """``prune="none"`` hands off before the first layer: the decoder is filled from a cache holding no
-    keys (its layers wrote into the buffers), where the bare model's holds the whole prompt, so the serving
-    bench's unpruned row (wrapped so) does not carry its KV twice at the fill; same tokens."""
+    """``prune="none"`` and the bare model (through a handle of the call) hand off before the first layer:
+    the decoder is filled from a cache holding no keys (its layers wrote into the buffers), so the prompt's
+    KV is not carried twice at the fill; same tokens."""
     held = []
     real_fill = fastmod.FastDecoder.fill
 
@@ -114,7 +114,49 @@ def test_unpruned_prefill_leaves_no_cache_beside_the_buffers(llava, monkeypatch)
         assert torch.equal(mmsink.generate_fast(llava, max_new_tokens=5, **inputs), ref)
     finally:
         mmsink.unwrap(llava)
-    assert held[0] > 0 and held[-1] == 0, held
+    assert held == [0, 0], held
+
+
+def test_bare_model_runs_every_layer_in_the_tail_and_is_left_as_it_was(llava, monkeypatch):
+    """An unwrapped model's prompt runs as under ``wrap(prune="none")``: no decoder layer's own forward runs
+    (every layer in the decoder's tail, one graph on a GPU: the forward stops at the first layer),
+    generate's tokens; after the call, and after a
+    call that fails inside, the model has no handle, no hooks and its own attention entry."""
+    inputs = batch([prompt(5, 7, seed=10), prompt(2, 4, seed=11)])
+    ref = llava.generate(**inputs, max_new_tokens=5, do_sample=False)
+    layers = llava.model.language_model.layers
+    mods = list(llava.modules())
+
+    def hooks():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in mods)
+
+    def state():  # (generate_fast's kept decoders and graphs aside: "_mmsink_..." entries)
+        own = {k for k in llava.__dict__ if not k.startswith("_mmsink_")}
+        return hooks(), llava.config.text_config._attn_implementation, own
+
+    before = state()
+    assert mmsink.core.hooks.ATTR not in before[2]
+    ran = []  # layers called through the model's forward (their hooks run); the tail calls them bare
+    counts = [m.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, m in enumerate(layers)]
+    try:
+        out = mmsink.generate_fast(llava, max_new_tokens=5, **inputs)
+    finally:
+        for c in counts:
+            c.remove()
+    assert torch.equal(out, ref) and ran == [0], ran  # handed off at the first layer's pre-hook
+    assert state() == before
+
+    def broken(*a, **k):
+        raise RuntimeError("inside")
+
+    monkeypatch.setattr(fastmod.FastDecoder, "run_tail", broken)
+    with pytest.raises(RuntimeError, match="inside"):
+        mmsink.generate_fast(llava, max_new_tokens=5, **inputs)
+    assert state() == before
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="not wrapped"):
+        mmsink.stats(llava)
+    fast_clear(llava)
 
 
 def test_llava_next():

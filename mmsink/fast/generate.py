@@ -12,8 +12,9 @@ from transformers import GenerationConfig
 
 from ..core import layout
 from ..core.compiling import can_compile
-from ..core.hooks import ATTR, Handoff
+from ..core.hooks import ATTR, Handle, Handoff
 from ..core.stats import Chunked
+from ..pruners import REGISTRY
 from ..sinks import var as var_steps
 from . import vision_graph
 from .decode import placement
@@ -365,7 +366,8 @@ def generate_fast(
     kernel, the GEMV kernel with the residual add fused; default: ``fuse`` with the attention kernel where
     graphs and compile run on one GPU, else none; ``{}``: the plain step).
     With ``fuse`` the model's q / k / v and gate / up weights share one tensor each until ``mmsink.unwrap`` or
-    ``mmsink.fast.clear(model)``. ``tower_first``: launch a graphed vision tower before the forward (off: the
+    ``mmsink.fast.clear(model)``. An unwrapped model's prompt runs as under ``wrap(prune="none")`` (every
+    layer in the decoder's tail, one graph), through a handle attached for the call. ``tower_first``: launch a graphed vision tower before the forward (off: the
     tower runs inside it, for A/B timing; same tokens). ``prefill_batch``: a batch of more rows is prefilled
     in consecutive row chunks of at most this many, each loaded into its rows of the one decoder of the whole
     batch, its prefill's cache and activations gone before the next chunk; then all rows decode together (the
@@ -404,35 +406,67 @@ def generate_fast(
     more = dict(tower_compile=tower_compile, var_handoff=var_handoff)
     split = dispatched or not one_device
     opts = default_options(step, bool(graphs and compile and on_gpus and not split and kv is None))
-    if kv is not None:  # sink + window: mmsink.kv.fast; LFPS: kv.fast_sparse; quant: kv.fast_quant
-        from ..kv.fast import generate_window
-        from ..kv.fast_quant import generate_quant
-        from ..kv.fast_sparse import generate_sparse
+    # unwrapped: the prompt as prune="none" runs it (every layer in the tail), through a handle of this call
+    own = unpruned_handle(model, family) if handle is None and not split else None
+    handle = own if own is not None else handle
+    try:
+        if kv is not None:  # sink + window: mmsink.kv.fast; LFPS: kv.fast_sparse; quant: kv.fast_quant
+            from ..kv.fast import generate_window
+            from ..kv.fast_quant import generate_quant
+            from ..kv.fast_sparse import generate_sparse
 
-        mode = "sparse" if kv.sparse is not None else "quant" if kv.quant is not None else "window"
-        if split:
-            raise ValueError(f"mmsink: generate_fast's kv {mode} mode needs the model on one device")
-        if opts is not None:
-            raise ValueError(f"mmsink: generate_fast's step= options do not apply to the kv {mode} mode yet")
-        if prefill_batch is not None:
-            raise ValueError(
-                f"mmsink: generate_fast's prefill_batch does not apply to the kv {mode} mode yet"
+            mode = "sparse" if kv.sparse is not None else "quant" if kv.quant is not None else "window"
+            if split:
+                raise ValueError(f"mmsink: generate_fast's kv {mode} mode needs the model on one device")
+            if opts is not None:
+                raise ValueError(
+                    f"mmsink: generate_fast's step= options do not apply to the kv {mode} mode yet"
+                )
+            if prefill_batch is not None:
+                raise ValueError(
+                    f"mmsink: generate_fast's prefill_batch does not apply to the kv {mode} mode yet"
+                )
+            p = prefill(model, family, handle, inputs, False, compile, True, max_new_tokens)
+            run = {"sparse": generate_sparse, "quant": generate_quant, "window": generate_window}[mode]
+            new = run(family, handle, p, ids, max_new_tokens, graphs, compile, stop_ids(model))
+            return finish(ids, new, model)
+        if chunked:
+            run = dict(graphs=graphs, compile=compile, opts=opts, more=more)
+            p = prefill_chunks(
+                model, family, handle, inputs, prefill_batch, max_new_tokens, run, split, tower_first
             )
-        p = prefill(model, family, handle, inputs, False, compile, True, max_new_tokens)
-        run = {"sparse": generate_sparse, "quant": generate_quant, "window": generate_window}[mode]
-        new = run(family, handle, p, ids, max_new_tokens, graphs, compile, stop_ids(model))
+        else:
+            p = prefill(
+                model,
+                family,
+                handle,
+                inputs,
+                graphs,
+                compile,
+                split,
+                max_new_tokens,
+                opts,
+                tower_first,
+                **more,
+            )
+        new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile, opts)
         return finish(ids, new, model)
-    if chunked:
-        run = dict(graphs=graphs, compile=compile, opts=opts, more=more)
-        p = prefill_chunks(
-            model, family, handle, inputs, prefill_batch, max_new_tokens, run, split, tower_first
-        )
-    else:
-        p = prefill(
-            model, family, handle, inputs, graphs, compile, split, max_new_tokens, opts, tower_first, **more
-        )
-    new = decode(model, family, handle, p, ids, max_new_tokens, graphs, compile, opts)
-    return finish(ids, new, model)
+    finally:
+        if own is not None:
+            own.detach()
+
+
+def unpruned_handle(model, family):
+    """A handle that prunes nothing, attached for one ``generate_fast`` call of an unwrapped model: its
+    prefill then hands off before the first layer, so every layer runs in the decoder's (graphed) tail, as
+    under ``wrap(prune="none")``; removed after the call (hooks, attention entry). None where the model's
+    attention is not one mmsink runs (the model's own forward then)."""
+    try:
+        handle = Handle(model, family, REGISTRY["none"]())  # (no pruner at all: the model's own forward)
+    except ValueError:
+        return None
+    handle.attach()
+    return handle
 
 
 def finish(ids, new, model) -> torch.Tensor:

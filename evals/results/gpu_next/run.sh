@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=29 bash evals/results/gpu_next/run.sh")  # next: NeXT's TTFT stage by stage, plain step
+#   run(command="PART=30 bash evals/results/gpu_next/run.sh")  # next: the bare model's graphed prefill
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 29}
+PART=${PART:?set PART=1 to 30}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -364,7 +364,17 @@ case $PART in
     none,visionzip:320,fastv:320,dart:320 --plain-step --reps $RN --out "$OUT/ttft"
   cp "$SCR/ttft.out" "$OUT/ttft.log"
   ;;
-*) say "PART must be 1-29, not $PART"; exit 2 ;;
+30)
+  # an unwrapped model's prompt through generate_fast now runs as under prune="none" (every layer in the
+  # graphed tail): the GPU tests (the bare model's case added), then LLaVA-1.5-7B's prefill + 64 tokens
+  # (part 27: unpruned 310.6 ms with the model's own prefill, pruned 276-287; target <= 300)
+  step pytest 230 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q -p no:cacheprovider \
+    tests/test_gpu.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step e2e_b1 150 python -m mmsink bench --device $DEV --shape $S1 --batch 1 --reps $RN \
+    --methods fastv,visionzip --budgets 64 --decode-tokens $K --e2e-tokens 64 --out "$OUT/e2e" --name llava_b1_e2e64
+  ;;
+*) say "PART must be 1-30, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
