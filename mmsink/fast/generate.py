@@ -363,12 +363,13 @@ def generate_fast(
     graph per token (default: on for CUDA models). ``compile``: ``torch.compile`` the layer step (default: on
     CUDA when Triton is installed; the first call compiles, seconds). ``step``:
     ``mmsink.fast.fuse.StepOptions`` or a dict of its fields (fused projections, one KV write, the attention
-    kernel, the GEMV kernel with the residual add fused; default: ``fuse`` with the attention kernel where
-    graphs and compile run on one GPU, else none; ``{}``: the plain step).
+    kernel, the GEMV kernel with the residual add fused; default: ``fuse`` with the attention kernel and the
+    GEMV where graphs and compile run on one GPU, else none; ``{}``: the plain step).
     With ``fuse`` the model's q / k / v and gate / up weights share one tensor each until ``mmsink.unwrap`` or
     ``mmsink.fast.clear(model)``. An unwrapped model's prompt runs as under ``wrap(prune="none")`` (every
-    layer in the decoder's tail, one graph), through a handle attached for the call. ``tower_first``: launch a graphed vision tower before the forward (off: the
-    tower runs inside it, for A/B timing; same tokens). ``prefill_batch``: a batch of more rows is prefilled
+    layer in the decoder's tail, one graph), through a handle attached for the call. ``tower_first``:
+    launch a graphed vision tower before the forward (off: the tower runs inside it, for A/B timing; same
+    tokens). ``prefill_batch``: a batch of more rows is prefilled
     in consecutive row chunks of at most this many, each loaded into its rows of the one decoder of the whole
     batch, its prefill's cache and activations gone before the next chunk; then all rows decode together (the
     same tokens; the peak memory holds one chunk's prefill, not the batch's). ``mmsink.stats`` then describes
