@@ -69,6 +69,7 @@ class Handle:
         self.handoff = False  # set by generate_fast: stop the prefill where the plan is final
         self.last_stats = None  # Stats, or a function building them (see ``deferred``)
         self.hooks: list = []
+        self.own_attention = True  # attach() set the text model's attention entry to ours
         self.vision_taps: list = []  # (module, hook) pairs inside the vision tower (graphed towers call them)
         self.base = family.text_config._attn_implementation or "eager"
         if self.base not in attention.BASES:
@@ -96,9 +97,13 @@ class Handle:
             kv.check(self)
 
     # ------------------------------------------------------------------ attach / detach
-    def attach(self):
-        attention.register()
-        self.set_attention(attention.registered_name(self.base))
+    def attach(self, own_attention: bool = True):
+        """Install the hooks; ``own_attention=False`` leaves the model's attention entry as it is (a handle
+        whose layers never run with a directive: generate_fast's for an unwrapped model)."""
+        self.own_attention = own_attention
+        if own_attention:
+            attention.register()
+            self.set_attention(attention.registered_name(self.base))
         m, fam = self.model, self.family
         self.hooks.append(m.register_forward_pre_hook(self.model_pre, with_kwargs=True))
         self.hooks.append(m.register_forward_hook(self.model_post, with_kwargs=True))
@@ -122,7 +127,8 @@ class Handle:
         for h in reversed(self.hooks):
             h.remove()
         self.hooks.clear()
-        self.set_attention(self.base)
+        if self.own_attention:
+            self.set_attention(self.base)
         self.model.__dict__.pop(ATTR, None)
         self.ctx = None
 

@@ -463,10 +463,11 @@ def unpruned_handle(model, family):
     under ``wrap(prune="none")``; removed after the call (hooks, attention entry). None where the model's
     attention is not one mmsink runs (the model's own forward then)."""
     try:
-        handle = Handle(model, family, REGISTRY["none"]())  # (no pruner at all: the model's own forward)
+        # "none", not None (no pruner: the model's own forward); no varlen, so no layer gets a directive
+        handle = Handle(model, family, REGISTRY["none"](), use_varlen=False)
     except ValueError:
         return None
-    handle.attach()
+    handle.attach(own_attention=False)  # no directive ever: the model's attention runs any layer it runs
     return handle
 
 
