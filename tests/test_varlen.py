@@ -158,3 +158,38 @@ def test_padded_model_through_the_varlen_path(monkeypatch, method, opts):
     assert calls[0] == real  # the first segment packs every real token
     torch.testing.assert_close(res[True][0], res[False][0], atol=1e-5, rtol=1e-5)
     assert res[True][1:] == res[False][1:]
+
+
+@pytest.mark.parametrize("method,opts", [("none", {}), ("fastv", {"budget": 6})])
+def test_padded_batch_with_the_ragged_kernel_still_hands_off(monkeypatch, method, opts):
+    """A directive that only asks for the ragged kernel leaves the layer's attention plain: generate_fast's
+    prefill of a padded batch still hands off where the plan is final (the tail masks its own padding), so
+    the layers after it run in the tail (the graph on a GPU) and not through the model's forward; generate's
+    tokens."""
+    from tiny import batch, prompt, tiny_llava
+
+    import mmsink
+
+    model = tiny_llava(layers=6)
+    model.generation_config.eos_token_id = None
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(3, 1, seed=3)])
+    monkeypatch.setattr(varlen, "on_device", lambda x: True)
+    monkeypatch.setattr(varlen, "usable", lambda q, scale: True)
+    monkeypatch.setattr(varlen, "kernel", lambda: (per_sample_kernel, "torch_window", False))
+    ran = []  # layers called through the model's forward (their hooks run); the tail calls them bare
+    layers = model.model.language_model.layers
+    counts = [m.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, m in enumerate(layers)]
+    mmsink.wrap(model, prune=method, varlen=True, **opts)  # (its hooks after these: the hand-off's too)
+    try:
+        ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        ran.clear()
+        out = mmsink.generate_fast(model, max_new_tokens=4, **inputs)
+        last = ran[-1]
+    finally:
+        for c in counts:
+            c.remove()
+        mmsink.unwrap(model)
+    assert torch.equal(out, ref)
+    assert ran == list(range(last + 1)) and last < len(layers) - 1, ran
+    if method == "none":
+        assert ran == [0]

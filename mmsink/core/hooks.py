@@ -353,8 +353,9 @@ class Handle:
         if ctx.directive is not None:
             kwargs["mmsink"] = ctx.directive
         ctx.slots.append(seg.n)
-        # a directive of VAR's alone does not keep the layer here: generate_fast's tail applies VAR itself
-        plain = ctx.directive is None or (self.var is not None and not want)
+        # a directive of VAR's or of the ragged kernel's alone does not keep the layer here: generate_fast's
+        # tail applies VAR itself and masks its own padding (the pruner's directive is what must run here)
+        plain = ctx.directive is None or not want
         if ctx.handoff and plain and not args[1:]:
             known = ctx.final_layer
             if known == layer or (known is None and self.planner.settled(ctx, layer)):
