@@ -24,6 +24,7 @@ from tiny import (
 import mmsink
 from mmsink.fast import clear as fast_clear
 from mmsink.fast import decode as fastmod
+from mmsink.fast import fuse
 
 CASES = [
     (None, {}),
@@ -302,24 +303,27 @@ def test_placement_is_walked_again_when_weights_move():
 
 
 @pytest.mark.parametrize("method,opts", [("pdrop", {}), ("fastv", {"budget": 6}), ("none", {})])
-@pytest.mark.parametrize("padded", [True, False])
-def test_fused_prefill_tail_step(llava, monkeypatch, method, opts, padded):
+@pytest.mark.parametrize("padded,fused", [(True, False), (False, False), (True, True)])
+def test_fused_prefill_tail_step(llava, monkeypatch, method, opts, padded, fused):
     """With ``compile=True`` the layers after the hand-off run ``layer_prefill`` (the model's modules in one
     fused step) instead of the model's layer forwards. Run here without the compiler (same arithmetic):
-    generate's tokens, for a padded batch (boolean mask) and a single prompt (plain causal)."""
+    generate's tokens, for a padded batch (boolean mask) and a single prompt (plain causal); ``fused``:
+    with the fused decode step, whose joint q / k / v and gate / up tensors the tail's GEMMs use too."""
     calls = []
     real = fastmod.layer_prefill
-    monkeypatch.setattr(fastmod, "layer_prefill", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fastmod, "layer_prefill", lambda *a: calls.append(sorted(a[-1] or ())) or real(*a))
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     prompts = [prompt(5, 7, seed=1), prompt(2, 4, seed=2)] if padded else [prompt(5, 7, seed=1)]
     inputs = batch(prompts)
     mmsink.wrap(llava, prune=method, **opts)
     try:
         ref = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
-        out = mmsink.generate_fast(llava, max_new_tokens=6, compile=True, graphs=False, **inputs)
+        step = {"fuse": True} if fused else None
+        out = mmsink.generate_fast(llava, max_new_tokens=6, compile=True, graphs=False, step=step, **inputs)
     finally:
         mmsink.unwrap(llava)
     assert calls  # the fused step ran
+    assert all(j == (["gu", "qkv"] if fused else []) for j in calls), calls
     assert torch.equal(out, ref)
 
 
@@ -349,6 +353,15 @@ def test_layer_prefill_equals_the_models_layer(family, padded):
     d = cfg.hidden_size // heads
     kb, vb = torch.zeros(b, kv, n + 4, d), torch.zeros(b, kv, n + 4, d)
     got = fastmod.layer_prefill(layer, h, cos, sin, kb, vb, mask, heads, kv, apply_rotary_pos_emb)
+    # the fused step's joint tensors (q / k / v, gate / up): one GEMM each, the same outputs
+    kj, vj = torch.zeros_like(kb), torch.zeros_like(vb)
+    joint = fuse.fused(model, lm.layers)[1]
+    assert set(joint) == {"qkv", "gu"}
+    joined = fastmod.layer_prefill(
+        layer, h, cos, sin, kj, vj, mask, heads, kv, apply_rotary_pos_emb, None, joint
+    )
+    torch.testing.assert_close(joined, got, atol=1e-6, rtol=1e-6)
+    assert torch.equal(kj, kb) and torch.equal(vj, vb)  # (a different GEMM would not give them exactly)
     dec = types.SimpleNamespace(k={1: torch.zeros_like(kb)}, v={1: torch.zeros_like(vb)})
     with torch.no_grad():
         want = layer(

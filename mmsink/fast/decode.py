@@ -44,22 +44,35 @@ STORE = "_mmsink_decoders"  # attribute on the model instance; ``mmsink.unwrap``
 PLACED = "_mmsink_placement"  # (fingerprint, devices, dispatched): see ``placement``
 
 
-def project(layer, h, cos, sin, heads: int, kv_heads: int, rope):
-    """The layer's queries, keys and values [B, heads, n, d] for hidden states ``h`` [B, n, D], rotated."""
+def project(layer, h, cos, sin, heads: int, kv_heads: int, rope, joint=None):
+    """The layer's queries, keys and values [B, heads, n, d] for hidden states ``h`` [B, n, D], rotated.
+    ``joint``: the layer's fused tensors (``fuse.fused``; their "qkv": one GEMM for the three)."""
     attn = layer.self_attn
     b, n, _ = h.shape
     x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, n, heads, -1).transpose(1, 2)
-    k = attn.k_proj(x).view(b, n, kv_heads, -1).transpose(1, 2)
-    v = attn.v_proj(x).view(b, n, kv_heads, -1).transpose(1, 2)
+    if joint and "qkv" in joint:
+        w, bias = joint["qkv"]
+        sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        q, k, v = F.linear(x, w, bias).split(sizes, -1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q = q.reshape(b, n, heads, -1).transpose(1, 2)
+    k = k.reshape(b, n, kv_heads, -1).transpose(1, 2)
+    v = v.reshape(b, n, kv_heads, -1).transpose(1, 2)
     q, k = rope(q, k, cos, sin)
     return q, k, v
 
 
-def finish(layer, h, o):
-    """The rest of the layer after attention: output projection, residual, MLP."""
+def finish(layer, h, o, joint=None):
+    """The rest of the layer after attention: output projection, residual, MLP (``joint``'s "gu": one
+    GEMM for gate and up)."""
     h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(*h.shape[:2], -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    x = layer.post_attention_layernorm(h)
+    if joint and "gu" in joint:
+        w, bias = joint["gu"]
+        gate, up = F.linear(x, w, bias).chunk(2, -1)
+        return h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+    return h + layer.mlp(x)
 
 
 def write_slot(kb, vb, ok, k, v, slot) -> None:
@@ -86,7 +99,7 @@ def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, 
     return finish(layer, h, o)
 
 
-def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope, var=None):
+def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope, var=None, joint=None):
     """One decoder layer over a prefill's ``n`` tokens (the tail after the hand-off): keys / values into
     the buffer's first ``n`` slots, causal attention (``mask`` [B,1,n,n] bool, or None: no padding). The
     same modules and arithmetic as the model's layer; compiled, its small element-wise kernels fuse.
@@ -94,7 +107,7 @@ def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, r
     [B, R], VARConfig) in a layer VAR edits: its key codes (into the codes rows) and its edit, compiled
     with the rest of the layer (``var.layer_attention``)."""
     scale, n = layer.self_attn.scaling, h.shape[1]
-    q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
+    q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope, joint)
     kb[:, :, :n].copy_(k)
     vb[:, :, :n].copy_(v)
     if var is not None:
@@ -108,7 +121,7 @@ def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, r
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return finish(layer, h, o)
+    return finish(layer, h, o, joint)
 
 
 def var_layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, rope, var):
@@ -178,6 +191,7 @@ class FastDecoder:
         self.var_prefill_fn = torch.compile(var_layer_prefill, dynamic=True) if compile else None
         self.sdpa = base_of(family.text_config._attn_implementation) == "sdpa"
         self.graph = None  # the decode step's replay, once captured
+        self.joint = [{} for _ in self.layers]  # fused weights per layer (fuse.StepDecoder's)
         self.staged: list = []  # or, split over devices: (device, inputs, replay, outputs) per stage
         self.tails: collections.OrderedDict = (
             collections.OrderedDict()
@@ -398,7 +412,10 @@ class FastDecoder:
                 edits = var is not None and i in self.codes
                 at = (self.codes[i][r], *var, self.var_cfg) if edits else None
                 args = (self.layers[i], h, *pe, self.k[i][r], self.v[i][r], mask, self.heads, self.kv_heads)
-                h = (self.prefill_fn if at is None else self.var_prefill_fn)(*args, self.rope, at)
+                if at is None:  # the fused step's joint q / k / v and gate / up GEMMs where it made them
+                    h = self.prefill_fn(*args, self.rope, None, self.joint[i])
+                else:
+                    h = self.var_prefill_fn(*args, self.rope, at)
         else:
             kw = {**kwargs, "past_key_values": StaticKV(self, hidden.shape[1], r), "use_cache": True}
             for i in range(first, len(self.layers)):
