@@ -25,6 +25,16 @@ a GPU) and the syncs a GPU run would make: reads of values computed from the wei
 (reads of tensors a GPU run keeps on the host are listed apart), and tensors built from host data for a
 named device (a blocking copy). The tower and the tail run through the same graph wrappers as on a GPU
 with a replay stand-in; what runs inside a replay is counted apart (one graph launch on a GPU).
+
+``--trace``: when is the GPU idle in a steady-state call, and what is the host doing then? After the
+timed mode's warm-up, ``--calls`` calls per config under ``torch.profiler`` (CPU + CUDA), each stage in a
+``record_function`` range (marked without syncs): per call averaged, the wall time, the kernel time by
+kind (GEMM / GEMV, attention, copies, other), the GPU's busy time (the union of its kernels' spans) and
+idle time; per stage the host, busy and idle time; the idle gaps of ``--gap-us`` or more, each with the
+stage and the host's work then (a record_function label, else the outermost aten ops, else CUDA runtime
+calls). On the CPU: the host's times alone.
+
+    python evals/ttft_breakdown.py --trace --methods none,visionzip:320,fastv:320 --out DIR
 """
 
 from __future__ import annotations
@@ -204,6 +214,313 @@ def timed_main(a):
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, f"ttft_breakdown_{a.shape}.json"), "w") as f:
             json.dump(dict(command=" ".join(["python", *sys.argv]), results=out), f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------- --trace
+CALL = "ttft_breakdown call"  # record_function ranges the trace carries: each profiled call, its stages
+STAGE = "ttft_breakdown stage: "
+GPU_WORK = {"kernel", "gpu_memcpy", "gpu_memset"}  # chrome-trace categories of GPU activity
+# a kernel's kind by name, first match wins: flash kernels name cutlass types, cuDNN's SDPA says sdpa and
+# its convolutions gemm
+KINDS = (
+    ("attention", ("flash", "fmha", "attn", "sdpa")),
+    ("gemm", ("nvjet", "cutlass", "gemm", "gemv", "sm90")),
+    ("attention", ("cudnn",)),
+    ("copies", ("copy", "memcpy", "memset")),
+)
+KIND_NAMES = ("gemm", "attention", "copies", "other")
+
+
+def kind(name: str) -> str:
+    n = name.lower()
+    return next((k for k, words in KINDS if any(w in n for w in words)), "other")
+
+
+def union(spans) -> list:
+    """Sorted disjoint (start, end) spans covering the points of ``spans`` (overlapping, nested or touching
+    ones merge: kernels of several streams count once)."""
+    out = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def covered(spans, start, end) -> float:
+    """Length of [start, end] inside ``spans`` (disjoint)."""
+    return sum(max(0.0, min(end, e) - max(start, s)) for s, e in spans)
+
+
+def gaps(spans, start, end, least) -> list:
+    """The spans of [start, end] outside ``spans`` (disjoint, sorted) of length ``least`` or more."""
+    out, t = [], start
+    for s, e in spans:
+        if s >= end:
+            break
+        if s - t >= least:
+            out.append((t, s))
+        t = max(t, e)
+    if end - t >= least:
+        out.append((t, end))
+    return out
+
+
+def outermost(events) -> list:
+    """The events of one thread not inside another (by start, the longer first)."""
+    out, end = [], float("-inf")
+    for e in sorted(events, key=lambda e: (e["ts"], -e["dur"])):
+        if e["ts"] >= end:
+            out.append(e)
+            end = e["ts"] + e["dur"]
+    return out
+
+
+def overlapping(events, start, end) -> list:
+    return [x for x in events if x["ts"] < end and x["ts"] + x["dur"] > start]
+
+
+def firsts(names, n=3) -> list:
+    return list(dict.fromkeys(names))[:n]
+
+
+def call_summary(call, events, gpu: bool, least: float) -> dict:
+    """One profiled call (its ``CALL`` range) from the chrome trace's ``events``: wall, kernel time by kind,
+    GPU busy (kernel spans' union) and idle time; per stage (its ``STAGE`` ranges) host, busy and idle ms;
+    the idle gaps of ``least`` us or more, each with the host's work then: the outermost record_function
+    label (the script's own left out) if any, else the outermost aten ops, else CUDA runtime calls (a graph's
+    launch, a sync), else Python; ``host_in_ops``: the part of the gap the host spent in aten ops."""
+    t0, t1 = call["ts"], call["ts"] + call["dur"]
+    mine = [e for e in events if e.get("tid") == call["tid"] and e.get("pid") == call["pid"]]
+    inside = [e for e in mine if t0 <= e["ts"] < t1]
+    notes = [e for e in inside if e.get("cat") == "user_annotation"]
+    stages = [e for e in notes if e["name"].startswith(STAGE)]
+    labels = outermost(e for e in notes if not e["name"].startswith((STAGE, CALL)))
+    ops = outermost(e for e in inside if e.get("cat") == "cpu_op")
+    runtime = [e for e in inside if e.get("cat") in ("cuda_runtime", "cuda_driver")]  # outside ops: launches
+    in_ops = union((e["ts"], e["ts"] + e["dur"]) for e in ops)
+    work = [e for e in events if e.get("cat") in GPU_WORK and t0 <= e["ts"] < t1] if gpu else []
+    busy = union((e["ts"], min(t1, e["ts"] + e["dur"])) for e in work)
+    ms = lambda us: round(us / 1e3, 4) if gpu else None  # noqa: E731
+    rows = {}
+    for e in stages:  # a stage entered twice sums
+        key = e["name"].removeprefix(STAGE)
+        r = rows.setdefault(key, dict(stage=key, name=NAMES.get(key, key), host=0.0, busy=0.0))
+        r["host"] += e["dur"]
+        r["busy"] += covered(busy, e["ts"], e["ts"] + e["dur"])
+    stage_rows = [
+        dict(stage=r["stage"], name=r["name"], host_ms=round(r["host"] / 1e3, 4), gpu_busy_ms=ms(r["busy"]),
+             gpu_idle_ms=ms(r["host"] - r["busy"]))
+        for r in rows.values()
+    ]  # fmt: skip
+    kinds = dict.fromkeys(KIND_NAMES, 0.0)
+    for e in work:
+        kinds[kind(e["name"])] += e["dur"]
+    idle_gaps = []
+    for s, e in gaps(busy, t0, t1, least) if gpu else []:
+        label = firsts(x["name"] for x in overlapping(labels, s, e))
+        names = firsts(x["name"] for x in overlapping(ops, s, e))
+        calls = firsts(x["name"] for x in overlapping(runtime, s, e))
+        idle_gaps.append(
+            dict(
+                start_ms=round((s - t0) / 1e3, 4),
+                us=round(e - s, 2),
+                stages=firsts((x["name"].removeprefix(STAGE) for x in overlapping(stages, s, e)), 99),
+                label=label,
+                ops=names,
+                runtime=calls,
+                host=" / ".join(label or names or calls) or "Python (no op)",
+                host_in_ops_us=round(covered(in_ops, s, e), 2),
+            )
+        )
+    span = sum(e - s for s, e in busy)
+    return dict(
+        wall_ms=round(call["dur"] / 1e3, 4),
+        kernel_ms=ms(sum(e["dur"] for e in work)),
+        kernels=len(work) if gpu else None,
+        # replays, whose kernels should be among the call's (the profiler is set up before any capture)
+        graph_launches=sum(e.get("cat") == "cuda_runtime" and "GraphLaunch" in e["name"] for e in inside)
+        if gpu
+        else None,
+        gpu_busy_ms=ms(span),
+        gpu_idle_ms=ms(call["dur"] - span),
+        kinds={k: ms(v) for k, v in kinds.items()} if gpu else None,
+        stages=stage_rows,
+        gaps=idle_gaps,
+        gap_ms=ms(sum(g["us"] for g in idle_gaps)),
+    )
+
+
+TOTALS = ("wall_ms", "kernel_ms", "kernels", "graph_launches", "gpu_busy_ms", "gpu_idle_ms", "gap_ms")
+
+
+def mean_of(calls: list) -> dict:
+    """The calls' numbers averaged (stages by key, in order of appearance); the gaps: those of the call of
+    median wall time (gaps averaged over calls would mix different gaps)."""
+    avg = lambda vals: None if None in vals else round(statistics.fmean(vals), 4)  # noqa: E731
+    out = {k: avg([c[k] for c in calls]) for k in TOTALS}
+    out["kinds"] = (
+        None if calls[0]["kinds"] is None else {k: avg([c["kinds"][k] for c in calls]) for k in KIND_NAMES}
+    )
+    keys = list(dict.fromkeys(r["stage"] for c in calls for r in c["stages"]))
+    out["stages"] = []
+    for key in keys:
+        got = [next((r for r in c["stages"] if r["stage"] == key), None) for c in calls]
+        row = dict(stage=key, name=NAMES.get(key, key))
+        for f in ("host_ms", "gpu_busy_ms", "gpu_idle_ms"):
+            row[f] = avg([0.0 if r is None else r[f] for r in got])
+        out["stages"].append(row)
+    median = sorted(calls, key=lambda c: c["wall_ms"])[len(calls) // 2]
+    out["gaps"], out["n_gaps"] = median["gaps"], avg([len(c["gaps"]) for c in calls])
+    return out
+
+
+def profiled(fns: list, cuda: bool, sync) -> list:
+    """The chrome trace's events of ``fns`` run under the profiler, one after another."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for fn in fns:
+            sync()
+            fn()
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(os.path.join(d, "trace.json"))
+        with open(os.path.join(d, "trace.json")) as f:
+            events = json.load(f)["traceEvents"]
+    return [e for e in events if e.get("ph") == "X"]
+
+
+def traced_call(model, fn, sync):
+    """``fn`` in a ``CALL`` range, each stage (``staged``'s marks, no syncs added) in a ``STAGE`` range; the
+    last one closes after the call's closing sync (the hooks are set outside the call's range)."""
+    from torch.profiler import record_function
+
+    now = [None]
+
+    def mark(then, wait=True):
+        now[0].__exit__(None, None, None)
+        now[0] = record_function(STAGE + then).__enter__()
+
+    def run():
+        with staged(model, mark), record_function(CALL):
+            now[0] = record_function(STAGE + STAGES[0][0]).__enter__()
+            try:
+                fn()
+                sync()
+            finally:
+                now[0].__exit__(None, None, None)
+
+    return run
+
+
+def trace_main(a):
+    cuda = a.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:  # the profiler's setup before any graph capture (as evals/profile_decode.py)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]):
+            pass
+    model = build(a.shape, a.device, dtype)
+    model.generation_config.eos_token_id = None
+    inputs, n_vis = bench_inputs(model, 1, 35, 29, a.device, dtype, grid=SHAPES[a.shape].get("grid"))
+    first = lambda: mmsink.generate_fast(model, max_new_tokens=1, graphs=cuda, **inputs)  # noqa: E731
+    meta = dict(
+        command=" ".join(["python", *sys.argv]),
+        shape=a.shape,
+        visual_tokens=n_vis,
+        machine=torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores",
+        torch=torch.__version__,
+        transformers=__import__("transformers").__version__,
+        python=platform.python_version(),
+        calls=a.calls,
+        gap_us=a.gap_us,
+        activities="CPU + CUDA" if cuda else "CPU",
+    )
+    results = []
+    for spec in a.methods.split(","):
+        m, _, b = spec.partition(":")
+        mmsink.wrap(model, prune=m, budget=int(b) if b else None)
+        first()
+        first()  # the tail's graph is captured the second time
+        plain = alternated({"plain": first}, a.calls, sync)["plain"] * 1e3  # the call without the profiler
+        events = profiled([traced_call(model, first, sync)] * a.calls, cuda, sync)
+        # (the GPU's timeline repeats the ranges as gpu_user_annotation)
+        ranges = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith(CALL)]
+        calls = [call_summary(c, events, cuda, a.gap_us) for c in sorted(ranges, key=lambda e: e["ts"])]
+        r = dict(config=spec, plain_wall_ms=round(plain, 4), **mean_of(calls), calls=calls)
+        results.append(r)
+        print(trace_section(r, a.gap_us))
+        if a.out:  # after each config: a cut run keeps what it measured
+            os.makedirs(a.out, exist_ok=True)
+            base = os.path.join(a.out, f"ttft_trace_{a.shape}")
+            with open(base + ".json", "w") as f:
+                json.dump(dict(meta, results=results), f, indent=1)
+            with open(base + ".md", "w") as f:
+                f.write(trace_markdown(meta, results))
+    mmsink.unwrap(model)
+
+
+def num(v, fmt=".2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def trace_section(r: dict, gap_us: float, top: int = 10) -> str:
+    """One config: the totals, the stage table, the ``top`` longest gaps (in time order)."""
+    head = (
+        f"{r['config']}: call {r['wall_ms']:.2f} ms under the profiler ({r['plain_wall_ms']:.2f} ms without)"
+    )
+    if r["kinds"] is not None:
+        kinds = ", ".join(f"{k} {r['kinds'][k]:.2f}" for k in KIND_NAMES)
+        head += (
+            f"; kernels {r['kernel_ms']:.2f} ms ({kinds}; {r['kernels']:g} kernels, "
+            f"{r['graph_launches']:g} graph launches), GPU busy "
+            f"{r['gpu_busy_ms']:.2f} ms, idle {r['gpu_idle_ms']:.2f} ms, of it {r['gap_ms']:.2f} ms in "
+            f"{r['n_gaps']:g} gaps of {gap_us:g} us or more"
+        )
+    lines = [head, "", "| stage | host ms | GPU busy ms | GPU idle ms |", "|---|---|---|---|"]
+    cells = [(s["name"], s["host_ms"], s["gpu_busy_ms"], s["gpu_idle_ms"]) for s in r["stages"]]
+    for name, host, busy, idle in cells + [("call", r["wall_ms"], r["gpu_busy_ms"], r["gpu_idle_ms"])]:
+        lines.append(f"| {name} | {host:.3f} | {num(busy, '.3f')} | {num(idle, '.3f')} |")
+    longest = sorted(sorted(r["gaps"], key=lambda g: -g["us"])[:top], key=lambda g: g["start_ms"])
+    if longest:
+        lines += [
+            "",
+            f"The {len(longest)} longest idle gaps of the median call, in time order:",
+            "",
+            "| at ms | gap us | stage | host: its label, else aten ops, else CUDA calls | in ops us |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {g['start_ms']:.3f} | {g['us']:.1f} | {', '.join(NAMES.get(s, s) for s in g['stages'])} | "
+            f"{g['host']} | {g['host_in_ops_us']:.1f} |"
+            for g in longest
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def trace_markdown(meta: dict, results: list) -> str:
+    lines = [
+        f"# generate_fast prefill in steady state: GPU idle and the host then ({meta['shape']})",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"{meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; batch 1, "
+        f"{meta['visual_tokens']} visual tokens, max_new_tokens=1; the mean of {meta['calls']} profiled "
+        f"calls after two warm-up calls (torch.profiler, {meta['activities']}: its per-operator cost is in "
+        "the host times; the call's time without it alongside). GPU busy: the union of kernel, memcpy and "
+        "memset spans (streams overlapping count once); idle = the call's wall time - busy. A stage's "
+        "columns: its host span (stages marked without syncs), the GPU busy and idle inside it.",
+        "",
+    ]
+    for r in results:
+        lines += [f"## {r['config']}", "", trace_section(r, meta["gap_us"])]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------- --count (CPU)
@@ -663,8 +980,15 @@ def main():
     ap.add_argument("--reps", type=int, default=7, help="timed mode: alternated runs per config")
     ap.add_argument("--ideal", action="store_true", help="timed mode: also time each method's plan replayed")
     ap.add_argument("--plain-step", action="store_true", help="timed mode: also time generate_fast(step={})")
+    ap.add_argument("--trace", action="store_true", help="GPU idle gaps and the host's work then (profiler)")
+    ap.add_argument("--calls", type=int, default=3, help="--trace: steady-state calls profiled per config")
+    ap.add_argument("--gap-us", type=float, default=20.0, help="--trace: shortest idle gap listed, us")
     a = ap.parse_args()
-    if a.count:
+    if a.trace:
+        a.shape = a.shape or "llava-next-7b"
+        a.methods = a.methods or "none,visionzip:320,fastv:320"
+        trace_main(a)
+    elif a.count:
         a.shape = a.shape or "tiny-next-cpu"
         a.methods = a.methods or "none,visionzip:320,fastv:320,dart:320,visipruner:320"
         count_main(a)

@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=30 bash evals/results/gpu_next/run.sh")  # next: the bare model's graphed prefill
+#   run(command="PART=31 bash evals/results/gpu_next/run.sh")  # next: NeXT's GPU idle gaps, traced
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 30}
+PART=${PART:?set PART=1 to 31}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -374,7 +374,14 @@ case $PART in
   step e2e_b1 150 python -m mmsink bench --device $DEV --shape $S1 --batch 1 --reps $RN \
     --methods fastv,visionzip --budgets 64 --decode-tokens $K --e2e-tokens 64 --out "$OUT/e2e" --name llava_b1_e2e64
   ;;
-*) say "PART must be 1-30, not $PART"; exit 2 ;;
+31)
+  # the synced stage timings say where time goes, not when the GPU waits for the host: a profile of
+  # steady-state calls (no syncs added) lists each idle gap with its stage and the host's work then
+  step trace 240 python evals/ttft_breakdown.py --device $DEV --shape $SN --methods \
+    none,visionzip:320,fastv:320,dart:320 --trace --out "$OUT/trace"
+  cp "$SCR/trace.out" "$OUT/trace.log"
+  ;;
+*) say "PART must be 1-31, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
