@@ -374,6 +374,16 @@ case $PART in
   step e2e_b1 150 python -m mmsink bench --device $DEV --shape $S1 --batch 1 --reps $RN \
     --methods fastv,visionzip --budgets 64 --decode-tokens $K --e2e-tokens 64 --out "$OUT/e2e" --name llava_b1_e2e64
   ;;
+32)
+  # VisionZip's scores on Qwen2-VL's tower through the Triton kernels (mmsink.core.received; untested on a GPU
+  # when written): the kernels' compiled cases, at a 1400x1400 image's size against the fp64 sums and the
+  # GEMM path, the tiny bf16 Qwen2-VL's VisionZip set; then the kernels against the torch path's time
+  step pytest 150 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_gpu_qwen_scores.py \
+    tests/test_received_kernel.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step received 240 python evals/received_speed.py $([ "$TINY" = 1 ] && echo --tiny) --out "$OUT/received"
+  cp "$SCR/received.out" "$OUT/received.log"
+  ;;
 *) say "PART must be 1-30, not $PART"; exit 2 ;;
 esac
 
