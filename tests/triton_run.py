@@ -1,7 +1,7 @@
 """What the Triton kernel tests share (tests/test_lfps_triton.py, tests/test_decode_kernel.py,
-tests/test_gemv.py): a test file run as a script under Triton's interpreter, the script's loop over cases
-and seeds, a compile of kernels for sm_90 (PTX and ptxas, bundled with Triton: what the interpreter does
-not type-check), and the marks of their GPU tests."""
+tests/test_gemv.py, tests/test_received_kernel.py): a test file run as a script under Triton's interpreter,
+the script's loop over cases and seeds, a compile of kernels for sm_90 (PTX and ptxas, bundled with Triton:
+what the interpreter does not type-check), and the marks of their GPU tests."""
 
 from __future__ import annotations
 
