@@ -1,7 +1,7 @@
 """What the Triton kernel tests share (tests/test_lfps_triton.py, tests/test_decode_kernel.py,
-tests/test_gemv.py): a test file run as a script under Triton's interpreter, the script's loop over cases
-and seeds, a compile of kernels for sm_90 (PTX and ptxas, bundled with Triton: what the interpreter does
-not type-check), and the marks of their GPU tests."""
+tests/test_gemv.py, tests/test_received_kernel.py): a test file run as a script under Triton's interpreter,
+the script's loop over cases and seeds, a compile of kernels for sm_90 (PTX and ptxas, bundled with Triton:
+what the interpreter does not type-check), and the marks of their GPU tests."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ def interpret(script: str) -> dict:
     """``script`` (a test file) run under ``TRITON_INTERPRET=1`` in a subprocess (the variable is read when
     the kernels are defined): its JSON lines by (case, seed)."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    # this checkout first; the caller's path after it (e.g. what maps a worktree's folders over an editable
+    # install's)
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     run = subprocess.run(
         [sys.executable, script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
     )

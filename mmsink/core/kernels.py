@@ -1,5 +1,6 @@
 """What the Triton kernels share (``mmsink.fast.decode_kernel``, ``mmsink.fast.gemv``,
-``mmsink.kv.lfps_triton``): whether one runs on a device, and power-of-two block sizes."""
+``mmsink.kv.lfps_triton``, ``mmsink.core.received``): whether one runs on a device, and power-of-two block
+sizes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
+#   run(command="PART=33 bash evals/results/gpu_next/run.sh")  # next: the GPU tests of this session's changes
+#   run(command="PART=32 bash evals/results/gpu_next/run.sh")  # next: Qwen's received-attention kernels
+#   run(command="PART=34 bash evals/results/gpu_next/run.sh")  # next: NeXT's and Qwen's batch-1 TTFT
 #   run(command="PART=31 bash evals/results/gpu_next/run.sh")  # next: NeXT's GPU idle gaps, traced
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
@@ -9,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 31}
+PART=${PART:?set PART=1 to 34}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -381,7 +384,36 @@ case $PART in
     none,visionzip:320,fastv:320,dart:320 --trace --out "$OUT/trace"
   cp "$SCR/trace.out" "$OUT/trace.log"
   ;;
-*) say "PART must be 1-31, not $PART"; exit 2 ;;
+32)
+  # VisionZip's scores on Qwen2-VL's tower through the Triton kernels (mmsink.core.received; untested on a GPU
+  # when written): the kernels' compiled cases, at a 1400x1400 image's size against the fp64 sums and the
+  # GEMM path, the tiny bf16 Qwen2-VL's VisionZip set; then the kernels against the torch path's time
+  step pytest 150 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_gpu_qwen_scores.py \
+    tests/test_received_kernel.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step received 240 python evals/received_speed.py $([ "$TINY" = 1 ] && echo --tiny) --out "$OUT/received"
+  cp "$SCR/received.out" "$OUT/received.log"
+  ;;
+33)
+  # the thirteenth session's changes tested on the CPU only: a padded batch with the ragged (varlen) kernel
+  # hands off again (bf16 padded cases), the compiled prefill tail's joint q / k / v and gate / up GEMMs
+  # (fp32 tokens of generate through graphs + compile), the bare model's handle without the attention
+  # entry; the prefill batches' chunks through the same tail
+  step pytest 420 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q -p no:cacheprovider \
+    tests/test_gpu.py tests/test_gpu_step_options.py tests/test_gpu_prefill_batch.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  ;;
+34)
+  # after part 33 passed: NeXT's batch-1 TTFT with the tail's joint GEMMs (part 27: visionzip 4.37x, fastv
+  # 4.44x, dart 4.37x; targets 6x / 5x), Qwen2-VL's with the received-attention kernels (part 10: fastv 1.85x,
+  # visionzip 1.63x; target 2.2x)
+  step next_b1 150 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+  step qwen_b1 150 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
+    --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens 16 --out "$OUT/qwen" --name qwen_b1
+  ;;
+*) say "PART must be 1-34, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
