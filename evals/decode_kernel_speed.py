@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mmsink.fast import decode_kernel as dk
 from mmsink.fast.decode import write_slot
-from mmsink.tools.timing import alternated
+from mmsink.tools.timing import alternated, probe_start
 
 # (name, batch, heads, kv heads, slots, valid slots): LLaVA-1.5-7B (641-token prompt + 64), LLaVA-NeXT-7B
 # unpruned (2928 + text) and pruned to 320, a batch of 16, Qwen2-VL-7B (GQA 28 / 4)
@@ -125,21 +123,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="default 20; --tiny 2")
     ap.add_argument("--no-tunes", action="store_true", help="only the default kernel against SDPA")
     args = ap.parse_args(argv)
-    dev = "cpu" if args.tiny else "cuda"
-    if dev == "cuda" and not torch.cuda.is_available():
-        sys.exit("decode_kernel_speed: needs CUDA (or --tiny)")
-    if not dk.available(dev) and not args.tiny:
-        sys.exit("decode_kernel_speed: Triton is not available")
     layers = args.layers or (2 if args.tiny else 32)
     reps = args.reps or (2 if args.tiny else 20)
     tunes = [] if args.no_tunes or args.tiny else TUNES
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    res = dict(
-        command="python " + " ".join(sys.argv),
-        machine=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-        torch=torch.__version__, layers=layers, reps=reps, shapes=[],
-    )  # fmt: skip
+    dev, out, res = probe_start("decode_kernel_speed", args, dk.available, argv, layers=layers, reps=reps)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     for shape in TINY if args.tiny else SHAPES:
         print(f"[decode_kernel_speed] {shape[0]}", flush=True)

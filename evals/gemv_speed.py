@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mmsink.fast import gemv
-from mmsink.tools.timing import alternated
+from mmsink.tools.timing import alternated, probe_start
 
 # name: (N, K, the step adds the residual) of LLaVA-1.5-7B (Llama-2-7B): fused q / k / v, o_proj, fused
 # gate / up, down_proj, the LM head (not in the step's GEMVs: for scale)
@@ -140,10 +138,6 @@ def main(argv=None):
     ap.add_argument("--no-tunes", action="store_true", help="only the default kernel against cuBLAS")
     args = ap.parse_args(argv)
     dev = "cpu" if args.tiny else "cuda"
-    if dev == "cuda" and not torch.cuda.is_available():
-        sys.exit("gemv_speed: needs CUDA (or --tiny)")
-    if not gemv.available(dev) and not args.tiny:
-        sys.exit("gemv_speed: Triton is not available (or MMSINK_GEMV_KERNEL=0)")
     shapes = TINY if args.tiny else SHAPES
     if args.shapes:
         bad = set(args.shapes.split(",")) - set(shapes)
@@ -170,13 +164,8 @@ def main(argv=None):
         def kernel(x, w, bias, residual, **tune):
             return gemv.reference(x, w, bias, residual)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    res = dict(
-        command="python " + " ".join(sys.argv if argv is None else ["evals/gemv_speed.py", *argv]),
-        machine=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-        torch=torch.__version__, copies=copies, reps=reps, kernel=kernel is gemv.launch, shapes=[],
-    )  # fmt: skip
+    meta = dict(copies=copies, reps=reps, kernel=kernel is gemv.launch)
+    dev, out, res = probe_start("gemv_speed", args, gemv.available, argv, **meta)
     for name, (n, k, fused) in shapes.items():
         for m in rows:
             print(f"[gemv_speed] {name} ({n} x {k}), {m} row(s)", flush=True)

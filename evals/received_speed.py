@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import mmsink.patches.qwen2_vl as family
 import torch
 
 from mmsink.core import received
-from mmsink.tools.timing import alternated
+from mmsink.tools.timing import alternated, probe_start
 
 # (name, heads, patches, head dim): Qwen2-VL-7B's tower (16 heads of 80) on a 1400x1400 and a 700x700 image
 SHAPES = [("qwen2-vl 1400x1400", 16, 10_000, 80), ("qwen2-vl 700x700", 16, 2_500, 80)]
@@ -113,20 +111,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="default 20; --tiny 2")
     ap.add_argument("--no-tunes", action="store_true", help="only the default kernels against torch")
     args = ap.parse_args(argv)
-    dev = "cpu" if args.tiny else "cuda"
-    if dev == "cuda" and not torch.cuda.is_available():
-        sys.exit("received_speed: needs CUDA (or --tiny)")
-    if not received.available(dev) and not args.tiny:
-        sys.exit("received_speed: Triton is not available")
     reps = args.reps or (2 if args.tiny else 20)
     tunes = [] if args.no_tunes or args.tiny else TUNES
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    res = dict(
-        command="python " + " ".join(sys.argv),
-        machine=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-        torch=torch.__version__, reps=reps, shapes=[],
-    )  # fmt: skip
+    dev, out, res = probe_start("received_speed", args, received.available, argv, reps=reps)
     for shape in TINY if args.tiny else SHAPES:
         print(f"[received_speed] {shape[0]}", flush=True)
         # on the CPU without the interpreter the kernels' row times column_sums' torch path (the code path)

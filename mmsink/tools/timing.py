@@ -1,5 +1,6 @@
-"""One kernel-timing helper for the kernel probes in evals/ (decode_kernel_speed, gemv_speed,
-lse_attention_speed): device time per call of a function, as a CUDA graph replay or eagerly."""
+"""What the kernel probes in evals/ share (decode_kernel_speed, gemv_speed, received_speed,
+lse_attention_speed): device time per call of a function, as a CUDA graph replay or eagerly, and a
+probe's start (device, output folder, results header)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,24 @@ def alternated(variants: dict, dev, reps: int, per: int = 1) -> dict:
         for key, run in runs.items():
             times[key].append(run() / per)
     return {key: statistics.median(v) for key, v in times.items()}
+
+
+def probe_start(name: str, args, available, argv=None, **meta):
+    """(device, output folder, results dict) of a kernel probe run as ``evals/<name>.py``: CUDA, or the CPU
+    with ``args.tiny`` (the code path); a one-line exit where CUDA or the kernel (``available(device)``)
+    is missing. The folder ``args.out`` is made; the dict holds the command, machine, torch and ``meta``,
+    and an empty ``shapes`` list for the probe's rows."""
+    import sys
+    from pathlib import Path
+
+    dev = "cpu" if args.tiny else "cuda"
+    if dev == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"{name}: needs CUDA (or --tiny)")
+    if not args.tiny and not available(dev):
+        sys.exit(f"{name}: Triton is not available (or the kernel's switch is 0)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = sys.argv if argv is None else [f"evals/{name}.py", *argv]
+    machine = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    res = dict(command="python " + " ".join(command), machine=machine, torch=torch.__version__, **meta)
+    return dev, out, {**res, "shapes": []}
