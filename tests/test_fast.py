@@ -241,6 +241,8 @@ def test_decoder_reused_across_calls(llava):
 NO_CXX = shutil.which("c++") is None and shutil.which("g++") is None
 
 
+@pytest.mark.slow  # inductor's CPU compile; the compiled steps' arithmetic: test_fused_prefill_tail_step,
+# tests/test_fast_var.py (the eager backend's guards), the GPU tests (graphs + compile)
 @pytest.mark.skipif(NO_CXX, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_layer_step(llava):
     """``compile=True``: the layer step through torch.compile (dynamic shapes: one compiled step for

@@ -118,6 +118,7 @@ def test_none_same_answers_and_scores(task):
     assert scores["synthvqa_mme"]["mme_perception_score,none"] == pytest.approx(mme)
 
 
+@pytest.mark.slow  # lmms-eval: test_none_same_answers_and_scores; pruned batches: tests/test_batching.py
 def test_fastv_batched_same_answers_and_kept_tokens(task):
     import torch
     from PIL import Image
@@ -152,6 +153,7 @@ def test_fastv_batched_same_answers_and_kept_tokens(task):
     assert first["prefill_flops"] == s.extra["sample_prefill_flops"][0]
 
 
+@pytest.mark.slow  # lmms-eval's path: test_none_same_answers_and_scores; NeXT's batches: tests/test_fast.py
 def test_llava_next_batched_same_answers(task, tmp_path):
     """LLaVA-NeXT (a tiny random checkpoint) through lmms-eval's llava_hf adapter, batches of 2 (tiles of
     several images in one pixel_values) against mmsink eval at batch size 1."""
