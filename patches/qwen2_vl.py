@@ -176,14 +176,9 @@ class Family(Protocol):
         bounds = cu.tolist()  # host bounds (precomputed inputs), or one read
         for s, e in zip(bounds[:-1], bounds[1:]):
             qs, ks = q[s:e].transpose(0, 1), k[s:e].transpose(0, 1)  # [H, P, hd] views
-            if received_kernel.fits(qs, ks):  # a whole segment, no [H, rows, P] logits written
-                acc = received_kernel.launch(qs, ks, attn.scaling)
-            else:
-                kk = ks.contiguous()
-                acc = torch.zeros(heads, e - s, device=qkv.device)
-                for c in range(s, e, CHUNK):
-                    qq = q[c : min(c + CHUNK, e)].transpose(0, 1).contiguous()
-                    acc += softmax_column_sums(qq, kk, attn.scaling)
+            # the kernels for a whole segment (no [H, rows, P] logits written) where they run, else the
+            # GEMM with fp32 output over CHUNK query rows at a time
+            acc = received_kernel.column_sums(qs, ks, attn.scaling, CHUNK, softmax_column_sums)
             received[s:e] = acc.mean(0) / (e - s)
             work.append(2 * heads * (e - s) ** 2 * hd)
         unit = self.merge**2

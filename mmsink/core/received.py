@@ -189,12 +189,14 @@ def fits(q, k) -> bool:
     return q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2] and q.stride(2) == 1 and k.stride(2) == 1
 
 
-def column_sums(q, k, scale: float, chunk: int = CHUNK) -> torch.Tensor:
+def column_sums(q, k, scale: float, chunk: int = CHUNK, sums=reference) -> torch.Tensor:
     """[H, P] fp32: per head, the softmax rows of ``q`` [H, C, hd] against ``k`` [H, P, hd] summed over the
-    C queries. The kernels where ``fits``, else ``reference`` over ``chunk`` query rows at a time."""
+    C queries. The kernels where ``fits``, else ``sums`` (``reference``'s arguments and result; Qwen's
+    family passes its GEMM with fp32 output) over ``chunk`` query rows at a time."""
     if fits(q, k):
         return launch(q, k, scale)
+    k = k.contiguous()
     out = torch.zeros(k.shape[0], k.shape[1], device=k.device)
     for c in range(0, q.shape[1], chunk):
-        out += reference(q[:, c : c + chunk], k, scale)
+        out += sums(q[:, c : c + chunk].contiguous(), k, scale)
     return out
