@@ -44,21 +44,31 @@ STORE = "_mmsink_decoders"  # attribute on the model instance; ``mmsink.unwrap``
 PLACED = "_mmsink_placement"  # (fingerprint, devices, dispatched): see ``placement``
 
 
-def project(layer, h, cos, sin, heads: int, kv_heads: int, rope, joint=None):
-    """The layer's queries, keys and values [B, heads, n, d] for hidden states ``h`` [B, n, D], rotated.
-    ``joint``: the layer's fused tensors (``fuse.fused``; their "qkv": one GEMM for the three)."""
-    attn = layer.self_attn
-    b, n, _ = h.shape
-    x = layer.input_layernorm(h)
+def split_heads(attn, x, heads: int, kv_heads: int, joint=None, linear=F.linear):
+    """Queries, keys and values [B, heads, n, d] of ``x`` (the input norm's output [B, n, D]), not rotated:
+    one ``linear`` of ``joint``'s "qkv" where the fused step made it (``fuse.fused``), else the three
+    projections."""
+    b, n, _ = x.shape
     if joint and "qkv" in joint:
         w, bias = joint["qkv"]
         sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
-        q, k, v = F.linear(x, w, bias).split(sizes, -1)
+        q, k, v = linear(x, w, bias).split(sizes, -1)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     q = q.reshape(b, n, heads, -1).transpose(1, 2)
-    k = k.reshape(b, n, kv_heads, -1).transpose(1, 2)
-    v = v.reshape(b, n, kv_heads, -1).transpose(1, 2)
+    return q, k.reshape(b, n, kv_heads, -1).transpose(1, 2), v.reshape(b, n, kv_heads, -1).transpose(1, 2)
+
+
+def gated(mlp, x, gu, linear=F.linear):
+    """The MLP's ``act(gate) * up`` of ``x`` from the fused gate / up tensors ``gu`` (weight, bias)."""
+    gate, up = linear(x, *gu).chunk(2, -1)
+    return mlp.act_fn(gate) * up
+
+
+def project(layer, h, cos, sin, heads: int, kv_heads: int, rope, joint=None):
+    """The layer's queries, keys and values [B, heads, n, d] for hidden states ``h`` [B, n, D], rotated.
+    ``joint``: the layer's fused tensors (their "qkv": one GEMM for the three)."""
+    q, k, v = split_heads(layer.self_attn, layer.input_layernorm(h), heads, kv_heads, joint)
     q, k = rope(q, k, cos, sin)
     return q, k, v
 
@@ -69,9 +79,7 @@ def finish(layer, h, o, joint=None):
     h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(*h.shape[:2], -1))
     x = layer.post_attention_layernorm(h)
     if joint and "gu" in joint:
-        w, bias = joint["gu"]
-        gate, up = F.linear(x, w, bias).chunk(2, -1)
-        return h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return h + layer.mlp.down_proj(gated(layer.mlp, x, joint["gu"]))
     return h + layer.mlp(x)
 
 

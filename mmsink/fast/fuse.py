@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decode_kernel, gemv
-from .decode import STORE, FastDecoder, finish, write_slot
+from .decode import STORE, FastDecoder, finish, gated, split_heads, write_slot
 
 FUSED = "_mmsink_fused"  # on the model: (layers, per layer {"qkv": (weight, bias), "gu": (weight, bias)})
 ATTN = ("sdpa", "matmul", "reduce", "kernel")
@@ -236,16 +236,7 @@ def make_step(opts: StepOptions):
     def step(layer, nxt, h, x, cos, sin, kv, ok, start, t, heads: int, kv_heads: int, rope, joint):
         attn = layer.self_attn
         b, n, _ = h.shape
-        if "qkv" in joint:
-            w, bias = joint["qkv"]
-            q, k, v = linear(x, w, bias).split(
-                [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], -1
-            )
-        else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = q.reshape(b, n, heads, -1).transpose(1, 2)
-        k = k.reshape(b, n, kv_heads, -1).transpose(1, 2)
-        v = v.reshape(b, n, kv_heads, -1).transpose(1, 2)
+        q, k, v = split_heads(attn, x, heads, kv_heads, joint, linear)
         if rope is not None:
             q, k = rope(q, k, cos, sin)
         if opts.attn == "kernel":  # writes the key, value and validity itself; kv: (keys, values, lock)
@@ -260,9 +251,8 @@ def make_step(opts: StepOptions):
             h = finish(layer, h, o)
         else:
             h = residual(h, attn.o_proj, o.transpose(1, 2).reshape(b, n, -1))
-            w, bias = joint["gu"]
-            gate, up = linear(layer.post_attention_layernorm(h), w, bias).chunk(2, -1)
-            h = residual(h, layer.mlp.down_proj, layer.mlp.act_fn(gate) * up)
+            act = gated(layer.mlp, layer.post_attention_layernorm(h), joint["gu"], linear)
+            h = residual(h, layer.mlp.down_proj, act)
         return h, nxt(h)
 
     return step
