@@ -456,6 +456,8 @@ def trace_main(a):
         r = dict(config=spec, plain_wall_ms=round(plain, 4), **mean_of(calls), calls=calls)
         results.append(r)
         print(trace_section(r, a.gap_us))
+        if a.host_profile:
+            host_profile(first, a, spec)
         if a.out:  # after each config: a cut run keeps what it measured
             os.makedirs(a.out, exist_ok=True)
             base = os.path.join(a.out, f"ttft_trace_{a.shape}")
@@ -464,6 +466,26 @@ def trace_main(a):
             with open(base + ".md", "w") as f:
                 f.write(trace_markdown(meta, results))
     mmsink.unwrap(model)
+
+
+def host_profile(first, a, spec: str) -> None:
+    """``a.calls`` steady-state calls under cProfile (the host's Python per function, no torch profiler):
+    the 30 costliest by own time and by cumulative time printed, the stats saved (``pstats``) beside the
+    trace when ``a.out``."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(a.calls):
+        prof.runcall(first)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        prof.dump_stats(os.path.join(a.out, f"host_{a.shape}_{spec.replace(':', '_')}.prof"))
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(30)
+        print(f"{spec}: host profile of {a.calls} calls by {key}\n{text.getvalue()}")
 
 
 def num(v, fmt=".2f") -> str:
@@ -982,6 +1004,7 @@ def main():
     ap.add_argument("--plain-step", action="store_true", help="timed mode: also time generate_fast(step={})")
     ap.add_argument("--trace", action="store_true", help="GPU idle gaps and the host's work then (profiler)")
     ap.add_argument("--calls", type=int, default=3, help="--trace: steady-state calls profiled per config")
+    ap.add_argument("--host-profile", action="store_true", help="--trace: also the calls under cProfile")
     ap.add_argument("--gap-us", type=float, default=20.0, help="--trace: shortest idle gap listed, us")
     a = ap.parse_args()
     if a.trace:

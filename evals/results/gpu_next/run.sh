@@ -12,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 34}
+PART=${PART:?set PART=1 to 35}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -413,7 +413,18 @@ case $PART in
   step qwen_b1 150 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
     --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens 16 --out "$OUT/qwen" --name qwen_b1
   ;;
-*) say "PART must be 1-34, not $PART"; exit 2 ;;
+35)
+  # part 31's trace: after the tower, visionzip's host work is exposed (GPU idle 7.3 of 22.7 ms, most of it
+  # from the language model's pre-hook to the tail's launch: 4 ms of host for 49 operators): the same calls
+  # under cProfile, saved; then part 34's Qwen2-VL row (cut at 150 s there) with the received kernels' tune
+  step trace 200 python evals/ttft_breakdown.py --device $DEV --shape $SN --methods \
+    none,visionzip:320,fastv:320 --trace --host-profile --out "$OUT/trace"
+  cp "$SCR/trace.out" "$OUT/trace.log"
+  step qwen_b1 320 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
+    --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens 16 --out "$OUT/qwen" --name qwen_b1
+  cp "$SCR/qwen_b1.out" "$OUT/qwen.log"
+  ;;
+*) say "PART must be 1-35, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
