@@ -106,25 +106,36 @@ def test_fused_weights_share_storage_and_come_back(llava):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_replaced_weights_are_fused_again(llava):
-    """A weight replaced after fusing (a new Parameter) is seen by the next call: the step reads it, not
-    the stale joint tensor (that would give the old model's tokens)."""
+@pytest.mark.parametrize("how", ["parameter", "data", "module"])
+def test_replaced_weights_are_fused_again(llava, how):
+    """A weight replaced after fusing (a new Parameter, new storage under the same Parameter, a new
+    module) is seen by the next call, whose check reads the modules' dicts (``fuse.stamp``): the step
+    reads the new weight, not the stale joint tensor (that would give the old model's tokens)."""
     inputs = batch([prompt(5, 7, seed=8), prompt(2, 4, seed=9)])
     step = StepOptions(fuse=True)
     old = mmsink.generate_fast(llava, max_new_tokens=8, compile=False, step=step, **inputs)
     layers = llava.model.language_model.layers
-    keep = [(m, m.weight) for m in (layers[1].self_attn.k_proj, layers[2].mlp.up_proj)]
+    parents = [(layers[1].self_attn, "k_proj"), (layers[2].mlp, "up_proj")]
+    keep = [(getattr(p, n), getattr(p, n).weight) for p, n in parents]
     try:
-        for m, w in keep:
-            m.weight = torch.nn.Parameter(w.detach() * -3.0)
+        for (p, n), (m, w) in zip(parents, keep):
+            if how == "parameter":
+                m.weight = torch.nn.Parameter(w.detach() * -3.0)
+            elif how == "data":
+                m.weight.data = w.detach() * -3.0
+            else:
+                new = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+                new.weight = torch.nn.Parameter(w.detach() * -3.0)
+                setattr(p, n, new)
         ref = llava.generate(**inputs, max_new_tokens=8, do_sample=False)
         assert not torch.equal(ref, old)  # the change matters for this model
         out = mmsink.generate_fast(llava, max_new_tokens=8, compile=False, step=step, **inputs)
         assert torch.equal(out, ref)
     finally:
         clear(llava)
-        for m, w in keep:
+        for (p, n), (m, w) in zip(parents, keep):
             m.weight = torch.nn.Parameter(w.detach().clone())
+            setattr(p, n, m)
 
 
 @pytest.mark.parametrize(

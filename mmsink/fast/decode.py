@@ -515,16 +515,29 @@ class FastDecoder:
         return steps
 
 
+def first_parameter(module):
+    """``next(module.parameters(), None)`` through the modules' own dicts (the same order; a generator
+    over ``named_modules`` per block costs host time on every call)."""
+    for p in module._parameters.values():
+        if p is not None:
+            return p
+    for child in module._modules.values():
+        p = None if child is None else first_parameter(child)
+        if p is not None:
+            return p
+    return None
+
+
 def placement(model) -> tuple[set, bool]:
     """(devices of the weights, whether accelerate dispatched the model: its hooks move tensors). A walk
     over every parameter and module costs milliseconds of host time per call on a 7B model, so the answer
     is kept on the model against a fingerprint (device and storage of the first weight of every top-level
     block and decoder layer), and walked again when that changes."""
     try:
-        blocks = [*model.model.children(), *model.model.language_model.layers, model.lm_head]
+        blocks = [*model.model._modules.values(), *model.model.language_model.layers, model.lm_head]
     except AttributeError:
         blocks = [model]
-    firsts = [next(b.parameters(), None) for b in blocks]
+    firsts = [first_parameter(b) for b in blocks if b is not None]
     key = tuple((p.device, p.data_ptr()) for p in firsts if p is not None)
     kept = model.__dict__.get(PLACED)
     if kept is None or kept[0] != key:

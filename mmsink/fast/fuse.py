@@ -42,7 +42,7 @@ from torch import nn
 from . import decode_kernel, gemv
 from .decode import STORE, FastDecoder, finish, gated, split_heads, write_slot
 
-FUSED = "_mmsink_fused"  # on the model: (layers, per layer {"qkv": (weight, bias), "gu": (weight, bias)})
+FUSED = "_mmsink_fused"  # on the model: (layers, per layer {"qkv": (w, b), "gu": (w, b)}, stamp(layers))
 ATTN = ("sdpa", "matmul", "reduce", "kernel")
 
 
@@ -144,24 +144,51 @@ def join(mods):
     return w, b
 
 
+PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj", "act_fn")))
+
+
+def stamp(layers) -> tuple:
+    """Each projection module (and the MLP's activation) of every layer, with its weight's and bias's
+    addresses, read from the modules' own dicts: ``fused`` runs on every prefill, and a full check there
+    (module attribute lookups, a slice per weight) costs more host time than the prefill's GPU work after
+    a selection. Replacing a module, a weight or its storage changes it."""
+    out = []
+    for layer in layers:
+        for part, names in PROJECTIONS:
+            parent = layer._modules.get(part)
+            found = parent.__dict__ if parent is not None else {}
+            subs = found.get("_modules", {})
+            for n in names:
+                m = subs.get(n, found.get(n))
+                ps = getattr(m, "_parameters", None) or {}
+                w, b = ps.get("weight"), ps.get("bias")
+                weight = None if w is None else (w.data_ptr(), w.shape)
+                out.append((m, weight, None if b is None else b.data_ptr()))
+    return tuple(out)
+
+
 def fused(model, layers) -> list:
     """Per layer the joint tensors ({"qkv": (w, b), "gu": (w, b)}), made (or made again where a weight or
     module was replaced since) on first use. Making any drops the model's decoders: their graphs read the
     old addresses."""
     kept = model.__dict__.get(FUSED)
+    now_stamp = stamp(layers)
+    if kept is not None and kept[2] == now_stamp:
+        return kept[1]
     joints = kept[1] if kept is not None and len(kept[1]) == len(layers) else [{} for _ in layers]
     now = [groups(layer) for layer in layers]
     if kept is not None and all(
         set(j) == set(g) and all(aliased(mods, j[name]) for name, mods in g.items())
         for j, g in zip(joints, now)
     ):
+        model.__dict__[FUSED] = (kept[0], joints, now_stamp)
         return joints
     model.__dict__.pop(STORE, None)
     out = []
     with torch.no_grad():
         for j, g in zip(joints, now):
             out.append({n: j[n] if n in j and aliased(mods, j[n]) else join(mods) for n, mods in g.items()})
-    model.__dict__[FUSED] = (list(layers), out)
+    model.__dict__[FUSED] = (list(layers), out, stamp(layers))
     return out
 
 
@@ -172,7 +199,7 @@ def unfuse(model) -> None:
         return
     model.__dict__.pop(STORE, None)  # decoders' graphs read the joint tensors
     with torch.no_grad():
-        for layer, j in zip(*kept):
+        for layer, j in zip(*kept[:2]):
             for name, mods in groups(layer).items():
                 if name not in j or not aliased(mods, j[name]):
                     continue  # replaced since: already its own storage
