@@ -12,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 35}
+PART=${PART:?set PART=1 to 36}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -424,7 +424,23 @@ case $PART in
     --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens 16 --out "$OUT/qwen" --name qwen_b1
   cp "$SCR/qwen_b1.out" "$OUT/qwen.log"
   ;;
-*) say "PART must be 1-35, not $PART"; exit 2 ;;
+36)
+  # part 35's host profile acted on: the fused-weights check by a stamp (was 2.4 ms of host time per prefill
+  # after the hand-off here), VisionZip's selection as one CUDA graph; the GPU tests they touch, NeXT's
+  # batch-1 TTFT (part 34: fastv 4.73x, visionzip 4.21x, dart 4.26x, visipruner 2.25x), the trace again
+  step pytest 150 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q -p no:cacheprovider \
+    tests/test_gpu_graphed_visionzip.py tests/test_gpu_graphed.py tests/test_gpu_step_options.py \
+    "tests/test_gpu.py::test_cuda_graphed_vision_tower_equals_generate" -m gpu \
+    --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step next_b1 150 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+  step trace 120 python evals/ttft_breakdown.py --device $DEV --shape $SN --methods \
+    none,visionzip:320,fastv:320,dart:320 --trace --host-profile --out "$OUT/trace"
+  cp "$SCR/trace.out" "$OUT/trace.log"
+  ;;
+*) say "PART must be 1-36, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
