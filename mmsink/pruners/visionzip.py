@@ -23,13 +23,17 @@ the ``dominant`` tokens receiving the most attention in the last vision block (m
 queries of the image, the paper's rule for towers without [CLS]), per merged token (mean over its
 patches). ViT sinks (``sink_forward``) are kept as themselves: never a target, never merged into one, and
 never the slot [CLS] takes. Scores come from the projections the tower computes anyway (no attention
-matrix is kept; the [CLS] row or chunks of query rows are recomputed and counted in the FLOPs).
+matrix is kept; the [CLS] row or chunks of query rows are recomputed and counted in the FLOPs). The
+selection's device work (``zip_rows``) replays as one CUDA graph per input signature
+(``core.graphs.Graphed``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..core import layout
+from ..core.graphs import Graphed
 from .base import VisionPruner, budget_tokens, per_image, register, segment_sum
 
 
@@ -126,6 +130,13 @@ class VisionZip(SinkAware):
             count_merge(ctx, t, contextual)
         return out
 
+    def check_options(self) -> None:
+        super().check_options()
+        # one CUDA graph per input signature, eager off CUDA; LLaVA-NeXT's tile counts and even / uneven
+        # rows give a few signatures. Not ``reuse``: every prefill's inputs are new tensors (nothing to
+        # skip), and a graphed tower's own outputs change under a replay without a version bump
+        self.rows = Graphed(zip_rows, keep=6)
+
     def zip(
         self,
         ctx,
@@ -145,9 +156,9 @@ class VisionZip(SinkAware):
         each row's image budget; ``sizes``: present tokens per row (read from ``present`` if not given);
         ``cls`` [I, F]: the rows' [CLS] tokens (one dominant token each, written at the row's first free
         slot); ``cls_in_row``: slot 0 holds [CLS] (kept; not in ``present``); ``protected`` [I, P]: kept as
-        they are, out of the merge. All rows at once (rows may differ in size and budget)."""
+        they are, out of the merge. All rows at once (rows may differ in size and budget). The host's
+        counts here, the device's work in ``zip_rows`` (``self.rows``: a CUDA graph on a GPU)."""
         n_img, p = score.shape
-        dev = features.device
         if present is None:
             sizes = [p] * n_img
         elif sizes is None:
@@ -160,62 +171,102 @@ class VisionZip(SinkAware):
         picks = [d - with_cls for d, _ in splits]
         steps = [max(1, (n - d) // c) if c else 1 for n, d, (_, c) in zip(sizes, picks, splits)]
         record_kept(ctx, sizes, splits, picks, steps, parts, protected is None)
-        ok = torch.ones(n_img, p, dtype=torch.bool, device=dev) if present is None else present
-        keep = top_rows(score, ok, picks)
-        out = features.clone()
-        rest = ok & ~keep
-        if protected is not None:
-            rest = rest & ~protected
         ctx_max = max(c for _, c in splits)
-        target = torch.zeros_like(keep)
         if ctx_max:
             ctx.run["contextual"] = [c for _, c in splits]  # the merge's work is counted by the caller
-            contextual = per_row([c for _, c in splits], dev)
-            if protected is None:
-                step = per_row(steps, dev)
-            else:  # fewer tokens to merge where some are protected (counted on the device)
-                c_col = torch.as_tensor([max(c, 1) for _, c in splits], device=dev)
-                step = (rest.sum(1) // c_col).clamp(min=1).view(-1, 1)
-            target = self.merge(ctx, out, features, metric, rest, contextual, step, ctx_max)
-        keep = keep | target
-        if cls is not None:  # [CLS] at the first slot no other token holds
-            free = ok & ~keep if protected is None else ok & ~keep & ~protected
-            slot, found = first_free(free)
-            rows = torch.arange(n_img, device=dev)
-            old = out[rows, slot]
-            out[rows, slot] = torch.where(found[:, None], cls.to(out.dtype), old)
-            keep = keep | (torch.zeros_like(keep).scatter_(1, slot[:, None], found[:, None]))
-        if cls_in_row:
-            keep[:, 0] = True
-        return out, keep
+            # protected tokens: the step is counted on the device, from each row's unprotected rest
+            spacing = steps if protected is None else [max(c, 1) for _, c in splits]
+            pick, contextual, spacing = per_rows([picks, ctx.run["contextual"], spacing], features.device)
+        else:
+            (pick,), contextual, spacing = per_rows([picks], features.device), 0, 1
+        return self.rows(
+            features,
+            score,
+            metric,
+            present,
+            protected,
+            cls,
+            pick,
+            max(picks),
+            contextual,
+            ctx_max,
+            spacing,
+            cls_in_row,
+        )
 
-    def merge(self, ctx, out, features, metric, rest, contextual, step, ctx_max):
-        """Contextual tokens: of ``rest`` [I, P] in order, every step-th (the first ``contextual``) is a
-        target; each other one joins its most similar target (cosine of keys); the target's features in
-        ``out`` become ``target + mean(joined)``. Returns the targets [I, P]."""
-        n_img, p = rest.shape
-        dev = features.device
-        metric = torch.nn.functional.normalize(metric.float(), dim=-1)
-        rank = rest.long().cumsum(1) - 1
-        target = rest & (rank % step == 0) & (rank // step < contextual)
-        others = rest & ~target
-        slot = torch.where(target, rank // step, ctx_max)  # a target's column; the rest write a spare one
-        cols = torch.full((n_img, ctx_max + 1), p, dtype=torch.long, device=dev)
-        cols.scatter_(1, slot, torch.arange(p, device=dev).expand(n_img, -1))
-        cols = cols[:, :ctx_max]  # target positions [I, C]; p where a row has fewer targets
-        real = cols < p
-        pad = torch.nn.functional.pad
-        mt = pad(metric, (0, 0, 0, 1)).gather(1, cols[..., None].expand(-1, -1, metric.shape[-1]))
-        sim = torch.einsum("ipd,icd->ipc", metric, mt).masked_fill(~real[:, None], float("-inf"))
-        assign = sim.argmax(-1)  # [I, P] the target each token would join
-        f = pad(features.float(), (0, 0, 0, 1))
-        width = f.shape[-1]
-        joined = segment_sum(f[:, :p] * others[..., None], assign, ctx_max)
-        counts = torch.zeros(n_img, ctx_max, device=dev).scatter_add_(1, assign, others.float())
-        merged = f.gather(1, cols[..., None].expand(-1, -1, width)) + joined / counts.clamp(min=1)[..., None]
-        res = pad(out, (0, 0, 0, 1)).scatter_(1, cols[..., None].expand(-1, -1, width), merged.to(out.dtype))
-        out.copy_(res[:, :p])
-        return target
+
+def zip_rows(
+    features,
+    score,
+    metric,
+    present,
+    protected,
+    cls,
+    picks,
+    most: int,
+    contextual,
+    ctx_max: int,
+    spacing,
+    cls_in_row: bool,
+):
+    """``VisionZip.zip``'s device work -> (merged features, keep [I, P]); writes none of its inputs. Per row
+    (a number when every row agrees, else a column [I, 1]): ``picks`` dominant patches (``most`` the
+    largest), ``contextual`` targets (``ctx_max`` the most); ``spacing``: the step between targets, or with
+    ``protected`` the count the unprotected rest is divided by for it. ``present``, ``protected``, ``cls``:
+    None when absent. Tensors and plain values in, no host reads or host-built tensors: ``Graphed``
+    replays it as one CUDA graph."""
+    n_img, p = score.shape
+    dev = features.device
+    ok = torch.ones(n_img, p, dtype=torch.bool, device=dev) if present is None else present
+    keep = top_rows(score, ok, picks, most)
+    out = features.clone()
+    rest = ok & ~keep
+    if protected is not None:
+        rest = rest & ~protected
+    target = torch.zeros_like(keep)
+    if ctx_max:
+        step = spacing if protected is None else (rest.sum(1, keepdim=True) // spacing).clamp(min=1)
+        target = merge(out, features, metric, rest, contextual, step, ctx_max)
+    keep = keep | target
+    if cls is not None:  # [CLS] at the first slot no other token holds
+        free = ok & ~keep if protected is None else ok & ~keep & ~protected
+        slot, found = first_free(free)
+        rows = torch.arange(n_img, device=dev)
+        old = out[rows, slot]
+        out[rows, slot] = torch.where(found[:, None], cls.to(out.dtype), old)
+        keep = keep | (torch.zeros_like(keep).scatter_(1, slot[:, None], found[:, None]))
+    if cls_in_row:
+        keep[:, 0] = True
+    return out, keep
+
+
+def merge(out, features, metric, rest, contextual, step, ctx_max):
+    """Contextual tokens: of ``rest`` [I, P] in order, every step-th (the first ``contextual``) is a
+    target; each other one joins its most similar target (cosine of keys); the target's features in
+    ``out`` become ``target + mean(joined)``. Returns the targets [I, P]."""
+    n_img, p = rest.shape
+    dev = features.device
+    metric = torch.nn.functional.normalize(metric.float(), dim=-1)
+    rank = rest.long().cumsum(1) - 1
+    target = rest & (rank % step == 0) & (rank // step < contextual)
+    others = rest & ~target
+    slot = torch.where(target, rank // step, ctx_max)  # a target's column; the rest write a spare one
+    cols = torch.full((n_img, ctx_max + 1), p, dtype=torch.long, device=dev)
+    cols.scatter_(1, slot, torch.arange(p, device=dev).expand(n_img, -1))
+    cols = cols[:, :ctx_max]  # target positions [I, C]; p where a row has fewer targets
+    real = cols < p
+    pad = torch.nn.functional.pad
+    mt = pad(metric, (0, 0, 0, 1)).gather(1, cols[..., None].expand(-1, -1, metric.shape[-1]))
+    sim = torch.einsum("ipd,icd->ipc", metric, mt).masked_fill(~real[:, None], float("-inf"))
+    assign = sim.argmax(-1)  # [I, P] the target each token would join
+    f = pad(features.float(), (0, 0, 0, 1))
+    width = f.shape[-1]
+    joined = segment_sum(f[:, :p] * others[..., None], assign, ctx_max)
+    counts = torch.zeros(n_img, ctx_max, device=dev).scatter_add_(1, assign, others.float())
+    merged = f.gather(1, cols[..., None].expand(-1, -1, width)) + joined / counts.clamp(min=1)[..., None]
+    res = pad(out, (0, 0, 0, 1)).scatter_(1, cols[..., None].expand(-1, -1, width), merged.to(out.dtype))
+    out.copy_(res[:, :p])
+    return target
 
 
 def count_merge(ctx, tokens, contextual: list) -> None:
@@ -236,21 +287,25 @@ def count_merge(ctx, tokens, contextual: list) -> None:
     ctx.add_flops(2 * r * p * max(contextual) * d, sample)
 
 
-def per_row(x: list, dev):
-    """A number when every row agrees (no host-to-device copy), else a column [I, 1]."""
-    return x[0] if len(set(x)) == 1 else torch.tensor(x, device=dev).view(-1, 1)
+def per_rows(lists: list, dev) -> list:
+    """Each list of per-row values as a number when every row agrees (a plain value in a graph's key, no
+    copy), else a column [I, 1] on ``dev``; the columns sent in one asynchronous copy (``layout.upload``:
+    no wait for the queued work, as ``torch.tensor(list, device=...)`` would)."""
+    uneven = [x for x in lists if len(set(x)) > 1]
+    cols = iter(layout.upload([torch.tensor(uneven)], dev)[0] if uneven else ())
+    return [x[0] if len(set(x)) == 1 else next(cols).view(-1, 1) for x in lists]
 
 
-def top_rows(score: torch.Tensor, ok: torch.Tensor, picks: list) -> torch.Tensor:
-    """[I, P] keep: per row its ``picks[i]`` highest scores among ``ok`` (host counts, no read)."""
+def top_rows(score: torch.Tensor, ok: torch.Tensor, picks, most: int) -> torch.Tensor:
+    """[I, P] keep: per row its ``picks`` highest scores among ``ok`` (a number, or a column [I, 1]; ``most``
+    the largest; no read)."""
     n_img, p = score.shape
     dev = score.device
-    most = max(picks)
     keep = torch.zeros(n_img, p, dtype=torch.bool, device=dev)
     if most <= 0:
         return keep
     top = score.float().masked_fill(~ok, float("-inf")).topk(most, dim=1).indices
-    keep.scatter_(1, top, (torch.arange(most, device=dev)[None] < per_row(picks, dev)).expand(n_img, -1))
+    keep.scatter_(1, top, (torch.arange(most, device=dev)[None] < picks).expand(n_img, -1))
     return keep
 
 
