@@ -1,9 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=33 bash evals/results/gpu_next/run.sh")  # next: the GPU tests of this session's changes
-#   run(command="PART=32 bash evals/results/gpu_next/run.sh")  # next: Qwen's received-attention kernels
-#   run(command="PART=34 bash evals/results/gpu_next/run.sh")  # next: NeXT's and Qwen's batch-1 TTFT
-#   run(command="PART=31 bash evals/results/gpu_next/run.sh")  # next: NeXT's GPU idle gaps, traced
+#   run(command="PART=36 bash evals/results/gpu_next/run.sh")  # last run: NeXT TTFT after the host-time cuts
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
