@@ -646,7 +646,7 @@ def graphs_on_cpu(meter, cap=None):
     """generate_fast's CUDA-graph path (graphed tower, graphed tail) on a CPU model, replays stood in."""
     cap = cap or stand_in(meter)
     real = vision_graph.usable, vision_graph.patched, fastmod.capture_graph
-    vision_graph.usable = lambda model: True
+    vision_graph.usable = lambda model, **kw: True
     vision_graph.patched = lambda model, taps, **kw: real[1](model, taps, capture=cap, **kw)
     fastmod.capture_graph = cap
     try:

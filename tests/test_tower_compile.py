@@ -178,8 +178,8 @@ def test_generate_fast_tokens_through_the_compiled_tower(monkeypatch, method):
     made = []
     real = vision_graph.patched
 
-    def patched(m, taps, capture=None, compile=False):
-        made.append(real(m, taps, capture=Replays().capture, compile=True))
+    def patched(m, taps, capture=None, compile=False, family=None):
+        made.append(real(m, taps, capture=Replays().capture, compile=True, family=family))
         return made[-1]
 
     try:
@@ -314,9 +314,9 @@ def test_tower_compile_follows_the_flag(monkeypatch):
     asked = []
     real = vision_graph.patched
 
-    def patched(m, taps, capture=None, compile=False):
+    def patched(m, taps, capture=None, compile=False, family=None):
         asked.append(compile)
-        return real(m, taps, capture=Replays().capture, compile=False)
+        return real(m, taps, capture=Replays().capture, compile=False, family=family)
 
     try:
         stood_in(monkeypatch, Replays())

@@ -75,7 +75,7 @@ class Replays:
 
 
 def stood_in(monkeypatch, replays):
-    monkeypatch.setattr(vision_graph, "usable", lambda model: True)
+    monkeypatch.setattr(vision_graph, "usable", lambda model, **kw: True)
     real = vision_graph.patched
     monkeypatch.setattr(
         vision_graph, "patched", lambda m, taps, **kw: real(m, taps, capture=replays.capture, **kw)

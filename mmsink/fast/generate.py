@@ -107,8 +107,8 @@ def prefill(
     tower = nullcontext()
     if graphs and not dispatched and inputs.get("pixel_values") is not None:
         taps = handle.vision_taps if live else []
-        if vision_graph.usable(model):
-            tower = vision_graph.patched(model, taps, compile=compile and tower_compile)
+        if vision_graph.usable(model, family=family):  # (the family passed: made once a call)
+            tower = vision_graph.patched(model, taps, compile=compile and tower_compile, family=family)
         elif compile and tower_compile:  # Qwen's tower (attention layout built on the host): blocks, no graph
             tower = vision_graph.compiled_blocks(model)
     try:

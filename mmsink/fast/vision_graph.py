@@ -306,16 +306,16 @@ def tensors(kwargs_signature: tuple) -> bool:
     return any(isinstance(v, tuple) and v[:1] == ("t",) for _, v in kwargs_signature)
 
 
-def tower_of(model):
+def tower_of(model, family=None):
     """(tower, feature layers) when the model's family can replay its tower as a graph, else None (Qwen's
-    tower builds its attention layout on the host)."""
+    tower builds its attention layout on the host). ``family``: the model's, when the caller has it."""
     from ..patches import family_for
 
-    return family_for(model).graphable_tower()
+    return (family or family_for(model)).graphable_tower()
 
 
-def usable(model) -> bool:
-    found = tower_of(model)
+def usable(model, family=None) -> bool:
+    found = tower_of(model, family)
     w = next(found[0].parameters(), None) if found is not None else None
     return w is not None and w.is_cuda
 
@@ -324,11 +324,12 @@ class patched:
     """``with patched(model, taps):`` the model's vision tower runs as CUDA graphs (kept on the model);
     ``compile``: its encoder layers through ``torch.compile`` inside the graphs."""
 
-    def __init__(self, model, taps: list, capture=graphs.capture, compile: bool = False):
+    def __init__(self, model, taps: list, capture=graphs.capture, compile: bool = False, family=None):
         self.model, self.taps, self.capture, self.compile = model, taps, capture, compile
+        self.family = family
 
     def __enter__(self):
-        self.tower, layers = tower_of(self.model)
+        self.tower, layers = tower_of(self.model, self.family)
         tower = self.tower
         store = self.model.__dict__.setdefault(STORE, {})
         w = next(tower.parameters())
