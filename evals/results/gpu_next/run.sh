@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 36}
+PART=${PART:?set PART=1 to 37}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -437,7 +437,17 @@ case $PART in
     none,visionzip:320,fastv:320,dart:320 --trace --host-profile --out "$OUT/trace"
   cp "$SCR/trace.out" "$OUT/trace.log"
   ;;
-*) say "PART must be 1-36, not $PART"; exit 2 ;;
+37)
+  # the session's last device time (run with TOTAL=190): the graphed tower's tokens after its family is
+  # passed in (49f689b: no Family made per call), and NeXT's batch-1 TTFT once more (part 36: visionzip 6.15x)
+  step pytest 70 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider \
+    "tests/test_gpu.py::test_cuda_graphed_vision_tower_equals_generate" -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step next_b1 120 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+  ;;
+*) say "PART must be 1-37, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
