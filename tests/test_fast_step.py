@@ -106,6 +106,28 @@ def test_fused_weights_share_storage_and_come_back(llava):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_unchanged_weights_skip_the_full_check(llava, monkeypatch):
+    """A prefill after the first compares the stamp only: the full check (a slice per weight on every
+    layer) cost more host time than the GPU work after a selection on a 7B model; a replaced weight brings
+    it back (the test below checks what it then finds)."""
+    inputs = batch([prompt(5, 7, seed=8)])
+    step = StepOptions(fuse=True)
+    full = []
+    real = fuse.groups
+    monkeypatch.setattr(fuse, "groups", lambda layer: full.append(layer) or real(layer))
+    try:
+        mmsink.generate_fast(llava, max_new_tokens=2, compile=False, step=step, **inputs)
+        first = len(full)
+        mmsink.generate_fast(llava, max_new_tokens=2, compile=False, step=step, **inputs)
+        assert first > 0 and len(full) == first
+        proj = llava.model.language_model.layers[0].self_attn.q_proj
+        proj.weight = torch.nn.Parameter(proj.weight.detach().clone())
+        mmsink.generate_fast(llava, max_new_tokens=2, compile=False, step=step, **inputs)
+        assert len(full) > first
+    finally:
+        clear(llava)
+
+
 @pytest.mark.parametrize("how", ["parameter", "data", "module"])
 def test_replaced_weights_are_fused_again(llava, how):
     """A weight replaced after fusing (a new Parameter, new storage under the same Parameter, a new
