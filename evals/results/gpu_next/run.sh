@@ -1,6 +1,7 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=36 bash evals/results/gpu_next/run.sh")  # last run: NeXT TTFT after the host-time cuts
+#   run(command="PART=38 bash evals/results/gpu_next/run.sh")  # next: batch-16 overheads (VisionZip graphed)
+#   run(command="PART=39 bash evals/results/gpu_next/run.sh")  # next: serving throughput, unpruned vs VisionZip
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +10,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 37}
+PART=${PART:?set PART=1 to 39}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -447,7 +448,22 @@ case $PART in
     --methods fastv,visionzip,dart --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
     --out "$OUT/next" --name next_b1
   ;;
-*) say "PART must be 1-37, not $PART"; exit 2 ;;
+38)
+  # batch-16 selection overhead after VisionZip's selection became one graph (part 13: visionzip 3.6 %,
+  # visipruner 4.3 %, vispruner_iccv 8.3 %; target <= 3 %), same command as part 13's b16 step
+  step b16 300 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR \
+    --methods visionzip,visipruner,vispruner_iccv --budgets 64 --out "$OUT/b16" --name overhead_b16
+  cp "$SCR/b16.out" "$OUT/b16.log"
+  ;;
+39)
+  # serving throughput with today's prefill and step (part 11: VisionZip 320 5.34x the unpruned tokens/s at
+  # each one's largest batch; goal 6x): part 11's command, the unpruned and VisionZip rows
+  step serve_c 500 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
+    --methods none,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
+    --compile auto --seconds 60 --resolution 4 --reps $SR --out "$OUT/serve_c" --name serve_compiled
+  cp "$SCR/serve_c.out" "$OUT/serve_c.log"
+  ;;
+*) say "PART must be 1-39, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
