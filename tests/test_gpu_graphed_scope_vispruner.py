@@ -18,14 +18,8 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
-@pytest.fixture
-def cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-
-
 @pytest.mark.parametrize("method,budget", METHODS)
-def test_cuda_graphed_kept_set_is_the_eager_one(cuda, monkeypatch, method, budget):
+def test_cuda_graphed_kept_set_is_the_eager_one(monkeypatch, method, budget):
     model = tiny_llava(layers=4).float().to(DEV)
     runs = [b for seed in SEEDS for b in batches(seed, DEV)]
     with capture_failures_raise():
@@ -40,7 +34,7 @@ def test_cuda_graphed_kept_set_is_the_eager_one(cuda, monkeypatch, method, budge
 
 
 @pytest.mark.parametrize("cls,rule,sizes,parts,ks", CASES, ids=["scope", "vispruner_iccv"])
-def test_cuda_uneven_rows_graphed_equal_eager(cuda, monkeypatch, cls, rule, sizes, parts, ks):
+def test_cuda_uneven_rows_graphed_equal_eager(monkeypatch, cls, rule, sizes, parts, ks):
     pruner = cls(budget=8)
     rows = []
     for seed in SEEDS:

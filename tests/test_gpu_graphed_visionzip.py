@@ -7,10 +7,9 @@ CUDA (tests/test_graphed_visionzip.py checks the routing on the CPU)."""
 import pytest
 import torch
 from test_graphed import capture_failures_raise
-from test_graphed_visionzip import CASES, SEEDS, SPECS, columns, zipped
+from test_graphed_visionzip import CASES, SEEDS, SPECS, columns, next_prefills, zipped
 from tiny import next_batch, tiny_llava_next
 
-import mmsink
 from mmsink.core import graphs
 from mmsink.pruners.visionzip import VisionZip
 
@@ -18,14 +17,8 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
-@pytest.fixture
-def cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_cuda_graphed_zip_is_the_eager_one(cuda, monkeypatch, case):
+def test_cuda_graphed_zip_is_the_eager_one(monkeypatch, case):
     pruner = VisionZip(budget=CASES[case][2])
     with capture_failures_raise():
         got = [zipped(pruner, case, seed, DEV) for seed in SEEDS]
@@ -40,44 +33,21 @@ def test_cuda_graphed_zip_is_the_eager_one(cuda, monkeypatch, case):
     assert len({tuple(k.flatten().tolist()) for _, k, _ in eager}) == len(SEEDS)  # seeds differ
 
 
-def selections(model, runs: list, settings) -> tuple:
-    """(per run: (the selection's features, keep), logits, stats), the pruner's Graphed; one wrap."""
-    mmsink.wrap(model, prune="visionzip", **settings)
-    try:
-        pruner = mmsink.api.get_handle(model).pruner
-        seen, real = [], pruner.select
-
-        def select(ctx, tokens):
-            out = real(ctx, tokens)
-            seen.append((out[0].clone(), out[1].clone()))
-            return out
-
-        pruner.select = select
-        out = []
-        with torch.no_grad():
-            for inputs in runs:
-                logits = model(**inputs).logits
-                out.append((seen[-1], logits, mmsink.stats(model)))
-        return out, pruner.rows
-    finally:
-        mmsink.unwrap(model)
-
-
 @pytest.mark.parametrize(
     "settings",
     [{"budget": 8}, {"budget": 0.3}, {"budget": 8, "sink_forward": {"factor": 1.05, "max_sinks": 4}}],
     ids=["int", "fraction", "sinks"],
 )
-def test_cuda_next_prefill_graphed_equals_eager(cuda, monkeypatch, settings):
+def test_cuda_next_prefill_graphed_equals_eager(monkeypatch, settings):
     model = tiny_llava_next(layers=2).float()
     runs = [next_batch(model, SPECS, seed=seed)[0] for seed in (1, 2)]
     model.to(DEV)
     runs = [{k: v.to(DEV) for k, v in d.items()} for d in runs]
     with capture_failures_raise():
-        got, rows = selections(model, runs, settings)
+        got, rows = next_prefills(model, runs, settings)
     assert len(rows.graphs) == 1 and not rows.failed
     monkeypatch.setattr(graphs, "on_cuda", lambda x: False)
-    eager, rows = selections(model, runs, settings)
+    eager, rows = next_prefills(model, runs, settings)
     assert not rows.graphs
     for ((feat, keep), logits, a), ((e_feat, e_keep), e_logits, b) in zip(got, eager):
         assert torch.equal(feat, e_feat) and torch.equal(keep, e_keep)

@@ -21,15 +21,9 @@ def fp32_sums(q, k, scale):
     return torch.softmax(q.float() @ k.float().transpose(1, 2) * scale, -1).sum(1)
 
 
-@pytest.fixture
-def cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_cuda_column_sums_equal_the_fp32_gemms(cuda, dtype, seed):
+def test_cuda_column_sums_equal_the_fp32_gemms(dtype, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(16, 1024, 80, device="cuda", generator=g).to(dtype)  # a chunk of queries
     k = torch.randn(16, 2500, 80, device="cuda", generator=g).to(dtype) * 2
@@ -41,7 +35,7 @@ def test_cuda_column_sums_equal_the_fp32_gemms(cuda, dtype, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_cuda_kernels_at_a_real_segment(cuda, seed):
+def test_cuda_kernels_at_a_real_segment(seed):
     """16 heads, 10,000 patches (a 1400x1400 image), head dim 80, bf16: the kernels within
     tests/test_received_kernel.py's bound of the fp64 sums (worst case: about 4e-3 relative here), and of
     the GEMM path's sums (``Family.received``'s chunks of ``CHUNK`` queries) within twice that (each within
@@ -65,7 +59,7 @@ def test_cuda_kernels_at_a_real_segment(cuda, seed):
 
 @pytest.mark.parametrize("path", ["kernels", "gemm"])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_cuda_bf16_qwen_keeps_the_fp32_scores_set(cuda, monkeypatch, seed, path):
+def test_cuda_bf16_qwen_keeps_the_fp32_scores_set(monkeypatch, seed, path):
     """bf16 scores through the kernels (the default where Triton runs) or, with MMSINK_RECEIVED_KERNEL=0,
     through the GEMM with fp32 output: the set the fp32 GEMM's scores keep."""
     model = tiny_qwen("qwen2_vl").to("cuda", torch.bfloat16)

@@ -134,17 +134,27 @@ SPECS = [(3, 5, [(56, 40)]), (2, 4, [(28, 56), (56, 56)])]  # tiles unpadded by 
 
 
 def next_prefills(model, runs: list, settings, capture=None) -> tuple:
-    """(per run (logits, stats), the pruner's Graphed): prefills of ``model`` wrapped once with VisionZip."""
+    """(per run: (the selection's features, keep), logits, stats), the pruner's Graphed: prefills of
+    ``model`` wrapped once with VisionZip."""
     mmsink.wrap(model, prune="visionzip", **settings)
     try:
-        rows = mmsink.api.get_handle(model).pruner.rows
+        pruner = mmsink.api.get_handle(model).pruner
         if capture is not None:
-            rows.capture = capture
+            pruner.rows.capture = capture
+        seen, real = [], pruner.select
+
+        def select(ctx, tokens):
+            out = real(ctx, tokens)
+            seen.append((out[0].clone(), out[1].clone()))
+            return out
+
+        pruner.select = select
         out = []
         with torch.no_grad():
             for inputs in runs:
-                out.append((model(**inputs).logits, mmsink.stats(model)))
-        return out, rows
+                logits = model(**inputs).logits
+                out.append((seen[-1], logits, mmsink.stats(model)))
+        return out, pruner.rows
     finally:
         mmsink.unwrap(model)
 
@@ -166,8 +176,9 @@ def test_next_prefill_graphed_equals_eager(monkeypatch, settings):
     cap = StandIn()
     got, rows = next_prefills(model, runs, settings, cap)
     assert cap.captures == 1 and cap.replays == 2 and columns(next(iter(rows.graphs)))
-    assert want[0][1].kept_indices != want[1][1].kept_indices  # the draws differ
-    for (logits, a), (logits_want, b) in zip(got, want):
+    assert want[0][2].kept_indices != want[1][2].kept_indices  # the draws differ
+    for ((feat, keep), logits, a), ((feat_want, keep_want), logits_want, b) in zip(got, want):
+        assert torch.equal(feat, feat_want) and torch.equal(keep, keep_want)
         assert torch.equal(logits, logits_want)
         assert a.kept_indices == b.kept_indices and a.kept_tokens == b.kept_tokens
         assert a.prefill_flops == b.prefill_flops and a.baseline_prefill_flops == b.baseline_prefill_flops
