@@ -48,6 +48,7 @@ from torch import nn
 from ..core import graphs
 from ..core.compiling import or_eager
 from ..core.graphs import load, signature, static
+from .decode import first_parameter
 
 STORE = "_mmsink_vision_graphs"
 KEEP = 4
@@ -316,7 +317,7 @@ def tower_of(model, family=None):
 
 def usable(model, family=None) -> bool:
     found = tower_of(model, family)
-    w = next(found[0].parameters(), None) if found is not None else None
+    w = first_parameter(found[0]) if found is not None else None
     return w is not None and w.is_cuda
 
 
@@ -332,7 +333,7 @@ class patched:
         self.tower, layers = tower_of(self.model, self.family)
         tower = self.tower
         store = self.model.__dict__.setdefault(STORE, {})
-        w = next(tower.parameters())
+        w = first_parameter(tower)
         key = (tuple(id(m) for m, _ in self.taps), layers, w.data_ptr(), w.dtype)  # weights swapped: new
         g = store.pop(key, None)  # re-inserted last: the store keeps the most recent few
         if g is None:
