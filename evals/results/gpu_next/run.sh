@@ -450,7 +450,11 @@ case $PART in
   ;;
 38)
   # batch-16 selection overhead after VisionZip's selection became one graph (part 13: visionzip 3.6 %,
-  # visipruner 4.3 %, vispruner_iccv 8.3 %; target <= 3 %), same command as part 13's b16 step
+  # visipruner 4.3 %, vispruner_iccv 8.3 %; target <= 3 %), same command as part 13's b16 step; first the
+  # GPU test files the fourteenth session's review edited (shared helper, conftest's skip for the fixture)
+  step pytest 150 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_gpu_graphed_visionzip.py \
+    tests/test_gpu_graphed_scope_vispruner.py tests/test_gpu_qwen_scores.py -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
   step b16 300 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps $VR \
     --methods visionzip,visipruner,vispruner_iccv --budgets 64 --out "$OUT/b16" --name overhead_b16
   cp "$SCR/b16.out" "$OUT/b16.log"
