@@ -6,10 +6,13 @@ the total slightly slower than an unsynchronized call).
     python -m evals.kv_serving_phases --device cuda --shape llava-next-7b --batch 16 \\
         --kv none,window2048,int4,lfps512 --out $OUT/phases
 
-Per mode: one untimed call (decoder built, step captured), then ``--reps`` timed calls; the table gives the
-median seconds of each phase and the decode ms per step. Random weights and inputs as ``mmsink
-serve-bench`` builds them (one image, 35 + 29 text tokens, eos off). ``--tiny`` checks the command on a
-CPU (tiny-next-cpu, 4 new tokens).
+Per mode, batch (``--batch``: comma-separated) and step (``--step``: ``default`` = ``generate_fast``'s own
+choice, ``sdpa`` = the fused step with SDPA instead of the decode kernel, ``plain`` = the unfused step):
+one untimed call (decoder built, step captured; with ``--compile auto`` a second, as serve-bench does),
+then ``--reps`` timed calls; the table gives the median seconds of each phase and the decode ms per step.
+``--prefill-batch N``: ``generate_fast(prefill_batch=N)`` (prefill sums its chunks). Random weights and
+inputs as ``mmsink serve-bench`` builds them (one image, 35 + 29 text tokens, eos off). ``--tiny`` checks
+the command on a CPU (tiny-next-cpu, 4 new tokens, batches of at most 4).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class Phases:
         return run
 
 
+STEPS = {"default": None, "sdpa": dict(fuse=True, attn="sdpa", gemv=True), "plain": {}}
+
+
 def main(argv=None):
     import mmsink
     from mmsink.fast import clear
@@ -65,30 +71,39 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="llava-next-7b")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", default="16", help="comma-separated batch sizes")
     ap.add_argument("--kv", default="none,window2048,int4,lfps512")
     ap.add_argument("--method", default="none")
     ap.add_argument("--budget", type=int, default=320)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--step", default="default", help=f"comma-separated of {', '.join(STEPS)}")
+    ap.add_argument("--compile", choices=["auto", "off"], default="off")
+    ap.add_argument("--prefill-batch", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="tiny-next-cpu on the CPU, 4 new tokens")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    batches = [int(b) for b in a.batch.split(",")]
+    steps = a.step.split(",")
+    if any(b < 1 for b in batches) or any(st not in STEPS for st in steps):
+        ap.error(f"--batch takes positive integers, --step names from {', '.join(STEPS)}")
     if a.tiny:
-        a.device, a.shape, a.new_tokens, a.batch, a.reps = "cpu", "tiny-next-cpu", 4, min(a.batch, 2), 1
+        a.device, a.shape, a.new_tokens, a.reps = "cpu", "tiny-next-cpu", 4, 1
+        batches = [min(b, 4) for b in batches]
         torch.set_num_threads(2)
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(a.shape, a.device, dtype)
     model.generation_config.eos_token_id = None
     one, _ = bench_inputs(model, 1, 35, 29, a.device, dtype)
-    inputs = {k: v.repeat(a.batch, *[1] * (v.dim() - 1)) for k, v in one.items()}
     res = dict(
         command="python -m evals.kv_serving_phases " + shlex.join(sys.argv[1:] if argv is None else argv),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         shape=a.shape,
-        batch=a.batch,
+        batches=batches,
         method=a.method,
+        compile=a.compile,
+        prefill_batch=a.prefill_batch,
         new_tokens=a.new_tokens,
         env=environment(),
         rows=[],
@@ -104,7 +119,9 @@ def main(argv=None):
     for (c, n), fn in list(saved.items())[2:]:
         setattr(c, n, ph.wrap(fn, "fill" if n == "fill" else "decode"))
     try:
-        for name, kv in kv_modes(a.kv):
+        runs = [(m, b, st) for m in kv_modes(a.kv) for b in batches for st in steps]
+        for (name, kv), batch, step in runs:
+            inputs = {k: v.repeat(batch, *[1] * (v.dim() - 1)) for k, v in one.items()}
             clear(model)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -115,18 +132,26 @@ def main(argv=None):
             try:
                 calls = []
                 with torch.no_grad():
-                    for _ in range(1 + a.reps):
+                    warm = 2 if a.compile == "auto" else 1
+                    for _ in range(warm + a.reps):
                         ph.now = {}
                         synced(device)
                         t0 = time.perf_counter()
-                        mmsink.generate_fast(model, max_new_tokens=a.new_tokens, compile=False, **inputs)
+                        mmsink.generate_fast(
+                            model,
+                            max_new_tokens=a.new_tokens,
+                            compile=None if a.compile == "auto" else False,
+                            step=STEPS[step],
+                            prefill_batch=a.prefill_batch,
+                            **inputs,
+                        )
                         synced(device)
                         calls.append(dict(ph.now, total=time.perf_counter() - t0))
             finally:
                 if wrapped:
                     mmsink.unwrap(model)
-            timed = calls[1:]
-            row = dict(kv=name, first_call=calls[0])
+            timed = calls[warm:]
+            row = dict(kv=name, batch=batch, step=step, first_call=calls[0])
             for k in ("total", "prefill", "fill", "capture", "decode"):
                 row[k] = statistics.median(c.get(k, 0.0) for c in timed)
             row["ms_per_step"] = 1e3 * row["decode"] / max(a.new_tokens - 1, 1)
@@ -148,17 +173,19 @@ def write(out: Path, res: dict) -> None:
     lines = [
         f"`{res['command']}`",
         "",
-        f"{res['device']}, {res['shape']}, method {res['method']}, batch {res['batch']}, "
-        f"{res['new_tokens']} new tokens; torch {res['env']['torch']}, "
+        f"{res['device']}, {res['shape']}, method {res['method']}, {res['new_tokens']} new tokens, "
+        f"compile {res['compile']}, prefill_batch {res['prefill_batch']}; torch {res['env']['torch']}, "
         f"transformers {res['env']['transformers']}",
         "",
-        "| kv | s per call | prefill s | fill s | decode s | ms / step | first call s (capture s) |",
-        "|---|---|---|---|---|---|---|",
+        "| kv | batch | step | s per call | prefill s | fill s | decode s | ms / step "
+        "| first call s (capture s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         f = r["first_call"]
         lines.append(
-            f"| {r['kv']} | {r['total']:.2f} | {r['prefill']:.2f} | {r['fill']:.3f} | {r['decode']:.2f} | "
+            f"| {r['kv']} | {r['batch']} | {r['step']} "
+            f"| {r['total']:.2f} | {r['prefill']:.2f} | {r['fill']:.3f} | {r['decode']:.2f} | "
             f"{r['ms_per_step']:.1f} | {f['total']:.2f} ({f.get('capture', 0.0):.2f}) |"
         )
     (out / "kv_serving_phases.md").write_text("\n".join(lines) + "\n")

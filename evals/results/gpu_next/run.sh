@@ -10,7 +10,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 39}
+PART=${PART:?set PART=1 to 40}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -467,7 +467,16 @@ case $PART in
     --compile auto --seconds 60 --resolution 4 --reps $SR --out "$OUT/serve_c" --name serve_compiled
   cp "$SCR/serve_c.out" "$OUT/serve_c.log"
   ;;
-*) say "PART must be 1-39, not $PART"; exit 2 ;;
+40)
+  # part 39's serving fell from part 11's 591 / 3,153 tokens/s (unpruned 72 / VisionZip 416) to 339 / 662
+  # (75 / 412) while batch 16 kept its time: where a call's time goes at a large batch, per step option
+  # (the decode kernel and the fused step came after part 11), and whether a last chunk of fewer rows matters
+  step phases 500 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
+    --budget 320 --batch 16,128,124 --step default,sdpa --compile auto --prefill-batch $PB --reps 2 \
+    --out "$OUT/phases"
+  cp "$SCR/phases.out" "$OUT/phases.log"
+  ;;
+*) say "PART must be 1-40, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
