@@ -26,13 +26,14 @@ from mmsink.fast.decode import write_slot
 from mmsink.tools.timing import alternated, probe_start
 
 # (name, batch, heads, kv heads, slots, valid slots): LLaVA-1.5-7B (641-token prompt + 64), LLaVA-NeXT-7B
-# unpruned (2928 + text) and pruned to 320, a batch of 16, Qwen2-VL-7B (GQA 28 / 4)
+# unpruned (2928 + text) and pruned to 320, a batch of 16, Qwen2-VL-7B (GQA 28 / 4), NeXT pruned at batch 128
 SHAPES = [
     ("llava-1.5-7b b1", 1, 32, 32, 768, 705),
     ("llava-next-7b b1", 1, 32, 32, 3072, 3050),
     ("llava-next-7b b1 pruned 320", 1, 32, 32, 512, 450),
     ("llava-1.5-7b b16", 16, 32, 32, 768, 705),
     ("qwen2-vl-7b b1", 1, 28, 4, 2688, 2600),
+    ("llava-next-7b b128 pruned 320", 128, 32, 32, 512, 450),  # serving's batches
 ]
 TINY = [("tiny", 2, 4, 2, 96, 80)]
 TUNES = [

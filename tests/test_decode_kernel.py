@@ -208,13 +208,16 @@ def test_rotation_is_the_models():
 
 
 def test_plan_spreads_the_slots():
-    """Chunks cover every slot in whole loop steps, about PROGRAMS programs (7B layouts, batch 1 and 16)."""
+    """Chunks cover every slot in whole loop steps and no step more, about PROGRAMS programs (7B layouts,
+    batch 1 and 16; serving batches: one chunk per head)."""
     from mmsink.fast.decode_kernel import PROGRAMS, plan
 
     shapes = [(1, 32, 768, 128), (16, 32, 768, 128), (1, 28, 2688, 128), (1, 32, 16, 128), (2, 4, 77, 32)]
+    shapes += [(128, 32, 512, 128), (412, 32, 512, 128), (75, 32, 3072, 128)]  # serving batches
     for b, h, s, d in shapes:
         block, chunk = plan(b, h, s, d)
         assert chunk % block == 0 and block * d <= 8192
+        assert chunk < s + block  # no loop step past the slots
         programs = b * h * -(-s // chunk)
         assert programs <= PROGRAMS + b * h and (chunk == block or programs > PROGRAMS // 2)
 
