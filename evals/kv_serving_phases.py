@@ -10,14 +10,18 @@ Per mode, batch (``--batch``: comma-separated) and step (``--step``: ``default``
 choice, ``sdpa`` = the fused step with SDPA instead of the decode kernel, ``plain`` = the unfused step):
 one untimed call (decoder built, step captured; with ``--compile auto`` a second, as serve-bench does),
 then ``--reps`` timed calls; the table gives the median seconds of each phase and the decode ms per step.
-``--prefill-batch N``: ``generate_fast(prefill_batch=N)`` (prefill sums its chunks). Random weights and
-inputs as ``mmsink serve-bench`` builds them (one image, 35 + 29 text tokens, eos off). ``--tiny`` checks
-the command on a CPU (tiny-next-cpu, 4 new tokens, batches of at most 4).
+``--prefill-batch N``: ``generate_fast(prefill_batch=N)`` (prefill sums its chunks). ``--trace``: per
+row also one prefill (``max_new_tokens=1``) under the torch profiler: GPU busy and idle time, kernel time by
+kind and by name, the longest idle gaps with the host's work then (``evals.ttft_breakdown``'s summary;
+the phases' syncs off). Random weights and inputs as ``mmsink serve-bench`` builds them (one image, 35 + 29
+text tokens, eos off). ``--tiny`` checks the command on a CPU (tiny-next-cpu, 4 new tokens, batches of at
+most 4).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import shlex
 import statistics
@@ -37,11 +41,11 @@ class Phases:
     """Seconds per phase of the current call (``wrap(fn, name)`` times every call of ``fn``)."""
 
     def __init__(self, device):
-        self.device, self.now, self.inside = device, {}, set()
+        self.device, self.now, self.inside, self.off = device, {}, set(), False
 
     def wrap(self, fn, name):
         def run(*a, **k):
-            if name in self.inside:  # a subclass's method calling its parent's: timed once
+            if self.off or name in self.inside:  # (a subclass's method calling its parent's: timed once)
                 return fn(*a, **k)
             self.inside.add(name)
             synced(self.device)
@@ -80,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--step", default="default", help=f"comma-separated of {', '.join(STEPS)}")
     ap.add_argument("--compile", choices=["auto", "off"], default="off")
     ap.add_argument("--prefill-batch", type=int, default=None)
+    ap.add_argument("--trace", action="store_true", help="also one prefill per row under the profiler")
     ap.add_argument("--tiny", action="store_true", help="tiny-next-cpu on the CPU, 4 new tokens")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
@@ -150,8 +155,22 @@ def main(argv=None):
             finally:
                 if wrapped:
                     mmsink.unwrap(model)
+                    if a.trace:
+                        once = dict(compile=None if a.compile == "auto" else False, step=STEPS[step])
+                        ph.off = True  # no syncs of the phases' timing inside the traced call
+                        try:
+                            trace = traced(
+                                lambda o=once, x=inputs: mmsink.generate_fast(
+                                    model, max_new_tokens=1, prefill_batch=a.prefill_batch, **o, **x
+                                ),
+                                device,
+                            )
+                        finally:
+                            ph.off = False
             timed = calls[warm:]
             row = dict(kv=name, batch=batch, step=step, first_call=calls[0])
+            if a.trace:
+                row["trace"] = trace
             for k in ("total", "prefill", "fill", "capture", "decode"):
                 row[k] = statistics.median(c.get(k, 0.0) for c in timed)
             row["ms_per_step"] = 1e3 * row["decode"] / max(a.new_tokens - 1, 1)
@@ -166,6 +185,35 @@ def main(argv=None):
         for (c, n), fn in list(saved.items())[2:]:
             setattr(c, n, fn)
     print((out / "kv_serving_phases.md").read_text())
+
+
+def traced(fn, device, least_us: float = 50.0, top: int = 12) -> dict:
+    """``fn`` once under the torch profiler (after a warm call): ``ttft_breakdown.call_summary``'s wall,
+    kernel time by kind, GPU busy / idle and idle gaps of ``least_us`` or more (the ``top`` longest kept),
+    plus the ``top`` kernels by summed time."""
+    from torch.profiler import record_function
+
+    from evals.ttft_breakdown import CALL, GPU_WORK, call_summary, profiled
+
+    gpu = device.type == "cuda"
+    fn()
+
+    def run():
+        with record_function(CALL):
+            fn()
+            synced(device)
+
+    events = profiled([run], gpu, lambda: synced(device))
+    call = next(e for e in events if e["name"] == CALL)
+    out = call_summary(call, events, gpu, least_us)
+    out["gaps"] = sorted(out["gaps"], key=lambda g: -g["us"])[:top]
+    t0, t1 = call["ts"], call["ts"] + call["dur"]
+    names = collections.Counter()
+    for e in events:
+        if e.get("cat") in GPU_WORK and t0 <= e["ts"] < t1:
+            names[e["name"][:90]] += e["dur"] / 1e3
+    out["top_kernels_ms"] = {k: round(v, 3) for k, v in names.most_common(top)}
+    return out
 
 
 def write(out: Path, res: dict) -> None:
@@ -188,6 +236,22 @@ def write(out: Path, res: dict) -> None:
             f"| {r['total']:.2f} | {r['prefill']:.2f} | {r['fill']:.3f} | {r['decode']:.2f} | "
             f"{r['ms_per_step']:.1f} | {f['total']:.2f} ({f.get('capture', 0.0):.2f}) |"
         )
+    for r in res["rows"]:
+        t = r.get("trace")
+        if not t:
+            continue
+        lines += [
+            "",
+            f"**Prefill under the profiler** (kv {r['kv']}, batch {r['batch']}, step {r['step']}): wall "
+            f"{t['wall_ms']} ms, kernels {t['kernel_ms']} ms ({t['kernels']}), GPU busy "
+            f"{t['gpu_busy_ms']} ms, idle {t['gpu_idle_ms']} ms; by kind {t['kinds']}",
+            "",
+            "| kernel | ms |",
+            "|---|---|",
+        ]
+        lines += [f"| `{k}` | {v} |" for k, v in t["top_kernels_ms"].items()]
+        lines += ["", "| idle gap at ms | us | host then |", "|---|---|---|"]
+        lines += [f"| {g['start_ms']} | {g['us']} | {g['host'][:100]} |" for g in t["gaps"]]
     (out / "kv_serving_phases.md").write_text("\n".join(lines) + "\n")
 
 

@@ -10,7 +10,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 41}
+PART=${PART:?set PART=1 to 42}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -486,7 +486,22 @@ case $PART in
     --out "$OUT/phases"
   cp "$SCR/dk.out" "$OUT/dk.log"; cp "$SCR/phases.out" "$OUT/phases.log"
   ;;
-*) say "PART must be 1-41, not $PART"; exit 2 ;;
+42)
+  # the decode kernel's GPU tests after its plan's cap (f890b01); where VisionZip's chunked serving prefill
+  # spends its GPU time (part 41: ~114 ms a chunk of 8 rows, ~500 TFLOP/s; 6x needs ~10 % off); NeXT's
+  # batch-1 TTFT with more reps (visionzip 5.97-6.15x over parts 36-37)
+  step pytest 90 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py \
+    -m gpu --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step phases 120 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
+    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
+    --out "$OUT/phases"
+  cp "$SCR/phases.out" "$OUT/phases.log"
+  step next 150 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps 9 --methods visionzip \
+    --budgets 320 --decode-tokens 4 --e2e-tokens 16 --out "$OUT/next" --name next_b1
+  cp "$SCR/next.out" "$OUT/next.log"
+  ;;
+*) say "PART must be 1-42, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
