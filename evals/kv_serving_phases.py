@@ -152,10 +152,7 @@ def main(argv=None):
                         )
                         synced(device)
                         calls.append(dict(ph.now, total=time.perf_counter() - t0))
-            finally:
-                if wrapped:
-                    mmsink.unwrap(model)
-                    if a.trace:
+                    if a.trace:  # (the model still wrapped: the row's own prefill)
                         once = dict(compile=None if a.compile == "auto" else False, step=STEPS[step])
                         ph.off = True  # no syncs of the phases' timing inside the traced call
                         try:
@@ -167,6 +164,11 @@ def main(argv=None):
                             )
                         finally:
                             ph.off = False
+                        if wrapped and a.method != "none":  # what the traced prefill kept
+                            trace["mean_kept"] = mmsink.stats(model).mean_kept
+            finally:
+                if wrapped:
+                    mmsink.unwrap(model)
             timed = calls[warm:]
             row = dict(kv=name, batch=batch, step=step, first_call=calls[0])
             if a.trace:
@@ -193,7 +195,7 @@ def traced(fn, device, least_us: float = 50.0, top: int = 12) -> dict:
     plus the ``top`` kernels by summed time."""
     from torch.profiler import record_function
 
-    from evals.ttft_breakdown import CALL, GPU_WORK, call_summary, profiled
+    from .ttft_breakdown import CALL, GPU_WORK, call_summary, profiled
 
     gpu = device.type == "cuda"
     fn()
