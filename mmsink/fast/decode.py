@@ -83,6 +83,13 @@ def finish(layer, h, o, joint=None):
     return h + layer.mlp(x)
 
 
+def grouped(heads, kv_heads) -> dict:
+    """SDPA's ``enable_gqa`` for these head counts. A branch, not the comparison passed on: compiled with
+    ``dynamic=True`` the counts are symbolic, SDPA refuses a symbolic bool and dynamo breaks the graph at
+    the attention (the layer then runs as two graphs with the attention eager between them)."""
+    return {"enable_gqa": True} if heads != kv_heads else {}
+
+
 def write_slot(kb, vb, ok, k, v, slot) -> None:
     """The new token's key and value into the buffers [B, kv_heads, S, d] at ``slot`` (a [1] long tensor),
     and the slot marked valid in ``ok`` [B, S]."""
@@ -102,7 +109,7 @@ def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, 
         o = decode_attention(q, kb, vb, ok, var[0], scale, var[1], var[2])
     else:
         o = F.scaled_dot_product_attention(
-            q, kb, vb, attn_mask=ok[:, None, None, :], scale=scale, enable_gqa=heads != kv_heads
+            q, kb, vb, attn_mask=ok[:, None, None, :], scale=scale, **grouped(heads, kv_heads)
         )
     return finish(layer, h, o)
 
@@ -124,11 +131,11 @@ def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, r
         codes[:, :n].copy_(c)
         h = h + layer.self_attn.o_proj(o.reshape(*h.shape[:2], -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
-    gqa = heads != kv_heads
+    gqa = grouped(heads, kv_heads)
     if mask is None:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
     else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
     return finish(layer, h, o, joint)
 
 

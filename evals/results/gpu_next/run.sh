@@ -1,7 +1,8 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=38 bash evals/results/gpu_next/run.sh")  # next: batch-16 overheads (VisionZip graphed)
-#   run(command="PART=39 bash evals/results/gpu_next/run.sh")  # next: serving throughput, unpruned vs VisionZip
+#   run(command="PART=43 bash evals/results/gpu_next/run.sh")  # next: the whole-graph layer functions' tests
+#   run(command="PART=44 bash evals/results/gpu_next/run.sh")  # next: NeXT TTFT, VisionZip's serving prefill traced
+#   run(command="PART=45 bash evals/results/gpu_next/run.sh")  # next: serving, unpruned vs VisionZip
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -10,7 +11,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 42}
+PART=${PART:?set PART=1 to 45}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -501,7 +502,39 @@ case $PART in
     --budgets 320 --decode-tokens 4 --e2e-tokens 16 --out "$OUT/next" --name next_b1
   cp "$SCR/next.out" "$OUT/next.log"
   ;;
-*) say "PART must be 1-42, not $PART"; exit 2 ;;
+43)
+  # the compiled layer functions whole again (the prefill tail's layer and the plain step broke their graph
+  # at SDPA: a symbolic enable_gqa): the CPU test under this torch first, then the GPU tests of the paths
+  # they run in (graphs + compile, chunked prefill, VAR's compiled tail)
+  step pytest 470 env PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 python -m pytest -q -p no:cacheprovider \
+    tests/test_fast_whole_graph.py tests/test_gpu.py tests/test_gpu_step_options.py \
+    tests/test_gpu_prefill_batch.py tests/test_gpu_var_fast.py --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  ;;
+44)
+  # after part 43 passed: NeXT's batch-1 TTFT with the tail's layers as one graph each (part 37: fastv 4.76x,
+  # dart 4.59x against 5x; visionzip 5.97-6.15x), then VisionZip's chunked serving prefill traced (part 42's
+  # trace was the unpruned one)
+  step next_b1 150 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+  step phases 150 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
+    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
+    --out "$OUT/phases"
+  cp "$SCR/phases.out" "$OUT/phases.log"
+  step trace 150 python evals/ttft_breakdown.py --device $DEV --shape $SN --methods \
+    none,visionzip:320,fastv:320,dart:320 --trace --out "$OUT/trace"
+  cp "$SCR/trace.out" "$OUT/trace.log"
+  ;;
+45)
+  # serving again with the whole-graph tail (part 39 again: unpruned 561 tokens/s at 76, VisionZip 320 3,191
+  # at 412, 5.69x; goal 6x)
+  step serve_c 500 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
+    --methods none,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
+    --compile auto --seconds 60 --resolution 4 --reps $SR --out "$OUT/serve_c" --name serve_compiled
+  cp "$SCR/serve_c.out" "$OUT/serve_c.log"
+  ;;
+*) say "PART must be 1-45, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits

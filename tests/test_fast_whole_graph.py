@@ -1,0 +1,69 @@
+"""The compiled layer functions of ``generate_fast`` trace as one graph each (``torch.compile(...,
+dynamic=True)``, as the decoders compile them): with the head counts symbolic, a comparison of them handed
+to SDPA as ``enable_gqa`` is a symbolic bool SDPA refuses, and dynamo broke the graph at the attention (the
+prefill tail's layer then ran as two graphs with the attention eager between them). Each function's output
+equals its eager run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from mmsink.fast import decode as fd
+
+
+def parts(kv_heads: int, n: int = 12, b: int = 2, cap: int = 32):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=kv_heads
+    )
+    cfg._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(cfg, 0).eval()
+    h = torch.randn(b, n, 64)
+    cos, sin = LlamaRotaryEmbedding(cfg)(h, torch.arange(n)[None].expand(b, -1))
+    kb, vb = torch.zeros(b, kv_heads, cap, 16), torch.zeros(b, kv_heads, cap, 16)
+    return layer, h, cos, sin, kb, vb
+
+
+def compiled(fn):
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    return torch.compile(fn, backend=counter, dynamic=True), counter
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_layer_prefill_is_one_graph(kv_heads):
+    layer, h, cos, sin, kb, vb = parts(kv_heads)
+    fn, counter = compiled(fd.layer_prefill)
+    with torch.no_grad():
+        want = fd.layer_prefill(
+            layer, h, cos, sin, kb.clone(), vb.clone(), None, 4, kv_heads, apply_rotary_pos_emb
+        )
+        got = fn(layer, h, cos, sin, kb, vb, None, 4, kv_heads, apply_rotary_pos_emb)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_layer_step_is_one_graph(kv_heads):
+    layer, h, cos, sin, kb, vb = parts(kv_heads, n=1)
+    ok = torch.zeros(2, kb.shape[2], dtype=torch.bool)
+    ok[:, :5] = True
+    kb.normal_(), vb.normal_()
+    slot = torch.tensor([5])
+    fn, counter = compiled(fd.layer_step)
+    with torch.no_grad():
+        args = (layer, h, cos, sin)
+        want = fd.layer_step(
+            *args, kb.clone(), vb.clone(), ok.clone(), slot, 4, kv_heads, apply_rotary_pos_emb
+        )
+        got = fn(*args, kb, vb, ok, slot, 4, kv_heads, apply_rotary_pos_emb)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want)
