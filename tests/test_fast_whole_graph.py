@@ -67,3 +67,25 @@ def test_layer_step_is_one_graph(kv_heads):
         got = fn(*args, kb, vb, ok, slot, 4, kv_heads, apply_rotary_pos_emb)
     assert counter.frame_count == 1
     torch.testing.assert_close(got, want)
+
+
+def test_generate_fast_compiles_without_graph_breaks(monkeypatch):
+    """Every function ``generate_fast`` compiles (the tail's layer, the plain and the fused step with SDPA)
+    traces without a break, through dynamo alone (the eager backend: the break is dynamo's)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    import mmsink
+    from mmsink.tools.bench import bench_inputs, build
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    model = build("tiny-cpu")
+    model.generation_config.eos_token_id = None
+    inputs, _ = bench_inputs(model, 2, 5, 4)
+    mmsink.wrap(model, prune="fastv", budget=16)
+    for step in (None, {"fuse": True, "attn": "sdpa"}):
+        mmsink.generate_fast(model, max_new_tokens=3, graphs=False, compile=True, step=step, **inputs)
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decode_kernel, gemv
-from .decode import STORE, FastDecoder, finish, gated, split_heads, write_slot
+from .decode import STORE, FastDecoder, finish, gated, grouped, split_heads, write_slot
 
 FUSED = "_mmsink_fused"  # on the model: (layers, per layer {"qkv": (w, b), "gu": (w, b)}, stamp(layers))
 ATTN = ("sdpa", "matmul", "reduce", "kernel")
@@ -219,7 +219,7 @@ def attend(q, kb, vb, mask, scale: float, how: str):
     kvh = kb.shape[1]
     if how == "sdpa":
         return F.scaled_dot_product_attention(
-            q, kb, vb, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=h != kvh
+            q, kb, vb, attn_mask=mask[:, None, None, :], scale=scale, **grouped(h, kvh)
         )
     g = q.view(b, kvh, h // kvh, d)  # head i reads KV head i // (h // kvh)
     if how == "matmul":
