@@ -2,7 +2,7 @@
 # repository root with OUT set:
 #   run(command="PART=43 bash evals/results/gpu_next/run.sh")  # next: the whole-graph layer functions' tests
 #   run(command="PART=44 bash evals/results/gpu_next/run.sh")  # next: NeXT TTFT, VisionZip's serving prefill traced
-#   run(command="PART=45 bash evals/results/gpu_next/run.sh")  # next: serving, unpruned vs VisionZip
+#   run(command="PART=39 bash evals/results/gpu_next/run.sh")  # next: serving, unpruned vs VisionZip (again)
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -11,7 +11,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 45}
+PART=${PART:?set PART=1 to 44}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -526,15 +526,7 @@ case $PART in
     none,visionzip:320,fastv:320,dart:320 --trace --out "$OUT/trace"
   cp "$SCR/trace.out" "$OUT/trace.log"
   ;;
-45)
-  # serving again with the whole-graph tail (part 39 again: unpruned 561 tokens/s at 76, VisionZip 320 3,191
-  # at 412, 5.69x; goal 6x)
-  step serve_c 500 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
-    --methods none,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
-    --compile auto --seconds 60 --resolution 4 --reps $SR --out "$OUT/serve_c" --name serve_compiled
-  cp "$SCR/serve_c.out" "$OUT/serve_c.log"
-  ;;
-*) say "PART must be 1-45, not $PART"; exit 2 ;;
+*) say "PART must be 1-44, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
