@@ -3,6 +3,7 @@
 #   run(command="PART=43 bash evals/results/gpu_next/run.sh")  # next: the whole-graph layer functions' tests
 #   run(command="PART=44 bash evals/results/gpu_next/run.sh")  # next: NeXT TTFT, VisionZip's serving prefill traced
 #   run(command="PART=39 bash evals/results/gpu_next/run.sh")  # next: serving, unpruned vs VisionZip (again)
+#   run(command="PART=45 bash evals/results/gpu_next/run.sh")  # next: decode kernel vs SDPA over serving batches
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -11,7 +12,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 44}
+PART=${PART:?set PART=1 to 45}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -526,7 +527,16 @@ case $PART in
     none,visionzip:320,fastv:320,dart:320 --trace --out "$OUT/trace"
   cp "$SCR/trace.out" "$OUT/trace.log"
   ;;
-*) say "PART must be 1-44, not $PART"; exit 2 ;;
+45)
+  # the decode kernel against SDPA over the batches serving runs (part 41 checked 128 and 412 after the
+  # chunk's cap; parts 16-19 batch 1 and 16): NeXT unpruned (~3,000 slots) and VisionZip 320 (~450)
+  step phases_none 220 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method none \
+    --batch $PB,32 --step default,sdpa --compile auto --prefill-batch $PB --reps 2 --out "$OUT/phases_none"
+  step phases_vz 220 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
+    --budget 320 --batch 32,64,256 --step default,sdpa --compile auto --prefill-batch $PB --reps 2 \
+    --out "$OUT/phases_vz"
+  ;;
+*) say "PART must be 1-45, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
