@@ -242,6 +242,9 @@ def test_serve_predicted_on_tiny_model():
     md = serve_bench.markdown(res)
     assert f"| {SHAPE} | fastv | 64 | none | 11 | predicted (11) | 4 | 13 | 0 |" in md
     assert "memory" not in res and "Largest batch predicted" in md
+    assert row["alloc_retries"] is None and "retries)" not in md  # (a CPU run has no allocator's count)
+    row["alloc_retries"] = 3  # as a CUDA run at the memory's end reads it
+    assert "(3 retries) |" in serve_bench.markdown(res).splitlines()[-1]
 
 
 @pytest.mark.parametrize(

@@ -296,6 +296,7 @@ def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
         last["read"] = None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        retries = alloc_retries() if cuda else None
         try:  # two untimed calls: the second captures the prefill tail's graph (memory too)
             call(b, inputs)
             call(b, inputs)
@@ -309,6 +310,7 @@ def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
                     kv_bytes=kv_bytes(model),
                     peak=torch.cuda.max_memory_allocated() if cuda else None,
                     peak_reserved=torch.cuda.max_memory_reserved() if cuda else None,
+                    alloc_retries=alloc_retries() - retries if cuda else None,
                     tokens=last["out"][0, one["input_ids"].shape[1] :].tolist(),
                 )
             ok = True
@@ -361,8 +363,15 @@ def serve_row(model, one: dict, new_tokens: int, opts: dict, say) -> dict:
         row["kv_bytes_per_seq"] = None if m["kv_bytes"] is None else m["kv_bytes"] / best
         row["peak_bytes"] = m["peak"]
         row["peak_reserved_bytes"] = m["peak_reserved"]
+        row["alloc_retries"] = m["alloc_retries"]
         row["tokens"] = m["tokens"]
     return row
+
+
+def alloc_retries() -> int:
+    """The CUDA caching allocator's retries so far (a failed allocation that freed its cached blocks and
+    tried again: a batch this close to the memory's end pays for them in time)."""
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0)
 
 
 def serve(
@@ -490,7 +499,8 @@ def markdown(res: dict) -> str:
         "that batch (prefill included). Ratio against the same shape's "
         "unpruned row without a kv mode. KV MiB / seq: the KV tensors of the decoders `generate_fast` kept "
         "at that batch, divided by it (buffers as allocated, slots rounded up to 128); "
-        "peak GiB: the device's peak allocation over those calls, weights included.",
+        "peak GiB: the device's peak allocation over those calls, weights included (with the allocator's "
+        "retries over them where there were any: a batch at the memory's end frees and allocates again).",
         "",
         "| shape | method | budget | kv | largest batch | found by | probes | first OOM | fit MiB / seq "
         "| s per call | tokens/s | vs unpruned | KV MiB / seq | peak GiB |",
@@ -528,7 +538,8 @@ def markdown(res: dict) -> str:
                 f"{tps:.0f}" if tps else "-",
                 f"{tps / ref:.2f}x" if tps and ref else "-",
                 f"{kv / 2**20:.1f}" if kv is not None else "-",
-                f"{peak / 2**30:.1f}" if peak is not None else "-",
+                (f"{peak / 2**30:.1f}" if peak is not None else "-")
+                + (f" ({r['alloc_retries']} retries)" if r.get("alloc_retries") else ""),
             )
         )
     return "\n".join(lines)
