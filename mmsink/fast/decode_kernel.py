@@ -166,7 +166,8 @@ if triton is not None:
 def plan(b: int, h: int, s: int, d: int, block: int | None = None, programs: int = PROGRAMS):
     """(BLOCK, CHUNK): slots per loop step (default a [BLOCK, d] fp32 tile of 8k values) and per program
     (about ``programs`` programs in all, whole loop steps; at most the slots: a large batch's chunk past
-    them would loop over masked steps, part 40's serving step at batch 128 4.4x SDPA's)."""
+    them would loop over masked steps, which read nothing but still compute; evals/results/gpu_next/h200,
+    part 40)."""
     block = block or max(16, min(64, 8192 // d))
     per = min(-(-s * b * h // programs), s)
     return block, max(block, -(-per // block) * block)
