@@ -71,7 +71,8 @@ def test_layer_step_is_one_graph(kv_heads):
 
 def test_generate_fast_compiles_without_graph_breaks(monkeypatch):
     """Every function ``generate_fast`` compiles (the tail's layer, the plain and the fused step with SDPA)
-    traces without a break, through dynamo alone (the eager backend: the break is dynamo's)."""
+    traces without a break, through dynamo alone (a backend that runs the graph as traced: the break is
+    dynamo's), with the head counts and sizes constant (``test_compiled_layers_see_static_head_sizes``)."""
     import functools
 
     from torch._dynamo.utils import counters
@@ -79,7 +80,9 @@ def test_generate_fast_compiles_without_graph_breaks(monkeypatch):
     import mmsink
     from mmsink.tools.bench import bench_inputs, build
 
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    seen = []
+    backend = functools.partial(record_heads, seen)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     torch._dynamo.reset()
     counters.clear()
     model = build("tiny-cpu")
@@ -89,3 +92,55 @@ def test_generate_fast_compiles_without_graph_breaks(monkeypatch):
     for step in (None, {"fuse": True, "attn": "sdpa"}):
         mmsink.generate_fast(model, max_new_tokens=3, graphs=False, compile=True, step=step, **inputs)
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len({name for name, _, _ in seen}) > 10
+    symbolic = [s for s in seen if not (constant(s[1]) and constant(s[2]))]
+    assert not symbolic, symbolic
+
+
+def record_heads(seen, gm, example_inputs):
+    """A dynamo backend running the graph as traced, recording (node, dim 1, dim 3) of every floating
+    [B, heads, n, d] value it makes."""
+    for node in gm.graph.nodes:
+        x = node.meta.get("example_value")
+        if (
+            node.op == "call_function"
+            and isinstance(x, torch.Tensor)
+            and x.dim() == 4
+            and x.is_floating_point()
+        ):
+            seen.append((node.name, x.shape[1], x.shape[3]))
+    return gm.forward
+
+
+def head_sizes(fn, *args):
+    """``record_heads`` over ``fn``'s dynamo graph, traced with ``dynamic=True`` as decoders compile it."""
+    import functools
+
+    seen = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=functools.partial(record_heads, seen), dynamic=True)(*args)
+    return seen
+
+
+def constant(v) -> bool:
+    """An int, or a symbol the trace has since pinned to one (an input's size equated with a constant)."""
+    return isinstance(v, int) or v.node.shape_env.replace(v.node.expr).is_number
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_compiled_layers_see_static_head_sizes(kv_heads):
+    """Compiled with ``dynamic=True`` the head counts passed in are symbolic; a head size derived from them
+    (hidden / heads) made every element-wise kernel of the layer (rotary, the buffer copies, the SiLU gate)
+    index through runtime divisions, with no wide loads on a GPU. Only batch, tokens and slots may vary."""
+    layer, h, cos, sin, kb, vb = parts(kv_heads)
+    rope = apply_rotary_pos_emb
+    ok, slot = torch.ones(2, kb.shape[2], dtype=torch.bool), torch.tensor([5])
+    for fn, args in (
+        (fd.layer_prefill, (layer, h, cos, sin, kb, vb, None, 4, kv_heads, rope)),
+        (fd.layer_step, (layer, h[:, :1], cos[:, :1], sin[:, :1], kb, vb, ok, slot, 4, kv_heads, rope)),
+    ):
+        seen = head_sizes(fn, *args)
+        assert seen, fn.__name__
+        symbolic = [s for s in seen if not (constant(s[1]) and constant(s[2]))]
+        assert not symbolic, (fn.__name__, symbolic)
