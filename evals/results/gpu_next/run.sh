@@ -1,9 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=43 bash evals/results/gpu_next/run.sh")  # next: the whole-graph layer functions' tests
-#   run(command="PART=44 bash evals/results/gpu_next/run.sh")  # next: NeXT TTFT, VisionZip's serving prefill traced
-#   run(command="PART=39 bash evals/results/gpu_next/run.sh")  # next: serving, unpruned vs VisionZip (again)
-#   run(command="PART=45 bash evals/results/gpu_next/run.sh")  # next: decode kernel vs SDPA over serving batches
+#   run(command="TOTAL=380 PART=46 bash evals/results/gpu_next/run.sh")  # next: the static head size
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -12,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 45}
+PART=${PART:?set PART=1 to 46}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -536,7 +533,26 @@ case $PART in
     --budget 320 --batch 32,64,256 --step default,sdpa --compile auto --prefill-batch $PB --reps 2 \
     --out "$OUT/phases_vz"
   ;;
-*) say "PART must be 1-45, not $PART"; exit 2 ;;
+46)
+  # after the head size became a constant of the compiled layers (it was hidden / a symbolic head count, so
+  # every element-wise kernel indexed through runtime divisions): VisionZip's chunked serving prefill traced
+  # (part 44: rotary 8.2 ms, the buffer copies 7.2 + 7.1, the SiLU gate 8.4 of 232), serving (part 39 again:
+  # 5.54x), the GPU tests of the steps, NeXT's batch-1 TTFT (part 44: fastv 5.13x, visionzip 6.14x, dart 4.76x)
+  step phases 70 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
+    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
+    --out "$OUT/phases"
+  step serve_c 170 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
+    --methods none,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
+    --compile auto --seconds 60 --resolution 4 --reps $SR --out "$OUT/serve_c" --name serve_compiled
+  cp "$SCR/serve_c.out" "$OUT/serve_c.log"
+  step pytest 110 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_gpu_step_options.py \
+    tests/test_gpu.py -k "graph_decode_equals_generate or teacher_forcing or step_options" --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step next_b1 110 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+  ;;
+*) say "PART must be 1-46, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
