@@ -13,9 +13,11 @@ then ``--reps`` timed calls; the table gives the median seconds of each phase an
 ``--prefill-batch N``: ``generate_fast(prefill_batch=N)`` (prefill sums its chunks). ``--trace``: per
 row also one prefill (``max_new_tokens=1``) under the torch profiler: GPU busy and idle time, kernel time by
 kind and by name, the longest idle gaps with the host's work then (``evals.ttft_breakdown``'s summary;
-the phases' syncs off). Random weights and inputs as ``mmsink serve-bench`` builds them (one image, 35 + 29
-text tokens, eos off). ``--tiny`` checks the command on a CPU (tiny-next-cpu, 4 new tokens, batches of at
-most 4).
+the phases' syncs off). ``--trace-decode``: per row a call of 1 and one of ``--new-tokens`` tokens under the
+profiler, their difference per decode step (wall, GPU busy, kernel time by kind and by name: the step's
+kernels, graph replays included). Random weights and inputs as ``mmsink serve-bench`` builds them (one
+image, 35 + 29 text tokens, eos off). ``--tiny`` checks the command on a CPU (tiny-next-cpu, 4 new tokens,
+batches of at most 4).
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def main(argv=None):
     ap.add_argument("--compile", choices=["auto", "off"], default="off")
     ap.add_argument("--prefill-batch", type=int, default=None)
     ap.add_argument("--trace", action="store_true", help="also one prefill per row under the profiler")
+    ap.add_argument(
+        "--trace-decode", action="store_true", help="also the decode step per row, from two profiled calls"
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny-next-cpu on the CPU, 4 new tokens")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
@@ -166,6 +171,19 @@ def main(argv=None):
                             ph.off = False
                         if wrapped and a.method != "none":  # what the traced prefill kept
                             trace["mean_kept"] = mmsink.stats(model).mean_kept
+                    if a.trace_decode:
+                        once = dict(compile=None if a.compile == "auto" else False, step=STEPS[step])
+                        ph.off = True
+                        try:
+                            calls_of = [
+                                lambda k=k, o=once, x=inputs: mmsink.generate_fast(
+                                    model, max_new_tokens=k, prefill_batch=a.prefill_batch, **o, **x
+                                )
+                                for k in (1, a.new_tokens)
+                            ]
+                            step_trace = per_step(*(traced(f, device) for f in calls_of), a.new_tokens - 1)
+                        finally:
+                            ph.off = False
             finally:
                 if wrapped:
                     mmsink.unwrap(model)
@@ -173,6 +191,8 @@ def main(argv=None):
             row = dict(kv=name, batch=batch, step=step, first_call=calls[0])
             if a.trace:
                 row["trace"] = trace
+            if a.trace_decode:
+                row["trace_decode"] = step_trace
             for k in ("total", "prefill", "fill", "capture", "decode"):
                 row[k] = statistics.median(c.get(k, 0.0) for c in timed)
             row["ms_per_step"] = 1e3 * row["decode"] / max(a.new_tokens - 1, 1)
@@ -215,7 +235,29 @@ def traced(fn, device, least_us: float = 50.0, top: int = 12) -> dict:
         if e.get("cat") in GPU_WORK and t0 <= e["ts"] < t1:
             names[e["name"][:90]] += e["dur"] / 1e3
     out["top_kernels_ms"] = {k: round(v, 3) for k, v in names.most_common(top)}
+    out["kernels_ms"] = dict(names)  # every kernel name's total (``per_step`` takes differences)
     return out
+
+
+def per_step(one: dict, many: dict, steps: int, top: int = 12) -> dict:
+    """The decode step from two ``traced`` calls, of 1 new token (``one``) and of ``steps`` + 1 (``many``):
+    their difference per step in wall, GPU busy and kernel time by kind and by name (``top`` kept)."""
+    if steps < 1:
+        raise ValueError("mmsink: --trace-decode needs --new-tokens >= 2")
+
+    def diff(a, b):  # None where the profile has no such number (no GPU)
+        return None if a is None or b is None else round((b - a) / steps, 4)
+
+    names = {k: diff(one["kernels_ms"].get(k, 0.0), v) for k, v in many["kernels_ms"].items()}
+    kinds = {k: diff((one["kinds"] or {}).get(k, 0.0), v) for k, v in (many["kinds"] or {}).items()}
+    return dict(
+        steps=steps,
+        wall_ms=diff(one["wall_ms"], many["wall_ms"]),
+        gpu_busy_ms=diff(one["gpu_busy_ms"], many["gpu_busy_ms"]),
+        kernels=diff(one["kernels"], many["kernels"]),
+        kinds=kinds,
+        top_kernels_ms=dict(sorted(names.items(), key=lambda kv: -kv[1])[:top]),
+    )
 
 
 def write(out: Path, res: dict) -> None:
@@ -254,6 +296,20 @@ def write(out: Path, res: dict) -> None:
         lines += [f"| `{k}` | {v} |" for k, v in t["top_kernels_ms"].items()]
         lines += ["", "| idle gap at ms | us | host then |", "|---|---|---|"]
         lines += [f"| {g['start_ms']} | {g['us']} | {g['host'][:100]} |" for g in t["gaps"]]
+    for r in res["rows"]:
+        t = r.get("trace_decode")
+        if not t:
+            continue
+        lines += [
+            "",
+            f"**One decode step under the profiler** (kv {r['kv']}, batch {r['batch']}, step {r['step']}; "
+            f"a call of {t['steps'] + 1} new tokens minus one of 1, per step): wall {t['wall_ms']} ms, "
+            f"GPU busy {t['gpu_busy_ms']} ms, {t['kernels']} kernels; by kind {t['kinds']}",
+            "",
+            "| kernel | ms per step |",
+            "|---|---|",
+        ]
+        lines += [f"| `{k}` | {v} |" for k, v in t["top_kernels_ms"].items()]
     (out / "kv_serving_phases.md").write_text("\n".join(lines) + "\n")
 
 

@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="TOTAL=380 PART=46 bash evals/results/gpu_next/run.sh")  # next: the static head size
+#   run(command="PART=47 bash evals/results/gpu_next/run.sh")  # next: serving's decode step traced
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 46}
+PART=${PART:?set PART=1 to 47}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -42,10 +42,10 @@ transformers.__version__, 'cuda', torch.cuda.is_available(), 'torchao', torchao.
 
 if [ "$TINY" = 1 ]; then
   DEV=cpu SN=tiny-next-cpu S1=tiny-cpu SQ=tiny-qwen-cpu RN=1 K=1 E2E=2 PROF="--tiny --reps 1 --steps 16" CTX=1024
-  NEW=2 MAXB=2 FIRST=1 SR=1 KVNEW=8 KVMAXB=2 KVFIRST=1 TR=1 VR=1 B16=2 PB=1 PBMAX=2 PBIG=3 TOWER=--tiny
+  NEW=2 MAXB=2 FIRST=1 NB=2 SR=1 KVNEW=8 KVMAXB=2 KVFIRST=1 TR=1 VR=1 B16=2 PB=1 PBMAX=2 PBIG=3 TOWER=--tiny
 else
   DEV=cuda SN=llava-next-7b S1=llava-1.5-7b SQ=qwen2-vl-7b RN=5 K=16 E2E=16 PROF="" CTX=8192,32768
-  NEW=64 MAXB=512 FIRST=8 SR=2 KVNEW=64 KVMAXB=512 KVFIRST=4 TR=7 VR=3 B16=16 PB=8 PBMAX=1024 PBIG=412 TOWER=
+  NEW=64 MAXB=512 FIRST=8 NB=76 SR=2 KVNEW=64 KVMAXB=512 KVFIRST=4 TR=7 VR=3 B16=16 PB=8 PBMAX=1024 PBIG=412 TOWER=
 fi
 
 case $PART in
@@ -552,7 +552,17 @@ case $PART in
     --methods fastv,visionzip,dart --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
     --out "$OUT/next" --name next_b1
   ;;
-*) say "PART must be 1-46, not $PART"; exit 2 ;;
+47)
+  # serving's decode step at each row's largest batch, under the profiler (part 46: VisionZip 320 at 412
+  # sequences ~35 ms a step against a floor of ~27: ~19 of keys and values at the HBM rate, ~8 of GEMMs),
+  # then unpruned at 76: where the step's time goes by kernel
+  step decode_vz 200 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
+    --budget 320 --batch $PBIG --step default --compile auto --prefill-batch $PB --reps 1 --trace-decode \
+    --out "$OUT/decode_vz"
+  step decode_none 200 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method none \
+    --batch $NB --step default --compile auto --prefill-batch $PB --reps 1 --trace-decode --out "$OUT/decode_none"
+  ;;
+*) say "PART must be 1-47, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
