@@ -144,3 +144,42 @@ def test_compiled_layers_see_static_head_sizes(kv_heads):
         assert seen, fn.__name__
         symbolic = [s for s in seen if not (constant(s[1]) and constant(s[2]))]
         assert not symbolic, (fn.__name__, symbolic)
+
+
+def test_compiled_prefill_with_joint_weights_varies_only_in_batch_tokens_and_slots():
+    """With the joint q / k / v and gate / up weights (``fuse.fused``: plain tensors, so symbolic under
+    ``dynamic=True``), every value of the traced layer has sizes in batch, tokens and buffer slots only:
+    the gate / up split at the modules' sizes pins the joint rows (halves of a symbolic row count did not,
+    and the activation's kernel indexed through divisions)."""
+    import functools
+
+    from mmsink.fast import fuse
+
+    layer, h, cos, sin, kb, vb = parts(2, b=3)  # a batch unlike any other size (no duck-sized symbol shared)
+    attn, mlp = layer.self_attn, layer.mlp
+    joint = {
+        "qkv": fuse.join([attn.q_proj, attn.k_proj, attn.v_proj]),
+        "gu": fuse.join([mlp.gate_proj, mlp.up_proj]),
+    }
+    nodes = []
+
+    def backend(gm, example_inputs):
+        nodes.extend((n.op, n.name, n.meta.get("example_value")) for n in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        fn = torch.compile(fd.layer_prefill, backend=functools.partial(backend), dynamic=True)
+        fn(layer, h, cos, sin, kb, vb, None, 4, 2, apply_rotary_pos_emb, None, joint)
+
+    def symbols(v):
+        return set() if isinstance(v, int) else set(v.node.shape_env.replace(v.node.expr).free_symbols)
+
+    inputs = {name: x for op, name, x in nodes if op == "placeholder"}
+    h_in = next(x for name, x in inputs.items() if name.lower().startswith("l_h_"))
+    kb_in = next(x for name, x in inputs.items() if name.lower().startswith("l_kb_"))
+    allowed = symbols(h_in.shape[0]) | symbols(h_in.shape[1]) | symbols(kb_in.shape[2])
+    tensors = [(name, x) for op, name, x in nodes if op == "call_function" and isinstance(x, torch.Tensor)]
+    assert len(tensors) > 20
+    extra = [(name, tuple(x.shape)) for name, x in tensors if set().union(*map(symbols, x.shape)) - allowed]
+    assert not extra, extra

@@ -63,8 +63,10 @@ def split_heads(attn, x, heads: int, kv_heads: int, joint=None, linear=F.linear)
 
 
 def gated(mlp, x, gu, linear=F.linear):
-    """The MLP's ``act(gate) * up`` of ``x`` from the fused gate / up tensors ``gu`` (weight, bias)."""
-    gate, up = linear(x, *gu).chunk(2, -1)
+    """The MLP's ``act(gate) * up`` of ``x`` from the fused gate / up tensors ``gu`` (weight, bias). Split at
+    the modules' sizes, not in halves: compiled with dynamic=True the joint weight's rows are symbolic, and
+    a symbolic half would make the activation's kernel index through runtime divisions."""
+    gate, up = linear(x, *gu).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
     return mlp.act_fn(gate) * up
 
 
