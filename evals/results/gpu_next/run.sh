@@ -1,6 +1,7 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=47 bash evals/results/gpu_next/run.sh")  # next: serving's decode step traced
+#   run(command="PART=47 bash evals/results/gpu_next/run.sh")  # next: serving's decode step traced, the SiLU split
+#   run(command="PART=39 bash evals/results/gpu_next/run.sh")  # then: serving, unpruned vs VisionZip
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -556,11 +557,15 @@ case $PART in
   # serving's decode step at each row's largest batch, under the profiler (part 46: VisionZip 320 at 412
   # sequences ~35 ms a step against a floor of ~27: ~19 of keys and values at the HBM rate, ~8 of GEMMs),
   # then unpruned at 76: where the step's time goes by kernel
-  step decode_vz 200 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
+  step decode_vz 150 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
     --budget 320 --batch $PBIG --step default --compile auto --prefill-batch $PB --reps 1 --trace-decode \
     --out "$OUT/decode_vz"
-  step decode_none 200 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method none \
+  step decode_none 150 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method none \
     --batch $NB --step default --compile auto --prefill-batch $PB --reps 1 --trace-decode --out "$OUT/decode_none"
+  # the joint gate / up split at the modules' sizes (part 46: the SiLU gate 8.5 ms of the 210 ms prefill)
+  step phases 70 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
+    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
+    --out "$OUT/phases"
   ;;
 *) say "PART must be 1-47, not $PART"; exit 2 ;;
 esac
