@@ -168,3 +168,43 @@ def test_uneven_rows_keep_the_rule_graphed_and_eager(monkeypatch, cls, rule, siz
 def test_no_sync_in_the_selection_step(method, budget, padded):
     found = selection_syncs(tiny_llava(layers=4), sync_inputs(padded), method, {"budget": budget})
     assert not found
+
+
+@pytest.mark.parametrize("gram", [False, True], ids=["per round", "one gram"])
+def test_vispruner_rounds_from_one_gram_or_per_round_keep_the_rule(monkeypatch, gram):
+    """VisPruner's rounds read every residual pair's cosine from one GEMM (``vispruner.gram``: where it is no
+    larger than twice the residual's features) or make each round's a x b products: both the rule's kept
+    set (rows of 30, 20 and 12 tokens keeping 8: 6, 4 and 1 rounds), FLOPs counted as run."""
+    from mmsink.pruners import vispruner
+
+    monkeypatch.setattr(vispruner, "gram", lambda residual, width: gram)
+    pruner = VisPrunerICCV(budget=8)
+    sizes, parts, ks = [30, 20, 12, 30], [1] * 4, [8] * 4
+    for seed in SEEDS:
+        t = rows_of(sizes, parts, width=12, seed=seed)
+        ctx = types.SimpleNamespace(run={}, extra_flops=0)
+        keep = pruner.select(ctx, t)[1]
+        want = [vispruner_row(t.features[i], t.scores[i], n, k) for i, (n, k) in enumerate(zip(sizes, ks))]
+        assert [set(row.nonzero().flatten().tolist()) for row in keep] == want
+        flops = 0
+        for n, rows in ((30, 2), (20, 1), (12, 1)):
+            t_imp, _, plan = pruner.plan(n, 8)
+            r = n - t_imp
+            flops += 2 * rows * 12 * (r * r if gram else sum(la * lb for la, lb, _ in plan))
+        assert ctx.extra_flops == flops
+
+
+def test_vispruner_gram_and_per_round_agree_at_llavas_size(monkeypatch):
+    """At LLaVA-1.5's size (576 tokens of 1024 features keeping 64: 64 rounds) the two ways of scoring a
+    round choose the same tokens, the order of the residual included."""
+    from mmsink.pruners import vispruner
+
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randn(1, 1, 1024, generator=g)  # features with a common part, as a tower's are
+    features = torch.randn(2, 576, 1024, generator=g) + 2 * shared
+    scores, ok = torch.rand(2, 576, generator=g), torch.ones(2, 576, dtype=torch.bool)
+    t_imp, t_div, plan = VisPrunerICCV(budget=64).plan(576, 64)
+    assert len(plan) == 64 and vispruner.gram(576 - t_imp, 1024)
+    got = vispruner.choose(features, scores, ok, 576, t_imp, t_div, plan)
+    monkeypatch.setattr(vispruner, "gram", lambda residual, width: False)
+    assert torch.equal(got, vispruner.choose(features, scores, ok, 576, t_imp, t_div, plan))

@@ -76,7 +76,10 @@ class VisPrunerICCV(SinkAware):
             t_imp, t_div, plan = self.plan(n, k)
             chosen = self.choose(t.features[at], t.scores[at], ok[at], n, t_imp, t_div, plan)
             keep[at] = keep[at].scatter(1, chosen, True)
-            ctx.extra_flops += sum(2 * len(rows) * la * lb * width for la, lb, _ in plan)
+            if plan and gram(n - t_imp, width):  # every residual pair's product, once
+                ctx.extra_flops += 2 * len(rows) * (n - t_imp) ** 2 * width
+            else:
+                ctx.extra_flops += sum(2 * len(rows) * la * lb * width for la, lb, _ in plan)
         return t.features, keep
 
     def plan(self, n: int, k: int) -> tuple:
@@ -103,6 +106,19 @@ def choose(features, scores, ok, n: int, t_imp: int, t_div: int, plan: tuple) ->
         return important
     x = torch.nn.functional.normalize(features.float(), dim=-1)
     width = x.shape[-1]
+    if plan and gram(residual.shape[1], width):
+        # every residual pair's cosine in one GEMM; a round's a x b products are its entries, read by index
+        # (the rounds' own products were one small fp32 GEMM each, up to 64 per image in sequence)
+        xr = x.gather(1, residual[..., None].expand(-1, -1, width))
+        sim = torch.bmm(xr, xr.transpose(1, 2))  # [B, R, R]
+        at = torch.arange(sim.shape[1], device=sim.device).expand(sim.shape[0], -1)  # places in residual
+        for _, _, r in plan:
+            a, b = at[:, 0::2], at[:, 1::2]
+            rows = sim.gather(1, a[..., None].expand(-1, -1, sim.shape[2]))
+            best = rows.gather(2, b[:, None, :].expand(-1, a.shape[1], -1)).amax(-1)  # [B, |a|]
+            rank = best.argsort(dim=1, descending=True, stable=True)[:, r:]
+            at = torch.cat([a.gather(1, rank), b], 1)
+        return torch.cat([important, residual.gather(1, at)], 1)
     for _, _, r in plan:
         # a = the even places, b = the odd ones: one gather, two strided views
         xr = x.gather(1, residual[..., None].expand(-1, -1, width))
@@ -110,3 +126,9 @@ def choose(features, scores, ok, n: int, t_imp: int, t_div: int, plan: tuple) ->
         rank = best.argsort(dim=1, descending=True, stable=True)[:, r:]
         residual = torch.cat([residual[:, 0::2].gather(1, rank), residual[:, 1::2]], 1)
     return torch.cat([important, residual], 1)
+
+
+def gram(residual: int, width: int) -> bool:
+    """Whether the rounds read one matrix of every residual pair's cosine (``choose``): where it holds no
+    more floats than twice the residual's features."""
+    return residual <= 2 * width
