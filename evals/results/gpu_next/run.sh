@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=47 bash evals/results/gpu_next/run.sh")  # next: serving's decode step traced, the SiLU split
+#   run(command="PART=47 bash evals/results/gpu_next/run.sh")  # next: VisPruner's rounds, the SiLU split, decode traced
 #   run(command="PART=39 bash evals/results/gpu_next/run.sh")  # then: serving, unpruned vs VisionZip
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
@@ -554,18 +554,24 @@ case $PART in
     --out "$OUT/next" --name next_b1
   ;;
 47)
-  # serving's decode step at each row's largest batch, under the profiler (part 46: VisionZip 320 at 412
-  # sequences ~35 ms a step against a floor of ~27: ~19 of keys and values at the HBM rate, ~8 of GEMMs),
-  # then unpruned at 76: where the step's time goes by kernel
+  # VisPruner's rounds from one GEMM: its GPU test, then the batch-16 overheads (part 38: visionzip 3.1 %,
+  # visipruner 7.7 %, vispruner_iccv 7.0 %; target 3 %); the joint gate / up split at the modules' sizes
+  # (part 46: the SiLU gate 8.5 ms of VisionZip's 210 ms serving prefill) traced again; serving's decode step
+  # at each row's largest batch under the profiler (part 46: VisionZip 320 at 412 sequences ~35 ms a step
+  # against a floor of ~27: ~19 of keys and values at the HBM rate, ~8 of GEMMs), then unpruned at 76
+  step pytest 60 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider \
+    tests/test_gpu_graphed_scope_vispruner.py tests/test_graphed_scope_vispruner.py --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  step b16 100 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps 3 \
+    --methods visionzip,visipruner,vispruner_iccv --budgets 64 --out "$OUT/b16" --name overhead_b16
+  step phases 70 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
+    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
+    --out "$OUT/phases"
   step decode_vz 150 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
     --budget 320 --batch $PBIG --step default --compile auto --prefill-batch $PB --reps 1 --trace-decode \
     --out "$OUT/decode_vz"
   step decode_none 150 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method none \
     --batch $NB --step default --compile auto --prefill-batch $PB --reps 1 --trace-decode --out "$OUT/decode_none"
-  # the joint gate / up split at the modules' sizes (part 46: the SiLU gate 8.5 ms of the 210 ms prefill)
-  step phases 70 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
-    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
-    --out "$OUT/phases"
   ;;
 *) say "PART must be 1-47, not $PART"; exit 2 ;;
 esac
