@@ -55,8 +55,8 @@ def split_heads(attn, x, heads: int, kv_heads: int, joint=None, linear=F.linear)
         q, k, v = linear(x, w, bias).split(sizes, -1)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    # the head size from the module, not n / heads: compiled with dynamic=True the head counts are symbolic,
-    # and a symbolic head size makes every element-wise kernel index with divisions (no wide loads)
+    # the head size from the module, not width / heads: compiled with dynamic=True the head counts are
+    # symbolic, and a symbolic head size makes every element-wise kernel index with divisions (no wide loads)
     d = getattr(attn, "head_dim", None) or q.shape[-1] // heads
     q = q.reshape(b, n, -1, d).transpose(1, 2)
     return q, k.reshape(b, n, -1, d).transpose(1, 2), v.reshape(b, n, -1, d).transpose(1, 2)

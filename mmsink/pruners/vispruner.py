@@ -22,7 +22,9 @@ compete, and newline tokens are dropped (the official code keeps them). Qwen2-VL
 no official code): the importance is the attention each token receives in the last vision block
 (VisionZip's documented substitute), cosines on the merger's input rows (a token's 2x2 patches,
 concatenated). ViT sinks (``sink_forward``) compete as any token and are kept in any case. Selection
-costs the rounds' a x b matmuls (counted in the FLOPs); no attention matrix is kept. On CUDA the rounds
+costs one GEMM of every residual pair's cosine, the rounds reading it by index (the rounds' own a x b
+matmuls where that matrix would be larger than twice the residual's features); counted in the FLOPs as
+run; no attention matrix is kept. On CUDA the rounds
 replay as one CUDA graph per input signature (``core.graphs.Graphed``).
 """
 
