@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import functools
 import json
 import shlex
 import statistics
@@ -44,6 +46,15 @@ class Phases:
 
     def __init__(self, device):
         self.device, self.now, self.inside, self.off = device, {}, set(), False
+
+    @contextlib.contextmanager
+    def quiet(self):
+        """Calls inside run untimed (no syncs)."""
+        self.off = True
+        try:
+            yield
+        finally:
+            self.off = False
 
     def wrap(self, fn, name):
         def run(*a, **k):
@@ -139,6 +150,15 @@ def main(argv=None):
             if wrapped:
                 extra = {} if a.method == "none" else {"prune": a.method, "budget": a.budget}
                 mmsink.wrap(model, kv=kv, **extra)
+            # every call of the row: the timed ones and the traced ones alike
+            generate = functools.partial(
+                mmsink.generate_fast,
+                model,
+                compile=None if a.compile == "auto" else False,
+                step=STEPS[step],
+                prefill_batch=a.prefill_batch,
+                **inputs,
+            )
             try:
                 calls = []
                 with torch.no_grad():
@@ -147,43 +167,20 @@ def main(argv=None):
                         ph.now = {}
                         synced(device)
                         t0 = time.perf_counter()
-                        mmsink.generate_fast(
-                            model,
-                            max_new_tokens=a.new_tokens,
-                            compile=None if a.compile == "auto" else False,
-                            step=STEPS[step],
-                            prefill_batch=a.prefill_batch,
-                            **inputs,
-                        )
+                        generate(max_new_tokens=a.new_tokens)
                         synced(device)
                         calls.append(dict(ph.now, total=time.perf_counter() - t0))
-                    if a.trace:  # (the model still wrapped: the row's own prefill)
-                        once = dict(compile=None if a.compile == "auto" else False, step=STEPS[step])
-                        ph.off = True  # no syncs of the phases' timing inside the traced call
-                        try:
-                            trace = traced(
-                                lambda o=once, x=inputs: mmsink.generate_fast(
-                                    model, max_new_tokens=1, prefill_batch=a.prefill_batch, **o, **x
-                                ),
-                                device,
-                            )
-                        finally:
-                            ph.off = False
-                        if wrapped and a.method != "none":  # what the traced prefill kept
-                            trace["mean_kept"] = mmsink.stats(model).mean_kept
-                    if a.trace_decode:
-                        once = dict(compile=None if a.compile == "auto" else False, step=STEPS[step])
-                        ph.off = True
-                        try:
-                            calls_of = [
-                                lambda k=k, o=once, x=inputs: mmsink.generate_fast(
-                                    model, max_new_tokens=k, prefill_batch=a.prefill_batch, **o, **x
-                                )
+                    with ph.quiet():  # no syncs of the phases' timing inside the traced calls
+                        if a.trace:  # (the model still wrapped: the row's own prefill)
+                            trace = traced(functools.partial(generate, max_new_tokens=1), device)
+                            if wrapped and a.method != "none":  # what the traced prefill kept
+                                trace["mean_kept"] = mmsink.stats(model).mean_kept
+                        if a.trace_decode:
+                            ends = (
+                                traced(functools.partial(generate, max_new_tokens=k), device)
                                 for k in (1, a.new_tokens)
-                            ]
-                            step_trace = per_step(*(traced(f, device) for f in calls_of), a.new_tokens - 1)
-                        finally:
-                            ph.off = False
+                            )
+                            step_trace = per_step(*ends, a.new_tokens - 1)
             finally:
                 if wrapped:
                     mmsink.unwrap(model)
@@ -289,11 +286,8 @@ def write(out: Path, res: dict) -> None:
             f"**Prefill under the profiler** (kv {r['kv']}, batch {r['batch']}, step {r['step']}): wall "
             f"{t['wall_ms']} ms, kernels {t['kernel_ms']} ms ({t['kernels']}), GPU busy "
             f"{t['gpu_busy_ms']} ms, idle {t['gpu_idle_ms']} ms; by kind {t['kinds']}",
-            "",
-            "| kernel | ms |",
-            "|---|---|",
         ]
-        lines += [f"| `{k}` | {v} |" for k, v in t["top_kernels_ms"].items()]
+        lines += kernel_table(t["top_kernels_ms"], "ms")
         lines += ["", "| idle gap at ms | us | host then |", "|---|---|---|"]
         lines += [f"| {g['start_ms']} | {g['us']} | {g['host'][:100]} |" for g in t["gaps"]]
     for r in res["rows"]:
@@ -305,12 +299,14 @@ def write(out: Path, res: dict) -> None:
             f"**One decode step under the profiler** (kv {r['kv']}, batch {r['batch']}, step {r['step']}; "
             f"a call of {t['steps'] + 1} new tokens minus one of 1, per step): wall {t['wall_ms']} ms, "
             f"GPU busy {t['gpu_busy_ms']} ms, {t['kernels']} kernels; by kind {t['kinds']}",
-            "",
-            "| kernel | ms per step |",
-            "|---|---|",
         ]
-        lines += [f"| `{k}` | {v} |" for k, v in t["top_kernels_ms"].items()]
+        lines += kernel_table(t["top_kernels_ms"], "ms per step")
     (out / "kv_serving_phases.md").write_text("\n".join(lines) + "\n")
+
+
+def kernel_table(kernels: dict, unit: str) -> list:
+    """Markdown lines: a blank one, then a table of the kernels' times (``unit``), in their order."""
+    return ["", f"| kernel | {unit} |", "|---|---|", *(f"| `{k}` | {v} |" for k, v in kernels.items())]
 
 
 if __name__ == "__main__":
