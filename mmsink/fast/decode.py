@@ -44,7 +44,7 @@ STORE = "_mmsink_decoders"  # attribute on the model instance; ``mmsink.unwrap``
 PLACED = "_mmsink_placement"  # (fingerprint, devices, dispatched): see ``placement``
 
 
-def split_heads(attn, x, heads: int, kv_heads: int, joint=None, linear=F.linear):
+def split_heads(attn, x, heads: int, joint=None, linear=F.linear):
     """Queries, keys and values [B, heads, n, d] of ``x`` (the input norm's output [B, n, D]), not rotated:
     one ``linear`` of ``joint``'s "qkv" where the fused step made it (``fuse.fused``), else the three
     projections."""
@@ -70,10 +70,10 @@ def gated(mlp, x, gu, linear=F.linear):
     return mlp.act_fn(gate) * up
 
 
-def project(layer, h, cos, sin, heads: int, kv_heads: int, rope, joint=None):
+def project(layer, h, cos, sin, heads: int, rope, joint=None):
     """The layer's queries, keys and values [B, heads, n, d] for hidden states ``h`` [B, n, D], rotated.
     ``joint``: the layer's fused tensors (their "qkv": one GEMM for the three)."""
-    q, k, v = split_heads(layer.self_attn, layer.input_layernorm(h), heads, kv_heads, joint)
+    q, k, v = split_heads(layer.self_attn, layer.input_layernorm(h), heads, joint)
     q, k = rope(q, k, cos, sin)
     return q, k, v
 
@@ -108,7 +108,7 @@ def layer_step(layer, h, cos, sin, kb, vb, ok, slot, heads: int, kv_heads: int, 
     ``var``: (key codes [B, slots], VARConfig, the wrap's CompiledVAR) in a layer where VAR redistributes
     attention."""
     scale = layer.self_attn.scaling
-    q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
+    q, k, v = project(layer, h, cos, sin, heads, rope)
     write_slot(kb, vb, ok, k, v, slot)
     if var is not None:
         o = decode_attention(q, kb, vb, ok, var[0], scale, var[1], var[2])
@@ -127,7 +127,7 @@ def layer_prefill(layer, h, cos, sin, kb, vb, mask, heads: int, kv_heads: int, r
     [B, R], VARConfig) in a layer VAR edits: its key codes (into the codes rows) and its edit, compiled
     with the rest of the layer (``var.layer_attention``)."""
     scale, n = layer.self_attn.scaling, h.shape[1]
-    q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope, joint)
+    q, k, v = project(layer, h, cos, sin, heads, rope, joint)
     kb[:, :, :n].copy_(k)
     vb[:, :, :n].copy_(v)
     if var is not None:

@@ -260,10 +260,10 @@ def make_step(opts: StepOptions):
             return gemv.linear(x, m.weight, m.bias, residual=h)
         return h + m(x)
 
-    def step(layer, nxt, h, x, cos, sin, kv, ok, start, t, heads: int, kv_heads: int, rope, joint):
+    def step(layer, nxt, h, x, cos, sin, kv, ok, start, t, heads: int, rope, joint):
         attn = layer.self_attn
         b, n, _ = h.shape
-        q, k, v = split_heads(attn, x, heads, kv_heads, joint, linear)
+        q, k, v = split_heads(attn, x, heads, joint, linear)
         if rope is not None:
             q, k = rope(q, k, cos, sin)
         if opts.attn == "kernel":  # writes the key, value and validity itself; kv: (keys, values, lock)
@@ -356,7 +356,6 @@ class StepDecoder(FastDecoder):
                 self.start[i],
                 t.to(dev),
                 self.heads,
-                self.kv_heads,
                 self.step_rope,
                 self.joint[i],
             )

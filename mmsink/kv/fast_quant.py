@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..fast.decode import ROUND, FastDecoder, decode_kv, finish, project
+from ..fast.decode import ROUND, FastDecoder, decode_kv, finish, grouped, project
 from ..fast.store import kept_for
 from .fast import WindowDecoder, packed
 from .quant import kept_full, sealable
@@ -302,7 +302,7 @@ class QuantDecoder(FastDecoder):
 
     def layer(self, i: int, h, cos, sin, t, plan=None):
         layer, s = self.layers[i], self.layer_seg[i]
-        q, k, v = project(layer, h, cos, sin, self.heads, self.kv_heads, self.rope)
+        q, k, v = project(layer, h, cos, sin, self.heads, self.rope)
         slot = (self.seg_start[s] + t).view(1)
         at = (self.seg_rank[s].index_select(1, slot) % self.g)[:, None, :, None].expand_as(k)  # ring entry
         self.k[i].scatter_(2, at, k)
@@ -314,7 +314,7 @@ class QuantDecoder(FastDecoder):
             vb,
             attn_mask=self.seg_ok[s][:, None, None, :],
             scale=layer.self_attn.scaling,
-            enable_gqa=self.heads != self.kv_heads,
+            **grouped(self.heads, self.kv_heads),
         )
         return finish(layer, h, o)
 

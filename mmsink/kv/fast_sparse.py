@@ -29,12 +29,12 @@ from .sparse import step as lfps_step
 
 
 def sparse_layer_step(
-    layer, h, cos, sin, kb, vb, ok, slot, hist, dense: bool, cfg, heads, kv_heads, rope, kernel: bool = False
+    layer, h, cos, sin, kb, vb, ok, slot, hist, dense: bool, cfg, heads, rope, kernel: bool = False
 ):
     """One decoder layer for one new token: its key / value at ``slot``, LFPS attention over the buffer
     (``hist`` updated in place), the rest of the layer. ``kernel``: a sparse step runs the Triton kernels
     (``mmsink.kv.lfps_triton``: the same choice, two launches) instead of the torch ops."""
-    q, k, v = project(layer, h, cos, sin, heads, kv_heads, rope)
+    q, k, v = project(layer, h, cos, sin, heads, rope)
     write_slot(kb, vb, ok, k, v, slot)
     scale = layer.self_attn.scaling
     if kernel and not dense:
@@ -81,7 +81,6 @@ class SparseDecoder(FastDecoder):
                 self.dense,
                 self.cfg,
                 self.heads,
-                self.kv_heads,
                 self.rope,
                 self.kernel,
             )
