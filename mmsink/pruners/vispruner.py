@@ -106,28 +106,32 @@ def choose(features, scores, ok, n: int, t_imp: int, t_div: int, plan: tuple) ->
     important, residual = order[:, :t_imp], order[:, t_imp:]
     if t_div <= 0:
         return important
+    if not plan:  # no round: the residual is what is left
+        return torch.cat([important, residual], 1)
     x = torch.nn.functional.normalize(features.float(), dim=-1)
     width = x.shape[-1]
-    if plan and gram(residual.shape[1], width):
+    xr = x.gather(1, residual[..., None].expand(-1, -1, width))  # [B, R, F]
+    if gram(residual.shape[1], width):
         # every residual pair's cosine in one GEMM; a round's a x b products are its entries, read by index
-        # (the rounds' own products were one small fp32 GEMM each, up to 64 per image in sequence)
-        xr = x.gather(1, residual[..., None].expand(-1, -1, width))
+        # (instead of one small fp32 GEMM per round, up to 64 per image in sequence)
         sim = torch.bmm(xr, xr.transpose(1, 2))  # [B, R, R]
-        at = torch.arange(sim.shape[1], device=sim.device).expand(sim.shape[0], -1)  # places in residual
-        for _, _, r in plan:
-            a, b = at[:, 0::2], at[:, 1::2]
+
+        def best_of(a, b):  # [B, |a|]: each a-place's highest cosine to the b-places
             rows = sim.gather(1, a[..., None].expand(-1, -1, sim.shape[2]))
-            best = rows.gather(2, b[:, None, :].expand(-1, a.shape[1], -1)).amax(-1)  # [B, |a|]
-            rank = best.argsort(dim=1, descending=True, stable=True)[:, r:]
-            at = torch.cat([a.gather(1, rank), b], 1)
-        return torch.cat([important, residual.gather(1, at)], 1)
+            return rows.gather(2, b[:, None, :].expand(-1, a.shape[1], -1)).amax(-1)
+
+    else:
+
+        def best_of(a, b):
+            xa, xb = (xr.gather(1, p[..., None].expand(-1, -1, width)) for p in (a, b))
+            return torch.einsum("baf,bcf->bac", xa, xb).amax(-1)
+
+    at = torch.arange(xr.shape[1], device=xr.device).expand(xr.shape[0], -1)  # places in ``residual``
     for _, _, r in plan:
-        # a = the even places, b = the odd ones: one gather, two strided views
-        xr = x.gather(1, residual[..., None].expand(-1, -1, width))
-        best = torch.einsum("baf,bcf->bac", xr[:, 0::2], xr[:, 1::2]).amax(-1)  # [B, |a|]
-        rank = best.argsort(dim=1, descending=True, stable=True)[:, r:]
-        residual = torch.cat([residual[:, 0::2].gather(1, rank), residual[:, 1::2]], 1)
-    return torch.cat([important, residual], 1)
+        a, b = at[:, 0::2], at[:, 1::2]  # a = the even places, b = the odd ones
+        rank = best_of(a, b).argsort(dim=1, descending=True, stable=True)[:, r:]
+        at = torch.cat([a.gather(1, rank), b], 1)
+    return torch.cat([important, residual.gather(1, at)], 1)
 
 
 def gram(residual: int, width: int) -> bool:
