@@ -80,8 +80,8 @@ def test_generate_fast_compiles_without_graph_breaks(monkeypatch):
     import mmsink
     from mmsink.tools.bench import bench_inputs, build
 
-    seen = []
-    backend = functools.partial(record_heads, seen)
+    nodes = []
+    backend = functools.partial(record_nodes, nodes)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     torch._dynamo.reset()
     counters.clear()
@@ -92,40 +92,42 @@ def test_generate_fast_compiles_without_graph_breaks(monkeypatch):
     for step in (None, {"fuse": True, "attn": "sdpa"}):
         mmsink.generate_fast(model, max_new_tokens=3, graphs=False, compile=True, step=step, **inputs)
     assert not counters["graph_break"], dict(counters["graph_break"])
+    seen = heads(nodes)
     assert len({name for name, _, _ in seen}) > 10
-    symbolic = [s for s in seen if not (constant(s[1]) and constant(s[2]))]
+    symbolic = [s for s in seen if symbols(s[1]) or symbols(s[2])]
     assert not symbolic, symbolic
 
 
-def record_heads(seen, gm, example_inputs):
-    """A dynamo backend running the graph as traced, recording (node, dim 1, dim 3) of every floating
-    [B, heads, n, d] value it makes."""
-    for node in gm.graph.nodes:
-        x = node.meta.get("example_value")
-        if (
-            node.op == "call_function"
-            and isinstance(x, torch.Tensor)
-            and x.dim() == 4
-            and x.is_floating_point()
-        ):
-            seen.append((node.name, x.shape[1], x.shape[3]))
+def record_nodes(nodes, gm, example_inputs):
+    """A dynamo backend running the graph as traced, recording (op, name, example value) of its nodes."""
+    nodes.extend((n.op, n.name, n.meta.get("example_value")) for n in gm.graph.nodes)
     return gm.forward
 
 
-def head_sizes(fn, *args):
-    """``record_heads`` over ``fn``'s dynamo graph, traced with ``dynamic=True`` as decoders compile it."""
+def traced_nodes(fn, *args) -> list:
+    """``record_nodes`` over ``fn``'s dynamo graph, traced with ``dynamic=True`` as decoders compile it."""
     import functools
 
-    seen = []
+    nodes = []
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(fn, backend=functools.partial(record_heads, seen), dynamic=True)(*args)
-    return seen
+        torch.compile(fn, backend=functools.partial(record_nodes, nodes), dynamic=True)(*args)
+    return nodes
 
 
-def constant(v) -> bool:
-    """An int, or a symbol the trace has since pinned to one (an input's size equated with a constant)."""
-    return isinstance(v, int) or v.node.shape_env.replace(v.node.expr).is_number
+def heads(nodes) -> list:
+    """(name, dim 1, dim 3) of every floating [B, heads, n, d] value the graph makes."""
+    return [
+        (name, x.shape[1], x.shape[3])
+        for op, name, x in nodes
+        if op == "call_function" and isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point()
+    ]
+
+
+def symbols(v) -> set:
+    """A size's free symbols, after what the trace has since pinned (an input's size equated with a
+    constant): none for a constant."""
+    return set() if isinstance(v, int) else set(v.node.shape_env.replace(v.node.expr).free_symbols)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
@@ -140,9 +142,9 @@ def test_compiled_layers_see_static_head_sizes(kv_heads):
         (fd.layer_prefill, (layer, h, cos, sin, kb, vb, None, 4, kv_heads, rope)),
         (fd.layer_step, (layer, h[:, :1], cos[:, :1], sin[:, :1], kb, vb, ok, slot, 4, kv_heads, rope)),
     ):
-        seen = head_sizes(fn, *args)
+        seen = heads(traced_nodes(fn, *args))
         assert seen, fn.__name__
-        symbolic = [s for s in seen if not (constant(s[1]) and constant(s[2]))]
+        symbolic = [s for s in seen if symbols(s[1]) or symbols(s[2])]
         assert not symbolic, (fn.__name__, symbolic)
 
 
@@ -151,8 +153,6 @@ def test_compiled_prefill_with_joint_weights_varies_only_in_batch_tokens_and_slo
     ``dynamic=True``), every value of the traced layer has sizes in batch, tokens and buffer slots only:
     the gate / up split at the modules' sizes pins the joint rows (halves of a symbolic row count did not,
     and the activation's kernel indexed through divisions)."""
-    import functools
-
     from mmsink.fast import fuse
 
     layer, h, cos, sin, kb, vb = parts(2, b=3)  # a batch unlike any other size (no duck-sized symbol shared)
@@ -161,20 +161,8 @@ def test_compiled_prefill_with_joint_weights_varies_only_in_batch_tokens_and_slo
         "qkv": fuse.join([attn.q_proj, attn.k_proj, attn.v_proj]),
         "gu": fuse.join([mlp.gate_proj, mlp.up_proj]),
     }
-    nodes = []
-
-    def backend(gm, example_inputs):
-        nodes.extend((n.op, n.name, n.meta.get("example_value")) for n in gm.graph.nodes)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        fn = torch.compile(fd.layer_prefill, backend=functools.partial(backend), dynamic=True)
-        fn(layer, h, cos, sin, kb, vb, None, 4, 2, apply_rotary_pos_emb, None, joint)
-
-    def symbols(v):
-        return set() if isinstance(v, int) else set(v.node.shape_env.replace(v.node.expr).free_symbols)
-
+    args = (layer, h, cos, sin, kb, vb, None, 4, 2, apply_rotary_pos_emb, None, joint)
+    nodes = traced_nodes(fd.layer_prefill, *args)
     inputs = {name: x for op, name, x in nodes if op == "placeholder"}
     h_in = next(x for name, x in inputs.items() if name.lower().startswith("l_h_"))
     kb_in = next(x for name, x in inputs.items() if name.lower().startswith("l_kb_"))
