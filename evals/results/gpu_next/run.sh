@@ -31,6 +31,24 @@ step() {  # name, cap (s), command...: runs under timeout, the output's tail int
   tail -25 "$SCR/$name.out" >> "$LOG"
   say "$name: exit $rc$( { [ $rc = 124 ] || [ $rc = 137 ]; } && echo ' (cut by timeout)')"
 }
+# commands later parts repeat (their cap first): serving, unpruned vs VisionZip 320 (part 11's command, those
+# two rows); VisionZip 320's chunked serving prefill of a batch of 16 under the profiler; NeXT's batch-1 TTFT
+serve_vz() {
+  step serve_c "$1" python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
+    --methods none,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
+    --compile auto --seconds 60 --resolution 4 --reps $SR --out "$OUT/serve_c" --name serve_compiled
+  cp "$SCR/serve_c.out" "$OUT/serve_c.log"
+}
+prefill_trace() {
+  step phases "$1" python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
+    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
+    --out "$OUT/phases"
+}
+next_ttft() {
+  step next_b1 "$1" python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+}
 S=$(mktemp -d)
 SCR=$(mktemp -d)
 say "install: pip install --no-index --no-deps --target $S wheels/*.whl wheels/torchao/*.whl"
@@ -462,10 +480,7 @@ case $PART in
 39)
   # serving throughput with today's prefill and step (part 11: VisionZip 320 5.34x the unpruned tokens/s at
   # each one's largest batch; goal 6x): part 11's command, the unpruned and VisionZip rows
-  step serve_c 500 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
-    --methods none,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
-    --compile auto --seconds 60 --resolution 4 --reps $SR --out "$OUT/serve_c" --name serve_compiled
-  cp "$SCR/serve_c.out" "$OUT/serve_c.log"
+  serve_vz 500
   ;;
 40)
   # part 39's serving fell from part 11's 591 / 3,153 tokens/s (unpruned 72 / VisionZip 416) to 339 / 662
@@ -493,9 +508,7 @@ case $PART in
   step pytest 90 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py \
     -m gpu --tb=short -rf
   cp "$SCR/pytest.out" "$OUT/pytest.log"
-  step phases 120 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
-    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
-    --out "$OUT/phases"
+  prefill_trace 120
   cp "$SCR/phases.out" "$OUT/phases.log"
   step next 150 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps 9 --methods visionzip \
     --budgets 320 --decode-tokens 4 --e2e-tokens 16 --out "$OUT/next" --name next_b1
@@ -514,12 +527,8 @@ case $PART in
   # after part 43 passed: NeXT's batch-1 TTFT with the tail's layers as one graph each (part 37: fastv 4.76x,
   # dart 4.59x against 5x; visionzip 5.97-6.15x), then VisionZip's chunked serving prefill traced (part 42's
   # trace was the unpruned one)
-  step next_b1 150 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
-    --methods fastv,visionzip,dart --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
-    --out "$OUT/next" --name next_b1
-  step phases 150 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
-    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
-    --out "$OUT/phases"
+  next_ttft 150
+  prefill_trace 150
   cp "$SCR/phases.out" "$OUT/phases.log"
   step trace 150 python evals/ttft_breakdown.py --device $DEV --shape $SN --methods \
     none,visionzip:320,fastv:320,dart:320 --trace --out "$OUT/trace"
@@ -539,19 +548,12 @@ case $PART in
   # every element-wise kernel indexed through runtime divisions): VisionZip's chunked serving prefill traced
   # (part 44: rotary 8.2 ms, the buffer copies 7.2 + 7.1, the SiLU gate 8.4 of 232), serving (part 39 again:
   # 5.54x), the GPU tests of the steps, NeXT's batch-1 TTFT (part 44: fastv 5.13x, visionzip 6.14x, dart 4.76x)
-  step phases 70 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
-    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
-    --out "$OUT/phases"
-  step serve_c 170 python -m mmsink serve-bench --device $DEV --shapes $SN --budgets 320 \
-    --methods none,visionzip --new-tokens $NEW --max-batch $PBMAX --first-batch $PB --prefill-batch $PB \
-    --compile auto --seconds 60 --resolution 4 --reps $SR --out "$OUT/serve_c" --name serve_compiled
-  cp "$SCR/serve_c.out" "$OUT/serve_c.log"
+  prefill_trace 70
+  serve_vz 170
   step pytest 110 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_gpu_step_options.py \
     tests/test_gpu.py -k "graph_decode_equals_generate or teacher_forcing or step_options" --tb=short -rf
   cp "$SCR/pytest.out" "$OUT/pytest.log"
-  step next_b1 110 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
-    --methods fastv,visionzip,dart --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
-    --out "$OUT/next" --name next_b1
+  next_ttft 110
   ;;
 47)
   # VisPruner's rounds from one GEMM: its GPU test, then the batch-16 overheads (part 38: visionzip 3.1 %,
@@ -564,9 +566,7 @@ case $PART in
   cp "$SCR/pytest.out" "$OUT/pytest.log"
   step b16 100 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps 3 \
     --methods visionzip,visipruner,vispruner_iccv --budgets 64 --out "$OUT/b16" --name overhead_b16
-  step phases 70 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
-    --budget 320 --batch $B16 --step default --compile auto --prefill-batch $PB --reps 1 --trace \
-    --out "$OUT/phases"
+  prefill_trace 70
   step decode_vz 150 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method visionzip \
     --budget 320 --batch $PBIG --step default --compile auto --prefill-batch $PB --reps 1 --trace-decode \
     --out "$OUT/decode_vz"
