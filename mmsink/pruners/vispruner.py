@@ -108,7 +108,9 @@ def choose(features, scores, ok, n: int, t_imp: int, t_div: int, plan: tuple) ->
         return important
     if not plan:  # no round: the residual is what is left
         return torch.cat([important, residual], 1)
-    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    # fp32 at least (fp64 features stay fp64: the tests compare the two ways of scoring a round without
+    # fp32's rounding, which can order two near-equal cosines either way)
+    x = torch.nn.functional.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
     width = x.shape[-1]
     xr = x.gather(1, residual[..., None].expand(-1, -1, width))  # [B, R, F]
     if gram(residual.shape[1], width):
