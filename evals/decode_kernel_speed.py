@@ -35,6 +35,16 @@ SHAPES = [
     ("qwen2-vl-7b b1", 1, 28, 4, 2688, 2600),
     ("llava-next-7b b128 pruned 320", 128, 32, 32, 512, 450),  # serving's batches
 ]
+# serving's largest batches (mmsink serve-bench, part 39): NeXT pruned to 320 (VisionZip) and unpruned,
+# mid-decode; ``--serving``: these, with the warps / block / pipeline stages swept
+SERVING = [
+    ("llava-next-7b b412 pruned 320", 412, 32, 32, 512, 416),
+    ("llava-next-7b b76", 76, 32, 32, 3072, 3040),
+]
+SERVING_TUNES = [
+    dict(block=bl, warps=w, stages=st) for bl, w, st in itertools.product((16, 32, 64), (1, 2, 4, 8), (1, 2, 3))
+]
+BUFFERS = 16e9  # bytes of key / value buffers per shape at most: fewer calls per graph for the large ones
 TINY = [("tiny", 2, 4, 2, 96, 80)]
 TUNES = [
     dict(block=bl, programs=pr, warps=w)
@@ -47,9 +57,10 @@ def inputs(b, h, kvh, s, n, layers, dev, dtype):
     q = torch.randn(b, 1, h, 128 if dev == "cuda" else 16, generator=g).to(dev, dtype).transpose(1, 2)
     d = q.shape[-1]
     k, v = (torch.randn(b, kvh, 1, d, generator=g).to(dev, dtype) for _ in range(2))
+    gd = torch.Generator(device=dev).manual_seed(1)  # the buffers drawn where they live (serving's are GBs)
     bufs = []
     for _ in range(layers):
-        kb, vb = (torch.randn(b, kvh, s, d, generator=g).to(dev, dtype) for _ in range(2))
+        kb, vb = (torch.randn(b, kvh, s, d, generator=gd, device=dev, dtype=dtype) for _ in range(2))
         ok = torch.zeros(b, s, dtype=torch.bool, device=dev)
         ok[:, : n - 1] = True
         bufs.append((kb, vb, ok))
@@ -70,6 +81,8 @@ def plain(q, k, v, kb, vb, ok, start, t, scale):
 
 def measure(shape, dev, dtype, layers, reps, tunes, kernel=dk.launch):
     name, b, h, kvh, s, n = shape
+    per_layer = 2 * b * kvh * s * (128 if dev == "cuda" else 16) * torch.finfo(dtype).bits // 8
+    layers = max(2, min(layers, int(BUFFERS // per_layer)))  # each still far past the L2
     q, k, v, bufs, start, t, rot = inputs(b, h, kvh, s, n, layers, dev, dtype)
     scale = q.shape[-1] ** -0.5
     variants = {"sdpa + index writes": lambda: [plain(q, k, v, *x, start, t, scale) for x in bufs]}
@@ -79,7 +92,7 @@ def measure(shape, dev, dtype, layers, reps, tunes, kernel=dk.launch):
         kernel(q, k, v, *x, start, t, scale, None, lock) for x in bufs
     ]
     for tu in tunes:
-        key = f"kernel block {tu['block']} programs {tu['programs']} warps {tu['warps']}"
+        key = "kernel " + " ".join(f"{k} {v}" for k, v in tu.items())
         variants[key] = lambda tu=tu: [kernel(q, k, v, *x, start, t, scale, rot, lock, **tu) for x in bufs]
     src = [torch.cat([x[0][:, :, :n], x[1][:, :, :n]]) for x in bufs]
     dst = [torch.empty_like(x) for x in src]
@@ -91,7 +104,7 @@ def measure(shape, dev, dtype, layers, reps, tunes, kernel=dk.launch):
         nbytes / (2 * nbytes / (copy_us * 1e-6)) * 1e6
     )  # read-only bytes at the copy's rate (read + write)
     return dict(
-        shape=name, batch=b, heads=h, kv_heads=kvh, slots=s, valid=n, kv_bytes=nbytes,
+        shape=name, batch=b, heads=h, kv_heads=kvh, slots=s, valid=n, kv_bytes=nbytes, layers=layers,
         copy_us=round(copy_us, 2), read_floor_us=round(floor, 2),
         us={key: round(v_, 2) for key, v_ in med.items()},
     )  # fmt: skip
@@ -101,7 +114,8 @@ def table(res) -> str:
     out = [f"Command: `{res['command']}`  ", f"Machine: {res['machine']}, torch {res['torch']}\n"]
     out.append(
         "One layer's decode attention, microseconds per call (median of the reps; each variant captured "
-        f"as a CUDA graph of {res['layers']} calls on separate buffers). The kernels also rotate q and the "
+        "as a CUDA graph of one call per layer's buffers: up to "
+        f"{res['layers']}, fewer where they would pass {BUFFERS / 1e9:.0f} GB). The kernels also rotate q and the "
         "new key (the step's default; SDPA's row takes them rotated). Read floor: the valid keys' and "
         "values' bytes read at the rate of a device copy of them.\n"
     )
@@ -109,6 +123,7 @@ def table(res) -> str:
         base = r["us"]["sdpa + index writes"]
         heads = f"{r['heads']} / {r['kv_heads']} heads"
         valid = f"{r['valid']} of {r['slots']} slots valid; read floor {r['read_floor_us']} us"
+        valid += f"; {r['layers']} calls per graph" if "layers" in r else ""
         out.append(f"\n**{r['shape']}** (batch {r['batch']}, {heads}, {valid})\n")
         out.append("| variant | us / layer | vs sdpa |\n|---|---|---|")
         for key, us in sorted(r["us"].items(), key=lambda kv: kv[1]):
@@ -123,13 +138,14 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="calls per graph (default 32; --tiny 2)")
     ap.add_argument("--reps", type=int, default=None, help="default 20; --tiny 2")
     ap.add_argument("--no-tunes", action="store_true", help="only the default kernel against SDPA")
+    ap.add_argument("--serving", action="store_true", help="serving's batches, warps / block / stages swept")
     args = ap.parse_args(argv)
     layers = args.layers or (2 if args.tiny else 32)
     reps = args.reps or (2 if args.tiny else 20)
-    tunes = [] if args.no_tunes or args.tiny else TUNES
+    tunes = [] if args.no_tunes or args.tiny else SERVING_TUNES if args.serving else TUNES
     dev, out, res = probe_start("decode_kernel_speed", args, dk.available, argv, layers=layers, reps=reps)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    for shape in TINY if args.tiny else SHAPES:
+    for shape in TINY if args.tiny else SERVING if args.serving else SHAPES:
         print(f"[decode_kernel_speed] {shape[0]}", flush=True)
         # without Triton's interpreter the CPU run times the reference in the kernels' place (the code path)
         kernel = dk.launch if dk.available(dev) else dk.reference

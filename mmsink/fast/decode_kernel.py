@@ -188,11 +188,12 @@ def launch(
     block=None,
     programs=PROGRAMS,
     warps=WARPS,
+    stages=None,
 ):
     """The kernel on ``q``'s device (CUDA, or CPU under the interpreter). ``lock``: int32 zeros, one per
     sample and query head or more, which the kernel leaves at zero (the step's decoder keeps one, so no
-    call clears it; made here when not given); ``block`` / ``programs`` / ``warps``: ``plan``'s and the
-    kernel's (evals/decode_kernel_speed.py tries others)."""
+    call clears it; made here when not given); ``block`` / ``programs`` / ``warps`` / ``stages``: ``plan``'s
+    and the kernel's (evals/decode_kernel_speed.py tries others; stages None: Triton's default)."""
     b, h, _, d = q.shape
     kvh, s = kb.shape[1], kb.shape[2]
     if d & (d - 1) or kb.stride(3) != 1 or vb.stride(3) != 1 or q.stride(3) != 1:
@@ -222,6 +223,7 @@ def launch(
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), okb.stride(0),
         cos.stride(0), sin.stride(0), o.stride(0), o.stride(1), H=h, G=h // kvh, D=d, BLOCK=block,
         NSP=1 if ns == 1 else kernels.pow2(ns, 2), ROT=rot is not None, num_warps=warps,
+        **({} if stages is None else {"num_stages": stages}),
     )  # fmt: skip
     return o
 

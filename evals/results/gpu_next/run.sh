@@ -1,7 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=47 bash evals/results/gpu_next/run.sh")  # next: VisPruner's rounds, the SiLU split, decode traced
-#   run(command="PART=39 bash evals/results/gpu_next/run.sh")  # then: serving, unpruned vs VisionZip
+#   run(command="PART=48 bash evals/results/gpu_next/run.sh")  # next: decode kernel at serving batches, b16 profiles
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -10,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 47}
+PART=${PART:?set PART=1 to 48}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -573,7 +572,21 @@ case $PART in
   step decode_none 150 python -m evals.kv_serving_phases --device $DEV --shape $SN --kv none --method none \
     --batch $NB --step default --compile auto --prefill-batch $PB --reps 1 --trace-decode --out "$OUT/decode_none"
   ;;
-*) say "PART must be 1-47, not $PART"; exit 2 ;;
+48)
+  # VisPruner's LLaVA-size test in fp64 (part 47: fp32 rounding on the host's CPU reordered a near-tie); the
+  # decode kernel at serving's largest batches, warps / block / stages swept (part 47: VisionZip 320 at 412
+  # sequences 26.4 ms of attention a step, ~3.3 TB/s, unpruned at 76 ~3.9 TB/s); what the batch-16
+  # selections of visipruner / vispruner_iccv / cdpruner add over their plans replayed (part 47: 4.2 / 4.0 %)
+  step pytest 60 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider \
+    tests/test_gpu_graphed_scope_vispruner.py tests/test_graphed_scope_vispruner.py --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  if [ "$TINY" = 1 ]; then DKS="--tiny"; else DKS="--serving --reps 10"; fi
+  step dk 150 python evals/decode_kernel_speed.py $DKS --out "$OUT/dk"
+  step prof 200 python evals/profile_prefill.py --device $DEV --shape $S1 --batch $B16 \
+    --methods visipruner:64,vispruner_iccv:64,cdpruner:64 --ideal --out "$OUT/prof"
+  cp "$SCR/prof.out" "$OUT/prof.log"
+  ;;
+*) say "PART must be 1-48, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
