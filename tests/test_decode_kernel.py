@@ -8,7 +8,8 @@ Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, r
 defined, so in a subprocess: this file run as a script prints one JSON line per case); with CUDA the
 ``gpu`` tests run them compiled. Cases: GQA (7 query heads per KV head, as Qwen2-VL-7B), several chunks
 per head with the slot at a chunk's first and last position, holes in the validity, batch > 1, the rotary
-embedding applied in the kernel ("rotated")."""
+embedding applied in the kernel ("rotated"), several loop steps per program ("steps"), a running softmax
+per row of the block ("rows")."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ CASES = {
     "rotated": dict(rot=True),
     "rotated, gqa, bf16": dict(b=2, h=14, kvh=2, s=77, d=32, slot=40, dtype="bfloat16", rot=True),
     "rotated, one chunk, batch": dict(b=4, h=2, kvh=2, s=16, slot=9, rot=True),
+    # several loop steps per program (block 16): in one chunk per head, and in four
+    "steps": dict(s=300, slot=250, block=16, programs=4),
+    "steps, chunks": dict(s=300, slot=250, block=16, programs=16, rot=True),
+    # a running softmax per row of the block (``launch``'s rows)
+    "rows": dict(rows=True),
+    "rows, steps": dict(s=300, slot=250, block=16, programs=4, rows=True),
+    "rows, steps, chunks, gqa": dict(h=8, kvh=2, s=300, slot=299, block=16, programs=32, rows=True),
+    "rows, slot first": dict(s=256, slot=0, rows=True),
+    "rows, slot last": dict(s=130, slot=129, rows=True),
+    "rows, one chunk, batch": dict(b=4, h=2, kvh=2, s=16, slot=9, rows=True),
+    "rows, rotated, gqa, bf16": dict(b=2, h=14, kvh=2, s=77, d=32, slot=40, dtype="bfloat16", rot=True, rows=True),
 }
 
 
@@ -68,8 +80,9 @@ def compare(name: str, seed: int, device="cpu") -> dict:
     want = dk.reference(q, k, v, *ref, start, t, 0.25, rot)
     before = [x.clone() for x in (kb, vb, ok)]
     lock = torch.zeros(c["b"] * c["h"] + 3, dtype=torch.int32, device=device)  # the step's: kept, reused
-    got = dk.launch(q, k, v, kb, vb, ok, start, t, 0.25, rot, lock)
-    again = dk.launch(q, k, v, kb.clone(), vb.clone(), ok.clone(), start, t, 0.25, rot, lock)
+    tune = dict(rows=c.get("rows", dk.ROWS), block=c.get("block"), programs=c.get("programs", dk.PROGRAMS))
+    got = dk.launch(q, k, v, kb, vb, ok, start, t, 0.25, rot, lock, **tune)
+    again = dk.launch(q, k, v, kb.clone(), vb.clone(), ok.clone(), start, t, 0.25, rot, lock, **tune)
     slot = c["slot"]
     touched = [
         (after != old).nonzero()[:, 2 if after.dim() == 4 else 1].unique().tolist()
@@ -175,9 +188,11 @@ def test_kernels_compile_for_hopper():
     ptr.update(ok_ptr="*u8", start_ptr="*i64", t_ptr="*i64", lock_ptr="*i32", scale="fp32")
     ptr.update(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32")
     kernels = [
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=16, ROT=True), dk.WARPS),
-        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, NSP=32, ROT=True), dk.WARPS),
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=1, ROT=False), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=16, ROT=True, ROWS=False), dk.WARPS),
+        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, NSP=32, ROT=True, ROWS=False), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=1, ROT=False, ROWS=False), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=32, NSP=1, ROT=True, ROWS=True), 4),
+        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, NSP=32, ROT=True, ROWS=True), dk.WARPS),
     ]
     compile_for_hopper(kernels, ptr)
 

@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=48 bash evals/results/gpu_next/run.sh")  # next: decode kernel at serving batches, b16 profiles
+#   run(command="PART=49 bash evals/results/gpu_next/run.sh")  # next: the decode kernel's per-row softmax swept
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 48}
+PART=${PART:?set PART=1 to 49}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -586,7 +586,17 @@ case $PART in
     --methods visipruner:64,vispruner_iccv:64,cdpruner:64 --ideal --out "$OUT/prof"
   cp "$SCR/prof.out" "$OUT/prof.log"
   ;;
-*) say "PART must be 1-48, not $PART"; exit 2 ;;
+49)
+  # the decode kernel with a running softmax per row of the block (no exchange between rows inside the loop)
+  # and no loop step past the slot written: its GPU tests, then serving's batches swept (part 48: SDPA 785 /
+  # 852 us a layer against the kernel's 820 / 977 at VisionZip 412 / unpruned 76) and the other shapes
+  step pytest 90 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py -k cuda \
+    --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  if [ "$TINY" = 1 ]; then DKS="--tiny"; else DKS="--serving --reps 10"; fi
+  step dk 300 python evals/decode_kernel_speed.py $DKS --out "$OUT/dk"
+  ;;
+*) say "PART must be 1-49, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
