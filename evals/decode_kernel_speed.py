@@ -36,17 +36,16 @@ SHAPES = [
     ("llava-next-7b b128 pruned 320", 128, 32, 32, 512, 450),  # serving's batches
 ]
 # serving's largest batches (mmsink serve-bench, part 39): NeXT pruned to 320 (VisionZip) and unpruned,
-# mid-decode; ``--serving``: these with block / warps / per-row softmax swept (pipeline stages changed
-# nothing: part 48), then the other shapes with the per-row softmax
+# mid-decode, and the batch of 128; ``--serving``: these with block / programs / warps swept (pipeline
+# stages changed nothing: part 48; the per-row softmax ``rows`` lost at every shape but one: part 49)
 SERVING = [
     ("llava-next-7b b412 pruned 320", 412, 32, 32, 512, 416),
     ("llava-next-7b b76", 76, 32, 32, 3072, 3040),
+    SHAPES[-1],
 ]
 SERVING_TUNES = [
-    dict(rows=r, block=bl, warps=w) for r, bl, w in itertools.product((False, True), (16, 32, 64), (1, 2, 4, 8))
+    dict(block=bl, programs=pr, warps=w) for bl, pr, w in itertools.product((32, 64), (512, 2048, 4096, 8192), (2, 4))
 ]
-ROWS_TUNES = [dict(rows=True), dict(rows=True, warps=4), dict(rows=True, block=32, warps=4)]  # ``--serving``'s
-# other shapes: the per-row softmax at the batch-1 / 16 ones too
 BUFFERS = 16e9  # bytes of key / value buffers per shape at most: fewer calls per graph for the large ones
 TINY = [("tiny", 2, 4, 2, 96, 80)]
 TUNES = [
@@ -141,16 +140,16 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="calls per graph (default 32; --tiny 2)")
     ap.add_argument("--reps", type=int, default=None, help="default 20; --tiny 2")
     ap.add_argument("--no-tunes", action="store_true", help="only the default kernel against SDPA")
-    ap.add_argument("--serving", action="store_true", help="serving's batches with block / warps / rows swept, then the other shapes with rows")
+    ap.add_argument("--serving", action="store_true", help="serving's batches, block / programs / warps swept")
     args = ap.parse_args(argv)
     layers = args.layers or (2 if args.tiny else 32)
     reps = args.reps or (2 if args.tiny else 20)
     tunes = [] if args.no_tunes or args.tiny else TUNES
     dev, out, res = probe_start("decode_kernel_speed", args, dk.available, argv, layers=layers, reps=reps)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    for shape in TINY if args.tiny else SERVING + SHAPES if args.serving else SHAPES:
-        if args.serving and not (args.no_tunes or args.tiny):
-            tunes = SERVING_TUNES if shape in SERVING else ROWS_TUNES
+    if args.serving and not (args.no_tunes or args.tiny):
+        tunes = SERVING_TUNES
+    for shape in TINY if args.tiny else SERVING if args.serving else SHAPES:
         print(f"[decode_kernel_speed] {shape[0]}", flush=True)
         # without Triton's interpreter the CPU run times the reference in the kernels' place (the code path)
         kernel = dk.launch if dk.available(dev) else dk.reference

@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=49 bash evals/results/gpu_next/run.sh")  # next: the decode kernel's per-row softmax swept
+#   run(command="PART=50 bash evals/results/gpu_next/run.sh")  # next: the decode kernel's programs at serving batches
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 49}
+PART=${PART:?set PART=1 to 50}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -596,7 +596,14 @@ case $PART in
   if [ "$TINY" = 1 ]; then DKS="--tiny"; else DKS="--serving --reps 10"; fi
   step dk 300 python evals/decode_kernel_speed.py $DKS --out "$OUT/dk"
   ;;
-*) say "PART must be 1-49, not $PART"; exit 2 ;;
+50)
+  # part 49: no loop step past the slot (the kernel 820 -> 757 us a layer at VisionZip 412, SDPA 786), the
+  # per-row softmax no gain; unpruned 76 and batch 128 still behind SDPA (990 / 854, 275 / 261): with one
+  # chunk per head the programs come in a few waves. Programs aimed at swept with block and warps
+  if [ "$TINY" = 1 ]; then DKS="--tiny"; else DKS="--serving --reps 10"; fi
+  step dk 200 python evals/decode_kernel_speed.py $DKS --out "$OUT/dk"
+  ;;
+*) say "PART must be 1-50, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
