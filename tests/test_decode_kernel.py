@@ -45,6 +45,7 @@ CASES = {
     "rows": dict(rows=True),
     "rows, steps": dict(s=300, slot=250, block=16, programs=4, rows=True),
     "rows, steps, chunks, gqa": dict(h=8, kvh=2, s=300, slot=299, block=16, programs=32, rows=True),
+    "steps, pipelined": dict(s=300, slot=250, block=16, programs=4, loop_stages=3),
     "rows, slot first": dict(s=256, slot=0, rows=True),
     "rows, slot last": dict(s=130, slot=129, rows=True),
     "rows, one chunk, batch": dict(b=4, h=2, kvh=2, s=16, slot=9, rows=True),
@@ -81,6 +82,7 @@ def compare(name: str, seed: int, device="cpu") -> dict:
     before = [x.clone() for x in (kb, vb, ok)]
     lock = torch.zeros(c["b"] * c["h"] + 3, dtype=torch.int32, device=device)  # the step's: kept, reused
     tune = dict(rows=c.get("rows", dk.ROWS), block=c.get("block"), programs=c.get("programs", dk.PROGRAMS))
+    tune["loop_stages"] = c.get("loop_stages", dk.LOOP_STAGES)
     got = dk.launch(q, k, v, kb, vb, ok, start, t, 0.25, rot, lock, **tune)
     again = dk.launch(q, k, v, kb.clone(), vb.clone(), ok.clone(), start, t, 0.25, rot, lock, **tune)
     slot = c["slot"]
@@ -188,11 +190,12 @@ def test_kernels_compile_for_hopper():
     ptr.update(ok_ptr="*u8", start_ptr="*i64", t_ptr="*i64", lock_ptr="*i32", scale="fp32")
     ptr.update(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32")
     kernels = [
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=16, ROT=True, ROWS=False), dk.WARPS),
-        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, NSP=32, ROT=True, ROWS=False), dk.WARPS),
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=1, ROT=False, ROWS=False), dk.WARPS),
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=32, NSP=1, ROT=True, ROWS=True), 4),
-        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, NSP=32, ROT=True, ROWS=True), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=16, ROT=True, ROWS=False, STAGES=1), dk.WARPS),
+        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, NSP=32, ROT=True, ROWS=False, STAGES=1), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=1, ROT=False, ROWS=False, STAGES=1), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=32, NSP=1, ROT=True, ROWS=True, STAGES=1), 4),
+        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, NSP=32, ROT=True, ROWS=True, STAGES=1), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=32, NSP=1, ROT=True, ROWS=False, STAGES=3), dk.WARPS),
     ]
     compile_for_hopper(kernels, ptr)
 

@@ -38,6 +38,7 @@ INTERPRET = kernels.INTERPRET
 PROGRAMS = 512  # split-KV programs aimed at per call (the H200 has 132 SMs)
 WARPS = 2  # of 2, 4, 8 the fastest at every 7B shape (evals/results/decode_kernel)
 ROWS = False  # per-row running softmax (``launch``'s rows)
+LOOP_STAGES = 1  # the slots loop's pipeline stages (``launch``'s loop_stages)
 
 
 def available(device) -> bool:
@@ -90,7 +91,7 @@ if triton is not None:
         lock_ptr, cos_ptr, sin_ptr, scale, S, CHUNK, NS,
         sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sok_b, sc_b, ss_b, so_b,
         so_h, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, NSP: tl.constexpr,
-        ROT: tl.constexpr, ROWS: tl.constexpr,
+        ROT: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)  # b * H + h
         sp = tl.program_id(1)
@@ -124,7 +125,7 @@ if triton is not None:
             m = tl.full([], float("-inf"), tl.float32)
             den = tl.zeros([], tl.float32)
             acc = tl.zeros([D], tl.float32)
-        for off in range(0, hi, BLOCK):
+        for off in tl.range(0, hi, BLOCK, num_stages=STAGES):  # STAGES > 1: loads pipelined by Triton
             pos = lo + off + tl.arange(0, BLOCK)
             inb = pos < S
             new = pos == slot
@@ -211,12 +212,14 @@ def launch(
     warps=WARPS,
     stages=None,
     rows=ROWS,
+    loop_stages=LOOP_STAGES,
 ):
     """The kernel on ``q``'s device (CUDA, or CPU under the interpreter). ``lock``: int32 zeros, one per
     sample and query head or more, which the kernel leaves at zero (the step's decoder keeps one, so no
     call clears it; made here when not given); ``block`` / ``programs`` / ``warps`` / ``stages`` / ``rows``:
     ``plan``'s and the kernel's (evals/decode_kernel_speed.py tries others; stages None: Triton's default;
-    rows: a running softmax per row of the block, joined after the loop, instead of per block)."""
+    rows: a running softmax per row of the block, joined after the loop, instead of per block;
+    loop_stages: the loop's ``tl.range`` stages, 1 = not pipelined)."""
     b, h, _, d = q.shape
     kvh, s = kb.shape[1], kb.shape[2]
     if d & (d - 1) or kb.stride(3) != 1 or vb.stride(3) != 1 or q.stride(3) != 1:
@@ -245,8 +248,8 @@ def launch(
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), okb.stride(0),
         cos.stride(0), sin.stride(0), o.stride(0), o.stride(1), H=h, G=h // kvh, D=d, BLOCK=block,
-        NSP=1 if ns == 1 else kernels.pow2(ns, 2), ROT=rot is not None, ROWS=rows, num_warps=warps,
-        **({} if stages is None else {"num_stages": stages}),
+        NSP=1 if ns == 1 else kernels.pow2(ns, 2), ROT=rot is not None, ROWS=rows, STAGES=loop_stages,
+        num_warps=warps, **({} if stages is None else {"num_stages": stages}),
     )  # fmt: skip
     return o
 

@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=50 bash evals/results/gpu_next/run.sh")  # next: the decode kernel's programs at serving batches
+#   run(command="PART=51 bash evals/results/gpu_next/run.sh")  # next: the decode kernel's loop pipelined
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 50}
+PART=${PART:?set PART=1 to 51}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -603,7 +603,17 @@ case $PART in
   if [ "$TINY" = 1 ]; then DKS="--tiny"; else DKS="--serving --reps 10"; fi
   step dk 200 python evals/decode_kernel_speed.py $DKS --out "$OUT/dk"
   ;;
-*) say "PART must be 1-50, not $PART"; exit 2 ;;
+51)
+  # part 50: the programs aimed at mattered only at unpruned 76 (8192 with blocks of 32: 967 us a layer against
+  # the default's 1003, SDPA's 877); blocks of 32 won at VisionZip 412 (716 against 760). The slots loop
+  # pipelined by Triton (tl.range stages) swept with them, at serving's batches and the batch-1 / 16 shapes
+  step pytest 60 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py -k \
+    "cuda or hopper" --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  if [ "$TINY" = 1 ]; then DKS="--tiny"; else DKS="--serving --reps 10"; fi
+  step dk 200 python evals/decode_kernel_speed.py $DKS --out "$OUT/dk"
+  ;;
+*) say "PART must be 1-51, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
