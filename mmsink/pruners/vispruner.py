@@ -35,6 +35,7 @@ import dataclasses
 import torch
 
 from ..core.graphs import Graphed
+from ..core.pair_max import pair_max
 from .base import register
 from .visionzip import SinkAware, row_choices
 
@@ -118,9 +119,8 @@ def choose(features, scores, ok, n: int, t_imp: int, t_div: int, plan: tuple) ->
         # (instead of one small fp32 GEMM per round, up to 64 per image in sequence)
         sim = torch.bmm(xr, xr.transpose(1, 2))  # [B, R, R]
 
-        def best_of(a, b):  # [B, |a|]: each a-place's highest cosine to the b-places
-            rows = sim.gather(1, a[..., None].expand(-1, -1, sim.shape[2]))
-            return rows.gather(2, b[:, None, :].expand(-1, a.shape[1], -1)).amax(-1)
+        def best_of(a, b):  # [B, |a|]: each a-place's highest cosine to the b-places (one kernel on a GPU)
+            return pair_max(sim, a, b)
 
     else:
 

@@ -1,6 +1,7 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
 #   run(command="PART=51 bash evals/results/gpu_next/run.sh")  # next: the decode kernel's loop pipelined
+#   run(command="PART=52 bash evals/results/gpu_next/run.sh")  # then: GPU tests, serving, b16 overheads
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +10,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 51}
+PART=${PART:?set PART=1 to 52}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -613,7 +614,19 @@ case $PART in
   if [ "$TINY" = 1 ]; then DKS="--tiny"; else DKS="--serving --reps 10"; fi
   step dk 200 python evals/decode_kernel_speed.py $DKS --out "$OUT/dk"
   ;;
-*) say "PART must be 1-51, not $PART"; exit 2 ;;
+52)
+  # the GPU tests of the decode kernel's defaults after parts 49-51 and of VisPruner's round kernel
+  # (mmsink/core/pair_max.py), serving again (part 39d: 647 / 3,523 tokens/s, 5.44x), the batch-16 overheads
+  # of the methods over 3 % in part 47 (visipruner 4.2 %, vispruner_iccv 4.0 %), with more reps
+  step pytest 120 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py \
+    tests/test_pair_max.py tests/test_gpu_graphed_scope_vispruner.py tests/test_gpu_step_options.py -k \
+    "(cuda or hopper or gpu or step) and not interpreted" --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  serve_vz 170
+  step b16 150 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps 5 \
+    --methods visipruner,vispruner_iccv --budgets 64 --out "$OUT/b16" --name overhead_b16
+  ;;
+*) say "PART must be 1-52, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
