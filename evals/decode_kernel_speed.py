@@ -36,16 +36,16 @@ SHAPES = [
     ("llava-next-7b b128 pruned 320", 128, 32, 32, 512, 450),  # serving's batches
 ]
 # serving's largest batches (mmsink serve-bench, part 39): NeXT pruned to 320 (VisionZip) and unpruned,
-# mid-decode, and the batch of 128; ``--serving``: these and the others, block / programs / the loop's
-# pipeline stages swept (the kernel's num_stages changed nothing: part 48; the per-row softmax ``rows``
-# lost at every shape but one: part 49; the programs aimed at mattered only at unpruned 76: part 50)
+# mid-decode, and the batch of 128; ``--serving``: these, then the others, block / programs / warps swept
+# (tried and dropped, evals/results/gpu_next/h200 parts 48-51: Triton's num_stages and a pipelined loop,
+# which changed nothing or lost; a running softmax per row of the block, which lost at most shapes)
 SERVING = [
     ("llava-next-7b b412 pruned 320", 412, 32, 32, 512, 416),
     ("llava-next-7b b76", 76, 32, 32, 3072, 3040),
     SHAPES[-1],
 ]
-SERVING_TUNES = [dict(block=32), dict(block=32, programs=8192), dict(programs=8192)] + [
-    dict(block=bl, loop_stages=st, warps=w) for bl, st, w in itertools.product((32, 64), (2, 3, 4), (2, 4))
+SERVING_TUNES = [
+    dict(block=bl, programs=pr, warps=w) for bl, pr, w in itertools.product((32, 64), (512, 8192), (2, 4))
 ]
 BUFFERS = 16e9  # bytes of key / value buffers per shape at most: fewer calls per graph for the large ones
 TINY = [("tiny", 2, 4, 2, 96, 80)]
@@ -141,7 +141,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="calls per graph (default 32; --tiny 2)")
     ap.add_argument("--reps", type=int, default=None, help="default 20; --tiny 2")
     ap.add_argument("--no-tunes", action="store_true", help="only the default kernel against SDPA")
-    ap.add_argument("--serving", action="store_true", help="serving's batches first, block / programs / loop stages swept")
+    ap.add_argument("--serving", action="store_true", help="serving's batches first, block / programs / warps swept")
     args = ap.parse_args(argv)
     layers = args.layers or (2 if args.tiny else 32)
     reps = args.reps or (2 if args.tiny else 20)

@@ -8,8 +8,7 @@ Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, r
 defined, so in a subprocess: this file run as a script prints one JSON line per case); with CUDA the
 ``gpu`` tests run them compiled. Cases: GQA (7 query heads per KV head, as Qwen2-VL-7B), several chunks
 per head with the slot at a chunk's first and last position, holes in the validity, batch > 1, the rotary
-embedding applied in the kernel ("rotated"), several loop steps per program ("steps"), a running softmax
-per row of the block ("rows")."""
+embedding applied in the kernel ("rotated"), several loop steps per program ("steps")."""
 
 from __future__ import annotations
 
@@ -41,15 +40,7 @@ CASES = {
     # several loop steps per program (block 16): in one chunk per head, and in four
     "steps": dict(s=300, slot=250, block=16, programs=4),
     "steps, chunks": dict(s=300, slot=250, block=16, programs=16, rot=True),
-    # a running softmax per row of the block (``launch``'s rows)
-    "rows": dict(rows=True),
-    "rows, steps": dict(s=300, slot=250, block=16, programs=4, rows=True),
-    "rows, steps, chunks, gqa": dict(h=8, kvh=2, s=300, slot=299, block=16, programs=32, rows=True),
-    "steps, pipelined": dict(s=300, slot=250, block=16, programs=4, loop_stages=3),
-    "rows, slot first": dict(s=256, slot=0, rows=True),
-    "rows, slot last": dict(s=130, slot=129, rows=True),
-    "rows, one chunk, batch": dict(b=4, h=2, kvh=2, s=16, slot=9, rows=True),
-    "rows, rotated, gqa, bf16": dict(b=2, h=14, kvh=2, s=77, d=32, slot=40, dtype="bfloat16", rot=True, rows=True),
+    "steps, chunks, gqa": dict(h=8, kvh=2, s=300, slot=299, block=16, programs=32),
 }
 
 
@@ -81,8 +72,7 @@ def compare(name: str, seed: int, device="cpu") -> dict:
     want = dk.reference(q, k, v, *ref, start, t, 0.25, rot)
     before = [x.clone() for x in (kb, vb, ok)]
     lock = torch.zeros(c["b"] * c["h"] + 3, dtype=torch.int32, device=device)  # the step's: kept, reused
-    tune = dict(rows=c.get("rows", dk.ROWS), block=c.get("block"), programs=c.get("programs", dk.PROGRAMS))
-    tune["loop_stages"] = c.get("loop_stages", dk.LOOP_STAGES)
+    tune = dict(block=c.get("block"), programs=c.get("programs", dk.PROGRAMS))
     got = dk.launch(q, k, v, kb, vb, ok, start, t, 0.25, rot, lock, **tune)
     again = dk.launch(q, k, v, kb.clone(), vb.clone(), ok.clone(), start, t, 0.25, rot, lock, **tune)
     slot = c["slot"]
@@ -190,12 +180,10 @@ def test_kernels_compile_for_hopper():
     ptr.update(ok_ptr="*u8", start_ptr="*i64", t_ptr="*i64", lock_ptr="*i32", scale="fp32")
     ptr.update(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32")
     kernels = [
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=16, ROT=True, ROWS=False, STAGES=1), dk.WARPS),
-        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, NSP=32, ROT=True, ROWS=False, STAGES=1), dk.WARPS),
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=1, ROT=False, ROWS=False, STAGES=1), dk.WARPS),
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=32, NSP=1, ROT=True, ROWS=True, STAGES=1), 4),
-        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, NSP=32, ROT=True, ROWS=True, STAGES=1), dk.WARPS),
-        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=32, NSP=1, ROT=True, ROWS=False, STAGES=3), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=16, ROT=True), dk.WARPS),
+        (dk._attn_split, dict(H=28, G=7, D=128, BLOCK=64, NSP=32, ROT=True), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=64, NSP=1, ROT=False), dk.WARPS),
+        (dk._attn_split, dict(H=32, G=1, D=128, BLOCK=32, NSP=1, ROT=True), dk.WARPS),
     ]
     compile_for_hopper(kernels, ptr)
 
@@ -227,7 +215,8 @@ def test_rotation_is_the_models():
 
 def test_plan_spreads_the_slots():
     """Chunks cover every slot in whole loop steps and no step more, about PROGRAMS programs (7B layouts,
-    batch 1 and 16; serving batches: one chunk per head)."""
+    batch 1 and 16; serving batches: one chunk per head); steps of 32 slots for buffers of up to 512, of 64
+    above (head size 128: parts 49-51's timings)."""
     from mmsink.fast.decode_kernel import PROGRAMS, plan
 
     shapes = [(1, 32, 768, 128), (16, 32, 768, 128), (1, 28, 2688, 128), (1, 32, 16, 128), (2, 4, 77, 32)]
@@ -235,6 +224,7 @@ def test_plan_spreads_the_slots():
     for b, h, s, d in shapes:
         block, chunk = plan(b, h, s, d)
         assert chunk % block == 0 and block * d <= 8192
+        assert d != 128 or block == (32 if s <= 512 else 64)
         assert chunk < s + block  # no loop step past the slots
         programs = b * h * -(-s // chunk)
         assert programs <= PROGRAMS + b * h and (chunk == block or programs > PROGRAMS // 2)

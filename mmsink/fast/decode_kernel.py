@@ -37,8 +37,7 @@ except ImportError:  # CPU-only installs: the torch reference
 INTERPRET = kernels.INTERPRET
 PROGRAMS = 512  # split-KV programs aimed at per call (the H200 has 132 SMs)
 WARPS = 2  # of 2, 4, 8 the fastest at every 7B shape (evals/results/decode_kernel)
-ROWS = False  # per-row running softmax (``launch``'s rows)
-LOOP_STAGES = 1  # the slots loop's pipeline stages (``launch``'s loop_stages)
+SHORT = 512  # buffers of at most this many slots take loop steps of 32 (``plan``)
 
 
 def available(device) -> bool:
@@ -91,7 +90,7 @@ if triton is not None:
         lock_ptr, cos_ptr, sin_ptr, scale, S, CHUNK, NS,
         sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sok_b, sc_b, ss_b, so_b,
         so_h, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, NSP: tl.constexpr,
-        ROT: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
+        ROT: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)  # b * H + h
         sp = tl.program_id(1)
@@ -117,15 +116,10 @@ if triton is not None:
         vbase = v_ptr + b.to(tl.int64) * sv_b + kh * sv_h
         lo = sp * CHUNK
         hi = tl.minimum(CHUNK, slot + 1 - lo)  # the buffers fill in order: no valid slot after ``slot``
-        if ROWS:  # a running max / sum / output per row of the block, joined once after the loop
-            m_r = tl.full([BLOCK], float("-inf"), tl.float32)
-            den_r = tl.zeros([BLOCK], tl.float32)
-            acc_r = tl.zeros([BLOCK, D], tl.float32)
-        else:  # one running max / sum / output: the block's rows joined every step
-            m = tl.full([], float("-inf"), tl.float32)
-            den = tl.zeros([], tl.float32)
-            acc = tl.zeros([D], tl.float32)
-        for off in tl.range(0, hi, BLOCK, num_stages=STAGES):  # STAGES > 1: loads pipelined by Triton
+        m = tl.full([], float("-inf"), tl.float32)
+        den = tl.zeros([], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        for off in range(0, hi, BLOCK):
             pos = lo + off + tl.arange(0, BLOCK)
             inb = pos < S
             new = pos == slot
@@ -135,28 +129,14 @@ if triton is not None:
             vv = tl.load(vbase + pos[:, None] * sv_s + di[None, :], mask=rd, other=0.0)  # both in flight
             kk = tl.where(new[:, None], kn[None, :], kk).to(tl.float32)
             s = tl.where(valid, tl.sum(kk * q[None, :], 1), float("-inf"))  # [BLOCK]
+            m_new = tl.maximum(m, tl.max(s, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: no NaN from -inf - -inf
+            alpha = tl.exp(m - m_use)
+            p = tl.exp(s - m_use)
+            den = den * alpha + tl.sum(p, 0)
             vv = tl.where(new[:, None], vn[None, :], vv).to(tl.float32)
-            if ROWS:  # no exchange between the threads of different rows inside the loop
-                m_new = tl.maximum(m_r, s)
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no NaN from -inf - -inf
-                alpha = tl.exp(m_r - m_use)
-                p = tl.exp(s - m_use)
-                den_r = den_r * alpha + p
-                acc_r = acc_r * alpha[:, None] + p[:, None] * vv
-                m_r = m_new
-            else:
-                m_new = tl.maximum(m, tl.max(s, 0))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: no NaN
-                alpha = tl.exp(m - m_use)
-                p = tl.exp(s - m_use)
-                den = den * alpha + tl.sum(p, 0)
-                acc = acc * alpha + tl.sum(p[:, None] * vv, 0)
-                m = m_new
-        if ROWS:
-            m = tl.max(m_r, 0)
-            wr = tl.exp(m_r - tl.where(m == float("-inf"), 0.0, m))
-            den = tl.sum(den_r * wr, 0)
-            acc = tl.sum(acc_r * wr[:, None], 0)
+            acc = acc * alpha + tl.sum(p[:, None] * vv, 0)
+            m = m_new
         # the chunk holding the slot stores the new key / value (once per KV head) and the validity
         mine = (slot >= lo) & (slot < lo + CHUNK) & (h % G == 0)
         tl.store(kbase + slot * sk_s + di, kn.to(k_ptr.dtype.element_ty), mask=mine & (di < D))
@@ -186,11 +166,13 @@ if triton is not None:
 
 
 def plan(b: int, h: int, s: int, d: int, block: int | None = None, programs: int = PROGRAMS):
-    """(BLOCK, CHUNK): slots per loop step (default a [BLOCK, d] fp32 tile of 8k values) and per program
-    (about ``programs`` programs in all, whole loop steps; at most the slots: a large batch's chunk past
-    them would loop over masked steps, which read nothing but still compute; evals/results/gpu_next/h200,
-    part 40)."""
-    block = block or max(16, min(64, 8192 // d))
+    """(BLOCK, CHUNK): slots per loop step (default a [BLOCK, d] fp32 tile of 8k values, at most 32 slots
+    where the buffers hold 512 or fewer) and per program (about ``programs`` programs in all, whole loop
+    steps; at most the slots: a large batch's chunk past them would loop over masked steps, which read
+    nothing but still compute; evals/results/gpu_next/h200, part 40)."""
+    # steps of 32 were faster at every 512-slot shape timed (NeXT pruned to 320 at batches 1, 128 and 412)
+    # and slower at every longer one (768-3072 slots; parts 49-51)
+    block = block or max(16, min(64 if s > SHORT else 32, 8192 // d))
     per = min(-(-s * b * h // programs), s)
     return block, max(block, -(-per // block) * block)
 
@@ -210,16 +192,11 @@ def launch(
     block=None,
     programs=PROGRAMS,
     warps=WARPS,
-    stages=None,
-    rows=ROWS,
-    loop_stages=LOOP_STAGES,
 ):
     """The kernel on ``q``'s device (CUDA, or CPU under the interpreter). ``lock``: int32 zeros, one per
     sample and query head or more, which the kernel leaves at zero (the step's decoder keeps one, so no
-    call clears it; made here when not given); ``block`` / ``programs`` / ``warps`` / ``stages`` / ``rows``:
-    ``plan``'s and the kernel's (evals/decode_kernel_speed.py tries others; stages None: Triton's default;
-    rows: a running softmax per row of the block, joined after the loop, instead of per block;
-    loop_stages: the loop's ``tl.range`` stages, 1 = not pipelined)."""
+    call clears it; made here when not given); ``block`` / ``programs`` / ``warps``: ``plan``'s and the
+    kernel's (evals/decode_kernel_speed.py tries others)."""
     b, h, _, d = q.shape
     kvh, s = kb.shape[1], kb.shape[2]
     if d & (d - 1) or kb.stride(3) != 1 or vb.stride(3) != 1 or q.stride(3) != 1:
@@ -248,8 +225,7 @@ def launch(
         q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), okb.stride(0),
         cos.stride(0), sin.stride(0), o.stride(0), o.stride(1), H=h, G=h // kvh, D=d, BLOCK=block,
-        NSP=1 if ns == 1 else kernels.pow2(ns, 2), ROT=rot is not None, ROWS=rows, STAGES=loop_stages,
-        num_warps=warps, **({} if stages is None else {"num_stages": stages}),
+        NSP=1 if ns == 1 else kernels.pow2(ns, 2), ROT=rot is not None, num_warps=warps,
     )  # fmt: skip
     return o
 
