@@ -1,7 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=51 bash evals/results/gpu_next/run.sh")  # next: the decode kernel's loop pipelined
-#   run(command="PART=52 bash evals/results/gpu_next/run.sh")  # then: GPU tests, serving, b16 overheads
+#   run(command="PART=52 bash evals/results/gpu_next/run.sh")  # next: GPU tests, serving, b16 overheads
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
