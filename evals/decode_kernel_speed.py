@@ -95,7 +95,7 @@ def measure(shape, dev, dtype, layers, reps, tunes, kernel=dk.launch):
         kernel(q, k, v, *x, start, t, scale, None, lock) for x in bufs
     ]
     for tu in tunes:
-        key = "kernel " + " ".join(f"{k} {v}" for k, v in tu.items())
+        key = "kernel " + " ".join(f"{name} {val}" for name, val in tu.items())
         variants[key] = lambda tu=tu: [kernel(q, k, v, *x, start, t, scale, rot, lock, **tu) for x in bufs]
     src = [torch.cat([x[0][:, :, :n], x[1][:, :, :n]]) for x in bufs]
     dst = [torch.empty_like(x) for x in src]
@@ -117,10 +117,11 @@ def table(res) -> str:
     out = [f"Command: `{res['command']}`  ", f"Machine: {res['machine']}, torch {res['torch']}\n"]
     out.append(
         "One layer's decode attention, microseconds per call (median of the reps; each variant captured "
-        "as a CUDA graph of one call per layer's buffers: up to "
-        f"{res['layers']}, fewer where they would pass {BUFFERS / 1e9:.0f} GB). The kernels also rotate q and the "
-        "new key (the step's default; SDPA's row takes them rotated). Read floor: the valid keys' and "
-        "values' bytes read at the rate of a device copy of them.\n"
+        f"as a CUDA graph of one call per layer's buffers: up to {res['layers']}, fewer where they would "
+        f"pass {BUFFERS / 1e9:.0f} GB). The kernels also rotate q and the new key (the step's default; "
+        "SDPA's row takes them rotated). Read floor: the valid keys' and values' bytes read at the rate of "
+        "a device copy of them (at serving's batches a copy runs below the attention's rate: no floor "
+        "there).\n"
     )
     for r in res["shapes"]:
         base = r["us"]["sdpa + index writes"]
@@ -141,7 +142,9 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="calls per graph (default 32; --tiny 2)")
     ap.add_argument("--reps", type=int, default=None, help="default 20; --tiny 2")
     ap.add_argument("--no-tunes", action="store_true", help="only the default kernel against SDPA")
-    ap.add_argument("--serving", action="store_true", help="serving's batches first, block / programs / warps swept")
+    ap.add_argument(
+        "--serving", action="store_true", help="serving's batches first, block / programs / warps swept"
+    )
     args = ap.parse_args(argv)
     layers = args.layers or (2 if args.tiny else 32)
     reps = args.reps or (2 if args.tiny else 20)

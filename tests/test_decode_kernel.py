@@ -120,7 +120,7 @@ def test_generate_fast_with_the_kernels_equals_generate(interpreted):
     assert r["kernel_calls"] > 0 and r["rotated_calls"] == r["kernel_calls"] and r["same_tokens"], r
 
 
-def fast_vs_generate(device="cpu") -> dict:
+def fast_vs_generate(device="cpu", kv_heads: int = 2) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import batch, prompt, tiny_llava
 
@@ -128,7 +128,7 @@ def fast_vs_generate(device="cpu") -> dict:
     from mmsink.fast import decode_kernel as dk
     from mmsink.fast.fuse import StepOptions
 
-    model = tiny_llava().to(device)
+    model = tiny_llava(kv_heads=kv_heads).to(device)
     inputs = {k: v.to(device) for k, v in batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2)]).items()}
     mmsink.wrap(model, prune="fastv", budget=6)
     calls, plain = [], dk.launch
@@ -230,6 +230,50 @@ def test_plan_spreads_the_slots():
         assert programs <= PROGRAMS + b * h and (chunk == block or programs > PROGRAMS // 2)
 
 
+def test_long_wide_buffers_attend_through_sdpa(monkeypatch):
+    """Where ``through_sdpa`` (MHA, >= LONG slots, >= WIDE batch x heads) ``attend`` on a GPU runs SDPA after
+    the kernel's rotation and writes, not the kernel: the same output as the reference within fp32
+    rounding and the same buffers; elsewhere the kernel. The rule at serving's and batch-1 shapes."""
+    from mmsink.fast import decode_kernel as dk
+
+    assert dk.through_sdpa(76, 32, 32, 3072) and dk.through_sdpa(8, 32, 32, 2048)
+    assert not dk.through_sdpa(1, 32, 32, 3072)  # batch 1: the kernel
+    assert not dk.through_sdpa(412, 32, 32, 512) and not dk.through_sdpa(16, 32, 32, 768)  # short buffers
+    assert not dk.through_sdpa(16, 28, 4, 2688)  # GQA: not measured
+    calls = []
+    monkeypatch.setattr(dk, "available", lambda device: True)
+    monkeypatch.setattr(dk, "_attend_op", lambda *a: calls.append(a) or a[0])
+    monkeypatch.setattr(dk, "LONG", 64)
+    monkeypatch.setattr(dk, "WIDE", 4)
+    for name, wide in (("rotated", True), ("gqa, batch", False), ("one chunk, batch", False)):
+        c = {**BASE, **CASES[name]}
+        for seed in SEEDS:
+            q, k, v, kb, vb, ok, start, t, rot = inputs(c, seed)
+            ref = [x.clone() for x in (kb, vb, ok)]
+            want = dk.reference(q, k, v, *ref, start, t, 0.25, rot)
+            got = dk.attend(q, k, v, kb, vb, ok, start, t, 0.25, rot)
+            assert dk.through_sdpa(c["b"], c["h"], c["kvh"], c["s"]) == wide
+            if wide:
+                assert torch.allclose(got, want, atol=1e-5) and not calls
+                assert all(torch.equal(x, y) for x, y in zip((kb, vb, ok), ref))
+            else:
+                assert calls and got is q
+                calls.clear()
+
+
+def test_generate_fast_through_sdpa_equals_generate(monkeypatch):
+    """generate_fast's kernel step with every layer past ``through_sdpa``'s bounds (set to 1: SDPA after the
+    kernel's rotation and writes, the kernel never launched; CPU, fp32, an MHA tiny LLaVA): greedy
+    generate's tokens."""
+    from mmsink.fast import decode_kernel as dk
+
+    monkeypatch.setattr(dk, "available", lambda device: True)
+    monkeypatch.setattr(dk, "LONG", 1)
+    monkeypatch.setattr(dk, "WIDE", 1)
+    r = fast_vs_generate(kv_heads=4)  # one KV head per query head, as the rule asks
+    assert r["kernel_calls"] == 0 and r["same_tokens"], r
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     pytest.importorskip("triton")
     from mmsink.fast.decode_kernel import available
@@ -243,6 +287,16 @@ def test_switched_off_by_the_environment(monkeypatch):
 def test_kernels_equal_the_reference_cuda(name):
     for seed in SEEDS:
         check(compare(name, seed, "cuda"), name)
+
+
+@on_gpu
+def test_generate_fast_through_sdpa_equals_generate_cuda(monkeypatch):
+    from mmsink.fast import decode_kernel as dk
+
+    monkeypatch.setattr(dk, "LONG", 1)
+    monkeypatch.setattr(dk, "WIDE", 1)
+    r = fast_vs_generate("cuda", kv_heads=4)
+    assert r["kernel_calls"] == 0 and r["same_tokens"], r
 
 
 @on_gpu

@@ -5,10 +5,11 @@
 
 q [B, H, 1, d], k / v [B, KVH, 1, d] (the new token's), kb / vb [B, KVH, S, d] the layer's static
 buffers, ok [B, S] their valid slots (none after ``start + t``: the buffers fill in order), ``start`` /
-``t`` 0-dim long device tensors (the slot written is ``start + t``). Writes k / v and ``ok`` at the slot and returns the attention of q over the valid slots,
-scores, softmax and sums in fp32. ``rot``: None where q and k come rotated, else (cos, sin) [B, 1, d] of
-the rotary embedding in its common form (``x * cos + rotate_half(x) * sin``; ``standard_rope`` checks a
-model's), applied in the kernel: the step's two rotation kernels a layer go.
+``t`` 0-dim long device tensors (the slot written is ``start + t``). Writes k / v and ``ok`` at the slot
+and returns the attention of q over the valid slots, scores, softmax and sums in fp32. ``rot``: None
+where q and k come rotated, else (cos, sin) [B, 1, d] of the rotary embedding in its common form
+(``x * cos + rotate_half(x) * sin``; ``standard_rope`` checks a model's), applied in the kernel: the
+step's two rotation kernels a layer go.
 
 Why by hand: SDPA with a boolean mask at one query costs per layer a mask conversion (a fill and a
 ``where``), cuDNN's kernel (one block per head at batch 1) and a reduction, beside the index writes of the
@@ -38,6 +39,7 @@ INTERPRET = kernels.INTERPRET
 PROGRAMS = 512  # split-KV programs aimed at per call (the H200 has 132 SMs)
 WARPS = 2  # of 2, 4, 8 the fastest at every 7B shape (evals/results/decode_kernel)
 SHORT = 512  # buffers of at most this many slots take loop steps of 32 (``plan``)
+LONG, WIDE = 2048, 256  # slots and batch x heads from which SDPA attends instead (``through_sdpa``)
 
 
 def available(device) -> bool:
@@ -253,11 +255,34 @@ def _(q, k, v, kb, vb, ok, start, t, scale, cos, sin, lock):
     return q.new_empty(q.shape)
 
 
+def through_sdpa(b: int, h: int, kvh: int, s: int) -> bool:
+    """Whether ``attend`` runs SDPA rather than the kernel on a GPU: one KV head per query head, buffers of
+    LONG slots or more and WIDE or more of batch x heads. There SDPA measured faster on the H200 (unpruned
+    NeXT's 3,072 slots: a step at batch 8 / 32 7.5 / 16.4 ms against the kernel's 7.8 / 17.5, part 45; one
+    layer at batch 76 851 against 990 us, part 51); at batch 1, on shorter buffers and for GQA the kernel
+    (or nothing was measured)."""
+    return h == kvh and s >= LONG and b * kvh >= WIDE
+
+
+def sdpa(q, k, v, kb, vb, ok, start, t, scale: float, rot=None):
+    """The kernel's contract through torch: the same rotation (fp32, rounded once) and writes, then SDPA
+    with the validity as its mask (the step's attention where ``through_sdpa``)."""
+    if rot is not None:
+        cos, sin = (r.float() for r in rot)
+        q, k = (rotate(x.float(), cos, sin).to(x.dtype) for x in (q, k))
+    write_slot(kb, vb, ok, k, v, (start + t).view(1))
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, kb, vb, attn_mask=ok[:, None, None, :], scale=scale
+    )
+
+
 def attend(q, k, v, kb, vb, ok, start, t, scale: float, rot=None, lock=None):
     """The kernel where ``available`` (an opaque op to torch.compile, so it stays inside a compiled step
-    and a CUDA graph) for a power-of-two head size, else ``reference``."""
+    and a CUDA graph) for a power-of-two head size, SDPA there where ``through_sdpa``, else ``reference``."""
     d = q.shape[-1]
     if available(q.device) and not d & (d - 1):
+        if through_sdpa(q.shape[0], q.shape[1], kb.shape[1], kb.shape[2]):
+            return sdpa(q, k, v, kb, vb, ok, start, t, scale, rot)
         cos, sin = (None, None) if rot is None else rot
         return _attend_op(q, k, v, kb, vb, ok, start, t, float(scale), cos, sin, lock)
     return reference(q, k, v, kb, vb, ok, start, t, scale, rot)

@@ -614,9 +614,10 @@ case $PART in
   step dk 200 python evals/decode_kernel_speed.py $DKS --out "$OUT/dk"
   ;;
 52)
-  # the GPU tests of the decode kernel's defaults after parts 49-51 and of VisPruner's round kernel
-  # (mmsink/core/pair_max.py), serving again (part 39d: 647 / 3,523 tokens/s, 5.44x), the batch-16 overheads
-  # of the methods over 3 % in part 47 (visipruner 4.2 %, vispruner_iccv 4.0 %), with more reps
+  # the GPU tests of the decode kernel's defaults after parts 49-51 (steps of 32 on short buffers; SDPA on
+  # long, wide MHA ones: through_sdpa) and of VisPruner's round kernel (mmsink/core/pair_max.py), serving
+  # again (part 39d: 647 / 3,523 tokens/s, 5.44x; the unpruned row now attends through SDPA), the batch-16
+  # overheads of the methods over 3 % in part 47 (visipruner 4.2 %, vispruner_iccv 4.0 %), with more reps
   step pytest 120 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py \
     tests/test_pair_max.py tests/test_gpu_graphed_scope_vispruner.py tests/test_gpu_step_options.py -k \
     "(cuda or hopper or gpu or step) and not interpreted" --tb=short -rf
