@@ -4,7 +4,8 @@ VisPruner's rounds (``mmsink.pruners.vispruner.choose``) read them from the resi
     best = pair_max(sim, a, b)
 
 sim [B, R, R] (rows contiguous), a [B, La] / b [B, Lb] long indices into R: best[i, x] = max over y of
-sim[i, a[i, x], b[i, y]], in sim's dtype (a max rounds nothing: the same values as torch's path).
+sim[i, a[i, x], b[i, y]], in sim's dtype (a max rounds nothing: the same values as torch's path; the
+kernel compares in fp32, so fp64 takes torch's path).
 
 Why by hand: torch's path gathers the rows [B, La, R], then their columns [B, La, Lb], then takes the max:
 three kernels a round and two intermediates written, 64 rounds in sequence per LLaVA image at 64 of 576
@@ -61,9 +62,9 @@ if triton is not None:
 
 
 def pair_max(sim, a, b) -> torch.Tensor:
-    """The kernel where ``available`` (rows of ``sim`` contiguous, at least one column), else
+    """The kernel where ``available`` (rows of ``sim`` contiguous, at least one column, not fp64), else
     ``reference``."""
-    if not available(sim.device) or sim.stride(2) != 1 or b.shape[1] == 0:
+    if not available(sim.device) or sim.stride(2) != 1 or b.shape[1] == 0 or sim.dtype == torch.float64:
         return reference(sim, a, b)
     a, b = a.contiguous(), b.contiguous()
     n, la = a.shape
