@@ -55,9 +55,13 @@ TUNES = [
 ]
 
 
+def head_size(dev) -> int:
+    return 128 if dev == "cuda" else 16  # the 7B models' on a GPU; the CPU run checks the code path
+
+
 def inputs(b, h, kvh, s, n, layers, dev, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(b, 1, h, 128 if dev == "cuda" else 16, generator=g).to(dev, dtype).transpose(1, 2)
+    q = torch.randn(b, 1, h, head_size(dev), generator=g).to(dev, dtype).transpose(1, 2)
     d = q.shape[-1]
     k, v = (torch.randn(b, kvh, 1, d, generator=g).to(dev, dtype) for _ in range(2))
     gd = torch.Generator(device=dev).manual_seed(1)  # the buffers drawn where they live (serving's are GBs)
@@ -84,7 +88,7 @@ def plain(q, k, v, kb, vb, ok, start, t, scale):
 
 def measure(shape, dev, dtype, layers, reps, tunes, kernel=dk.launch):
     name, b, h, kvh, s, n = shape
-    per_layer = 2 * b * kvh * s * (128 if dev == "cuda" else 16) * torch.finfo(dtype).bits // 8
+    per_layer = 2 * b * kvh * s * head_size(dev) * torch.finfo(dtype).bits // 8
     layers = max(2, min(layers, int(BUFFERS // per_layer)))  # each still far past the L2
     q, k, v, bufs, start, t, rot = inputs(b, h, kvh, s, n, layers, dev, dtype)
     scale = q.shape[-1] ** -0.5
@@ -148,11 +152,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     layers = args.layers or (2 if args.tiny else 32)
     reps = args.reps or (2 if args.tiny else 20)
-    tunes = [] if args.no_tunes or args.tiny else TUNES
+    tunes = [] if args.no_tunes or args.tiny else SERVING_TUNES if args.serving else TUNES
     dev, out, res = probe_start("decode_kernel_speed", args, dk.available, argv, layers=layers, reps=reps)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    if args.serving and not (args.no_tunes or args.tiny):
-        tunes = SERVING_TUNES
     for shape in TINY if args.tiny else SERVING + SHAPES[:-1] if args.serving else SHAPES:
         print(f"[decode_kernel_speed] {shape[0]}", flush=True)
         # without Triton's interpreter the CPU run times the reference in the kernels' place (the code path)

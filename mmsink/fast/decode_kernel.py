@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..core import kernels
-from .decode import write_slot
+from .decode import grouped, write_slot
 
 try:
     import triton
@@ -70,12 +70,20 @@ def standard_rope(rope) -> bool:
     )
 
 
-def reference(q, k, v, kb, vb, ok, start, t, scale: float, rot=None, lock=None):
-    """The kernel's arithmetic in torch (in place on kb / vb / ok as they are; ``lock``: unused)."""
-    if rot is not None:  # in fp32, rounded once (as the kernel, and the compiled step's own rotation)
+def rotated_and_written(q, k, v, kb, vb, ok, start, t, rot):
+    """The kernel's rotation (``rot``: in fp32, rounded once, as the kernel and the compiled step's own
+    rotation) and writes of the new key / value / validity at ``start + t``, in torch: the query to attend
+    with."""
+    if rot is not None:
         cos, sin = (r.float() for r in rot)
         q, k = (rotate(x.float(), cos, sin).to(x.dtype) for x in (q, k))
     write_slot(kb, vb, ok, k, v, (start + t).view(1))
+    return q
+
+
+def reference(q, k, v, kb, vb, ok, start, t, scale: float, rot=None, lock=None):
+    """The kernel's arithmetic in torch (in place on kb / vb / ok as they are; ``lock``: unused)."""
+    q = rotated_and_written(q, k, v, kb, vb, ok, start, t, rot)
     b, h, _, d = q.shape
     kvh = kb.shape[1]
     g = q.float().view(b, kvh, h // kvh, d)  # head i reads KV head i // (h // kvh)
@@ -265,14 +273,11 @@ def through_sdpa(b: int, h: int, kvh: int, s: int) -> bool:
 
 
 def sdpa(q, k, v, kb, vb, ok, start, t, scale: float, rot=None):
-    """The kernel's contract through torch: the same rotation (fp32, rounded once) and writes, then SDPA
-    with the validity as its mask (the step's attention where ``through_sdpa``)."""
-    if rot is not None:
-        cos, sin = (r.float() for r in rot)
-        q, k = (rotate(x.float(), cos, sin).to(x.dtype) for x in (q, k))
-    write_slot(kb, vb, ok, k, v, (start + t).view(1))
+    """The kernel's contract through torch: the same rotation and writes, then SDPA with the validity as
+    its mask (the step's attention where ``through_sdpa``)."""
+    q = rotated_and_written(q, k, v, kb, vb, ok, start, t, rot)
     return torch.nn.functional.scaled_dot_product_attention(
-        q, kb, vb, attn_mask=ok[:, None, None, :], scale=scale
+        q, kb, vb, attn_mask=ok[:, None, None, :], scale=scale, **grouped(q.shape[1], kb.shape[1])
     )
 
 
