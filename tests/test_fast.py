@@ -59,6 +59,33 @@ def test_same_tokens_as_generate(llava, method, opts):
     assert torch.equal(out, ref)
 
 
+def test_dart_skips_the_rotation_where_positions_start_at_zero(llava, monkeypatch):
+    """generate_fast's positions start at 0 on each sample, so DART's key norms need no rotation undone
+    (``dart.local_l1`` skips it there): a left-padded batch keeps the tokens of the model's own forward
+    without position ids, whose keys the padding rotated and DART rotates back."""
+    from mmsink.pruners import dart
+
+    inputs = batch([prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(3, 9, seed=3)])
+    real, undone = dart.local_l1, []
+
+    def watched(k, valid, pe, rope):
+        undone.append(pe is not None)
+        return real(k, valid, pe, rope)
+
+    monkeypatch.setattr(dart, "local_l1", watched)
+    mmsink.wrap(llava, prune="dart", budget=8)
+    try:
+        with torch.no_grad():
+            llava(**inputs)
+        want = mmsink.stats(llava).kept_indices
+        mmsink.generate_fast(llava, max_new_tokens=1, **inputs)
+        got = mmsink.stats(llava).kept_indices
+    finally:
+        mmsink.unwrap(llava)
+    assert undone == [True, False]
+    assert got == want
+
+
 def test_bare_model_and_eos_padding(llava):
     inputs = batch([prompt(5, 7, seed=4), prompt(2, 4, seed=5)])
     ref = llava.generate(**inputs, max_new_tokens=12, do_sample=False)

@@ -18,9 +18,9 @@ from mmsink.core import graphs
 SEEDS = [0, 1, 2]
 # (method, options, the Graphed's attribute on the pruner, most signatures: batch shapes x decisions)
 CASES = [
-    ("dart", {"budget": 8}, "choose", 2),
-    ("dart", {"budget": 0.4}, "choose", 2),
-    ("dart", {"budget": 12, "budget_per": "prompt"}, "choose", 2),
+    ("dart", {"budget": 8}, "decide", 2),
+    ("dart", {"budget": 0.4}, "decide", 2),
+    ("dart", {"budget": 12, "budget_per": "prompt"}, "decide", 2),
     ("sparsevlm", {"budget": 12}, "merge", 6),
     ("sparsevlm", {"budget": 20, "budget_per": "prompt"}, "merge", 6),
 ]

@@ -93,13 +93,13 @@ def test_the_count_sees_a_sync_in_a_hook(model, monkeypatch):
     its per-pivot counts and the padding offsets did before) are both reported, from the hook."""
     from mmsink.pruners import dart
 
-    real = dart.local_keys
+    real = dart.local_l1
 
-    def leaky(ctx, k):
-        offsets = torch.tensor(ctx.layout.lengths, device=k.device)
-        return real(ctx, k) + 0 * int(offsets.max())
+    def leaky(k, valid, pe, rope):
+        offsets = torch.tensor([valid.shape[1]], device=k.device)
+        return real(k, valid, pe, rope) + 0 * int(offsets.max())
 
-    monkeypatch.setattr(dart, "local_keys", leaky)
+    monkeypatch.setattr(dart, "local_l1", leaky)
     found = selection_syncs(model, inputs(True), "dart", {"budget": 8})
     assert found["after_layer: aten.lift_fresh.default"] == 1
     assert found["after_layer: aten._local_scalar_dense.default"] == 1

@@ -67,6 +67,7 @@ class Handle:
         self.layout_ids = None  # the input ids the last layout was built from
         self.prompt_len: int | None = None
         self.handoff = False  # set by generate_fast: stop the prefill where the plan is final
+        self.local_positions = False  # set by generate_fast: its positions start at 0 on each sample
         self.last_stats = None  # Stats, or a function building them (see ``deferred``)
         self.hooks: list = []
         self.own_attention = True  # attach() set the text model's attention entry to ours
@@ -147,16 +148,17 @@ class Handle:
         return generate
 
     @contextlib.contextmanager
-    def session(self, prompt_len=None, handoff=False):
+    def session(self, prompt_len=None, handoff=False, local=False):
         """Within the block, selection is anchored to the prompt's last token (``prompt_len``: where the
         prompt ends, as ``generate`` knows it) and, with ``handoff``, a prefill stops where its plan is
-        final (``generate_fast`` runs the rest)."""
-        prev = self.prompt_len, self.handoff
-        self.prompt_len, self.handoff = prompt_len, handoff
+        final (``generate_fast`` runs the rest). ``local``: the caller's positions start at 0 on every
+        sample's first real token (``generate_fast``'s own)."""
+        prev = self.prompt_len, self.handoff, self.local_positions
+        self.prompt_len, self.handoff, self.local_positions = prompt_len, handoff, local
         try:
             yield self
         finally:
-            self.prompt_len, self.handoff = prev
+            self.prompt_len, self.handoff, self.local_positions = prev
 
     def tap_vision(self) -> list:
         """Record the tower outputs (or inputs) a vision-stage pruner's scores come from, per prefill."""
@@ -217,6 +219,7 @@ class Handle:
         )
         self.planner.start(ctx)
         ctx.handoff = self.handoff  # (VAR's edits after the hand-off: generate_fast's tail makes them)
+        ctx.local_positions = self.local_positions
         if ctx.handoff:
             ctx.final_layer = self.planner.final_layer(ctx)
         use_cache = kwargs.get("use_cache")

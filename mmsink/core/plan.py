@@ -115,6 +115,7 @@ class Prefill:
     kwargs: dict | None = None  # the model call's arguments (families read pixel values, grids)
     cache: object | None = None  # the PlanCache being filled, if caching
     handoff: bool = False  # generate_fast asked to stop the forward where the plan is final
+    local_positions: bool = False  # each sample's first real token is at position 0 (generate_fast's)
     final_layer: int | None = None  # that layer when the pruner knows it in advance
     segments: list = field(init=False)
     layer_segment: list = field(default_factory=list)  # per layer run so far: its segment

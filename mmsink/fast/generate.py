@@ -103,7 +103,9 @@ def prefill(
     text_only = family.mrope and all(call.get(k) is None for k in grids)
     flat = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device) if text_only else None
     handoff = not dispatched and (var_handoff or not live or handle.var is None)
-    session = handle.session(ids.shape[1], handoff=handoff) if handle is not None else nullcontext()
+    # positions made below (1-D) start at 0 on each sample's first real token
+    local = not family.mrope and "position_ids" not in call
+    session = handle.session(ids.shape[1], handoff, local) if handle is not None else nullcontext()
     tower = nullcontext()
     if graphs and not dispatched and inputs.get("pixel_values") is not None:
         taps = handle.vision_taps if live else []

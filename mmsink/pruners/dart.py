@@ -55,7 +55,7 @@ class DART(Pruner):
         o = self.options
         if o.k < 1 or o.image_pivots < 1 or o.text_pivots < 0:
             raise ValueError("mmsink: dart needs k >= 1, image_pivots >= 1 and text_pivots >= 0")
-        self.choose = Graphed(choose)  # one CUDA graph per input signature, eager off CUDA
+        self.decide = Graphed(decide)  # one CUDA graph per input signature, eager off CUDA
 
     def check_model(self, num_layers):
         if self.options.k >= num_layers:
@@ -72,16 +72,6 @@ class DART(Pruner):
         b = min(b, n - min(o.image_pivots, n))
         return b // (o.image_pivots + o.text_pivots)
 
-    def per_pivot_device(self, n: torch.Tensor) -> torch.Tensor:
-        """``per_pivot`` of each image size in ``n`` [B] (long, on the device; 0 for a size of 0)."""
-        o = self.options
-        cap = n - n.clamp(max=o.image_pivots)
-        if isinstance(self.budget, int):
-            b = cap.clamp(max=self.budget)
-        else:  # int(n * f): the double product, truncated (n * f >= 0)
-            b = torch.minimum((n.double() * self.budget).floor().long(), cap)
-        return b // (o.image_pivots + o.text_pivots)
-
     def kept(self, n: int, text: int) -> int:
         """Tokens an image of ``n`` tokens keeps, with ``text`` text tokens in the prompt."""
         o = self.options
@@ -92,30 +82,32 @@ class DART(Pruner):
         if layer != self.options.k - 1:
             return
         o = self.options
-        seg, lay = ctx.seg, ctx.layout
+        seg, lay, dev = ctx.seg, ctx.layout, ctx.device
         check_size(self.budget, [n for s in budget_sizes(ctx) for n in s])
-        knorm = local_keys(ctx, observed["k"]).float().abs().sum((1, 3)).to(ctx.device)  # [B, n] L1
-        state = ctx.lm.norm(hidden.to(ctx.lm.norm.weight.device)).float().to(ctx.device)
-        state = torch.nn.functional.normalize(state, dim=-1)
-        b, n = knorm.shape
+        # the keys' rotation is undone where positions may not start at 0 on each sample (see local_l1)
+        pe = None if ctx.local_positions else tuple(t.to(dev) for t in ctx.current_position_embeddings())
+        state = ctx.lm.norm(hidden.to(ctx.lm.norm.weight.device)).to(dev)  # the model's final norm
         vis, img, prompt = ctx.visual(), ctx.image_of(), ctx.in_prompt()
-        if ctx.budget_per == "prompt":
-            img = torch.where(img >= 0, torch.zeros_like(img), img)
         sizes = budget_sizes(ctx)
         pads = [lay.length - m for m in lay.lengths]
         n_text = [a - q + 1 - p for a, q, p in zip(lay.anchors, pads, lay.prompt_images)]  # prompt text
-        # the official code's indices; the padding counted on the device (a tensor built from host data
-        # would be a blocking copy on a GPU, which waits for the layers queued before it)
-        valid = lay.valid.to(knorm.device)
-        pos = seg.idx + (valid.sum(1, keepdim=True) - lay.length)
-        image_sizes = lay.counts.to(knorm.device)  # [B, M] each image's tokens, 0 past the sample's own
-        if ctx.budget_per == "prompt":
-            image_sizes = image_sizes.sum(1, keepdim=True)
-        per = self.per_pivot_device(image_sizes)  # [B, M], 0 where the sample has no image m
         images = max((len(s) for s in sizes), default=0)
-        kept = self.choose(
-            knorm, state, img, prompt & ~vis, pos, per, images, o.image_pivots, o.text_pivots, lay.length
+        # everything from the layer's keys and states to the keep mask in one graph (``decide``)
+        keep = self.decide(
+            observed["k"].to(dev),
+            pe,
+            ctx.lm.rope if pe is not None else None,
+            state,
+            vis,
+            img,
+            prompt,
+            seg.valid,
+            seg.idx,
+            lay.valid.to(dev),
+            lay.counts.to(dev),
+            (self.budget, o.image_pivots, o.text_pivots, ctx.budget_per == "prompt", images, lay.length),
         )
+        b, n = seg.valid.shape
         d = state.shape[-1]
         pivots = min(o.image_pivots, n) + min(o.text_pivots, n)  # what ``ranked`` gives per pivot kind
         for m in range(images):
@@ -127,7 +119,41 @@ class DART(Pruner):
                 groups = [sum(s)] if ctx.budget_per == "prompt" and s else list(s)
                 kept_n = [self.kept(g, nt) for g in groups]
                 counts.append((t, kept_n))
-        ctx.decide(ctx.keep_text(kept), counts=counts)
+        ctx.decide(keep, counts=counts)
+
+
+def decide(k, pe, rope, state, vis, img, prompt, valid, idx, lay_valid, counts, plan):
+    """The keep mask [B, n] over the current slots (every real text slot, the chosen image tokens) from
+    layer K-1's post-RoPE keys ``k`` [B, Hkv, n, d] and final-normed states ``state`` [B, n, D]: the keys'
+    L1 norms at each sample's own positions (``local_l1``; ``pe`` the slots' rotary (cos, sin) and
+    ``rope`` the model's rotary function, or None where positions start at 0 on each sample), the
+    official code's indices from the layout's ``lay_valid`` [B, L] and the slots' positions ``idx``,
+    each image's per-pivot counts from its size in ``counts`` [B, M]. ``plan``: (budget, image pivots,
+    text pivots, one budget per prompt, images, the layout's length). Tensors in and out, no host read:
+    ``Graphed`` replays it as one CUDA graph."""
+    budget, image_pivots, text_pivots, per_prompt, images, length = plan
+    knorm = local_l1(k, valid, pe, rope)  # [B, n]
+    state = torch.nn.functional.normalize(state.float(), dim=-1)
+    if per_prompt:
+        img = torch.where(img >= 0, torch.zeros_like(img), img)
+        counts = counts.sum(1, keepdim=True)
+    # the official code's indices: the padding counted on the device
+    pos = idx + (lay_valid.sum(1, keepdim=True) - length)
+    per = per_pivot_of(counts, budget, image_pivots + text_pivots, image_pivots)  # [B, M]
+    kept = choose(knorm, state, img, prompt & ~vis, pos, per, images, image_pivots, text_pivots, length)
+    return torch.where(vis, kept, valid)  # ``Prefill.keep_text``: visual slots are real ones
+
+
+def per_pivot_of(n: torch.Tensor, budget, pivots: int, image_pivots: int) -> torch.Tensor:
+    """Tokens each of ``pivots`` pivots takes from images of ``n`` tokens (long, on the device; 0 for a
+    size of 0): B // pivots, B the int ``budget`` or int(n * f) for a float f, capped at n minus the
+    image pivots."""
+    cap = n - n.clamp(max=image_pivots)
+    if isinstance(budget, int):
+        b = cap.clamp(max=budget)
+    else:  # int(n * f): the double product, truncated (n * f >= 0)
+        b = torch.minimum((n.double() * budget).floor().long(), cap)
+    return b // pivots
 
 
 def choose(knorm, state, img, text, pos, per, images: int, image_pivots: int, text_pivots: int, max_pos: int):
@@ -166,18 +192,23 @@ def choose(knorm, state, img, text, pos, per, images: int, image_pivots: int, te
     return kept
 
 
-def local_keys(ctx, k: torch.Tensor) -> torch.Tensor:
-    """The post-RoPE keys [B, Hkv, n, d] at the sample's own positions (its first token at 0, as the
-    official batch-1 code sees them): a left-padded forward without position ids rotates a sample's keys by
-    its padding too, which changes their L1 norm (RoPE keeps only the L2 norm). Undone by the inverse of the
-    first real token's rotation (the identity when positions already start at 0)."""
-    cos, sin = (t.to(k.device) for t in ctx.current_position_embeddings())  # [B, n, d]
-    first = ctx.seg.valid.long().argmax(1).to(k.device)  # the first real token: text, never dropped
-    idx = first[:, None, None].expand(-1, 1, cos.shape[-1])
-    c0, s0 = cos.gather(1, idx).float(), sin.gather(1, idx).float()
-    norm = c0.pow(2) + s0.pow(2)  # the rotary's attention scaling, squared (1 for plain RoPE)
-    kf = k.float()  # rotated alone: the rotary's query argument is a one-slot stand-in it broadcasts over
-    return ctx.lm.rope(kf[:, :1, :1], kf, c0 / norm, -s0 / norm)[1]
+def local_l1(k: torch.Tensor, valid: torch.Tensor, pe, rope) -> torch.Tensor:
+    """[B, n] the L1 norms (all heads) of the post-RoPE keys ``k`` [B, Hkv, n, d] at each sample's own
+    positions (its first token at 0, as the official batch-1 code sees them): a left-padded forward without
+    position ids rotates a sample's keys by its padding too, which changes their L1 norm (RoPE keeps only
+    the L2 norm). Undone by the inverse of the first real token's rotation, from the slots' (cos, sin)
+    ``pe`` [B, n, d] and the model's ``rope``; ``pe`` None: positions start at 0 (the rotation is the
+    identity and is skipped)."""
+    kf = k.float()
+    if pe is not None:
+        cos, sin = pe
+        first = valid.long().argmax(1)  # the first real token: text, never dropped
+        idx = first[:, None, None].expand(-1, 1, cos.shape[-1])
+        c0, s0 = cos.gather(1, idx).float(), sin.gather(1, idx).float()
+        norm = c0.pow(2) + s0.pow(2)  # the rotary's attention scaling, squared (1 for plain RoPE)
+        # rotated alone: the rotary's query argument is a one-slot stand-in it broadcasts over
+        kf = rope(kf[:, :1, :1], kf, c0 / norm, -s0 / norm)[1]
+    return kf.abs().sum((1, 3))
 
 
 def pivot_work(ctx, o, sizes: list, m: int, d: int):
