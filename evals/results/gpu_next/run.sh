@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=52 bash evals/results/gpu_next/run.sh")  # next: GPU tests, serving, b16 overheads
+#   run(command="PART=53 bash evals/results/gpu_next/run.sh")  # next: DART as one graph: tests, TTFT, trace
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 52}
+PART=${PART:?set PART=1 to 53}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -626,7 +626,22 @@ case $PART in
   step b16 150 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps 5 \
     --methods visipruner,vispruner_iccv --budgets 64 --out "$OUT/b16" --name overhead_b16
   ;;
-*) say "PART must be 1-52, not $PART"; exit 2 ;;
+53)
+  # DART's whole decision as one graph (0966b7e: its hook's eager ops 59 -> 29; the keys' rotation not undone
+  # where generate_fast's positions start at 0): its GPU tests, NeXT's batch-1 TTFT (part 46: dart 4.74x
+  # against 5x, fastv 5.00x, visionzip 6.63x), the trace of both layer-K pruners, the batch-16 overheads
+  step pytest 100 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider \
+    tests/test_gpu_graphed_layer_pruners.py tests/test_gpu_prefill_batch.py tests/test_gpu_tower_first.py \
+    -k dart --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  next_ttft 120
+  step trace 110 python evals/ttft_breakdown.py --device $DEV --shape $SN --methods fastv:320,dart:320 \
+    --trace --out "$OUT/trace"
+  cp "$SCR/trace.out" "$OUT/trace.log"
+  step b16 100 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps 5 \
+    --methods fastv,dart --budgets 64 --out "$OUT/b16" --name overhead_b16
+  ;;
+*) say "PART must be 1-53, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
