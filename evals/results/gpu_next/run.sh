@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=53 bash evals/results/gpu_next/run.sh")  # next: DART as one graph: tests, TTFT, trace
+#   run(command="PART=54 bash evals/results/gpu_next/run.sh")  # next: the closing tables (b16, NeXT, Qwen)
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 53}
+PART=${PART:?set PART=1 to 54}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -641,7 +641,20 @@ case $PART in
   step b16 100 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps 5 \
     --methods fastv,dart --budgets 64 --out "$OUT/b16" --name overhead_b16
   ;;
-*) say "PART must be 1-53, not $PART"; exit 2 ;;
+54)
+  # the issue's closing tables: the batch-16 selection overhead of every pruner (part 7: reps of 3; since then
+  # 52-53 for some, reps of 5), NeXT's batch-1 TTFT with VisiPruner's row too (part 53: fastv 20.0 ms, dart
+  # 20.9, visionzip 15.0), Qwen2-VL's (part 35: fastv 1.79x, visionzip 1.76x)
+  step b16 260 python -m mmsink bench --device $DEV --shape $S1 --batch $B16 --reps 5 \
+    --methods fastv,visipruner,dart,pdrop,visionzip,cdpruner,divprune,scope,sparsevlm,vispruner_iccv \
+    --budgets 64 --out "$OUT/b16" --name overhead_b16
+  step next_b1 150 python -m mmsink bench --device $DEV --shape $SN --batch 1 --reps $RN \
+    --methods fastv,visionzip,dart,visipruner --budgets 320 --decode-tokens $K --e2e-tokens $E2E \
+    --out "$OUT/next" --name next_b1
+  step qwen_b1 140 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
+    --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens $E2E --out "$OUT/qwen" --name qwen_b1
+  ;;
+*) say "PART must be 1-54, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
