@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=54 bash evals/results/gpu_next/run.sh")  # next: the closing tables (b16, NeXT, Qwen)
+#   run(command="PART=55 bash evals/results/gpu_next/run.sh")  # next: Qwen2-VL TTFT alone
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 54}
+PART=${PART:?set PART=1 to 55}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -654,7 +654,13 @@ case $PART in
   step qwen_b1 140 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
     --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens $E2E --out "$OUT/qwen" --name qwen_b1
   ;;
-*) say "PART must be 1-54, not $PART"; exit 2 ;;
+55)
+  # Qwen2-VL's batch-1 TTFT alone (part 54 cut it at 140 s: its baseline row takes ~92 s; part 35: fastv
+  # 1.79x, visionzip 1.76x)
+  step qwen_b1 330 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
+    --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens $E2E --out "$OUT/qwen" --name qwen_b1
+  ;;
+*) say "PART must be 1-55, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
