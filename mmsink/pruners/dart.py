@@ -280,22 +280,17 @@ def set_order(values: torch.Tensor, valid: torch.Tensor, max_value: int) -> torc
     return torch.where(pos >= 0, cols.gather(1, pos.clamp(min=0)), -1)
 
 
-_JUMP_CONSTANTS: dict = {}
-
-
 def jumps(h: torch.Tensor, steps: int) -> torch.Tensor:
     """[..., steps] where each of CPython's probe runs starts, for hashes ``h`` [...] in a 32-slot table:
     i = 5i + 1 + perturb, perturb shifted right by 5 before each jump. In closed form (the table's size is
     a power of two, so the recurrence holds modulo it): i_s = 5^s i_0 + sum_{1 <= r <= s} 5^(s-r)
     (1 + (h >> 5r)), every start in a few ops instead of a loop of them. Modulo 8 (which divides 32):
-    the 8-slot table's starts."""
-    key = (h.device, steps)
-    if key not in _JUMP_CONSTANTS:
-        s = torch.arange(steps, device=h.device)
-        e = s[:, None] - s[None, :]  # [S, R]: the power of 5 that term r carries at start s
-        coef = torch.where(e >= 0, torch.pow(5, e.clamp(min=0)), 0) & 31
-        _JUMP_CONSTANTS[key] = (coef, s * PERTURB_SHIFT, (s > 0).long())  # term 0: i_0 = h, no 1 added
-    coef, shift, one = _JUMP_CONSTANTS[key]
+    the 8-slot table's starts. (Its constants are made on each call, no cache kept: on a GPU they are
+    kernels of ``decide``'s graph.)"""
+    s = torch.arange(steps, device=h.device)
+    e = s[:, None] - s[None, :]  # [S, R]: the power of 5 that term r carries at start s
+    coef = torch.where(e >= 0, torch.pow(5, e.clamp(min=0)), 0) & 31
+    shift, one = s * PERTURB_SHIFT, (s > 0).long()  # term 0: i_0 = h, no 1 added
     terms = ((h[..., None] >> shift) + one) & 31  # [..., R]: i_0, then 1 + perturb_r
     return (terms[..., None, :] * coef).sum(-1) & 31
 

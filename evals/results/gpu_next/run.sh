@@ -1,6 +1,6 @@
 # The H200 sessions' device calls, one part per call (each part's comment says what it checks), from the
 # repository root with OUT set:
-#   run(command="PART=55 bash evals/results/gpu_next/run.sh")  # next: Qwen2-VL TTFT alone
+#   run(command="PART=56 bash evals/results/gpu_next/run.sh")  # next: DART's GPU tests after 56's change
 # Parts 1-4 carried wheels (optimum-quanto for int4 KV, torchao: carry=["wheels"]); later parts need none.
 # Every step runs under `timeout`: its cap, or what is left of the call's 540 s, whichever is less, so a
 # slow step is cut and the call still ends inside the limit; each script rewrites its JSON + Markdown as it
@@ -9,7 +9,7 @@
 # command lines; caps of TINY_CAP s, default 300, instead of the GPU ones).
 set -u
 : "${OUT:?set OUT}"
-PART=${PART:?set PART=1 to 55}
+PART=${PART:?set PART=1 to 56}
 TINY=${TINY:-0}
 START=$(date +%s)
 TOTAL=${TOTAL:-540}
@@ -660,7 +660,14 @@ case $PART in
   step qwen_b1 330 python -m mmsink bench --device $DEV --shape $SQ --batch 1 --reps $RN \
     --methods fastv,visionzip --budgets 278 --decode-tokens 4 --e2e-tokens $E2E --out "$OUT/qwen" --name qwen_b1
   ;;
-*) say "PART must be 1-55, not $PART"; exit 2 ;;
+56)
+  # DART's set-order constants made inside its graph (no module cache): its GPU tests again
+  step pytest 150 env PYTHONUNBUFFERED=1 python -m pytest -q -p no:cacheprovider \
+    tests/test_gpu_graphed_layer_pruners.py tests/test_gpu_prefill_batch.py tests/test_gpu_tower_first.py \
+    -k dart --tb=short -rf
+  cp "$SCR/pytest.out" "$OUT/pytest.log"
+  ;;
+*) say "PART must be 1-56, not $PART"; exit 2 ;;
 esac
 
 # at most 8 files back: tar the sub-folders (most files first) until the count fits
