@@ -228,6 +228,9 @@ def test_plan_spreads_the_slots():
         assert chunk < s + block  # no loop step past the slots
         programs = b * h * -(-s // chunk)
         assert programs <= PROGRAMS + b * h and (chunk == block or programs > PROGRAMS // 2)
+    for name, c in CASES.items():  # the "one chunk" cases stay one chunk per head: no partials to merge
+        c = {**BASE, **c}
+        assert not name.startswith("one chunk") or plan(c["b"], c["h"], c["s"], c["d"])[1] >= c["s"], name
 
 
 def test_long_wide_buffers_attend_through_sdpa(monkeypatch):

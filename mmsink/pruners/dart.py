@@ -83,12 +83,12 @@ class DART(Pruner):
             return
         o = self.options
         seg, lay, dev = ctx.seg, ctx.layout, ctx.device
-        check_size(self.budget, [n for s in budget_sizes(ctx) for n in s])
+        sizes = budget_sizes(ctx)
+        check_size(self.budget, [n for s in sizes for n in s])
         # the keys' rotation is undone where positions may not start at 0 on each sample (see local_l1)
         pe = None if ctx.local_positions else tuple(t.to(dev) for t in ctx.current_position_embeddings())
         state = ctx.lm.norm(hidden.to(ctx.lm.norm.weight.device)).to(dev)  # the model's final norm
         vis, img, prompt = ctx.visual(), ctx.image_of(), ctx.in_prompt()
-        sizes = budget_sizes(ctx)
         pads = [lay.length - m for m in lay.lengths]
         n_text = [a - q + 1 - p for a, q, p in zip(lay.anchors, pads, lay.prompt_images)]  # prompt text
         images = max((len(s) for s in sizes), default=0)
